@@ -1,0 +1,123 @@
+"""What every attack shares: the call contract, mode handling, input checks and seeding.
+
+An attack is ``attack(model, x, y) -> x_adv``. The base class validates the batch, puts the model
+in eval mode for the duration and restores the caller's mode afterwards, and gives subclasses a
+seeded ``torch.Generator`` so that two calls with the same seed return the same points.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fortify.errors import ConfigError, DataError
+from fortify.registry import Registry
+from fortify.threat import ThreatModel
+
+ATTACKS: Registry = Registry("attack")
+
+
+class Attack(ABC):
+    """Base class: subclasses implement ``perturb`` and declare ``supported_norms``."""
+
+    name: ClassVar[str] = "attack"
+    supported_norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+
+    def __init__(self, threat: ThreatModel, *, targeted: bool = False, seed: int = 0) -> None:
+        if threat.norm not in self.supported_norms:
+            raise ConfigError(
+                f"attack {self.name!r} does not support norm {threat.norm!r}; "
+                f"supported: {', '.join(self.supported_norms)}"
+            )
+        self.threat = threat
+        self.targeted = targeted
+        self.seed = int(seed)
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        target: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        self._check_batch(x, y, target)
+        if generator is None:
+            generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.enable_grad():
+                x_adv = self.perturb(model, x.detach(), y, target, generator)
+        finally:
+            model.train(was_training)
+        return x_adv.detach()
+
+    @abstractmethod
+    def perturb(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
+        generator: torch.Generator,
+    ) -> Tensor:
+        """Return adversarial points for ``x`` inside ``self.threat``."""
+
+    def with_threat(self, threat: ThreatModel) -> Attack:
+        """A copy of this attack under another threat model (e.g. for an eps sweep)."""
+        clone = copy.copy(self)
+        clone.threat = threat
+        return clone
+
+    def describe(self) -> dict[str, object]:
+        """Settings that must accompany any number this attack produced."""
+        return {"attack": self.name, "norm": self.threat.norm, "eps": self.threat.eps,
+                "targeted": self.targeted, "seed": self.seed}
+
+    # -- shared helpers -----------------------------------------------------------------------
+
+    def _check_batch(self, x: Tensor, y: Tensor, target: Tensor | None) -> None:
+        self.threat.check_inputs(x)
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        if self.targeted and target is None:
+            raise ConfigError(f"attack {self.name!r} is targeted: pass target=<labels>")
+        if target is not None and target.shape != y.shape:
+            raise DataError(f"target must have shape {tuple(y.shape)}, got {tuple(target.shape)}")
+
+    def objective(self, logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
+        """Per-example loss the attack ascends: CE away from y, or towards the target."""
+        if self.targeted:
+            assert target is not None
+            return -F.cross_entropy(logits, target, reduction="none")
+        return F.cross_entropy(logits, y, reduction="none")
+
+    def succeeded(self, logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
+        """Per-example boolean: the prediction is wrong (or equals the target)."""
+        pred = logits.argmax(dim=1)
+        if self.targeted:
+            assert target is not None
+            return pred == target
+        return pred != y
+
+
+def check_label_range(y: Tensor, num_classes: int) -> None:
+    """Raise DataError when a label is outside ``[0, num_classes)``."""
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise DataError(
+            f"labels range over [{int(y.min())}, {int(y.max())}] but the model has "
+            f"{num_classes} classes (allowed: 0..{num_classes - 1})"
+        )
+
+
+def check_positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)

@@ -1,0 +1,117 @@
+"""In-memory datasets with deterministic splits.
+
+fortify's datasets fit in memory as tensors, so batches are sliced straight from them: no worker
+processes, and shuffling is driven by a seeded ``torch.Generator`` that a checkpoint can save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fortify.attacks.base import check_label_range
+from fortify.errors import ConfigError, DataError
+from fortify.threat import check_in_box
+
+
+@dataclass
+class Split:
+    x: Tensor
+    y: Tensor
+
+    def __post_init__(self) -> None:
+        if self.x.shape[0] != self.y.shape[0]:
+            raise DataError(f"{self.x.shape[0]} inputs but {self.y.shape[0]} labels")
+        if self.y.dim() != 1:
+            raise DataError(f"labels must be a 1-D tensor, got shape {tuple(self.y.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def head(self, n: int | None) -> Split:
+        return self if n is None else Split(self.x[:n], self.y[:n])
+
+    def batches(self, batch_size: int, *, generator: torch.Generator | None = None,
+                drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches in order, or shuffled by ``generator`` when one is given."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if generator is not None else None
+        stop = n - n % batch_size if drop_last and n >= batch_size else n
+        for start in range(0, stop, batch_size):
+            if order is None:
+                yield self.x[start:start + batch_size], self.y[start:start + batch_size]
+            else:
+                idx = order[start:start + batch_size]
+                yield self.x[idx], self.y[idx]
+
+
+@dataclass
+class Dataset:
+    """Train/validation/test splits plus what a model and threat model need to know."""
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    bounds: tuple[float, float] = (0.0, 1.0)
+    default_model: str = "small-cnn"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    class_names: list[str] | None = None
+    metadata: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+    def validate(self) -> Dataset:
+        """Check every split against the box, finiteness and label range."""
+        for split_name in ("train", "val", "test"):
+            split: Split = getattr(self, split_name)
+            if len(split) == 0:
+                raise DataError(f"dataset {self.name!r}: the {split_name} split is empty")
+            try:
+                check_in_box(split.x, self.bounds)
+                check_label_range(split.y, self.num_classes)
+            except DataError as err:
+                raise DataError(f"dataset {self.name!r}, {split_name} split: {err}") from None
+            if tuple(split.x.shape[1:]) != self.input_shape:
+                raise DataError(f"dataset {self.name!r}: {split_name} inputs have shape "
+                                f"{tuple(split.x.shape[1:])}, train has {self.input_shape}")
+        return self
+
+    def summary(self) -> dict[str, object]:
+        return {"name": self.name, "num_classes": self.num_classes,
+                "input_shape": list(self.input_shape), "bounds": list(self.bounds),
+                "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
+                **self.metadata}
+
+
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Deterministic shuffled train/val/test index sets from ``seed``."""
+    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= frac < 1:
+            raise ConfigError(f"{name} must be in [0, 1), got {frac}")
+    if val_fraction + test_fraction >= 1:
+        raise ConfigError("val_fraction + test_fraction must be < 1")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(n * test_fraction))
+    n_val = int(round(n * val_fraction))
+    return order[n_test + n_val:], order[n_test:n_test + n_val], order[:n_test]
+
+
+def split_arrays(x: Tensor, y: Tensor, val_fraction: float, test_fraction: float, seed: int
+                 ) -> tuple[Split, Split, Split]:
+    train, val, test = split_indices(len(x), val_fraction, test_fraction, seed)
+    return Split(x[train], y[train]), Split(x[val], y[val]), Split(x[test], y[test])
+
+
+def carve_validation(train: Split, val_fraction: float, seed: int) -> tuple[Split, Split]:
+    """Split a fixed training set (one that ships with its own test set) into train and val."""
+    tr, va, _ = split_indices(len(train), val_fraction, 0.0, seed)
+    return Split(train.x[tr], train.y[tr]), Split(train.x[va], train.y[va])

@@ -1,0 +1,1 @@
+"""Placeholder: user data from .npz (being written)."""

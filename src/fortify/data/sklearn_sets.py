@@ -1,0 +1,38 @@
+"""Datasets bundled with scikit-learn: they need no network, so they are the embedded defaults."""
+
+from __future__ import annotations
+
+import torch
+
+from fortify.data.base import Dataset, split_arrays
+from fortify.data.registry import DATASETS, DataOptions
+
+
+@DATASETS.register("digits")
+def load_digits(options: DataOptions) -> Dataset:
+    """1,797 grey 8x8 digits, pixel values 0..16 scaled into [0, 1]."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    train, val, test = split_arrays(x, y, options.val_fraction, options.test_fraction, options.seed)
+    return Dataset("digits", train, val, test, num_classes=10, default_model="small-cnn",
+                   class_names=[str(i) for i in range(10)])
+
+
+@DATASETS.register("breast-cancer")
+def load_breast_cancer(options: DataOptions) -> Dataset:
+    """569 tumours, 30 features min-max scaled into [0, 1]; the scaling is kept in metadata."""
+    from sklearn.datasets import load_breast_cancer as sk_cancer
+
+    bunch = sk_cancer()
+    raw = torch.tensor(bunch.data, dtype=torch.float32)
+    low, high = raw.min(dim=0).values, raw.max(dim=0).values
+    x = (raw - low) / (high - low)
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    train, val, test = split_arrays(x, y, options.val_fraction, options.test_fraction, options.seed)
+    return Dataset("breast-cancer", train, val, test, num_classes=2, default_model="mlp",
+                   class_names=list(bunch.target_names),
+                   metadata={"feature_names": list(bunch.feature_names),
+                             "raw_min": low.tolist(), "raw_max": high.tolist()})

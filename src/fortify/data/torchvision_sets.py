@@ -1,0 +1,1 @@
+"""Placeholder: torchvision datasets (being written)."""

@@ -1,0 +1,1 @@
+"""Placeholder: PreAct ResNet-18 (being written)."""

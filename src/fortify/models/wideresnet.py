@@ -1,0 +1,1 @@
+"""Placeholder: WideResNet (being written)."""

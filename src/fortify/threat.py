@@ -1,0 +1,161 @@
+"""ThreatModel: the one place that projects, clips, samples random starts and checks membership.
+
+Every attack moves inside the set ``{x' : ||x' - x||_p <= eps, lo <= x' <= hi}``. Keeping the
+geometry here means an attack can never invent its own clipping rule, and evaluation can verify
+every returned point against the same definition.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from fortify.errors import ConfigError, DataError
+
+Norm = Literal["linf", "l2"]
+NORMS: tuple[str, ...] = ("linf", "l2")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _per_example(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _expand(per_example: Tensor, like: Tensor) -> Tensor:
+    return per_example.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """An eps-ball in ``norm`` intersected with the input box ``bounds``."""
+
+    norm: Norm = "linf"
+    eps: float = 8 / 255
+    bounds: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ConfigError(f"unknown norm {self.norm!r}; valid norms: {', '.join(NORMS)}")
+        lo, hi = (float(b) for b in self.bounds)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ConfigError(f"bounds must be finite with low < high, got {self.bounds!r}")
+        object.__setattr__(self, "bounds", (lo, hi))
+        eps = float(self.eps)
+        if not (math.isfinite(eps) and eps > 0):
+            raise ConfigError(f"eps must be a finite number > 0, got {self.eps!r}")
+        if self.norm == "linf" and eps > hi - lo:
+            raise ConfigError(
+                f"eps={eps} is beyond the box: an L-inf eps may be at most the box width {hi - lo}"
+            )
+        object.__setattr__(self, "eps", eps)
+
+    # -- geometry -----------------------------------------------------------------------------
+
+    def distance(self, x_adv: Tensor, x: Tensor) -> Tensor:
+        """Per-example distance ``||x_adv - x||`` in this threat model's norm (float32)."""
+        delta = _per_example(x_adv.float() - x.float())
+        if self.norm == "linf":
+            return delta.abs().amax(dim=1)
+        return delta.norm(p=2, dim=1)
+
+    def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
+        """Nearest point (per norm, then box) to ``x_adv`` inside the ball around ``x`` and the box.
+
+        The box clip never leaves the ball: ``x`` is in the box, so clipping moves every
+        coordinate of ``x_adv - x`` towards zero.
+        """
+        work = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        delta = x_adv.to(work) - x.to(work)
+        if self.norm == "linf":
+            delta = delta.clamp(-self.eps, self.eps)
+        else:
+            norms = _per_example(delta).norm(p=2, dim=1)
+            scale = (self.eps / norms.clamp_min(1e-12)).clamp(max=1.0)
+            delta = delta * _expand(scale, delta)
+        lo, hi = self.bounds
+        return (x.to(work) + delta).clamp(lo, hi).to(x.dtype)
+
+    def random_start(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A point drawn uniformly from the ball around ``x`` (then clipped into the box)."""
+        work = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        if self.norm == "linf":
+            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=work)
+            delta = (2 * noise - 1) * self.eps
+        else:
+            direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=work)
+            direction = direction / _expand(_per_example(direction).norm(dim=1).clamp_min(1e-12), x)
+            dim = direction[0].numel()
+            u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=work)
+            # u ** (1/d) makes the radius uniform in volume, so the start is uniform in the ball
+            delta = direction * _expand(self.eps * u.pow(1.0 / dim), x)
+        return self.project(x.to(work) + delta, x)
+
+    def ascent_direction(self, grad: Tensor) -> Tensor:
+        """The steepest-ascent unit step for this norm: sign for L-inf, normalised for L2."""
+        if self.norm == "linf":
+            return grad.sign()
+        norms = _per_example(grad.float()).norm(p=2, dim=1).clamp_min(1e-12)
+        return grad / _expand(norms, grad).to(grad.dtype)
+
+    def tolerance(self, x: Tensor) -> float:
+        """Slack for floating-point rounding when checking membership in ``x``'s dtype."""
+        lo, hi = self.bounds
+        scale = max(abs(lo), abs(hi)) + self.eps
+        ulp = torch.finfo(x.dtype).eps if x.dtype.is_floating_point else 0.0
+        slack = 4 * ulp * scale
+        if self.norm == "l2":
+            slack *= math.sqrt(max(1, x[0].numel() if x.dim() else 1))
+        return slack
+
+    def contains(self, x_adv: Tensor, x: Tensor) -> Tensor:
+        """Per-example boolean: ``x_adv`` is inside the ball around ``x`` and inside the box."""
+        if x_adv.shape != x.shape:
+            raise DataError(f"x_adv has shape {tuple(x_adv.shape)} but x has {tuple(x.shape)}")
+        tol = self.tolerance(x)
+        lo, hi = self.bounds
+        flat = _per_example(x_adv.float())
+        in_box = (flat >= lo - tol).all(dim=1) & (flat <= hi + tol).all(dim=1)
+        finite = torch.isfinite(flat).all(dim=1)
+        in_ball = self.distance(x_adv, x) <= self.eps + tol
+        return in_box & in_ball & finite
+
+    # -- input validation ---------------------------------------------------------------------
+
+    def check_inputs(self, x: Tensor) -> None:
+        """Raise DataError unless ``x`` is a finite batch inside the box."""
+        check_in_box(x, self.bounds)
+        if self.norm == "l2" and x.dim() > 1:
+            diameter = (self.bounds[1] - self.bounds[0]) * math.sqrt(x[0].numel())
+            if self.eps > diameter:
+                raise ConfigError(
+                    f"eps={self.eps} is beyond the box: an L2 eps may be at most the box "
+                    f"diameter {diameter:.4g} for inputs of {x[0].numel()} features"
+                )
+
+    def with_eps(self, eps: float) -> ThreatModel:
+        return ThreatModel(norm=self.norm, eps=eps, bounds=self.bounds)
+
+    def describe(self) -> str:
+        return f"{self.norm} eps={self.eps:.4g} box=[{self.bounds[0]:g}, {self.bounds[1]:g}]"
+
+
+def check_in_box(x: Tensor, bounds: tuple[float, float]) -> None:
+    """Raise DataError unless ``x`` is a non-empty finite batch inside ``bounds``."""
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise DataError(f"expected a non-empty batch of shape (N, ...), got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise DataError(f"inputs must be floating point, got dtype {x.dtype}")
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        raise DataError(f"inputs contain {int(bad.sum())} NaN/Inf values")
+    lo, hi = bounds
+    x_min, x_max = float(x.min()), float(x.max())
+    if x_min < lo or x_max > hi:
+        raise DataError(
+            f"inputs range over [{x_min:.4g}, {x_max:.4g}], outside the declared box [{lo:g}, {hi:g}]"
+            "; scale the data into the box or declare other bounds"
+        )
