@@ -56,8 +56,9 @@ class ThreatModel:
     # -- geometry -----------------------------------------------------------------------------
 
     def distance(self, x_adv: Tensor, x: Tensor) -> Tensor:
-        """Per-example distance ``||x_adv - x||`` in this threat model's norm (float32)."""
-        delta = _per_example(x_adv.float() - x.float())
+        """Per-example distance ``||x_adv - x||`` in this threat model's norm (at least float32)."""
+        work = torch.promote_types(x.dtype, torch.float32)
+        delta = _per_example(x_adv.to(work) - x.to(work))
         if self.norm == "linf":
             return delta.abs().amax(dim=1)
         return delta.norm(p=2, dim=1)
@@ -117,7 +118,7 @@ class ThreatModel:
             raise DataError(f"x_adv has shape {tuple(x_adv.shape)} but x has {tuple(x.shape)}")
         tol = self.tolerance(x)
         lo, hi = self.bounds
-        flat = _per_example(x_adv.float())
+        flat = _per_example(x_adv.to(torch.promote_types(x.dtype, torch.float32)))
         in_box = (flat >= lo - tol).all(dim=1) & (flat <= hi + tol).all(dim=1)
         finite = torch.isfinite(flat).all(dim=1)
         in_ball = self.distance(x_adv, x) <= self.eps + tol

@@ -76,6 +76,11 @@ class Attack(ABC):
         clone.threat = threat
         return clone
 
+    @property
+    def label(self) -> str:
+        """Short name for tables, e.g. ``pgd-20``."""
+        return self.name
+
     def describe(self) -> dict[str, object]:
         """Settings that must accompany any number this attack produced."""
         return {"attack": self.name, "norm": self.threat.norm, "eps": self.threat.eps,

@@ -63,6 +63,11 @@ class PGD(Attack):
         clone.step_size = self.step_size * threat.eps / self.threat.eps
         return clone
 
+    @property
+    def label(self) -> str:
+        suffix = f"x{self.restarts}" if self.restarts > 1 else ""
+        return f"{self.name}-{self.steps}{suffix}"
+
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "steps": self.steps, "step_size": self.step_size,
                 "restarts": self.restarts, "random_start": self.random_start}

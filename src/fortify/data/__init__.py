@@ -1,10 +1,10 @@
 """Datasets: a registry of in-memory datasets with deterministic splits."""
 
+from fortify.data import npz as _npz  # noqa: F401  (registers npz)
+from fortify.data import sklearn_sets as _sklearn_sets  # noqa: F401  (registers digits, breast-cancer)
+from fortify.data import torchvision_sets as _torchvision_sets  # noqa: F401
 from fortify.data.base import Dataset, Split
 from fortify.data.registry import DATASETS, DataOptions
-from fortify.data import sklearn_sets as _sklearn_sets  # noqa: F401  (registers digits, breast-cancer)
-from fortify.data import npz as _npz  # noqa: F401  (registers npz)
-from fortify.data import torchvision_sets as _torchvision_sets  # noqa: F401
 
 __all__ = ["DATASETS", "DataOptions", "Dataset", "Split", "load_dataset"]
 

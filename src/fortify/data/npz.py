@@ -1,1 +1,187 @@
-"""Placeholder: user data from .npz (being written)."""
+"""User data from a ``.npz`` file: images (NCHW or NHWC) or tabular rows, checked before use.
+
+Keys: ``x`` and ``y`` (required); ``x_test`` and ``y_test`` (optional, else a test split is drawn
+from ``x``/``y``); ``bounds`` (two floats, default [0, 1]); ``num_classes`` (default max label + 1);
+``class_names``. The file is read with ``allow_pickle=False``: nothing in it is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fortify.data.base import Dataset, Split, carve_validation, split_arrays
+from fortify.data.registry import DATASETS, DataOptions
+from fortify.errors import DataError
+from fortify.threat import check_in_box
+
+REQUIRED_KEYS = ("x", "y")
+OPTIONAL_KEYS = ("x_test", "y_test", "bounds", "num_classes", "class_names")
+
+
+@DATASETS.register("npz")
+def load_npz(options: DataOptions) -> Dataset:
+    path = require_file(options.path)
+    arrays = read_arrays(path)
+    bounds = read_bounds(arrays)
+    x, y = read_pair(arrays, "x", "y", bounds)
+    if "x_test" in arrays:
+        x_test, y_test = read_pair(arrays, "x_test", "y_test", bounds)
+        check_same_features(x, x_test)
+        train, val = carve_validation(Split(x, y), options.val_fraction, options.seed)
+        test = Split(x_test, y_test)
+    else:
+        train, val, test = split_arrays(x, y, options.val_fraction, options.test_fraction,
+                                        options.seed)
+    num_classes = read_num_classes(arrays, torch.cat([train.y, val.y, test.y]))
+    return Dataset("npz", train, val, test, num_classes=num_classes, bounds=bounds,
+                   default_model="small-cnn" if x.dim() == 4 else "mlp",
+                   class_names=read_class_names(arrays, num_classes),
+                   metadata={"source": str(path)})
+
+
+def require_file(path: Path | str | None) -> Path:
+    if path is None:
+        raise DataError("the 'npz' dataset needs a path: set the data path (DataOptions.path) "
+                        "to a .npz file holding arrays 'x' and 'y'")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"npz data file {str(path)!r} does not exist or is not a file")
+    return path
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with open_archive(path) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except ValueError:  # numpy refused to unpickle: an object array, or not an archive at all
+        raise DataError(f"{path} cannot be read without unpickling: it holds an object array or "
+                        "is not a .npz archive. fortify never unpickles data; store numbers as "
+                        "numeric arrays and names as np.array(names, dtype=str)") from None
+    check_keys(path, arrays)
+    return arrays
+
+
+def open_archive(path: Path) -> np.lib.npyio.NpzFile:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path} is not a readable .npz archive ({err}); write it with "
+                        "numpy.savez(path, x=..., y=...)") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} holds a single array, not a .npz archive; write it with "
+                        "numpy.savez(path, x=..., y=...)")
+    return loaded
+
+
+def check_keys(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    needed = set(REQUIRED_KEYS)
+    if "x_test" in arrays or "y_test" in arrays:
+        needed |= {"x_test", "y_test"}
+    missing = sorted(needed - arrays.keys())
+    if missing:
+        raise DataError(f"{path}: missing key(s) {missing}; found keys {sorted(arrays)}; needed: "
+                        f"{sorted(needed)} (optional: {', '.join(OPTIONAL_KEYS)})")
+
+
+def read_pair(arrays: dict[str, np.ndarray], x_key: str, y_key: str,
+              bounds: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    x, y = read_inputs(arrays[x_key], x_key, bounds), read_labels(arrays[y_key], y_key)
+    if len(x) != len(y):
+        raise DataError(f"{x_key!r} has {len(x)} rows but {y_key!r} has {len(y)} labels; "
+                        "they must match one to one")
+    return x, y
+
+
+def read_inputs(values: np.ndarray, key: str, bounds: tuple[float, float]) -> Tensor:
+    if values.dtype.kind not in "biuf":
+        raise DataError(f"{key!r} must be numeric, got dtype {values.dtype}")
+    x = torch.from_numpy(np.ascontiguousarray(to_channels_first(values, key), dtype=np.float32))
+    try:
+        check_in_box(x, bounds)
+    except DataError as err:
+        raise DataError(f"{key!r}: {err} (store a 'bounds' array of two floats in the file to "
+                        "declare another box)") from None
+    return x
+
+
+def to_channels_first(values: np.ndarray, key: str) -> np.ndarray:
+    if values.ndim == 2:
+        return values
+    if values.ndim != 4:
+        raise DataError(f"{key!r} has shape {values.shape}; expected tabular (N, features) or "
+                        "images (N, C, H, W) / (N, H, W, C). For grey images of shape (N, H, W) "
+                        "add a channel axis: x[:, None]")
+    looks_nhwc = values.shape[-1] in (1, 3) and values.shape[1] not in (1, 3)
+    return values.transpose(0, 3, 1, 2) if looks_nhwc else values
+
+
+def read_labels(values: np.ndarray, key: str) -> Tensor:
+    labels = values.reshape(-1) if values.ndim == 2 and values.shape[1] == 1 else values
+    if labels.ndim != 1:
+        raise DataError(f"{key!r} must be a 1-D array of class indices, got shape {values.shape}")
+    if labels.dtype.kind not in "iuf":
+        raise DataError(f"{key!r} must hold integer class indices, got dtype {labels.dtype}")
+    if labels.dtype.kind == "f":
+        check_whole_numbers(labels, key)
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{key!r} holds a negative label ({labels.min():g}); labels must be "
+                        "class indices 0..num_classes-1")
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+def check_whole_numbers(labels: np.ndarray, key: str) -> None:
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+    if bad.any():
+        raise DataError(f"{key!r} must hold integer class indices; found {int(bad.sum())} "
+                        f"non-integer values, e.g. {labels[bad][:5].tolist()}")
+
+
+def check_same_features(x: Tensor, x_test: Tensor) -> None:
+    if x.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"'x_test' rows have shape {tuple(x_test.shape[1:])} but 'x' rows have "
+                        f"{tuple(x.shape[1:])}")
+
+
+def read_bounds(arrays: dict[str, np.ndarray]) -> tuple[float, float]:
+    if "bounds" not in arrays:
+        return (0.0, 1.0)
+    values = arrays["bounds"]
+    if values.shape != (2,) or values.dtype.kind not in "iuf":
+        raise DataError(f"'bounds' must be two numbers [low, high], got {values.tolist()!r}")
+    low, high = float(values[0]), float(values[1])
+    if not (np.isfinite([low, high]).all() and low < high):
+        raise DataError(f"'bounds' must be finite with low < high, got [{low:g}, {high:g}]")
+    return (low, high)
+
+
+def read_num_classes(arrays: dict[str, np.ndarray], labels: Tensor) -> int:
+    needed = int(labels.max()) + 1
+    if "num_classes" not in arrays:
+        return needed
+    value = arrays["num_classes"]
+    if value.size != 1 or value.dtype.kind not in "iu":
+        raise DataError(f"'num_classes' must be one integer, got {value.tolist()!r}")
+    declared = int(value.reshape(()))
+    if declared < needed:
+        raise DataError(f"'num_classes' is {declared} but the labels go up to {needed - 1}; "
+                        f"num_classes must be at least {needed}")
+    return declared
+
+
+def read_class_names(arrays: dict[str, np.ndarray], num_classes: int) -> list[str] | None:
+    if "class_names" not in arrays:
+        return None
+    names = arrays["class_names"]
+    if names.dtype.kind not in "US" or names.ndim != 1:
+        raise DataError(f"'class_names' must be a 1-D string array, got dtype {names.dtype} "
+                        f"and shape {names.shape}")
+    if len(names) != num_classes:
+        raise DataError(f"'class_names' has {len(names)} names but there are {num_classes} "
+                        "classes")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from fortify.models import small as _small  # noqa: F401  (registers small-cnn, mlp, linear)
 from fortify.models import resnet as _resnet  # noqa: F401  (registers preact-resnet18)
+from fortify.models import small as _small  # noqa: F401  (registers small-cnn, mlp, linear)
 from fortify.models import wideresnet as _wideresnet  # noqa: F401  (registers wrn-28-10, wrn-34-10)
 from fortify.models.normalize import Normalize
 from fortify.models.registry import MODELS, ModelSpec

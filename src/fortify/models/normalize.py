@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from fortify.errors import ConfigError
+
 
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel (dimension 1), then the wrapped model."""
@@ -14,9 +16,14 @@ class Normalize(nn.Module):
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.model = model
-        shape = (1, len(mean)) + (1,) * 2 if len(mean) > 1 else (1,)
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).reshape(shape))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).reshape(shape))
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ConfigError(f"mean and std need equal lengths and std > 0, got {mean}, {std}")
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+        # (C,) statistics line up with dimension 1 for images (N, C, H, W) and tables (N, F) alike
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = self.mean.to(x.dtype).reshape(shape)
+        std = self.std.to(x.dtype).reshape(shape)
+        return self.model((x - mean) / std)

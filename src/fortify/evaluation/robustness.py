@@ -1,0 +1,201 @@
+"""Robustness evaluation: clean accuracy, each attack's accuracy, the per-example worst case.
+
+Every point an attack returns is checked against the threat model before it is counted; a point
+outside the ball or the box raises ThreatModelViolation instead of producing a number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fortify.attacks.base import Attack, check_label_range
+from fortify.errors import ConfigError, DataError, ThreatModelViolation
+from fortify.threat import ThreatModel
+
+REPORT_VERSION = 1
+
+
+@dataclass
+class AttackResult:
+    """One attack's outcome. ``mode`` says whether it saw every example or only the survivors."""
+
+    name: str
+    settings: dict[str, Any]
+    mode: str  # "independent" or "cascade"
+    attacked: int  # examples the attack was run on
+    adversarial_accuracy: float  # over all n examples; in cascade mode, after this attack
+    success_rate: float  # share of the attacked (clean-correct) examples it fooled
+    mean_norm: float  # over attacked examples
+    max_norm: float
+    median_norm_successful: float | None
+    robust: list[bool] = field(repr=False, default_factory=list)  # per example, after this attack
+
+
+@dataclass
+class EpsPoint:
+    eps: float
+    accuracy: float
+
+
+@dataclass
+class RobustnessReport:
+    threat: dict[str, Any]
+    n_examples: int
+    clean_accuracy: float
+    worst_case_accuracy: float
+    attacks: list[AttackResult]
+    eps_curve: list[EpsPoint]
+    eps_curve_attack: str | None
+    warnings: list[str]
+    clean_correct: list[bool] = field(repr=False, default_factory=list)
+    version: int = REPORT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RobustnessReport:
+        if data.get("version") != REPORT_VERSION:
+            raise DataError(f"robustness report version {data.get('version')!r} is not "
+                            f"{REPORT_VERSION}, the version this fortify reads")
+        fields = dict(data)
+        fields["attacks"] = [AttackResult(**a) for a in data["attacks"]]
+        fields["eps_curve"] = [EpsPoint(**p) for p in data["eps_curve"]]
+        return cls(**fields)
+
+    def attack(self, name: str) -> AttackResult:
+        for result in self.attacks:
+            if result.name == name:
+                return result
+        raise KeyError(name)
+
+
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attacks: Sequence[Attack],
+    threat: ThreatModel,
+    *,
+    batch_size: int = 256,
+    cascade: bool = False,
+    eps_grid: Sequence[float] | None = None,
+    num_classes: int | None = None,
+) -> RobustnessReport:
+    """Attack ``model`` on ``(x, y)`` with each attack and summarise.
+
+    Independent mode runs every attack on every clean-correct example, so each attack's accuracy
+    stands on its own. Cascade mode (AutoAttack's) gives each attack only the examples that all
+    earlier attacks failed on: cheaper, and its last accuracy is the worst case.
+    The eps curve reruns the last attack at each eps in ``eps_grid``.
+    """
+    _check_setup(attacks, threat, x, y, num_classes, batch_size)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        x, y = x.to(device), y.to(device)
+        clean_logits = _predict(model, x, batch_size)
+        warnings = _logit_warnings(clean_logits)
+        clean_correct = clean_logits.argmax(1) == y
+        robust = clean_correct.clone()
+        results = []
+        for attack in attacks:
+            todo = robust if cascade else clean_correct
+            results.append(_run_attack(model, attack, x, y, todo, batch_size, cascade))
+            robust &= torch.tensor(results[-1].robust, device=device)
+        curve = _eps_curve(model, attacks[-1], x, y, clean_correct, batch_size, eps_grid)
+    finally:
+        model.train(was_training)
+    n = len(y)
+    return RobustnessReport(
+        threat={"norm": threat.norm, "eps": threat.eps, "bounds": list(threat.bounds)},
+        n_examples=n, clean_accuracy=float(clean_correct.float().mean()),
+        worst_case_accuracy=float(robust.float().mean()), attacks=results, eps_curve=curve,
+        eps_curve_attack=attacks[-1].label if eps_grid else None, warnings=warnings,
+        clean_correct=clean_correct.tolist())
+
+
+def _check_setup(attacks: Sequence[Attack], threat: ThreatModel, x: Tensor, y: Tensor,
+                 num_classes: int | None, batch_size: int) -> None:
+    if not attacks:
+        raise ConfigError("evaluate needs at least one attack")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    for attack in attacks:
+        if attack.threat != threat:
+            raise ConfigError(f"attack {attack.label!r} uses {attack.threat.describe()} but the "
+                              f"evaluation's threat model is {threat.describe()}")
+    threat.check_inputs(x)
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise DataError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    if num_classes is not None:
+        check_label_range(y, num_classes)
+
+
+def _predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    with torch.inference_mode():
+        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def _logit_warnings(logits: Tensor) -> list[str]:
+    warnings = []
+    if logits.numel() and bool(((logits >= 0) & (logits <= 1)).all()):
+        sums = logits.sum(dim=1)
+        if torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+            warnings.append("the model's outputs lie in [0, 1] and sum to 1: it seems to return "
+                            "probabilities, not logits; attacks on a softmax output get weak "
+                            "gradients and overstate robustness")
+    return warnings
+
+
+def _run_attack(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, todo: Tensor,
+                batch_size: int, cascade: bool) -> AttackResult:
+    """Attack the examples marked in ``todo``; the rest count as not robust."""
+    index = todo.nonzero().squeeze(1)
+    robust = torch.zeros_like(todo)
+    norms = torch.zeros(len(index), device=x.device)
+    generator = torch.Generator(device=x.device).manual_seed(attack.seed)
+    for start in range(0, len(index), batch_size):
+        chunk = index[start:start + batch_size]
+        x_adv = attack(model, x[chunk], y[chunk], generator=generator)
+        _verify(attack, x_adv, x[chunk])
+        with torch.inference_mode():
+            robust[chunk] = model(x_adv).argmax(1) == y[chunk]
+        norms[start:start + len(chunk)] = attack.threat.distance(x_adv, x[chunk])
+    fooled = ~robust[index]
+    successful_norms = norms[fooled]
+    return AttackResult(
+        name=attack.label, settings=attack.describe(),
+        mode="cascade" if cascade else "independent", attacked=len(index),
+        adversarial_accuracy=float(robust.float().mean()),
+        success_rate=float(fooled.float().mean()) if len(index) else 0.0,
+        mean_norm=float(norms.mean()) if len(index) else 0.0,
+        max_norm=float(norms.max()) if len(index) else 0.0,
+        median_norm_successful=float(successful_norms.median()) if len(successful_norms) else None,
+        robust=robust.tolist())
+
+
+def _verify(attack: Attack, x_adv: Tensor, x: Tensor) -> None:
+    inside = attack.threat.contains(x_adv, x)
+    if not bool(inside.all()):
+        outside = int((~inside).sum())
+        worst = float(attack.threat.distance(x_adv, x).max())
+        raise ThreatModelViolation(
+            f"attack {attack.label!r} returned {outside} point(s) outside {attack.threat.describe()}"
+            f" (largest distance {worst:.6g}); its result is refused")
+
+
+def _eps_curve(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, clean_correct: Tensor,
+               batch_size: int, eps_grid: Sequence[float] | None) -> list[EpsPoint]:
+    points = []
+    for eps in sorted(eps_grid or []):
+        scaled = attack.with_threat(attack.threat.with_eps(eps))
+        result = _run_attack(model, scaled, x, y, clean_correct, batch_size, cascade=False)
+        points.append(EpsPoint(eps=eps, accuracy=result.adversarial_accuracy))
+    return points

@@ -1,0 +1,185 @@
+"""From a RunConfig to trained models, robustness reports and a run directory.
+
+Everything that can be validated (dataset, model, objective, attack names, eps against the box)
+is built in ``prepare`` before any file is written, so a bad setting stops the run cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import fortify
+from fortify.attacks import ATTACKS, FGSM, PGD, Attack
+from fortify.config import EvalConfig, RunConfig
+from fortify.data import DataOptions, Dataset, load_dataset
+from fortify.errors import CheckpointError, ConfigError
+from fortify.evaluation import RobustnessReport, evaluate
+from fortify.models import MODELS, build_model
+from fortify.threat import ThreatModel
+from fortify.training import checkpoint as ckpt
+from fortify.training.objectives import OBJECTIVES, ObjectiveOptions, build_objective
+from fortify.training.trainer import Trainer, TrainResult
+
+MODEL_CARD = "model.json"
+
+
+@dataclass
+class Setup:
+    config: RunConfig
+    dataset: Dataset
+    threat: ThreatModel
+    model_name: str
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N")
+    return torch.device(name)
+
+
+def prepare(config: RunConfig, device: str = "auto", objectives: tuple[str, ...] = ()) -> Setup:
+    """Load data and check every name and value the run will use."""
+    for objective in objectives or (config.train.objective,):
+        OBJECTIVES.get(objective)
+    for attack in config.eval.attacks:
+        ATTACKS.get(attack)
+    data = config.data
+    dataset = load_dataset(data.name, DataOptions(
+        seed=data.seed, val_fraction=data.val_fraction, test_fraction=data.test_fraction,
+        cache_dir=data.cache_dir, path=data.path, download=data.download))
+    model_name = config.model.name or dataset.default_model
+    MODELS.get(model_name)
+    threat = ThreatModel(config.threat.norm, config.threat.eps, dataset.bounds)
+    threat.check_inputs(dataset.test.x[:1])
+    build_attacks(config.eval, threat)
+    return Setup(config, dataset, threat, model_name, resolve_device(device))
+
+
+# -- models ------------------------------------------------------------------------------------
+
+def new_model(setup: Setup, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    card = model_card(setup)
+    model = build_model(card["name"], card["input_shape"], card["num_classes"],
+                        mean=card["mean"], std=card["std"])
+    return model.to(setup.device)
+
+
+def model_card(setup: Setup) -> dict[str, Any]:
+    normalize = setup.config.model.normalize and setup.dataset.mean is not None
+    return {"name": setup.model_name, "input_shape": list(setup.dataset.input_shape),
+            "num_classes": setup.dataset.num_classes, "bounds": list(setup.dataset.bounds),
+            "mean": list(setup.dataset.mean) if normalize else None,
+            "std": list(setup.dataset.std) if normalize else None}
+
+
+def load_trained_model(model_dir: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the architecture from model.json and load model.safetensors (hash-checked)."""
+    card_path = Path(model_dir) / MODEL_CARD
+    if not card_path.is_file():
+        raise CheckpointError(f"{model_dir} holds no trained fortify model ({MODEL_CARD} missing)")
+    state = ckpt.read_state_json(Path(model_dir))
+    if not state.get("finished"):
+        raise CheckpointError(f"training in {model_dir} did not finish; resume it first")
+    card = json.loads(card_path.read_text())
+    model = build_model(card["name"], card["input_shape"], card["num_classes"],
+                        mean=card["mean"], std=card["std"])
+    ckpt.load_weights(Path(model_dir) / "model.safetensors", model,
+                      state["sha256"].get("model.safetensors"))
+    return model.to(device).eval(), card
+
+
+def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: bool,
+                show_progress: bool) -> tuple[nn.Module, TrainResult]:
+    """Train one model into ``model_dir``; resumes an unfinished run, reuses a finished one."""
+    train_cfg = setup.config.train.model_copy(update={"objective": objective_name})
+    model = new_model(setup, train_cfg.seed)
+    objective = build_objective(objective_name, ObjectiveOptions(
+        setup.threat, attack_steps=train_cfg.attack_steps,
+        attack_step_size=train_cfg.attack_step_size, fgsm_ratio=train_cfg.fgsm_ratio,
+        seed=train_cfg.seed))
+    model_dir.mkdir(parents=True, exist_ok=True)
+    config = setup.config.model_copy(update={"train": train_cfg})
+    (model_dir / "config.yaml").write_text(config.to_yaml())
+    write_json(model_dir / MODEL_CARD, model_card(setup))
+    trainer = Trainer(model, objective, train_cfg, threat=setup.threat, run_dir=model_dir,
+                      show_progress=show_progress)
+    can_resume = resume and (model_dir / ckpt.STATE_JSON).is_file()
+    result = trainer.fit(setup.dataset.train, setup.dataset.val, resume=can_resume)
+    return model, result
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+def build_attacks(config: EvalConfig, threat: ThreatModel) -> list[Attack]:
+    attacks: list[Attack] = []
+    for name in config.attacks:
+        factory = ATTACKS.get(name)
+        if factory is PGD:
+            attacks.append(PGD(threat, steps=config.pgd_steps, restarts=config.pgd_restarts,
+                               step_size=config.pgd_step_size, early_stop=True,
+                               seed=config.seed))
+        elif factory is FGSM:
+            attacks.append(FGSM(threat, seed=config.seed))
+        else:
+            attacks.append(factory(threat, seed=config.seed))
+    return attacks
+
+
+def default_eps_grid(threat: ThreatModel) -> list[float]:
+    limit = threat.bounds[1] - threat.bounds[0]
+    grid = [threat.eps * f for f in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)]
+    return [e for e in grid if threat.norm != "linf" or e <= limit]
+
+
+def evaluate_model(setup: Setup, model: nn.Module) -> RobustnessReport:
+    cfg = setup.config.eval
+    test = setup.dataset.test.head(cfg.n_examples)
+    return evaluate(model, test.x, test.y, build_attacks(cfg, setup.threat), setup.threat,
+                    batch_size=cfg.batch_size, cascade=cfg.cascade,
+                    eps_grid=cfg.eps_grid or default_eps_grid(setup.threat),
+                    num_classes=setup.dataset.num_classes)
+
+
+# -- run directory -----------------------------------------------------------------------------
+
+def write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def provenance(config: RunConfig, device: torch.device) -> dict[str, Any]:
+    return {
+        "fortify_version": fortify.__version__, "torch_version": torch.__version__,
+        "python_version": platform.python_version(), "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "device": str(device),
+        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "seed": config.train.seed, "git_commit": _git_commit(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

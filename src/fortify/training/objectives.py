@@ -1,0 +1,137 @@
+"""Training objectives: ``objective(model, x, y) -> loss``.
+
+An adversarial objective crafts its examples with an Attack under its ThreatModel. It owns a
+generator for the attack's random starts, kept across batches and saved in checkpoints, so a
+resumed run draws the same noise as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fortify.attacks import FGSM, PGD, Attack
+from fortify.registry import Registry
+from fortify.threat import ThreatModel
+
+
+@dataclass(frozen=True)
+class ObjectiveOptions:
+    """Settings an objective factory may read; each objective uses the ones it needs."""
+
+    threat: ThreatModel
+    attack_steps: int = 10
+    attack_step_size: float | None = None
+    fgsm_ratio: float = 0.5
+    seed: int = 0
+
+
+class Objective:
+    """Clean cross-entropy; subclasses replace the inputs with adversarial ones."""
+
+    name = "standard"
+    adversarial = False
+
+    def __init__(self, options: ObjectiveOptions) -> None:
+        self.options = options
+        self._generator: torch.Generator | None = None
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(model(x), y)
+
+    # -- eps warm-up and reproducible randomness ----------------------------------------------
+
+    def set_eps(self, eps: float) -> None:
+        """Change the training eps (used by eps warm-up); no-op for clean training."""
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.options.seed)
+        return self._generator
+
+    def rng_state(self) -> Tensor | None:
+        return None if self._generator is None else self._generator.get_state()
+
+    def set_rng_state(self, state: Tensor, device: torch.device) -> None:
+        self.generator(device).set_state(state)
+
+
+class _AttackObjective(Objective):
+    """Objectives that craft with one attack; eps warm-up swaps the attack's threat model."""
+
+    adversarial = True
+
+    def __init__(self, options: ObjectiveOptions) -> None:
+        super().__init__(options)
+        self.attack = self.build_attack(options.threat)
+
+    def build_attack(self, threat: ThreatModel) -> Attack:
+        raise NotImplementedError
+
+    def set_eps(self, eps: float) -> None:
+        if eps != self.attack.threat.eps:
+            self.attack = self.build_attack(self.options.threat.with_eps(eps))
+
+    def craft(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return self.attack(model, x, y, generator=self.generator(x.device))
+
+
+class FGSMObjective(_AttackObjective):
+    """Goodfellow et al. 2015: ``(1 - ratio) * CE(clean) + ratio * CE(FGSM)``."""
+
+    name = "fgsm"
+
+    def build_attack(self, threat: ThreatModel) -> Attack:
+        return FGSM(threat)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        ratio = self.options.fgsm_ratio
+        x_adv = self.craft(model, x, y)
+        if ratio == 1.0:
+            return F.cross_entropy(model(x_adv), y)
+        logits = model(torch.cat([x, x_adv]))
+        clean, adv = logits.split(x.shape[0])
+        return (1 - ratio) * F.cross_entropy(clean, y) + ratio * F.cross_entropy(adv, y)
+
+
+class FastFGSMObjective(_AttackObjective):
+    """Wong et al. 2020: FGSM from a uniform random start with step 1.25 * eps."""
+
+    name = "fgsm-rs"
+
+    def build_attack(self, threat: ThreatModel) -> Attack:
+        step = self.options.attack_step_size or 1.25 * threat.eps
+        return FGSM(threat, step_size=step, random_start=True)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(model(self.craft(model, x, y)), y)
+
+
+class PGDObjective(_AttackObjective):
+    """Madry et al. 2018: cross-entropy on the final PGD iterate from a random start."""
+
+    name = "pgd"
+
+    def build_attack(self, threat: ThreatModel) -> Attack:
+        steps = self.options.attack_steps
+        step = self.options.attack_step_size
+        if step is not None and threat.eps != self.options.threat.eps:
+            step *= threat.eps / self.options.threat.eps  # keep the step's share of eps in warm-up
+        return PGD(threat, steps=steps, step_size=step, random_start=True,
+                   keep_first_success=False)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(model(self.craft(model, x, y)), y)
+
+
+OBJECTIVES: Registry[Callable[[ObjectiveOptions], Objective]] = Registry("objective")
+for _cls in (Objective, FGSMObjective, FastFGSMObjective, PGDObjective):
+    OBJECTIVES.add(_cls.name, _cls)
+
+
+def build_objective(name: str, options: ObjectiveOptions) -> Objective:
+    return OBJECTIVES.get(name)(options)

@@ -1,0 +1,309 @@
+"""The training loop: optimiser, schedule, eps warm-up, early stopping, checkpoints and resume.
+
+The objective decides what loss a batch gives; the Trainer owns everything around it. After every
+epoch it checkpoints the weights, optimiser, RNG states and history, so a killed run resumed with
+``resume=True`` reaches the same weights as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor, nn
+
+from fortify.attacks import PGD
+from fortify.config import TrainConfig
+from fortify.data.base import Split
+from fortify.errors import CheckpointError, ConfigError
+from fortify.threat import ThreatModel
+from fortify.training import checkpoint as ckpt
+from fortify.training.objectives import Objective
+from fortify.training.schedules import SCHEDULES
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    lr: float
+    eps: float
+    train_loss: float
+    val_clean_accuracy: float
+    val_robust_accuracy: float | None
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochRecord]
+    best_epoch: int
+    selection_metric: str
+    stopped_early: bool
+    seconds: float
+    examples_seen: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Progress:
+    """What a checkpoint must restore besides weights, optimiser and RNG."""
+
+    epoch: int = 0
+    step: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    since_best: int = 0
+    history: list[EpochRecord] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+EpochCallback = Callable[[EpochRecord], None]
+
+
+class Trainer:
+    """Trains ``model`` with ``objective`` under ``config``; checkpoints into ``run_dir``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        config: TrainConfig,
+        *,
+        threat: ThreatModel,
+        run_dir: Path | None = None,
+        callbacks: Sequence[EpochCallback] = (),
+        show_progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.objective = objective
+        self.config = config
+        self.threat = threat
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.callbacks = list(callbacks)
+        self.show_progress = show_progress
+        self.device = next(model.parameters()).device
+        self.optimizer = self._build_optimizer()
+        self.schedule = SCHEDULES.get(config.schedule)
+        self.shuffle = torch.Generator().manual_seed(config.seed)
+        self.state = _Progress()
+
+    # -- public --------------------------------------------------------------------------------
+
+    def fit(self, train: Split, val: Split, *, resume: bool = False) -> TrainResult:
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._restore()
+        else:
+            torch.manual_seed(self.config.seed)
+        steps_per_epoch = math.ceil(len(train) / self.config.batch_size)
+        stopped_early = False
+        with self._progress() as bar:
+            epochs_task = bar.add_task("epochs", total=self.config.epochs,
+                                       completed=self.state.epoch)
+            while self.state.epoch < self.config.epochs:
+                record = self._run_epoch(train, val, steps_per_epoch, bar)
+                self._select(record)
+                self.state.epoch += 1
+                self._save_checkpoint()
+                bar.update(epochs_task, advance=1)
+                for callback in self.callbacks:
+                    callback(record)
+                if self._should_stop():
+                    stopped_early = True
+                    break
+        self._finish()
+        return TrainResult(self.state.history, self.state.best_epoch, self.selection_metric,
+                           stopped_early, self.state.seconds,
+                           examples_seen=self.state.epoch * len(train))
+
+    @property
+    def selection_metric(self) -> str:
+        return "val_robust_accuracy" if self.objective.adversarial else "val_clean_accuracy"
+
+    # -- one epoch -----------------------------------------------------------------------------
+
+    def _run_epoch(self, train: Split, val: Split, steps_per_epoch: int, bar: Progress
+                   ) -> EpochRecord:
+        start = time.perf_counter()
+        self.model.train()
+        total_steps = steps_per_epoch * self.config.epochs
+        loss_sum = torch.zeros((), device=self.device)
+        batches = bar.add_task(f"epoch {self.state.epoch + 1}", total=steps_per_epoch)
+        for x, y in train.batches(self.config.batch_size, generator=self.shuffle):
+            lr = self._set_lr(self.state.step / total_steps)
+            eps = self._warm_eps(self.state.step / steps_per_epoch)
+            loss = self._train_step(x.to(self.device), y.to(self.device))
+            loss_sum += loss.detach() * x.shape[0]  # no host sync inside the loop
+            self.state.step += 1
+            bar.update(batches, advance=1)
+        bar.remove_task(batches)
+        clean, robust = self._validate(val)
+        self.state.seconds += time.perf_counter() - start
+        return EpochRecord(epoch=self.state.epoch + 1, lr=lr, eps=eps,
+                           train_loss=float(loss_sum) / len(train), val_clean_accuracy=clean,
+                           val_robust_accuracy=robust, seconds=time.perf_counter() - start)
+
+    def _train_step(self, x: Tensor, y: Tensor) -> Tensor:
+        use_amp = self.config.amp and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = self.objective(self.model, x, y)
+        if not torch.isfinite(loss):
+            raise ConfigError(f"training loss became {float(loss)} at step {self.state.step}; "
+                              "lower the learning rate or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        return loss
+
+    def _set_lr(self, progress: float) -> float:
+        lr = self.config.lr * self.schedule(progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _warm_eps(self, epoch_progress: float) -> float:
+        """Linear eps ramp over the first ``eps_warmup_epochs`` epochs."""
+        warm = self.config.eps_warmup_epochs
+        fraction = 1.0 if warm == 0 else min(1.0, (epoch_progress + 1e-9) / warm)
+        eps = self.threat.eps * max(fraction, 1e-3)
+        self.objective.set_eps(eps)
+        return eps
+
+    def _validate(self, val: Split) -> tuple[float, float | None]:
+        """Clean and PGD accuracy on the validation split (robust only for adversarial runs)."""
+        self.model.eval()
+        x, y = val.x.to(self.device), val.y.to(self.device)
+        with torch.inference_mode():
+            clean = float((self.model(x).argmax(1) == y).float().mean())
+        robust = None
+        if self.objective.adversarial:
+            attack = PGD(self.threat, steps=self.config.val_attack_steps, early_stop=True,
+                         seed=self.config.seed)
+            with torch.no_grad():
+                x_adv = attack(self.model, x, y)
+                robust = float((self.model(x_adv).argmax(1) == y).float().mean())
+        self.model.train()
+        return clean, robust
+
+    # -- selection and early stopping ----------------------------------------------------------
+
+    def _select(self, record: EpochRecord) -> None:
+        self.state.history.append(record)
+        value = getattr(record, self.selection_metric)
+        if value > self.state.best_metric:
+            self.state.best_metric = value
+            self.state.best_epoch = record.epoch
+            self.state.since_best = 0
+            if self.run_dir is not None:
+                self._hashes["best.safetensors"] = ckpt.save_weights(
+                    self.run_dir / "best.safetensors", self.model)
+            else:
+                self._best_weights = {k: v.detach().clone()
+                                      for k, v in self.model.state_dict().items()}
+        else:
+            self.state.since_best += 1
+
+    def _should_stop(self) -> bool:
+        return self.config.early_stopping and self.state.since_best >= self.config.patience
+
+    def _finish(self) -> None:
+        """Leave the model at its selected weights and write model.safetensors."""
+        if self.config.early_stopping:
+            if self.run_dir is not None:
+                ckpt.load_weights(self.run_dir / "best.safetensors", self.model,
+                                  self._hashes.get("best.safetensors"))
+            elif getattr(self, "_best_weights", None) is not None:
+                self.model.load_state_dict(self._best_weights)
+        if self.run_dir is not None:
+            self._hashes["model.safetensors"] = ckpt.save_weights(
+                self.run_dir / "model.safetensors", self.model)
+            self._write_state_json(finished=True)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    @property
+    def _hashes(self) -> dict[str, str]:
+        if not hasattr(self, "_hash_table"):
+            self._hash_table: dict[str, str] = {}
+        return self._hash_table
+
+    def _save_checkpoint(self) -> None:
+        if self.run_dir is None:
+            return
+        optim_tensors, optim_meta = ckpt.split_optimizer_state(self.optimizer.state_dict())
+        rng = {"rng.torch": torch.get_rng_state(), "rng.shuffle": self.shuffle.get_state()}
+        objective_rng = self.objective.rng_state()
+        if objective_rng is not None:
+            rng["rng.objective"] = objective_rng
+        self._hashes["state.safetensors"] = ckpt.save_tensors(
+            self.run_dir / "state.safetensors", {**optim_tensors, **rng}, kind="train-state")
+        self._hashes["last.safetensors"] = ckpt.save_weights(
+            self.run_dir / "last.safetensors", self.model)
+        self._optim_meta = optim_meta
+        self._write_state_json(finished=False)
+
+    def _write_state_json(self, *, finished: bool) -> None:
+        assert self.run_dir is not None
+        progress = asdict(self.state)
+        ckpt.write_state_json(self.run_dir, {
+            "finished": finished,
+            "progress": progress,
+            "optimizer": getattr(self, "_optim_meta", None),
+            "config": self.config.model_dump(mode="json"),
+            "threat": {"norm": self.threat.norm, "eps": self.threat.eps,
+                       "bounds": list(self.threat.bounds)},
+            "objective": self.objective.name,
+            "sha256": dict(self._hashes),
+        })
+
+    def _restore(self) -> None:
+        if self.run_dir is None:
+            raise ConfigError("resume needs a run directory")
+        state = ckpt.read_state_json(self.run_dir)
+        if state.get("config") != self.config.model_dump(mode="json"):
+            raise CheckpointError(f"cannot resume {self.run_dir}: its training settings differ "
+                                  "from the ones given now")
+        hashes = state.get("sha256", {})
+        ckpt.load_weights(self.run_dir / "last.safetensors", self.model,
+                          hashes.get("last.safetensors"))
+        tensors = ckpt.load_tensors(self.run_dir / "state.safetensors", "train-state",
+                                    hashes.get("state.safetensors"))
+        self.optimizer.load_state_dict(ckpt.join_optimizer_state(tensors, state["optimizer"]))
+        torch.set_rng_state(tensors["rng.torch"])
+        self.shuffle.set_state(tensors["rng.shuffle"])
+        if "rng.objective" in tensors:
+            self.objective.set_rng_state(tensors["rng.objective"], self.device)
+        progress = dict(state["progress"])
+        progress["history"] = [EpochRecord(**r) for r in progress["history"]]
+        self.state = _Progress(**progress)
+        self._hashes.update(hashes)
+        self._optim_meta = state["optimizer"]
+
+    # -- construction --------------------------------------------------------------------------
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        params = self.model.parameters()
+        if self.config.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.config.lr,
+                                    weight_decay=self.config.weight_decay)
+        return torch.optim.SGD(params, lr=self.config.lr, momentum=self.config.momentum,
+                               weight_decay=self.config.weight_decay)
+
+    @contextlib.contextmanager
+    def _progress(self) -> Iterator[Progress]:
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), disable=not self.show_progress, transient=True)
+        with bar:
+            yield bar

@@ -1,0 +1,209 @@
+"""FGSM and PGD: closed-form worst cases, invariants, reproducibility, and parity with torchattacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fortify.attacks import FGSM, PGD
+from fortify.errors import ConfigError, DataError
+from fortify.threat import ThreatModel
+
+EPS = 0.2
+
+
+def _two_class_linear(features: int, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    model = nn.Linear(features, 2)
+    return model.double()
+
+
+def _worst_case_loss_linf(model: nn.Linear, x, y, eps, bounds=(0.0, 1.0)):
+    """Exact maximum of the CE loss over the L-inf ball intersected with the box.
+
+    For two classes the loss is softplus(-margin) with margin = d.x + c, d = w_y - w_other.
+    The box and the ball are both products of intervals, so each coordinate moves on its own
+    against sign(d), as far as the ball and the box allow.
+    """
+    w, b = model.weight.detach(), model.bias.detach()
+    d = w[y] - w[1 - y]
+    c = b[y] - b[1 - y]
+    x_star = (x - eps * d.sign()).clamp(*bounds)
+    x_star = torch.maximum(torch.minimum(x_star, x + eps), x - eps)
+    return F.softplus(-((d * x_star).sum(1) + c))
+
+
+def _worst_case_loss_l2(model: nn.Linear, x, y, eps):
+    """Exact maximum over the L2 ball (no box contact): the margin drops by eps * ||d||_2."""
+    w, b = model.weight.detach(), model.bias.detach()
+    d = w[y] - w[1 - y]
+    margin = (d * x).sum(1) + (b[y] - b[1 - y])
+    return F.softplus(-(margin - eps * d.norm(dim=1)))
+
+
+def _loss(model, x, y):
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+def test_pgd_linf_reaches_the_closed_form_worst_case_on_a_linear_model():
+    # Prepare
+    model = _two_class_linear(20)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(64, 20, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 2, (64,), generator=gen)
+    attack = PGD(ThreatModel("linf", 0.1), steps=50, step_size=0.01, keep_first_success=False)
+    # Execute
+    x_adv = attack(model, x, y)
+    # Assert
+    expected = _worst_case_loss_linf(model, x, y, 0.1)
+    assert torch.allclose(_loss(model, x_adv, y), expected, rtol=1e-3)
+
+
+def test_pgd_l2_reaches_the_closed_form_worst_case_on_a_linear_model():
+    model = _two_class_linear(20)
+    gen = torch.Generator().manual_seed(2)
+    x = 0.4 + 0.2 * torch.rand(64, 20, generator=gen, dtype=torch.float64)  # far from the box faces
+    y = torch.randint(0, 2, (64,), generator=gen)
+    attack = PGD(ThreatModel("l2", 0.25), steps=50, step_size=0.05, keep_first_success=False)
+    x_adv = attack(model, x, y)
+    expected = _worst_case_loss_l2(model, x, y, 0.25)
+    assert torch.allclose(_loss(model, x_adv, y), expected, rtol=1e-3)
+    assert torch.allclose((x_adv - x).norm(dim=1), torch.full((64,), 0.25, dtype=torch.float64))
+
+
+def test_fgsm_is_exact_for_linf_on_a_linear_model_without_box_contact():
+    model = _two_class_linear(10)
+    x = 0.3 + 0.4 * torch.rand(32, 10, dtype=torch.float64)
+    y = torch.randint(0, 2, (32,))
+    x_adv = FGSM(ThreatModel("linf", 0.1))(model, x, y)
+    assert torch.allclose(_loss(model, x_adv, y), _worst_case_loss_linf(model, x, y, 0.1))
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", EPS), ("l2", 1.0)])
+def test_points_stay_in_the_threat_model_and_robust_is_at_most_clean(standard_model, digits, norm, eps):
+    threat = ThreatModel(norm, eps)
+    x, y = digits.test.x, digits.test.y
+    clean = (standard_model(x).argmax(1) == y).float().mean()
+    for attack in (FGSM(threat), PGD(threat, steps=10), PGD(threat, steps=10, restarts=2)):
+        x_adv = attack(standard_model, x, y)
+        assert threat.contains(x_adv, x).all()
+        assert (standard_model(x_adv).argmax(1) == y).float().mean() <= clean
+
+
+def test_more_pgd_steps_never_do_worse_than_fgsm(standard_model, digits):
+    threat = ThreatModel("linf", 0.1)
+    x, y = digits.test.x, digits.test.y
+
+    def accuracy(attack):
+        return (standard_model(attack(standard_model, x, y)).argmax(1) == y).float().mean()
+
+    fgsm, pgd10, pgd40 = accuracy(FGSM(threat)), accuracy(PGD(threat, steps=10)), accuracy(
+        PGD(threat, steps=40))
+    assert pgd40 <= pgd10 <= fgsm
+    assert pgd10 < fgsm  # on a standard model iteration clearly helps at this eps
+
+
+def test_early_stop_returns_the_same_points(standard_model, digits):
+    threat = ThreatModel("linf", 0.1)
+    x, y = digits.test.x[:200], digits.test.y[:200]
+    full = PGD(threat, steps=20, restarts=2)(standard_model, x, y)
+    early = PGD(threat, steps=20, restarts=2, early_stop=True)(standard_model, x, y)
+    assert torch.allclose(full, early, atol=1e-6)
+    assert torch.equal(standard_model(full).argmax(1), standard_model(early).argmax(1))
+
+
+def test_restarts_keep_the_per_example_worst_case(robust_model, digits):
+    threat = ThreatModel("linf", EPS)
+    x, y = digits.test.x, digits.test.y
+    one = robust_model(PGD(threat, steps=5, restarts=1)(robust_model, x, y)).argmax(1) != y
+    three = robust_model(PGD(threat, steps=5, restarts=3)(robust_model, x, y)).argmax(1) != y
+    assert bool((three | ~one).all()), "an example fooled by the first restart was lost"
+    assert three.sum() >= one.sum()
+
+
+def test_targeted_pgd_reaches_the_target(standard_model, digits):
+    x, y = digits.test.x[:100], digits.test.y[:100]
+    target = (y + 1) % 10
+    attack = PGD(ThreatModel("linf", 0.3), steps=30, targeted=True)
+    x_adv = attack(standard_model, x, y, target=target)
+    hit = (standard_model(x_adv).argmax(1) == target).float().mean()
+    assert hit > 0.9
+    with pytest.raises(ConfigError, match="targeted"):
+        attack(standard_model, x, y)
+
+
+def test_seeded_reproducible_and_restores_mode(standard_model, digits):
+    x, y = digits.test.x[:50], digits.test.y[:50]
+    threat = ThreatModel("linf", 0.1)
+    standard_model.train()
+    try:
+        a = PGD(threat, steps=3, seed=7)(standard_model, x, y)
+        assert standard_model.training, "the caller's train mode was not restored"
+    finally:
+        standard_model.eval()
+    b = PGD(threat, steps=3, seed=7)(standard_model, x, y)
+    c = PGD(threat, steps=3, seed=8)(standard_model, x, y)
+    assert not standard_model.training
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_dtype_and_device_are_kept():
+    model = _two_class_linear(6)
+    x = torch.rand(4, 6, dtype=torch.float64)
+    x_adv = PGD(ThreatModel("l2", 0.5), steps=2)(model, x, torch.zeros(4, dtype=torch.long))
+    assert x_adv.dtype == torch.float64 and x_adv.device == x.device and not x_adv.requires_grad
+
+
+@pytest.mark.parametrize("kwargs", [{"steps": 0}, {"restarts": 0}, {"step_size": -1.0},
+                                    {"early_stop": True, "keep_first_success": False}])
+def test_bad_pgd_settings(kwargs):
+    with pytest.raises(ConfigError):
+        PGD(ThreatModel("linf", 0.1), **kwargs)
+
+
+def test_bad_batches_are_rejected():
+    model = _two_class_linear(3).float()
+    attack = PGD(ThreatModel("linf", 0.1), steps=1)
+    with pytest.raises(DataError, match="labels must have shape"):
+        attack(model, torch.rand(4, 3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(DataError, match="outside the declared box"):
+        attack(model, torch.rand(4, 3) + 1, torch.zeros(4, dtype=torch.long))
+
+
+# -- parity with torchattacks ------------------------------------------------------------------
+
+def _accuracy(model, x_adv, y):
+    return float((model(x_adv).argmax(1) == y).float().mean())
+
+
+def test_pgd_without_random_start_equals_torchattacks_step_for_step(standard_model, digits):
+    torchattacks = pytest.importorskip("torchattacks")
+    x, y = digits.test.x, digits.test.y
+    eps, alpha, steps = 0.1, 0.02, 10
+    theirs = torchattacks.PGD(standard_model, eps=eps, alpha=alpha, steps=steps, random_start=False)(x, y)
+    ours = PGD(ThreatModel("linf", eps), steps=steps, step_size=alpha, random_start=False,
+               keep_first_success=False)(standard_model, x, y)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1])
+def test_pgd_robust_accuracy_within_one_point_of_torchattacks(robust_model, digits, eps):
+    torchattacks = pytest.importorskip("torchattacks")
+    x, y = digits.test.x, digits.test.y
+    steps, alpha = 20, 2.5 * eps / 20
+    torch.manual_seed(0)
+    theirs = torchattacks.PGD(robust_model, eps=eps, alpha=alpha, steps=steps, random_start=True)(x, y)
+    ours = PGD(ThreatModel("linf", eps), steps=steps, step_size=alpha)(robust_model, x, y)
+    acc_ours, acc_theirs = _accuracy(robust_model, ours, y), _accuracy(robust_model, theirs, y)
+    assert 0.2 < acc_theirs < 0.95, "the comparison needs a model that is neither broken nor untouched"
+    assert abs(acc_ours - acc_theirs) <= 0.01
+
+
+def test_fgsm_equals_torchattacks(standard_model, digits):
+    torchattacks = pytest.importorskip("torchattacks")
+    x, y = digits.test.x, digits.test.y
+    theirs = torchattacks.FGSM(standard_model, eps=0.1)(x, y)
+    ours = FGSM(ThreatModel("linf", 0.1))(standard_model, x, y)
+    assert torch.allclose(ours, theirs, atol=1e-6)

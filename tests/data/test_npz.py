@@ -1,0 +1,275 @@
+"""User data from .npz files: round trips, and a clear DataError for each kind of bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fortify.data import DATASETS, DataOptions, load_dataset
+from fortify.errors import DataError
+
+RNG = np.random.default_rng(0)
+
+
+def write_npz(tmp_path: Path, **arrays: np.ndarray) -> DataOptions:
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    return DataOptions(path=path, val_fraction=0.2, test_fraction=0.2, seed=0)
+
+
+def tabular(n: int = 50, features: int = 4) -> dict[str, np.ndarray]:
+    return {"x": RNG.random((n, features)), "y": np.arange(n) % 3}
+
+
+def load_error(options: DataOptions) -> str:
+    with pytest.raises(DataError) as caught:
+        DATASETS.get("npz")(options)
+    return str(caught.value)
+
+
+def test_tabular_round_trip(tmp_path):
+    # Prepare
+    arrays = tabular()
+    options = write_npz(tmp_path, **arrays)
+
+    # Execute
+    data = load_dataset("npz", options)
+
+    # Assert
+    assert (len(data.train), len(data.val), len(data.test)) == (30, 10, 10)
+    assert data.input_shape == (4,) and data.train.x.dtype == torch.float32
+    assert data.num_classes == 3 and data.default_model == "mlp" and data.bounds == (0.0, 1.0)
+    rows = {tuple(r) for r in np.float32(arrays["x"]).tolist()}
+    loaded = torch.cat([data.train.x, data.val.x, data.test.x])
+    assert {tuple(r) for r in loaded.tolist()} == rows
+
+
+def test_nhwc_images_become_nchw(tmp_path):
+    # Prepare
+    x = RNG.random((12, 8, 8, 3)).astype(np.float32)
+    y = np.arange(12) % 2
+    x_test = RNG.random((4, 8, 8, 3)).astype(np.float32)
+    options = write_npz(tmp_path, x=x, y=y, x_test=x_test, y_test=np.array([0, 1, 1, 0]),
+                        class_names=np.array(["cat", "dog"]))
+
+    # Execute
+    data = load_dataset("npz", options)
+
+    # Assert
+    assert data.input_shape == (3, 8, 8) and data.default_model == "small-cnn"
+    assert torch.equal(data.test.x, torch.from_numpy(x_test.transpose(0, 3, 1, 2)))
+    assert data.test.y.tolist() == [0, 1, 1, 0] and data.test.y.dtype == torch.int64
+    assert len(data.train) + len(data.val) == 12
+    assert data.class_names == ["cat", "dog"]
+
+
+def test_nchw_images_stay_as_they_are(tmp_path):
+    # Prepare
+    x = RNG.random((10, 1, 6, 6)).astype(np.float32)
+    options = write_npz(tmp_path, x=x, y=np.arange(10) % 2)
+
+    # Execute
+    data = load_dataset("npz", options)
+
+    # Assert
+    assert data.input_shape == (1, 6, 6)
+
+
+def test_declared_bounds_and_num_classes_are_used(tmp_path):
+    # Prepare
+    options = write_npz(tmp_path, x=RNG.uniform(-1, 1, (20, 3)), y=np.arange(20) % 2,
+                        bounds=np.array([-1.0, 1.0]), num_classes=np.array(5))
+
+    # Execute
+    data = load_dataset("npz", options)
+
+    # Assert
+    assert data.bounds == (-1.0, 1.0) and data.num_classes == 5
+
+
+def test_missing_path_is_a_data_error():
+    # Prepare
+    options = DataOptions(path=None)
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "path" in message and "'x'" in message and "'y'" in message
+
+
+def test_missing_file_is_a_data_error(tmp_path):
+    # Prepare
+    options = DataOptions(path=tmp_path / "absent.npz")
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "absent.npz" in message and "does not exist" in message
+
+
+def test_missing_keys_lists_found_and_needed(tmp_path):
+    # Prepare
+    options = write_npz(tmp_path, x=RNG.random((10, 2)), labels=np.zeros(10, int))
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "missing key(s) ['y']" in message
+    assert "found keys ['labels', 'x']" in message and "needed: ['x', 'y']" in message
+
+
+def test_test_inputs_without_test_labels_is_a_missing_key(tmp_path):
+    # Prepare
+    options = write_npz(tmp_path, **tabular(), x_test=RNG.random((5, 4)))
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "missing key(s) ['y_test']" in message
+
+
+def test_length_mismatch_is_a_data_error(tmp_path):
+    # Prepare
+    options = write_npz(tmp_path, x=RNG.random((10, 2)), y=np.zeros(9, int))
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "'x' has 10 rows but 'y' has 9 labels" in message
+
+
+def test_non_integer_labels_are_a_data_error(tmp_path):
+    # Prepare
+    options = write_npz(tmp_path, x=RNG.random((4, 2)), y=np.array([0.0, 1.0, 0.5, 1.0]))
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "integer class indices" in message and "0.5" in message
+
+
+def test_string_labels_are_a_data_error(tmp_path):
+    # Prepare
+    options = write_npz(tmp_path, x=RNG.random((2, 2)), y=np.array(["cat", "dog"]))
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "integer class indices" in message and "<U3" in message
+
+
+def test_whole_float_labels_are_accepted(tmp_path):
+    # Prepare
+    options = write_npz(tmp_path, x=RNG.random((20, 2)), y=(np.arange(20) % 2).astype(float))
+
+    # Execute
+    data = load_dataset("npz", options)
+
+    # Assert
+    assert data.train.y.dtype == torch.int64 and data.num_classes == 2
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_nan_or_inf_inputs_are_a_data_error(bad_value, tmp_path):
+    # Prepare
+    x = RNG.random((10, 2))
+    x[3, 1] = bad_value
+    options = write_npz(tmp_path, x=x, y=np.zeros(10, int))
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "'x'" in message and "NaN/Inf" in message
+
+
+def test_inputs_outside_the_box_report_range_and_box(tmp_path):
+    # Prepare
+    x = np.linspace(0, 255, 20).reshape(10, 2)
+    options = write_npz(tmp_path, x=x, y=np.zeros(10, int))
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "[0, 255]" in message and "box [0, 1]" in message and "bounds" in message
+
+
+def test_object_arrays_are_refused_not_unpickled(tmp_path):
+    # Prepare
+    options = write_npz(tmp_path, x=RNG.random((2, 2)), y=np.array([0, 1]),
+                        class_names=np.array(["a", None], dtype=object))
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "never unpickles" in message
+
+
+def test_three_dimensional_inputs_are_a_data_error(tmp_path):
+    # Prepare
+    options = write_npz(tmp_path, x=RNG.random((4, 5, 5)), y=np.zeros(4, int))
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "(4, 5, 5)" in message and "x[:, None]" in message
+
+
+def test_num_classes_below_the_labels_is_a_data_error(tmp_path):
+    # Prepare
+    options = write_npz(tmp_path, x=RNG.random((10, 2)), y=np.arange(10) % 4,
+                        num_classes=np.array(3))
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "'num_classes' is 3" in message and "up to 3" in message
+
+
+@pytest.mark.parametrize("bounds", [[1.0, 0.0], [0.0, 1.0, 2.0], [0.0, np.inf]])
+def test_bad_bounds_are_a_data_error(bounds, tmp_path):
+    # Prepare
+    options = write_npz(tmp_path, **tabular(), bounds=np.array(bounds))
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "'bounds'" in message
+
+
+def test_class_names_must_match_num_classes(tmp_path):
+    # Prepare
+    options = write_npz(tmp_path, **tabular(), class_names=np.array(["a", "b"]))
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "2 names but there are 3 classes" in message
+
+
+def test_a_file_that_is_not_an_archive_is_a_data_error(tmp_path):
+    # Prepare
+    path = tmp_path / "data.npz"
+    path.write_text("not numpy")
+
+    # Execute
+    message = load_error(DataOptions(path=path))
+
+    # Assert
+    assert str(path) in message

@@ -1,0 +1,90 @@
+"""evaluate(): invariants between the numbers, the contract check, warnings, JSON round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from fortify.attacks import FGSM, PGD, Attack
+from fortify.errors import ConfigError, DataError, ThreatModelViolation
+from fortify.evaluation import RobustnessReport, evaluate
+from fortify.threat import ThreatModel
+
+THREAT = ThreatModel("linf", 0.1)
+
+
+def test_report_invariants(standard_model, digits):
+    x, y = digits.test.x, digits.test.y
+    report = evaluate(standard_model, x, y, [FGSM(THREAT), PGD(THREAT, steps=10)], THREAT,
+                      eps_grid=[0.05, 0.1, 0.2], batch_size=100)
+    clean = float((standard_model(x).argmax(1) == y).float().mean())
+    assert report.clean_accuracy == pytest.approx(clean)
+    assert report.n_examples == len(y)
+    for result in report.attacks:
+        assert result.adversarial_accuracy <= report.clean_accuracy
+        assert report.worst_case_accuracy <= result.adversarial_accuracy
+        assert result.max_norm <= THREAT.eps + 1e-6
+        assert result.attacked == sum(report.clean_correct)
+        fooled = result.attacked - sum(result.robust)
+        assert result.success_rate == pytest.approx(fooled / result.attacked)
+    accuracies = [p.accuracy for p in report.eps_curve]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert report.eps_curve[1].accuracy == pytest.approx(report.attack("pgd-10").adversarial_accuracy)
+
+
+def test_cascade_gives_the_same_worst_case_with_deterministic_attacks(standard_model, digits):
+    x, y = digits.test.x, digits.test.y
+    attacks = [FGSM(THREAT), PGD(THREAT, steps=5, random_start=False)]
+    independent = evaluate(standard_model, x, y, attacks, THREAT)
+    cascade = evaluate(standard_model, x, y, attacks, THREAT, cascade=True)
+    assert cascade.worst_case_accuracy == independent.worst_case_accuracy
+    assert cascade.attacks[1].attacked <= independent.attacks[1].attacked
+    assert cascade.attacks[-1].adversarial_accuracy == cascade.worst_case_accuracy
+
+
+class _Cheater(Attack):
+    """Returns points twice as far as allowed."""
+
+    name = "cheater"
+
+    def perturb(self, model, x, y, target, generator):
+        return (x + 2 * self.threat.eps).clamp(0, 1)
+
+
+def test_a_point_outside_the_threat_model_is_refused(standard_model, digits):
+    with pytest.raises(ThreatModelViolation, match="cheater.*outside"):
+        evaluate(standard_model, digits.test.x[:20], digits.test.y[:20], [_Cheater(THREAT)], THREAT)
+
+
+def test_probability_outputs_get_a_warning(standard_model, digits):
+    softmaxed = nn.Sequential(standard_model, nn.Softmax(dim=1))
+    report = evaluate(softmaxed, digits.test.x[:50], digits.test.y[:50], [FGSM(THREAT)], THREAT)
+    assert any("probabilities" in w for w in report.warnings)
+    logits_report = evaluate(standard_model, digits.test.x[:50], digits.test.y[:50], [FGSM(THREAT)],
+                             THREAT)
+    assert logits_report.warnings == []
+
+
+def test_json_round_trip(standard_model, digits):
+    report = evaluate(standard_model, digits.test.x[:30], digits.test.y[:30], [FGSM(THREAT)], THREAT,
+                      eps_grid=[0.05])
+    again = RobustnessReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert again == report
+    stale = report.to_dict() | {"version": 0}
+    with pytest.raises(DataError, match="version"):
+        RobustnessReport.from_dict(stale)
+
+
+def test_bad_setups(standard_model, digits):
+    x, y = digits.test.x[:10], digits.test.y[:10]
+    with pytest.raises(DataError, match="labels range over"):
+        evaluate(standard_model, x, y + 10, [FGSM(THREAT)], THREAT, num_classes=10)
+    with pytest.raises(ConfigError, match="threat model"):
+        evaluate(standard_model, x, y, [FGSM(ThreatModel("linf", 0.3))], THREAT)
+    with pytest.raises(ConfigError, match="at least one attack"):
+        evaluate(standard_model, x, y, [], THREAT)
+    with pytest.raises(DataError, match="NaN"):
+        evaluate(standard_model, x * torch.nan, y, [FGSM(THREAT)], THREAT)

@@ -1,0 +1,168 @@
+"""Every registered model: output shape, gradients to the input, sizes of the big nets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fortify.errors import ConfigError, UnknownNameError
+from fortify.models import MODELS, Normalize, build_model
+from fortify.models.resnet import PreActResNet
+from fortify.models.wideresnet import WideResNet
+
+# name -> an input shape the model is meant for
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {
+    "small-cnn": (1, 28, 28),
+    "mlp": (30,),
+    "linear": (1, 8, 8),
+    "preact-resnet18": (3, 32, 32),
+    "wrn-28-10": (3, 32, 32),
+    "wrn-34-10": (3, 32, 32),
+}
+EXPECTED_NAMES = set(INPUT_SHAPES)
+
+# published parameter counts for 10 classes (Wong et al. 2020 / RobustBench)
+PUBLISHED_PARAMS = {
+    "preact-resnet18": 11.17e6,
+    "wrn-28-10": 36.5e6,
+    "wrn-34-10": 46.2e6,
+}
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_forward_backward(name: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, input_shape, num_classes)
+    x = torch.rand(2, *input_shape, requires_grad=True)
+    y = torch.tensor([0, num_classes - 1])
+    logits = model(x)
+    assert logits.shape == (2, num_classes)
+    assert torch.isfinite(logits).all()
+    nn.functional.cross_entropy(logits, y).backward()
+    assert x.grad is not None
+    assert x.grad.shape == x.shape
+    assert torch.isfinite(x.grad).all()
+    assert x.grad.abs().sum() > 0
+
+
+def test_registry_holds_the_expected_models() -> None:
+    assert set(MODELS.names()) >= EXPECTED_NAMES
+
+
+@pytest.mark.parametrize("name", sorted(INPUT_SHAPES))  # WRNs: ~1 s each on 2 CPU threads
+def test_forward_shape_and_input_gradient(name: str) -> None:
+    _check_forward_backward(name, INPUT_SHAPES[name], num_classes=10)
+
+
+@pytest.mark.parametrize(
+    ("name", "input_shape", "num_classes"),
+    [
+        ("small-cnn", (1, 8, 8), 10),
+        ("small-cnn", (3, 32, 32), 7),
+        ("mlp", (1, 28, 28), 3),
+        ("linear", (30,), 2),
+        ("preact-resnet18", (1, 28, 28), 10),  # MNIST-sized: adaptive pooling
+        ("preact-resnet18", (3, 64, 48), 100),
+        ("preact-resnet18", (3, 8, 8), 5),
+    ],
+)
+def test_other_input_shapes_and_class_counts(name: str, input_shape: tuple[int, ...],
+                                             num_classes: int) -> None:
+    _check_forward_backward(name, input_shape, num_classes)
+
+
+def test_small_wideresnet_on_other_sizes() -> None:
+    torch.manual_seed(0)
+    model = WideResNet(depth=10, widen_factor=2, num_classes=4, in_channels=1, dropout=0.3)
+    x = torch.rand(2, 1, 28, 28, requires_grad=True)
+    logits = model(x)
+    assert logits.shape == (2, 4)
+    logits.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_parameter_counts_match_published(name: str) -> None:
+    count = _count(build_model(name, (3, 32, 32), 10))
+    published = PUBLISHED_PARAMS[name]
+    assert abs(count - published) / published < 0.01, f"{name}: {count} parameters"
+
+
+def test_exact_parameter_counts() -> None:
+    # exact figures of the reference implementations (fast_adversarial's PreActResNet18 with its
+    # final BN; RobustBench's WideResNet-28-10 / -34-10)
+    assert _count(PreActResNet((2, 2, 2, 2), num_classes=10)) == 11_172_170
+    assert _count(WideResNet(28, 10, num_classes=10)) == 36_479_194
+    assert _count(WideResNet(34, 10, num_classes=10)) == 46_160_474
+
+
+def test_wideresnet_general_class_is_consistent_with_registry() -> None:
+    registered = build_model("wrn-28-10", (3, 32, 32), 10)
+    assert isinstance(registered, WideResNet)
+    assert (registered.depth, registered.widen_factor) == (28, 10)
+    assert _count(WideResNet(16, 4, num_classes=10)) == pytest.approx(2.75e6, rel=0.01)
+
+
+@pytest.mark.parametrize("depth", [27, 30, 4, 0, -2])
+def test_wideresnet_rejects_bad_depth(depth: int) -> None:
+    with pytest.raises(ConfigError, match=str(depth)):
+        WideResNet(depth=depth, widen_factor=1)
+
+
+@pytest.mark.parametrize("name", ["preact-resnet18", "wrn-28-10", "wrn-34-10"])
+@pytest.mark.parametrize("input_shape", [(30,), (28, 28), (1, 3, 32, 32)])
+def test_image_models_reject_non_image_shapes(name: str, input_shape: tuple[int, ...]) -> None:
+    with pytest.raises(ConfigError, match=name) as info:
+        build_model(name, input_shape, 10)
+    assert str(input_shape) in str(info.value)
+
+
+def test_unknown_model_name_lists_valid_names() -> None:
+    with pytest.raises(UnknownNameError) as info:
+        build_model("resnet-9000", (3, 32, 32), 10)
+    message = str(info.value)
+    assert "resnet-9000" in message
+    for name in EXPECTED_NAMES:
+        assert name in message
+
+
+@pytest.mark.parametrize(
+    ("name", "input_shape", "mean", "std"),
+    [
+        ("small-cnn", (3, 16, 16), (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+        ("small-cnn", (1, 8, 8), (0.1307,), (0.3081,)),
+        ("preact-resnet18", (3, 32, 32), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)),
+    ],
+)
+def test_normalize_equals_bare_model_on_standardised_input(
+        name: str, input_shape: tuple[int, ...], mean: tuple[float, ...],
+        std: tuple[float, ...]) -> None:
+    torch.manual_seed(1)
+    wrapped = build_model(name, input_shape, 10, mean=mean, std=std)
+    torch.manual_seed(1)
+    bare = build_model(name, input_shape, 10)
+    assert isinstance(wrapped, Normalize)
+    wrapped.eval()
+    bare.eval()
+    x = torch.rand(4, *input_shape)
+    shape = (1, len(mean), 1, 1)
+    standardised = (x - torch.tensor(mean).reshape(shape)) / torch.tensor(std).reshape(shape)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), bare(standardised))
+        torch.testing.assert_close(wrapped(x), wrapped.model(standardised))
+
+
+def test_normalize_only_when_both_mean_and_std_given() -> None:
+    assert not isinstance(build_model("linear", (1, 8, 8), 10, mean=(0.5,)), Normalize)
+    assert not isinstance(build_model("linear", (1, 8, 8), 10), Normalize)
+
+
+def test_normalize_keeps_input_gradient() -> None:
+    model = build_model("small-cnn", (1, 8, 8), 10, mean=(0.5,), std=(0.25,))
+    x = torch.rand(2, 1, 8, 8, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

@@ -1,0 +1,191 @@
+"""The command line: the main job end to end, train/evaluate, and every bad input exits cleanly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fortify.cli import app
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _assert_clean_error(result, fragment, not_created=None):
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and fragment in result.output, result.output
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+    if not_created is not None:
+        assert not not_created.exists(), "a failed command left files behind"
+
+
+@pytest.mark.slow
+def test_fortify_run_defaults_meet_the_stated_numbers(tmp_path):
+    # Execute: the README's main job with its defaults
+    out = tmp_path / "run"
+    result = _invoke("run", "--out", out, "--quiet")
+    # Assert: the files and the acceptance numbers at the default eps
+    assert result.exit_code == 0, result.output
+    for name in ("config.yaml", "results.json", "report.html", "models/pgd/model.safetensors",
+                 "models/pgd/state.json", "models/standard/model.safetensors"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    standard, robust = (results["models"][m]["robustness"] for m in ("standard", "pgd"))
+    assert results["threat"]["eps"] == pytest.approx(0.2)
+    assert standard["attacks"][1]["name"] == "pgd-20"
+    assert standard["attacks"][1]["adversarial_accuracy"] <= 0.10
+    assert robust["attacks"][1]["adversarial_accuracy"] >= 0.50
+    assert robust["clean_accuracy"] >= 0.95
+    html = (out / "report.html").read_text()
+    assert f"{100 * robust['attacks'][1]['adversarial_accuracy']:.1f}%" in html
+
+
+def test_train_then_evaluate(tmp_path):
+    out = tmp_path / "model"
+    trained = _invoke("train", "--out", out, "--objective", "fgsm-rs", "--epochs", 2, "--quiet")
+    assert trained.exit_code == 0, trained.output
+    assert {"model.safetensors", "state.json", "config.yaml", "model.json"} <= {
+        p.name for p in out.iterdir()}
+    evaluated = _invoke("evaluate", out, "--attacks", "fgsm,pgd", "--steps", 3, "--n-examples", 60,
+                        "--eps", 0.1)
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads((out / "robustness.json").read_text())["robustness"]
+    assert report["n_examples"] == 60 and report["threat"]["eps"] == 0.1
+    assert [a["name"] for a in report["attacks"]] == ["fgsm", "pgd-3"]
+    assert report["attacks"][1]["adversarial_accuracy"] <= report["clean_accuracy"]
+
+
+def test_config_file_and_flags_flags_win(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"train": {"epochs": 5, "objective": "standard"},
+                                      "threat": {"eps": 0.3}}))
+    out = tmp_path / "m"
+    result = _invoke("train", "--config", config, "--epochs", 1, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["train"]["epochs"] == 1 and resolved["threat"]["eps"] == 0.3
+    assert resolved["train"]["objective"] == "standard"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--dataset", "imagenet"], "valid names: breast-cancer, cifar10"),
+    (["--objective", "madry"], "unknown objective 'madry'; valid names: fgsm, fgsm-rs, pgd, standard"),
+    (["--model", "vgg"], "unknown model 'vgg'"),
+    (["--eps", 0], "threat.eps"),
+    (["--eps", 1.5], "beyond the box"),
+    (["--norm", "l3"], "threat.norm"),
+    (["--attack-steps", 0], "train.attack_steps"),
+    (["--epochs", 0], "train.epochs"),
+])
+def test_bad_training_settings(tmp_path, args, fragment):
+    out = tmp_path / "out"
+    _assert_clean_error(_invoke("train", "--out", out, *args), fragment, not_created=out)
+
+
+def test_unknown_config_key(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"train": {"epochz": 3}}))
+    out = tmp_path / "out"
+    _assert_clean_error(_invoke("train", "--config", config, "--out", out), "unknown key 'train.epochz'",
+                        not_created=out)
+
+
+def _npz(tmp_path, **arrays):
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("x_fn, y_fn, extra, fragment", [
+    (lambda x: x * 3, lambda y: y, {}, "outside the declared box"),
+    (lambda x: np.where(x > 0.9, np.nan, x), lambda y: y, {}, "NaN"),
+    (lambda x: x, lambda y: y + 5, {"num_classes": 2}, "labels"),
+])
+def test_bad_data(tmp_path, x_fn, y_fn, extra, fragment):
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 6)).astype(np.float32)
+    y = rng.integers(0, 2, 40)
+    path = _npz(tmp_path, x=x_fn(x), y=y_fn(y), **extra)
+    out = tmp_path / "out"
+    result = _invoke("train", "--dataset", "npz", "--data-path", path, "--out", out)
+    _assert_clean_error(result, fragment, not_created=out)
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "m"
+    result = _invoke("train", "--out", out, "--objective", "standard", "--epochs", 1, "--quiet")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_tampered_checkpoint_is_refused(trained_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_dir, copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    _assert_clean_error(_invoke("evaluate", copy), "modified after it was saved")
+
+
+def test_pickled_checkpoint_is_refused(trained_dir, tmp_path):
+    import shutil
+
+    import torch
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_dir, copy)
+    torch.save({"weight": torch.zeros(1)}, copy / "model.safetensors")
+    _assert_clean_error(_invoke("evaluate", copy), "model.safetensors")
+
+
+def test_directory_without_a_model(tmp_path):
+    (tmp_path / "config.yaml").write_text("{}\n")
+    _assert_clean_error(_invoke("evaluate", tmp_path), "no trained fortify model")
+
+
+def test_unknown_attack_lists_valid_ones(trained_dir):
+    _assert_clean_error(_invoke("evaluate", trained_dir, "--attacks", "fgsm,cw"),
+                        "unknown attack 'cw'; valid names: fgsm, pgd")
+
+
+def test_existing_output_and_resume_without_out(trained_dir):
+    _assert_clean_error(_invoke("train", "--out", trained_dir), "already exists")
+    _assert_clean_error(_invoke("run", "--resume"), "--resume needs --out")
+
+
+def test_resume_of_a_finished_run_keeps_its_weights(trained_dir):
+    from safetensors.torch import load_file
+
+    before = load_file(trained_dir / "model.safetensors")
+    result = _invoke("train", "--out", trained_dir, "--objective", "standard", "--epochs", 1,
+                     "--resume", "--quiet")
+    assert result.exit_code == 0, result.output
+    after = load_file(trained_dir / "model.safetensors")
+    assert before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
+
+
+def test_the_installed_command_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fortify", "train", "--eps", "-1", "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "threat.eps" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["train"], ["evaluate"]])
+def test_help(command):
+    result = _invoke(*command, "--help")
+    assert result.exit_code == 0 and "Usage" in result.output

@@ -1,0 +1,125 @@
+"""ThreatModel: projection, random starts and membership hold for any shape, dtype, eps and norm."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fortify.errors import ConfigError, DataError
+from fortify.threat import ThreatModel
+
+shapes = st.sampled_from([(1, 3), (4, 7), (2, 1, 5, 5), (3, 3, 4, 4), (5, 30)])
+dtypes = st.sampled_from([torch.float32, torch.float64])
+norms = st.sampled_from(["linf", "l2"])
+
+
+def _threat(norm: str, eps_fraction: float, lo: float, width: float) -> ThreatModel:
+    return ThreatModel(norm, eps_fraction * width, (lo, lo + width))
+
+
+@settings(max_examples=150, deadline=None)
+@given(shape=shapes, dtype=dtypes, norm=norms, eps_fraction=st.floats(1e-3, 1.0),
+       lo=st.floats(-2, 2), width=st.floats(0.1, 4), spread=st.floats(0.0, 10.0),
+       seed=st.integers(0, 2**16))
+def test_project_lands_in_ball_and_box_and_is_idempotent(shape, dtype, norm, eps_fraction, lo, width,
+                                                           spread, seed):
+    # Prepare: a clean point in the box and an arbitrary far-away candidate
+    threat = _threat(norm, eps_fraction, lo, width)
+    gen = torch.Generator().manual_seed(seed)
+    x = lo + width * torch.rand(shape, generator=gen, dtype=dtype)
+    candidate = x + spread * torch.randn(shape, generator=gen, dtype=dtype)
+    # Execute
+    once = threat.project(candidate, x)
+    twice = threat.project(once, x)
+    # Assert
+    assert once.dtype == dtype and once.shape == x.shape
+    assert threat.contains(once, x).all()
+    assert torch.allclose(once, twice, atol=1e-6 * (abs(lo) + width), rtol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, norm=norms, eps_fraction=st.floats(1e-3, 1.0), seed=st.integers(0, 2**16))
+def test_random_start_is_inside(shape, norm, eps_fraction, seed):
+    threat = _threat(norm, eps_fraction, 0.0, 1.0)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+    start = threat.random_start(x, torch.Generator().manual_seed(seed))
+    assert threat.contains(start, x).all()
+
+
+def test_project_is_the_identity_inside_the_set():
+    threat = ThreatModel("l2", 0.5)
+    x = torch.full((2, 4), 0.5)
+    inside = x + 0.1
+    assert torch.equal(threat.project(inside, x), inside)
+
+
+def test_linf_projection_matches_the_per_coordinate_clip():
+    threat = ThreatModel("linf", 0.1)
+    x = torch.tensor([[0.05, 0.5, 0.95]])
+    far = torch.tensor([[-1.0, 0.9, 2.0]])
+    assert torch.allclose(threat.project(far, x), torch.tensor([[0.0, 0.6, 1.0]]))
+
+
+def test_l2_projection_scales_onto_the_sphere():
+    threat = ThreatModel("l2", 0.3)
+    x = torch.full((1, 2), 0.5)
+    far = x + torch.tensor([[0.3, 0.4]])  # distance 0.5 along (0.6, 0.8)
+    assert torch.allclose(threat.project(far, x), x + torch.tensor([[0.18, 0.24]]))
+
+
+def test_low_precision_projection_is_inside_within_its_tolerance():
+    threat = ThreatModel("l2", 0.5)
+    x = torch.rand(8, 3, 8, 8).to(torch.bfloat16)
+    far = x + torch.randn(8, 3, 8, 8).to(torch.bfloat16)
+    assert threat.contains(threat.project(far, x), x).all()
+
+
+def test_contains_rejects_points_outside_ball_box_or_nonfinite():
+    threat = ThreatModel("linf", 0.1)
+    x = torch.full((4, 3), 0.5)
+    bad = x.clone()
+    bad[0, 0] += 0.2  # outside the ball
+    bad[1, 1] = 1.05  # outside the box (and the ball)
+    bad[2, 2] = float("nan")
+    assert threat.contains(bad, x).tolist() == [False, False, False, True]
+
+
+def test_ascent_direction_has_unit_norm():
+    grad = torch.randn(5, 3, 4, 4)
+    l2 = ThreatModel("l2", 1.0).ascent_direction(grad)
+    assert torch.allclose(l2.flatten(1).norm(dim=1), torch.ones(5))
+    linf = ThreatModel("linf", 0.1).ascent_direction(grad)
+    assert torch.equal(linf.abs(), torch.ones_like(grad))
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"eps": 0.0}, "eps must be a finite number > 0"),
+    ({"eps": -0.1}, "eps must be a finite number > 0"),
+    ({"eps": math.nan}, "eps must be a finite number > 0"),
+    ({"eps": 1.5}, "beyond the box"),
+    ({"norm": "l7"}, "valid norms: linf, l2"),
+    ({"bounds": (1.0, 0.0)}, "low < high"),
+])
+def test_bad_settings_are_rejected_with_the_value(kwargs, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        ThreatModel(**{"norm": "linf", "eps": 0.1, **kwargs})
+
+
+def test_l2_eps_beyond_the_box_diameter_is_rejected():
+    with pytest.raises(ConfigError, match="diameter"):
+        ThreatModel("l2", 3.0).check_inputs(torch.rand(2, 4))  # diameter of [0,1]^4 is 2
+
+
+@pytest.mark.parametrize("x, fragment", [
+    (torch.tensor([[0.5, 1.5]]), "outside the declared box"),
+    (torch.tensor([[0.5, float("nan")]]), "NaN/Inf"),
+    (torch.tensor([0.5, 0.5]), "shape \\(N, ...\\)"),
+    (torch.tensor([[1, 0]]), "floating point"),
+])
+def test_bad_inputs_are_rejected(x, fragment):
+    with pytest.raises(DataError, match=fragment):
+        ThreatModel("linf", 0.1).check_inputs(x)

@@ -1,0 +1,113 @@
+"""Checkpoints: round trip, and refusal of foreign, pickled, edited or other-version files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fortify.errors import CheckpointError
+from fortify.training import checkpoint as ckpt
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+
+
+def test_weights_round_trip_exactly(tmp_path):
+    source, target = _model(), torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(),
+                                                   torch.nn.Linear(3, 2))
+    digest = ckpt.save_weights(tmp_path / "w.safetensors", source)
+    ckpt.load_weights(tmp_path / "w.safetensors", target, expected_sha256=digest)
+    for a, b in zip(source.state_dict().values(), target.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+class _Payload:
+    """Unpickling this object would create a marker file: proof that nothing unpickles."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickle_is_refused_without_being_unpickled(tmp_path):
+    marker = tmp_path / "unpickled"
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(pickle.dumps({"weight": _Payload(marker)}))
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        ckpt.load_weights(path, _model())
+    assert not marker.exists()
+
+
+def test_torch_save_file_is_refused(tmp_path):
+    path = tmp_path / "model.safetensors"
+    torch.save(_model().state_dict(), path)
+    with pytest.raises(CheckpointError, match="not a fortify checkpoint"):
+        ckpt.load_weights(path, _model())
+
+
+def test_foreign_safetensors_without_marker_is_refused(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in _model().state_dict().items()}, str(path))
+    with pytest.raises(CheckpointError, match="not one fortify wrote"):
+        ckpt.load_weights(path, _model())
+
+
+def test_other_version_and_other_kind_are_refused(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(1)}, str(path), metadata={"format": "fortify", "version": "99",
+                                                          "kind": "weights"})
+    with pytest.raises(CheckpointError, match="version '99'"):
+        ckpt.load_tensors(path, "weights")
+    ckpt.save_tensors(path, {"a": torch.zeros(1)}, kind="train-state")
+    with pytest.raises(CheckpointError, match="expected 'weights'"):
+        ckpt.load_tensors(path, "weights")
+
+
+def test_an_edited_file_fails_its_recorded_hash(tmp_path):
+    path = tmp_path / "w.safetensors"
+    digest = ckpt.save_weights(path, _model())
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # flip bits in the last weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="modified after it was saved"):
+        ckpt.load_weights(path, _model(), expected_sha256=digest)
+
+
+def test_wrong_architecture_names_the_mismatch(tmp_path):
+    path = tmp_path / "w.safetensors"
+    ckpt.save_weights(path, _model())
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        ckpt.load_weights(path, torch.nn.Sequential(torch.nn.Linear(4, 5)))
+
+
+def test_state_json_checks(tmp_path):
+    with pytest.raises(CheckpointError, match="state.json is missing"):
+        ckpt.read_state_json(tmp_path)
+    (tmp_path / "state.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(CheckpointError, match="not a fortify state file"):
+        ckpt.read_state_json(tmp_path)
+    (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        ckpt.read_state_json(tmp_path)
+
+
+def test_optimizer_state_round_trips():
+    model = _model()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.rand(2, 4)).sum().backward()
+    opt.step()
+    tensors, meta = ckpt.split_optimizer_state(opt.state_dict())
+    json.dumps(meta)  # the non-tensor part must be plain JSON
+    rebuilt = ckpt.join_optimizer_state(tensors, json.loads(json.dumps(meta)))
+    fresh = torch.optim.Adam(model.parameters())
+    fresh.load_state_dict(rebuilt)
+    for key, value in opt.state_dict()["state"][0].items():
+        assert torch.equal(value, fresh.state_dict()["state"][0][key])

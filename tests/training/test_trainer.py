@@ -1,0 +1,131 @@
+"""Trainer: resume equals an uninterrupted run, early stopping, schedules, objectives."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fortify.config import TrainConfig
+from fortify.data import Split
+from fortify.errors import CheckpointError, UnknownNameError
+from fortify.models import build_model
+from fortify.threat import ThreatModel
+from fortify.training.checkpoint import load_tensors
+from fortify.training.objectives import OBJECTIVES, ObjectiveOptions, build_objective
+from fortify.training.schedules import SCHEDULES
+from fortify.training.trainer import Trainer
+
+THREAT = ThreatModel("linf", 0.2)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _subset(digits, n):
+    return Split(digits.train.x[:n], digits.train.y[:n]), Split(digits.val.x[:64], digits.val.y[:64])
+
+
+def _trainer(digits, run_dir, objective="pgd", callbacks=(), **overrides):
+    torch.manual_seed(123)  # the same initial weights for every trainer built here
+    model = build_model("small-cnn", digits.input_shape, digits.num_classes)
+    settings = {"objective": objective, "epochs": 3, "batch_size": 32, "attack_steps": 3,
+                "val_attack_steps": 3, "lr": 0.05, "eps_warmup_epochs": 1, "seed": 5, **overrides}
+    config = TrainConfig(**settings)
+    objective_fn = build_objective(objective, ObjectiveOptions(THREAT, attack_steps=3, seed=5))
+    return model, Trainer(model, objective_fn, config, threat=THREAT, run_dir=run_dir,
+                          callbacks=callbacks, show_progress=False)
+
+
+@pytest.mark.parametrize("objective", ["pgd", "fgsm-rs"])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(digits, tmp_path, objective):
+    # Prepare: the same settings twice; the second run is killed after epoch 2
+    train, val = _subset(digits, 256)
+    model_a, trainer_a = _trainer(digits, tmp_path / "a", objective)
+
+    def kill_after_two(record):
+        if record.epoch == 2:
+            raise Interrupted
+
+    _, trainer_b = _trainer(digits, tmp_path / "b", objective, callbacks=[kill_after_two])
+    # Execute
+    result_a = trainer_a.fit(train, val)
+    with pytest.raises(Interrupted):
+        trainer_b.fit(train, val)
+    model_c, trainer_c = _trainer(digits, tmp_path / "b", objective)  # a fresh process, in effect
+    result_c = trainer_c.fit(train, val, resume=True)
+    # Assert
+    for (name, a), c in zip(model_a.state_dict().items(), model_c.state_dict().values()):
+        assert torch.equal(a, c), f"{name} differs after resume"
+    assert [r.train_loss for r in result_a.history] == [r.train_loss for r in result_c.history]
+    assert result_a.best_epoch == result_c.best_epoch
+
+
+def test_resume_with_other_settings_is_refused(digits, tmp_path):
+    train, val = _subset(digits, 64)
+    _, trainer = _trainer(digits, tmp_path, epochs=1)
+    trainer.fit(train, val)
+    _, other = _trainer(digits, tmp_path, epochs=1, lr=0.01)
+    with pytest.raises(CheckpointError, match="settings differ"):
+        other.fit(train, val, resume=True)
+
+
+def test_early_stopping_stops_and_restores_the_best_epoch(digits, tmp_path):
+    train, val = _subset(digits, 128)
+    # lr so small that nothing improves after the first epoch's validation
+    model, trainer = _trainer(digits, tmp_path, objective="standard", epochs=20, patience=2,
+                              lr=1e-9, optimizer="adam")
+    result = trainer.fit(train, val)
+    assert result.stopped_early
+    assert len(result.history) == result.best_epoch + 2
+    selected = load_tensors(tmp_path / "model.safetensors", "weights")
+    best_file = load_tensors(tmp_path / "best.safetensors", "weights")
+    assert all(torch.equal(selected[k], best_file[k]) for k in selected)
+
+
+def test_pgd_training_beats_standard_training_under_attack(standard_model, robust_model, digits):
+    from fortify.attacks import PGD
+
+    x, y = digits.test.x, digits.test.y
+    attack = PGD(THREAT, steps=10)
+
+    def robust_accuracy(model):
+        return float((model(attack(model, x, y)).argmax(1) == y).float().mean())
+
+    assert robust_accuracy(robust_model) >= robust_accuracy(standard_model) + 0.3
+
+
+def test_eps_warm_up_ramps_linearly(digits, tmp_path):
+    train, val = _subset(digits, 64)
+    _, trainer = _trainer(digits, None, epochs=3, eps_warmup_epochs=2, batch_size=64)
+    result = trainer.fit(train, val)
+    # one batch per epoch: the last batch of epoch e (0-based) runs at progress e, eps = eps*e/2
+    assert [round(r.eps / THREAT.eps, 3) for r in result.history] == [0.001, 0.5, 1.0]
+
+
+def test_schedules():
+    assert SCHEDULES.get("constant")(0.7) == 1.0
+    assert [SCHEDULES.get("piecewise")(p) for p in (0.1, 0.6, 0.9)] == [1.0, 0.1, 0.01]
+    assert math.isclose(SCHEDULES.get("cosine")(0.5), 0.5)
+    cyclic = SCHEDULES.get("cyclic")
+    assert cyclic(0.0) == 0.0 and math.isclose(cyclic(0.4), 1.0) and math.isclose(cyclic(1.0), 0.0)
+
+
+def test_fgsm_objective_mixes_clean_and_adversarial_losses():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x, y = torch.rand(8, 4), torch.randint(0, 3, (8,))
+    threat = ThreatModel("linf", 0.1)
+    mixed = build_objective("fgsm", ObjectiveOptions(threat, fgsm_ratio=0.25))(model, x, y)
+    from fortify.attacks import FGSM
+
+    x_adv = FGSM(threat)(model, x, y)
+    ce = torch.nn.functional.cross_entropy
+    assert torch.allclose(mixed, 0.75 * ce(model(x), y) + 0.25 * ce(model(x_adv), y))
+
+
+def test_unknown_objective_lists_the_valid_ones():
+    with pytest.raises(UnknownNameError, match="valid names: fgsm, fgsm-rs, pgd, standard"):
+        OBJECTIVES.get("madry")
