@@ -88,3 +88,60 @@ def test_bad_setups(standard_model, digits):
         evaluate(standard_model, x, y, [], THREAT)
     with pytest.raises(DataError, match="NaN"):
         evaluate(standard_model, x * torch.nan, y, [FGSM(THREAT)], THREAT)
+
+
+class _KilledAfter(Exception):
+    pass
+
+
+class _Fragile(Attack):
+    """Delegates to PGD but raises on its n-th call: a stand-in for a killed process."""
+
+    name = "pgd"
+
+    def __init__(self, threat, fail_on_call=None):
+        super().__init__(threat, seed=4)
+        self.inner = PGD(threat, steps=5, seed=4)
+        self.fail_on_call = fail_on_call
+        self.calls = 0
+
+    @property
+    def label(self):
+        return "pgd-5"
+
+    def describe(self):
+        return self.inner.describe()
+
+    def perturb(self, model, x, y, target, generator):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise _KilledAfter
+        return self.inner.perturb(model, x, y, target, generator)
+
+
+def test_a_killed_cascade_resumes_from_its_journal_with_the_same_numbers(standard_model, digits, tmp_path):
+    # Prepare: FGSM then a PGD that dies on its second batch
+    x, y = digits.test.x, digits.test.y
+    threat = ThreatModel("linf", 0.05)
+    settings = {"batch_size": 64, "cascade": True}
+    reference = evaluate(standard_model, x, y, [FGSM(threat), _Fragile(threat)], threat, **settings)
+    # Execute
+    with pytest.raises(_KilledAfter):
+        evaluate(standard_model, x, y, [FGSM(threat), _Fragile(threat, fail_on_call=2)], threat,
+                 journal_dir=tmp_path, **settings)
+    resumed_attack = _Fragile(threat)
+    resumed = evaluate(standard_model, x, y, [FGSM(threat), resumed_attack], threat,
+                       journal_dir=tmp_path, **settings)
+    # Assert: identical outcome, and the finished batch was not attacked again
+    assert resumed.attacks == reference.attacks
+    batches = -(-reference.attacks[1].attacked // 64)
+    assert resumed_attack.calls == batches - 1
+
+
+def test_a_journal_of_other_data_is_refused(standard_model, digits, tmp_path):
+    from fortify.errors import CheckpointError
+
+    x, y = digits.test.x[:40], digits.test.y[:40]
+    evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="other data"):
+        evaluate(standard_model, x[:30], y[:30], [FGSM(THREAT)], THREAT, journal_dir=tmp_path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import Attack, check_label_range
 from fortify.errors import ConfigError, DataError, ThreatModelViolation
+from fortify.evaluation.journal import Journal, Partial, fingerprint
 from fortify.threat import ThreatModel
 
 REPORT_VERSION = 1
@@ -86,13 +88,15 @@ def evaluate(
     cascade: bool = False,
     eps_grid: Sequence[float] | None = None,
     num_classes: int | None = None,
+    journal_dir: Path | None = None,
 ) -> RobustnessReport:
     """Attack ``model`` on ``(x, y)`` with each attack and summarise.
 
     Independent mode runs every attack on every clean-correct example, so each attack's accuracy
     stands on its own. Cascade mode (AutoAttack's) gives each attack only the examples that all
     earlier attacks failed on: cheaper, and its last accuracy is the worst case.
-    The eps curve reruns the last attack at each eps in ``eps_grid``.
+    The eps curve reruns the last attack at each eps in ``eps_grid``. With ``journal_dir`` the
+    progress is written after every batch, and a killed evaluation continues where it stopped.
     """
     _check_setup(attacks, threat, x, y, num_classes, batch_size)
     device = next(model.parameters()).device
@@ -104,11 +108,20 @@ def evaluate(
         warnings = _logit_warnings(clean_logits)
         clean_correct = clean_logits.argmax(1) == y
         robust = clean_correct.clone()
-        results = []
-        for attack in attacks:
+        journal = None
+        if journal_dir is not None:
+            journal = Journal(journal_dir, fingerprint(x, y, attacks, cascade, batch_size))
+        results = [AttackResult(**r) for r in journal.completed()] if journal else []
+        for result in results:
+            robust &= torch.tensor(result.robust, device=device)
+        for index in range(len(results), len(attacks)):
             todo = robust if cascade else clean_correct
-            results.append(_run_attack(model, attack, x, y, todo, batch_size, cascade))
-            robust &= torch.tensor(results[-1].robust, device=device)
+            result = _run_attack(model, attacks[index], x, y, todo, batch_size, cascade,
+                                 journal=journal, attack_index=index)
+            results.append(result)
+            robust &= torch.tensor(result.robust, device=device)
+            if journal is not None:
+                journal.save_completed(asdict(result))
         curve = _eps_curve(model, attacks[-1], x, y, clean_correct, batch_size, eps_grid)
     finally:
         model.train(was_training)
@@ -155,19 +168,29 @@ def _logit_warnings(logits: Tensor) -> list[str]:
 
 
 def _run_attack(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, todo: Tensor,
-                batch_size: int, cascade: bool) -> AttackResult:
+                batch_size: int, cascade: bool, *, journal: Journal | None = None,
+                attack_index: int = 0) -> AttackResult:
     """Attack the examples marked in ``todo``; the rest count as not robust."""
     index = todo.nonzero().squeeze(1)
     robust = torch.zeros_like(todo)
     norms = torch.zeros(len(index), device=x.device)
     generator = torch.Generator(device=x.device).manual_seed(attack.seed)
-    for start in range(0, len(index), batch_size):
+    first = 0
+    partial = journal.partial(attack_index) if journal is not None else None
+    if partial is not None:
+        first = partial.next_start
+        robust, norms = partial.robust.to(x.device), partial.norms.to(x.device)
+        generator.set_state(partial.generator_state)
+    for start in range(first, len(index), batch_size):
         chunk = index[start:start + batch_size]
         x_adv = attack(model, x[chunk], y[chunk], generator=generator)
         _verify(attack, x_adv, x[chunk])
         with torch.inference_mode():
             robust[chunk] = model(x_adv).argmax(1) == y[chunk]
         norms[start:start + len(chunk)] = attack.threat.distance(x_adv, x[chunk])
+        if journal is not None:
+            journal.save_partial(Partial(attack_index, start + batch_size, robust, norms,
+                                         generator.get_state()))
     fooled = ~robust[index]
     successful_norms = norms[fooled]
     return AttackResult(

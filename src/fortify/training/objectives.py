@@ -31,10 +31,16 @@ class ObjectiveOptions:
 
 
 class Objective:
-    """Clean cross-entropy; subclasses replace the inputs with adversarial ones."""
+    """Clean cross-entropy; subclasses replace the inputs with adversarial ones.
+
+    The Trainer calls ``objective(model, x, y)`` ``replays`` times per batch (Free AT replays a
+    batch), each call followed by ``loss.backward()``, ``after_backward(model)`` (where an
+    objective may read input gradients or restore perturbed weights) and one optimiser step.
+    """
 
     name = "standard"
     adversarial = False
+    replays = 1
 
     def __init__(self, options: ObjectiveOptions) -> None:
         self.options = options
@@ -42,6 +48,9 @@ class Objective:
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(model(x), y)
+
+    def after_backward(self, model: nn.Module) -> None:
+        """Called after each backward pass, before gradient clipping and the optimiser step."""
 
     # -- eps warm-up and reproducible randomness ----------------------------------------------
 
@@ -135,3 +144,6 @@ for _cls in (Objective, FGSMObjective, FastFGSMObjective, PGDObjective):
 
 def build_objective(name: str, options: ObjectiveOptions) -> Objective:
     return OBJECTIVES.get(name)(options)
+
+# registers trades, mart, free, awp-pgd, awp-trades and pgd-mix (see fortify.training.methods)
+from fortify.training import methods as _methods  # noqa: E402,F401

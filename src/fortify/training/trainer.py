@@ -147,6 +147,9 @@ class Trainer:
             self.state.step += 1
             bar.update(batches, advance=1)
         bar.remove_task(batches)
+        if not torch.isfinite(loss_sum):  # checked once per epoch: no host sync per batch
+            raise ConfigError(f"training loss became {float(loss_sum)} in epoch {self.state.epoch + 1}; "
+                              "lower the learning rate or check the data")
         clean, robust = self._validate(val)
         self.state.seconds += time.perf_counter() - start
         return EpochRecord(epoch=self.state.epoch + 1, lr=lr, eps=eps,
@@ -155,16 +158,15 @@ class Trainer:
 
     def _train_step(self, x: Tensor, y: Tensor) -> Tensor:
         use_amp = self.config.amp and self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = self.objective(self.model, x, y)
-        if not torch.isfinite(loss):
-            raise ConfigError(f"training loss became {float(loss)} at step {self.state.step}; "
-                              "lower the learning rate or check the data")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
+        for _ in range(self.objective.replays):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = self.objective(self.model, x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.objective.after_backward(self.model)
+            if self.config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.optimizer.step()
         return loss
 
     def _set_lr(self, progress: float) -> float:

@@ -1,0 +1,95 @@
+"""A resumable record of an evaluation in progress.
+
+Long evaluations (an AutoAttack-style cascade over thousands of examples) are written down after
+every batch: finished attacks as JSON, the current attack's per-example outcomes and generator
+state as safetensors. A killed evaluation started again with the same journal path continues at
+the next batch and produces the same numbers. A journal made for other data or other attacks is
+refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fortify.attacks.base import Attack
+from fortify.errors import CheckpointError
+from fortify.training import checkpoint as ckpt
+
+
+@dataclass
+class Partial:
+    """The attack under way: how far it got and what it found so far."""
+
+    attack_index: int
+    next_start: int
+    robust: Tensor
+    norms: Tensor
+    generator_state: Tensor
+
+
+def fingerprint(x: Tensor, y: Tensor, attacks: Sequence[Attack], cascade: bool, batch_size: int) -> str:
+    digest = hashlib.sha256()
+    digest.update(x.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(y.detach().cpu().contiguous().numpy().tobytes())
+    settings = [a.describe() for a in attacks]
+    digest.update(json.dumps([settings, cascade, batch_size], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+class Journal:
+    def __init__(self, directory: Path, fingerprint: str) -> None:
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._json = self.directory / "evaluation.json"
+        self._tensors = self.directory / "evaluation.safetensors"
+        self._state = self._read()
+
+    def completed(self) -> list[dict[str, Any]]:
+        return list(self._state["completed"])
+
+    def partial(self, attack_index: int) -> Partial | None:
+        current = self._state.get("current")
+        if current is None or current["attack_index"] != attack_index:
+            return None
+        tensors = ckpt.load_tensors(self._tensors, "evaluation", current["sha256"])
+        return Partial(attack_index, current["next_start"], tensors["robust"].bool(),
+                       tensors["norms"], tensors["generator"])
+
+    def save_partial(self, partial: Partial) -> None:
+        digest = ckpt.save_tensors(self._tensors, {
+            "robust": partial.robust.to(torch.uint8), "norms": partial.norms,
+            "generator": partial.generator_state}, kind="evaluation")
+        self._state["current"] = {"attack_index": partial.attack_index,
+                                  "next_start": partial.next_start, "sha256": digest}
+        self._write()
+
+    def save_completed(self, result: dict[str, Any]) -> None:
+        self._state["completed"].append(result)
+        self._state["current"] = None
+        self._write()
+
+    def _read(self) -> dict[str, Any]:
+        if not self._json.is_file():
+            return {"fingerprint": self.fingerprint, "completed": [], "current": None}
+        try:
+            state = json.loads(self._json.read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{self._json} is not valid JSON: {err}") from None
+        if state.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(f"{self._json} records an evaluation of other data or other attack "
+                                  "settings; remove it or choose another journal directory")
+        return state
+
+    def _write(self) -> None:
+        tmp = self._json.with_name(self._json.name + ".tmp")
+        tmp.write_text(json.dumps(self._state))
+        tmp.replace(self._json)
