@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -13,7 +15,9 @@ from fortify.threat import ThreatModel
 from fortify.training.objectives import ObjectiveOptions, build_objective
 from fortify.training.trainer import Trainer
 
-torch.set_num_threads(2)
+# Under pytest-xdist each worker gets one thread: two workers of two threads each on two cores
+# oversubscribe the CPU, and small models then run many times slower.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")

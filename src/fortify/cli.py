@@ -7,6 +7,7 @@ everything before writing, and prints FortifyErrors as one line without a traceb
 from __future__ import annotations
 
 import functools
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -196,28 +197,34 @@ def evaluate(
     model_dir: Annotated[Path, typer.Argument(help="Model directory written by fortify train.")],
     config: ConfigOpt = None,
     attacks: Annotated[str | None, typer.Option(help="Comma-separated attack names.")] = None,
+    preset: Annotated[str | None, typer.Option(help="autoattack: APGD-CE, APGD-T, FAB-T, Square.")] = None,
     eps: EpsOpt = None,
     norm: NormOpt = None,
-    steps: Annotated[int | None, typer.Option(help="PGD steps (>= 1).")] = None,
-    restarts: Annotated[int | None, typer.Option(help="PGD restarts (>= 1).")] = None,
-    n_examples: Annotated[int | None, typer.Option(help="Evaluate on the first N test examples.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Iterations of every gradient attack.")] = None,
+    restarts: Annotated[int | None, typer.Option(help="Restarts (>= 1).")] = None,
+    queries: Annotated[int | None, typer.Option(help="Query budget of black-box attacks.")] = None,
+    surrogate: Annotated[Path | None, typer.Option(help="Model directory for the transfer attack.")] = None,
+    cascade: Annotated[bool | None, typer.Option(help="Attack only examples still robust.")] = None,
+    n_examples: Annotated[int | None, typer.Option(help="Use the first N test examples.")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Attack a trained model; writes robustness.json into its directory."""
+    """Attack a trained model; writes robustness.json into its directory (resumable)."""
     base = config if config is not None else model_dir / "config.yaml"
     if not base.is_file():
         raise ConfigError(f"{model_dir} has no config.yaml; pass --config")
     attack_list = [a.strip() for a in attacks.split(",") if a.strip()] if attacks else None
     cfg = load_config(base, _overrides(
         threat={"eps": eps, "norm": norm},
-        eval={"attacks": attack_list, "pgd_steps": steps, "pgd_restarts": restarts,
+        eval={"attacks": attack_list, "preset": preset, "steps": steps, "restarts": restarts,
+              "queries": queries, "surrogate": surrogate, "cascade": cascade,
               "n_examples": n_examples}))
     setup = prepare(cfg, device)
     model, _ = load_trained_model(model_dir, setup.device)
-    report = evaluate_model(setup, model)
+    report = evaluate_model(setup, model, journal_dir=model_dir / "evaluation")
     write_json(model_dir / "robustness.json", {
         "version": RESULTS_VERSION, "kind": "evaluation", "config": cfg.model_dump(mode="json"),
         "robustness": report.to_dict(), "provenance": provenance(cfg, setup.device)})
+    shutil.rmtree(model_dir / "evaluation", ignore_errors=True)  # finished: the journal is spent
     table = Table(title=f"{model_dir}: {setup.threat.describe()}, {report.n_examples} examples")
     table.add_column("attack")
     table.add_column("accuracy", justify="right")

@@ -52,6 +52,12 @@ class TrainConfig(_Strict):
     attack_steps: int = Field(10, ge=1)
     attack_step_size: float | None = Field(None, gt=0)
     fgsm_ratio: float = Field(0.5, ge=0, le=1)
+    trades_beta: float = Field(6.0, ge=0)
+    mart_beta: float = Field(6.0, ge=0)
+    free_replays: int = Field(8, ge=1)
+    awp_gamma: float = Field(5e-3, ge=0)
+    mix_ratio: float = Field(0.5, ge=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
     early_stopping: bool = True
     patience: int = Field(10, ge=1)
     val_attack_steps: int = Field(10, ge=1)
@@ -62,9 +68,13 @@ class TrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     attacks: list[str] = Field(default_factory=lambda: ["fgsm", "pgd"])
-    pgd_steps: int = Field(20, ge=1)
-    pgd_restarts: int = Field(1, ge=1)
-    pgd_step_size: float | None = Field(None, gt=0)
+    # "autoattack": APGD-CE, APGD-T, FAB-T, Square as a cascade (replaces `attacks`)
+    preset: Literal["autoattack"] | None = None
+    steps: int | None = Field(None, ge=1)  # None: PGD 20, every other attack its paper's default
+    restarts: int | None = Field(None, ge=1)
+    queries: int | None = Field(None, ge=1)  # query budget of the black-box attacks
+    attack_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per attack name
+    surrogate: Path | None = None  # model directory the transfer attack crafts on
     n_examples: int | None = Field(None, ge=1)
     batch_size: int = Field(256, ge=1)
     eps_grid: list[float] | None = None  # None: 0.25..1.5 times the threat's eps
@@ -72,7 +82,7 @@ class EvalConfig(_Strict):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _eps_grid_positive(self) -> EvalConfig:
+    def _check(self) -> EvalConfig:
         if self.eps_grid is not None and any(e <= 0 for e in self.eps_grid):
             raise ValueError(f"every eps in eps_grid must be > 0, got {self.eps_grid}")
         if not self.attacks:

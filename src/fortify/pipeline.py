@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 import fortify
-from fortify.attacks import ATTACKS, FGSM, PGD, Attack
+from fortify.attacks import ATTACKS, PGD, Attack
+from fortify.attacks.transfer import Transfer
 from fortify.config import EvalConfig, RunConfig
 from fortify.data import DataOptions, Dataset, load_dataset
 from fortify.errors import CheckpointError, ConfigError
@@ -27,7 +28,8 @@ from fortify.evaluation import RobustnessReport, evaluate
 from fortify.models import MODELS, build_model
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
-from fortify.training.objectives import OBJECTIVES, ObjectiveOptions, build_objective
+from fortify.training.methods import MethodOptions
+from fortify.training.objectives import OBJECTIVES, build_objective
 from fortify.training.trainer import Trainer, TrainResult
 
 MODEL_CARD = "model.json"
@@ -56,7 +58,7 @@ def prepare(config: RunConfig, device: str = "auto", objectives: tuple[str, ...]
     """Load data and check every name and value the run will use."""
     for objective in objectives or (config.train.objective,):
         OBJECTIVES.get(objective)
-    for attack in config.eval.attacks:
+    for attack in attack_names(config.eval):
         ATTACKS.get(attack)
     data = config.data
     dataset = load_dataset(data.name, DataOptions(
@@ -66,7 +68,12 @@ def prepare(config: RunConfig, device: str = "auto", objectives: tuple[str, ...]
     MODELS.get(model_name)
     threat = ThreatModel(config.threat.norm, config.threat.eps, dataset.bounds)
     threat.check_inputs(dataset.test.x[:1])
-    build_attacks(config.eval, threat)
+    surrogate = config.eval.surrogate
+    if surrogate is not None and not (Path(surrogate) / MODEL_CARD).is_file():
+        raise CheckpointError(f"surrogate {surrogate} holds no trained fortify model ({MODEL_CARD} missing)")
+    # a stand-in surrogate: this only checks names and options before any file is written
+    build_attacks(config.eval, threat, dataset.num_classes,
+                  surrogate=nn.Identity() if surrogate is not None else None)
     return Setup(config, dataset, threat, model_name, resolve_device(device))
 
 
@@ -109,10 +116,12 @@ def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: b
     """Train one model into ``model_dir``; resumes an unfinished run, reuses a finished one."""
     train_cfg = setup.config.train.model_copy(update={"objective": objective_name})
     model = new_model(setup, train_cfg.seed)
-    objective = build_objective(objective_name, ObjectiveOptions(
+    objective = build_objective(objective_name, MethodOptions(
         setup.threat, attack_steps=train_cfg.attack_steps,
         attack_step_size=train_cfg.attack_step_size, fgsm_ratio=train_cfg.fgsm_ratio,
-        seed=train_cfg.seed))
+        seed=train_cfg.seed, trades_beta=train_cfg.trades_beta, mart_beta=train_cfg.mart_beta,
+        free_replays=train_cfg.free_replays, awp_gamma=train_cfg.awp_gamma,
+        mix_ratio=train_cfg.mix_ratio, label_smoothing=train_cfg.label_smoothing))
     model_dir.mkdir(parents=True, exist_ok=True)
     config = setup.config.model_copy(update={"train": train_cfg})
     (model_dir / "config.yaml").write_text(config.to_yaml())
@@ -126,18 +135,57 @@ def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: b
 
 # -- evaluation --------------------------------------------------------------------------------
 
-def build_attacks(config: EvalConfig, threat: ThreatModel) -> list[Attack]:
+AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")
+DEFAULT_PGD_STEPS = 20
+_ITERATIONS = {"pgd": "steps", "apgd-ce": "n_iter", "apgd-dlr": "n_iter", "apgd-t": "n_iter",
+               "fab": "steps", "fab-t": "steps", "fmn": "steps", "cw": "steps"}
+_RESTARTS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t")
+_QUERIES = {"square": "n_queries", "hopskipjump": "max_queries"}
+_TARGETED = ("apgd-t", "fab-t")
+
+
+def attack_names(config: EvalConfig) -> list[str]:
+    return list(AUTOATTACK) if config.preset == "autoattack" else list(config.attacks)
+
+
+def _attack_options(name: str, config: EvalConfig, num_classes: int) -> dict[str, Any]:
+    """The generic flags (steps, restarts, queries) in each attack's own parameter names."""
+    options: dict[str, Any] = {}
+    if name in _ITERATIONS and (config.steps is not None or name == "pgd"):
+        options[_ITERATIONS[name]] = config.steps or DEFAULT_PGD_STEPS
+    if name in _RESTARTS and config.restarts is not None:
+        options["restarts"] = config.restarts
+    if name in _QUERIES and config.queries is not None:
+        options[_QUERIES[name]] = config.queries
+    if name in _TARGETED:
+        options["n_target_classes"] = min(9, num_classes - 1)  # AutoAttack's 9 where K allows
+    if name == "pgd":
+        options["early_stop"] = True  # same points, fewer passes
+    return options | config.attack_options.get(name, {})
+
+
+def build_attacks(config: EvalConfig, threat: ThreatModel, num_classes: int,
+                  surrogate: nn.Module | None = None) -> list[Attack]:
+    """Attacks in evaluation order; each gets its own seed (config.seed + position)."""
+    unknown = set(config.attack_options) - set(ATTACKS.names())
+    if unknown:
+        raise ConfigError(f"attack_options names unknown attacks {sorted(unknown)}; "
+                          f"valid names: {', '.join(ATTACKS.names())}")
     attacks: list[Attack] = []
-    for name in config.attacks:
+    for position, name in enumerate(attack_names(config)):
         factory = ATTACKS.get(name)
-        if factory is PGD:
-            attacks.append(PGD(threat, steps=config.pgd_steps, restarts=config.pgd_restarts,
-                               step_size=config.pgd_step_size, early_stop=True,
-                               seed=config.seed))
-        elif factory is FGSM:
-            attacks.append(FGSM(threat, seed=config.seed))
-        else:
-            attacks.append(factory(threat, seed=config.seed))
+        seed = config.seed + position
+        if name == "transfer":
+            if surrogate is None:
+                raise ConfigError("the transfer attack needs a surrogate: set eval.surrogate "
+                                  "(--surrogate MODEL_DIR) to a model trained by fortify")
+            source = PGD(threat, steps=config.steps or DEFAULT_PGD_STEPS, seed=seed)
+            attacks.append(Transfer(source, surrogate))
+            continue
+        try:
+            attacks.append(factory(threat, seed=seed, **_attack_options(name, config, num_classes)))
+        except TypeError as err:
+            raise ConfigError(f"bad options for attack {name!r}: {err}") from None
     return attacks
 
 
@@ -147,13 +195,17 @@ def default_eps_grid(threat: ThreatModel) -> list[float]:
     return [e for e in grid if threat.norm != "linf" or e <= limit]
 
 
-def evaluate_model(setup: Setup, model: nn.Module) -> RobustnessReport:
+def evaluate_model(setup: Setup, model: nn.Module, journal_dir: Path | None = None) -> RobustnessReport:
     cfg = setup.config.eval
     test = setup.dataset.test.head(cfg.n_examples)
-    return evaluate(model, test.x, test.y, build_attacks(cfg, setup.threat), setup.threat,
-                    batch_size=cfg.batch_size, cascade=cfg.cascade,
+    surrogate = None
+    if cfg.surrogate is not None:
+        surrogate, _ = load_trained_model(cfg.surrogate, setup.device)
+    attacks = build_attacks(cfg, setup.threat, setup.dataset.num_classes, surrogate)
+    return evaluate(model, test.x, test.y, attacks, setup.threat,
+                    batch_size=cfg.batch_size, cascade=cfg.cascade or cfg.preset == "autoattack",
                     eps_grid=cfg.eps_grid or default_eps_grid(setup.threat),
-                    num_classes=setup.dataset.num_classes)
+                    num_classes=setup.dataset.num_classes, journal_dir=journal_dir)
 
 
 # -- run directory -----------------------------------------------------------------------------

@@ -145,5 +145,6 @@ for _cls in (Objective, FGSMObjective, FastFGSMObjective, PGDObjective):
 def build_objective(name: str, options: ObjectiveOptions) -> Objective:
     return OBJECTIVES.get(name)(options)
 
+from fortify.evaluation import certify as _certify  # noqa: E402,F401,I001  (registers gaussian)
 # registers trades, mart, free, awp-pgd, awp-trades and pgd-mix (see fortify.training.methods)
 from fortify.training import methods as _methods  # noqa: E402,F401

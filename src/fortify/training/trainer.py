@@ -249,6 +249,9 @@ class Trainer:
         objective_rng = self.objective.rng_state()
         if objective_rng is not None:
             rng["rng.objective"] = objective_rng
+        extra_state = getattr(self.objective, "extra_state", None)  # e.g. Free AT's perturbation
+        if extra_state is not None:
+            rng.update({f"objective.{k}": v for k, v in extra_state().items()})
         self._hashes["state.safetensors"] = ckpt.save_tensors(
             self.run_dir / "state.safetensors", {**optim_tensors, **rng}, kind="train-state")
         self._hashes["last.safetensors"] = ckpt.save_weights(
@@ -287,6 +290,10 @@ class Trainer:
         self.shuffle.set_state(tensors["rng.shuffle"])
         if "rng.objective" in tensors:
             self.objective.set_rng_state(tensors["rng.objective"], self.device)
+        load_extra = getattr(self.objective, "load_extra_state", None)
+        if load_extra is not None:
+            load_extra({k.removeprefix("objective."): v.to(self.device)
+                        for k, v in tensors.items() if k.startswith("objective.")})
         progress = dict(state["progress"])
         progress["history"] = [EpochRecord(**r) for r in progress["history"]]
         self.state = _Progress(**progress)

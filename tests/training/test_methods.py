@@ -1,0 +1,410 @@
+"""TRADES, MART, Free AT, AWP and the clean/adversarial mix: hand-computed losses, the replay and
+weight-restoration contracts, learning on a tiny problem, and a robustness band on digits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fortify.attacks import PGD
+from fortify.config import TrainConfig
+from fortify.data import Split
+from fortify.errors import ConfigError
+from fortify.models import build_model
+from fortify.threat import ThreatModel
+from fortify.training.awp import AWPObjective, perturbable
+from fortify.training.free import FreeObjective
+from fortify.training.methods import METHODS, MethodOptions, build_pgd, method_options
+from fortify.training.objectives import OBJECTIVES, ObjectiveOptions, build_objective
+from fortify.training.trades import KLAttack
+from fortify.training.trainer import Trainer
+
+THREAT = ThreatModel("linf", 0.05)
+
+
+def _tiny_problem(n: int = 32, features: int = 10, classes: int = 3):
+    """Points in [0, 1]^features labelled by a random linear teacher."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(n, features, generator=gen)
+    teacher = torch.randn(features, classes, generator=gen)
+    return x, ((x - 0.5) @ teacher).argmax(1)
+
+
+def _mlp(features: int = 10, classes: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(features, 32), nn.ReLU(), nn.Linear(32, classes))
+
+
+def _fixed_linear(dtype=torch.float64) -> nn.Linear:
+    """Three classes over four features with hand-picked weights."""
+    model = nn.Linear(4, 3).to(dtype)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -2.0, 0.5, 0.0],
+                                         [-1.0, 1.0, 1.5, -0.5],
+                                         [0.5, 0.5, -1.0, 2.0]]))
+        model.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    return model
+
+
+def _two_examples(dtype=torch.float64):
+    x = torch.tensor([[0.2, 0.7, 0.4, 0.9], [0.6, 0.1, 0.8, 0.3]], dtype=dtype)
+    delta = torch.tensor([[0.05, -0.05, 0.05, -0.05], [-0.05, 0.05, 0.05, 0.05]], dtype=dtype)
+    return x, x + delta, torch.tensor([0, 2])
+
+
+def _softmax_by_hand(logits):
+    exps = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
+    return exps / exps.sum(dim=1, keepdim=True)
+
+
+def _replay(objective, model, optimizer, x, y):
+    """What the Trainer does for each replay of a batch."""
+    loss = objective(model, x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    objective.after_backward(model)
+    optimizer.step()
+    return loss.detach()
+
+
+# -- registration and options ------------------------------------------------------------------
+
+def test_every_method_is_registered_and_reads_its_settings():
+    assert set(METHODS) <= set(OBJECTIVES.names())
+    options = MethodOptions(THREAT, trades_beta=2.0, mart_beta=3.0, free_replays=3, awp_gamma=0.02,
+                            mix_ratio=0.25, label_smoothing=0.1)
+    assert build_objective("trades", options).beta == 2.0
+    assert build_objective("mart", options).beta == 3.0
+    assert build_objective("free", options).replays == 3
+    awp = build_objective("awp-trades", options)
+    assert (awp.name, awp.gamma, awp.inner.beta) == ("awp-trades", 0.02, 2.0)
+    assert build_objective("pgd-mix", options).ratio == 0.25
+    assert build_objective("awp-pgd", options).inner.label_smoothing == 0.1
+
+
+def test_plain_objective_options_get_the_paper_defaults():
+    settings = method_options(ObjectiveOptions(THREAT, attack_steps=4, seed=3))
+    assert (settings.attack_steps, settings.seed) == (4, 3)
+    assert (settings.trades_beta, settings.mart_beta, settings.free_replays, settings.awp_gamma) == \
+        (6.0, 6.0, 8, 5e-3)
+
+
+@pytest.mark.parametrize(("name", "field", "value", "message"), [
+    ("trades", "trades_beta", -1.0, "trades beta must be a finite number >= 0, got -1.0"),
+    ("mart", "mart_beta", float("nan"), "mart beta must be a finite number >= 0, got nan"),
+    ("free", "free_replays", 0, "free replays must be an integer >= 1, got 0"),
+    ("awp-pgd", "awp_gamma", -0.1, "awp gamma must be a finite number >= 0, got -0.1"),
+    ("pgd-mix", "mix_ratio", 1.5, r"mix ratio must be in \[0, 1\].*got 1.5"),
+    ("trades", "label_smoothing", 1.0, r"label_smoothing must be in \[0, 1\), got 1.0"),
+])
+def test_bad_settings_are_refused_with_the_value_and_the_allowed_range(name, field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        build_objective(name, MethodOptions(THREAT, **{field: value}))
+
+
+# -- learning on a tiny problem ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_each_method_loss_is_finite_and_decreases(name):
+    # Prepare
+    x, y = _tiny_problem()
+    model = _mlp()
+    objective = build_objective(name, MethodOptions(THREAT, attack_steps=3, free_replays=4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    # Execute: 20 batches, each replayed as the objective asks
+    losses = []
+    for _ in range(20):
+        for _ in range(objective.replays):
+            losses.append(_replay(objective, model, optimizer, x, y))
+    # Assert
+    assert all(torch.isfinite(loss) for loss in losses)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+# -- TRADES ------------------------------------------------------------------------------------
+
+def test_trades_loss_matches_a_hand_computation_on_a_fixed_perturbation():
+    # Prepare
+    model = _fixed_linear()
+    x, x_adv, y = _two_examples()
+    trades = build_objective("trades", MethodOptions(THREAT, trades_beta=6.0))
+    # Execute
+    loss = trades.loss_on(model, x, y, x_adv)
+    # Assert: CE(clean) + 6 * mean_i sum_k p_ik (log p_ik - log q_ik)
+    w, b = model.weight.detach(), model.bias.detach()
+    p = _softmax_by_hand(x @ w.T + b)
+    q = _softmax_by_hand(x_adv @ w.T + b)
+    ce = -(torch.log(p[0, 0]) + torch.log(p[1, 2])) / 2
+    kl_0 = sum(p[0, k] * (torch.log(p[0, k]) - torch.log(q[0, k])) for k in range(3))
+    kl_1 = sum(p[1, k] * (torch.log(p[1, k]) - torch.log(q[1, k])) for k in range(3))
+    assert torch.allclose(loss, ce + 6.0 * (kl_0 + kl_1) / 2, rtol=1e-12)
+
+
+def test_trades_trains_on_the_points_of_its_kl_attack():
+    model = _mlp()
+    x, y = _tiny_problem(8)
+    trades = build_objective("trades", MethodOptions(THREAT, attack_steps=4, seed=7))
+    attack = KLAttack(THREAT, steps=4)
+    loss = trades(model, x, y)
+    x_adv = attack(model, x, y, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(loss, trades.loss_on(model, x, y, x_adv))
+
+
+def test_kl_attack_stays_in_the_threat_model_and_raises_the_kl_above_its_start():
+    # Prepare
+    model = _mlp()
+    x, y = _tiny_problem(64)
+    attack = KLAttack(THREAT, steps=10)
+    # Execute
+    x_adv = attack(model, x, y)
+    start = THREAT.project(x + 0.001 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)), x)
+    # Assert
+    with torch.no_grad():
+        clean = F.log_softmax(model(x), 1)
+
+        def kl(points):
+            return F.kl_div(F.log_softmax(model(points), 1), clean, log_target=True, reduction="sum")
+
+        assert THREAT.contains(x_adv, x).all()
+        assert kl(x_adv) > 100 * kl(start)
+        assert torch.allclose((x_adv - x).abs().amax(1), torch.full((64,), THREAT.eps), atol=1e-6)
+
+
+def test_kl_attack_matches_torchattacks_tpgd_from_the_same_start():
+    torchattacks = pytest.importorskip("torchattacks")
+    # Prepare: the same seed gives both the same 0.001 * N(0, 1) start
+    model = _mlp(features=16).eval()
+    x = 0.1 + 0.8 * torch.rand(32, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.zeros(32, dtype=torch.long)
+    ours = KLAttack(THREAT, steps=5, step_size=0.01)
+    reference = torchattacks.TPGD(model, eps=THREAT.eps, alpha=0.01, steps=5)
+    # Execute
+    x_ours = ours(model, x, y, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(3)
+    x_reference = reference(x, y)
+    # Assert
+    assert torch.allclose(x_ours, x_reference, atol=1e-6)
+
+
+# -- MART --------------------------------------------------------------------------------------
+
+def test_mart_loss_matches_a_hand_computation_on_a_fixed_perturbation():
+    # Prepare
+    model = _fixed_linear()
+    x, x_adv, y = _two_examples()
+    mart = build_objective("mart", MethodOptions(THREAT, mart_beta=5.0))
+    # Execute
+    loss = mart.loss_on(model, x, y, x_adv)
+    # Assert: BCE on x_adv + 5 * mean_i KL_i * (1 - p_i,y_i)
+    w, b = model.weight.detach(), model.bias.detach()
+    p = _softmax_by_hand(x @ w.T + b)
+    q = _softmax_by_hand(x_adv @ w.T + b)
+    strongest_wrong_0 = torch.maximum(q[0, 1], q[0, 2])  # y_0 = 0
+    strongest_wrong_1 = torch.maximum(q[1, 0], q[1, 1])  # y_1 = 2
+    bce = (-torch.log(q[0, 0]) - torch.log(1.0001 - strongest_wrong_0 + 1e-12)
+           - torch.log(q[1, 2]) - torch.log(1.0001 - strongest_wrong_1 + 1e-12)) / 2
+    kl_0 = sum(p[0, k] * (torch.log(p[0, k]) - torch.log(q[0, k])) for k in range(3))
+    kl_1 = sum(p[1, k] * (torch.log(p[1, k]) - torch.log(q[1, k])) for k in range(3))
+    weighted = (kl_0 * (1 - p[0, 0]) + kl_1 * (1 - p[1, 2])) / 2
+    assert torch.allclose(loss, bce + 5.0 * weighted, rtol=1e-12)
+
+
+# -- clean/adversarial mix ---------------------------------------------------------------------
+
+def test_pgd_mix_weighs_the_clean_and_the_adversarial_loss_by_the_ratio():
+    model = _mlp()
+    x, y = _tiny_problem(16)
+    mix = build_objective("pgd-mix", MethodOptions(THREAT, attack_steps=3, mix_ratio=0.3, seed=2))
+    x_adv = PGD(THREAT, steps=3, keep_first_success=False)(model, x, y,
+                                                          generator=torch.Generator().manual_seed(2))
+    expected = 0.7 * F.cross_entropy(model(x), y) + 0.3 * F.cross_entropy(model(x_adv), y)
+    assert torch.allclose(mix(model, x, y), expected)
+
+
+def test_pgd_mix_at_the_ends_is_clean_training_or_pgd_training():
+    model = _mlp()
+    x, y = _tiny_problem(16)
+    clean_only = build_objective("pgd-mix", MethodOptions(THREAT, mix_ratio=0.0))
+    adversarial_only = build_objective("pgd-mix", MethodOptions(THREAT, attack_steps=3, mix_ratio=1.0))
+    pgd = build_objective("pgd", ObjectiveOptions(THREAT, attack_steps=3))
+    assert torch.equal(clean_only(model, x, y), F.cross_entropy(model(x), y))
+    assert not clean_only.adversarial
+    assert torch.equal(adversarial_only(model, x, y), pgd(model, x, y))
+
+
+# -- Free AT -----------------------------------------------------------------------------------
+
+def test_free_does_m_optimiser_steps_per_batch_in_the_trainer():
+    # Prepare: 2 batches of 8, m = 3
+    x, y = _tiny_problem(16, features=64, classes=10)
+    train = Split(x.reshape(16, 1, 8, 8), y)
+    torch.manual_seed(0)
+    model = build_model("linear", (1, 8, 8), 10)
+    config = TrainConfig(objective="free", epochs=1, batch_size=8, val_attack_steps=1,
+                         early_stopping=False, schedule="constant")
+    objective = build_objective("free", MethodOptions(THREAT, free_replays=3))
+    trainer = Trainer(model, objective, config, threat=THREAT, show_progress=False)
+    steps = []
+    original_step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: steps.append(1) or original_step(*a, **k)
+    # Execute
+    trainer.fit(train, train)
+    # Assert
+    assert len(steps) == 2 * 3
+
+
+def test_free_carries_delta_across_replays_and_into_the_next_batch():
+    # Prepare
+    model = _mlp()
+    x, y = _tiny_problem(16)
+    x_next = torch.rand(16, 10, generator=torch.Generator().manual_seed(5))
+    free = FreeObjective(ObjectiveOptions(THREAT), replays=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    start = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(start), y), start)  # before any step
+    seen.clear()
+    # Execute: batch 1 twice, then the next batch once
+    _replay(free, model, optimizer, x, y)
+    delta_after_first = free.delta.clone()
+    _replay(free, model, optimizer, x, y)
+    delta_after_second = free.delta.clone()
+    _replay(free, model, optimizer, x_next, y)
+    # Assert: replay 1 saw x; its input gradient moved delta by one projected eps-step
+    assert torch.equal(seen[0], x)
+    assert torch.allclose(delta_after_first, THREAT.project(x + THREAT.eps * grad.sign(), x) - x)
+    assert torch.equal(seen[1], THREAT.project(x + delta_after_first, x))
+    assert not torch.equal(delta_after_first, delta_after_second)
+    assert torch.equal(seen[2], THREAT.project(x_next + delta_after_second, x_next))
+    assert THREAT.contains(seen[2], x_next).all()
+
+
+def test_free_resizes_delta_for_smaller_and_larger_batches():
+    model = _mlp()
+    x, y = _tiny_problem(16)
+    free = FreeObjective(ObjectiveOptions(THREAT), replays=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    _replay(free, model, optimizer, x[:8], y[:8])
+    carried = free.delta.clone()
+    _replay(free, model, optimizer, x[:4], y[:4])  # a short last batch updates the first rows only
+    assert torch.equal(free.delta[4:], carried[4:])
+    _replay(free, model, optimizer, x, y)  # a larger batch: the new rows started from zero
+    assert free.delta.shape == x.shape
+    assert free.delta.abs().amax() <= THREAT.eps + 1e-7
+
+
+# -- AWP ---------------------------------------------------------------------------------------
+
+def _awp_setting(name="awp-pgd", gamma=0.01):
+    model = _mlp()
+    x, y = _tiny_problem(16)
+    objective = build_objective(name, MethodOptions(THREAT, attack_steps=3, awp_gamma=gamma))
+    return model, x, y, objective
+
+
+@pytest.mark.parametrize("name", ["awp-pgd", "awp-trades"])
+def test_awp_restores_the_weights_exactly_after_the_backward_pass(name):
+    # Prepare
+    model, x, y, awp = _awp_setting(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # Execute
+    loss = awp(model, x, y)
+    during = {k: v.clone() for k, v in model.state_dict().items()}
+    loss.backward()
+    awp.after_backward(model)
+    # Assert: kernels moved by gamma * their norm, biases untouched, all restored bit-exact
+    for key in ("0.weight", "2.weight"):
+        moved = (during[key] - before[key]).norm() / before[key].norm()
+        assert torch.isclose(moved, torch.tensor(0.01), rtol=1e-4)
+    assert torch.equal(during["0.bias"], before["0.bias"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_awp_steps_the_true_weights_with_the_gradient_at_the_perturbed_ones():
+    # Prepare
+    model, x, y, awp = _awp_setting("awp-pgd", gamma=0.02)
+    reference = copy.deepcopy(model)
+    x_adv = awp.inner.attack(model, x, y, generator=torch.Generator().manual_seed(0))
+    grads_at_w = torch.autograd.grad(F.cross_entropy(reference(x_adv), y),
+                                     [p for _, p in perturbable(reference)])
+    with torch.no_grad():  # v = gamma * ||w|| * g / ||g|| per kernel, by hand
+        for (_, weight), grad in zip(perturbable(reference), grads_at_w):
+            weight.add_(0.02 * weight.norm() * grad / grad.norm())
+    expected_grads = torch.autograd.grad(F.cross_entropy(reference(x_adv), y),
+                                         list(reference.parameters()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    # Execute
+    _replay(awp, model, optimizer, x, y)
+    # Assert: w <- w - lr * grad L(w + v)
+    for old, new, grad in zip(before, model.parameters(), expected_grads):
+        assert torch.allclose(new, old - 0.5 * grad, atol=1e-6)
+
+
+def test_awp_leaves_the_model_batchnorm_statistics_to_the_training_pass():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = _tiny_problem(16)
+    awp = AWPObjective(build_pgd(MethodOptions(THREAT, attack_steps=3)))
+    awp(model, x, y).backward()
+    awp.after_backward(model)
+    # one training forward pass: num_batches_tracked counts it, the proxy's pass is not counted
+    assert int(model[1].num_batches_tracked) == 1
+
+
+# -- eps warm-up -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_eps_warm_up_reaches_every_method(name):
+    model = _mlp()
+    x, y = _tiny_problem(16)
+    objective = build_objective(name, MethodOptions(THREAT, attack_steps=2, mix_ratio=1.0,
+                                                    free_replays=1))
+    objective.set_eps(0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    _replay(objective, model, optimizer, x, y)
+    _replay(objective, model, optimizer, x, y)
+    furthest = max(float((points - x).abs().amax()) for points in seen if points.shape == x.shape)
+    assert 0.0 < furthest <= 0.01 + 1e-6
+
+
+# -- robustness band on digits -----------------------------------------------------------------
+
+def _train_on_digits(digits, objective: str, epochs: int) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model("small-cnn", digits.input_shape, digits.num_classes)
+    threat = ThreatModel("linf", 0.2)
+    config = TrainConfig(objective=objective, epochs=epochs, early_stopping=False, attack_steps=5)
+    trainer = Trainer(model, build_objective(objective, MethodOptions(threat, attack_steps=5)),
+                      config, threat=threat, show_progress=False)
+    trainer.fit(digits.train, digits.val)
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_trades_and_pgd_training_both_beat_standard_training_under_pgd_20(
+        digits, standard_model, robust_model, record_property):
+    # Prepare: TRADES with the settings of the PGD-AT fixture (10 epochs, 5 steps, eps 0.2)
+    trades_model = _train_on_digits(digits, "trades", epochs=10)
+    x, y = digits.test.x, digits.test.y
+    attack = PGD(ThreatModel("linf", 0.2), steps=20, seed=0)
+
+    def robust_accuracy(model):
+        return float((model(attack(model, x, y)).argmax(1) == y).float().mean())
+
+    # Execute
+    accuracies = {name: robust_accuracy(model) for name, model in
+                  [("standard", standard_model), ("pgd", robust_model), ("trades", trades_model)]}
+    for name, value in accuracies.items():
+        record_property(f"pgd20_robust_accuracy_{name}", value)
+    # Assert
+    assert accuracies["trades"] >= accuracies["standard"] + 0.3
+    assert accuracies["pgd"] >= accuracies["standard"] + 0.3
