@@ -191,3 +191,16 @@ def test_the_installed_command_prints_no_traceback(tmp_path):
 def test_help(command):
     result = _invoke(*command, "--help")
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_audit_writes_membership_results(trained_dir):
+    result = _invoke("audit", trained_dir, "--no-inversion", "--n-examples", 150)
+    assert result.exit_code == 0, result.output
+    privacy = json.loads((trained_dir / "privacy.json").read_text())["privacy"]
+    attacks = {m["attack"]: m for m in privacy["membership"]}
+    assert {"threshold-loss", "threshold-confidence"} <= set(attacks), sorted(attacks)
+    assert all(0.0 <= m["auc"] <= 1.0 for m in attacks.values())
+
+
+def test_audit_refuses_lira_with_one_reference_model(trained_dir):
+    _assert_clean_error(_invoke("audit", trained_dir, "--reference-models", 1), "reference")

@@ -237,6 +237,45 @@ def evaluate(
         console.print(f"[yellow]warning:[/] {warning}")
 
 
+@app.command()
+@_handles_errors
+def audit(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory written by fortify train or run.")],
+    reference_models: Annotated[int, typer.Option(min=0, help="LiRA reference models (0: no LiRA; >= 2).")] = 0,
+    n_examples: Annotated[int | None, typer.Option(help="Members and non-members per side.")] = None,
+    inversion: Annotated[bool, typer.Option(help="Run MI-Face model inversion on image data.")] = True,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Membership inference (threshold, augmentation, LiRA) and inversion; writes privacy.json."""
+    from fortify.privacy.audit import audit_trained_model
+    from fortify.privacy.recipe import TrainerRecipe
+
+    if reference_models == 1:
+        raise ConfigError("--reference-models 1 is too few: LiRA needs at least 2 reference models "
+                          "(or 0 to skip it)")
+    cfg = load_config(model_dir / "config.yaml") if (model_dir / "config.yaml").is_file() else None
+    if cfg is None:
+        raise ConfigError(f"{model_dir} has no config.yaml; it is not a fortify model directory")
+    setup = prepare(cfg, device)
+    model, card = load_trained_model(model_dir, setup.device)
+    recipe = TrainerRecipe.for_model(card["name"], card["input_shape"], card["num_classes"],
+                                     config=cfg.train, threat=setup.threat, val=setup.dataset.val,
+                                     mean=card["mean"], std=card["std"], device=setup.device)
+    report = audit_trained_model(model, setup.dataset, recipe=recipe, n_reference_models=reference_models,
+                                 n_examples=n_examples, inversion=inversion, seed=cfg.train.seed)
+    write_json(model_dir / "privacy.json", {
+        "version": RESULTS_VERSION, "kind": "privacy", "privacy": report.to_dict(),
+        "provenance": provenance(cfg, setup.device)})
+    table = Table(title=f"{model_dir}: membership inference")
+    for column in ("attack", "AUC", "advantage"):
+        table.add_column(column, justify="right")
+    for result in report.membership:
+        table.add_row(result.attack, f"{result.auc:.3f}", f"{result.advantage:.3f}")
+    out_console.print(table)
+    for warning in report.warnings:
+        console.print(f"[yellow]note:[/] {warning}", soft_wrap=True)
+
+
 def main() -> None:
     app(prog_name="fortify")
 

@@ -1,0 +1,137 @@
+"""What the privacy audits share: input checks, exact row matching, batched predictions, the box."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from fortify.data.base import Split
+from fortify.errors import DataError
+from fortify.threat import ThreatModel
+
+
+def check_split(split: Split, name: str) -> None:
+    """Raise DataError unless ``split`` is a non-empty finite batch with integer labels."""
+    if not isinstance(split, Split):
+        raise DataError(f"{name} must be a fortify.data.Split (inputs and labels), got "
+                        f"{type(split).__name__}")
+    x, y = split.x, split.y
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise DataError(f"{name}: expected a non-empty batch of shape (N, ...), got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise DataError(f"{name}: inputs must be floating point, got dtype {x.dtype}")
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise DataError(f"{name}: inputs contain {bad} NaN/Inf values")
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise DataError(f"{name}: labels must be integer class indices, got dtype {y.dtype}")
+
+
+def check_member_sets(members: Split, non_members: Split) -> None:
+    """Both sets valid, of one input shape, and without an input that appears in both."""
+    check_split(members, "members")
+    check_split(non_members, "non-members")
+    if members.x.shape[1:] != non_members.x.shape[1:]:
+        raise DataError(f"members have inputs of shape {tuple(members.x.shape[1:])} but non-members "
+                        f"{tuple(non_members.x.shape[1:])}")
+    shared = shared_rows(members.x, non_members.x)
+    if shared.numel():
+        member_index, nonmember_index = shared[0].tolist()
+        raise DataError(
+            f"{shared.shape[0]} input(s) appear among both members and non-members (e.g. member "
+            f"{member_index} equals non-member {nonmember_index}); an example cannot be both: "
+            "remove the duplicates from one of the sets"
+        )
+
+
+def _row_digests(x: Tensor, labels: Tensor | None = None) -> list[bytes]:
+    """A 128-bit BLAKE2 digest of each row's bytes (and label): equal rows, equal digests."""
+    flat = (x.detach().reshape(len(x), -1).cpu() + 0).contiguous()  # + 0 turns -0.0 into +0.0
+    rows = flat.numpy()
+    tags = [b""] * len(x) if labels is None else [int(v).to_bytes(8, "little", signed=True)
+                                                  for v in labels.detach().cpu().tolist()]
+    return [hashlib.blake2b(row.tobytes() + tag, digest_size=16).digest() for row, tag in zip(rows, tags)]
+
+
+def _matching_rows(a: Tensor, b: Tensor, a_labels: Tensor | None = None,
+                   b_labels: Tensor | None = None) -> Tensor:
+    """Pairs ``(i, j)`` with row ``a[i]`` equal to ``b[j]`` (and equal labels when given)."""
+    common = torch.promote_types(a.dtype, b.dtype)
+    a, b = a.to(common), b.to(common)
+    where_in_b = {digest: j for j, digest in enumerate(_row_digests(b, b_labels))}
+    pairs = [(i, where_in_b[digest]) for i, digest in enumerate(_row_digests(a, a_labels))
+             if digest in where_in_b]
+    if not pairs:
+        return torch.zeros(0, 2, dtype=torch.long)
+    hit, candidate = torch.tensor(pairs, dtype=torch.long).unbind(dim=1)
+    # two different rows sharing a digest is astronomically unlikely; confirm exactly anyway
+    same = (a[hit].reshape(len(hit), -1).cpu() == b[candidate].reshape(len(hit), -1).cpu()).all(dim=1)
+    return torch.stack([hit[same], candidate[same]], dim=1)
+
+
+def shared_rows(a: Tensor, b: Tensor) -> Tensor:
+    """Pairs ``(i, j)`` with ``a[i] == b[j]`` exactly, one pair per row of ``a`` found in ``b``."""
+    return _matching_rows(a, b)
+
+
+def locate(pool: Split, query: Split) -> Tensor:
+    """For each query example, the index of an identical (input, label) in ``pool``, or -1."""
+    pairs = _matching_rows(query.x, pool.x, query.y, pool.y)
+    index = torch.full((len(query),), -1, dtype=torch.long)
+    index[pairs[:, 0]] = pairs[:, 1]
+    return index
+
+
+def join(members: Split, non_members: Split) -> tuple[Split, Tensor]:
+    """Members then non-members as one split, with a boolean membership label per example."""
+    candidates = Split(torch.cat([members.x, non_members.x]), torch.cat([members.y, non_members.y]))
+    is_member = torch.cat([torch.ones(len(members), dtype=torch.bool),
+                           torch.zeros(len(non_members), dtype=torch.bool)])
+    return candidates, is_member
+
+
+def model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for the duration; the caller's mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
+    """Logits for ``x`` in eval mode, batched, on the model's device."""
+    device = model_device(model)
+    with eval_mode(model), torch.inference_mode():
+        return torch.cat([model(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
+
+
+def check_labels_fit(logits: Tensor, y: Tensor, name: str) -> None:
+    classes = logits.shape[1]
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise DataError(f"{name}: labels range over [{int(y.min())}, {int(y.max())}] but the model "
+                        f"has {classes} outputs (allowed: 0..{classes - 1})")
+
+
+def project_to_box(x: Tensor, bounds: tuple[float, float]) -> Tensor:
+    """The nearest point of the box, computed by the ThreatModel like every other clip.
+
+    The L-inf ball of radius (hi - lo) around the box centre contains the whole box, so projecting
+    onto ball-and-box is exactly the box clip.
+    """
+    lo, hi = float(bounds[0]), float(bounds[1])
+    box = ThreatModel("linf", hi - lo, (lo, hi))
+    return box.project(x, torch.full_like(x, 0.5 * (lo + hi)))

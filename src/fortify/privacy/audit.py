@@ -1,0 +1,219 @@
+"""The privacy audit of one model: membership attacks, optional inversion and gradient leakage.
+
+``audit`` runs the chosen membership attacks against ``model`` on its members (training data) and
+non-members (data it never saw) and collects the results in a PrivacyReport, the dataclass the HTML
+report is rendered from. Model inversion and gradient leakage need other inputs (an evaluation model,
+a client batch) and are attached by their own functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fortify.data.base import Dataset, Split
+from fortify.errors import ConfigError, DataError
+from fortify.privacy._data import check_member_sets, check_split, join, shared_rows
+from fortify.privacy.inversion import InversionReport, model_inversion
+from fortify.privacy.label_only import augmentation_attack, boundary_distance_attack, pgd_boundary_distance
+from fortify.privacy.lira import ReferenceModels, lira_attack, train_reference_models
+from fortify.privacy.membership import shadow_attack, threshold_attack
+from fortify.privacy.metrics import MembershipResult
+from fortify.privacy.recipe import TrainerRecipe, TrainRecipe
+from fortify.privacy.reconstruction import ReconstructionReport, leakage_sweep
+
+PRIVACY_REPORT_VERSION = 1
+DEFAULT_ATTACKS: tuple[str, ...] = ("loss", "confidence", "modified-entropy", "augmentation")
+# boundary runs PGD at several eps per example (about 50 s for digits' 1,600 examples on 2 cores)
+COSTLY_ATTACKS: tuple[str, ...] = ("boundary",)
+TRAINED_ATTACKS: tuple[str, ...] = ("shadow", "lira-online", "lira-offline")
+ATTACK_NAMES: tuple[str, ...] = DEFAULT_ATTACKS + COSTLY_ATTACKS + TRAINED_ATTACKS
+
+
+@dataclass
+class PrivacyReport:
+    """Everything the privacy section of a report shows, JSON-serialisable via ``to_dict``."""
+
+    n_members: int
+    n_nonmembers: int
+    membership: list[MembershipResult]
+    inversion: InversionReport | None = None
+    reconstruction: list[ReconstructionReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    version: int = PRIVACY_REPORT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "n_members": self.n_members,
+                "n_nonmembers": self.n_nonmembers,
+                "membership": [m.to_dict() for m in self.membership],
+                "inversion": None if self.inversion is None else self.inversion.to_dict(),
+                "reconstruction": [r.to_dict() for r in self.reconstruction],
+                "warnings": list(self.warnings), "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrivacyReport:
+        if data.get("version") != PRIVACY_REPORT_VERSION:
+            raise DataError(f"privacy report version {data.get('version')!r} is not "
+                            f"{PRIVACY_REPORT_VERSION}, the version this fortify reads")
+        inversion = data.get("inversion")
+        return cls(n_members=data["n_members"], n_nonmembers=data["n_nonmembers"],
+                   membership=[MembershipResult.from_dict(m) for m in data["membership"]],
+                   inversion=None if inversion is None else InversionReport.from_dict(inversion),
+                   reconstruction=[ReconstructionReport.from_dict(r) for r in data["reconstruction"]],
+                   warnings=list(data["warnings"]), seconds=data["seconds"], version=data["version"])
+
+    def result(self, attack: str) -> MembershipResult:
+        for result in self.membership:
+            if result.attack == attack:
+                return result
+        raise KeyError(attack)
+
+    def strongest(self) -> MembershipResult:
+        """The attack with the highest TPR at the lowest reported FPR (AUC breaks ties)."""
+        def key(result: MembershipResult) -> tuple[float, float]:
+            if not result.tpr_at_fpr:
+                return (0.0, result.auc)
+            lowest = min(result.tpr_at_fpr, key=float)
+            return (result.tpr_at_fpr[lowest], result.auc)
+
+        return max(self.membership, key=key)
+
+
+def remove_overlap(members: Split, non_members: Split) -> tuple[Split, int]:
+    """``non_members`` without the inputs that also appear among ``members``, and how many went."""
+    check_split(members, "members")
+    check_split(non_members, "non-members")
+    duplicated = torch.zeros(len(non_members), dtype=torch.bool)
+    duplicated[shared_rows(non_members.x, members.x)[:, 0]] = True
+    kept = ~duplicated
+    return Split(non_members.x[kept], non_members.y[kept]), int(duplicated.sum())
+
+
+def _check_attack_names(attacks: Sequence[str], n_reference_models: int, shadow_pool: Split | None
+                        ) -> None:
+    unknown = [a for a in attacks if a not in ATTACK_NAMES]
+    if unknown:
+        raise ConfigError(f"unknown privacy attack(s) {', '.join(map(repr, unknown))}; "
+                          f"valid: {', '.join(ATTACK_NAMES)}")
+    if "lira-online" in attacks and n_reference_models < 2:
+        raise ConfigError(f"lira-online needs n_reference_models >= 2, got {n_reference_models}")
+    if "lira-offline" in attacks and n_reference_models < 1:
+        raise ConfigError(f"lira-offline needs n_reference_models >= 1, got {n_reference_models}")
+    if "shadow" in attacks and shadow_pool is None:
+        raise ConfigError("the shadow attack needs shadow_pool=<Split> of data the attacker owns")
+
+
+def audit(model: nn.Module, members: Split, non_members: Split, *,
+          attacks: Sequence[str] = DEFAULT_ATTACKS, recipe: TrainRecipe | None = None,
+          n_reference_models: int = 0, reference_pool: Split | None = None,
+          shadow_pool: Split | None = None, n_shadows: int = 4,
+          fprs: Sequence[float] | None = None, bounds: tuple[float, float] = (0.0, 1.0),
+          seed: int = 0) -> PrivacyReport:
+    """Run membership ``attacks`` against ``model`` and collect a PrivacyReport.
+
+    Attacks: ``loss``, ``confidence``, ``modified-entropy`` (thresholds), ``augmentation``
+    (label-only; shifts only for image batches), ``boundary`` (label-only, PGD distances; costly, so
+    not among the defaults), and the attacks that train models with ``recipe``: ``shadow`` (needs
+    ``shadow_pool``) and ``lira-online``/``lira-offline`` (reference models trained on halves of the
+    members, non-members and ``reference_pool``). Without a recipe they use
+    ``TrainerRecipe.like(model)``. ``fprs=None`` reports TPR at 0.1% and 1% FPR where there are enough
+    non-members, with a warning for each one left out.
+    """
+    _check_attack_names(attacks, n_reference_models, shadow_pool)
+    if recipe is None and any(a in TRAINED_ATTACKS for a in attacks):
+        recipe = TrainerRecipe.like(model)
+    check_member_sets(members, non_members)
+    start = time.perf_counter()
+    runners = _runners(members, non_members, recipe=recipe, n_reference_models=n_reference_models,
+                       reference_pool=reference_pool, shadow_pool=shadow_pool, n_shadows=n_shadows,
+                       fprs=fprs, bounds=bounds, seed=seed)
+    results = [runners[name](model) for name in attacks]
+    warnings = sorted({note for r in results for note in r.notes})
+    return PrivacyReport(n_members=len(members), n_nonmembers=len(non_members), membership=results,
+                         warnings=warnings, seconds=time.perf_counter() - start)
+
+
+def _runners(members: Split, non_members: Split, *, recipe: TrainRecipe | None,
+             n_reference_models: int, reference_pool: Split | None, shadow_pool: Split | None,
+             n_shadows: int, fprs: Sequence[float] | None, bounds: tuple[float, float], seed: int
+             ) -> dict[str, Callable[[nn.Module], MembershipResult]]:
+    """One callable per attack name; reference models are trained once, on first use."""
+    references: list[ReferenceModels] = []
+
+    def lira(model: nn.Module, online: bool) -> MembershipResult:
+        if not references:
+            assert recipe is not None
+            references.append(train_reference_models(
+                _reference_pool(members, non_members, reference_pool), recipe,
+                n_models=n_reference_models, seed=seed))
+        return lira_attack(model, members, non_members, references[0], online=online, fprs=fprs)
+
+    is_image = members.x.dim() == 4
+    runners: dict[str, Callable[[nn.Module], MembershipResult]] = {
+        name: (lambda m, s=name: threshold_attack(m, members, non_members, statistic=s, fprs=fprs))
+        for name in ("loss", "confidence", "modified-entropy")}
+    runners["augmentation"] = lambda m: augmentation_attack(
+        m, members, non_members, max_shift=1 if is_image else 0, flip=False,
+        noise_std=0.05 * (bounds[1] - bounds[0]), noise_copies=8, bounds=bounds, seed=seed, fprs=fprs)
+    distance = functools.partial(pgd_boundary_distance, norm="l2", bounds=bounds, seed=seed)
+    runners["boundary"] = lambda m: boundary_distance_attack(m, members, non_members,
+                                                             distance_fn=distance, fprs=fprs)
+    runners["lira-online"] = lambda m: lira(m, True)
+    runners["lira-offline"] = lambda m: lira(m, False)
+    runners["shadow"] = lambda m: shadow_attack(
+        m, members, non_members, shadow_pool=shadow_pool, recipe=recipe, n_shadows=n_shadows,
+        seed=seed, fprs=fprs)  # type: ignore[arg-type]
+    return runners
+
+
+def _reference_pool(members: Split, non_members: Split, extra: Split | None) -> Split:
+    """Members, non-members and the extra data: LiRA's candidates must all be in its pool."""
+    candidates, _ = join(members, non_members)
+    if extra is None:
+        return candidates
+    check_split(extra, "reference pool")
+    return Split(torch.cat([candidates.x, extra.x]), torch.cat([candidates.y, extra.y]))
+
+
+def audit_trained_model(model: nn.Module, dataset: Dataset, *, recipe: TrainRecipe | None = None,
+                        attacks: Sequence[str] | None = None, n_reference_models: int = 0,
+                        n_examples: int | None = None, evaluator: nn.Module | None = None,
+                        inversion: bool = True, leakage_batch_sizes: Sequence[int] = (),
+                        leakage_steps: int = 500, fprs: Sequence[float] | None = None,
+                        seed: int = 0) -> PrivacyReport:
+    """The privacy section of a run: ``model`` against its own dataset.
+
+    Members are the training split, non-members the test split (each cut to ``n_examples``; inputs
+    of the test split that also occur in training are dropped, with a warning). With
+    ``n_reference_models >= 2`` LiRA runs too, its reference models trained by ``recipe`` (the
+    target's recipe; default ``TrainerRecipe.like(model)``) on halves of members and non-members.
+    ``inversion`` runs MI-Face on image data, judged by ``evaluator`` when given (for
+    instance the run's other model); ``leakage_batch_sizes`` adds gradient reconstructions of the
+    first test examples, clean and under DP noise.
+    """
+    members = dataset.train.head(n_examples)
+    non_members, dropped = remove_overlap(members, dataset.test.head(n_examples))
+    if attacks is None:
+        lira = ("lira-online", "lira-offline") if n_reference_models >= 2 else ()
+        attacks = DEFAULT_ATTACKS + lira
+    report = audit(model, members, non_members, attacks=attacks, recipe=recipe,
+                   n_reference_models=n_reference_models, fprs=fprs, bounds=dataset.bounds,
+                   seed=seed)
+    if dropped:
+        report.warnings.append(f"{dropped} test input(s) also occur in the training split and were "
+                               "left out of the non-members")
+    if inversion and members.x.dim() == 4:
+        report.inversion = model_inversion(model, dataset.train, evaluator=evaluator,
+                                           bounds=dataset.bounds)
+    if leakage_batch_sizes:
+        report.reconstruction = leakage_sweep(model, dataset.test.x, dataset.test.y,
+                                              batch_sizes=leakage_batch_sizes, bounds=dataset.bounds,
+                                              seed=seed, steps=leakage_steps)
+    return report

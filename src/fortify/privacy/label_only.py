@@ -1,0 +1,233 @@
+"""Label-only membership inference (Choquette-Choo et al. 2021, "Label-Only Membership Inference
+Attacks").
+
+An attacker who sees only predicted labels still learns membership from how robust a prediction is:
+models are more robust around the points they trained on. Two measures of that robustness:
+
+- augmentation: the share of augmented copies (small shifts, flips, noise) still classified right;
+- boundary distance: the distance from the input to the nearest point with another label, from any
+  ``distance_fn(model, x, y) -> distances``; the default runs fortify's PGD over an eps grid and
+  bisects along the segment to the first adversarial point it finds.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fortify.attacks import PGD
+from fortify.attacks.base import check_positive_int
+from fortify.data.base import Split
+from fortify.errors import ConfigError
+from fortify.privacy._data import check_member_sets, eval_mode, join, model_device, project_to_box
+from fortify.privacy.metrics import MembershipResult, membership_result, split_scores
+from fortify.threat import NORMS, ThreatModel
+
+DistanceFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+def _predict_labels(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
+    device = model_device(model)
+    with eval_mode(model), torch.inference_mode():
+        return torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu()
+                          for i in range(0, len(x), batch_size)])
+
+
+# -- augmentation robustness -----------------------------------------------------------------------
+
+def _shift(x: Tensor, dy: int, dx: int) -> Tensor:
+    """Translate images by (dy, dx) pixels, filling the uncovered border with its edge values."""
+    pad = max(abs(dy), abs(dx))
+    if pad == 0:
+        return x
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    h, w = x.shape[-2:]
+    return padded[..., pad - dy:pad - dy + h, pad - dx:pad - dx + w]
+
+
+def augmented_copies(x: Tensor, *, max_shift: int = 1, flip: bool = False, noise_std: float = 0.0,
+                     noise_copies: int = 0, bounds: tuple[float, float] = (0.0, 1.0),
+                     generator: torch.Generator | None = None) -> list[Tensor]:
+    """The original and its augmentations: all shifts up to ``max_shift`` pixels (optionally
+    mirrored) and ``noise_copies`` copies with Gaussian noise of ``noise_std``, kept in the box."""
+    if max_shift < 0 or noise_std < 0 or noise_copies < 0:
+        raise ConfigError(f"max_shift, noise_std and noise_copies must be >= 0, got {max_shift}, "
+                          f"{noise_std}, {noise_copies}")
+    if (max_shift > 0 or flip) and x.dim() != 4:
+        raise ConfigError(f"shifts and flips need image batches (N, C, H, W), got {tuple(x.shape)}; "
+                          "use max_shift=0, flip=False and noise for other inputs")
+    views = [x] + ([x.flip(-1)] if flip else [])
+    copies = [_shift(view, dy, dx) for view in views
+              for dy in range(-max_shift, max_shift + 1) for dx in range(-max_shift, max_shift + 1)]
+    for _ in range(noise_copies):
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        copies.append(project_to_box(x + noise_std * noise, bounds))
+    return copies
+
+
+def augmentation_scores(model: nn.Module, data: Split, *, max_shift: int = 1, flip: bool = False,
+                        noise_std: float = 0.0, noise_copies: int = 0,
+                        bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0) -> Tensor:
+    """Per example, the share of its augmented copies (the original included) classified right."""
+    generator = torch.Generator().manual_seed(seed)
+    copies = augmented_copies(data.x, max_shift=max_shift, flip=flip, noise_std=noise_std,
+                              noise_copies=noise_copies, bounds=bounds, generator=generator)
+    y = data.y.cpu()
+    correct = torch.stack([(_predict_labels(model, copy) == y) for copy in copies])
+    return correct.double().mean(dim=0)
+
+
+def augmentation_attack(model: nn.Module, members: Split, non_members: Split, *, max_shift: int = 1,
+                        flip: bool = False, noise_std: float = 0.0, noise_copies: int = 0,
+                        bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0,
+                        fprs: Sequence[float] | None = None) -> MembershipResult:
+    """Label-only attack by robustness to data augmentation (Choquette-Choo et al. 2021, Sec. 4)."""
+    check_member_sets(members, non_members)
+    start = time.perf_counter()
+    candidates, is_member = join(members, non_members)
+    scores = augmentation_scores(model, candidates, max_shift=max_shift, flip=flip,
+                                 noise_std=noise_std, noise_copies=noise_copies, bounds=bounds,
+                                 seed=seed)
+    inside, outside = split_scores(scores, is_member)
+    settings = {"max_shift": max_shift, "flip": flip, "noise_std": noise_std,
+                "noise_copies": noise_copies, "seed": seed}
+    return membership_result("label-only-augmentation", inside, outside, settings=settings,
+                             fprs=fprs, seconds=time.perf_counter() - start)
+
+
+# -- distance to the decision boundary -------------------------------------------------------------
+
+def _default_max_eps(norm: str, x: Tensor, bounds: tuple[float, float]) -> float:
+    width = bounds[1] - bounds[0]
+    return width / 2 if norm == "linf" else width * math.sqrt(x[0].numel()) / 4
+
+
+def _wrong(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    with torch.inference_mode():
+        return model(x).argmax(1) != y
+
+
+def _bisect_segment(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, steps: int) -> Tensor:
+    """Per example the smallest t in [0, 1] (to bisection precision) with x + t (x_adv - x) misclassified.
+
+    The segment stays in the box because the box is convex.
+    """
+    lo = torch.zeros(len(x), dtype=x.dtype, device=x.device)
+    hi = torch.ones_like(lo)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        flipped = _wrong(model, x + mid.reshape(shape) * (x_adv - x), y)
+        hi = torch.where(flipped, mid, hi)
+        lo = torch.where(flipped, lo, mid)
+    return hi
+
+
+def pgd_boundary_distance(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "l2",
+                          eps_grid: Sequence[float] | None = None, steps: int = 20,
+                          bisection_steps: int = 10, bounds: tuple[float, float] = (0.0, 1.0),
+                          seed: int = 0) -> Tensor:
+    """Distance to the nearest other label found by PGD, per example (an upper bound on the minimum).
+
+    PGD runs at each eps of an increasing grid on the examples not yet fooled; for each newly fooled
+    example a bisection along the segment to its adversarial point tightens the distance. A
+    misclassified input has distance 0; one never fooled gets the largest eps of the grid.
+    """
+    if norm not in NORMS:
+        raise ConfigError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
+    device = model_device(model)
+    x, y = x.to(device), y.to(device)
+    grid = sorted(eps_grid) if eps_grid else [
+        _default_max_eps(norm, x, bounds) * 2.0 ** -k for k in range(6, -1, -1)]
+    with eval_mode(model):
+        distance = torch.full((len(x),), float(grid[-1]), dtype=x.dtype, device=device)
+        distance[_wrong(model, x, y)] = 0.0
+        todo = (distance > 0).nonzero().squeeze(1)
+        for eps in grid:
+            if todo.numel() == 0:
+                break
+            threat = ThreatModel(norm, eps, bounds)
+            x_adv = PGD(threat, steps=steps, early_stop=True, seed=seed)(model, x[todo], y[todo])
+            fooled = _wrong(model, x_adv, y[todo])
+            hit = todo[fooled]
+            if hit.numel():
+                t = _bisect_segment(model, x[hit], x_adv[fooled], y[hit], bisection_steps)
+                distance[hit] = t * threat.distance(x_adv[fooled], x[hit]).to(x.dtype)
+            todo = todo[~fooled]
+    return distance.cpu()
+
+
+def random_direction_distance(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "l2",
+                              directions: int = 32, max_distance: float | None = None,
+                              bisection_steps: int = 12, bounds: tuple[float, float] = (0.0, 1.0),
+                              seed: int = 0) -> Tensor:
+    """Label-only distance: along random directions, the nearest label change (min over directions).
+
+    Each direction ``d`` (unit in ``norm``) gives the path ``box(x + r d)`` for r up to
+    ``max_distance``; the first change of label on it is found by bisection and measured as the
+    distance from ``x`` to that point. Uses predicted labels only, as a label-only attacker would.
+    """
+    if norm not in NORMS:
+        raise ConfigError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
+    directions = check_positive_int("directions", directions)
+    device = model_device(model)
+    x, y = x.to(device), y.to(device)
+    radius = max_distance or _default_max_eps(norm, x, bounds)
+    unit = ThreatModel(norm, 1.0 if norm == "l2" else bounds[1] - bounds[0], bounds)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    best = torch.full((len(x),), float(radius), dtype=x.dtype, device=device)
+    with eval_mode(model):
+        best[_wrong(model, x, y)] = 0.0
+        for _ in range(directions):
+            d = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+            d = unit.ascent_direction(d) if norm == "l2" else d.sign()
+            best = torch.minimum(best, _ray_distance(model, x, y, d, radius, bisection_steps,
+                                                     unit, bounds))
+    return best.cpu()
+
+
+def _ray_distance(model: nn.Module, x: Tensor, y: Tensor, d: Tensor, radius: float, steps: int,
+                  metric: ThreatModel, bounds: tuple[float, float]) -> Tensor:
+    shape = (-1,) + (1,) * (x.dim() - 1)
+
+    def point(r: Tensor) -> Tensor:
+        return project_to_box(x + r.reshape(shape) * d, bounds)
+
+    far = torch.full((len(x),), float(radius), dtype=x.dtype, device=x.device)
+    flips = _wrong(model, point(far), y)
+    lo, hi = torch.zeros_like(far), far.clone()
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        flipped = _wrong(model, point(mid), y)
+        hi = torch.where(flipped, mid, hi)
+        lo = torch.where(flipped, lo, mid)
+    reached = metric.distance(point(hi), x).to(x.dtype)
+    return torch.where(flips, reached, torch.full_like(far, float(radius)))
+
+
+def boundary_distance_attack(model: nn.Module, members: Split, non_members: Split, *,
+                             distance_fn: DistanceFn | None = None, batch_size: int = 256,
+                             fprs: Sequence[float] | None = None) -> MembershipResult:
+    """Label-only attack by distance to the decision boundary (Choquette-Choo et al. 2021, Sec. 5).
+
+    ``distance_fn(model, x, y)`` returns one distance per example (0 when misclassified); any
+    minimum-norm attack fits, e.g. HopSkipJump for a strictly label-only attacker. The default is
+    ``pgd_boundary_distance`` with L2 and its defaults.
+    """
+    check_member_sets(members, non_members)
+    fn = distance_fn or functools.partial(pgd_boundary_distance, norm="l2")
+    start = time.perf_counter()
+    candidates, is_member = join(members, non_members)
+    scores = torch.cat([fn(model, candidates.x[i:i + batch_size], candidates.y[i:i + batch_size])
+                        .detach().double().cpu() for i in range(0, len(candidates), batch_size)])
+    inside, outside = split_scores(scores, is_member)
+    name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "custom")
+    return membership_result("label-only-boundary", inside, outside,
+                             settings={"distance_fn": name}, fprs=fprs,
+                             seconds=time.perf_counter() - start)

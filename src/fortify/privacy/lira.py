@@ -1,0 +1,205 @@
+"""LiRA, the likelihood-ratio attack (Carlini et al. 2022, "Membership Inference Attacks From First
+Principles").
+
+Reference models are trained by the target's recipe on random halves of a reference pool, so every
+pool example is "in" for half of them and "out" for the rest. For each target example LiRA fits a
+Gaussian to the logit-scaled confidence ``phi = log(p_y / (1 - p_y))`` of the reference models that
+saw it (IN) and of those that did not (OUT), then scores the target model's phi:
+
+- online: ``log N(phi; mu_in, s_in) - log N(phi; mu_out, s_out)``, the likelihood ratio;
+- offline: ``log P[Z <= phi]`` for ``Z ~ N(mu_out, s_out)``, a one-sided test against OUT alone.
+
+With few reference models per-example variances are noisy; the paper uses one global variance then.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from fortify.attacks.base import check_positive_int
+from fortify.data.base import Split
+from fortify.errors import ConfigError, DataError
+from fortify.privacy._data import (
+    check_labels_fit,
+    check_member_sets,
+    check_split,
+    join,
+    locate,
+    predict_logits,
+)
+from fortify.privacy.metrics import MembershipResult, membership_result, split_scores
+from fortify.privacy.recipe import TrainRecipe
+
+Variance = Literal["per-example", "global", "auto"]
+VARIANCES: tuple[str, ...] = ("per-example", "global", "auto")
+# Carlini et al. 2022 (Sec. VI) find a global variance better below about 64 reference models
+AUTO_GLOBAL_BELOW = 64
+_MIN_STD = 1e-6
+
+
+@dataclass
+class ReferenceModels:
+    """Reference models and which pool examples each one trained on (``keep[model, example]``)."""
+
+    models: list[nn.Module]
+    pool: Split
+    keep: Tensor
+
+
+def half_assignment(n_models: int, n_examples: int, generator: torch.Generator) -> Tensor:
+    """Which examples each model trains on, as a bool matrix ``(n_models, n_examples)``.
+
+    With two or more models every example is "in" for exactly ``n_models // 2`` of them (Carlini et
+    al.'s balanced split), so every example has IN and OUT models; one model gets a random half.
+    """
+    if n_models == 1:
+        keep = torch.zeros(1, n_examples, dtype=torch.bool)
+        keep[0, torch.randperm(n_examples, generator=generator)[: n_examples // 2]] = True
+        return keep
+    ranks = torch.rand(n_models, n_examples, generator=generator).argsort(dim=0).argsort(dim=0)
+    return ranks < n_models // 2
+
+
+def train_reference_models(pool: Split, recipe: TrainRecipe, *, n_models: int, seed: int = 0
+                           ) -> ReferenceModels:
+    """Train ``n_models`` models with ``recipe``, each on its half of ``pool``.
+
+    For online LiRA the pool must hold the examples to be attacked (members and non-members of the
+    target; the attacker knows the candidates, not their membership), plus any other data.
+    """
+    n_models = check_positive_int("n_models", n_models)
+    check_split(pool, "reference pool")
+    if len(pool) < 2:
+        raise DataError(f"the reference pool needs at least 2 examples, got {len(pool)}")
+    keep = half_assignment(n_models, len(pool), torch.Generator().manual_seed(seed))
+    models = [recipe(Split(pool.x[keep[i]], pool.y[keep[i]]), seed=seed + 1 + i)
+              for i in range(n_models)]
+    return ReferenceModels(models, pool, keep)
+
+
+def logit_confidence(logits: Tensor, y: Tensor) -> Tensor:
+    """``phi = log(p_y / (1 - p_y))``, computed as ``z_y - logsumexp_{i != y} z_i`` to stay exact."""
+    z = logits.double()
+    true = z.gather(1, y.unsqueeze(1)).squeeze(1)
+    others = z.scatter(1, y.unsqueeze(1), -math.inf).logsumexp(dim=1)
+    return true - others
+
+
+def _phi(model: nn.Module, data: Split, batch_size: int) -> Tensor:
+    logits = predict_logits(model, data.x, batch_size)
+    y = data.y.to(logits.device)
+    check_labels_fit(logits, y, "members and non-members")
+    return logit_confidence(logits, y).cpu()
+
+
+def _masked_mean_std(values: Tensor, mask: Tensor, global_variance: bool) -> tuple[Tensor, Tensor]:
+    """Per-column mean and std of ``values`` over the rows where ``mask`` holds."""
+    counts = mask.sum(dim=0)
+    mean = (values * mask).sum(dim=0) / counts.clamp_min(1)
+    residual = (values - mean) * mask
+    if global_variance:
+        dof = int((counts - 1).clamp_min(0).sum())
+        if dof == 0:
+            # one observation per example: the spread across examples is all there is to go on
+            std = values[mask].std(correction=0) if int(mask.sum()) > 1 else torch.tensor(1.0)
+        else:
+            std = (residual.pow(2).sum() / dof).sqrt()
+        return mean, std.clamp_min(_MIN_STD).expand_as(mean)
+    std = (residual.pow(2).sum(dim=0) / (counts - 1).clamp_min(1)).sqrt()
+    return mean, std.clamp_min(_MIN_STD)
+
+
+def _normal_log_pdf(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    return -0.5 * ((x - mean) / std).pow(2) - std.log() - 0.5 * math.log(2 * math.pi)
+
+
+def lira_scores(target_phi: Tensor, reference_phi: Tensor, in_mask: Tensor, *, online: bool,
+                global_variance: bool) -> Tensor:
+    """LiRA score per example from phi under the target and reference models (rows: models)."""
+    out_mean, out_std = _masked_mean_std(reference_phi, ~in_mask, global_variance)
+    if not online:
+        return torch.special.log_ndtr((target_phi - out_mean) / out_std)
+    in_mean, in_std = _masked_mean_std(reference_phi, in_mask, global_variance)
+    return (_normal_log_pdf(target_phi, in_mean, in_std)
+            - _normal_log_pdf(target_phi, out_mean, out_std))
+
+
+def _use_global_variance(variance: str, n_models: int) -> bool:
+    if variance not in VARIANCES:
+        raise ConfigError(f"unknown LiRA variance {variance!r}; valid: {', '.join(VARIANCES)}")
+    return variance == "global" or (variance == "auto" and n_models < AUTO_GLOBAL_BELOW)
+
+
+def _in_mask(references: ReferenceModels, candidates: Split, online: bool) -> Tensor:
+    """``in_mask[model, candidate]``: the reference model trained on that candidate."""
+    where = locate(references.pool, candidates)
+    missing = int((where < 0).sum())
+    if online and missing:
+        raise DataError(f"online LiRA needs IN reference models for every example, but {missing} "
+                        f"of the {len(candidates)} members and non-members are not in the "
+                        "reference pool; train the reference models on a pool that holds them")
+    mask = torch.zeros(len(references.models), len(candidates), dtype=torch.bool)
+    found = where >= 0
+    mask[:, found] = references.keep[:, where[found]]
+    return mask
+
+
+def _check_counts(in_mask: Tensor, online: bool, global_variance: bool) -> None:
+    need = 1 if global_variance else 2
+    sides = [("OUT", (~in_mask).sum(dim=0))] + ([("IN", in_mask.sum(dim=0))] if online else [])
+    for side, counts in sides:
+        fewest = int(counts.min())
+        if fewest < need:
+            advice = "train more reference models" + (" or use variance='global'" if need == 2 else "")
+            raise DataError(f"some example has {fewest} {side} reference models; "
+                            f"{'per-example' if need == 2 else 'global'} variance needs at least "
+                            f"{need}: {advice}")
+
+
+def lira_member_scores(model: nn.Module, candidates: Split, references: ReferenceModels, *,
+                       online: bool = True, variance: Variance = "auto", batch_size: int = 512
+                       ) -> Tensor:
+    """LiRA's score (higher = member) for each candidate; the candidates' membership is unknown.
+
+    Scores of several target models can be pooled into one ROC, as Carlini et al. do to resolve
+    low FPRs with little data.
+    """
+    n_models = len(references.models)
+    if n_models < 1:
+        raise ConfigError("LiRA needs at least 1 reference model, got 0")
+    if online and n_models < 2:
+        raise ConfigError(f"online LiRA needs at least 2 reference models (each example needs one "
+                          f"that trained on it and one that did not); got {n_models}")
+    global_variance = _use_global_variance(variance, n_models)
+    check_split(candidates, "candidates")
+    in_mask = _in_mask(references, candidates, online)
+    _check_counts(in_mask, online, global_variance)
+    target_phi = _phi(model, candidates, batch_size)
+    reference_phi = torch.stack([_phi(ref, candidates, batch_size) for ref in references.models])
+    return lira_scores(target_phi, reference_phi, in_mask, online=online,
+                       global_variance=global_variance)
+
+
+def lira_attack(model: nn.Module, members: Split, non_members: Split, references: ReferenceModels,
+                *, online: bool = True, variance: Variance = "auto",
+                fprs: Sequence[float] | None = None, batch_size: int = 512) -> MembershipResult:
+    """Carlini et al. 2022's LiRA against ``model`` with already trained ``references``."""
+    n_models = len(references.models)
+    check_member_sets(members, non_members)
+    start = time.perf_counter()
+    candidates, is_member = join(members, non_members)
+    scores = lira_member_scores(model, candidates, references, online=online, variance=variance,
+                                batch_size=batch_size)
+    inside, outside = split_scores(scores, is_member)
+    settings = {"online": online, "n_reference_models": n_models,
+                "variance": "global" if _use_global_variance(variance, n_models) else "per-example",
+                "reference_pool": len(references.pool)}
+    return membership_result(f"lira-{'online' if online else 'offline'}", inside, outside,
+                             settings=settings, fprs=fprs, seconds=time.perf_counter() - start)

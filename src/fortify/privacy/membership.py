@@ -1,0 +1,200 @@
+"""Membership inference from a model's outputs: threshold attacks and the shadow-model attack.
+
+Threshold attacks score each example by one statistic of the model's output on it: the loss (Yeom et
+al. 2018, "Privacy Risk in Machine Learning"), the confidence in the true class, or the modified
+entropy (Song & Mittal 2021, "Systematic Evaluation of Privacy Risks of Machine Learning Models").
+The ROC over all thresholds is reported, so no threshold has to be calibrated.
+
+The shadow-model attack (Shokri et al. 2017, "Membership Inference Attacks Against Machine Learning
+Models") trains shadow models with the target's recipe on data the attacker owns, labels their
+outputs "in" or "out", and fits one attack classifier per class on them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import Tensor, nn
+
+from fortify.attacks.base import check_positive_int
+from fortify.data.base import Split
+from fortify.errors import ConfigError, DataError
+from fortify.privacy._data import check_labels_fit, check_member_sets, check_split, join, predict_logits
+from fortify.privacy.metrics import MembershipResult, membership_result, split_scores
+from fortify.privacy.recipe import TrainerRecipe, TrainRecipe
+
+
+def _log1mexp(log_p: Tensor) -> Tensor:
+    """``log(1 - exp(log_p))`` for ``log_p <= 0``, accurate at both ends (Maechler 2012)."""
+    return torch.where(log_p > -0.6931471805599453, torch.log(-torch.expm1(log_p)),
+                       torch.log1p(-torch.exp(log_p)))
+
+
+def loss_scores(logits: Tensor, y: Tensor) -> Tensor:
+    """Negative cross-entropy: members tend to have lower loss (Yeom et al. 2018)."""
+    return -F.cross_entropy(logits.double(), y, reduction="none")
+
+
+def confidence_scores(logits: Tensor, y: Tensor) -> Tensor:
+    """The softmax probability of the true class."""
+    return logits.double().softmax(dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
+
+
+def modified_entropy_scores(logits: Tensor, y: Tensor) -> Tensor:
+    """Negative modified entropy (Song & Mittal 2021, eq. 5).
+
+    ``Mentr = -(1 - p_y) log p_y - sum_{i != y} p_i log(1 - p_i)``: low when the model is confident
+    and right, high when confident and wrong, unlike plain entropy which ignores the label.
+    """
+    log_p = logits.double().log_softmax(dim=1)
+    p = log_p.exp()
+    log_1mp = _log1mexp(log_p.clamp(max=0.0))
+    true = F.one_hot(y, logits.shape[1]).bool()
+    own = -(1 - p) * log_p
+    others = -p * log_1mp
+    return -torch.where(true, own, others).sum(dim=1)
+
+
+STATISTICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "loss": loss_scores,
+    "confidence": confidence_scores,
+    "modified-entropy": modified_entropy_scores,
+}
+
+
+def _statistic(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    if name not in STATISTICS:
+        raise ConfigError(f"unknown membership statistic {name!r}; valid: {', '.join(STATISTICS)}")
+    return STATISTICS[name]
+
+
+def membership_scores(model: nn.Module, data: Split, *, statistic: str = "loss",
+                      batch_size: int = 512) -> Tensor:
+    """Per-example score (higher = more likely a member) of ``statistic`` on ``model``'s outputs."""
+    score = _statistic(statistic)
+    check_split(data, "data")
+    logits = predict_logits(model, data.x, batch_size)
+    y = data.y.to(logits.device)
+    check_labels_fit(logits, y, "data")
+    return score(logits, y).cpu()
+
+
+def threshold_attack(model: nn.Module, members: Split, non_members: Split, *,
+                     statistic: str = "loss", fprs: Sequence[float] | None = None,
+                     batch_size: int = 512) -> MembershipResult:
+    """Threshold attack on one statistic: ROC, AUC, advantage and TPR at low FPR."""
+    _statistic(statistic)
+    check_member_sets(members, non_members)
+    start = time.perf_counter()
+    candidates, is_member = join(members, non_members)
+    scores = membership_scores(model, candidates, statistic=statistic, batch_size=batch_size)
+    inside, outside = split_scores(scores, is_member)
+    return membership_result(f"threshold-{statistic}", inside, outside,
+                             settings={"statistic": statistic}, fprs=fprs,
+                             seconds=time.perf_counter() - start)
+
+
+# -- Shokri et al. 2017 ----------------------------------------------------------------------------
+
+AttackClassifier = Callable[[], object]  # a factory of sklearn-style fit/predict_proba estimators
+
+
+def default_attack_classifier() -> object:
+    """Standardised logistic regression: enough for per-class attack models (Shokri et al. 2017)."""
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+
+
+def attack_features(logits: Tensor) -> np.ndarray:
+    """The prediction vector as log-probabilities (a monotone, better-scaled view of softmax)."""
+    return logits.double().log_softmax(dim=1).clamp(min=-50.0).cpu().numpy()
+
+
+def _shadow_data(pool: Split, recipe: TrainRecipe, n_shadows: int, seed: int, batch_size: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, classes and in/out labels of the pool under each shadow model."""
+    generator = torch.Generator().manual_seed(seed)
+    features, classes, labels = [], [], []
+    for index in range(n_shadows):
+        inside = torch.zeros(len(pool), dtype=torch.bool)
+        inside[torch.randperm(len(pool), generator=generator)[: len(pool) // 2]] = True
+        shadow = recipe(Split(pool.x[inside], pool.y[inside]), seed=seed + 1 + index)
+        features.append(attack_features(predict_logits(shadow, pool.x, batch_size)))
+        classes.append(pool.y.cpu().numpy())
+        labels.append(inside.numpy().astype(np.int64))
+    return np.concatenate(features), np.concatenate(classes), np.concatenate(labels)
+
+
+def _fit_or_none(factory: AttackClassifier, features: np.ndarray, labels: np.ndarray) -> object | None:
+    if np.unique(labels).size < 2:
+        return None  # all in or all out: nothing to separate
+    model = factory()
+    model.fit(features, labels)  # type: ignore[attr-defined]
+    return model
+
+
+def _fit_attack_models(features: np.ndarray, classes: np.ndarray, labels: np.ndarray,
+                       factory: AttackClassifier) -> tuple[dict[int, object], object]:
+    """One attack classifier per class, and a pooled one for classes with too little shadow data."""
+    pooled = _fit_or_none(factory, features, labels)
+    if pooled is None:
+        raise DataError("the shadow models' data holds only one membership label; the shadow pool "
+                        "needs at least 2 examples")
+    per_class: dict[int, object] = {}
+    for cls in np.unique(classes):
+        chosen = classes == cls
+        fitted = _fit_or_none(factory, features[chosen], labels[chosen])
+        if fitted is not None:
+            per_class[int(cls)] = fitted
+    return per_class, pooled
+
+
+def _member_probability(per_class: dict[int, object], pooled: object, features: np.ndarray,
+                        classes: np.ndarray) -> np.ndarray:
+    scores = np.empty(len(classes))
+    for cls in np.unique(classes):
+        chosen = classes == cls
+        model = per_class.get(int(cls), pooled)
+        scores[chosen] = model.predict_proba(features[chosen])[:, 1]  # type: ignore[attr-defined]
+    return scores
+
+
+def shadow_attack(model: nn.Module, members: Split, non_members: Split, *, shadow_pool: Split,
+                  recipe: TrainRecipe | None = None, n_shadows: int = 4,
+                  attack_classifier: AttackClassifier = default_attack_classifier, seed: int = 0,
+                  fprs: Sequence[float] | None = None, batch_size: int = 512) -> MembershipResult:
+    """Shokri et al. 2017: shadow models trained by ``recipe`` on random halves of ``shadow_pool``.
+
+    ``shadow_pool`` is data from the target's distribution that the attacker owns; it should not
+    overlap the target's members and non-members. Each shadow model's outputs on its half are
+    labelled "in", on the other half "out"; one attack classifier per true class learns to tell them
+    apart and then scores the target model's outputs on the members and non-members. Without a
+    ``recipe`` the shadow models are re-initialised copies of ``model`` trained by the Trainer with
+    the default standard TrainConfig (``TrainerRecipe.like``).
+    """
+    n_shadows = check_positive_int("n_shadows", n_shadows)
+    check_member_sets(members, non_members)
+    check_split(shadow_pool, "shadow pool")
+    if len(shadow_pool) < 2:
+        raise DataError(f"the shadow pool needs at least 2 examples to split in halves, got "
+                        f"{len(shadow_pool)}")
+    start = time.perf_counter()
+    recipe = recipe or TrainerRecipe.like(model)
+    features, classes, labels = _shadow_data(shadow_pool, recipe, n_shadows, seed, batch_size)
+    per_class, pooled = _fit_attack_models(features, classes, labels, attack_classifier)
+    candidates, is_member = join(members, non_members)
+    logits = predict_logits(model, candidates.x, batch_size)
+    check_labels_fit(logits, candidates.y.to(logits.device), "members and non-members")
+    scores = _member_probability(per_class, pooled, attack_features(logits),
+                                 candidates.y.cpu().numpy())
+    inside, outside = split_scores(torch.from_numpy(scores), is_member)
+    settings = {"n_shadows": n_shadows, "shadow_pool": len(shadow_pool), "seed": seed,
+                "classes_with_own_attack_model": sorted(per_class)}
+    return membership_result("shadow-models", inside, outside, settings=settings, fprs=fprs,
+                             seconds=time.perf_counter() - start)

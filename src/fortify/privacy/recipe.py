@@ -1,0 +1,93 @@
+"""Training recipes for shadow and reference models: the target's own recipe, replayed on other data.
+
+Shokri et al. 2017 and Carlini et al. 2022 both assume the attacker can train models the way the
+target was trained. A recipe is any callable ``recipe(train, seed=...) -> model``; the default one
+uses fortify's Trainer with a TrainConfig, so an audit of a fortify run trains its shadow models with
+the run's own objective, optimiser, schedule and epochs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from fortify.config import TrainConfig
+from fortify.data.base import Split
+from fortify.models import build_model
+from fortify.privacy._data import model_device
+from fortify.threat import ThreatModel
+from fortify.training.objectives import ObjectiveOptions, build_objective
+from fortify.training.trainer import Trainer
+
+# the Trainer validates every epoch; without a held-out split it checks this many training examples
+_SELF_VALIDATION_SIZE = 256
+
+
+class TrainRecipe(Protocol):
+    """Builds a fresh model and trains it on ``train``; ``seed`` fixes its initialisation and order."""
+
+    def __call__(self, train: Split, *, seed: int) -> nn.Module: ...
+
+
+@dataclass
+class TrainerRecipe:
+    """Train ``model_factory()`` with fortify's Trainer under ``config`` and ``threat``.
+
+    ``val`` is the split the Trainer validates and (with early stopping) selects on; without one it
+    validates on the first training examples, which mirrors a recipe without early stopping only.
+    """
+
+    model_factory: Callable[[], nn.Module]
+    config: TrainConfig
+    threat: ThreatModel
+    val: Split | None = None
+    device: str | torch.device = "cpu"
+
+    def __call__(self, train: Split, *, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        model = self.model_factory().to(self.device)
+        config = self.config.model_copy(update={"seed": int(seed)})
+        options = ObjectiveOptions(self.threat, attack_steps=config.attack_steps,
+                                   attack_step_size=config.attack_step_size,
+                                   fgsm_ratio=config.fgsm_ratio, seed=int(seed))
+        trainer = Trainer(model, build_objective(config.objective, options), config,
+                          threat=self.threat, show_progress=False)
+        val = self.val if self.val is not None else train.head(_SELF_VALIDATION_SIZE)
+        trainer.fit(train, val)
+        return model.eval()
+
+    @classmethod
+    def like(cls, model: nn.Module, *, config: TrainConfig | None = None,
+             threat: ThreatModel | None = None, val: Split | None = None) -> TrainerRecipe:
+        """The recipe for ``model``'s architecture: a copy with every layer re-initialised.
+
+        Without ``config`` it trains with fortify's default standard recipe; pass the target's own
+        TrainConfig when it is known, since shadow models should be trained the way the target was.
+        """
+        template = copy.deepcopy(model).cpu()
+
+        def factory() -> nn.Module:
+            fresh = copy.deepcopy(template)
+            for module in fresh.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            return fresh
+
+        return cls(factory, config or TrainConfig(objective="standard"), threat or ThreatModel(),
+                   val=val, device=model_device(model))
+
+    @classmethod
+    def for_model(cls, name: str, input_shape: Sequence[int], num_classes: int, *,
+                  config: TrainConfig, threat: ThreatModel, val: Split | None = None,
+                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                  device: str | torch.device = "cpu") -> TrainerRecipe:
+        """The recipe for a registered architecture, e.g. from a run's ``model.json`` card."""
+        def factory() -> nn.Module:
+            return build_model(name, input_shape, num_classes, mean=mean, std=std)
+
+        return cls(factory, config, threat, val=val, device=device)

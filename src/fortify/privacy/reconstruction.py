@@ -1,0 +1,371 @@
+"""Reconstruction of a client's inputs from one shared gradient (federated learning's leak).
+
+- DLG (Zhu et al. 2019, "Deep Leakage from Gradients"): dummy inputs and soft dummy labels, L-BFGS
+  on the squared distance between their gradient and the shared one.
+- iDLG (Zhao et al. 2020, "iDLG: Improved Deep Leakage from Gradients"): the label is read off the
+  last layer's gradient first (only the true class has a negative entry), then DLG on the inputs.
+- Inverting Gradients (Geiping et al. 2020, "Inverting Gradients - How easy is it to break privacy in
+  federated learning?"): cosine distance between gradients plus total variation, Adam on the signed
+  gradient with step decay, every iterate kept in the box.
+
+``shared_gradient`` produces what a client sends, optionally DP-SGD style (Abadi et al. 2016): each
+example's gradient clipped to ``clip_norm``, Gaussian noise of std ``noise_multiplier * clip_norm``
+added to the sum, divided by the batch size. Quality is PSNR and SSIM per image after pairing each
+original with its best-matching reconstruction.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fortify.attacks.base import check_positive_int
+from fortify.errors import ConfigError, DataError
+from fortify.privacy._data import eval_mode, model_device, project_to_box
+from fortify.privacy.similarity import best_assignment, psnr, ssim, total_variation
+
+Method = Literal["dlg", "idlg", "inverting-gradients"]
+METHODS: tuple[str, ...] = ("dlg", "idlg", "inverting-gradients")
+
+
+@dataclass
+class GradientReconstruction:
+    images: Tensor
+    labels: Tensor
+    method: str
+    final_loss: float
+    settings: dict[str, Any]
+
+
+@dataclass
+class ReconstructionReport:
+    """Quality of one reconstruction: per original image, after best matching."""
+
+    method: str
+    batch_size: int
+    clip_norm: float | None
+    noise_multiplier: float
+    psnr: list[float]
+    ssim: list[float] | None
+    label_accuracy: float
+    settings: dict[str, Any]
+    seconds: float
+    images: Tensor | None = field(default=None, repr=False)  # matched to the originals' order
+
+    @property
+    def mean_psnr(self) -> float:
+        return sum(self.psnr) / len(self.psnr)
+
+    @property
+    def mean_ssim(self) -> float | None:
+        return None if self.ssim is None else sum(self.ssim) / len(self.ssim)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "images"}
+        data["mean_psnr"], data["mean_ssim"] = self.mean_psnr, self.mean_ssim
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReconstructionReport:
+        names = {f.name for f in fields(cls)} - {"images"}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# -- what the client shares ------------------------------------------------------------------------
+
+def _parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _loss_gradient(model: nn.Module, x: Tensor, y: Tensor, *, create_graph: bool = False
+                   ) -> tuple[Tensor, ...]:
+    """Gradient of the mean cross-entropy; ``y`` holds class indices or soft label rows."""
+    loss = F.cross_entropy(model(x), y)
+    return torch.autograd.grad(loss, _parameters(model), create_graph=create_graph)
+
+
+def _clipped(grads: Sequence[Tensor], clip_norm: float) -> list[Tensor]:
+    norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
+    scale = (clip_norm / norm.clamp_min(1e-12)).clamp(max=1.0)
+    return [g * scale.to(g.dtype) for g in grads]
+
+
+def shared_gradient(model: nn.Module, x: Tensor, y: Tensor, *, clip_norm: float | None = None,
+                    noise_multiplier: float = 0.0, generator: torch.Generator | None = None
+                    ) -> list[Tensor]:
+    """The gradient of the batch's mean loss, as a client would send it (model in eval mode).
+
+    With ``clip_norm`` each example's gradient is clipped to that L2 norm before averaging, and
+    ``noise_multiplier > 0`` adds N(0, (noise_multiplier * clip_norm)^2) to the sum (DP-SGD).
+    """
+    if noise_multiplier < 0:
+        raise ConfigError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    if noise_multiplier > 0 and clip_norm is None:
+        raise ConfigError("noise_multiplier > 0 needs clip_norm: the noise is scaled to the clip norm")
+    if clip_norm is not None and not clip_norm > 0:
+        raise ConfigError(f"clip_norm must be > 0, got {clip_norm}")
+    device = model_device(model)
+    x, y = x.to(device), y.to(device)
+    with eval_mode(model), torch.enable_grad():
+        if clip_norm is None:
+            return [g.detach() for g in _loss_gradient(model, x, y)]
+        per_example = [_clipped(_loss_gradient(model, x[i:i + 1], y[i:i + 1]), clip_norm)
+                       for i in range(len(x))]
+    total = [torch.stack(parts).sum(dim=0).detach() for parts in zip(*per_example)]
+    if noise_multiplier > 0:
+        std = noise_multiplier * clip_norm
+        total = [t + std * torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
+                 for t in total]
+    return [t / len(x) for t in total]
+
+
+# -- iDLG label inference --------------------------------------------------------------------------
+
+def _last_linear(model: nn.Module) -> nn.Linear:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError("label inference needs a model whose last layer is nn.Linear; pass labels")
+    return linears[-1]
+
+
+def _gradient_of(model: nn.Module, gradient: Sequence[Tensor], parameter: Tensor) -> Tensor:
+    for p, g in zip(_parameters(model), gradient):
+        if p is parameter:
+            return g
+    raise DataError("the gradient does not line up with the model's parameters")
+
+
+def infer_labels(model: nn.Module, gradient: Sequence[Tensor], batch_size: int) -> Tensor:
+    """iDLG (Zhao et al. 2020): classes whose last-layer gradient is negative.
+
+    For one example ``dL/db_c = p_c - [c = y]`` is negative only for the true class (the weight
+    rows share that sign when the features are non-negative). For a batch the most negative
+    classes are taken, which is exact when the labels are distinct (Yin et al. 2021) and a guess
+    otherwise; classes are repeated from the most negative when fewer than ``batch_size`` are
+    negative.
+    """
+    batch_size = check_positive_int("batch_size", batch_size)
+    layer = _last_linear(model)
+    if layer.bias is not None and layer.bias.requires_grad:
+        signal = _gradient_of(model, gradient, layer.bias)
+    else:
+        signal = _gradient_of(model, gradient, layer.weight).sum(dim=1)
+    order = signal.argsort()
+    negative = max(1, int((signal < 0).sum()))
+    chosen = order[:min(negative, batch_size)]
+    return chosen.repeat((batch_size + len(chosen) - 1) // len(chosen))[:batch_size].cpu()
+
+
+# -- gradient matching -------------------------------------------------------------------------
+
+def _l2_distance(trial: Sequence[Tensor], target: Sequence[Tensor]) -> Tensor:
+    return sum((a - b).pow(2).sum() for a, b in zip(trial, target))
+
+
+def _cosine_distance(trial: Sequence[Tensor], target: Sequence[Tensor]) -> Tensor:
+    """``1 - cos`` between the gradients, all parameters as one vector (Geiping et al. 2020)."""
+    dot = sum((a * b).sum() for a, b in zip(trial, target))
+    norm_a = torch.sqrt(sum(a.pow(2).sum() for a in trial))
+    norm_b = torch.sqrt(sum(b.pow(2).sum() for b in target))
+    return 1 - dot / (norm_a * norm_b).clamp_min(1e-12)
+
+
+def _dummy(shape: Sequence[int], bounds: tuple[float, float], generator: torch.Generator,
+           device: torch.device) -> Tensor:
+    lo, hi = bounds
+    return (lo + (hi - lo) * torch.rand(tuple(shape), generator=generator)).to(device)
+
+
+def _lbfgs_match(model: nn.Module, target: Sequence[Tensor], x: Tensor, soft_labels: Tensor | None,
+                 labels: Tensor | None, steps: int) -> float:
+    """DLG/iDLG: L-BFGS on the squared gradient distance (soft labels optimised too for DLG)."""
+    variables = [x] + ([soft_labels] if soft_labels is not None else [])
+    optimizer = torch.optim.LBFGS(variables, lr=1.0, max_iter=20, history_size=100,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        y = soft_labels.softmax(dim=1) if soft_labels is not None else labels
+        loss = _l2_distance(_loss_gradient(model, x, y, create_graph=True), target)
+        grads = torch.autograd.grad(loss, variables)
+        for v, g in zip(variables, grads):
+            v.grad = g
+        return loss.detach()
+
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        loss = optimizer.step(closure)
+        if not torch.isfinite(loss):
+            break
+    return float(loss)
+
+
+def _adam_match(model: nn.Module, target: Sequence[Tensor], x: Tensor, labels: Tensor, *, steps: int,
+                lr: float, tv_weight: float, signed: bool, bounds: tuple[float, float]) -> float:
+    """Inverting Gradients: Adam on cosine distance + TV; lr / 10 at 3/8, 5/8 and 7/8 of the steps."""
+    optimizer = torch.optim.Adam([x], lr=lr)
+    milestones = [int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        loss = (_cosine_distance(_loss_gradient(model, x, labels, create_graph=True), target)
+                + tv_weight * total_variation(x).mean())
+        (grad,) = torch.autograd.grad(loss, x)
+        x.grad = grad.sign() if signed else grad
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            x.copy_(project_to_box(x, bounds))
+    return float(loss.detach())
+
+
+def _check_gradient(model: nn.Module, gradient: Sequence[Tensor]) -> None:
+    shapes = [tuple(p.shape) for p in _parameters(model)]
+    given = [tuple(g.shape) for g in gradient]
+    if shapes != given:
+        raise DataError(f"the gradient has {len(given)} tensors of shapes {given[:3]}...; the model's "
+                        f"trainable parameters are {len(shapes)} of shapes {shapes[:3]}...")
+
+
+def _check_method(method: str, labels: Tensor | None, batch_size: int) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"unknown reconstruction method {method!r}; valid: {', '.join(METHODS)}")
+    if labels is not None and labels.shape != (batch_size,):
+        raise DataError(f"labels must have shape ({batch_size},), got {tuple(labels.shape)}")
+
+
+def reconstruct(model: nn.Module, gradient: Sequence[Tensor], input_shape: Sequence[int], *,
+                batch_size: int = 1, method: Method = "inverting-gradients",
+                labels: Tensor | None = None, steps: int | None = None, lr: float = 0.1,
+                tv_weight: float = 1e-4, signed: bool = True, restarts: int = 1,
+                bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0) -> GradientReconstruction:
+    """Recover ``batch_size`` inputs of shape ``input_shape`` from one shared ``gradient``.
+
+    ``labels`` known to the attacker are used as given; otherwise iDLG and Inverting Gradients infer
+    them from the last layer and DLG optimises soft labels. ``steps`` counts L-BFGS steps (of up to
+    20 evaluations; default 50) for DLG/iDLG and Adam steps for Inverting Gradients (default 2000).
+    Of ``restarts`` random starts the one with the lowest matching loss is returned.
+    """
+    batch_size = check_positive_int("batch_size", batch_size)
+    restarts = check_positive_int("restarts", restarts)
+    _check_method(method, labels, batch_size)
+    device = model_device(model)
+    steps = check_positive_int("steps", steps if steps is not None else
+                               (2000 if method == "inverting-gradients" else 50))
+    _check_gradient(model, gradient)
+    target = [g.detach().to(device) for g in gradient]
+    if labels is None and method != "dlg":
+        labels = infer_labels(model, target, batch_size)
+    generator = torch.Generator().manual_seed(seed)
+    best: GradientReconstruction | None = None
+    for _ in range(restarts):
+        trial = _one_start(model, target, input_shape, batch_size, method, labels, steps, lr,
+                           tv_weight, signed, bounds, generator)
+        if best is None or _lower(trial.final_loss, best.final_loss):
+            best = trial
+    assert best is not None
+    best.settings.update({"steps": steps, "restarts": restarts, "seed": seed})
+    return best
+
+
+def _lower(loss: float, incumbent: float) -> bool:
+    """``loss`` beats ``incumbent``; a NaN never wins and always loses."""
+    return not math.isnan(loss) and (math.isnan(incumbent) or loss < incumbent)
+
+
+def _one_start(model: nn.Module, target: list[Tensor], input_shape: Sequence[int], batch_size: int,
+               method: str, labels: Tensor | None, steps: int, lr: float, tv_weight: float,
+               signed: bool, bounds: tuple[float, float], generator: torch.Generator
+               ) -> GradientReconstruction:
+    device = target[0].device
+    x = _dummy((batch_size, *input_shape), bounds, generator, device).requires_grad_(True)
+    with eval_mode(model), torch.enable_grad():
+        if method == "inverting-gradients":
+            assert labels is not None
+            y = labels.to(device)
+            loss = _adam_match(model, target, x, y, steps=steps, lr=lr, tv_weight=tv_weight,
+                               signed=signed, bounds=bounds)
+            settings = {"lr": lr, "tv_weight": tv_weight, "signed": signed}
+        else:
+            classes = _last_linear(model).out_features
+            soft = (torch.randn(batch_size, classes, generator=generator).to(device).requires_grad_(True)
+                    if labels is None else None)  # only DLG without known labels guesses them
+            y = None if labels is None else labels.to(device)
+            loss = _lbfgs_match(model, target, x, soft, y, steps)
+            if soft is not None:
+                y = soft.detach().argmax(dim=1)
+            settings = {"optimizer": "lbfgs"}
+    assert y is not None
+    images = project_to_box(x.detach(), bounds)
+    return GradientReconstruction(images, y.detach().cpu(), method, loss, settings)
+
+
+# -- quality -------------------------------------------------------------------------------------
+
+def reconstruction_quality(result: GradientReconstruction, x: Tensor, y: Tensor, *,
+                           bounds: tuple[float, float] = (0.0, 1.0), clip_norm: float | None = None,
+                           noise_multiplier: float = 0.0, seconds: float = 0.0
+                           ) -> ReconstructionReport:
+    """PSNR and SSIM of each original against the reconstruction matched to it."""
+    x = x.detach().cpu()
+    if result.images.shape != x.shape:
+        raise DataError(f"reconstruction has shape {tuple(result.images.shape)}, the originals "
+                        f"{tuple(x.shape)}")
+    order = best_assignment(result.images.cpu(), x)
+    matched = result.images.cpu()[order]
+    data_range = bounds[1] - bounds[0]
+    is_image = x.dim() in (3, 4) and min(x.shape[-2:]) >= 3
+    label_hits = (result.labels.cpu()[order] == y.cpu()).double().mean()
+    return ReconstructionReport(
+        method=result.method, batch_size=len(x), clip_norm=clip_norm,
+        noise_multiplier=noise_multiplier, psnr=psnr(matched, x, data_range=data_range).tolist(),
+        ssim=ssim(matched, x, data_range=data_range).tolist() if is_image else None,
+        label_accuracy=float(label_hits), settings=dict(result.settings), seconds=seconds,
+        images=matched)
+
+
+def gradient_leakage(model: nn.Module, x: Tensor, y: Tensor, *, method: Method = "inverting-gradients",
+                     clip_norm: float | None = None, noise_multiplier: float = 0.0,
+                     known_labels: bool = False, bounds: tuple[float, float] = (0.0, 1.0),
+                     seed: int = 0, **options: Any) -> ReconstructionReport:
+    """Share the gradient of ``(x, y)`` (optionally clipped and noised), reconstruct, measure.
+
+    ``options`` go to ``reconstruct`` (steps, lr, tv_weight, signed, restarts).
+    """
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    gradient = shared_gradient(model, x, y, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+                               generator=generator)
+    result = reconstruct(model, gradient, tuple(x.shape[1:]), batch_size=len(x), method=method,
+                         labels=y if known_labels else None, bounds=bounds, seed=seed, **options)
+    return reconstruction_quality(result, x, y, bounds=bounds, clip_norm=clip_norm,
+                                  noise_multiplier=noise_multiplier,
+                                  seconds=time.perf_counter() - start)
+
+
+def leakage_sweep(model: nn.Module, x: Tensor, y: Tensor, *, batch_sizes: Sequence[int] = (1, 4, 8),
+                  noise_multipliers: Sequence[float] = (0.0, 0.01, 0.1), clip_norm: float = 1.0,
+                  method: Method = "inverting-gradients", bounds: tuple[float, float] = (0.0, 1.0),
+                  seed: int = 0, **options: Any) -> list[ReconstructionReport]:
+    """Reconstruction quality for each batch size (the first examples of ``x``) and noise level.
+
+    Noise 0 shares the plain gradient; a positive multiplier clips each example's gradient to
+    ``clip_norm`` and adds DP-SGD noise, which shows what clipping and noise buy against the attack.
+    """
+    if max(batch_sizes) > len(x):
+        raise DataError(f"batch size {max(batch_sizes)} needs that many examples, got {len(x)}")
+    reports = []
+    for batch_size in batch_sizes:
+        for noise in noise_multipliers:
+            clip = clip_norm if noise > 0 else None
+            reports.append(gradient_leakage(model, x[:batch_size], y[:batch_size], method=method,
+                                            clip_norm=clip, noise_multiplier=noise, bounds=bounds,
+                                            seed=seed, **options))
+    return reports

@@ -1,0 +1,82 @@
+"""MI-Face model inversion: reconstructions of a digits CNN are recognised by a separately trained model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fortify.config import TrainConfig
+from fortify.data import Split
+from fortify.errors import ConfigError, DataError
+from fortify.privacy import TrainerRecipe, evaluate_inversion, invert_classes, model_inversion
+from fortify.privacy.inversion import class_means
+from fortify.threat import ThreatModel
+
+
+@pytest.fixture(scope="module")
+def evaluator(digits) -> nn.Module:
+    """An MLP trained on its own (other architecture, other seed) to judge the reconstructions."""
+    config = TrainConfig(objective="standard", epochs=8, early_stopping=False)
+    recipe = TrainerRecipe.for_model("mlp", digits.input_shape, digits.num_classes, config=config,
+                                     threat=ThreatModel("linf", 0.2), val=digits.val)
+    model = recipe(digits.train, seed=11)
+    accuracy = (model(digits.test.x).argmax(1) == digits.test.y).float().mean()
+    assert accuracy > 0.9  # a judge must know the digits itself
+    return model
+
+
+@pytest.mark.slow  # trains the shared standard model and the judge when run alone
+def test_inverted_classes_are_recognised_by_a_separately_trained_model(standard_model, digits,
+                                                                       evaluator):
+    # Execute
+    report = model_inversion(standard_model, digits.train, evaluator=evaluator)
+    # Assert: the reconstructions carry the class, not just a pattern the target alone responds to
+    assert report.images.shape == (10, 1, 8, 8)
+    assert report.evaluator_accuracy >= 0.5 > report.chance_accuracy
+    assert min(report.target_confidence) > 0.9
+    assert report.nearest_mean_accuracy > report.chance_accuracy
+    assert report.images.min() >= 0.0 and report.images.max() <= 1.0
+    assert report.to_dict()["mean_ssim"] == pytest.approx(report.mean_ssim)
+    assert "images" not in report.to_dict()
+
+
+def test_an_untrained_model_reveals_no_class(digits, evaluator):
+    # Prepare: random weights know nothing about digits
+    torch.manual_seed(5)
+    untrained = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    # Execute
+    report = model_inversion(untrained, digits.train, evaluator=evaluator)
+    # Assert: whatever the inversion climbs towards, the judge sees no digit of that class in it
+    assert report.evaluator_accuracy <= 0.3
+
+
+def test_inversion_is_deterministic_and_leaves_the_model_alone(standard_model):
+    grads = [None if p.grad is None else p.grad.clone() for p in standard_model.parameters()]
+    standard_model.train()
+    try:
+        first = invert_classes(standard_model, [3, 7], (1, 8, 8), steps=20)
+        second = invert_classes(standard_model, [3, 7], (1, 8, 8), steps=20)
+        assert standard_model.training  # the caller's mode is restored
+    finally:
+        standard_model.eval()
+    assert torch.equal(first, second)
+    for before, p in zip(grads, standard_model.parameters()):  # the model's gradients untouched
+        assert (before is None and p.grad is None) or torch.equal(before, p.grad)
+
+
+def test_class_means_are_the_per_class_averages():
+    train = Split(torch.tensor([[0.0], [2.0], [4.0], [10.0]]), torch.tensor([0, 0, 0, 1]))
+    assert class_means(train, [1, 0]).tolist() == [[10.0], [2.0]]
+    with pytest.raises(DataError, match="class 2 has no training examples"):
+        class_means(train, [2])
+
+
+def test_bad_inversion_settings_are_refused(standard_model, digits):
+    with pytest.raises(ConfigError, match="valid: probability, log-probability, logit"):
+        invert_classes(standard_model, [0], (1, 8, 8), objective="entropy")  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="start must have shape"):
+        invert_classes(standard_model, [0, 1], (1, 8, 8), start=torch.zeros(1, 1, 8, 8))
+    images = invert_classes(standard_model, [0], (1, 8, 8), steps=2)
+    report = evaluate_inversion(standard_model, images, [0], digits.train)
+    assert report.evaluator_accuracy is None and report.evaluator_predictions is None

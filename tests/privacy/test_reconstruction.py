@@ -1,0 +1,170 @@
+"""Reconstruction from gradients: a single digit is recovered from a small MLP's gradient, DP noise
+stops it; PSNR/SSIM, label inference, matching and the DP-style gradient checked in closed form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fortify.errors import ConfigError, DataError
+from fortify.privacy import (
+    gradient_leakage,
+    infer_labels,
+    reconstruct,
+    reconstruction_quality,
+    shared_gradient,
+)
+from fortify.privacy.similarity import best_assignment, psnr, ssim, ssim_window
+
+NOISE_MULTIPLIER = 0.1  # DP-SGD noise std 0.1 * clip_norm on the summed gradient
+CLIP_NORM = 1.0
+
+
+def _small_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def _digits_with_distinct_labels(digits, n):
+    """The first test digits of n different classes."""
+    chosen, seen = [], set()
+    for i, label in enumerate(digits.test.y.tolist()):
+        if label not in seen:
+            chosen.append(i)
+            seen.add(label)
+        if len(chosen) == n:
+            break
+    index = torch.tensor(chosen)
+    return digits.test.x[index], digits.test.y[index]
+
+
+@pytest.mark.slow
+def test_one_digit_is_recovered_from_its_gradient_and_dp_noise_stops_it(digits):
+    # Prepare
+    model = _small_mlp()
+    x, y = digits.test.x[:1], digits.test.y[:1]
+    # Execute: Inverting Gradients, labels inferred from the gradient (iDLG)
+    clean = gradient_leakage(model, x, y, method="inverting-gradients", steps=400)
+    noisy = gradient_leakage(model, x, y, method="inverting-gradients", steps=400,
+                             clip_norm=CLIP_NORM, noise_multiplier=NOISE_MULTIPLIER)
+    # Assert
+    assert clean.psnr[0] > 30.0
+    assert clean.ssim[0] > 0.95
+    assert clean.label_accuracy == 1.0
+    assert noisy.psnr[0] < clean.psnr[0] - 15.0
+    assert noisy.ssim[0] < 0.8
+
+
+def test_idlg_recovers_one_digit_with_lbfgs(digits):
+    model = _small_mlp(1)
+    x, y = digits.test.x[1:2], digits.test.y[1:2]
+    report = gradient_leakage(model, x, y, method="idlg", steps=10)
+    assert report.psnr[0] > 30.0
+    assert report.settings["optimizer"] == "lbfgs"
+
+
+@pytest.mark.slow
+def test_a_batch_of_four_is_recovered_whatever_order_the_reconstruction_comes_in(digits):
+    # Prepare
+    model = _small_mlp(2)
+    x, y = _digits_with_distinct_labels(digits, 4)
+    gradient = shared_gradient(model, x, y)
+    # Execute
+    result = reconstruct(model, gradient, (1, 8, 8), batch_size=4, steps=400)
+    report = reconstruction_quality(result, x, y)
+    result.images, result.labels = result.images.flip(0), result.labels.flip(0)
+    flipped = reconstruction_quality(result, x, y)
+    # Assert
+    assert sorted(result.labels.tolist()) == sorted(y.tolist())
+    assert min(report.psnr) > 25.0
+    assert flipped.psnr == pytest.approx(report.psnr)
+    assert report.label_accuracy == 1.0
+
+
+def test_idlg_reads_the_label_off_the_last_layer_for_every_class(digits):
+    model = _small_mlp(3)
+    x = digits.test.x[:1]
+    for label in range(10):
+        gradient = shared_gradient(model, x, torch.tensor([label]))
+        assert infer_labels(model, gradient, 1).tolist() == [label]
+
+
+def test_dp_gradient_clips_each_example_and_adds_noise_of_the_stated_size(digits):
+    # Prepare
+    model = _small_mlp(4)
+    x, y = digits.test.x[:2], digits.test.y[:2]
+    # Execute
+    clipped = shared_gradient(model, x[:1], y[:1], clip_norm=1e-3)
+    clean_mean = shared_gradient(model, x, y, clip_norm=1e-3)
+    noisy = shared_gradient(model, x, y, clip_norm=1e-3, noise_multiplier=1000.0,
+                            generator=torch.Generator().manual_seed(0))
+    # Assert: one example's gradient has exactly the clip norm (its own is far larger)
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in clipped))
+    assert norm.item() == pytest.approx(1e-3, rel=1e-5)
+    per_example = [shared_gradient(model, x[i:i + 1], y[i:i + 1], clip_norm=1e-3) for i in range(2)]
+    for mean, a, b in zip(clean_mean, *per_example):
+        assert torch.allclose(mean, (a + b) / 2, atol=1e-9)
+    residual = torch.cat([(n - c).flatten() for n, c in zip(noisy, clean_mean)])
+    assert residual.std().item() == pytest.approx(1000.0 * 1e-3 / 2, rel=0.05)  # sigma * C / B
+    assert residual.mean().abs().item() < 0.05
+
+
+def test_noise_without_clipping_is_refused(digits):
+    model = _small_mlp()
+    with pytest.raises(ConfigError, match="needs clip_norm"):
+        shared_gradient(model, digits.test.x[:1], digits.test.y[:1], noise_multiplier=1.0)
+    with pytest.raises(ConfigError, match="valid: dlg, idlg, inverting-gradients"):
+        reconstruct(model, [], (1, 8, 8), method="deep-leakage")  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="the gradient has 0 tensors"):
+        reconstruct(model, [], (1, 8, 8))
+
+
+# -- image similarity ---------------------------------------------------------------------------
+
+def test_psnr_of_a_uniform_offset_is_its_closed_form():
+    a = torch.rand(3, 1, 8, 8) * 0.5
+    assert psnr(a + 0.1, a).tolist() == pytest.approx([20.0] * 3)  # -20 log10(0.1)
+    assert psnr(a + 0.01, a, data_range=2.0).tolist() == pytest.approx([46.0206] * 3, rel=1e-5)
+
+
+def test_ssim_is_one_for_identical_images_and_falls_with_noise():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(4, 3, 16, 16, generator=gen)
+    noise = torch.randn(a.shape, generator=gen)
+    values = [ssim((a + s * noise).clamp(0, 1), a).mean().item() for s in (0.0, 0.05, 0.2)]
+    assert values[0] == pytest.approx(1.0)
+    assert values[0] > values[1] > values[2]
+    assert ssim(a, a.flip(0)).tolist() == pytest.approx(ssim(a.flip(0), a).tolist())  # symmetric
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 3, 16, 20), (2, 1, 8, 8)])
+def test_ssim_matches_scikit_image(shape):
+    metrics = pytest.importorskip("skimage.metrics")
+    gen = torch.Generator().manual_seed(1)
+    a = torch.rand(shape, generator=gen, dtype=torch.float64)
+    b = (a + 0.2 * torch.randn(shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    _, sigma = ssim_window(*shape[2:])
+    expected = [metrics.structural_similarity(a[i].numpy(), b[i].numpy(), data_range=1.0,
+                                              gaussian_weights=True, sigma=sigma,
+                                              use_sample_covariance=False, channel_axis=0)
+                for i in range(shape[0])]
+    assert ssim(a, b).tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_best_assignment_undoes_a_permutation():
+    originals = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    permutation = torch.tensor([3, 0, 5, 1, 4, 2])
+    noisy = originals[permutation] + 0.01 * torch.randn(6, 1, 8, 8)
+    order = best_assignment(noisy, originals)
+    assert torch.equal(permutation[order], torch.arange(6))
+
+
+def test_quality_refuses_a_reconstruction_of_another_shape(digits):
+    model = _small_mlp()
+    gradient = shared_gradient(model, digits.test.x[:1], digits.test.y[:1])
+    result = reconstruct(model, gradient, (1, 8, 8), batch_size=1, steps=1)
+    with pytest.raises(DataError, match="shape"):
+        reconstruction_quality(result, digits.test.x[:2], digits.test.y[:2])
+    assert F.mse_loss(result.images, result.images.clamp(0, 1)) == 0  # inside the box
