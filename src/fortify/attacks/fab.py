@@ -1,0 +1,382 @@
+"""FAB (Croce & Hein 2020): the fast adaptive boundary attack, a minimum-norm attack.
+
+F. Croce and M. Hein, "Minimally distorted adversarial examples with a fast adaptive boundary
+attack", ICML 2020, Algorithm 1. At the current point ``x_k`` the classifier is linearised, and the
+boundary between the true class ``c`` and the class ``s`` whose linearised boundary is closest
+(``|f_s - f_c| / ||grad f_s - grad f_c||_q``, ``q`` the dual norm) gives a hyperplane ``pi_s``.
+Both ``x_k`` and the original point ``x`` are projected onto ``pi_s`` intersected with the input box
+(``d_k`` and ``d_x``, exact projections), and the attack takes the step biased towards ``x``::
+
+    alpha   = min(||d_k|| / (||d_k|| + ||d_x||), alpha_max)
+    x_{k+1} = P_box((1 - alpha) (x_k + eta d_k) + alpha (x + eta d_x))
+
+A step that fools the model is recorded if it is the smallest so far and is then pulled back,
+``x_{k+1} <- x + beta (x_{k+1} - x)``, so that the search goes on closer to ``x``. Restarts after
+the first begin at a random point within ``min(best norm, eps) / 2`` of ``x``; a final search
+walks the segment between ``x`` and the best point by linear interpolation of the logits.
+
+``FABTargeted`` is FAB-T as in AutoAttack: the hyperplane is always the boundary with one target
+class, and the targets are, in turn, the ``n_target_classes`` non-true classes with the highest
+clean logits. Success still means any prediction other than the label.
+
+``perturb`` returns per example the smallest adversarial point found when its norm is at most eps,
+and ``x`` otherwise, so every point lies inside the threat model. ``minimal`` returns the smallest
+point found and its norm (``inf`` where none was found, ``0`` where ``x`` itself is misclassified).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from fortify.attacks.base import ATTACKS, Attack, check_label_range, check_positive_int
+from fortify.errors import ConfigError
+from fortify.threat import ThreatModel
+
+# keeps the distance to a hyperplane finite when two classes have the same gradient (as AutoAttack)
+_GRAD_FLOOR = 1e-12
+# projections shorter than this count as this long in the step bias, so alpha stays defined
+_STEP_FLOOR = 1e-8
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _expand(per_example: Tensor, like: Tensor) -> Tensor:
+    return per_example.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def vector_norm(flat: Tensor, norm: str) -> Tensor:
+    """Row-wise ``||.||_inf`` or ``||.||_2`` of a (N, D) tensor."""
+    return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(p=2, dim=1)
+
+
+def dual_norm(flat: Tensor, norm: str) -> Tensor:
+    """Norm dual to ``norm`` along the last dimension: L1 for L-inf, L2 for L2."""
+    return flat.abs().sum(dim=-1) if norm == "linf" else flat.norm(p=2, dim=-1)
+
+
+def _saturation_level(weight: Tensor, cap: Tensor, need: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, the smallest ``mu >= 0`` with ``sum_i weight_i * min(mu, cap_i) >= need``.
+
+    The left side is piecewise linear, nondecreasing and concave in ``mu`` with breakpoints at the
+    caps; sorting them gives its value at every breakpoint by cumulative sums, the first breakpoint
+    that reaches ``need`` brackets ``mu``, and on that piece ``mu`` solves a linear equation.
+    Returns ``(mu, feasible)``; ``feasible`` is False where even ``mu = max cap`` falls short.
+    """
+    caps, order = cap.sort(dim=1)
+    weights = weight.gather(1, order)
+    cum_weight = weights.cumsum(dim=1)
+    cum_capped = (weights * caps).cumsum(dim=1)
+    total = cum_weight[:, -1:]
+    reach = cum_capped + caps * (total - cum_weight)  # the left side at mu = each cap
+    below = (reach < need[:, None]).sum(dim=1, keepdim=True)
+    feasible = below.squeeze(1) < cap.shape[1]
+    zero = torch.zeros_like(total)
+    saturated = torch.cat((zero, cum_capped), dim=1).gather(1, below).squeeze(1)
+    free_weight = (total - torch.cat((zero, cum_weight), dim=1).gather(1, below)).squeeze(1)
+    tiny = torch.finfo(weight.dtype).tiny
+    return (need - saturated) / free_weight.clamp_min(tiny), feasible
+
+
+def project_onto_hyperplane_in_box(points: Tensor, normals: Tensor, offsets: Tensor,
+                                   bounds: tuple[float, float], norm: str) -> Tensor:
+    """Shortest ``delta`` per row with ``<normal, delta> = offset`` and ``point + delta`` in the box.
+
+    ``points``, ``normals``: (N, D); ``offsets``: (N,). Exact for ``norm`` in {"linf", "l2"}: the
+    projection FAB takes at every step (Croce & Hein 2020). Flip signs so that the offset is
+    positive, and let ``m_i`` be the room coordinate ``i`` has towards raising ``<w, delta>`` (up to
+    the box face in the direction of ``sign(w_i)``). The minimiser is then
+    ``delta_i = sign(w_i) * min(lam, m_i)`` for L-inf and ``delta_i = sign(w_i) * |w_i| *
+    min(mu, m_i / |w_i|)`` for L2 (the box-clipped multiple of ``w`` that the KKT conditions give),
+    with the smallest level that meets the offset. Where the hyperplane misses the box, the
+    projection onto the hyperplane alone is returned, as AutoAttack's FAB does; the step that uses
+    it is clipped into the box afterwards. A row whose normal is too small to define a finite
+    projection gets ``delta = 0``.
+    """
+    work = torch.promote_types(points.dtype, torch.float32)
+    points, normals, offsets = points.to(work), normals.to(work), offsets.to(work)
+    lo, hi = bounds
+    flip = torch.where(offsets < 0, -1.0, 1.0).to(work)
+    w = normals * flip[:, None]
+    need = offsets * flip
+    size = w.abs()
+    room = torch.where(w > 0, hi - points, points - lo).clamp_min(0)
+    if norm == "linf":
+        weight, cap = size, room
+    else:
+        weight = size.square()
+        cap = torch.where(size > 0, room / size.clamp_min(torch.finfo(work).tiny), 0.0)
+    level, feasible = _saturation_level(weight, cap, need)
+    unconstrained = need / weight.sum(dim=1).clamp_min(torch.finfo(work).tiny)
+    level = torch.where(feasible, level, unconstrained)[:, None]
+    magnitude = torch.where(feasible[:, None], torch.minimum(level, cap), level)
+    if norm == "l2":
+        magnitude = magnitude * size
+    delta = w.sign() * magnitude
+    # a vanishing normal defines no usable hyperplane (its level overflows): leave such rows in place
+    return torch.where(torch.isfinite(delta).all(dim=1, keepdim=True), delta, 0.0)
+
+
+class FAB(Attack):
+    """Untargeted FAB: the closest linearised boundary among all other classes at each step.
+
+    FAB chooses its own hyperplanes, so a ``target`` passed to the call is not used.
+    """
+
+    name = "fab"
+
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        steps: int = 100,
+        restarts: int = 1,
+        alpha_max: float = 0.1,
+        eta: float = 1.05,
+        beta: float = 0.9,
+        search_steps: int = 3,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(threat, targeted=False, seed=seed)
+        self.steps = check_positive_int("steps", steps)
+        self.restarts = check_positive_int("restarts", restarts)
+        if not 0.0 <= alpha_max <= 1.0:
+            raise ConfigError(f"alpha_max must be in [0, 1], got {alpha_max!r}")
+        if not (math.isfinite(eta) and eta >= 1.0):
+            raise ConfigError(f"eta (the overshoot) must be a finite number >= 1, got {eta!r}")
+        if not 0.0 < beta <= 1.0:
+            raise ConfigError(f"beta (the backward step) must be in (0, 1], got {beta!r}")
+        if isinstance(search_steps, bool) or int(search_steps) != search_steps or search_steps < 0:
+            raise ConfigError(f"search_steps must be an integer >= 0, got {search_steps!r}")
+        self.alpha_max, self.eta, self.beta = float(alpha_max), float(eta), float(beta)
+        self.search_steps = int(search_steps)
+
+    @property
+    def label(self) -> str:
+        suffix = f"x{self.restarts}" if self.restarts > 1 else ""
+        return f"{self.name}-{self.steps}{suffix}"
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "steps": self.steps, "restarts": self.restarts,
+                "alpha_max": self.alpha_max, "eta": self.eta, "beta": self.beta,
+                "search_steps": self.search_steps}
+
+    # -- public entry points ------------------------------------------------------------------
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
+                generator: torch.Generator) -> Tensor:
+        best, norms = self._search(model, x, y, generator, stop_at=self.threat.eps)
+        return torch.where(_expand(norms <= self.threat.eps, x), best, x)
+
+    def minimal(self, model: nn.Module, x: Tensor, y: Tensor, *,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Smallest adversarial point found per example and its norm, not limited to eps.
+
+        Where nothing was found the point is ``x`` and the norm ``inf``; where ``x`` is already
+        misclassified, ``x`` and ``0``. Norms are in the threat model's norm, at least float32.
+        """
+        self._check_batch(x, y, None)
+        if generator is None:
+            generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.enable_grad():
+                best, norms = self._search(model, x.detach(), y, generator, stop_at=0.0)
+        finally:
+            model.train(was_training)
+        return best.detach(), norms
+
+    # -- the search ---------------------------------------------------------------------------
+
+    def _search(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator,
+                stop_at: float) -> tuple[Tensor, Tensor]:
+        """Best point and norm per example; an example leaves once its norm is <= ``stop_at``."""
+        with torch.no_grad():
+            clean_logits = model(x)
+        check_label_range(y, clean_logits.shape[1])
+        best = x.clone()
+        norms = torch.where(clean_logits.argmax(dim=1) != y, 0.0, torch.inf).to(
+            torch.promote_types(x.dtype, torch.float32))
+        passes = [(target, restart) for target in self._targets(clean_logits, y)
+                  for restart in range(self.restarts)]
+        for target, restart in passes:
+            todo = (norms > stop_at).nonzero().squeeze(1)
+            if todo.numel() == 0:
+                break
+            run_x, run_norms = self._run(model, x[todo], y[todo],
+                                         None if target is None else target[todo],
+                                         self._start(x[todo], norms[todo], restart, generator), stop_at)
+            better = run_norms < norms[todo]
+            best[todo[better]] = run_x[better]
+            norms[todo[better]] = run_norms[better]
+        self._final_search(model, x, y, best, norms)
+        return best, norms
+
+    def _targets(self, clean_logits: Tensor, y: Tensor) -> list[Tensor | None]:
+        """The target classes of each pass over the batch; ``[None]`` means the closest class."""
+        return [None]
+
+    def _start(self, x: Tensor, norms: Tensor, restart: int, generator: torch.Generator) -> Tensor:
+        if restart == 0:
+            return x.clone()
+        # a draw from the eps-ball shrunk towards x, to radius min(best norm, eps) / 2 as in the paper;
+        # a convex combination of x and a point of the box stays in the box and inside the ball
+        draw = self.threat.random_start(x, generator)
+        shrink = (norms.clamp(max=self.threat.eps) / (2 * self.threat.eps)).to(x.dtype)
+        return x + _expand(shrink, x) * (draw - x)
+
+    def _run(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, start: Tensor,
+             stop_at: float) -> tuple[Tensor, Tensor]:
+        """One FAB run from ``start``: the smallest fooling iterate and its norm (inf if none)."""
+        current = start
+        best = x.clone()
+        norms = torch.full((x.shape[0],), torch.inf, device=x.device,
+                           dtype=torch.promote_types(x.dtype, torch.float32))
+        active = torch.arange(x.shape[0], device=x.device)
+        for _ in range(self.steps):
+            x_nat, labels = x[active], y[active]
+            normal, offset = self._linearise(model, current[active], labels,
+                                             None if target is None else target[active])
+            stepped = self._step(current[active], x_nat, normal, offset)
+            with torch.no_grad():
+                fooled = model(stepped).argmax(dim=1) != labels
+            dist = self.threat.distance(stepped, x_nat)
+            better = fooled & (dist < norms[active])
+            best[active[better]] = stepped[better]
+            norms[active[better]] = dist[better]
+            pulled = x_nat + self.beta * (stepped - x_nat)
+            current[active] = torch.where(_expand(fooled, stepped), pulled, stepped)
+            # an example already fooled within stop_at has what the caller needs
+            active = active[norms[active] > stop_at]
+            if active.numel() == 0:
+                break
+        return best, norms
+
+    def _linearise(self, model: nn.Module, point: Tensor, y: Tensor,
+                   target: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Hyperplane ``<normal, delta> = offset`` (flat normal) where the linearised
+        ``f_s - f_y`` vanishes at ``point + delta``, for the closest class ``s`` or the target."""
+        point = point.detach().requires_grad_(True)
+        logits = model(point)
+        rows = torch.arange(point.shape[0], device=point.device)
+        if target is not None:
+            gap = logits[rows, target] - logits[rows, y]
+            (grad,) = torch.autograd.grad(gap.sum(), point)
+            return _flat(grad), -gap.detach()
+        gaps = (logits - logits[rows, y][:, None]).detach()
+        grads = self._gap_gradients(logits, point, y)
+        distance = gaps.abs() / (dual_norm(grads, self.threat.norm) + _GRAD_FLOOR)
+        distance[rows, y] = torch.inf
+        closest = distance.argmin(dim=1)
+        return grads[rows, closest], -gaps[rows, closest]
+
+    @staticmethod
+    def _gap_gradients(logits: Tensor, point: Tensor, y: Tensor) -> Tensor:
+        """(N, K, D): gradient of ``f_k - f_y`` for every class ``k``, one backward pass per class."""
+        rows = torch.arange(point.shape[0], device=point.device)
+        true = logits[rows, y]
+        num_classes = logits.shape[1]
+        grads = [torch.autograd.grad((logits[:, k] - true).sum(), point,
+                                     retain_graph=k < num_classes - 1)[0]
+                 for k in range(num_classes)]
+        return torch.stack(grads, dim=1).reshape(point.shape[0], num_classes, -1)
+
+    def _step(self, current: Tensor, x: Tensor, normal: Tensor, offset: Tensor) -> Tensor:
+        """The biased, overshooting step of Algorithm 1, clipped into the box."""
+        here, origin = _flat(current), _flat(x)
+        # the same hyperplane seen from x: <normal, x + delta - current> = offset
+        offset_origin = offset - (normal * (origin - here)).sum(dim=1)
+        deltas = project_onto_hyperplane_in_box(
+            torch.cat((here, origin)), torch.cat((normal, normal)),
+            torch.cat((offset, offset_origin)), self.threat.bounds, self.threat.norm).to(here.dtype)
+        d_here, d_origin = deltas.chunk(2)
+        len_here = vector_norm(d_here, self.threat.norm).clamp_min(_STEP_FLOOR)
+        len_origin = vector_norm(d_origin, self.threat.norm).clamp_min(_STEP_FLOOR)
+        alpha = (len_here / (len_here + len_origin)).clamp(0.0, self.alpha_max)[:, None]
+        moved = (1 - alpha) * (here + self.eta * d_here) + alpha * (origin + self.eta * d_origin)
+        return self._box.project(moved.reshape(current.shape), current)
+
+    @property
+    def _box(self) -> ThreatModel:
+        # an L-inf ball as wide as the box contains the box, so its projection is the box clip
+        lo, hi = self.threat.bounds
+        return ThreatModel("linf", hi - lo, (lo, hi))
+
+    @torch.no_grad()
+    def _final_search(self, model: nn.Module, x: Tensor, y: Tensor, best: Tensor,
+                      norms: Tensor) -> None:
+        """Shrink each found point towards ``x`` along their segment (in place).
+
+        ``inside`` stays correctly classified and ``outside`` fooled; each probe is where the
+        logits, interpolated linearly between the two, would cross.
+        """
+        found = (torch.isfinite(norms) & (norms > 0)).nonzero().squeeze(1)
+        if self.search_steps == 0 or found.numel() == 0:
+            return
+        rows = torch.arange(found.numel(), device=x.device)
+        labels = y[found]
+        inside, outside, out_norms = x[found].clone(), best[found].clone(), norms[found].clone()
+        in_logits, out_logits = model(inside), model(outside)
+        out_label = out_logits.argmax(dim=1)
+        for _ in range(self.search_steps):
+            margin_in = in_logits[rows, labels] - in_logits[rows, out_label]
+            margin_out = out_logits[rows, out_label] - out_logits[rows, labels]
+            t = margin_in / (margin_in + margin_out).clamp_min(torch.finfo(margin_in.dtype).tiny)
+            t = torch.where((t >= 0) & (t <= 1), t, torch.ones_like(t)).to(x.dtype)
+            probe = inside + _expand(t, inside) * (outside - inside)
+            probe_logits = model(probe)
+            probe_label = probe_logits.argmax(dim=1)
+            probe_norms = self.threat.distance(probe, x[found])
+            # rounding may put a probe a hair beyond the point it should improve on
+            fooled = (probe_label != labels) & (probe_norms <= out_norms)
+            kept = probe_label == labels
+            outside[fooled], out_logits[fooled] = probe[fooled], probe_logits[fooled]
+            out_label[fooled], out_norms[fooled] = probe_label[fooled], probe_norms[fooled]
+            inside[kept], in_logits[kept] = probe[kept], probe_logits[kept]
+        best[found], norms[found] = outside, out_norms
+
+
+class FABTargeted(FAB):
+    """FAB-T: FAB towards each of the top ``n_target_classes`` non-true clean-logit classes in turn."""
+
+    name = "fab-t"
+
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        n_target_classes: int = 9,
+        steps: int = 100,
+        restarts: int = 1,
+        alpha_max: float = 0.1,
+        eta: float = 1.05,
+        beta: float = 0.9,
+        search_steps: int = 3,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(threat, steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta,
+                         beta=beta, search_steps=search_steps, seed=seed)
+        if isinstance(n_target_classes, bool) or int(n_target_classes) != n_target_classes \
+                or n_target_classes < 1:
+            raise ConfigError(f"n_target_classes must be an integer >= 1, got {n_target_classes!r}")
+        self.n_target_classes = int(n_target_classes)
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "n_target_classes": self.n_target_classes}
+
+    def _targets(self, clean_logits: Tensor, y: Tensor) -> list[Tensor | None]:
+        num_classes = clean_logits.shape[1]
+        if self.n_target_classes >= num_classes:
+            raise ConfigError(f"n_target_classes={self.n_target_classes} is out of range for a model "
+                              f"with {num_classes} classes; allowed: 1..{num_classes - 1}")
+        ranked = clean_logits.scatter(1, y[:, None], -torch.inf).topk(self.n_target_classes, dim=1)
+        return list(ranked.indices.unbind(dim=1))
+
+
+ATTACKS.add("fab", FAB)
+ATTACKS.add("fab-t", FABTargeted)
