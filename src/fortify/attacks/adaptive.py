@@ -1,0 +1,112 @@
+"""Adaptive attacks on masked gradients (Athalye, Carlini & Wagner, ICML 2018).
+
+Both wrappers are models, not attacks: ``PGD(threat)(EOT(defended, 16), x, y)`` runs every gradient
+attack unchanged against the wrapped model, and the points it returns are then scored on the
+defended model itself.
+
+- ``EOT`` (Expectation over Transformation) averages the logits of ``n_samples`` forward passes, each
+  with fresh randomness. The gradient of the average is the average of the gradients, so every step
+  follows the Monte-Carlo estimate of the expected logit's gradient instead of one noisy sample. The
+  passes run one after another, not as one enlarged batch, because a defence may draw its
+  randomness once per call (one resize for the batch) and the samples must be independent.
+- ``BPDA`` (Backward Pass Differentiable Approximation) runs a non-differentiable input transform
+  in the forward pass and replaces it by a differentiable approximation in the backward pass; the
+  identity (straight-through) is the default and suits transforms with ``g(x) ~ x``, such as
+  quantisation and JPEG.
+- ``MarginPGD`` ascends the logit margin instead of the cross-entropy (Carlini & Wagner 2017), which
+  stays informative where a saturated softmax makes the cross-entropy gradient underflow to zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fortify.attacks.base import check_positive_int
+from fortify.attacks.pgd import PGD
+
+Transform = Callable[[Tensor], Tensor]
+
+
+class EOT(nn.Module):
+    """Logits averaged over ``n_samples`` independent forward passes of a randomised ``model``."""
+
+    def __init__(self, model: nn.Module, n_samples: int) -> None:
+        super().__init__()
+        self.model = model
+        self.n_samples = check_positive_int("n_samples", n_samples)
+
+    def forward(self, x: Tensor) -> Tensor:
+        total = self.model(x)
+        for _ in range(self.n_samples - 1):
+            total = total + self.model(x)
+        return total / self.n_samples
+
+    def extra_repr(self) -> str:
+        return f"n_samples={self.n_samples}"
+
+
+class _BackwardApproximation(torch.autograd.Function):
+    """Forward: ``transform(x)``. Backward: the vector-Jacobian product of ``approximation``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, transform: Transform, approximation: Transform | None) -> Tensor:
+        ctx.approximation = approximation
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return transform(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None, None]:
+        if ctx.approximation is None:
+            return grad_output, None, None  # straight-through: the identity's Jacobian
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            point = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(ctx.approximation(point), point, grad_output)
+        return grad, None, None
+
+
+class BPDA(nn.Module):
+    """``model(transform(x))`` whose backward pass differentiates ``approximation`` instead.
+
+    ``approximation=None`` means the identity, which needs ``transform`` to keep the input's shape.
+    ``BPDA.around(defence)`` builds it for an ``InputTransformDefence``.
+    """
+
+    def __init__(self, model: nn.Module, transform: Transform,
+                 approximation: Transform | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.transform = transform
+        self.approximation = approximation
+
+    @classmethod
+    def around(cls, defence: nn.Module, approximation: Transform | None = None) -> BPDA:
+        """BPDA for a defence that exposes ``model`` and ``transform`` (an InputTransformDefence)."""
+        return cls(defence.model, defence.transform, approximation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(_BackwardApproximation.apply(x, self.transform, self.approximation))
+
+
+class MarginPGD(PGD):
+    """PGD on the margin ``max_{j != y} z_j - z_y`` (towards the target: ``z_t - max_{j != t} z_j``)."""
+
+    name = "pgd-margin"
+
+    def objective(self, logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
+        if self.targeted:
+            assert target is not None
+            return -logit_margin(logits, target)
+        return -logit_margin(logits, y)
+
+
+def logit_margin(logits: Tensor, label: Tensor) -> Tensor:
+    """Per example ``z_label - max_{j != label} z_j``: positive where ``label`` is predicted."""
+    own = logits.gather(1, label.unsqueeze(1)).squeeze(1)
+    others = logits.scatter(1, label.unsqueeze(1), -torch.inf)
+    return own - others.amax(dim=1)

@@ -1,0 +1,66 @@
+"""What the input-transform defences share: ``model(transform(x))`` and a seeded source of noise.
+
+Each defence here is an opt-in wrapper that takes inputs in the box and returns the wrapped model's
+logits. They are the classic ways of *masking* gradients (Athalye, Carlini & Wagner, ICML 2018): an
+attack that follows the gradient is stopped while the model is no more robust. They exist so that
+the gradient-masking verdict and the adaptive attacks (EOT, BPDA) can be tested against them, and so
+that a user can see why such a defence's robust accuracy must not be trusted.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from fortify.errors import ConfigError
+from fortify.registry import Registry
+
+DEFENCES: Registry[Callable[..., nn.Module]] = Registry("defence")
+
+
+def check_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = (float(b) for b in bounds)
+    if not lo < hi:
+        raise ConfigError(f"bounds must satisfy low < high, got {bounds!r}")
+    return lo, hi
+
+
+class InputTransformDefence(nn.Module, ABC):
+    """``model(transform(x))``: a fixed or random input transform in front of a classifier.
+
+    ``differentiable`` says whether the transform has useful gradients; when it does not, BPDA
+    (``fortify.attacks.adaptive.BPDA``) replaces it by the identity in the backward pass.
+    ``randomized`` says whether two calls on the same input may differ; when they do, EOT averages
+    over the randomness. Random transforms draw from their own generator when given a ``seed``, so
+    a run is reproducible while repeated calls still differ.
+    """
+
+    differentiable: ClassVar[bool] = True
+    randomized: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, *, bounds: tuple[float, float] = (0.0, 1.0),
+                 seed: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.bounds = check_bounds(bounds)
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(self.transform(x))
+
+    @abstractmethod
+    def transform(self, x: Tensor) -> Tensor:
+        """The input transform, from the box to the wrapped model's input."""
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """This defence's generator on ``device`` (None without a seed: the global RNG is used)."""
+        if self.seed is None:
+            return None
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]

@@ -1,0 +1,56 @@
+"""Defensive distillation (Papernot, McDaniel, Wu, Jha & Swami, IEEE S&P 2016).
+
+The defence trains a teacher with ``softmax(z / T)`` at a high temperature ``T``, trains a student on
+the teacher's soft labels at the same ``T``, and deploys the student at temperature 1. The student's
+logits come out about ``T`` times larger than those of a model trained at temperature 1, so its
+softmax saturates: in float32 the cross-entropy gradient underflows to exactly zero for most inputs
+and attacks that follow it stall, while the decision boundary has not moved. Carlini & Wagner
+(2017) break it by attacking the logits instead of the softmax.
+
+``DefensiveDistillation`` reproduces the deployed student's defining property, its logit scale, by
+multiplying a trained model's logits by ``T``. The decisions are the wrapped model's, so any gain in
+"robustness" it shows is gradient masking by construction. ``distillation_loss`` is the soft-label
+objective for training a real student.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fortify.defences.base import DEFENCES
+from fortify.errors import ConfigError
+
+
+def _check_temperature(temperature: float) -> float:
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float))
+                                             and math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+class DefensiveDistillation(nn.Module):
+    """Logits of a student distilled at temperature ``T`` and deployed at 1: ``T * model(x)``."""
+
+    def __init__(self, model: nn.Module, *, temperature: float = 100.0) -> None:
+        super().__init__()
+        self.model = model
+        self.temperature = _check_temperature(temperature)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x) * self.temperature
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Cross-entropy of the student's ``softmax(z / T)`` against the teacher's at the same ``T``."""
+    temperature = _check_temperature(temperature)
+    soft_labels = F.softmax(teacher_logits.detach() / temperature, dim=1)
+    return -(soft_labels * F.log_softmax(student_logits / temperature, dim=1)).sum(dim=1).mean()
+
+
+DEFENCES.add("distillation", DefensiveDistillation)

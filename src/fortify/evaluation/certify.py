@@ -1,0 +1,247 @@
+"""Randomized smoothing (Cohen, Rosenfeld & Kolter, ICML 2019): a certificate of L2 robustness.
+
+The smoothed classifier ``g(x) = argmax_c P(f(x + delta) = c)``, ``delta ~ N(0, sigma^2 I)``, returns
+the same class everywhere within the L2 radius ``sigma * Phi^-1(p_A)`` of ``x`` when its top class
+has probability at least ``p_A > 1/2`` (Theorem 1, with ``p_B = 1 - p_A``). ``certify`` estimates
+``p_A`` by Monte Carlo: ``n0`` samples pick the top class, ``n`` fresh samples count it, and the
+one-sided Clopper-Pearson bound at level ``1 - alpha`` gives ``p_A_lower``. With probability at least
+``1 - alpha`` over the sampling, a certified radius is a true lower bound on the distance from ``x``
+to the smoothed classifier's nearest decision boundary; where ``p_A_lower < 1/2`` it abstains.
+
+``GaussianObjective`` (registered as the ``gaussian`` training objective) trains the base classifier
+``f`` on noisy inputs, as the paper does, so that ``g`` is accurate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from scipy.stats import beta, binomtest, norm
+from torch import Tensor, nn
+
+from fortify.attacks.base import check_positive_int
+from fortify.errors import ConfigError, DataError
+from fortify.threat import check_in_box
+from fortify.training.objectives import OBJECTIVES, Objective, ObjectiveOptions
+
+ABSTAIN = -1
+DEFAULT_SIGMA = 0.25
+
+
+def _check_sigma(sigma: float) -> float:
+    if isinstance(sigma, bool) or not (isinstance(sigma, (int, float))
+                                       and math.isfinite(sigma) and sigma > 0):
+        raise ConfigError(f"sigma must be a finite number > 0, got {sigma!r}")
+    return float(sigma)
+
+
+def _check_alpha(alpha: float) -> float:
+    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+        raise ConfigError(f"alpha must be a number in (0, 1), got {alpha!r}")
+    return float(alpha)
+
+
+class GaussianObjective(Objective):
+    """Cross-entropy on ``x + N(0, sigma^2 I)`` (Gaussian data augmentation; Cohen et al. 2019).
+
+    ``sigma`` comes from the options' ``noise_sigma`` when they carry one, else 0.25. The noise is
+    drawn from the objective's generator, which the Trainer checkpoints, so a resumed run draws the
+    same noise.
+    """
+
+    name = "gaussian"
+
+    def __init__(self, options: ObjectiveOptions, *, sigma: float | None = None) -> None:
+        super().__init__(options)
+        self.sigma = _check_sigma(getattr(options, "noise_sigma", DEFAULT_SIGMA) if sigma is None else sigma)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        noise = torch.randn(x.shape, generator=self.generator(x.device), device=x.device, dtype=x.dtype)
+        return F.cross_entropy(model(x + self.sigma * noise), y)
+
+
+OBJECTIVES.add(GaussianObjective.name, GaussianObjective)
+
+
+# -- Monte-Carlo sampling --------------------------------------------------------------------------
+
+def sample_counts(model: nn.Module, x: Tensor, *, sigma: float, n: int, num_classes: int,
+                  batch_size: int = 1000, generator: torch.Generator | None = None) -> Tensor:
+    """(N, K) counts of the base classifier's predictions on ``n`` noisy copies of each example.
+
+    At most ``batch_size`` noisy inputs go through the model at once: blocks of examples, each
+    with as many copies as fit.
+    """
+    sigma, n = _check_sigma(sigma), check_positive_int("n", n)
+    block = min(x.shape[0], check_positive_int("batch_size", batch_size))
+    with torch.no_grad():
+        return torch.cat([_block_counts(model, x[start:start + block], sigma, n, num_classes, batch_size,
+                                        generator) for start in range(0, x.shape[0], block)])
+
+
+def _block_counts(model: nn.Module, x: Tensor, sigma: float, n: int, num_classes: int, batch_size: int,
+                  generator: torch.Generator | None) -> Tensor:
+    counts = torch.zeros(x.shape[0], num_classes, dtype=torch.long, device=x.device)
+    per_pass = max(1, batch_size // x.shape[0])
+    for done in range(0, n, per_pass):
+        copies = min(per_pass, n - done)
+        batch = x.unsqueeze(1).expand(x.shape[0], copies, *x.shape[1:]).reshape(-1, *x.shape[1:])
+        noise = torch.randn(batch.shape, generator=generator, device=x.device, dtype=x.dtype)
+        predictions = model(batch + sigma * noise).argmax(dim=1).reshape(x.shape[0], copies)
+        counts += F.one_hot(predictions, num_classes).sum(dim=1)
+    return counts
+
+
+def clopper_pearson_lower(successes: Tensor, trials: int, alpha: float) -> Tensor:
+    """One-sided ``1 - alpha`` Clopper-Pearson lower confidence bound on a binomial proportion."""
+    k = successes.detach().cpu().double().numpy()
+    lower = beta.ppf(alpha, k, trials - k + 1)  # NaN for k = 0, where the bound is 0
+    return torch.from_numpy(lower).nan_to_num(0.0).to(successes.device)
+
+
+# -- prediction and certification ------------------------------------------------------------------
+
+@dataclass
+class _Setup:
+    model: nn.Module
+    x: Tensor
+    num_classes: int
+    generator: torch.Generator
+
+
+def _prepare(model: nn.Module, x: Tensor, num_classes: int | None, bounds: tuple[float, float],
+             seed: int, generator: torch.Generator | None) -> _Setup:
+    check_in_box(x, bounds)
+    parameter = next(model.parameters(), None)
+    x = x if parameter is None else x.to(parameter.device)
+    if num_classes is None:
+        with torch.no_grad():
+            num_classes = int(model(x[:1]).shape[1])
+    generator = generator or torch.Generator(device=x.device).manual_seed(seed)
+    return _Setup(model, x, check_positive_int("num_classes", num_classes), generator)
+
+
+def predict(model: nn.Module, x: Tensor, *, sigma: float, n: int = 100, alpha: float = 0.001,
+            num_classes: int | None = None, batch_size: int = 1000, bounds: tuple[float, float] = (0.0, 1.0),
+            seed: int = 0, generator: torch.Generator | None = None) -> Tensor:
+    """Cohen et al.'s PREDICT: the smoothed class, or ``ABSTAIN`` (-1) where the vote is not clear.
+
+    The top class is returned when a two-sided binomial test rejects "the top two classes are equally
+    likely" at level ``alpha``; then it is the smoothed classifier's class with probability at least
+    ``1 - alpha``.
+    """
+    alpha = _check_alpha(alpha)
+    setup = _prepare(model, x, num_classes, bounds, seed, generator)
+    with _eval_mode(model):
+        counts = sample_counts(model, setup.x, sigma=sigma, n=n, num_classes=setup.num_classes,
+                               batch_size=batch_size, generator=setup.generator)
+    top2 = counts.topk(2, dim=1) if setup.num_classes > 1 else counts.topk(1, dim=1)
+    predictions = top2.indices[:, 0].clone()
+    for i, row in enumerate(top2.values.tolist()):
+        n_a, n_b = row[0], row[1] if len(row) > 1 else 0
+        if binomtest(n_a, n_a + n_b, 0.5).pvalue > alpha:
+            predictions[i] = ABSTAIN
+    return predictions
+
+
+@dataclass
+class Certificate:
+    """Per example: the smoothed class (or ABSTAIN), ``p_A_lower`` and the certified L2 radius."""
+
+    predictions: Tensor
+    p_lower: Tensor
+    radii: Tensor  # 0 where abstained
+    sigma: float
+    n0: int
+    n: int
+    alpha: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"predictions": self.predictions.tolist(), "p_lower": self.p_lower.tolist(),
+                "radii": self.radii.tolist(), "sigma": self.sigma, "n0": self.n0, "n": self.n,
+                "alpha": self.alpha}
+
+    @property
+    def abstained(self) -> Tensor:
+        return self.predictions == ABSTAIN
+
+
+def certify(model: nn.Module, x: Tensor, *, sigma: float, n0: int = 100, n: int = 100_000,
+            alpha: float = 0.001, num_classes: int | None = None, batch_size: int = 1000,
+            bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0,
+            generator: torch.Generator | None = None) -> Certificate:
+    """Cohen et al.'s CERTIFY for every example of ``x``: class and radius, or abstention.
+
+    Each certified radius is at most the distance from ``x`` to the smoothed classifier's boundary,
+    with probability at least ``1 - alpha`` (per example) over the noise drawn here.
+    """
+    sigma, alpha = _check_sigma(sigma), _check_alpha(alpha)
+    n0, n = check_positive_int("n0", n0), check_positive_int("n", n)
+    setup = _prepare(model, x, num_classes, bounds, seed, generator)
+
+    def sample(count: int) -> Tensor:
+        return sample_counts(model, setup.x, sigma=sigma, n=count, num_classes=setup.num_classes,
+                             batch_size=batch_size, generator=setup.generator)
+
+    # selection and estimation use separate samples, or the bound would be biased upwards
+    with _eval_mode(model):
+        selection, estimation = sample(n0), sample(n)
+    top = selection.argmax(dim=1)
+    p_lower = clopper_pearson_lower(estimation.gather(1, top.unsqueeze(1)).squeeze(1), n, alpha)
+    certified = p_lower >= 0.5
+    radii = torch.where(certified, sigma * _normal_ppf(p_lower), torch.zeros_like(p_lower))
+    predictions = torch.where(certified, top, torch.full_like(top, ABSTAIN))
+    return Certificate(predictions=predictions, p_lower=p_lower, radii=radii, sigma=sigma, n0=n0, n=n,
+                       alpha=alpha)
+
+
+def _normal_ppf(p: Tensor) -> Tensor:
+    return torch.from_numpy(norm.ppf(p.detach().cpu().double().numpy())).to(p.device)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# -- certified accuracy ----------------------------------------------------------------------------
+
+@dataclass
+class CertifiedCurve:
+    radii: list[float]
+    accuracy: list[float]  # share of all examples certified correct at a radius >= r
+    n_examples: int
+    abstain_rate: float
+    sigma: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"radii": self.radii, "accuracy": self.accuracy, "n_examples": self.n_examples,
+                "abstain_rate": self.abstain_rate, "sigma": self.sigma}
+
+
+def certified_accuracy_curve(certificate: Certificate, y: Tensor, radii: Sequence[float]) -> CertifiedCurve:
+    """Certified accuracy at each radius r: the share of examples predicted correctly with radius >= r.
+
+    With probability at least ``1 - alpha`` per example, it is a lower bound on the smoothed
+    classifier's accuracy under any L2 perturbation of norm below r (Cohen et al. 2019, Sec. 4).
+    """
+    if y.shape != certificate.predictions.shape:
+        raise DataError(f"labels must have shape {tuple(certificate.predictions.shape)}, "
+                        f"got {tuple(y.shape)}")
+    if any(not (math.isfinite(r) and r >= 0) for r in radii):
+        raise ConfigError(f"radii must be finite numbers >= 0, got {list(radii)}")
+    correct = certificate.predictions == y.to(certificate.predictions.device)
+    accuracy = [float((correct & (certificate.radii >= r)).double().mean()) for r in radii]
+    return CertifiedCurve(radii=[float(r) for r in radii], accuracy=accuracy, n_examples=len(y),
+                          abstain_rate=float(certificate.abstained.double().mean()), sigma=certificate.sigma)

@@ -1,0 +1,331 @@
+"""Robustness metrics as pure functions on tensors, each returning a dataclass with ``to_dict()``.
+
+docs/METRICS.md gives every definition with its formula, its meaning and what it is a bound of.
+Conventions: ``y`` holds the true labels, ``clean_logits = model(x)``, ``adv_logits = model(x_adv)``;
+an example counts as robust only when it is classified correctly both clean and under attack.
+Distances are measured in the threat model's norm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from torch import Tensor
+
+from fortify.attacks.adaptive import logit_margin
+from fortify.errors import ConfigError, DataError
+from fortify.threat import ThreatModel
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats become None so that ``json.dumps`` writes standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class _Serializable:
+    def to_dict(self) -> dict[str, Any]:
+        return _json_safe(asdict(self))  # type: ignore[call-overload]
+
+
+def _check_logits(logits: Tensor, y: Tensor) -> None:
+    if logits.dim() != 2 or y.dim() != 1 or logits.shape[0] != y.shape[0]:
+        raise DataError(f"expected logits (N, K) and labels (N,), got {tuple(logits.shape)} and "
+                        f"{tuple(y.shape)}")
+    if y.numel() == 0:
+        raise DataError("metrics need at least one example, got an empty batch")
+
+
+def _mean(t: Tensor) -> float | None:
+    return float(t.float().mean()) if t.numel() else None
+
+
+def _median(t: Tensor) -> float | None:
+    return float(t.float().median()) if t.numel() else None
+
+
+# -- accuracy, success rate, perturbation size ---------------------------------------------------
+
+def accuracy(logits: Tensor, y: Tensor) -> float:
+    """Share of examples whose top-1 prediction is the label."""
+    _check_logits(logits, y)
+    return float((logits.argmax(dim=1) == y).float().mean())
+
+
+@dataclass
+class AttackMetrics(_Serializable):
+    n_examples: int
+    n_clean_correct: int
+    n_successful: int
+    clean_accuracy: float
+    adversarial_accuracy: float
+    success_rate: float | None  # over clean-correct examples; None when there are none
+    mean_norm_successful: float | None  # over successful examples; None when there are none
+    median_norm_successful: float | None
+    norm: str
+
+
+def attack_metrics(x: Tensor, x_adv: Tensor, y: Tensor, clean_logits: Tensor, adv_logits: Tensor,
+                   threat: ThreatModel) -> AttackMetrics:
+    """Clean and adversarial accuracy, success rate, and the size of the successful perturbations."""
+    _check_logits(clean_logits, y)
+    _check_logits(adv_logits, y)
+    if x.shape != x_adv.shape or x.shape[0] != y.shape[0]:
+        raise DataError(f"x {tuple(x.shape)} and x_adv {tuple(x_adv.shape)} must match, with one "
+                        f"label per example ({y.shape[0]})")
+    clean_correct = clean_logits.argmax(1) == y
+    successful = clean_correct & (adv_logits.argmax(1) != y)
+    norms = threat.distance(x_adv, x)[successful]
+    n_correct = int(clean_correct.sum())
+    return AttackMetrics(
+        n_examples=len(y), n_clean_correct=n_correct, n_successful=int(successful.sum()),
+        clean_accuracy=float(clean_correct.float().mean()),
+        adversarial_accuracy=float((clean_correct & ~successful).float().mean()),
+        success_rate=float(successful.sum()) / n_correct if n_correct else None,
+        mean_norm_successful=_mean(norms), median_norm_successful=_median(norms), norm=threat.norm)
+
+
+# -- one-number summaries --------------------------------------------------------------------------
+
+def harmonic_robustness(clean_accuracy: float, worst_case_accuracy: float) -> float:
+    """``2 c w / (c + w)``: high only when both clean and worst-case accuracy are high."""
+    for name, value in (("clean_accuracy", clean_accuracy), ("worst_case_accuracy", worst_case_accuracy)):
+        if not 0.0 <= value <= 1.0:
+            raise DataError(f"{name} must lie in [0, 1], got {value!r}")
+    total = clean_accuracy + worst_case_accuracy
+    return 0.0 if total == 0 else 2 * clean_accuracy * worst_case_accuracy / total
+
+
+def eps_curve_auc(eps: Sequence[float], accuracy: Sequence[float], clean_accuracy: float,
+                  eps_max: float | None = None) -> float:
+    """Normalised area under accuracy(eps) on ``[0, eps_max]``, the clean point at eps = 0 included.
+
+    Trapezoids between the measured points, divided by ``eps_max`` (default: the largest eps), so
+    the result is the mean accuracy over the interval and lies in [0, 1].
+    """
+    points = _curve_points(eps, accuracy, clean_accuracy)
+    largest = points[-1][0]
+    eps_max = largest if eps_max is None else float(eps_max)
+    if not 0 < eps_max <= largest:
+        raise ConfigError(f"eps_max must be in (0, {largest:g}] (the largest measured eps), got {eps_max!r}")
+    area = 0.0
+    for (e0, a0), (e1, a1) in zip(points, points[1:], strict=False):
+        if e0 >= eps_max:
+            break
+        if e1 > eps_max:  # cut the last trapezoid at eps_max by linear interpolation
+            a1 = a0 + (a1 - a0) * (eps_max - e0) / (e1 - e0)
+            e1 = eps_max
+        area += (e1 - e0) * (a0 + a1) / 2
+    return area / eps_max
+
+
+def _curve_points(eps: Sequence[float], accuracy: Sequence[float],
+                  clean_accuracy: float) -> list[tuple[float, float]]:
+    eps, accuracy = [float(e) for e in eps], [float(a) for a in accuracy]
+    if len(eps) != len(accuracy) or not eps:
+        raise DataError(f"need one accuracy per eps and at least one eps, got {len(eps)} eps and "
+                        f"{len(accuracy)} accuracies")
+    if any(not (math.isfinite(e) and e > 0) for e in eps) or len(set(eps)) != len(eps):
+        raise DataError(f"eps values must be distinct finite numbers > 0, got {eps}")
+    if any(not 0 <= a <= 1 for a in [*accuracy, clean_accuracy]):
+        raise DataError(f"accuracies must lie in [0, 1], got clean {clean_accuracy} and {accuracy}")
+    return [(0.0, float(clean_accuracy)), *sorted(zip(eps, accuracy, strict=True))]
+
+
+@dataclass
+class RobustnessScore(_Serializable):
+    clean_accuracy: float
+    worst_case_accuracy: float
+    harmonic_mean: float
+    eps_auc: float | None
+    eps_max: float | None
+
+
+def robustness_score(clean_accuracy: float, worst_case_accuracy: float, *,
+                     eps: Sequence[float] | None = None, eps_accuracy: Sequence[float] | None = None,
+                     eps_max: float | None = None) -> RobustnessScore:
+    """The harmonic mean and, when an eps curve is given, its normalised area."""
+    auc = None
+    if eps:
+        if eps_accuracy is None:
+            raise DataError("eps was given without eps_accuracy (one accuracy per eps)")
+        auc = eps_curve_auc(eps, eps_accuracy, clean_accuracy, eps_max)
+        eps_max = float(max(eps)) if eps_max is None else float(eps_max)
+    return RobustnessScore(clean_accuracy=clean_accuracy, worst_case_accuracy=worst_case_accuracy,
+                           harmonic_mean=harmonic_robustness(clean_accuracy, worst_case_accuracy),
+                           eps_auc=auc, eps_max=eps_max if auc is not None else None)
+
+
+# -- minimal adversarial distances -----------------------------------------------------------------
+
+def minimal_distances_from_sweep(eps: Sequence[float], fooled: Tensor) -> Tensor:
+    """Per example, the smallest eps of a sweep at which the attack fooled it (inf: never).
+
+    ``fooled`` is (len(eps), N) booleans. The result is an upper bound, to the grid's resolution, on
+    each example's distance to the decision boundary.
+    """
+    grid = torch.tensor([float(e) for e in eps], dtype=torch.float64, device=fooled.device)
+    if fooled.dim() != 2 or fooled.shape[0] != len(grid):
+        raise DataError(f"fooled must have shape ({len(grid)}, N), got {tuple(fooled.shape)}")
+    per_eps = torch.where(fooled.bool(), grid.unsqueeze(1), torch.full_like(grid, math.inf).unsqueeze(1))
+    return per_eps.amin(dim=0)
+
+
+@dataclass
+class DistanceSummary(_Serializable):
+    n_examples: int
+    n_not_found: int  # examples with no adversarial point found (distance inf)
+    q1: float
+    median: float
+    q3: float
+    eps: list[float]
+    fraction_below: list[float]  # share of examples with distance <= eps, per eps
+
+
+def distance_summary(distances: Tensor, eps: Sequence[float]) -> DistanceSummary:
+    """Quartiles of per-example minimal adversarial distances and the share within each eps.
+
+    ``distances`` are 0 for examples misclassified clean and inf where no adversarial point was
+    found; quartiles may then be inf (written as null in JSON).
+    """
+    d = distances.detach().flatten()
+    d = d.to(torch.promote_types(d.dtype, torch.float32))
+    if d.numel() == 0 or bool(torch.isnan(d).any()) or bool((d < 0).any()):
+        raise DataError("distances must be a non-empty tensor of numbers >= 0 (inf allowed, no NaN)")
+    q1, median, q3 = (_quantile(d.double(), q) for q in (0.25, 0.5, 0.75))
+    # eps is rounded to the distances' dtype, so that a distance measured as exactly eps counts
+    within = [(d <= torch.tensor(float(e), dtype=d.dtype)).double().mean() for e in eps]
+    return DistanceSummary(n_examples=d.numel(), n_not_found=int(torch.isinf(d).sum()), q1=q1,
+                           median=median, q3=q3, eps=[float(e) for e in eps],
+                           fraction_below=[float(w) for w in within])
+
+
+def _quantile(sorted_or_not: Tensor, q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) that tolerates inf values."""
+    values = sorted_or_not.sort().values
+    position = q * (len(values) - 1)
+    low, high = math.floor(position), math.ceil(position)
+    lower, upper = float(values[low]), float(values[high])
+    if low == high or lower == upper:
+        return lower
+    if math.isinf(upper):
+        return math.inf
+    return lower + (upper - lower) * (position - low)
+
+
+# -- confidence under attack ----------------------------------------------------------------------
+
+def normalized_entropy(logits: Tensor) -> Tensor:
+    """Per example ``H(softmax(z)) / log K`` in [0, 1]: 0 for a one-hot, 1 for uniform."""
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise DataError(f"expected logits (N, K) with K >= 2, got {tuple(logits.shape)}")
+    log_p = torch.log_softmax(logits.double(), dim=1)
+    entropy = -(log_p.exp() * log_p).nan_to_num(0.0).sum(dim=1)
+    return entropy / math.log(logits.shape[1])
+
+
+@dataclass
+class Shift(_Serializable):
+    metric: str
+    clean_mean: float
+    adversarial_mean: float
+    shift: float  # adversarial_mean - clean_mean
+    clean_median: float
+    adversarial_median: float
+
+
+def _shift(metric: str, clean: Tensor, adversarial: Tensor) -> Shift:
+    clean_mean, adv_mean = float(clean.mean()), float(adversarial.mean())
+    return Shift(metric=metric, clean_mean=clean_mean, adversarial_mean=adv_mean,
+                 shift=adv_mean - clean_mean, clean_median=float(clean.median()),
+                 adversarial_median=float(adversarial.median()))
+
+
+def entropy_shift(clean_logits: Tensor, adv_logits: Tensor) -> Shift:
+    """Mean normalised predictive entropy, clean and under attack, over all examples."""
+    return _shift("normalized_entropy", normalized_entropy(clean_logits), normalized_entropy(adv_logits))
+
+
+def margin_shift(clean_logits: Tensor, adv_logits: Tensor, y: Tensor) -> Shift:
+    """Mean logit margin ``z_y - max_{j != y} z_j``, clean and under attack, over all examples."""
+    _check_logits(clean_logits, y)
+    _check_logits(adv_logits, y)
+    return _shift("logit_margin", logit_margin(clean_logits.double(), y),
+                  logit_margin(adv_logits.double(), y))
+
+
+# -- per-class quality ----------------------------------------------------------------------------
+
+@dataclass
+class ClassReport(_Serializable):
+    labels: list[int]
+    precision: list[float]
+    recall: list[float]
+    f1: list[float]
+    support: list[int]
+    macro_precision: float
+    macro_recall: float
+    macro_f1: float
+    confusion: list[list[int]]  # rows: true class, columns: predicted class
+
+
+def class_report(predictions: Tensor, y: Tensor, num_classes: int) -> ClassReport:
+    """Per-class and macro precision, recall and F1 and the confusion matrix (0 where undefined)."""
+    if predictions.shape != y.shape or y.dim() != 1 or y.numel() == 0:
+        raise DataError(f"predictions {tuple(predictions.shape)} and labels {tuple(y.shape)} must be "
+                        "equal non-empty 1-D shapes")
+    labels = list(range(num_classes))
+    truth, pred = y.cpu().numpy(), predictions.cpu().numpy()
+    precision, recall, f1, support = precision_recall_fscore_support(
+        truth, pred, labels=labels, average=None, zero_division=0)
+    macro = precision_recall_fscore_support(truth, pred, labels=labels, average="macro", zero_division=0)
+    return ClassReport(labels=labels, precision=precision.tolist(), recall=recall.tolist(),
+                       f1=f1.tolist(), support=[int(s) for s in support],
+                       macro_precision=float(macro[0]), macro_recall=float(macro[1]),
+                       macro_f1=float(macro[2]),
+                       confusion=confusion_matrix(truth, pred, labels=labels).tolist())
+
+
+@dataclass
+class ClassReports(_Serializable):
+    clean: ClassReport
+    adversarial: ClassReport
+
+
+def class_reports(clean_logits: Tensor, adv_logits: Tensor, y: Tensor,
+                  num_classes: int | None = None) -> ClassReports:
+    """Class reports of the clean predictions and of the predictions on the adversarial inputs."""
+    _check_logits(clean_logits, y)
+    _check_logits(adv_logits, y)
+    num_classes = clean_logits.shape[1] if num_classes is None else num_classes
+    return ClassReports(clean=class_report(clean_logits.argmax(1), y, num_classes),
+                        adversarial=class_report(adv_logits.argmax(1), y, num_classes))
+
+
+# -- everything about one attack ------------------------------------------------------------------
+
+@dataclass
+class AdversarialMetrics(_Serializable):
+    attack: AttackMetrics
+    entropy: Shift
+    margin: Shift
+    classes: ClassReports
+
+
+def adversarial_metrics(x: Tensor, x_adv: Tensor, y: Tensor, clean_logits: Tensor, adv_logits: Tensor,
+                        threat: ThreatModel, num_classes: int | None = None) -> AdversarialMetrics:
+    """All the per-attack metrics of this module for one set of adversarial points."""
+    return AdversarialMetrics(attack=attack_metrics(x, x_adv, y, clean_logits, adv_logits, threat),
+                              entropy=entropy_shift(clean_logits, adv_logits),
+                              margin=margin_shift(clean_logits, adv_logits, y),
+                              classes=class_reports(clean_logits, adv_logits, y, num_classes))

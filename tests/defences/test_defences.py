@@ -1,0 +1,159 @@
+"""Masking defences: what each transform computes, parity with a real JPEG codec, and why gradients vanish."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fortify.defences import (
+    DEFENCES,
+    DefensiveDistillation,
+    GaussianNoise,
+    InputQuantization,
+    JPEGCompression,
+    RandomResizePad,
+    distillation_loss,
+)
+from fortify.errors import ConfigError, DataError, UnknownNameError
+
+
+def _input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    point = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(point), y, reduction="sum"), point)
+    return grad
+
+
+def test_quantization_rounds_to_the_nearest_of_two_to_the_bits_levels():
+    # Prepare
+    x = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    defence = InputQuantization(nn.Identity(), bits=2)
+    # Execute
+    out = defence(x)
+    # Assert
+    levels = torch.tensor([0, 1 / 3, 2 / 3, 1])
+    nearest = levels[(x.unsqueeze(-1) - levels).abs().argmin(-1)]
+    assert torch.allclose(out, nearest)
+    assert torch.equal(defence(out), out), "quantising twice changes nothing"
+
+
+def test_quantization_respects_other_bounds_and_rejects_bad_bits():
+    x = -1 + 2 * torch.rand(16, 3)
+    out = InputQuantization(nn.Identity(), bits=1, bounds=(-1.0, 1.0))(x)
+    assert set(out.unique().tolist()) <= {-1.0, 1.0}
+    assert torch.equal(out, torch.where(x >= 0, 1.0, -1.0))
+    for bits in (0, 17, 2.5):
+        with pytest.raises(ConfigError, match="bits"):
+            InputQuantization(nn.Identity(), bits=bits)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision.io's codecs are deprecated
+@pytest.mark.parametrize("quality", [25, 75])
+def test_jpeg_matches_libjpeg_on_grayscale_images(quality):
+    # Prepare: 8-bit images, one 8x8 block and one padded 20x13 image
+    torchvision_io = pytest.importorskip("torchvision.io")
+    gen = torch.Generator().manual_seed(quality)
+    defence = JPEGCompression(nn.Identity(), quality=quality)
+    for shape in ((40, 1, 8, 8), (6, 1, 20, 13)):
+        x = torch.round(torch.rand(shape, generator=gen) * 255) / 255
+        # Execute
+        ours = defence(x) * 255
+        theirs = torch.stack([
+            torchvision_io.decode_jpeg(torchvision_io.encode_jpeg((img * 255).round().to(torch.uint8),
+                                                                 quality=quality)).float()
+            for img in x])
+        # Assert: within about one grey level of libjpeg, far closer than either is to the input
+        gap = (ours - theirs).abs().mean()
+        assert gap <= 1.0
+        assert (x * 255 - theirs).abs().mean() > 5 * gap
+
+
+def test_jpeg_keeps_shape_box_and_colour_and_rejects_bad_settings():
+    x = torch.rand(3, 3, 16, 16)
+    out = JPEGCompression(nn.Identity(), quality=90)(x)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert (out - x).abs().mean() < 0.05  # high quality keeps the image
+    assert torch.equal(torch.round(out * 255), out * 255)  # decoded to 8-bit levels
+    with pytest.raises(ConfigError, match="quality"):
+        JPEGCompression(nn.Identity(), quality=0)
+    with pytest.raises(DataError, match="images"):
+        JPEGCompression(nn.Identity())(torch.rand(4, 64))
+
+
+@pytest.mark.parametrize("make", [lambda m: InputQuantization(m, bits=3),
+                                  lambda m: JPEGCompression(m, quality=50)], ids=["quantize", "jpeg"])
+def test_rounding_defences_have_exactly_zero_input_gradients(make, standard_model, digits):
+    x, y = digits.test.x[:64], digits.test.y[:64]
+    grad = _input_gradient(make(standard_model), x, y)
+    assert torch.count_nonzero(grad) == 0
+    assert torch.count_nonzero(_input_gradient(standard_model, x, y)) > 0
+
+
+def test_random_resize_pad_keeps_shape_and_box_and_is_seeded():
+    x = torch.rand(32, 3, 12, 12)
+    first = RandomResizePad(nn.Identity(), min_scale=0.7, seed=3)
+    again = RandomResizePad(nn.Identity(), min_scale=0.7, seed=3)
+    a, b = first(x), first(x)
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    assert not torch.equal(a, b), "two calls must draw two transforms"
+    assert torch.equal(a, again(x)), "the same seed must give the same transforms"
+    # a shrunk image leaves a border of the box's lower bound somewhere on each side pair
+    border = (a[:, :, 0, :] == 0).all(dim=(1, 2)) | (a[:, :, -1, :] == 0).all(dim=(1, 2))
+    assert border.float().mean() > 0.5
+
+
+def test_random_resize_pad_at_scale_one_is_the_identity_and_pads_with_the_lower_bound():
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.allclose(RandomResizePad(nn.Identity(), min_scale=1.0, seed=0)(x), x, atol=1e-6)
+    pad = RandomResizePad(nn.Identity(), min_scale=0.5, bounds=(-1.0, 1.0), seed=0)
+    shifted = pad(torch.ones(4, 1, 8, 8))
+    assert shifted.min() >= -1 - 1e-6 and (shifted == -1).any()
+
+
+def test_gaussian_noise_has_the_stated_spread_and_is_seeded():
+    x = torch.full((200, 1, 8, 8), 0.5)
+    defence = GaussianNoise(nn.Identity(), sigma=0.3, seed=1)
+    noise = defence(x) - x
+    assert abs(float(noise.mean())) < 0.01
+    assert abs(float(noise.std()) - 0.3) < 0.01
+    assert torch.equal(GaussianNoise(nn.Identity(), sigma=0.3, seed=1)(x), x + noise)
+    with pytest.raises(ConfigError, match="sigma"):
+        GaussianNoise(nn.Identity(), sigma=0.0)
+
+
+def test_distillation_keeps_decisions_and_saturates_the_softmax(standard_model, digits):
+    # Prepare
+    x, y = digits.test.x, digits.test.y
+    distilled = DefensiveDistillation(standard_model, temperature=100)
+    # Execute
+    logits, plain = distilled(x), standard_model(x)
+    zero = (_input_gradient(distilled, x, y).flatten(1) == 0).all(dim=1)
+    # Assert: same decisions, logits 100x, and most cross-entropy gradients underflow to zero
+    assert torch.equal(logits.argmax(1), plain.argmax(1))
+    assert torch.allclose(logits, 100 * plain, rtol=1e-5, atol=1e-4)
+    assert zero.float().mean() > 0.5
+    assert not (_input_gradient(standard_model, x, y).flatten(1) == 0).all(dim=1).any()
+
+
+def test_distillation_loss_is_the_soft_label_cross_entropy():
+    teacher = torch.randn(8, 5)
+    t = 20.0
+    soft = F.softmax(teacher / t, dim=1)
+    entropy = -(soft * soft.log()).sum(1).mean()
+    assert torch.allclose(distillation_loss(teacher, teacher, t), entropy, atol=1e-6)  # its minimum
+    student = torch.randn(8, 5, requires_grad=True)
+    loss = distillation_loss(student, teacher, t)
+    expected = F.kl_div(F.log_softmax(student / t, 1), soft, reduction="batchmean") + entropy
+    assert torch.allclose(loss, expected, atol=1e-6)
+    with pytest.raises(ConfigError, match="temperature"):
+        distillation_loss(student, teacher, 0)
+
+
+def test_the_registry_builds_every_defence_and_lists_names_on_a_miss():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    x = torch.rand(2, 1, 8, 8)
+    for name in DEFENCES:
+        assert DEFENCES.get(name)(model)(x).shape == (2, 10)
+    with pytest.raises(UnknownNameError, match="jpeg"):
+        DEFENCES.get("jpg")

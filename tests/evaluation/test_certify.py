@@ -1,0 +1,148 @@
+"""Randomized smoothing: certificates against the exact geometry of a linear classifier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import binom
+from torch import nn
+
+from fortify.errors import ConfigError, DataError
+from fortify.evaluation.certify import (
+    ABSTAIN,
+    Certificate,
+    GaussianObjective,
+    certified_accuracy_curve,
+    certify,
+    clopper_pearson_lower,
+    predict,
+)
+from fortify.threat import ThreatModel
+from fortify.training.objectives import OBJECTIVES, ObjectiveOptions, build_objective
+
+SIGMA = 0.25
+FEATURES = 10
+
+
+def _linear_two_class(seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    model = nn.Linear(FEATURES, 2).double()
+    with torch.no_grad():
+        model.bias.copy_(-model.weight.sum(1) / 2)  # the boundary passes through the box's centre
+    return model
+
+
+def _signed_distance(model: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """(w_1 - w_0) . x + (b_1 - b_0) over ||w_1 - w_0||: positive on class 1's side."""
+    w = (model.weight[1] - model.weight[0]).detach()
+    b = (model.bias[1] - model.bias[0]).detach()
+    return (x @ w + b) / w.norm()
+
+
+def _points_at_distances(model: nn.Linear, distances: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    """Points inside the box at the given signed distances from the boundary."""
+    w = (model.weight[1] - model.weight[0]).detach()
+    base = 0.5 + 0.05 * torch.randn(len(distances), FEATURES, generator=torch.Generator().manual_seed(seed),
+                                    dtype=torch.float64)
+    base = base - (_signed_distance(model, base)).unsqueeze(1) * w / w.norm()  # onto the boundary
+    return base + distances.unsqueeze(1) * w / w.norm()
+
+
+def test_certified_radius_never_exceeds_the_exact_distance_to_the_boundary():
+    # Prepare: the smoothed linear classifier has p_A = Phi(d / sigma), so its true radius is d
+    model = _linear_two_class()
+    distances = torch.linspace(-0.5, 0.5, 41, dtype=torch.float64)
+    x = _points_at_distances(model, distances)
+    assert x.min() >= 0 and x.max() <= 1
+    # Execute
+    cert = certify(model, x, sigma=SIGMA, n0=100, n=10_000, alpha=0.001, seed=0, batch_size=20_000)
+    # Assert
+    certified = ~cert.abstained
+    exact = _signed_distance(model, x).abs()
+    assert certified.sum() >= 30
+    assert bool((cert.radii[certified] <= exact[certified]).all())
+    base_class = model(x).argmax(1)
+    assert torch.equal(cert.predictions[certified], base_class[certified])
+    # and the bound is tight: within 0.15 sigma of the truth where p_A is not near 1
+    moderate = certified & (exact <= 2 * SIGMA)
+    assert bool((cert.radii[moderate] >= exact[moderate] - 0.15 * SIGMA).all())
+
+
+def test_abstains_when_the_top_class_is_a_coin_flip():
+    model = _linear_two_class()
+    on_boundary = _points_at_distances(model, torch.zeros(20, dtype=torch.float64))
+    cert = certify(model, on_boundary, sigma=SIGMA, n0=100, n=2_000, alpha=0.001, seed=0)
+    assert bool(cert.abstained.all())
+    assert bool((cert.radii == 0).all())
+    assert bool((predict(model, on_boundary, sigma=SIGMA, n=1_000, alpha=0.001, seed=0) == ABSTAIN).all())
+
+
+def test_predict_returns_the_side_of_clear_cases():
+    model = _linear_two_class()
+    x = _points_at_distances(model, torch.tensor([-0.5, 0.5, -0.4, 0.4], dtype=torch.float64))
+    assert predict(model, x, sigma=SIGMA, n=500, seed=0).tolist() == [0, 1, 0, 1]
+
+
+def test_certificates_are_reproducible_with_a_seed():
+    model = _linear_two_class()
+    x = _points_at_distances(model, torch.linspace(-0.3, 0.3, 8, dtype=torch.float64))
+    a = certify(model, x, sigma=SIGMA, n0=50, n=500, seed=5)
+    again = certify(model, x, sigma=SIGMA, n0=50, n=500, seed=5)
+    other = certify(model, x, sigma=SIGMA, n0=50, n=500, seed=6)
+    assert torch.equal(a.p_lower, again.p_lower) and torch.equal(a.radii, again.radii)
+    assert torch.equal(a.predictions, again.predictions)
+    assert not torch.equal(a.p_lower, other.p_lower)
+
+
+def test_clopper_pearson_lower_bound_has_exactly_alpha_tail():
+    k = torch.tensor([0, 1, 50, 99, 100])
+    lower = clopper_pearson_lower(k, 100, alpha=0.01)
+    assert lower[0] == 0
+    # the lower bound p is where observing k or more successes has probability alpha
+    for count, p in zip(k.tolist()[1:], lower.tolist()[1:], strict=True):
+        assert binom.sf(count - 1, 100, p) == pytest.approx(0.01, rel=1e-6)
+    assert bool((lower <= k / 100).all())
+
+
+def test_certified_accuracy_curve_on_a_hand_made_certificate():
+    cert = Certificate(predictions=torch.tensor([0, 1, ABSTAIN, 2, 1]),
+                       p_lower=torch.tensor([0.9, 0.8, 0.4, 0.99, 0.7], dtype=torch.float64),
+                       radii=torch.tensor([0.3, 0.2, 0.0, 0.5, 0.1], dtype=torch.float64),
+                       sigma=0.25, n0=10, n=100, alpha=0.001)
+    y = torch.tensor([0, 1, 2, 0, 1])  # example 3 is certified but wrong
+    curve = certified_accuracy_curve(cert, y, radii=[0.0, 0.15, 0.25, 0.4])
+    assert curve.accuracy == pytest.approx([0.6, 0.4, 0.2, 0.0])
+    assert curve.abstain_rate == pytest.approx(0.2)
+    assert curve.to_dict()["radii"] == [0.0, 0.15, 0.25, 0.4]
+
+
+def test_bad_settings_and_inputs_are_rejected():
+    model = _linear_two_class()
+    x = torch.rand(3, FEATURES, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="sigma"):
+        certify(model, x, sigma=0.0)
+    with pytest.raises(ConfigError, match="alpha"):
+        certify(model, x, sigma=SIGMA, alpha=1.5)
+    with pytest.raises(ConfigError, match="n0"):
+        certify(model, x, sigma=SIGMA, n0=0)
+    with pytest.raises(DataError, match="outside the declared box"):
+        certify(model, x + 2, sigma=SIGMA)
+
+
+def test_gaussian_objective_is_registered_and_trains_on_noisy_inputs():
+    # Prepare
+    assert "gaussian" in OBJECTIVES
+    options = ObjectiveOptions(ThreatModel("linf", 0.1), seed=3)
+    objective = build_objective("gaussian", options)
+    model = nn.Linear(4, 3).double()
+    x, y = torch.rand(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    # Execute
+    loss = objective(model, x, y)
+    # Assert: the loss is the cross-entropy at x + sigma * noise from the seeded generator
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert isinstance(objective, GaussianObjective) and objective.sigma == 0.25
+    assert torch.allclose(loss, F.cross_entropy(model(x + 0.25 * noise), y))
+    assert not torch.allclose(loss, F.cross_entropy(model(x), y))
+    with pytest.raises(ConfigError, match="sigma"):
+        GaussianObjective(options, sigma=-1.0)

@@ -1,0 +1,203 @@
+"""Metric formulas on hand-made tensors, their invariants, and parity with evaluate()."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fortify.attacks import PGD
+from fortify.errors import ConfigError, DataError
+from fortify.evaluation import evaluate
+from fortify.evaluation.metrics import (
+    accuracy,
+    adversarial_metrics,
+    attack_metrics,
+    class_report,
+    distance_summary,
+    entropy_shift,
+    eps_curve_auc,
+    harmonic_robustness,
+    margin_shift,
+    minimal_distances_from_sweep,
+    normalized_entropy,
+    robustness_score,
+)
+from fortify.threat import ThreatModel
+
+
+def _logits_for(predictions: list[int], num_classes: int = 3) -> torch.Tensor:
+    """Logits whose argmax is each given class, with a margin of 2."""
+    return 2.0 * torch.nn.functional.one_hot(torch.tensor(predictions), num_classes).float()
+
+
+# -- accuracy, success rate, perturbation norms ----------------------------------------------------
+
+def test_attack_metrics_count_only_clean_correct_examples():
+    # Prepare: 4 of 5 correct clean; the attack flips examples 0, 2 and 4 (3 is already wrong)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    clean, adv = _logits_for([0, 1, 2, 1, 1]), _logits_for([1, 1, 0, 2, 0])
+    x = torch.zeros(5, 4)
+    x_adv = x + torch.tensor([0.1, 0.05, 0.3, 0.2, 0.2]).unsqueeze(1)
+    # Execute
+    m = attack_metrics(x, x_adv, y, clean, adv, ThreatModel("linf", 0.5))
+    # Assert
+    assert (m.n_examples, m.n_clean_correct, m.n_successful) == (5, 4, 3)
+    assert m.clean_accuracy == pytest.approx(0.8)
+    assert m.adversarial_accuracy == pytest.approx(0.2)
+    assert m.success_rate == pytest.approx(0.75)
+    assert m.adversarial_accuracy == pytest.approx(m.clean_accuracy * (1 - m.success_rate))
+    assert m.mean_norm_successful == pytest.approx((0.1 + 0.3 + 0.2) / 3)
+    assert m.median_norm_successful == pytest.approx(0.2)
+
+
+def test_attack_metrics_l2_norms_and_the_empty_cases():
+    y = torch.tensor([0, 1])
+    x = torch.zeros(2, 4)
+    x_adv = x + torch.tensor([[0.3, 0.4, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    m = attack_metrics(x, x_adv, y, _logits_for([0, 1]), _logits_for([2, 1]), ThreatModel("l2", 1.0))
+    assert m.mean_norm_successful == pytest.approx(0.5)
+    none_correct = attack_metrics(x, x, y, _logits_for([1, 0]), _logits_for([1, 0]), ThreatModel("l2", 1.0))
+    assert none_correct.success_rate is None and none_correct.mean_norm_successful is None
+    assert json.loads(json.dumps(none_correct.to_dict()))["success_rate"] is None
+    with pytest.raises(DataError, match="logits"):
+        accuracy(torch.zeros(3), y)
+
+
+# -- one-number summaries --------------------------------------------------------------------------
+
+def test_harmonic_robustness_formula_and_its_properties():
+    assert harmonic_robustness(0.9, 0.5) == pytest.approx(2 * 0.9 * 0.5 / 1.4)
+    assert harmonic_robustness(0.9, 0.0) == 0.0 and harmonic_robustness(0.0, 0.0) == 0.0
+    assert harmonic_robustness(0.6, 0.6) == pytest.approx(0.6)
+    for c, w in [(0.99, 0.1), (0.7, 0.4), (0.5, 0.45)]:
+        h = harmonic_robustness(c, w)
+        assert min(c, w) <= h <= (c + w) / 2  # pulled towards the weaker of the two
+    with pytest.raises(DataError, match="worst_case_accuracy"):
+        harmonic_robustness(0.9, 1.5)
+
+
+def test_eps_auc_is_the_trapezoid_mean_including_the_clean_point():
+    # clean 0.9 at 0, then 0.5 at 0.1 and 0.2 at 0.2; given out of order
+    auc = eps_curve_auc([0.2, 0.1], [0.2, 0.5], clean_accuracy=0.9)
+    assert auc == pytest.approx((0.1 * (0.9 + 0.5) / 2 + 0.1 * (0.5 + 0.2) / 2) / 0.2)
+    # cut at 0.15: the accuracy there is interpolated to 0.35
+    cut = eps_curve_auc([0.1, 0.2], [0.5, 0.2], clean_accuracy=0.9, eps_max=0.15)
+    assert cut == pytest.approx((0.1 * (0.9 + 0.5) / 2 + 0.05 * (0.5 + 0.35) / 2) / 0.15)
+    assert eps_curve_auc([0.1, 0.3], [0.7, 0.7], clean_accuracy=0.7) == pytest.approx(0.7)
+
+
+def test_eps_auc_rejects_what_it_cannot_integrate():
+    with pytest.raises(ConfigError, match="eps_max"):
+        eps_curve_auc([0.1], [0.5], 0.9, eps_max=0.2)
+    with pytest.raises(DataError, match="distinct"):
+        eps_curve_auc([0.1, 0.1], [0.5, 0.4], 0.9)
+    with pytest.raises(DataError, match="one accuracy per eps"):
+        eps_curve_auc([0.1, 0.2], [0.5], 0.9)
+
+
+def test_robustness_score_combines_both_summaries():
+    score = robustness_score(0.9, 0.3, eps=[0.1, 0.2], eps_accuracy=[0.5, 0.3])
+    assert score.harmonic_mean == pytest.approx(harmonic_robustness(0.9, 0.3))
+    assert score.eps_auc == pytest.approx(eps_curve_auc([0.1, 0.2], [0.5, 0.3], 0.9))
+    assert score.eps_max == 0.2
+    assert robustness_score(0.9, 0.3).to_dict()["eps_auc"] is None
+
+
+# -- minimal distances -----------------------------------------------------------------------------
+
+def test_minimal_distances_are_the_first_eps_that_fools():
+    fooled = torch.tensor([[True, False, False, False],
+                           [True, True, False, False],
+                           [True, True, True, False]])
+    d = minimal_distances_from_sweep([0.05, 0.1, 0.2], fooled)
+    assert d.tolist() == [0.05, 0.1, 0.2, math.inf]
+
+
+def test_distance_summary_quartiles_and_fractions():
+    d = torch.tensor([0.0, 0.1, 0.2, 0.3, math.inf])
+    s = distance_summary(d, eps=[0.15, 0.3])
+    assert (s.q1, s.median, s.q3) == pytest.approx((0.1, 0.2, 0.3))
+    assert s.fraction_below == pytest.approx([0.4, 0.8])
+    assert s.n_not_found == 1
+    mostly_robust = distance_summary(torch.tensor([0.1, math.inf, math.inf, math.inf]), eps=[0.1])
+    assert mostly_robust.median == math.inf
+    assert json.loads(json.dumps(mostly_robust.to_dict()))["median"] is None
+
+
+def test_distance_quartiles_match_numpy_on_finite_data():
+    d = torch.rand(37, generator=torch.Generator().manual_seed(0))
+    s = distance_summary(d, eps=[0.5])
+    assert [s.q1, s.median, s.q3] == pytest.approx(np.quantile(d.numpy(), [0.25, 0.5, 0.75]).tolist())
+    with pytest.raises(DataError, match="NaN"):
+        distance_summary(torch.tensor([0.1, math.nan]), eps=[0.1])
+
+
+# -- confidence under attack ----------------------------------------------------------------------
+
+def test_normalized_entropy_on_known_distributions():
+    p = torch.tensor([[0.7, 0.2, 0.1]])
+    expected = -(p * p.log()).sum() / math.log(3)
+    assert normalized_entropy(p.log()).item() == pytest.approx(expected.item())
+    assert normalized_entropy(torch.zeros(2, 5)).tolist() == pytest.approx([1.0, 1.0])
+    assert normalized_entropy(torch.tensor([[1000.0, 0.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_entropy_and_margin_shifts():
+    clean = torch.tensor([[4.0, 0.0, 0.0], [0.0, 3.0, 1.0]])
+    adv = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
+    y = torch.tensor([0, 1])
+    margins = margin_shift(clean, adv, y)
+    assert (margins.clean_mean, margins.adversarial_mean) == pytest.approx((3.0, -0.5))
+    assert margins.shift == pytest.approx(-3.5)
+    entropies = entropy_shift(clean, adv)
+    assert entropies.adversarial_mean > entropies.clean_mean
+    assert entropies.shift == pytest.approx(entropies.adversarial_mean - entropies.clean_mean)
+
+
+# -- per-class quality ----------------------------------------------------------------------------
+
+def test_class_report_on_a_hand_made_confusion():
+    # Prepare: class 2 is never predicted; class 0 is over-predicted
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    pred = torch.tensor([0, 0, 1, 0, 0, 1])
+    # Execute
+    r = class_report(pred, y, num_classes=3)
+    # Assert
+    assert r.confusion == [[2, 0, 0], [1, 1, 0], [1, 1, 0]]
+    assert r.precision == pytest.approx([0.5, 0.5, 0.0])
+    assert r.recall == pytest.approx([1.0, 0.5, 0.0])
+    assert r.f1 == pytest.approx([2 / 3, 0.5, 0.0])
+    assert r.support == [2, 2, 2]
+    assert r.macro_f1 == pytest.approx((2 / 3 + 0.5) / 3)
+    assert r.macro_recall == pytest.approx(0.5)
+
+
+# -- on a real attack ------------------------------------------------------------------------------
+
+def test_adversarial_metrics_agree_with_evaluate(standard_model, digits):
+    # Prepare
+    x, y = digits.test.x, digits.test.y
+    threat = ThreatModel("linf", 0.1)
+    attack = PGD(threat, steps=10)
+    # Execute
+    report = evaluate(standard_model, x, y, [attack], threat, batch_size=len(y))
+    correct = torch.tensor(report.clean_correct)
+    x_adv = x.clone()
+    x_adv[correct] = attack(standard_model, x[correct], y[correct])  # evaluate attacks these only
+    with torch.no_grad():
+        m = adversarial_metrics(x, x_adv, y, standard_model(x), standard_model(x_adv), threat)
+    # Assert
+    result = report.attacks[0]
+    assert m.attack.clean_accuracy == pytest.approx(report.clean_accuracy)
+    assert m.attack.adversarial_accuracy == pytest.approx(result.adversarial_accuracy)
+    assert m.attack.success_rate == pytest.approx(result.success_rate)
+    assert m.attack.median_norm_successful == pytest.approx(result.median_norm_successful)
+    assert m.margin.adversarial_mean < m.margin.clean_mean
+    assert m.entropy.adversarial_mean > m.entropy.clean_mean
+    assert m.classes.adversarial.macro_f1 < m.classes.clean.macro_f1
+    assert sum(map(sum, m.classes.clean.confusion)) == len(y)
+    json.dumps(m.to_dict())
