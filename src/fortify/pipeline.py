@@ -202,7 +202,9 @@ def evaluate_model(setup: Setup, model: nn.Module, journal_dir: Path | None = No
     if cfg.surrogate is not None:
         surrogate, _ = load_trained_model(cfg.surrogate, setup.device)
     attacks = build_attacks(cfg, setup.threat, setup.dataset.num_classes, surrogate)
-    return evaluate(model, test.x, test.y, attacks, setup.threat,
+    # the eps curve needs one cheap, strong attack at many eps: PGD when it is in the list
+    curve_attack = next((a for a in attacks if isinstance(a, PGD)), attacks[-1])
+    return evaluate(model, test.x, test.y, attacks, setup.threat, curve_attack=curve_attack,
                     batch_size=cfg.batch_size, cascade=cfg.cascade or cfg.preset == "autoattack",
                     eps_grid=cfg.eps_grid or default_eps_grid(setup.threat),
                     num_classes=setup.dataset.num_classes, journal_dir=journal_dir)

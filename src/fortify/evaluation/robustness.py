@@ -89,14 +89,16 @@ def evaluate(
     eps_grid: Sequence[float] | None = None,
     num_classes: int | None = None,
     journal_dir: Path | None = None,
+    curve_attack: Attack | None = None,
 ) -> RobustnessReport:
     """Attack ``model`` on ``(x, y)`` with each attack and summarise.
 
     Independent mode runs every attack on every clean-correct example, so each attack's accuracy
     stands on its own. Cascade mode (AutoAttack's) gives each attack only the examples that all
     earlier attacks failed on: cheaper, and its last accuracy is the worst case.
-    The eps curve reruns the last attack at each eps in ``eps_grid``. With ``journal_dir`` the
-    progress is written after every batch, and a killed evaluation continues where it stopped.
+    The eps curve reruns ``curve_attack`` (default: the last attack) at each eps in ``eps_grid``.
+    With ``journal_dir`` the progress is written after every batch, and a killed evaluation
+    continues where it stopped.
     """
     _check_setup(attacks, threat, x, y, num_classes, batch_size)
     device = next(model.parameters()).device
@@ -122,7 +124,8 @@ def evaluate(
             robust &= torch.tensor(result.robust, device=device)
             if journal is not None:
                 journal.save_completed(asdict(result))
-        curve = _eps_curve(model, attacks[-1], x, y, clean_correct, batch_size, eps_grid)
+        curve_attack = curve_attack or attacks[-1]
+        curve = _eps_curve(model, curve_attack, x, y, clean_correct, batch_size, eps_grid)
     finally:
         model.train(was_training)
     n = len(y)
@@ -130,7 +133,7 @@ def evaluate(
         threat={"norm": threat.norm, "eps": threat.eps, "bounds": list(threat.bounds)},
         n_examples=n, clean_accuracy=float(clean_correct.float().mean()),
         worst_case_accuracy=float(robust.float().mean()), attacks=results, eps_curve=curve,
-        eps_curve_attack=attacks[-1].label if eps_grid else None, warnings=warnings,
+        eps_curve_attack=curve_attack.label if eps_grid else None, warnings=warnings,
         clean_correct=clean_correct.tolist())
 
 
