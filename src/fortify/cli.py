@@ -241,7 +241,7 @@ def evaluate(
 @_handles_errors
 def audit(
     model_dir: Annotated[Path, typer.Argument(help="Model directory written by fortify train or run.")],
-    reference_models: Annotated[int, typer.Option(min=0, help="LiRA reference models (0: no LiRA; >= 2).")] = 0,
+    reference_models: Annotated[int, typer.Option(min=0, help="LiRA reference models (0 or >= 2).")] = 0,
     n_examples: Annotated[int | None, typer.Option(help="Members and non-members per side.")] = None,
     inversion: Annotated[bool, typer.Option(help="Run MI-Face model inversion on image data.")] = True,
     device: DeviceOpt = "auto",
