@@ -7,8 +7,10 @@ seeded ``torch.Generator`` so that two calls with the same seed return the same 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -48,16 +50,15 @@ class Attack(ABC):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         self._check_batch(x, y, target)
-        if generator is None:
-            generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.enable_grad():
-                x_adv = self.perturb(model, x.detach(), y, target, generator)
-        finally:
-            model.train(was_training)
+        with attacking(model):
+            x_adv = self.perturb(model, x.detach(), y, target, self.seeded(x, generator))
         return x_adv.detach()
+
+    def seeded(self, x: Tensor, generator: torch.Generator | None) -> torch.Generator:
+        """The caller's generator, or a fresh one on ``x``'s device seeded with ``self.seed``."""
+        if generator is not None:
+            return generator
+        return torch.Generator(device=x.device).manual_seed(self.seed)
 
     @abstractmethod
     def perturb(
@@ -111,6 +112,18 @@ class Attack(ABC):
             assert target is not None
             return pred == target
         return pred != y
+
+
+@contextlib.contextmanager
+def attacking(model: nn.Module) -> Iterator[None]:
+    """Eval mode with gradients on for the duration; the caller's mode comes back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def check_label_range(y: Tensor, num_classes: int) -> None:

@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fortify.attacks.base import ATTACKS, Attack, check_label_range, check_positive_int
+from fortify.attacks.base import ATTACKS, Attack, attacking, check_label_range, check_positive_int
 from fortify.errors import ConfigError
 from fortify.threat import ThreatModel
 
@@ -180,15 +180,8 @@ class FAB(Attack):
         misclassified, ``x`` and ``0``. Norms are in the threat model's norm, at least float32.
         """
         self._check_batch(x, y, None)
-        if generator is None:
-            generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.enable_grad():
-                best, norms = self._search(model, x.detach(), y, generator, stop_at=0.0)
-        finally:
-            model.train(was_training)
+        with attacking(model):
+            best, norms = self._search(model, x.detach(), y, self.seeded(x, generator), stop_at=0.0)
         return best.detach(), norms
 
     # -- the search ---------------------------------------------------------------------------

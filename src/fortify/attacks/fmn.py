@@ -24,7 +24,7 @@ from abc import abstractmethod
 import torch
 from torch import Tensor, nn
 
-from fortify.attacks.base import ATTACKS, Attack, check_positive_int
+from fortify.attacks.base import ATTACKS, Attack, attacking, check_positive_int
 from fortify.errors import ConfigError
 from fortify.threat import ThreatModel
 
@@ -72,15 +72,8 @@ class MinimalNormAttack(Attack):
         equals ``x``) where no adversarial point was found, and 0 where ``x`` is already fooled.
         """
         self._check_batch(x, y, target)
-        if generator is None:
-            generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.enable_grad():
-                x_adv, found = self._search(model, x.detach(), y, target, generator)
-        finally:
-            model.train(was_training)
+        with attacking(model):
+            x_adv, found = self._search(model, x.detach(), y, target, self.seeded(x, generator))
         x_adv = x_adv.detach()
         norms = self.threat.distance(x_adv, x)
         return x_adv, torch.where(found, norms, torch.full_like(norms, torch.inf))

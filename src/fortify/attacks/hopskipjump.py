@@ -111,12 +111,10 @@ class HopSkipJump(Attack):
         the budget. The model's train/eval mode is restored; queries land in ``last_queries``.
         """
         self._check_batch(x, y, None)
-        if generator is None:
-            generator = torch.Generator(device=x.device).manual_seed(self.seed)
         was_training = model.training
-        model.eval()
+        model.eval()  # label-only: no gradients, so no attacking() context
         try:
-            _, dist = self._search(model, x.detach(), y, generator, good_enough=0.0)
+            _, dist = self._search(model, x.detach(), y, self.seeded(x, generator), good_enough=0.0)
         finally:
             model.train(was_training)
         return dist
