@@ -101,14 +101,16 @@ class PGD(Attack):
         final_loss = torch.full((n,), -torch.inf, device=x.device)
         active = torch.arange(n, device=x.device)
         for step in range(self.steps + 1):
-            point = x_adv[active].requires_grad_(True)
+            last = step == self.steps  # the last pass only judges the final iterate: no graph
+            point = x_adv[active].requires_grad_(not last)
             tgt = None if target is None else target[active]
-            logits = model(point)
-            loss = self.objective(logits, y[active], tgt)
+            with torch.set_grad_enabled(not last):
+                logits = model(point)
+                loss = self.objective(logits, y[active], tgt)
             if self.keep_first_success:
                 self._record_hits(point.detach(), logits.detach(), y[active], tgt, active,
                                   found, first_hit)
-            if step == self.steps:
+            if last:
                 final_loss[active] = loss.detach().float()
                 break
             (grad,) = torch.autograd.grad(loss.sum(), point)

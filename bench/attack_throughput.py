@@ -1,0 +1,378 @@
+"""Attack throughput on CPU: fortify's FGSM and PGD against torchattacks and IBM ART.
+
+Every contender attacks the same model, the same examples, under the same thread count, in this
+one process. After one warm-up round, each repeat runs every contender once, in an order rotated
+by one per repeat, so that drift in the machine's speed falls on all contenders alike. The table
+gives the median wall time, examples per second, the time relative to fortify's plain attack of
+the same kind, the robust accuracy each attack left (a faster but weaker attack shows here) and
+the model forward passes each one made (counted by a wrapper around the model). CPU s is the
+process CPU time (all threads): on a shared, busy machine it drifts less than wall time.
+
+    .venv/bin/python bench/attack_throughput.py --threads 2 --repeats 7 --batch 256
+    .venv/bin/python bench/attack_throughput.py --model preact-resnet18 --shape 3,32,32 \
+        --batch 32 --steps 10
+
+The default setting trains the registered ``small-cnn`` on the embedded ``digits`` set for a few
+epochs (no network needed) and attacks its test split. ``--model`` with another registered model
+uses it randomly initialised (seeded) on uniform synthetic data of ``--shape``; labels are then the
+model's own clean predictions, so clean accuracy is 100% and robust accuracy still says which
+attack moved more points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fortify.attacks import FGSM, PGD
+from fortify.config import TrainConfig
+from fortify.data import load_dataset
+from fortify.models import build_model
+from fortify.threat import ThreatModel
+from fortify.training.objectives import ObjectiveOptions, build_objective
+from fortify.training.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 10
+
+AttackFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# -- the model under attack --------------------------------------------------------------------
+
+
+class ForwardCounter(nn.Module):
+    """Passes inputs to ``inner`` and counts the calls and the examples they carried."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+        self.examples = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        self.examples += x.shape[0]
+        return self.inner(x)
+
+    def reset(self) -> None:
+        self.calls = 0
+        self.examples = 0
+
+
+@dataclass
+class Setting:
+    """What is attacked: a model in eval mode and the examples with their labels."""
+
+    description: str
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+
+
+def train_digits_model(epochs: int, seed: int) -> tuple[nn.Module, Tensor, Tensor]:
+    """Standard training of small-cnn on digits; returns the model and the test split."""
+    data = load_dataset("digits")
+    torch.manual_seed(seed)
+    model = build_model("small-cnn", data.input_shape, data.num_classes)
+    config = TrainConfig(objective="standard", epochs=epochs, early_stopping=False, seed=seed)
+    objective = build_objective("standard", ObjectiveOptions(ThreatModel("linf", 0.2)))
+    Trainer(model, objective, config, threat=ThreatModel("linf", 0.2),
+            show_progress=False).fit(data.train, data.val)
+    return model.eval(), data.test.x, data.test.y
+
+
+def tile(x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """``x`` and ``y`` repeated as often as needed, cut to ``n`` examples."""
+    reps = -(-n // x.shape[0])
+    return x.repeat(reps, *([1] * (x.dim() - 1)))[:n], y.repeat(reps)[:n]
+
+
+def digits_setting(args: argparse.Namespace) -> Setting:
+    model, x, y = train_digits_model(args.train_epochs, args.seed)
+    n = args.examples or max(x.shape[0], args.batch)
+    x, y = tile(x, y, n)
+    epochs = f"{args.train_epochs} epoch" + ("s" if args.train_epochs != 1 else "")
+    return Setting(f"small-cnn trained {epochs} (standard) on digits, "
+                   f"test split ({n} examples)", model, x, y)
+
+
+def synthetic_setting(args: argparse.Namespace) -> Setting:
+    """A seeded random model on uniform inputs; labels are its own clean predictions."""
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, args.shape, NUM_CLASSES).eval()
+    n = args.examples or args.batch
+    x = torch.rand((n, *args.shape), generator=torch.Generator().manual_seed(args.seed))
+    with torch.no_grad():  # not inference_mode: attacks use y inside autograd
+        y = torch.cat([model(xb).argmax(1) for xb in x.split(args.batch)])
+    shape = "x".join(map(str, args.shape))
+    return Setting(f"{args.model} randomly initialised (seed {args.seed}), uniform synthetic "
+                   f"{shape} inputs ({n} examples, labels = clean predictions)", model, x, y)
+
+
+# -- contenders --------------------------------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    """One library's implementation of one attack, and what it measured."""
+
+    group: str  # the attack, e.g. "PGD-10": rows of one group are compared with each other
+    library: str
+    run: AttackFn
+    seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)  # this process, all its threads
+    robust: list[float] = field(default_factory=list)
+    calls: list[int] = field(default_factory=list)
+    examples: list[int] = field(default_factory=list)
+    escaped: int = 0  # points outside the threat model, summed over runs
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def fortify_contenders(model: nn.Module, threat: ThreatModel, steps: list[int], seed: int
+                       ) -> list[Contender]:
+    def bind(attack: FGSM | PGD) -> AttackFn:
+        return lambda x, y: attack(model, x, y)
+
+    rows = [Contender("FGSM", "fortify", bind(FGSM(threat, seed=seed)))]
+    for k in steps:
+        alpha = 2.5 * threat.eps / k
+        plain = PGD(threat, steps=k, step_size=alpha, random_start=True, seed=seed)
+        early = PGD(threat, steps=k, step_size=alpha, random_start=True, early_stop=True,
+                    seed=seed)
+        rows.append(Contender(f"PGD-{k}", "fortify", bind(plain)))
+        rows.append(Contender(f"PGD-{k}", "fortify early_stop", bind(early)))
+    return rows
+
+
+def torchattacks_contenders(model: nn.Module, threat: ThreatModel, steps: list[int]
+                            ) -> list[Contender]:
+    import torchattacks
+
+    rows = [Contender("FGSM", "torchattacks", torchattacks.FGSM(model, eps=threat.eps))]
+    for k in steps:
+        attack = torchattacks.PGD(model, eps=threat.eps, alpha=2.5 * threat.eps / k, steps=k,
+                                  random_start=True)
+        rows.append(Contender(f"PGD-{k}", "torchattacks", attack))
+    return rows
+
+
+def art_contenders(model: nn.Module, threat: ThreatModel, steps: list[int], batch: int,
+                   input_shape: tuple[int, ...]) -> list[Contender]:
+    """ART's FGM and PyTorch PGD; NumPy in and out, as ART's API requires."""
+    import numpy as np
+    from art.attacks.evasion import FastGradientMethod, ProjectedGradientDescentPyTorch
+    from art.estimators.classification import PyTorchClassifier
+
+    classifier = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(),
+                                   input_shape=input_shape, nb_classes=NUM_CLASSES,
+                                   clip_values=threat.bounds, device_type="cpu")
+
+    def bind(attack: object) -> AttackFn:
+        def run(x: Tensor, y: Tensor) -> Tensor:
+            return torch.from_numpy(attack.generate(x.numpy(), y.numpy()))  # type: ignore[attr-defined]
+        return run
+
+    rows = [Contender("FGSM", "ART", bind(FastGradientMethod(
+        classifier, norm=np.inf, eps=threat.eps, batch_size=batch)))]
+    for k in steps:
+        attack = ProjectedGradientDescentPyTorch(
+            classifier, norm=np.inf, eps=threat.eps, eps_step=2.5 * threat.eps / k, max_iter=k,
+            num_random_init=1, batch_size=batch, verbose=False)
+        rows.append(Contender(f"PGD-{k}", "ART", bind(attack)))
+    return rows
+
+
+def build_contenders(counted: ForwardCounter, threat: ThreatModel, args: argparse.Namespace,
+                     input_shape: tuple[int, ...]) -> list[Contender]:
+    rows = fortify_contenders(counted, threat, args.steps, args.seed)
+    rows += torchattacks_contenders(counted, threat, args.steps)
+    if args.no_art:
+        print("note: ART skipped (--no-art)")
+    else:
+        try:
+            rows += art_contenders(counted, threat, args.steps, args.batch, input_shape)
+        except ImportError as err:
+            print(f"note: ART skipped, adversarial-robustness-toolbox is not importable ({err})")
+    order = {"FGSM": 0, **{f"PGD-{k}": i + 1 for i, k in enumerate(args.steps)}}
+    return sorted(rows, key=lambda c: order[c.group])  # stable: library order kept per group
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int) -> float:
+    with torch.inference_mode():
+        correct = sum(int((model(xb).argmax(1) == yb).sum())
+                      for xb, yb in zip(x.split(batch), y.split(batch), strict=True))
+    return correct / x.shape[0]
+
+
+def attack_all(contender: Contender, x: Tensor, y: Tensor, batch: int) -> Tensor:
+    return torch.cat([contender.run(xb, yb)
+                      for xb, yb in zip(x.split(batch), y.split(batch), strict=True)])
+
+
+def measure(contender: Contender, setting: Setting, counted: ForwardCounter,
+            threat: ThreatModel, batch: int) -> None:
+    """Time one run over all examples; record robust accuracy and forward passes after it."""
+    counted.reset()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    x_adv = attack_all(contender, setting.x, setting.y, batch)
+    contender.seconds.append(time.perf_counter() - start)
+    contender.cpu_seconds.append(time.process_time() - start_cpu)
+    contender.calls.append(counted.calls)
+    contender.examples.append(counted.examples)
+    contender.robust.append(accuracy(setting.model, x_adv, setting.y, batch))
+    contender.escaped += int((~threat.contains(x_adv, setting.x)).sum())
+
+
+def run_rounds(contenders: list[Contender], setting: Setting, counted: ForwardCounter,
+               threat: ThreatModel, args: argparse.Namespace) -> None:
+    for contender in contenders:  # warm-up round: allocator, kernels, lazy imports
+        attack_all(contender, setting.x[:args.batch], setting.y[:args.batch], args.batch)
+    for r in range(args.repeats):
+        shift = r % len(contenders)
+        for contender in contenders[shift:] + contenders[:shift]:
+            measure(contender, setting, counted, threat, args.batch)
+        print(f"  repeat {r + 1}/{args.repeats} done", file=sys.stderr)
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "src")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + (" (+ uncommitted changes in src/)" if dirty else "")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def library_versions() -> str:
+    import torchattacks
+
+    versions = [f"torch {torch.__version__}", f"torchattacks {torchattacks.__version__}"]
+    try:
+        import art
+
+        versions.append(f"adversarial-robustness-toolbox {art.__version__}")
+    except ImportError:
+        versions.append("adversarial-robustness-toolbox not installed")
+    return ", ".join(versions) + f", Python {platform.python_version()}"
+
+
+def print_header(args: argparse.Namespace, setting: Setting, threat: ThreatModel,
+                 clean: float) -> None:
+    print(f"date:     {dt.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    print(f"commit:   {git_commit()}")
+    print(f"machine:  {cpu_model()}, {torch.get_num_threads()} torch threads "
+          f"(of {torch.multiprocessing.cpu_count()} logical CPUs)")
+    print(f"versions: {library_versions()}")
+    print(f"load:     {load_average()} (1/5/15-minute load average at start)")
+    print(f"setting:  {setting.description}; clean accuracy {clean:.2%}")
+    print(f"attacks:  {threat.describe()}, untargeted; PGD step size 2.5*eps/steps, one random "
+          f"start; batch {args.batch}; seed {args.seed}")
+    print(f"timing:   1 warm-up round, then {args.repeats} interleaved repeats (order rotated); "
+          "medians")
+
+
+def print_table(contenders: list[Contender], n: int, batch: int) -> None:
+    baseline = {c.group: c.median_seconds for c in contenders if c.library == "fortify"}
+    batches = -(-n // batch)
+    print()
+    print("| attack | library | median s | min-max s | examples/s | time / fortify "
+          "| CPU s | robust acc | forward calls | forwarded / n |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c in contenders:
+        median = c.median_seconds
+        calls = statistics.median(c.calls)
+        print(f"| {c.group} | {c.library} | {median:.3f} | "
+              f"{min(c.seconds):.3f}-{max(c.seconds):.3f} | {n / median:,.0f} | "
+              f"{median / baseline[c.group]:.2f} | {statistics.median(c.cpu_seconds):.3f} | "
+              f"{statistics.median(c.robust):.2%} | "
+              f"{calls:g} ({calls / batches:.3g}/batch) | "
+              f"{statistics.median(c.examples) / n:.3g} |")
+    escaped = [f"{c.library} {c.group}: {c.escaped}" for c in contenders if c.escaped]
+    if escaped:
+        print(f"\nwarning: points outside the threat model: {'; '.join(escaped)}")
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats (>= 5)")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--examples", type=int, default=None,
+                        help="examples to attack (default: digits test split / one batch)")
+    parser.add_argument("--eps", type=float, default=0.2)
+    parser.add_argument("--steps", type=lambda s: [int(k) for k in s.split(",")],
+                        default=[10, 50], help="PGD step counts, comma separated")
+    parser.add_argument("--model", default="small-cnn",
+                        help="small-cnn: trained on digits; any other registered model: random "
+                             "init on synthetic data of --shape")
+    parser.add_argument("--shape", type=lambda s: tuple(int(d) for d in s.split(",")),
+                        default=(3, 32, 32), help="input shape for a synthetic setting")
+    parser.add_argument("--train-epochs", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-art", action="store_true", help="leave ART out")
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be >= 5: a median of fewer runs says little")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    setting = digits_setting(args) if args.model == "small-cnn" else synthetic_setting(args)
+    threat = ThreatModel("linf", args.eps)
+    counted = ForwardCounter(setting.model).eval()
+    contenders = build_contenders(counted, threat, args, tuple(setting.x.shape[1:]))
+    print_header(args, setting, threat, accuracy(setting.model, setting.x, setting.y, args.batch))
+    run_rounds(contenders, setting, counted, threat, args)
+    print_table(contenders, setting.x.shape[0], args.batch)
+    print(f"\nload at end: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
