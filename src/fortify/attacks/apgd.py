@@ -35,7 +35,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from fortify.attacks.base import ATTACKS, Attack, check_positive_int
+from fortify.attacks.base import ATTACKS, Attack, check_positive_int, top_target_classes
 from fortify.errors import ConfigError
 from fortify.threat import ThreatModel
 
@@ -323,10 +323,7 @@ class APGDTargeted(APGD):
     ) -> None:
         super().__init__(threat, loss="dlr", n_iter=n_iter, restarts=restarts, rho=rho,
                          early_stop=early_stop, seed=seed)
-        if isinstance(n_target_classes, bool) or int(n_target_classes) != n_target_classes \
-                or n_target_classes < 1:
-            raise ConfigError(f"n_target_classes must be an integer >= 1, got {n_target_classes!r}")
-        self.n_target_classes = int(n_target_classes)
+        self.n_target_classes = check_positive_int("n_target_classes", n_target_classes)
 
     @property
     def label(self) -> str:
@@ -345,21 +342,12 @@ class APGDTargeted(APGD):
         # the clean logits choose the target classes; an example they misclassify is fooled at x
         with torch.no_grad():
             clean_logits = model(x)
-        ranked = self._ranked_targets(clean_logits, y)
+        ranked = top_target_classes(clean_logits, y, self.n_target_classes)
         outcome = _Outcome.start(x)
         outcome.found = clean_logits.argmax(dim=1) != y
         for rank in range(self.n_target_classes):
             self._attack_with_restarts(model, x, y, ranked[:, rank], generator, outcome)
         return outcome.x_adv
-
-    def _ranked_targets(self, logits: Tensor, y: Tensor) -> Tensor:
-        """Per example, the non-true classes from highest to lowest clean logit."""
-        num_classes = logits.shape[1]
-        if self.n_target_classes >= num_classes:
-            raise ConfigError(f"n_target_classes={self.n_target_classes} is out of range for a model "
-                              f"with {num_classes} classes; allowed: 1..{num_classes - 1}")
-        masked = logits.scatter(1, y[:, None], -torch.inf)
-        return masked.argsort(dim=1, descending=True)[:, : num_classes - 1]
 
 
 # Registered versions stop early: a fooled example's point is final, so the results are the same

@@ -135,6 +135,18 @@ def check_label_range(y: Tensor, num_classes: int) -> None:
         )
 
 
+def top_target_classes(logits: Tensor, y: Tensor, k: int) -> Tensor:
+    """Per example, the ``k`` non-true classes with the highest logits, best first (N, k).
+
+    The target choice of APGD-T and FAB-T (Croce & Hein 2020).
+    """
+    num_classes = logits.shape[1]
+    if k >= num_classes:
+        raise ConfigError(f"n_target_classes={k} is out of range for a model with {num_classes} "
+                          f"classes; allowed: 1..{num_classes - 1}")
+    return logits.scatter(1, y[:, None], -torch.inf).topk(k, dim=1).indices
+
+
 def check_positive_int(name: str, value: int) -> int:
     if isinstance(value, bool) or int(value) != value or value < 1:
         raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")

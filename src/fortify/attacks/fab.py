@@ -31,7 +31,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fortify.attacks.base import ATTACKS, Attack, attacking, check_label_range, check_positive_int
+from fortify.attacks.base import (
+    ATTACKS,
+    Attack,
+    attacking,
+    check_label_range,
+    check_positive_int,
+    top_target_classes,
+)
 from fortify.errors import ConfigError
 from fortify.threat import ThreatModel
 
@@ -354,21 +361,13 @@ class FABTargeted(FAB):
     ) -> None:
         super().__init__(threat, steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta,
                          beta=beta, search_steps=search_steps, seed=seed)
-        if isinstance(n_target_classes, bool) or int(n_target_classes) != n_target_classes \
-                or n_target_classes < 1:
-            raise ConfigError(f"n_target_classes must be an integer >= 1, got {n_target_classes!r}")
-        self.n_target_classes = int(n_target_classes)
+        self.n_target_classes = check_positive_int("n_target_classes", n_target_classes)
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "n_target_classes": self.n_target_classes}
 
     def _targets(self, clean_logits: Tensor, y: Tensor) -> list[Tensor | None]:
-        num_classes = clean_logits.shape[1]
-        if self.n_target_classes >= num_classes:
-            raise ConfigError(f"n_target_classes={self.n_target_classes} is out of range for a model "
-                              f"with {num_classes} classes; allowed: 1..{num_classes - 1}")
-        ranked = clean_logits.scatter(1, y[:, None], -torch.inf).topk(self.n_target_classes, dim=1)
-        return list(ranked.indices.unbind(dim=1))
+        return list(top_target_classes(clean_logits, y, self.n_target_classes).unbind(dim=1))
 
 
 ATTACKS.add("fab", FAB)
