@@ -22,91 +22,32 @@ attack moved more points.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from _common import (
+    NUM_CLASSES,
+    ForwardCounter,
+    Setting,
+    accuracy,
+    digits_setting,
+    load_average,
+    print_provenance,
+)
 from fortify.attacks import FGSM, PGD
-from fortify.config import TrainConfig
-from fortify.data import load_dataset
 from fortify.models import build_model
 from fortify.threat import ThreatModel
-from fortify.training.objectives import ObjectiveOptions, build_objective
-from fortify.training.trainer import Trainer
-
-REPO = Path(__file__).resolve().parents[1]
-NUM_CLASSES = 10
 
 AttackFn = Callable[[Tensor, Tensor], Tensor]
 
 
 # -- the model under attack --------------------------------------------------------------------
-
-
-class ForwardCounter(nn.Module):
-    """Passes inputs to ``inner`` and counts the calls and the examples they carried."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.calls = 0
-        self.examples = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.calls += 1
-        self.examples += x.shape[0]
-        return self.inner(x)
-
-    def reset(self) -> None:
-        self.calls = 0
-        self.examples = 0
-
-
-@dataclass
-class Setting:
-    """What is attacked: a model in eval mode and the examples with their labels."""
-
-    description: str
-    model: nn.Module
-    x: Tensor
-    y: Tensor
-
-
-def train_digits_model(epochs: int, seed: int) -> tuple[nn.Module, Tensor, Tensor]:
-    """Standard training of small-cnn on digits; returns the model and the test split."""
-    data = load_dataset("digits")
-    torch.manual_seed(seed)
-    model = build_model("small-cnn", data.input_shape, data.num_classes)
-    config = TrainConfig(objective="standard", epochs=epochs, early_stopping=False, seed=seed)
-    objective = build_objective("standard", ObjectiveOptions(ThreatModel("linf", 0.2)))
-    Trainer(model, objective, config, threat=ThreatModel("linf", 0.2),
-            show_progress=False).fit(data.train, data.val)
-    return model.eval(), data.test.x, data.test.y
-
-
-def tile(x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """``x`` and ``y`` repeated as often as needed, cut to ``n`` examples."""
-    reps = -(-n // x.shape[0])
-    return x.repeat(reps, *([1] * (x.dim() - 1)))[:n], y.repeat(reps)[:n]
-
-
-def digits_setting(args: argparse.Namespace) -> Setting:
-    model, x, y = train_digits_model(args.train_epochs, args.seed)
-    n = args.examples or max(x.shape[0], args.batch)
-    x, y = tile(x, y, n)
-    epochs = f"{args.train_epochs} epoch" + ("s" if args.train_epochs != 1 else "")
-    return Setting(f"small-cnn trained {epochs} (standard) on digits, "
-                   f"test split ({n} examples)", model, x, y)
 
 
 def synthetic_setting(args: argparse.Namespace) -> Setting:
@@ -216,13 +157,6 @@ def build_contenders(counted: ForwardCounter, threat: ThreatModel, args: argpars
 # -- measuring ---------------------------------------------------------------------------------
 
 
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int) -> float:
-    with torch.inference_mode():
-        correct = sum(int((model(xb).argmax(1) == yb).sum())
-                      for xb, yb in zip(x.split(batch), y.split(batch), strict=True))
-    return correct / x.shape[0]
-
-
 def attack_all(contender: Contender, x: Tensor, y: Tensor, batch: int) -> Tensor:
     return torch.cat([contender.run(xb, yb)
                       for xb, yb in zip(x.split(batch), y.split(batch), strict=True)])
@@ -256,56 +190,9 @@ def run_rounds(contenders: list[Contender], setting: Setting, counted: ForwardCo
 # -- reporting ---------------------------------------------------------------------------------
 
 
-def git_commit() -> str:
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no", "src")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return commit + (" (+ uncommitted changes in src/)" if dirty else "")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
-def library_versions() -> str:
-    import torchattacks
-
-    versions = [f"torch {torch.__version__}", f"torchattacks {torchattacks.__version__}"]
-    try:
-        import art
-
-        versions.append(f"adversarial-robustness-toolbox {art.__version__}")
-    except ImportError:
-        versions.append("adversarial-robustness-toolbox not installed")
-    return ", ".join(versions) + f", Python {platform.python_version()}"
-
-
 def print_header(args: argparse.Namespace, setting: Setting, threat: ThreatModel,
                  clean: float) -> None:
-    print(f"date:     {dt.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    print(f"commit:   {git_commit()}")
-    print(f"machine:  {cpu_model()}, {torch.get_num_threads()} torch threads "
-          f"(of {torch.multiprocessing.cpu_count()} logical CPUs)")
-    print(f"versions: {library_versions()}")
-    print(f"load:     {load_average()} (1/5/15-minute load average at start)")
+    print_provenance([("torchattacks", "torchattacks"), ("art", "adversarial-robustness-toolbox")])
     print(f"setting:  {setting.description}; clean accuracy {clean:.2%}")
     print(f"attacks:  {threat.describe()}, untargeted; PGD step size 2.5*eps/steps, one random "
           f"start; batch {args.batch}; seed {args.seed}")

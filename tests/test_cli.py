@@ -48,6 +48,15 @@ def test_fortify_run_defaults_meet_the_stated_numbers(tmp_path):
     assert robust["clean_accuracy"] >= 0.95
     html = (out / "report.html").read_text()
     assert f"{100 * robust['attacks'][1]['adversarial_accuracy']:.1f}%" in html
+    # the report's analysis and privacy sections were measured, and the PGD model is not masked
+    for name in ("standard", "pgd"):
+        model = results["models"][name]
+        assert {"analysis", "privacy"} <= set(model)
+        assert model["analysis"]["masking"]["masked"] is False, model["analysis"]["masking"]["checks"]
+    robust_margin = results["models"]["pgd"]["analysis"]["margin"]["summary"]["median"]
+    standard_margin = results["models"]["standard"]["analysis"]["margin"]["summary"]["median"]
+    assert robust_margin > standard_margin
+    assert "No sign of gradient masking" in html
 
 
 def test_train_then_evaluate(tmp_path):
@@ -63,6 +72,12 @@ def test_train_then_evaluate(tmp_path):
     assert report["n_examples"] == 60 and report["threat"]["eps"] == 0.1
     assert [a["name"] for a in report["attacks"]] == ["fgsm", "pgd-3"]
     assert report["attacks"][1]["adversarial_accuracy"] <= report["clean_accuracy"]
+    # with --report: the analysis and the audit join robustness.json, and the page is written
+    reported = _invoke("evaluate", out, "--attacks", "pgd", "--steps", 3, "--n-examples", 40, "--report")
+    assert reported.exit_code == 0, reported.output
+    written = json.loads((out / "robustness.json").read_text())
+    assert {"analysis", "privacy"} <= set(written)
+    assert "Gradient-masking checks" in (out / "report.html").read_text()
 
 
 def test_config_file_and_flags_flags_win(tmp_path):

@@ -6,6 +6,7 @@ everything before writing, and prints FortifyErrors as one line without a traceb
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shutil
 import sys
@@ -17,11 +18,14 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from fortify.config import load_config
 from fortify.errors import ConfigError, FortifyError
 from fortify.pipeline import (
     Setup,
+    analyse_model,
+    audit_membership,
     evaluate_model,
     load_trained_model,
     prepare,
@@ -29,17 +33,25 @@ from fortify.pipeline import (
     train_model,
     write_json,
 )
+from fortify.report.compare import write_comparison
 from fortify.report.html import write_report
+from fortify.report.results import RESULTS_VERSION, load_results
+from fortify.tabular.run import tabular_section
+from fortify.training import distributed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Harden PyTorch classifiers with adversarial training and measure it.")
 console = Console(stderr=True)
 out_console = Console()
-RESULTS_VERSION = 1
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML run configuration.")]
 DatasetOpt = Annotated[str | None, typer.Option(help="Dataset name (see the registry).")]
+DataPathOpt = Annotated[Path | None, typer.Option("--data-path", "--data",
+                                                  help="Data file for the npz or csv dataset.")]
+TargetOpt = Annotated[str | None, typer.Option(help="Label column of a csv file.")]
+SchemaOpt = Annotated[str | None, typer.Option(help="Tabular schema: YAML file or bundled name "
+                                                    "(breast-cancer).")]
 EpsOpt = Annotated[float | None, typer.Option(help="Perturbation budget eps (> 0).")]
 NormOpt = Annotated[str | None, typer.Option(help="Threat-model norm: linf or l2.")]
 EpochsOpt = Annotated[int | None, typer.Option(help="Training epochs (>= 1).")]
@@ -92,6 +104,9 @@ def run(
     config: ConfigOpt = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<dataset>-<time>).")] = None,
     dataset: DatasetOpt = None,
+    data_path: DataPathOpt = None,
+    target: TargetOpt = None,
+    schema: SchemaOpt = None,
     eps: EpsOpt = None,
     norm: NormOpt = None,
     epochs: EpochsOpt = None,
@@ -101,7 +116,9 @@ def run(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a standard and a PGD-trained model, attack both, write results and a report."""
-    cfg = load_config(config, _overrides(data={"name": dataset, "seed": seed},
+    cfg = load_config(config, _overrides(data={"name": dataset or _csv_dataset(data_path), "seed": seed,
+                                               "path": data_path, "target": target,
+                                               "feature_schema": schema},
                                          threat={"eps": eps, "norm": norm},
                                          train={"epochs": epochs, "seed": seed}))
     setup = prepare(cfg, device, objectives=("standard", "pgd"))
@@ -115,13 +132,31 @@ def run(
         model, training = train_model(setup, objective, out_dir / "models" / objective,
                                       resume=resume, show_progress=not quiet)
         console.print(f"attacking [bold]{objective}[/] model")
-        models[objective] = {"training": training.to_dict(),
-                             "robustness": evaluate_model(setup, model).to_dict()}
+        models[objective] = _measure(setup, model, training.to_dict())
     results = _results(setup, models, time.perf_counter() - started)
     write_json(out_dir / "results.json", results)
-    write_report(results, out_dir / "report.html")
+    write_report(load_results(out_dir), out_dir / "report.html")
     _print_comparison(results)
     out_console.print(f"results: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.html'}")
+
+
+def _measure(setup: Setup, model: nn.Module, training: dict[str, Any]) -> dict[str, Any]:
+    """Robustness, the report's analysis and the membership audit of one trained model."""
+    robustness = evaluate_model(setup, model)
+    return {"training": training, "robustness": robustness.to_dict(), **_tabular_section(setup, model),
+            **_measure_further(setup, model, robustness)}
+
+
+def _measure_further(setup: Setup, model: nn.Module, robustness: Any) -> dict[str, Any]:
+    """The report's analysis and the membership audit, as the configuration's analysis section asks."""
+    measured = {}
+    if setup.config.analysis.enabled:
+        console.print("  margins, certified radius, gradient-masking checks")
+        measured["analysis"] = analyse_model(setup, model, robustness).to_dict()
+    if setup.config.analysis.privacy:
+        console.print("  membership inference")
+        measured["privacy"] = audit_membership(setup, model).to_dict()
+    return measured
 
 
 def _results(setup: Setup, models: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -155,7 +190,9 @@ def train(
     config: ConfigOpt = None,
     out: Annotated[Path | None, typer.Option(help="Model directory (default runs/<dataset>-<time>).")] = None,
     dataset: DatasetOpt = None,
-    data_path: Annotated[Path | None, typer.Option(help="Data file for the npz dataset.")] = None,
+    data_path: DataPathOpt = None,
+    target: TargetOpt = None,
+    schema: SchemaOpt = None,
     model: Annotated[str | None, typer.Option(help="Model name (default: the dataset's).")] = None,
     objective: Annotated[str | None, typer.Option(help="standard, fgsm, fgsm-rs or pgd.")] = None,
     eps: EpsOpt = None,
@@ -168,17 +205,36 @@ def train(
     device: DeviceOpt = "auto",
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
+    nproc: Annotated[int | None, typer.Option(help="Data-parallel processes (runs torchrun).")] = None,
+    dp: Annotated[bool | None, typer.Option("--dp", help="Differentially private training (DP-SGD).")] = None,
+    target_epsilon: Annotated[float | None, typer.Option(help="DP: epsilon spent by the last epoch.")] = None,
+    noise_multiplier: Annotated[float | None, typer.Option(help="DP: fixed noise instead.")] = None,
+    delta: Annotated[float | None, typer.Option(help="DP: delta (< 1/n; default 1e-5).")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="DP: per-example clip norm.")] = None,
+    max_physical_batch_size: Annotated[int | None, typer.Option(help="DP: split larger batches.")] = None,
+    accountant: Annotated[str | None, typer.Option(help="DP: prv or rdp.")] = None,
+    canaries: Annotated[int | None, typer.Option(help="Audit with N mislabelled canaries a side.")] = None,
 ) -> None:
     """Train one model (any objective) into a model directory."""
+    if nproc is not None and nproc != 1 and not distributed.under_torchrun():
+        raise typer.Exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
     cfg = load_config(config, _overrides(
-        data={"name": dataset, "path": data_path, "seed": seed},
+        data={"name": dataset or _csv_dataset(data_path), "path": data_path, "seed": seed,
+              "target": target, "feature_schema": schema},
         model={"name": model}, threat={"eps": eps, "norm": norm},
         train={"objective": objective, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-               "attack_steps": attack_steps, "seed": seed}))
-    setup = prepare(cfg, device)
+               "attack_steps": attack_steps, "seed": seed},
+        dp={"enabled": dp, "target_epsilon": target_epsilon, "noise_multiplier": noise_multiplier,
+            "delta": delta, "max_grad_norm": max_grad_norm, "accountant": accountant,
+            "max_physical_batch_size": max_physical_batch_size, "canaries": canaries}))
+    setup, ddp = _join_torchrun(prepare(cfg, device), out)
     out_dir = _fresh_out_dir(out, f"{cfg.data.name}-{cfg.train.objective}", resume)
+    if ddp is not None:
+        ddp.barrier()  # every rank has checked out_dir before rank 0 writes into it
     _, result = train_model(setup, cfg.train.objective, out_dir, resume=resume,
-                            show_progress=not quiet)
+                            show_progress=not quiet and (ddp is None or ddp.is_main), distributed=ddp)
+    if ddp is not None and not ddp.is_main:
+        return
     write_json(out_dir / "training.json", result.to_dict())
     best = result.history[result.best_epoch - 1]
     out_console.print(
@@ -187,6 +243,32 @@ def train(
         + (f", val robust {100 * best.val_robust_accuracy:.1f}%"
            if best.val_robust_accuracy is not None else "")
         + f"\nmodel: {out_dir / 'model.safetensors'}")
+    _print_privacy(result.to_dict())
+
+
+def _print_privacy(training: dict[str, Any]) -> None:
+    """The accountant's epsilon and the canary audit's lower bound, when the run has them."""
+    privacy, audit = training.get("privacy"), training.get("canary_audit")
+    if privacy is not None:
+        out_console.print(f"DP: epsilon {privacy['epsilon']:.3g} (delta {privacy['delta']:g}, "
+                          f"{privacy['accountant']}), noise multiplier {privacy['noise_multiplier']:.3g}, "
+                          f"clip {privacy['max_grad_norm']:g}"
+                          + "".join(f"\nreplaced {m}" for m in privacy["replaced_modules"]))
+    if audit is not None:
+        out_console.print(f"canary audit: epsilon >= {audit['epsilon_lower']:.3g} at "
+                          f"{100 * audit['confidence']:.0f}% confidence ({audit['n_inserted']} inserted, "
+                          f"{audit['n_held_out']} held out; canary AUC {audit['auc']:.3f})")
+
+
+def _join_torchrun(setup: Setup, out: Path | None) -> tuple[Setup, distributed.DistributedContext | None]:
+    """Under torchrun: join the process group; each rank takes its own GPU on CUDA."""
+    ddp = distributed.join(setup.device)
+    if ddp is None:
+        return setup, None
+    if out is None:
+        raise ConfigError("under torchrun pass --out (or the model directory): every process must "
+                          "use the same directory")
+    return dataclasses.replace(setup, device=ddp.device), ddp
 
 
 # -- fortify evaluate --------------------------------------------------------------------------
@@ -194,7 +276,7 @@ def train(
 @app.command()
 @_handles_errors
 def evaluate(
-    model_dir: Annotated[Path, typer.Argument(help="Model directory written by fortify train.")],
+    model_dir: Annotated[Path | None, typer.Argument(help="Model directory from fortify train.")] = None,
     config: ConfigOpt = None,
     attacks: Annotated[str | None, typer.Option(help="Comma-separated attack names.")] = None,
     preset: Annotated[str | None, typer.Option(help="autoattack: APGD-CE, APGD-T, FAB-T, Square.")] = None,
@@ -206,26 +288,75 @@ def evaluate(
     surrogate: Annotated[Path | None, typer.Option(help="Model directory for the transfer attack.")] = None,
     cascade: Annotated[bool | None, typer.Option(help="Attack only examples still robust.")] = None,
     n_examples: Annotated[int | None, typer.Option(help="Use the first N test examples.")] = None,
+    amp: Annotated[str | None, typer.Option(help="bf16 or fp16: attack under autocast, checked "
+                                            "against fp32 on the first examples.")] = None,
     device: DeviceOpt = "auto",
+    model_file: Annotated[Path | None, typer.Option("--model", help="A Keras (.keras, .h5) or ONNX "
+                                                    "(.onnx) model file to evaluate instead.")] = None,
+    dataset: DatasetOpt = None,
+    layout: Annotated[str, typer.Option(help="With --model: its input layout, auto, nchw or nhwc.")] = "auto",
+    input_range: Annotated[str | None, typer.Option(help="With --model: the values it expects, e.g. "
+                                                    "0,255 (default: the dataset's box).")] = None,
+    mean: Annotated[str | None, typer.Option(help="With --model: per-channel mean it expects "
+                                             "subtracted, e.g. 0.5,0.5,0.5.")] = None,
+    std: Annotated[str | None, typer.Option(help="With --model: per-channel std it divides by.")] = None,
+    out: Annotated[Path | None, typer.Option(help="With --model: directory for robustness.json.")] = None,
+    with_report: Annotated[bool, typer.Option("--report", help="Also measure margins, certified radius, "
+                                              "masking checks and membership inference, and write "
+                                              "report.html.")] = False,
 ) -> None:
-    """Attack a trained model; writes robustness.json into its directory (resumable)."""
-    base = config if config is not None else model_dir / "config.yaml"
-    if not base.is_file():
-        raise ConfigError(f"{model_dir} has no config.yaml; pass --config")
+    """Attack a trained model (or a Keras/ONNX file); writes robustness.json (resumable)."""
     attack_list = [a.strip() for a in attacks.split(",") if a.strip()] if attacks else None
-    cfg = load_config(base, _overrides(
+    overrides = _overrides(
         threat={"eps": eps, "norm": norm},
         eval={"attacks": attack_list, "preset": preset, "steps": steps, "restarts": restarts,
               "queries": queries, "surrogate": surrogate, "cascade": cascade,
-              "n_examples": n_examples}))
-    setup = prepare(cfg, device)
+              "n_examples": n_examples, "amp": amp})
+    if model_file is not None:
+        if model_dir is not None:
+            raise ConfigError(f"give a model directory ({model_dir}) or --model {model_file}, not both")
+        _evaluate_model_file(model_file, config, overrides, dataset=dataset, layout=layout,
+                             input_range=input_range, mean=mean, std=std, device=device, out=out,
+                             attacks_chosen=attack_list is not None or preset is not None)
+        return
+    if model_dir is None:
+        raise ConfigError("give a MODEL_DIR written by fortify train, or --model FILE (.keras, .h5, .onnx)")
+    base = config if config is not None else model_dir / "config.yaml"
+    if not base.is_file():
+        raise ConfigError(f"{model_dir} has no config.yaml; pass --config")
+    cfg = load_config(base, overrides)
+    setup, ddp = _join_torchrun(prepare(cfg, device), model_dir)
     model, _ = load_trained_model(model_dir, setup.device)
-    report = evaluate_model(setup, model, journal_dir=model_dir / "evaluation")
+    # under torchrun the ranks share the attack batches and merge per example (no journal)
+    report = evaluate_model(setup, model, journal_dir=None if ddp else model_dir / "evaluation",
+                            shard=ddp)
+    if ddp is not None and not ddp.is_main:
+        return
+    extra = _measure_further(setup, model, report) if with_report else {}
     write_json(model_dir / "robustness.json", {
         "version": RESULTS_VERSION, "kind": "evaluation", "config": cfg.model_dump(mode="json"),
-        "robustness": report.to_dict(), "provenance": provenance(cfg, setup.device)})
+        "robustness": report.to_dict(), **extra, **_tabular_section(setup, model),
+        "provenance": provenance(cfg, setup.device)})
     shutil.rmtree(model_dir / "evaluation", ignore_errors=True)  # finished: the journal is spent
-    table = Table(title=f"{model_dir}: {setup.threat.describe()}, {report.n_examples} examples")
+    _print_evaluation(f"{model_dir}: {setup.threat.describe()}, {report.n_examples} examples", report)
+    if with_report:
+        out_console.print(f"report: {write_report(load_results(model_dir), model_dir / 'report.html')}")
+
+
+def _csv_dataset(data_path: Path | None) -> str | None:
+    """A .csv data file implies the csv dataset when no --dataset is given."""
+    return "csv" if data_path is not None and data_path.suffix.lower() == ".csv" else None
+
+
+def _tabular_section(setup: Setup, model: Any) -> dict[str, Any]:
+    """Robust accuracy per constraint setting and feature-change counts, for tabular runs only."""
+    cfg = setup.config.eval
+    return tabular_section(model, setup.threat, setup.dataset.test.head(cfg.n_examples), cfg.steps,
+                           cfg.batch_size, cfg.seed)
+
+
+def _print_evaluation(title: str, report: Any) -> None:
+    table = Table(title=title)
     table.add_column("attack")
     table.add_column("accuracy", justify="right")
     table.add_row("clean", f"{100 * report.clean_accuracy:.1f}%")
@@ -235,6 +366,41 @@ def evaluate(
     out_console.print(table)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+
+
+def _evaluate_model_file(path: Path, config: Path | None, overrides: dict[str, Any], *,
+                         dataset: str | None, layout: str, input_range: str | None, mean: str | None,
+                         std: str | None, device: str, out: Path | None, attacks_chosen: bool) -> None:
+    """Evaluate a Keras or ONNX file on a dataset; a model without gradients gets query attacks only."""
+    from fortify.interop.card import parse_numbers
+    from fortify.interop.external import check_attacks_fit_access, load_external_model
+    from fortify.pipeline import attack_names
+
+    if dataset is not None:
+        overrides = {**overrides, "data": {"name": dataset}}
+    cfg = load_config(config, overrides)
+    setup = prepare(cfg, device)
+    out_dir = _fresh_out_dir(out, f"{path.stem}-eval", resume=False)
+    external = load_external_model(
+        path, setup.dataset, layout=layout, input_range=parse_numbers(input_range, "--input-range", 2),
+        mean=parse_numbers(mean, "--mean"), std=parse_numbers(std, "--std"), device=setup.device)
+    if not external.access.white_box and not attacks_chosen:
+        black_box_eval = cfg.eval.model_copy(update={"attacks": ["square"], "preset": None})
+        cfg = cfg.model_copy(update={"eval": black_box_eval})
+        setup = dataclasses.replace(setup, config=cfg)
+    check_attacks_fit_access(attack_names(cfg.eval), external.access)
+    console.print(f"{path.name}: {external.access.kind}, {external.access.reason}", soft_wrap=True)
+    for note in external.warnings:
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+    report = evaluate_model(setup, external.module)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "robustness.json", {
+        "version": RESULTS_VERSION, "kind": "evaluation", "config": cfg.model_dump(mode="json"),
+        "model": external.describe(), "robustness": report.to_dict(),
+        "provenance": provenance(cfg, setup.device)})
+    _print_evaluation(f"{path.name} ({external.access.kind}): {setup.threat.describe()}, "
+                      f"{report.n_examples} examples", report)
+    out_console.print(f"results: {out_dir / 'robustness.json'}")
 
 
 @app.command()
@@ -274,6 +440,163 @@ def audit(
     out_console.print(table)
     for warning in report.warnings:
         console.print(f"[yellow]note:[/] {warning}", soft_wrap=True)
+
+
+# -- fortify report / compare -------------------------------------------------------------------
+
+@app.command()
+@_handles_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (results.json) or model directory "
+                                                 "(robustness.json).")],
+    out: Annotated[Path | None, typer.Option(help="HTML file (default RUN_DIR/report.html).")] = None,
+) -> None:
+    """Write the HTML report of a finished run from its results alone."""
+    results = load_results(run_dir)
+    path = out or Path(results["source"]).parent / "report.html"
+    write_report(results, path)
+    _print_comparison(results)
+    out_console.print(f"report: {path}")
+
+
+@app.command()
+@_handles_errors
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run or model directories.")],
+    out: Annotated[Path, typer.Option(help="HTML file to write.")] = Path("comparison.html"),
+) -> None:
+    """Put the models of several runs side by side (same threat model required)."""
+    merged = write_comparison(run_dirs, out)
+    _print_comparison(merged)
+    out_console.print(f"comparison: {out}")
+
+
+# -- fortify export ----------------------------------------------------------------------------
+
+@app.command()
+@_handles_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Model directory, or a fortify run directory.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="onnx, torchscript or safetensors.")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="Output file (default MODEL_DIR/export/).")] = None,
+    member: Annotated[str, typer.Option(help="In a run directory, which model: pgd or standard.")] = "pgd",
+) -> None:
+    """Write a trained model for deployment, reload it and check its outputs match."""
+    from fortify.interop.export import export_model
+
+    result = export_model(run_dir, fmt, out, member=member)
+    out_console.print(f"exported {result.format}: {result.path}\ncard: {result.card_path}\n"
+                      f"reloaded and compared on {result.verified_on} random inputs: max |difference| "
+                      f"{result.max_abs_difference:.2g}")
+
+
+# -- fortify federate --------------------------------------------------------------------------
+
+@app.command()
+@_handles_errors
+def federate(
+    config: ConfigOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<dataset>-federated-*).")
+                   ] = None,
+    dataset: DatasetOpt = None,
+    model: Annotated[str | None, typer.Option(help="Model name (default: the dataset's).")] = None,
+    objective: Annotated[str | None, typer.Option(help="Local objective: standard, pgd, trades, ...")] = None,
+    eps: EpsOpt = None,
+    norm: NormOpt = None,
+    clients: Annotated[int, typer.Option(help="Number of clients (SuperNodes).")] = 4,
+    rounds: Annotated[int, typer.Option(help="Federated rounds (>= 1).")] = 5,
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
+    batch_size: Annotated[int | None, typer.Option(help="Local batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Local learning rate (constant).")] = None,
+    attack_steps: Annotated[int | None, typer.Option(help="PGD steps in local training.")] = None,
+    partition: Annotated[str, typer.Option(help="iid or dirichlet.")] = "iid",
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration (small: skewed labels).")] = 0.5,
+    strategy: Annotated[str, typer.Option(help="fedavg, fedprox, krum, trimmed-mean or median.")] = "fedavg",
+    proximal_mu: Annotated[float, typer.Option(help="FedProx mu.")] = 0.01,
+    malicious_clients: Annotated[int, typer.Option(help="Clients sending poisoned updates.")] = 0,
+    malicious_mode: Annotated[str, typer.Option(help="flip or scale.")] = "flip",
+    malicious_scale: Annotated[float, typer.Option(help="Factor on a poisoned update.")] = 10.0,
+    eval_examples: Annotated[int | None, typer.Option(help="Test examples for per-round evaluation.")] = None,
+    eval_steps: Annotated[int, typer.Option(help="PGD steps of the per-round robust accuracy.")] = 10,
+    superlink: Annotated[str | None, typer.Option(help="Submit to a running SuperLink (HOST:PORT).")] = None,
+    write_app: Annotated[Path | None, typer.Option(help="Only write the Flower app directory.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Simulation: clients training at once.")] = None,
+    seed: SeedOpt = None,
+    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
+    dp: Annotated[bool, typer.Option("--dp", help="Clients train with DP-SGD (Opacus).")] = False,
+    noise_multiplier: Annotated[float | None, typer.Option(help="With --dp: DP-SGD noise.")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="With --dp: per-example clip norm.")] = None,
+    delta: Annotated[float | None, typer.Option(help="With --dp: delta of the reported epsilon.")] = None,
+) -> None:
+    """Federated (adversarial) training on Flower: simulation here, or a SuperLink deployment."""
+    from fortify.federated.command import federate as run_federation
+    from fortify.federated.command import print_rounds
+
+    overrides = _overrides(data={"name": dataset, "seed": seed}, model={"name": model},
+                           threat={"eps": eps, "norm": norm},
+                           train={"objective": objective, "batch_size": batch_size, "lr": lr,
+                                  "attack_steps": attack_steps, "seed": seed},
+                           dp={"enabled": True if dp else None, "noise_multiplier": noise_multiplier,
+                               "max_grad_norm": max_grad_norm, "delta": delta})
+    federation = {"clients": clients, "rounds": rounds, "local_epochs": local_epochs,
+                  "partition": partition, "alpha": alpha, "strategy": strategy,
+                  "proximal_mu": proximal_mu, "malicious_clients": malicious_clients,
+                  "malicious_mode": malicious_mode, "malicious_scale": malicious_scale,
+                  "eval_examples": eval_examples, "eval_steps": eval_steps}
+    run, result = run_federation(config, overrides, federation, out=out, superlink=superlink,
+                                 write_app=write_app, workers=workers, verbose=verbose)
+    if result is None:
+        out_console.print(f"Flower app: {write_app}\nrun it with: flwr run {write_app} <connection>")
+        return
+    print_rounds(result, out_console)
+    out_console.print(f"model and per-round record: {run.federation.out}")
+
+
+# -- fortify sweep -----------------------------------------------------------------------------
+
+def _grid_values(text: str | None, flag: str, kind: type) -> list[Any] | None:
+    """A comma-separated flag value as a list of ``kind``; None when the flag was not given."""
+    if text is None:
+        return None
+    try:
+        return [kind(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated {kind.__name__} values, got {text!r}") from None
+
+
+@app.command()
+@_handles_errors
+def sweep(
+    config: ConfigOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Sweep directory, one run directory each "
+                                                  "(default runs/sweep-<time>).")] = None,
+    objectives: Annotated[str | None, typer.Option(help="Objectives to try, e.g. pgd,trades.")] = None,
+    eps: Annotated[str | None, typer.Option(help="Training and evaluation eps values, e.g. 0.1,0.2.")] = None,
+    trades_beta: Annotated[str | None, typer.Option(help="TRADES beta values (trades, awp-trades).")] = None,
+    mix_ratio: Annotated[str | None, typer.Option(help="pgd-mix ratios.")] = None,
+    epochs: Annotated[str | None, typer.Option(help="Epoch counts, e.g. 10,30.")] = None,
+    dataset: DatasetOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Train and attack a grid of runs; rerun to resume. Writes sweep.csv, sweep.json, tradeoff.png."""
+    from fortify.sweep import load_sweep, rich_table, run_sweep
+
+    flags = {"objective": _grid_values(objectives, "--objectives", str),
+             "eps": _grid_values(eps, "--eps", float),
+             "trades_beta": _grid_values(trades_beta, "--trades-beta", float),
+             "mix_ratio": _grid_values(mix_ratio, "--mix-ratio", float),
+             "epochs": _grid_values(epochs, "--epochs", int)}
+    base, grid = load_sweep(config, _overrides(data={"name": dataset, "seed": seed},
+                                               train={"seed": seed}), flags)
+    out_dir = out or Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    results = run_sweep(base, grid, out_dir, device=device, show_progress=not quiet,
+                        log=lambda line: console.print(line, highlight=False))
+    threat = f"{base.threat.norm}, attacks: {', '.join(results[0].attack_accuracy)}"
+    out_console.print(rich_table(results, f"{base.data.name} sweep ({threat})"))
+    out_console.print(f"table: {out_dir / 'sweep.csv'}\nplot:  {out_dir / 'tradeoff.png'}\n"
+                      f"runs:  {out_dir / 'sweep.json'}")
 
 
 def main() -> None:

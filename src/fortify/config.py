@@ -27,6 +27,8 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, ge=0, lt=1)
     cache_dir: Path = Path.home() / ".cache" / "fortify"
     download: bool = True
+    target: str | None = None  # label column of a csv dataset
+    feature_schema: str | None = None  # tabular schema: a YAML path or a bundled name (fortify.tabular)
 
 
 class ModelConfig(_Strict):
@@ -37,6 +39,18 @@ class ModelConfig(_Strict):
 class ThreatConfig(_Strict):
     norm: Literal["linf", "l2"] = "linf"
     eps: float = Field(0.2, gt=0)
+
+
+class AugmentConfig(_Strict):
+    """Batch augmentation before the attack (fortify.training.augment); every step off by default."""
+
+    crop_padding: int = Field(0, ge=0)  # random crop after padding each side by this many pixels
+    flip: bool = False  # left-right mirror with probability 1/2
+    cutout_size: int = Field(0, ge=0)  # side of the square cutout erases
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.crop_padding or self.flip or self.cutout_size)
 
 
 class TrainConfig(_Strict):
@@ -64,6 +78,20 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(None, gt=0)
     amp: bool = False
     seed: int = 0
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    ema_decay: float | None = Field(None, ge=0, le=1)  # None: no EMA; else the evaluated weights
+    extra_data: Path | None = None  # .npz with x, y like the dataset (fortify.training.extra_data)
+    extra_fraction: float = Field(0.0, ge=0, lt=1)  # share of each batch drawn from extra_data
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the training passes
+
+    @model_validator(mode="after")
+    def _check_extra_data(self) -> TrainConfig:
+        if (self.extra_data is None) != (self.extra_fraction == 0):
+            raise ValueError("extra_data and extra_fraction go together: give a .npz path and a "
+                             f"fraction in (0, 1), got extra_data={self.extra_data}, "
+                             f"extra_fraction={self.extra_fraction}")
+        return self
 
 
 class EvalConfig(_Strict):
@@ -80,6 +108,9 @@ class EvalConfig(_Strict):
     eps_grid: list[float] | None = None  # None: 0.25..1.5 times the threat's eps
     cascade: bool = False
     seed: int = 0
+    # autocast precision of attacks and predictions; the first examples are checked against fp32
+    amp: Literal["bf16", "fp16"] | None = None
+    amp_min_agreement: float = Field(0.9, gt=0, le=1)  # below it, the fp32 check warns
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
@@ -90,12 +121,50 @@ class EvalConfig(_Strict):
         return self
 
 
+class DPConfig(_Strict):
+    """Differentially private training with Opacus (see docs/DP.md); off unless ``enabled``."""
+
+    enabled: bool = False
+    target_epsilon: float | None = Field(None, gt=0)  # noise chosen to spend this by the last epoch
+    noise_multiplier: float | None = Field(None, ge=0)  # or a fixed noise level
+    delta: float = Field(1e-5, gt=0, lt=1)  # must also be < 1/n, checked once n is known
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_physical_batch_size: int | None = Field(None, ge=1)  # None: whole logical batches
+    accountant: Literal["prv", "rdp"] = "prv"
+    canaries: int = Field(0, ge=0)  # mislabelled canaries per side for the empirical audit
+
+    @model_validator(mode="after")
+    def _check(self) -> DPConfig:
+        if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("give exactly one of target_epsilon and noise_multiplier, got "
+                             f"target_epsilon={self.target_epsilon}, "
+                             f"noise_multiplier={self.noise_multiplier}")
+        return self
+
+
+class AnalysisConfig(_Strict):
+    """The report's per-model measurements (fortify.evaluation.analysis) and the privacy audit."""
+
+    enabled: bool = True
+    margin_examples: int = Field(100, ge=1)  # FMN minimal-norm search
+    margin_steps: int = Field(100, ge=1)
+    certify_examples: int = Field(100, ge=1)  # randomized smoothing
+    certify_sigma: float = Field(0.25, gt=0)
+    certify_n: int = Field(1000, ge=1)
+    certify_alpha: float = Field(0.001, gt=0, lt=1)
+    masking_examples: int = Field(200, ge=1)
+    gallery_examples: int = Field(8, ge=0)
+    privacy: bool = True  # threshold membership inference, members = train, non-members = test
+
+
 class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     threat: ThreatConfig = Field(default_factory=ThreatConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    dp: DPConfig = Field(default_factory=DPConfig)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -122,19 +191,28 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def read_yaml_mapping(path: Path | None) -> dict[str, Any]:
+    """The mapping a YAML config file holds ({} without a file); a clear ConfigError otherwise."""
+    if path is None:
+        return {}
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+    return loaded or {}
+
+
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a YAML file (optional), apply nested overrides (flags win), validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as err:
-            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
-        raw = loaded or {}
+    return config_from_dict(read_yaml_mapping(path), overrides)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Validate a mapping (as read from YAML) with nested overrides applied."""
     try:
         return RunConfig.model_validate(_merge(raw, overrides or {}))
     except ValidationError as err:

@@ -36,3 +36,7 @@ class CheckpointError(FortifyError):
 
 class MissingDependencyError(FortifyError, ImportError):
     """An optional dependency is not installed."""
+
+
+class ResultsError(FortifyError):
+    """A run directory or results file is missing, unreadable or of an unknown version."""

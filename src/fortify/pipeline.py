@@ -13,7 +13,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,16 +21,24 @@ from torch import nn
 import fortify
 from fortify.attacks import ATTACKS, PGD, Attack
 from fortify.attacks.transfer import Transfer
-from fortify.config import EvalConfig, RunConfig
-from fortify.data import DataOptions, Dataset, load_dataset
+from fortify.config import EvalConfig, RunConfig, TrainConfig
+from fortify.data import DataOptions, Dataset, Split, load_dataset
 from fortify.errors import CheckpointError, ConfigError
 from fortify.evaluation import RobustnessReport, evaluate
+from fortify.evaluation.analysis import AnalysisOptions, ModelAnalysis, analyse
+from fortify.evaluation.precision import check_amp_support
 from fortify.models import MODELS, build_model
+from fortify.tabular.run import run_threat, table_options
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
+from fortify.training.batches import load_recipe_data
+from fortify.training.distributed import DistributedContext
 from fortify.training.methods import MethodOptions
-from fortify.training.objectives import OBJECTIVES, build_objective
+from fortify.training.objectives import OBJECTIVES, Objective, build_objective
 from fortify.training.trainer import Trainer, TrainResult
+
+if TYPE_CHECKING:  # the privacy package is imported only when an audit runs
+    from fortify.privacy.audit import PrivacyReport
 
 MODEL_CARD = "model.json"
 
@@ -42,6 +50,7 @@ class Setup:
     threat: ThreatModel
     model_name: str
     device: torch.device
+    extra: Split | None = None  # train.extra_data, loaded and checked once
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,12 +70,13 @@ def prepare(config: RunConfig, device: str = "auto", objectives: tuple[str, ...]
     for attack in attack_names(config.eval):
         ATTACKS.get(attack)
     data = config.data
-    dataset = load_dataset(data.name, DataOptions(
+    dataset = load_dataset(data.name, table_options(DataOptions(
         seed=data.seed, val_fraction=data.val_fraction, test_fraction=data.test_fraction,
-        cache_dir=data.cache_dir, path=data.path, download=data.download))
+        cache_dir=data.cache_dir, path=data.path, download=data.download), data.target, data.feature_schema))
     model_name = config.model.name or dataset.default_model
     MODELS.get(model_name)
-    threat = ThreatModel(config.threat.norm, config.threat.eps, dataset.bounds)
+    # a schema (or a csv dataset) makes the threat model constrained: see fortify.tabular
+    threat = run_threat(config.threat.norm, config.threat.eps, dataset, data.feature_schema)
     threat.check_inputs(dataset.test.x[:1])
     surrogate = config.eval.surrogate
     if surrogate is not None and not (Path(surrogate) / MODEL_CARD).is_file():
@@ -74,7 +84,10 @@ def prepare(config: RunConfig, device: str = "auto", objectives: tuple[str, ...]
     # a stand-in surrogate: this only checks names and options before any file is written
     build_attacks(config.eval, threat, dataset.num_classes,
                   surrogate=nn.Identity() if surrogate is not None else None)
-    return Setup(config, dataset, threat, model_name, resolve_device(device))
+    if config.eval.amp is not None:
+        check_amp_support(config.eval.amp, resolve_device(device))
+    extra = load_recipe_data(config.train, dataset, dp=config.dp.enabled)
+    return Setup(config, dataset, threat, model_name, resolve_device(device), extra)
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -106,31 +119,64 @@ def load_trained_model(model_dir: Path, device: torch.device) -> tuple[nn.Module
     card = json.loads(card_path.read_text())
     model = build_model(card["name"], card["input_shape"], card["num_classes"],
                         mean=card["mean"], std=card["std"])
+    if card.get("opacus_fixed"):
+        from fortify.training.dp import make_dp_compatible
+
+        model, _ = make_dp_compatible(model)
     ckpt.load_weights(Path(model_dir) / "model.safetensors", model,
                       state["sha256"].get("model.safetensors"))
     return model.to(device).eval(), card
 
 
-def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: bool,
-                show_progress: bool) -> tuple[nn.Module, TrainResult]:
-    """Train one model into ``model_dir``; resumes an unfinished run, reuses a finished one."""
-    train_cfg = setup.config.train.model_copy(update={"objective": objective_name})
-    model = new_model(setup, train_cfg.seed)
-    objective = build_objective(objective_name, MethodOptions(
+def build_training_objective(setup: Setup, train_cfg: TrainConfig) -> Objective:
+    """``train_cfg.objective`` with every method setting of ``train_cfg``."""
+    return build_objective(train_cfg.objective, MethodOptions(
         setup.threat, attack_steps=train_cfg.attack_steps,
         attack_step_size=train_cfg.attack_step_size, fgsm_ratio=train_cfg.fgsm_ratio,
         seed=train_cfg.seed, trades_beta=train_cfg.trades_beta, mart_beta=train_cfg.mart_beta,
         free_replays=train_cfg.free_replays, awp_gamma=train_cfg.awp_gamma,
         mix_ratio=train_cfg.mix_ratio, label_smoothing=train_cfg.label_smoothing))
+
+
+def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: bool,
+                show_progress: bool, distributed: DistributedContext | None = None
+                ) -> tuple[nn.Module, TrainResult]:
+    """Train one model into ``model_dir``; resumes an unfinished run, reuses a finished one.
+
+    Under torchrun (``distributed``) every rank trains its share and only rank 0 writes files.
+    """
+    train_cfg = setup.config.train.model_copy(update={"objective": objective_name})
+    model = new_model(setup, train_cfg.seed)
+    objective = build_training_objective(setup, train_cfg)
     model_dir.mkdir(parents=True, exist_ok=True)
     config = setup.config.model_copy(update={"train": train_cfg})
-    (model_dir / "config.yaml").write_text(config.to_yaml())
-    write_json(model_dir / MODEL_CARD, model_card(setup))
-    trainer = Trainer(model, objective, train_cfg, threat=setup.threat, run_dir=model_dir,
-                      show_progress=show_progress)
+    dp = setup.config.dp
+    if distributed is None or distributed.is_main:
+        (model_dir / "config.yaml").write_text(config.to_yaml())
+        # a DP model may have had BatchNorm replaced: loading repeats the replacement
+        write_json(model_dir / MODEL_CARD, model_card(setup) | ({"opacus_fixed": True} if dp.enabled else {}))
+    if dp.enabled:
+        from fortify.training.dp import DPTrainer
+
+        if distributed is not None:
+            raise ConfigError("dp.enabled cannot be combined with torchrun data parallelism")
+        trainer: Trainer = DPTrainer(model, objective, train_cfg, dp=dp, threat=setup.threat,
+                                     run_dir=model_dir, show_progress=show_progress)
+    else:
+        trainer = Trainer(model, objective, train_cfg, threat=setup.threat, run_dir=model_dir,
+                          show_progress=show_progress, distributed=distributed, extra_data=setup.extra)
+    train = setup.dataset.train
+    if dp.canaries:
+        from fortify.privacy.canaries import insert_canaries
+
+        train, canaries = insert_canaries(train, dp.canaries, setup.dataset.num_classes, seed=train_cfg.seed)
     can_resume = resume and (model_dir / ckpt.STATE_JSON).is_file()
-    result = trainer.fit(setup.dataset.train, setup.dataset.val, resume=can_resume)
-    return model, result
+    result = trainer.fit(train, setup.dataset.val, resume=can_resume)
+    if dp.canaries:
+        from fortify.training.dp import with_canary_audit
+
+        result = with_canary_audit(result, trainer.model, canaries, delta=dp.delta, seed=train_cfg.seed)
+    return trainer.model, result
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -142,6 +188,7 @@ _ITERATIONS = {"pgd": "steps", "apgd-ce": "n_iter", "apgd-dlr": "n_iter", "apgd-
 _RESTARTS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t")
 _QUERIES = {"square": "n_queries", "hopskipjump": "max_queries"}
 _TARGETED = ("apgd-t", "fab-t")
+_EARLY_STOP = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t")
 
 
 def attack_names(config: EvalConfig) -> list[str]:
@@ -159,8 +206,8 @@ def _attack_options(name: str, config: EvalConfig, num_classes: int) -> dict[str
         options[_QUERIES[name]] = config.queries
     if name in _TARGETED:
         options["n_target_classes"] = min(9, num_classes - 1)  # AutoAttack's 9 where K allows
-    if name == "pgd":
-        options["early_stop"] = True  # same points, fewer passes
+    if name in _EARLY_STOP:
+        options["early_stop"] = True  # same points, fewer passes (tests/attacks check both)
     return options | config.attack_options.get(name, {})
 
 
@@ -183,10 +230,23 @@ def build_attacks(config: EvalConfig, threat: ThreatModel, num_classes: int,
             attacks.append(Transfer(source, surrogate))
             continue
         try:
-            attacks.append(factory(threat, seed=seed, **_attack_options(name, config, num_classes)))
+            attack = factory(threat, seed=seed, **_attack_options(name, config, num_classes))
         except TypeError as err:
             raise ConfigError(f"bad options for attack {name!r}: {err}") from None
+        _check_targets(name, attack, num_classes)
+        attacks.append(attack)
     return attacks
+
+
+def _check_targets(name: str, attack: Attack, num_classes: int) -> None:
+    """Fail before any file is written, not after the first attack batch."""
+    if attack.targeted:
+        raise ConfigError(f"attack_options make {name!r} targeted, but an evaluation has no target "
+                          "labels; use apgd-t or fab-t, which pick their targets per example")
+    n_targets = getattr(attack, "n_target_classes", None)
+    if n_targets is not None and n_targets >= num_classes:
+        raise ConfigError(f"n_target_classes={n_targets} for {name!r} is out of range for "
+                          f"{num_classes} classes; allowed: 1..{num_classes - 1}")
 
 
 def default_eps_grid(threat: ThreatModel) -> list[float]:
@@ -195,7 +255,8 @@ def default_eps_grid(threat: ThreatModel) -> list[float]:
     return [e for e in grid if threat.norm != "linf" or e <= limit]
 
 
-def evaluate_model(setup: Setup, model: nn.Module, journal_dir: Path | None = None) -> RobustnessReport:
+def evaluate_model(setup: Setup, model: nn.Module, journal_dir: Path | None = None,
+                   shard: DistributedContext | None = None) -> RobustnessReport:
     cfg = setup.config.eval
     test = setup.dataset.test.head(cfg.n_examples)
     surrogate = None
@@ -207,7 +268,33 @@ def evaluate_model(setup: Setup, model: nn.Module, journal_dir: Path | None = No
     return evaluate(model, test.x, test.y, attacks, setup.threat, curve_attack=curve_attack,
                     batch_size=cfg.batch_size, cascade=cfg.cascade or cfg.preset == "autoattack",
                     eps_grid=cfg.eps_grid or default_eps_grid(setup.threat),
-                    num_classes=setup.dataset.num_classes, journal_dir=journal_dir)
+                    num_classes=setup.dataset.num_classes, journal_dir=journal_dir, shard=shard,
+                    amp=cfg.amp, amp_min_agreement=cfg.amp_min_agreement)
+
+
+def analyse_model(setup: Setup, model: nn.Module, report: RobustnessReport) -> ModelAnalysis:
+    """The report's per-model measurements under the evaluation's PGD (or its last attack)."""
+    cfg = setup.config.analysis
+    test = setup.dataset.test.head(setup.config.eval.n_examples)
+    attacks = build_attacks(setup.config.eval, setup.threat, setup.dataset.num_classes,
+                            surrogate=nn.Identity() if setup.config.eval.surrogate else None)
+    attack = next((a for a in attacks if isinstance(a, PGD)),
+                  PGD(setup.threat, steps=DEFAULT_PGD_STEPS, early_stop=True, seed=setup.config.eval.seed))
+    options = AnalysisOptions(
+        margin_examples=cfg.margin_examples, margin_steps=cfg.margin_steps,
+        certify_examples=cfg.certify_examples, certify_sigma=cfg.certify_sigma, certify_n=cfg.certify_n,
+        certify_alpha=cfg.certify_alpha, masking_examples=cfg.masking_examples,
+        gallery_examples=cfg.gallery_examples, batch_size=setup.config.eval.batch_size,
+        seed=setup.config.eval.seed)
+    return analyse(model, test.x, test.y, setup.threat, attack=attack, report=report,
+                   num_classes=setup.dataset.num_classes, options=options)
+
+
+def audit_membership(setup: Setup, model: nn.Module) -> PrivacyReport:
+    """Threshold and augmentation membership inference: members = train, non-members = test."""
+    from fortify.privacy.audit import audit_trained_model
+
+    return audit_trained_model(model, setup.dataset, inversion=False, seed=setup.config.train.seed)
 
 
 # -- run directory -----------------------------------------------------------------------------

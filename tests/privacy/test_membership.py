@@ -23,6 +23,7 @@ from fortify.privacy import (
     augmentation_attack,
     augmentation_scores,
     boundary_distance_attack,
+    hopskipjump_boundary_distance,
     lira_attack,
     lira_member_scores,
     membership_result,
@@ -135,8 +136,9 @@ def test_label_only_attacks_infer_membership_from_robustness(zoo):
                                                            noise_copies=16))
     pgd_distance = pooled(lambda m, s: pgd_boundary_distance(m, s.x, s.y))
     random_distance = pooled(lambda m, s: random_direction_distance(m, s.x, s.y))
+    hsj_distance = pooled(lambda m, s: hopskipjump_boundary_distance(m, s.x, s.y, max_queries=500))
     # Assert: measured 0.61 to 0.63; a blind attack would sit at 0.5 +- 0.023
-    for result in (augmentation, pgd_distance, random_distance):
+    for result in (augmentation, pgd_distance, random_distance, hsj_distance):
         assert result.auc > 0.56
 
 
@@ -148,7 +150,7 @@ def test_label_only_attack_functions_report_their_settings(zoo):
     boundary = boundary_distance_attack(model, members, non_members)
     assert augmentation.auc > 0.55 and boundary.auc > 0.55
     assert augmentation.settings["noise_copies"] == 16
-    assert boundary.settings["distance_fn"] == "pgd_boundary_distance"
+    assert boundary.settings["distance_fn"] == "hopskipjump_boundary_distance"
 
 
 def test_boundary_distance_accepts_any_distance_function(zoo):
@@ -249,3 +251,22 @@ def test_reference_models_are_trained_on_their_halves(zoo):
         assert correct[keep].float().mean() == 1.0
         assert correct[~keep].float().mean() < 0.97
     assert isinstance(zoo.models, ReferenceModels)
+
+
+def test_hopskipjump_distance_bounds_a_linear_models_distance_from_above():
+    # Prepare: a two-class linear model; the exact L2 distance to its boundary is |w.x + b| / ||w||
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 2)
+    with torch.no_grad():
+        model.bias.copy_(-model.weight.sum(1) / 2)  # the boundary passes through the box's centre
+    x = (0.5 + 0.1 * torch.randn(30, 6)).clamp(0, 1)
+    y = model(x).argmax(1).detach()
+    y[:3] = 1 - y[:3]  # three examples misclassified: distance 0
+    w = (model.weight[1] - model.weight[0]).detach()
+    exact = (x @ w + model.bias[1] - model.bias[0]).abs().detach() / w.norm()
+    # Execute
+    found = hopskipjump_boundary_distance(model, x, y, max_queries=2000)
+    # Assert: never below the true minimum, close to it, and 0 where the label is already wrong
+    assert torch.equal(found[:3], torch.zeros(3))
+    assert bool((found[3:] >= exact[3:] * (1 - 1e-4)).all())
+    assert float((found[3:] / exact[3:]).median()) < 1.1

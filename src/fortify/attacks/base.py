@@ -51,6 +51,7 @@ class Attack(ABC):
     ) -> Tensor:
         self._check_batch(x, y, target)
         with attacking(model):
+            self._check_target_classes(model, x, target)
             x_adv = self.perturb(model, x.detach(), y, target, self.seeded(x, generator))
         return x_adv.detach()
 
@@ -98,6 +99,15 @@ class Attack(ABC):
         if target is not None and target.shape != y.shape:
             raise DataError(f"target must have shape {tuple(y.shape)}, got {tuple(target.shape)}")
 
+    def _check_target_classes(self, model: nn.Module, x: Tensor, target: Tensor | None) -> None:
+        """A target must name one of the model's classes; learning how many costs one forward pass
+        of one example, spent only when targets are given."""
+        if target is None or not target.numel():
+            return
+        with torch.no_grad():
+            num_classes = model(x[:1]).shape[1]
+        check_label_range(target, num_classes, what="target labels")
+
     def objective(self, logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
         """Per-example loss the attack ascends: CE away from y, or towards the target."""
         if self.targeted:
@@ -126,11 +136,11 @@ def attacking(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def check_label_range(y: Tensor, num_classes: int) -> None:
+def check_label_range(y: Tensor, num_classes: int, what: str = "labels") -> None:
     """Raise DataError when a label is outside ``[0, num_classes)``."""
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise DataError(
-            f"labels range over [{int(y.min())}, {int(y.max())}] but the model has "
+            f"{what} range over [{int(y.min())}, {int(y.max())}] but the model has "
             f"{num_classes} classes (allowed: 0..{num_classes - 1})"
         )
 

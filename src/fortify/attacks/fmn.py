@@ -73,6 +73,7 @@ class MinimalNormAttack(Attack):
         """
         self._check_batch(x, y, target)
         with attacking(model):
+            self._check_target_classes(model, x, target)
             x_adv, found = self._search(model, x.detach(), y, target, self.seeded(x, generator))
         x_adv = x_adv.detach()
         norms = self.threat.distance(x_adv, x)

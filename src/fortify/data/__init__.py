@@ -1,5 +1,6 @@
 """Datasets: a registry of in-memory datasets with deterministic splits."""
 
+from fortify.data import mnist5k as _mnist5k  # noqa: F401  (registers mnist5k)
 from fortify.data import npz as _npz  # noqa: F401  (registers npz)
 from fortify.data import sklearn_sets as _sklearn_sets  # noqa: F401  (registers digits, breast-cancer)
 from fortify.data import torchvision_sets as _torchvision_sets  # noqa: F401

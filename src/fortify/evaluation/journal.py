@@ -35,12 +35,16 @@ class Partial:
     generator_state: Tensor
 
 
-def fingerprint(x: Tensor, y: Tensor, attacks: Sequence[Attack], cascade: bool, batch_size: int) -> str:
+def fingerprint(x: Tensor, y: Tensor, attacks: Sequence[Attack], cascade: bool, batch_size: int,
+                amp: str | None = None) -> str:
+    """What a journal's partial results depend on; a journal written under another is not reused."""
     digest = hashlib.sha256()
     digest.update(x.detach().cpu().contiguous().numpy().tobytes())
     digest.update(y.detach().cpu().contiguous().numpy().tobytes())
     settings = [a.describe() for a in attacks]
-    digest.update(json.dumps([settings, cascade, batch_size], sort_keys=True, default=str).encode())
+    # amp only enters when set, so journals of full-precision runs keep their fingerprint
+    key: list[object] = [settings, cascade, batch_size] + ([amp] if amp else [])
+    digest.update(json.dumps(key, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 

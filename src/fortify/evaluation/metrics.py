@@ -22,20 +22,20 @@ from fortify.errors import ConfigError, DataError
 from fortify.threat import ThreatModel
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Non-finite floats become None so that ``json.dumps`` writes standard JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 class _Serializable:
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(asdict(self))  # type: ignore[call-overload]
+        return json_safe(asdict(self))  # type: ignore[call-overload]
 
 
 def _check_logits(logits: Tensor, y: Tensor) -> None:

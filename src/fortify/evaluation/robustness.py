@@ -16,8 +16,17 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import Attack, check_label_range
 from fortify.errors import ConfigError, DataError, ThreatModelViolation
+from fortify.evaluation.gradients import ZeroGradientPath, check_gradients
 from fortify.evaluation.journal import Journal, Partial, fingerprint
+from fortify.evaluation.precision import (
+    CHECK_EXAMPLES,
+    DEFAULT_MIN_AGREEMENT,
+    AutocastModel,
+    PrecisionCheck,
+    check_against_fp32,
+)
 from fortify.threat import ThreatModel
+from fortify.training.distributed import DistributedContext, batch_seed
 
 REPORT_VERSION = 1
 
@@ -55,6 +64,7 @@ class RobustnessReport:
     eps_curve_attack: str | None
     warnings: list[str]
     clean_correct: list[bool] = field(repr=False, default_factory=list)
+    precision: PrecisionCheck | None = None  # the fp32 check of a mixed-precision evaluation
     version: int = REPORT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,6 +78,8 @@ class RobustnessReport:
         fields = dict(data)
         fields["attacks"] = [AttackResult(**a) for a in data["attacks"]]
         fields["eps_curve"] = [EpsPoint(**p) for p in data["eps_curve"]]
+        if data.get("precision") is not None:
+            fields["precision"] = PrecisionCheck(**data["precision"])
         return cls(**fields)
 
     def attack(self, name: str) -> AttackResult:
@@ -90,6 +102,9 @@ def evaluate(
     num_classes: int | None = None,
     journal_dir: Path | None = None,
     curve_attack: Attack | None = None,
+    shard: DistributedContext | None = None,
+    amp: str | None = None,
+    amp_min_agreement: float = DEFAULT_MIN_AGREEMENT,
 ) -> RobustnessReport:
     """Attack ``model`` on ``(x, y)`` with each attack and summarise.
 
@@ -99,33 +114,53 @@ def evaluate(
     The eps curve reruns ``curve_attack`` (default: the last attack) at each eps in ``eps_grid``.
     With ``journal_dir`` the progress is written after every batch, and a killed evaluation
     continues where it stopped.
+    Each attack batch draws its randomness from its own seed (``batch_seed``), so under torchrun
+    (``shard``) the ranks take turns over the batches and the merged report equals one process's.
+    With ``amp`` ("bf16" or "fp16") the model runs under autocast, and the first examples are also
+    evaluated in fp32 (``RobustnessReport.precision``); a low agreement becomes a warning.
     """
     _check_setup(attacks, threat, x, y, num_classes, batch_size)
+    if shard is not None and journal_dir is not None:
+        raise ConfigError("a sharded evaluation keeps no journal: pass journal_dir or shard, not both")
     device = next(model.parameters()).device
-    was_training = model.training
+    was_training = model.training  # read before wrapping: a new wrapper starts in training mode
+    fp32_model = model
+    if amp is not None:
+        model = AutocastModel(model, amp, device)
     model.eval()
     try:
         x, y = x.to(device), y.to(device)
         clean_logits = _predict(model, x, batch_size)
         warnings = _logit_warnings(clean_logits)
         clean_correct = clean_logits.argmax(1) == y
+        first = clean_correct.nonzero().squeeze(1)[:batch_size]  # what the first attack batch sees
+        gradients = check_gradients(model, x[first], y[first], attacks)
+        warnings += gradients.warnings
+        if not gradients.connected:  # gradient attacks then stall on zeros instead of failing
+            fp32_model, model = ZeroGradientPath(fp32_model), ZeroGradientPath(model)
+        precision = None
+        if amp is not None:
+            sample = slice(0, min(batch_size, CHECK_EXAMPLES))
+            precision = check_against_fp32(fp32_model, model, x[sample], y[sample], attacks[0],
+                                           amp=amp, min_agreement=amp_min_agreement)
+            warnings += precision.warnings()
         robust = clean_correct.clone()
         journal = None
         if journal_dir is not None:
-            journal = Journal(journal_dir, fingerprint(x, y, attacks, cascade, batch_size))
+            journal = Journal(journal_dir, fingerprint(x, y, attacks, cascade, batch_size, amp))
         results = [AttackResult(**r) for r in journal.completed()] if journal else []
         for result in results:
             robust &= torch.tensor(result.robust, device=device)
         for index in range(len(results), len(attacks)):
             todo = robust if cascade else clean_correct
             result = _run_attack(model, attacks[index], x, y, todo, batch_size, cascade,
-                                 journal=journal, attack_index=index)
+                                 journal=journal, attack_index=index, shard=shard)
             results.append(result)
             robust &= torch.tensor(result.robust, device=device)
             if journal is not None:
                 journal.save_completed(asdict(result))
         curve_attack = curve_attack or attacks[-1]
-        curve = _eps_curve(model, curve_attack, x, y, clean_correct, batch_size, eps_grid)
+        curve = _eps_curve(model, curve_attack, x, y, clean_correct, batch_size, eps_grid, shard)
     finally:
         model.train(was_training)
     n = len(y)
@@ -134,7 +169,7 @@ def evaluate(
         n_examples=n, clean_accuracy=float(clean_correct.float().mean()),
         worst_case_accuracy=float(robust.float().mean()), attacks=results, eps_curve=curve,
         eps_curve_attack=curve_attack.label if eps_grid else None, warnings=warnings,
-        clean_correct=clean_correct.tolist())
+        clean_correct=clean_correct.tolist(), precision=precision)
 
 
 def _check_setup(attacks: Sequence[Attack], threat: ThreatModel, x: Tensor, y: Tensor,
@@ -172,7 +207,7 @@ def _logit_warnings(logits: Tensor) -> list[str]:
 
 def _run_attack(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, todo: Tensor,
                 batch_size: int, cascade: bool, *, journal: Journal | None = None,
-                attack_index: int = 0) -> AttackResult:
+                attack_index: int = 0, shard: DistributedContext | None = None) -> AttackResult:
     """Attack the examples marked in ``todo``; the rest count as not robust."""
     index = todo.nonzero().squeeze(1)
     robust = torch.zeros_like(todo)
@@ -185,6 +220,9 @@ def _run_attack(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, todo: Te
         robust, norms = partial.robust.to(x.device), partial.norms.to(x.device)
         generator.set_state(partial.generator_state)
     for start in range(first, len(index), batch_size):
+        if shard is not None and not shard.owns(start // batch_size):
+            continue
+        generator.manual_seed(batch_seed(attack.seed, start // batch_size))
         chunk = index[start:start + batch_size]
         x_adv = attack(model, x[chunk], y[chunk], generator=generator)
         _verify(attack, x_adv, x[chunk])
@@ -194,6 +232,8 @@ def _run_attack(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, todo: Te
         if journal is not None:
             journal.save_partial(Partial(attack_index, start + batch_size, robust, norms,
                                          generator.get_state()))
+    if shard is not None:  # each example was attacked by one rank; the others hold zeros for it
+        robust, norms = shard.merge(robust, norms)
     fooled = ~robust[index]
     successful_norms = norms[fooled]
     return AttackResult(
@@ -218,10 +258,12 @@ def _verify(attack: Attack, x_adv: Tensor, x: Tensor) -> None:
 
 
 def _eps_curve(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, clean_correct: Tensor,
-               batch_size: int, eps_grid: Sequence[float] | None) -> list[EpsPoint]:
+               batch_size: int, eps_grid: Sequence[float] | None,
+               shard: DistributedContext | None = None) -> list[EpsPoint]:
     points = []
     for eps in sorted(eps_grid or []):
         scaled = attack.with_threat(attack.threat.with_eps(eps))
-        result = _run_attack(model, scaled, x, y, clean_correct, batch_size, cascade=False)
+        result = _run_attack(model, scaled, x, y, clean_correct, batch_size, cascade=False,
+                             shard=shard)
         points.append(EpsPoint(eps=eps, accuracy=result.adversarial_accuracy))
     return points

@@ -13,6 +13,7 @@ from fortify.privacy.label_only import (
     augmentation_attack,
     augmentation_scores,
     boundary_distance_attack,
+    hopskipjump_boundary_distance,
     pgd_boundary_distance,
     random_direction_distance,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "audit_trained_model", "augmentation_attack", "augmentation_scores", "boundary_distance_attack",
     "evaluate_inversion", "gradient_leakage", "infer_labels", "invert_classes", "leakage_sweep",
     "lira_attack", "lira_member_scores", "membership_result", "membership_scores", "model_inversion",
-    "pgd_boundary_distance", "random_direction_distance", "reconstruct", "reconstruction_quality",
+    "hopskipjump_boundary_distance", "pgd_boundary_distance", "random_direction_distance", "reconstruct",
+    "reconstruction_quality",
     "remove_overlap", "shadow_attack", "shared_gradient", "threshold_attack", "train_reference_models",
 ]

@@ -21,7 +21,11 @@ from fortify.data.base import Dataset, Split
 from fortify.errors import ConfigError, DataError
 from fortify.privacy._data import check_member_sets, check_split, join, shared_rows
 from fortify.privacy.inversion import InversionReport, model_inversion
-from fortify.privacy.label_only import augmentation_attack, boundary_distance_attack, pgd_boundary_distance
+from fortify.privacy.label_only import (
+    augmentation_attack,
+    boundary_distance_attack,
+    hopskipjump_boundary_distance,
+)
 from fortify.privacy.lira import ReferenceModels, lira_attack, train_reference_models
 from fortify.privacy.membership import shadow_attack, threshold_attack
 from fortify.privacy.metrics import MembershipResult
@@ -30,7 +34,7 @@ from fortify.privacy.reconstruction import ReconstructionReport, leakage_sweep
 
 PRIVACY_REPORT_VERSION = 1
 DEFAULT_ATTACKS: tuple[str, ...] = ("loss", "confidence", "modified-entropy", "augmentation")
-# boundary runs PGD at several eps per example (about 50 s for digits' 1,600 examples on 2 cores)
+# boundary runs HopSkipJump (1,000 label queries) per example
 COSTLY_ATTACKS: tuple[str, ...] = ("boundary",)
 TRAINED_ATTACKS: tuple[str, ...] = ("shadow", "lira-online", "lira-offline")
 ATTACK_NAMES: tuple[str, ...] = DEFAULT_ATTACKS + COSTLY_ATTACKS + TRAINED_ATTACKS
@@ -119,8 +123,8 @@ def audit(model: nn.Module, members: Split, non_members: Split, *,
     """Run membership ``attacks`` against ``model`` and collect a PrivacyReport.
 
     Attacks: ``loss``, ``confidence``, ``modified-entropy`` (thresholds), ``augmentation``
-    (label-only; shifts only for image batches), ``boundary`` (label-only, PGD distances; costly, so
-    not among the defaults), and the attacks that train models with ``recipe``: ``shadow`` (needs
+    (label-only; shifts only for image batches), ``boundary`` (label-only, HopSkipJump distances;
+    costly, so not among the defaults), and the attacks that train models with ``recipe``: ``shadow`` (needs
     ``shadow_pool``) and ``lira-online``/``lira-offline`` (reference models trained on halves of the
     members, non-members and ``reference_pool``). Without a recipe they use
     ``TrainerRecipe.like(model)``. ``fprs=None`` reports TPR at 0.1% and 1% FPR where there are enough
@@ -162,7 +166,7 @@ def _runners(members: Split, non_members: Split, *, recipe: TrainRecipe | None,
     runners["augmentation"] = lambda m: augmentation_attack(
         m, members, non_members, max_shift=1 if is_image else 0, flip=False,
         noise_std=0.05 * (bounds[1] - bounds[0]), noise_copies=8, bounds=bounds, seed=seed, fprs=fprs)
-    distance = functools.partial(pgd_boundary_distance, norm="l2", bounds=bounds, seed=seed)
+    distance = functools.partial(hopskipjump_boundary_distance, norm="l2", bounds=bounds, seed=seed)
     runners["boundary"] = lambda m: boundary_distance_attack(m, members, non_members,
                                                              distance_fn=distance, fprs=fprs)
     runners["lira-online"] = lambda m: lira(m, True)

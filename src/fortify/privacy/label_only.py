@@ -6,8 +6,9 @@ models are more robust around the points they trained on. Two measures of that r
 
 - augmentation: the share of augmented copies (small shifts, flips, noise) still classified right;
 - boundary distance: the distance from the input to the nearest point with another label, from any
-  ``distance_fn(model, x, y) -> distances``; the default runs fortify's PGD over an eps grid and
-  bisects along the segment to the first adversarial point it finds.
+  ``distance_fn(model, x, y) -> distances``; the default is HopSkipJump (decision-based, labels only);
+  a white-box alternative runs fortify's PGD over an eps grid and bisects along the segment to the
+  first adversarial point it finds.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from fortify.attacks import PGD
 from fortify.attacks.base import check_positive_int
+from fortify.attacks.hopskipjump import HopSkipJump
 from fortify.data.base import Split
 from fortify.errors import ConfigError
 from fortify.privacy._data import check_member_sets, eval_mode, join, model_device, project_to_box
@@ -163,6 +165,27 @@ def pgd_boundary_distance(model: nn.Module, x: Tensor, y: Tensor, *, norm: str =
     return distance.cpu()
 
 
+def hopskipjump_boundary_distance(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "l2",
+                                  max_queries: int = 1000, bounds: tuple[float, float] = (0.0, 1.0),
+                                  seed: int = 0) -> Tensor:
+    """Label-only distance to the nearest other label, from HopSkipJump (an upper bound on the minimum).
+
+    HopSkipJump sees predicted labels only, so this is the distance a strictly label-only attacker
+    measures. A misclassified input has distance 0; where the query budget found no other label the
+    distance is the largest the box allows, so such an example ranks as most member-like.
+    """
+    if norm not in NORMS:
+        raise ConfigError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
+    device = model_device(model)
+    x, y = x.to(device), y.to(device)
+    threat = ThreatModel(norm, 1.0, bounds)  # eps is unused: the search is for the minimum
+    attack = HopSkipJump(threat, max_queries=check_positive_int("max_queries", max_queries), seed=seed)
+    distance = attack.minimal_distance(model, x, y)
+    width = bounds[1] - bounds[0]
+    farthest = width if norm == "linf" else width * math.sqrt(x[0].numel())
+    return torch.nan_to_num(distance, posinf=farthest).to(x.dtype).cpu()
+
+
 def random_direction_distance(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "l2",
                               directions: int = 32, max_distance: float | None = None,
                               bisection_steps: int = 12, bounds: tuple[float, float] = (0.0, 1.0),
@@ -217,11 +240,12 @@ def boundary_distance_attack(model: nn.Module, members: Split, non_members: Spli
     """Label-only attack by distance to the decision boundary (Choquette-Choo et al. 2021, Sec. 5).
 
     ``distance_fn(model, x, y)`` returns one distance per example (0 when misclassified); any
-    minimum-norm attack fits, e.g. HopSkipJump for a strictly label-only attacker. The default is
-    ``pgd_boundary_distance`` with L2 and its defaults.
+    minimum-norm attack fits. The default is ``hopskipjump_boundary_distance`` with L2: it uses
+    predicted labels only, as the attack's threat model says; ``pgd_boundary_distance`` is a
+    white-box alternative that finds shorter distances with gradients.
     """
     check_member_sets(members, non_members)
-    fn = distance_fn or functools.partial(pgd_boundary_distance, norm="l2")
+    fn = distance_fn or functools.partial(hopskipjump_boundary_distance, norm="l2")
     start = time.perf_counter()
     candidates, is_member = join(members, non_members)
     scores = torch.cat([fn(model, candidates.x[i:i + batch_size], candidates.y[i:i + batch_size])

@@ -1,11 +1,21 @@
-"""The run report: one self-contained HTML page rendered from results.json's content alone."""
+"""The run report: one self-contained HTML page rendered from results.json's content alone.
+
+Figures are PNG data URIs and the styles are inline, so the page needs no network and no other
+file. A section whose numbers are missing from the results (an older results version, a run that
+skipped a stage) is replaced by a note saying what is missing; one figure that fails to draw does
+not stop the rest of the page.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jinja2
+
+from fortify.report import plots
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("fortify.report", "templates"),
@@ -18,17 +28,121 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _num(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def _compact(value: Any) -> str:
+    """Evidence dicts as one short JSON line, floats rounded for reading."""
+    def rounded(v: Any) -> Any:
+        if isinstance(v, float):
+            return round(v, 4)
+        if isinstance(v, dict):
+            return {k: rounded(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [rounded(x) for x in v]
+        return v
+    return json.dumps(rounded(value))
+
+
+class _Figures:
+    """Draws figures, turning a failure into a note instead of a broken page."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def draw(self, title: str, draw: Callable[..., str | None], *args: Any) -> str | None:
+        try:
+            return draw(*args)
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            self.notes.append(f"figure '{title}' could not be drawn from the results: "
+                              f"{type(err).__name__}: {err}")
+            return None
+
+
+def summary_lines(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One verdict per model: robust accuracy, masking, leakage, in words and numbers."""
+    lines = []
+    threat = results["threat"]
+    for name, model in results["models"].items():
+        rob = model["robustness"]
+        analysis, privacy = model.get("analysis"), model.get("privacy")
+        masking = analysis["masking"] if analysis else None
+        strongest = (max(privacy["membership"], key=lambda r: r["auc"])
+                     if privacy and privacy.get("membership") else None)
+        lines.append({
+            "name": name, "clean": rob["clean_accuracy"], "robust": rob["worst_case_accuracy"],
+            "n_attacks": len(rob["attacks"]), "threat": f"{threat['norm']} eps={threat['eps']:.4g}",
+            "harmonic": analysis["score"]["harmonic_mean"] if analysis else None,
+            "masked": None if masking is None else masking["masked"],
+            "failed_checks": [c["name"] for c in masking["checks"] if not c["passed"]] if masking else [],
+            "n_checks": len(masking["checks"]) if masking else 0,
+            "membership_auc": strongest["auc"] if strongest else None,
+            "membership_attack": strongest["attack"] if strongest else None,
+        })
+    return lines
+
+
+def _figures(results: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    models, threat = results["models"], results["threat"]
+    figures = _Figures()
+    shared = {
+        "eps": figures.draw("accuracy versus eps", plots.eps_curves, models, threat["norm"], threat["eps"]),
+        "margin": figures.draw("robust margin", plots.margin_distributions, models),
+        "certified": figures.draw("certified accuracy", plots.certified_curves, models),
+        "radius_vs_margin": figures.draw("radius versus margin", plots.radius_vs_margin, models),
+        "confidence": figures.draw("entropy and margin", plots.confidence_shift, models),
+        "roc": figures.draw("membership ROC", plots.membership_roc, models),
+        "tradeoff": figures.draw("robustness-privacy trade-off", plots.privacy_tradeoff, models),
+    }
+    per_model: dict[str, dict[str, str | None]] = {}
+    for name, model in models.items():
+        analysis = model.get("analysis")
+        if not analysis:
+            continue
+        classes = analysis["metrics"]["classes"]
+        per_model[name] = {
+            "f1": figures.draw(f"{name} per-class F1", plots.class_f1, name, classes),
+            "confusion": figures.draw(f"{name} confusion", plots.confusion, name, classes),
+            "gallery": figures.draw(f"{name} gallery", plots.gallery, name, analysis["gallery"]),
+        }
+    for name, model in models.items():
+        if model.get("tabular"):
+            per_model.setdefault(name, {})["features"] = figures.draw(
+                f"{name} feature changes", plots.feature_changes, name, model["tabular"]["feature_changes"])
+    return {"shared": shared, "models": per_model}, figures.notes
+
+
+def _missing_sections(results: dict[str, Any]) -> list[str]:
+    notes = []
+    for name, model in results["models"].items():
+        if not model.get("analysis"):
+            notes.append(f"{name}: no analysis in the results (robust margin, certified radius, entropy, "
+                         "per-class metrics, gallery and gradient-masking checks are left out); "
+                         "`fortify run` writes it")
+        if not model.get("privacy"):
+            notes.append(f"{name}: no privacy audit in the results (membership inference left out)")
+    return notes
+
+
 def render_report(results: dict[str, Any]) -> str:
-    """HTML for a comparison run's results (the dict written to results.json)."""
+    """HTML for a run's results (the normalised dict of ``fortify.report.results.load_results``)."""
     models = results["models"]
     first = next(iter(models.values()))
+    figures, figure_notes = _figures(results)
     return _ENV.get_template("report.html").render(
         dataset=results["dataset"], threat=results["threat"], models=models, first_model=first,
         n_examples=first["robustness"]["n_examples"],
         attack_names=[a["name"] for a in first["robustness"]["attacks"]],
-        provenance=results["provenance"], pct=_pct)
+        summary=summary_lines(results), figures=figures,
+        missing=_missing_sections(results) + figure_notes,
+        provenance=results.get("provenance", {}), config=results.get("config"),
+        pct=_pct, num=_num, compact=_compact,
+        pretty=lambda value: json.dumps(value, indent=2))
 
 
 def write_report(results: dict[str, Any], path: Path) -> Path:
-    path.write_text(render_report(results))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render_report(results))
+    tmp.replace(path)
     return path

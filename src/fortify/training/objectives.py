@@ -69,6 +69,32 @@ class Objective:
         self.generator(device).set_state(state)
 
 
+class DelegatingObjective(Objective):
+    """Base of objectives that wrap another: eps, randomness and hooks go to the wrapped one.
+
+    The wrapped objective keeps the only generator, so checkpoints and resume see one state.
+    """
+
+    def __init__(self, inner: Objective) -> None:
+        super().__init__(inner.options)
+        self.inner = inner
+
+    def after_backward(self, model: nn.Module) -> None:
+        self.inner.after_backward(model)
+
+    def set_eps(self, eps: float) -> None:
+        self.inner.set_eps(eps)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        return self.inner.generator(device)
+
+    def rng_state(self) -> Tensor | None:
+        return self.inner.rng_state()
+
+    def set_rng_state(self, state: Tensor, device: torch.device) -> None:
+        self.inner.set_rng_state(state, device)
+
+
 class _AttackObjective(Objective):
     """Objectives that craft with one attack; eps warm-up swaps the attack's threat model."""
 

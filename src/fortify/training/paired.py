@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortify.attacks import PGD, Attack
 from fortify.errors import ConfigError
 from fortify.threat import ThreatModel
-from fortify.training.objectives import Objective, ObjectiveOptions, _AttackObjective
+from fortify.training.objectives import DelegatingObjective, ObjectiveOptions, _AttackObjective
 
 
 def check_label_smoothing(value: float) -> float:
@@ -87,29 +86,14 @@ class PGDPairedObjective(PairedObjective):
         return self.cross_entropy(model(x_adv), y)
 
 
-class ObjectiveWrapper(Objective):
+class ObjectiveWrapper(DelegatingObjective):
     """Base of objectives that wrap a paired one: randomness, eps and hooks go to the inner one."""
 
     adversarial = True
+    inner: PairedObjective
 
     def __init__(self, inner: PairedObjective) -> None:
-        super().__init__(inner.options)
-        self.inner = inner
-
-    def set_eps(self, eps: float) -> None:
-        self.inner.set_eps(eps)
-
-    def after_backward(self, model: nn.Module) -> None:
-        self.inner.after_backward(model)
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        return self.inner.generator(device)
-
-    def rng_state(self) -> Tensor | None:
-        return self.inner.rng_state()
-
-    def set_rng_state(self, state: Tensor, device: torch.device) -> None:
-        self.inner.set_rng_state(state, device)
+        super().__init__(inner)
 
     def craft(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return self.inner.craft(model, x, y)

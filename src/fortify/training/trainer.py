@@ -25,6 +25,9 @@ from fortify.data.base import Split
 from fortify.errors import CheckpointError, ConfigError
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
+from fortify.training.batches import BatchRecipe
+from fortify.training.distributed import DistributedContext, LocalBatch
+from fortify.training.ema import ModelEMA
 from fortify.training.objectives import Objective
 from fortify.training.schedules import SCHEDULES
 
@@ -38,6 +41,7 @@ class EpochRecord:
     val_clean_accuracy: float
     val_robust_accuracy: float | None
     seconds: float
+    epsilon: float | None = None  # privacy spent so far, in DP training (fortify.training.dp)
 
 
 @dataclass
@@ -82,8 +86,17 @@ class Trainer:
         run_dir: Path | None = None,
         callbacks: Sequence[EpochCallback] = (),
         show_progress: bool = True,
+        distributed: DistributedContext | None = None,
+        extra_data: Split | None = None,
     ) -> None:
         self.model = model
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)  # conv weights; batches.py converts the inputs
+        self.distributed = distributed  # data-parallel under torchrun (fortify.training.distributed)
+        # passes whose loss the optimiser follows go through DDP; attacks and validation use the model
+        self.train_model = distributed.wrap(model) if distributed is not None else model
+        if config.compile:
+            self.train_model = torch.compile(self.train_model)
         self.objective = objective
         self.config = config
         self.threat = threat
@@ -95,6 +108,12 @@ class Trainer:
         self.schedule = SCHEDULES.get(config.schedule)
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.state = _Progress()
+        self.batch_recipe = BatchRecipe(config, fill=threat.bounds[0], extra=extra_data)
+        self.ema = None if config.ema_decay is None else ModelEMA(model, config.ema_decay)
+        if self.ema is not None:
+            ema = self.ema
+            # a hook on the optimiser itself also fires when a wrapper (Opacus' DP optimiser) steps it
+            self.optimizer.register_step_post_hook(lambda *_: ema.update())
 
     # -- public --------------------------------------------------------------------------------
 
@@ -105,7 +124,8 @@ class Trainer:
             self._restore()
         else:
             torch.manual_seed(self.config.seed)
-        steps_per_epoch = math.ceil(len(train) / self.config.batch_size)
+        self.batch_recipe.bind(train, self.model, self.threat.bounds)
+        steps_per_epoch = self.batch_recipe.steps_per_epoch(len(train))
         stopped_early = False
         with self._progress() as bar:
             epochs_task = bar.add_task("epochs", total=self.config.epochs,
@@ -139,14 +159,16 @@ class Trainer:
         total_steps = steps_per_epoch * self.config.epochs
         loss_sum = torch.zeros((), device=self.device)
         batches = bar.add_task(f"epoch {self.state.epoch + 1}", total=steps_per_epoch)
-        for x, y in train.batches(self.config.batch_size, generator=self.shuffle):
+        for batch in self._local_batches(train):
             lr = self._set_lr(self.state.step / total_steps)
             eps = self._warm_eps(self.state.step / steps_per_epoch)
-            loss = self._train_step(x.to(self.device), y.to(self.device))
-            loss_sum += loss.detach() * x.shape[0]  # no host sync inside the loop
+            loss = self._train_step(batch.x.to(self.device), batch.y.to(self.device), batch.weight)
+            loss_sum += loss.detach() * batch.count  # no host sync inside the loop
             self.state.step += 1
             bar.update(batches, advance=1)
         bar.remove_task(batches)
+        if self.distributed is not None:
+            loss_sum = self.distributed.sum(loss_sum)
         if not torch.isfinite(loss_sum):  # checked once per epoch: no host sync per batch
             raise ConfigError(f"training loss became {float(loss_sum)} in epoch {self.state.epoch + 1}; "
                               "lower the learning rate or check the data")
@@ -156,13 +178,22 @@ class Trainer:
                            train_loss=float(loss_sum) / len(train), val_clean_accuracy=clean,
                            val_robust_accuracy=robust, seconds=time.perf_counter() - start)
 
-    def _train_step(self, x: Tensor, y: Tensor) -> Tensor:
+    def _local_batches(self, train: Split) -> Iterator[LocalBatch]:
+        """The shuffled batches, or under torchrun this rank's slice of each global batch."""
+        batches = self.batch_recipe.apply(
+            train.batches(self.batch_recipe.real_batch_size, generator=self.shuffle))
+        if self.distributed is None:
+            return (LocalBatch(x, y, count=x.shape[0], weight=1.0) for x, y in batches)
+        self.distributed.reseed(self.objective, self.config.seed, self.state.epoch)
+        return self.distributed.local_batches(batches)
+
+    def _train_step(self, x: Tensor, y: Tensor, weight: float = 1.0) -> Tensor:
         use_amp = self.config.amp and self.device.type == "cuda"
         for _ in range(self.objective.replays):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = self.objective(self.model, x, y)
+                loss = self.objective(self.train_model, x, y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight).backward()  # weight: this rank's share of the global batch (1 alone)
             self.objective.after_backward(self.model)
             if self.config.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
@@ -185,19 +216,35 @@ class Trainer:
 
     def _validate(self, val: Split) -> tuple[float, float | None]:
         """Clean and PGD accuracy on the validation split (robust only for adversarial runs)."""
+        with self.evaluated_weights():
+            return self._validate_current(val)
+
+    def evaluated_weights(self) -> contextlib.AbstractContextManager[Any]:
+        """The weights validation, selection and model.safetensors use: the EMA's when it is on."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext(self.model)
+
+    def _validate_current(self, val: Split) -> tuple[float, float | None]:
         self.model.eval()
         x, y = val.x.to(self.device), val.y.to(self.device)
+        if self.distributed is not None:  # each rank checks its share; the counts are summed
+            x, y = self.distributed.shard(x, y)
         with torch.inference_mode():
-            clean = float((self.model(x).argmax(1) == y).float().mean())
+            clean = self._share_correct(self.model(x).argmax(1) == y, len(val))
         robust = None
         if self.objective.adversarial:
             attack = PGD(self.threat, steps=self.config.val_attack_steps, early_stop=True,
                          seed=self.config.seed)
             with torch.no_grad():
                 x_adv = attack(self.model, x, y)
-                robust = float((self.model(x_adv).argmax(1) == y).float().mean())
+                robust = self._share_correct(self.model(x_adv).argmax(1) == y, len(val))
         self.model.train()
         return clean, robust
+
+    def _share_correct(self, correct: Tensor, total: int) -> float:
+        count = correct.sum()
+        if self.distributed is not None:
+            count = self.distributed.sum(count)
+        return float(count.float() / total)  # in float32, as a mean over one process would be
 
     # -- selection and early stopping ----------------------------------------------------------
 
@@ -208,14 +255,17 @@ class Trainer:
             self.state.best_metric = value
             self.state.best_epoch = record.epoch
             self.state.since_best = 0
-            if self.run_dir is not None:
-                self._hashes["best.safetensors"] = ckpt.save_weights(
-                    self.run_dir / "best.safetensors", self.model)
-            else:
-                self._best_weights = {k: v.detach().clone()
-                                      for k, v in self.model.state_dict().items()}
+            with self.evaluated_weights():
+                self._keep_best()
         else:
             self.state.since_best += 1
+
+    def _keep_best(self) -> None:
+        if self._writes_files:
+            self._hashes["best.safetensors"] = ckpt.save_weights(
+                self.run_dir / "best.safetensors", self.model)
+        else:
+            self._best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def _should_stop(self) -> bool:
         return self.config.early_stopping and self.state.since_best >= self.config.patience
@@ -223,12 +273,14 @@ class Trainer:
     def _finish(self) -> None:
         """Leave the model at its selected weights and write model.safetensors."""
         if self.config.early_stopping:
-            if self.run_dir is not None:
+            if self.run_dir is not None:  # every rank: the epoch's barrier follows rank 0's write
                 ckpt.load_weights(self.run_dir / "best.safetensors", self.model,
                                   self._hashes.get("best.safetensors"))
             elif getattr(self, "_best_weights", None) is not None:
                 self.model.load_state_dict(self._best_weights)
-        if self.run_dir is not None:
+        elif self.ema is not None:
+            self.ema.copy_to()
+        if self._writes_files:
             self._hashes["model.safetensors"] = ckpt.save_weights(
                 self.run_dir / "model.safetensors", self.model)
             self._write_state_json(finished=True)
@@ -241,9 +293,19 @@ class Trainer:
             self._hash_table: dict[str, str] = {}
         return self._hash_table
 
+    @property
+    def _writes_files(self) -> bool:
+        """Only rank 0 of a data-parallel run writes; the other ranks keep the best weights in memory."""
+        return self.run_dir is not None and (self.distributed is None or self.distributed.is_main)
+
     def _save_checkpoint(self) -> None:
-        if self.run_dir is None:
-            return
+        if self._writes_files:
+            self._write_checkpoint()
+        if self.distributed is not None:
+            self.distributed.barrier()  # so that a rank dying next cannot cut rank 0's write short
+
+    def _write_checkpoint(self) -> None:
+        assert self.run_dir is not None
         optim_tensors, optim_meta = ckpt.split_optimizer_state(self.optimizer.state_dict())
         rng = {"rng.torch": torch.get_rng_state(), "rng.shuffle": self.shuffle.get_state()}
         objective_rng = self.objective.rng_state()
@@ -252,6 +314,9 @@ class Trainer:
         extra_state = getattr(self.objective, "extra_state", None)  # e.g. Free AT's perturbation
         if extra_state is not None:
             rng.update({f"objective.{k}": v for k, v in extra_state().items()})
+        rng.update(self.batch_recipe.rng_state())
+        if self.ema is not None:
+            rng.update(self.ema.state_dict())
         self._hashes["state.safetensors"] = ckpt.save_tensors(
             self.run_dir / "state.safetensors", {**optim_tensors, **rng}, kind="train-state")
         self._hashes["last.safetensors"] = ckpt.save_weights(
@@ -288,6 +353,10 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.join_optimizer_state(tensors, state["optimizer"]))
         torch.set_rng_state(tensors["rng.torch"])
         self.shuffle.set_state(tensors["rng.shuffle"])
+        self.batch_recipe.set_rng_state(tensors)
+        if self.ema is not None:
+            self.ema.load_state_dict({k: v.to(self.device) for k, v in tensors.items()
+                                      if k.startswith("ema.")})
         if "rng.objective" in tensors:
             self.objective.set_rng_state(tensors["rng.objective"], self.device)
         load_extra = getattr(self.objective, "load_extra_state", None)

@@ -1,0 +1,165 @@
+"""What the benchmarks in bench/ share: the counted model, the digits setting and the provenance.
+
+The scripts run as ``python bench/<script>.py``, which puts this folder on ``sys.path``, so they
+import this module as ``_common``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fortify.config import TrainConfig
+from fortify.data import load_dataset
+from fortify.models import build_model
+from fortify.threat import ThreatModel
+from fortify.training.objectives import ObjectiveOptions, build_objective
+from fortify.training.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 10
+
+
+# -- the model under test ----------------------------------------------------------------------
+
+
+class ForwardCounter(nn.Module):
+    """Passes inputs to ``inner`` and counts forward and backward passes and the examples in them.
+
+    A backward pass is counted when a gradient reaches the model's output, whether it comes from
+    ``loss.backward()`` or ``torch.autograd.grad``: both run the model's backward once.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.reset()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        self.examples += x.shape[0]
+        out = self.inner(x)
+        if out.requires_grad:
+            out.register_hook(self._count_backward)
+        return out
+
+    def _count_backward(self, grad: Tensor) -> None:
+        self.backward_calls += 1
+        self.backward_examples += grad.shape[0]
+
+    def reset(self) -> None:
+        self.calls = 0
+        self.examples = 0
+        self.backward_calls = 0
+        self.backward_examples = 0
+
+
+@dataclass
+class Setting:
+    """What is attacked: a model in eval mode and the examples with their labels."""
+
+    description: str
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+
+
+def train_digits_model(epochs: int, seed: int, objective: str = "standard"
+                       ) -> tuple[nn.Module, Tensor, Tensor]:
+    """Trains small-cnn on digits with ``objective``; returns the model and the test split."""
+    data = load_dataset("digits")
+    torch.manual_seed(seed)
+    model = build_model("small-cnn", data.input_shape, data.num_classes)
+    threat = ThreatModel("linf", 0.2)
+    config = TrainConfig(objective=objective, epochs=epochs, early_stopping=False, seed=seed)
+    Trainer(model, build_objective(objective, ObjectiveOptions(threat)), config, threat=threat,
+            show_progress=False).fit(data.train, data.val)
+    return model.eval(), data.test.x, data.test.y
+
+
+def tile(x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """``x`` and ``y`` repeated as often as needed, cut to ``n`` examples."""
+    reps = -(-n // x.shape[0])
+    return x.repeat(reps, *([1] * (x.dim() - 1)))[:n], y.repeat(reps)[:n]
+
+
+def digits_setting(args: argparse.Namespace) -> Setting:
+    model, x, y = train_digits_model(args.train_epochs, args.seed)
+    n = args.examples or max(x.shape[0], args.batch)
+    x, y = tile(x, y, n)
+    epochs = f"{args.train_epochs} epoch" + ("s" if args.train_epochs != 1 else "")
+    return Setting(f"small-cnn trained {epochs} (standard) on digits, "
+                   f"test split ({n} examples)", model, x, y)
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int) -> float:
+    with torch.inference_mode():
+        correct = sum(int((model(xb).argmax(1) == yb).sum())
+                      for xb, yb in zip(x.split(batch), y.split(batch), strict=True))
+    return correct / x.shape[0]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# -- provenance --------------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "src")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + (" (+ uncommitted changes in src/)" if dirty else "")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def package_version(module: str, label: str | None = None) -> str:
+    """``"<label> <version>"``, or ``"<label> not installed"`` when the import fails."""
+    label = label or module
+    try:
+        imported = __import__(module)
+    except ImportError:
+        return f"{label} not installed"
+    return f"{label} {getattr(imported, '__version__', '?')}"
+
+
+def print_provenance(peers: list[tuple[str, str]]) -> None:
+    """Date, commit, machine, library versions and load: the first lines of every header."""
+    versions = [f"torch {torch.__version__}"] + [package_version(m, label) for m, label in peers]
+    print(f"date:     {dt.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    print(f"commit:   {git_commit()}")
+    print(f"machine:  {cpu_model()}, {torch.get_num_threads()} torch threads "
+          f"(of {torch.multiprocessing.cpu_count()} logical CPUs)")
+    print(f"versions: {', '.join(versions)}, Python {platform.python_version()}")
+    print(f"load:     {load_average()} (1/5/15-minute load average at start)")

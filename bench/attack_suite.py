@@ -1,0 +1,386 @@
+"""The stronger attacks on CPU: APGD-CE, the AutoAttack ensemble, C&W L2 and Square against the peers.
+
+Every contender attacks the same model (small-cnn trained on the embedded digits set), the same
+examples, under the same thread count, in this one process: one warm-up round, then repeats in
+which every contender runs once, in an order rotated by one per repeat. Budgets are equal across
+libraries within a group (same iterations, restarts, queries, binary-search steps, step sizes).
+The model is wrapped in a counter of forward and backward passes. The table gives median wall
+time, examples/s, time relative to fortify, the passes, and what the attack achieved: robust
+accuracy for the eps-bounded attacks, success rate and median L2 norm of the successful
+perturbations for C&W, so that a faster but weaker attack is visible as weaker.
+
+    .venv/bin/python bench/attack_suite.py --threads 1 --repeats 5
+    .venv/bin/python bench/attack_suite.py --attacks apgd,square --repeats 5 --examples 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from _common import (
+    NUM_CLASSES,
+    ForwardCounter,
+    Setting,
+    accuracy,
+    digits_setting,
+    load_average,
+    median,
+    print_provenance,
+)
+from fortify.attacks import APGD, CarliniWagnerL2, Square
+from fortify.config import EvalConfig
+from fortify.evaluation.robustness import evaluate
+from fortify.pipeline import build_attacks
+from fortify.threat import ThreatModel
+
+ATTACK_CHOICES = ("apgd", "autoattack", "cw", "square")
+
+
+@dataclass
+class Outcome:
+    """What one run returned: the adversarial points, or (for an ensemble) the robust mask."""
+
+    x_adv: Tensor | None = None
+    robust: Tensor | None = None
+
+
+# A contender attacks all examples, in batches of its own choosing: (x, y) -> Outcome
+RunFn = Callable[[Tensor, Tensor], Outcome]
+
+
+@dataclass
+class Contender:
+    group: str  # rows of one group share a budget and are compared with each other
+    library: str
+    run: RunFn
+    limit: int | None = None  # attack only the first ``limit`` examples (C&W in ART is slow)
+    seconds: list[float] = field(default_factory=list)
+    forward: list[int] = field(default_factory=list)  # examples forwarded
+    backward: list[int] = field(default_factory=list)  # examples back-propagated
+    robust: list[float] = field(default_factory=list)
+    success: list[float] = field(default_factory=list)  # C&W: share of clean-correct examples fooled
+    l2: list[float] = field(default_factory=list)  # C&W: median L2 of successful perturbations
+
+
+def batched(attack: Callable[[Tensor, Tensor], Tensor], batch: int) -> RunFn:
+    def run(x: Tensor, y: Tensor) -> Outcome:
+        return Outcome(x_adv=torch.cat([attack(xb, yb) for xb, yb in
+                                        zip(x.split(batch), y.split(batch), strict=True)]))
+    return run
+
+
+# -- contenders, by group ----------------------------------------------------------------------
+
+
+def apgd_group(model: nn.Module, threat: ThreatModel, args: argparse.Namespace) -> list[Contender]:
+    group, n_iter = f"APGD-CE-{args.apgd_iter}", args.apgd_iter
+    rows = []
+    for early in (False, True):
+        attack = APGD(threat, loss="ce", n_iter=n_iter, restarts=1, early_stop=early, seed=args.seed)
+        label = "fortify early_stop" if early else "fortify"
+        rows.append(Contender(group, label, batched(lambda x, y, a=attack: a(model, x, y), args.batch)))
+    rows += peer(lambda: Contender(group, "torchattacks", batched(_torchattacks_apgd(model, threat, args),
+                                                                  args.batch)), "torchattacks")
+    rows += peer(lambda: Contender(group, "pyautoattack", batched(_autoattack_apgd(model, threat, args),
+                                                                  args.batch)), "pyautoattack")
+    return rows
+
+
+def _torchattacks_apgd(model: nn.Module, threat: ThreatModel, args: argparse.Namespace) -> Callable:
+    import torchattacks
+
+    return torchattacks.APGD(model, norm="Linf", eps=threat.eps, steps=args.apgd_iter, n_restarts=1,
+                             loss="ce", seed=args.seed)
+
+
+def _autoattack_apgd(model: nn.Module, threat: ThreatModel, args: argparse.Namespace) -> Callable:
+    from pyautoattack.autopgd_base import APGDAttack
+
+    attack = APGDAttack(model, n_iter=args.apgd_iter, norm="Linf", n_restarts=1, eps=threat.eps,
+                        seed=args.seed, loss="ce", device="cpu")
+    return attack.perturb
+
+
+def autoattack_group(model: nn.Module, threat: ThreatModel, args: argparse.Namespace) -> list[Contender]:
+    group = "AutoAttack (standard)"
+    config = EvalConfig(preset="autoattack", batch_size=args.batch, seed=args.seed)
+    attacks = build_attacks(config, threat, NUM_CLASSES)
+
+    def fortify_cascade(x: Tensor, y: Tensor) -> Outcome:
+        report = evaluate(model, x, y, attacks, threat, batch_size=args.batch, cascade=True, eps_grid=None)
+        robust = torch.tensor(report.clean_correct)
+        for result in report.attacks:
+            robust &= torch.tensor(result.robust)
+        return Outcome(robust=robust)
+
+    rows = [Contender(group, "fortify", fortify_cascade)]
+    rows += peer(lambda: Contender(group, "pyautoattack", _autoattack_standard(model, threat, args)),
+                 "pyautoattack")
+    return rows
+
+
+def _autoattack_standard(model: nn.Module, threat: ThreatModel, args: argparse.Namespace) -> RunFn:
+    from pyautoattack import AutoAttack
+
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)  # its progress lines, not results
+
+    def run(x: Tensor, y: Tensor) -> Outcome:
+        ensemble = AutoAttack(model, device="cpu", eps=threat.eps, norm="Linf", seed=args.seed,
+                              version="standard")
+        x_adv, _ = ensemble.run_standard_evaluation(x, y, batch_size=args.batch)
+        return Outcome(x_adv=x_adv)
+    return run
+
+
+def cw_group(model: nn.Module, args: argparse.Namespace) -> list[Contender]:
+    """Two budgets: torchattacks' C&W has one fixed constant, ART's a binary search over it."""
+    threat = ThreatModel("l2", 1.0)  # minimal() seeks the smallest perturbation; eps plays no part
+    steps, searches, lr = args.cw_steps, args.cw_searches, 0.01
+    single = f"C&W-L2 1x{steps} (c=1)"
+    search = f"C&W-L2 {searches}x{steps} (c0=0.1)"
+
+    def fortify(b: int, c: float, steps: int = steps) -> RunFn:
+        attack = CarliniWagnerL2(threat, steps=steps, binary_search_steps=b, initial_const=c,
+                                 learning_rate=lr, abort_early=True, seed=args.seed)
+        return batched(lambda x, y: attack.minimal(model, x, y)[0], args.batch)
+
+    limit = args.cw_examples
+    rows = [Contender(single, "fortify", fortify(1, 1.0), limit)]
+    rows += peer(lambda: Contender(single, "torchattacks", batched(_torchattacks_cw(model, steps, lr),
+                                                                    args.batch), limit), "torchattacks")
+    rows.append(Contender(search, "fortify", fortify(searches, 0.1), limit))
+    if args.cw_long_steps:  # ART's line search does more per step: a longer fortify run for equal strength
+        rows.append(Contender(search, f"fortify {searches}x{args.cw_long_steps}",
+                              fortify(searches, 0.1, args.cw_long_steps), limit))
+    rows += peer(lambda: Contender(search, "ART", _art_cw(model, steps, searches, lr, args), limit), "art")
+    return rows
+
+
+def _torchattacks_cw(model: nn.Module, steps: int, lr: float) -> Callable:
+    import torchattacks
+
+    return torchattacks.CW(model, c=1.0, kappa=0, steps=steps, lr=lr)
+
+
+def _art_cw(model: nn.Module, steps: int, searches: int, lr: float, args: argparse.Namespace) -> RunFn:
+    from art.attacks.evasion import CarliniL2Method
+
+    attack = CarliniL2Method(art_classifier(model, args), confidence=0.0, learning_rate=lr,
+                             binary_search_steps=searches, max_iter=steps, initial_const=0.1,
+                             batch_size=args.batch, verbose=False)
+    return numpy_run(attack)
+
+
+def square_group(model: nn.Module, threat: ThreatModel, args: argparse.Namespace) -> list[Contender]:
+    group, queries = f"Square-{args.queries}", args.queries
+    attack = Square(threat, n_queries=queries, p_init=0.8, seed=args.seed)
+    rows = [Contender(group, "fortify", batched(lambda x, y: attack(model, x, y), args.batch))]
+    rows += peer(lambda: Contender(group, "torchattacks", batched(_torchattacks_square(model, threat, args),
+                                                                  args.batch)), "torchattacks")
+    rows += peer(lambda: Contender(group, "pyautoattack", batched(_autoattack_square(model, threat, args),
+                                                                  args.batch)), "pyautoattack")
+    rows += peer(lambda: Contender(group, "ART", _art_square(model, threat, args)), "art")
+    return rows
+
+
+def _torchattacks_square(model: nn.Module, threat: ThreatModel, args: argparse.Namespace) -> Callable:
+    import torchattacks
+
+    return torchattacks.Square(model, norm="Linf", eps=threat.eps, n_queries=args.queries, n_restarts=1,
+                               p_init=0.8, loss="margin", resc_schedule=True, seed=args.seed)
+
+
+def _autoattack_square(model: nn.Module, threat: ThreatModel, args: argparse.Namespace) -> Callable:
+    from pyautoattack.square import SquareAttack
+
+    # resc_schedule=True: the p schedule stretched to the query budget, as fortify, torchattacks and ART do
+    attack = SquareAttack(model, norm="Linf", n_queries=args.queries, eps=threat.eps, p_init=0.8,
+                          n_restarts=1, seed=args.seed, loss="margin", resc_schedule=True, device="cpu")
+    return attack.perturb
+
+
+def _art_square(model: nn.Module, threat: ThreatModel, args: argparse.Namespace) -> RunFn:
+    import numpy as np
+    from art.attacks.evasion import SquareAttack
+
+    attack = SquareAttack(art_classifier(model, args), norm=np.inf, max_iter=args.queries, eps=threat.eps,
+                          p_init=0.8, nb_restarts=1, batch_size=args.batch, verbose=False)
+    return numpy_run(attack)
+
+
+def art_classifier(model: nn.Module, args: argparse.Namespace) -> object:
+    from art.estimators.classification import PyTorchClassifier
+
+    return PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=args.input_shape,
+                             nb_classes=NUM_CLASSES, clip_values=(0.0, 1.0), device_type="cpu")
+
+
+def numpy_run(attack: object) -> RunFn:
+    """ART takes and returns NumPy arrays and batches on its own."""
+    def run(x: Tensor, y: Tensor) -> Outcome:
+        return Outcome(x_adv=torch.from_numpy(attack.generate(x.numpy(), y.numpy())))  # type: ignore[attr-defined]
+    return run
+
+
+def peer(build: Callable[[], Contender], module: str) -> list[Contender]:
+    """The peer's row, or none (with a note) when its library is not importable."""
+    try:
+        return [build()]
+    except ImportError as err:
+        print(f"note: {module} skipped, not importable ({err})")
+        return []
+
+
+def build_contenders(model: nn.Module, threat: ThreatModel, args: argparse.Namespace) -> list[Contender]:
+    rows: list[Contender] = []
+    if "apgd" in args.attacks:
+        rows += apgd_group(model, threat, args)
+    if "autoattack" in args.attacks:
+        rows += autoattack_group(model, threat, args)
+    if "cw" in args.attacks:
+        rows += cw_group(model, args)
+    if "square" in args.attacks:
+        rows += square_group(model, threat, args)
+    return rows
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+def measure(contender: Contender, setting: Setting, counted: ForwardCounter,
+            args: argparse.Namespace) -> None:
+    x, y = setting.x[:contender.limit], setting.y[:contender.limit]
+    counted.reset()
+    start = time.perf_counter()
+    outcome = contender.run(x, y)
+    contender.seconds.append(time.perf_counter() - start)
+    contender.forward.append(counted.examples)
+    contender.backward.append(counted.backward_examples)
+    robust = outcome.robust
+    if robust is None:
+        assert outcome.x_adv is not None
+        robust = predictions(setting.model, outcome.x_adv, args.batch) == y
+        if contender.group.startswith("C&W"):
+            clean_correct = predictions(setting.model, x, args.batch) == y
+            record_minimal_norm(contender, outcome.x_adv, x, clean_correct & ~robust, clean_correct)
+    contender.robust.append(float(robust.float().mean()))
+
+
+def predictions(model: nn.Module, x: Tensor, batch: int) -> Tensor:
+    with torch.inference_mode():
+        return torch.cat([model(xb).argmax(1) for xb in x.split(batch)])
+
+
+def record_minimal_norm(contender: Contender, x_adv: Tensor, x: Tensor, fooled: Tensor,
+                        clean_correct: Tensor) -> None:
+    """Success rate and median L2 over the examples the model got right (the others need no attack)."""
+    norms = (x_adv - x).flatten(1).norm(dim=1)[fooled]
+    contender.success.append(float(fooled.sum() / clean_correct.sum()))
+    contender.l2.append(float(norms.median()) if norms.numel() else float("nan"))
+
+
+def run_rounds(contenders: list[Contender], setting: Setting, counted: ForwardCounter,
+               args: argparse.Namespace) -> None:
+    for contender in contenders:  # warm-up: allocator, kernels, lazy imports
+        contender.run(setting.x[:16], setting.y[:16])
+    for r in range(args.repeats):
+        shift = r % len(contenders)
+        for contender in contenders[shift:] + contenders[:shift]:
+            measure(contender, setting, counted, args)
+        print(f"  repeat {r + 1}/{args.repeats} done (load {load_average()})", file=sys.stderr)
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def print_header(args: argparse.Namespace, setting: Setting, threat: ThreatModel, clean: float) -> None:
+    print_provenance([("torchattacks", "torchattacks"), ("pyautoattack", "pyautoattack"),
+                      ("art", "adversarial-robustness-toolbox")])
+    print(f"setting:  {setting.description}; clean accuracy {clean:.2%}")
+    print(f"attacks:  untargeted; {threat.describe()} for APGD, AutoAttack, Square; C&W L2 unbounded; "
+          f"batch {args.batch}; seed {args.seed}")
+    print(f"budgets:  APGD-CE {args.apgd_iter} iterations, 1 restart, rho 0.75; AutoAttack standard "
+          f"(APGD-CE 100, APGD-T 9x100, FAB-T 9x100, Square 5000); C&W lr 0.01, {args.cw_steps} steps per "
+          f"constant, abort_early in fortify, {args.cw_examples} examples; Square {args.queries} queries, "
+          "p_init 0.8, schedule rescaled to the budget")
+    print(f"timing:   1 warm-up round (16 examples), then {args.repeats} interleaved repeats "
+          "(order rotated); medians")
+
+
+def print_table(contenders: list[Contender], total: int) -> None:
+    baseline = {c.group: median(c.seconds) for c in contenders if c.library == "fortify"}
+    print()
+    print("| attack | library | n | median s | min-max s | examples/s | time / fortify | robust acc "
+          "| success | median L2 | forward / n | backward / n |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c in contenders:
+        seconds, n = median(c.seconds), min(c.limit or total, total)
+        success = f"{median(c.success):.2%}" if c.success else "-"
+        l2 = f"{median(c.l2):.3f}" if c.l2 else "-"
+        print(f"| {c.group} | {c.library} | {n} | {seconds:.3f} | {min(c.seconds):.3f}-{max(c.seconds):.3f} "
+              f"| {n / seconds:,.0f} | {seconds / baseline[c.group]:.2f} | {median(c.robust):.2%} "
+              f"| {success} | {l2} | {median(c.forward) / n:.3g} | {median(c.backward) / n:.3g} |")
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+
+def attack_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ATTACK_CHOICES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown attacks {unknown or [text]}; valid: "
+                                         f"{', '.join(ATTACK_CHOICES)}")
+    return names
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--attacks", type=attack_list, default=list(ATTACK_CHOICES),
+                        help=f"comma separated, from {', '.join(ATTACK_CHOICES)}")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (>= 5)")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--examples", type=int, default=None, help="examples (default: digits test split)")
+    parser.add_argument("--eps", type=float, default=0.2, help="L-inf eps of APGD, AutoAttack, Square")
+    parser.add_argument("--apgd-iter", type=int, default=100)
+    parser.add_argument("--cw-steps", type=int, default=50)
+    parser.add_argument("--cw-searches", type=int, default=3,
+                        help="binary-search steps of the C&W search row")
+    parser.add_argument("--cw-examples", type=int, default=64,
+                        help="C&W attacks only the first N examples (ART's C&W is slow)")
+    parser.add_argument("--cw-long-steps", type=int, default=0,
+                        help="add a fortify row to the C&W search group with this many steps per constant")
+    parser.add_argument("--queries", type=int, default=1000, help="Square's query budget")
+    parser.add_argument("--train-epochs", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be >= 5: a median of fewer runs says little")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    setting = digits_setting(args)
+    args.input_shape = tuple(setting.x.shape[1:])
+    threat = ThreatModel("linf", args.eps)
+    counted = ForwardCounter(setting.model).eval()
+    contenders = build_contenders(counted, threat, args)
+    print_header(args, setting, threat, accuracy(setting.model, setting.x, setting.y, args.batch))
+    run_rounds(contenders, setting, counted, args)
+    print_table(contenders, setting.x.shape[0])
+    print(f"\nload at end: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()

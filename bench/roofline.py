@@ -1,0 +1,179 @@
+"""How close fortify's PGD and training steps come to the machine's peak, in GFLOP/s.
+
+In one process: the peak is the best rate of a large float32 matrix product (2*n^3 FLOPs) or a
+large convolution, measured before and after the workloads; each workload's FLOPs are counted
+once with ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions, forward
+and backward) and its wall time is the median of several repeats. Achieved GFLOP/s = counted
+FLOPs / median time; fraction of peak = that / peak.
+
+    .venv/bin/python bench/roofline.py --threads 1 --repeats 7
+    .venv/bin/python bench/roofline.py --model preact-resnet18 --shape 3,32,32 --batch 32
+
+Workloads: one PGD-K attack call (K steps plus the final evaluation pass, reported per step),
+and one training step (objective, backward, SGD step) of the standard, fgsm-rs and pgd objectives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from _common import NUM_CLASSES, load_average, print_provenance
+from fortify.attacks import PGD
+from fortify.models import build_model
+from fortify.threat import ThreatModel
+from fortify.training.objectives import ObjectiveOptions, build_objective
+
+
+def timed(work: Callable[[], object], repeats: int) -> list[float]:
+    work()  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+class _GlobalTotalsOnly:
+    """Stands in for FlopCounterMode's module tracker: every FLOP goes to the global total.
+
+    The tracker's backward hooks make ``torch.autograd.grad`` with respect to a leaf input (what
+    PGD does) fail inside FlopCounterMode; the totals need no per-module attribution.
+    """
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def counted_flops(work: Callable[[], object]) -> int:
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalTotalsOnly()  # type: ignore[assignment]
+    with counter:
+        work()
+    return counter.get_total_flops()
+
+
+def matmul_gflops(n: int, repeats: int) -> float:
+    """Best rate of an n x n float32 matrix product (MKL)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = min(timed(lambda: a @ b, repeats))
+    return 2 * n ** 3 / best / 1e9
+
+
+def conv_gflops(repeats: int) -> float:
+    """Best rate of a large 3x3 float32 convolution (oneDNN), counted as direct convolution.
+
+    On some CPUs the convolution library beats the matrix product library, so the peak takes the
+    better of the two; a convolution done with fewer arithmetic operations than the direct count
+    would overstate it, which is why the count uses the same FlopCounterMode as the workloads.
+    """
+    x, weight = torch.randn(64, 256, 16, 16), torch.randn(256, 256, 3, 3)
+    work = lambda: torch.nn.functional.conv2d(x, weight, padding=1)  # noqa: E731
+    return counted_flops(work) / min(timed(work, repeats)) / 1e9
+
+
+def peak_gflops(n: int, repeats: int) -> tuple[float, float]:
+    return matmul_gflops(n, repeats), conv_gflops(repeats)
+
+
+def pgd_work(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+             steps: int) -> Callable[[], object]:
+    attack = PGD(threat, steps=steps, step_size=2.5 * threat.eps / steps, random_start=True, seed=0)
+    return lambda: attack(model, x, y)
+
+
+def training_work(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+                  objective_name: str, steps: int) -> Callable[[], object]:
+    objective = build_objective(objective_name, ObjectiveOptions(threat, attack_steps=steps))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        objective(model, x, y).backward()
+        optimizer.step()
+    return step
+
+
+@dataclass
+class Row:
+    name: str
+    flops: int
+    seconds: list[float]
+    per: int  # steps in one timed call
+
+
+def print_row(row: Row, peak: float) -> None:
+    median, best = statistics.median(row.seconds), min(row.seconds)
+    rate, best_rate = row.flops / median / 1e9, row.flops / best / 1e9
+    print(f"| {row.name} | {row.flops / row.per / 1e6:,.1f} | {median / row.per * 1e3:.2f} | "
+          f"{best / row.per * 1e3:.2f}-{max(row.seconds) / row.per * 1e3:.2f} | {rate:.1f} | "
+          f"{best_rate:.1f} | {rate / peak:.0%} | {best_rate / peak:.0%} |")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--model", default="small-cnn")
+    parser.add_argument("--shape", type=lambda s: tuple(int(d) for d in s.split(",")), default=(1, 8, 8),
+                        help="input shape (default: the digits images)")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10, help="PGD steps (attack and pgd objective)")
+    parser.add_argument("--matmul", type=int, default=2048, help="size of the peak matrix product")
+    parser.add_argument("--eps", type=float, default=0.2)
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be >= 5: a median of fewer runs says little")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build_model(args.model, args.shape, NUM_CLASSES)
+    x = torch.rand((args.batch, *args.shape), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, NUM_CLASSES, (args.batch,), generator=torch.Generator().manual_seed(1))
+    threat = ThreatModel("linf", args.eps)
+    print_provenance([])
+    first_peak = peak_gflops(args.matmul, args.repeats)
+    attack = pgd_work(model.eval(), x, y, threat, args.steps)
+    # K steps and one final forward; per step divides by K (the final forward is 1/3 of a step)
+    rows = [Row(f"PGD-{args.steps} attack (per step)", counted_flops(attack), timed(attack, args.repeats),
+                args.steps)]
+    for objective in ("standard", "fgsm-rs", "pgd"):
+        step = training_work(model, x, y, threat, objective, args.steps)
+        label = f"{objective}-{args.steps}" if objective == "pgd" else objective
+        rows.append(Row(f"train step, {label}", counted_flops(step), timed(step, args.repeats), 1))
+    last_peak = peak_gflops(args.matmul, args.repeats)
+    # on a shared machine other work slows these too: the best of the four rates is the peak
+    peak = max(*first_peak, *last_peak)
+    print(f"setting:  {args.model} on random inputs {'x'.join(map(str, args.shape))}, batch {args.batch}, "
+          f"float32; {threat.describe()}; PGD-{args.steps}")
+    print(f"peak:     {peak:.1f} GFLOP/s: best of {args.repeats} float32 {args.matmul}x{args.matmul} matrix "
+          f"products / 256-channel 3x3 convolutions, before ({first_peak[0]:.1f} / {first_peak[1]:.1f}) "
+          f"and after ({last_peak[0]:.1f} / {last_peak[1]:.1f}) the workloads")
+    print()
+    print("| workload | MFLOP per step | median ms per step | min-max ms | GFLOP/s (median) "
+          "| GFLOP/s (best) | of peak (median) | of peak (best) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print_row(row, peak)
+    print(f"\nload at end: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()

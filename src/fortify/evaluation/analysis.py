@@ -1,0 +1,209 @@
+"""What the report shows about one model beyond its accuracy table.
+
+``analyse`` runs, on the test examples, the measurements the metric functions define: the metrics
+under one strong attack (entropy, margin, per-class quality, confusion), the robust margin from a
+minimal-norm attack, the certified radius from randomized smoothing next to an L2 margin, the
+gradient-masking verdict, and a small gallery of clean and adversarial images. Each part is
+computed on a capped number of examples (``AnalysisOptions``) so a run stays cheap; the caps are
+recorded with the results.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fortify.attacks.base import Attack, check_positive_int
+from fortify.attacks.fmn import FMN
+from fortify.errors import ConfigError
+from fortify.evaluation.certify import certified_accuracy_curve, certify
+from fortify.evaluation.masking import MaskingConfig, masking_verdict
+from fortify.evaluation.metrics import (
+    adversarial_metrics,
+    distance_summary,
+    json_safe,
+    robustness_score,
+)
+from fortify.evaluation.robustness import RobustnessReport
+from fortify.threat import ThreatModel
+
+ANALYSIS_VERSION = 1
+# a certificate larger than the base model's measured L2 margin by more than this is flagged
+_RADIUS_SLACK = 1e-6
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """How many test examples each measurement uses, and the smoothing and search budgets."""
+
+    margin_examples: int = 100
+    margin_steps: int = 100
+    certify_examples: int = 100
+    certify_sigma: float = 0.25
+    certify_n: int = 1000
+    certify_alpha: float = 0.001
+    masking_examples: int = 200
+    gallery_examples: int = 8
+    batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("margin_examples", "margin_steps", "certify_examples", "certify_n",
+                     "masking_examples", "batch_size"):
+            check_positive_int(name, getattr(self, name))
+        if self.gallery_examples < 0:
+            raise ConfigError(f"gallery_examples must be >= 0, got {self.gallery_examples}")
+        if not (math.isfinite(self.certify_sigma) and self.certify_sigma > 0):
+            raise ConfigError(f"certify_sigma must be a number > 0, got {self.certify_sigma!r}")
+        if not 0 < self.certify_alpha < 1:
+            raise ConfigError(f"certify_alpha must lie in (0, 1), got {self.certify_alpha!r}")
+
+
+@dataclass
+class ModelAnalysis:
+    """JSON-ready sections of the report for one model (see docs/METRICS.md for each formula)."""
+
+    attack: str  # label of the attack whose points the metrics, entropy and gallery use
+    metrics: dict[str, Any]  # AdversarialMetrics: success, entropy, margin, per-class, confusion
+    score: dict[str, Any]  # RobustnessScore from the evaluation's worst case and eps curve
+    margin: dict[str, Any]  # minimal-norm distances in the threat's norm
+    certified: dict[str, Any]  # randomized smoothing vs the L2 margin, per example
+    masking: dict[str, Any]  # MaskingVerdict
+    gallery: dict[str, Any]
+    options: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+    version: int = ANALYSIS_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(asdict(self))
+
+
+def analyse(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, attack: Attack,
+            report: RobustnessReport, num_classes: int,
+            options: AnalysisOptions | None = None) -> ModelAnalysis:
+    """Every measurement of the report's per-model sections, on ``(x, y)`` (the test examples)."""
+    options = options or AnalysisOptions()
+    device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
+    was_training = model.training
+    model.eval()
+    seconds: dict[str, float] = {}
+    try:
+        with _timed(seconds, "metrics"):
+            x_adv = _attack_all(model, attack, x, y, options.batch_size)
+            clean_logits, adv_logits = _logits(model, x, options), _logits(model, x_adv, options)
+            metrics = adversarial_metrics(x, x_adv, y, clean_logits, adv_logits, threat, num_classes)
+        with _timed(seconds, "margin"):
+            margin = _margin(model, x, y, threat, options)
+        with _timed(seconds, "certified"):
+            certified = _certified(model, x, y, threat, num_classes, options)
+        with _timed(seconds, "masking"):
+            n = options.masking_examples
+            verdict = masking_verdict(model, x[:n], y[:n], threat,
+                                      config=MaskingConfig(seed=options.seed))
+    finally:
+        model.train(was_training)
+    score = robustness_score(report.clean_accuracy, report.worst_case_accuracy,
+                             eps=[p.eps for p in report.eps_curve] or None,
+                             eps_accuracy=[p.accuracy for p in report.eps_curve] or None)
+    return ModelAnalysis(
+        attack=attack.label, metrics=metrics.to_dict(), score=score.to_dict(), margin=margin,
+        certified=certified, masking=verdict.to_dict(),
+        gallery=_gallery(x, x_adv, y, clean_logits, adv_logits, options.gallery_examples),
+        options=asdict(options), seconds=seconds)
+
+
+class _timed:
+    """Adds the wall time of a ``with`` block to ``seconds[key]``."""
+
+    def __init__(self, seconds: dict[str, float], key: str) -> None:
+        self.seconds, self.key = seconds, key
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds[self.key] = time.perf_counter() - self.start
+
+
+def _logits(model: nn.Module, x: Tensor, options: AnalysisOptions) -> Tensor:
+    with torch.inference_mode():
+        return torch.cat([model(x[i:i + options.batch_size])
+                          for i in range(0, len(x), options.batch_size)])
+
+
+def _attack_all(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
+    generator = torch.Generator(device=x.device).manual_seed(attack.seed)
+    parts = [attack(model, x[i:i + batch_size], y[i:i + batch_size], generator=generator)
+             for i in range(0, len(x), batch_size)]
+    x_adv = torch.cat(parts)
+    if not bool(attack.threat.contains(x_adv, x).all()):  # the contract, checked as in evaluate
+        raise ConfigError(f"attack {attack.label!r} returned points outside {attack.threat.describe()}")
+    return x_adv
+
+
+def _minimal_distances(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, steps: int,
+                       seed: int) -> Tensor:
+    """FMN's smallest adversarial distance per example (0 if misclassified, inf if none found)."""
+    fmn = FMN(threat, steps=steps, seed=seed)
+    _, norms = fmn.minimal(model, x, y)
+    with torch.inference_mode():
+        wrong = model(x).argmax(1) != y
+    return torch.where(wrong, torch.zeros_like(norms), norms)
+
+
+def _margin(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
+            options: AnalysisOptions) -> dict[str, Any]:
+    n = options.margin_examples
+    distances = _minimal_distances(model, x[:n], y[:n], threat, options.margin_steps, options.seed)
+    grid = sorted({threat.eps * f for f in (0.25, 0.5, 1.0, 1.5, 2.0)})
+    return {"norm": threat.norm, "attack": f"fmn-{options.margin_steps}", "eps": threat.eps,
+            "summary": distance_summary(distances, grid).to_dict(),
+            "distances": [float(d) for d in distances.cpu()]}
+
+
+def _certified(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, num_classes: int,
+               options: AnalysisOptions) -> dict[str, Any]:
+    """Certified L2 radius of the smoothed model next to the base model's measured L2 margin.
+
+    The certificate bounds the smoothed classifier's distance to its boundary from below; FMN bounds
+    the base classifier's from above. The two classifiers agree on most points but need not, so a
+    radius above the margin is flagged for a look rather than called a contradiction.
+    """
+    n = options.certify_examples
+    x, y = x[:n], y[:n]
+    certificate = certify(model, x, sigma=options.certify_sigma, n=options.certify_n,
+                          alpha=options.certify_alpha, num_classes=num_classes,
+                          batch_size=options.batch_size * 4, bounds=threat.bounds, seed=options.seed)
+    correct = certificate.predictions == y
+    radii = torch.where(correct, certificate.radii, torch.zeros_like(certificate.radii)).float()
+    l2 = ThreatModel("l2", 1.0, threat.bounds)
+    l2_margin = _minimal_distances(model, x, y, l2, options.margin_steps, options.seed)
+    flagged = (radii > l2_margin.to(radii) + _RADIUS_SLACK).nonzero().flatten().tolist()
+    top = max(float(radii.max()) if len(radii) else 0.0, options.certify_sigma)
+    curve = certified_accuracy_curve(certificate, y, [top * i / 10 for i in range(11)])
+    return {"sigma": options.certify_sigma, "n": options.certify_n, "alpha": options.certify_alpha,
+            "curve": curve.to_dict(), "radii": [float(r) for r in radii.cpu()],
+            "l2_margin": [float(d) for d in l2_margin.cpu()], "above_margin": flagged,
+            "abstained": int(certificate.abstained.sum())}
+
+
+def _gallery(x: Tensor, x_adv: Tensor, y: Tensor, clean_logits: Tensor, adv_logits: Tensor,
+             count: int) -> dict[str, Any]:
+    """The first ``count`` examples the attack fooled (images only), rounded for a small JSON."""
+    if x.dim() != 4 or count == 0:
+        return {"examples": []}
+    fooled = ((clean_logits.argmax(1) == y) & (adv_logits.argmax(1) != y)).nonzero().flatten()[:count]
+    examples = [{"index": int(i), "label": int(y[i]), "clean_prediction": int(clean_logits[i].argmax()),
+                 "adversarial_prediction": int(adv_logits[i].argmax()),
+                 "clean": _rounded(x[i]), "adversarial": _rounded(x_adv[i])} for i in fooled.tolist()]
+    return {"shape": list(x.shape[1:]), "examples": examples}
+
+
+def _rounded(image: Tensor) -> list[Any]:
+    return (image.detach().float().cpu() * 1000).round().div(1000).tolist()

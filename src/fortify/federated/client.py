@@ -1,0 +1,260 @@
+"""The Flower ClientApp: local training with any fortify objective on the client's own shard.
+
+A client receives the global weights, trains ``federation.local_epochs`` epochs with the run's
+objective (standard, pgd, trades, ...) through fortify's Trainer, and sends its weights back with
+the number of examples it trained on. FedProx adds ``mu / 2 * ||w - w_global||^2`` to the local
+loss. Clients listed as malicious send a poisoned update instead (for robustness experiments).
+
+Local training is pluggable: ``make_client_app(local_trainer=...)`` takes any function with the
+signature of ``train_locally``; a differentially private trainer (DP-SGD through Opacus) plugs in
+there without changes to the app.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import Tensor, nn
+
+from fortify.config import DPConfig, TrainConfig
+from fortify.data import DataOptions, Dataset, Split, load_dataset
+from fortify.errors import ConfigError
+from fortify.federated.config import FederatedRun
+from fortify.federated.partition import partition
+from fortify.models import build_model
+from fortify.threat import ThreatModel
+from fortify.training.methods import MethodOptions
+from fortify.training.objectives import DelegatingObjective, Objective, build_objective
+from fortify.training.trainer import Trainer
+
+ARRAYS_KEY = "arrays"  # the record keys Flower's strategies read
+METRICS_KEY = "metrics"
+CONFIG_KEY = "config"
+WEIGHT_KEY = "num-examples"
+DP_EPSILON_KEY = "dp-epsilon"
+LOCAL_VAL_EXAMPLES = 128  # the local accuracy a client reports is measured on this many of its own
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """What one round of local training needs."""
+
+    train: TrainConfig
+    threat: ThreatModel
+    proximal_mu: float = 0.0
+    dp: DPConfig | None = None  # client-side DP-SGD (Opacus) when enabled
+    server_round: int = 1  # DP composes over the rounds a client has trained in
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    train_loss: float
+    local_clean_accuracy: float
+    local_robust_accuracy: float | None
+    dp_epsilon: float | None = None  # privacy spent by this client over all its rounds so far
+
+
+LocalTrainer = Callable[[nn.Module, Split, LocalTraining], LocalResult]
+
+
+# -- FedProx ----------------------------------------------------------------------------------
+
+class ProximalObjective(DelegatingObjective):
+    """FedProx (Li et al. 2020): the wrapped objective plus ``mu / 2 * ||w - w_global||^2``.
+
+    Everything the Trainer asks of an objective is passed through to the wrapped one.
+    """
+
+    def __init__(self, inner: Objective, anchor: list[Tensor], mu: float) -> None:
+        super().__init__(inner)
+        self.anchor, self.mu = anchor, mu
+        self.name, self.adversarial, self.replays = inner.name, inner.adversarial, inner.replays
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return self.inner(model, x, y) + self.mu / 2 * proximal_term(model, self.anchor)
+
+
+def proximal_term(model: nn.Module, anchor: list[Tensor]) -> Tensor:
+    """``||w - anchor||^2`` over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return sum(((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True)),
+               start=torch.zeros((), device=params[0].device))
+
+
+# -- local training ---------------------------------------------------------------------------
+
+def build_local_objective(model: nn.Module, settings: LocalTraining) -> Objective:
+    train = settings.train
+    objective = build_objective(train.objective, MethodOptions(
+        settings.threat, attack_steps=train.attack_steps, attack_step_size=train.attack_step_size,
+        fgsm_ratio=train.fgsm_ratio, seed=train.seed, trades_beta=train.trades_beta,
+        mart_beta=train.mart_beta, free_replays=train.free_replays, awp_gamma=train.awp_gamma,
+        mix_ratio=train.mix_ratio, label_smoothing=train.label_smoothing))
+    if settings.proximal_mu > 0:
+        anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        objective = ProximalObjective(objective, anchor, settings.proximal_mu)
+    return objective
+
+
+def train_locally(model: nn.Module, data: Split, settings: LocalTraining) -> LocalResult:
+    """The default local trainer: fortify's Trainer for ``settings.train.epochs`` epochs.
+
+    With ``settings.dp`` enabled the client trains with DP-SGD, so the update it sends is already
+    private: the server (curious or not) only sees clipped, noised gradients' sum.
+    """
+    objective = build_local_objective(model, settings)
+    if settings.dp is not None and settings.dp.enabled:
+        return _train_privately(model, data, settings, objective)
+    trainer = Trainer(model, objective, settings.train, threat=settings.threat, show_progress=False)
+    history = trainer.fit(data, data.head(LOCAL_VAL_EXAMPLES)).history
+    last = history[-1]
+    return LocalResult(sum(r.train_loss for r in history) / len(history), last.val_clean_accuracy,
+                       last.val_robust_accuracy)
+
+
+def _train_privately(model: nn.Module, data: Split, settings: LocalTraining,
+                     objective: Objective) -> LocalResult:
+    from fortify.federated.privacy import composed_epsilon
+    from fortify.training.dp import DPTrainer
+
+    dp = settings.dp
+    assert dp is not None
+    if dp.noise_multiplier is None:
+        raise ConfigError("federated DP needs dp.noise_multiplier (--noise-multiplier): a target epsilon "
+                          "per round would not say what the rounds spend together")
+    trainer = DPTrainer(model, objective, settings.train, dp=dp, threat=settings.threat, show_progress=False)
+    if trainer.replaced_modules:
+        raise ConfigError("federated DP needs a model without BatchNorm (Opacus would replace "
+                          f"{', '.join(trainer.replaced_modules)} on the client only); choose another model")
+    result = trainer.fit(data, data.head(LOCAL_VAL_EXAMPLES))
+    model.load_state_dict(trainer.model.state_dict())  # DP trained a validated copy
+    spent = result.privacy
+    assert spent is not None
+    epsilon = composed_epsilon(spent.noise_multiplier, spent.sample_rate,
+                               spent.steps * settings.server_round, dp.delta)
+    last = result.history[-1]
+    return LocalResult(sum(r.train_loss for r in result.history) / len(result.history),
+                       last.val_clean_accuracy, last.val_robust_accuracy, dp_epsilon=epsilon)
+
+
+def local_train_config(run: FederatedRun, server_round: int, partition_id: int) -> TrainConfig:
+    """The run's TrainConfig for one client round: its own seed, no early stopping, and a
+    constant learning rate (a decaying schedule would restart at every round)."""
+    seed = run.config.train.seed + 1000 * server_round + partition_id
+    return run.config.train.model_copy(update={
+        "epochs": run.federation.local_epochs, "early_stopping": False, "schedule": "constant",
+        "seed": seed})
+
+
+# -- poisoned updates -------------------------------------------------------------------------
+
+def poison(global_state: dict[str, Tensor], local_state: dict[str, Tensor], *, mode: str,
+           scale: float) -> dict[str, Tensor]:
+    """A malicious client's weights: its update boosted (``scale``) or reversed (``flip``).
+
+    ``scale`` sends ``w_g + s * delta`` (model replacement, Bagdasaryan et al. 2020); ``flip``
+    sends ``w_g - s * delta`` (sign flipping), where ``delta = w_local - w_g``.
+    """
+    if mode not in ("scale", "flip"):
+        raise ConfigError(f"unknown malicious mode {mode!r}; valid: flip, scale")
+    factor = scale if mode == "scale" else -scale
+    return {k: g + factor * (local_state[k] - g) if g.is_floating_point() else local_state[k]
+            for k, g in global_state.items()}
+
+
+# -- data and model on a node -----------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, seed: int, val_fraction: float, test_fraction: float, cache_dir: str,
+             path: str | None, download: bool) -> Dataset:
+    from pathlib import Path
+
+    return load_dataset(name, DataOptions(seed=seed, val_fraction=val_fraction,
+                                          test_fraction=test_fraction, cache_dir=Path(cache_dir),
+                                          path=Path(path) if path else None, download=download))
+
+
+def load_run_dataset(run: FederatedRun) -> Dataset:
+    data = run.config.data
+    return _dataset(data.name, data.seed, data.val_fraction, data.test_fraction, str(data.cache_dir),
+                    str(data.path) if data.path else None, data.download)
+
+
+def client_shard(run: FederatedRun, partition_id: int, num_partitions: int) -> Split:
+    """This client's part of the training split (every node computes the same partition)."""
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
+    fed = run.federation
+    shards = partition(load_run_dataset(run).train, num_partitions, scheme=fed.partition,
+                       alpha=fed.alpha, seed=fed.partition_seed)
+    return shards[partition_id]
+
+
+def new_global_model(run: FederatedRun, dataset: Dataset) -> nn.Module:
+    """The architecture every node builds; the weights come from the server."""
+    torch.manual_seed(run.config.train.seed)
+    normalize = run.config.model.normalize and dataset.mean is not None
+    return build_model(run.config.model.name or dataset.default_model, dataset.input_shape,
+                       dataset.num_classes, mean=dataset.mean if normalize else None,
+                       std=dataset.std if normalize else None)
+
+
+def _partition_of(context: Context) -> tuple[int, int]:
+    node = context.node_config
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ConfigError("a SuperNode needs --node-config 'partition-id=I num-partitions=N'; got "
+                          f"{dict(node)}")
+    return int(node["partition-id"]), int(node["num-partitions"])
+
+
+# -- the app ----------------------------------------------------------------------------------
+
+def client_round(run: FederatedRun, message: Message, partition_id: int, num_partitions: int,
+                 local_trainer: LocalTrainer = train_locally) -> RecordDict:
+    """One client's reply to a training message: weights plus metrics."""
+    dataset = load_run_dataset(run)
+    shard = client_shard(run, partition_id, num_partitions)
+    model = new_global_model(run, dataset)
+    model.load_state_dict(message.content[ARRAYS_KEY].to_torch_state_dict())
+    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    config = message.content[CONFIG_KEY]
+    server_round = int(config.get("server-round", 0))
+    settings = LocalTraining(local_train_config(run, server_round, partition_id),
+                             ThreatModel(run.config.threat.norm, run.config.threat.eps, dataset.bounds),
+                             proximal_mu=float(config.get("proximal-mu", 0.0)), dp=run.config.dp,
+                             server_round=max(server_round, 1))
+    result = local_trainer(model, shard, settings)
+    state = model.state_dict()
+    fed = run.federation
+    if partition_id < fed.malicious_clients:
+        state = poison(global_state, state, mode=fed.malicious_mode, scale=fed.malicious_scale)
+    metrics: dict[str, Any] = {WEIGHT_KEY: len(shard), "train-loss": result.train_loss,
+                               "local-clean-accuracy": result.local_clean_accuracy}
+    if result.local_robust_accuracy is not None:
+        metrics["local-robust-accuracy"] = result.local_robust_accuracy
+    if result.dp_epsilon is not None:
+        metrics[DP_EPSILON_KEY] = result.dp_epsilon
+    return RecordDict({ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: MetricRecord(metrics)})
+
+
+def make_client_app(run: FederatedRun | None = None, *,
+                    local_trainer: LocalTrainer = train_locally) -> ClientApp:
+    """A ClientApp for ``run``; without one it reads the run from Flower's run config."""
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        torch.set_num_threads(int(os.environ.get("FORTIFY_CLIENT_THREADS", "1")))
+        this_run = run or FederatedRun.from_run_config(dict(context.run_config))
+        partition_id, num_partitions = _partition_of(context)
+        reply = client_round(this_run, message, partition_id, num_partitions, local_trainer)
+        return Message(reply, reply_to=message)
+
+    return app

@@ -1,0 +1,65 @@
+"""What ``fortify federate`` does: resolve the run, simulate or submit it, print the rounds."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from fortify.errors import ConfigError
+from fortify.federated.config import FederatedRun, load_federated_run
+from fortify.federated.deployment import submit, write_flower_app
+from fortify.federated.results import FederatedResult, read_result
+from fortify.federated.server import validate_run
+from fortify.federated.simulation import run_simulation
+
+
+def federate(config: Path | None, overrides: dict[str, Any], federation: dict[str, Any], *,
+             out: Path | None, superlink: str | None = None, write_app: Path | None = None,
+             workers: int | None = None, timeout: float = 10.0, verbose: bool = False
+             ) -> tuple[FederatedRun, FederatedResult | None]:
+    """Simulate the run (default), submit it to a SuperLink, or only write its Flower app."""
+    out_dir = _out_dir(out, overrides)
+    run = load_federated_run(config, overrides, {**federation, "out": str(out_dir.resolve())})
+    validate_run(run)
+    if write_app is not None:
+        write_flower_app(write_app, run)
+        return run, None
+    if superlink is None:
+        return run, run_simulation(run, workers=workers, verbose=verbose)
+    app_dir = write_flower_app(out_dir / "flower-app", run)
+    submit(app_dir, superlink, timeout=timeout)
+    if not (out_dir / "federated.json").is_file():
+        raise ConfigError(f"the run ended but {out_dir / 'federated.json'} is missing; the SuperLink's "
+                          "ServerApp writes it, so it must share this file system")
+    return run, read_result(out_dir)
+
+
+def _out_dir(out: Path | None, overrides: dict[str, Any]) -> Path:
+    if out is None:
+        name = overrides.get("data", {}).get("name", "digits")
+        return Path("runs") / f"{name}-federated-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} already exists and is not empty; choose another --out")
+    return out
+
+
+def print_rounds(result: FederatedResult, console: Console) -> None:
+    threat = result.threat
+    fed = result.federation
+    table = Table(title=f"{result.dataset}, {fed['clients']} clients, {fed['strategy']}, "
+                        f"objective {result.objective}: test accuracy of the global model "
+                        f"({threat['n_examples']} examples, PGD-{threat['steps']} {threat['norm']} "
+                        f"eps={threat['eps']:.4g})")
+    private = any("dp-epsilon-max" in m for m in result.train_metrics.values())
+    for column in ("round", "clean", "robust", "seconds", *(["epsilon (worst client)"] if private else [])):
+        table.add_column(column, justify="right")
+    for record in result.rounds:
+        spent = result.train_metrics.get(record.round, {}).get("dp-epsilon-max")
+        table.add_row(str(record.round), f"{100 * record.clean_accuracy:.1f}%",
+                      f"{100 * record.robust_accuracy:.1f}%", f"{record.seconds:.1f}",
+                      *([f"{spent:.3g}" if spent is not None else "-"] if private else []))
+    console.print(table)

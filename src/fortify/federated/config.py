@@ -1,0 +1,99 @@
+"""What a federated run needs besides a RunConfig, and how both travel through Flower.
+
+Flower hands an app its settings as a flat mapping of scalars (``Context.run_config``, from the
+app's ``pyproject.toml`` or ``flwr run --run-config``). ``to_run_config`` flattens a RunConfig plus
+a FederationConfig into dotted keys (``train.lr``, ``federation.clients``); ``from_run_config``
+rebuilds and validates them, so the simulation, the CLI and a real deployment read one format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fortify.config import RunConfig, load_config
+from fortify.errors import ConfigError
+
+STRATEGIES = ("fedavg", "fedprox", "krum", "trimmed-mean", "median")
+PARTITIONS = ("iid", "dirichlet")
+MALICIOUS_MODES = ("scale", "flip")
+
+
+class FederationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    clients: int = Field(4, ge=1)
+    rounds: int = Field(5, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0)  # Dirichlet concentration: small is skewed, large is near IID
+    partition_seed: int = 0
+    strategy: Literal["fedavg", "fedprox", "krum", "trimmed-mean", "median"] = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0)
+    trim_beta: float = Field(0.25, ge=0, lt=0.5)
+    malicious_clients: int = Field(0, ge=0)  # partitions 0 .. k-1 send poisoned updates
+    malicious_mode: Literal["scale", "flip"] = "flip"
+    malicious_scale: float = Field(10.0, gt=0)
+    eval_examples: int | None = Field(None, ge=1)
+    eval_steps: int = Field(10, ge=1)
+    out: str = ""  # where the ServerApp writes the run directory; "" writes nothing
+
+
+@dataclass(frozen=True)
+class FederatedRun:
+    """Everything the ClientApp and ServerApp read: the usual RunConfig plus the federation."""
+
+    config: RunConfig
+    federation: FederationConfig
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        flat = _flatten(self.config.model_dump(mode="json"))
+        flat.update(_flatten({"federation": self.federation.model_dump(mode="json")}))
+        return flat
+
+    @classmethod
+    def from_run_config(cls, values: dict[str, Any]) -> FederatedRun:
+        nested = _unflatten(dict(values))
+        federation = nested.pop("federation", {})
+        try:
+            fed = FederationConfig.model_validate(federation)
+        except ValidationError as err:
+            problems = "; ".join(f"federation.{'.'.join(map(str, p['loc']))}: {p['msg']} "
+                                 f"(got {p.get('input')!r})" for p in err.errors())
+            raise ConfigError(f"invalid federation settings: {problems}") from None
+        return cls(load_config(None, nested), fed)
+
+
+def load_federated_run(path: Path | None, overrides: dict[str, Any],
+                       federation: dict[str, Any]) -> FederatedRun:
+    """A RunConfig from YAML plus flags, and a validated FederationConfig from flags."""
+    config = load_config(path, overrides)
+    return FederatedRun.from_run_config({**FederatedRun(config, FederationConfig()).to_run_config(),
+                                         **_flatten({"federation": federation})})
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of the scalar leaves; None, lists and empty mappings stay at their defaults
+    because a Flower run config holds only bool, int, float and str."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+    return flat
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree

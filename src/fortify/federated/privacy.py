@@ -1,0 +1,64 @@
+"""What a curious server learns from one client's update.
+
+A client that takes ``local_steps`` plain SGD steps of learning rate ``lr`` (no momentum carried
+in, no weight decay) sends ``w_local = w_global - lr * (g_1 + ... + g_k)``, so the server reads off
+the mean gradient ``(w_global - w_local) / (lr * local_steps)``. For one step on one batch that is
+exactly the batch's gradient, which the reconstruction attacks of ``fortify.privacy.reconstruction``
+turn back into the client's inputs (the multi-step case is the setting of Geiping et al. 2020).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from fortify.errors import ConfigError, DataError
+from fortify.privacy.reconstruction import GradientReconstruction, reconstruct
+
+
+def update_to_gradient(model: nn.Module, global_state: Mapping[str, Tensor],
+                       local_state: Mapping[str, Tensor], *, lr: float, local_steps: int = 1
+                       ) -> list[Tensor]:
+    """The mean local gradient implied by an update, in the order of ``model``'s trainable
+    parameters (the order ``reconstruct`` expects)."""
+    if not lr > 0:
+        raise ConfigError(f"lr must be > 0, got {lr}")
+    if local_steps < 1:
+        raise ConfigError(f"local_steps must be >= 1, got {local_steps}")
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n in names if n not in global_state or n not in local_state]
+    if missing:
+        raise DataError(f"the update lacks the model's parameters {missing[:3]}; valid names: "
+                        f"{', '.join(names)}")
+    return [(global_state[n] - local_state[n]) / (lr * local_steps) for n in names]
+
+
+def reconstruct_from_update(model: nn.Module, global_state: Mapping[str, Tensor],
+                            local_state: Mapping[str, Tensor], input_shape: Sequence[int], *, lr: float,
+                            local_steps: int = 1, batch_size: int = 1, **options: Any
+                            ) -> GradientReconstruction:
+    """Run a reconstruction attack on the gradient an update implies; ``model`` must hold the
+    global weights (the server's copy). ``options`` go to ``reconstruct`` (method, steps, labels,
+    ...)."""
+    gradient = update_to_gradient(model, global_state, local_state, lr=lr, local_steps=local_steps)
+    return reconstruct(model, gradient, input_shape, batch_size=batch_size, **options)
+
+
+def composed_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Epsilon of ``steps`` DP-SGD steps at one noise level and sample rate (Opacus' RDP accountant).
+
+    A client that trained in rounds 1..r with the same settings took r times one round's steps, so
+    this is its privacy over the whole federation so far, not only the last round.
+    """
+    from opacus.accountants import RDPAccountant
+
+    if noise_multiplier == 0:
+        return math.inf
+    if steps == 0:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [(noise_multiplier, sample_rate, steps)]
+    return float(accountant.get_epsilon(delta))

@@ -1,0 +1,97 @@
+"""Load a model file from another framework, adapt it to the dataset, decide white- or black-box.
+
+The result is an ``nn.Module`` that keeps fortify's contracts (inputs in the dataset's box,
+channels first, logits out), checked on a sample batch before any attack runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fortify.data import Dataset
+from fortify.errors import CheckpointError, ConfigError
+from fortify.interop.access import Access, probe_gradients
+from fortify.interop.card import InputAdapter, InputCard, check_channels, check_on_sample, resolve_layout
+
+MODEL_SUFFIXES = {".keras": "keras", ".h5": "keras", ".onnx": "onnx"}
+# attacks that only query the model's outputs (transfer crafts its points on a surrogate)
+BLACK_BOX_ATTACKS = ("square", "hopskipjump", "transfer")
+SAMPLE_SIZE = 256
+
+
+@dataclass
+class ExternalModel:
+    module: nn.Module  # takes the dataset's inputs as they are, returns logits
+    path: Path
+    framework: str  # "keras" or "onnx"
+    runtime: str  # "keras-torch", "onnx2torch" or "onnxruntime"
+    card: InputCard
+    access: Access
+    warnings: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        """What the results file records about the model, next to the numbers."""
+        return {"path": str(self.path), "framework": self.framework, "runtime": self.runtime,
+                "card": self.card.to_dict(), "access": self.access.to_dict(), "warnings": self.warnings}
+
+
+def load_external_model(path: Path, dataset: Dataset, *, layout: str = "auto",
+                        input_range: Sequence[float] | None = None, mean: Sequence[float] | None = None,
+                        std: Sequence[float] | None = None,
+                        device: torch.device | None = None) -> ExternalModel:
+    """Load ``path`` (.keras, .h5, .onnx) for ``dataset``; unspecified input range = the dataset's box."""
+    path = Path(path)
+    framework = MODEL_SUFFIXES.get(path.suffix)
+    if framework is None:
+        raise ConfigError(f"cannot tell the framework of {path}; model file suffixes fortify reads: "
+                          f"{', '.join(MODEL_SUFFIXES)}")
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} does not exist")
+    module, declared, runtime, notes = _load(framework, path, device)
+    card = InputCard(layout=resolve_layout(layout, declared, dataset.input_shape),
+                     input_range=tuple(input_range) if input_range is not None else dataset.bounds,
+                     mean=tuple(mean) if mean is not None else None,
+                     std=tuple(std) if std is not None else None)
+    check_channels(card, dataset.input_shape)
+    adapted = InputAdapter(module, card, dataset.bounds)
+    sample = dataset.test.head(SAMPLE_SIZE)
+    warnings = notes + check_on_sample(adapted, sample.x, sample.y, dataset.num_classes)
+    access = probe_gradients(adapted, sample.x)
+    return ExternalModel(adapted, path, framework, runtime, card, access, warnings)
+
+
+def _load(framework: str, path: Path, device: torch.device | None
+          ) -> tuple[nn.Module, tuple[int | None, ...], str, list[str]]:
+    if framework == "keras":
+        from fortify.interop.keras import load_keras_model
+
+        # Keras places its weights on its own default device; moving them would strand its state
+        module, declared = load_keras_model(path)
+        notes = ["the model's final softmax is bypassed so that attacks see logits"] \
+            if module.final_softmax is not None else []
+        return module, declared, "keras-torch", notes
+    from fortify.interop.onnx import load_onnx_model
+
+    loaded = load_onnx_model(path)
+    module = loaded.module
+    if loaded.runtime == "onnx2torch" and device is not None:
+        module = module.to(device)
+    notes = [loaded.note] if loaded.runtime == "onnxruntime" else []
+    return module, loaded.declared_input_shape, loaded.runtime, notes
+
+
+def check_attacks_fit_access(names: Sequence[str], access: Access) -> None:
+    """Refuse gradient attacks on a model without usable gradients: they would overstate robustness."""
+    if access.white_box:
+        return
+    gradient_attacks = [name for name in names if name not in BLACK_BOX_ATTACKS]
+    if gradient_attacks:
+        raise ConfigError(f"the model is black-box ({access.reason}), so gradient attacks "
+                          f"{', '.join(gradient_attacks)} would overstate its robustness; attacks "
+                          f"allowed: {', '.join(BLACK_BOX_ATTACKS)} (e.g. --attacks square)")

@@ -1,0 +1,59 @@
+"""``fortify compare``: several runs' models side by side on one page.
+
+The runs' models are merged into one results dict (model names prefixed by their run's directory)
+and rendered with the run report's template, so every section compares like with like. Runs under
+different threat models are refused: their robust accuracies measure different things.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fortify.errors import ResultsError
+from fortify.report.html import write_report
+from fortify.report.results import RESULTS_VERSION, load_results
+
+
+def _run_name(results: dict[str, Any]) -> str:
+    source = Path(results["source"])
+    return source.parent.name or source.stem
+
+
+def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One comparison results dict holding every model of ``runs`` (normalised results)."""
+    if len(runs) < 2:
+        raise ResultsError(f"compare needs at least two runs, got {len(runs)}")
+    reference = runs[0]
+    for run in runs[1:]:
+        if run["threat"] != reference["threat"]:
+            raise ResultsError(
+                f"{run['source']} was measured under {_describe(run['threat'])} but {reference['source']} "
+                f"under {_describe(reference['threat'])}; compare runs with the same threat model")
+    models: dict[str, Any] = {}
+    names = [_run_name(run) for run in runs]
+    for index, (run, name) in enumerate(zip(runs, names)):
+        prefix = name if names.count(name) == 1 else f"{name}#{index + 1}"
+        for model_name, model in run["models"].items():
+            models[f"{prefix}/{model_name}"] = model
+    datasets = sorted({run["dataset"]["name"] for run in runs})
+    return {"version": RESULTS_VERSION, "kind": "comparison", "threat": reference["threat"],
+            "dataset": {"name": " vs ".join(datasets)}, "models": models,
+            "provenance": {_run_name(run): _provenance_line(run) for run in runs}, "config": None}
+
+
+def _describe(threat: dict[str, Any]) -> str:
+    return f"{threat['norm']} eps={threat['eps']:.4g} box {threat['bounds']}"
+
+
+def _provenance_line(run: dict[str, Any]) -> str:
+    p = run.get("provenance", {})
+    return (f"{run['source']}: fortify {p.get('fortify_version', '?')}, torch {p.get('torch_version', '?')}, "
+            f"{p.get('device', '?')}, seed {p.get('seed', '?')}, commit {p.get('git_commit') or '?'}, "
+            f"{p.get('time', '?')}")
+
+
+def write_comparison(run_dirs: list[Path], path: Path) -> dict[str, Any]:
+    merged = merge_runs([load_results(run_dir) for run_dir in run_dirs])
+    write_report(merged, path)
+    return merged

@@ -1,0 +1,252 @@
+"""The report's figures: matplotlib drawings of results.json's numbers, embedded as PNG data URIs.
+
+Each function takes the plain dicts of results.json (never tensors or models), so a report can be
+redrawn from a results file alone. A figure whose data are missing is not drawn: the caller gets
+``None`` and the page says what is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: figures are only ever written to memory
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+_STYLE = {"figure.dpi": 100, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
+          "axes.spines.top": False, "axes.spines.right": False}
+
+
+@contextmanager
+def _figure(width: float = 5.0, height: float = 3.2, ncols: int = 1) -> Iterator[tuple[Figure, Any]]:
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+        try:
+            yield fig, axes[0] if ncols > 1 else axes[0][0]
+        finally:
+            plt.close(fig)
+
+
+def to_data_uri(fig: Figure) -> str:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def eps_curves(models: dict[str, dict[str, Any]], norm: str, eps: float) -> str | None:
+    """Accuracy versus eps per model, with the clean point at eps 0 and the run's eps marked."""
+    curves = {name: m["robustness"] for name, m in models.items() if m.get("robustness", {}).get("eps_curve")}
+    if not curves:
+        return None
+    with _figure() as (fig, ax):
+        for name, rob in curves.items():
+            points = [(0.0, rob["clean_accuracy"])] + [(p["eps"], p["accuracy"]) for p in rob["eps_curve"]]
+            ax.plot(*zip(*points), marker="o", label=name)
+        ax.axvline(eps, color="grey", linestyle="--", linewidth=1, label=f"eps = {eps:.3g}")
+        ax.set(xlabel=f"eps ({norm})", ylabel="accuracy", ylim=(-0.02, 1.02))
+        ax.legend()
+        return to_data_uri(fig)
+
+
+def margin_distributions(models: dict[str, dict[str, Any]]) -> str | None:
+    """Empirical CDF of the minimal-norm distances: the share of examples broken within each radius."""
+    margins = {name: m["analysis"]["margin"] for name, m in models.items() if m.get("analysis")}
+    if not margins:
+        return None
+    with _figure() as (fig, ax):
+        for name, margin in margins.items():
+            d = np.array([math.inf if v is None else v for v in margin["distances"]], dtype=float)
+            finite = np.sort(d[np.isfinite(d)])
+            share = np.arange(1, len(finite) + 1) / len(d)
+            ax.step(np.concatenate([[0], finite]), np.concatenate([[0], share]), where="post", label=name)
+        eps = next(iter(margins.values()))["eps"]
+        ax.axvline(eps, color="grey", linestyle="--", linewidth=1, label=f"eps = {eps:.3g}")
+        norm = next(iter(margins.values()))["norm"]
+        ax.set(xlabel=f"minimal adversarial distance ({norm})", ylabel="share of examples broken",
+               ylim=(-0.02, 1.02))
+        ax.legend()
+        return to_data_uri(fig)
+
+
+def certified_curves(models: dict[str, dict[str, Any]]) -> str | None:
+    """Certified accuracy versus L2 radius (randomized smoothing) per model."""
+    certified = {name: m["analysis"]["certified"] for name, m in models.items() if m.get("analysis")}
+    if not certified:
+        return None
+    with _figure() as (fig, ax):
+        for name, cert in certified.items():
+            ax.plot(cert["curve"]["radii"], cert["curve"]["accuracy"], marker=".", label=name)
+        sigma = next(iter(certified.values()))["sigma"]
+        ax.set(xlabel="L2 radius", ylabel="certified accuracy", ylim=(-0.02, 1.02),
+               title=f"randomized smoothing, sigma = {sigma:g}")
+        ax.legend()
+        return to_data_uri(fig)
+
+
+def radius_vs_margin(models: dict[str, dict[str, Any]]) -> str | None:
+    """Per example: certified radius (a lower bound) against the measured L2 margin (an upper bound)."""
+    certified = {name: m["analysis"]["certified"] for name, m in models.items() if m.get("analysis")}
+    if not certified:
+        return None
+    with _figure(4.2, 3.6) as (fig, ax):
+        top = 0.0
+        for name, cert in certified.items():
+            margin = np.array([np.nan if v is None else v for v in cert["l2_margin"]], dtype=float)
+            radius = np.array(cert["radii"], dtype=float)
+            ax.scatter(margin, radius, s=10, alpha=0.6, label=name)
+            top = max(top, np.nanmax(np.where(np.isfinite(margin), margin, np.nan), initial=0), radius.max())
+        ax.plot([0, top], [0, top], color="grey", linewidth=1, label="radius = margin")
+        ax.set(xlabel="L2 margin found by FMN", ylabel="certified L2 radius")
+        ax.legend()
+        return to_data_uri(fig)
+
+
+def confidence_shift(models: dict[str, dict[str, Any]]) -> str | None:
+    """Mean normalised entropy and mean logit margin, clean and under attack, per model."""
+    analysed = {name: m["analysis"]["metrics"] for name, m in models.items() if m.get("analysis")}
+    if not analysed:
+        return None
+    with _figure(7.0, 3.0, ncols=2) as (fig, axes):
+        names = list(analysed)
+        positions = np.arange(len(names))
+        panels = ((axes[0], "entropy", "normalised entropy"), (axes[1], "margin", "logit margin"))
+        for ax, key, label in panels:
+            clean = [analysed[n][key]["clean_mean"] for n in names]
+            adversarial = [analysed[n][key]["adversarial_mean"] for n in names]
+            ax.bar(positions - 0.2, clean, 0.4, label="clean")
+            ax.bar(positions + 0.2, adversarial, 0.4, label="under attack")
+            ax.set_xticks(positions, names)
+            ax.set(ylabel=f"mean {label}")
+            ax.axhline(0, color="black", linewidth=0.6)
+        axes[0].legend()
+        return to_data_uri(fig)
+
+
+def class_f1(name: str, classes: dict[str, Any]) -> str:
+    """Per-class F1, clean and under attack, for one model."""
+    with _figure(6.0, 2.8) as (fig, ax):
+        clean, adversarial = classes["clean"]["f1"], classes["adversarial"]["f1"]
+        positions = np.arange(len(clean))
+        ax.bar(positions - 0.2, clean, 0.4, label=f"clean (macro {classes['clean']['macro_f1']:.2f})")
+        ax.bar(positions + 0.2, adversarial, 0.4,
+               label=f"under attack (macro {classes['adversarial']['macro_f1']:.2f})")
+        ax.set(xlabel="class", ylabel="F1", ylim=(0, 1.3), title=name)
+        ax.set_xticks(positions)
+        ax.legend(fontsize=7, ncol=2, loc="upper center")
+        return to_data_uri(fig)
+
+
+def confusion(name: str, classes: dict[str, Any]) -> str:
+    """Confusion matrices (rows: true class), clean and under attack, side by side."""
+    with _figure(7.0, 3.4, ncols=2) as (fig, axes):
+        for ax, key in zip(axes, ("clean", "adversarial")):
+            matrix = np.array(classes[key]["confusion"], dtype=float)
+            ax.imshow(matrix, cmap="Blues")
+            ax.grid(False)
+            ax.set(title=f"{name}: {'clean' if key == 'clean' else 'under attack'}",
+                   xlabel="predicted", ylabel="true")
+            if len(matrix) <= 12:
+                for (i, j), count in np.ndenumerate(matrix):
+                    if count:
+                        ax.text(j, i, int(count), ha="center", va="center", fontsize=6,
+                                color="white" if count > matrix.max() / 2 else "black")
+        return to_data_uri(fig)
+
+
+def gallery(name: str, gallery_data: dict[str, Any]) -> str | None:
+    """Rows: clean image, adversarial image, perturbation amplified to the full grey range."""
+    examples = gallery_data.get("examples") or []
+    if not examples:
+        return None
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(3, len(examples), figsize=(1.2 * len(examples) + 0.6, 4.0), squeeze=False)
+        try:
+            for column, example in enumerate(examples):
+                clean, adversarial = _image(example["clean"]), _image(example["adversarial"])
+                delta = adversarial - clean
+                scale = np.abs(delta).max() or 1.0
+                panels = (clean, adversarial, 0.5 + 0.5 * delta / scale)
+                titles = (f"{example['label']} -> {example['clean_prediction']}",
+                          f"-> {example['adversarial_prediction']}", f"x{0.5 / scale:.1f}")
+                for row, (panel, title) in enumerate(zip(panels, titles)):
+                    ax = axes[row][column]
+                    ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=1)
+                    ax.set_title(title, fontsize=7)
+                    ax.axis("off")
+            fig.suptitle(f"{name}: clean (label -> prediction), adversarial, amplified perturbation",
+                         fontsize=8)
+            return to_data_uri(fig)
+        finally:
+            plt.close(fig)
+
+
+def _image(values: list[Any]) -> np.ndarray:
+    """(C, H, W) nested lists to an array imshow takes: (H, W) grey or (H, W, 3) colour."""
+    array = np.clip(np.array(values, dtype=float), 0, 1)
+    return array[0] if array.shape[0] == 1 else np.transpose(array, (1, 2, 0))
+
+
+def membership_roc(models: dict[str, dict[str, Any]]) -> str | None:
+    """ROC curves of the strongest membership attacks on log-log axes (low FPR is what matters)."""
+    curves = [(name, result) for name, m in models.items() if m.get("privacy")
+              for result in m["privacy"]["membership"] if result.get("roc_fpr")]
+    if not curves:
+        return None
+    with _figure(4.6, 3.8) as (fig, ax):
+        floor = 1e-4
+        for name, result in curves:
+            fpr = np.maximum(np.array(result["roc_fpr"], dtype=float), floor)
+            tpr = np.maximum(np.array(result["roc_tpr"], dtype=float), floor)
+            ax.plot(fpr, tpr, label=f"{name}: {result['attack']} (AUC {result['auc']:.2f})")
+        ax.plot([floor, 1], [floor, 1], color="grey", linestyle="--", linewidth=1, label="chance")
+        ax.set(xscale="log", yscale="log", xlabel="false-positive rate", ylabel="true-positive rate",
+               xlim=(floor, 1), ylim=(floor, 1))
+        ax.legend(fontsize=6)
+        return to_data_uri(fig)
+
+
+def privacy_tradeoff(models: dict[str, dict[str, Any]]) -> str | None:
+    """Each model as a point: worst-case robust accuracy against its strongest membership AUC."""
+    points = [(name, m["robustness"]["worst_case_accuracy"],
+               max(r["auc"] for r in m["privacy"]["membership"]))
+              for name, m in models.items() if m.get("privacy") and m["privacy"]["membership"]]
+    if not points:
+        return None
+    with _figure(4.2, 3.4) as (fig, ax):
+        for name, robust, auc in points:
+            ax.scatter([robust], [auc], s=40)
+            ax.annotate(name, (robust, auc), textcoords="offset points", xytext=(5, 5))
+        ax.set(xlabel="worst-case robust accuracy", ylabel="membership AUC (strongest attack)",
+               xlim=(-0.02, 1.02), ylim=(0.45, max(0.75, max(p[2] for p in points) + 0.05)))
+        ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+        return to_data_uri(fig)
+
+
+def feature_changes(name: str, changes: list[dict[str, Any]]) -> str | None:
+    """Tabular data: per feature, the share of fooled examples in which each attack changed it."""
+    if not changes:
+        return None
+    features = list(changes[0]["counts"])
+    height = 1.0 + 0.22 * len(features) * max(1, len(changes)) ** 0.5
+    with _figure(6.0, min(height, 12.0)) as (fig, ax):
+        positions = np.arange(len(features))
+        width = 0.8 / len(changes)
+        for offset, change in enumerate(changes):
+            rates = [change["rates"].get(feature, 0.0) for feature in features]
+            ax.barh(positions + offset * width, rates, width,
+                    label=f"{change['attack']} ({change['examples']} fooled)")
+        ax.set_yticks(positions + width * (len(changes) - 1) / 2, features, fontsize=7)
+        ax.invert_yaxis()
+        ax.set(xlabel="share of fooled examples with the feature changed", xlim=(0, 1.02), title=name)
+        ax.legend(fontsize=7)
+        return to_data_uri(fig)

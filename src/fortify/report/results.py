@@ -1,0 +1,92 @@
+"""Reading what a run wrote: results.json (``fortify run``) or robustness.json (``fortify evaluate``).
+
+Both are normalised to one shape, ``{"models": {name: {"robustness": ..., ...}}, ...}``, so the
+report and the comparison read one layout. Problems are ResultsErrors that name the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fortify.errors import ResultsError
+
+RESULTS_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 lacks the analysis and privacy sections; the report says so
+RESULT_FILES = ("results.json", "robustness.json")
+
+
+def find_results(run_dir: Path) -> Path:
+    """The results file of a run or model directory (or the file itself)."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        return run_dir
+    if not run_dir.is_dir():
+        raise ResultsError(f"{run_dir} does not exist")
+    for name in RESULT_FILES:
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise ResultsError(f"{run_dir} holds no results ({' or '.join(RESULT_FILES)} missing); "
+                       "finish the run with `fortify run --resume` or `fortify evaluate` first")
+
+
+def load_results(run_dir: Path) -> dict[str, Any]:
+    """Read and normalise a run's results; never unpickles, only parses JSON."""
+    path = find_results(run_dir)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ResultsError(f"cannot read {path}: {err}") from None
+    except json.JSONDecodeError as err:
+        raise ResultsError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); it may have "
+                           "been cut off: rerun the command that wrote it") from None
+    if not isinstance(raw, dict):
+        raise ResultsError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    version = raw.get("version")
+    if version not in READABLE_VERSIONS:
+        raise ResultsError(f"{path} has results version {version!r}; this fortify reads versions "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}")
+    results = _normalise(raw, path)
+    results["source"] = str(path)
+    return results
+
+
+def _normalise(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    kind = raw.get("kind")
+    if kind == "comparison":
+        _require(raw, ("models", "threat", "dataset"), path)
+        if not isinstance(raw["models"], dict) or not raw["models"]:
+            raise ResultsError(f"{path} lists no models")
+        return dict(raw)
+    if kind == "evaluation":
+        _require(raw, ("robustness", "config"), path)
+        name = path.parent.name or "model"
+        model = {key: raw[key] for key in ("robustness", "analysis", "privacy", "tabular") if key in raw}
+        training = _training_beside(path)
+        if training is not None:
+            model["training"] = training
+        data = raw["config"].get("data", {})
+        return {"version": raw["version"], "kind": kind, "config": raw["config"],
+                "dataset": {"name": data.get("name", "?")}, "threat": raw["robustness"]["threat"],
+                "models": {name: model}, "provenance": raw.get("provenance", {})}
+    raise ResultsError(f"{path} is of kind {kind!r}; the report reads 'comparison' (fortify run) and "
+                       "'evaluation' (fortify evaluate) results")
+
+
+def _training_beside(path: Path) -> dict[str, Any] | None:
+    """training.json of the model directory, if ``fortify train`` wrote one (else None)."""
+    training = path.parent / "training.json"
+    if not training.is_file():
+        return None
+    try:
+        loaded = json.loads(training.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ResultsError(f"cannot read {training}: {err}") from None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _require(raw: dict[str, Any], keys: tuple[str, ...], path: Path) -> None:
+    missing = [key for key in keys if key not in raw]
+    if missing:
+        raise ResultsError(f"{path} lacks {', '.join(missing)}; it is not a complete fortify results file")

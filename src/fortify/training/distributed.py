@@ -1,0 +1,227 @@
+"""Data-parallel training and sharded evaluation on torch.distributed (launched by torchrun).
+
+torchrun starts N copies of ``fortify``; each finds its rank in the environment and joins one
+process group (gloo on CPU, nccl on CUDA). Training wraps the model in DistributedDataParallel:
+every rank walks the same shuffled global batches and takes its own slice of each, crafts the
+adversarial examples for that slice, and DDP averages the gradients. Loss weights make that
+average equal the gradient of the global batch's mean loss, so N ranks with batch B/N each step
+like one process with batch B. Only rank 0 writes files.
+
+Sharded evaluation hands whole attack batches to ranks in turn; each batch's generator is seeded
+from the attack's seed and the batch's number, so a batch gives the same points whichever rank runs
+it, and the merged per-example outcomes equal those of one process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import inspect
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fortify.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fortify.training.objectives import Objective
+
+# How long a rank waits in a collective for the others; a dead peer is normally noticed sooner by
+# torchrun, which stops the whole group.
+_TIMEOUT = datetime.timedelta(minutes=10)
+# Seeds of successive evaluation batches are spread this far apart so that they do not run into
+# the seeds of the following attacks (config.seed + position).
+_BATCH_SEED_STRIDE = 1_000_003
+_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+_DDP_OPTIONS = inspect.signature(DistributedDataParallel.__init__).parameters
+
+
+@dataclass(frozen=True)
+class LocalBatch:
+    """This rank's slice of a global batch.
+
+    ``count`` is the number of real examples (0 when the global batch had fewer examples than there
+    are ranks and this rank got a stand-in); ``weight`` scales the slice's mean loss so that DDP's
+    average over ranks equals the global batch's mean loss.
+    """
+
+    x: Tensor
+    y: Tensor
+    count: int
+    weight: float
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """This process's place in the group; ``None`` in place of it means a single process."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- training ------------------------------------------------------------------------------
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """DDP around ``model``; parameters are broadcast from rank 0 so every rank starts equal."""
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # buffers are not broadcast per forward: attack passes differ in number between ranks
+        # (early stopping), and a broadcast in each would leave the ranks out of step
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_OPTIONS
+                          else {"broadcast_buffers": False})  # the older name, before torch 2.11
+        return _TrainingDDP(model, device_ids=device_ids, **no_buffer_sync)
+
+    def local_batches(self, batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[LocalBatch]:
+        """Split each global batch into contiguous per-rank slices, with their loss weights."""
+        for x, y in batches:
+            total = x.shape[0]
+            bounds = _slice_bounds(total, self.world_size)
+            start, stop = bounds[self.rank], bounds[self.rank + 1]
+            if stop == start:
+                # every rank must run forward and backward; a zero-weight stand-in adds nothing
+                yield LocalBatch(x[:1], y[:1], count=0, weight=0.0)
+            else:
+                yield LocalBatch(x[start:stop], y[start:stop], count=stop - start,
+                                 weight=(stop - start) * self.world_size / total)
+
+    def reseed(self, objective: Objective, seed: int, epoch: int) -> None:
+        """Per-rank, per-epoch seeds for attack noise and torch's global RNG.
+
+        Ranks must not share noise, and a resumed run must draw what an uninterrupted one draws;
+        seeding from (seed, epoch, rank) gives both without saving each rank's RNG state.
+        """
+        mixed = (seed * 1_000_003 + epoch) * 1_009 + self.rank
+        torch.manual_seed(mixed)
+        state = torch.Generator(device=self.device).manual_seed(mixed).get_state()
+        objective.set_rng_state(state, self.device)
+
+    def shard(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Every ``world_size``-th example from ``rank`` on (validation)."""
+        return x[self.rank::self.world_size], y[self.rank::self.world_size]
+
+    # -- collectives ---------------------------------------------------------------------------
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """The element-wise sum of ``tensor`` over all ranks (a new tensor on its device)."""
+        total = tensor.detach().clone().to(self.device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total.to(tensor.device)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def owns(self, batch_number: int) -> bool:
+        return batch_number % self.world_size == self.rank
+
+    def merge(self, *tensors: Tensor) -> list[Tensor]:
+        """Per-example results where each example was filled in by exactly one rank (zeros
+        elsewhere): their sum is the single-process tensor, bit for bit."""
+        merged = []
+        for tensor in tensors:
+            as_number = tensor.to(torch.int32) if tensor.dtype == torch.bool else tensor
+            total = self.sum(as_number)
+            merged.append(total.bool() if tensor.dtype == torch.bool else total)
+        return merged
+
+
+class _TrainingDDP(DistributedDataParallel):
+    """DDP that synchronises only training-mode passes.
+
+    Attacks put the model in eval mode and take input gradients, often a different number of
+    times on each rank; those passes must not enter DDP's gradient reducer. The passes whose loss
+    the optimiser follows run in training mode and go through DDP as usual.
+    """
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        if not self.training:
+            return self.module(*inputs, **kwargs)
+        return super().forward(*inputs, **kwargs)
+
+
+def batch_seed(attack_seed: int, batch_number: int) -> int:
+    """The seed of one evaluation batch; batch 0 keeps the attack's own seed, so a one-batch
+    evaluation draws exactly what ``attack(model, x, y)`` draws."""
+    return (attack_seed + batch_number * _BATCH_SEED_STRIDE) % (2 ** 63)
+
+
+def _slice_bounds(total: int, parts: int) -> list[int]:
+    """Boundaries of ``parts`` contiguous slices of ``total`` items, sizes differing by at most one."""
+    base, extra = divmod(total, parts)
+    bounds = [0]
+    for part in range(parts):
+        bounds.append(bounds[-1] + base + (1 if part < extra else 0))
+    return bounds
+
+
+# -- joining and launching --------------------------------------------------------------------
+
+def under_torchrun() -> bool:
+    return all(name in os.environ for name in _ENV)
+
+
+def join(device: torch.device) -> DistributedContext | None:
+    """Join torchrun's process group when launched by it (``None`` otherwise).
+
+    ``device`` is the one the single-process run would use; on CUDA each rank takes the GPU of its
+    local rank instead.
+    """
+    if not under_torchrun():
+        return None
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"local rank {local_rank} has no GPU: this machine has "
+                              f"{torch.cuda.device_count()}; use at most that many processes per node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=_TIMEOUT)
+        atexit.register(leave)
+    return DistributedContext(rank, world_size, local_rank, device)
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_nproc(nproc: int) -> int:
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    return nproc
+
+
+def launch(nproc: int, arguments: Sequence[str]) -> int:
+    """Run ``fortify <arguments>`` in ``nproc`` processes under torchrun; returns its exit code."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={check_nproc(nproc)}", "-m", "fortify", *arguments]
+    return subprocess.run(command, check=False).returncode
+
+
+def without_option(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` minus ``option`` and its value (``--opt V`` or ``--opt=V``)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept

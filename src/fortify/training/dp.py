@@ -1,0 +1,337 @@
+"""Differentially private (adversarial) training with Opacus' DP-SGD.
+
+``DPTrainer`` is the Trainer with Opacus' PrivacyEngine around model, optimiser and data: Poisson
+sampling of each logical batch, per-example gradients clipped to ``max_grad_norm``, Gaussian noise
+of ``noise_multiplier * max_grad_norm`` on their sum, and an accountant (PRV or RDP) that turns the
+steps taken into the epsilon spent, recorded after every epoch.
+
+Adversarial objectives need two things Opacus does not do on its own:
+
+- **Attack passes must not reach the per-sample-gradient hooks.** An attack differentiates the
+  loss with respect to the input; with the hooks on, that backward pass would try to turn the
+  attack's gradients into per-sample parameter gradients. Attacks always run in eval mode (see
+  ``fortify.attacks.base.attacking``), so the model handed to the objective switches the hooks off
+  whenever it leaves training mode and back on when it returns.
+- **A loss that calls the model more than once** (TRADES, MART: clean and adversarial passes) must
+  give each example the gradient of its own loss. Opacus' hooks sum the per-sample gradients of all
+  forward passes of one batch before clipping, which is that gradient; the tests check it against
+  a loop over single examples for every objective.
+
+Privacy holds because each example's clipped gradient depends on that example alone: the attacks
+used in training perturb every example independently, and BatchNorm (which mixes examples) is
+replaced by GroupNorm through ``ModuleValidator.fix``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import Progress
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fortify.config import DPConfig, TrainConfig
+from fortify.data.base import Split
+from fortify.errors import CheckpointError, ConfigError, MissingDependencyError
+from fortify.privacy.canaries import Canaries, CanaryAudit, audit_canaries
+from fortify.threat import ThreatModel
+from fortify.training.objectives import Objective
+from fortify.training.trainer import EpochCallback, EpochRecord, Trainer, TrainResult
+
+try:
+    from opacus import GradSampleModule, PrivacyEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+    from opacus.validators import ModuleValidator
+except ImportError:  # opacus is the optional `dp` extra
+    GradSampleModule = PrivacyEngine = BatchMemoryManager = ModuleValidator = None
+
+# Objectives whose per-example loss depends on that example alone and that take one optimiser step
+# per batch. Excluded: fgsm (concatenates clean and adversarial points into one batch of 2n), free
+# (replays a batch: several noisy steps per sample), awp-* (perturbs weights with an unclipped,
+# noiseless gradient of the private batch).
+DP_OBJECTIVES: tuple[str, ...] = ("standard", "fgsm-rs", "pgd", "trades", "mart", "pgd-mix")
+DP_STATE_JSON = "dp_state.json"
+
+
+def require_opacus() -> None:
+    if PrivacyEngine is None:
+        raise MissingDependencyError("differentially private training needs opacus: "
+                                     "pip install 'fortify[dp]'")
+
+
+def check_objective(objective: Objective) -> None:
+    if objective.name not in DP_OBJECTIVES or objective.replays != 1:
+        raise ConfigError(f"objective {objective.name!r} cannot be trained with DP; "
+                          f"valid: {', '.join(DP_OBJECTIVES)}")
+
+
+def check_delta(delta: float, n_train: int) -> None:
+    """delta < 1/n: publishing each example with probability delta is (0, delta)-DP, and at delta >= 1/n
+    that mechanism publishes one whole training example on average."""
+    if not 0 < delta < 1 / n_train:
+        raise ConfigError(f"dp delta={delta:g} must be in (0, 1/n) = (0, {1 / n_train:.3g}) for "
+                          f"n={n_train} training examples")
+
+
+def make_dp_compatible(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """A copy of ``model`` that Opacus accepts, and the names of the modules ``fix`` replaced.
+
+    BatchNorm becomes GroupNorm (it mixes the examples of a batch, so no per-example gradient
+    exists); anything Opacus cannot fix is a ConfigError naming the modules.
+    """
+    require_opacus()
+    model.train()
+    before = {name: type(m) for name, m in model.named_modules()}
+    fixed = ModuleValidator.fix(model)
+    problems = ModuleValidator.validate(fixed, strict=False)
+    problems += GradSampleModule.validate(fixed, strict=False)  # trainable layers holding buffers
+    if problems:
+        details = "; ".join(str(p) for p in problems)
+        raise ConfigError(f"the model has modules DP-SGD cannot train and Opacus cannot replace: {details}")
+    replaced = [f"{name}: {before[name].__name__} -> {type(m).__name__}"
+                for name, m in fixed.named_modules() if name in before and type(m) is not before[name]]
+    return fixed, replaced
+
+
+class HooksInTrainingOnly(nn.Module):
+    """A GradSampleModule whose per-sample-gradient hooks are on only in training mode.
+
+    Attacks put the model in eval mode while they differentiate with respect to the input, so their
+    backward passes never touch the per-sample gradients being accumulated for the batch.
+    """
+
+    def __init__(self, grad_sample_module: nn.Module) -> None:
+        super().__init__()
+        self.gsm = grad_sample_module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.gsm(x)
+
+    def train(self, mode: bool = True) -> HooksInTrainingOnly:
+        super().train(mode)
+        if mode:
+            self.gsm.enable_hooks()
+        else:
+            self.gsm.disable_hooks()
+        return self
+
+
+@dataclass
+class PrivacySpent:
+    """The DP settings of a run and the epsilon its accountant gives for ``delta``."""
+
+    accountant: str
+    epsilon: float  # an upper bound; inf without noise
+    delta: float
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    expected_batch_size: float
+    max_physical_batch_size: int | None
+    steps: int
+    poisson_sampling: bool = True
+    replaced_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DPTrainResult(TrainResult):
+    privacy: PrivacySpent | None = None  # None: trained without DP (a canary audit may still run)
+    canary_audit: CanaryAudit | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def with_canary_audit(result: TrainResult, model: nn.Module, canaries: Canaries, *, delta: float,
+                      seed: int) -> DPTrainResult:
+    """``result`` plus the canary audit of ``model``, set beside the accountant's epsilon if any."""
+    privacy = getattr(result, "privacy", None)
+    audit = audit_canaries(model, canaries, delta=delta, seed=seed,
+                           epsilon_upper=None if privacy is None else privacy.epsilon)
+    fields = {k: v for k, v in vars(result).items() if k not in ("privacy", "canary_audit")}
+    return DPTrainResult(**fields, privacy=privacy, canary_audit=audit)
+
+
+class DPTrainer(Trainer):
+    """The Trainer with DP-SGD; ``self.model`` is the (possibly fixed) plain module to save and use.
+
+    ``prepare(train)`` wraps model, optimiser and data with the PrivacyEngine; ``fit`` calls it.
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective, config: TrainConfig, *, dp: DPConfig,
+                 threat: ThreatModel, run_dir: Path | None = None,
+                 callbacks: tuple[EpochCallback, ...] = (), show_progress: bool = True) -> None:
+        check_objective(objective)
+        if config.amp or config.grad_clip is not None:
+            raise ConfigError("train.amp and train.grad_clip do not apply to DP training (DP-SGD clips "
+                              f"each example's gradient to dp.max_grad_norm); got amp={config.amp}, "
+                              f"grad_clip={config.grad_clip}")
+        fixed, self.replaced_modules = make_dp_compatible(model)
+        super().__init__(fixed, objective, config, threat=threat, run_dir=run_dir,
+                         callbacks=callbacks, show_progress=show_progress)
+        self.dp = dp
+        self.engine: Any = None
+
+    # -- wrapping ------------------------------------------------------------------------------
+
+    def prepare(self, train: Split) -> None:
+        """Wrap model, optimiser and a Poisson-sampled loader of ``train`` (once)."""
+        if self.engine is not None:
+            return
+        check_delta(self.dp.delta, len(train))
+        loader = DataLoader(TensorDataset(train.x, train.y), batch_size=self.config.batch_size)
+        with warnings.catch_warnings():
+            # the secure-RNG notice; docs/DP.md says when to retrain with a cryptographic RNG
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            self.engine = PrivacyEngine(accountant=self.dp.accountant)
+        common = {"module": self.model, "optimizer": self.optimizer, "data_loader": loader,
+                  "max_grad_norm": self.dp.max_grad_norm, "poisson_sampling": True}
+        if self.dp.target_epsilon is not None:
+            with warnings.catch_warnings():
+                # the noise search probes noise levels far off the answer, where RDP's orders run out
+                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+                gsm, self.optimizer, self.loader = self.engine.make_private_with_epsilon(
+                    **common, target_epsilon=self.dp.target_epsilon, target_delta=self.dp.delta,
+                    epochs=self.config.epochs)
+        else:
+            gsm, self.optimizer, self.loader = self.engine.make_private(
+                **common, noise_multiplier=self.dp.noise_multiplier)
+        self.private_model = HooksInTrainingOnly(gsm)
+        self.sample_rate = 1 / len(loader)
+
+    def steps_taken(self) -> int:
+        """Noisy steps the accountant has seen (``len(accountant)`` counts its history entries)."""
+        return sum(int(steps) for _, _, steps in self.engine.accountant.history)
+
+    def epsilon(self) -> float:
+        if self.optimizer.noise_multiplier == 0:
+            return math.inf
+        if self.steps_taken() == 0:
+            return 0.0
+        with warnings.catch_warnings():
+            # PRV bounds its domain with RDP, whose orders run out for very small epsilon: harmless
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(self.engine.get_epsilon(self.dp.delta))
+
+    def privacy_spent(self) -> PrivacySpent:
+        return PrivacySpent(
+            accountant=self.dp.accountant, epsilon=self.epsilon(), delta=self.dp.delta,
+            noise_multiplier=float(self.optimizer.noise_multiplier),
+            max_grad_norm=self.dp.max_grad_norm, sample_rate=self.sample_rate,
+            expected_batch_size=self.sample_rate * len(self.loader.dataset),
+            max_physical_batch_size=self.dp.max_physical_batch_size,
+            steps=self.steps_taken(), replaced_modules=list(self.replaced_modules))
+
+    # -- training ------------------------------------------------------------------------------
+
+    def fit(self, train: Split, val: Split, *, resume: bool = False) -> DPTrainResult:
+        self.prepare(train)
+        result = super().fit(train, val, resume=resume)
+        return DPTrainResult(**vars(result), privacy=self.privacy_spent())
+
+    def _physical_batches(self) -> contextlib.AbstractContextManager[Any]:
+        """The Poisson loader, split into physical batches of at most max_physical_batch_size."""
+        if self.dp.max_physical_batch_size is None:
+            return contextlib.nullcontext(self.loader)
+        return BatchMemoryManager(data_loader=self.loader, optimizer=self.optimizer,
+                                  max_physical_batch_size=self.dp.max_physical_batch_size)
+
+    def _run_epoch(self, train: Split, val: Split, steps_per_epoch: int, bar: Progress
+                   ) -> EpochRecord:
+        start = time.perf_counter()
+        self.private_model.train()
+        total_steps = steps_per_epoch * self.config.epochs
+        loss_sum, seen = torch.zeros((), device=self.device), 0
+        lr, eps = self.optimizer.param_groups[0]["lr"], self.threat.eps
+        batches = bar.add_task(f"epoch {self.state.epoch + 1}", total=steps_per_epoch)
+        with self._physical_batches() as loader:
+            for x, y in loader:
+                lr = self._set_lr(self.state.step / total_steps)
+                eps = self._warm_eps(self.state.step / steps_per_epoch)
+                steps_before = self.steps_taken()
+                if len(x) == 0:
+                    self._noise_only_step()
+                else:
+                    loss = self._train_step(x.to(self.device), y.to(self.device))
+                    loss_sum += loss.detach() * len(x)
+                    seen += len(x)
+                # a physical batch that only accumulated (BatchMemoryManager) is not a step of its own
+                if self.steps_taken() > steps_before:
+                    self.state.step += 1
+                    bar.update(batches, advance=1)
+        bar.remove_task(batches)
+        if not torch.isfinite(loss_sum):
+            raise ConfigError(f"training loss became {float(loss_sum)} in epoch {self.state.epoch + 1}; "
+                              "lower the learning rate or check the data")
+        clean, robust = self._validate(val)
+        self.state.seconds += time.perf_counter() - start
+        return EpochRecord(epoch=self.state.epoch + 1, lr=lr, eps=eps,
+                           train_loss=float(loss_sum) / max(seen, 1), val_clean_accuracy=clean,
+                           val_robust_accuracy=robust, seconds=time.perf_counter() - start,
+                           epsilon=self.epsilon())
+
+    def _noise_only_step(self) -> None:
+        """The step for a batch Poisson sampling left empty: noise alone, counted by the accountant.
+
+        Skipping it would reveal that the batch was empty, which the accounting does not allow for.
+        One all-zero per-sample gradient adds nothing to the clipped sum.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.optimizer.params:
+            p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device)
+        self.optimizer.step()
+
+    def _train_step(self, x: Tensor, y: Tensor, weight: float = 1.0) -> Tensor:
+        loss = self.objective(self.private_model, x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            # the inputs never require grad here; Opacus' hooks only need the output gradients
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
+        self.objective.after_backward(self.private_model)
+        self.optimizer.step()  # clips each example's gradient, adds noise, steps (or accumulates)
+        return loss
+
+    def _validate(self, val: Split) -> tuple[float, float | None]:
+        # validation attacks the plain module, which carries the same hooks
+        self.private_model.gsm.disable_hooks()
+        try:
+            return super()._validate(val)
+        finally:
+            self.private_model.gsm.enable_hooks()
+
+    # -- checkpoints: the accountant's history travels with the weights ------------------------
+
+    def _save_checkpoint(self) -> None:
+        super()._save_checkpoint()
+        if self.run_dir is None:
+            return
+        state = {"dp": self.dp.model_dump(mode="json"),
+                 "accountant": {"mechanism": self.engine.accountant.mechanism(),
+                                "history": [list(h) for h in self.engine.accountant.history]}}
+        tmp = self.run_dir / (DP_STATE_JSON + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.run_dir / DP_STATE_JSON)
+
+    def _restore(self) -> None:
+        super()._restore()
+        assert self.run_dir is not None
+        path = self.run_dir / DP_STATE_JSON
+        if not path.is_file():
+            raise CheckpointError(f"cannot resume {self.run_dir} with DP: {DP_STATE_JSON} is missing")
+        state = json.loads(path.read_text())
+        if state.get("dp") != self.dp.model_dump(mode="json"):
+            raise CheckpointError(f"cannot resume {self.run_dir}: its DP settings differ from the ones "
+                                  "given now")
+        accountant = state["accountant"]
+        self.engine.accountant.load_state_dict({
+            "mechanism": accountant["mechanism"],
+            "history": [tuple(h) for h in accountant["history"]]})

@@ -1,0 +1,115 @@
+"""Bad attack settings stop with a FortifyError that names the value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from torch import nn
+from typer.testing import CliRunner
+
+from fortify.attacks import APGD, ATTACKS, FGSM, FMN, PGD, CarliniWagnerL2, Square
+from fortify.cli import app
+from fortify.config import EvalConfig, RunConfig, load_config
+from fortify.errors import ConfigError, DataError, FortifyError
+from fortify.pipeline import build_attacks
+from fortify.threat import ThreatModel
+
+LINF, L2 = ThreatModel("linf", 0.2), ThreatModel("l2", 1.0)
+TARGETED = [
+    lambda: FGSM(LINF, targeted=True),
+    lambda: PGD(LINF, steps=2, targeted=True),
+    lambda: APGD(LINF, n_iter=2, targeted=True),
+    lambda: Square(LINF, n_queries=2, targeted=True),
+    lambda: FMN(L2, steps=2, targeted=True),
+    lambda: CarliniWagnerL2(L2, steps=2, targeted=True),
+]
+
+
+class _Counting(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.passes = 0
+
+    def forward(self, x):
+        self.passes += 1
+        return self.linear(x.flatten(1))
+
+
+def _batch():
+    return torch.rand(4, 1, 2, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0])
+
+
+@pytest.mark.parametrize("make", TARGETED)
+@pytest.mark.parametrize("bad", [3, -1])
+def test_a_target_outside_the_models_classes_is_named(make, bad):
+    x, y = _batch()
+    target = torch.tensor([1, bad, 0, 1])
+    with pytest.raises(DataError, match=rf"target labels range over \[{min(bad, 0)}, {max(bad, 1)}\] but "
+                                        r"the model has 3 classes \(allowed: 0\.\.2\)"):
+        make()(_Counting(), x, y, target=target)
+
+
+def test_minimal_norm_search_checks_its_targets_too():
+    x, y = _batch()
+    with pytest.raises(DataError, match="target labels"):
+        FMN(L2, steps=2, targeted=True).minimal(_Counting(), x, y, target=torch.full((4,), 7))
+
+
+def test_the_target_check_costs_one_single_example_pass_and_only_with_targets():
+    # Prepare
+    x, y = _batch()
+    model = _Counting()
+    # Execute
+    FGSM(LINF)(model, x, y)
+    untargeted = model.passes
+    FGSM(LINF, targeted=True)(model, x, y, target=torch.tensor([1, 2, 0, 1]))
+    # Assert: FGSM needs one pass; the targeted call adds exactly one (on one example)
+    assert untargeted == 1 and model.passes == 3
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"apgd-t": {"n_target_classes": 10}}, "n_target_classes=10 for 'apgd-t' is out of range for 10 "
+                                          "classes; allowed: 1..9"),
+    ({"fab-t": {"n_target_classes": 12}}, "n_target_classes=12 for 'fab-t'"),
+    ({"pgd": {"targeted": True}}, "an evaluation has no target labels; use apgd-t or fab-t"),
+])
+def test_target_settings_fail_when_the_attacks_are_built(options, fragment):
+    config = EvalConfig(attacks=list(options), attack_options=options)
+    with pytest.raises(ConfigError, match=fragment):
+        build_attacks(config, LINF, num_classes=10)
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"square": {"n_queries": 0}}, "n_queries must be an integer >= 1, got 0"),
+    ({"hopskipjump": {"max_queries": -5}}, "max_queries must be an integer >= 1, got -5"),
+])
+def test_a_query_budget_below_one_is_rejected_when_building(options, fragment):
+    config = EvalConfig(attacks=list(options), attack_options=options)
+    with pytest.raises(ConfigError, match=fragment):
+        build_attacks(config, LINF, num_classes=10)
+
+
+def test_a_query_budget_below_one_is_a_config_error():
+    with pytest.raises(ConfigError, match="eval.queries"):
+        load_config(overrides={"eval": {"queries": 0}})
+
+
+@pytest.mark.parametrize("name", ["cw"])
+def test_an_attack_without_the_norm_names_the_supported_ones(name):
+    assert ATTACKS.get(name).supported_norms == ("l2",)
+    with pytest.raises(ConfigError, match=f"attack '{name}' does not support norm 'linf'; supported: l2"):
+        build_attacks(EvalConfig(attacks=[name]), LINF, num_classes=10)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--attacks", "cw", "--norm", "linf"], "does not support norm 'linf'; supported: l2"),
+    (["--attacks", "square", "--queries", "0"], "eval.queries"),
+])
+def test_the_cli_prints_the_error_and_exits_2(tmp_path, flags, fragment):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(RunConfig().model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path), *flags])
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output and "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit) and not isinstance(result.exception, FortifyError)

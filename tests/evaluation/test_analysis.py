@@ -1,0 +1,106 @@
+"""The report's per-model analysis: margins, certificates and gallery checked against geometry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from fortify.attacks import FGSM, PGD
+from fortify.errors import ConfigError
+from fortify.evaluation import evaluate
+from fortify.evaluation.analysis import AnalysisOptions, analyse
+from fortify.threat import ThreatModel
+
+FEATURES = 10
+
+
+def _linear_two_class() -> nn.Linear:
+    torch.manual_seed(0)
+    model = nn.Linear(FEATURES, 2)
+    with torch.no_grad():
+        model.bias.copy_(-model.weight.sum(1) / 2)  # the boundary passes through the box's centre
+    return model
+
+
+def _distance_to_boundary(model: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    w = (model.weight[1] - model.weight[0]).detach()
+    b = (model.bias[1] - model.bias[0]).detach()
+    return (x @ w + b).abs() / w.norm()
+
+
+def _analyse(model, x, y, threat, num_classes, **options):
+    attacks = [FGSM(threat), PGD(threat, steps=10, seed=0)]
+    report = evaluate(model, x, y, attacks, threat, eps_grid=[threat.eps / 2, threat.eps],
+                      num_classes=num_classes)
+    return analyse(model, x, y, threat, attack=attacks[1], report=report, num_classes=num_classes,
+                   options=AnalysisOptions(**options)), report
+
+
+def test_linear_model_margins_match_the_geometry_and_certificates_stay_below_them():
+    # Prepare: points near the centre of the box, labelled by the model itself (all clean-correct)
+    model = _linear_two_class()
+    x = 0.5 + 0.1 * torch.randn(40, FEATURES, generator=torch.Generator().manual_seed(1))
+    y = model(x).argmax(1).detach()
+    threat = ThreatModel("linf", 0.05)
+    # Execute
+    analysis, _ = _analyse(model, x, y, threat, 2, margin_examples=40, certify_examples=40,
+                           certify_n=2000, certify_sigma=0.1, masking_examples=40, margin_steps=200)
+    # Assert: FMN's L2 margin is the exact distance to the hyperplane (the box is not binding here)
+    exact = _distance_to_boundary(model, x)
+    margin = torch.tensor(analysis.certified["l2_margin"])
+    torch.testing.assert_close(margin, exact, rtol=2e-2, atol=1e-3)
+    # the certificate is a lower bound on the smoothed (here: the same) classifier's distance
+    radii = torch.tensor(analysis.certified["radii"])
+    assert bool((radii <= exact + 1e-6).all())
+    assert analysis.certified["above_margin"] == []
+    assert (radii > 0).sum() >= 20
+    # the linf margin of a linear model is |w.x + b| / ||w||_1
+    w = (model.weight[1] - model.weight[0]).detach()
+    linf_exact = exact * w.norm() / w.abs().sum()
+    torch.testing.assert_close(torch.tensor(analysis.margin["distances"]), linf_exact, rtol=3e-2, atol=1e-3)
+
+
+def test_digits_analysis_is_consistent_with_the_evaluation(digits, standard_model):
+    # Prepare
+    threat = ThreatModel("linf", 0.1)
+    x, y = digits.test.x[:120], digits.test.y[:120]
+    # Execute
+    analysis, report = _analyse(standard_model, x, y, threat, 10, margin_examples=120,
+                                certify_examples=30, certify_n=200, masking_examples=60,
+                                margin_steps=50, gallery_examples=5)
+    # Assert: the margin is 0 exactly on the examples misclassified clean, positive elsewhere
+    distances = torch.tensor([float("inf") if d is None else d for d in analysis.margin["distances"]])
+    wrong = ~torch.tensor(report.clean_correct)
+    assert torch.equal(distances == 0, wrong)
+    summary = analysis.margin["summary"]
+    assert summary["n_examples"] == 120
+    # the fraction broken within eps bounds the measured robust accuracy from the other side only
+    # when FMN is at least as strong as PGD; it must at least break the clean errors
+    assert summary["fraction_below"][0] >= float(wrong.float().mean())
+    # metrics under the attack: robust <= clean, and the gallery shows only fooled examples in the ball
+    attack = analysis.metrics["attack"]
+    assert attack["adversarial_accuracy"] <= attack["clean_accuracy"]
+    assert analysis.score["worst_case_accuracy"] == report.worst_case_accuracy
+    gallery = analysis.gallery["examples"]
+    assert 0 < len(gallery) <= 5
+    for example in gallery:
+        clean, adversarial = torch.tensor(example["clean"]), torch.tensor(example["adversarial"])
+        assert example["adversarial_prediction"] != example["label"] == example["clean_prediction"]
+        assert float((adversarial - clean).abs().max()) <= threat.eps + 2e-3  # stored rounded to 1e-3
+        assert adversarial.min() >= 0 and adversarial.max() <= 1
+    # certificates: radius 0 wherever the smoothed class is wrong or abstains; flags match the data
+    radii, margin = analysis.certified["radii"], analysis.certified["l2_margin"]
+    flagged = [i for i, (r, m) in enumerate(zip(radii, margin)) if m is not None and r > m + 1e-6]
+    assert analysis.certified["above_margin"] == flagged
+    assert analysis.masking["n_examples"] == 60
+    json.dumps(analysis.to_dict(), allow_nan=False)  # standard JSON: inf and NaN became null
+
+
+@pytest.mark.parametrize("options", [{"margin_examples": 0}, {"certify_sigma": -1.0},
+                                     {"certify_alpha": 1.5}, {"gallery_examples": -1}])
+def test_bad_options_are_rejected(options):
+    with pytest.raises(ConfigError):
+        AnalysisOptions(**options)

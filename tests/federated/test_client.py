@@ -1,0 +1,158 @@
+"""Client pieces: FedProx's term, poisoned updates, and what an update tells a curious server."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fortify.config import TrainConfig
+from fortify.data.base import Split
+from fortify.errors import ConfigError, DataError
+from fortify.federated.client import (
+    LocalTraining,
+    ProximalObjective,
+    build_local_objective,
+    poison,
+    train_locally,
+)
+from fortify.federated.privacy import composed_epsilon, reconstruct_from_update, update_to_gradient
+from fortify.privacy.reconstruction import reconstruction_quality, shared_gradient
+from fortify.threat import ThreatModel
+from fortify.training.objectives import ObjectiveOptions, build_objective
+
+THREAT = ThreatModel("linf", 0.1)
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_proximal_objective_adds_half_mu_times_the_squared_distance_to_the_global_weights(digits):
+    model = _mlp()
+    x, y = digits.train.x[:16], digits.train.y[:16]
+    settings = LocalTraining(TrainConfig(objective="standard"), THREAT, proximal_mu=0.3)
+    objective = build_local_objective(model, settings)
+    assert isinstance(objective, ProximalObjective)
+    plain = build_objective("standard", ObjectiveOptions(THREAT))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)  # every parameter moves by 0.01 from the anchor
+    n_params = sum(p.numel() for p in model.parameters())
+    expected = plain(model, x, y) + 0.3 / 2 * n_params * 0.01 ** 2
+    assert objective(model, x, y).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fedprox_keeps_local_weights_closer_to_the_global_ones(digits):
+    shard = digits.train.head(128)
+
+    def drift(mu: float) -> float:
+        model = _mlp()
+        start = _state(model)
+        train_locally(model, shard, LocalTraining(
+            TrainConfig(objective="standard", epochs=2, lr=0.1, early_stopping=False), THREAT,
+            proximal_mu=mu))
+        return sum(float((v - start[k]).pow(2).sum()) for k, v in model.state_dict().items()) ** 0.5
+
+    assert drift(5.0) < 0.7 * drift(0.0)
+
+
+def test_poisoned_updates_are_the_boosted_or_reversed_honest_update():
+    glob = {"w": torch.tensor([1.0, 2.0]), "steps": torch.tensor(3)}
+    local = {"w": torch.tensor([1.5, 1.0]), "steps": torch.tensor(4)}
+    scaled = poison(glob, local, mode="scale", scale=10.0)
+    flipped = poison(glob, local, mode="flip", scale=2.0)
+    assert scaled["w"].tolist() == pytest.approx([6.0, -8.0])  # 1 + 10 * 0.5, 2 + 10 * -1
+    assert flipped["w"].tolist() == pytest.approx([0.0, 4.0])  # 1 - 2 * 0.5, 2 - 2 * -1
+    assert int(scaled["steps"]) == 4  # integer buffers are passed through
+    with pytest.raises(ConfigError, match="valid: flip, scale"):
+        poison(glob, local, mode="noise", scale=1.0)
+
+
+def _one_step_update(digits, index: int = 0, lr: float = 0.1):
+    """A client holding one digit takes one SGD step: the update a server receives."""
+    model = _mlp(1)
+    global_state = _state(model)
+    shard = Split(digits.test.x[index:index + 1], digits.test.y[index:index + 1])
+    config = TrainConfig(objective="standard", epochs=1, batch_size=1, lr=lr, momentum=0.0,
+                         weight_decay=0.0, schedule="constant", early_stopping=False)
+    train_locally(model, shard, LocalTraining(config, THREAT))
+    local_state = _state(model)
+    model.load_state_dict(global_state)  # the server's copy holds the global weights
+    return model, global_state, local_state, shard
+
+
+def test_a_one_step_update_is_exactly_the_clients_gradient(digits):
+    model, global_state, local_state, shard = _one_step_update(digits)
+    from_update = update_to_gradient(model, global_state, local_state, lr=0.1)
+    direct = shared_gradient(model, shard.x, shard.y)
+    for a, b in zip(from_update, direct, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_curious_server_reconstructs_the_clients_digit_from_its_update(digits):
+    model, global_state, local_state, shard = _one_step_update(digits, index=1)
+    result = reconstruct_from_update(model, global_state, local_state, (1, 8, 8), lr=0.1,
+                                     method="idlg", steps=10)
+    report = reconstruction_quality(result, shard.x, shard.y)
+    assert report.label_accuracy == 1.0
+    assert report.psnr[0] > 30.0  # a random guess scores about 5 dB on digits
+
+
+def test_update_to_gradient_refuses_bad_lr_and_foreign_updates(digits):
+    model = _mlp()
+    state = _state(model)
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        update_to_gradient(model, state, state, lr=0.0)
+    with pytest.raises(DataError, match="lacks the model's parameters"):
+        update_to_gradient(model, {"w": torch.zeros(1)}, state, lr=0.1)
+
+
+def test_client_side_dp_hides_the_digit_from_a_curious_server(digits):
+    # Prepare: the same one-example client as above, now training with DP-SGD
+    from fortify.config import DPConfig
+
+    model = _mlp(1)
+    global_state = _state(model)
+    shard = Split(digits.test.x[1:2], digits.test.y[1:2])
+    config = TrainConfig(objective="standard", epochs=1, batch_size=1, lr=0.1, momentum=0.0,
+                         weight_decay=0.0, schedule="constant", early_stopping=False)
+    dp = DPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+    # Execute
+    result = train_locally(model, shard, LocalTraining(config, THREAT, dp=dp, server_round=3))
+    local_state = _state(model)
+    model.load_state_dict(global_state)
+    attempt = reconstruct_from_update(model, global_state, local_state, (1, 8, 8), lr=0.1,
+                                      method="idlg", steps=10)
+    # Assert: the update moved, its privacy is accounted over three rounds, and the digit is lost
+    assert any(not torch.equal(global_state[k], local_state[k]) for k in global_state)
+    assert result.dp_epsilon is not None and 0 < result.dp_epsilon < float("inf")
+    one_round = composed_epsilon(1.0, 1.0, 1, 1e-5)
+    assert result.dp_epsilon > one_round
+    assert reconstruction_quality(attempt, shard.x, shard.y).psnr[0] < 20.0  # 30+ dB without DP
+
+
+def test_composed_epsilon_is_the_accountants_for_rounds_in_sequence():
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(1.1, 0.1, 50), (1.1, 0.1, 50), (1.1, 0.1, 50)]  # three rounds of 50 steps
+    assert composed_epsilon(1.1, 0.1, 150, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert composed_epsilon(1.1, 0.1, 300, 1e-5) > composed_epsilon(1.1, 0.1, 150, 1e-5)
+    assert composed_epsilon(0.0, 0.1, 10, 1e-5) == float("inf")
+
+
+def test_federated_dp_needs_a_fixed_noise_level(digits):
+    from fortify.config import DPConfig
+
+    shard = Split(digits.test.x[:8], digits.test.y[:8])
+    config = TrainConfig(objective="standard", epochs=1, batch_size=4, early_stopping=False)
+    dp = DPConfig(enabled=True, target_epsilon=1.0, delta=1e-5)
+    with pytest.raises(ConfigError, match="noise_multiplier"):
+        train_locally(_mlp(), shard, LocalTraining(config, THREAT, dp=dp))

@@ -1,0 +1,119 @@
+"""Export: each format, reloaded by its own runtime, returns the model's logits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from fortify.cli import app
+from fortify.errors import CheckpointError, ConfigError
+from fortify.interop.export import export_model
+from fortify.models import build_model
+from fortify.pipeline import MODEL_CARD, load_trained_model, write_json
+from fortify.training import checkpoint as ckpt
+
+MEAN, STD = [0.3], [0.4]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A finished fortify model directory: small CNN with a Normalize layer, random weights."""
+    directory = tmp_path_factory.mktemp("export") / "model"
+    directory.mkdir()
+    torch.manual_seed(0)
+    model = build_model("small-cnn", (1, 8, 8), 10, mean=MEAN, std=STD)
+    write_json(directory / MODEL_CARD, {"name": "small-cnn", "input_shape": [1, 8, 8], "num_classes": 10,
+                                        "bounds": [0.0, 1.0], "mean": MEAN, "std": STD})
+    digest = ckpt.save_weights(directory / "model.safetensors", model)
+    ckpt.write_state_json(directory, {"finished": True, "sha256": {"model.safetensors": digest}})
+    return directory
+
+
+def _reference(model_dir, x):
+    model, _ = load_trained_model(model_dir, torch.device("cpu"))
+    with torch.inference_mode():
+        return model(x)
+
+
+def _onnxruntime_logits(path, x):
+    runtime = pytest.importorskip("onnxruntime")
+    session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+
+def _torchscript_logits(path, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = torch.jit.load(str(path))
+    with torch.inference_mode():
+        return loaded(x)
+
+
+def _safetensors_logits(path, x):
+    with safe_open(str(path), framework="pt") as handle:
+        card = json.loads(handle.metadata()["model_card"])
+    model = build_model(card["name"], card["input_shape"], card["num_classes"], mean=card["mean"],
+                        std=card["std"])
+    ckpt.load_weights(path, model)
+    with torch.inference_mode():
+        return model.eval()(x)
+
+
+@pytest.mark.parametrize("fmt, reload", [("onnx", _onnxruntime_logits), ("torchscript", _torchscript_logits),
+                                         ("safetensors", _safetensors_logits)])
+def test_export_reloads_to_the_same_logits(model_dir, tmp_path, fmt, reload):
+    # Prepare: a batch of another size than the exporter's, to check the batch axis is free
+    x = torch.rand(37, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    # Execute
+    suffix = ".pt" if fmt == "torchscript" else f".{fmt}"
+    result = export_model(model_dir, fmt, tmp_path / f"hardened{suffix}")
+    # Assert: the export, reloaded without fortify's loader, gives the logits of the trained model
+    torch.testing.assert_close(reload(result.path, x), _reference(model_dir, x), atol=1e-5, rtol=1e-5)
+    assert result.max_abs_difference <= 1e-5 and result.verified_on == 64
+    card = json.loads(result.card_path.read_text())
+    assert card["layout"] == "nchw" and card["input_range"] == [0.0, 1.0] and card["outputs"] == "logits"
+    assert card["normalization"] == {"mean": MEAN, "std": STD, "applied": "inside the model"}
+
+
+def test_cli_export_from_a_run_directory_takes_the_hardened_model(model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(model_dir, run_dir / "models" / "pgd")
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--format", "torchscript"])
+    assert result.exit_code == 0, result.output
+    exported = run_dir / "models" / "pgd" / "export" / "model.pt"
+    assert exported.is_file() and exported.with_suffix(".card.json").is_file()
+    assert "max |difference|" in result.output
+    x = torch.rand(5, 1, 8, 8)
+    torch.testing.assert_close(_torchscript_logits(exported, x), _reference(model_dir, x))
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--format", "tflite"], "unknown export format 'tflite'; valid formats: onnx, torchscript, safetensors"),
+    (["--format", "onnx", "--out", "model.pt"], "a onnx export is written to a .onnx file"),
+    (["--member", "trades"], "holds no model 'trades'; models in it: pgd"),
+])
+def test_cli_export_errors(model_dir, tmp_path, args, fragment):
+    run_dir = tmp_path / "run"
+    shutil.copytree(model_dir, run_dir / "models" / "pgd")
+    result = CliRunner().invoke(app, ["export", str(run_dir), *args])
+    assert result.exit_code == 2 and fragment in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_export_refuses_an_unfinished_or_foreign_directory(model_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="holds no trained fortify model"):
+        export_model(tmp_path, "onnx")
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
+    with pytest.raises(CheckpointError, match="modified after it was saved"):
+        export_model(copy, "safetensors")
+    with pytest.raises(ConfigError, match="valid formats"):
+        export_model(model_dir, "pickle")

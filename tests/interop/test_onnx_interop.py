@@ -1,0 +1,130 @@
+"""ONNX classifiers: the same weights give the same robust accuracy as the native torch model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fortify.attacks import PGD, Square
+from fortify.cli import app
+from fortify.errors import CheckpointError, ConfigError, DataError, MissingDependencyError
+from fortify.evaluation import evaluate
+from fortify.interop.external import check_attacks_fit_access, load_external_model
+from fortify.threat import ThreatModel
+
+pytest.importorskip("onnx2torch")
+pytest.importorskip("onnxruntime")
+
+THREAT = ThreatModel("linf", 0.1)
+# a Shrink with zero threshold and bias is the identity, and onnx2torch has no converter for it
+IDENTITY_SHRINK = ("Shrink", {"lambd": 0.0, "bias": 0.0}, ())
+# quantise to 8-bit levels: what deployed models often do, and a step with a zero gradient
+QUANTISE = [("Mul", {}, (255.0,)), ("Round", {}, ()), ("Div", {}, (255.0,))]
+
+
+def _robust_accuracy(model, attack, digits, n=150):
+    test = digits.test.head(n)
+    report = evaluate(model, test.x, test.y, [attack], THREAT, eps_grid=[])
+    return report.clean_accuracy, report.attacks[0].adversarial_accuracy
+
+
+def test_converted_onnx_model_matches_native_torch(onnx_twin, reference_model, digits):
+    # Prepare
+    external = load_external_model(onnx_twin(), digits)
+    x = digits.test.x[:64]
+    # Execute
+    clean, robust = _robust_accuracy(external.module, PGD(THREAT, steps=10), digits)
+    native_clean, native_robust = _robust_accuracy(reference_model, PGD(THREAT, steps=10), digits)
+    # Assert: white-box through onnx2torch, same logits, same robust accuracy under PGD
+    assert external.runtime == "onnx2torch" and external.access.kind == "white-box"
+    assert external.card.layout == "nchw" and external.warnings == []
+    torch.testing.assert_close(external.module(x), reference_model(x), atol=1e-5, rtol=1e-5)
+    assert clean == native_clean >= 0.9
+    assert robust == native_robust
+    assert 0.0 < robust < clean  # a comparison that could have come out different
+
+
+def test_unconvertible_onnx_model_runs_black_box_in_onnxruntime(onnx_twin, reference_model, digits):
+    external = load_external_model(onnx_twin([IDENTITY_SHRINK]), digits)
+    square = Square(THREAT, n_queries=60, seed=3)
+    _, robust = _robust_accuracy(external.module, square, digits, n=80)
+    _, native_robust = _robust_accuracy(reference_model, Square(THREAT, n_queries=60, seed=3), digits, n=80)
+    assert external.runtime == "onnxruntime" and external.access.kind == "black-box"
+    assert "Shrink" in external.warnings[0]
+    assert robust == native_robust
+
+
+def test_quantised_onnx_model_has_no_gradient_and_refuses_gradient_attacks(onnx_twin, digits):
+    external = load_external_model(onnx_twin(QUANTISE), digits)
+    assert external.runtime == "onnx2torch"
+    assert external.access.kind == "black-box" and "zero" in external.access.reason
+    with pytest.raises(ConfigError, match="attacks allowed: square, hopskipjump, transfer"):
+        check_attacks_fit_access(["fgsm", "square"], external.access)
+    check_attacks_fit_access(["square"], external.access)
+
+
+def test_bad_model_files_give_clear_errors(tmp_path, digits, onnx_twin):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not a protobuf\xff" * 10)
+    with pytest.raises(CheckpointError, match="garbage.onnx is not a valid ONNX model"):
+        load_external_model(garbage, digits)
+    with pytest.raises(ConfigError, match=r"suffixes fortify reads: \.keras, \.h5, \.onnx"):
+        load_external_model(tmp_path / "model.pb", digits)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_external_model(tmp_path / "missing.onnx", digits)
+    with pytest.raises(DataError, match=r"expects inputs of shape \(1, 8, 8\).*in layout nhwc"):
+        load_external_model(onnx_twin(), digits, layout="nhwc")
+
+
+def test_missing_extra_names_the_pip_command(monkeypatch, onnx_twin, digits):
+    monkeypatch.setitem(__import__("sys").modules, "onnx2torch", None)  # as if not installed
+    with pytest.raises(MissingDependencyError, match=r"pip install 'fortify\[onnx\]'"):
+        load_external_model(onnx_twin(), digits)
+
+
+def _evaluate_cli(*args):
+    return CliRunner().invoke(app, ["evaluate", *[str(a) for a in args]])
+
+
+def test_cli_evaluates_an_onnx_file_and_records_access(onnx_twin, tmp_path):
+    out = tmp_path / "eval"
+    result = _evaluate_cli("--model", onnx_twin(), "--dataset", "digits", "--attacks", "pgd", "--steps", 5,
+                           "--eps", 0.1, "--n-examples", 60, "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "robustness.json").read_text())
+    assert saved["model"]["access"]["kind"] == "white-box"
+    assert saved["model"]["card"] == {"layout": "nchw", "input_range": [0.0, 1.0], "mean": None, "std": None}
+    robustness = saved["robustness"]
+    assert robustness["n_examples"] == 60 and robustness["attacks"][0]["name"] == "pgd-5"
+    assert robustness["attacks"][0]["adversarial_accuracy"] < robustness["clean_accuracy"]
+
+
+def test_cli_black_box_model_gets_square_and_refuses_pgd(onnx_twin, tmp_path):
+    path = onnx_twin(QUANTISE)
+    refused = _evaluate_cli("--model", path, "--dataset", "digits", "--attacks", "pgd",
+                            "--out", tmp_path / "a")
+    assert refused.exit_code == 2 and "black-box" in refused.output and "Traceback" not in refused.output
+    assert not (tmp_path / "a").exists()
+    out = tmp_path / "b"
+    result = _evaluate_cli("--model", path, "--dataset", "digits", "--queries", 30, "--eps", 0.1,
+                           "--n-examples", 40, "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "robustness.json").read_text())
+    assert saved["model"]["access"]["kind"] == "black-box"
+    assert [a["name"] for a in saved["robustness"]["attacks"]] == ["square-30"]
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--input-range", "0"], "--input-range takes 2 numbers"),
+    (["--mean", "0.5"], "give --mean and --std together"),
+    (["--mean", "0.1,0.2", "--std", "1,1"], "inputs have 1 channels"),
+    (["--layout", "hwc"], "valid layouts: auto, nchw, nhwc"),
+])
+def test_cli_bad_card_flags(onnx_twin, tmp_path, flags, fragment):
+    out = tmp_path / "o"
+    result = _evaluate_cli("--model", onnx_twin(), "--dataset", "digits", *flags, "--out", out)
+    assert result.exit_code == 2 and fragment in result.output, result.output
+    assert "Traceback" not in result.output and not out.exists()

@@ -1,0 +1,258 @@
+"""The constrained threat model: every point it or an attack returns satisfies every constraint,
+projection is the nearest feasible point under linf, and the constrained set is inside the box ball."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tabular_credit import credit_table
+from torch import nn
+
+from fortify.attacks import APGD, FGSM, PGD
+from fortify.errors import ConfigError
+from fortify.tabular import ConstrainedThreatModel, Feature, FeatureSearch, Schema
+from fortify.threat import ThreatModel
+
+COSTS = (0.25, 0.5, 1.0, 2.0)
+
+
+@st.composite
+def features(draw, index: int) -> Feature:
+    kind = draw(st.sampled_from(("continuous", "integer", "binary", "categorical")))
+    name, mutable, cost = f"f{index}", draw(st.booleans()), draw(st.sampled_from(COSTS))
+    if kind == "categorical":
+        k = draw(st.integers(2, 4))
+        return Feature(name, kind, categories=tuple(f"c{i}" for i in range(k)), mutable=mutable, cost=cost)
+    direction = draw(st.sampled_from(("any", "increase", "decrease")))
+    if kind == "binary":
+        return Feature(name, kind, mutable=mutable, direction=direction, cost=cost)
+    low = draw(st.integers(-5, 5))
+    return Feature(name, kind, low, low + draw(st.integers(1, 12)), mutable=mutable, direction=direction,
+                   cost=cost)
+
+
+@st.composite
+def threats(draw) -> ConstrainedThreatModel:
+    n = draw(st.integers(1, 6))
+    feats = [draw(features(i)) for i in range(n)]
+    if not any(f.mutable for f in feats):
+        feats[0] = Feature(**{**feats[0].__dict__, "mutable": True})
+    eps = draw(st.sampled_from((0.05, 0.2, 0.5, 1.0, 1.5)))
+    return ConstrainedThreatModel(draw(st.sampled_from(("linf", "l2"))), eps, schema=Schema(tuple(feats)))
+
+
+def valid_points(schema: Schema, n: int, gen: torch.Generator) -> torch.Tensor:
+    blocks = []
+    for f in schema.features:
+        if f.type == "categorical":
+            index = torch.randint(0, f.width, (n,), generator=gen)
+            blocks.append(nn.functional.one_hot(index, f.width).float())
+        elif f.type == "continuous":
+            blocks.append(torch.rand(n, 1, generator=gen))
+        else:
+            steps = int(f.span)
+            blocks.append(torch.randint(0, steps + 1, (n, 1), generator=gen).float() / steps)
+    return torch.cat(blocks, dim=1)
+
+
+def assert_feasible(threat: ConstrainedThreatModel, x: torch.Tensor, x_adv: torch.Tensor) -> None:
+    """Every constraint, checked from the schema alone (not through the threat model's own code)."""
+    schema, tol = threat.schema, 1e-5
+    costs = torch.zeros(x.shape[0], len(schema.features), dtype=torch.float64)
+    for i, f in enumerate(schema.features):
+        a, c = x_adv[:, schema.columns(i)].double(), x[:, schema.columns(i)].double()
+        change = (a - c).abs().amax(dim=1)
+        if not f.mutable:
+            assert bool((change <= tol).all()), f"immutable {f.name} changed"
+        if f.type == "categorical":
+            one_hot = ((a == 0) | (a == 1)).all(dim=1) & (a.sum(dim=1) == 1)
+            assert bool(one_hot.all()), f"{f.name} not one-hot"
+            costs[:, i] = f.cost * (a.argmax(1) != c.argmax(1)).double()
+            continue
+        assert bool(((a >= -tol) & (a <= 1 + tol)).all()), f"{f.name} out of bounds"
+        if f.discrete:
+            grid = a * f.span
+            assert bool(((grid - grid.round()).abs() <= 1e-4).all()), f"{f.name} not whole"
+        delta = (a - c)[:, 0]
+        if f.direction == "increase":
+            assert bool((delta >= -tol).all()), f"{f.name} decreased"
+        if f.direction == "decrease":
+            assert bool((delta <= tol).all()), f"{f.name} increased"
+        costs[:, i] = f.cost * change
+    total = costs.amax(dim=1) if threat.norm == "linf" else costs.pow(2).sum(dim=1).sqrt()
+    assert bool((total <= threat.eps + 1e-5 * max(1, threat.eps) * 4).all()), "budget exceeded"
+
+
+@settings(max_examples=60, deadline=None)
+@given(threat=threats(), seed=st.integers(0, 2**16), spread=st.sampled_from((0.1, 1.0, 3.0)))
+def test_projection_and_random_start_satisfy_every_constraint(threat, seed, spread):
+    # Prepare: valid points and wild targets around them
+    gen = torch.Generator().manual_seed(seed)
+    x = valid_points(threat.schema, 16, gen)
+    target = x + spread * torch.randn(x.shape, generator=gen)
+    # Execute / Assert
+    projected = threat.project(target, x)
+    assert_feasible(threat, x, projected)
+    assert bool(threat.contains(projected, x).all())
+    start = threat.random_start(x, gen)
+    assert_feasible(threat, x, start)
+    assert bool(threat.contains(start, x).all())
+    assert torch.equal(threat.project(x, x), x)  # the clean point is feasible and its own projection
+
+
+@settings(max_examples=10, deadline=None)
+@given(threat=threats(), seed=st.integers(0, 2**16))
+def test_every_attack_returns_only_feasible_points(threat, seed):
+    torch.manual_seed(seed)
+    d = threat.schema.n_columns
+    model = nn.Sequential(nn.Linear(d, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = valid_points(threat.schema, 12, torch.Generator().manual_seed(seed))
+    y = torch.randint(0, 3, (12,))
+    for attack in (FGSM(threat, random_start=True), PGD(threat, steps=4), APGD(threat, n_iter=4),
+                   FeatureSearch(threat, max_changes=2)):
+        x_adv = attack(model, x, y)
+        assert_feasible(threat, x, x_adv)
+        assert bool(threat.contains(x_adv, x).all()), attack.label
+
+
+def test_linf_projection_is_the_nearest_feasible_point():
+    # Prepare: small discrete schema whose feasible set can be enumerated
+    schema = Schema((Feature("n", "integer", 0, 6, direction="increase"), Feature("b", "binary", cost=0.5),
+                     Feature("c", "categorical", categories=("a", "b", "c"), cost=0.5),
+                     Feature("m", "integer", 0, 4, cost=2.0)))
+    threat = ConstrainedThreatModel("linf", 0.5, schema=schema)
+    gen = torch.Generator().manual_seed(0)
+    x = valid_points(schema, 30, gen)
+    target = x + torch.randn(x.shape, generator=gen)
+    projected = threat.project(target, x)
+    for row in range(len(x)):
+        best = min(float((p - target[row]).norm()) for p in feasible_set(threat, x[row]))
+        assert float((projected[row] - target[row]).norm()) == pytest.approx(best, abs=1e-6)
+
+
+def feasible_set(threat: ConstrainedThreatModel, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every point of the 1-D grids and one-hot groups, filtered by the threat model's definition."""
+    options = []
+    for f in threat.schema.features:
+        if f.type == "categorical":
+            options.append([nn.functional.one_hot(torch.tensor(k), f.width).float() for k in range(f.width)])
+        else:
+            options.append([torch.tensor([k / f.span]) for k in range(int(f.span) + 1)])
+    points = [torch.cat(combo) for combo in itertools.product(*options)]
+    return [p for p in points if bool(threat.contains(p[None], x[None]))]
+
+
+def test_contains_refuses_each_kind_of_violation(schema):
+    threat = ConstrainedThreatModel("linf", 0.2, schema=schema)
+    x = schema.encode(credit_table(6, seed=1))
+    breaks = {
+        "immutable age": (0, 1 / 62),
+        "fractional accounts": (2, 0.5 / 20),
+        "accounts decreased": (2, -1 / 20),
+        "over budget": (1, 0.25),
+    }
+    for what, (column, shift) in breaks.items():
+        bad = x.clone()
+        bad[:, column] = bad[:, column] + shift if shift > 0 else bad[:, column] + shift
+        keep = (bad[:, column] >= 0) & (bad[:, column] <= 1)
+        assert not bool(threat.contains(bad, x)[keep].any()), what
+    half = x.clone()
+    half[:, 4:7] = 0.5
+    assert not bool(threat.contains(half, x).any()), "broken one-hot"
+
+
+def test_constrained_points_lie_inside_the_plain_box_ball(schema):
+    # With every cost >= 1 on continuous/integer features the constrained set is a subset of the
+    # linf ball, so a constrained attack can be at most as strong as the unconstrained one.
+    unit = schema.replace_features(cost=1.0)
+    threat = ConstrainedThreatModel("linf", 0.15, schema=unit)
+    box = ThreatModel("linf", 1.0, (0.0, 1.0)).with_eps(0.15)
+    x = unit.encode(credit_table(64, seed=2))
+    gen = torch.Generator().manual_seed(0)
+    projected = threat.project(x + torch.randn(x.shape, generator=gen), x)
+    inside_box = box.contains(projected, x)
+    switched = (projected[:, 4:7] != x[:, 4:7]).any(dim=1) | (projected[:, 7] != x[:, 7])
+    # a category switch or binary flip changes a column by 1 > eps: allowed only if its cost <= eps
+    assert not bool(switched.any()) and bool(inside_box.all())
+
+
+def test_pgd_on_a_linear_model_reaches_the_closed_form_worst_case():
+    # Prepare: continuous features with bounds, costs, directions and an immutable one
+    schema = Schema((Feature("a", "continuous", 0, 1), Feature("b", "continuous", 0, 1, cost=2.0),
+                     Feature("c", "continuous", 0, 1, direction="increase"),
+                     Feature("d", "continuous", 0, 1, direction="decrease"),
+                     Feature("e", "continuous", 0, 1, mutable=False)))
+    threat = ConstrainedThreatModel("linf", 0.2, schema=schema)
+    model = nn.Linear(5, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -2.0, 0.5, 1.5, 3.0], [-1.0, 1.0, -0.5, -1.0, 0.0]]))
+        model.bias.zero_()
+    x = torch.rand(40, 5, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(40, dtype=torch.long)
+    # Closed form: lowering the class-0 margin w = w0 - w1 moves each feature against sign(w),
+    # as far as its cap eps / cost, the box and its direction allow
+    w = model.weight[0] - model.weight[1]
+    cap = torch.tensor([0.2, 0.1, 0.2, 0.2, 0.0])
+    lower = torch.maximum(-x, -cap)
+    upper = torch.minimum(1 - x, cap)
+    lower[:, 2], upper[:, 3] = 0.0, 0.0
+    expected = x + torch.where(w > 0, lower, upper)
+    # Execute
+    x_adv = PGD(threat, steps=20, random_start=False, keep_first_success=False)(model, x, y)
+    # Assert
+    torch.testing.assert_close(x_adv, expected, atol=1e-6, rtol=0)
+
+
+def test_feature_search_fools_exactly_the_examples_the_closed_form_can_fool():
+    # Prepare: a linear two-class model over discrete features; under linf the worst case is the
+    # sum of each feature's own worst move, which greedy single-feature search reaches
+    schema = Schema((Feature("n", "integer", 0, 10, direction="increase"), Feature("g", "binary", cost=0.3),
+                     Feature("c", "categorical", categories=("a", "b", "c", "d"), cost=0.3),
+                     Feature("k", "categorical", categories=("u", "v"), mutable=False)))
+    threat = ConstrainedThreatModel("linf", 0.3, schema=schema)
+    torch.manual_seed(3)
+    model = nn.Linear(schema.n_columns, 2)
+    x = valid_points(schema, 200, torch.Generator().manual_seed(1))
+    y = model(x).argmax(1)  # every example starts correct
+    w = (model.weight[1] - model.weight[0]).detach()  # the attack wants to move the margin towards class !y
+    sign = torch.where(y == 0, 1.0, -1.0)[:, None]
+    gain = torch.zeros(len(x))
+    for x_star in feasible_set_batch(threat, x):
+        gain = torch.maximum(gain, (sign * (x_star - x) * w).sum(dim=1))
+    margin = (sign[:, 0] * (x @ w + (model.bias[1] - model.bias[0]).detach()))
+    can_fool = margin + gain > 0
+    # Execute
+    x_adv = FeatureSearch(threat, max_changes=4)(model, x, y)
+    fooled = model(x_adv).argmax(1) != y
+    # Assert
+    assert 0 < int(can_fool.sum()) < len(x)
+    assert torch.equal(fooled, can_fool)
+
+
+def feasible_set_batch(threat: ConstrainedThreatModel, x: torch.Tensor):
+    """All feasible points for every row at once: yields (N, d) per combination of feature values."""
+    options = []
+    for f in threat.schema.features:
+        if f.type == "categorical":
+            options.append([nn.functional.one_hot(torch.tensor(k), f.width).float() for k in range(f.width)])
+        else:
+            options.append([torch.tensor([k / f.span]) for k in range(int(f.span) + 1)])
+    for combo in itertools.product(*options):
+        point = torch.cat(combo).expand_as(x)
+        inside = threat.contains(point, x)
+        yield torch.where(inside[:, None], point, x)
+
+
+def test_bad_threat_settings_are_config_errors(schema):
+    with pytest.raises(ConfigError, match="every feature immutable"):
+        ConstrainedThreatModel("linf", 0.1, schema=schema.replace_features(mutable=False))
+    with pytest.raises(ConfigError, match="unknown norm 'l1'"):
+        ConstrainedThreatModel("l1", 0.1, schema=schema)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="needs a tabular threat model"):
+        FeatureSearch(ThreatModel("linf", 0.1))
+    assert math.isclose(ConstrainedThreatModel("linf", 0.1, schema=schema).with_eps(0.3).eps, 0.3)

@@ -1,0 +1,106 @@
+"""Schemas: encoding, YAML round trip, inference from a CSV, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from tabular_credit import credit_table, write_csv
+
+from fortify.data import load_dataset
+from fortify.errors import ConfigError, DataError
+from fortify.tabular import Feature, Schema, TableOptions
+from fortify.tabular.csv import infer_schema, read_table
+from fortify.tabular.schema import SchemaSpec
+
+
+def test_encode_scales_numbers_by_bounds_and_one_hots_categories(schema):
+    table = credit_table(5)
+    table["age"][0], table["income"][0], table["housing"][0] = 49, 50_000, "rent"
+    x = schema.encode(table)
+    assert x.shape == (5, schema.n_columns) == (5, 14)
+    assert x[0, 0].item() == pytest.approx((49 - 18) / 62)
+    assert x[0, 1].item() == pytest.approx(0.25)
+    housing = schema.columns(schema.names.index("housing"))
+    assert x[0, housing].tolist() == [0.0, 1.0, 0.0]
+    schema.check_encoded(x)  # a fresh encoding is valid
+
+
+def test_schema_round_trips_through_yaml(schema):
+    again = Schema.from_dict(yaml.safe_load(schema.to_yaml()))
+    assert again == schema
+    assert again.column_names() == schema.column_names()
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    (("housing", "castle"), "category 'castle' is not in the schema; allowed: own, rent, other"),
+    (("age", 12), "feature 'age', row 0: value 12 is outside the schema bounds [18, 80]"),
+    (("accounts", 2.5), "feature 'accounts', row 0: value 2.5 is not a whole number"),
+    (("income", "lots"), "feature 'income', row 0: 'lots' is not a number"),
+])
+def test_bad_values_name_the_column_and_the_value(schema, change, fragment):
+    table = credit_table(3)
+    column, value = change
+    table[column][0] = value
+    with pytest.raises(DataError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        schema.encode(table)
+
+
+@pytest.mark.parametrize(("settings", "fragment"), [
+    ({"type": "text"}, "unknown type 'text'; valid types: continuous, integer, binary, categorical"),
+    ({"type": "categorical", "categories": ["a", "b"], "direction": "increase"}, "numeric features only"),
+    ({"type": "integer", "low": 0.5, "high": 3}, "whole bounds"),
+    ({"type": "continuous", "low": 2, "high": 1}, "low < high"),
+    ({"type": "continuous", "low": 0, "high": 1, "cost": 0}, "cost must be a finite number > 0"),
+    ({"type": "binary", "direction": "sideways"}, "valid directions: any, increase, decrease"),
+])
+def test_bad_feature_settings_are_config_errors(settings, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        Feature(name="f", **settings)
+
+
+def test_encoded_inputs_that_break_the_schema_are_refused(schema):
+    x = schema.encode(credit_table(4))
+    broken = x.clone()
+    broken[2, 2] += 0.01  # accounts is a whole number: 0.01 of its range is a fifth of an account
+    with pytest.raises(DataError, match="feature 'accounts', row 2: not a whole number"):
+        schema.check_encoded(broken)
+    broken = x.clone()
+    broken[1, 4:7] = torch.tensor([1.0, 1.0, 0.0])
+    with pytest.raises(DataError, match="feature 'housing', row 1: not one-hot"):
+        schema.check_encoded(broken)
+
+
+def test_inference_types_columns_and_keeps_given_settings(tmp_path):
+    write_csv(tmp_path / "credit.csv", credit_table(200))
+    table = read_table(tmp_path / "credit.csv")
+    spec = SchemaSpec({"age": {"mutable": False}, "accounts": {"direction": "increase"}}, infer_missing=True)
+    schema = infer_schema(table, "default", spec)
+    types = {f.name: f.type for f in schema.features}
+    assert types["age"] == types["accounts"] == "integer"
+    assert types["guarantor"] == "binary" and types["housing"] == "categorical"
+    assert types["income"] == "continuous"
+    assert not schema.feature("age").mutable and schema.feature("accounts").direction == "increase"
+    assert schema.feature("housing").categories == ("other", "own", "rent")
+    ages = [float(a) for a in table["age"]]
+    assert (schema.feature("age").low, schema.feature("age").high) == (min(ages), max(ages))
+
+
+def test_a_schema_that_does_not_match_the_columns_is_refused(tmp_path):
+    write_csv(tmp_path / "credit.csv", credit_table(50))
+    table = read_table(tmp_path / "credit.csv")
+    with pytest.raises(DataError, match=r"schema feature\(s\) \['salary'\] are not columns of the data"):
+        infer_schema(table, "default", SchemaSpec({"salary": {"type": "binary"}}, infer_missing=True))
+    with pytest.raises(DataError, match=r"data column\(s\) \['income', .*are not in the schema"):
+        infer_schema(table, "default", SchemaSpec({"age": {}}))
+
+
+def test_csv_dataset_loads_with_schema_file_and_target(tmp_path, schema):
+    write_csv(tmp_path / "credit.csv", credit_table(300))
+    (tmp_path / "schema.yaml").write_text(schema.to_yaml())
+    dataset = load_dataset("csv", TableOptions(path=tmp_path / "credit.csv", schema=tmp_path / "schema.yaml"))
+    assert dataset.num_classes == 2 and dataset.input_shape == (schema.n_columns,)
+    assert len(dataset.train) + len(dataset.val) + len(dataset.test) == 300
+    assert Schema.from_dict(dataset.metadata["schema"]) == schema
+    with pytest.raises(DataError, match="target column 'label' is not in the data"):
+        load_dataset("csv", TableOptions(path=tmp_path / "credit.csv", target="label"))

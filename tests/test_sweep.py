@@ -1,0 +1,169 @@
+"""fortify sweep: the grid, the Pareto front, run directories, outputs and resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+import fortify.sweep as sweep_module
+from fortify.cli import app
+from fortify.config import load_config
+from fortify.errors import ConfigError
+from fortify.sweep import RunSpec, SweepGrid, expand_grid, load_sweep, pareto_front, run_sweep
+
+# -- the Pareto front: a pure function ---------------------------------------------------------
+
+
+def test_pareto_front_of_hand_made_points():
+    points = [(0.9, 0.1), (0.8, 0.4), (0.7, 0.3), (0.5, 0.5), (0.9, 0.1), (0.5, 0.45), (0.95, 0.05)]
+    # (0.7, 0.3) loses to (0.8, 0.4); (0.5, 0.45) to (0.5, 0.5); equal points do not dominate each other
+    assert pareto_front(points) == [0, 1, 3, 4, 6]
+
+
+def test_pareto_front_of_a_chain_is_its_top():
+    assert pareto_front([(0.1, 0.1), (0.2, 0.2), (0.3, 0.3)]) == [2]
+    assert pareto_front([]) == []
+
+
+def _dominates(p, q):
+    return p[0] >= q[0] and p[1] >= q[1] and p != q
+
+
+@given(st.lists(st.tuples(st.integers(0, 10), st.integers(0, 10)), max_size=30))
+def test_pareto_front_holds_exactly_the_undominated_points(points):
+    front = pareto_front(points)
+    assert front == sorted(front)
+    for i, p in enumerate(points):
+        assert (i in front) == (not any(_dominates(q, p) for q in points))
+
+
+# -- the grid ------------------------------------------------------------------------------------
+
+def test_a_setting_multiplies_only_the_objectives_that_read_it():
+    base = load_config(None, {"train": {"epochs": 3, "trades_beta": 6.0}})
+    grid = SweepGrid(objective=["pgd", "trades"], trades_beta=[1.0, 6.0], epochs=[1, 2])
+    specs = expand_grid(grid, base)
+    # pgd ignores beta: 2 epoch values; trades: 2 betas x 2 epoch values
+    assert [s.name for s in specs] == ["pgd_eps0.2_ep1", "pgd_eps0.2_ep2", "trades_eps0.2_beta1_ep1",
+                                       "trades_eps0.2_beta1_ep2", "trades_eps0.2_beta6_ep1",
+                                       "trades_eps0.2_beta6_ep2"]
+    assert {s.trades_beta for s in specs if s.objective == "pgd"} == {6.0}
+
+
+def test_run_spec_config_sets_the_grid_values():
+    base = load_config(None, {"train": {"lr": 0.01}})
+    config = RunSpec("pgd-mix", 0.1, 6.0, 0.25, 4).config(base)
+    assert (config.train.objective, config.threat.eps, config.train.mix_ratio, config.train.epochs,
+            config.train.lr) == ("pgd-mix", 0.1, 0.25, 4, 0.01)
+
+
+def test_yaml_sweep_section_and_flags_flags_win(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"train": {"lr": 0.02},
+                                    "sweep": {"objective": ["pgd", "trades"], "eps": [0.1, 0.2]}}))
+    base, grid = load_sweep(path, {}, {"eps": [0.3], "objective": None})
+    assert base.train.lr == 0.02
+    assert grid.objective == ["pgd", "trades"] and grid.eps == [0.3]
+
+
+@pytest.mark.parametrize(("section", "match"), [({"beta": [1]}, "valid settings: objective, eps"),
+                                                 ({"eps": []}, "eps"), ([1, 2], "must be a mapping")])
+def test_bad_sweep_sections_are_config_errors(tmp_path, section, match):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"sweep": section}))
+    with pytest.raises(ConfigError, match=match):
+        load_sweep(path, {}, {})
+
+
+def test_an_eps_outside_the_box_stops_the_sweep_before_any_run(tmp_path):
+    base = load_config(None, {"train": {"epochs": 1}})
+    with pytest.raises(ConfigError):
+        run_sweep(base, SweepGrid(objective=["standard"], eps=[0.1, 2.0]), tmp_path / "out", device="cpu",
+                  show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# -- a tiny sweep end to end -----------------------------------------------------------------------
+
+TINY = {"train": {"epochs": 1, "batch_size": 128, "attack_steps": 1, "val_attack_steps": 1,
+                  "early_stopping": False},
+        "eval": {"attacks": ["pgd"], "steps": 2, "n_examples": 48}}
+TINY_GRID = SweepGrid(objective=["standard", "trades"], trades_beta=[1.0, 6.0])
+NAMES = ["standard_eps0.2_ep1", "trades_eps0.2_beta1_ep1", "trades_eps0.2_beta6_ep1"]
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_sweep_writes_runs_table_plot_and_resumes_skipping_finished_runs(tmp_path, monkeypatch):
+    # Prepare: the first invocation dies while attacking the second run (trained, not evaluated)
+    base = load_config(None, TINY)
+    out = tmp_path / "sweep"
+    evaluate = sweep_module.evaluate_model
+    calls = {"evaluate": 0, "train": []}
+
+    def evaluate_then_die(setup, model):
+        calls["evaluate"] += 1
+        if calls["evaluate"] == 2:
+            raise Stop
+        return evaluate(setup, model)
+
+    monkeypatch.setattr(sweep_module, "evaluate_model", evaluate_then_die)
+    with pytest.raises(Stop):
+        run_sweep(base, TINY_GRID, out, device="cpu", show_progress=False)
+    second_state = json.loads((out / NAMES[1] / "state.json").read_text())
+    # Execute: the same sweep again
+    monkeypatch.setattr(sweep_module, "evaluate_model", evaluate)
+    train = sweep_module.train_model
+
+    def record_train(setup, objective, run_dir, **kwargs):
+        calls["train"].append(run_dir.name)
+        return train(setup, objective, run_dir, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "train_model", record_train)
+    results = run_sweep(base, TINY_GRID, out, device="cpu", show_progress=False)
+    # Assert: the finished run was skipped, the trained one reused without new epochs, the last trained
+    assert [r.name for r in results] == NAMES
+    assert [r.status for r in results] == ["skipped", "done", "done"]
+    assert calls["train"] == NAMES[1:]
+    assert json.loads((out / NAMES[1] / "state.json").read_text())["progress"] == second_state["progress"]
+    for name in NAMES:
+        assert (out / name / "model.safetensors").is_file() and (out / name / "result.json").is_file()
+    with open(out / "sweep.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["name"] for r in rows] == NAMES
+    assert set(rows[0]) >= {"clean_accuracy", "robust_accuracy", "acc_pgd-2", "train_seconds",
+                            "passes_per_epoch", "pareto"}
+    summary = json.loads((out / "sweep.json").read_text())
+    points = [(r.clean_accuracy, r.robust_accuracy) for r in results]
+    assert summary["pareto"] == [NAMES[i] for i in pareto_front(points)]
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # forward passes per example: standard 1; TRADES with 1 attack step: the attack's clean target
+    # (eval mode), its step, then the clean and the adversarial training passes = 4
+    assert [r.passes_per_epoch for r in results] == [1.0, 4.0, 4.0]
+    assert all(r.robust_accuracy <= r.clean_accuracy for r in results)
+
+
+def test_sweep_with_other_settings_in_a_finished_run_directory_is_refused(tmp_path):
+    run_dir = tmp_path / "out" / "standard_eps0.2_ep1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "result.json").write_text(json.dumps({"config": {"other": True}, "result": {}}))
+    base = load_config(None, TINY)
+    with pytest.raises(ConfigError, match="other settings"):
+        run_sweep(base, SweepGrid(objective=["standard"]), tmp_path / "out", device="cpu",
+                  show_progress=False)
+
+
+def test_cli_sweep_rejects_a_bad_grid_value_without_a_traceback(tmp_path):
+    result = CliRunner().invoke(app, ["sweep", "--eps", "0.1,abc", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2
+    assert "--eps takes comma-separated float values" in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,117 @@
+"""One rank of the data-parallel tests; torchrun starts two of these (see test_distributed.py).
+
+``python -m torch.distributed.run --nproc-per-node 2 _ddp_worker.py TASK OUT`` with TASK
+``train-eval-crash`` (DDP training with a record of which rank wrote files, a sharded evaluation,
+then an adversarial run whose rank 1 dies after epoch 1) or ``resume`` (resume that run, then run
+it again uninterrupted for reference). Two launches in all: each costs seconds of CPU to start.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fortify.attacks import PGD, Square
+from fortify.config import TrainConfig
+from fortify.data import load_dataset
+from fortify.data.base import Split
+from fortify.evaluation import evaluate
+from fortify.models import build_model
+from fortify.threat import ThreatModel
+from fortify.training import checkpoint as ckpt
+from fortify.training import distributed
+from fortify.training.objectives import ObjectiveOptions, build_objective
+from fortify.training.trainer import Trainer
+
+THREAT = ThreatModel("linf", 0.1)
+N_TRAIN = 1217  # 19 batches of 64, then 1 example: fewer than the 2 ranks
+N_TEST = 90
+
+
+@functools.cache
+def data() -> tuple[Split, Split, Split]:
+    dataset = load_dataset("digits")
+    return dataset.train.head(N_TRAIN), dataset.val, dataset.test.head(N_TEST)
+
+
+def new_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("mlp", (1, 8, 8), 10)
+
+
+def train_config(objective: str) -> TrainConfig:
+    return TrainConfig(objective=objective, epochs=3, batch_size=64, early_stopping=False,
+                       attack_steps=3, val_attack_steps=3)
+
+
+def attacks() -> list[Any]:
+    return [PGD(THREAT, steps=5, random_start=True, seed=1), Square(THREAT, n_queries=20, seed=2)]
+
+
+def fit(objective: str, run_dir: Path | None, ctx: distributed.DistributedContext | None, *,
+        resume: bool = False, callbacks: tuple[Any, ...] = ()) -> nn.Module:
+    train, val, _ = data()
+    model = new_mlp()
+    config = train_config(objective)
+    trainer = Trainer(model, build_objective(objective, ObjectiveOptions(THREAT, attack_steps=3)),
+                      config, threat=THREAT, run_dir=run_dir, show_progress=False,
+                      distributed=ctx, callbacks=callbacks)
+    trainer.fit(train, val, resume=resume)
+    return model
+
+
+def record_writes(log: list[str]) -> None:
+    """Note every checkpoint write this process makes."""
+    for name in ("save_weights", "save_tensors", "write_state_json"):
+        original = getattr(ckpt, name)
+
+        def noted(*args: Any, _original: Any = original, _name: str = name, **kwargs: Any) -> Any:
+            log.append(_name)
+            return _original(*args, **kwargs)
+
+        setattr(ckpt, name, noted)
+
+
+def train_eval(ctx: distributed.DistributedContext, out: Path) -> None:
+    writes: list[str] = []
+    record_writes(writes)
+    model = fit("standard", out / "standard", ctx)
+    (out / f"writes-rank{ctx.rank}.json").write_text(json.dumps(writes))
+    _, _, test = data()
+    report = evaluate(model.eval(), test.x, test.y, attacks(), THREAT, batch_size=16,
+                      eps_grid=[0.05, 0.1], shard=ctx)
+    if ctx.is_main:
+        (out / "sharded.json").write_text(json.dumps(report.to_dict()))
+
+
+def crash_after_first_epoch(ctx: distributed.DistributedContext) -> Any:
+    def callback(record: Any) -> None:
+        if record.epoch == 1 and ctx.rank == 1:
+            os._exit(3)  # a rank dying: no cleanup, no exception
+
+    return callback
+
+
+def main(task: str, out: Path) -> None:
+    torch.set_num_threads(1)
+    ctx = distributed.join(torch.device("cpu"))
+    assert ctx is not None and ctx.world_size == 2
+    if task == "train-eval-crash":
+        train_eval(ctx, out)
+        fit("fgsm-rs", out / "fgsm-resumed", ctx, callbacks=(crash_after_first_epoch(ctx),))
+    elif task == "resume":
+        fit("fgsm-rs", out / "fgsm-resumed", ctx, resume=True)
+        fit("fgsm-rs", out / "fgsm-full", ctx)
+    else:
+        raise SystemExit(f"unknown task {task!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))

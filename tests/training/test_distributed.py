@@ -1,0 +1,173 @@
+"""Data-parallel training and sharded evaluation: real torchrun processes, 2 ranks, gloo on CPU.
+
+The worker (``_ddp_worker.py``) does the distributed side; this process computes the single-process
+reference and compares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fortify.cli import app
+from fortify.errors import ConfigError
+from fortify.evaluation import evaluate
+from fortify.training import checkpoint as ckpt
+from fortify.training import distributed
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _ddp_worker as worker  # noqa: E402
+
+WORKER = Path(__file__).with_name("_ddp_worker.py")
+
+
+def _torchrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """Training, sharded evaluation, then a run in which rank 1 dies (so the launch fails)."""
+    out = tmp_path_factory.mktemp("ddp")
+    return out, _torchrun(str(WORKER), "train-eval-crash", str(out))
+
+
+@pytest.fixture(scope="module")
+def finished_run(two_rank_run: tuple[Path, subprocess.CompletedProcess[str]]) -> Path:
+    out, launch = two_rank_run
+    assert (out / "sharded.json").is_file(), launch.stderr[-3000:]
+    return out
+
+
+# -- local pieces (no processes) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("total", [1, 2, 7, 32])
+def test_local_batches_cover_the_global_batch_and_weights_restore_its_mean(total):
+    # Prepare: a global batch of `total` examples split over 3 ranks
+    x, y = torch.arange(total, dtype=torch.float32)[:, None], torch.arange(total)
+    world = 3
+    slices = [next(distributed.DistributedContext(r, world, r, torch.device("cpu"))
+                   .local_batches(iter([(x, y)]))) for r in range(world)]
+    # Assert: real examples are the batch, in order, once each
+    real = torch.cat([s.y[:s.count] for s in slices])
+    assert torch.equal(real, y)
+    # Assert: DDP's mean over ranks of weight * (slice mean) is the global mean, for any values
+    values = torch.rand(total)
+    ddp = sum(s.weight * float(values[s.y].mean()) for s in slices) / world
+    assert ddp == pytest.approx(float(values.mean()), rel=1e-6)
+
+
+def test_batch_seed_keeps_the_attack_seed_for_the_first_batch_and_varies_after():
+    seeds = [distributed.batch_seed(7, n) for n in range(4)]
+    assert seeds[0] == 7 and len(set(seeds)) == 4
+
+
+def test_without_option_drops_the_flag_and_its_value_in_both_spellings():
+    argv = ["train", "--nproc", "2", "--epochs", "3", "--nproc=4", "-q"]
+    assert distributed.without_option(argv, "--nproc") == ["train", "--epochs", "3", "-q"]
+
+
+def test_nproc_below_one_is_a_clean_cli_error():
+    result = CliRunner().invoke(app, ["train", "--nproc", "0", "--out", "unused"])
+    assert result.exit_code == 2, result.output
+    assert "--nproc must be >= 1, got 0" in result.output and "Traceback" not in result.output
+
+
+def test_under_torchrun_train_needs_an_out_directory(monkeypatch):
+    # Prepare: the environment torchrun gives a 1-process group
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        result = CliRunner().invoke(app, ["train", "--dataset", "digits", "--device", "cpu"])
+    finally:
+        distributed.leave()
+    assert result.exit_code == 2, result.output
+    assert "under torchrun pass --out" in result.output and "Traceback" not in result.output
+
+
+def test_sharded_evaluation_refuses_a_journal(tmp_path):
+    model, (_, _, test) = worker.new_mlp(), worker.data()
+    context = distributed.DistributedContext(0, 2, 0, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="keeps no journal"):
+        evaluate(model, test.x, test.y, worker.attacks(), worker.THREAT, journal_dir=tmp_path,
+                 shard=context)
+
+
+# -- two ranks ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_ranks_with_half_batches_match_one_process_with_the_whole_batch(finished_run):
+    # Prepare: the same standard training in this process, batch 64
+    reference = worker.fit("standard", None, None).state_dict()
+    # Execute: the 2-rank run (32 examples per rank; the last global batch has 1 example)
+    trained = _weights(finished_run / "standard" / "model.safetensors")
+    # Assert: equal up to float summation order
+    for name, value in reference.items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=2e-6)
+    history = json.loads((finished_run / "standard" / ckpt.STATE_JSON).read_text())
+    assert len(history["progress"]["history"]) == 3
+
+
+@pytest.mark.slow
+def test_only_rank_zero_writes_checkpoints(finished_run):
+    rank0 = json.loads((finished_run / "writes-rank0.json").read_text())
+    rank1 = json.loads((finished_run / "writes-rank1.json").read_text())
+    assert rank1 == []
+    assert rank0.count("write_state_json") == 4  # 3 epochs + the finished state
+    assert (finished_run / "standard" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_equals_the_single_process_report(finished_run):
+    # Prepare: the trained weights and the same evaluation in one process
+    model = worker.new_mlp()
+    model.load_state_dict(_weights(finished_run / "standard" / "model.safetensors"))
+    _, _, test = worker.data()
+    single = evaluate(model.eval(), test.x, test.y, worker.attacks(), worker.THREAT, batch_size=16,
+                      eps_grid=[0.05, 0.1])
+    sharded = json.loads((finished_run / "sharded.json").read_text())
+    # Assert: the evaluation spans several batches and the attacks flip examples
+    assert sum(single.clean_correct) > 2 * 16
+    assert single.worst_case_accuracy < single.clean_accuracy
+    # Assert: per-example outcomes, norms and summaries are identical
+    assert sharded == json.loads(json.dumps(single.to_dict()))
+
+
+@pytest.mark.slow
+def test_a_run_whose_rank_dies_resumes_to_the_uninterrupted_weights(two_rank_run):
+    out, crashed = two_rank_run
+    # Assert: rank 1 died after epoch 1 (exit code 3); torchrun stopped rank 0 and failed
+    assert crashed.returncode != 0
+    assert "exitcode  : 3" in crashed.stderr, crashed.stderr[-3000:]
+    state = json.loads((out / "fgsm-resumed" / ckpt.STATE_JSON).read_text())
+    assert state["progress"]["epoch"] == 1 and not state["finished"]
+    # Execute: resume with both ranks, then the same run uninterrupted
+    resumed = _torchrun(str(WORKER), "resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Assert: bit-equal to the run that was never interrupted (random starts included)
+    full = _weights(out / "fgsm-full" / "model.safetensors")
+    again = _weights(out / "fgsm-resumed" / "model.safetensors")
+    assert all(torch.equal(full[name], again[name]) for name in full)

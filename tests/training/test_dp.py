@@ -1,0 +1,268 @@
+"""DP-SGD training: per-sample gradients of every objective, accounting, batch splitting, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fortify.config import DPConfig, TrainConfig, load_config
+from fortify.data import Dataset
+from fortify.data.base import Split
+from fortify.errors import CheckpointError, ConfigError
+from fortify.models import build_model
+from fortify.threat import ThreatModel
+from fortify.training.dp import DP_OBJECTIVES, DP_STATE_JSON, DPTrainer
+from fortify.training.methods import MethodOptions
+from fortify.training.objectives import build_objective
+from fortify.training.trainer import EpochCallback, EpochRecord
+
+pytest.importorskip("opacus")
+
+THREAT = ThreatModel("linf", 0.1)
+
+
+def _trainer(model: nn.Module, objective: str = "standard", *, epochs: int = 1, run_dir: Path | None = None,
+             callbacks: tuple[EpochCallback, ...] = (), **dp: object) -> DPTrainer:
+    settings = {"enabled": True, "noise_multiplier": 1.0} | dp
+    config = TrainConfig(objective=objective, epochs=epochs, batch_size=64, lr=0.5, momentum=0.0,
+                         weight_decay=0.0, early_stopping=False, val_attack_steps=3)
+    built = build_objective(objective, MethodOptions(THREAT, attack_steps=3, seed=0))
+    return DPTrainer(model, built, config, dp=DPConfig(**settings), threat=THREAT, run_dir=run_dir,
+                     callbacks=callbacks, show_progress=False)
+
+
+def _head(digits: Dataset, n: int = 256) -> Split:
+    return Split(digits.train.x[:n], digits.train.y[:n])
+
+
+def _mlp(digits: Dataset, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model("mlp", digits.input_shape, digits.num_classes)
+
+
+# -- per-sample gradients ----------------------------------------------------------------------
+
+def _record_crafted(objective: object) -> list[torch.Tensor]:
+    """Spy on the objective's attack: keep every x_adv it crafts."""
+    crafted: list[torch.Tensor] = []
+    if not hasattr(objective, "craft"):
+        return crafted
+    original = objective.craft
+
+    def craft(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        crafted.append(original(model, x, y))
+        return crafted[-1]
+
+    objective.craft = craft  # type: ignore[attr-defined]
+    return crafted
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("name", DP_OBJECTIVES)
+def test_per_sample_gradients_equal_a_loop_over_single_examples(digits: Dataset, name: str) -> None:
+    # Prepare: a small CNN (conv and linear grad samplers), its plain twin, a batch of 6
+    torch.manual_seed(0)
+    model = build_model("small-cnn", digits.input_shape, digits.num_classes)
+    reference = copy.deepcopy(model)
+    trainer = _trainer(model, name)
+    trainer.prepare(digits.train)
+    x, y = digits.train.x[:6], digits.train.y[:6]
+    crafted = _record_crafted(trainer.objective)
+    # Execute: the real attack runs inside the objective, on the hooked model
+    trainer.private_model.train()
+    trainer.objective(trainer.private_model, x, y).backward()
+    per_sample = [p.grad_sample for p in trainer.model.parameters()]
+    # Assert: each row is the gradient of that example's own loss at the same adversarial point
+    if trainer.objective.adversarial:
+        assert len(crafted) == 1 and (crafted[0] - x).abs().max() > 0.05
+        batch_adv = crafted[0]
+        trainer.objective.craft = lambda m, xi, yi: batch_adv[index:index + 1]  # type: ignore[attr-defined]
+    for index in range(len(x)):
+        loss = trainer.objective(reference, x[index:index + 1], y[index:index + 1])
+        expected = torch.autograd.grad(loss, list(reference.parameters()))
+        for got, want in zip(per_sample, expected):
+            torch.testing.assert_close(got[index], want, rtol=1e-4, atol=1e-6)
+
+
+def test_attack_with_hooks_on_breaks_the_per_sample_gradients(digits: Dataset) -> None:
+    """Why the hooks go off in eval mode: an attack pass through live hooks cannot be accounted."""
+    trainer = _trainer(_mlp(digits), "pgd")
+    trainer.prepare(digits.train)
+    gsm = trainer.private_model.gsm
+    gsm.train()
+    gsm(digits.train.x[:4])  # leaves activations from a training pass behind, as a loop would
+    with pytest.raises((ValueError, IndexError, RuntimeError)):
+        trainer.objective(gsm, digits.train.x[:4], digits.train.y[:4])
+
+
+# -- training, accounting and batch splitting -------------------------------------------------
+
+@pytest.mark.slow
+def test_target_epsilon_is_spent_by_the_last_epoch_and_the_model_learns(digits: Dataset) -> None:
+    trainer = _trainer(_mlp(digits), epochs=2, target_epsilon=4.0, noise_multiplier=None, accountant="rdp")
+    result = trainer.fit(digits.train, digits.val)
+    spent = [record.epsilon for record in result.history]
+    assert all(a < b for a, b in zip(spent, spent[1:]))
+    # make_private_with_epsilon searches sigma to 0.01 in epsilon
+    assert 3.8 < spent[-1] <= 4.0 + 0.01
+    assert result.privacy is not None and result.privacy.epsilon == spent[-1]
+    assert result.privacy.steps == 2 * 20  # ceil(1258 / 64) noisy steps per epoch
+    assert result.history[-1].val_clean_accuracy > 0.5  # chance is 0.1
+
+
+def test_epsilon_matches_a_fresh_accountant_for_the_same_steps(digits: Dataset) -> None:
+    trainer = _trainer(_mlp(digits), epochs=1, noise_multiplier=1.3, accountant="rdp")
+    result = trainer.fit(digits.train, digits.val)
+    from opacus.accountants import RDPAccountant
+
+    fresh = RDPAccountant()
+    fresh.history = [(1.3, 1 / 20, 20)]
+    assert result.privacy is not None and result.privacy.steps == 20
+    assert result.privacy.epsilon == pytest.approx(fresh.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_physical_batches_give_the_same_update_as_whole_logical_batches(digits: Dataset) -> None:
+    # without noise the update is a deterministic function of the Poisson batches (same seed)
+    whole = _trainer(_mlp(digits), noise_multiplier=0.0)
+    split = _trainer(_mlp(digits), noise_multiplier=0.0, max_physical_batch_size=9)
+    whole.fit(_head(digits), digits.val)
+    result = split.fit(_head(digits), digits.val)
+    assert result.privacy is not None and result.privacy.steps == 4
+    for a, b in zip(whole.model.parameters(), split.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert result.privacy.epsilon == float("inf")
+
+
+def test_batchnorm_is_replaced_and_the_result_says_so(digits: Dataset) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 64, 10))
+    trainer = _trainer(model)
+    result = trainer.fit(_head(digits), digits.val)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in trainer.model.modules())
+    assert result.privacy is not None
+    assert result.privacy.replaced_modules == ["1: BatchNorm2d -> GroupNorm"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _kill_after_first_epoch(record: EpochRecord) -> None:
+    if record.epoch == 1:
+        raise Interrupted
+
+
+def test_resumed_run_equals_an_uninterrupted_one(digits: Dataset, tmp_path: Path) -> None:
+    # Prepare: the same settings twice; the second run is killed after its first epoch
+    full = _trainer(_mlp(digits), epochs=2, run_dir=tmp_path / "full", accountant="rdp")
+    cut = _trainer(_mlp(digits), epochs=2, run_dir=tmp_path / "cut", callbacks=(_kill_after_first_epoch,),
+                   accountant="rdp")
+    # Execute
+    expected = full.fit(_head(digits), digits.val)
+    with pytest.raises(Interrupted):
+        cut.fit(_head(digits), digits.val)
+    resumed = _trainer(_mlp(digits), epochs=2, run_dir=tmp_path / "cut", accountant="rdp")
+    result = resumed.fit(_head(digits), digits.val, resume=True)
+    # Assert: same weights, same privacy spent after each epoch (the accountant came back too)
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    assert [r.epsilon for r in result.history] == [r.epsilon for r in expected.history]
+    assert result.privacy is not None and result.privacy.steps == 8
+
+
+def test_resume_with_other_dp_settings_is_refused(digits: Dataset, tmp_path: Path) -> None:
+    _trainer(_mlp(digits), noise_multiplier=1.0, run_dir=tmp_path).fit(_head(digits), digits.val)
+    other = _trainer(_mlp(digits), noise_multiplier=2.0, run_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="DP settings differ"):
+        other.fit(_head(digits), digits.val, resume=True)
+    assert (tmp_path / DP_STATE_JSON).is_file()
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"target_epsilon": 0.0}, "target_epsilon"),
+    ({"target_epsilon": -1.0}, "target_epsilon"),
+    ({"max_grad_norm": 0.0}, "max_grad_norm"),
+    ({"delta": 1.0}, "delta"),
+    ({"noise_multiplier": 1.0, "target_epsilon": 4.0}, "exactly one of"),
+    ({}, "exactly one of"),
+])
+def test_bad_dp_settings_are_config_errors(overrides: dict[str, float], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, {"dp": {"enabled": True, **overrides}})
+
+
+def test_delta_at_or_above_one_over_n_is_refused(digits: Dataset) -> None:
+    trainer = _trainer(_mlp(digits), delta=1e-3)
+    with pytest.raises(ConfigError, match=r"delta=0.001 must be in \(0, 1/n\).*n=1258"):
+        trainer.fit(digits.train, digits.val)
+
+
+@pytest.mark.parametrize("name", ["free", "fgsm", "awp-pgd"])
+def test_objectives_dp_cannot_train_are_refused_with_the_valid_list(digits: Dataset, name: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name!r} cannot be trained with DP; valid: standard, fgsm-rs"):
+        _trainer(_mlp(digits), name)
+
+
+class _RunningScale(nn.Module):
+    """A trainable layer with a buffer it updates: nothing Opacus can make private."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(64))
+        self.register_buffer("running", torch.zeros(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+def test_a_module_opacus_cannot_fix_is_a_config_error(digits: Dataset) -> None:
+    model = nn.Sequential(nn.Flatten(), _RunningScale(), nn.Linear(64, 10))
+    with pytest.raises(ConfigError, match="cannot train and Opacus cannot replace.*_RunningScale"):
+        _trainer(model)
+
+
+def test_amp_and_global_grad_clip_are_refused(digits: Dataset) -> None:
+    built = build_objective("standard", MethodOptions(THREAT))
+    with pytest.raises(ConfigError, match="grad_clip=1.0"):
+        DPTrainer(_mlp(digits), built, TrainConfig(grad_clip=1.0),
+                  dp=DPConfig(enabled=True, noise_multiplier=1.0), threat=THREAT)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+def test_cli_rejects_a_bad_epsilon_without_a_traceback(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fortify.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--dp", "--target-epsilon", "0", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert "dp.target_epsilon" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_cli_dp_run_records_epsilon_and_audit_and_the_model_loads(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fortify.cli import app
+    from fortify.pipeline import load_trained_model
+
+    out = tmp_path / "m"
+    result = CliRunner().invoke(app, ["train", "--model", "mlp", "--objective", "standard", "--epochs", "1",
+                                      "--dp", "--noise-multiplier", "1.0", "--canaries", "20", "--quiet",
+                                      "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    training = json.loads((out / "training.json").read_text())
+    assert training["history"][0]["epsilon"] == training["privacy"]["epsilon"] > 0
+    assert training["canary_audit"]["epsilon_upper"] == training["privacy"]["epsilon"]
+    assert training["canary_audit"]["n_inserted"] == 20
+    model, card = load_trained_model(out, torch.device("cpu"))
+    assert card["opacus_fixed"] is True and sum(p.numel() for p in model.parameters()) > 0

@@ -1,0 +1,302 @@
+"""Augmentation, EMA, extra data and the speed switches, wired into the Trainer and the config."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fortify.config import RunConfig, TrainConfig, load_config
+from fortify.data import Dataset, Split
+from fortify.errors import ConfigError, DataError
+from fortify.models import build_model
+from fortify.pipeline import prepare
+from fortify.threat import ThreatModel
+from fortify.training.checkpoint import load_tensors
+from fortify.training.extra_data import BatchPlan
+from fortify.training.objectives import Objective, ObjectiveOptions, build_objective
+from fortify.training.trainer import Trainer
+
+THREAT = ThreatModel("linf", 0.2)
+EXTRA_PIXEL = 0.3  # not a multiple of 1/16, so no digits image holds it: it marks extra examples
+EXTRA_LABEL = 7
+
+
+class Interrupted(Exception):
+    pass
+
+
+class RecordingObjective(Objective):
+    """Clean training that keeps every batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(ObjectiveOptions(THREAT))
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, model, x, y):
+        self.batches.append((x.detach().clone(), y.clone()))
+        return super().__call__(model, x, y)
+
+
+def _small(digits: Dataset, n: int) -> tuple[Split, Split]:
+    return Split(digits.train.x[:n], digits.train.y[:n]), Split(digits.val.x[:32], digits.val.y[:32])
+
+
+def _extra_file(tmp_path: Path, n: int = 40, shape: tuple[int, ...] = (1, 8, 8), label: int = EXTRA_LABEL
+                ) -> Path:
+    path = tmp_path / "extra.npz"
+    np.savez(path, x=np.full((n, *shape), EXTRA_PIXEL, dtype=np.float32),
+             y=np.full(n, label, dtype=np.int64))
+    return path
+
+
+def _trainer(digits, run_dir, *, objective="fgsm-rs", model_name="small-cnn", callbacks=(), **settings):
+    torch.manual_seed(11)
+    model = build_model(model_name, digits.input_shape, digits.num_classes)
+    config = TrainConfig(**{"objective": objective, "epochs": 3, "batch_size": 32, "attack_steps": 1,
+                            "val_attack_steps": 1, "seed": 3, "early_stopping": False, **settings})
+    built = build_objective(objective, ObjectiveOptions(THREAT, attack_steps=1, seed=3))
+    return model, Trainer(model, built, config, threat=THREAT, run_dir=run_dir, callbacks=callbacks,
+                          show_progress=False)
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
+# -- augmentation + EMA + extra data: resume ---------------------------------------------------
+
+def test_resume_with_augmentation_ema_and_extra_data_equals_an_uninterrupted_run(digits, tmp_path):
+    # Prepare: every random step of the batch recipe on, the second run killed after epoch 2
+    train, val = _small(digits, 96)
+    settings = {"augment": {"crop_padding": 1, "flip": True, "cutout_size": 2}, "ema_decay": 0.9,
+                "extra_data": _extra_file(tmp_path), "extra_fraction": 0.25}
+
+    def kill_after_two(record):
+        if record.epoch == 2:
+            raise Interrupted
+
+    model_a, trainer_a = _trainer(digits, tmp_path / "a", **settings)
+    _, trainer_b = _trainer(digits, tmp_path / "b", callbacks=[kill_after_two], **settings)
+    # Execute
+    result_a = trainer_a.fit(train, val)
+    with pytest.raises(Interrupted):
+        trainer_b.fit(train, val)
+    model_c, trainer_c = _trainer(digits, tmp_path / "b", **settings)
+    result_c = trainer_c.fit(train, val, resume=True)
+    # Assert: the evaluated (EMA) weights, the EMA state and the raw weights all match bit for bit
+    _assert_same_weights(model_a.state_dict(), model_c.state_dict())
+    _assert_same_weights(trainer_a.ema.shadow, trainer_c.ema.shadow)
+    for file in ("last.safetensors", "model.safetensors"):
+        _assert_same_weights(load_tensors(tmp_path / "a" / file, "weights"),
+                             load_tensors(tmp_path / "b" / file, "weights"))
+    assert [r.train_loss for r in result_a.history] == [r.train_loss for r in result_c.history]
+    assert [r.val_robust_accuracy for r in result_a.history] == [r.val_robust_accuracy
+                                                                 for r in result_c.history]
+
+
+# -- EMA: the evaluated and saved weights --------------------------------------------------------
+
+def _accuracy(model, split: Split) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float((model(split.x).argmax(1) == split.y).float().mean())
+
+
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_ema_decay_one_keeps_the_initial_weights_and_they_are_what_is_validated_and_saved(
+        digits, tmp_path, early_stopping):
+    # Prepare: decay 1 never moves the average, so the EMA weights are the initial ones exactly
+    train, val = _small(digits, 64)
+    model, trainer = _trainer(digits, tmp_path, objective="standard", epochs=2, ema_decay=1.0,
+                              early_stopping=early_stopping)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    # Execute
+    result = trainer.fit(train, val)
+    # Assert: validation saw the initial model, model.safetensors holds it, training did move on
+    assert all(r.val_clean_accuracy == pytest.approx(_accuracy(model, val), abs=1e-6)
+               for r in result.history)
+    _assert_same_weights(initial, load_tensors(tmp_path / "model.safetensors", "weights"))
+    _assert_same_weights(initial, model.state_dict())
+    last = load_tensors(tmp_path / "last.safetensors", "weights")
+    assert any(not torch.equal(initial[k], last[k]) for k in initial)
+
+
+def test_saved_model_is_the_ema_of_every_optimiser_step(digits, tmp_path):
+    # Prepare: record the weights after each optimiser step to average them by hand
+    train, val = _small(digits, 64)
+    model, trainer = _trainer(digits, tmp_path, objective="standard", epochs=2, ema_decay=0.5)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def average_by_hand(*_):
+        for name, value in model.state_dict().items():
+            floating = value.is_floating_point()
+            expected[name] = 0.5 * expected[name] + 0.5 * value if floating else value.clone()
+
+    trainer.optimizer.register_step_post_hook(average_by_hand)
+    # Execute
+    trainer.fit(train, val)
+    # Assert: model.safetensors is that average, not the last iterate
+    saved = load_tensors(tmp_path / "model.safetensors", "weights")
+    last = load_tensors(tmp_path / "last.safetensors", "weights")
+    for name in saved:
+        assert torch.allclose(saved[name], expected[name], atol=1e-6, rtol=0), name
+    assert any(not torch.allclose(saved[k], last[k], atol=1e-4)
+               for k in saved if saved[k].is_floating_point())
+
+
+def test_ema_under_dp_averages_the_noisy_steps_and_is_what_dp_training_saves(digits, tmp_path):
+    # Prepare: DP-SGD on a small MLP; a second hook averages the weights by hand after each step
+    pytest.importorskip("opacus")
+    from fortify.config import DPConfig
+    from fortify.training.dp import DPTrainer
+
+    torch.manual_seed(0)
+    model = build_model("mlp", digits.input_shape, digits.num_classes)
+    config = TrainConfig(objective="standard", epochs=1, batch_size=64, lr=0.5, momentum=0.0,
+                         early_stopping=False, ema_decay=0.5)
+    trainer = DPTrainer(model, build_objective("standard", ObjectiveOptions(THREAT)), config,
+                        dp=DPConfig(enabled=True, noise_multiplier=1.0), threat=THREAT, run_dir=tmp_path,
+                        show_progress=False)
+    expected = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    def average_by_hand(*_):
+        for name, value in trainer.model.state_dict().items():
+            expected[name] = 0.5 * expected[name] + 0.5 * value
+
+    trainer.optimizer.register_step_post_hook(average_by_hand)
+    # Execute
+    trainer.fit(*_small(digits, 256))
+    # Assert
+    saved = load_tensors(tmp_path / "model.safetensors", "weights")
+    for name in saved:
+        assert torch.allclose(saved[name], expected[name], atol=1e-6, rtol=0), name
+
+
+# -- extra data and augmentation: what each batch holds -------------------------------------------
+
+def test_batches_hold_the_extra_fraction_and_every_real_example_once_flipped_or_not(digits, tmp_path):
+    # Prepare: 100 real examples, batches of 20 with a quarter extra, flips on
+    train, val = _small(digits, 100)
+    torch.manual_seed(0)
+    model = build_model("mlp", digits.input_shape, digits.num_classes)
+    config = TrainConfig(objective="standard", epochs=1, batch_size=20, augment={"flip": True},
+                         extra_data=_extra_file(tmp_path), extra_fraction=0.25, early_stopping=False)
+    spy = RecordingObjective()
+    # Execute
+    Trainer(model, spy, config, threat=THREAT, show_progress=False).fit(train, val)
+    # Assert: 15 real + 5 extra per full batch; the last batch of 10 real ones gets round(10/3) = 3
+    is_extra = [(x == EXTRA_PIXEL).flatten(1).all(1) for x, _ in spy.batches]
+    assert [int(e.sum()) for e in is_extra] == [5] * 6 + [3]
+    assert [len(x) for x, _ in spy.batches] == [20] * 6 + [13]
+    assert all((y[e] == EXTRA_LABEL).all() for (_, y), e in zip(spy.batches, is_extra))
+    real = torch.cat([x[~e] for (x, _), e in zip(spy.batches, is_extra)])
+    labels = torch.cat([y[~e] for (_, y), e in zip(spy.batches, is_extra)])
+    flipped = _count_mirrored_checking_each_example_appears_once(real, labels, train)
+    assert 0 < flipped < len(train)  # flips happened, not to every example
+
+
+def _count_mirrored_checking_each_example_appears_once(seen: torch.Tensor, labels: torch.Tensor,
+                                                       train: Split) -> int:
+    counts = torch.zeros(len(train), dtype=torch.long)
+    flipped = 0
+    for x, y in zip(seen, labels):
+        same = (train.x == x).flatten(1).all(1) & (train.y == y)
+        mirror = (train.x.flip(-1) == x).flatten(1).all(1) & (train.y == y)
+        hit = torch.nonzero(same | mirror).flatten()
+        assert len(hit) >= 1, "a trained example is neither a training image nor its mirror"
+        counts[hit[0]] += 1
+        flipped += int(bool(mirror[hit[0]]) and not bool(same[hit[0]]))
+    assert (counts == 1).all(), "every real example must appear exactly once per epoch"
+    return flipped
+
+
+@pytest.mark.parametrize(("batch_size", "fraction", "plan"), [(64, 0.3, (45, 19)), (10, 0.5, (5, 5)),
+                                                              (32, 0.0, (32, 0))])
+def test_batch_plan_rounds_the_extra_share(batch_size, fraction, plan):
+    assert BatchPlan.for_batch(batch_size, fraction) == BatchPlan(*plan)
+
+
+def test_a_fraction_that_leaves_no_real_example_is_refused():
+    with pytest.raises(ConfigError, match="leaves no real example"):
+        BatchPlan.for_batch(2, 0.8)
+
+
+# -- extra data and recipe settings: clear errors before anything runs --------------------------
+
+def _config(tmp_path: Path, **train) -> RunConfig:
+    return load_config(None, {"train": {"epochs": 1, **train}})
+
+
+@pytest.mark.parametrize(("make_file", "match"), [
+    (lambda p: p / "missing.npz", "does not exist"),
+    (lambda p: _extra_file(p, shape=(1, 7, 7)), r"shape \(1, 7, 7\).*\(1, 8, 8\)"),
+    (lambda p: _extra_file(p, label=12), r"labels range over \[12, 12\]"),
+    (lambda p: (p / "bad.npz").write_text("not an archive") and p / "bad.npz", "cannot be read"),
+])
+def test_bad_extra_data_is_a_clear_data_error(tmp_path, make_file, match):
+    path = make_file(tmp_path)
+    with pytest.raises(DataError, match=match):
+        prepare(_config(tmp_path, extra_data=str(path), extra_fraction=0.3), device="cpu")
+
+
+def test_extra_data_outside_the_box_is_refused(tmp_path):
+    path = tmp_path / "bright.npz"
+    np.savez(path, x=np.full((4, 1, 8, 8), 2.0, dtype=np.float32), y=np.zeros(4, dtype=np.int64))
+    with pytest.raises(DataError, match="'x'"):
+        prepare(_config(tmp_path, extra_data=str(path), extra_fraction=0.3), device="cpu")
+
+
+@pytest.mark.parametrize("train", [{"extra_fraction": 0.3}, {"extra_data": "x.npz"}])
+def test_extra_data_and_fraction_go_together(tmp_path, train):
+    with pytest.raises(ConfigError, match="extra_data and extra_fraction go together"):
+        _config(tmp_path, **train)
+
+
+def test_recipe_switches_dp_cannot_honour_are_refused_by_name(tmp_path):
+    config = load_config(None, {"train": {"augment": {"flip": True}, "channels_last": True},
+                                "dp": {"enabled": True, "noise_multiplier": 1.0}})
+    with pytest.raises(ConfigError, match=r"train\.augment, train\.channels_last cannot be combined"):
+        prepare(config, device="cpu")
+
+
+def test_augmentation_of_tabular_data_is_refused(tmp_path):
+    config = load_config(None, {"data": {"name": "breast-cancer"}, "train": {"augment": {"crop_padding": 2}}})
+    with pytest.raises(ConfigError, match="needs image data"):
+        prepare(config, device="cpu")
+
+
+# -- speed switches -------------------------------------------------------------------------------
+
+CHANNELS_LAST_TOLERANCE = 1e-4  # docs/RECIPES.md: other conv kernels, other rounding
+
+
+def test_channels_last_gives_the_same_weights_within_tolerance(digits, tmp_path):
+    train, val = _small(digits, 64)
+    model_a, trainer_a = _trainer(digits, None, epochs=1)
+    model_b, trainer_b = _trainer(digits, None, epochs=1, channels_last=True)
+    result_a, result_b = trainer_a.fit(train, val), trainer_b.fit(train, val)
+    convs = [p for p in model_b.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.allclose(a, b, atol=CHANNELS_LAST_TOLERANCE, rtol=0), name
+    assert result_a.history[0].train_loss == pytest.approx(result_b.history[0].train_loss, abs=1e-4)
+
+
+def test_compiled_training_matches_eager_training_on_a_tiny_mlp(digits, tmp_path, monkeypatch):
+    # Inductor needs a C++ build per graph (26 s for one MLP step on the CI's 2 cores); aot_eager runs
+    # the same Dynamo capture and AOTAutograd graphs without code generation
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    train, val = _small(digits, 64)
+    model_a, trainer_a = _trainer(digits, None, model_name="mlp", epochs=1)
+    model_b, trainer_b = _trainer(digits, None, model_name="mlp", epochs=1, compile=True)
+    trainer_a.fit(train, val)
+    trainer_b.fit(train, val)
+    assert trainer_b.train_model is not model_b  # the training passes went through the compiled module
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), name
