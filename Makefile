@@ -13,6 +13,9 @@ $(BIN)/fortify: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e '.[test,dev]'
+	# a second resolution: torchattacks pins requests~=2.25 and Flower needs a newer one; torchattacks
+	# (only used by parity tests and benches) works with the newer requests
+	$(BIN)/pip install --quiet -e '.[federated]'
 	touch $@
 
 run: $(BIN)/fortify  ## the main job: standard vs PGD-trained model on digits, with a report
