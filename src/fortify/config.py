@@ -70,6 +70,7 @@ class TrainConfig(_Strict):
     mart_beta: float = Field(6.0, ge=0)
     free_replays: int = Field(8, ge=1)
     awp_gamma: float = Field(5e-3, ge=0)
+    awp_warmup_epochs: int = Field(0, ge=0)  # epochs of the wrapped objective before AWP starts
     mix_ratio: float = Field(0.5, ge=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     early_stopping: bool = True

@@ -135,6 +135,7 @@ def build_training_objective(setup: Setup, train_cfg: TrainConfig) -> Objective:
         attack_step_size=train_cfg.attack_step_size, fgsm_ratio=train_cfg.fgsm_ratio,
         seed=train_cfg.seed, trades_beta=train_cfg.trades_beta, mart_beta=train_cfg.mart_beta,
         free_replays=train_cfg.free_replays, awp_gamma=train_cfg.awp_gamma,
+        awp_warmup_epochs=train_cfg.awp_warmup_epochs,
         mix_ratio=train_cfg.mix_ratio, label_smoothing=train_cfg.label_smoothing))
 
 

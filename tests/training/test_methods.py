@@ -408,3 +408,33 @@ def test_trades_and_pgd_training_both_beat_standard_training_under_pgd_20(
     # Assert
     assert accuracies["trades"] >= accuracies["standard"] + 0.3
     assert accuracies["pgd"] >= accuracies["standard"] + 0.3
+
+
+def _trained_weights(objective_name: str, **options) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+    x = torch.rand(48, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (48,), generator=torch.Generator().manual_seed(2))
+    split = Split(x, y)
+    objective = build_objective(objective_name, MethodOptions(THREAT, attack_steps=3, **options))
+    config = TrainConfig(objective=objective_name, epochs=2, batch_size=16, early_stopping=False)
+    Trainer(model, objective, config, threat=THREAT, show_progress=False).fit(split, split.head(16))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_awp_warm_up_trains_exactly_the_wrapped_objective_until_it_ends():
+    # Prepare / Execute: two epochs of PGD-AT, and of AWP-PGD with a warm-up of 2, 1 and 0 epochs
+    pgd = _trained_weights("pgd")
+    warm_all = _trained_weights("awp-pgd", awp_gamma=0.05, awp_warmup_epochs=2)
+    warm_one = _trained_weights("awp-pgd", awp_gamma=0.05, awp_warmup_epochs=1)
+    warm_none = _trained_weights("awp-pgd", awp_gamma=0.05, awp_warmup_epochs=0)
+    # Assert: a warm-up covering the run is PGD-AT bit for bit; a shorter one is not, and differs
+    # from no warm-up as well
+    assert all(torch.equal(pgd[k], warm_all[k]) for k in pgd)
+    assert not all(torch.equal(pgd[k], warm_one[k]) for k in pgd)
+    assert not all(torch.equal(warm_one[k], warm_none[k]) for k in pgd)
+
+
+def test_awp_warm_up_must_not_be_negative():
+    with pytest.raises(ConfigError, match="awp warmup_epochs"):
+        build_objective("awp-pgd", MethodOptions(THREAT, awp_warmup_epochs=-1))

@@ -96,6 +96,7 @@ def build_local_objective(model: nn.Module, settings: LocalTraining) -> Objectiv
         settings.threat, attack_steps=train.attack_steps, attack_step_size=train.attack_step_size,
         fgsm_ratio=train.fgsm_ratio, seed=train.seed, trades_beta=train.trades_beta,
         mart_beta=train.mart_beta, free_replays=train.free_replays, awp_gamma=train.awp_gamma,
+        awp_warmup_epochs=train.awp_warmup_epochs,
         mix_ratio=train.mix_ratio, label_smoothing=train.label_smoothing))
     if settings.proximal_mu > 0:
         anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]

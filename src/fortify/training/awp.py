@@ -40,22 +40,36 @@ class AWPObjective(ObjectiveWrapper):
     """AWP around a paired objective (``awp-pgd``, ``awp-trades``); ``gamma`` defaults to 5e-3.
 
     The authors' released CIFAR-10 settings are gamma = 1e-2 for PGD-AT and 5e-3 for TRADES (the
-    latter switched on after 10 epochs without AWP; no such warm-up is applied here).
+    latter switched on after 10 epochs without AWP). ``warmup_epochs`` is that delay: before it the
+    objective is exactly the wrapped one. On small models that start on a flat loss plateau the
+    perturbation can keep training there (docs/RECIPES.md), which the warm-up avoids.
     """
 
-    def __init__(self, inner: PairedObjective, *, gamma: float = 5e-3) -> None:
+    def __init__(self, inner: PairedObjective, *, gamma: float = 5e-3, warmup_epochs: int = 0) -> None:
         super().__init__(inner)
         self.name = f"awp-{inner.name}"
         self.gamma = check_non_negative("awp gamma", gamma)
+        self.warmup_epochs = int(check_non_negative("awp warmup_epochs", warmup_epochs))
+        self._epochs_done = 0.0
         self._proxy: nn.Module | None = None
         self._saved: list[tuple[nn.Parameter, Tensor]] = []
+
+    def set_progress(self, epochs_done: float) -> None:
+        self._epochs_done = epochs_done
+        super().set_progress(epochs_done)
+
+    @property
+    def active(self) -> bool:
+        """Whether this step perturbs the weights (false during the warm-up)."""
+        return self._epochs_done >= self.warmup_epochs
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         if self._saved:
             raise ConfigError("awp: the previous weight perturbation was not removed; "
                               "call after_backward(model) after each backward pass")
         x_adv = self.craft(model, x, y)
-        self._perturb(model, self.weight_perturbation(model, x, y, x_adv))
+        if self.active:
+            self._perturb(model, self.weight_perturbation(model, x, y, x_adv))
         return self.inner.loss_on(model, x, y, x_adv)
 
     def after_backward(self, model: nn.Module) -> None:

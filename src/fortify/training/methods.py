@@ -42,6 +42,7 @@ class MethodOptions(ObjectiveOptions):
     mart_beta: float = 6.0
     free_replays: int = 8
     awp_gamma: float = 5e-3
+    awp_warmup_epochs: int = 0
     mix_ratio: float = 0.5
     label_smoothing: float = 0.0
 
@@ -86,13 +87,17 @@ def build_pgd(options: ObjectiveOptions) -> PGDPairedObjective:
 def build_awp_pgd(options: ObjectiveOptions) -> AWPObjective:
     from fortify.training.awp import AWPObjective
 
-    return AWPObjective(build_pgd(options), gamma=method_options(options).awp_gamma)
+    settings = method_options(options)
+    return AWPObjective(build_pgd(options), gamma=settings.awp_gamma,
+                        warmup_epochs=settings.awp_warmup_epochs)
 
 
 def build_awp_trades(options: ObjectiveOptions) -> AWPObjective:
     from fortify.training.awp import AWPObjective
 
-    return AWPObjective(build_trades(options), gamma=method_options(options).awp_gamma)
+    settings = method_options(options)
+    return AWPObjective(build_trades(options), gamma=settings.awp_gamma,
+                        warmup_epochs=settings.awp_warmup_epochs)
 
 
 def build_pgd_mix(options: ObjectiveOptions) -> MixedObjective:

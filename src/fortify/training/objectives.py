@@ -57,6 +57,10 @@ class Objective:
     def set_eps(self, eps: float) -> None:
         """Change the training eps (used by eps warm-up); no-op for clean training."""
 
+    def set_progress(self, epochs_done: float) -> None:
+        """Epochs of training done so far (fractional); called before every step. An objective with
+        a schedule of its own (AWP's warm-up) reads it; the rest ignore it."""
+
     def generator(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device).manual_seed(self.options.seed)
@@ -84,6 +88,9 @@ class DelegatingObjective(Objective):
 
     def set_eps(self, eps: float) -> None:
         self.inner.set_eps(eps)
+
+    def set_progress(self, epochs_done: float) -> None:
+        self.inner.set_progress(epochs_done)
 
     def generator(self, device: torch.device) -> torch.Generator:
         return self.inner.generator(device)

@@ -207,11 +207,13 @@ class Trainer:
         return lr
 
     def _warm_eps(self, epoch_progress: float) -> float:
-        """Linear eps ramp over the first ``eps_warmup_epochs`` epochs."""
+        """Linear eps ramp over the first ``eps_warmup_epochs`` epochs; the objective also hears how
+        far training has come (every training loop calls this once per step)."""
         warm = self.config.eps_warmup_epochs
         fraction = 1.0 if warm == 0 else min(1.0, (epoch_progress + 1e-9) / warm)
         eps = self.threat.eps * max(fraction, 1e-3)
         self.objective.set_eps(eps)
+        self.objective.set_progress(epoch_progress)
         return eps
 
     def _validate(self, val: Split) -> tuple[float, float | None]:
