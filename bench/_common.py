@@ -108,6 +108,12 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int) -> float:
     return correct / x.shape[0]
 
 
+def check_repeats(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every benchmark reports medians: fewer than 5 repeats is refused."""
+    if args.repeats < 5:
+        parser.error("--repeats must be >= 5: a median of fewer runs says little")
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -30,6 +30,7 @@ from _common import (
     ForwardCounter,
     Setting,
     accuracy,
+    check_repeats,
     digits_setting,
     load_average,
     median,
@@ -363,8 +364,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.repeats < 5:
-        parser.error("--repeats must be >= 5: a median of fewer runs says little")
+    check_repeats(parser, args)
     return args
 
 

@@ -36,6 +36,7 @@ from _common import (
     ForwardCounter,
     Setting,
     accuracy,
+    check_repeats,
     digits_setting,
     load_average,
     print_provenance,
@@ -243,8 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-art", action="store_true", help="leave ART out")
     args = parser.parse_args(argv)
-    if args.repeats < 5:
-        parser.error("--repeats must be >= 5: a median of fewer runs says little")
+    check_repeats(parser, args)
     return args
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from _common import NUM_CLASSES, load_average, print_provenance
+from _common import NUM_CLASSES, check_repeats, load_average, print_provenance
 from fortify.attacks import PGD
 from fortify.models import build_model
 from fortify.threat import ThreatModel
@@ -135,8 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--matmul", type=int, default=2048, help="size of the peak matrix product")
     parser.add_argument("--eps", type=float, default=0.2)
     args = parser.parse_args(argv)
-    if args.repeats < 5:
-        parser.error("--repeats must be >= 5: a median of fewer runs says little")
+    check_repeats(parser, args)
     return args
 
 

@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from _common import NUM_CLASSES, ForwardCounter, accuracy, load_average, median, print_provenance
+from _common import (
+    NUM_CLASSES,
+    ForwardCounter,
+    accuracy,
+    check_repeats,
+    load_average,
+    median,
+    print_provenance,
+)
 from fortify.attacks import PGD
 from fortify.config import TrainConfig
 from fortify.data import load_dataset
@@ -192,8 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.objectives) - {p[0] for p in PAIRS}
     if unknown:
         parser.error(f"unknown objectives {sorted(unknown)}; valid: {', '.join(p[0] for p in PAIRS)}")
-    if args.repeats < 5:
-        parser.error("--repeats must be >= 5: a median of fewer runs says little")
+    check_repeats(parser, args)
     return args
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from counting import PassCounter
 from fortify.attacks import PGD
 from fortify.attacks.apgd import APGD, APGDTargeted, checkpoints, dlr_loss, dlr_targeted_loss
 from fortify.attacks.base import ATTACKS
@@ -22,19 +23,6 @@ REFERENCE_NORMS = {"linf": "Linf", "l2": "L2"}
 
 def _accuracy(model, x_adv, y):
     return float((model(x_adv).argmax(1) == y).float().mean())
-
-
-class _PassCounter(nn.Module):
-    """Wraps a model and counts its forward passes."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.passes = 0
-
-    def forward(self, x):
-        self.passes += 1
-        return self.model(x)
 
 
 # -- schedule and losses -----------------------------------------------------------------------
@@ -197,7 +185,7 @@ def test_no_forward_pass_is_spent_on_bookkeeping(standard_model, digits):
     correct = standard_model(x).argmax(1) == y
     x, y = x[correct], y[correct]
     threat = ThreatModel("linf", 1e-6)
-    counted = _PassCounter(standard_model)
+    counted = PassCounter(standard_model)
     # Execute / Assert: one pass per iterate, plus APGD-T's one clean pass that picks the targets
     APGD(threat, n_iter=7, restarts=3)(counted, x, y)
     assert counted.passes == 3 * (7 + 1)

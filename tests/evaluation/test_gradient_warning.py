@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from counting import PassCounter
 from fortify.attacks import FGSM, PGD, Square
 from fortify.evaluation import evaluate
 from fortify.evaluation.gradients import ZeroGradientPath, check_gradients, input_gradient
@@ -45,17 +46,6 @@ class _SquareRoot(nn.Module):
 
     def forward(self, x):
         return self.model(x.sqrt())
-
-
-class _CountingPasses(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.passes = 0
-
-    def forward(self, x):
-        self.passes += 1
-        return self.model(x)
 
 
 def _sample(digits, n=64):
@@ -127,7 +117,7 @@ def test_black_box_attacks_alone_need_no_gradient(standard_model, digits):
 def test_the_check_costs_one_forward_pass_on_the_first_batch_only(standard_model, digits):
     # Prepare
     x, y = _sample(digits)
-    counting = _CountingPasses(standard_model)
+    counting = PassCounter(standard_model)
     # Execute
     check = check_gradients(counting, x[:10], y[:10], [FGSM(THREAT)])
     # Assert

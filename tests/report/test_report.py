@@ -193,7 +193,6 @@ def test_dp_tabular_and_precision_sections_render_from_their_result_objects(run_
     assert "Tabular constraints" in text and "31.0%" in text and "77.0%" in text
     assert "evaluated under bf16 autocast" in text and "99.2%" in text and "97.5%" in text
     assert "figure 'pgd feature changes' could not be drawn" not in text
-    assert sum("pgd feature changes" in alt for alt in [*page.images]) == 0  # alt is not src
     assert len(page.images) >= 11  # the feature-change chart joined the other figures
 
 
