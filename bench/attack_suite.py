@@ -6,8 +6,10 @@ which every contender runs once, in an order rotated by one per repeat. Budgets 
 libraries within a group (same iterations, restarts, queries, binary-search steps, step sizes).
 The model is wrapped in a counter of forward and backward passes. The table gives median wall
 time, examples/s, time relative to fortify, the passes, and what the attack achieved: robust
-accuracy for the eps-bounded attacks, success rate and median L2 norm of the successful
-perturbations for C&W, so that a faster but weaker attack is visible as weaker.
+accuracy for the eps-bounded attacks; for C&W the success rate, the median L2 norm of the
+successful perturbations and the median found norm over all clean-correct examples (inf where not
+fooled), and after the table whether each fortify row fools at least as many examples as each
+peer's at every L2 radius. A faster but weaker attack is visible as weaker.
 
     .venv/bin/python bench/attack_suite.py --threads 1 --repeats 5
     .venv/bin/python bench/attack_suite.py --attacks apgd,square --repeats 5 --examples 128
@@ -43,6 +45,7 @@ from fortify.pipeline import build_attacks
 from fortify.threat import ThreatModel
 
 ATTACK_CHOICES = ("apgd", "autoattack", "cw", "square")
+NORM_RTOL = 0.01  # minimal-norm strength: a found norm up to 1% larger at the same rank counts as equal
 
 
 @dataclass
@@ -69,6 +72,8 @@ class Contender:
     robust: list[float] = field(default_factory=list)
     success: list[float] = field(default_factory=list)  # C&W: share of clean-correct examples fooled
     l2: list[float] = field(default_factory=list)  # C&W: median L2 of successful perturbations
+    radius: list[float] = field(default_factory=list)  # C&W: median found norm, inf where not fooled
+    norms: Tensor | None = None  # C&W: found norm per clean-correct example (inf: not fooled), last run
 
 
 def batched(attack: Callable[[Tensor, Tensor], Tensor], batch: int) -> RunFn:
@@ -142,13 +147,19 @@ def _autoattack_standard(model: nn.Module, threat: ThreatModel, args: argparse.N
 
 
 def cw_group(model: nn.Module, args: argparse.Namespace) -> list[Contender]:
-    """Two budgets: torchattacks' C&W has one fixed constant, ART's a binary search over it."""
+    """Two groups: torchattacks' C&W has one fixed constant, ART's a binary search over it.
+
+    In the search group both libraries run at the shared budget (``--cw-steps`` Adam steps per
+    constant, lr 0.01) and at a second budget each: fortify with ``--cw-tuned`` steps and learning
+    rate, ART with ``--cw-art-short-steps`` steps (its line search converges within fewer). Which row
+    is at least as strong as which is printed after the table (``print_dominance``).
+    """
     threat = ThreatModel("l2", 1.0)  # minimal() seeks the smallest perturbation; eps plays no part
     steps, searches, lr = args.cw_steps, args.cw_searches, 0.01
     single = f"C&W-L2 1x{steps} (c=1)"
-    search = f"C&W-L2 {searches}x{steps} (c0=0.1)"
+    search = f"C&W-L2 search {searches}x (c0=0.1)"
 
-    def fortify(b: int, c: float, steps: int = steps) -> RunFn:
+    def fortify(b: int, c: float, steps: int = steps, lr: float = lr) -> RunFn:
         attack = CarliniWagnerL2(threat, steps=steps, binary_search_steps=b, initial_const=c,
                                  learning_rate=lr, abort_early=True, seed=args.seed)
         return batched(lambda x, y: attack.minimal(model, x, y)[0], args.batch)
@@ -157,11 +168,16 @@ def cw_group(model: nn.Module, args: argparse.Namespace) -> list[Contender]:
     rows = [Contender(single, "fortify", fortify(1, 1.0), limit)]
     rows += peer(lambda: Contender(single, "torchattacks", batched(_torchattacks_cw(model, steps, lr),
                                                                     args.batch), limit), "torchattacks")
-    rows.append(Contender(search, "fortify", fortify(searches, 0.1), limit))
+    rows.append(Contender(search, f"fortify {steps} steps lr {lr:g}", fortify(searches, 0.1), limit))
+    tuned_steps, tuned_lr = args.cw_tuned
+    rows.append(Contender(search, f"fortify {tuned_steps} steps lr {tuned_lr:g}",
+                          fortify(searches, 0.1, tuned_steps, tuned_lr), limit))
     if args.cw_long_steps:  # ART's line search does more per step: a longer fortify run for equal strength
-        rows.append(Contender(search, f"fortify {searches}x{args.cw_long_steps}",
+        rows.append(Contender(search, f"fortify {args.cw_long_steps} steps lr {lr:g}",
                               fortify(searches, 0.1, args.cw_long_steps), limit))
-    rows += peer(lambda: Contender(search, "ART", _art_cw(model, steps, searches, lr, args), limit), "art")
+    for art_steps in (steps, args.cw_art_short_steps):
+        rows += peer(lambda s=art_steps: Contender(search, f"ART {s} steps lr {lr:g}",
+                                                   _art_cw(model, s, searches, lr, args), limit), "art")
     return rows
 
 
@@ -282,10 +298,15 @@ def predictions(model: nn.Module, x: Tensor, batch: int) -> Tensor:
 
 def record_minimal_norm(contender: Contender, x_adv: Tensor, x: Tensor, fooled: Tensor,
                         clean_correct: Tensor) -> None:
-    """Success rate and median L2 over the examples the model got right (the others need no attack)."""
-    norms = (x_adv - x).flatten(1).norm(dim=1)[fooled]
+    """Success rate, median L2 and each example's found norm, over the examples the model got right
+    (the others need no attack)."""
+    found = torch.where(fooled, (x_adv - x).flatten(1).norm(dim=1), torch.inf)[clean_correct]
+    successful = found[torch.isfinite(found)]
     contender.success.append(float(fooled.sum() / clean_correct.sum()))
-    contender.l2.append(float(norms.median()) if norms.numel() else float("nan"))
+    contender.l2.append(float(successful.median()) if successful.numel() else float("nan"))
+    # the lower median, so that with most examples not fooled the radius is inf, not an average
+    contender.radius.append(float(found.median()))
+    contender.norms = found
 
 
 def run_rounds(contenders: list[Contender], setting: Setting, counted: ForwardCounter,
@@ -309,26 +330,59 @@ def print_header(args: argparse.Namespace, setting: Setting, threat: ThreatModel
     print(f"attacks:  untargeted; {threat.describe()} for APGD, AutoAttack, Square; C&W L2 unbounded; "
           f"batch {args.batch}; seed {args.seed}")
     print(f"budgets:  APGD-CE {args.apgd_iter} iterations, 1 restart, rho 0.75; AutoAttack standard "
-          f"(APGD-CE 100, APGD-T 9x100, FAB-T 9x100, Square 5000); C&W lr 0.01, {args.cw_steps} steps per "
-          f"constant, abort_early in fortify, {args.cw_examples} examples; Square {args.queries} queries, "
+          f"(APGD-CE 100, APGD-T 9x100, FAB-T 9x100, Square 5000); C&W {args.cw_searches} binary-search "
+          f"steps from c0 0.1 (one at c 1), {args.cw_steps} Adam steps per constant at lr 0.01 unless "
+          f"the row says otherwise, abort_early in fortify, {args.cw_examples} examples; Square "
+          f"{args.queries} queries, "
           "p_init 0.8, schedule rescaled to the budget")
     print(f"timing:   1 warm-up round (16 examples), then {args.repeats} interleaved repeats "
           "(order rotated); medians")
 
 
 def print_table(contenders: list[Contender], total: int) -> None:
-    baseline = {c.group: median(c.seconds) for c in contenders if c.library == "fortify"}
+    baseline: dict[str, float] = {}
+    for c in contenders:  # each group's first row (a fortify one) is its baseline
+        baseline.setdefault(c.group, median(c.seconds))
     print()
     print("| attack | library | n | median s | min-max s | examples/s | time / fortify | robust acc "
-          "| success | median L2 | forward / n | backward / n |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| success | median L2 | median radius | forward / n | backward / n |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in contenders:
         seconds, n = median(c.seconds), min(c.limit or total, total)
         success = f"{median(c.success):.2%}" if c.success else "-"
         l2 = f"{median(c.l2):.3f}" if c.l2 else "-"
+        radius = f"{median(c.radius):.3f}" if c.radius else "-"
         print(f"| {c.group} | {c.library} | {n} | {seconds:.3f} | {min(c.seconds):.3f}-{max(c.seconds):.3f} "
               f"| {n / seconds:,.0f} | {seconds / baseline[c.group]:.2f} | {median(c.robust):.2%} "
-              f"| {success} | {l2} | {median(c.forward) / n:.3g} | {median(c.backward) / n:.3g} |")
+              f"| {success} | {l2} | {radius} | {median(c.forward) / n:.3g} | {median(c.backward) / n:.3g} |")
+
+
+def print_dominance(contenders: list[Contender]) -> None:
+    """For minimal-norm rows: is a fortify row at least as strong as a peer's at every L2 radius?
+
+    Row A is at least as strong as row B when, at every radius r, A fools at least as many examples
+    within r as B; with the found norms sorted (inf where not fooled) that is ``sorted(A) <= sorted(B)``
+    element by element, here with ``NORM_RTOL`` of slack (two runs that return the same points up to
+    rounding, or differ by 0.3% on one example, are not called weaker). The speed ratio then
+    compares attacks of equal or greater strength.
+    """
+    minimal = [c for c in contenders if c.norms is not None]
+    lines = []
+    for ours in (c for c in minimal if c.library.startswith("fortify")):
+        a = ours.norms.sort().values
+        for theirs in (c for c in minimal if c.group == ours.group and not c.library.startswith("fortify")):
+            b = theirs.norms.sort().values
+            ratio = median(theirs.seconds) / median(ours.seconds)
+            if bool((a <= b * (1 + NORM_RTOL)).all()):
+                verdict = f"at least as strong at every L2 radius (norms within {NORM_RTOL:.0%})"
+            else:
+                worse = int((a > b * (1 + NORM_RTOL)).sum())
+                verdict = f"weaker: {worse} of {a.numel()} sorted norms larger"
+            lines.append(f"- {ours.library} vs {theirs.library}: {verdict}; {theirs.library} takes "
+                         f"{ratio:.2f}x the time")
+    if lines:
+        print("\nminimal-norm strength (found L2 norms, per clean-correct example):")
+        print("\n".join(lines))
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -360,6 +414,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="C&W attacks only the first N examples (ART's C&W is slow)")
     parser.add_argument("--cw-long-steps", type=int, default=0,
                         help="add a fortify row to the C&W search group with this many steps per constant")
+    parser.add_argument("--cw-tuned", type=lambda s: (int(s.split(",")[0]), float(s.split(",")[1])),
+                        default=(40, 0.05), help="STEPS,LR of fortify's second row in the C&W search group")
+    parser.add_argument("--cw-art-short-steps", type=int, default=10,
+                        help="steps per constant of ART's second row in the C&W search group")
     parser.add_argument("--queries", type=int, default=1000, help="Square's query budget")
     parser.add_argument("--train-epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
@@ -379,6 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     print_header(args, setting, threat, accuracy(setting.model, setting.x, setting.y, args.batch))
     run_rounds(contenders, setting, counted, args)
     print_table(contenders, setting.x.shape[0])
+    print_dominance(contenders)
     print(f"\nload at end: {load_average()}")
 
 

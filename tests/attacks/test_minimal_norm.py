@@ -192,6 +192,30 @@ def test_minimal_restores_mode_and_keeps_dtype(standard_model, digit_batch):
     assert x_adv.dtype == torch.float64 and norms.dtype == torch.float64 and not x_adv.requires_grad
 
 
+class _RowCounter(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.rows = inner, 0
+
+    def forward(self, x):
+        self.rows += x.shape[0]
+        return self.inner(x)
+
+
+def test_cw_never_optimises_an_input_fooled_as_given(standard_model, digit_batch):
+    # Prepare: half the labels wrong, so those inputs are fooled at distance 0 before any step
+    x, y = digit_batch[0][:16], digit_batch[1][:16].clone()
+    y[:8] = (y[:8] + 1) % 10
+    counted = _RowCounter(standard_model)
+    with torch.no_grad():
+        right = int((standard_model(x).argmax(1) == y).sum())
+    # Execute: no early abort, so every round runs all its steps
+    _, norms = CarliniWagnerL2(L2, steps=5, binary_search_steps=2, abort_early=False).minimal(counted, x, y)
+    # Assert: one clean pass over all 16, then 2 rounds x 5 steps over the correctly classified only
+    assert counted.rows == 16 + 2 * 5 * right
+    assert (norms[:8] == 0).all()
+
+
 def test_cw_leaves_the_model_gradients_alone(standard_model, digit_batch):
     x, y = digit_batch[0][:8], digit_batch[1][:8]
     standard_model.zero_grad(set_to_none=True)

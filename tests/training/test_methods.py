@@ -347,6 +347,40 @@ def test_awp_steps_the_true_weights_with_the_gradient_at_the_perturbed_ones():
         assert torch.allclose(new, old - 0.5 * grad, atol=1e-6)
 
 
+def test_awp_under_autocast_takes_the_loss_at_the_perturbed_weights():
+    # autocast caches the bf16 copy of each weight for its whole region: a perturbation written into
+    # the fp32 weights after the attack's passes cast them must still reach the loss
+    model, x, y, awp = _awp_setting("awp-pgd", gamma=0.5)
+    pgd = awp.inner
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = pgd.craft(model, x, y)
+        at_w = pgd.loss_on(model, x, y, x_adv)
+        awp._perturb(model, awp.weight_perturbation(model, x, y, x_adv))
+        at_w_plus_v = pgd.loss_on(model, x, y, x_adv)
+        awp.restore()
+        back_at_w = pgd.loss_on(model, x, y, x_adv)
+    assert float(at_w_plus_v) > float(at_w) + 0.01  # the ascent direction raised the loss
+    assert float(back_at_w) == float(at_w)  # and the restored weights are used again
+
+
+def test_awp_perturbation_has_no_memory_of_earlier_batches():
+    # Prepare: one full step on a first batch, then the perturbation for a second one
+    model, x, y, awp = _awp_setting("awp-pgd", gamma=0.02)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    _replay(awp, model, optimizer, x[:8], y[:8])
+    x_adv = (x[8:] + 0.05).clamp(0, 1)
+    grads = torch.autograd.grad(F.cross_entropy(model(x_adv), y[8:]),
+                                [p for _, p in perturbable(model)])
+    # Execute
+    perturbation = awp.weight_perturbation(model, x[8:], y[8:], x_adv)
+    # Assert: v = gamma * ||w|| * g / ||g|| per kernel from this batch's gradient alone, as the
+    # authors' plain-SGD proxy step gives (a proxy optimiser with momentum would mix in the first
+    # batch's gradient)
+    for (name, weight), grad in zip(perturbable(model), grads, strict=True):
+        expected = 0.02 * weight.detach().norm() * grad / grad.norm()
+        assert torch.allclose(perturbation[name], expected, atol=1e-7), name
+
+
 def test_awp_leaves_the_model_batchnorm_statistics_to_the_training_pass():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))

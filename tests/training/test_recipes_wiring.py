@@ -300,3 +300,33 @@ def test_compiled_training_matches_eager_training_on_a_tiny_mlp(digits, tmp_path
     assert trainer_b.train_model is not model_b  # the training passes went through the compiled module
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5, rtol=0), name
+
+
+def _record_conv_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    return seen
+
+
+def test_amp_trains_under_bf16_on_cpu_and_validates_in_fp32(digits):
+    train, val = _small(digits, 64)
+    model, trainer = _trainer(digits, None, amp=True)
+    seen = _record_conv_dtypes(model)
+    # one fgsm-rs step: the attack's pass and the training pass both run under autocast
+    loss = trainer._train_step(train.x[:32], train.y[:32])
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+    seen.clear()
+    trainer._validate(val)
+    assert seen and set(seen) == {torch.float32}  # validation keeps fp32 numbers
+
+
+def test_amp_training_reaches_the_fp32_accuracy(digits):
+    results = {}
+    for amp in (False, True):
+        _, trainer = _trainer(digits, None, objective="standard", epochs=6, batch_size=64, amp=amp)
+        results[amp] = trainer.fit(digits.train, digits.val).history[-1].val_clean_accuracy
+    assert results[False] > 0.85  # the setting learns at all
+    assert abs(results[True] - results[False]) <= 0.03, results

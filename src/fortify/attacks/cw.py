@@ -22,10 +22,6 @@ from fortify.threat import ThreatModel
 _UNBOUNDED = 1e10
 
 
-def _expand(per_example: Tensor, like: Tensor) -> Tensor:
-    return per_example.reshape(-1, *([1] * (like.dim() - 1)))
-
-
 class CarliniWagnerL2(MinimalNormAttack):
     """C&W L2 with the paper's defaults (learning rate 1e-2, initial c 1e-3, 9 binary-search steps).
 
@@ -82,7 +78,9 @@ class CarliniWagnerL2(MinimalNormAttack):
         # the tanh change of variables cannot return x itself, so an input that is already fooled
         # is recorded at distance 0 before the search
         with torch.no_grad():
-            self._keep_smaller(x, torch.zeros_like(const), self._fooled(model(x), y, target), best, best_norm)
+            every = torch.arange(n, device=x.device)
+            self._keep_smaller(every, x, torch.zeros_like(const), self._fooled(model(x), y, target), best,
+                               best_norm)
         for _ in range(self.binary_search_steps):
             success = self._optimise(model, x, y, target, w_start, const, best, best_norm)
             upper = torch.where(success, torch.minimum(upper, const), upper)
@@ -93,30 +91,42 @@ class CarliniWagnerL2(MinimalNormAttack):
 
     def _optimise(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, w_start: Tensor,
                   const: Tensor, best: Tensor, best_norm: Tensor) -> Tensor:
-        """One Adam run at fixed ``const``; updates ``best``/``best_norm`` in place, returns successes."""
+        """One Adam run at fixed ``const``; updates ``best``/``best_norm`` in place, returns successes.
+
+        An input fooled as given (distance 0) cannot get closer and is left out. With ``abort_early``
+        the round stops once the summed loss fell by less than 0.01% since the last check, as in the
+        reference code. (The same rule per example, tried, stops examples whose loss merely
+        oscillates: on digits it left a third of the found norms larger.)
+        """
         label, sign = self._label_and_sign(y, target)
-        modifier = torch.zeros_like(x, requires_grad=True)
-        optimiser = torch.optim.Adam([modifier], lr=self.learning_rate)
         success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        active = (best_norm > 0).nonzero().squeeze(1)
+        if active.numel() == 0:
+            return success
+        x_a, w_a, label_a, const_a = x[active], w_start[active], label[active], const[active]
+        target_a = None if target is None else target[active]
+        modifier = torch.zeros_like(x_a, requires_grad=True)
+        optimiser = torch.optim.Adam([modifier], lr=self.learning_rate)
         check_every = max(self.steps // 10, 1)
         previous = torch.inf
         for step in range(self.steps):
-            candidate = self._from_tanh_space(w_start + modifier)
+            candidate = self._from_tanh_space(w_a + modifier)
             logits = model(candidate)
-            distance_sq = (candidate - x).reshape(x.shape[0], -1).pow(2).sum(dim=1)
-            margin = sign * logit_margin(logits, label)  # negative once the model is fooled
-            loss = (distance_sq + const * margin.clamp_min(-self.confidence)).sum()
+            distance_sq = (candidate - x_a).flatten(1).pow(2).sum(dim=1)
+            margin = sign * logit_margin(logits, label_a)  # negative once the model is fooled
+            loss = distance_sq + const_a * margin.clamp_min(-self.confidence)
             # autograd.grad rather than backward: the model's own .grad must stay untouched
-            (modifier.grad,) = torch.autograd.grad(loss, modifier)
+            (modifier.grad,) = torch.autograd.grad(loss.sum(), modifier)
             optimiser.step()
-            fooled = self._fooled(logits.detach(), y, target)
-            self._keep_smaller(candidate.detach(), distance_sq.detach().sqrt(), fooled, best, best_norm)
-            success |= fooled
+            fooled = self._fooled(logits.detach(), y[active], target_a)
+            self._keep_smaller(active, candidate.detach(), distance_sq.detach().sqrt(), fooled, best,
+                               best_norm)
+            success[active] |= fooled
             if self.abort_early and step % check_every == 0:
-                # the reference stops a round once the loss falls by less than 0.01% per check
-                if loss.item() > previous * 0.9999:
+                total = loss.sum().item()
+                if total > previous * 0.9999:
                     break
-                previous = loss.item()
+                previous = total
         return success
 
     def _fooled(self, logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
@@ -126,11 +136,12 @@ class CarliniWagnerL2(MinimalNormAttack):
         return self.succeeded(logits, y, target) & (margin <= -self.confidence)
 
     @staticmethod
-    def _keep_smaller(candidate: Tensor, norms: Tensor, fooled: Tensor, best: Tensor,
+    def _keep_smaller(rows: Tensor, candidate: Tensor, norms: Tensor, fooled: Tensor, best: Tensor,
                       best_norm: Tensor) -> None:
-        better = fooled & (norms < best_norm)
-        best.copy_(torch.where(_expand(better, best), candidate, best))
-        best_norm.copy_(torch.where(better, norms, best_norm))
+        """Where ``fooled`` and closer than the best so far, store the candidate in ``best[rows]``."""
+        better = fooled & (norms < best_norm[rows])
+        best[rows[better]] = candidate[better]
+        best_norm[rows[better]] = norms[better]
 
     def _to_tanh_space(self, x: Tensor) -> Tensor:
         lo, hi = self.threat.bounds

@@ -11,10 +11,15 @@ statistics see no extra pass), rescaled per layer to ``gamma * ||w_layer||``. On
 or more dimensions (convolution and linear kernels) are perturbed; biases and normalisation
 parameters are not. In the authors' code the proxy takes one plain SGD step, whose direction is the
 gradient; the per-layer rescaling removes its length, so the proxy's learning rate drops out and
-``v_layer = gamma * ||w_layer|| * g_layer / ||g_layer||``.
+``v_layer = gamma * ||w_layer|| * g_layer / ||g_layer||``, from this batch's gradient alone. (IBM
+ART steps its proxy with the optimiser it is handed; with momentum, that buffer outlives the batch
+and ``v`` follows a running sum of earlier batches' gradients, a weaker perturbation than the
+authors'.)
 
 The weights are restored exactly (copied back, not ``w + v - v``) in ``after_backward``, before
-the optimiser step, so weight decay and momentum act on the true weights.
+the optimiser step, so weight decay and momentum act on the true weights. Both changes clear
+autocast's cache of low-precision weight copies, so that mixed-precision training (``train.amp``)
+sees them.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ class AWPObjective(ObjectiveWrapper):
             for param, saved in self._saved:
                 param.copy_(saved)
         self._saved = []
+        torch.clear_autocast_cache()
 
     def _perturb(self, model: nn.Module, perturbation: dict[str, Tensor]) -> None:
         with torch.no_grad():
@@ -108,6 +114,9 @@ class AWPObjective(ObjectiveWrapper):
                 if name in perturbation:
                     self._saved.append((param, param.detach().clone()))
                     param.add_(perturbation[name].to(param.dtype))
+        # under autocast the attack's passes left bf16 copies of the weights in autocast's cache,
+        # which the loss would reuse: drop them so that it sees w + v (restore() does the same for w)
+        torch.clear_autocast_cache()
 
     def _proxy_of(self, model: nn.Module) -> nn.Module:
         """A copy of ``model`` holding its current weights, in its current train/eval mode."""

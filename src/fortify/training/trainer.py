@@ -104,6 +104,9 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.show_progress = show_progress
         self.device = next(model.parameters()).device
+        if config.amp and not torch.amp.is_autocast_available(self.device.type):
+            raise ConfigError(f"train.amp needs autocast, which device {self.device} lacks; "
+                              "train without amp")
         self.optimizer = self._build_optimizer()
         self.schedule = SCHEDULES.get(config.schedule)
         self.shuffle = torch.Generator().manual_seed(config.seed)
@@ -188,9 +191,9 @@ class Trainer:
         return self.distributed.local_batches(batches)
 
     def _train_step(self, x: Tensor, y: Tensor, weight: float = 1.0) -> Tensor:
-        use_amp = self.config.amp and self.device.type == "cuda"
         for _ in range(self.objective.replays):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            # bf16 needs no loss scaling; the attack inside the objective runs under autocast too
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
                 loss = self.objective(self.train_model, x, y)
             self.optimizer.zero_grad(set_to_none=True)
             (loss * weight).backward()  # weight: this rank's share of the global batch (1 alone)
