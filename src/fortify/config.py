@@ -77,7 +77,7 @@ class TrainConfig(_Strict):
     patience: int = Field(10, ge=1)
     val_attack_steps: int = Field(10, ge=1)
     grad_clip: float | None = Field(None, gt=0)
-    amp: bool = False
+    amp: bool = False  # bf16 autocast for the training passes (CUDA, or a CPU with native bf16)
     seed: int = 0
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     ema_decay: float | None = Field(None, ge=0, le=1)  # None: no EMA; else the evaluated weights
