@@ -8,9 +8,13 @@ FLOPs / median time; fraction of peak = that / peak.
 
     .venv/bin/python bench/roofline.py --threads 1 --repeats 7
     .venv/bin/python bench/roofline.py --model preact-resnet18 --shape 3,32,32 --batch 32
+    .venv/bin/python bench/roofline.py --threads 1 --repeats 7 --amp
 
 Workloads: one PGD-K attack call (K steps plus the final evaluation pass, reported per step),
 and one training step (objective, backward, SGD step) of the standard, fgsm-rs and pgd objectives.
+``--amp`` runs them as fortify's fast path does (``train.amp``, ``train.channels_last``,
+``eval.amp``): the model in channels_last, its passes under bf16 autocast; the peak is then
+measured in bf16 (matrix product of bf16 tensors, bf16 convolution in channels_last).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from _common import NUM_CLASSES, check_repeats, load_average, print_provenance
 from fortify.attacks import PGD
+from fortify.evaluation.precision import AutocastModel
 from fortify.models import build_model
 from fortify.threat import ThreatModel
 from fortify.training.objectives import ObjectiveOptions, build_objective
@@ -65,27 +70,29 @@ def counted_flops(work: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def matmul_gflops(n: int, repeats: int) -> float:
-    """Best rate of an n x n float32 matrix product (MKL)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int, repeats: int, dtype: torch.dtype) -> float:
+    """Best rate of an n x n matrix product (MKL in float32, oneDNN in bf16)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     best = min(timed(lambda: a @ b, repeats))
     return 2 * n ** 3 / best / 1e9
 
 
-def conv_gflops(repeats: int) -> float:
-    """Best rate of a large 3x3 float32 convolution (oneDNN), counted as direct convolution.
+def conv_gflops(repeats: int, dtype: torch.dtype) -> float:
+    """Best rate of a large 3x3 convolution (oneDNN), counted as direct convolution.
 
     On some CPUs the convolution library beats the matrix product library, so the peak takes the
     better of the two; a convolution done with fewer arithmetic operations than the direct count
     would overstate it, which is why the count uses the same FlopCounterMode as the workloads.
     """
-    x, weight = torch.randn(64, 256, 16, 16), torch.randn(256, 256, 3, 3)
+    x, weight = torch.randn(64, 256, 16, 16, dtype=dtype), torch.randn(256, 256, 3, 3, dtype=dtype)
+    if dtype != torch.float32:  # oneDNN's low-precision convolutions want NHWC
+        x, weight = (t.contiguous(memory_format=torch.channels_last) for t in (x, weight))
     work = lambda: torch.nn.functional.conv2d(x, weight, padding=1)  # noqa: E731
     return counted_flops(work) / min(timed(work, repeats)) / 1e9
 
 
-def peak_gflops(n: int, repeats: int) -> tuple[float, float]:
-    return matmul_gflops(n, repeats), conv_gflops(repeats)
+def peak_gflops(n: int, repeats: int, dtype: torch.dtype) -> tuple[float, float]:
+    return matmul_gflops(n, repeats, dtype), conv_gflops(repeats, dtype)
 
 
 def pgd_work(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
@@ -95,14 +102,17 @@ def pgd_work(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: T
 
 
 def training_work(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
-                  objective_name: str, steps: int) -> Callable[[], object]:
+                  objective_name: str, steps: int, amp: bool) -> Callable[[], object]:
+    """One step as fortify's Trainer takes it, under bf16 autocast when ``amp``."""
     objective = build_objective(objective_name, ObjectiveOptions(threat, attack_steps=steps))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step() -> None:
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        objective(model, x, y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = objective(model, x, y)
+        loss.backward()
         optimizer.step()
     return step
 
@@ -134,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="PGD steps (attack and pgd objective)")
     parser.add_argument("--matmul", type=int, default=2048, help="size of the peak matrix product")
     parser.add_argument("--eps", type=float, default=0.2)
+    parser.add_argument("--amp", action="store_true",
+                        help="bf16 autocast and channels_last, against a bf16 peak")
     args = parser.parse_args(argv)
     check_repeats(parser, args)
     return args
@@ -147,22 +159,31 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.rand((args.batch, *args.shape), generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, NUM_CLASSES, (args.batch,), generator=torch.Generator().manual_seed(1))
     threat = ThreatModel("linf", args.eps)
+    dtype = torch.bfloat16 if args.amp else torch.float32
+    attacked: torch.nn.Module = model
+    if args.amp:
+        if x.dim() == 4:
+            model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        attacked = AutocastModel(model, "bf16", torch.device("cpu"))
     print_provenance([])
-    first_peak = peak_gflops(args.matmul, args.repeats)
-    attack = pgd_work(model.eval(), x, y, threat, args.steps)
+    first_peak = peak_gflops(args.matmul, args.repeats, dtype)
+    model.eval()
+    attack = pgd_work(attacked, x, y, threat, args.steps)
     # K steps and one final forward; per step divides by K (the final forward is 1/3 of a step)
     rows = [Row(f"PGD-{args.steps} attack (per step)", counted_flops(attack), timed(attack, args.repeats),
                 args.steps)]
     for objective in ("standard", "fgsm-rs", "pgd"):
-        step = training_work(model, x, y, threat, objective, args.steps)
+        step = training_work(model, x, y, threat, objective, args.steps, args.amp)
         label = f"{objective}-{args.steps}" if objective == "pgd" else objective
         rows.append(Row(f"train step, {label}", counted_flops(step), timed(step, args.repeats), 1))
-    last_peak = peak_gflops(args.matmul, args.repeats)
+    last_peak = peak_gflops(args.matmul, args.repeats, dtype)
     # on a shared machine other work slows these too: the best of the four rates is the peak
     peak = max(*first_peak, *last_peak)
+    precision = "bf16 autocast, channels_last" if args.amp else "float32"
     print(f"setting:  {args.model} on random inputs {'x'.join(map(str, args.shape))}, batch {args.batch}, "
-          f"float32; {threat.describe()}; PGD-{args.steps}")
-    print(f"peak:     {peak:.1f} GFLOP/s: best of {args.repeats} float32 {args.matmul}x{args.matmul} matrix "
+          f"{precision}; {threat.describe()}; PGD-{args.steps}")
+    print(f"peak:     {peak:.1f} GFLOP/s: best of {args.repeats} {dtype} {args.matmul}x{args.matmul} matrix "
           f"products / 256-channel 3x3 convolutions, before ({first_peak[0]:.1f} / {first_peak[1]:.1f}) "
           f"and after ({last_peak[0]:.1f} / {last_peak[1]:.1f}) the workloads")
     print()

@@ -236,6 +236,15 @@ def test_amp_and_global_grad_clip_are_refused(digits: Dataset) -> None:
                   dp=DPConfig(enabled=True, noise_multiplier=1.0), threat=THREAT)
 
 
+def test_batch_settings_dp_cannot_account_for_are_refused_by_the_trainer_itself(digits: Dataset) -> None:
+    # the pipeline refuses them before a run; a DPTrainer built directly must refuse them too
+    built = build_objective("standard", MethodOptions(THREAT))
+    config = TrainConfig(augment={"flip": True}, channels_last=True)
+    with pytest.raises(ConfigError, match=r"train\.augment, train\.channels_last cannot be combined"):
+        DPTrainer(_mlp(digits), built, config, dp=DPConfig(enabled=True, noise_multiplier=1.0),
+                  threat=THREAT)
+
+
 # -- command line ------------------------------------------------------------------------------
 
 def test_cli_rejects_a_bad_epsilon_without_a_traceback(tmp_path: Path) -> None:

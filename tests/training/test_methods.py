@@ -354,13 +354,13 @@ def test_awp_under_autocast_takes_the_loss_at_the_perturbed_weights():
     pgd = awp.inner
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x_adv = pgd.craft(model, x, y)
-        at_w = pgd.loss_on(model, x, y, x_adv)
+        at_w = pgd.loss_on(model, x, y, x_adv).item()
         awp._perturb(model, awp.weight_perturbation(model, x, y, x_adv))
-        at_w_plus_v = pgd.loss_on(model, x, y, x_adv)
+        at_w_plus_v = pgd.loss_on(model, x, y, x_adv).item()
         awp.restore()
-        back_at_w = pgd.loss_on(model, x, y, x_adv)
-    assert float(at_w_plus_v) > float(at_w) + 0.01  # the ascent direction raised the loss
-    assert float(back_at_w) == float(at_w)  # and the restored weights are used again
+        back_at_w = pgd.loss_on(model, x, y, x_adv).item()
+    assert at_w_plus_v > at_w + 0.01  # the ascent direction raised the loss
+    assert back_at_w == at_w  # and the restored weights are used again
 
 
 def test_awp_perturbation_has_no_memory_of_earlier_batches():

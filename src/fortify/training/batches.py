@@ -78,17 +78,22 @@ class BatchRecipe:
             self.extra_rng.set_state(tensors["rng.extra"])
 
 
+def check_dp_batch_settings(config: TrainConfig) -> None:
+    """ConfigError for the batch settings DP-SGD cannot account for."""
+    # DP-SGD samples each batch itself (Poisson) and accounts for exactly those examples
+    used = [name for name, on in (("augment", config.augment.enabled),
+                                  ("extra_data", config.extra_data is not None),
+                                  ("channels_last", config.channels_last),
+                                  ("compile", config.compile)) if on]
+    if used:
+        raise ConfigError(f"train.{', train.'.join(used)} cannot be combined with dp.enabled; "
+                          "DP training supports ema_decay, label_smoothing and the DP objectives")
+
+
 def load_recipe_data(config: TrainConfig, dataset: Dataset, *, dp: bool) -> Split | None:
     """Check the batch settings against the data (and DP) before a run starts; the extra data, loaded."""
     if dp:
-        # DP-SGD samples each batch itself (Poisson) and accounts for exactly those examples
-        used = [name for name, on in (("augment", config.augment.enabled),
-                                      ("extra_data", config.extra_data is not None),
-                                      ("channels_last", config.channels_last),
-                                      ("compile", config.compile)) if on]
-        if used:
-            raise ConfigError(f"train.{', train.'.join(used)} cannot be combined with dp.enabled; "
-                              "DP training supports ema_decay, label_smoothing and the DP objectives")
+        check_dp_batch_settings(config)
     if config.augment.enabled and dataset.train.x.dim() != 4:
         raise ConfigError(f"train.augment needs image data (N, C, H, W); dataset {dataset.name!r} has "
                           f"inputs of shape {dataset.input_shape}: turn augmentation off")

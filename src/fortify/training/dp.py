@@ -43,6 +43,7 @@ from fortify.data.base import Split
 from fortify.errors import CheckpointError, ConfigError, MissingDependencyError
 from fortify.privacy.canaries import Canaries, CanaryAudit, audit_canaries
 from fortify.threat import ThreatModel
+from fortify.training.batches import check_dp_batch_settings
 from fortify.training.objectives import Objective
 from fortify.training.trainer import EpochCallback, EpochRecord, Trainer, TrainResult
 
@@ -170,6 +171,7 @@ class DPTrainer(Trainer):
                  threat: ThreatModel, run_dir: Path | None = None,
                  callbacks: tuple[EpochCallback, ...] = (), show_progress: bool = True) -> None:
         check_objective(objective)
+        check_dp_batch_settings(config)
         if config.amp or config.grad_clip is not None:
             raise ConfigError("train.amp and train.grad_clip do not apply to DP training (DP-SGD clips "
                               f"each example's gradient to dp.max_grad_norm); got amp={config.amp}, "
