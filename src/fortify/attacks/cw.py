@@ -103,7 +103,7 @@ class CarliniWagnerL2(MinimalNormAttack):
         active = (best_norm > 0).nonzero().squeeze(1)
         if active.numel() == 0:
             return success
-        x_a, w_a, label_a, const_a = x[active], w_start[active], label[active], const[active]
+        x_a, y_a, w_a, label_a, const_a = x[active], y[active], w_start[active], label[active], const[active]
         target_a = None if target is None else target[active]
         modifier = torch.zeros_like(x_a, requires_grad=True)
         optimiser = torch.optim.Adam([modifier], lr=self.learning_rate)
@@ -118,7 +118,7 @@ class CarliniWagnerL2(MinimalNormAttack):
             # autograd.grad rather than backward: the model's own .grad must stay untouched
             (modifier.grad,) = torch.autograd.grad(loss.sum(), modifier)
             optimiser.step()
-            fooled = self._fooled(logits.detach(), y[active], target_a)
+            fooled = self._fooled(logits.detach(), y_a, target_a)
             self._keep_smaller(active, candidate.detach(), distance_sq.detach().sqrt(), fooled, best,
                                best_norm)
             success[active] |= fooled

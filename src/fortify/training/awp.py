@@ -17,9 +17,9 @@ and ``v`` follows a running sum of earlier batches' gradients, a weaker perturba
 authors'.)
 
 The weights are restored exactly (copied back, not ``w + v - v``) in ``after_backward``, before
-the optimiser step, so weight decay and momentum act on the true weights. Both changes clear
-autocast's cache of low-precision weight copies, so that mixed-precision training (``train.amp``)
-sees them.
+the optimiser step, so weight decay and momentum act on the true weights. Perturbing and restoring
+both clear autocast's cache of low-precision weight copies, so that under mixed precision
+(``train.amp``) the passes that follow see the weights as they now are.
 """
 
 from __future__ import annotations
