@@ -175,6 +175,8 @@ def cw_group(model: nn.Module, args: argparse.Namespace) -> list[Contender]:
     if args.cw_long_steps:  # ART's line search does more per step: a longer fortify run for equal strength
         rows.append(Contender(search, f"fortify {args.cw_long_steps} steps lr {lr:g}",
                               fortify(searches, 0.1, args.cw_long_steps), limit))
+    rows += peer(lambda: Contender(search, f"Foolbox {steps} steps lr {lr:g}",
+                                   _foolbox_cw(model, steps, searches, lr, args), limit), "foolbox")
     for art_steps in (steps, args.cw_art_short_steps):
         rows += peer(lambda s=art_steps: Contender(search, f"ART {s} steps lr {lr:g}",
                                                    _art_cw(model, s, searches, lr, args), limit), "art")
@@ -185,6 +187,22 @@ def _torchattacks_cw(model: nn.Module, steps: int, lr: float) -> Callable:
     import torchattacks
 
     return torchattacks.CW(model, c=1.0, kappa=0, steps=steps, lr=lr)
+
+
+def _foolbox_cw(model: nn.Module, steps: int, searches: int, lr: float, args: argparse.Namespace) -> RunFn:
+    import foolbox
+
+    fmodel = foolbox.PyTorchModel(model, bounds=(0.0, 1.0))
+    attack = foolbox.attacks.L2CarliniWagnerAttack(binary_search_steps=searches, steps=steps, stepsize=lr,
+                                                   confidence=0.0, initial_const=0.1, abort_early=True)
+
+    def run(x: Tensor, y: Tensor) -> Tensor:
+        best, _, _ = attack(fmodel, x, y, epsilons=None)  # unbounded: the smallest point found
+        # Foolbox starts its best points at all zeros and leaves them there where it found none;
+        # tanh space never reaches the box face exactly, so an all-zero row means "not found"
+        not_found = best.flatten(1).abs().amax(dim=1) == 0
+        return torch.where(not_found.reshape(-1, *([1] * (x.dim() - 1))), x, best)
+    return batched(run, args.batch)
 
 
 def _art_cw(model: nn.Module, steps: int, searches: int, lr: float, args: argparse.Namespace) -> RunFn:
@@ -325,7 +343,7 @@ def run_rounds(contenders: list[Contender], setting: Setting, counted: ForwardCo
 
 def print_header(args: argparse.Namespace, setting: Setting, threat: ThreatModel, clean: float) -> None:
     print_provenance([("torchattacks", "torchattacks"), ("pyautoattack", "pyautoattack"),
-                      ("art", "adversarial-robustness-toolbox")])
+                      ("art", "adversarial-robustness-toolbox"), ("foolbox", "foolbox")])
     print(f"setting:  {setting.description}; clean accuracy {clean:.2%}")
     print(f"attacks:  untargeted; {threat.describe()} for APGD, AutoAttack, Square; C&W L2 unbounded; "
           f"batch {args.batch}; seed {args.seed}")

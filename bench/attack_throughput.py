@@ -1,4 +1,4 @@
-"""Attack throughput on CPU: fortify's FGSM and PGD against torchattacks and IBM ART.
+"""Attack throughput on CPU: fortify's FGSM and PGD against torchattacks, IBM ART and Foolbox.
 
 Every contender attacks the same model, the same examples, under the same thread count, in this
 one process. After one warm-up round, each repeat runs every contender once, in an order rotated
@@ -114,6 +114,25 @@ def torchattacks_contenders(model: nn.Module, threat: ThreatModel, steps: list[i
     return rows
 
 
+def foolbox_contenders(model: nn.Module, threat: ThreatModel, steps: list[int]) -> list[Contender]:
+    """Foolbox 3's FGSM and LinfPGD (same step size, one uniform random start)."""
+    import foolbox
+
+    fmodel = foolbox.PyTorchModel(model, bounds=threat.bounds)
+
+    def bind(attack: object) -> AttackFn:
+        def run(x: Tensor, y: Tensor) -> Tensor:
+            _, clipped, _ = attack(fmodel, x, y, epsilons=threat.eps)  # type: ignore[operator]
+            return clipped
+        return run
+
+    rows = [Contender("FGSM", "Foolbox", bind(foolbox.attacks.FGSM()))]
+    for k in steps:
+        attack = foolbox.attacks.LinfPGD(steps=k, abs_stepsize=2.5 * threat.eps / k, random_start=True)
+        rows.append(Contender(f"PGD-{k}", "Foolbox", bind(attack)))
+    return rows
+
+
 def art_contenders(model: nn.Module, threat: ThreatModel, steps: list[int], batch: int,
                    input_shape: tuple[int, ...]) -> list[Contender]:
     """ART's FGM and PyTorch PGD; NumPy in and out, as ART's API requires."""
@@ -144,6 +163,10 @@ def build_contenders(counted: ForwardCounter, threat: ThreatModel, args: argpars
                      input_shape: tuple[int, ...]) -> list[Contender]:
     rows = fortify_contenders(counted, threat, args.steps, args.seed)
     rows += torchattacks_contenders(counted, threat, args.steps)
+    try:
+        rows += foolbox_contenders(counted, threat, args.steps)
+    except ImportError as err:
+        print(f"note: Foolbox skipped, not importable ({err})")
     if args.no_art:
         print("note: ART skipped (--no-art)")
     else:
@@ -193,7 +216,8 @@ def run_rounds(contenders: list[Contender], setting: Setting, counted: ForwardCo
 
 def print_header(args: argparse.Namespace, setting: Setting, threat: ThreatModel,
                  clean: float) -> None:
-    print_provenance([("torchattacks", "torchattacks"), ("art", "adversarial-robustness-toolbox")])
+    print_provenance([("torchattacks", "torchattacks"), ("art", "adversarial-robustness-toolbox"),
+                      ("foolbox", "foolbox")])
     print(f"setting:  {setting.description}; clean accuracy {clean:.2%}")
     print(f"attacks:  {threat.describe()}, untargeted; PGD step size 2.5*eps/steps, one random "
           f"start; batch {args.batch}; seed {args.seed}")
