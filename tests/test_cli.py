@@ -92,7 +92,17 @@ def test_config_file_and_flags_flags_win(tmp_path):
     assert resolved["train"]["objective"] == "standard"
 
 
+def test_train_speed_flags_reach_the_config(tmp_path):
+    out = tmp_path / "m"
+    result = _invoke("train", "--objective", "standard", "--epochs", 1, "--amp", "bf16", "--channels-last",
+                     "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["train"]["amp"] is True and resolved["train"]["channels_last"] is True
+
+
 @pytest.mark.parametrize("args, fragment", [
+    (["--amp", "fp16"], "unknown training precision --amp 'fp16'; valid: bf16"),
     (["--dataset", "imagenet"], "valid names: breast-cancer, cifar10"),
     (["--objective", "madry"], "unknown objective 'madry'; valid names: "),
     (["--model", "vgg"], "unknown model 'vgg'"),

@@ -201,6 +201,10 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="Batch size (>= 1).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (> 0).")] = None,
     attack_steps: Annotated[int | None, typer.Option(help="PGD steps during training.")] = None,
+    amp: Annotated[str | None, typer.Option(
+        help="bf16: train under bf16 autocast (CUDA, or a CPU with native bf16).")] = None,
+    channels_last: Annotated[bool | None, typer.Option(
+        "--channels-last", help="Store conv weights and image batches NHWC.")] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = "auto",
     resume: ResumeOpt = False,
@@ -223,7 +227,8 @@ def train(
               "target": target, "feature_schema": schema},
         model={"name": model}, threat={"eps": eps, "norm": norm},
         train={"objective": objective, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-               "attack_steps": attack_steps, "seed": seed},
+               "attack_steps": attack_steps, "seed": seed, "amp": _training_amp(amp),
+               "channels_last": channels_last},
         dp={"enabled": dp, "target_epsilon": target_epsilon, "noise_multiplier": noise_multiplier,
             "delta": delta, "max_grad_norm": max_grad_norm, "accountant": accountant,
             "max_physical_batch_size": max_physical_batch_size, "canaries": canaries}))
@@ -244,6 +249,15 @@ def train(
            if best.val_robust_accuracy is not None else "")
         + f"\nmodel: {out_dir / 'model.safetensors'}")
     _print_privacy(result.to_dict())
+
+
+def _training_amp(amp: str | None) -> bool | None:
+    """``--amp bf16`` as ``train.amp``: training autocasts to bf16 only (fp16 would need loss scaling)."""
+    if amp is None:
+        return None
+    if amp != "bf16":
+        raise ConfigError(f"unknown training precision --amp {amp!r}; valid: bf16")
+    return True
 
 
 def _print_privacy(training: dict[str, Any]) -> None:
