@@ -13,6 +13,8 @@ time reported is training time only, evaluation excluded.
 
 Pairs: fortify fgsm-rs / ART ``AdversarialTrainerFBFPyTorch``; fortify pgd (10 steps of
 2.5*eps/10 from a random start) / ``AdversarialTrainerMadryPGD`` (same steps, step size and start).
+fortify runs twice per objective: in fp32 like ART, and with ``train.amp`` (bf16 autocast) and
+``train.channels_last`` (``--no-fast`` leaves that row out).
 
 How each library is trained one epoch at a time:
 
