@@ -18,7 +18,9 @@ norms = st.sampled_from(["linf", "l2"])
 
 
 def _threat(norm: str, eps_fraction: float, lo: float, width: float) -> ThreatModel:
-    return ThreatModel(norm, eps_fraction * width, (lo, lo + width))
+    hi = lo + width
+    # the box width as the threat model computes it: (lo + width) - lo may round above width
+    return ThreatModel(norm, eps_fraction * (hi - lo), (lo, hi))
 
 
 @settings(max_examples=150, deadline=None)
