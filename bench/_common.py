@@ -12,8 +12,10 @@ import os
 import platform
 import statistics
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -116,6 +118,31 @@ def check_repeats(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def trainer_rows(args: argparse.Namespace, pairs: tuple[tuple[str, str], ...],
+                 group_of: Callable[[str], str], fortify_trainer: Callable[[str, bool], Any],
+                 art_trainer: Callable[[str], Any]) -> list[tuple[str, str, Any]]:
+    """``(group, library, train function)`` per objective in ``args.objectives``, for the training
+    benchmarks: fortify in fp32, fortify's fast path (bf16 autocast, channels_last) unless
+    ``--no-fast``, ART's matching trainer unless ``--no-art`` or ART is not importable."""
+    rows = []
+    for objective, art_name in pairs:
+        if objective not in args.objectives:
+            continue
+        group = group_of(objective)
+        rows.append((group, "fortify", fortify_trainer(objective, False)))
+        if not args.no_fast:
+            rows.append((group, "fortify bf16 channels_last", fortify_trainer(objective, True)))
+        if args.no_art:
+            continue
+        try:
+            import art  # noqa: F401
+        except ImportError as err:
+            print(f"note: ART skipped, not importable ({err})")
+            continue
+        rows.append((group, f"ART {art_name}", art_trainer(objective)))
+    return rows
 
 
 # -- provenance --------------------------------------------------------------------------------

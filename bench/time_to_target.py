@@ -68,6 +68,7 @@ from _common import (
     load_average,
     median,
     print_provenance,
+    trainer_rows,
 )
 from fortify.attacks import PGD
 from fortify.config import TrainConfig
@@ -187,23 +188,9 @@ def art_trainer(kind: str) -> TrainFn:
 
 
 def build_contenders(args: argparse.Namespace) -> list[Contender]:
-    rows = []
-    for objective, art_name in PAIRS:
-        if objective not in args.objectives:
-            continue
-        group = f"{objective}-{args.attack_steps}" if objective == "pgd" else objective
-        rows.append(Contender(group, "fortify", fortify_trainer(objective)))
-        if not args.no_fast:
-            rows.append(Contender(group, "fortify bf16 channels_last", fortify_trainer(objective, fast=True)))
-        if args.no_art:
-            continue
-        try:
-            import art  # noqa: F401
-        except ImportError as err:
-            print(f"note: ART skipped, not importable ({err})")
-            continue
-        rows.append(Contender(group, f"ART {art_name}", art_trainer(objective)))
-    return rows
+    def group_of(objective: str) -> str:
+        return f"{objective}-{args.attack_steps}" if objective == "pgd" else objective
+    return [Contender(*row) for row in trainer_rows(args, PAIRS, group_of, fortify_trainer, art_trainer)]
 
 
 def measure(contender: Contender, train: Split, val: Split, args: argparse.Namespace) -> None:

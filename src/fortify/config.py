@@ -192,16 +192,22 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def load_yaml(path: Path | str, kind: str = "config") -> Any:
+    """What a YAML file holds (safe loader: plain data only); ConfigError naming the ``kind`` of file
+    when it cannot be read or parsed."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read {kind} file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{kind} file {path} is not valid YAML: {err}") from None
+
+
 def read_yaml_mapping(path: Path | None) -> dict[str, Any]:
     """The mapping a YAML config file holds ({} without a file); a clear ConfigError otherwise."""
     if path is None:
         return {}
-    try:
-        loaded = yaml.safe_load(Path(path).read_text())
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    loaded = load_yaml(path)
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
     return loaded or {}

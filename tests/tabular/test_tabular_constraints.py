@@ -135,14 +135,20 @@ def test_linf_projection_is_the_nearest_feasible_point():
         assert float((projected[row] - target[row]).norm()) == pytest.approx(best, abs=1e-6)
 
 
-def feasible_set(threat: ConstrainedThreatModel, x: torch.Tensor) -> list[torch.Tensor]:
-    """Every point of the 1-D grids and one-hot groups, filtered by the threat model's definition."""
+def _feature_values(threat: ConstrainedThreatModel) -> list[list[torch.Tensor]]:
+    """Per feature, every value it may take: each one-hot of a categorical, each grid step of the rest."""
     options = []
     for f in threat.schema.features:
         if f.type == "categorical":
             options.append([nn.functional.one_hot(torch.tensor(k), f.width).float() for k in range(f.width)])
         else:
             options.append([torch.tensor([k / f.span]) for k in range(int(f.span) + 1)])
+    return options
+
+
+def feasible_set(threat: ConstrainedThreatModel, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every point of the 1-D grids and one-hot groups, filtered by the threat model's definition."""
+    options = _feature_values(threat)
     points = [torch.cat(combo) for combo in itertools.product(*options)]
     return [p for p in points if bool(threat.contains(p[None], x[None]))]
 
@@ -236,12 +242,7 @@ def test_feature_search_fools_exactly_the_examples_the_closed_form_can_fool():
 
 def feasible_set_batch(threat: ConstrainedThreatModel, x: torch.Tensor):
     """All feasible points for every row at once: yields (N, d) per combination of feature values."""
-    options = []
-    for f in threat.schema.features:
-        if f.type == "categorical":
-            options.append([nn.functional.one_hot(torch.tensor(k), f.width).float() for k in range(f.width)])
-        else:
-            options.append([torch.tensor([k / f.span]) for k in range(int(f.span) + 1)])
+    options = _feature_values(threat)
     for combo in itertools.product(*options):
         point = torch.cat(combo).expand_as(x)
         inside = threat.contains(point, x)

@@ -7,11 +7,12 @@ import torch
 import yaml
 from tabular_credit import credit_table, write_csv
 
+from fortify.config import read_yaml_mapping
 from fortify.data import load_dataset
 from fortify.errors import ConfigError, DataError
 from fortify.tabular import Feature, Schema, TableOptions
 from fortify.tabular.csv import infer_schema, read_table
-from fortify.tabular.schema import SchemaSpec
+from fortify.tabular.schema import SchemaSpec, read_schema_spec
 
 
 def test_encode_scales_numbers_by_bounds_and_one_hots_categories(schema):
@@ -104,3 +105,13 @@ def test_csv_dataset_loads_with_schema_file_and_target(tmp_path, schema):
     assert Schema.from_dict(dataset.metadata["schema"]) == schema
     with pytest.raises(DataError, match="target column 'label' is not in the data"):
         load_dataset("csv", TableOptions(path=tmp_path / "credit.csv", target="label"))
+
+
+@pytest.mark.parametrize("read, kind", [(read_schema_spec, "schema"), (read_yaml_mapping, "config")])
+def test_unreadable_or_malformed_yaml_files_name_the_file_and_its_kind(tmp_path, read, kind):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match=f"{kind} file .*broken.yaml is not valid YAML"):
+        read(broken)
+    with pytest.raises(ConfigError, match=f"cannot read {kind} file .*missing.yaml"):
+        read(tmp_path / "missing.yaml")

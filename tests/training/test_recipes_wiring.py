@@ -330,3 +330,9 @@ def test_amp_training_reaches_the_fp32_accuracy(digits):
         results[amp] = trainer.fit(digits.train, digits.val).history[-1].val_clean_accuracy
     assert results[False] > 0.85  # the setting learns at all
     assert abs(results[True] - results[False]) <= 0.03, results
+
+
+def test_amp_on_a_device_without_autocast_is_refused(digits, monkeypatch):
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
+    with pytest.raises(ConfigError, match="train.amp needs autocast, which device cpu lacks"):
+        _trainer(digits, None, amp=True)

@@ -37,6 +37,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from fortify.config import load_yaml
 from fortify.errors import ConfigError, DataError
 
 FEATURE_TYPES: tuple[str, ...] = ("continuous", "integer", "binary", "categorical")
@@ -265,13 +266,7 @@ class SchemaSpec:
 
 def read_schema_spec(path: Path | str) -> SchemaSpec:
     """Read a schema YAML file (possibly partial; see ``SchemaSpec``)."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as err:
-        raise ConfigError(f"cannot read schema file {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"schema file {path} is not valid YAML: {err}") from None
-    return SchemaSpec.from_dict(data)
+    return SchemaSpec.from_dict(load_yaml(path, "schema"))
 
 
 def load_schema(path: Path | str) -> Schema:
