@@ -43,6 +43,7 @@ from _common import (
 )
 from fortify.attacks import FGSM, PGD
 from fortify.models import build_model
+from fortify.models.layout import channels_last
 from fortify.threat import ThreatModel
 
 AttackFn = Callable[[Tensor, Tensor], Tensor]
@@ -159,9 +160,23 @@ def art_contenders(model: nn.Module, threat: ThreatModel, steps: list[int], batc
     return rows
 
 
+def channels_last_rows(rows: list[Contender], model: nn.Module) -> list[Contender]:
+    """The same attacks, each run with ``model``'s 4-D weights converted to channels_last for its
+    duration (fortify's ``eval.channels_last``); the conversion is timed with the run."""
+    def converted(run: AttackFn) -> AttackFn:
+        def run_channels_last(x: Tensor, y: Tensor) -> Tensor:
+            with channels_last(model):
+                return run(x, y)
+        return run_channels_last
+    return [Contender(c.group, f"{c.library} channels_last", converted(c.run)) for c in rows]
+
+
 def build_contenders(counted: ForwardCounter, threat: ThreatModel, args: argparse.Namespace,
                      input_shape: tuple[int, ...]) -> list[Contender]:
     rows = fortify_contenders(counted, threat, args.steps, args.seed)
+    if args.channels_last:  # fortify's fastest row per attack, and ART's rows below, once more
+        rows += channels_last_rows([c for c in rows if c.library == "fortify early_stop"
+                                    or c.group == "FGSM"], counted)
     rows += torchattacks_contenders(counted, threat, args.steps)
     try:
         rows += foolbox_contenders(counted, threat, args.steps)
@@ -171,7 +186,8 @@ def build_contenders(counted: ForwardCounter, threat: ThreatModel, args: argpars
         print("note: ART skipped (--no-art)")
     else:
         try:
-            rows += art_contenders(counted, threat, args.steps, args.batch, input_shape)
+            art = art_contenders(counted, threat, args.steps, args.batch, input_shape)
+            rows += art + (channels_last_rows(art, counted) if args.channels_last else [])
         except ImportError as err:
             print(f"note: ART skipped, adversarial-robustness-toolbox is not importable ({err})")
     order = {"FGSM": 0, **{f"PGD-{k}": i + 1 for i, k in enumerate(args.steps)}}
@@ -267,6 +283,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-art", action="store_true", help="leave ART out")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="also run fortify's fastest rows and ART's with channels_last weights")
     args = parser.parse_args(argv)
     check_repeats(parser, args)
     return args

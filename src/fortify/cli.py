@@ -304,6 +304,8 @@ def evaluate(
     n_examples: Annotated[int | None, typer.Option(help="Use the first N test examples.")] = None,
     amp: Annotated[str | None, typer.Option(help="bf16 or fp16: attack under autocast, checked "
                                             "against fp32 on the first examples.")] = None,
+    channels_last: Annotated[bool | None, typer.Option(
+        "--channels-last", help="Attack with conv weights stored NHWC (faster on CPU).")] = None,
     device: DeviceOpt = "auto",
     model_file: Annotated[Path | None, typer.Option("--model", help="A Keras (.keras, .h5) or ONNX "
                                                     "(.onnx) model file to evaluate instead.")] = None,
@@ -325,7 +327,7 @@ def evaluate(
         threat={"eps": eps, "norm": norm},
         eval={"attacks": attack_list, "preset": preset, "steps": steps, "restarts": restarts,
               "queries": queries, "surrogate": surrogate, "cascade": cascade,
-              "n_examples": n_examples, "amp": amp})
+              "n_examples": n_examples, "amp": amp, "channels_last": channels_last})
     if model_file is not None:
         if model_dir is not None:
             raise ConfigError(f"give a model directory ({model_dir}) or --model {model_file}, not both")

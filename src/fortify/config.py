@@ -112,6 +112,7 @@ class EvalConfig(_Strict):
     # autocast precision of attacks and predictions; the first examples are checked against fp32
     amp: Literal["bf16", "fp16"] | None = None
     amp_min_agreement: float = Field(0.9, gt=0, le=1)  # below it, the fp32 check warns
+    channels_last: bool = False  # attack and analyse with channels_last conv weights (speed only)
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:

@@ -6,6 +6,7 @@ is built in ``prepare`` before any file is written, so a bad setting stops the r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -28,6 +29,7 @@ from fortify.evaluation import RobustnessReport, evaluate
 from fortify.evaluation.analysis import AnalysisOptions, ModelAnalysis, analyse
 from fortify.evaluation.precision import check_amp_support
 from fortify.models import MODELS, build_model
+from fortify.models.layout import channels_last
 from fortify.tabular.run import run_threat, table_options
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
@@ -266,11 +268,20 @@ def evaluate_model(setup: Setup, model: nn.Module, journal_dir: Path | None = No
     attacks = build_attacks(cfg, setup.threat, setup.dataset.num_classes, surrogate)
     # the eps curve needs one cheap, strong attack at many eps: PGD when it is in the list
     curve_attack = next((a for a in attacks if isinstance(a, PGD)), attacks[-1])
-    return evaluate(model, test.x, test.y, attacks, setup.threat, curve_attack=curve_attack,
-                    batch_size=cfg.batch_size, cascade=cfg.cascade or cfg.preset == "autoattack",
-                    eps_grid=cfg.eps_grid or default_eps_grid(setup.threat),
-                    num_classes=setup.dataset.num_classes, journal_dir=journal_dir, shard=shard,
-                    amp=cfg.amp, amp_min_agreement=cfg.amp_min_agreement)
+    with eval_layout(setup, model, test):
+        return evaluate(model, test.x, test.y, attacks, setup.threat, curve_attack=curve_attack,
+                        batch_size=cfg.batch_size, cascade=cfg.cascade or cfg.preset == "autoattack",
+                        eps_grid=cfg.eps_grid or default_eps_grid(setup.threat),
+                        num_classes=setup.dataset.num_classes, journal_dir=journal_dir, shard=shard,
+                        amp=cfg.amp, amp_min_agreement=cfg.amp_min_agreement)
+
+
+def eval_layout(setup: Setup, model: nn.Module, test: Split) -> contextlib.AbstractContextManager[Any]:
+    """channels_last conv weights for the duration of an evaluation when ``eval.channels_last`` asks
+    for them (checked on one test example first); otherwise the model as it is."""
+    if not setup.config.eval.channels_last:
+        return contextlib.nullcontext(model)
+    return channels_last(model, probe=test.x[:1].to(setup.device))
 
 
 def analyse_model(setup: Setup, model: nn.Module, report: RobustnessReport) -> ModelAnalysis:
@@ -287,8 +298,9 @@ def analyse_model(setup: Setup, model: nn.Module, report: RobustnessReport) -> M
         certify_alpha=cfg.certify_alpha, masking_examples=cfg.masking_examples,
         gallery_examples=cfg.gallery_examples, batch_size=setup.config.eval.batch_size,
         seed=setup.config.eval.seed)
-    return analyse(model, test.x, test.y, setup.threat, attack=attack, report=report,
-                   num_classes=setup.dataset.num_classes, options=options)
+    with eval_layout(setup, model, test):
+        return analyse(model, test.x, test.y, setup.threat, attack=attack, report=report,
+                       num_classes=setup.dataset.num_classes, options=options)
 
 
 def audit_membership(setup: Setup, model: nn.Module) -> PrivacyReport:

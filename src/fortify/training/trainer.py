@@ -23,6 +23,7 @@ from fortify.attacks import PGD
 from fortify.config import TrainConfig
 from fortify.data.base import Split
 from fortify.errors import CheckpointError, ConfigError
+from fortify.models.layout import to_channels_last
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
 from fortify.training.batches import BatchRecipe
@@ -91,7 +92,7 @@ class Trainer:
     ) -> None:
         self.model = model
         if config.channels_last:
-            model.to(memory_format=torch.channels_last)  # conv weights; batches.py converts the inputs
+            to_channels_last(model)  # 4-D weights; batches.py converts the inputs
         self.distributed = distributed  # data-parallel under torchrun (fortify.training.distributed)
         # passes whose loss the optimiser follows go through DDP; attacks and validation use the model
         self.train_model = distributed.wrap(model) if distributed is not None else model

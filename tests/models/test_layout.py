@@ -1,0 +1,122 @@
+"""channels_last weights: converted for the duration, the same outputs, the layout given back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from fortify.config import RunConfig
+from fortify.errors import ConfigError
+from fortify.models import build_model
+from fortify.models.layout import channels_last, restore_layout, to_channels_last
+from fortify.pipeline import analyse_model, evaluate_model, prepare
+
+CL = torch.channels_last
+
+
+def _is_cl(t: Tensor) -> bool:
+    return t.is_contiguous(memory_format=CL) and not t.is_contiguous()
+
+
+def _mixed_model() -> nn.Module:
+    """4-D conv weights and BN buffers next to a 5-D Conv3d weight and 2-D linear weight."""
+    torch.manual_seed(0)
+    return nn.ModuleDict({"conv": nn.Conv2d(3, 8, 3), "bn": nn.BatchNorm2d(8),
+                          "conv3d": nn.Conv3d(1, 2, 3), "linear": nn.Linear(4, 2)})
+
+
+def test_only_4d_tensors_convert_and_parameters_keep_their_identity():
+    model = _mixed_model()
+    model.bn.register_buffer("kernel", torch.randn(2, 3, 4, 5))  # a 4-D buffer converts too
+    params_before = {name: p for name, p in model.named_parameters()}
+    values_before = {name: t.clone() for name, t in model.state_dict().items()}
+    saved = to_channels_last(model)  # Module.to(memory_format=channels_last) raises on the Conv3d
+    assert _is_cl(model.conv.weight) and _is_cl(model.bn.kernel)
+    assert model.conv3d.weight.is_contiguous() and model.linear.weight.is_contiguous()
+    assert {name: p for name, p in model.named_parameters()} == params_before  # same objects
+    restore_layout(saved)
+    assert model.conv.weight.is_contiguous() and model.bn.kernel.is_contiguous()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, values_before[name]), name
+
+
+def test_the_network_runs_channels_last_inside_with_the_same_outputs():
+    model = build_model("preact-resnet18", (3, 16, 16), 10).eval()
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = model(x)
+    layouts: list[bool] = []
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    hook = first_conv.register_forward_hook(lambda _m, _i, out: layouts.append(_is_cl(out)))
+    with channels_last(model, probe=x[:1]):
+        inside = model(x)  # contiguous input: the converted weights carry the layout over
+    hook.remove()
+    assert layouts == [True, True]  # the probe pass and the call above
+    torch.testing.assert_close(inside, expected, rtol=1e-4, atol=1e-5)
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_the_layout_comes_back_after_an_error():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3))
+    with pytest.raises(ValueError), channels_last(model):
+        assert _is_cl(model[0].weight)
+        raise ValueError("boom")
+    assert model[0].weight.is_contiguous()
+
+
+class _Viewing(nn.Module):
+    """Flattens with ``view``, which channels_last activations do not allow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn(self.conv(x))
+        return self.head(h.view(h.shape[0], -1))
+
+
+def test_a_model_that_cannot_run_channels_last_is_a_config_error_and_is_left_as_it_was():
+    model = _Viewing().train()
+    stats = model.bn.running_mean.clone()
+    with (pytest.raises(ConfigError, match="does not run with channels_last weights.*without channels_last"),
+          channels_last(model, probe=torch.rand(1, 2, 6, 6))):
+        pass
+    assert model.training and torch.equal(model.bn.running_mean, stats)  # probed in eval mode
+    assert model.conv.weight.is_contiguous()
+
+
+def _conv_layouts(model: nn.Module) -> tuple[list[bool], torch.utils.hooks.RemovableHandle]:
+    """Per forward pass, whether the first convolution's output came out channels_last."""
+    seen: list[bool] = []
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    return seen, first_conv.register_forward_hook(lambda _m, _i, out: seen.append(_is_cl(out)))
+
+
+def test_eval_channels_last_reaches_the_attacks_and_changes_no_result(standard_model):
+    def evaluated(layout: bool):
+        config = RunConfig.model_validate({
+            "eval": {"attacks": ["fgsm", "pgd"], "steps": 5, "n_examples": 60, "eps_grid": [0.1],
+                     "channels_last": layout},
+            "analysis": {"margin_examples": 8, "margin_steps": 10, "certify_examples": 4, "certify_n": 50,
+                         "masking_examples": 16, "gallery_examples": 0, "privacy": False}})
+        setup = prepare(config, "cpu")
+        seen, hook = _conv_layouts(standard_model)
+        report = evaluate_model(setup, standard_model)
+        hook.remove()
+        return setup, report, seen
+
+    _, plain, seen_plain = evaluated(False)
+    setup, fast, seen_fast = evaluated(True)
+    assert seen_fast and all(seen_fast) and not any(seen_plain)
+    assert all(p.is_contiguous() for p in standard_model.parameters())  # given back afterwards
+    assert fast.clean_correct == plain.clean_correct
+    for a, b in zip(fast.attacks, plain.attacks, strict=True):
+        # float rounding differs between the layouts; a near-tie may fall the other way, no more
+        assert sum(x != y for x, y in zip(a.robust, b.robust, strict=True)) <= 1, a.name
+    seen, hook = _conv_layouts(standard_model)
+    analyse_model(setup, standard_model, fast)
+    hook.remove()
+    assert seen and all(seen)
