@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from fortify.config import TrainConfig
 from fortify.data import load_dataset
 from fortify.models import build_model
+from fortify.models.layout import channels_last
 from fortify.threat import ThreatModel
 from fortify.training.objectives import ObjectiveOptions, build_objective
 from fortify.training.trainer import Trainer
@@ -63,6 +64,16 @@ class ForwardCounter(nn.Module):
         self.examples = 0
         self.backward_calls = 0
         self.backward_examples = 0
+
+
+def run_channels_last(run: Callable[[Tensor, Tensor], Any], model: nn.Module
+                      ) -> Callable[[Tensor, Tensor], Any]:
+    """``run`` with ``model``'s 4-D weights converted to channels_last for each call (fortify's
+    ``eval.channels_last``); the conversion is timed with the call."""
+    def converted(x: Tensor, y: Tensor) -> Any:
+        with channels_last(model):
+            return run(x, y)
+    return converted
 
 
 @dataclass

@@ -37,6 +37,7 @@ from _common import (
     load_average,
     median,
     print_provenance,
+    run_channels_last,
 )
 from fortify.attacks import APGD, CarliniWagnerL2, Square
 from fortify.config import EvalConfig
@@ -93,6 +94,10 @@ def apgd_group(model: nn.Module, threat: ThreatModel, args: argparse.Namespace) 
         attack = APGD(threat, loss="ce", n_iter=n_iter, restarts=1, early_stop=early, seed=args.seed)
         label = "fortify early_stop" if early else "fortify"
         rows.append(Contender(group, label, batched(lambda x, y, a=attack: a(model, x, y), args.batch)))
+    if args.channels_last:
+        early_stop = rows[-1].run
+        rows.append(Contender(group, "fortify early_stop channels_last",
+                              run_channels_last(early_stop, model)))
     rows += peer(lambda: Contender(group, "torchattacks", batched(_torchattacks_apgd(model, threat, args),
                                                                   args.batch)), "torchattacks")
     rows += peer(lambda: Contender(group, "pyautoattack", batched(_autoattack_apgd(model, threat, args),
@@ -172,6 +177,9 @@ def cw_group(model: nn.Module, args: argparse.Namespace) -> list[Contender]:
     tuned_steps, tuned_lr = args.cw_tuned
     rows.append(Contender(search, f"fortify {tuned_steps} steps lr {tuned_lr:g}",
                           fortify(searches, 0.1, tuned_steps, tuned_lr), limit))
+    if args.channels_last:
+        rows.append(Contender(search, f"fortify {tuned_steps} steps lr {tuned_lr:g} channels_last",
+                              run_channels_last(fortify(searches, 0.1, tuned_steps, tuned_lr), model), limit))
     if args.cw_long_steps:  # ART's line search does more per step: a longer fortify run for equal strength
         rows.append(Contender(search, f"fortify {args.cw_long_steps} steps lr {lr:g}",
                               fortify(searches, 0.1, args.cw_long_steps), limit))
@@ -180,6 +188,11 @@ def cw_group(model: nn.Module, args: argparse.Namespace) -> list[Contender]:
     for art_steps in (steps, args.cw_art_short_steps):
         rows += peer(lambda s=art_steps: Contender(search, f"ART {s} steps lr {lr:g}",
                                                    _art_cw(model, s, searches, lr, args), limit), "art")
+    if args.channels_last:  # ART's quickest budget on the channels_last model too
+        short = args.cw_art_short_steps
+        rows += peer(lambda: Contender(search, f"ART {short} steps lr {lr:g} channels_last",
+                                       run_channels_last(_art_cw(model, short, searches, lr, args), model),
+                                       limit), "art")
     return rows
 
 
@@ -430,6 +443,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="binary-search steps of the C&W search row")
     parser.add_argument("--cw-examples", type=int, default=64,
                         help="C&W attacks only the first N examples (ART's C&W is slow)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="add rows run with channels_last weights (fortify's APGD early_stop and tuned "
+                             "C&W, ART's short C&W)")
     parser.add_argument("--cw-long-steps", type=int, default=0,
                         help="add a fortify row to the C&W search group with this many steps per constant")
     parser.add_argument("--cw-tuned", type=lambda s: (int(s.split(",")[0]), float(s.split(",")[1])),

@@ -40,10 +40,10 @@ from _common import (
     digits_setting,
     load_average,
     print_provenance,
+    run_channels_last,
 )
 from fortify.attacks import FGSM, PGD
 from fortify.models import build_model
-from fortify.models.layout import channels_last
 from fortify.threat import ThreatModel
 
 AttackFn = Callable[[Tensor, Tensor], Tensor]
@@ -161,14 +161,8 @@ def art_contenders(model: nn.Module, threat: ThreatModel, steps: list[int], batc
 
 
 def channels_last_rows(rows: list[Contender], model: nn.Module) -> list[Contender]:
-    """The same attacks, each run with ``model``'s 4-D weights converted to channels_last for its
-    duration (fortify's ``eval.channels_last``); the conversion is timed with the run."""
-    def converted(run: AttackFn) -> AttackFn:
-        def run_channels_last(x: Tensor, y: Tensor) -> Tensor:
-            with channels_last(model):
-                return run(x, y)
-        return run_channels_last
-    return [Contender(c.group, f"{c.library} channels_last", converted(c.run)) for c in rows]
+    """The same attacks, each run with ``model``'s weights channels_last for its duration."""
+    return [Contender(c.group, f"{c.library} channels_last", run_channels_last(c.run, model)) for c in rows]
 
 
 def build_contenders(counted: ForwardCounter, threat: ThreatModel, args: argparse.Namespace,
