@@ -41,7 +41,11 @@ rows reach at these settings: a probe run (seed 0, 8 epochs) had fortify at 0.28
 epochs 4/5/6 and ART's FBF at 0.29/0.24/0.33 after epochs 3/4/5 (0.49 after 8). PGD-10 training at
 eps 0.3 from scratch with lr 0.05 is slow to start here: neither library's model left chance level
 (8%, one class predicted) in 5 epochs of about 22 s each on one thread, so the pgd rows need a
-smaller ``--eps`` or many more ``--max-epochs`` (and time) to reach any target.
+smaller ``--eps`` or many more ``--max-epochs`` (and time) to reach any target. At eps 0.1 both
+train from the start:
+
+    .venv/bin/python bench/time_to_target.py --threads 1 --repeats 5 --objectives pgd --eps 0.1 \
+        --target 0.6 --max-epochs 4
 """
 
 from __future__ import annotations
