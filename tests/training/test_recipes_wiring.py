@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from fortify.config import RunConfig, TrainConfig, load_config
 from fortify.data import Dataset, Split
@@ -286,6 +288,19 @@ def test_channels_last_gives_the_same_weights_within_tolerance(digits, tmp_path)
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.allclose(a, b, atol=CHANNELS_LAST_TOLERANCE, rtol=0), name
     assert result_a.history[0].train_loss == pytest.approx(result_b.history[0].train_loss, abs=1e-4)
+
+
+def test_channels_last_training_leaves_a_conv3d_weight_as_it_is():
+    # Module.to(memory_format=channels_last) raises on the 5-D weight; only 4-D tensors convert
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 4 * 4 * 4, 3))
+    config = TrainConfig(objective="standard", epochs=1, batch_size=8, seed=0, early_stopping=False,
+                         channels_last=True)
+    data = Split(torch.rand(16, 1, 4, 4, 4), torch.arange(16) % 3)
+    trainer = Trainer(model, build_objective("standard", ObjectiveOptions(THREAT)), config, threat=THREAT,
+                      show_progress=False)
+    result = trainer.fit(data, data)
+    assert model[0].weight.is_contiguous() and math.isfinite(result.history[0].train_loss)
 
 
 def test_compiled_training_matches_eager_training_on_a_tiny_mlp(digits, tmp_path, monkeypatch):
