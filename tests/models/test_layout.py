@@ -56,6 +56,31 @@ def test_the_network_runs_channels_last_inside_with_the_same_outputs():
     assert all(p.is_contiguous() for p in model.parameters())
 
 
+def test_the_gradient_reaches_the_pool_before_flatten_channels_last_and_unchanged():
+    torch.manual_seed(0)
+    model = build_model("small-cnn", (3, 8, 8), 10).eval()
+    flatten = next(m for m in model.modules() if isinstance(m, nn.Flatten))
+    grad_layouts: list[bool] = []
+
+    def watch_gradient(_m: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        # registered after the layout's own hook, so this sees what the max-pool's backward gets
+        inputs[0].register_hook(lambda g: grad_layouts.append(_is_cl(g)))
+
+    def input_gradient() -> Tensor:
+        handle = flatten.register_forward_pre_hook(watch_gradient)
+        x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        (grad,) = torch.autograd.grad(model(x).logsumexp(1).sum(), x)
+        handle.remove()
+        return grad
+
+    expected = input_gradient()
+    with channels_last(model):
+        inside = input_gradient()
+    assert grad_layouts == [False, True]  # NCHW model: NCHW gradient; inside: converted at Flatten
+    torch.testing.assert_close(inside, expected, rtol=1e-4, atol=1e-6)
+    assert not flatten._forward_pre_hooks  # the layout's hook leaves with it
+
+
 def test_the_layout_comes_back_after_an_error():
     model = nn.Sequential(nn.Conv2d(2, 3, 3))
     with pytest.raises(ValueError), channels_last(model):

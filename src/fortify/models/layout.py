@@ -6,6 +6,9 @@ slowest case (18x its channels_last time on a 256x64x8x8 batch). A convolution w
 channels_last returns channels_last output whatever the layout of its input, so converting the
 weights carries the whole network over; the inputs need not change.
 
+For the duration, a hook on each ``nn.Flatten`` also hands the gradient back to its input in
+channels_last order (see ``_gradient_in_input_layout``).
+
 Only 4-D parameters and buffers are converted: channels_last has no meaning for other ranks
 (``Module.to(memory_format=...)`` raises on a Conv3d's 5-D weight). A model that reshapes its
 activations with ``Tensor.view`` fails on channels_last activations; ``channels_last(..., probe=x)``
@@ -67,12 +70,30 @@ def channels_last(model: nn.Module, probe: Tensor | None = None) -> Iterator[nn.
     run channels_last fails here with a ConfigError that says what to switch off.
     """
     saved = to_channels_last(model)
+    hooks = [m.register_forward_pre_hook(_gradient_in_input_layout) for m in model.modules()
+             if isinstance(m, nn.Flatten)]
     try:
         if probe is not None:
             _check_runs(model, probe)
         yield model
     finally:
+        for hook in hooks:
+            hook.remove()
         restore_layout(saved)
+
+
+def _gradient_in_input_layout(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+    """Forward pre-hook for ``nn.Flatten``: the gradient that flows back into a channels_last input
+    arrives in NCHW order (the backward of a reshape), and the max-pool or convolution before it
+    then takes oneDNN's slow path for mixed layouts; converting the gradient first is cheaper (a
+    channels_last PGD run on digits took 0.93-0.95 of the time, the same points)."""
+    (x,) = inputs
+    if x.requires_grad and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        x.register_hook(_to_channels_last_gradient)
+
+
+def _to_channels_last_gradient(grad: Tensor) -> Tensor:
+    return grad.contiguous(memory_format=torch.channels_last)
 
 
 def _check_runs(model: nn.Module, probe: Tensor) -> None:
