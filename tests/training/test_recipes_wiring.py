@@ -14,7 +14,7 @@ from torch import nn
 from fortify.config import RunConfig, TrainConfig, load_config
 from fortify.data import Dataset, Split
 from fortify.errors import ConfigError, DataError
-from fortify.models import build_model
+from fortify.models import build_model, layout
 from fortify.pipeline import prepare
 from fortify.threat import ThreatModel
 from fortify.training.checkpoint import load_tensors
@@ -288,6 +288,27 @@ def test_channels_last_gives_the_same_weights_within_tolerance(digits, tmp_path)
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.allclose(a, b, atol=CHANNELS_LAST_TOLERANCE, rtol=0), name
     assert result_a.history[0].train_loss == pytest.approx(result_b.history[0].train_loss, abs=1e-4)
+
+
+def test_channels_last_training_hands_the_flatten_gradient_back_channels_last(digits, monkeypatch):
+    # the gradient that reaches the max-pool before nn.Flatten, as the layout's hook returns it
+    returned: list[bool] = []
+    convert = layout._to_channels_last_gradient
+
+    def watched(grad: torch.Tensor) -> torch.Tensor:
+        out = convert(grad)
+        returned.append(out.is_contiguous(memory_format=torch.channels_last))
+        return out
+
+    monkeypatch.setattr(layout, "_to_channels_last_gradient", watched)
+    train, val = _small(digits, 64)
+    for channels in (False, True):
+        model, trainer = _trainer(digits, None, objective="standard", epochs=1, channels_last=channels)
+        trainer.fit(train, val)
+        flatten = next(m for m in model.modules() if isinstance(m, nn.Flatten))
+        assert not flatten._forward_pre_hooks  # the hook lives for the duration of fit only
+        steps = 0 if not channels else 64 // 32
+        assert len(returned) == steps and all(returned)  # one conversion per training step
 
 
 def test_channels_last_training_leaves_a_conv3d_weight_as_it_is():

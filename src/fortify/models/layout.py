@@ -70,16 +70,26 @@ def channels_last(model: nn.Module, probe: Tensor | None = None) -> Iterator[nn.
     run channels_last fails here with a ConfigError that says what to switch off.
     """
     saved = to_channels_last(model)
+    try:
+        with flatten_gradient_hooks(model):
+            if probe is not None:
+                _check_runs(model, probe)
+            yield model
+    finally:
+        restore_layout(saved)
+
+
+@contextlib.contextmanager
+def flatten_gradient_hooks(model: nn.Module) -> Iterator[None]:
+    """For the duration, each ``nn.Flatten`` of ``model`` hands the gradient back to a channels_last
+    input in channels_last order (see ``_gradient_in_input_layout``); the hooks go afterwards."""
     hooks = [m.register_forward_pre_hook(_gradient_in_input_layout) for m in model.modules()
              if isinstance(m, nn.Flatten)]
     try:
-        if probe is not None:
-            _check_runs(model, probe)
-        yield model
+        yield
     finally:
         for hook in hooks:
             hook.remove()
-        restore_layout(saved)
 
 
 def _gradient_in_input_layout(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:

@@ -23,7 +23,7 @@ from fortify.attacks import PGD
 from fortify.config import TrainConfig
 from fortify.data.base import Split
 from fortify.errors import CheckpointError, ConfigError
-from fortify.models.layout import to_channels_last
+from fortify.models.layout import flatten_gradient_hooks, to_channels_last
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
 from fortify.training.batches import BatchRecipe
@@ -131,7 +131,10 @@ class Trainer:
         self.batch_recipe.bind(train, self.model, self.threat.bounds)
         steps_per_epoch = self.batch_recipe.steps_per_epoch(len(train))
         stopped_early = False
-        with self._progress() as bar:
+        # channels_last: the gradient through each nn.Flatten goes back channels_last (layout.py)
+        layout_hooks = (flatten_gradient_hooks(self.model) if self.config.channels_last
+                        else contextlib.nullcontext())
+        with layout_hooks, self._progress() as bar:
             epochs_task = bar.add_task("epochs", total=self.config.epochs,
                                        completed=self.state.epoch)
             while self.state.epoch < self.config.epochs:
