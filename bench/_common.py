@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fortify.allocator import keep_freed_memory
 from fortify.config import TrainConfig
 from fortify.data import load_dataset
 from fortify.models import build_model
@@ -198,6 +199,24 @@ def package_version(module: str, label: str | None = None) -> str:
     return f"{label} {getattr(imported, '__version__', '?')}"
 
 
+_ALLOCATOR = "glibc malloc with its default thresholds"
+
+
+def add_allocator_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="raise glibc's malloc thresholds for the whole process, i.e. for every "
+                             "contender, as the fortify CLI does (fortify.allocator)")
+
+
+def apply_allocator_option(args: argparse.Namespace) -> None:
+    """``--keep-freed-memory``: the process keeps freed memory for reuse; the header says so."""
+    global _ALLOCATOR
+    if args.keep_freed_memory:
+        kept = keep_freed_memory()
+        _ALLOCATOR = ("freed memory kept for every contender (fortify.allocator.keep_freed_memory)" if kept
+                      else "glibc defaults (--keep-freed-memory needs glibc; this C library is another)")
+
+
 def print_provenance(peers: list[tuple[str, str]]) -> None:
     """Date, commit, machine, library versions and load: the first lines of every header."""
     versions = [f"torch {torch.__version__}"] + [package_version(m, label) for m, label in peers]
@@ -206,4 +225,5 @@ def print_provenance(peers: list[tuple[str, str]]) -> None:
     print(f"machine:  {cpu_model()}, {torch.get_num_threads()} torch threads "
           f"(of {torch.multiprocessing.cpu_count()} logical CPUs)")
     print(f"versions: {', '.join(versions)}, Python {platform.python_version()}")
+    print(f"malloc:   {_ALLOCATOR}")
     print(f"load:     {load_average()} (1/5/15-minute load average at start)")

@@ -32,6 +32,8 @@ from _common import (
     ForwardCounter,
     Setting,
     accuracy,
+    add_allocator_option,
+    apply_allocator_option,
     check_repeats,
     digits_setting,
     load_average,
@@ -455,6 +457,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=1000, help="Square's query budget")
     parser.add_argument("--train-epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    add_allocator_option(parser)
     args = parser.parse_args(argv)
     check_repeats(parser, args)
     return args
@@ -462,6 +465,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    apply_allocator_option(args)
     torch.set_num_threads(args.threads)
     setting = digits_setting(args)
     args.input_shape = tuple(setting.x.shape[1:])

@@ -36,6 +36,8 @@ from _common import (
     ForwardCounter,
     Setting,
     accuracy,
+    add_allocator_option,
+    apply_allocator_option,
     check_repeats,
     digits_setting,
     load_average,
@@ -279,6 +281,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-art", action="store_true", help="leave ART out")
     parser.add_argument("--channels-last", action="store_true",
                         help="also run fortify's fastest rows and ART's with channels_last weights")
+    add_allocator_option(parser)
     args = parser.parse_args(argv)
     check_repeats(parser, args)
     return args
@@ -286,6 +289,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    apply_allocator_option(args)
     torch.set_num_threads(args.threads)
     setting = digits_setting(args) if args.model == "small-cnn" else synthetic_setting(args)
     threat = ThreatModel("linf", args.eps)

@@ -68,6 +68,8 @@ from _common import (
     NUM_CLASSES,
     ForwardCounter,
     accuracy,
+    add_allocator_option,
+    apply_allocator_option,
     check_repeats,
     load_average,
     median,
@@ -259,6 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-fast", action="store_true",
                         help="leave out fortify's bf16 + channels_last rows")
     parser.add_argument("--no-art", action="store_true")
+    add_allocator_option(parser)
     args = parser.parse_args(argv)
     unknown = set(args.objectives) - {p[0] for p in PAIRS}
     if unknown:
@@ -271,6 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    apply_allocator_option(args)
     torch.set_num_threads(args.threads)
     data = load_dataset("mnist5k")
     val = Split(data.val.x[:args.val_examples], data.val.y[:args.val_examples])

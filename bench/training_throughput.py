@@ -34,6 +34,8 @@ from _common import (
     NUM_CLASSES,
     ForwardCounter,
     accuracy,
+    add_allocator_option,
+    apply_allocator_option,
     check_repeats,
     load_average,
     median,
@@ -201,6 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-art", action="store_true")
     parser.add_argument("--no-fast", action="store_true",
                         help="leave out fortify's bf16 + channels_last rows")
+    add_allocator_option(parser)
     args = parser.parse_args(argv)
     unknown = set(args.objectives) - {p[0] for p in PAIRS}
     if unknown:
@@ -211,6 +214,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    apply_allocator_option(args)
     torch.set_num_threads(args.threads)
     data = load_dataset("digits")
     contenders = build_contenders(args)

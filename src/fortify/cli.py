@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from fortify.allocator import keep_freed_memory_if_asked
 from fortify.config import load_config
 from fortify.errors import ConfigError, FortifyError
 from fortify.pipeline import (
@@ -616,6 +617,7 @@ def sweep(
 
 
 def main() -> None:
+    keep_freed_memory_if_asked()  # FORTIFY_KEEP_FREED_MEMORY=1 (fortify.allocator)
     app(prog_name="fortify")
 
 
