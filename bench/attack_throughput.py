@@ -6,7 +6,8 @@ by one per repeat, so that drift in the machine's speed falls on all contenders 
 gives the median wall time, examples per second, the time relative to fortify's plain attack of
 the same kind, the robust accuracy each attack left (a faster but weaker attack shows here) and
 the model forward passes each one made (counted by a wrapper around the model). CPU s is the
-process CPU time (all threads): on a shared, busy machine it drifts less than wall time.
+process CPU time (all threads): on a shared, busy machine it drifts less than wall time. Page
+faults are the process's minor faults during a run: memory the allocator got afresh from the OS.
 
     .venv/bin/python bench/attack_throughput.py --threads 2 --repeats 7 --batch 256
     .venv/bin/python bench/attack_throughput.py --model preact-resnet18 --shape 3,32,32 \
@@ -22,6 +23,7 @@ attack moved more points.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -82,6 +84,7 @@ class Contender:
     robust: list[float] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
     examples: list[int] = field(default_factory=list)
+    faults: list[int] = field(default_factory=list)  # minor page faults of this process in the run
     escaped: int = 0  # points outside the threat model, summed over runs
 
     @property
@@ -202,10 +205,12 @@ def measure(contender: Contender, setting: Setting, counted: ForwardCounter,
             threat: ThreatModel, batch: int) -> None:
     """Time one run over all examples; record robust accuracy and forward passes after it."""
     counted.reset()
+    start_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start, start_cpu = time.perf_counter(), time.process_time()
     x_adv = attack_all(contender, setting.x, setting.y, batch)
     contender.seconds.append(time.perf_counter() - start)
     contender.cpu_seconds.append(time.process_time() - start_cpu)
+    contender.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start_faults)
     contender.calls.append(counted.calls)
     contender.examples.append(counted.examples)
     contender.robust.append(accuracy(setting.model, x_adv, setting.y, batch))
@@ -242,8 +247,8 @@ def print_table(contenders: list[Contender], n: int, batch: int) -> None:
     batches = -(-n // batch)
     print()
     print("| attack | library | median s | min-max s | examples/s | time / fortify "
-          "| CPU s | robust acc | forward calls | forwarded / n |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| CPU s | robust acc | forward calls | forwarded / n | page faults |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in contenders:
         median = c.median_seconds
         calls = statistics.median(c.calls)
@@ -252,7 +257,7 @@ def print_table(contenders: list[Contender], n: int, batch: int) -> None:
               f"{median / baseline[c.group]:.2f} | {statistics.median(c.cpu_seconds):.3f} | "
               f"{statistics.median(c.robust):.2%} | "
               f"{calls:g} ({calls / batches:.3g}/batch) | "
-              f"{statistics.median(c.examples) / n:.3g} |")
+              f"{statistics.median(c.examples) / n:.3g} | {statistics.median(c.faults):,.0f} |")
     escaped = [f"{c.library} {c.group}: {c.escaped}" for c in contenders if c.escaped]
     if escaped:
         print(f"\nwarning: points outside the threat model: {'; '.join(escaped)}")
