@@ -205,7 +205,8 @@ _ALLOCATOR = "glibc malloc with its default thresholds"
 def add_allocator_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="raise glibc's malloc thresholds for the whole process, i.e. for every "
-                             "contender, as the fortify CLI does (fortify.allocator)")
+                             "contender, as FORTIFY_KEEP_FREED_MEMORY=1 does for the fortify CLI "
+                             "(fortify.allocator)")
 
 
 def apply_allocator_option(args: argparse.Namespace) -> None:
