@@ -209,9 +209,11 @@ def add_allocator_option(parser: argparse.ArgumentParser) -> None:
                              "(fortify.allocator)")
 
 
-def apply_allocator_option(args: argparse.Namespace) -> None:
-    """``--keep-freed-memory``: the process keeps freed memory for reuse; the header says so."""
+def apply_process_options(args: argparse.Namespace) -> None:
+    """The process-wide settings, before any work: ``--threads`` and ``--keep-freed-memory`` (which
+    the header's ``malloc:`` line then reports)."""
     global _ALLOCATOR
+    torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
         kept = keep_freed_memory()
         _ALLOCATOR = ("freed memory kept for every contender (fortify.allocator.keep_freed_memory)" if kept

@@ -33,7 +33,7 @@ from _common import (
     Setting,
     accuracy,
     add_allocator_option,
-    apply_allocator_option,
+    apply_process_options,
     check_repeats,
     digits_setting,
     load_average,
@@ -465,8 +465,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    apply_allocator_option(args)
-    torch.set_num_threads(args.threads)
+    apply_process_options(args)
     setting = digits_setting(args)
     args.input_shape = tuple(setting.x.shape[1:])
     threat = ThreatModel("linf", args.eps)

@@ -39,7 +39,7 @@ from _common import (
     Setting,
     accuracy,
     add_allocator_option,
-    apply_allocator_option,
+    apply_process_options,
     check_repeats,
     digits_setting,
     load_average,
@@ -294,8 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    apply_allocator_option(args)
-    torch.set_num_threads(args.threads)
+    apply_process_options(args)
     setting = digits_setting(args) if args.model == "small-cnn" else synthetic_setting(args)
     threat = ThreatModel("linf", args.eps)
     counted = ForwardCounter(setting.model).eval()

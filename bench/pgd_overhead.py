@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from _common import (
+    NUM_CLASSES,
     add_allocator_option,
-    apply_allocator_option,
+    apply_process_options,
     check_repeats,
     digits_setting,
     load_average,
@@ -51,8 +52,8 @@ def recorded_passes(model: nn.Module, attack: Callable[[], Tensor]) -> list[Pass
 def bare_loop(model: nn.Module, passes: list[Pass], shape: tuple[int, ...], seed: int
               ) -> Callable[[], None]:
     generator = torch.Generator().manual_seed(seed)
-    inputs = [(torch.rand((n, *shape), generator=generator), torch.randint(0, 10, (n,), generator=generator),
-               grad) for n, grad in passes]
+    inputs = [(torch.rand((n, *shape), generator=generator),
+               torch.randint(0, NUM_CLASSES, (n,), generator=generator), grad) for n, grad in passes]
 
     def run() -> None:
         for x, y, grad in inputs:
@@ -78,8 +79,7 @@ def main() -> None:
     add_allocator_option(parser)
     args = parser.parse_args()
     check_repeats(parser, args)
-    apply_allocator_option(args)
-    torch.set_num_threads(args.threads)
+    apply_process_options(args)
     setting = digits_setting(args)
     model = setting.model.eval()
     pgd = PGD(ThreatModel("linf", args.eps), steps=args.steps, early_stop=True, seed=args.seed)

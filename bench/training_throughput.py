@@ -35,7 +35,7 @@ from _common import (
     ForwardCounter,
     accuracy,
     add_allocator_option,
-    apply_allocator_option,
+    apply_process_options,
     check_repeats,
     load_average,
     median,
@@ -214,8 +214,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    apply_allocator_option(args)
-    torch.set_num_threads(args.threads)
+    apply_process_options(args)
     data = load_dataset("digits")
     contenders = build_contenders(args)
     print_provenance([("art", "adversarial-robustness-toolbox")])

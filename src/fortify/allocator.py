@@ -5,14 +5,14 @@ when freed, and it returns the free top of its heap to the OS once more than a t
 (both thresholds start at 128 KiB; the mmap one follows the largest block freed, up to 32 MiB). The
 next tensor of that size then costs a page fault and a zeroed page per 4 KiB it touches. An attack
 pays this on every call: its batch shrinks as examples fall, and between calls the memory goes back.
-On the digits CNN, PGD-10 spent 12-20 ms of system time per 85 ms run this way; with the thresholds
-raised it spent none (docs/PERFORMANCE.md, change log).
+On the digits CNN, one run of PGD-10 took 10,000-54,000 page faults this way, depending on the
+library; with the thresholds raised it took none (docs/PERFORMANCE.md, change log).
 
 ``keep_freed_memory`` raises both thresholds, as the PyTorch CPU tuning guides do by swapping in
 jemalloc or tcmalloc; the process then keeps its peak heap for reuse instead of shrinking after each
 batch. It is opt-in: the CLI calls it at start when ``FORTIFY_KEEP_FREED_MEMORY=1``, and a program
 that uses fortify as a library calls it itself, since the setting holds for the whole process. Not
-the default because a whole ``fortify run`` (two threads, training included) was no faster with it
+the default because whole ``fortify run`` jobs and training steps were no faster with it
 (docs/PERFORMANCE.md, change log).
 """
 

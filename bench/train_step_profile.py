@@ -1,0 +1,79 @@
+"""One small-cnn training step on CPU, alone: milliseconds per step and where the time goes.
+
+The step of fortify's standard objective with its speed switches (bf16 autocast, channels_last
+weights and inputs, the `nn.Flatten` gradient hook), in a bare loop at batch 64 without the
+Trainer around it: forward, cross-entropy, backward, SGD with momentum. The script prints the
+median time per step over several blocks of steps and the operators that the torch profiler
+charges most, per call. Two runs of it in two processes show how much separate processes on the
+same machine differ; `--keep-freed-memory` shows the allocator's share.
+
+    .venv/bin/python bench/train_step_profile.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import profile
+
+from _common import NUM_CLASSES, add_allocator_option, apply_process_options, print_provenance
+from fortify.models import build_model
+from fortify.models.layout import channels_last
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=200, help="steps per timed block")
+    parser.add_argument("--blocks", type=int, default=5)
+    parser.add_argument("--fp32", action="store_true", help="without bf16 autocast")
+    parser.add_argument("--top", type=int, default=8, help="operators to list")
+    add_allocator_option(parser)
+    args = parser.parse_args()
+    apply_process_options(args)
+    torch.manual_seed(0)
+    model = build_model("small-cnn", (1, 8, 8), NUM_CLASSES).train()
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x = torch.rand(args.batch, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, NUM_CLASSES, (args.batch,))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
+            loss = F.cross_entropy(model(x), y)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+    print_provenance([])
+    print(f"setting:  small-cnn, batch {args.batch}, {'fp32' if args.fp32 else 'bf16 autocast'}, "
+          f"channels_last with the Flatten hook; {args.blocks} blocks of {args.steps} steps\n")
+    with channels_last(model):
+        for _ in range(20):  # warm-up
+            step()
+        blocks = []
+        for _ in range(args.blocks):
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            blocks.append((time.perf_counter() - start) / args.steps)
+        with profile() as prof:
+            for _ in range(args.steps // 4):
+                step()
+    print(f"ms per step: median {statistics.median(blocks) * 1e3:.2f} "
+          f"(blocks {', '.join(f'{b * 1e3:.2f}' for b in blocks)})\n")
+    print("| operator | calls per step | us per call | share of the profiled time |")
+    print("|---|---:|---:|---:|")
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    for event in events[:args.top]:
+        print(f"| {event.key} | {event.count / (args.steps // 4):.3g} | "
+              f"{event.self_cpu_time_total / event.count:.1f} | {event.self_cpu_time_total / total:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
