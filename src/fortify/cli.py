@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import shutil
 import sys
 import time
@@ -38,6 +39,7 @@ from fortify.report.compare import write_comparison
 from fortify.report.html import write_report
 from fortify.report.results import RESULTS_VERSION, load_results
 from fortify.tabular.run import tabular_section
+from fortify.training import checkpoint as ckpt
 from fortify.training import distributed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -189,13 +191,16 @@ def _print_comparison(results: dict[str, Any]) -> None:
 @_handles_errors
 def train(
     config: ConfigOpt = None,
-    out: Annotated[Path | None, typer.Option(help="Model directory (default runs/<dataset>-<time>).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Model directory (default runs/<dataset>-<objective>-<time>).")] = None,
     dataset: DatasetOpt = None,
     data_path: DataPathOpt = None,
     target: TargetOpt = None,
     schema: SchemaOpt = None,
     model: Annotated[str | None, typer.Option(help="Model name (default: the dataset's).")] = None,
-    objective: Annotated[str | None, typer.Option(help="standard, fgsm, fgsm-rs or pgd.")] = None,
+    objective: Annotated[str | None, typer.Option(
+        help="Training method: standard, fgsm, fgsm-rs, pgd, trades, mart, free, awp-pgd, awp-trades, "
+        "pgd-mix or gaussian.")] = None,
     eps: EpsOpt = None,
     norm: NormOpt = None,
     epochs: EpochsOpt = None,
@@ -334,7 +339,8 @@ def evaluate(
             raise ConfigError(f"give a model directory ({model_dir}) or --model {model_file}, not both")
         _evaluate_model_file(model_file, config, overrides, dataset=dataset, layout=layout,
                              input_range=input_range, mean=mean, std=std, device=device, out=out,
-                             attacks_chosen=attack_list is not None or preset is not None)
+                             attacks_chosen=attack_list is not None or preset is not None,
+                             with_report=with_report)
         return
     if model_dir is None:
         raise ConfigError("give a MODEL_DIR written by fortify train, or --model FILE (.keras, .h5, .onnx)")
@@ -387,7 +393,8 @@ def _print_evaluation(title: str, report: Any) -> None:
 
 def _evaluate_model_file(path: Path, config: Path | None, overrides: dict[str, Any], *,
                          dataset: str | None, layout: str, input_range: str | None, mean: str | None,
-                         std: str | None, device: str, out: Path | None, attacks_chosen: bool) -> None:
+                         std: str | None, device: str, out: Path | None, attacks_chosen: bool,
+                         with_report: bool) -> None:
     """Evaluate a Keras or ONNX file on a dataset; a model without gradients gets query attacks only."""
     from fortify.interop.card import parse_numbers
     from fortify.interop.external import check_attacks_fit_access, load_external_model
@@ -397,7 +404,10 @@ def _evaluate_model_file(path: Path, config: Path | None, overrides: dict[str, A
         overrides = {**overrides, "data": {"name": dataset}}
     cfg = load_config(config, overrides)
     setup = prepare(cfg, device)
-    out_dir = _fresh_out_dir(out, f"{path.stem}-eval", resume=False)
+    source = {"model_file": str(path.resolve()), "sha256": ckpt.sha256(path) if path.is_file() else None,
+              "dataset": cfg.data.name, "layout": layout, "input_range": input_range, "mean": mean,
+              "std": std}
+    out_dir = _model_file_out_dir(out, path, source)
     external = load_external_model(
         path, setup.dataset, layout=layout, input_range=parse_numbers(input_range, "--input-range", 2),
         mean=parse_numbers(mean, "--mean"), std=parse_numbers(std, "--std"), device=setup.device)
@@ -409,15 +419,53 @@ def _evaluate_model_file(path: Path, config: Path | None, overrides: dict[str, A
     console.print(f"{path.name}: {external.access.kind}, {external.access.reason}", soft_wrap=True)
     for note in external.warnings:
         console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
-    report = evaluate_model(setup, external.module)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    journal_dir = out_dir / "evaluation"
+    journal_dir.mkdir(parents=True, exist_ok=True)
+    write_json(journal_dir / _EVALUATED_FILE, source)
+    report = evaluate_model(setup, external.module, journal_dir=journal_dir)
+    extra = _measure_file_model_further(setup, external, report) if with_report else {}
     write_json(out_dir / "robustness.json", {
         "version": RESULTS_VERSION, "kind": "evaluation", "config": cfg.model_dump(mode="json"),
-        "model": external.describe(), "robustness": report.to_dict(),
+        "model": external.describe(), "robustness": report.to_dict(), **extra,
         "provenance": provenance(cfg, setup.device)})
     _print_evaluation(f"{path.name} ({external.access.kind}): {setup.threat.describe()}, "
                       f"{report.n_examples} examples", report)
+    shutil.rmtree(journal_dir, ignore_errors=True)  # finished: the journal is spent
     out_console.print(f"results: {out_dir / 'robustness.json'}")
+    if with_report:
+        out_console.print(f"report: {write_report(load_results(out_dir), out_dir / 'report.html')}")
+
+
+_EVALUATED_FILE = "model_file.json"  # in the journal: which file, with which input card, it belongs to
+
+
+def _model_file_out_dir(out: Path | None, path: Path, source: dict[str, Any]) -> Path:
+    """A fresh --out, or one holding an unfinished evaluation of this same file and card, which the
+    journal inside continues; anything else in it is left alone."""
+    journal_dir = out / "evaluation" if out is not None else None
+    if journal_dir is None or not (journal_dir / _EVALUATED_FILE).is_file():
+        return _fresh_out_dir(out, f"{path.stem}-eval", resume=False)
+    try:
+        recorded = json.loads((journal_dir / _EVALUATED_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        recorded = None
+    if recorded != source:
+        raise ConfigError(f"{out} holds an unfinished evaluation of another model file or input card "
+                          f"({journal_dir / _EVALUATED_FILE}); choose another --out")
+    console.print(f"continuing the unfinished evaluation in {out}")
+    return out
+
+
+def _measure_file_model_further(setup: Setup, external: Any, report: Any) -> dict[str, Any]:
+    """``--report`` for a model file: the analysis needs gradients, so a black-box model gets the
+    membership audit alone (when the analysis section asks for it)."""
+    if not external.access.white_box and setup.config.analysis.enabled:
+        console.print("[yellow]note:[/] no margins, certified radius or masking checks for a black-box "
+                      "model (they need gradients); the report holds the attack results", soft_wrap=True)
+        analysis = setup.config.analysis.model_copy(update={"enabled": False})
+        config = setup.config.model_copy(update={"analysis": analysis})
+        setup = dataclasses.replace(setup, config=config)
+    return _measure_further(setup, external.module, report)
 
 
 @app.command()

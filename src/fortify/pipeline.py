@@ -110,6 +110,17 @@ def model_card(setup: Setup) -> dict[str, Any]:
             "std": list(setup.dataset.std) if normalize else None}
 
 
+def model_from_card(card: dict[str, Any]) -> nn.Module:
+    """The architecture a model card names, with fresh weights (DP-trained models in Opacus' form)."""
+    model = build_model(card["name"], card["input_shape"], card["num_classes"],
+                        mean=card.get("mean"), std=card.get("std"))
+    if card.get("opacus_fixed"):
+        from fortify.training.dp import make_dp_compatible
+
+        model, _ = make_dp_compatible(model)
+    return model
+
+
 def load_trained_model(model_dir: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the architecture from model.json and load model.safetensors (hash-checked)."""
     card_path = Path(model_dir) / MODEL_CARD
@@ -119,12 +130,7 @@ def load_trained_model(model_dir: Path, device: torch.device) -> tuple[nn.Module
     if not state.get("finished"):
         raise CheckpointError(f"training in {model_dir} did not finish; resume it first")
     card = json.loads(card_path.read_text())
-    model = build_model(card["name"], card["input_shape"], card["num_classes"],
-                        mean=card["mean"], std=card["std"])
-    if card.get("opacus_fixed"):
-        from fortify.training.dp import make_dp_compatible
-
-        model, _ = make_dp_compatible(model)
+    model = model_from_card(card)
     ckpt.load_weights(Path(model_dir) / "model.safetensors", model,
                       state["sha256"].get("model.safetensors"))
     return model.to(device).eval(), card
@@ -151,13 +157,8 @@ def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: b
     train_cfg = setup.config.train.model_copy(update={"objective": objective_name})
     model = new_model(setup, train_cfg.seed)
     objective = build_training_objective(setup, train_cfg)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    config = setup.config.model_copy(update={"train": train_cfg})
     dp = setup.config.dp
-    if distributed is None or distributed.is_main:
-        (model_dir / "config.yaml").write_text(config.to_yaml())
-        # a DP model may have had BatchNorm replaced: loading repeats the replacement
-        write_json(model_dir / MODEL_CARD, model_card(setup) | ({"opacus_fixed": True} if dp.enabled else {}))
+    # the trainers check their settings when built, before anything is written
     if dp.enabled:
         from fortify.training.dp import DPTrainer
 
@@ -168,6 +169,12 @@ def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: b
     else:
         trainer = Trainer(model, objective, train_cfg, threat=setup.threat, run_dir=model_dir,
                           show_progress=show_progress, distributed=distributed, extra_data=setup.extra)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if distributed is None or distributed.is_main:
+        config = setup.config.model_copy(update={"train": train_cfg})
+        (model_dir / "config.yaml").write_text(config.to_yaml())
+        # a DP model may have had BatchNorm replaced: loading repeats the replacement
+        write_json(model_dir / MODEL_CARD, model_card(setup) | ({"opacus_fixed": True} if dp.enabled else {}))
     train = setup.dataset.train
     if dp.canaries:
         from fortify.privacy.canaries import insert_canaries

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from fortify.cli import app
 from fortify.errors import CheckpointError, ConfigError
-from fortify.interop.export import export_model
+from fortify.interop.export import export_model, load_safetensors_export
 from fortify.models import build_model
 from fortify.pipeline import MODEL_CARD, load_trained_model, write_json
 from fortify.training import checkpoint as ckpt
@@ -56,13 +56,8 @@ def _torchscript_logits(path, x):
 
 
 def _safetensors_logits(path, x):
-    with safe_open(str(path), framework="pt") as handle:
-        card = json.loads(handle.metadata()["model_card"])
-    model = build_model(card["name"], card["input_shape"], card["num_classes"], mean=card["mean"],
-                        std=card["std"])
-    ckpt.load_weights(path, model)
-    with torch.inference_mode():
-        return model.eval()(x)
+    with torch.inference_mode():  # the documented reload: the card in the file names the architecture
+        return load_safetensors_export(path)(x)
 
 
 @pytest.mark.parametrize("fmt, reload", [("onnx", _onnxruntime_logits), ("torchscript", _torchscript_logits),
@@ -79,6 +74,19 @@ def test_export_reloads_to_the_same_logits(model_dir, tmp_path, fmt, reload):
     card = json.loads(result.card_path.read_text())
     assert card["layout"] == "nchw" and card["input_range"] == [0.0, 1.0] and card["outputs"] == "logits"
     assert card["normalization"] == {"mean": MEAN, "std": STD, "applied": "inside the model"}
+
+
+def test_safetensors_export_card_names_the_architecture_and_box(model_dir, tmp_path):
+    result = export_model(model_dir, "safetensors", tmp_path / "m.safetensors")
+    with safe_open(str(result.path), framework="pt") as handle:
+        card = json.loads(handle.metadata()["model_card"])
+    assert card["name"] == "small-cnn" and card["bounds"] == [0.0, 1.0] and card["mean"] == MEAN
+
+
+def test_a_training_checkpoint_is_not_taken_for_an_export(model_dir):
+    # model.safetensors of a model directory holds fortify weights but no model card
+    with pytest.raises(CheckpointError, match="no model card"):
+        load_safetensors_export(model_dir / "model.safetensors")
 
 
 def test_cli_export_from_a_run_directory_takes_the_hardened_model(model_dir, tmp_path):

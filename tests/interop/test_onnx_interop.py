@@ -102,6 +102,66 @@ def test_cli_evaluates_an_onnx_file_and_records_access(onnx_twin, tmp_path):
     assert robustness["attacks"][0]["adversarial_accuracy"] < robustness["clean_accuracy"]
 
 
+@pytest.mark.parametrize("black_box", [False, True])
+def test_cli_report_for_an_onnx_file(onnx_twin, tmp_path, black_box):
+    out = tmp_path / "eval"
+    attack = ["--queries", 30] if black_box else ["--attacks", "pgd", "--steps", 5]
+    result = _evaluate_cli("--model", onnx_twin(QUANTISE if black_box else ()), "--dataset", "digits",
+                           *attack, "--eps", 0.1, "--n-examples", 40, "--out", out, "--device", "cpu",
+                           "--report")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "robustness.json").read_text())
+    html = (out / "report.html").read_text()
+    assert saved["robustness"]["attacks"][0]["name"] in html
+    # the analysis needs gradients: measured for the white-box model, skipped with a note otherwise
+    assert ("analysis" in saved) is not black_box
+    assert ("need gradients" in result.output) is black_box
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_cli_interrupted_onnx_evaluation_continues_in_its_out_dir(onnx_twin, tmp_path, monkeypatch):
+    from fortify.attacks.fgsm import FGSM
+    from fortify.evaluation.journal import Journal
+
+    path = onnx_twin()
+    flags = ["--model", path, "--dataset", "digits", "--attacks", "fgsm,pgd", "--steps", 3, "--eps", 0.1,
+             "--n-examples", 40, "--device", "cpu", "--out"]
+    straight = _evaluate_cli(*flags, tmp_path / "straight")
+    assert straight.exit_code == 0, straight.output
+    # Prepare: the run dies once FGSM is written to the journal
+    save_completed = Journal.save_completed
+
+    def die_after_saving(journal, result):
+        save_completed(journal, result)
+        raise _Killed
+
+    monkeypatch.setattr(Journal, "save_completed", die_after_saving)
+    out = tmp_path / "killed"
+    assert isinstance(_evaluate_cli(*flags, out).exception, _Killed)
+    monkeypatch.setattr(Journal, "save_completed", save_completed)
+    # Execute: the same command again; FGSM must come from the journal, not be run again
+    monkeypatch.setattr(FGSM, "__call__", lambda *a, **k: pytest.fail("FGSM ran again"))
+    resumed = _evaluate_cli(*flags, out)
+    # Assert
+    assert resumed.exit_code == 0, resumed.output
+    assert "continuing" in resumed.output and not (out / "evaluation").exists()
+    as_run, as_resumed = (json.loads((d / "robustness.json").read_text())["robustness"]
+                          for d in (tmp_path / "straight", out))
+    assert as_resumed["attacks"] == as_run["attacks"]
+
+
+def test_cli_unfinished_evaluation_of_another_file_is_not_continued(onnx_twin, tmp_path):
+    out = tmp_path / "eval"
+    (out / "evaluation").mkdir(parents=True)
+    (out / "evaluation" / "model_file.json").write_text(json.dumps({"model_file": "other.onnx"}))
+    result = _evaluate_cli("--model", onnx_twin(), "--dataset", "digits", "--attacks", "fgsm", "--out", out)
+    assert result.exit_code == 2 and "another model file" in result.output, result.output
+    assert sorted(p.name for p in out.rglob("*")) == ["evaluation", "model_file.json"]
+
+
 def test_cli_black_box_model_gets_square_and_refuses_pgd(onnx_twin, tmp_path):
     path = onnx_twin(QUANTISE)
     refused = _evaluate_cli("--model", path, "--dataset", "digits", "--attacks", "pgd",

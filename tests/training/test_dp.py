@@ -257,6 +257,21 @@ def test_cli_rejects_a_bad_epsilon_without_a_traceback(tmp_path: Path) -> None:
     assert "dp.target_epsilon" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("flags, fragment", [(["--objective", "free"], "free"),
+                                             (["--amp", "bf16"], "train.amp")])
+def test_cli_refuses_dp_settings_before_writing_anything(tmp_path: Path, flags, fragment) -> None:
+    from typer.testing import CliRunner
+
+    from fortify.cli import app
+
+    out = tmp_path / "m"
+    args = ["train", "--dp", "--noise-multiplier", "1", *flags, "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and fragment in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() or not any(out.rglob("*"))  # the same command can be run again, fixed
+
+
 @pytest.mark.slow
 def test_cli_dp_run_records_epsilon_and_audit_and_the_model_loads(tmp_path: Path) -> None:
     from typer.testing import CliRunner

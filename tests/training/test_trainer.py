@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fortify.config import TrainConfig
 from fortify.data import Split
@@ -61,6 +63,27 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(digits, tmp_pat
         assert torch.equal(a, c), f"{name} differs after resume"
     assert [r.train_loss for r in result_a.history] == [r.train_loss for r in result_c.history]
     assert result_a.best_epoch == result_c.best_epoch
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fused_optimizer_steps_like_the_plain_one(digits, optimizer):
+    # Prepare: the Trainer (fused kernels on CPU) and torch's per-tensor optimizer on copies of one model
+    model, trainer = _trainer(digits, None, "standard", optimizer=optimizer, weight_decay=0.05)
+    reference = copy.deepcopy(model)
+    settings = {"lr": 0.05, "weight_decay": 0.05, "foreach": False}
+    plain = (torch.optim.Adam(reference.parameters(), **settings) if optimizer == "adam"
+             else torch.optim.SGD(reference.parameters(), momentum=0.9, **settings))
+    x, y = digits.train.x[:32], digits.train.y[:32]
+    # Execute: three steps each, so that momentum and Adam's moments take part
+    for _ in range(3):
+        trainer._train_step(x, y)
+        plain.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        plain.step()
+    # Assert
+    assert trainer.optimizer.param_groups[0]["fused"] is True
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # summation order differs
 
 
 def test_resume_with_other_settings_is_refused(digits, tmp_path):

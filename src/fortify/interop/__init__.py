@@ -7,8 +7,9 @@ Importing this package imports none of the optional frameworks; each loader impo
 
 from fortify.interop.access import Access, probe_gradients
 from fortify.interop.card import InputAdapter, InputCard
-from fortify.interop.export import EXPORT_FORMATS, ExportResult, export_model
+from fortify.interop.export import EXPORT_FORMATS, ExportResult, export_model, load_safetensors_export
 from fortify.interop.external import BLACK_BOX_ATTACKS, MODEL_SUFFIXES, ExternalModel, load_external_model
 
 __all__ = ["Access", "BLACK_BOX_ATTACKS", "EXPORT_FORMATS", "ExportResult", "ExternalModel", "InputAdapter",
-           "InputCard", "MODEL_SUFFIXES", "export_model", "load_external_model", "probe_gradients"]
+           "InputCard", "MODEL_SUFFIXES", "export_model", "load_external_model", "load_safetensors_export",
+           "probe_gradients"]

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import fortify
 from fortify.errors import CheckpointError, ConfigError
 from fortify.interop.dependencies import require
-from fortify.pipeline import MODEL_CARD, load_trained_model
+from fortify.pipeline import MODEL_CARD, load_trained_model, model_from_card
 from fortify.training import checkpoint as ckpt
 
 EXPORT_FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
@@ -106,8 +107,8 @@ def _write_torchscript(model: nn.Module, card: dict[str, Any], inputs: Tensor, o
 
 
 def _write_safetensors(model: nn.Module, card: dict[str, Any], inputs: Tensor, out: Path) -> None:
-    # fortify's checkpoint marker plus the model card: fortify.models.build_model(**card) and
-    # fortify.training.checkpoint.load_weights rebuild the model from this one file
+    # fortify's checkpoint marker plus the model card: load_safetensors_export rebuilds the model
+    # from this one file
     metadata = {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "kind": "weights",
                 "model_card": json.dumps(card)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -116,6 +117,28 @@ def _write_safetensors(model: nn.Module, card: dict[str, Any], inputs: Tensor, o
 
 _WRITERS: dict[str, Callable[[nn.Module, dict[str, Any], Tensor, Path], None]] = {
     "onnx": _write_onnx, "torchscript": _write_torchscript, "safetensors": _write_safetensors}
+
+
+def load_safetensors_export(path: Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The model of a safetensors export, rebuilt from the model card in its metadata; in eval mode.
+
+    The file is read without unpickling; one fortify did not write, or a training checkpoint
+    without a card, is refused with a CheckpointError.
+    """
+    path = Path(path)
+    ckpt.load_tensors(path, "weights")  # refuses foreign, pickled and other kinds of files first
+    with safe_open(str(path), framework="pt") as handle:
+        card_text = (handle.metadata() or {}).get("model_card")
+    if card_text is None:
+        raise CheckpointError(f"{path} holds fortify weights but no model card: it is not a safetensors "
+                              "export; write one with `fortify export RUN_DIR --format safetensors`")
+    try:
+        card = json.loads(card_text)
+        model = model_from_card(card)
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"the model card in {path} is unreadable ({err!r})") from None
+    ckpt.load_weights(path, model)
+    return model.to(device).eval()
 
 
 # -- reloading and checking --------------------------------------------------------------------
