@@ -212,6 +212,106 @@ def test_resume_of_a_finished_run_keeps_its_weights(trained_dir):
     assert before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
 
 
+def _copy_of(trained_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_dir, copy)
+    return copy
+
+
+@pytest.mark.parametrize("changed, fragment", [(["--eps", 0.1], "threat.eps was 0.2, now 0.1"),
+                                               (["--model", "mlp"], "model.name was None, now 'mlp'")])
+def test_resume_under_other_settings_is_refused_before_anything_is_written(trained_dir, tmp_path, changed,
+                                                                           fragment):
+    # Prepare: a finished model directory and the bytes of the files a run writes first
+    copy = _copy_of(trained_dir, tmp_path)
+    before = {name: (copy / name).read_bytes() for name in ("config.yaml", "model.json", "state.json")}
+    # Execute
+    result = _invoke("train", "--out", copy, "--objective", "standard", "--epochs", 1, "--resume", "--quiet",
+                     *changed)
+    # Assert
+    _assert_clean_error(result, fragment)
+    assert {name: (copy / name).read_bytes() for name in before} == before
+
+
+def test_run_resume_under_another_eps_is_refused(tmp_path):
+    from fortify.config import load_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(load_config(None, {"threat": {"eps": 0.2}}).to_yaml())
+    saved = (out / "config.yaml").read_bytes()
+    _assert_clean_error(_invoke("run", "--out", out, "--resume", "--eps", 0.1, "--quiet"), "threat.eps")
+    assert (out / "config.yaml").read_bytes() == saved
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def test_export_does_not_write_over_the_model(trained_dir, tmp_path):
+    copy = _copy_of(trained_dir, tmp_path)
+    weights = (copy / "model.safetensors").read_bytes()
+    result = _invoke("export", copy, "--format", "safetensors", "--out", copy / "model.safetensors")
+    _assert_clean_error(result, "own files")
+    assert (copy / "model.safetensors").read_bytes() == weights
+
+
+def test_an_output_path_that_cannot_be_written_is_a_clean_error(trained_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    _assert_clean_error(_invoke("export", trained_dir, "--format", "torchscript", "--out", blocker / "m.pt"),
+                        str(blocker))
+    _assert_clean_error(_invoke("train", "--out", blocker, "--epochs", 1, "--quiet"), "is a file")
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda d: (d / "model.json").write_text("{"), "not a readable model card"),
+    (lambda d: (d / "model.json").write_text('{"name": "small-cnn"}'), "not a fortify model card"),
+    (lambda d: (d / "model.json").write_bytes(b"\xff\xfe"), "not a readable model card"),
+    (lambda d: (d / "state.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((d / "state.json").read_text()).items() if k != "sha256"})),
+     "records no hash of model.safetensors"),
+])
+def test_a_damaged_model_directory_is_refused(trained_dir, tmp_path, damage, fragment):
+    copy = _copy_of(trained_dir, tmp_path)
+    damage(copy)
+    _assert_clean_error(_invoke("evaluate", copy, "--attacks", "fgsm", "--n-examples", 10), fragment)
+
+
+@pytest.mark.parametrize("settings, fragment", [({"eval": {"eps_grid": [5.0]}}, "beyond the box"),
+                                                ({"eval": {"attack_options": {"pgd": {"steps": "abc"}}}},
+                                                 "bad options for attack 'pgd'")])
+def test_bad_evaluation_settings_are_refused_before_attacking(trained_dir, tmp_path, settings, fragment):
+    copy = _copy_of(trained_dir, tmp_path)
+    (copy / "robustness.json").unlink(missing_ok=True)  # other tests evaluate the shared directory
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    result = _invoke("evaluate", copy, "--config", config, "--attacks", "pgd", "--n-examples", 10)
+    _assert_clean_error(result, fragment)
+    assert not (copy / "evaluation").exists() and not (copy / "robustness.json").exists()
+
+
+def test_evaluate_refuses_what_does_not_apply_to_a_model_directory(trained_dir, tmp_path):
+    _assert_clean_error(_invoke("evaluate", tmp_path / "nowhere"), "is not a directory")
+    _assert_clean_error(_invoke("evaluate", trained_dir, "--dataset", "breast-cancer"), "--dataset go")
+
+
+def test_a_config_file_that_is_not_utf8_is_refused(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"train:\n  epochs: \xff\xfe\n")
+    out = tmp_path / "out"
+    _assert_clean_error(_invoke("train", "--config", config, "--out", out), "not UTF-8", not_created=out)
+
+
+def test_an_interrupted_evaluation_says_how_to_continue(trained_dir, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fortify.cli.evaluate_model", interrupt)
+    result = _invoke("evaluate", trained_dir, "--attacks", "fgsm", "--n-examples", 10)
+    assert result.exit_code == 130 and "rerun the same command to continue" in result.output
+    assert "--resume" not in result.output
+
+
 def test_the_installed_command_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fortify", "train", "--eps", "-1", "--out",
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=120)

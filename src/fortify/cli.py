@@ -28,6 +28,7 @@ from fortify.pipeline import (
     Setup,
     analyse_model,
     audit_membership,
+    check_same_settings,
     evaluate_model,
     load_trained_model,
     prepare,
@@ -64,6 +65,13 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")]
 
 
+# what to do after Ctrl-C, by command: the commands that keep a checkpoint or a journal
+_AFTER_INTERRUPT = {"run": "rerun the same command with --resume to continue",
+                    "train": "rerun the same command with --resume to continue",
+                    "evaluate": "rerun the same command to continue (finished batches are kept)",
+                    "sweep": "rerun the same command to continue (finished runs are kept)"}
+
+
 def _handles_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -72,11 +80,21 @@ def _handles_errors(command: F) -> F:
         except FortifyError as err:
             console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as err:  # a file or directory that cannot be read or written
+            console.print(f"[bold red]error:[/] {_describe_os_error(err)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]: rerun the same command with --resume to continue")
+            hint = _AFTER_INTERRUPT.get(command.__name__)
+            console.print("[yellow]interrupted[/]" + (f": {hint}" if hint else ""))
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _describe_os_error(err: OSError) -> str:
+    where = f" {err.filename}" if err.filename is not None else ""
+    return f"cannot use{where}: {err.strerror or err}"
+
 
 
 def _overrides(**sections: dict[str, Any]) -> dict[str, Any]:
@@ -91,6 +109,8 @@ def _fresh_out_dir(out: Path | None, default_stem: str, resume: bool) -> Path:
         if resume:
             raise ConfigError("--resume needs --out naming the run directory to continue")
         return Path("runs") / f"{default_stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; --out names a directory")
     if out.exists() and any(out.iterdir()) and not resume:
         raise ConfigError(f"{out} already exists and is not empty; pass --resume to continue the "
                           "run in it or choose another --out")
@@ -126,6 +146,8 @@ def run(
                                          train={"epochs": epochs, "seed": seed}))
     setup = prepare(cfg, device, objectives=("standard", "pgd"))
     out_dir = _fresh_out_dir(out, cfg.data.name, resume)
+    if resume:
+        check_same_settings(out_dir, cfg)  # before config.yaml is written over
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(cfg.to_yaml())
     started = time.perf_counter()
@@ -344,6 +366,13 @@ def evaluate(
         return
     if model_dir is None:
         raise ConfigError("give a MODEL_DIR written by fortify train, or --model FILE (.keras, .h5, .onnx)")
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir} is not a directory: give a MODEL_DIR written by fortify train, "
+                          "or --model FILE for a Keras or ONNX file")
+    file_only = [flag for flag, value in (("--dataset", dataset), ("--out", out)) if value is not None]
+    if file_only:  # a model directory is evaluated on its own data, into itself
+        raise ConfigError(f"{' and '.join(file_only)} go with --model FILE; a MODEL_DIR is evaluated on the "
+                          "data it was trained on (pass --config to change it) and writes into itself")
     base = config if config is not None else model_dir / "config.yaml"
     if not base.is_file():
         raise ConfigError(f"{model_dir} has no config.yaml; pass --config")

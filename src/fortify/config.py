@@ -200,6 +200,8 @@ def load_yaml(path: Path | str, kind: str = "config") -> Any:
         return yaml.safe_load(Path(path).read_text())
     except OSError as err:
         raise ConfigError(f"cannot read {kind} file {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{kind} file {path} is not UTF-8 text") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{kind} file {path} is not valid YAML: {err}") from None
 

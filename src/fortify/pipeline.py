@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,9 +23,9 @@ from torch import nn
 import fortify
 from fortify.attacks import ATTACKS, PGD, Attack
 from fortify.attacks.transfer import Transfer
-from fortify.config import EvalConfig, RunConfig, TrainConfig
+from fortify.config import EvalConfig, RunConfig, TrainConfig, load_config
 from fortify.data import DataOptions, Dataset, Split, load_dataset
-from fortify.errors import CheckpointError, ConfigError
+from fortify.errors import CheckpointError, ConfigError, FortifyError
 from fortify.evaluation import RobustnessReport, evaluate
 from fortify.evaluation.analysis import AnalysisOptions, ModelAnalysis, analyse
 from fortify.evaluation.precision import check_amp_support
@@ -80,6 +81,8 @@ def prepare(config: RunConfig, device: str = "auto", objectives: tuple[str, ...]
     # a schema (or a csv dataset) makes the threat model constrained: see fortify.tabular
     threat = run_threat(config.threat.norm, config.threat.eps, dataset, data.feature_schema)
     threat.check_inputs(dataset.test.x[:1])
+    for eps in config.eval.eps_grid or ():  # the robustness curve's budgets, checked before any attack
+        threat.with_eps(eps)
     surrogate = config.eval.surrogate
     if surrogate is not None and not (Path(surrogate) / MODEL_CARD).is_file():
         raise CheckpointError(f"surrogate {surrogate} holds no trained fortify model ({MODEL_CARD} missing)")
@@ -129,11 +132,28 @@ def load_trained_model(model_dir: Path, device: torch.device) -> tuple[nn.Module
     state = ckpt.read_state_json(Path(model_dir))
     if not state.get("finished"):
         raise CheckpointError(f"training in {model_dir} did not finish; resume it first")
-    card = json.loads(card_path.read_text())
+    hashes = state.get("sha256")
+    if not isinstance(hashes, dict) or not isinstance(hashes.get("model.safetensors"), str):
+        # every fortify writer records it: without it the tamper check would be skipped
+        raise CheckpointError(f"{model_dir / ckpt.STATE_JSON} records no hash of model.safetensors; "
+                              "refusing to load weights that cannot be checked")
+    card = read_model_card(card_path)
     model = model_from_card(card)
-    ckpt.load_weights(Path(model_dir) / "model.safetensors", model,
-                      state["sha256"].get("model.safetensors"))
+    ckpt.load_weights(Path(model_dir) / "model.safetensors", model, hashes["model.safetensors"])
     return model.to(device).eval(), card
+
+
+def read_model_card(path: Path) -> dict[str, Any]:
+    """model.json, checked for the fields that rebuild the architecture."""
+    try:
+        card = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not a readable model card ({err})") from None
+    fields = {"name": str, "input_shape": list, "num_classes": int}
+    if not isinstance(card, dict) or any(not isinstance(card.get(k), kind) for k, kind in fields.items()):
+        raise CheckpointError(f"{path} is not a fortify model card: it needs a name (text), an "
+                              "input_shape (list) and num_classes (integer)")
+    return card
 
 
 def build_training_objective(setup: Setup, train_cfg: TrainConfig) -> Objective:
@@ -147,6 +167,27 @@ def build_training_objective(setup: Setup, train_cfg: TrainConfig) -> Objective:
         mix_ratio=train_cfg.mix_ratio, label_smoothing=train_cfg.label_smoothing))
 
 
+# the sections of a RunConfig that shape a model's weights; a resumed run must keep every one of them
+WEIGHT_SETTINGS = ("data", "model", "threat", "train", "dp")
+
+
+def check_same_settings(directory: Path, config: RunConfig, sections: Sequence[str] = WEIGHT_SETTINGS
+                        ) -> None:
+    """ConfigError unless the config.yaml in ``directory`` (if any) agrees with ``config`` on
+    ``sections``: continuing a run under other settings would mix two runs in one."""
+    saved_path = Path(directory) / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved, now = load_config(saved_path).model_dump(mode="json"), config.model_dump(mode="json")
+    differing = [f"{section}.{key} was {saved[section].get(key)!r}, now {now[section].get(key)!r}"
+                 for section in sections for key in sorted(set(saved[section]) | set(now[section]))
+                 if saved[section].get(key) != now[section].get(key)]
+    if differing:
+        raise ConfigError(f"cannot resume {directory}: {'; '.join(differing[:4])}"
+                          + (f" (and {len(differing) - 4} more)" if len(differing) > 4 else "")
+                          + "; give the settings it was started with, or start a new run elsewhere")
+
+
 def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: bool,
                 show_progress: bool, distributed: DistributedContext | None = None
                 ) -> tuple[nn.Module, TrainResult]:
@@ -158,6 +199,9 @@ def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: b
     model = new_model(setup, train_cfg.seed)
     objective = build_training_objective(setup, train_cfg)
     dp = setup.config.dp
+    config = setup.config.model_copy(update={"train": train_cfg})
+    if resume:
+        check_same_settings(model_dir, config)
     # the trainers check their settings when built, before anything is written
     if dp.enabled:
         from fortify.training.dp import DPTrainer
@@ -171,7 +215,6 @@ def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: b
                           show_progress=show_progress, distributed=distributed, extra_data=setup.extra)
     model_dir.mkdir(parents=True, exist_ok=True)
     if distributed is None or distributed.is_main:
-        config = setup.config.model_copy(update={"train": train_cfg})
         (model_dir / "config.yaml").write_text(config.to_yaml())
         # a DP model may have had BatchNorm replaced: loading repeats the replacement
         write_json(model_dir / MODEL_CARD, model_card(setup) | ({"opacus_fixed": True} if dp.enabled else {}))
@@ -241,7 +284,9 @@ def build_attacks(config: EvalConfig, threat: ThreatModel, num_classes: int,
             continue
         try:
             attack = factory(threat, seed=seed, **_attack_options(name, config, num_classes))
-        except TypeError as err:
+        except FortifyError:
+            raise
+        except (TypeError, ValueError) as err:  # an unknown option, or a value of the wrong type
             raise ConfigError(f"bad options for attack {name!r}: {err}") from None
         _check_targets(name, attack, num_classes)
         attacks.append(attack)

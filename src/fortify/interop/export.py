@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -41,6 +41,12 @@ class ExportResult:
     verified_on: int  # random inputs in the box the reloaded export was compared on
 
 
+# what fortify train keeps in a model directory; an export must not replace any of them
+_MODEL_DIR_FILES = frozenset({"model.safetensors", "last.safetensors", "best.safetensors",
+                              "state.safetensors", "state.json", MODEL_CARD, "config.yaml", "training.json",
+                              "robustness.json"})
+
+
 def find_model_dir(run_dir: Path, member: str = "pgd") -> Path:
     """A model directory, or the ``models/<member>`` model inside a ``fortify run`` directory."""
     run_dir = Path(run_dir)
@@ -63,6 +69,9 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, *, member: st
     out = Path(out) if out is not None else model_dir / "export" / f"model{suffix}"
     if out.suffix != suffix:
         raise ConfigError(f"a {fmt} export is written to a {suffix} file; got {out}")
+    if out.resolve().parent == model_dir.resolve() and out.name in _MODEL_DIR_FILES:
+        raise ConfigError(f"{out} is one of the model directory's own files; export elsewhere "
+                          f"(default {model_dir / 'export' / ('model' + suffix)})")
     model, card = load_trained_model(model_dir, torch.device("cpu"))
     inputs = _random_inputs(card)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +121,10 @@ def _write_safetensors(model: nn.Module, card: dict[str, Any], inputs: Tensor, o
     metadata = {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "kind": "weights",
                 "model_card": json.dumps(card)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out), metadata=metadata)
+    try:
+        save_file(tensors, str(out), metadata=metadata)
+    except SafetensorError as err:  # safetensors reports I/O failures as its own error
+        raise CheckpointError(f"cannot write {out}: {err}") from None
 
 
 _WRITERS: dict[str, Callable[[nn.Module, dict[str, Any], Tensor, Path], None]] = {
