@@ -295,6 +295,17 @@ def test_evaluate_refuses_what_does_not_apply_to_a_model_directory(trained_dir, 
     _assert_clean_error(_invoke("evaluate", trained_dir, "--dataset", "breast-cancer"), "--dataset go")
 
 
+@pytest.mark.parametrize("text, fragment", [
+    ("train:\n  epochs: true\n", "train.epochs: Value error, a number"),
+    ("train:\n  epochs: 3\n  epochs: 5\n", "'epochs' is given twice"),
+])
+def test_config_values_yaml_would_misread_are_refused(tmp_path, text, fragment):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    out = tmp_path / "out"
+    _assert_clean_error(_invoke("train", "--config", config, "--out", out), fragment, not_created=out)
+
+
 def test_a_config_file_that_is_not_utf8_is_refused(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_bytes(b"train:\n  epochs: \xff\xfe\n")

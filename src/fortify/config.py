@@ -7,16 +7,39 @@ file is written. Unknown keys are errors, not silently ignored typos.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fortify.errors import ConfigError
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic would read YAML's `epochs: true` as 1
+        if isinstance(value, bool) and info.field_name is not None \
+                and _is_number_field(cls.model_fields[info.field_name].annotation):
+            raise ValueError("a number is expected, not true or false")
+        return value
+
+
+def _is_number_field(annotation: Any) -> bool:
+    kinds = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+    return bool(kinds & {int, float}) and bool not in kinds
 
 
 class DataConfig(_Strict):
@@ -193,11 +216,27 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (it would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key: the base class reports it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: Path | str, kind: str = "config") -> Any:
     """What a YAML file holds (safe loader: plain data only); ConfigError naming the ``kind`` of file
     when it cannot be read or parsed."""
     try:
-        return yaml.safe_load(Path(path).read_text())
+        return yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
     except OSError as err:
         raise ConfigError(f"cannot read {kind} file {path}: {err.strerror}") from None
     except UnicodeDecodeError:
