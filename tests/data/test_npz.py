@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -214,7 +216,7 @@ def test_object_arrays_are_refused_not_unpickled(tmp_path):
     message = load_error(options)
 
     # Assert
-    assert "never unpickles" in message
+    assert "array 'class_names' is an object array" in message and "never unpickles" in message
 
 
 def test_three_dimensional_inputs_are_a_data_error(tmp_path):
@@ -273,3 +275,166 @@ def test_a_file_that_is_not_an_archive_is_a_data_error(tmp_path):
 
     # Assert
     assert str(path) in message
+
+
+@pytest.mark.parametrize("declared", [{}, {"num_classes": np.array(10**12 + 1)}])
+def test_a_huge_label_is_refused_before_anything_is_sized_by_it(declared, tmp_path):
+    # Prepare: an id where a class index belongs would size a 10^12-class model
+    y = np.arange(20) % 2
+    y[3] = 10**12
+    options = write_npz(tmp_path, x=RNG.random((20, 2)), y=y, **declared)
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "'y' holds the label 1000000000000" in message and "0..K-1" in message
+
+
+def test_uint64_labels_are_range_checked_before_the_cast(tmp_path):
+    # Prepare: 2**63 + 5 wraps to a negative number when cast to int64
+    y = (np.arange(20) % 2).astype(np.uint64)
+    y[0] = 2**63 + 5
+    options = write_npz(tmp_path, x=RNG.random((20, 2)), y=y)
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "'y' holds the label 9223372036854775813" in message
+
+
+def test_small_uint64_labels_are_accepted(tmp_path):
+    # Prepare
+    options = write_npz(tmp_path, x=RNG.random((20, 2)), y=(np.arange(20) % 2).astype(np.uint64))
+
+    # Execute
+    data = load_dataset("npz", options)
+
+    # Assert
+    assert data.num_classes == 2 and data.train.y.dtype == torch.int64
+
+
+def test_a_single_class_is_a_data_error(tmp_path):
+    # Prepare
+    options = write_npz(tmp_path, x=RNG.random((20, 2)), y=np.full(20, 3))
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "'y' holds a single class [3]; need at least two" in message
+
+
+def test_labels_that_leave_classes_unused_are_refused_without_num_classes(tmp_path):
+    # Prepare: labels {0, 1, 2, 1000} would silently build a 1001-class model
+    y = np.arange(20) % 3
+    y[5] = 1000
+    options = write_npz(tmp_path, x=RNG.random((20, 2)), y=y)
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "997 of the classes 0..1000 never occur (3, 4, 5, 6, 7, ...)" in message
+    assert "0..K-1" in message and "'num_classes'" in message
+
+
+def test_declared_num_classes_allows_classes_without_examples(tmp_path):
+    # Prepare
+    y = np.arange(20) % 3
+    y[5] = 9
+    options = write_npz(tmp_path, x=RNG.random((20, 2)), y=y, num_classes=np.array(12))
+
+    # Execute
+    data = load_dataset("npz", options)
+
+    # Assert
+    assert data.num_classes == 12
+    assert 9 in torch.cat([data.train.y, data.val.y, data.test.y]).tolist()
+
+
+def write_truncated(path: Path) -> None:
+    np.savez(path, **tabular())
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def write_single_array(path: Path) -> None:
+    with path.open("wb") as handle:  # np.save given a name would append .npy to it
+        np.save(handle, np.zeros(3))
+
+
+@pytest.mark.parametrize(("write", "fragment"), [
+    (write_truncated, "not a readable .npz archive (File is not a zip file)"),
+    (lambda path: path.write_bytes(b""), "not a readable .npz archive"),
+    (write_single_array, "holds a single array, not a .npz archive"),
+])
+def test_a_broken_archive_gets_its_own_message_not_the_unpickling_one(write, fragment, tmp_path):
+    # Prepare
+    path = tmp_path / "data.npz"
+    write(path)
+
+    # Execute
+    message = load_error(DataOptions(path=path))
+
+    # Assert
+    assert fragment in message and "unpickl" not in message
+
+
+def test_class_names_that_are_not_utf8_are_a_data_error(tmp_path):
+    # Prepare
+    options = write_npz(tmp_path, **tabular(), class_names=np.array([b"a", b"\xff", b"c"]))
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "'class_names'" in message and "UTF-8" in message
+
+
+def test_a_huge_declared_num_classes_is_a_data_error(tmp_path):
+    # Prepare
+    options = write_npz(tmp_path, **tabular(), num_classes=np.array(10**12))
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "'num_classes' is 1000000000000; at most 100000" in message
+
+
+def write_zip(path: Path, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_a_needed_key_that_is_not_a_numpy_array_is_a_data_error(tmp_path):
+    # Prepare: a zip member without the .npy suffix comes back from numpy as raw bytes
+    path = tmp_path / "data.npz"
+    write_zip(path, {"x.npy": npy_bytes(RNG.random((20, 2))), "y": b"0,1,0,1"})
+
+    # Execute
+    message = load_error(DataOptions(path=path))
+
+    # Assert
+    assert "member 'y' is not a numpy array" in message
+
+
+def test_other_members_of_the_archive_are_ignored(tmp_path):
+    # Prepare
+    path = tmp_path / "data.npz"
+    write_zip(path, {"x.npy": npy_bytes(RNG.random((20, 2))), "y.npy": npy_bytes(np.arange(20) % 2),
+                     "README.txt": b"made by hand"})
+
+    # Execute
+    data = load_dataset("npz", DataOptions(path=path))
+
+    # Assert
+    assert data.num_classes == 2 and data.input_shape == (2,)

@@ -1,8 +1,9 @@
 """User data from a ``.npz`` file: images (NCHW or NHWC) or tabular rows, checked before use.
 
 Keys: ``x`` and ``y`` (required); ``x_test`` and ``y_test`` (optional, else a test split is drawn
-from ``x``/``y``); ``bounds`` (two floats, default [0, 1]); ``num_classes`` (default max label + 1);
-``class_names``. The file is read with ``allow_pickle=False``: nothing in it is ever unpickled.
+from ``x``/``y``); ``bounds`` (two floats, default [0, 1]); ``num_classes`` (default max label + 1,
+and then every class 0..max must occur); ``class_names``. ``y`` must hold at least two classes.
+The file is read with ``allow_pickle=False``: nothing in it is ever unpickled.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from fortify.threat import check_in_box
 
 REQUIRED_KEYS = ("x", "y")
 OPTIONAL_KEYS = ("x_test", "y_test", "bounds", "num_classes", "class_names")
+# Far above any real label set: a larger label is an id or a typo, and a model that size would not fit.
+MAX_CLASSES = 100_000
 
 
 @DATASETS.register("npz")
@@ -29,6 +32,7 @@ def load_npz(options: DataOptions) -> Dataset:
     arrays = read_arrays(path)
     bounds = read_bounds(arrays)
     x, y = read_pair(arrays, "x", "y", bounds)
+    check_several_classes(y, "y")
     if "x_test" in arrays:
         x_test, y_test = read_pair(arrays, "x_test", "y_test", bounds)
         check_same_features(x, x_test)
@@ -55,13 +59,8 @@ def require_file(path: Path | str | None) -> Path:
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with open_archive(path) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except ValueError:  # numpy refused to unpickle: an object array, or not an archive at all
-        raise DataError(f"{path} cannot be read without unpickling: it holds an object array or "
-                        "is not a .npz archive. fortify never unpickles data; store numbers as "
-                        "numeric arrays and names as np.array(names, dtype=str)") from None
+    with open_archive(path) as archive:
+        arrays = {key: read_member(path, archive, key) for key in archive.files}
     check_keys(path, arrays)
     return arrays
 
@@ -70,12 +69,42 @@ def open_archive(path: Path) -> np.lib.npyio.NpzFile:
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, EOFError, zipfile.BadZipFile) as err:
-        raise DataError(f"{path} is not a readable .npz archive ({err}); write it with "
-                        "numpy.savez(path, x=..., y=...)") from None
+        raise unreadable(path, err) from None
+    except ValueError:  # numpy refused to unpickle: a pickle file, or a lone .npy of objects
+        raise needs_unpickling(path) from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise DataError(f"{path} holds a single array, not a .npz archive; write it with "
                         "numpy.savez(path, x=..., y=...)")
     return loaded
+
+
+def read_member(path: Path, archive: np.lib.npyio.NpzFile, key: str) -> np.ndarray:
+    try:
+        value = archive[key]
+    except ValueError as err:
+        # numpy says "allow_pickle" when it refuses an object array; anything else is a broken member
+        if "allow_pickle" in str(err):
+            raise needs_unpickling(path, key) from None
+        raise unreadable(path, err) from None
+    except (OSError, EOFError, zipfile.BadZipFile) as err:  # a truncated or corrupted member
+        raise unreadable(path, err) from None
+    # NpzFile hands back the raw bytes of a non-.npy member: harmless unless it holds a key we read
+    if not isinstance(value, np.ndarray) and key in REQUIRED_KEYS + OPTIONAL_KEYS:
+        raise DataError(f"{path}: member {key!r} is not a numpy array; write the file with "
+                        "numpy.savez(path, x=..., y=...)")
+    return value
+
+
+def unreadable(path: Path, err: Exception) -> DataError:
+    return DataError(f"{path} is not a readable .npz archive ({err}); write it with "
+                     "numpy.savez(path, x=..., y=...)")
+
+
+def needs_unpickling(path: Path, key: str | None = None) -> DataError:
+    what = (f"{path}: array {key!r} is an object array and" if key else
+            f"{path} is a pickle or an object array, not a .npz archive, and it")
+    return DataError(f"{what} cannot be read without unpickling. fortify never unpickles data; store "
+                     "numbers as numeric arrays and names as np.array(names, dtype=str)")
 
 
 def check_keys(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -128,9 +157,7 @@ def read_labels(values: np.ndarray, key: str) -> Tensor:
         raise DataError(f"{key!r} must hold integer class indices, got dtype {labels.dtype}")
     if labels.dtype.kind == "f":
         check_whole_numbers(labels, key)
-    if labels.size and labels.min() < 0:
-        raise DataError(f"{key!r} holds a negative label ({labels.min():g}); labels must be "
-                        "class indices 0..num_classes-1")
+    check_label_bounds(labels, key)  # before the cast: uint64 would wrap, huge floats overflow
     return torch.from_numpy(labels.astype(np.int64))
 
 
@@ -140,6 +167,23 @@ def check_whole_numbers(labels: np.ndarray, key: str) -> None:
     if bad.any():
         raise DataError(f"{key!r} must hold integer class indices; found {int(bad.sum())} "
                         f"non-integer values, e.g. {labels[bad][:5].tolist()}")
+
+
+def check_label_bounds(labels: np.ndarray, key: str) -> None:
+    if not labels.size:
+        return
+    if labels.min() < 0:
+        raise DataError(f"{key!r} holds a negative label ({labels.min():g}); labels must be "
+                        "class indices 0..num_classes-1")
+    if labels.max() >= MAX_CLASSES:
+        raise DataError(f"{key!r} holds the label {labels.max().item()}; labels must be class indices "
+                        f"0..num_classes-1 below {MAX_CLASSES}: map ids to 0..K-1 first")
+
+
+def check_several_classes(labels: Tensor, key: str) -> None:
+    classes = torch.unique(labels).tolist()
+    if len(classes) < 2:
+        raise DataError(f"{key!r} holds a single class {classes}; need at least two")
 
 
 def check_same_features(x: Tensor, x_test: Tensor) -> None:
@@ -163,6 +207,7 @@ def read_bounds(arrays: dict[str, np.ndarray]) -> tuple[float, float]:
 def read_num_classes(arrays: dict[str, np.ndarray], labels: Tensor) -> int:
     needed = int(labels.max()) + 1
     if "num_classes" not in arrays:
+        check_every_class_occurs(labels)
         return needed
     value = arrays["num_classes"]
     if value.size != 1 or value.dtype.kind not in "iu":
@@ -171,7 +216,21 @@ def read_num_classes(arrays: dict[str, np.ndarray], labels: Tensor) -> int:
     if declared < needed:
         raise DataError(f"'num_classes' is {declared} but the labels go up to {needed - 1}; "
                         f"num_classes must be at least {needed}")
+    if declared > MAX_CLASSES:
+        raise DataError(f"'num_classes' is {declared}; at most {MAX_CLASSES} classes are allowed")
     return declared
+
+
+def check_every_class_occurs(labels: Tensor) -> None:
+    """Without 'num_classes' the classes are 0..max label, so a gap means ids rather than indices."""
+    top = int(labels.max())
+    present = set(torch.unique(labels).tolist())
+    missing = [c for c in range(top + 1) if c not in present]
+    if missing:
+        shown = ", ".join(str(c) for c in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise DataError(f"the labels go up to {top} but {len(missing)} of the classes 0..{top} never "
+                        f"occur ({shown}); labels must be class indices 0..K-1, or the file must "
+                        "store 'num_classes' to declare classes without examples")
 
 
 def read_class_names(arrays: dict[str, np.ndarray], num_classes: int) -> list[str] | None:
@@ -184,4 +243,8 @@ def read_class_names(arrays: dict[str, np.ndarray], num_classes: int) -> list[st
     if len(names) != num_classes:
         raise DataError(f"'class_names' has {len(names)} names but there are {num_classes} "
                         "classes")
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
+    try:
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
+    except UnicodeDecodeError:
+        raise DataError("'class_names' holds bytes that are not UTF-8 text; store the names as "
+                        "np.array(names, dtype=str)") from None

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fortify.errors import ResultsError
-from fortify.report.html import write_report
+from fortify.report.html import check_out, write_report
 from fortify.report.results import RESULTS_VERSION, load_results
 
 
@@ -39,7 +39,8 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     datasets = sorted({run["dataset"]["name"] for run in runs})
     return {"version": RESULTS_VERSION, "kind": "comparison", "threat": reference["threat"],
             "dataset": {"name": " vs ".join(datasets)}, "models": models,
-            "provenance": {_run_name(run): _provenance_line(run) for run in runs}, "config": None}
+            "provenance": {_run_name(run): _provenance_line(run) for run in runs}, "config": None,
+            "sources": [run["source"] for run in runs]}  # write_report never writes over one of them
 
 
 def _describe(threat: dict[str, Any]) -> str:
@@ -54,6 +55,7 @@ def _provenance_line(run: dict[str, Any]) -> str:
 
 
 def write_comparison(run_dirs: list[Path], path: Path) -> dict[str, Any]:
+    check_out(path, [])  # a wrong --out is refused before the runs are read
     merged = merge_runs([load_results(run_dir) for run_dir in run_dirs])
     write_report(merged, path)
     return merged

@@ -15,6 +15,7 @@ from typing import Any
 
 import jinja2
 
+from fortify.errors import ConfigError
 from fortify.report import plots
 
 _ENV = jinja2.Environment(
@@ -54,7 +55,7 @@ class _Figures:
     def draw(self, title: str, draw: Callable[..., str | None], *args: Any) -> str | None:
         try:
             return draw(*args)
-        except (KeyError, TypeError, ValueError, IndexError) as err:
+        except (AttributeError, KeyError, TypeError, ValueError, IndexError) as err:
             self.notes.append(f"figure '{title}' could not be drawn from the results: "
                               f"{type(err).__name__}: {err}")
             return None
@@ -141,8 +142,36 @@ def render_report(results: dict[str, Any]) -> str:
         pretty=lambda value: json.dumps(value, indent=2))
 
 
+def check_out(path: Path, sources: list[str]) -> None:
+    """Refuse an output the page must not be written to: anything but an .html file, and above all
+    a results file the page is drawn from (replacing it with HTML would lose the run's results)."""
+    path = Path(path)
+    if path.suffix.lower() != ".html":
+        raise ConfigError(f"the report is an HTML page: write it to a .html file, not {path}")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; give the path of the .html file to write")
+    for source in map(Path, sources):
+        if _same_file(path, source):
+            raise ConfigError(f"{path} is the results file the report is drawn from; choose another file")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Through symbolic links (resolve) and hard links (samefile, for files that exist)."""
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+
+
+def _results_files(results: dict[str, Any]) -> list[str]:
+    """The files ``results`` was read from: its own, or the runs a comparison merged."""
+    return [results["source"]] if results.get("source") else list(results.get("sources", []))
+
+
 def write_report(results: dict[str, Any], path: Path) -> Path:
+    """Render and write the page; the parent directories are created, as for other outputs."""
+    path = Path(path)
+    check_out(path, _results_files(results))
+    page = render_report(results)  # rendered first: a failure leaves nothing behind
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_report(results))
+    tmp.write_text(page)
     tmp.replace(path)
     return path

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fortify.errors import ResultsError
+from fortify.report import schema
 
 RESULTS_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 lacks the analysis and privacy sections; the report says so
@@ -58,9 +59,11 @@ def _normalise(raw: dict[str, Any], path: Path) -> dict[str, Any]:
         _require(raw, ("models", "threat", "dataset"), path)
         if not isinstance(raw["models"], dict) or not raw["models"]:
             raise ResultsError(f"{path} lists no models")
+        _check_fields(raw, schema.COMPARISON, path)
         return dict(raw)
     if kind == "evaluation":
         _require(raw, ("robustness", "config"), path)
+        _check_fields(raw, schema.EVALUATION, path)
         name = path.parent.name or "model"
         model = {key: raw[key] for key in ("robustness", "analysis", "privacy", "tabular") if key in raw}
         training = _training_beside(path)
@@ -83,10 +86,21 @@ def _training_beside(path: Path) -> dict[str, Any] | None:
         loaded = json.loads(training.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ResultsError(f"cannot read {training}: {err}") from None
-    return loaded if isinstance(loaded, dict) else None
+    if not isinstance(loaded, dict):
+        return None
+    _check_fields(loaded, schema.TRAINING, training)
+    return loaded
 
 
 def _require(raw: dict[str, Any], keys: tuple[str, ...], path: Path) -> None:
     missing = [key for key in keys if key not in raw]
     if missing:
         raise ResultsError(f"{path} lacks {', '.join(missing)}; it is not a complete fortify results file")
+
+
+def _check_fields(raw: dict[str, Any], spec: schema.Check, path: Path) -> None:
+    """The fields the report reads have the types it formats them as (else one error, not a crash)."""
+    try:
+        schema.check(raw, spec)
+    except schema.Mismatch as err:
+        raise ResultsError(f"{path}: {err}") from None

@@ -2,16 +2,20 @@
 
 Without a schema file every column but the target is inferred: numbers that are all whole are
 ``integer`` (``binary`` when they are all 0 or 1), other numbers ``continuous``, anything else
-``categorical``; bounds are the column's minimum and maximum (a constant column gets ``[v, v + 1]``),
-categories its distinct values, and every feature is mutable in any direction at cost 1. A schema
-file overrides this per feature; each key it leaves out is inferred. With ``infer_missing: false``
-(the default) the schema must name every column, so a schema written for another table fails.
+``categorical``. A column that is mostly numbers (``NUMERIC_SHARE``) but holds NaN, Inf or a few
+text cells is refused rather than turned into categories. Bounds are the column's minimum and
+maximum (a constant column gets ``[v, v + 1]``), categories its distinct values, and every feature
+is mutable in any direction at cost 1. A schema file overrides this per feature; each key it leaves
+out is inferred. With ``infer_missing: false`` (the default) the schema must name every column, so
+a schema written for another table fails. The file must be UTF-8 text (a leading byte-order mark
+is allowed).
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,10 @@ from fortify.errors import DataError
 from fortify.tabular.schema import Feature, Schema, SchemaSpec, read_schema_spec
 
 Table = dict[str, list[str]]
+
+# Without a schema, a column is numeric when at least this share of its cells are numbers: its few
+# other cells are then typos or missing-value markers, not categories worth a one-hot column each.
+NUMERIC_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,7 @@ def _require_file(path: Path | str | None) -> Path:
 
 
 def read_header(path: Path) -> list[str]:
-    with path.open(newline="") as handle:
-        return [name.strip() for name in next(csv.reader(handle), [])]
+    return [name.strip() for name in next(_rows(path), [])]
 
 
 def read_table(path: Path) -> Table:
@@ -76,24 +83,37 @@ def read_table(path: Path) -> Table:
     if not header or len(set(header)) != len(header) or "" in header:
         raise DataError(f"{path} needs a header row of distinct, non-empty column names, got {header}")
     table: Table = {name: [] for name in header}
-    with path.open(newline="") as handle:
-        reader = csv.reader(handle)
-        next(reader)
-        for row_number, row in enumerate(reader):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DataError(f"{path}, data row {row_number}: {len(row)} values but the header has "
-                                f"{len(header)} columns")
-            for name, value in zip(header, row):
-                value = value.strip()
-                if value == "":
-                    raise DataError(f"{path}, data row {row_number}: column {name!r} is empty; fill or "
-                                    "drop missing values first")
-                table[name].append(value)
+    rows = _rows(path)
+    next(rows)
+    for row_number, row in enumerate(rows):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{path}, data row {row_number}: {len(row)} values but the header has "
+                            f"{len(header)} columns")
+        for name, value in zip(header, row):
+            value = value.strip()
+            if value == "":
+                raise DataError(f"{path}, data row {row_number}: column {name!r} is empty; fill or "
+                                "drop missing values first")
+            table[name].append(value)
     if not table[header[0]]:
         raise DataError(f"{path} has a header but no data rows")
     return table
+
+
+def _rows(path: Path) -> Iterator[list[str]]:
+    """The file's rows, read as UTF-8 whatever the locale; a BOM (as Excel writes) is dropped."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            try:
+                yield from reader
+            except csv.Error as err:
+                raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({err})") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (cannot decode byte {err.object[err.start]:#04x}); "
+                        "save the CSV as UTF-8") from None
 
 
 def encode_labels(table: Table, target: str) -> tuple[list[int], list[str]]:
@@ -135,7 +155,9 @@ def _check_columns(spec: SchemaSpec, columns: list[str], target: str) -> None:
 def infer_feature(name: str, values: list[str], given: Mapping[str, Any]) -> Feature:
     """One feature: ``given`` settings win, the rest come from the column's values."""
     settings = dict(given)
-    kind = settings.setdefault("type", _infer_type(values))
+    if "type" not in settings:  # not setdefault: inference may refuse a column the schema declares
+        settings["type"] = _infer_type(name, values)
+    kind = settings["type"]
     if kind == "categorical":
         settings.setdefault("categories", sorted(set(values)))
         settings["categories"] = tuple(str(c) for c in settings["categories"])
@@ -147,13 +169,36 @@ def infer_feature(name: str, values: list[str], given: Mapping[str, Any]) -> Fea
     return Feature(name=name, **settings)
 
 
-def _infer_type(values: list[str]) -> str:
-    if not all(_is_number(v) for v in values):
+def _infer_type(name: str, values: list[str]) -> str:
+    parsed = [_parse(v) for v in values]
+    numbers = [n for n in parsed if n is not None]
+    if len(numbers) < NUMERIC_SHARE * len(values):
         return "categorical"
-    numbers = {float(v) for v in values}
-    if all(n == round(n) for n in numbers):
-        return "binary" if numbers <= {0.0, 1.0} else "integer"
+    _check_numeric_column(name, values, parsed, len(numbers))
+    distinct = set(numbers)
+    if all(n == round(n) for n in distinct):
+        return "binary" if distinct <= {0.0, 1.0} else "integer"
     return "continuous"
+
+
+def _check_numeric_column(name: str, values: list[str], parsed: list[float | None], n_numbers: int) -> None:
+    """A mostly numeric column must be all finite numbers: one odd cell must not make it categorical."""
+    for row, (value, number) in enumerate(zip(values, parsed)):
+        if number is None:
+            share = 100 * n_numbers // len(values)
+            raise DataError(f"column {name!r}, data row {row}: {value!r} is not a number, but {share}% of "
+                            "the column is numbers; fix such cells, or declare the column categorical "
+                            "in a schema file (--schema)")
+        if not math.isfinite(number):
+            raise DataError(f"column {name!r}, data row {row}: {value!r} is not a finite number; fill or "
+                            "drop missing values first")
+
+
+def _parse(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def _numbers(name: str, values: list[str], kind: str) -> list[float]:

@@ -1,0 +1,199 @@
+"""Bad inputs to `fortify report` and `fortify compare`: results files with wrongly typed fields, and
+outputs that would overwrite the results or cannot be written. Each gets one clear error, never a
+traceback, and nothing on disk is lost. Built from small hand-written results, no model is trained."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from fortify.cli import app
+from fortify.errors import ConfigError, ResultsError
+from fortify.report.compare import merge_runs, write_comparison
+from fortify.report.html import render_report, write_report
+from fortify.report.results import load_results
+
+runner = CliRunner()
+THREAT = {"norm": "linf", "eps": 0.1, "bounds": [0.0, 1.0]}
+
+
+def _results() -> dict[str, Any]:
+    """The least a `fortify run` results.json holds: one model's robustness, no optional section."""
+    attack = {"name": "fgsm", "settings": {"eps": 0.1}, "mode": "independent", "attacked": 9,
+              "adversarial_accuracy": 0.3, "success_rate": 0.6, "median_norm_successful": 0.1}
+    robustness = {"threat": THREAT, "n_examples": 10, "clean_accuracy": 0.9, "worst_case_accuracy": 0.3,
+                  "attacks": [attack], "eps_curve": [{"eps": 0.05, "accuracy": 0.5}],
+                  "eps_curve_attack": "fgsm", "warnings": []}
+    return {"version": 2, "kind": "comparison", "config": None, "dataset": {"name": "digits"},
+            "threat": THREAT, "models": {"pgd": {"robustness": robustness}}, "provenance": {}}
+
+
+def _write_run(directory: Path, results: dict[str, Any]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "results.json").write_text(json.dumps(results))
+    return directory
+
+
+def _with(results: dict[str, Any], keys: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    changed = copy.deepcopy(results)
+    target = changed
+    for key in keys[:-1]:
+        target = target[key]
+    target[keys[-1]] = value
+    return changed
+
+
+def _assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output  # 1 would be an uncaught exception
+    assert "Traceback" not in result.output
+    assert result.output.startswith("error:") and result.output.strip().count("\n") == 0, result.output
+    for fragment in fragments:
+        assert fragment in result.output, (fragment, result.output)
+
+
+ROB = ("models", "pgd", "robustness")
+WRONG_FIELDS = [
+    (ROB + ("attacks",), None, "models.pgd.robustness.attacks is null; expected a list"),
+    (ROB + ("attacks", 0), None, "models.pgd.robustness.attacks[0] is null; expected an object"),
+    (ROB + ("clean_accuracy",), "high", "models.pgd.robustness.clean_accuracy is the string 'high'; "
+                                        "expected a number"),
+    (ROB + ("worst_case_accuracy",), None, "models.pgd.robustness.worst_case_accuracy is null"),
+    (ROB + ("attacks", 0, "adversarial_accuracy"), True, "adversarial_accuracy is true; expected a number"),
+    (ROB + ("eps_curve", 0, "eps"), [0.1], "eps_curve[0].eps is a list of 1; expected a number"),
+    (("threat", "eps"), "0.1", "threat.eps is the string '0.1'; expected a number"),
+    (("threat", "bounds"), [0.0], "threat.bounds is a list of 1; expected a list of 2"),
+    (("dataset",), None, "dataset is null; expected an object"),
+    (("models", "pgd"), [], "models.pgd is a list of 0; expected an object"),
+    (("models", "pgd", "analysis"), "yes", "models.pgd.analysis is the string 'yes'; expected an object"),
+    (("models", "pgd", "privacy"), {"membership": [{"attack": "loss"}], "warnings": []},
+     "models.pgd.privacy.membership[0] lacks n_members"),
+    (("models", "pgd", "training"), {"seconds": None, "history": [], "best_epoch": 1,
+                                     "selection_metric": "val", "stopped_early": False},
+     "models.pgd.training.seconds is null; expected a number"),
+    (("provenance",), "x", "provenance is the string 'x'; expected an object"),
+]
+
+
+@pytest.mark.parametrize(("keys", "value", "fragment"), WRONG_FIELDS)
+def test_wrongly_typed_fields_are_named_where_the_results_are_read(tmp_path, keys, value, fragment):
+    # Prepare
+    run = _write_run(tmp_path / "run", _with(_results(), keys, value))
+    # Execute and Assert: the error names the file and the field, before anything is rendered
+    with pytest.raises(ResultsError, match=re.escape(fragment)) as raised:
+        load_results(run)
+    assert str(run / "results.json") in str(raised.value)
+
+
+def test_report_and_compare_commands_refuse_a_wrongly_typed_run_in_one_line(tmp_path):
+    # Prepare: a good run and one whose attack list is null
+    good = _write_run(tmp_path / "good", _results())
+    bad = _write_run(tmp_path / "bad", _with(_results(), ROB + ("attacks",), None))
+    # Execute
+    reported = runner.invoke(app, ["report", str(bad), "--out", str(tmp_path / "r.html")])
+    compared = runner.invoke(app, ["compare", str(good), str(bad), "--out", str(tmp_path / "c.html")])
+    # Assert
+    _assert_one_line_error(reported, "models.pgd.robustness.attacks is null")
+    _assert_one_line_error(compared, "models.pgd.robustness.attacks is null")
+    assert not (tmp_path / "r.html").exists() and not (tmp_path / "c.html").exists()
+
+
+def test_an_evaluation_and_its_training_json_are_checked_with_their_own_field_names(tmp_path):
+    # Prepare: a `fortify evaluate` model directory
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    evaluation = {"version": 2, "kind": "evaluation", "config": {"data": {"name": "digits"}},
+                  "robustness": _results()["models"]["pgd"]["robustness"]}
+    (model_dir / "robustness.json").write_text(json.dumps(evaluation))
+    (model_dir / "training.json").write_text(json.dumps({"seconds": "fast"}))
+    # Execute and Assert: training.json is named, not robustness.json
+    with pytest.raises(ResultsError, match=re.escape("training.json: seconds is the string 'fast'")):
+        load_results(model_dir)
+    (model_dir / "training.json").unlink()
+    assert load_results(model_dir)["models"]["model"]["robustness"]["clean_accuracy"] == 0.9
+    bad = _with(evaluation, ("robustness", "threat"), {"norm": "linf", "eps": None, "bounds": [0, 1]})
+    (model_dir / "robustness.json").write_text(json.dumps(bad))
+    with pytest.raises(ResultsError, match=re.escape("robustness.json: robustness.threat.eps is null")):
+        load_results(model_dir)
+
+
+def test_absent_or_empty_optional_sections_still_render(tmp_path):
+    # Prepare: sections left out the ways a writer may leave them out (null, empty), and nulls where
+    # a non-finite number was written
+    results = _results()
+    results["models"]["pgd"] |= {"analysis": None, "privacy": {}, "tabular": [], "training": None}
+    results["models"]["pgd"]["robustness"]["attacks"][0]["median_norm_successful"] = None
+    results["models"]["other"] = copy.deepcopy(_results()["models"]["pgd"])
+    results["models"]["other"]["training"] = {"seconds": 2.5, "history": [{}], "best_epoch": 1,
+                                              "selection_metric": "val", "stopped_early": False}
+    run = _write_run(tmp_path / "run", results)
+    # Execute
+    html = render_report(load_results(run))
+    # Assert: the notes say what is missing; the model without training gets n/a in that column
+    assert "pgd: no analysis in the results" in html and "pgd: no privacy audit" in html
+    rows = {name: html[html.index(f'<tr data-model="{name}">'):] for name in ("pgd", "other")}
+    assert rows["pgd"][:rows["pgd"].index("</tr>")].endswith("<td>n/a</td>")
+    assert rows["other"][:rows["other"].index("</tr>")].endswith("<td>2.5</td>")
+
+
+@pytest.mark.parametrize("out", ["results.json", "report.txt", "report", "../run/results.json"])
+def test_report_is_never_written_over_the_results_or_to_a_non_html_file(tmp_path, out):
+    # Prepare
+    run = _write_run(tmp_path / "run", _results())
+    before = (run / "results.json").read_bytes()
+    # Execute
+    result = runner.invoke(app, ["report", str(run), "--out", str(run / out)])
+    # Assert: refused before writing; the results are intact and still load
+    _assert_one_line_error(result, ".html")
+    assert (run / "results.json").read_bytes() == before
+    assert sorted(p.name for p in run.iterdir()) == ["results.json"]
+    load_results(run)
+
+
+def test_a_results_file_named_html_is_not_overwritten_by_its_own_report_or_comparison(tmp_path):
+    # Prepare: a results file passed as a file, under an .html name, and a link to it
+    source = tmp_path / "copy.html"
+    source.write_text(json.dumps(_results()))
+    other = _write_run(tmp_path / "other", _results())
+    link = tmp_path / "link.html"
+    link.symlink_to(source)
+    # Execute and Assert: refused by the package functions themselves, whoever calls them
+    for out in (source, link, tmp_path / "other" / ".." / "copy.html"):
+        with pytest.raises(ConfigError, match="is the results file the report is drawn from"):
+            write_report(load_results(source), out)
+        with pytest.raises(ConfigError, match="is the results file the report is drawn from"):
+            write_report(merge_runs([load_results(other), load_results(source)]), out)
+        with pytest.raises(ConfigError, match="is the results file the report is drawn from"):
+            write_comparison([other, source], out)
+    assert json.loads(source.read_text()) == _results()
+
+
+def test_compare_refuses_a_non_html_out_before_writing(tmp_path):
+    # Prepare
+    first, second = _write_run(tmp_path / "a", _results()), _write_run(tmp_path / "b", _results())
+    before = (first / "results.json").read_bytes()
+    # Execute
+    result = runner.invoke(app, ["compare", str(first), str(second), "--out", str(first / "results.json")])
+    # Assert
+    _assert_one_line_error(result, "write it to a .html file", "results.json")
+    assert (first / "results.json").read_bytes() == before
+
+
+def test_report_and_comparison_create_missing_parent_directories(tmp_path):
+    # Prepare: outputs under directories that do not exist yet (as `fortify export --out` allows)
+    first, second = _write_run(tmp_path / "a", _results()), _write_run(tmp_path / "b", _results())
+    report_out, compare_out = tmp_path / "new" / "deeper" / "r.html", tmp_path / "cmp" / "c.html"
+    # Execute
+    reported = runner.invoke(app, ["report", str(first), "--out", str(report_out)])
+    compared = runner.invoke(app, ["compare", str(first), str(second), "--out", str(compare_out)])
+    # Assert: both pages are there and whole (no temporary file left beside them)
+    assert reported.exit_code == 0, reported.output
+    assert compared.exit_code == 0, compared.output
+    assert report_out.read_text().rstrip().endswith("</html>")
+    assert "a/pgd" in compare_out.read_text() and "b/pgd" in compare_out.read_text()
+    assert [p.name for p in report_out.parent.iterdir()] == ["r.html"]

@@ -1,0 +1,142 @@
+"""Reading a CSV without a schema: odd cells in numeric columns, and files that are not UTF-8 text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fortify.data import load_dataset
+from fortify.errors import DataError
+from fortify.tabular import TableOptions
+from fortify.tabular.csv import infer_schema, read_table
+from fortify.tabular.schema import Schema, SchemaSpec
+
+
+def write_table(path: Path, income: list[str]) -> Path:
+    """A table of ``len(income)`` rows: an integer age, the given income cells and a 0/1 label."""
+    lines = ["age,income,label"] + [f"{20 + i},{cell},{i % 2}" for i, cell in enumerate(income)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def incomes(n: int, odd: dict[int, str]) -> list[str]:
+    return [odd.get(i, f"{100 + 7.5 * i}") for i in range(n)]
+
+
+def csv_error(path: Path, **options) -> str:
+    with pytest.raises(DataError) as caught:
+        load_dataset("csv", TableOptions(path=path, **options))
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("cell", ["nan", "NaN", "inf", "-inf"])
+def test_a_non_finite_cell_in_a_numeric_column_is_refused(cell, tmp_path):
+    # Prepare
+    path = write_table(tmp_path / "t.csv", incomes(30, {3: cell}))
+
+    # Execute
+    message = csv_error(path, target="label")
+
+    # Assert
+    assert f"column 'income', data row 3: '{cell}' is not a finite number" in message
+
+
+def test_a_text_cell_in_a_mostly_numeric_column_is_refused_with_the_schema_way_out(tmp_path):
+    # Prepare: one cell in 30 is text, so without the check income would become a 29-way one-hot
+    path = write_table(tmp_path / "t.csv", incomes(30, {4: "abc", 9: "n/a"}))
+
+    # Execute
+    message = csv_error(path, target="label")
+
+    # Assert
+    assert "column 'income', data row 4: 'abc' is not a number, but 93% of the column is numbers" in message
+    assert "categorical in a schema file" in message
+
+
+def test_nine_numbers_in_ten_make_a_numeric_column(tmp_path):
+    # Prepare: the threshold is 90% numbers
+    table = read_table(write_table(tmp_path / "t.csv", incomes(10, {0: "text0"})))
+
+    # Execute
+    with pytest.raises(DataError) as caught:
+        infer_schema(table, "label")
+
+    # Assert
+    assert "column 'income', data row 0: 'text0' is not a number" in str(caught.value)
+
+
+def test_eight_numbers_in_ten_make_a_categorical_column(tmp_path):
+    # Prepare
+    table = read_table(write_table(tmp_path / "t.csv", incomes(10, {0: "text0", 1: "text1"})))
+
+    # Execute
+    schema = infer_schema(table, "label")
+
+    # Assert
+    assert schema.feature("income").type == "categorical" and schema.feature("income").width == 10
+
+
+def test_a_mostly_text_column_stays_categorical(tmp_path):
+    # Prepare: numbers among the categories do not make the column numeric
+    path = write_table(tmp_path / "t.csv", ["own", "rent", "3", "other", "own", "12", "rent", "own"] * 3)
+
+    # Execute
+    dataset = load_dataset("csv", TableOptions(path=path, target="label"))
+
+    # Assert
+    income = Schema.from_dict(dataset.metadata["schema"]).feature("income")
+    assert income.type == "categorical" and income.categories == ("12", "3", "other", "own", "rent")
+    assert dataset.input_shape == (1 + 5,)
+
+
+def test_a_schema_that_declares_the_column_keeps_the_old_behaviour(tmp_path):
+    # Prepare
+    table = read_table(write_table(tmp_path / "t.csv", incomes(30, {4: "abc"})))
+    declared = SchemaSpec({"income": {"type": "categorical"}}, infer_missing=True)
+    other = SchemaSpec({"age": {"type": "integer"}}, infer_missing=True)
+
+    # Execute
+    schema = infer_schema(table, "label", declared)
+
+    # Assert: declared categorical it loads; left to inference it is still refused
+    assert schema.feature("income").type == "categorical" and schema.feature("income").width == 30
+    with pytest.raises(DataError, match="column 'income', data row 4: 'abc' is not a number"):
+        infer_schema(table, "label", other)
+
+
+@pytest.mark.parametrize("target", ["label", None])
+def test_a_file_that_is_not_utf8_is_a_data_error(target, tmp_path):
+    # Prepare: Latin-1 text; without a target the header alone is read, for the error message
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("name,label\nJos\xe9,1\nM\xfcller,0\n".encode("latin-1"))
+
+    # Execute
+    message = csv_error(path, target=target)
+
+    # Assert
+    assert str(path) in message and "is not UTF-8 text (cannot decode byte 0xe9)" in message
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
+    # Prepare: Excel writes UTF-8 CSVs with a BOM
+    path = tmp_path / "excel.csv"
+    path.write_text("label,age\n" + "".join(f"{i % 2},{20 + i}\n" for i in range(20)), encoding="utf-8-sig")
+
+    # Execute
+    dataset = load_dataset("csv", TableOptions(path=path, target="label"))
+
+    # Assert
+    assert dataset.num_classes == 2 and dataset.metadata["feature_names"] == ["age"]
+
+
+def test_a_field_over_the_csv_limit_is_a_data_error(tmp_path):
+    # Prepare
+    path = tmp_path / "big.csv"
+    path.write_text("a,label\n" + "x" * 200_000 + ",1\n1,0\n")
+
+    # Execute
+    message = csv_error(path, target="label")
+
+    # Assert
+    assert f"{path}, line 2: not valid CSV" in message
