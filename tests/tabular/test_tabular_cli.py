@@ -78,3 +78,12 @@ def test_breast_cancer_with_its_bundled_schema_keeps_size_measurements_fixed():
     columns = [i for i, f in enumerate(threat.schema.features) if not f.mutable]
     assert torch.equal(x_adv[:, columns], x[:, columns])
     assert float((x_adv - x).abs().max()) <= 0.1 + 1e-6 and float((x_adv - x).abs().max()) > 0.05
+
+
+def test_an_unknown_schema_name_lists_the_bundled_ones(tmp_path):
+    write_csv(tmp_path / "credit.csv", credit_table(60))
+    result = _invoke("train", "--data", tmp_path / "credit.csv", "--target", "default", "--schema",
+                     "no-such-schema", "--epochs", "1", "--out", tmp_path / "never", "--quiet")
+    assert result.exit_code == 2, result.output
+    assert "neither a file nor a bundled schema; bundled: breast-cancer" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "never").exists()

@@ -47,9 +47,16 @@ def table_options(options: DataOptions, target: str | None, schema: str | None) 
     """``options`` plus the target column and schema file a csv dataset reads."""
     if target is None and schema is None:
         return options
-    schema_file = None if schema is None or schema in BUNDLED else Path(schema)
+    schema_file = None if schema is None or schema in BUNDLED else _schema_file(schema)
     return TableOptions(**{f.name: getattr(options, f.name) for f in fields(options)},
                         target=target, schema=schema_file)
+
+
+def _schema_file(schema: str) -> Path:
+    if not Path(schema).is_file():
+        raise ConfigError(f"schema {schema!r} is neither a file nor a bundled schema; bundled: "
+                          f"{', '.join(sorted(BUNDLED))}")
+    return Path(schema)
 
 
 def dataset_schema(dataset: Dataset, schema: str | None) -> Schema | None:
@@ -60,10 +67,7 @@ def dataset_schema(dataset: Dataset, schema: str | None) -> Schema | None:
         return None
     if schema in BUNDLED:
         return BUNDLED[schema](dataset)
-    if not Path(schema).is_file():
-        raise ConfigError(f"schema {schema!r} is neither a file nor a bundled schema; bundled: "
-                          f"{', '.join(sorted(BUNDLED))}")
-    return load_schema(schema)
+    return load_schema(_schema_file(schema))
 
 
 def run_threat(norm: str, eps: float, dataset: Dataset, schema: str | None) -> ThreatModel:
