@@ -330,6 +330,27 @@ def test_the_installed_command_prints_no_traceback(tmp_path):
     assert "threat.eps" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
 
 
+def test_ctrl_c_while_the_command_line_loads_ends_quietly(monkeypatch, capsys):
+    from fortify import launch
+
+    class InterruptedImport:  # a Ctrl-C arriving while torch and the CLI are imported
+        def find_spec(self, name, path=None, target=None):
+            if name == "fortify.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "fortify.cli")
+    monkeypatch.setattr(sys, "meta_path", [InterruptedImport(), *sys.meta_path])
+    try:
+        launch.main()
+    except KeyboardInterrupt:  # caught here: escaping, it would stop the whole test session
+        pytest.fail("the interrupt escaped and would print a traceback")
+    except SystemExit as stopped:
+        assert stopped.code == 130 and capsys.readouterr().err == "interrupted\n"
+    else:
+        pytest.fail("the command went on after the interrupt")
+
+
 @pytest.mark.parametrize("command", [[], ["run"], ["train"], ["evaluate"]])
 def test_help(command):
     result = _invoke(*command, "--help")

@@ -1,3 +1,3 @@
-from fortify.cli import main
+from fortify.launch import main
 
 main()
