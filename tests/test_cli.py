@@ -263,12 +263,29 @@ def test_an_output_path_that_cannot_be_written_is_a_clean_error(trained_dir, tmp
     _assert_clean_error(_invoke("train", "--out", blocker, "--epochs", 1, "--quiet"), "is a file")
 
 
+def _edit_state(directory, change):
+    state = json.loads((directory / "state.json").read_text())
+    (directory / "state.json").write_text(json.dumps(change(state)))
+
+
+def _card_with(directory, **fields):
+    return json.dumps({**json.loads((directory / "model.json").read_text()), **fields})
+
+
+def _without_card_hash(state):  # as model directories written before the card was hashed
+    return {**state, "sha256": {k: v for k, v in state["sha256"].items() if k != "model.json"}}
+
+
 @pytest.mark.parametrize("damage, fragment", [
-    (lambda d: (d / "model.json").write_text("{"), "not a readable model card"),
-    (lambda d: (d / "model.json").write_text('{"name": "small-cnn"}'), "not a fortify model card"),
-    (lambda d: (d / "model.json").write_bytes(b"\xff\xfe"), "not a readable model card"),
-    (lambda d: (d / "state.json").write_text(json.dumps(
-        {k: v for k, v in json.loads((d / "state.json").read_text()).items() if k != "sha256"})),
+    (lambda d: (d / "model.json").write_text(_card_with(d, bounds=[0, 255])), "model card was edited"),
+    (lambda d: (d / "model.json").write_text("{"), "model card was edited"),
+    (lambda d: (_edit_state(d, _without_card_hash), (d / "model.json").write_text("{")),
+     "not a readable model card"),
+    (lambda d: (_edit_state(d, _without_card_hash), (d / "model.json").write_text('{"name": "small-cnn"}')),
+     "not a fortify model card"),
+    (lambda d: (_edit_state(d, _without_card_hash), (d / "model.json").write_bytes(b"\xff\xfe")),
+     "not a readable model card"),
+    (lambda d: _edit_state(d, lambda state: {k: v for k, v in state.items() if k != "sha256"}),
      "records no hash of model.safetensors"),
 ])
 def test_a_damaged_model_directory_is_refused(trained_dir, tmp_path, damage, fragment):

@@ -137,6 +137,9 @@ def load_trained_model(model_dir: Path, device: torch.device) -> tuple[nn.Module
         # every fortify writer records it: without it the tamper check would be skipped
         raise CheckpointError(f"{model_dir / ckpt.STATE_JSON} records no hash of model.safetensors; "
                               "refusing to load weights that cannot be checked")
+    if MODEL_CARD in hashes and ckpt.sha256(card_path) != hashes[MODEL_CARD]:
+        raise CheckpointError(f"{card_path} does not match the hash recorded in {ckpt.STATE_JSON}: the "
+                              "model card was edited after training; refusing to load it")
     card = read_model_card(card_path)
     model = model_from_card(card)
     ckpt.load_weights(Path(model_dir) / "model.safetensors", model, hashes["model.safetensors"])
@@ -218,6 +221,7 @@ def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: b
         (model_dir / "config.yaml").write_text(config.to_yaml())
         # a DP model may have had BatchNorm replaced: loading repeats the replacement
         write_json(model_dir / MODEL_CARD, model_card(setup) | ({"opacus_fixed": True} if dp.enabled else {}))
+        trainer.record_file(MODEL_CARD, model_dir / MODEL_CARD)
     train = setup.dataset.train
     if dp.canaries:
         from fortify.privacy.canaries import insert_canaries

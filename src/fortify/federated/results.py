@@ -84,7 +84,8 @@ def write_run_directory(out: Path, run: FederatedRun, dataset: Dataset, model: n
         "std": list(dataset.std) if normalize and dataset.std else None})
     digest = ckpt.save_weights(out / "model.safetensors", model)
     ckpt.write_state_json(out, {"finished": True, "objective": run.config.train.objective,
-                                "federated": True, "sha256": {"model.safetensors": digest}})
+                                "federated": True, "sha256": {"model.safetensors": digest,
+                                                              "model.json": ckpt.sha256(out / "model.json")}})
     write_json(out / RESULT_FILE, result.to_dict())
 
 

@@ -156,6 +156,11 @@ class Trainer:
                            stopped_early, self.state.seconds,
                            examples_seen=self.state.epoch * len(train))
 
+    def record_file(self, name: str, path: Path) -> None:
+        """Keep ``path``'s SHA-256 in state.json beside the checkpoints' (the model card, say), so that
+        loading can tell when it was edited."""
+        self._hashes[name] = ckpt.sha256(path)
+
     @property
     def selection_metric(self) -> str:
         return "val_robust_accuracy" if self.objective.adversarial else "val_clean_accuracy"
