@@ -99,8 +99,10 @@ class ThreatModel:
         """The steepest-ascent unit step for this norm: sign for L-inf, normalised for L2."""
         if self.norm == "linf":
             return grad.sign()
-        norms = _per_example(grad.float()).norm(p=2, dim=1).clamp_min(1e-12)
-        return grad / _expand(norms, grad).to(grad.dtype)
+        # divided in float32 (or wider): 1e-12 is zero in float16, and a zero gradient would give 0/0
+        work = grad.to(torch.promote_types(grad.dtype, torch.float32))
+        norms = _per_example(work).norm(p=2, dim=1).clamp_min(1e-12)
+        return (work / _expand(norms, work)).to(grad.dtype)
 
     def tolerance(self, x: Tensor) -> float:
         """Slack for floating-point rounding when checking membership in ``x``'s dtype."""

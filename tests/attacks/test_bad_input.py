@@ -113,3 +113,81 @@ def test_the_cli_prints_the_error_and_exits_2(tmp_path, flags, fragment):
     assert result.exit_code == 2, result.output
     assert fragment in result.output and "Traceback" not in result.output
     assert isinstance(result.exception, SystemExit) and not isinstance(result.exception, FortifyError)
+
+
+# -- labels, models and modes that a call gets wrong ------------------------------------------
+
+UNTARGETED = {
+    "pgd": lambda: PGD(LINF, steps=2),
+    "fgsm": lambda: FGSM(LINF),
+    "apgd-dlr": lambda: APGD(LINF, n_iter=2, loss="dlr"),
+    "square": lambda: Square(LINF, n_queries=2),
+    "fmn": lambda: FMN(L2, steps=2),
+    "cw": lambda: CarliniWagnerL2(L2, steps=2, binary_search_steps=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNTARGETED))
+@pytest.mark.parametrize("labels, fragment", [
+    (torch.tensor([0, 1, 3, 0]), r"labels range over \[0, 3\] but the model has 3 classes"),
+    (torch.tensor([0, 1, -1, 0]), "labels must be class indices 0..K-1, got -1"),
+    (torch.tensor([0.0, 1.0, 2.0, 0.0]), "integer class indices, got dtype torch.float32"),
+])
+def test_bad_labels_are_named_by_every_attack(name, labels, fragment):
+    x, _ = _batch()
+    with pytest.raises(DataError, match=fragment):
+        UNTARGETED[name]()(_Counting(), x, labels)
+
+
+def test_int32_labels_give_the_points_of_int64_ones():
+    x, y = _batch()
+    model = _Counting()
+    assert torch.equal(PGD(LINF, steps=3)(model, x, y.int()), PGD(LINF, steps=3)(model, x, y))
+
+
+def test_a_target_given_to_an_untargeted_attack_is_refused():
+    x, y = _batch()
+    with pytest.raises(ConfigError, match="untargeted and would ignore target="):
+        PGD(LINF, steps=2)(_Counting(), x, y, target=(y + 1) % 3)
+
+
+@pytest.mark.parametrize("model, x, fragment", [
+    (_Counting(), torch.rand(4, 1, 2, 2, dtype=torch.float64), "does not run on these inputs"),
+    (nn.Sequential(nn.Flatten(), nn.Linear(4, 1), nn.Flatten(0)), torch.rand(4, 1, 2, 2),
+     "must return logits of shape"),
+])
+def test_a_model_that_cannot_serve_the_attack_is_named(model, x, fragment):
+    with pytest.raises(DataError, match=fragment):
+        PGD(LINF, steps=2)(model, x, torch.tensor([0, 1, 2, 0]))
+
+
+class _FrozenNorm(nn.Module):
+    """A model in training mode whose batch norm is frozen (eval), as in fine-tuning."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+        self.train()
+        self.body[2].eval()
+
+
+@pytest.mark.parametrize("name", sorted(UNTARGETED))
+def test_an_attack_gives_every_submodule_its_mode_back(name):
+    model = _FrozenNorm()
+    x, y = _batch()
+    UNTARGETED[name]()(model.body, x, y)
+    assert model.training and model.body.training and not model.body[2].training
+
+
+@pytest.mark.parametrize("name", ["fgsm", "square"])
+def test_l2_attacks_in_float16_return_finite_points_in_the_ball(name):
+    # a zero gradient (FGSM) or window (Square) was divided by a norm clamped at 1e-12: 0 in float16
+    threat = ThreatModel("l2", 1.0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    model[1].weight.data.mul_(1e-9)  # gradients that vanish in float16
+    model = model.half().eval()
+    x = torch.zeros(4, 1, 8, 8, dtype=torch.half)
+    x[:, :, 2:6, 2:6] = 0.5
+    attack = FGSM(threat) if name == "fgsm" else Square(threat, n_queries=50)
+    x_adv = attack(model, x, model(x).argmax(1))
+    assert torch.isfinite(x_adv).all() and threat.contains(x_adv, x).all()

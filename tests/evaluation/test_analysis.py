@@ -104,3 +104,20 @@ def test_digits_analysis_is_consistent_with_the_evaluation(digits, standard_mode
 def test_bad_options_are_rejected(options):
     with pytest.raises(ConfigError):
         AnalysisOptions(**options)
+
+
+def test_the_attack_the_report_and_the_class_count_must_fit_the_analysis(digits, standard_model):
+    threat = ThreatModel("linf", 0.1)
+    x, y = digits.test.x[:32], digits.test.y[:32]
+    report = evaluate(standard_model, x, y, [FGSM(threat)], threat, eps_grid=[])
+    options = AnalysisOptions(margin_examples=4, margin_steps=5, certify_examples=4, certify_n=20,
+                              masking_examples=32)
+    with pytest.raises(ConfigError, match="uses l2 eps=3"):
+        analyse(standard_model, x, y, threat, attack=PGD(ThreatModel("l2", 3.0)), report=report,
+                num_classes=10, options=options)
+    with pytest.raises(ConfigError, match="the robustness report was measured at linf eps=0.1"):
+        analyse(standard_model, x, y, ThreatModel("linf", 0.2), attack=FGSM(ThreatModel("linf", 0.2)),
+                report=report, num_classes=10, options=options)
+    with pytest.raises(ConfigError, match="num_classes=12 but the model scores 10 classes"):
+        analyse(standard_model, x, y, threat, attack=FGSM(threat), report=report, num_classes=12,
+                options=options)

@@ -145,3 +145,40 @@ def test_a_journal_of_other_data_is_refused(standard_model, digits, tmp_path):
     evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
     with pytest.raises(CheckpointError, match="other data"):
         evaluate(standard_model, x[:30], y[:30], [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
+
+
+# -- what a call can get wrong -----------------------------------------------------------------
+
+def test_labels_past_the_models_classes_are_refused_not_counted_as_errors(standard_model, digits):
+    x, y = digits.test.x[:20], digits.test.y[:20].clone()
+    y[3] = 12  # the model scores 10 classes
+    with pytest.raises(DataError, match=r"labels range over \[0, 12\] but the model has 10 classes"):
+        evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, eps_grid=[])
+    with pytest.raises(DataError, match="integer class indices"):
+        evaluate(standard_model, x, y.float(), [FGSM(THREAT)], THREAT, eps_grid=[])
+
+
+def test_the_curve_attack_must_share_the_threat_model(standard_model, digits):
+    x, y = digits.test.x[:20], digits.test.y[:20]
+    with pytest.raises(ConfigError, match="uses l2 eps=1"):
+        evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, eps_grid=[0.05],
+                 curve_attack=PGD(ThreatModel("l2", 1.0), steps=2))
+
+
+class _NoParameters(nn.Module):
+    def forward(self, x):
+        return 10 * x.flatten(1)[:, :10]
+
+
+def test_a_model_without_parameters_is_evaluated(digits):
+    x, y = digits.test.x[:20], digits.test.y[:20]
+    report = evaluate(_NoParameters(), x, y, [FGSM(THREAT)], THREAT, eps_grid=[])
+    assert report.attacks[0].adversarial_accuracy <= report.clean_accuracy
+
+
+def test_evaluate_gives_every_submodule_its_mode_back(standard_model, digits):
+    model = nn.Sequential(standard_model, nn.Dropout(0.5))
+    model.eval()
+    model[1].train()  # dropout kept on, as for Monte-Carlo sampling
+    evaluate(model, digits.test.x[:20], digits.test.y[:20], [FGSM(THREAT)], THREAT, eps_grid=[])
+    assert not model.training and not standard_model.training and model[1].training

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortify.errors import ConfigError, DataError
+from fortify.models.modes import restore_modes, save_modes
 from fortify.registry import Registry
 from fortify.threat import ThreatModel
 
@@ -50,9 +51,14 @@ class Attack(ABC):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         self._check_batch(x, y, target)
+        y, target = y.long(), None if target is None else target.long()
         with attacking(model):
             self._check_target_classes(model, x, target)
-            x_adv = self.perturb(model, x.detach(), y, target, self.seeded(x, generator))
+            try:
+                x_adv = self.perturb(model, x.detach(), y, target, self.seeded(x, generator))
+            except (IndexError, RuntimeError) as err:
+                diagnose_failure(model, x, y, err)
+                raise
         return x_adv.detach()
 
     def seeded(self, x: Tensor, generator: torch.Generator | None) -> torch.Generator:
@@ -94,10 +100,18 @@ class Attack(ABC):
         self.threat.check_inputs(x)
         if y.dim() != 1 or y.shape[0] != x.shape[0]:
             raise DataError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        check_label_dtype(y)
+        if y.numel() and int(y.min()) < 0:  # the upper end needs the model (diagnose_failure)
+            raise DataError(f"labels must be class indices 0..K-1, got {int(y.min())}")
         if self.targeted and target is None:
             raise ConfigError(f"attack {self.name!r} is targeted: pass target=<labels>")
+        if target is not None and not self.targeted:
+            raise ConfigError(f"attack {self.name!r} is untargeted and would ignore target=; "
+                              "build it with targeted=True")
         if target is not None and target.shape != y.shape:
             raise DataError(f"target must have shape {tuple(y.shape)}, got {tuple(target.shape)}")
+        if target is not None:
+            check_label_dtype(target, "target labels")
 
     def _check_target_classes(self, model: nn.Module, x: Tensor, target: Tensor | None) -> None:
         """A target must name one of the model's classes; learning how many costs one forward pass
@@ -127,13 +141,36 @@ class Attack(ABC):
 @contextlib.contextmanager
 def attacking(model: nn.Module) -> Iterator[None]:
     """Eval mode with gradients on for the duration; the caller's mode comes back afterwards."""
-    was_training = model.training
+    modes = save_modes(model)
     model.eval()
     try:
         with torch.enable_grad():
             yield
     finally:
-        model.train(was_training)
+        restore_modes(modes)
+
+
+def check_label_dtype(y: Tensor, what: str = "labels") -> None:
+    """Raise DataError unless ``y`` holds integer class indices."""
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise DataError(f"{what} must be integer class indices, got dtype {y.dtype}")
+
+
+def diagnose_failure(model: nn.Module, x: Tensor, y: Tensor, err: Exception) -> None:
+    """After an attack failed inside torch, raise DataError naming the caller's mistake when it is
+    one (inputs the model cannot take, an output that is not logits, a label past the model's
+    classes); otherwise return and let the original error stand. Costs one forward pass of one
+    example, spent only on failure."""
+    try:
+        with torch.no_grad():
+            logits = model(x[:1])
+    except (RuntimeError, TypeError, ValueError) as probe_error:
+        raise DataError(f"the model does not run on these inputs (dtype {x.dtype}, shape "
+                        f"{tuple(x.shape[1:])} per example): {probe_error}") from err
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise DataError(f"the model must return logits of shape (N, classes); it returned {shape}") from err
+    check_label_range(y, logits.shape[1])
 
 
 def check_label_range(y: Tensor, num_classes: int, what: str = "labels") -> None:

@@ -184,8 +184,9 @@ class Square(Attack):
         old = delta * first.mask
         bump = self._placed_bump(first, shape, clean, generator) * _random_signs((n, c, 1, 1), clean,
                                                                                   generator)
-        fresh = bump + old / (_sq_norm(old, (2, 3)).sqrt() + 1e-12)
-        fresh = fresh / (_sq_norm(fresh, (2, 3)).sqrt() + 1e-12) * (spare + both).sqrt()
+        guard = _division_guard(old.dtype)
+        fresh = bump + old / (_sq_norm(old, (2, 3)).sqrt() + guard)
+        fresh = fresh / (_sq_norm(fresh, (2, 3)).sqrt() + guard) * (spare + both).sqrt()
         delta = torch.where(first.mask, fresh, delta * ~second.mask)
         return self.threat.project(clean + self.threat.eps * _unit_l2(delta), clean)
 
@@ -277,7 +278,7 @@ def _pseudo_gaussian(rows: int, cols: int, *, split_rows: bool, like: Tensor) ->
         return _pseudo_gaussian(cols, rows, split_rows=True, like=like).T.contiguous()
     top, bottom = rows // 2, rows - rows // 2
     pattern = torch.cat([_rectangles(top, cols, like), -_rectangles(bottom, cols, like)])
-    return pattern / pattern.norm().clamp_min(1e-12)
+    return pattern / pattern.norm().clamp_min(_division_guard(pattern.dtype))
 
 
 def _rectangles(rows: int, cols: int, like: Tensor) -> Tensor:
@@ -320,7 +321,12 @@ def _sq_norm(t: Tensor, dims: tuple[int, ...]) -> Tensor:
 
 
 def _unit_l2(delta: Tensor) -> Tensor:
-    return delta / (_sq_norm(delta, (1, 2, 3)).sqrt() + 1e-12)
+    return delta / (_sq_norm(delta, (1, 2, 3)).sqrt() + _division_guard(delta.dtype))
+
+
+def _division_guard(dtype: torch.dtype) -> float:
+    """1e-12 keeps a zero norm from dividing 0 by 0; in float16 it would round to 0 itself."""
+    return max(1e-12, torch.finfo(dtype).tiny)
 
 
 def _as_images(x: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from fortify.evaluation.metrics import (
     robustness_score,
 )
 from fortify.evaluation.robustness import RobustnessReport
+from fortify.models.modes import restore_modes, save_modes
 from fortify.threat import ThreatModel
 
 ANALYSIS_VERSION = 1
@@ -83,20 +84,34 @@ class ModelAnalysis:
         return json_safe(asdict(self))
 
 
+def _check_threats(threat: ThreatModel, attack: Attack, report: RobustnessReport) -> None:
+    """Every number of the analysis is read against ``threat``: the attack and the report must share it."""
+    if attack.threat != threat:
+        raise ConfigError(f"attack {attack.label!r} uses {attack.threat.describe()} but the analysis's "
+                          f"threat model is {threat.describe()}")
+    if (report.threat.get("norm"), report.threat.get("eps")) != (threat.norm, threat.eps):
+        raise ConfigError(f"the robustness report was measured at {report.threat.get('norm')} eps="
+                          f"{report.threat.get('eps')}, the analysis asks for {threat.describe()}")
+
+
 def analyse(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, attack: Attack,
             report: RobustnessReport, num_classes: int,
             options: AnalysisOptions | None = None) -> ModelAnalysis:
     """Every measurement of the report's per-model sections, on ``(x, y)`` (the test examples)."""
     options = options or AnalysisOptions()
-    device = next(model.parameters()).device
+    _check_threats(threat, attack, report)
+    device = next(model.parameters(), x).device  # a model without parameters runs where x is
     x, y = x.to(device), y.to(device)
-    was_training = model.training
+    modes = save_modes(model)
     model.eval()
     seconds: dict[str, float] = {}
     try:
         with _timed(seconds, "metrics"):
             x_adv = _attack_all(model, attack, x, y, options.batch_size)
             clean_logits, adv_logits = _logits(model, x, options), _logits(model, x_adv, options)
+            if clean_logits.shape[1] != num_classes:
+                raise ConfigError(f"num_classes={num_classes} but the model scores "
+                                  f"{clean_logits.shape[1]} classes")
             metrics = adversarial_metrics(x, x_adv, y, clean_logits, adv_logits, threat, num_classes)
         with _timed(seconds, "margin"):
             margin = _margin(model, x, y, threat, options)
@@ -107,7 +122,7 @@ def analyse(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, atta
             verdict = masking_verdict(model, x[:n], y[:n], threat,
                                       config=MaskingConfig(seed=options.seed))
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     score = robustness_score(report.clean_accuracy, report.worst_case_accuracy,
                              eps=[p.eps for p in report.eps_curve] or None,
                              eps_accuracy=[p.accuracy for p in report.eps_curve] or None)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import check_positive_int
 from fortify.errors import ConfigError, DataError
+from fortify.models.modes import restore_modes, save_modes
 from fortify.threat import check_in_box
 from fortify.training.objectives import OBJECTIVES, Objective, ObjectiveOptions
 
@@ -207,12 +208,12 @@ def _normal_ppf(p: Tensor) -> Tensor:
 
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
+    modes = save_modes(model)
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        restore_modes(modes)
 
 
 # -- certified accuracy ----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from fortify.attacks.fgsm import FGSM
 from fortify.attacks.pgd import PGD
 from fortify.defences.base import InputTransformDefence
 from fortify.errors import ConfigError, DataError, ThreatModelViolation
+from fortify.models.modes import restore_modes, save_modes
 from fortify.threat import ThreatModel
 
 
@@ -172,7 +173,7 @@ def masking_verdict(
     _check_inputs(x, y, threat, transfer_x_adv)
     device = _device_of(model, x)
     x, y = x.to(device), y.to(device)
-    was_training = model.training
+    modes = save_modes(model)
     model.eval()
     try:
         randomness = check_randomness(model, x)
@@ -181,7 +182,7 @@ def masking_verdict(
         checks += [check_zero_gradients(setup), randomness, check_loss_landscape(setup)]
         adaptive, notes = _adaptive_reruns(setup, checks, white, bpda)
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     failed = [c.name for c in checks if not c.passed]
     return MaskingVerdict(masked=bool(failed), threat={"norm": threat.norm, "eps": threat.eps,
                                                        "bounds": list(threat.bounds)},

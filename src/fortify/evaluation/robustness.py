@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fortify.attacks.base import Attack, check_label_range
+from fortify.attacks.base import Attack, check_label_dtype, check_label_range
 from fortify.errors import ConfigError, DataError, ThreatModelViolation
 from fortify.evaluation.gradients import ZeroGradientPath, check_gradients
 from fortify.evaluation.journal import Journal, Partial, fingerprint
@@ -25,6 +25,7 @@ from fortify.evaluation.precision import (
     PrecisionCheck,
     check_against_fp32,
 )
+from fortify.models.modes import restore_modes, save_modes
 from fortify.threat import ThreatModel
 from fortify.training.distributed import DistributedContext, batch_seed
 
@@ -119,11 +120,11 @@ def evaluate(
     With ``amp`` ("bf16" or "fp16") the model runs under autocast, and the first examples are also
     evaluated in fp32 (``RobustnessReport.precision``); a low agreement becomes a warning.
     """
-    _check_setup(attacks, threat, x, y, num_classes, batch_size)
+    _check_setup(attacks, threat, x, y, num_classes, batch_size, curve_attack)
     if shard is not None and journal_dir is not None:
         raise ConfigError("a sharded evaluation keeps no journal: pass journal_dir or shard, not both")
-    device = next(model.parameters()).device
-    was_training = model.training  # read before wrapping: a new wrapper starts in training mode
+    device = next(model.parameters(), x).device  # a model without parameters runs where x is
+    modes = save_modes(model)  # read before wrapping: a new wrapper starts in training mode
     fp32_model = model
     if amp is not None:
         model = AutocastModel(model, amp, device)
@@ -131,6 +132,7 @@ def evaluate(
     try:
         x, y = x.to(device), y.to(device)
         clean_logits = _predict(model, x, batch_size)
+        check_label_range(y, clean_logits.shape[-1])  # a label past the model's classes is no 'error'
         warnings = _logit_warnings(clean_logits)
         clean_correct = clean_logits.argmax(1) == y
         first = clean_correct.nonzero().squeeze(1)[:batch_size]  # what the first attack batch sees
@@ -162,7 +164,7 @@ def evaluate(
         curve_attack = curve_attack or attacks[-1]
         curve = _eps_curve(model, curve_attack, x, y, clean_correct, batch_size, eps_grid, shard)
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     n = len(y)
     return RobustnessReport(
         threat={"norm": threat.norm, "eps": threat.eps, "bounds": list(threat.bounds)},
@@ -173,18 +175,19 @@ def evaluate(
 
 
 def _check_setup(attacks: Sequence[Attack], threat: ThreatModel, x: Tensor, y: Tensor,
-                 num_classes: int | None, batch_size: int) -> None:
+                 num_classes: int | None, batch_size: int, curve_attack: Attack | None) -> None:
     if not attacks:
         raise ConfigError("evaluate needs at least one attack")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    for attack in attacks:
+    for attack in [*attacks, *([curve_attack] if curve_attack is not None else [])]:
         if attack.threat != threat:
             raise ConfigError(f"attack {attack.label!r} uses {attack.threat.describe()} but the "
                               f"evaluation's threat model is {threat.describe()}")
     threat.check_inputs(x)
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise DataError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    check_label_dtype(y)
     if num_classes is not None:
         check_label_range(y, num_classes)
 

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from fortify.models.modes import restore_modes, save_modes
+
 WHITE_BOX = "white-box"
 BLACK_BOX = "black-box"
 
@@ -37,7 +39,7 @@ def probe_gradients(model: nn.Module, x: Tensor) -> Access:
     The top logit rather than a loss: a confident model's cross-entropy gradient can underflow
     to exactly zero, which would misread a differentiable model as gradient-free.
     """
-    was_training = model.training
+    modes = save_modes(model)
     model.eval()
     try:
         device = next(model.parameters()).device
@@ -51,7 +53,7 @@ def probe_gradients(model: nn.Module, x: Tensor) -> Access:
     except RuntimeError as err:
         return Access(BLACK_BOX, f"backward through the model fails: {err}")
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     return _judge(gradient)
 
 

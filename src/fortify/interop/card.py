@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fortify.errors import ConfigError, DataError
+from fortify.models.modes import restore_modes, save_modes
 
 LAYOUTS = ("nchw", "nhwc")  # channels first (fortify's and torch's), channels last (Keras' default)
 LAYOUT_CHOICES = ("auto", *LAYOUTS)
@@ -156,7 +157,7 @@ def check_channels(card: InputCard, data_shape: Sequence[int]) -> None:
 
 def check_on_sample(model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> list[str]:
     """Run the adapted model on a sample batch: raise on a wrong output, warn on chance accuracy."""
-    was_training = model.training
+    modes = save_modes(model)
     model.eval()
     try:
         with torch.inference_mode():
@@ -166,7 +167,7 @@ def check_on_sample(model: nn.Module, x: Tensor, y: Tensor, num_classes: int) ->
         raise DataError(f"the model fails on a batch of the dataset's inputs {tuple(x.shape)}: {err}; "
                         "check --layout and the dataset") from None
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     if logits.shape != (len(x), num_classes):
         raise DataError(f"the model returns outputs of shape {tuple(logits.shape)} for {len(x)} inputs; "
                         f"expected ({len(x)}, {num_classes}): one logit per class of the dataset")

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fortify.errors import ConfigError
+from fortify.models.modes import restore_modes, save_modes
 
 # (module, "_parameters" or "_buffers", name) -> the tensor held there before the conversion
 _Saved = dict[tuple[nn.Module, str, str], Tensor]
@@ -107,7 +108,7 @@ def _to_channels_last_gradient(grad: Tensor) -> Tensor:
 
 
 def _check_runs(model: nn.Module, probe: Tensor) -> None:
-    was_training = model.training
+    modes = save_modes(model)
     model.eval()  # a forward pass in training mode would move batch-norm statistics
     try:
         with torch.no_grad():
@@ -116,4 +117,4 @@ def _check_runs(model: nn.Module, probe: Tensor) -> None:
         raise ConfigError(f"the model does not run with channels_last weights ({err}); "
                           "evaluate without channels_last") from err
     finally:
-        model.train(was_training)
+        restore_modes(modes)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from fortify.attacks import APGD, PGD, Attack
 from fortify.errors import ThreatModelViolation
+from fortify.models.modes import restore_modes, save_modes
 from fortify.tabular.changes import FeatureChanges, count_feature_changes
 from fortify.tabular.constraints import ConstrainedThreatModel
 from fortify.tabular.search import FeatureSearch
@@ -84,7 +85,7 @@ def study_constraints(model: nn.Module, x: Tensor, y: Tensor, threat: Constraine
     """Attack ``model`` on ``(x, y)`` under each setting; count feature changes under the schema."""
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
-    was_training = model.training
+    modes = save_modes(model)
     model.eval()
     try:
         with torch.no_grad():
@@ -105,7 +106,7 @@ def study_constraints(model: nn.Module, x: Tensor, y: Tensor, threat: Constraine
             settings.append(SettingResult(name, setting_threat.describe(), accuracy,
                                           float(robust_all.float().mean())))
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     return ConstraintStudy(len(y), float(clean.float().mean()), settings, changes)
 
 

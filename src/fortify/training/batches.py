@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from fortify.config import TrainConfig
 from fortify.data.base import Dataset, Split
 from fortify.errors import ConfigError
+from fortify.models.modes import restore_modes, save_modes
 from fortify.training.augment import Augment
 from fortify.training.extra_data import BatchPlan, ExtraDataMixer, load_extra_data
 
@@ -106,10 +107,10 @@ def load_recipe_data(config: TrainConfig, dataset: Dataset, *, dp: bool) -> Spli
 @torch.no_grad()
 def count_outputs(model: nn.Module, x: Tensor) -> int:
     """The number of classes ``model`` scores, from one forward pass in eval mode."""
-    was_training = model.training
+    modes = save_modes(model)
     model.eval()
     try:
         device = next(model.parameters()).device
         return int(model(x.to(device)).shape[-1])
     finally:
-        model.train(was_training)
+        restore_modes(modes)
