@@ -105,10 +105,25 @@ def test_ascent_direction_has_unit_norm():
     ({"eps": 1.5}, "beyond the box"),
     ({"norm": "l7"}, "valid norms: linf, l2"),
     ({"bounds": (1.0, 0.0)}, "low < high"),
+    ({"eps": True}, "eps must be a finite number > 0, got True"),
+    ({"eps": "0.1"}, "eps must be a finite number > 0, got '0.1'"),
+    ({"eps": None}, "eps must be a finite number > 0, got None"),
+    ({"eps": torch.tensor([0.1, 0.2])}, "eps must be a finite number > 0"),
+    ({"bounds": "01"}, "bounds must be two finite numbers"),
+    ({"bounds": (0.0,)}, "bounds must be two finite numbers"),
+    ({"bounds": None}, "bounds must be two finite numbers"),
 ])
 def test_bad_settings_are_rejected_with_the_value(kwargs, fragment):
     with pytest.raises(ConfigError, match=fragment):
         ThreatModel(**{"norm": "linf", "eps": 0.1, **kwargs})
+
+
+def test_numpy_and_tensor_numbers_are_taken_as_floats():
+    import numpy as np
+
+    threat = ThreatModel("l2", np.float64(0.5), bounds=np.array([0, 255]))
+    assert threat == ThreatModel("l2", 0.5, bounds=(0.0, 255.0))
+    assert type(threat.eps) is float and ThreatModel("linf", torch.tensor(0.25)).eps == 0.25
 
 
 def test_l2_eps_beyond_the_box_diameter_is_rejected():

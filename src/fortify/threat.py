@@ -8,6 +8,8 @@ every returned point against the same definition.
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +21,28 @@ from fortify.errors import ConfigError, DataError
 Norm = Literal["linf", "l2"]
 NORMS: tuple[str, ...] = ("linf", "l2")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _number(value: object) -> float | None:
+    """``value`` as a float when it is one real number (Python, NumPy or a one-element tensor);
+    None for anything else, text and booleans included."""
+    if isinstance(value, Tensor):
+        value = value.item() if value.numel() == 1 and not value.dtype.is_complex else None
+    elif hasattr(value, "item") and getattr(value, "size", None) == 1:  # a NumPy scalar or 1-array
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _pair_of_numbers(value: object) -> tuple[float, float] | None:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return None
+    items = list(value)
+    if len(items) != 2:
+        return None
+    low, high = _number(items[0]), _number(items[1])
+    return None if low is None or high is None else (low, high)
 
 
 def _per_example(t: Tensor) -> Tensor:
@@ -40,12 +64,14 @@ class ThreatModel:
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ConfigError(f"unknown norm {self.norm!r}; valid norms: {', '.join(NORMS)}")
-        lo, hi = (float(b) for b in self.bounds)
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise ConfigError(f"bounds must be finite with low < high, got {self.bounds!r}")
+        bounds = _pair_of_numbers(self.bounds)
+        if bounds is None or not (math.isfinite(bounds[0]) and math.isfinite(bounds[1])
+                                  and bounds[0] < bounds[1]):
+            raise ConfigError(f"bounds must be two finite numbers with low < high, got {self.bounds!r}")
+        lo, hi = bounds
         object.__setattr__(self, "bounds", (lo, hi))
-        eps = float(self.eps)
-        if not (math.isfinite(eps) and eps > 0):
+        eps = _number(self.eps)
+        if eps is None or not (math.isfinite(eps) and eps > 0):
             raise ConfigError(f"eps must be a finite number > 0, got {self.eps!r}")
         if self.norm == "linf" and eps > hi - lo:
             raise ConfigError(

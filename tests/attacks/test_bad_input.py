@@ -191,3 +191,13 @@ def test_l2_attacks_in_float16_return_finite_points_in_the_ball(name):
     attack = FGSM(threat) if name == "fgsm" else Square(threat, n_queries=50)
     x_adv = attack(model, x, model(x).argmax(1))
     assert torch.isfinite(x_adv).all() and threat.contains(x_adv, x).all()
+
+
+def test_cw_runs_on_a_float16_model():
+    # its binary search's 'unbounded' constant (1e10) overflowed float16
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).half().eval()
+    x = torch.rand(8, 1, 8, 8).half()
+    x_adv, norms = CarliniWagnerL2(L2, steps=5, binary_search_steps=2).minimal(model, x, model(x).argmax(1))
+    assert x_adv.dtype == torch.float16 and torch.isfinite(x_adv).all()
+    assert not torch.isnan(norms).any()

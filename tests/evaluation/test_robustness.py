@@ -165,6 +165,22 @@ def test_the_curve_attack_must_share_the_threat_model(standard_model, digits):
                  curve_attack=PGD(ThreatModel("l2", 1.0), steps=2))
 
 
+@pytest.mark.parametrize("attacks, batch_size, fragment", [
+    (lambda: FGSM(THREAT), 64, r"pass \[attack\]"),
+    (lambda: [FGSM(THREAT)], 2.5, "batch_size must be an integer >= 1, got 2.5"),
+])
+def test_arguments_of_the_wrong_kind_are_named(standard_model, digits, attacks, batch_size, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        evaluate(standard_model, digits.test.x[:8], digits.test.y[:8], attacks(), THREAT,
+                 batch_size=batch_size)
+
+
+def test_a_generator_of_attacks_is_taken_whole(standard_model, digits):
+    x, y = digits.test.x[:20], digits.test.y[:20]
+    report = evaluate(standard_model, x, y, (a for a in [FGSM(THREAT)]), THREAT, eps_grid=[])
+    assert [a.name for a in report.attacks] == ["fgsm"]
+
+
 class _NoParameters(nn.Module):
     def forward(self, x):
         return 10 * x.flatten(1)[:, :10]

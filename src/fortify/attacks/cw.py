@@ -71,7 +71,9 @@ class CarliniWagnerL2(MinimalNormAttack):
                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
         n = x.shape[0]
         w_start = self._to_tanh_space(x)
-        const = torch.full((n,), self.initial_const, dtype=x.dtype, device=x.device)
+        # the search's bookkeeping in float32 at least: its 'unbounded' upper end overflows float16
+        const = torch.full((n,), self.initial_const, dtype=torch.promote_types(x.dtype, torch.float32),
+                           device=x.device)
         lower = torch.zeros_like(const)
         upper = torch.full_like(const, _UNBOUNDED)
         best, best_norm = x.clone(), torch.full_like(const, torch.inf)

@@ -15,6 +15,7 @@ to the smoothed classifier's nearest decision boundary; where ``p_A_lower < 1/2`
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ DEFAULT_SIGMA = 0.25
 
 
 def _check_sigma(sigma: float) -> float:
-    if isinstance(sigma, bool) or not (isinstance(sigma, (int, float))
+    if isinstance(sigma, bool) or not (isinstance(sigma, numbers.Real)  # NumPy floats included
                                        and math.isfinite(sigma) and sigma > 0):
         raise ConfigError(f"sigma must be a finite number > 0, got {sigma!r}")
     return float(sigma)

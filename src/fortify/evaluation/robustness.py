@@ -120,6 +120,9 @@ def evaluate(
     With ``amp`` ("bf16" or "fp16") the model runs under autocast, and the first examples are also
     evaluated in fp32 (``RobustnessReport.precision``); a low agreement becomes a warning.
     """
+    if isinstance(attacks, Attack):
+        raise ConfigError("evaluate takes a list of attacks; pass [attack]")
+    attacks = list(attacks)  # a generator would be spent by the first look
     _check_setup(attacks, threat, x, y, num_classes, batch_size, curve_attack)
     if shard is not None and journal_dir is not None:
         raise ConfigError("a sharded evaluation keeps no journal: pass journal_dir or shard, not both")
@@ -178,8 +181,8 @@ def _check_setup(attacks: Sequence[Attack], threat: ThreatModel, x: Tensor, y: T
                  num_classes: int | None, batch_size: int, curve_attack: Attack | None) -> None:
     if not attacks:
         raise ConfigError("evaluate needs at least one attack")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     for attack in [*attacks, *([curve_attack] if curve_attack is not None else [])]:
         if attack.threat != threat:
             raise ConfigError(f"attack {attack.label!r} uses {attack.threat.describe()} but the "
