@@ -168,8 +168,16 @@ class ThreatModel:
     def with_eps(self, eps: float) -> ThreatModel:
         return ThreatModel(norm=self.norm, eps=eps, bounds=self.bounds)
 
-    def describe(self) -> str:
+    def describe(self, exact: bool = False) -> str:
+        """``linf eps=0.1 box=[0, 1]``; ``exact`` prints every digit (for telling two apart)."""
+        if exact:
+            return f"{self.norm} eps={self.eps!r} box=[{self.bounds[0]!r}, {self.bounds[1]!r}]"
         return f"{self.norm} eps={self.eps:.4g} box=[{self.bounds[0]:g}, {self.bounds[1]:g}]"
+
+    def describe_against(self, other: ThreatModel) -> tuple[str, str]:
+        """Both descriptions, with every digit when the short ones would read the same."""
+        exact = self.describe() == other.describe()
+        return self.describe(exact), other.describe(exact)
 
 
 def check_in_box(x: Tensor, bounds: tuple[float, float]) -> None:

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from fortify.attacks import PGD
-from fortify.errors import ConfigError, DataError
+from fortify.errors import ConfigError, DataError, ThreatModelViolation
 from fortify.evaluation import evaluate
 from fortify.evaluation.metrics import (
     accuracy,
     adversarial_metrics,
     attack_metrics,
     class_report,
+    class_reports,
     distance_summary,
     entropy_shift,
     eps_curve_auc,
@@ -201,3 +202,36 @@ def test_adversarial_metrics_agree_with_evaluate(standard_model, digits):
     assert m.classes.adversarial.macro_f1 < m.classes.clean.macro_f1
     assert sum(map(sum, m.classes.clean.confusion)) == len(y)
     json.dumps(m.to_dict())
+
+
+# -- inconsistent inputs ---------------------------------------------------------------------------
+
+_Y = torch.tensor([0, 1, 2, 0])
+
+
+@pytest.mark.parametrize("call, error, fragment", [
+    (lambda: accuracy(_logits_for([0, 1, 2, 0]), torch.tensor([0, 1, 3, 0])), DataError, "3 classes"),
+    (lambda: accuracy(_logits_for([0, 1, 2, 0]), _Y.float()), DataError, "integer class indices"),
+    (lambda: margin_shift(_logits_for([0, 1, 2, 0]), _logits_for([0, 1, 2, 0]), torch.tensor([0, 1, 9, 0])),
+     DataError, "3 classes"),
+    (lambda: entropy_shift(torch.randn(4, 3), torch.randn(3, 3)), DataError, "same non-empty shape"),
+    (lambda: entropy_shift(torch.randn(0, 3), torch.randn(0, 3)), DataError, "same non-empty shape"),
+    (lambda: class_reports(_logits_for([0, 1, 2, 0]), _logits_for([0, 1, 2, 0]), _Y, num_classes=5),
+     DataError, "num_classes=5 but the logits score 3"),
+    (lambda: class_report(torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 7, 0]), 3), DataError,
+     r"labels range over \[0, 7\]"),
+    (lambda: class_report(torch.tensor([0, 1, 2, 0]), _Y, 0), ConfigError, "num_classes must be"),
+    (lambda: harmonic_robustness(0.5, 0.8), DataError, "exceeds clean accuracy"),
+    (lambda: eps_curve_auc([0.1], [0.95], 0.9), DataError, "cannot exceed clean accuracy"),
+    (lambda: distance_summary(torch.tensor([0.1, 0.2]), [-1.0, math.nan]), DataError, "finite numbers > 0"),
+])
+def test_inconsistent_inputs_are_named(call, error, fragment):
+    with pytest.raises(error, match=fragment):
+        call()
+
+
+def test_attack_metrics_refuse_points_outside_the_ball():
+    threat = ThreatModel("linf", 0.1)
+    x = torch.full((4, 1, 2, 2), 0.5)
+    with pytest.raises(ThreatModelViolation, match="4 of the adversarial points lie outside"):
+        attack_metrics(x, x + 0.3, _Y, _logits_for([0, 1, 2, 0]), _logits_for([1, 2, 0, 1]), threat)

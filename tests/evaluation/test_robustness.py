@@ -198,3 +198,11 @@ def test_evaluate_gives_every_submodule_its_mode_back(standard_model, digits):
     model[1].train()  # dropout kept on, as for Monte-Carlo sampling
     evaluate(model, digits.test.x[:20], digits.test.y[:20], [FGSM(THREAT)], THREAT, eps_grid=[])
     assert not model.training and not standard_model.training and model[1].training
+
+
+def test_threat_models_that_read_alike_are_told_apart_in_the_message(standard_model, digits):
+    import numpy as np
+
+    attack = FGSM(ThreatModel("linf", np.float32(0.1)))  # eps 0.10000000149011612
+    with pytest.raises(ConfigError, match=r"uses linf eps=0\.10000000149011612 .* is linf eps=0\.1 "):
+        evaluate(standard_model, digits.test.x[:8], digits.test.y[:8], [attack], THREAT)

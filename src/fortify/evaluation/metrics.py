@@ -18,7 +18,8 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import Tensor
 
 from fortify.attacks.adaptive import logit_margin
-from fortify.errors import ConfigError, DataError
+from fortify.attacks.base import check_label_dtype, check_label_range
+from fortify.errors import ConfigError, DataError, ThreatModelViolation
 from fortify.threat import ThreatModel
 
 
@@ -44,6 +45,8 @@ def _check_logits(logits: Tensor, y: Tensor) -> None:
                         f"{tuple(y.shape)}")
     if y.numel() == 0:
         raise DataError("metrics need at least one example, got an empty batch")
+    check_label_dtype(y)
+    check_label_range(y, logits.shape[1])
 
 
 def _mean(t: Tensor) -> float | None:
@@ -83,6 +86,10 @@ def attack_metrics(x: Tensor, x_adv: Tensor, y: Tensor, clean_logits: Tensor, ad
     if x.shape != x_adv.shape or x.shape[0] != y.shape[0]:
         raise DataError(f"x {tuple(x.shape)} and x_adv {tuple(x_adv.shape)} must match, with one "
                         f"label per example ({y.shape[0]})")
+    outside = ~threat.contains(x_adv, x)
+    if bool(outside.any()):  # a point outside the threat model is no success of an attack within it
+        raise ThreatModelViolation(f"{int(outside.sum())} of the adversarial points lie outside "
+                                   f"{threat.describe()}")
     clean_correct = clean_logits.argmax(1) == y
     successful = clean_correct & (adv_logits.argmax(1) != y)
     norms = threat.distance(x_adv, x)[successful]
@@ -102,6 +109,9 @@ def harmonic_robustness(clean_accuracy: float, worst_case_accuracy: float) -> fl
     for name, value in (("clean_accuracy", clean_accuracy), ("worst_case_accuracy", worst_case_accuracy)):
         if not 0.0 <= value <= 1.0:
             raise DataError(f"{name} must lie in [0, 1], got {value!r}")
+    if worst_case_accuracy > clean_accuracy:  # every attack starts from the clean-correct examples
+        raise DataError(f"worst-case accuracy {worst_case_accuracy!r} exceeds clean accuracy "
+                        f"{clean_accuracy!r}")
     total = clean_accuracy + worst_case_accuracy
     return 0.0 if total == 0 else 2 * clean_accuracy * worst_case_accuracy / total
 
@@ -139,6 +149,9 @@ def _curve_points(eps: Sequence[float], accuracy: Sequence[float],
         raise DataError(f"eps values must be distinct finite numbers > 0, got {eps}")
     if any(not 0 <= a <= 1 for a in [*accuracy, clean_accuracy]):
         raise DataError(f"accuracies must lie in [0, 1], got clean {clean_accuracy} and {accuracy}")
+    if any(a > clean_accuracy for a in accuracy):
+        raise DataError(f"accuracy under attack cannot exceed clean accuracy {clean_accuracy}, "
+                        f"got {accuracy}")
     return [(0.0, float(clean_accuracy)), *sorted(zip(eps, accuracy, strict=True))]
 
 
@@ -202,6 +215,8 @@ def distance_summary(distances: Tensor, eps: Sequence[float]) -> DistanceSummary
     d = d.to(torch.promote_types(d.dtype, torch.float32))
     if d.numel() == 0 or bool(torch.isnan(d).any()) or bool((d < 0).any()):
         raise DataError("distances must be a non-empty tensor of numbers >= 0 (inf allowed, no NaN)")
+    if any(not (math.isfinite(float(e)) and float(e) > 0) for e in eps):
+        raise DataError(f"eps values must be finite numbers > 0, got {list(eps)}")
     q1, median, q3 = (_quantile(d.double(), q) for q in (0.25, 0.5, 0.75))
     # eps is rounded to the distances' dtype, so that a distance measured as exactly eps counts
     within = [(d <= torch.tensor(float(e), dtype=d.dtype)).double().mean() for e in eps]
@@ -253,6 +268,9 @@ def _shift(metric: str, clean: Tensor, adversarial: Tensor) -> Shift:
 
 def entropy_shift(clean_logits: Tensor, adv_logits: Tensor) -> Shift:
     """Mean normalised predictive entropy, clean and under attack, over all examples."""
+    if clean_logits.shape != adv_logits.shape or clean_logits.numel() == 0:
+        raise DataError(f"clean and adversarial logits must be the same non-empty shape (one row per "
+                        f"example), got {tuple(clean_logits.shape)} and {tuple(adv_logits.shape)}")
     return _shift("normalized_entropy", normalized_entropy(clean_logits), normalized_entropy(adv_logits))
 
 
@@ -284,6 +302,11 @@ def class_report(predictions: Tensor, y: Tensor, num_classes: int) -> ClassRepor
     if predictions.shape != y.shape or y.dim() != 1 or y.numel() == 0:
         raise DataError(f"predictions {tuple(predictions.shape)} and labels {tuple(y.shape)} must be "
                         "equal non-empty 1-D shapes")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    check_label_dtype(y)
+    check_label_range(y, num_classes)
+    check_label_range(predictions, num_classes, what="predictions")
     labels = list(range(num_classes))
     truth, pred = y.cpu().numpy(), predictions.cpu().numpy()
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -307,7 +330,9 @@ def class_reports(clean_logits: Tensor, adv_logits: Tensor, y: Tensor,
     """Class reports of the clean predictions and of the predictions on the adversarial inputs."""
     _check_logits(clean_logits, y)
     _check_logits(adv_logits, y)
-    num_classes = clean_logits.shape[1] if num_classes is None else num_classes
+    if num_classes is not None and num_classes != clean_logits.shape[1]:
+        raise DataError(f"num_classes={num_classes} but the logits score {clean_logits.shape[1]} classes")
+    num_classes = clean_logits.shape[1]
     return ClassReports(clean=class_report(clean_logits.argmax(1), y, num_classes),
                         adversarial=class_report(adv_logits.argmax(1), y, num_classes))
 

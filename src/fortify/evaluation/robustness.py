@@ -185,8 +185,9 @@ def _check_setup(attacks: Sequence[Attack], threat: ThreatModel, x: Tensor, y: T
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     for attack in [*attacks, *([curve_attack] if curve_attack is not None else [])]:
         if attack.threat != threat:
-            raise ConfigError(f"attack {attack.label!r} uses {attack.threat.describe()} but the "
-                              f"evaluation's threat model is {threat.describe()}")
+            theirs, ours = attack.threat.describe_against(threat)
+            raise ConfigError(f"attack {attack.label!r} uses {theirs} but the evaluation's threat model "
+                              f"is {ours}")
     threat.check_inputs(x)
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise DataError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
