@@ -96,7 +96,6 @@ def _describe_os_error(err: OSError) -> str:
     return f"cannot use{where}: {err.strerror or err}"
 
 
-
 def _overrides(**sections: dict[str, Any]) -> dict[str, Any]:
     """Nested overrides from flags that were given (None means 'not given')."""
     return {section: {k: v for k, v in values.items() if v is not None}
