@@ -140,3 +140,8 @@ def test_l2_eps_beyond_the_box_diameter_is_rejected():
 def test_bad_inputs_are_rejected(x, fragment):
     with pytest.raises(DataError, match=fragment):
         ThreatModel("linf", 0.1).check_inputs(x)
+
+
+def test_random_start_names_integer_inputs():
+    with pytest.raises(DataError, match="floating point, got dtype torch.uint8"):
+        ThreatModel("linf", 0.1).random_start(torch.zeros(2, 3, dtype=torch.uint8))

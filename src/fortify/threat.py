@@ -108,6 +108,8 @@ class ThreatModel:
 
     def random_start(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """A point drawn uniformly from the ball around ``x`` (then clipped into the box)."""
+        if not x.dtype.is_floating_point:
+            raise DataError(f"inputs must be floating point, got dtype {x.dtype}")
         work = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
         if self.norm == "linf":
             noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=work)
