@@ -140,3 +140,15 @@ def test_a_field_over_the_csv_limit_is_a_data_error(tmp_path):
 
     # Assert
     assert f"{path}, line 2: not valid CSV" in message
+
+
+def test_blank_lines_do_not_shift_the_row_numbers_of_errors(tmp_path):
+    # the reader's own errors and the type checks must name the same row for the same cell
+    path = write_table(tmp_path / "t.csv", incomes(30, {3: "nan"}))
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "", *lines[1:3], "", *lines[3:]]) + "\n")
+    assert "data row 3: 'nan'" in csv_error(path, target="label")
+    lines = path.read_text().splitlines()
+    lines[lines.index(next(line for line in lines if ",nan," in line))] = "23,,1"  # the same row, emptied
+    path.write_text("\n".join(lines) + "\n")
+    assert "data row 3: column 'income' is empty" in csv_error(path, target="label")

@@ -85,9 +85,8 @@ def read_table(path: Path) -> Table:
     table: Table = {name: [] for name in header}
     rows = _rows(path)
     next(rows)
-    for row_number, row in enumerate(rows):
-        if not row:
-            continue
+    # data rows count from 0 and skip blank lines, as the type and schema checks count them
+    for row_number, row in enumerate(row for row in rows if row):
         if len(row) != len(header):
             raise DataError(f"{path}, data row {row_number}: {len(row)} values but the header has "
                             f"{len(header)} columns")
