@@ -385,3 +385,8 @@ def test_audit_writes_membership_results(trained_dir):
 
 def test_audit_refuses_lira_with_one_reference_model(trained_dir):
     _assert_clean_error(_invoke("audit", trained_dir, "--reference-models", 1), "reference")
+
+
+def test_audit_refuses_a_negative_example_count(trained_dir):
+    result = _invoke("audit", trained_dir, "--n-examples", -5, "--no-inversion")
+    assert result.exit_code == 2 and "--n-examples" in result.output and "Traceback" not in result.output

@@ -22,7 +22,7 @@ from rich.table import Table
 from torch import nn
 
 from fortify.allocator import keep_freed_memory_if_asked
-from fortify.config import load_config
+from fortify.config import load_config, read_yaml_mapping
 from fortify.errors import ConfigError, FortifyError
 from fortify.pipeline import (
     Setup,
@@ -259,6 +259,10 @@ def train(
         dp={"enabled": dp, "target_epsilon": target_epsilon, "noise_multiplier": noise_multiplier,
             "delta": delta, "max_grad_norm": max_grad_norm, "accountant": accountant,
             "max_physical_batch_size": max_physical_batch_size, "canaries": canaries}))
+    _check_dp_flags_need_dp(cfg.dp.enabled, target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
+                            delta=delta, max_grad_norm=max_grad_norm,
+                            max_physical_batch_size=max_physical_batch_size, accountant=accountant,
+                            canaries=canaries)
     setup, ddp = _join_torchrun(prepare(cfg, device), out)
     out_dir = _fresh_out_dir(out, f"{cfg.data.name}-{cfg.train.objective}", resume)
     if ddp is not None:
@@ -276,6 +280,13 @@ def train(
            if best.val_robust_accuracy is not None else "")
         + f"\nmodel: {out_dir / 'model.safetensors'}")
     _print_privacy(result.to_dict())
+
+
+def _check_dp_flags_need_dp(enabled: bool, **flags: Any) -> None:
+    """A DP flag without DP would be dropped without a word; the run would not be private."""
+    given = [f"--{name.replace('_', '-')}" for name, value in flags.items() if value is not None]
+    if given and not enabled:
+        raise ConfigError(f"{', '.join(given)} only apply to DP training: add --dp (or dp.enabled: true)")
 
 
 def _training_amp(amp: str | None) -> bool | None:
@@ -501,7 +512,7 @@ def _measure_file_model_further(setup: Setup, external: Any, report: Any) -> dic
 def audit(
     model_dir: Annotated[Path, typer.Argument(help="Model directory written by fortify train or run.")],
     reference_models: Annotated[int, typer.Option(min=0, help="LiRA reference models (0 or >= 2).")] = 0,
-    n_examples: Annotated[int | None, typer.Option(help="Members and non-members per side.")] = None,
+    n_examples: Annotated[int | None, typer.Option(min=1, help="Members and non-members per side.")] = None,
     inversion: Annotated[bool, typer.Option(help="Run MI-Face model inversion on image data.")] = True,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -636,6 +647,9 @@ def federate(
                   "proximal_mu": proximal_mu, "malicious_clients": malicious_clients,
                   "malicious_mode": malicious_mode, "malicious_scale": malicious_scale,
                   "eval_examples": eval_examples, "eval_steps": eval_steps}
+    dp_section = read_yaml_mapping(config).get("dp")
+    _check_dp_flags_need_dp(dp or (isinstance(dp_section, dict) and dp_section.get("enabled") is True),
+                            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, delta=delta)
     run, result = run_federation(config, overrides, federation, out=out, superlink=superlink,
                                  write_app=write_app, workers=workers, verbose=verbose)
     if result is None:

@@ -150,10 +150,10 @@ class DPConfig(_Strict):
     """Differentially private training with Opacus (see docs/DP.md); off unless ``enabled``."""
 
     enabled: bool = False
-    target_epsilon: float | None = Field(None, gt=0)  # noise chosen to spend this by the last epoch
-    noise_multiplier: float | None = Field(None, ge=0)  # or a fixed noise level
+    target_epsilon: float | None = Field(None, gt=0, allow_inf_nan=False)  # noise chosen to spend this
+    noise_multiplier: float | None = Field(None, ge=0, allow_inf_nan=False)  # or a fixed noise level
     delta: float = Field(1e-5, gt=0, lt=1)  # must also be < 1/n, checked once n is known
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
     max_physical_batch_size: int | None = Field(None, ge=1)  # None: whole logical batches
     accountant: Literal["prv", "rdp"] = "prv"
     canaries: int = Field(0, ge=0)  # mislabelled canaries per side for the empirical audit

@@ -216,17 +216,19 @@ def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: b
     else:
         trainer = Trainer(model, objective, train_cfg, threat=setup.threat, run_dir=model_dir,
                           show_progress=show_progress, distributed=distributed, extra_data=setup.extra)
+    train = setup.dataset.train
+    if dp.canaries:
+        from fortify.privacy.canaries import insert_canaries
+
+        train, canaries = insert_canaries(train, dp.canaries, setup.dataset.num_classes, seed=train_cfg.seed)
+    if dp.enabled:  # delta against n and the noise for a target epsilon, still before any write
+        trainer.prepare(train)  # type: ignore[attr-defined]
     model_dir.mkdir(parents=True, exist_ok=True)
     if distributed is None or distributed.is_main:
         (model_dir / "config.yaml").write_text(config.to_yaml())
         # a DP model may have had BatchNorm replaced: loading repeats the replacement
         write_json(model_dir / MODEL_CARD, model_card(setup) | ({"opacus_fixed": True} if dp.enabled else {}))
         trainer.record_file(MODEL_CARD, model_dir / MODEL_CARD)
-    train = setup.dataset.train
-    if dp.canaries:
-        from fortify.privacy.canaries import insert_canaries
-
-        train, canaries = insert_canaries(train, dp.canaries, setup.dataset.num_classes, seed=train_cfg.seed)
     can_resume = resume and (model_dir / ckpt.STATE_JSON).is_file()
     result = trainer.fit(train, setup.dataset.val, resume=can_resume)
     if dp.canaries:

@@ -257,8 +257,12 @@ def test_cli_rejects_a_bad_epsilon_without_a_traceback(tmp_path: Path) -> None:
     assert "dp.target_epsilon" in result.output and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("flags, fragment", [(["--objective", "free"], "free"),
-                                             (["--amp", "bf16"], "train.amp")])
+@pytest.mark.parametrize("flags, fragment", [
+    (["--objective", "free"], "free"),
+    (["--amp", "bf16"], "train.amp"),
+    (["--delta", "0.01"], "must be in (0, 1/n)"),  # checked against n, still before any write
+    (["--noise-multiplier", "inf"], "dp.noise_multiplier"),  # the last --noise-multiplier wins
+])
 def test_cli_refuses_dp_settings_before_writing_anything(tmp_path: Path, flags, fragment) -> None:
     from typer.testing import CliRunner
 
@@ -290,3 +294,18 @@ def test_cli_dp_run_records_epsilon_and_audit_and_the_model_loads(tmp_path: Path
     assert training["canary_audit"]["n_inserted"] == 20
     model, card = load_trained_model(out, torch.device("cpu"))
     assert card["opacus_fixed"] is True and sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_cli_dp_flags_without_dp_and_an_unreachable_epsilon_are_refused(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fortify.cli import app
+
+    runner, out = CliRunner(), tmp_path / "m"
+    without_dp = runner.invoke(app, ["train", "--noise-multiplier", "1", "--out", str(out), "--quiet"])
+    assert without_dp.exit_code == 2 and "--noise-multiplier only apply to DP training" in without_dp.output
+    tiny = runner.invoke(app, ["train", "--dp", "--target-epsilon", "1e-9", "--model", "mlp", "--epochs", "1",
+                               "--objective", "standard", "--out", str(out), "--quiet"])
+    assert tiny.exit_code == 2 and "dp.target_epsilon=1e-09 cannot be met" in tiny.output, tiny.output
+    assert "Traceback" not in without_dp.output + tiny.output
+    assert not out.exists() or not any(out.rglob("*"))

@@ -200,9 +200,14 @@ class DPTrainer(Trainer):
             with warnings.catch_warnings():
                 # the noise search probes noise levels far off the answer, where RDP's orders run out
                 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-                gsm, self.optimizer, self.loader = self.engine.make_private_with_epsilon(
-                    **common, target_epsilon=self.dp.target_epsilon, target_delta=self.dp.delta,
-                    epochs=self.config.epochs)
+                try:
+                    gsm, self.optimizer, self.loader = self.engine.make_private_with_epsilon(
+                        **common, target_epsilon=self.dp.target_epsilon, target_delta=self.dp.delta,
+                        epochs=self.config.epochs)
+                except ValueError as err:  # Opacus: no noise level spends this little
+                    raise ConfigError(f"dp.target_epsilon={self.dp.target_epsilon:g} cannot be met with "
+                                      f"delta={self.dp.delta:g} over {self.config.epochs} epochs ({err}); "
+                                      "raise it, or train for fewer epochs") from None
         else:
             gsm, self.optimizer, self.loader = self.engine.make_private(
                 **common, noise_multiplier=self.dp.noise_multiplier)
