@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortify.errors import ConfigError, DataError
-from fortify.models.modes import restore_modes, save_modes
+from fortify.models.modes import evaluation_mode
 from fortify.registry import Registry
 from fortify.threat import ThreatModel
 
@@ -141,13 +141,8 @@ class Attack(ABC):
 @contextlib.contextmanager
 def attacking(model: nn.Module) -> Iterator[None]:
     """Eval mode with gradients on for the duration; the caller's mode comes back afterwards."""
-    modes = save_modes(model)
-    model.eval()
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        restore_modes(modes)
+    with evaluation_mode(model), torch.enable_grad():
+        yield
 
 
 def check_label_dtype(y: Tensor, what: str = "labels") -> None:

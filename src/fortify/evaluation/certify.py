@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import check_positive_int
 from fortify.errors import ConfigError, DataError
-from fortify.models.modes import restore_modes, save_modes
+from fortify.models.modes import evaluation_mode
 from fortify.threat import check_in_box
 from fortify.training.objectives import OBJECTIVES, Objective, ObjectiveOptions
 
@@ -140,7 +139,7 @@ def predict(model: nn.Module, x: Tensor, *, sigma: float, n: int = 100, alpha: f
     """
     alpha = _check_alpha(alpha)
     setup = _prepare(model, x, num_classes, bounds, seed, generator)
-    with _eval_mode(model):
+    with evaluation_mode(model):
         counts = sample_counts(model, setup.x, sigma=sigma, n=n, num_classes=setup.num_classes,
                                batch_size=batch_size, generator=setup.generator)
     top2 = counts.topk(2, dim=1) if setup.num_classes > 1 else counts.topk(1, dim=1)
@@ -192,7 +191,7 @@ def certify(model: nn.Module, x: Tensor, *, sigma: float, n0: int = 100, n: int 
                              batch_size=batch_size, generator=setup.generator)
 
     # selection and estimation use separate samples, or the bound would be biased upwards
-    with _eval_mode(model):
+    with evaluation_mode(model):
         selection, estimation = sample(n0), sample(n)
     top = selection.argmax(dim=1)
     p_lower = clopper_pearson_lower(estimation.gather(1, top.unsqueeze(1)).squeeze(1), n, alpha)
@@ -205,16 +204,6 @@ def certify(model: nn.Module, x: Tensor, *, sigma: float, n0: int = 100, n: int 
 
 def _normal_ppf(p: Tensor) -> Tensor:
     return torch.from_numpy(norm.ppf(p.detach().cpu().double().numpy())).to(p.device)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = save_modes(model)
-    model.eval()
-    try:
-        yield
-    finally:
-        restore_modes(modes)
 
 
 # -- certified accuracy ----------------------------------------------------------------------------
