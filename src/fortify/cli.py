@@ -247,8 +247,6 @@ def train(
     canaries: Annotated[int | None, typer.Option(help="Audit with N mislabelled canaries a side.")] = None,
 ) -> None:
     """Train one model (any objective) into a model directory."""
-    if nproc is not None and nproc != 1 and not distributed.under_torchrun():
-        raise typer.Exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
     cfg = load_config(config, _overrides(
         data={"name": dataset or _csv_dataset(data_path), "path": data_path, "seed": seed,
               "target": target, "feature_schema": schema},
@@ -263,6 +261,11 @@ def train(
                             delta=delta, max_grad_norm=max_grad_norm,
                             max_physical_batch_size=max_physical_batch_size, accountant=accountant,
                             canaries=canaries)
+    if nproc is not None and nproc != 1 and not distributed.under_torchrun():
+        # settings every rank would refuse alike are refused once, here, before any rank starts
+        if cfg.dp.enabled:
+            raise ConfigError("--dp cannot be combined with --nproc: DP-SGD trains in one process")
+        raise typer.Exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
     setup, ddp = _join_torchrun(prepare(cfg, device), out)
     out_dir = _fresh_out_dir(out, f"{cfg.data.name}-{cfg.train.objective}", resume)
     if ddp is not None:

@@ -95,6 +95,31 @@ def test_nproc_below_one_is_a_clean_cli_error():
     assert "--nproc must be >= 1, got 0" in result.output and "Traceback" not in result.output
 
 
+def test_nproc_with_dp_is_refused_before_any_rank_starts(monkeypatch, tmp_path):
+    started = []
+    monkeypatch.setattr(distributed, "launch", lambda *args: started.append(args) or 0)
+    result = CliRunner().invoke(app, ["train", "--nproc", "2", "--dp", "--noise-multiplier", "1",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "--dp cannot be combined with --nproc" in result.output and not started
+
+
+@pytest.mark.slow
+def test_a_rank_error_under_nproc_is_one_line_per_rank_and_the_exit_code(tmp_path):
+    # Prepare: an --out that every rank refuses (not empty, no --resume)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    command = [sys.executable, "-m", "fortify", "train", "--nproc", "2", "--epochs", "1", "-q",
+               "--out", str(tmp_path / "taken")]
+    # Act
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # Assert: the ranks' own message, the rank's exit code, no launcher traceback
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("already exists and is not empty") == 2, done.stderr
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr
+
+
 def test_under_torchrun_train_needs_an_out_directory(monkeypatch):
     # Prepare: the environment torchrun gives a 1-process group
     for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",

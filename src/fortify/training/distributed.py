@@ -17,9 +17,10 @@ from __future__ import annotations
 import atexit
 import datetime
 import inspect
+import logging
 import os
-import subprocess
 import sys
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -207,10 +208,29 @@ def check_nproc(nproc: int) -> int:
 
 
 def launch(nproc: int, arguments: Sequence[str]) -> int:
-    """Run ``fortify <arguments>`` in ``nproc`` processes under torchrun; returns its exit code."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={check_nproc(nproc)}", "-m", "fortify", *arguments]
-    return subprocess.run(command, check=False).returncode
+    """Run ``fortify <arguments>`` in ``nproc`` processes on this machine (torchrun's standalone
+    launch) and return the first failed rank's exit code, or 0.
+
+    The ranks print their own one-line errors; the launcher's report of a failed child (a Python
+    traceback when torchrun runs as a program) is replaced by the exit code.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    check_nproc(nproc)
+    if not torch.cuda.is_available() and nproc > (os.cpu_count() or 1):
+        print(f"warning: {nproc} processes on {os.cpu_count()} CPUs: each rank waits for the others at "
+              "every step, so extra processes slow training down", file=sys.stderr)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: one thread per rank, not N per rank
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "fortify", *arguments)
+    except ChildFailedError as failed:
+        codes = [f.exitcode for _, f in sorted(failed.failures.items())]
+        return next((c for c in codes if c > 0), 1)
+    return 0
 
 
 def without_option(argv: Sequence[str], option: str) -> list[str]:
