@@ -387,6 +387,25 @@ def test_audit_refuses_lira_with_one_reference_model(trained_dir):
     _assert_clean_error(_invoke("audit", trained_dir, "--reference-models", 1), "reference")
 
 
+@pytest.mark.parametrize("make", [lambda tmp: tmp / "missing", lambda tmp: _touched(tmp / "file")],
+                         ids=["missing", "file"])
+def test_audit_names_a_model_dir_that_is_missing_or_a_file(tmp_path, make):
+    target = make(tmp_path)
+    expected = "is not a directory" if target.exists() else "does not exist"
+    _assert_clean_error(_invoke("audit", target), f"{target} {expected}")
+
+
+def _touched(path):
+    path.write_text("")
+    return path
+
+
+def test_an_unknown_command_lists_the_commands():
+    result = _invoke("trian")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "no such command 'trian'; valid: run, train, evaluate, audit" in " ".join(result.output.split())
+
+
 def test_audit_refuses_a_negative_example_count(trained_dir):
     result = _invoke("audit", trained_dir, "--n-examples", -5, "--no-inversion")
     assert result.exit_code == 2 and "--n-examples" in result.output and "Traceback" not in result.output

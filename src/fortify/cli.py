@@ -16,10 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
 from torch import nn
+from typer.core import TyperGroup
 
 from fortify.allocator import keep_freed_memory_if_asked
 from fortify.config import load_config, read_yaml_mapping
@@ -43,7 +45,18 @@ from fortify.tabular.run import tabular_section
 from fortify.training import checkpoint as ckpt
 from fortify.training import distributed
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+
+class _Commands(TyperGroup):
+    """Lists every command when an unknown one is given (click names only close matches)."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            ctx.fail(f"no such command {name!r}; valid: {', '.join(self.list_commands(ctx))}")
+        return super().resolve_command(ctx, args)
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
                   help="Harden PyTorch classifiers with adversarial training and measure it.")
 console = Console(stderr=True)
 out_console = Console()
@@ -526,9 +539,12 @@ def audit(
     if reference_models == 1:
         raise ConfigError("--reference-models 1 is too few: LiRA needs at least 2 reference models "
                           "(or 0 to skip it)")
-    cfg = load_config(model_dir / "config.yaml") if (model_dir / "config.yaml").is_file() else None
-    if cfg is None:
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir} {'is not a directory' if model_dir.exists() else 'does not exist'}: "
+                          "give a model directory written by fortify train or run")
+    if not (model_dir / "config.yaml").is_file():
         raise ConfigError(f"{model_dir} has no config.yaml; it is not a fortify model directory")
+    cfg = load_config(model_dir / "config.yaml")
     setup = prepare(cfg, device)
     model, card = load_trained_model(model_dir, setup.device)
     recipe = TrainerRecipe.for_model(card["name"], card["input_shape"], card["num_classes"],

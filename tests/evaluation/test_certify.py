@@ -117,6 +117,18 @@ def test_certified_accuracy_curve_on_a_hand_made_certificate():
     assert curve.to_dict()["radii"] == [0.0, 0.15, 0.25, 0.4]
 
 
+@pytest.mark.parametrize("labels, message", [
+    (torch.tensor([0.0, 1.0, 2.0, 0.0, 1.0]), "integer class indices"),
+    # ABSTAIN is -1: a label of -1 would otherwise count an abstention as correct
+    (torch.tensor([0, 1, -1, 0, 1]), "class indices 0..K-1"),
+])
+def test_certified_accuracy_curve_refuses_labels_that_are_not_class_indices(labels, message):
+    cert = Certificate(predictions=torch.tensor([0, 1, ABSTAIN, 2, 1]), p_lower=torch.full((5,), 0.9),
+                       radii=torch.full((5,), 0.3), sigma=0.25, n0=10, n=100, alpha=0.001)
+    with pytest.raises(DataError, match=message):
+        certified_accuracy_curve(cert, labels, radii=[0.0])
+
+
 def test_bad_settings_and_inputs_are_rejected():
     model = _linear_two_class()
     x = torch.rand(3, FEATURES, dtype=torch.float64)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
 
-from fortify.attacks.base import check_positive_int
+from fortify.attacks.base import check_label_dtype, check_positive_int
 from fortify.errors import ConfigError, DataError
 from fortify.models.modes import evaluation_mode
 from fortify.threat import check_in_box
@@ -230,6 +230,9 @@ def certified_accuracy_curve(certificate: Certificate, y: Tensor, radii: Sequenc
     if y.shape != certificate.predictions.shape:
         raise DataError(f"labels must have shape {tuple(certificate.predictions.shape)}, "
                         f"got {tuple(y.shape)}")
+    check_label_dtype(y)
+    if y.numel() and int(y.min()) < 0:  # a negative label would count as wrong, not as an error
+        raise DataError(f"labels must be class indices 0..K-1, got {int(y.min())}")
     if any(not (math.isfinite(r) and r >= 0) for r in radii):
         raise ConfigError(f"radii must be finite numbers >= 0, got {list(radii)}")
     correct = certificate.predictions == y.to(certificate.predictions.device)
