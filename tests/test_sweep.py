@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict
 
 import pytest
 import yaml
@@ -14,8 +15,8 @@ from typer.testing import CliRunner
 import fortify.sweep as sweep_module
 from fortify.cli import app
 from fortify.config import load_config
-from fortify.errors import ConfigError
-from fortify.sweep import RunSpec, SweepGrid, expand_grid, load_sweep, pareto_front, run_sweep
+from fortify.errors import CheckpointError, ConfigError, ResultsError
+from fortify.sweep import RunResult, RunSpec, SweepGrid, expand_grid, load_sweep, pareto_front, run_sweep
 
 # -- the Pareto front: a pure function ---------------------------------------------------------
 
@@ -79,6 +80,43 @@ def test_bad_sweep_sections_are_config_errors(tmp_path, section, match):
     path.write_text(yaml.safe_dump({"sweep": section}))
     with pytest.raises(ConfigError, match=match):
         load_sweep(path, {}, {})
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("0.1,,0.2", "empty item at position 2"), ("0.1,0.2,", "empty item at position 3"),
+    (",0.1", "empty item at position 1"), ("0.1,0.1", "lists '0.1' twice"),
+    ("0.1,0.10", "lists '0.10' twice"), ("0.1,abc", "float values, got 'abc'")])
+def test_grid_flag_values_with_an_empty_or_repeated_item_are_refused(text, match):
+    with pytest.raises(ConfigError, match=match):
+        sweep_module.parse_grid_values(text, "--eps", float)
+
+
+def test_grid_flag_values_parse_in_order():
+    assert sweep_module.parse_grid_values(" 10, 30 ", "--epochs", int) == [10, 30]
+    assert sweep_module.parse_grid_values(None, "--epochs", int) is None
+
+
+@pytest.mark.parametrize(("section", "flags", "match"), [
+    ({"eps": [0.1, 0.2, 0.1]}, {}, "eps: 0.1 is listed twice"),
+    ({}, {"objective": ["pgd", "trades", "pgd"]}, "objective: 'pgd' is listed twice"),
+    ({"epochs": [10, 10.0]}, {}, "epochs: 10 is listed twice")])
+def test_a_value_listed_twice_in_the_grid_is_refused(tmp_path, section, flags, match):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"sweep": section}))
+    with pytest.raises(ConfigError, match=match):
+        load_sweep(path, {}, flags)
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("train:\n  lr: 0.1\nsweep: {eps: [0.1}\n", "line 3, column 18: expected ',' or ']', but got '}'"),
+    ("sweep:\n  eps: [0.1]\n  eps: [0.2]\n", "line 3, column 3: key 'eps' is given twice")])
+def test_a_yaml_error_in_a_sweep_file_is_one_line_naming_where(tmp_path, text, match):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="not valid YAML") as caught:
+        load_sweep(path, {}, {})
+    assert "\n" not in str(caught.value)
+    assert match in str(caught.value)
 
 
 def test_an_eps_outside_the_box_stops_the_sweep_before_any_run(tmp_path):
@@ -167,3 +205,129 @@ def test_cli_sweep_rejects_a_bad_grid_value_without_a_traceback(tmp_path):
     assert result.exit_code == 2
     assert "--eps takes comma-separated float values" in result.output
     assert "Traceback" not in result.output
+
+
+def test_cli_sweep_refuses_a_repeated_grid_value_before_any_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep_module, "run_sweep", _no_run)
+    result = CliRunner().invoke(app, ["sweep", "--eps", "0.1,0.1", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2
+    # refused by the flag's parsing or by the grid's check, each naming the value
+    assert "0.1" in result.output and "twice" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_sweep_prints_a_yaml_error_on_one_line(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("sweep: {eps: [0.1}\n")
+    result = CliRunner().invoke(app, ["sweep", "-c", str(path), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and "line 1, column 18" in result.output
+
+
+# -- run directories already in OUT: kept, checked, refused -------------------------------------------
+
+def _no_run(*_args, **_kwargs):
+    raise Stop
+
+
+def _fake_finished_run(out, spec, base, *, config=None, robust=0.3):
+    """A run directory as a finished run leaves it (result.json), without training anything."""
+    run_dir = out / spec.name
+    run_dir.mkdir(parents=True)
+    result = RunResult(spec.name, spec.objective, spec.eps, spec.trades_beta, spec.mix_ratio, spec.epochs,
+                       clean_accuracy=0.9, robust_accuracy=robust, attack_accuracy={"pgd-2": robust},
+                       n_examples=48, train_seconds=1.0, passes_per_epoch=1.0, best_epoch=1)
+    config = config or spec.config(base).model_dump(mode="json")
+    (run_dir / "result.json").write_text(json.dumps({"config": config, "result": asdict(result)}))
+    return run_dir
+
+
+def _config_with(spec, base, **train):
+    config = spec.config(base).model_dump(mode="json")
+    config["train"].update(train)
+    return config
+
+
+def test_a_rerun_with_a_smaller_grid_keeps_every_finished_run_of_the_same_settings(tmp_path, monkeypatch):
+    # Prepare: the three runs of TINY_GRID finished, and one made with another learning rate
+    base = load_config(None, TINY)
+    out = tmp_path / "sweep"
+    specs = expand_grid(TINY_GRID, base)
+    for robust, spec in zip([0.1, 0.3, 0.2], specs):
+        _fake_finished_run(out, spec, base, robust=robust)
+    other = RunSpec("pgd", 0.2, 6.0, 0.5, 1)
+    _fake_finished_run(out, other, base, config=_config_with(other, base, lr=0.001))
+    monkeypatch.setattr(sweep_module, "train_model", _no_run)
+    lines = []
+    # Execute: the first run's grid point alone
+    results = run_sweep(base, SweepGrid(objective=["standard"]), out, device="cpu", show_progress=False,
+                        log=lines.append)
+    # Assert: the summary holds all three runs of these settings, the grid's first; the other is named
+    assert [(r.name, r.status) for r in results] == [(NAMES[0], "skipped"), (NAMES[1], "kept"),
+                                                     (NAMES[2], "kept")]
+    with open(out / "sweep.csv", newline="") as handle:
+        assert [row["name"] for row in csv.DictReader(handle)] == NAMES
+    summary = json.loads((out / "sweep.json").read_text())
+    assert [run["name"] for run in summary["runs"]] == NAMES
+    assert summary["pareto"] == [NAMES[1]]
+    assert any("other settings" in line and other.name in line for line in lines)
+
+
+def test_a_settings_mismatch_names_each_differing_setting_with_both_values(tmp_path):
+    base = load_config(None, TINY)
+    spec = expand_grid(SweepGrid(objective=["standard"]), base)[0]
+    config = _config_with(spec, base, lr=0.01)
+    config["eval"]["steps"] = 5
+    _fake_finished_run(tmp_path / "out", spec, base, config=config)
+    with pytest.raises(ConfigError, match="other settings") as caught:
+        run_sweep(base, SweepGrid(objective=["standard"]), tmp_path / "out", device="cpu",
+                  show_progress=False)
+    assert "eval.steps was 5, now 2" in str(caught.value)
+    assert "train.lr was 0.01, now 0.05" in str(caught.value)
+
+
+DAMAGED_RESULTS = {"truncated": lambda text: text[: len(text) // 2], "not a mapping": lambda _: "[1, 2]",
+                   "a field missing": lambda text: text.replace('"best_epoch"', '"best"')}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_RESULTS)
+@pytest.mark.parametrize("in_grid", [True, False])
+def test_a_damaged_result_json_stops_the_sweep_before_any_run(tmp_path, monkeypatch, damage, in_grid):
+    # Prepare: a damaged finished run, the grid's second run or one outside the grid
+    base = load_config(None, TINY)
+    damaged = RunSpec("pgd", 0.2, 6.0, 0.5, 1 if in_grid else 2)
+    path = _fake_finished_run(tmp_path / "out", damaged, base) / "result.json"
+    path.write_text(DAMAGED_RESULTS[damage](path.read_text()))
+    monkeypatch.setattr(sweep_module, "train_model", _no_run)
+    # Execute / Assert: a clear error, before the first run trains
+    with pytest.raises(ResultsError, match=f"{damaged.name}/result.json is not a readable sweep result"):
+        run_sweep(base, SweepGrid(objective=["standard", "pgd"]), tmp_path / "out", device="cpu",
+                  show_progress=False)
+
+
+def test_cli_sweep_reports_a_damaged_result_json_in_one_line(tmp_path):
+    run_dir = tmp_path / "out" / "standard_eps0.2_ep1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "result.json").write_text('{"config": {"data": ')
+    result = CliRunner().invoke(app, ["sweep", "--objectives", "standard", "--epochs", "1",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "result.json is not a readable sweep result (not valid JSON" in result.output
+    assert "Traceback" not in result.output and result.output.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize(("finished", "objectives"), [(True, ["pgd"]), (False, ["standard", "pgd"])])
+def test_a_truncated_state_json_stops_the_sweep_before_any_run(tmp_path, monkeypatch, finished, objectives):
+    # Prepare: a finished run (skipped if state.json were not read) or the grid's second run, interrupted
+    base = load_config(None, TINY)
+    spec = RunSpec("pgd", 0.2, 6.0, 0.5, 1)
+    run_dir = tmp_path / "out" / spec.name
+    if finished:
+        _fake_finished_run(tmp_path / "out", spec, base)
+    else:
+        run_dir.mkdir(parents=True)
+    (run_dir / "state.json").write_text('{"format": "fortify", "version": "1", "finished": tr')
+    monkeypatch.setattr(sweep_module, "train_model", _no_run)
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match=f"state.json is not valid JSON.*remove .*{spec.name}"):
+        run_sweep(base, SweepGrid(objective=objectives), tmp_path / "out", device="cpu", show_progress=False)

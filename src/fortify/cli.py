@@ -30,6 +30,7 @@ from fortify.pipeline import (
     Setup,
     analyse_model,
     audit_membership,
+    audited_dataset,
     check_same_settings,
     evaluate_model,
     load_trained_model,
@@ -550,8 +551,9 @@ def audit(
     recipe = TrainerRecipe.for_model(card["name"], card["input_shape"], card["num_classes"],
                                      config=cfg.train, threat=setup.threat, val=setup.dataset.val,
                                      mean=card["mean"], std=card["std"], device=setup.device)
-    report = audit_trained_model(model, setup.dataset, recipe=recipe, n_reference_models=reference_models,
-                                 n_examples=n_examples, inversion=inversion, seed=cfg.train.seed)
+    report = audit_trained_model(model, audited_dataset(setup), recipe=recipe,
+                                 n_reference_models=reference_models, n_examples=n_examples,
+                                 inversion=inversion, seed=cfg.train.seed)
     write_json(model_dir / "privacy.json", {
         "version": RESULTS_VERSION, "kind": "privacy", "privacy": report.to_dict(),
         "provenance": provenance(cfg, setup.device)})
@@ -680,16 +682,6 @@ def federate(
 
 # -- fortify sweep -----------------------------------------------------------------------------
 
-def _grid_values(text: str | None, flag: str, kind: type) -> list[Any] | None:
-    """A comma-separated flag value as a list of ``kind``; None when the flag was not given."""
-    if text is None:
-        return None
-    try:
-        return [kind(part.strip()) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"{flag} takes comma-separated {kind.__name__} values, got {text!r}") from None
-
-
 @app.command()
 @_handles_errors
 def sweep(
@@ -707,13 +699,13 @@ def sweep(
     quiet: QuietOpt = False,
 ) -> None:
     """Train and attack a grid of runs; rerun to resume. Writes sweep.csv, sweep.json, tradeoff.png."""
-    from fortify.sweep import load_sweep, rich_table, run_sweep
+    from fortify.sweep import load_sweep, parse_grid_values, rich_table, run_sweep
 
-    flags = {"objective": _grid_values(objectives, "--objectives", str),
-             "eps": _grid_values(eps, "--eps", float),
-             "trades_beta": _grid_values(trades_beta, "--trades-beta", float),
-             "mix_ratio": _grid_values(mix_ratio, "--mix-ratio", float),
-             "epochs": _grid_values(epochs, "--epochs", int)}
+    flags = {"objective": parse_grid_values(objectives, "--objectives", str),
+             "eps": parse_grid_values(eps, "--eps", float),
+             "trades_beta": parse_grid_values(trades_beta, "--trades-beta", float),
+             "mix_ratio": parse_grid_values(mix_ratio, "--mix-ratio", float),
+             "epochs": parse_grid_values(epochs, "--epochs", int)}
     base, grid = load_sweep(config, _overrides(data={"name": dataset, "seed": seed},
                                                train={"seed": seed}), flags)
     out_dir = out or Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -242,7 +242,17 @@ def load_yaml(path: Path | str, kind: str = "config") -> Any:
     except UnicodeDecodeError:
         raise ConfigError(f"{kind} file {path} is not UTF-8 text") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{kind} file {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{kind} file {path} is not valid YAML: {one_line_yaml_error(err)}") from None
+
+
+def one_line_yaml_error(err: yaml.YAMLError) -> str:
+    """``line L, column C: problem (context)`` from a PyYAML error: its own message spans several
+    lines (the line quoted, a caret under it), and fortify's errors are one line."""
+    mark = getattr(err, "problem_mark", None)
+    if not isinstance(err, yaml.MarkedYAMLError) or mark is None:
+        return " ".join(str(err).split())
+    context = f" ({err.context})" if err.context else ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}{context}"
 
 
 def read_yaml_mapping(path: Path | None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ is built in ``prepare`` before any file is written, so a bad setting stops the r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -365,7 +366,24 @@ def audit_membership(setup: Setup, model: nn.Module) -> PrivacyReport:
     """Threshold and augmentation membership inference: members = train, non-members = test."""
     from fortify.privacy.audit import audit_trained_model
 
-    return audit_trained_model(model, setup.dataset, inversion=False, seed=setup.config.train.seed)
+    return audit_trained_model(model, audited_dataset(setup), inversion=False, seed=setup.config.train.seed)
+
+
+def audited_dataset(setup: Setup) -> Dataset:
+    """The dataset whose training split holds what the model trained on with its own labels.
+
+    A run with ``dp.canaries`` took 2N training examples out (train_model): N went back in with a
+    wrong label, N were never seen. Neither kind is a member in the audit's sense, so both leave the
+    members; the canary audit of DP training covers them.
+    """
+    canaries = setup.config.dp.canaries
+    if not canaries:
+        return setup.dataset
+    from fortify.privacy.canaries import insert_canaries
+
+    train = setup.dataset.train
+    trained, _ = insert_canaries(train, canaries, setup.dataset.num_classes, seed=setup.config.train.seed)
+    return dataclasses.replace(setup.dataset, train=trained.head(len(train) - 2 * canaries))
 
 
 # -- run directory -----------------------------------------------------------------------------

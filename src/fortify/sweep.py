@@ -9,6 +9,13 @@ and is then attacked with the config's ``eval`` settings; ``result.json`` marks 
 the same command again skips finished runs and resumes an interrupted one from its checkpoint. At
 the end: ``sweep.csv``, ``sweep.json`` and ``tradeoff.png`` (clean against worst-case robust
 accuracy, the Pareto front marked: no other run is at least as good on both and better on one).
+
+The summary covers the whole directory, not only this invocation's grid: a finished run outside the
+grid that the same base settings made is kept in it, so rerunning with a smaller or another grid adds
+to the table instead of cutting it; finished runs made with other base settings are left out (and
+named). Every run directory already in ``OUT`` is read before any run starts: a damaged
+``result.json`` or ``state.json``, or a run made with other settings, stops the sweep with an error
+then, not hours later when its turn comes.
 """
 
 from __future__ import annotations
@@ -23,15 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from rich.table import Table
 from torch import nn
 
 from fortify.config import RunConfig, config_from_dict, read_yaml_mapping
-from fortify.errors import ConfigError
+from fortify.errors import CheckpointError, ConfigError, ResultsError
 from fortify.pipeline import (
     Setup,
     build_training_objective,
+    check_same_settings,
     evaluate_model,
     new_model,
     prepare,
@@ -40,6 +48,7 @@ from fortify.pipeline import (
     write_json,
 )
 from fortify.tabular.run import run_threat
+from fortify.training import checkpoint as ckpt
 
 RESULT_JSON = "result.json"
 SWEEP_VERSION = 1
@@ -57,6 +66,17 @@ class SweepGrid(BaseModel):
     trades_beta: list[float] | None = Field(None, min_length=1)
     mix_ratio: list[float] | None = Field(None, min_length=1)
     epochs: list[int] | None = Field(None, min_length=1)
+
+    @field_validator("*")
+    @classmethod
+    def _each_value_once(cls, values: list[Any] | None) -> list[Any] | None:
+        # a repeated value would make the same run twice; expand_grid would drop it without a word
+        if values is None:
+            return None
+        repeated = [value for index, value in enumerate(values) if value in values[:index]]
+        if repeated:
+            raise ValueError(f"{repeated[0]!r} is listed twice; list each value once")
+        return values
 
 
 @dataclass(frozen=True)
@@ -100,10 +120,38 @@ class RunResult:
     train_seconds: float
     passes_per_epoch: float  # forward passes through the model per training example and epoch
     best_epoch: int
-    status: str = "done"  # "done" when run now, "skipped" when found finished
+    # "done" when run now, "skipped" when found finished, "kept" when found finished outside the grid
+    status: str = "done"
+
+
+_RESULT_ADAPTER = TypeAdapter(RunResult)
 
 
 # -- the grid ----------------------------------------------------------------------------------
+
+def parse_grid_values(text: str | None, flag: str, kind: type) -> list[Any] | None:
+    """A comma-separated flag value as a list of ``kind``; None when the flag was not given.
+
+    An empty item (``0.1,,0.2``, a trailing comma) or a value given twice is refused, not dropped:
+    either is a typo, and dropping it would run another grid than the one typed.
+    """
+    if text is None:
+        return None
+    values: list[Any] = []
+    for position, item in enumerate(part.strip() for part in text.split(",")):
+        if not item:
+            raise ConfigError(f"{flag} {text!r} has an empty item at position {position + 1}; "
+                              "give comma-separated values without empty items")
+        try:
+            value = kind(item)
+        except ValueError:
+            raise ConfigError(f"{flag} takes comma-separated {kind.__name__} values, got {item!r} "
+                              f"in {text!r}") from None
+        if value in values:
+            raise ConfigError(f"{flag} {text!r} lists {item!r} twice; list each value once")
+        values.append(value)
+    return values
+
 
 def load_sweep(path: Path | None, overrides: dict[str, Any], flags: dict[str, list[Any] | None]
                ) -> tuple[RunConfig, SweepGrid]:
@@ -117,10 +165,16 @@ def load_sweep(path: Path | None, overrides: dict[str, Any], flags: dict[str, li
     try:
         grid = SweepGrid.model_validate({**section, **given})
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in err.errors())
-        raise ConfigError(f"invalid sweep grid: {problems}; valid settings: "
-                          f"{', '.join(SweepGrid.model_fields)}") from None
+        raise ConfigError(f"invalid sweep grid: {_grid_problems(err)}") from None
     return config_from_dict(raw, overrides), grid
+
+
+def _grid_problems(err: ValidationError) -> str:
+    problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg'].removeprefix('Value error, ')}"
+                         for p in err.errors())
+    if any(p["type"] == "extra_forbidden" for p in err.errors()):
+        problems += f"; valid settings: {', '.join(SweepGrid.model_fields)}"
+    return problems
 
 
 def expand_grid(grid: SweepGrid, base: RunConfig) -> list[RunSpec]:
@@ -150,17 +204,24 @@ Log = Callable[[str], None]
 
 def run_sweep(base: RunConfig, grid: SweepGrid, out: Path, *, device: str = "auto",
               show_progress: bool = True, log: Log = lambda _: None) -> list[RunResult]:
-    """Train and attack every run not yet finished in ``out``; write the table, plot and sweep.json."""
+    """Train and attack every run not yet finished in ``out``; write the table, plot and sweep.json.
+
+    Returns (and summarises) the grid's runs in grid order, then the directory's other finished runs
+    of the same base settings (finished_runs_outside).
+    """
     specs = expand_grid(grid, base)
     setup = prepare(base, device, objectives=tuple(dict.fromkeys(s.objective for s in specs)))
     setups = [_setup_for(setup, spec.config(base)) for spec in specs]  # all checked before any run
+    # the run directories already there too: a damaged one stops the sweep now, not when its turn comes
+    found = [finished_result(out / spec.name, run_setup.config) for spec, run_setup in zip(specs, setups)]
+    kept = finished_runs_outside(out, specs, base, log)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for number, (spec, run_setup) in enumerate(zip(specs, setups), start=1):
-        log(f"[{number}/{len(specs)}] {spec.name}")
-        results.append(_run_one(spec, run_setup, out / spec.name, show_progress))
-    write_outputs(results, out, base, grid, setup.device)
-    return results
+    for number, (spec, run_setup, finished) in enumerate(zip(specs, setups, found), start=1):
+        log(f"[{number}/{len(specs)}] {spec.name}" + (" (finished)" if finished else ""))
+        results.append(finished or _run_one(spec, run_setup, out / spec.name, show_progress))
+    write_outputs(results + kept, out, base, grid, setup.device)
+    return results + kept
 
 
 def _setup_for(setup: Setup, config: RunConfig) -> Setup:
@@ -171,13 +232,6 @@ def _setup_for(setup: Setup, config: RunConfig) -> Setup:
 
 def _run_one(spec: RunSpec, setup: Setup, run_dir: Path, show_progress: bool) -> RunResult:
     config = setup.config.model_dump(mode="json")
-    finished = run_dir / RESULT_JSON
-    if finished.is_file():
-        recorded = json.loads(finished.read_text())
-        if recorded.get("config") != config:
-            raise ConfigError(f"{run_dir} was run with other settings than this sweep's; "
-                              "choose another --out or remove that run directory")
-        return RunResult(**{**recorded["result"], "status": "skipped"})
     passes = count_forward_passes(setup, spec.objective)
     model, training = train_model(setup, spec.objective, run_dir, resume=True, show_progress=show_progress)
     report = evaluate_model(setup, model)
@@ -188,7 +242,8 @@ def _run_one(spec: RunSpec, setup: Setup, run_dir: Path, show_progress: bool) ->
         attack_accuracy={a.name: a.adversarial_accuracy for a in report.attacks},
         n_examples=report.n_examples, train_seconds=training.seconds, passes_per_epoch=passes,
         best_epoch=training.best_epoch)
-    write_json(finished, {"config": config, "result": asdict(result), "robustness": report.to_dict()})
+    write_json(run_dir / RESULT_JSON, {"config": config, "result": asdict(result),
+                                       "robustness": report.to_dict()})
     return result
 
 
@@ -215,6 +270,123 @@ def count_forward_passes(setup: Setup, objective_name: str) -> float:
         loss.backward()
         objective.after_backward(model)
     return seen[0] / len(batch)
+
+
+# -- the run directories already in OUT --------------------------------------------------------
+
+def finished_result(run_dir: Path, config: RunConfig) -> RunResult | None:
+    """The result of the run in ``run_dir`` if it finished with ``config``; None for one to train or
+    resume. A damaged file or other settings are an error."""
+    if (run_dir / ckpt.STATE_JSON).is_file():
+        _check_state_json(run_dir)
+    if not (run_dir / RESULT_JSON).is_file():
+        check_same_settings(run_dir, config)  # what resuming it would check, only later
+        return None
+    recorded = read_recorded(run_dir)
+    differing = config_differences(recorded["config"], config.model_dump(mode="json"))
+    if differing:
+        raise ConfigError(f"{run_dir} was run with other settings than this sweep's: {_listed(differing)}; "
+                          "choose another --out or remove that run directory")
+    return dataclasses.replace(recorded_result(run_dir, recorded), status="skipped")
+
+
+def _check_state_json(run_dir: Path) -> None:
+    # read as resuming or `fortify evaluate` would read it: a truncated one is useless to both
+    try:
+        ckpt.read_state_json(run_dir)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; remove {run_dir} to train that run again") from None
+
+
+def read_recorded(run_dir: Path) -> dict[str, Any]:
+    """A finished run's ``result.json``, checked to hold the config the run was made with.
+
+    A damaged one is an error rather than a run to redo: result.json is written atomically, so a killed
+    sweep does not leave a partial one; a damaged file was changed afterwards, which the user should know
+    of before the sweep writes over it. Deleting it has the run's trained model attacked again.
+    """
+    path = run_dir / RESULT_JSON
+    try:
+        recorded = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _damaged(run_dir, f"not valid JSON: {err}") from None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
+        raise _damaged(run_dir, "it holds no config")
+    return recorded
+
+
+def recorded_result(run_dir: Path, recorded: dict[str, Any]) -> RunResult:
+    """The result part of a ``result.json`` as read by read_recorded, checked field by field."""
+    try:
+        return _RESULT_ADAPTER.validate_python(recorded.get("result"))
+    except ValidationError as err:
+        problem = err.errors()[0]
+        where = ".".join(map(str, ("result", *problem["loc"])))
+        raise _damaged(run_dir, f"{where}: {problem['msg']}") from None
+
+
+def _damaged(run_dir: Path, why: str) -> ResultsError:
+    return ResultsError(f"{run_dir / RESULT_JSON} is not a readable sweep result ({why}); delete it to "
+                        "have the sweep attack that run again (its trained model is kept)")
+
+
+def finished_runs_outside(out: Path, specs: Sequence[RunSpec], base: RunConfig, log: Log) -> list[RunResult]:
+    """The finished runs in ``out`` that the grid does not name but the same base settings made, by name.
+
+    The summary keeps them: sweep.csv and sweep.json describe the directory, and a rerun with a
+    smaller grid must not drop runs that stay on disk. Runs made with other base settings would not
+    be comparable; they are left out and named.
+    """
+    in_grid = {spec.name for spec in specs}
+    kept, other = [], []
+    for path in sorted(out.glob(f"*/{RESULT_JSON}")):
+        if path.parent.name in in_grid:
+            continue
+        recorded = read_recorded(path.parent)
+        result = recorded_result(path.parent, recorded)
+        if _made_with(base, path.parent.name, recorded["config"], result):
+            kept.append(dataclasses.replace(result, status="kept"))
+        else:
+            other.append(path.parent.name)
+    if kept:
+        log(f"{len(kept)} finished run(s) in {out} outside this grid stay in the summary")
+    if other:
+        log(f"left out of the summary, made with other settings: {', '.join(other)}")
+    return kept
+
+
+def _made_with(base: RunConfig, name: str, config: dict[str, Any], result: RunResult) -> bool:
+    """Whether this sweep's base settings make the run ``name`` with exactly ``config``."""
+    spec = RunSpec(result.objective, result.eps, result.trades_beta, result.mix_ratio, result.epochs)
+    try:
+        expected = spec.config(base).model_dump(mode="json")
+    except ConfigError:  # a grid value these base settings do not allow
+        return False
+    return spec.name == name and expected == config
+
+
+_MISSING = object()
+
+
+def config_differences(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key was X, now Y`` for each setting that differs; nested sections as dotted keys."""
+    differing = []
+    for key in sorted(set(before) | set(now), key=str):
+        old, new = before.get(key, _MISSING), now.get(key, _MISSING)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differing += config_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            differing.append(f"{prefix}{key} was {_shown(old)}, now {_shown(new)}")
+    return differing
+
+
+def _shown(value: Any) -> str:
+    return "not set" if value is _MISSING else repr(value)
+
+
+def _listed(differing: list[str], most: int = 4) -> str:
+    more = f" (and {len(differing) - most} more)" if len(differing) > most else ""
+    return "; ".join(differing[:most]) + more
 
 
 # -- results -----------------------------------------------------------------------------------

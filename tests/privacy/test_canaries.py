@@ -9,11 +9,12 @@ import torch
 from scipy.stats import binom
 from torch import nn
 
-from fortify.config import DPConfig, TrainConfig
+from fortify.config import DPConfig, TrainConfig, load_config
 from fortify.data import Dataset
 from fortify.data.base import Split
 from fortify.errors import ConfigError
 from fortify.models import build_model
+from fortify.pipeline import audited_dataset, prepare
 from fortify.privacy._data import shared_rows
 from fortify.privacy.canaries import (
     audit_canaries,
@@ -123,3 +124,18 @@ def test_a_strongly_private_model_gets_a_bound_near_zero_below_the_accountant(di
     audit = audit_canaries(trainer.model, canaries, delta=1e-5, epsilon_upper=result.privacy.epsilon)
     assert audit.epsilon_lower < 0.5
     assert audit.epsilon_lower <= audit.epsilon_upper
+
+
+def test_the_membership_audit_of_a_canary_run_leaves_out_every_canary_original() -> None:
+    # Prepare: a run with 20 canaries a side, set up as `fortify train --dp --canaries 20` does
+    setup = prepare(load_config(None, {"dp": {"enabled": True, "noise_multiplier": 1.0, "canaries": 20},
+                                       "train": {"seed": 3}}), "cpu")
+    train = setup.dataset.train
+    trained, canaries = insert_canaries(train, 20, setup.dataset.num_classes, seed=3)
+    # Execute
+    members = audited_dataset(setup).train
+    # Assert: 2N fewer members, none of them a canary's original, all trained on with their label
+    assert len(members) == len(train) - 40
+    assert shared_rows(members.x, canaries.x).numel() == 0
+    pairs = shared_rows(members.x, trained.x)
+    assert len(pairs) == len(members) and torch.equal(members.y[pairs[:, 0]], trained.y[pairs[:, 1]])

@@ -80,3 +80,27 @@ def test_bad_inversion_settings_are_refused(standard_model, digits):
     images = invert_classes(standard_model, [0], (1, 8, 8), steps=2)
     report = evaluate_inversion(standard_model, images, [0], digits.train)
     assert report.evaluator_accuracy is None and report.evaluator_predictions is None
+
+
+def test_inversion_scores_do_not_depend_on_the_units_of_the_box(digits):
+    # Prepare: the same reconstructions and data in [0, 1] and in [0, 255]; a model that reads
+    # both alike (it divides by 255 first), so only the scores' normalisation can differ
+    recon = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    scaled_train = Split(digits.train.x * 255, digits.train.y)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    scaled_model = nn.Sequential(Scale(1 / 255), model)
+    # Execute
+    unit = evaluate_inversion(model, recon, [0, 1], digits.train)
+    wide = evaluate_inversion(scaled_model, recon * 255, [0, 1], scaled_train, bounds=(0.0, 255.0))
+    # Assert
+    assert wide.ssim_to_class_mean == pytest.approx(unit.ssim_to_class_mean, abs=1e-6)
+    assert wide.mse_to_class_mean == pytest.approx(unit.mse_to_class_mean, rel=1e-6)
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor

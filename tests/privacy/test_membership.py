@@ -7,11 +7,12 @@ non-members, enough to resolve TPR at 1% FPR (Carlini et al. 2022 evaluate the s
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fortify.data import Dataset, Split
 from fortify.errors import ConfigError, DataError
@@ -201,6 +202,26 @@ def _untrained_recipe(train: Split, *, seed: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
 
 
+def test_reference_models_keep_copies_of_one_input_on_the_same_side():
+    # Prepare: a pool whose input 0 occurs again as row 5, and a recipe that records what it trains on
+    x = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(12) % 10
+    x[5], y[5] = x[0], y[0]
+    seen: list[Tensor] = []
+
+    def recording_recipe(train: Split, *, seed: int) -> nn.Module:
+        seen.append(train.x.reshape(len(train), -1))
+        return _untrained_recipe(train, seed=seed)
+
+    # Execute
+    references = train_reference_models(Split(x, y), recording_recipe, n_models=8, seed=3)
+    # Assert: a model is IN for a row exactly when that input was in its training data
+    rows = x.reshape(12, -1)
+    trained_on = torch.stack([(rows[:, None] == data[None]).all(-1).any(-1) for data in seen])
+    assert torch.equal(references.keep, trained_on)
+    assert int(references.keep[:, 0].sum()) == 4  # still in for half of the models
+
+
 def test_overlapping_members_and_non_members_are_refused(zoo):
     model, members, non_members, _ = zoo.target(0)
     leaky = Split(torch.cat([non_members.x, members.x[3:4]]), torch.cat([non_members.y, members.y[3:4]]))
@@ -270,3 +291,27 @@ def test_hopskipjump_distance_bounds_a_linear_models_distance_from_above():
     assert torch.equal(found[:3], torch.zeros(3))
     assert bool((found[3:] >= exact[3:] * (1 - 1e-4)).all())
     assert float((found[3:] / exact[3:]).median()) < 1.1
+
+
+def test_lira_in_the_audit_of_a_run_trains_reference_models_on_the_spare_data_too(digits, monkeypatch):
+    # Prepare: record the pool LiRA's reference models are drawn from; untrained models are enough
+    audit_module = importlib.import_module("fortify.privacy.audit")  # the package exports a function audit
+    pools: list[Split] = []
+
+    def recording(pool: Split, recipe, *, n_models: int, seed: int = 0):
+        pools.append(pool)
+        return train_reference_models(pool, recipe, n_models=n_models, seed=seed)
+
+    monkeypatch.setattr(audit_module, "train_reference_models", recording)
+    model = _untrained_recipe(digits.train, seed=0)
+    # Execute
+    report = audit_module.audit_trained_model(model, digits, recipe=_untrained_recipe, n_reference_models=2,
+                                              n_examples=100, inversion=False,
+                                              attacks=("lira-offline",))
+    # Assert: candidates, the training examples past the first 100 and the validation split
+    (pool,) = pools
+    rows_in_pool = {tuple(r) for r in pool.x.reshape(len(pool), -1).tolist()}
+    for spare in (Split(digits.train.x[100:], digits.train.y[100:]), digits.val):
+        assert all(tuple(r) in rows_in_pool for r in spare.x.reshape(len(spare), -1).tolist())
+    # half of the distinct pool is below the 1,258 examples the model trained on: the report says so
+    assert any("reference models trained on about" in w for w in report.warnings), report.warnings

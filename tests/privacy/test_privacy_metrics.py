@@ -82,12 +82,25 @@ def test_statistics_match_their_definitions_on_known_probabilities():
     logits, y = p.log(), torch.tensor([0, 2])
     assert torch.allclose(loss_scores(logits, y), torch.tensor([math.log(0.7), math.log(0.05)],
                                                                dtype=torch.float64))
-    assert torch.allclose(confidence_scores(logits, y), torch.tensor([0.7, 0.05], dtype=torch.float64))
+    # the confidence is ranked by its logit: log(p / (1 - p)), the same order as p
+    assert torch.allclose(confidence_scores(logits, y),
+                          torch.tensor([math.log(0.7 / 0.3), math.log(0.05 / 0.95)], dtype=torch.float64))
     # Song & Mittal 2021: Mentr = -(1 - p_y) log p_y - sum_{i != y} p_i log(1 - p_i)
     first = -(0.3 * math.log(0.7)) - 0.2 * math.log(0.8) - 0.1 * math.log(0.9)
     second = -(0.95 * math.log(0.05)) - 0.05 * math.log(0.95) - 0.9 * math.log(0.1)
     assert torch.allclose(modified_entropy_scores(logits, y),
                           -torch.tensor([first, second], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("statistic", [loss_scores, confidence_scores])
+def test_loss_and_confidence_keep_the_order_of_examples_past_float64_saturation(statistic):
+    # true-class margins 40, 45 and 60: cross-entropy and p_y round to exactly 0 and 1 in float64
+    logits = torch.tensor([[40.0, 0.0], [45.0, 0.0], [60.0, 0.0]], dtype=torch.float64)
+    scores = statistic(logits, torch.tensor([0, 0, 0]))
+    assert bool((scores[1:] > scores[:-1]).all()), scores
+    # so two members at 45 and 60 rank above a non-member at 40
+    result = membership_result("saturated", scores[1:], scores[:1])
+    assert result.auc == 1.0
 
 
 def test_logit_confidence_is_exact_where_the_probability_rounds_to_one():
@@ -166,4 +179,4 @@ def test_bad_splits_are_refused_with_their_problem():
         check_member_sets(good, nan)
     with pytest.raises(DataError, match="labels must be integer"):
         check_member_sets(float_labels, good)
-    assert np.isfinite(membership_result("x", torch.tensor([np.inf]), torch.tensor([0.0])).auc)
+    assert membership_result("x", torch.tensor([np.inf]), torch.tensor([0.0])).auc == 1.0

@@ -91,6 +91,18 @@ def test_idlg_reads_the_label_off_the_last_layer_for_every_class(digits):
         assert infer_labels(model, gradient, 1).tolist() == [label]
 
 
+def test_idlg_recovers_distinct_labels_of_a_batch_from_an_unsure_model(digits):
+    # Prepare: near-uniform predictions (small last layer), three examples of different classes
+    model = _small_mlp(5)
+    with torch.no_grad():
+        model[-1].weight.mul_(0.01)
+    x, y = _digits_with_distinct_labels(digits, 3)
+    # Execute
+    inferred = infer_labels(model, shared_gradient(model, x, y), 3)
+    # Assert
+    assert sorted(inferred.tolist()) == sorted(y.tolist())
+
+
 def test_dp_gradient_clips_each_example_and_adds_noise_of_the_stated_size(digits):
     # Prepare
     model = _small_mlp(4)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+import math
 
 import torch
 from torch import Tensor, nn
 
 from fortify.data.base import Split
 from fortify.errors import DataError
+from fortify.models.modes import evaluation_mode
 from fortify.threat import ThreatModel
 
 
@@ -73,6 +73,12 @@ def _matching_rows(a: Tensor, b: Tensor, a_labels: Tensor | None = None,
     return torch.stack([hit[same], candidate[same]], dim=1)
 
 
+def input_groups(x: Tensor) -> Tensor:
+    """A group number per row, shared by rows with identical inputs (numbered by first appearance)."""
+    first: dict[bytes, int] = {}
+    return torch.tensor([first.setdefault(d, len(first)) for d in _row_digests(x)], dtype=torch.long)
+
+
 def shared_rows(a: Tensor, b: Tensor) -> Tensor:
     """Pairs ``(i, j)`` with ``a[i] == b[j]`` exactly, one pair per row of ``a`` found in ``b``."""
     return _matching_rows(a, b)
@@ -101,21 +107,18 @@ def model_device(model: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode for the duration; the caller's mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+def logit_confidence(logits: Tensor, y: Tensor) -> Tensor:
+    """``phi = log(p_y / (1 - p_y))``, computed as ``z_y - logsumexp_{i != y} z_i`` to stay exact."""
+    z = logits.double()
+    true = z.gather(1, y.unsqueeze(1)).squeeze(1)
+    others = z.scatter(1, y.unsqueeze(1), -math.inf).logsumexp(dim=1)
+    return true - others
 
 
 def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
     """Logits for ``x`` in eval mode, batched, on the model's device."""
     device = model_device(model)
-    with eval_mode(model), torch.inference_mode():
+    with evaluation_mode(model), torch.inference_mode():
         return torch.cat([model(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from fortify.data.base import Dataset, Split
 from fortify.errors import ConfigError, DataError
-from fortify.privacy._data import check_member_sets, check_split, join, shared_rows
+from fortify.privacy._data import check_member_sets, check_split, input_groups, join, shared_rows
 from fortify.privacy.inversion import InversionReport, model_inversion
 from fortify.privacy.label_only import (
     augmentation_attack,
@@ -183,6 +183,7 @@ def _reference_pool(members: Split, non_members: Split, extra: Split | None) -> 
     if extra is None:
         return candidates
     check_split(extra, "reference pool")
+    extra, _ = remove_overlap(candidates, extra)  # a candidate twice would weigh double in training
     return Split(torch.cat([candidates.x, extra.x]), torch.cat([candidates.y, extra.y]))
 
 
@@ -197,7 +198,8 @@ def audit_trained_model(model: nn.Module, dataset: Dataset, *, recipe: TrainReci
     Members are the training split, non-members the test split (each cut to ``n_examples``; inputs
     of the test split that also occur in training are dropped, with a warning). With
     ``n_reference_models >= 2`` LiRA runs too, its reference models trained by ``recipe`` (the
-    target's recipe; default ``TrainerRecipe.like(model)``) on halves of members and non-members.
+    target's recipe; default ``TrainerRecipe.like(model)``) on halves of members, non-members, the
+    training examples past ``n_examples`` and the validation split.
     ``inversion`` runs MI-Face on image data, judged by ``evaluator`` when given (for
     instance the run's other model); ``leakage_batch_sizes`` adds gradient reconstructions of the
     first test examples, clean and under DP noise.
@@ -207,9 +209,12 @@ def audit_trained_model(model: nn.Module, dataset: Dataset, *, recipe: TrainReci
     if attacks is None:
         lira = ("lira-online", "lira-offline") if n_reference_models >= 2 else ()
         attacks = DEFAULT_ATTACKS + lira
+    extra = _spare_data(dataset, len(members))
     report = audit(model, members, non_members, attacks=attacks, recipe=recipe,
-                   n_reference_models=n_reference_models, fprs=fprs, bounds=dataset.bounds,
-                   seed=seed)
+                   n_reference_models=n_reference_models, reference_pool=extra, fprs=fprs,
+                   bounds=dataset.bounds, seed=seed)
+    if any(a.startswith("lira") for a in attacks):
+        _note_reference_size(report, _reference_pool(members, non_members, extra), len(dataset.train))
     if dropped:
         report.warnings.append(f"{dropped} test input(s) also occur in the training split and were "
                                "left out of the non-members")
@@ -221,3 +226,20 @@ def audit_trained_model(model: nn.Module, dataset: Dataset, *, recipe: TrainReci
                                               batch_sizes=leakage_batch_sizes, bounds=dataset.bounds,
                                               seed=seed, steps=leakage_steps)
     return report
+
+
+def _spare_data(dataset: Dataset, n_members: int) -> Split:
+    """Data the reference models may train on besides the candidates: the training examples that
+    are not candidates and the validation split (an attacker may own any data of the distribution)."""
+    train, val = dataset.train, dataset.val
+    return Split(torch.cat([train.x[n_members:], val.x]), torch.cat([train.y[n_members:], val.y]))
+
+
+def _note_reference_size(report: PrivacyReport, pool: Split, target_size: int) -> None:
+    """Carlini et al. train reference models on as many examples as the target; fewer fit their
+    examples more closely, which moves LiRA's IN and OUT statistics."""
+    reference_size = (int(input_groups(pool.x).max()) + 1) // 2  # distinct inputs, as they are split
+    if reference_size < 0.9 * target_size:
+        report.warnings.append(f"LiRA's reference models trained on about {reference_size} examples each, "
+                               f"the model on {target_size}: with more data for the reference pool LiRA "
+                               "would compare like with like")

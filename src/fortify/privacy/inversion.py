@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from fortify.attacks.base import check_positive_int
 from fortify.data.base import Split
 from fortify.errors import ConfigError, DataError
-from fortify.privacy._data import check_split, eval_mode, model_device, predict_logits, project_to_box
+from fortify.models.modes import evaluation_mode
+from fortify.privacy._data import check_split, model_device, predict_logits, project_to_box
 from fortify.privacy.similarity import mse, ssim, total_variation
 
 Objective = Literal["probability", "log-probability", "logit"]
@@ -101,7 +102,7 @@ def invert_classes(model: nn.Module, classes: Sequence[int], input_shape: Sequen
         raise DataError(f"start must have shape {(len(targets), *input_shape)}, got {tuple(x0.shape)}")
     x = x0.to(device).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=lr)
-    with eval_mode(model), torch.enable_grad():
+    with evaluation_mode(model), torch.enable_grad():
         for _ in range(steps):
             cost = _class_objective(model(x), targets, objective) + tv_weight * total_variation(x)
             # the gradient with respect to x only: the model's own .grad stays untouched
@@ -123,10 +124,10 @@ def class_means(train: Split, classes: Sequence[int]) -> Tensor:
     return torch.stack(means)
 
 
-def _image_ssim(a: Tensor, b: Tensor) -> list[float]:
+def _image_ssim(a: Tensor, b: Tensor, data_range: float) -> list[float]:
     """SSIM per image, or NaN for inputs that are not images of at least 3x3 pixels."""
     if a.dim() in (3, 4) and min(a.shape[-2:]) >= 3:
-        return ssim(a, b).tolist()
+        return ssim(a, b, data_range=data_range).tolist()
     return [float("nan")] * len(a)
 
 
@@ -166,7 +167,7 @@ def evaluate_inversion(model: nn.Module, reconstructions: Tensor, classes: Seque
         classes=classes, settings=dict(settings or {}),
         target_confidence=probabilities[torch.arange(len(classes)), classes].tolist(),
         mse_to_class_mean=(mse(recon, means) / scale).tolist(),
-        ssim_to_class_mean=_image_ssim(recon, means),
+        ssim_to_class_mean=_image_ssim(recon, means, bounds[1] - bounds[0]),
         start_mse_to_class_mean=(mse(start, means) / scale).tolist(),
         nearest_mean_accuracy=_nearest_mean_accuracy(recon, classes, train),
         evaluator_predictions=predictions, evaluator_accuracy=accuracy,

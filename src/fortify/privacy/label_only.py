@@ -27,7 +27,8 @@ from fortify.attacks.base import check_positive_int
 from fortify.attacks.hopskipjump import HopSkipJump
 from fortify.data.base import Split
 from fortify.errors import ConfigError
-from fortify.privacy._data import check_member_sets, eval_mode, join, model_device, project_to_box
+from fortify.models.modes import evaluation_mode
+from fortify.privacy._data import check_member_sets, join, model_device, project_to_box
 from fortify.privacy.metrics import MembershipResult, membership_result, split_scores
 from fortify.threat import NORMS, ThreatModel
 
@@ -36,7 +37,7 @@ DistanceFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 def _predict_labels(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
     device = model_device(model)
-    with eval_mode(model), torch.inference_mode():
+    with evaluation_mode(model), torch.inference_mode():
         return torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu()
                           for i in range(0, len(x), batch_size)])
 
@@ -147,7 +148,7 @@ def pgd_boundary_distance(model: nn.Module, x: Tensor, y: Tensor, *, norm: str =
     x, y = x.to(device), y.to(device)
     grid = sorted(eps_grid) if eps_grid else [
         _default_max_eps(norm, x, bounds) * 2.0 ** -k for k in range(6, -1, -1)]
-    with eval_mode(model):
+    with evaluation_mode(model):
         distance = torch.full((len(x),), float(grid[-1]), dtype=x.dtype, device=device)
         distance[_wrong(model, x, y)] = 0.0
         todo = (distance > 0).nonzero().squeeze(1)
@@ -205,7 +206,7 @@ def random_direction_distance(model: nn.Module, x: Tensor, y: Tensor, *, norm: s
     unit = ThreatModel(norm, 1.0 if norm == "l2" else bounds[1] - bounds[0], bounds)
     generator = torch.Generator(device=device).manual_seed(seed)
     best = torch.full((len(x),), float(radius), dtype=x.dtype, device=device)
-    with eval_mode(model):
+    with evaluation_mode(model):
         best[_wrong(model, x, y)] = 0.0
         for _ in range(directions):
             d = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)

@@ -30,8 +30,10 @@ from fortify.privacy._data import (
     check_labels_fit,
     check_member_sets,
     check_split,
+    input_groups,
     join,
     locate,
+    logit_confidence,
     predict_logits,
 )
 from fortify.privacy.metrics import MembershipResult, membership_result, split_scores
@@ -69,7 +71,7 @@ def half_assignment(n_models: int, n_examples: int, generator: torch.Generator) 
 
 def train_reference_models(pool: Split, recipe: TrainRecipe, *, n_models: int, seed: int = 0
                            ) -> ReferenceModels:
-    """Train ``n_models`` models with ``recipe``, each on its half of ``pool``.
+    """Train ``n_models`` models with ``recipe``, each on its half of ``pool``'s distinct inputs.
 
     For online LiRA the pool must hold the examples to be attacked (members and non-members of the
     target; the attacker knows the candidates, not their membership), plus any other data.
@@ -78,18 +80,13 @@ def train_reference_models(pool: Split, recipe: TrainRecipe, *, n_models: int, s
     check_split(pool, "reference pool")
     if len(pool) < 2:
         raise DataError(f"the reference pool needs at least 2 examples, got {len(pool)}")
-    keep = half_assignment(n_models, len(pool), torch.Generator().manual_seed(seed))
+    # copies of one input go in or out together: a model that trained on one copy is no OUT model
+    # for the other (duplicate rows are common in tabular data and in pools that hold the members)
+    groups = input_groups(pool.x)
+    keep = half_assignment(n_models, int(groups.max()) + 1, torch.Generator().manual_seed(seed))[:, groups]
     models = [recipe(Split(pool.x[keep[i]], pool.y[keep[i]]), seed=seed + 1 + i)
               for i in range(n_models)]
     return ReferenceModels(models, pool, keep)
-
-
-def logit_confidence(logits: Tensor, y: Tensor) -> Tensor:
-    """``phi = log(p_y / (1 - p_y))``, computed as ``z_y - logsumexp_{i != y} z_i`` to stay exact."""
-    z = logits.double()
-    true = z.gather(1, y.unsqueeze(1)).squeeze(1)
-    others = z.scatter(1, y.unsqueeze(1), -math.inf).logsumexp(dim=1)
-    return true - others
 
 
 def _phi(model: nn.Module, data: Split, batch_size: int) -> Tensor:

@@ -26,7 +26,14 @@ from torch import Tensor, nn
 from fortify.attacks.base import check_positive_int
 from fortify.data.base import Split
 from fortify.errors import ConfigError, DataError
-from fortify.privacy._data import check_labels_fit, check_member_sets, check_split, join, predict_logits
+from fortify.privacy._data import (
+    check_labels_fit,
+    check_member_sets,
+    check_split,
+    join,
+    logit_confidence,
+    predict_logits,
+)
 from fortify.privacy.metrics import MembershipResult, membership_result, split_scores
 from fortify.privacy.recipe import TrainerRecipe, TrainRecipe
 
@@ -38,13 +45,22 @@ def _log1mexp(log_p: Tensor) -> Tensor:
 
 
 def loss_scores(logits: Tensor, y: Tensor) -> Tensor:
-    """Negative cross-entropy: members tend to have lower loss (Yeom et al. 2018)."""
-    return -F.cross_entropy(logits.double(), y, reduction="none")
+    """Negative cross-entropy: members tend to have lower loss (Yeom et al. 2018).
+
+    Computed as ``-softplus(-phi)`` from the logit-scaled confidence ``phi`` (``p_y = sigmoid(phi)``):
+    ``cross_entropy`` rounds to exactly 0 once the true logit leads by about 37, which would tie
+    the most confident examples, the ones that decide the TPR at low FPR.
+    """
+    return -F.softplus(-logit_confidence(logits, y))
 
 
 def confidence_scores(logits: Tensor, y: Tensor) -> Tensor:
-    """The softmax probability of the true class."""
-    return logits.double().softmax(dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
+    """The true class's softmax probability, given as its logit ``phi = log(p_y / (1 - p_y))``.
+
+    ``phi`` orders examples exactly as ``p_y`` does, so the ROC is the same, but it does not round
+    to 1 for confident examples (``p_y`` does in float64 once ``phi`` exceeds about 37).
+    """
+    return logit_confidence(logits, y)
 
 
 def modified_entropy_scores(logits: Tensor, y: Tensor) -> Tensor:

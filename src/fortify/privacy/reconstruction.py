@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import check_positive_int
 from fortify.errors import ConfigError, DataError
-from fortify.privacy._data import eval_mode, model_device, project_to_box
+from fortify.models.modes import evaluation_mode
+from fortify.privacy._data import model_device, project_to_box
 from fortify.privacy.similarity import best_assignment, psnr, ssim, total_variation
 
 Method = Literal["dlg", "idlg", "inverting-gradients"]
@@ -114,7 +115,7 @@ def shared_gradient(model: nn.Module, x: Tensor, y: Tensor, *, clip_norm: float 
         raise ConfigError(f"clip_norm must be > 0, got {clip_norm}")
     device = model_device(model)
     x, y = x.to(device), y.to(device)
-    with eval_mode(model), torch.enable_grad():
+    with evaluation_mode(model), torch.enable_grad():
         if clip_norm is None:
             return [g.detach() for g in _loss_gradient(model, x, y)]
         per_example = [_clipped(_loss_gradient(model, x[i:i + 1], y[i:i + 1]), clip_norm)
@@ -147,10 +148,13 @@ def infer_labels(model: nn.Module, gradient: Sequence[Tensor], batch_size: int) 
     """iDLG (Zhao et al. 2020): classes whose last-layer gradient is negative.
 
     For one example ``dL/db_c = p_c - [c = y]`` is negative only for the true class (the weight
-    rows share that sign when the features are non-negative). For a batch the most negative
-    classes are taken, which is exact when the labels are distinct (Yin et al. 2021) and a guess
-    otherwise; classes are repeated from the most negative when fewer than ``batch_size`` are
-    negative.
+    rows share that sign when the features are non-negative), so one label is exact. For a batch
+    the signal is the mean of ``p_ic - [c = y_i]``: a class is negative when its examples' shortfall
+    outweighs the probability the others put on it. With distinct labels and no confident prediction
+    (an untrained or unsure model) the ``batch_size`` most negative classes are the labels; an example
+    the model already fits confidently leaves almost no trace, and a confident wrong prediction
+    can push its class positive, so labels can be missed (Yin et al. 2021 study this limit).
+    Classes are repeated from the most negative when fewer than ``batch_size`` are negative.
     """
     batch_size = check_positive_int("batch_size", batch_size)
     layer = _last_linear(model)
@@ -286,7 +290,7 @@ def _one_start(model: nn.Module, target: list[Tensor], input_shape: Sequence[int
                ) -> GradientReconstruction:
     device = target[0].device
     x = _dummy((batch_size, *input_shape), bounds, generator, device).requires_grad_(True)
-    with eval_mode(model), torch.enable_grad():
+    with evaluation_mode(model), torch.enable_grad():
         if method == "inverting-gradients":
             assert labels is not None
             y = labels.to(device)
