@@ -12,13 +12,14 @@ from flwr.serverapp import Grid
 from fortify.federated.config import FederatedRun, load_federated_run
 
 
-def small_run(*, objective: str = "standard", train: dict[str, Any] | None = None,
-              **federation: Any) -> FederatedRun:
+def small_run(*, objective: str = "standard", train: dict[str, Any] | None = None, model: str = "mlp",
+              dp: dict[str, Any] | None = None, **federation: Any) -> FederatedRun:
     """An MLP on digits; few clients and rounds unless the test says otherwise."""
     settings = {"clients": 2, "rounds": 2, "eval_examples": 200, "eval_steps": 5, **federation}
     return load_federated_run(None, {
-        "model": {"name": "mlp"},
-        "train": {"objective": objective, "attack_steps": 3, "lr": 0.05, **(train or {})}},
+        "model": {"name": model},
+        "train": {"objective": objective, "attack_steps": 3, "lr": 0.05, **(train or {})},
+        **({"dp": dp} if dp else {})},
         settings)
 
 

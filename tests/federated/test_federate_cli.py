@@ -41,10 +41,18 @@ def test_simulation_trains_a_global_model_that_improves(tmp_path):
     (["--strategy", "fedsgd"], "federation.strategy"),
     (["--objective", "pgdd"], "valid names"),
     (["--malicious-clients", 4], "malicious_clients must be below"),
+    # what each client on Ray would otherwise find, with one traceback per client
+    (["--strategy", "krum", "--malicious-clients", 1], "needs at least 5 clients (n >= 2f + 3), got 4"),
+    (["--strategy", "trimmed-mean", "--clients", 3], "use at least 4 clients"),
+    (["--partition", "dirichlet", "--alpha", 0.01, "--clients", 50], "no Dirichlet(alpha=0.01) partition"),
+    (["--dp", "--noise-multiplier", 1.0, "--model", "preact-resnet18"], "a model without BatchNorm"),
+    (["--dp", "--noise-multiplier", 1.0, "--model", "mlp", "--delta", 0.01],
+     "(the largest of the 4 client shards); lower --delta"),
 ])
 def test_bad_settings_exit_2_with_a_one_line_reason(tmp_path, args, message):
     result = _federate(*args, "--out", tmp_path / "fed")
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output  # not one traceback per client
     assert not (tmp_path / "fed").exists()  # refused before anything was written

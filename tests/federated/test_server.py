@@ -8,10 +8,11 @@ from fedkit import InProcessGrid, small_run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fortify.errors import ConfigError
-from fortify.federated.client import make_client_app
+from fortify.federated.client import load_run_dataset, make_client_app
 from fortify.federated.config import FederatedRun
+from fortify.federated.partition import shard_indices
 from fortify.federated.results import read_result
-from fortify.federated.server import FederationError, run_server, validate_run
+from fortify.federated.server import FederationError, one_line_reason, run_server, validate_run
 from fortify.pipeline import load_trained_model
 
 
@@ -32,7 +33,8 @@ def test_the_global_model_improves_and_the_run_directory_loads(task_identity, tm
 
 
 def _final_accuracy(strategy: str, malicious: int = 0, mode: str = "flip", scale: float = 10.0) -> float:
-    run = small_run(clients=4, rounds=4, local_epochs=3, strategy=strategy, malicious_clients=malicious,
+    # 5 clients: Krum needs n >= 2f + 3 for f = 1
+    run = small_run(clients=5, rounds=4, local_epochs=3, strategy=strategy, malicious_clients=malicious,
                     malicious_mode=mode, malicious_scale=scale)
     return _run(run).final.clean_accuracy
 
@@ -49,7 +51,7 @@ def honest_fedavg_accuracy() -> float:
 @pytest.mark.parametrize(("mode", "scale"), [("flip", 10.0), ("scale", 100.0)])
 def test_one_malicious_client_breaks_fedavg_but_not_the_robust_aggregators(
         task_identity, honest_fedavg_accuracy, mode, scale):
-    # Prepare: 4 clients, partition 0 sends w_g - 10 * delta (flip) or w_g + 100 * delta (scale)
+    # Prepare: 5 clients, partition 0 sends w_g - 10 * delta (flip) or w_g + 100 * delta (scale)
     honest = honest_fedavg_accuracy
     # Execute
     attacked = _final_accuracy("fedavg", 1, mode, scale)
@@ -80,8 +82,31 @@ def test_a_failing_client_stops_the_run_with_its_message(task_identity):
         raise ConfigError("local data is corrupt")
 
     run = small_run(clients=2, rounds=1)
-    with pytest.raises(FederationError, match="round 1: 2 of 2 clients failed: .*local data is corrupt"):
+    with pytest.raises(FederationError) as caught:
         run_server(InProcessGrid(make_client_app(run, local_trainer=broken_trainer), 2), run)
+    # the same error from every client is named once, with the nodes that raised it
+    assert str(caught.value) == ("round 1: 2 of 2 clients failed: ConfigError: local data is corrupt "
+                                 "(nodes 1, 2)")
+
+
+# What Flower's Ray backend puts in a failed reply (Flower 1.41, shortened): the worker's traceback
+RAY_REASON = (
+    "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()"
+    "\x1b[39m (pid=27813, ip=192.0.2.2)\n  File \"/fortify/federated/client.py\", line 268, in "
+    "client_round\n    result = local_trainer(model, shard, settings)\n"
+    "fortify.errors.ConfigError: local data is corrupt\n\nThe above exception was the direct cause of "
+    "the following exception:\n\n  File \"flwr/simulation/ray_transport/ray_actor.py\", line 65, in "
+    "run\n    raise ClientAppException(str(ex)) from ex\nflwr.clientapp.client_app.ClientAppException: "
+    "\nException ClientAppException occurred. Message: local data is corrupt'>")
+
+
+@pytest.mark.parametrize(("reason", "line"), [
+    (RAY_REASON, "local data is corrupt"),
+    ("<class 'fortify.errors.ConfigError'>:<'local data\nis corrupt'>", "ConfigError: local data is corrupt"),
+    ("ValueError: bad", "ValueError: bad"),
+])
+def test_a_clients_error_is_reported_as_one_line_of_its_own_message(reason, line):
+    assert one_line_reason(reason) == line
 
 
 def test_bad_runs_are_refused_before_any_client_starts():
@@ -93,3 +118,66 @@ def test_bad_runs_are_refused_before_any_client_starts():
         validate_run(small_run(objective="pgdd"))
     with pytest.raises(ConfigError, match="federation.rounds"):
         small_run(rounds=0)
+
+
+def test_an_infeasible_dirichlet_partition_is_refused_before_any_client_starts():
+    # Dir(0.01) gives each class to about one client: most of 50 clients would hold nothing
+    with pytest.raises(ConfigError, match=r"no Dirichlet\(alpha=0.01\) partition in 100 draws .* 50 clients"):
+        validate_run(small_run(clients=50, partition="dirichlet", alpha=0.01))
+    validate_run(small_run(clients=4, partition="dirichlet", alpha=0.5))
+
+
+@pytest.mark.parametrize(("clients", "malicious", "message"), [
+    (4, 1, r"krum with 1 malicious clients needs at least 5 clients \(n >= 2f \+ 3\), got 4; "
+           "with 4 clients use at most 0 malicious clients"),
+    (6, 2, "needs at least 7 clients .* with 6 clients use at most 1 malicious"),
+    (2, 0, "needs at least 3 clients .* got 2; krum needs at least 3 clients"),
+])
+def test_krum_with_too_few_clients_for_its_malicious_ones_is_refused(clients, malicious, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_run(small_run(clients=clients, strategy="krum", malicious_clients=malicious))
+
+
+def test_krum_at_its_bound_is_accepted():
+    validate_run(small_run(clients=5, strategy="krum", malicious_clients=1))
+    validate_run(small_run(clients=3, strategy="krum"))
+
+
+def test_a_trimmed_mean_that_trims_nothing_is_refused_with_the_clients_it_needs():
+    with pytest.raises(ConfigError, match=r"trim_beta=0.25 trims int\(0.25 \* 3\) = 0 of 3 clients .* "
+                                          r"at least 4 clients or federation.trim_beta >= 0.334"):
+        validate_run(small_run(clients=3, strategy="trimmed-mean"))
+    with pytest.raises(ConfigError, match="at least 10 clients$"):
+        validate_run(small_run(clients=2, strategy="trimmed-mean", trim_beta=0.1))
+    validate_run(small_run(clients=4, strategy="trimmed-mean"))  # trims one update at each end
+    validate_run(small_run(clients=2, strategy="trimmed-mean", trim_beta=0.0))  # asked for no trimming
+
+
+DP = {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0}
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"dp": {"enabled": True, "target_epsilon": 1.0}}, "federated DP needs dp.noise_multiplier"),
+    ({"dp": DP, "model": "preact-resnet18"}, "federated DP needs a model without BatchNorm .* "
+                                               "layers.0.0.bn1: BatchNorm2d -> GroupNorm"),
+    ({"dp": DP, "objective": "fgsm"}, "objective 'fgsm' cannot be trained with DP; valid: standard"),
+    ({"dp": DP, "train": {"amp": True}}, "train.amp and train.grad_clip do not apply to DP training"),
+])
+def test_client_side_dp_settings_a_client_would_refuse_are_refused_before_any_client_starts(
+        settings, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_run(small_run(**settings))
+
+
+def test_dp_delta_is_checked_against_the_largest_client_shard():
+    # Prepare: a skewed partition, so the shards differ in size; delta < 1/n must hold for each
+    run = small_run(clients=3, partition="dirichlet", alpha=0.5, dp=DP)
+    sizes = sorted(len(s) for s in shard_indices(load_run_dataset(run).train.y, 3, scheme="dirichlet",
+                                                 alpha=0.5))
+    assert sizes[0] < sizes[-1]
+    between = (1 / sizes[0] + 1 / sizes[-1]) / 2  # fine for the smallest shard, not for the largest
+    # Execute and assert
+    with pytest.raises(ConfigError, match=rf"n={sizes[-1]} training examples \(the largest of the 3 client "):
+        validate_run(small_run(clients=3, partition="dirichlet", alpha=0.5, dp={**DP, "delta": between}))
+    validate_run(small_run(clients=3, partition="dirichlet", alpha=0.5,
+                           dp={**DP, "delta": 0.9 / sizes[-1]}))

@@ -110,19 +110,21 @@ def train_locally(model: nn.Module, data: Split, settings: LocalTraining) -> Loc
     With ``settings.dp`` enabled the client trains with DP-SGD, so the update it sends is already
     private: the server (curious or not) only sees clipped, noised gradients' sum.
     """
-    objective = build_local_objective(model, settings)
-    if settings.dp is not None and settings.dp.enabled:
-        return _train_privately(model, data, settings, objective)
-    trainer = Trainer(model, objective, settings.train, threat=settings.threat, show_progress=False)
+    trainer = build_local_trainer(model, settings)
+    if _private(settings):
+        return _train_privately(model, data, settings, trainer)
     history = trainer.fit(data, data.head(LOCAL_VAL_EXAMPLES)).history
     last = history[-1]
     return LocalResult(sum(r.train_loss for r in history) / len(history), last.val_clean_accuracy,
                        last.val_robust_accuracy)
 
 
-def _train_privately(model: nn.Module, data: Split, settings: LocalTraining,
-                     objective: Objective) -> LocalResult:
-    from fortify.federated.privacy import composed_epsilon
+def build_local_trainer(model: nn.Module, settings: LocalTraining) -> Trainer:
+    """The Trainer (or DPTrainer) a client trains with; building it checks the settings, so the
+    server builds one too before any client starts (``check_local_training``)."""
+    objective = build_local_objective(model, settings)
+    if not _private(settings):
+        return Trainer(model, objective, settings.train, threat=settings.threat, show_progress=False)
     from fortify.training.dp import DPTrainer
 
     dp = settings.dp
@@ -131,13 +133,47 @@ def _train_privately(model: nn.Module, data: Split, settings: LocalTraining,
         raise ConfigError("federated DP needs dp.noise_multiplier (--noise-multiplier): a target epsilon "
                           "per round would not say what the rounds spend together")
     trainer = DPTrainer(model, objective, settings.train, dp=dp, threat=settings.threat, show_progress=False)
-    if trainer.replaced_modules:
-        raise ConfigError("federated DP needs a model without BatchNorm (Opacus would replace "
-                          f"{', '.join(trainer.replaced_modules)} on the client only); choose another model")
+    replaced = trainer.replaced_modules
+    if replaced:
+        more = f" and {len(replaced) - 2} more" if len(replaced) > 2 else ""
+        raise ConfigError(f"federated DP needs a model without BatchNorm (Opacus would replace "
+                          f"{', '.join(replaced[:2])}{more} on the clients only); choose another model, "
+                          "e.g. small-cnn or mlp")
+    return trainer
+
+
+def check_local_training(run: FederatedRun, dataset: Dataset, largest_shard: int) -> None:
+    """What every client would refuse, refused once: the trainer's own checks (DP objective, amp,
+    BatchNorm, noise) and DP's ``delta < 1/n``, which the largest shard bounds most tightly."""
+    settings = LocalTraining(local_train_config(run, 1, 0),
+                             ThreatModel(run.config.threat.norm, run.config.threat.eps, dataset.bounds),
+                             dp=run.config.dp)
+    build_local_trainer(new_global_model(run, dataset), settings)
+    if _private(settings):
+        from fortify.training.dp import check_delta
+
+        try:
+            check_delta(run.config.dp.delta, largest_shard)
+        except ConfigError as err:
+            raise ConfigError(f"{err} (the largest of the {run.federation.clients} client shards); "
+                              "lower --delta") from None
+
+
+def _private(settings: LocalTraining) -> bool:
+    return settings.dp is not None and settings.dp.enabled
+
+
+def _train_privately(model: nn.Module, data: Split, settings: LocalTraining, trainer: Trainer
+                     ) -> LocalResult:
+    from fortify.federated.privacy import composed_epsilon
+    from fortify.training.dp import DPTrainResult
+
+    dp = settings.dp
+    assert dp is not None
     result = trainer.fit(data, data.head(LOCAL_VAL_EXAMPLES))
+    assert isinstance(result, DPTrainResult) and result.privacy is not None
     model.load_state_dict(trainer.model.state_dict())  # DP trained a validated copy
     spent = result.privacy
-    assert spent is not None
     epsilon = composed_epsilon(spent.noise_multiplier, spent.sample_rate,
                                spent.steps * settings.server_round, dp.delta)
     last = result.history[-1]

@@ -31,33 +31,49 @@ def check_client_count(clients: int, n_examples: int) -> None:
 
 def iid_partition(split: Split, clients: int, *, seed: int = 0) -> list[Split]:
     """Shuffle once and deal out shards whose sizes differ by at most one."""
-    check_client_count(clients, len(split))
-    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
-    return [_take(split, shard) for shard in order.tensor_split(clients)]
+    return [_take(split, shard) for shard in _iid_indices(len(split), clients, seed)]
 
 
 def dirichlet_partition(split: Split, clients: int, *, alpha: float, seed: int = 0) -> list[Split]:
     """Per class, client shares ~ Dir(alpha); every client ends with >= MIN_EXAMPLES_PER_CLIENT."""
-    check_client_count(clients, len(split))
-    if not alpha > 0:
-        raise ConfigError(f"the Dirichlet alpha must be > 0, got {alpha}")
-    rng = np.random.default_rng(seed)
-    for _ in range(MAX_DRAWS):
-        shards = _dirichlet_draw(split.y, clients, alpha, rng)
-        if min(len(s) for s in shards) >= MIN_EXAMPLES_PER_CLIENT:
-            return [_take(split, shard) for shard in shards]
-    raise ConfigError(f"no Dirichlet(alpha={alpha}) partition in {MAX_DRAWS} draws gave each of "
-                      f"{clients} clients {MIN_EXAMPLES_PER_CLIENT} examples; raise alpha or use "
-                      "fewer clients")
+    return [_take(split, shard) for shard in _dirichlet_indices(split.y, clients, alpha, seed)]
 
 
 def partition(split: Split, clients: int, *, scheme: str, alpha: float = 0.5, seed: int = 0
               ) -> list[Split]:
+    return [_take(split, shard) for shard in shard_indices(split.y, clients, scheme=scheme,
+                                                            alpha=alpha, seed=seed)]
+
+
+def shard_indices(labels: Tensor, clients: int, *, scheme: str, alpha: float = 0.5, seed: int = 0
+                  ) -> list[Tensor]:
+    """Each client's indices into the split; only the labels are read, so checking that a
+    partition exists (and how large its shards are) copies no inputs."""
     if scheme == "iid":
-        return iid_partition(split, clients, seed=seed)
+        return _iid_indices(len(labels), clients, seed)
     if scheme == "dirichlet":
-        return dirichlet_partition(split, clients, alpha=alpha, seed=seed)
+        return _dirichlet_indices(labels, clients, alpha, seed)
     raise ConfigError(f"unknown partition scheme {scheme!r}; valid: dirichlet, iid")
+
+
+def _iid_indices(n: int, clients: int, seed: int) -> list[Tensor]:
+    check_client_count(clients, n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return list(order.tensor_split(clients))
+
+
+def _dirichlet_indices(labels: Tensor, clients: int, alpha: float, seed: int) -> list[Tensor]:
+    check_client_count(clients, len(labels))
+    if not alpha > 0:
+        raise ConfigError(f"the Dirichlet alpha must be > 0, got {alpha}")
+    rng = np.random.default_rng(seed)
+    for _ in range(MAX_DRAWS):
+        shards = _dirichlet_draw(labels, clients, alpha, rng)
+        if min(len(s) for s in shards) >= MIN_EXAMPLES_PER_CLIENT:
+            return shards
+    raise ConfigError(f"no Dirichlet(alpha={alpha:g}) partition in {MAX_DRAWS} draws (partition_seed "
+                      f"{seed}) gave each of {clients} clients {MIN_EXAMPLES_PER_CLIENT} examples; "
+                      "raise alpha (--alpha) or use fewer clients")
 
 
 def _dirichlet_draw(labels: Tensor, clients: int, alpha: float, rng: np.random.Generator

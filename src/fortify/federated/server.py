@@ -9,6 +9,8 @@ audit`` read it) plus ``federated.json`` with the per-round record.
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,9 +25,15 @@ from torch import nn
 from fortify.attacks import PGD
 from fortify.data import Dataset
 from fortify.errors import ConfigError, FortifyError
-from fortify.federated.client import DP_EPSILON_KEY, METRICS_KEY, load_run_dataset, new_global_model
-from fortify.federated.config import FederatedRun
-from fortify.federated.partition import check_client_count
+from fortify.federated.client import (
+    DP_EPSILON_KEY,
+    METRICS_KEY,
+    check_local_training,
+    load_run_dataset,
+    new_global_model,
+)
+from fortify.federated.config import FederatedRun, FederationConfig
+from fortify.federated.partition import check_client_count, shard_indices
 from fortify.federated.results import FederatedResult, RoundRecord, write_run_directory
 from fortify.models import MODELS
 from fortify.threat import ThreatModel
@@ -39,7 +47,8 @@ class FederationError(FortifyError):
 
 
 def validate_run(run: FederatedRun) -> Dataset:
-    """Check every name and count of ``run`` against its dataset before any client starts."""
+    """Check ``run`` against its dataset before any client starts: what a client would find wrong
+    inside Ray (or a SuperNode) is one clear error here instead of one traceback per client."""
     OBJECTIVES.get(run.config.train.objective)
     dataset = load_run_dataset(run)
     MODELS.get(run.config.model.name or dataset.default_model)
@@ -48,9 +57,37 @@ def validate_run(run: FederatedRun) -> Dataset:
     if fed.malicious_clients >= fed.clients:
         raise ConfigError(f"malicious_clients must be below the number of clients ({fed.clients}), "
                           f"got {fed.malicious_clients}")
+    check_strategy(fed)
     ThreatModel(run.config.threat.norm, run.config.threat.eps, dataset.bounds).check_inputs(
         dataset.test.x[:1])
+    # every client computes this same partition (deterministic in partition_seed): an infeasible
+    # Dirichlet draw fails here once; labels only, so nothing is copied
+    shards = shard_indices(dataset.train.y, fed.clients, scheme=fed.partition, alpha=fed.alpha,
+                           seed=fed.partition_seed)
+    check_local_training(run, dataset, max(len(s) for s in shards))
     return dataset
+
+
+def check_strategy(fed: FederationConfig) -> None:
+    """Refuse aggregation settings under which Flower's strategy would silently not do its job."""
+    n, f = fed.clients, fed.malicious_clients
+    if fed.strategy == "krum" and n < 2 * f + 3:
+        # Blanchard et al. 2017 need n > 2f + 2; below that Flower's Krum scores each update by
+        # max(1, n - f - 2) neighbours and picks one without any Byzantine guarantee
+        most = (f"with {n} clients use at most {(n - 3) // 2} malicious clients" if n >= 3
+                else "krum needs at least 3 clients")
+        raise ConfigError(f"krum with {f} malicious clients needs at least {2 * f + 3} clients "
+                          f"(n >= 2f + 3), got {n}; {most}")
+    beta = fed.trim_beta
+    if fed.strategy == "trimmed-mean" and beta > 0 and int(beta * n) == 0:
+        # Flower trims int(beta * n) updates at each end: none trimmed is an unweighted mean, no defence
+        least = math.ceil(1 / beta)
+        if int(beta * least) == 0:  # 1 / beta rounded up can still fall short in floating point
+            least += 1
+        other = f" or federation.trim_beta >= {math.ceil(1000 / n) / 1000:g} (below 0.5)" if n >= 3 else ""
+        raise ConfigError(f"trimmed-mean with trim_beta={beta:g} trims int({beta:g} * {n}) = 0 of {n} "
+                          f"clients at each end, which is an unweighted mean; use at least {least} "
+                          f"clients{other}")
 
 
 # -- strategies -------------------------------------------------------------------------------
@@ -67,10 +104,8 @@ class _FailOnClientError:
         replies = list(replies)
         failed = [m for m in replies if m.has_error()]
         if failed:
-            reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason.strip()}"
-                                for m in failed)
             raise FederationError(f"round {server_round}: {len(failed)} of {len(replies)} clients "
-                                  f"failed: {reasons}")
+                                  f"failed: {_failure_summary(failed)}")
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         # privacy is the worst client's, not a weighted mean of the clients'
         spent = [float(m.content[METRICS_KEY][DP_EPSILON_KEY]) for m in replies
@@ -78,6 +113,37 @@ class _FailOnClientError:
         if spent and metrics is not None:
             metrics[DP_EPSILON_KEY + "-max"] = max(spent)
         return arrays, metrics
+
+
+def _failure_summary(failed: list[Message]) -> str:
+    """Each distinct client error once, with the nodes that raised it: one line however many fail."""
+    nodes: dict[str, list[int]] = {}
+    for message in failed:
+        reason = one_line_reason(message.error.reason or "")
+        nodes.setdefault(reason, []).append(message.metadata.src_node_id)
+    # Flower samples the nodes of a round in random order: sorted, the same failure reads the same
+    return "; ".join(f"{reason} ({'nodes' if len(ids) > 1 else 'node'} {', '.join(map(str, sorted(ids)))})"
+                     for reason, ids in sorted(nodes.items()))
+
+
+_FLOWER_REASON = re.compile(r"<class '([^']+)'>:<'(.*)'>", re.DOTALL)
+_RAY_MESSAGE = "occurred. Message:"
+
+
+def one_line_reason(reason: str) -> str:
+    """A client's error as one line of its own message.
+
+    Flower writes a reason as ``<class 'T'>:<'message'>``; on Ray the message is the worker's whole
+    traceback, ending in ``... occurred. Message: <the client's message>``.
+    """
+    name, text = "", reason.strip()
+    match = _FLOWER_REASON.fullmatch(text)
+    if match:
+        name, text = match.group(1).rsplit(".", 1)[-1], match.group(2)
+    if _RAY_MESSAGE in text:  # the type Ray reports is its wrapper's, not the client's
+        name, text = "", text.rsplit(_RAY_MESSAGE, 1)[1]
+    text = " ".join(text.split())
+    return f"{name}: {text}" if name else text
 
 
 class StrictFedAvg(_FailOnClientError, FedAvg):
