@@ -83,7 +83,9 @@ ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --
 _AFTER_INTERRUPT = {"run": "rerun the same command with --resume to continue",
                     "train": "rerun the same command with --resume to continue",
                     "evaluate": "rerun the same command to continue (finished batches are kept)",
-                    "sweep": "rerun the same command to continue (finished runs are kept)"}
+                    "sweep": "rerun the same command to continue (finished runs are kept)",
+                    "federate": "rerun the same command with --resume --out RUN_DIR to continue from "
+                                "the last finished round"}
 
 
 def _handles_errors(command: F) -> F:
@@ -258,7 +260,8 @@ def train(
     max_grad_norm: Annotated[float | None, typer.Option(help="DP: per-example clip norm.")] = None,
     max_physical_batch_size: Annotated[int | None, typer.Option(help="DP: split larger batches.")] = None,
     accountant: Annotated[str | None, typer.Option(help="DP: prv or rdp.")] = None,
-    canaries: Annotated[int | None, typer.Option(help="Audit with N mislabelled canaries a side.")] = None,
+    canaries: Annotated[int | None, typer.Option(
+        help="Audit with N mislabelled canaries a side (with or without --dp).")] = None,
 ) -> None:
     """Train one model (any objective) into a model directory."""
     cfg = load_config(config, _overrides(
@@ -273,8 +276,7 @@ def train(
             "max_physical_batch_size": max_physical_batch_size, "canaries": canaries}))
     _check_dp_flags_need_dp(cfg.dp.enabled, target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
                             delta=delta, max_grad_norm=max_grad_norm,
-                            max_physical_batch_size=max_physical_batch_size, accountant=accountant,
-                            canaries=canaries)
+                            max_physical_batch_size=max_physical_batch_size, accountant=accountant)
     if nproc is not None and nproc != 1 and not distributed.under_torchrun():
         # settings every rank would refuse alike are refused once, here, before any rank starts
         if cfg.dp.enabled:
@@ -652,6 +654,8 @@ def federate(
     noise_multiplier: Annotated[float | None, typer.Option(help="With --dp: DP-SGD noise.")] = None,
     max_grad_norm: Annotated[float | None, typer.Option(help="With --dp: per-example clip norm.")] = None,
     delta: Annotated[float | None, typer.Option(help="With --dp: delta of the reported epsilon.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last "
+                                                            "finished round.")] = False,
 ) -> None:
     """Federated (adversarial) training on Flower: simulation here, or a SuperLink deployment."""
     from fortify.federated.command import federate as run_federation
@@ -672,7 +676,7 @@ def federate(
     _check_dp_flags_need_dp(dp or (isinstance(dp_section, dict) and dp_section.get("enabled") is True),
                             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, delta=delta)
     run, result = run_federation(config, overrides, federation, out=out, superlink=superlink,
-                                 write_app=write_app, workers=workers, verbose=verbose)
+                                 write_app=write_app, workers=workers, verbose=verbose, resume=resume)
     if result is None:
         out_console.print(f"Flower app: {write_app}\nrun it with: flwr run {write_app} <connection>")
         return

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fortify.cli import app
+from fortify.federated import command
 
 runner = CliRunner()
 
@@ -17,12 +18,17 @@ def _federate(*args):
 
 
 @pytest.mark.slow
-def test_simulation_trains_a_global_model_that_improves(tmp_path):
+def test_simulation_trains_a_global_model_that_improves(tmp_path, monkeypatch):
     out = tmp_path / "fed"
-    result = _federate("--clients", 2, "--workers", 1, "--rounds", 2, "--local-epochs", 2,
-                       "--objective", "pgd", "--attack-steps", 2, "--model", "mlp", "--eps", 0.1,
-                       "--eval-examples", 200, "--eval-steps", 5, "--out", out)
+    settings = ("--clients", 2, "--workers", 1, "--rounds", 2, "--local-epochs", 2, "--objective", "pgd",
+                "--attack-steps", 2, "--model", "mlp", "--eps", 0.1, "--eval-examples", 200,
+                "--eval-steps", 5, "--out", out)
+    result = _federate(*settings)
     assert result.exit_code == 0, result.output
+    # a finished run resumed is read back, not simulated again
+    monkeypatch.setattr(command, "run_simulation", lambda *a, **k: pytest.fail("simulated again"))
+    again = _federate(*settings, "--resume")
+    assert again.exit_code == 0 and result.output.splitlines()[-1] in again.output, again.output
     record = json.loads((out / "federated.json").read_text())
     clean = [r["clean_accuracy"] for r in record["rounds"]]
     robust = [r["robust_accuracy"] for r in record["rounds"]]
@@ -56,3 +62,12 @@ def test_bad_settings_exit_2_with_a_one_line_reason(tmp_path, args, message):
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output  # not one traceback per client
     assert not (tmp_path / "fed").exists()  # refused before anything was written
+
+
+def test_resume_needs_the_run_directory_and_a_full_directory_needs_resume(tmp_path):
+    missing_out = _federate("--resume")
+    assert missing_out.exit_code == 2 and "pass the run directory" in missing_out.output
+    (tmp_path / "fed").mkdir()
+    (tmp_path / "fed" / "notes.txt").write_text("x")
+    full = _federate("--out", tmp_path / "fed")
+    assert full.exit_code == 2 and "pass --resume to continue" in full.output

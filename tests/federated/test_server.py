@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 from fedkit import InProcessGrid, small_run
@@ -12,7 +15,13 @@ from fortify.federated.client import load_run_dataset, make_client_app
 from fortify.federated.config import FederatedRun
 from fortify.federated.partition import shard_indices
 from fortify.federated.results import read_result
-from fortify.federated.server import FederationError, one_line_reason, run_server, validate_run
+from fortify.federated.server import (
+    FederationError,
+    StoppableGrid,
+    one_line_reason,
+    run_server,
+    validate_run,
+)
 from fortify.pipeline import load_trained_model
 
 
@@ -181,3 +190,23 @@ def test_dp_delta_is_checked_against_the_largest_client_shard():
         validate_run(small_run(clients=3, partition="dirichlet", alpha=0.5, dp={**DP, "delta": between}))
     validate_run(small_run(clients=3, partition="dirichlet", alpha=0.5,
                            dp={**DP, "delta": 0.9 / sizes[-1]}))
+
+
+def test_a_stopped_simulation_ends_the_servers_wait_for_replies(task_identity):
+    # Prepare: a grid whose clients never reply, as after a Ctrl-C has ended Flower's runtime
+    class Silent(InProcessGrid):
+        def push_messages(self, messages):
+            return [f"id-{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, message_ids):
+            return []
+
+    run = small_run()
+    stop = threading.Event()
+    grid = StoppableGrid(Silent(make_client_app(run), 2), stop)
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    # Execute / Assert: the wait ends soon after the stop, not at the hour-long reply timeout
+    with pytest.raises(FederationError, match="stopped before every client replied"):
+        grid.send_and_receive([object(), object()], timeout=3600)
+    assert time.monotonic() - started < 5

@@ -309,3 +309,18 @@ def test_cli_dp_flags_without_dp_and_an_unreachable_epsilon_are_refused(tmp_path
     assert tiny.exit_code == 2 and "dp.target_epsilon=1e-09 cannot be met" in tiny.output, tiny.output
     assert "Traceback" not in without_dp.output + tiny.output
     assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_cli_canaries_without_dp_audit_a_non_private_model(tmp_path: Path) -> None:
+    # the baseline of DP.md's table: the canary audit of a model trained without DP
+    from typer.testing import CliRunner
+
+    from fortify.cli import app
+
+    out = tmp_path / "m"
+    result = CliRunner().invoke(app, ["train", "--canaries", "20", "--model", "mlp", "--objective",
+                                      "standard", "--epochs", "1", "--quiet", "--device", "cpu",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    audit = json.loads((out / "training.json").read_text())["canary_audit"]
+    assert audit["n_inserted"] == audit["n_held_out"] == 20 and audit["epsilon_upper"] is None

@@ -28,6 +28,7 @@ from fortify.data import DataOptions, Dataset, Split, load_dataset
 from fortify.errors import ConfigError
 from fortify.federated.config import FederatedRun
 from fortify.federated.partition import partition
+from fortify.federated.progress import ROUND_OFFSET_KEY
 from fortify.models import build_model
 from fortify.threat import ThreatModel
 from fortify.training.methods import MethodOptions
@@ -262,7 +263,8 @@ def client_round(run: FederatedRun, message: Message, partition_id: int, num_par
     model.load_state_dict(message.content[ARRAYS_KEY].to_torch_state_dict())
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     config = message.content[CONFIG_KEY]
-    server_round = int(config.get("server-round", 0))
+    # a resumed run's strategy counts from 1 again; the offset keeps seeds and DP composition the run's
+    server_round = int(config.get("server-round", 0)) + int(config.get(ROUND_OFFSET_KEY, 0))
     settings = LocalTraining(local_train_config(run, server_round, partition_id),
                              ThreatModel(run.config.threat.norm, run.config.threat.eps, dataset.bounds),
                              proximal_mu=float(config.get("proximal-mu", 0.0)), dp=run.config.dp,

@@ -12,22 +12,30 @@ from rich.table import Table
 from fortify.errors import ConfigError
 from fortify.federated.config import FederatedRun, load_federated_run
 from fortify.federated.deployment import submit, write_flower_app
-from fortify.federated.results import FederatedResult, read_result
+from fortify.federated.progress import read_progress
+from fortify.federated.results import RESULT_FILE, FederatedResult, read_result
 from fortify.federated.server import validate_run
 from fortify.federated.simulation import run_simulation
+from fortify.training import checkpoint as ckpt
 
 
 def federate(config: Path | None, overrides: dict[str, Any], federation: dict[str, Any], *,
              out: Path | None, superlink: str | None = None, write_app: Path | None = None,
-             workers: int | None = None, timeout: float = 10.0, verbose: bool = False
-             ) -> tuple[FederatedRun, FederatedResult | None]:
-    """Simulate the run (default), submit it to a SuperLink, or only write its Flower app."""
-    out_dir = _out_dir(out, overrides)
-    run = load_federated_run(config, overrides, {**federation, "out": str(out_dir.resolve())})
+             workers: int | None = None, timeout: float = 10.0, verbose: bool = False,
+             resume: bool = False) -> tuple[FederatedRun, FederatedResult | None]:
+    """Simulate the run (default), submit it to a SuperLink, or only write its Flower app.
+
+    With ``resume`` the run continues from the last round saved in ``out`` (a finished one is read
+    back, not run again)."""
+    out_dir = _out_dir(out, overrides, resume)
+    run = load_federated_run(config, overrides, {**federation, "out": str(out_dir.resolve()),
+                                                 "resume": resume})
     validate_run(run)
     if write_app is not None:
         write_flower_app(write_app, run)
         return run, None
+    if resume and _finished(out_dir, run):
+        return run, read_result(out_dir)
     if superlink is None:
         return run, run_simulation(run, workers=workers, verbose=verbose)
     app_dir = write_flower_app(out_dir / "flower-app", run)
@@ -38,13 +46,26 @@ def federate(config: Path | None, overrides: dict[str, Any], federation: dict[st
     return run, read_result(out_dir)
 
 
-def _out_dir(out: Path | None, overrides: dict[str, Any]) -> Path:
+def _out_dir(out: Path | None, overrides: dict[str, Any], resume: bool) -> Path:
     if out is None:
+        if resume:
+            raise ConfigError("--resume continues the run in --out: pass the run directory")
         name = overrides.get("data", {}).get("name", "digits")
         return Path("runs") / f"{name}-federated-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} already exists and is not empty; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    if not resume and out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} already exists and is not empty; pass --resume to continue the "
+                          "federation in it or choose another --out")
     return out
+
+
+def _finished(out: Path, run: FederatedRun) -> bool:
+    """Whether ``out`` holds this run, finished; a finished run of other settings is an error."""
+    if not (out / RESULT_FILE).is_file():
+        return False
+    read_progress(run)  # checks the settings
+    return bool(ckpt.read_state_json(out).get("finished"))
 
 
 def print_rounds(result: FederatedResult, console: Console) -> None:

@@ -40,6 +40,7 @@ class FederationConfig(BaseModel):
     eval_examples: int | None = Field(None, ge=1)
     eval_steps: int = Field(10, ge=1)
     out: str = ""  # where the ServerApp writes the run directory; "" writes nothing
+    resume: bool = False  # continue from the progress saved in ``out`` (fortify.federated.progress)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -34,7 +35,8 @@ from fortify.federated.client import (
 )
 from fortify.federated.config import FederatedRun, FederationConfig
 from fortify.federated.partition import check_client_count, shard_indices
-from fortify.federated.results import FederatedResult, RoundRecord, write_run_directory
+from fortify.federated.progress import ROUND_OFFSET_KEY, FederationProgress
+from fortify.federated.results import FederatedResult, write_run_directory
 from fortify.models import MODELS
 from fortify.threat import ThreatModel
 from fortify.training.objectives import OBJECTIVES
@@ -96,22 +98,29 @@ class _FailOnClientError:
     """Stops the run with the clients' own error messages instead of aggregating without them.
 
     Flower logs a failed reply and carries on with the others; here a client that fails (bad
-    settings, a crash) ends the run, so a mistake cannot hide behind the remaining clients.
+    settings, a crash) ends the run, so a mistake cannot hide behind the remaining clients. The
+    aggregated metrics go to ``on_aggregated`` (the run's progress); ``round_offset`` is the number
+    of rounds a resumed run finished before, so messages name the run's own round numbers.
     """
+
+    on_aggregated: Callable[[int, dict[str, Any]], None] | None = None
+    round_offset: int = 0
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         failed = [m for m in replies if m.has_error()]
         if failed:
-            raise FederationError(f"round {server_round}: {len(failed)} of {len(replies)} clients "
-                                  f"failed: {_failure_summary(failed)}")
+            raise FederationError(f"round {server_round + self.round_offset}: {len(failed)} of "
+                                  f"{len(replies)} clients failed: {_failure_summary(failed)}")
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         # privacy is the worst client's, not a weighted mean of the clients'
         spent = [float(m.content[METRICS_KEY][DP_EPSILON_KEY]) for m in replies
                  if DP_EPSILON_KEY in m.content[METRICS_KEY]]
         if spent and metrics is not None:
             metrics[DP_EPSILON_KEY + "-max"] = max(spent)
+        if metrics is not None and self.on_aggregated is not None:
+            self.on_aggregated(server_round, dict(metrics))
         return arrays, metrics
 
 
@@ -166,9 +175,15 @@ class StrictFedMedian(_FailOnClientError, FedMedian):
     pass
 
 
-def build_strategy(run: FederatedRun) -> Strategy:
+def build_strategy(run: FederatedRun, *, on_aggregated: Callable[[int, dict[str, Any]], None] | None = None,
+                   round_offset: int = 0) -> Strategy:
     """The Flower strategy named by ``federation.strategy``; every client trains every round."""
-    fed = run.federation
+    strategy = _new_strategy(run.federation)
+    strategy.on_aggregated, strategy.round_offset = on_aggregated, round_offset
+    return strategy
+
+
+def _new_strategy(fed: FederationConfig) -> _FailOnClientError:
     # all nodes train each round; evaluation is central, so no client-side evaluation rounds
     common: dict[str, Any] = {"fraction_train": 1.0, "fraction_evaluate": 0.0,
                               "min_train_nodes": fed.clients, "min_available_nodes": fed.clients}
@@ -185,24 +200,26 @@ def build_strategy(run: FederatedRun) -> Strategy:
 
 # -- central evaluation -----------------------------------------------------------------------
 
-def central_evaluator(run: FederatedRun, dataset: Dataset, model: nn.Module, record: list[RoundRecord]
+def central_evaluator(run: FederatedRun, dataset: Dataset, model: nn.Module, progress: FederationProgress
                       ) -> Callable[[int, ArrayRecord], MetricRecord]:
-    """Flower's ``evaluate_fn``: clean and PGD accuracy of the global model on the test split."""
+    """Flower's ``evaluate_fn``: clean and PGD accuracy of the global model on the test split,
+    recorded (and saved) as the round's progress."""
     fed = run.federation
     test = dataset.test.head(fed.eval_examples)
     threat = ThreatModel(run.config.threat.norm, run.config.threat.eps, dataset.bounds)
     attack = PGD(threat, steps=fed.eval_steps, early_stop=True, seed=run.config.eval.seed)
-    started = time.perf_counter()
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict())
-        model.eval()
-        with torch.no_grad():
-            clean = (model(test.x).argmax(1) == test.y).float().mean().item()
-            x_adv = attack(model, test.x, test.y)
-            robust = (model(x_adv).argmax(1) == test.y).float().mean().item()
-        record.append(RoundRecord(server_round, clean, robust, time.perf_counter() - started))
-        return MetricRecord({"clean-accuracy": clean, "robust-accuracy": robust})
+        if not (server_round == 0 and progress.offset):  # a resumed run starts from a measured round
+            model.load_state_dict(arrays.to_torch_state_dict())
+            model.eval()
+            with torch.no_grad():
+                clean = (model(test.x).argmax(1) == test.y).float().mean().item()
+                x_adv = attack(model, test.x, test.y)
+                robust = (model(x_adv).argmax(1) == test.y).float().mean().item()
+            progress.finish_round(server_round, clean, robust, model)
+        last = progress.rounds[-1]
+        return MetricRecord({"clean-accuracy": last.clean_accuracy, "robust-accuracy": last.robust_accuracy})
 
     return evaluate
 
@@ -210,34 +227,85 @@ def central_evaluator(run: FederatedRun, dataset: Dataset, model: nn.Module, rec
 # -- the app ----------------------------------------------------------------------------------
 
 def run_server(grid: Grid, run: FederatedRun) -> FederatedResult:
-    """Run every round of ``run`` over ``grid``; write the run directory when ``out`` is set."""
+    """Run the rounds of ``run`` not yet finished over ``grid``; write the run directory when ``out``
+    is set (with ``federation.resume``, from the progress saved there)."""
     torch.set_num_threads(1)
     dataset = validate_run(run)
     model = new_global_model(run, dataset)
-    rounds: list[RoundRecord] = []
-    strategy = build_strategy(run)
-    started = time.perf_counter()
-    outcome = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
-                             num_rounds=run.federation.rounds, timeout=REPLY_TIMEOUT_S,
-                             train_config=ConfigRecord(),
-                             evaluate_fn=central_evaluator(run, dataset, model, rounds))
-    train_metrics = {r: dict(m) for r, m in outcome.train_metrics_clientapp.items()}
-    result = FederatedResult.build(run, dataset, rounds, train_metrics, time.perf_counter() - started)
-    model.load_state_dict(outcome.arrays.to_torch_state_dict())
+    progress = FederationProgress.begin(run, model)
+    if progress.rounds_left > 0:
+        strategy = build_strategy(run, on_aggregated=progress.add_train_metrics, round_offset=progress.offset)
+        outcome = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
+                                 num_rounds=progress.rounds_left, timeout=REPLY_TIMEOUT_S,
+                                 train_config=ConfigRecord({ROUND_OFFSET_KEY: progress.offset}),
+                                 evaluate_fn=central_evaluator(run, dataset, model, progress))
+        model.load_state_dict(outcome.arrays.to_torch_state_dict())
+    result = FederatedResult.build(run, dataset, progress.rounds, progress.train_metrics, progress.seconds)
     if run.federation.out:
         write_run_directory(Path(run.federation.out), run, dataset, model, result)
+        progress.close()
     return result
 
 
+class StoppableGrid(Grid):
+    """A Grid whose ``send_and_receive`` gives up once ``stop`` is set.
+
+    Flower's simulation runs the ServerApp in a thread of its own; after a Ctrl-C the runtime and its
+    clients end, but that thread would go on waiting for their replies (REPLY_TIMEOUT_S) and keep
+    the process alive. Everything but the wait is the wrapped grid's.
+    """
+
+    POLL_S = 0.1
+
+    def __init__(self, inner: Grid, stop: threading.Event) -> None:
+        self.inner, self.stop = inner, stop
+
+    def set_run(self, run: Any) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.inner.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        waiting = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting and (deadline is None or time.monotonic() < deadline):
+            if self.stop.is_set():
+                raise FederationError("the federation was stopped before every client replied")
+            arrived = list(self.pull_messages(waiting))
+            replies += arrived
+            waiting -= {m.metadata.reply_to_message_id for m in arrived}
+            if waiting:
+                time.sleep(self.POLL_S)
+        return replies
+
+
 def make_server_app(run: FederatedRun | None = None,
-                    on_result: Callable[[FederatedResult], None] | None = None) -> ServerApp:
-    """A ServerApp for ``run``; without one it reads the run from Flower's run config."""
+                    on_result: Callable[[FederatedResult], None] | None = None,
+                    stop: threading.Event | None = None) -> ServerApp:
+    """A ServerApp for ``run``; without one it reads the run from Flower's run config. With ``stop``
+    it stops waiting for clients once the event is set (StoppableGrid)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         this_run = run or FederatedRun.from_run_config(dict(context.run_config))
-        result = run_server(grid, this_run)
+        result = run_server(grid if stop is None else StoppableGrid(grid, stop), this_run)
         if on_result is not None:
             on_result(result)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 from fortify.errors import ConfigError, MissingDependencyError
@@ -56,12 +57,14 @@ def run_simulation(run: FederatedRun, *, workers: int | None = None, verbose: bo
     if not verbose:  # Flower logs every round and warns that run_simulation is deprecated
         flower_logger.setLevel(logging.ERROR)
         flower_logger.addFilter(quiet)
+    stop = threading.Event()  # set when the runtime returns, normally or on Ctrl-C (StoppableGrid)
     try:
-        flower_run_simulation(server_app=make_server_app(run, on_result=outcome.append),
+        flower_run_simulation(server_app=make_server_app(run, on_result=outcome.append, stop=stop),
                               client_app=make_client_app(run), num_supernodes=run.federation.clients,
                               backend_config=backend_config(run.federation.clients, workers),
                               verbose_logging=verbose)
     finally:
+        stop.set()
         flower_logger.removeFilter(quiet)
     if not outcome:
         raise ConfigError("the simulation ended without a result; rerun with verbose logging")

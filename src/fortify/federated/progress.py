@@ -1,0 +1,139 @@
+"""A federation's progress on disk, so that an interrupted run resumes at its last finished round.
+
+After the central evaluation of every round (and of the initial model) the server writes the global
+weights (``federation.safetensors``) and ``federation-progress.json``: the settings, the rounds
+finished, their records and the clients' metrics, and the weights' SHA-256. With
+``federation.resume`` the server reads them back, checks that the settings are the run's, and lets
+Flower's strategy run only the rounds left, starting from the saved weights. Rounds keep their
+numbers: every train message carries the offset, so clients seed their local training and
+compose their DP budget exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from fortify.errors import CheckpointError, ConfigError
+from fortify.federated.config import FederatedRun
+from fortify.federated.results import RoundRecord
+from fortify.training import checkpoint as ckpt
+
+PROGRESS_JSON = "federation-progress.json"
+WEIGHTS = "federation.safetensors"
+ROUND_OFFSET_KEY = "round-offset"  # in every train message: rounds finished before this process
+_NOT_SETTINGS = ("federation.out", "federation.resume")  # where and how, not what is trained
+
+
+def run_settings(run: FederatedRun) -> dict[str, Any]:
+    """The flat settings a resumed run must share with the one it continues."""
+    return {k: v for k, v in run.to_run_config().items() if k not in _NOT_SETTINGS}
+
+
+@dataclass
+class FederationProgress:
+    """The rounds a federation has finished; ``offset`` of them before this process started."""
+
+    run: FederatedRun
+    offset: int = 0
+    rounds: list[RoundRecord] = field(default_factory=list)
+    train_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    seconds_before: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def begin(cls, run: FederatedRun, model: nn.Module) -> FederationProgress:
+        """Fresh progress, or with ``federation.resume`` the saved one (its weights into ``model``)."""
+        out = Path(run.federation.out) if run.federation.out else None
+        if not run.federation.resume or out is None or not (out / PROGRESS_JSON).is_file():
+            return cls(run)
+        saved = read_progress(run)
+        ckpt.load_weights(out / WEIGHTS, model, expected_sha256=saved["sha256"])
+        rounds = saved["rounds"]
+        return cls(run, offset=rounds[-1].round, rounds=rounds, train_metrics=saved["train_metrics"],
+                   seconds_before=float(saved["seconds"]))
+
+    @property
+    def rounds_left(self) -> int:
+        return self.run.federation.rounds - self.offset
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def add_train_metrics(self, server_round: int, metrics: dict[str, Any]) -> None:
+        """The clients' aggregated metrics of this process's round ``server_round``."""
+        self.train_metrics[server_round + self.offset] = {k: float(v) for k, v in metrics.items()}
+
+    def finish_round(self, server_round: int, clean: float, robust: float, model: nn.Module) -> None:
+        """Record this process's round ``server_round`` (0: the starting model) and save it."""
+        self.rounds.append(RoundRecord(server_round + self.offset, clean, robust, self.seconds))
+        out = self.run.federation.out
+        if out:
+            self._save(Path(out), model)
+
+    def close(self) -> None:
+        """After the run directory is written: its model.safetensors holds the same weights, and the
+        progress record stays so that a resumed finished run is recognised."""
+        if self.run.federation.out:
+            (Path(self.run.federation.out) / WEIGHTS).unlink(missing_ok=True)
+
+    def _save(self, out: Path, model: nn.Module) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        digest = ckpt.save_weights(out / WEIGHTS, model)  # first: the JSON names its hash
+        payload = {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "settings": run_settings(self.run),
+                   "rounds": [asdict(r) for r in self.rounds],
+                   "train_metrics": {str(k): v for k, v in self.train_metrics.items()},
+                   "seconds": self.seconds, "sha256": digest}
+        tmp = out / (PROGRESS_JSON + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        tmp.replace(out / PROGRESS_JSON)
+
+
+def read_progress(run: FederatedRun) -> dict[str, Any]:
+    """The progress saved in the run's ``out``, refused when it was made with other settings."""
+    out = Path(run.federation.out)
+    saved = _read(out)
+    _check_same_settings(out, saved["settings"], run_settings(run))
+    return saved
+
+
+def _read(out: Path) -> dict[str, Any]:
+    """The saved progress, its rounds as RoundRecords and its metrics' rounds as ints; a damaged
+    file is a CheckpointError here rather than a traceback later."""
+    path = out / PROGRESS_JSON
+    if not path.is_file():
+        raise CheckpointError(f"{out} holds no {PROGRESS_JSON}, so there is no federation to resume in it")
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); remove {out} to start the federation "
+                              "again") from None
+    fields = {"settings": dict, "rounds": list, "train_metrics": dict, "seconds": (int, float), "sha256": str}
+    try:
+        if saved.get("format") != ckpt.FORMAT or any(not isinstance(saved.get(name), kind)
+                                                     for name, kind in fields.items()):
+            raise TypeError("not a federation record")
+        saved["rounds"] = [RoundRecord(**record) for record in saved["rounds"]]
+        if not saved["rounds"] or not all(isinstance(r.round, int) for r in saved["rounds"]):
+            raise TypeError("no finished round")
+        saved["train_metrics"] = {int(k): {name: float(v) for name, v in m.items()}
+                                  for k, m in saved["train_metrics"].items()}
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path} is not a fortify federation record; remove {out} to start "
+                              "again") from None
+    return saved
+
+
+def _check_same_settings(out: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    differing = [f"{key} was {saved.get(key)!r}, now {now.get(key)!r}"
+                 for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+    if differing:
+        more = f" (and {len(differing) - 4} more)" if len(differing) > 4 else ""
+        raise ConfigError(f"cannot resume {out}: {'; '.join(differing[:4])}{more}; give the settings it "
+                          "was started with, or start a new run elsewhere")

@@ -1,0 +1,96 @@
+"""A federation saves its progress after every round and resumes from it (in-process clients)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import replace
+
+import pytest
+import torch
+from fedkit import InProcessGrid, small_run
+from flwr.app import Message
+from safetensors.torch import load_file
+
+from fortify.errors import CheckpointError, ConfigError
+from fortify.federated.client import make_client_app
+from fortify.federated.config import FederatedRun
+from fortify.federated.progress import PROGRESS_JSON, WEIGHTS
+from fortify.federated.server import run_server
+
+ROUNDS = 3
+
+
+class InterruptedGrid(InProcessGrid):
+    """Delivers messages until the given exchange, then stops the run as a Ctrl-C would."""
+
+    def __init__(self, run: FederatedRun, stop_at_exchange: int) -> None:
+        super().__init__(make_client_app(run), run.federation.clients)
+        self.exchanges, self.stop_at = 0, stop_at_exchange
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        self.exchanges += 1
+        if self.exchanges == self.stop_at:
+            raise KeyboardInterrupt
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def _fed_run(out, **changes) -> FederatedRun:
+    return small_run(clients=2, rounds=ROUNDS, out=str(out), **changes)
+
+
+def _resumed(run: FederatedRun) -> FederatedRun:
+    return replace(run, federation=run.federation.model_copy(update={"resume": True}))
+
+
+def _interrupt_in_round_two(run: FederatedRun) -> None:
+    # each round is two exchanges (training, then the empty client evaluation): the 3rd is round 2's training
+    with pytest.raises(KeyboardInterrupt):
+        run_server(InterruptedGrid(run, stop_at_exchange=3), run)
+
+
+def test_a_federation_interrupted_in_a_round_resumes_to_the_uninterrupted_result(task_identity, tmp_path):
+    # Prepare: one run straight through, one stopped in round 2
+    straight = run_server(InProcessGrid(make_client_app(run := _fed_run(tmp_path / "a")), 2), run)
+    interrupted = _fed_run(tmp_path / "b")
+    _interrupt_in_round_two(interrupted)
+    saved = json.loads((tmp_path / "b" / PROGRESS_JSON).read_text())
+    assert [r["round"] for r in saved["rounds"]] == [0, 1]
+    # Execute
+    resumed = run_server(InProcessGrid(make_client_app(interrupted), 2), _resumed(interrupted))
+    # Assert: same rounds, same numbers, same weights (clients seeded by the run's own round numbers)
+    assert [r.round for r in resumed.rounds] == list(range(ROUNDS + 1))
+    for mine, theirs in zip(resumed.rounds, straight.rounds, strict=True):
+        assert (mine.clean_accuracy, mine.robust_accuracy) == pytest.approx(
+            (theirs.clean_accuracy, theirs.robust_accuracy), abs=1e-9)
+    assert set(resumed.train_metrics) == set(straight.train_metrics) == {1, 2, 3}
+    for r in straight.train_metrics:
+        assert resumed.train_metrics[r] == pytest.approx(straight.train_metrics[r], rel=1e-5)
+    weights_a, weights_b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("a", "b"))
+    assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-6) for k in weights_a)
+    assert resumed.seconds >= saved["seconds"]
+    # the run directory holds the final weights; the progress record stays, its weights go
+    assert (tmp_path / "b" / PROGRESS_JSON).is_file() and not (tmp_path / "b" / WEIGHTS).exists()
+
+
+def test_resuming_under_other_settings_is_refused_by_name(task_identity, tmp_path):
+    run = _fed_run(tmp_path / "b")
+    _interrupt_in_round_two(run)
+    other = _resumed(_fed_run(tmp_path / "b", train={"lr": 0.1}))
+    with pytest.raises(ConfigError, match="train.lr was 0.05, now 0.1"):
+        run_server(InProcessGrid(make_client_app(other), 2), other)
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda d: (d / PROGRESS_JSON).write_text('{"format": "fortify", "rounds": ['), "not valid JSON"),
+    (lambda d: (d / PROGRESS_JSON).write_text('{"format": "fortify", "rounds": []}'),
+     "not a fortify federation record"),
+    (lambda d: (d / WEIGHTS).write_bytes((d / WEIGHTS).read_bytes()[:-8] + b"\0" * 8), "modified"),
+])
+def test_damaged_progress_is_refused(task_identity, tmp_path, damage, message):
+    run = _fed_run(tmp_path / "b")
+    _interrupt_in_round_two(run)
+    damage(tmp_path / "b")
+    with pytest.raises(CheckpointError, match=message):
+        run_server(InProcessGrid(make_client_app(run), 2), _resumed(run))
