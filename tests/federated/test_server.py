@@ -12,7 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fortify.errors import ConfigError
 from fortify.federated.client import load_run_dataset, make_client_app
-from fortify.federated.config import FederatedRun
+from fortify.federated.config import FederatedRun, load_federated_run
 from fortify.federated.partition import shard_indices
 from fortify.federated.results import read_result
 from fortify.federated.server import (
@@ -210,3 +210,13 @@ def test_a_stopped_simulation_ends_the_servers_wait_for_replies(task_identity):
     with pytest.raises(FederationError, match="stopped before every client replied"):
         grid.send_and_receive([object(), object()], timeout=3600)
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"dp": {"canaries": 10}}, "does not use dp.canaries=10"),
+    ({"train": {"extra_data": "more.npz", "extra_fraction": 0.5}}, "does not use train.extra_data=more.npz"),
+])
+def test_train_settings_that_clients_would_drop_are_refused(overrides, message):
+    run = load_federated_run(None, {"model": {"name": "mlp"}, **overrides}, {"clients": 2})
+    with pytest.raises(ConfigError, match=message):
+        validate_run(run)

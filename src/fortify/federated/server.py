@@ -60,6 +60,7 @@ def validate_run(run: FederatedRun) -> Dataset:
         raise ConfigError(f"malicious_clients must be below the number of clients ({fed.clients}), "
                           f"got {fed.malicious_clients}")
     check_strategy(fed)
+    _check_settings_clients_use(run)
     ThreatModel(run.config.threat.norm, run.config.threat.eps, dataset.bounds).check_inputs(
         dataset.test.x[:1])
     # every client computes this same partition (deterministic in partition_seed): an infeasible
@@ -68,6 +69,18 @@ def validate_run(run: FederatedRun) -> Dataset:
                            seed=fed.partition_seed)
     check_local_training(run, dataset, max(len(s) for s in shards))
     return dataset
+
+
+def _check_settings_clients_use(run: FederatedRun) -> None:
+    """Settings of ``fortify train`` that a federated client has no use for would be dropped without a
+    word: the run would not be what its config says."""
+    unused = [(f"dp.canaries={run.config.dp.canaries}", "a client has no canary audit")
+              if run.config.dp.canaries else None,
+              (f"train.extra_data={run.config.train.extra_data}", "clients train on their own shard only")
+              if run.config.train.extra_data is not None else None]
+    given = [f"{setting} ({why})" for setting, why in filter(None, unused)]
+    if given:
+        raise ConfigError(f"federated training does not use {'; '.join(given)}: remove it from the config")
 
 
 def check_strategy(fed: FederationConfig) -> None:
