@@ -17,6 +17,7 @@ from fortify.cli import app
 from fortify.config import load_config
 from fortify.errors import CheckpointError, ConfigError, ResultsError
 from fortify.sweep import RunResult, RunSpec, SweepGrid, expand_grid, load_sweep, pareto_front, run_sweep
+from fortify.training import checkpoint as ckpt
 
 # -- the Pareto front: a pure function ---------------------------------------------------------
 
@@ -194,6 +195,7 @@ def test_sweep_with_other_settings_in_a_finished_run_directory_is_refused(tmp_pa
     run_dir = tmp_path / "out" / "standard_eps0.2_ep1"
     run_dir.mkdir(parents=True)
     (run_dir / "result.json").write_text(json.dumps({"config": {"other": True}, "result": {}}))
+    ckpt.write_state_json(run_dir, {"finished": True})
     base = load_config(None, TINY)
     with pytest.raises(ConfigError, match="other settings"):
         run_sweep(base, SweepGrid(objective=["standard"]), tmp_path / "out", device="cpu",
@@ -239,6 +241,7 @@ def _fake_finished_run(out, spec, base, *, config=None, robust=0.3):
                        n_examples=48, train_seconds=1.0, passes_per_epoch=1.0, best_epoch=1)
     config = config or spec.config(base).model_dump(mode="json")
     (run_dir / "result.json").write_text(json.dumps({"config": config, "result": asdict(result)}))
+    ckpt.write_state_json(run_dir, {"finished": True})
     return run_dir
 
 
@@ -309,6 +312,7 @@ def test_cli_sweep_reports_a_damaged_result_json_in_one_line(tmp_path):
     run_dir = tmp_path / "out" / "standard_eps0.2_ep1"
     run_dir.mkdir(parents=True)
     (run_dir / "result.json").write_text('{"config": {"data": ')
+    ckpt.write_state_json(run_dir, {"finished": True})
     result = CliRunner().invoke(app, ["sweep", "--objectives", "standard", "--epochs", "1",
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
@@ -331,3 +335,21 @@ def test_a_truncated_state_json_stops_the_sweep_before_any_run(tmp_path, monkeyp
     # Execute / Assert
     with pytest.raises(CheckpointError, match=f"state.json is not valid JSON.*remove .*{spec.name}"):
         run_sweep(base, SweepGrid(objective=objectives), tmp_path / "out", device="cpu", show_progress=False)
+
+
+@pytest.mark.parametrize("section", [{"epochs": [True]}, {"eps": [0.1, False]}])
+def test_true_or_false_in_a_numeric_grid_is_refused(tmp_path, section):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"sweep": section}))
+    with pytest.raises(ConfigError, match="numbers are expected, not true or false"):
+        load_sweep(path, {}, {})
+
+
+def test_a_finished_run_without_its_state_json_stops_the_sweep(tmp_path, monkeypatch):
+    # a model directory without state.json cannot be loaded by fortify evaluate: not a finished run
+    base = load_config(None, TINY)
+    spec = RunSpec("pgd", 0.2, 6.0, 0.5, 1)
+    (_fake_finished_run(tmp_path / "out", spec, base) / "state.json").unlink()
+    monkeypatch.setattr(sweep_module, "train_model", _no_run)
+    with pytest.raises(CheckpointError, match=f"{spec.name} has a result.json but no state.json"):
+        run_sweep(base, SweepGrid(objective=["pgd"]), tmp_path / "out", device="cpu", show_progress=False)

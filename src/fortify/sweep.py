@@ -67,6 +67,14 @@ class SweepGrid(BaseModel):
     mix_ratio: list[float] | None = Field(None, min_length=1)
     epochs: list[int] | None = Field(None, min_length=1)
 
+    @field_validator("eps", "trades_beta", "mix_ratio", "epochs", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, values: Any) -> Any:
+        # pydantic would read YAML's `epochs: [true]` as [1]
+        if isinstance(values, list) and any(isinstance(v, bool) for v in values):
+            raise ValueError("numbers are expected, not true or false")
+        return values
+
     @field_validator("*")
     @classmethod
     def _each_value_once(cls, values: list[Any] | None) -> list[Any] | None:
@@ -279,6 +287,9 @@ def finished_result(run_dir: Path, config: RunConfig) -> RunResult | None:
     resume. A damaged file or other settings are an error."""
     if (run_dir / ckpt.STATE_JSON).is_file():
         _check_state_json(run_dir)
+    elif (run_dir / RESULT_JSON).is_file():  # the model directory is incomplete: evaluate cannot load it
+        raise CheckpointError(f"{run_dir} has a {RESULT_JSON} but no {ckpt.STATE_JSON}; remove {run_dir} "
+                              "to train that run again")
     if not (run_dir / RESULT_JSON).is_file():
         check_same_settings(run_dir, config)  # what resuming it would check, only later
         return None
