@@ -232,6 +232,33 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# -- comparing settings (resume and sweeps refuse a run made under others) ----------------------
+
+_MISSING = object()
+
+
+def setting_differences(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key was X, now Y`` for each setting that differs; nested sections as dotted keys."""
+    differing = []
+    for key in sorted(set(before) | set(now), key=str):
+        old, new = before.get(key, _MISSING), now.get(key, _MISSING)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differing += setting_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            differing.append(f"{prefix}{key} was {_shown(old)}, now {_shown(new)}")
+    return differing
+
+
+def _shown(value: Any) -> str:
+    return "not set" if value is _MISSING else repr(value)
+
+
+def listed(differing: list[str], most: int = 4) -> str:
+    """The first ``most`` differences for a one-line message, and how many more there are."""
+    more = f" (and {len(differing) - most} more)" if len(differing) > most else ""
+    return "; ".join(differing[:most]) + more
+
+
 def load_yaml(path: Path | str, kind: str = "config") -> Any:
     """What a YAML file holds (safe loader: plain data only); ConfigError naming the ``kind`` of file
     when it cannot be read or parsed."""

@@ -24,7 +24,7 @@ from torch import nn
 import fortify
 from fortify.attacks import ATTACKS, PGD, Attack
 from fortify.attacks.transfer import Transfer
-from fortify.config import EvalConfig, RunConfig, TrainConfig, load_config
+from fortify.config import EvalConfig, RunConfig, TrainConfig, listed, load_config, setting_differences
 from fortify.data import DataOptions, Dataset, Split, load_dataset
 from fortify.errors import CheckpointError, ConfigError, FortifyError
 from fortify.evaluation import RobustnessReport, evaluate
@@ -183,13 +183,10 @@ def check_same_settings(directory: Path, config: RunConfig, sections: Sequence[s
     if not saved_path.is_file():
         return
     saved, now = load_config(saved_path).model_dump(mode="json"), config.model_dump(mode="json")
-    differing = [f"{section}.{key} was {saved[section].get(key)!r}, now {now[section].get(key)!r}"
-                 for section in sections for key in sorted(set(saved[section]) | set(now[section]))
-                 if saved[section].get(key) != now[section].get(key)]
+    differing = setting_differences({s: saved[s] for s in sections}, {s: now[s] for s in sections})
     if differing:
-        raise ConfigError(f"cannot resume {directory}: {'; '.join(differing[:4])}"
-                          + (f" (and {len(differing) - 4} more)" if len(differing) > 4 else "")
-                          + "; give the settings it was started with, or start a new run elsewhere")
+        raise ConfigError(f"cannot resume {directory}: {listed(differing)}; give the settings it was "
+                          "started with, or start a new run elsewhere")
 
 
 def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: bool,

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from rich.table import Table
 from torch import nn
 
-from fortify.config import RunConfig, config_from_dict, read_yaml_mapping
+from fortify.config import RunConfig, config_from_dict, listed, read_yaml_mapping, setting_differences
 from fortify.errors import CheckpointError, ConfigError, ResultsError
 from fortify.pipeline import (
     Setup,
@@ -294,9 +294,9 @@ def finished_result(run_dir: Path, config: RunConfig) -> RunResult | None:
         check_same_settings(run_dir, config)  # what resuming it would check, only later
         return None
     recorded = read_recorded(run_dir)
-    differing = config_differences(recorded["config"], config.model_dump(mode="json"))
+    differing = setting_differences(recorded["config"], config.model_dump(mode="json"))
     if differing:
-        raise ConfigError(f"{run_dir} was run with other settings than this sweep's: {_listed(differing)}; "
+        raise ConfigError(f"{run_dir} was run with other settings than this sweep's: {listed(differing)}; "
                           "choose another --out or remove that run directory")
     return dataclasses.replace(recorded_result(run_dir, recorded), status="skipped")
 
@@ -374,30 +374,6 @@ def _made_with(base: RunConfig, name: str, config: dict[str, Any], result: RunRe
     except ConfigError:  # a grid value these base settings do not allow
         return False
     return spec.name == name and expected == config
-
-
-_MISSING = object()
-
-
-def config_differences(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
-    """``key was X, now Y`` for each setting that differs; nested sections as dotted keys."""
-    differing = []
-    for key in sorted(set(before) | set(now), key=str):
-        old, new = before.get(key, _MISSING), now.get(key, _MISSING)
-        if isinstance(old, dict) and isinstance(new, dict):
-            differing += config_differences(old, new, f"{prefix}{key}.")
-        elif old != new:
-            differing.append(f"{prefix}{key} was {_shown(old)}, now {_shown(new)}")
-    return differing
-
-
-def _shown(value: Any) -> str:
-    return "not set" if value is _MISSING else repr(value)
-
-
-def _listed(differing: list[str], most: int = 4) -> str:
-    more = f" (and {len(differing) - most} more)" if len(differing) > most else ""
-    return "; ".join(differing[:most]) + more
 
 
 # -- results -----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from fortify.config import listed, setting_differences
 from fortify.errors import CheckpointError, ConfigError
 from fortify.federated.config import FederatedRun
 from fortify.federated.results import RoundRecord
@@ -131,9 +132,7 @@ def _read(out: Path) -> dict[str, Any]:
 
 
 def _check_same_settings(out: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
-    differing = [f"{key} was {saved.get(key)!r}, now {now.get(key)!r}"
-                 for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+    differing = setting_differences(saved, now)
     if differing:
-        more = f" (and {len(differing) - 4} more)" if len(differing) > 4 else ""
-        raise ConfigError(f"cannot resume {out}: {'; '.join(differing[:4])}{more}; give the settings it "
-                          "was started with, or start a new run elsewhere")
+        raise ConfigError(f"cannot resume {out}: {listed(differing)}; give the settings it was started "
+                          "with, or start a new run elsewhere")
