@@ -70,8 +70,9 @@ def test_a_federation_interrupted_in_a_round_resumes_to_the_uninterrupted_result
     weights_a, weights_b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("a", "b"))
     assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-6) for k in weights_a)
     assert resumed.seconds >= saved["seconds"]
-    # the run directory holds the final weights; the progress record stays, its weights go
-    assert (tmp_path / "b" / PROGRESS_JSON).is_file() and not (tmp_path / "b" / WEIGHTS).exists()
+    # resumed once more, the finished run is only read back: no round is trained again
+    again = run_server(InterruptedGrid(interrupted, stop_at_exchange=1), _resumed(interrupted))
+    assert again.rounds == resumed.rounds
 
 
 def test_resuming_under_other_settings_is_refused_by_name(task_identity, tmp_path):

@@ -78,12 +78,6 @@ class FederationProgress:
         if out:
             self._save(Path(out), model)
 
-    def close(self) -> None:
-        """After the run directory is written: its model.safetensors holds the same weights, and the
-        progress record stays so that a resumed finished run is recognised."""
-        if self.run.federation.out:
-            (Path(self.run.federation.out) / WEIGHTS).unlink(missing_ok=True)
-
     def _save(self, out: Path, model: nn.Module) -> None:
         out.mkdir(parents=True, exist_ok=True)
         digest = ckpt.save_weights(out / WEIGHTS, model)  # first: the JSON names its hash

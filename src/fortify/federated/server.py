@@ -256,7 +256,6 @@ def run_server(grid: Grid, run: FederatedRun) -> FederatedResult:
     result = FederatedResult.build(run, dataset, progress.rounds, progress.train_metrics, progress.seconds)
     if run.federation.out:
         write_run_directory(Path(run.federation.out), run, dataset, model, result)
-        progress.close()
     return result
 
 
