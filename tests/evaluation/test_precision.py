@@ -170,7 +170,8 @@ def test_a_journal_written_under_autocast_is_not_resumed_in_full_precision():
 
     x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     attacks = [FGSM(ThreatModel("linf", 0.1))]
-    plain = fingerprint(x, y, attacks, False, 256)
-    assert fingerprint(x, y, attacks, False, 256, amp=None) == plain
-    bf16 = fingerprint(x, y, attacks, False, 256, amp="bf16")
-    assert bf16 != plain and bf16 != fingerprint(x, y, attacks, False, 256, amp="fp16")
+    same = {"model": nn.Linear(2, 2), "clean_correct": torch.ones(4, dtype=torch.bool)}
+    plain = fingerprint(x, y, attacks, False, 256, **same)
+    assert fingerprint(x, y, attacks, False, 256, amp=None, **same) == plain
+    bf16 = fingerprint(x, y, attacks, False, 256, amp="bf16", **same)
+    assert bf16 != plain and bf16 != fingerprint(x, y, attacks, False, 256, amp="fp16", **same)

@@ -147,6 +147,15 @@ def test_a_journal_of_other_data_is_refused(standard_model, digits, tmp_path):
         evaluate(standard_model, x[:30], y[:30], [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
 
 
+def test_a_journal_of_another_model_is_refused(standard_model, robust_model, digits, tmp_path):
+    from fortify.errors import CheckpointError
+
+    x, y = digits.test.x[:40], digits.test.y[:40]
+    evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="other data"):  # a retrained model in the same place
+        evaluate(robust_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
+
+
 # -- what a call can get wrong -----------------------------------------------------------------
 
 def test_labels_past_the_models_classes_are_refused_not_counted_as_errors(standard_model, digits):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fortify.attacks.base import Attack
 from fortify.errors import CheckpointError
@@ -36,16 +36,29 @@ class Partial:
 
 
 def fingerprint(x: Tensor, y: Tensor, attacks: Sequence[Attack], cascade: bool, batch_size: int,
-                amp: str | None = None) -> str:
-    """What a journal's partial results depend on; a journal written under another is not reused."""
+                amp: str | None = None, *, model: nn.Module, clean_correct: Tensor) -> str:
+    """What a journal's partial results depend on; a journal written under another is not reused.
+
+    The model enters by its weights and buffers (a retrained model in the same directory must not
+    inherit the old one's outcomes) and by which examples it classifies correctly (for models whose
+    weights torch does not see, such as a wrapped Keras model).
+    """
     digest = hashlib.sha256()
-    digest.update(x.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(y.detach().cpu().contiguous().numpy().tobytes())
+    for tensor in (x, y, clean_correct.to(torch.uint8)):
+        digest.update(_bytes(tensor))
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(_bytes(tensor))
     settings = [a.describe() for a in attacks]
     # amp only enters when set, so journals of full-precision runs keep their fingerprint
     key: list[object] = [settings, cascade, batch_size] + ([amp] if amp else [])
     digest.update(json.dumps(key, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def _bytes(tensor: Tensor) -> bytes:
+    # as raw bytes, so that every dtype (bf16 included, which numpy lacks) hashes alike
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 class Journal:

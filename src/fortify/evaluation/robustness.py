@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fortify.attacks.base import Attack, check_label_dtype, check_label_range
-from fortify.errors import ConfigError, DataError, ThreatModelViolation
+from fortify.errors import CheckpointError, ConfigError, DataError, ThreatModelViolation
 from fortify.evaluation.gradients import ZeroGradientPath, check_gradients
 from fortify.evaluation.journal import Journal, Partial, fingerprint
 from fortify.evaluation.precision import (
@@ -152,10 +152,15 @@ def evaluate(
         robust = clean_correct.clone()
         journal = None
         if journal_dir is not None:
-            journal = Journal(journal_dir, fingerprint(x, y, attacks, cascade, batch_size, amp))
+            journal = Journal(journal_dir, fingerprint(x, y, attacks, cascade, batch_size, amp,
+                                                       model=fp32_model, clean_correct=clean_correct))
         results = [AttackResult(**r) for r in journal.completed()] if journal else []
         for result in results:
-            robust &= torch.tensor(result.robust, device=device)
+            recorded = torch.tensor(result.robust, device=device)
+            if bool((recorded & ~clean_correct).any()):  # robust where the model is wrong: not this run's
+                raise CheckpointError(f"the journal in {journal_dir} holds results this model cannot have "
+                                      "(robust examples it misclassifies clean); remove it to start again")
+            robust &= recorded
         for index in range(len(results), len(attacks)):
             todo = robust if cascade else clean_correct
             result = _run_attack(model, attacks[index], x, y, todo, batch_size, cascade,
