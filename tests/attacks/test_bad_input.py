@@ -201,3 +201,16 @@ def test_cw_runs_on_a_float16_model():
     x_adv, norms = CarliniWagnerL2(L2, steps=5, binary_search_steps=2).minimal(model, x, model(x).argmax(1))
     assert x_adv.dtype == torch.float16 and torch.isfinite(x_adv).all()
     assert not torch.isnan(norms).any()
+
+
+@pytest.mark.parametrize("name", [n for n in ATTACKS.names() if n != "transfer"])  # transfer: test_transfer
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_with_threat_is_the_attack_built_for_that_threat(name, norm):
+    # an eps sweep re-targets one attack: every setting derived from eps (step sizes) must follow it
+    factory = ATTACKS.get(name)
+    try:
+        small = factory(ThreatModel(norm, 0.1))
+    except ConfigError:
+        pytest.skip(f"{name} does not take {norm}")
+    moved = small.with_threat(ThreatModel(norm, 0.4))
+    assert moved.describe() == pytest.approx(factory(ThreatModel(norm, 0.4)).describe())

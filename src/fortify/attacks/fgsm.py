@@ -40,6 +40,12 @@ class FGSM(Attack):
         stepped = start.detach() + self.step_size * self.threat.ascent_direction(grad)
         return self.threat.project(stepped, x)
 
+    def with_threat(self, threat: ThreatModel) -> FGSM:
+        clone = super().with_threat(threat)
+        assert isinstance(clone, FGSM)
+        clone.step_size = self.step_size * threat.eps / self.threat.eps  # the same step relative to eps
+        return clone
+
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "step_size": self.step_size,
                 "random_start": self.random_start}
