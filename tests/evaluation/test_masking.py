@@ -156,3 +156,22 @@ def test_a_black_box_attack_with_another_threat_model_is_refused():
         masking_verdict(model, x, y, THREAT, black_box=RandomCorners(ThreatModel("linf", 0.1), queries=5),
                         config=MaskingConfig(steps=2, effort_factor=1, effort_restarts=1,
                                              eps_factors=(1.0,)))
+
+
+class _DetachedInput(nn.Module):
+    """A defence that cuts the graph at its input (e.g. a non-torch preprocessing step)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.detach())
+
+
+def test_a_model_that_detaches_its_input_gets_a_verdict_with_its_gradients_flagged(standard_model, digits):
+    # the gradient attacks would fail inside autograd; the verdict must still come, naming (f)
+    config = MaskingConfig(steps=5, effort_factor=2, effort_restarts=1, black_box_queries=50)
+    verdict = masking_verdict(_DetachedInput(standard_model), digits.test.x[:20], digits.test.y[:20], THREAT,
+                              config=config)
+    assert verdict.masked and "zero_gradients" in verdict.failed
