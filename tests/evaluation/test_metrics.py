@@ -145,6 +145,8 @@ def test_normalized_entropy_on_known_distributions():
     assert normalized_entropy(p.log()).item() == pytest.approx(expected.item())
     assert normalized_entropy(torch.zeros(2, 5)).tolist() == pytest.approx([1.0, 1.0])
     assert normalized_entropy(torch.tensor([[1000.0, 0.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-12)
+    # a model that outputs NaN is not "certain": its entropy stays NaN (written as null)
+    assert math.isnan(normalized_entropy(torch.tensor([[float("nan"), 0.0, 0.0]])).item())
 
 
 def test_entropy_and_margin_shifts():
@@ -175,6 +177,17 @@ def test_class_report_on_a_hand_made_confusion():
     assert r.support == [2, 2, 2]
     assert r.macro_f1 == pytest.approx((2 / 3 + 0.5) / 3)
     assert r.macro_recall == pytest.approx(0.5)
+
+
+def test_macro_averages_skip_classes_neither_in_the_labels_nor_predicted():
+    # perfect predictions on a test set holding 3 of 4 classes: nothing went wrong
+    y = torch.tensor([0, 1, 2, 2])
+    r = class_report(y.clone(), y, num_classes=4)
+    assert (r.macro_precision, r.macro_recall, r.macro_f1) == pytest.approx((1.0, 1.0, 1.0))
+    assert r.support == [1, 1, 2, 0] and r.f1[3] == 0.0
+    # a class only predicted (an attack moving examples into it) still counts, with precision 0
+    moved = class_report(torch.tensor([0, 1, 3, 2]), y, num_classes=4)
+    assert moved.macro_precision == pytest.approx((1 + 1 + 1 + 0) / 4)
 
 
 # -- on a real attack ------------------------------------------------------------------------------
@@ -235,3 +248,10 @@ def test_attack_metrics_refuse_points_outside_the_ball():
     x = torch.full((4, 1, 2, 2), 0.5)
     with pytest.raises(ThreatModelViolation, match="4 of the adversarial points lie outside"):
         attack_metrics(x, x + 0.3, _Y, _logits_for([0, 1, 2, 0]), _logits_for([1, 2, 0, 1]), threat)
+
+
+def test_sweep_distances_of_examples_misclassified_clean_are_zero_when_told():
+    fooled = torch.tensor([[True, False, False], [True, True, False]])  # eps 0.1, 0.2
+    assert minimal_distances_from_sweep([0.1, 0.2], fooled).tolist() == [0.1, 0.2, math.inf]
+    clean_correct = torch.tensor([False, True, True])
+    assert minimal_distances_from_sweep([0.1, 0.2], fooled, clean_correct).tolist() == [0.0, 0.2, math.inf]

@@ -181,17 +181,25 @@ def robustness_score(clean_accuracy: float, worst_case_accuracy: float, *,
 
 # -- minimal adversarial distances -----------------------------------------------------------------
 
-def minimal_distances_from_sweep(eps: Sequence[float], fooled: Tensor) -> Tensor:
+def minimal_distances_from_sweep(eps: Sequence[float], fooled: Tensor,
+                                 clean_correct: Tensor | None = None) -> Tensor:
     """Per example, the smallest eps of a sweep at which the attack fooled it (inf: never).
 
     ``fooled`` is (len(eps), N) booleans. The result is an upper bound, to the grid's resolution, on
-    each example's distance to the decision boundary.
+    each example's distance to the decision boundary. With ``clean_correct`` (N booleans) an example
+    misclassified clean gets its exact distance, 0, instead of the grid's smallest eps.
     """
     grid = torch.tensor([float(e) for e in eps], dtype=torch.float64, device=fooled.device)
     if fooled.dim() != 2 or fooled.shape[0] != len(grid):
         raise DataError(f"fooled must have shape ({len(grid)}, N), got {tuple(fooled.shape)}")
     per_eps = torch.where(fooled.bool(), grid.unsqueeze(1), torch.full_like(grid, math.inf).unsqueeze(1))
-    return per_eps.amin(dim=0)
+    distances = per_eps.amin(dim=0)
+    if clean_correct is None:
+        return distances
+    if clean_correct.shape != distances.shape:
+        raise DataError(f"clean_correct must have shape {tuple(distances.shape)}, "
+                        f"got {tuple(clean_correct.shape)}")
+    return torch.where(clean_correct.bool(), distances, torch.zeros_like(distances))
 
 
 @dataclass
@@ -244,8 +252,8 @@ def normalized_entropy(logits: Tensor) -> Tensor:
     """Per example ``H(softmax(z)) / log K`` in [0, 1]: 0 for a one-hot, 1 for uniform."""
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise DataError(f"expected logits (N, K) with K >= 2, got {tuple(logits.shape)}")
-    log_p = torch.log_softmax(logits.double(), dim=1)
-    entropy = -(log_p.exp() * log_p).nan_to_num(0.0).sum(dim=1)
+    # entr(p) = -p log p with entr(0) = 0; NaN logits stay NaN instead of reading as certainty
+    entropy = torch.special.entr(torch.softmax(logits.double(), dim=1)).sum(dim=1)
     return entropy / math.log(logits.shape[1])
 
 
@@ -298,7 +306,12 @@ class ClassReport(_Serializable):
 
 
 def class_report(predictions: Tensor, y: Tensor, num_classes: int) -> ClassReport:
-    """Per-class and macro precision, recall and F1 and the confusion matrix (0 where undefined)."""
+    """Per-class and macro precision, recall and F1 and the confusion matrix (0 where undefined).
+
+    The macro averages run over the classes that occur among the labels or the predictions: a class
+    absent from both (a small or capped test set) has nothing to score, and counting it as 0 would
+    read as an error the model never made.
+    """
     if predictions.shape != y.shape or y.dim() != 1 or y.numel() == 0:
         raise DataError(f"predictions {tuple(predictions.shape)} and labels {tuple(y.shape)} must be "
                         "equal non-empty 1-D shapes")
@@ -311,7 +324,8 @@ def class_report(predictions: Tensor, y: Tensor, num_classes: int) -> ClassRepor
     truth, pred = y.cpu().numpy(), predictions.cpu().numpy()
     precision, recall, f1, support = precision_recall_fscore_support(
         truth, pred, labels=labels, average=None, zero_division=0)
-    macro = precision_recall_fscore_support(truth, pred, labels=labels, average="macro", zero_division=0)
+    present = sorted(set(truth.tolist()) | set(pred.tolist()))
+    macro = precision_recall_fscore_support(truth, pred, labels=present, average="macro", zero_division=0)
     return ClassReport(labels=labels, precision=precision.tolist(), recall=recall.tolist(),
                        f1=f1.tolist(), support=[int(s) for s in support],
                        macro_precision=float(macro[0]), macro_recall=float(macro[1]),

@@ -41,7 +41,7 @@ class AttackResult:
     mode: str  # "independent" or "cascade"
     attacked: int  # examples the attack was run on
     adversarial_accuracy: float  # over all n examples; in cascade mode, after this attack
-    success_rate: float  # share of the attacked (clean-correct) examples it fooled
+    success_rate: float | None  # share of the attacked (clean-correct) examples it fooled; None: none
     mean_norm: float  # over attacked examples
     max_norm: float
     median_norm_successful: float | None
@@ -252,7 +252,7 @@ def _run_attack(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, todo: Te
         name=attack.label, settings=attack.describe(),
         mode="cascade" if cascade else "independent", attacked=len(index),
         adversarial_accuracy=float(robust.float().mean()),
-        success_rate=float(fooled.float().mean()) if len(index) else 0.0,
+        success_rate=float(fooled.float().mean()) if len(index) else None,
         mean_norm=float(norms.mean()) if len(index) else 0.0,
         max_norm=float(norms.max()) if len(index) else 0.0,
         median_norm_successful=float(successful_norms.median()) if len(successful_norms) else None,
