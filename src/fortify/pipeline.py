@@ -37,8 +37,8 @@ from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
 from fortify.training.batches import load_recipe_data
 from fortify.training.distributed import DistributedContext
-from fortify.training.methods import MethodOptions
-from fortify.training.objectives import OBJECTIVES, Objective, build_objective
+from fortify.training.methods import objective_from_config
+from fortify.training.objectives import OBJECTIVES, Objective
 from fortify.training.trainer import Trainer, TrainResult
 
 if TYPE_CHECKING:  # the privacy package is imported only when an audit runs
@@ -161,14 +161,8 @@ def read_model_card(path: Path) -> dict[str, Any]:
 
 
 def build_training_objective(setup: Setup, train_cfg: TrainConfig) -> Objective:
-    """``train_cfg.objective`` with every method setting of ``train_cfg``."""
-    return build_objective(train_cfg.objective, MethodOptions(
-        setup.threat, attack_steps=train_cfg.attack_steps,
-        attack_step_size=train_cfg.attack_step_size, fgsm_ratio=train_cfg.fgsm_ratio,
-        seed=train_cfg.seed, trades_beta=train_cfg.trades_beta, mart_beta=train_cfg.mart_beta,
-        free_replays=train_cfg.free_replays, awp_gamma=train_cfg.awp_gamma,
-        awp_warmup_epochs=train_cfg.awp_warmup_epochs,
-        mix_ratio=train_cfg.mix_ratio, label_smoothing=train_cfg.label_smoothing))
+    """``train_cfg.objective`` with every objective setting of ``train_cfg``."""
+    return objective_from_config(train_cfg, setup.threat)
 
 
 # the sections of a RunConfig that shape a model's weights; a resumed run must keep every one of them

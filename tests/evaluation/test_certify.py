@@ -158,3 +158,12 @@ def test_gaussian_objective_is_registered_and_trains_on_noisy_inputs():
     assert not torch.allclose(loss, F.cross_entropy(model(x), y))
     with pytest.raises(ConfigError, match="sigma"):
         GaussianObjective(options, sigma=-1.0)
+
+
+def test_gaussian_objective_smooths_the_labels_of_its_cross_entropy():
+    options = ObjectiveOptions(ThreatModel("linf", 0.1), seed=3, label_smoothing=0.2)
+    model = nn.Linear(4, 3).double()
+    x, y = torch.rand(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    loss = build_objective("gaussian", options)(model, x, y)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.allclose(loss, F.cross_entropy(model(x + 0.25 * noise), y, label_smoothing=0.2))

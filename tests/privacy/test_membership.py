@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from fortify.config import TrainConfig
 from fortify.data import Dataset, Split
 from fortify.errors import ConfigError, DataError
 from fortify.privacy import (
@@ -36,6 +37,7 @@ from fortify.privacy import (
     threshold_attack,
     train_reference_models,
 )
+from fortify.threat import ThreatModel
 
 pytestmark = pytest.mark.slow  # the zoo fixture trains 9 models (about 10 s on 2 cores)
 
@@ -315,3 +317,26 @@ def test_lira_in_the_audit_of_a_run_trains_reference_models_on_the_spare_data_to
         assert all(tuple(r) in rows_in_pool for r in spare.x.reshape(len(spare), -1).tolist())
     # half of the distinct pool is below the 1,258 examples the model trained on: the report says so
     assert any("reference models trained on about" in w for w in report.warnings), report.warnings
+
+
+def test_trainer_recipe_builds_the_runs_own_objective_with_every_setting(monkeypatch):
+    # Prepare: record what the recipe hands the Trainer instead of training
+    recipe_module = importlib.import_module("fortify.privacy.recipe")
+    objectives = []
+
+    class RecordingTrainer:
+        def __init__(self, model, objective, config, **kwargs):
+            objectives.append(objective)
+
+        def fit(self, train, val):
+            return None
+
+    monkeypatch.setattr(recipe_module, "Trainer", RecordingTrainer)
+    config = TrainConfig(objective="trades", trades_beta=1.0, label_smoothing=0.2, attack_steps=3)
+    recipe = recipe_module.TrainerRecipe(lambda: nn.Linear(4, 2), config, ThreatModel("linf", 0.1))
+    # Execute
+    recipe(Split(torch.rand(8, 4), torch.randint(0, 2, (8,))), seed=7)
+    # Assert
+    (objective,) = objectives
+    assert (objective.name, objective.beta, objective.label_smoothing) == ("trades", 1.0, 0.2)
+    assert (objective.options.attack_steps, objective.options.seed) == (3, 7)

@@ -266,22 +266,50 @@ def test_free_carries_delta_across_replays_and_into_the_next_batch():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     seen = []
     model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
-    start = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(F.cross_entropy(model(start), y), start)  # before any step
-    seen.clear()
-    # Execute: batch 1 twice, then the next batch once
+    grads = []
+    # Execute: batch 1 twice, then the next batch once, each input gradient taken beforehand
+    deltas = []
+    for batch in (x, x, x_next):
+        point = THREAT.project(batch + (0 if free.delta is None else free.delta), batch)
+        grads.append(_input_gradient(model, point, y))
+        seen.clear()
+        _replay(free, model, optimizer, batch, y)
+        deltas.append(free.delta.clone())
+        assert torch.equal(seen[0], point)  # the input: x + delta clipped to the box
+    # Assert: Shafahi et al.'s rule, delta <- clip(delta + eps * sign(g), -eps, eps), box ignored
+    expected = torch.zeros_like(x)
+    for grad, delta in zip(grads, deltas, strict=True):
+        expected = (expected + THREAT.eps * grad.sign()).clamp(-THREAT.eps, THREAT.eps)
+        assert torch.equal(delta, expected)
+    assert not torch.equal(deltas[0], deltas[1])
+    outside = (x + deltas[0] < 0) | (x + deltas[0] > 1)
+    assert outside.any()  # the carried delta keeps what the box clipped off the input
+
+
+def test_free_l2_scales_the_carried_delta_back_onto_the_ball():
+    threat = ThreatModel("l2", 0.5)
+    model = _mlp()
+    x, y = _tiny_problem(16)
+    x[:, 0] = 0.0  # an ascent step that leaves the box in the first feature is clipped only at the input
+    free = FreeObjective(ObjectiveOptions(threat), replays=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    grads = [_input_gradient(model, x, y)]
     _replay(free, model, optimizer, x, y)
-    delta_after_first = free.delta.clone()
+    first = free.delta.clone()
+    grads.append(_input_gradient(model, threat.project(x + first, x), y))
     _replay(free, model, optimizer, x, y)
-    delta_after_second = free.delta.clone()
-    _replay(free, model, optimizer, x_next, y)
-    # Assert: replay 1 saw x; its input gradient moved delta by one projected eps-step
-    assert torch.equal(seen[0], x)
-    assert torch.allclose(delta_after_first, THREAT.project(x + THREAT.eps * grad.sign(), x) - x)
-    assert torch.equal(seen[1], THREAT.project(x + delta_after_first, x))
-    assert not torch.equal(delta_after_first, delta_after_second)
-    assert torch.equal(seen[2], THREAT.project(x_next + delta_after_second, x_next))
-    assert THREAT.contains(seen[2], x_next).all()
+    unit = [g / g.norm(dim=1, keepdim=True) for g in grads]
+    assert torch.allclose(first, 0.5 * unit[0], atol=1e-6)
+    assert (first[:, 0] < 0).any()
+    summed = first + 0.5 * unit[1]
+    expected = summed * (0.5 / summed.norm(dim=1, keepdim=True)).clamp(max=1.0)
+    assert torch.allclose(free.delta, expected, atol=1e-6)
+
+
+def _input_gradient(model, point, y):
+    point = point.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(point), y), point)
+    return grad
 
 
 def test_free_resizes_delta_for_smaller_and_larger_batches():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,6 +135,48 @@ def test_schedules():
     assert math.isclose(SCHEDULES.get("cosine")(0.5), 0.5)
     cyclic = SCHEDULES.get("cyclic")
     assert cyclic(0.0) == 0.0 and math.isclose(cyclic(0.4), 1.0) and math.isclose(cyclic(1.0), 0.0)
+
+
+def test_cyclic_schedule_moves_the_weights_from_the_first_step(digits):
+    # Prepare: 3 epochs of 2 batches; record the learning rate of every optimiser step
+    train, val = _subset(digits, 64)
+    _, trainer = _trainer(digits, None, "standard", schedule="cyclic", eps_warmup_epochs=0)
+    rates = []
+    original_step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: rates.append(trainer.optimizer.param_groups[0]["lr"]) \
+        or original_step(*a, **k)
+    # Execute
+    trainer.fit(train, val)
+    # Assert: read at the end of each step (Wong et al.'s (i + 1) / n): up to the peak at 40%, down to 0
+    cyclic = SCHEDULES.get("cyclic")
+    assert rates == pytest.approx([0.05 * cyclic((i + 1) / 6) for i in range(6)])
+    assert rates[0] > 0 and rates[-1] == 0.0
+
+
+class _ConstantLogits(torch.nn.Module):
+    """Logits of zero whatever the input and weights: the loss is ln(classes) on every example."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(features, classes)
+
+    def forward(self, x):
+        return 0 * self.linear(x.flatten(1))
+
+
+def test_train_loss_is_the_mean_over_every_example_trained_on_extra_data_included(tmp_path):
+    # Prepare: 12 real examples in batches of 6 real + 2 extra
+    gen = torch.Generator().manual_seed(0)
+    train = Split(torch.rand(12, 4, generator=gen), torch.randint(0, 3, (12,), generator=gen))
+    np.savez(tmp_path / "extra.npz", x=np.full((5, 4), 0.5, dtype=np.float32), y=np.zeros(5, dtype=np.int64))
+    config = TrainConfig(objective="standard", epochs=1, batch_size=8, extra_data=tmp_path / "extra.npz",
+                         extra_fraction=0.25, early_stopping=False)
+    trainer = Trainer(_ConstantLogits(4, 3), build_objective("standard", ObjectiveOptions(THREAT)), config,
+                      threat=THREAT, show_progress=False)
+    # Execute
+    result = trainer.fit(train, train)
+    # Assert: the mean loss per example seen (16 of them), not a sum over 16 divided by 12
+    assert result.history[0].train_loss == pytest.approx(math.log(3))
 
 
 def test_fgsm_objective_mixes_clean_and_adversarial_losses():

@@ -53,7 +53,7 @@ class GaussianObjective(Objective):
 
     ``sigma`` comes from the options' ``noise_sigma`` when they carry one, else 0.25. The noise is
     drawn from the objective's generator, which the Trainer checkpoints, so a resumed run draws the
-    same noise.
+    same noise. The options' ``label_smoothing`` applies to the cross-entropy.
     """
 
     name = "gaussian"
@@ -64,7 +64,7 @@ class GaussianObjective(Objective):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         noise = torch.randn(x.shape, generator=self.generator(x.device), device=x.device, dtype=x.dtype)
-        return F.cross_entropy(model(x + self.sigma * noise), y)
+        return self.cross_entropy(model(x + self.sigma * noise), y)
 
 
 OBJECTIVES.add(GaussianObjective.name, GaussianObjective)

@@ -31,8 +31,8 @@ from fortify.federated.partition import partition
 from fortify.federated.progress import ROUND_OFFSET_KEY
 from fortify.models import build_model
 from fortify.threat import ThreatModel
-from fortify.training.methods import MethodOptions
-from fortify.training.objectives import DelegatingObjective, Objective, build_objective
+from fortify.training.methods import objective_from_config
+from fortify.training.objectives import DelegatingObjective, Objective
 from fortify.training.trainer import Trainer
 
 ARRAYS_KEY = "arrays"  # the record keys Flower's strategies read
@@ -92,13 +92,7 @@ def proximal_term(model: nn.Module, anchor: list[Tensor]) -> Tensor:
 # -- local training ---------------------------------------------------------------------------
 
 def build_local_objective(model: nn.Module, settings: LocalTraining) -> Objective:
-    train = settings.train
-    objective = build_objective(train.objective, MethodOptions(
-        settings.threat, attack_steps=train.attack_steps, attack_step_size=train.attack_step_size,
-        fgsm_ratio=train.fgsm_ratio, seed=train.seed, trades_beta=train.trades_beta,
-        mart_beta=train.mart_beta, free_replays=train.free_replays, awp_gamma=train.awp_gamma,
-        awp_warmup_epochs=train.awp_warmup_epochs,
-        mix_ratio=train.mix_ratio, label_smoothing=train.label_smoothing))
+    objective = objective_from_config(settings.train, settings.threat)
     if settings.proximal_mu > 0:
         anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
         objective = ProximalObjective(objective, anchor, settings.proximal_mu)

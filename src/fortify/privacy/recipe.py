@@ -21,7 +21,7 @@ from fortify.data.base import Split
 from fortify.models import build_model
 from fortify.privacy._data import model_device
 from fortify.threat import ThreatModel
-from fortify.training.objectives import ObjectiveOptions, build_objective
+from fortify.training.methods import objective_from_config
 from fortify.training.trainer import Trainer
 
 # the Trainer validates every epoch; without a held-out split it checks this many training examples
@@ -52,10 +52,8 @@ class TrainerRecipe:
         torch.manual_seed(seed)
         model = self.model_factory().to(self.device)
         config = self.config.model_copy(update={"seed": int(seed)})
-        options = ObjectiveOptions(self.threat, attack_steps=config.attack_steps,
-                                   attack_step_size=config.attack_step_size,
-                                   fgsm_ratio=config.fgsm_ratio, seed=int(seed))
-        trainer = Trainer(model, build_objective(config.objective, options), config,
+        # every objective setting of the config (trades_beta, label_smoothing, ...), as the run had
+        trainer = Trainer(model, objective_from_config(config, self.threat), config,
                           threat=self.threat, show_progress=False)
         val = self.val if self.val is not None else train.head(_SELF_VALIDATION_SIZE)
         trainer.fit(train, val)

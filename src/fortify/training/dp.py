@@ -261,7 +261,7 @@ class DPTrainer(Trainer):
         batches = bar.add_task(f"epoch {self.state.epoch + 1}", total=steps_per_epoch)
         with self._physical_batches() as loader:
             for x, y in loader:
-                lr = self._set_lr(self.state.step / total_steps)
+                lr = self._set_lr(self.state.step, total_steps)
                 eps = self._warm_eps(self.state.step / steps_per_epoch)
                 steps_before = self.steps_taken()
                 if len(x) == 0:

@@ -5,6 +5,11 @@ optimiser step) and the input gradient (for the next perturbation), so the attac
 extra. The perturbation ``delta`` is carried across replays and across batches: a new batch
 starts from the perturbation the previous one ended with.
 
+As in the paper's Algorithm 1 (and the authors' code), ``delta`` lives in the eps ball alone:
+``delta <- clip(delta + step * sign(g), -eps, eps)`` (for L2 the sum is scaled back onto the ball),
+and only the model's input ``x + delta`` is clipped to the box. ``g`` is the input gradient of the
+training loss, label smoothing included, since it comes from that loss's backward pass.
+
 Compute: every batch costs ``m`` forward/backward passes, so ``epochs / m`` epochs of Free AT cost
 about as much as ``epochs`` epochs of standard training. Divide the epoch count by ``m`` when
 comparing with other objectives at equal compute.
@@ -13,13 +18,12 @@ comparing with other objectives at equal compute.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortify.attacks.base import check_positive_int
 from fortify.errors import ConfigError
+from fortify.threat import ThreatModel
 from fortify.training.objectives import Objective, ObjectiveOptions
-from fortify.training.paired import check_label_smoothing
 
 
 class FreeObjective(Objective):
@@ -34,14 +38,12 @@ class FreeObjective(Objective):
     adversarial = True
 
     def __init__(self, options: ObjectiveOptions, *, replays: int = 8,
-                 label_smoothing: float = 0.0) -> None:
-        super().__init__(options)
+                 label_smoothing: float | None = None) -> None:
+        super().__init__(options, label_smoothing=label_smoothing)
         self.replays = check_positive_int("free replays", replays)
-        self.label_smoothing = check_label_smoothing(label_smoothing)
         self.threat = options.threat
         self.delta: Tensor | None = None
         self._point: Tensor | None = None
-        self._clean: Tensor | None = None
 
     def set_eps(self, eps: float) -> None:
         if eps != self.threat.eps:
@@ -56,20 +58,22 @@ class FreeObjective(Objective):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         delta = self._delta_for(x)
+        # the model's input: x + delta clipped to the box (delta already lies in the ball)
         point = self.threat.project(x + delta, x).detach().requires_grad_(True)
-        self._point, self._clean = point, x.detach()
-        return F.cross_entropy(model(point), y, label_smoothing=self.label_smoothing)
+        self._point = point
+        return self.cross_entropy(model(point), y)
 
     def after_backward(self, model: nn.Module) -> None:
-        point, clean = self._point, self._clean
-        if point is None or clean is None:
+        point = self._point
+        if point is None:
             raise ConfigError("free: after_backward was called without a preceding objective call")
         if point.grad is None:
             raise ConfigError("free: the loss did not reach the inputs; call loss.backward() first")
-        stepped = point.detach() + self.step_size * self.threat.ascent_direction(point.grad)
         assert self.delta is not None
-        self.delta[: clean.shape[0]] = self.threat.project(stepped, clean) - clean
-        self._point = self._clean = None  # release the batch and its graph
+        rows = self.delta[: point.shape[0]]
+        stepped = rows + self.step_size * self.threat.ascent_direction(point.grad)
+        rows.copy_(ball_about_zero(self.threat).project(stepped, torch.zeros_like(stepped)))
+        self._point = None  # release the batch and its graph
 
     def _delta_for(self, x: Tensor) -> Tensor:
         """The carried perturbation for a batch like ``x``: reset on a new shape, grown with zeros."""
@@ -92,3 +96,9 @@ class FreeObjective(Objective):
     def load_extra_state(self, state: dict[str, Tensor]) -> None:
         delta = state.get("delta")
         self.delta = None if delta is None else delta.clone()
+
+
+def ball_about_zero(threat: ThreatModel) -> ThreatModel:
+    """``threat``'s eps ball about 0 in a box that holds the whole ball, for projecting a perturbation
+    rather than a point: the box clip after the ball projection moves nothing."""
+    return ThreatModel(threat.norm, threat.eps, bounds=(-threat.eps, threat.eps))

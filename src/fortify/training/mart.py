@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from fortify.attacks import PGD, Attack
 from fortify.threat import ThreatModel
-from fortify.training.objectives import ObjectiveOptions
-from fortify.training.paired import PairedObjective, check_non_negative, kl_to_clean, scaled_step_size
+from fortify.training.objectives import ObjectiveOptions, scaled_step_size
+from fortify.training.paired import PairedObjective, check_non_negative, kl_to_clean
 
 # The authors' constants keep the log finite when the strongest wrong class has probability 1.
 _ONE_PLUS = 1.0001
@@ -48,7 +48,7 @@ class MartObjective(PairedObjective):
     name = "mart"
 
     def __init__(self, options: ObjectiveOptions, *, beta: float = 6.0,
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float | None = None) -> None:
         self.beta = check_non_negative("mart beta", beta)
         super().__init__(options, label_smoothing=label_smoothing)
 

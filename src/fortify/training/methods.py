@@ -10,8 +10,9 @@
 | ``pgd-mix``    | ``(1 - r) * CE(clean) + r * PGD-AT loss``             | mix_ratio               |
 
 Every factory takes ``ObjectiveOptions``; the extra settings come from ``MethodOptions`` (a
-subclass with paper defaults), so a plain ``ObjectiveOptions`` gives the defaults. All of them
-also read ``label_smoothing`` for their cross-entropy terms. The objectives validate the values.
+subclass with paper defaults), so a plain ``ObjectiveOptions`` gives the defaults. Like every
+objective they also read ``label_smoothing`` for their cross-entropy terms. The objectives validate
+the values. ``objective_from_config`` builds any objective from a ``TrainConfig``.
 
 Import order: ``objectives.py`` imports this module on its last line so that building any of these
 names works after importing the registry alone. The method modules import ``objectives`` in turn,
@@ -24,9 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
-from fortify.training.objectives import OBJECTIVES, ObjectiveOptions
+from fortify.training.objectives import OBJECTIVES, Objective, ObjectiveOptions, build_objective
 
 if TYPE_CHECKING:
+    from fortify.config import TrainConfig
+    from fortify.threat import ThreatModel
     from fortify.training.awp import AWPObjective
     from fortify.training.free import FreeObjective
     from fortify.training.mart import MartObjective
@@ -44,7 +47,6 @@ class MethodOptions(ObjectiveOptions):
     awp_gamma: float = 5e-3
     awp_warmup_epochs: int = 0
     mix_ratio: float = 0.5
-    label_smoothing: float = 0.0
 
 
 def method_options(options: ObjectiveOptions) -> MethodOptions:
@@ -54,34 +56,43 @@ def method_options(options: ObjectiveOptions) -> MethodOptions:
     return MethodOptions(**{f.name: getattr(options, f.name) for f in fields(options)})
 
 
+def objective_from_config(config: TrainConfig, threat: ThreatModel) -> Objective:
+    """``config.objective`` with every objective setting of ``config``, its seed included.
+
+    Every ``MethodOptions`` field but the threat is read from the ``TrainConfig`` field of the same
+    name, so that a pipeline run and the shadow and reference models that a privacy audit trains
+    after it (``fortify.privacy.recipe``) build the same objective.
+    """
+    settings = {f.name: getattr(config, f.name) for f in fields(MethodOptions) if f.name != "threat"}
+    return build_objective(config.objective, MethodOptions(threat, **settings))
+
+
 def build_trades(options: ObjectiveOptions) -> TradesObjective:
     from fortify.training.trades import TradesObjective
 
     settings = method_options(options)
-    return TradesObjective(settings, beta=settings.trades_beta, label_smoothing=settings.label_smoothing)
+    return TradesObjective(settings, beta=settings.trades_beta)
 
 
 def build_mart(options: ObjectiveOptions) -> MartObjective:
     from fortify.training.mart import MartObjective
 
     settings = method_options(options)
-    return MartObjective(settings, beta=settings.mart_beta, label_smoothing=settings.label_smoothing)
+    return MartObjective(settings, beta=settings.mart_beta)
 
 
 def build_free(options: ObjectiveOptions) -> FreeObjective:
     from fortify.training.free import FreeObjective
 
     settings = method_options(options)
-    return FreeObjective(settings, replays=settings.free_replays,
-                         label_smoothing=settings.label_smoothing)
+    return FreeObjective(settings, replays=settings.free_replays)
 
 
 def build_pgd(options: ObjectiveOptions) -> PGDPairedObjective:
-    """PGD-AT in paired form (label smoothing, ``craft``/``loss_on``); the base of awp-pgd, pgd-mix."""
+    """PGD-AT in paired form (``craft``/``loss_on``); the base of awp-pgd and pgd-mix."""
     from fortify.training.paired import PGDPairedObjective
 
-    settings = method_options(options)
-    return PGDPairedObjective(settings, label_smoothing=settings.label_smoothing)
+    return PGDPairedObjective(method_options(options))
 
 
 def build_awp_pgd(options: ObjectiveOptions) -> AWPObjective:

@@ -7,6 +7,7 @@ resumed run draws the same noise as an uninterrupted one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortify.attacks import FGSM, PGD, Attack
+from fortify.errors import ConfigError
 from fortify.registry import Registry
 from fortify.threat import ThreatModel
 
@@ -28,10 +30,29 @@ class ObjectiveOptions:
     attack_step_size: float | None = None
     fgsm_ratio: float = 0.5
     seed: int = 0
+    label_smoothing: float = 0.0
+
+
+def check_label_smoothing(value: float) -> float:
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise ConfigError(f"label_smoothing must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def scaled_step_size(options: ObjectiveOptions, threat: ThreatModel) -> float | None:
+    """The configured attack step, kept at the same share of eps while eps warms up."""
+    step = options.attack_step_size
+    if step is not None and threat.eps != options.threat.eps:
+        step *= threat.eps / options.threat.eps
+    return step
 
 
 class Objective:
     """Clean cross-entropy; subclasses replace the inputs with adversarial ones.
+
+    ``label_smoothing`` (Szegedy et al. 2016; from the options unless given) applies to every
+    cross-entropy term of the training loss, through ``cross_entropy``; the attacks that craft the
+    inputs ascend the plain cross-entropy against the hard label. Smoothing 0 is plain cross-entropy.
 
     The Trainer calls ``objective(model, x, y)`` ``replays`` times per batch (Free AT replays a
     batch), each call followed by ``loss.backward()``, ``after_backward(model)`` (where an
@@ -42,12 +63,18 @@ class Objective:
     adversarial = False
     replays = 1
 
-    def __init__(self, options: ObjectiveOptions) -> None:
+    def __init__(self, options: ObjectiveOptions, *, label_smoothing: float | None = None) -> None:
         self.options = options
+        smoothing = options.label_smoothing if label_smoothing is None else label_smoothing
+        self.label_smoothing = check_label_smoothing(smoothing)
         self._generator: torch.Generator | None = None
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(model(x), y)
+        return self.cross_entropy(model(x), y)
+
+    def cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The training loss's cross-entropy, with this objective's label smoothing."""
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
 
     def after_backward(self, model: nn.Module) -> None:
         """Called after each backward pass, before gradient clipping and the optimiser step."""
@@ -80,7 +107,7 @@ class DelegatingObjective(Objective):
     """
 
     def __init__(self, inner: Objective) -> None:
-        super().__init__(inner.options)
+        super().__init__(inner.options, label_smoothing=inner.label_smoothing)
         self.inner = inner
 
     def after_backward(self, model: nn.Module) -> None:
@@ -107,8 +134,8 @@ class _AttackObjective(Objective):
 
     adversarial = True
 
-    def __init__(self, options: ObjectiveOptions) -> None:
-        super().__init__(options)
+    def __init__(self, options: ObjectiveOptions, *, label_smoothing: float | None = None) -> None:
+        super().__init__(options, label_smoothing=label_smoothing)
         self.attack = self.build_attack(options.threat)
 
     def build_attack(self, threat: ThreatModel) -> Attack:
@@ -134,10 +161,11 @@ class FGSMObjective(_AttackObjective):
         ratio = self.options.fgsm_ratio
         x_adv = self.craft(model, x, y)
         if ratio == 1.0:
-            return F.cross_entropy(model(x_adv), y)
-        logits = model(torch.cat([x, x_adv]))
-        clean, adv = logits.split(x.shape[0])
-        return (1 - ratio) * F.cross_entropy(clean, y) + ratio * F.cross_entropy(adv, y)
+            return self.cross_entropy(model(x_adv), y)
+        # a pass of its own for each half, as in pgd-mix, TRADES and MART: one pass over both
+        # halves would normalise each with BatchNorm statistics of the clean and adversarial mix
+        clean = self.cross_entropy(model(x), y)
+        return (1 - ratio) * clean + ratio * self.cross_entropy(model(x_adv), y)
 
 
 class FastFGSMObjective(_AttackObjective):
@@ -146,11 +174,11 @@ class FastFGSMObjective(_AttackObjective):
     name = "fgsm-rs"
 
     def build_attack(self, threat: ThreatModel) -> Attack:
-        step = self.options.attack_step_size or 1.25 * threat.eps
+        step = scaled_step_size(self.options, threat) or 1.25 * threat.eps
         return FGSM(threat, step_size=step, random_start=True)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(model(self.craft(model, x, y)), y)
+        return self.cross_entropy(model(self.craft(model, x, y)), y)
 
 
 class PGDObjective(_AttackObjective):
@@ -159,15 +187,12 @@ class PGDObjective(_AttackObjective):
     name = "pgd"
 
     def build_attack(self, threat: ThreatModel) -> Attack:
-        steps = self.options.attack_steps
-        step = self.options.attack_step_size
-        if step is not None and threat.eps != self.options.threat.eps:
-            step *= threat.eps / self.options.threat.eps  # keep the step's share of eps in warm-up
-        return PGD(threat, steps=steps, step_size=step, random_start=True,
+        return PGD(threat, steps=self.options.attack_steps,
+                   step_size=scaled_step_size(self.options, threat), random_start=True,
                    keep_first_success=False)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(model(self.craft(model, x, y)), y)
+        return self.cross_entropy(model(self.craft(model, x, y)), y)
 
 
 OBJECTIVES: Registry[Callable[[ObjectiveOptions], Objective]] = Registry("objective")

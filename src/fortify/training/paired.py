@@ -16,27 +16,13 @@ from torch import Tensor, nn
 from fortify.attacks import PGD, Attack
 from fortify.errors import ConfigError
 from fortify.threat import ThreatModel
-from fortify.training.objectives import DelegatingObjective, ObjectiveOptions, _AttackObjective
-
-
-def check_label_smoothing(value: float) -> float:
-    if not (math.isfinite(value) and 0.0 <= value < 1.0):
-        raise ConfigError(f"label_smoothing must be in [0, 1), got {value!r}")
-    return float(value)
+from fortify.training.objectives import DelegatingObjective, _AttackObjective, scaled_step_size
 
 
 def check_non_negative(name: str, value: float) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
-
-
-def scaled_step_size(options: ObjectiveOptions, threat: ThreatModel) -> float | None:
-    """The configured attack step, kept at the same share of eps while eps warms up."""
-    step = options.attack_step_size
-    if step is not None and threat.eps != options.threat.eps:
-        step *= threat.eps / options.threat.eps
-    return step
 
 
 def kl_to_clean(clean_logits: Tensor, adv_logits: Tensor) -> Tensor:
@@ -49,13 +35,9 @@ def kl_to_clean(clean_logits: Tensor, adv_logits: Tensor) -> Tensor:
 class PairedObjective(_AttackObjective):
     """An adversarial objective split into ``craft`` and ``loss_on``.
 
-    ``label_smoothing`` applies to every cross-entropy term of the loss (Szegedy et al. 2016);
+    Label smoothing (``Objective.cross_entropy``) applies to every cross-entropy term of the loss;
     the attack always ascends the plain loss against the hard label.
     """
-
-    def __init__(self, options: ObjectiveOptions, *, label_smoothing: float = 0.0) -> None:
-        self.label_smoothing = check_label_smoothing(label_smoothing)
-        super().__init__(options)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return self.loss_on(model, x, y, self.craft(model, x, y))
@@ -64,15 +46,12 @@ class PairedObjective(_AttackObjective):
         """The training loss for a clean batch ``x`` and its adversarial points ``x_adv``."""
         raise NotImplementedError
 
-    def cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-
 
 class PGDPairedObjective(PairedObjective):
     """Madry et al. 2018 in paired form: cross-entropy on the final PGD iterate.
 
-    The same training rule as the registered ``pgd`` objective, plus label smoothing and the
-    ``craft``/``loss_on`` split that AWP and the clean/adversarial mix build on.
+    The same training rule as the registered ``pgd`` objective, with the ``craft``/``loss_on``
+    split that AWP and the clean/adversarial mix build on.
     """
 
     name = "pgd"
@@ -97,9 +76,6 @@ class ObjectiveWrapper(DelegatingObjective):
 
     def craft(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return self.inner.craft(model, x, y)
-
-    def cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:
-        return self.inner.cross_entropy(logits, y)
 
 
 def check_mix_ratio(ratio: float) -> float:

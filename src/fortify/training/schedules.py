@@ -32,6 +32,20 @@ def cosine(progress: float) -> float:
 
 @SCHEDULES.register("cyclic")
 def cyclic(progress: float) -> float:
-    """One triangle: 0 up to the peak at 40% of training, back to 0 (Wong et al. 2020)."""
+    """One triangle: 0 up to the peak at 40% of training, back to 0 (Wong et al. 2020).
+
+    The Trainer reads it at the end of each step (``schedule_progress``), as Wong et al. do.
+    """
     peak = 0.4
     return progress / peak if progress < peak else max(0.0, (1 - progress) / (1 - peak))
+
+
+# Schedules read at the end of a step rather than at its start: Wong et al. set the cyclic rate from
+# (i + 1) / n, so the first step already moves the weights (read at its start, it would run at rate 0).
+_READ_AT_STEP_END = frozenset({"cyclic"})
+
+
+def schedule_progress(name: str, step: int, total_steps: int) -> float:
+    """The training progress in [0, 1] that schedule ``name`` reads for the 0-based ``step``."""
+    done = step + 1 if name in _READ_AT_STEP_END else step
+    return done / total_steps

@@ -14,8 +14,8 @@ from fortify.attacks import Attack
 from fortify.attacks.base import check_positive_int
 from fortify.errors import ConfigError
 from fortify.threat import ThreatModel
-from fortify.training.objectives import ObjectiveOptions
-from fortify.training.paired import PairedObjective, check_non_negative, kl_to_clean, scaled_step_size
+from fortify.training.objectives import ObjectiveOptions, scaled_step_size
+from fortify.training.paired import PairedObjective, check_non_negative, kl_to_clean
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -72,7 +72,7 @@ class TradesObjective(PairedObjective):
     name = "trades"
 
     def __init__(self, options: ObjectiveOptions, *, beta: float = 6.0,
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float | None = None) -> None:
         self.beta = check_non_negative("trades beta", beta)
         super().__init__(options, label_smoothing=label_smoothing)
 

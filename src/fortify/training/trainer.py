@@ -30,7 +30,7 @@ from fortify.training.batches import BatchRecipe
 from fortify.training.distributed import DistributedContext, LocalBatch
 from fortify.training.ema import ModelEMA
 from fortify.training.objectives import Objective
-from fortify.training.schedules import SCHEDULES
+from fortify.training.schedules import SCHEDULES, schedule_progress
 
 
 @dataclass
@@ -172,26 +172,28 @@ class Trainer:
         start = time.perf_counter()
         self.model.train()
         total_steps = steps_per_epoch * self.config.epochs
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum, seen = torch.zeros((), device=self.device), 0
         batches = bar.add_task(f"epoch {self.state.epoch + 1}", total=steps_per_epoch)
         for batch in self._local_batches(train):
-            lr = self._set_lr(self.state.step / total_steps)
+            lr = self._set_lr(self.state.step, total_steps)
             eps = self._warm_eps(self.state.step / steps_per_epoch)
             loss = self._train_step(batch.x.to(self.device), batch.y.to(self.device), batch.weight)
             loss_sum.add_(loss.detach(), alpha=batch.count)  # no host sync inside the loop
+            seen += batch.count  # extra_data examples included: the mean is over what was trained on
             self.state.step += 1
             if self.show_progress:
                 bar.update(batches, advance=1)
         bar.remove_task(batches)
         if self.distributed is not None:
             loss_sum = self.distributed.sum(loss_sum)
+            seen = int(self.distributed.sum(torch.tensor(seen, device=self.device)))
         if not torch.isfinite(loss_sum):  # checked once per epoch: no host sync per batch
             raise ConfigError(f"training loss became {float(loss_sum)} in epoch {self.state.epoch + 1}; "
                               "lower the learning rate or check the data")
         clean, robust = self._validate(val)
         self.state.seconds += time.perf_counter() - start
         return EpochRecord(epoch=self.state.epoch + 1, lr=lr, eps=eps,
-                           train_loss=float(loss_sum) / len(train), val_clean_accuracy=clean,
+                           train_loss=float(loss_sum) / max(seen, 1), val_clean_accuracy=clean,
                            val_robust_accuracy=robust, seconds=time.perf_counter() - start)
 
     def _local_batches(self, train: Split) -> Iterator[LocalBatch]:
@@ -217,8 +219,8 @@ class Trainer:
             self.optimizer.step()
         return loss
 
-    def _set_lr(self, progress: float) -> float:
-        lr = self.config.lr * self.schedule(progress)
+    def _set_lr(self, step: int, total_steps: int) -> float:
+        lr = self.config.lr * self.schedule(schedule_progress(self.config.schedule, step, total_steps))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
