@@ -8,7 +8,7 @@ import yaml
 from torch import nn
 from typer.testing import CliRunner
 
-from fortify.attacks import APGD, ATTACKS, FGSM, FMN, PGD, CarliniWagnerL2, Square
+from fortify.attacks import APGD, ATTACKS, FGSM, FMN, PGD, CarliniWagnerL2, HopSkipJump, Square
 from fortify.cli import app
 from fortify.config import EvalConfig, RunConfig, load_config
 from fortify.errors import ConfigError, DataError, FortifyError
@@ -176,6 +176,18 @@ def test_an_attack_gives_every_submodule_its_mode_back(name):
     model = _FrozenNorm()
     x, y = _batch()
     UNTARGETED[name]()(model.body, x, y)
+    assert model.training and model.body.training and not model.body[2].training
+
+
+@pytest.mark.parametrize("minimal", [
+    lambda m, x, y: HopSkipJump(LINF, max_queries=40).minimal_distance(m, x, y),
+    lambda m, x, y: FMN(LINF, steps=3).minimal(m, x, y),
+    lambda m, x, y: CarliniWagnerL2(L2, steps=3, binary_search_steps=1).minimal(m, x, y),
+], ids=["hopskipjump", "fmn", "cw"])
+def test_minimal_distance_searches_give_every_submodule_its_mode_back(minimal):
+    model = _FrozenNorm()
+    x, y = _batch()
+    minimal(model.body, x, y)
     assert model.training and model.body.training and not model.body[2].training
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fortify.attacks import FGSM, PGD
+from fortify.attacks.adaptive import MarginPGD, logit_margin
 from fortify.errors import ConfigError, DataError
 from fortify.threat import ThreatModel
 
@@ -207,3 +208,23 @@ def test_fgsm_equals_torchattacks(standard_model, digits):
     theirs = torchattacks.FGSM(standard_model, eps=0.1)(x, y)
     ours = FGSM(ThreatModel("linf", 0.1))(standard_model, x, y)
     assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_targeted_margin_pgd_moves_towards_its_target_as_targeted_pgd_does():
+    # Prepare: a 4-class linear model, targets that are not the predicted class
+    torch.manual_seed(0)
+    model = nn.Linear(16, 4).double()
+    x = torch.rand(64, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = model(x).argmax(1).detach()
+    target = (y + 1) % 4
+    threat = ThreatModel("linf", 0.3)
+    # Execute
+    plain = PGD(threat, steps=20, targeted=True)(model, x, y, target=target)
+    margin = MarginPGD(threat, steps=20, targeted=True)(model, x, y, target=target)
+    # Assert: the target's margin grows and the target is reached about as often as with CE
+    with torch.no_grad():
+        before, after = logit_margin(model(x), target), logit_margin(model(margin), target)
+        hits_plain = (model(plain).argmax(1) == target).float().mean()
+        hits_margin = (model(margin).argmax(1) == target).float().mean()
+    assert bool((after >= before - 1e-9).all()) and after.mean() > before.mean()
+    assert hits_margin >= hits_plain - 0.05 and hits_margin > 0.3

@@ -99,9 +99,9 @@ class MarginPGD(PGD):
     name = "pgd-margin"
 
     def objective(self, logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
-        if self.targeted:
+        if self.targeted:  # ascend the target's lead over every other class
             assert target is not None
-            return -logit_margin(logits, target)
+            return logit_margin(logits, target)
         return -logit_margin(logits, y)
 
 

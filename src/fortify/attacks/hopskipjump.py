@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import ATTACKS, Attack, check_positive_int
 from fortify.errors import ConfigError
+from fortify.models.modes import evaluation_mode
 from fortify.threat import ThreatModel
 
 _INIT_BLEND_TOLERANCE = 1e-3  # precision of the blend factor when pulling the random start to x
@@ -111,12 +112,8 @@ class HopSkipJump(Attack):
         the budget. The model's train/eval mode is restored; queries land in ``last_queries``.
         """
         self._check_batch(x, y, None)
-        was_training = model.training
-        model.eval()  # label-only: no gradients, so no attacking() context
-        try:
+        with evaluation_mode(model):  # label-only: no gradients, so no attacking() context
             _, dist = self._search(model, x.detach(), y, self.seeded(x, generator), good_enough=0.0)
-        finally:
-            model.train(was_training)
         return dist
 
     # -- the search ---------------------------------------------------------------------------
