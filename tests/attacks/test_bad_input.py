@@ -205,6 +205,21 @@ def test_l2_attacks_in_float16_return_finite_points_in_the_ball(name):
     assert torch.isfinite(x_adv).all() and threat.contains(x_adv, x).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cw_moves_pixels_on_the_box_faces_in_half_precision(dtype):
+    # atanh of a face pixel was infinite in half precision: every pixel of a binary image froze
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    x = (torch.rand(16, 1, 8, 8) > 0.5).float()
+    y = model(x).argmax(1)
+    attack = CarliniWagnerL2(ThreatModel("l2", 5.0), steps=300, binary_search_steps=1, initial_const=10.0,
+                             abort_early=False, learning_rate=0.1)
+    _, full = attack.minimal(model, x, y)
+    _, half = attack.minimal(model.to(dtype), x.to(dtype), y)
+    assert torch.isfinite(full).all() and torch.isfinite(half).all()
+    assert half.float() == pytest.approx(full.float(), rel=0.02, abs=0.01)  # abs: a bf16 step near 1
+
+
 def test_cw_runs_on_a_float16_model():
     # its binary search's 'unbounded' constant (1e10) overflowed float16
     torch.manual_seed(0)

@@ -70,10 +70,11 @@ class CarliniWagnerL2(MinimalNormAttack):
     def _search(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
         n = x.shape[0]
-        w_start = self._to_tanh_space(x)
-        # the search's bookkeeping in float32 at least: its 'unbounded' upper end overflows float16
-        const = torch.full((n,), self.initial_const, dtype=torch.promote_types(x.dtype, torch.float32),
-                           device=x.device)
+        # the search runs in float32 at least: in float16 the 'unbounded' constant overflows, and
+        # atanh of a pixel on a box face is infinite (1 - 1e-6 rounds to 1), which freezes that pixel
+        work = torch.promote_types(x.dtype, torch.float32)
+        w_start = self._to_tanh_space(x.to(work))
+        const = torch.full((n,), self.initial_const, dtype=work, device=x.device)
         lower = torch.zeros_like(const)
         upper = torch.full_like(const, _UNBOUNDED)
         best, best_norm = x.clone(), torch.full_like(const, torch.inf)
@@ -107,16 +108,16 @@ class CarliniWagnerL2(MinimalNormAttack):
             return success
         x_a, y_a, w_a, label_a, const_a = x[active], y[active], w_start[active], label[active], const[active]
         target_a = None if target is None else target[active]
-        modifier = torch.zeros_like(x_a, requires_grad=True)
+        modifier = torch.zeros_like(w_a, requires_grad=True)  # in the search's precision, not x's
         # fused: one kernel per step instead of a handful of element-wise ops (CPU and CUDA)
         optimiser = torch.optim.Adam([modifier], lr=self.learning_rate,
                                      fused=True if modifier.device.type in ("cpu", "cuda") else None)
         check_every = max(self.steps // 10, 1)
         previous = torch.inf
         for step in range(self.steps):
-            candidate = self._from_tanh_space(w_a + modifier)
+            candidate = self._from_tanh_space(w_a + modifier).to(x.dtype)  # the model sees x's dtype
             logits = model(candidate)
-            distance_sq = (candidate - x_a).flatten(1).pow(2).sum(dim=1)
+            distance_sq = (candidate - x_a).flatten(1).to(w_a.dtype).pow(2).sum(dim=1)
             margin = sign * logit_margin(logits, label_a)  # negative once the model is fooled
             loss = distance_sq + const_a * margin.clamp_min(-self.confidence)
             # autograd.grad rather than backward: the model's own .grad must stay untouched
