@@ -241,3 +241,8 @@ def test_with_threat_is_the_attack_built_for_that_threat(name, norm):
         pytest.skip(f"{name} does not take {norm}")
     moved = small.with_threat(ThreatModel(norm, 0.4))
     assert moved.describe() == pytest.approx(factory(ThreatModel(norm, 0.4)).describe())
+
+
+def test_with_threat_keeps_the_norm_the_attack_was_built_for():
+    with pytest.raises(ConfigError, match="built for l2; build a new attack for linf"):
+        CarliniWagnerL2(L2).with_threat(LINF)

@@ -79,7 +79,11 @@ class Attack(ABC):
         """Return adversarial points for ``x`` inside ``self.threat``."""
 
     def with_threat(self, threat: ThreatModel) -> Attack:
-        """A copy of this attack under another threat model (e.g. for an eps sweep)."""
+        """A copy of this attack under another eps or box (e.g. for an eps sweep); the norm stays,
+        since norm-dependent defaults (step rules, supported norms) were settled when it was built."""
+        if threat.norm != self.threat.norm:
+            raise ConfigError(f"{self.name} was built for {self.threat.norm}; build a new attack for "
+                              f"{threat.norm} instead of re-targeting it")
         clone = copy.copy(self)
         clone.threat = threat
         return clone

@@ -14,7 +14,8 @@ another vertex at no query cost (the authors' original NumPy code redraws it).
 
 Queries: one per example for the clean input, one for the starting point, one per iteration; an
 example leaves the search once it is fooled. ``last_queries`` holds the per-example count of the
-latest call and never exceeds ``n_queries``.
+latest call and never exceeds ``n_queries``. A targeted call also runs the model once on one example
+beforehand, to check the target labels against its classes (as every fortify attack does).
 """
 
 from __future__ import annotations

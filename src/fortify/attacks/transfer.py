@@ -37,7 +37,9 @@ class Transfer(Attack):
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
                 generator: torch.Generator) -> Tensor:
         device = next(self.surrogate.parameters()).device
+        if device != x.device:  # a generator draws on its own device: seed one there from the caller's
+            seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+            generator = torch.Generator(device=device).manual_seed(seed)
         x_adv = self.source_attack(self.surrogate, x.to(device), y.to(device),
-                                   target=None if target is None else target.to(device),
-                                   generator=generator if device == x.device else None)
+                                   target=None if target is None else target.to(device), generator=generator)
         return x_adv.to(x.device, x.dtype)
