@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from fortify.defences import (
     RandomResizePad,
     distillation_loss,
 )
+from fortify.defences.jpeg import _CHROMA_TABLE, _LUMA_TABLE, quality_table
 from fortify.errors import ConfigError, DataError, UnknownNameError
 
 
@@ -49,7 +52,7 @@ def test_quantization_respects_other_bounds_and_rejects_bad_bits():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision.io's codecs are deprecated
-@pytest.mark.parametrize("quality", [25, 75])
+@pytest.mark.parametrize("quality", [9, 25, 30, 75])  # 9 and 30: libjpeg's integer scaling matters
 def test_jpeg_matches_libjpeg_on_grayscale_images(quality):
     # Prepare: 8-bit images, one 8x8 block and one padded 20x13 image
     torchvision_io = pytest.importorskip("torchvision.io")
@@ -67,6 +70,23 @@ def test_jpeg_matches_libjpeg_on_grayscale_images(quality):
         gap = (ours - theirs).abs().mean()
         assert gap <= 1.0
         assert (x * 255 - theirs).abs().mean() > 5 * gap
+
+
+def test_jpeg_quantisation_tables_are_libjpegs_at_every_quality():
+    # Prepare: libjpeg (through Pillow) writes its scaled tables into every file it encodes
+    image_module = pytest.importorskip("PIL.Image")
+    base = torch.tensor([_LUMA_TABLE, _CHROMA_TABLE], dtype=torch.float32)
+    wrong = []
+    for quality in range(1, 101):
+        buffer = io.BytesIO()
+        image_module.new("RGB", (8, 8)).save(buffer, format="JPEG", quality=quality)
+        written = image_module.open(io.BytesIO(buffer.getvalue())).quantization
+        theirs = torch.tensor([list(written[0]), list(written[1])], dtype=torch.float32).reshape(2, 8, 8)
+        # Execute / Assert: the same table entry for entry (they differ at 34 qualities below 50
+        # when 5000 / quality is not truncated as libjpeg truncates it)
+        if not torch.equal(quality_table(base, quality), theirs):
+            wrong.append(quality)
+    assert wrong == []
 
 
 def test_jpeg_keeps_shape_box_and_colour_and_rejects_bad_settings():
@@ -118,8 +138,33 @@ def test_gaussian_noise_has_the_stated_spread_and_is_seeded():
     assert abs(float(noise.mean())) < 0.01
     assert abs(float(noise.std()) - 0.3) < 0.01
     assert torch.equal(GaussianNoise(nn.Identity(), sigma=0.3, seed=1)(x), x + noise)
+    assert not torch.equal(defence(x) - x, noise), "two calls must draw two noises"
     with pytest.raises(ConfigError, match="sigma"):
         GaussianNoise(nn.Identity(), sigma=0.0)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: JPEGCompression(nn.Identity(), quality=float("nan")), "quality must be an integer in 1..100"),
+    (lambda: JPEGCompression(nn.Identity(), quality=True), "quality must be an integer in 1..100"),
+    (lambda: JPEGCompression(nn.Identity(), quality="75"), "quality must be an integer in 1..100"),
+    (lambda: InputQuantization(nn.Identity(), bits=None), "bits must be an integer in 1..16"),
+    (lambda: InputQuantization(nn.Identity(), bits=float("inf")), "bits must be an integer in 1..16"),
+    (lambda: RandomResizePad(nn.Identity(), min_scale=True),
+     r"min_scale must be a finite number in \(0, 1\]"),
+    (lambda: RandomResizePad(nn.Identity(), min_scale=float("nan")), r"min_scale .* in \(0, 1\]"),
+    (lambda: GaussianNoise(nn.Identity(), sigma=True), "sigma must be a finite number > 0"),
+    (lambda: GaussianNoise(nn.Identity(), sigma=None), "sigma must be a finite number > 0"),
+], ids=["jpeg-nan", "jpeg-bool", "jpeg-str", "bits-none", "bits-inf", "scale-bool", "scale-nan",
+        "sigma-bool", "sigma-none"])
+def test_bad_defence_settings_are_config_errors_naming_the_valid_range(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_whole_valued_settings_are_accepted_as_numbers():
+    assert JPEGCompression(nn.Identity(), quality=75.0).quality == 75
+    assert InputQuantization(nn.Identity(), bits=4.0).bits == 4
+    assert RandomResizePad(nn.Identity(), min_scale=1).min_scale == 1.0
 
 
 def test_distillation_keeps_decisions_and_saturates_the_softmax(standard_model, digits):

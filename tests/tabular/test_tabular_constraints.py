@@ -14,8 +14,9 @@ from tabular_credit import credit_table
 from torch import nn
 
 from fortify.attacks import APGD, FGSM, PGD
-from fortify.errors import ConfigError
+from fortify.errors import ConfigError, DataError
 from fortify.tabular import ConstrainedThreatModel, Feature, FeatureSearch, Schema
+from fortify.tabular.csv import infer_feature
 from fortify.threat import ThreatModel
 
 COSTS = (0.25, 0.5, 1.0, 2.0)
@@ -257,3 +258,39 @@ def test_bad_threat_settings_are_config_errors(schema):
     with pytest.raises(ConfigError, match="needs a tabular threat model"):
         FeatureSearch(ThreatModel("linf", 0.1))
     assert math.isclose(ConstrainedThreatModel("linf", 0.1, schema=schema).with_eps(0.3).eps, 0.3)
+
+
+def test_a_whole_number_feature_with_a_wide_range_keeps_clean_points_inside():
+    # Prepare: an income in whole dollars, inferred as integer from a CSV column, spans 1e5+ grid steps,
+    # finer than float32 stores k / span exactly: the clean encoding is a little off the grid and must
+    # still count as whole
+    gen = torch.Generator().manual_seed(0)
+    n = 64
+    incomes = [20148, 139980] + torch.randint(20148, 139981, (n - 2,), generator=gen).tolist()
+    income = infer_feature("income", [str(v) for v in incomes], {})
+    assert (income.type, income.span) == ("integer", 139980 - 20148)
+    schema = Schema((income, Feature("rate", "continuous", 0, 1),
+                     Feature("kind", "categorical", categories=("a", "b"))))
+    table = {"income": incomes, "rate": torch.rand(n, generator=gen).tolist(), "kind": ["a", "b"] * (n // 2)}
+    x = schema.encode(table)
+    threat = ConstrainedThreatModel("linf", 0.05, schema=schema)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(schema.n_columns, 16), nn.ReLU(), nn.Linear(16, 2))
+    y = torch.randint(0, 2, (n,), generator=gen)
+    # Execute / Assert: the clean rows, then what each attack returns, are feasible and whole
+    schema.check_encoded(x)
+    assert bool(threat.contains(x, x).all())
+    for attack in (PGD(threat, steps=5), FeatureSearch(threat, max_changes=2)):
+        x_adv = attack(model, x, y)
+        assert bool(threat.contains(x_adv, x).all()), attack.label
+        dollars = x_adv[:, 0].double() * schema.features[0].span
+        assert bool(((dollars - dollars.round()).abs() < 0.01).all()), f"{attack.label}: income not whole"
+        assert not torch.equal(x_adv[:, 0], x[:, 0]), f"{attack.label} never moved the income"
+
+
+def test_check_encoded_still_refuses_a_fraction_of_a_wide_whole_number():
+    schema = Schema((Feature("income", "integer", 0, 100_000),))
+    x = schema.encode({"income": [12_345]})
+    with pytest.raises(DataError, match="not a whole number"):
+        schema.check_encoded(x + 0.5 / 100_000)
+    assert not bool(ConstrainedThreatModel("linf", 0.1, schema=schema).contains(x + 0.5 / 100_000, x).any())

@@ -9,6 +9,8 @@ that a user can see why such a defence's robust accuracy must not be trusted.
 
 from __future__ import annotations
 
+import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
@@ -20,6 +22,32 @@ from fortify.errors import ConfigError
 from fortify.registry import Registry
 
 DEFENCES: Registry[Callable[..., nn.Module]] = Registry("defence")
+
+
+def _real(value: object) -> float | None:
+    """``value`` as a float if it is a finite real number, else None (True and False are flags, not
+    numbers: ``quality=True`` is a mistake, not 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def check_int_in(name: str, value: object, low: int, high: int) -> int:
+    """``value`` as an int in ``low..high`` (75.0 counts as 75), else a ConfigError naming the range."""
+    number = _real(value)
+    if number is None or not number.is_integer() or not low <= number <= high:
+        raise ConfigError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    return int(number)
+
+
+def check_number_in(name: str, value: object, *, above: float, at_most: float = math.inf) -> float:
+    """``value`` as a float in ``(above, at_most]``, else a ConfigError naming the range."""
+    number = _real(value)
+    if number is None or not above < number <= at_most:
+        allowed = f"> {above:g}" if math.isinf(at_most) else f"in ({above:g}, {at_most:g}]"
+        raise ConfigError(f"{name} must be a finite number {allowed}, got {value!r}")
+    return number
 
 
 def check_bounds(bounds: tuple[float, float]) -> tuple[float, float]:

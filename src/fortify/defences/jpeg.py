@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fortify.defences.base import DEFENCES, InputTransformDefence
-from fortify.errors import ConfigError, DataError
+from fortify.defences.base import DEFENCES, InputTransformDefence, check_int_in
+from fortify.errors import DataError
 
 _LUMA_TABLE = (
     (16, 11, 10, 16, 24, 40, 51, 61), (12, 12, 14, 19, 26, 58, 60, 55),
@@ -36,7 +36,9 @@ _BLOCK = 8
 
 def quality_table(base: Tensor, quality: int) -> Tensor:
     """The libjpeg (IJG) scaling of a base table to ``quality`` in 1..100."""
-    scale = 5000 / quality if quality < 50 else 200 - 2 * quality
+    # libjpeg's jpeg_quality_scaling divides in integers: 5000 / 30 is 166, not 166.67, and the
+    # tables of 34 qualities below 50 differ when it is not truncated
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
     return torch.floor((base * scale + 50) / 100).clamp(1, 255)
 
 
@@ -61,9 +63,7 @@ class JPEGCompression(InputTransformDefence):
     def __init__(self, model: nn.Module, *, quality: int = 75,
                  bounds: tuple[float, float] = (0.0, 1.0)) -> None:
         super().__init__(model, bounds=bounds)
-        if isinstance(quality, bool) or int(quality) != quality or not 1 <= quality <= 100:
-            raise ConfigError(f"quality must be an integer in 1..100, got {quality!r}")
-        self.quality = int(quality)
+        self.quality = check_int_in("quality", quality, 1, 100)
         self.register_buffer("dct", dct_matrix().float(), persistent=False)
         tables = torch.tensor([_LUMA_TABLE, _CHROMA_TABLE], dtype=torch.float32)
         self.register_buffer("tables", quality_table(tables, self.quality), persistent=False)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fortify.defences.base import DEFENCES, InputTransformDefence
-from fortify.errors import ConfigError
+from fortify.defences.base import DEFENCES, InputTransformDefence, check_int_in
 
 
 class InputQuantization(InputTransformDefence):
@@ -20,9 +19,7 @@ class InputQuantization(InputTransformDefence):
 
     def __init__(self, model: nn.Module, *, bits: int = 3, bounds: tuple[float, float] = (0.0, 1.0)) -> None:
         super().__init__(model, bounds=bounds)
-        if isinstance(bits, bool) or int(bits) != bits or not 1 <= bits <= 16:
-            raise ConfigError(f"bits must be an integer in 1..16, got {bits!r}")
-        self.bits = int(bits)
+        self.bits = check_int_in("bits", bits, 1, 16)
 
     def transform(self, x: Tensor) -> Tensor:
         lo, hi = self.bounds

@@ -7,14 +7,12 @@ directions; Expectation over Transformation (``fortify.attacks.adaptive.EOT``) a
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fortify.defences.base import DEFENCES, InputTransformDefence
-from fortify.errors import ConfigError, DataError
+from fortify.defences.base import DEFENCES, InputTransformDefence, check_number_in
+from fortify.errors import DataError
 
 
 class RandomResizePad(InputTransformDefence):
@@ -32,9 +30,7 @@ class RandomResizePad(InputTransformDefence):
     def __init__(self, model: nn.Module, *, min_scale: float = 0.8, bounds: tuple[float, float] = (0.0, 1.0),
                  seed: int | None = None) -> None:
         super().__init__(model, bounds=bounds, seed=seed)
-        if not (isinstance(min_scale, (int, float)) and 0 < min_scale <= 1):
-            raise ConfigError(f"min_scale must be a number in (0, 1], got {min_scale!r}")
-        self.min_scale = float(min_scale)
+        self.min_scale = check_number_in("min_scale", min_scale, above=0.0, at_most=1.0)
 
     def transform(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
@@ -68,9 +64,7 @@ class GaussianNoise(InputTransformDefence):
     def __init__(self, model: nn.Module, *, sigma: float = 0.25, bounds: tuple[float, float] = (0.0, 1.0),
                  seed: int | None = None) -> None:
         super().__init__(model, bounds=bounds, seed=seed)
-        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-            raise ConfigError(f"sigma must be a finite number > 0, got {sigma!r}")
-        self.sigma = float(sigma)
+        self.sigma = check_number_in("sigma", sigma, above=0.0)
 
     def transform(self, x: Tensor) -> Tensor:
         noise = torch.randn(x.shape, generator=self.generator(x.device), device=x.device, dtype=x.dtype)

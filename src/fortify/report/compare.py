@@ -30,17 +30,24 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
             raise ResultsError(
                 f"{run['source']} was measured under {_describe(run['threat'])} but {reference['source']} "
                 f"under {_describe(reference['threat'])}; compare runs with the same threat model")
-    models: dict[str, Any] = {}
-    names = [_run_name(run) for run in runs]
-    for index, (run, name) in enumerate(zip(runs, names)):
-        prefix = name if names.count(name) == 1 else f"{name}#{index + 1}"
-        for model_name, model in run["models"].items():
-            models[f"{prefix}/{model_name}"] = model
+    prefixes = _run_prefixes(runs)
+    models = {f"{prefix}/{model_name}": model
+              for prefix, run in zip(prefixes, runs) for model_name, model in run["models"].items()}
     datasets = sorted({run["dataset"]["name"] for run in runs})
     return {"version": RESULTS_VERSION, "kind": "comparison", "threat": reference["threat"],
             "dataset": {"name": " vs ".join(datasets)}, "models": models,
-            "provenance": {_run_name(run): _provenance_line(run) for run in runs}, "config": None,
+            "provenance": {prefix: _provenance_line(run) for prefix, run in zip(prefixes, runs)},
+            "config": None,
             "sources": [run["source"] for run in runs]}  # write_report never writes over one of them
+
+
+def _run_prefixes(runs: list[dict[str, Any]]) -> list[str]:
+    """Each run's name on the page: its directory, numbered ('run#2') where two runs share one.
+
+    The model names and the provenance table both use it, so each run keeps its own entry.
+    """
+    names = [_run_name(run) for run in runs]
+    return [name if names.count(name) == 1 else f"{name}#{index + 1}" for index, name in enumerate(names)]
 
 
 def _describe(threat: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import jinja2
 
 from fortify.errors import ConfigError
-from fortify.report import plots
+from fortify.report import plots, tables
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("fortify.report", "templates"),
@@ -126,15 +126,27 @@ def _missing_sections(results: dict[str, Any]) -> list[str]:
     return notes
 
 
+def table_data(models: dict[str, Any]) -> dict[str, Any]:
+    """What the page's tables over several models read, keyed by attack name and eps (see tables)."""
+    attack_names, attack_accuracy = tables.attack_accuracy(models)
+    analysed = [name for name, m in models.items() if m.get("analysis")]
+    margin_eps, margin_shares = tables.margin_shares(models, analysed)
+    examples = tables.example_counts(models)
+    return {"attack_names": attack_names, "attack_accuracy": attack_accuracy,
+            "eps_rows": tables.eps_curve_rows(models), "curve_attacks": tables.eps_curve_attacks(models),
+            "margin_eps": margin_eps, "margin_shares": margin_shares,
+            "attack_settings": tables.attack_settings(models), "examples": examples,
+            # one count for the page when every model saw the same examples, else a column per model
+            "n_examples": next(iter(examples.values())) if len(set(map(str, examples.values()))) == 1
+            else None}
+
+
 def render_report(results: dict[str, Any]) -> str:
     """HTML for a run's results (the normalised dict of ``fortify.report.results.load_results``)."""
     models = results["models"]
-    first = next(iter(models.values()))
     figures, figure_notes = _figures(results)
     return _ENV.get_template("report.html").render(
-        dataset=results["dataset"], threat=results["threat"], models=models, first_model=first,
-        n_examples=first["robustness"]["n_examples"],
-        attack_names=[a["name"] for a in first["robustness"]["attacks"]],
+        dataset=results["dataset"], threat=results["threat"], models=models, **table_data(models),
         summary=summary_lines(results), figures=figures,
         missing=_missing_sections(results) + figure_notes,
         provenance=results.get("provenance", {}), config=results.get("config"),
@@ -172,6 +184,6 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
     page = render_report(results)  # rendered first: a failure leaves nothing behind
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page)
+    tmp.write_text(page, encoding="utf-8")  # the page declares utf-8
     tmp.replace(path)
     return path

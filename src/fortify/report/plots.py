@@ -22,8 +22,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+# Labels are model, class and feature names taken as they are: "$" in a name is text, never mathtext
+# (which would fail on a name like "m$\frac{$" and lose the figure)
 _STYLE = {"figure.dpi": 100, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
-          "axes.spines.top": False, "axes.spines.right": False}
+          "axes.spines.top": False, "axes.spines.right": False, "text.parse_math": False}
 
 
 @contextmanager

@@ -36,7 +36,7 @@ def load_results(run_dir: Path) -> dict[str, Any]:
     """Read and normalise a run's results; never unpickles, only parses JSON."""
     path = find_results(run_dir)
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as err:
         raise ResultsError(f"cannot read {path}: {err}") from None
     except json.JSONDecodeError as err:
@@ -83,7 +83,7 @@ def _training_beside(path: Path) -> dict[str, Any] | None:
     if not training.is_file():
         return None
     try:
-        loaded = json.loads(training.read_text())
+        loaded = json.loads(training.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ResultsError(f"cannot read {training}: {err}") from None
     if not isinstance(loaded, dict):

@@ -40,14 +40,14 @@ import torch
 from torch import Tensor
 
 from fortify.errors import ConfigError, DataError
-from fortify.tabular.schema import Schema
+from fortify.tabular.schema import Schema, whole_tolerance
 from fortify.threat import NORMS, ThreatModel, check_in_box
 
 # Kinds of model column
 CONTINUOUS, WHOLE, CATEGORY = 0, 1, 2
 # A grid bound like eps / cost * steps = 2.9999999999 must still allow 3 steps
 _GRID_SLACK = 1e-9
-# contains() rounds whole numbers and one-hot entries to this share of a grid step / of 1
+# contains() rounds one-hot entries to this share of 1 (whole numbers: schema.whole_tolerance)
 _DISCRETE_TOLERANCE = 1e-4
 
 
@@ -60,6 +60,7 @@ class _Layout:
     mutable: Tensor  # (d,) bool
     direction: Tensor  # (d,) -1 decrease only, 0 any, +1 increase only
     steps: Tensor  # (d,) whole numbers in the range (high - low) for WHOLE columns, else 1
+    off_grid_slack: Tensor  # (d,) how far, in grid steps, a WHOLE column may be off its grid
     feature_of: Tensor  # (d,) feature index of each column
     feature_discrete: Tensor  # (F,) bool
     feature_mutable: Tensor  # (F,) bool
@@ -87,6 +88,7 @@ class _Layout:
 
         return cls(kind=t(kind, torch.long), cost=t(cost, torch.float64), mutable=t(mutable, torch.bool),
                    direction=t(direction, torch.long), steps=t(steps, torch.float64),
+                   off_grid_slack=t([whole_tolerance(s) for s in steps], torch.float64),
                    feature_of=t(feature_of, torch.long),
                    feature_discrete=t([f.discrete for f in schema.features], torch.bool),
                    feature_mutable=t([f.mutable for f in schema.features], torch.bool),
@@ -269,7 +271,7 @@ class ConstrainedThreatModel(ThreatModel):
     @staticmethod
     def _discrete_ok(a: Tensor, lay: _Layout) -> Tensor:
         grid = a * lay.steps
-        off_grid = (lay.kind == WHOLE) & ((grid - grid.round()).abs() > _DISCRETE_TOLERANCE)
+        off_grid = (lay.kind == WHOLE) & ((grid - grid.round()).abs() > lay.off_grid_slack)
         ok = ~off_grid.any(dim=1)
         for start, stop, _ in lay.groups:
             block = a[:, start:stop]

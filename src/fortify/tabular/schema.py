@@ -353,6 +353,22 @@ def _check_range(feature: Feature, numbers: Tensor) -> None:
 
 # Encoded inputs come back as float32: allow that much rounding when checking them
 ENCODING_TOLERANCE = 1e-5
+# Least slack, in grid steps, on a whole number of a narrow range
+WHOLE_TOLERANCE = 1e-4
+# float32 stores the scaled whole number k / span with an error of up to span * e / 4 grid steps,
+# e being float32's machine epsilon (half a unit in the last place of a value below 1), so a wide
+# range (an income in whole dollars) needs slack that grows with the span; 8 e leaves room for
+# the float64 arithmetic of the attacks and stays below half a step up to a span of about 500,000
+_WHOLE_SLACK_PER_STEP = 8 * torch.finfo(torch.float32).eps
+
+
+def whole_tolerance(span: float) -> float:
+    """How far, in grid steps, a scaled whole number of a ``span``-wide range may be off the grid.
+
+    ``check_encoded`` and the threat model's ``contains`` use this same bound, so a point one
+    accepts the other accepts too.
+    """
+    return max(WHOLE_TOLERANCE, _WHOLE_SLACK_PER_STEP * span)
 
 
 def _encoding_problem(feature: Feature, block: Tensor) -> tuple[int, str, str] | None:
@@ -373,7 +389,7 @@ def _encoding_problem(feature: Feature, block: Tensor) -> tuple[int, str, str] |
         return row, f"{float(column[row]):g}", "outside the scaled range [0, 1]"
     if feature.discrete:
         steps = column * feature.span
-        bad = (steps - steps.round()).abs() > tol * max(1.0, feature.span)
+        bad = (steps - steps.round()).abs() > whole_tolerance(feature.span)
         if bad.any():
             row = int(bad.nonzero()[0])
             raw = feature.low + float(steps[row])  # type: ignore[operator]
