@@ -145,3 +145,18 @@ def test_bad_inputs_are_rejected(x, fragment):
 def test_random_start_names_integer_inputs():
     with pytest.raises(DataError, match="floating point, got dtype torch.uint8"):
         ThreatModel("linf", 0.1).random_start(torch.zeros(2, 3, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 8 / 255), ("l2", 0.5)])
+def test_projection_in_half_precision_lands_inside_the_exact_ball_and_box(dtype, norm, eps):
+    # rounding to nearest pushed coordinates out by half a unit in the last place (0.4% in bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    threat = ThreatModel(norm, eps)
+    x = torch.rand(64, 3, 32, 32, generator=generator).to(dtype)
+    projected = threat.project(x.float() + torch.randn(x.shape, generator=generator), x)
+    assert projected.dtype == dtype
+    assert bool((threat.distance(projected, x) <= eps).all())  # no tolerance
+    assert bool(((projected >= 0) & (projected <= 1)).all())
+    # and little of the budget is lost to the rounding
+    assert float(threat.distance(projected, x).median()) > 0.97 * eps
