@@ -409,3 +409,41 @@ def test_an_unknown_command_lists_the_commands():
 def test_audit_refuses_a_negative_example_count(trained_dir):
     result = _invoke("audit", trained_dir, "--n-examples", -5, "--no-inversion")
     assert result.exit_code == 2 and "--n-examples" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"data": {"path": "mine.npz"}}, "dataset 'digits' does not read data.path (mine.npz)"),
+    ({"data": {"target": "label"}}, "dataset 'digits' has no target column to choose"),
+])
+def test_data_settings_the_dataset_would_ignore_are_refused(settings, message):
+    from fortify.config import load_config
+    from fortify.errors import ConfigError
+    from fortify.pipeline import prepare
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        prepare(load_config(None, settings), "cpu")
+
+
+def test_a_data_file_picks_its_dataset_by_suffix(tmp_path):
+    # an .npz file given without --dataset is loaded as npz, not dropped for digits
+    path = tmp_path / "tiny.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.random((60, 1, 4, 4)).astype(np.float32), y=np.arange(60) % 3)
+    result = _invoke("train", "--data", path, "--model", "mlp", "--objective", "standard", "--epochs", 1,
+                     "-q", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["name"] == "npz"
+
+
+def test_a_negative_seed_is_refused():
+    _assert_clean_error(_invoke("train", "--seed", -1, "--out", "unused"), "seed")
+
+
+def test_resume_ignores_where_data_is_cached_and_whether_the_step_is_compiled(tmp_path):
+    from fortify.config import load_config
+    from fortify.pipeline import check_same_settings
+
+    saved = load_config(None, {"data": {"cache_dir": "/home/a/.cache"}})
+    (tmp_path / "config.yaml").write_text(saved.to_yaml())
+    check_same_settings(tmp_path, load_config(None, {"data": {"cache_dir": "/root/.cache", "download": False},
+                                                     "train": {"compile": True}}))

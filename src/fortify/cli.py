@@ -73,7 +73,8 @@ SchemaOpt = Annotated[str | None, typer.Option(help="Tabular schema: YAML file o
 EpsOpt = Annotated[float | None, typer.Option(help="Perturbation budget eps (> 0).")]
 NormOpt = Annotated[str | None, typer.Option(help="Threat-model norm: linf or l2.")]
 EpochsOpt = Annotated[int | None, typer.Option(help="Training epochs (>= 1).")]
-SeedOpt = Annotated[int | None, typer.Option(help="Seed for data split, init and attacks.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Seed of the data split and of training (the attacks' "
+                                                  "is eval.seed).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")]
@@ -154,7 +155,7 @@ def run(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a standard and a PGD-trained model, attack both, write results and a report."""
-    cfg = load_config(config, _overrides(data={"name": dataset or _csv_dataset(data_path), "seed": seed,
+    cfg = load_config(config, _overrides(data={"name": dataset or _file_dataset(data_path), "seed": seed,
                                                "path": data_path, "target": target,
                                                "feature_schema": schema},
                                          threat={"eps": eps, "norm": norm},
@@ -265,7 +266,7 @@ def train(
 ) -> None:
     """Train one model (any objective) into a model directory."""
     cfg = load_config(config, _overrides(
-        data={"name": dataset or _csv_dataset(data_path), "path": data_path, "seed": seed,
+        data={"name": dataset or _file_dataset(data_path), "path": data_path, "seed": seed,
               "target": target, "feature_schema": schema},
         model={"name": model}, threat={"eps": eps, "norm": norm},
         train={"objective": objective, "epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -424,9 +425,10 @@ def evaluate(
         out_console.print(f"report: {write_report(load_results(model_dir), model_dir / 'report.html')}")
 
 
-def _csv_dataset(data_path: Path | None) -> str | None:
-    """A .csv data file implies the csv dataset when no --dataset is given."""
-    return "csv" if data_path is not None and data_path.suffix.lower() == ".csv" else None
+def _file_dataset(data_path: Path | None) -> str | None:
+    """A .csv or .npz data file implies that dataset when no --dataset is given."""
+    suffix = data_path.suffix.lower() if data_path is not None else ""
+    return {".csv": "csv", ".npz": "npz"}.get(suffix)
 
 
 def _tabular_section(setup: Setup, model: Any) -> dict[str, Any]:

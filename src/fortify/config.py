@@ -45,7 +45,7 @@ def _is_number_field(annotation: Any) -> bool:
 class DataConfig(_Strict):
     name: str = "digits"
     path: Path | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)  # what torch's generators take
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)
     cache_dir: Path = Path.home() / ".cache" / "fortify"
@@ -101,7 +101,7 @@ class TrainConfig(_Strict):
     val_attack_steps: int = Field(10, ge=1)
     grad_clip: float | None = Field(None, gt=0)
     amp: bool = False  # bf16 autocast for the training passes (CUDA, or a CPU with native bf16)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)  # what torch's generators take
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     ema_decay: float | None = Field(None, ge=0, le=1)  # None: no EMA; else the evaluated weights
     extra_data: Path | None = None  # .npz with x, y like the dataset (fortify.training.extra_data)
@@ -131,7 +131,7 @@ class EvalConfig(_Strict):
     batch_size: int = Field(256, ge=1)
     eps_grid: list[float] | None = None  # None: 0.25..1.5 times the threat's eps
     cascade: bool = False
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)  # what torch's generators take
     # autocast precision of attacks and predictions; the first examples are checked against fp32
     amp: Literal["bf16", "fp16"] | None = None
     amp_min_agreement: float = Field(0.9, gt=0, le=1)  # below it, the fp32 check warns

@@ -24,7 +24,15 @@ from torch import nn
 import fortify
 from fortify.attacks import ATTACKS, PGD, Attack
 from fortify.attacks.transfer import Transfer
-from fortify.config import EvalConfig, RunConfig, TrainConfig, listed, load_config, setting_differences
+from fortify.config import (
+    DataConfig,
+    EvalConfig,
+    RunConfig,
+    TrainConfig,
+    listed,
+    load_config,
+    setting_differences,
+)
 from fortify.data import DataOptions, Dataset, Split, load_dataset
 from fortify.errors import CheckpointError, ConfigError, FortifyError
 from fortify.evaluation import RobustnessReport, evaluate
@@ -67,6 +75,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# the datasets that read a file path, and a target column; any other would drop them without a word
+_READS_PATH = ("csv", "npz")
+_READS_TARGET = ("csv",)
+
+
+def _check_data_settings_are_read(data: DataConfig) -> None:
+    """A data file or target column given to a dataset that ignores it would run on other data than
+    the config names (``--data my.npz`` trained on digits)."""
+    if data.path is not None and data.name not in _READS_PATH:
+        raise ConfigError(f"dataset {data.name!r} does not read data.path ({data.path}); the datasets "
+                          f"that read a file: {', '.join(_READS_PATH)} (e.g. --dataset npz)")
+    if data.target is not None and data.name not in _READS_TARGET:
+        raise ConfigError(f"dataset {data.name!r} has no target column to choose (data.target="
+                          f"{data.target!r}); only {', '.join(_READS_TARGET)} reads it")
+
+
 def prepare(config: RunConfig, device: str = "auto", objectives: tuple[str, ...] = ()) -> Setup:
     """Load data and check every name and value the run will use."""
     for objective in objectives or (config.train.objective,):
@@ -74,6 +98,7 @@ def prepare(config: RunConfig, device: str = "auto", objectives: tuple[str, ...]
     for attack in attack_names(config.eval):
         ATTACKS.get(attack)
     data = config.data
+    _check_data_settings_are_read(data)
     dataset = load_dataset(data.name, table_options(DataOptions(
         seed=data.seed, val_fraction=data.val_fraction, test_fraction=data.test_fraction,
         cache_dir=data.cache_dir, path=data.path, download=data.download), data.target, data.feature_schema))
@@ -167,6 +192,13 @@ def build_training_objective(setup: Setup, train_cfg: TrainConfig) -> Objective:
 
 # the sections of a RunConfig that shape a model's weights; a resumed run must keep every one of them
 WEIGHT_SETTINGS = ("data", "model", "threat", "train", "dp")
+# where data is cached, whether it may be downloaded and whether the step is compiled change no weight;
+# cache_dir holds an absolute home directory, which another user or container would not share
+_NOT_WEIGHT_RELEVANT = {"data": ("cache_dir", "download"), "train": ("compile",)}
+
+
+def _weight_relevant(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k not in _NOT_WEIGHT_RELEVANT.get(section, ())}
 
 
 def check_same_settings(directory: Path, config: RunConfig, sections: Sequence[str] = WEIGHT_SETTINGS
@@ -177,7 +209,8 @@ def check_same_settings(directory: Path, config: RunConfig, sections: Sequence[s
     if not saved_path.is_file():
         return
     saved, now = load_config(saved_path).model_dump(mode="json"), config.model_dump(mode="json")
-    differing = setting_differences({s: saved[s] for s in sections}, {s: now[s] for s in sections})
+    before, after = ({s: _weight_relevant(s, run[s]) for s in sections} for run in (saved, now))
+    differing = setting_differences(before, after)
     if differing:
         raise ConfigError(f"cannot resume {directory}: {listed(differing)}; give the settings it was "
                           "started with, or start a new run elsewhere")

@@ -215,6 +215,8 @@ def test_a_stopped_simulation_ends_the_servers_wait_for_replies(task_identity):
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"dp": {"canaries": 10}}, "does not use dp.canaries=10"),
     ({"train": {"extra_data": "more.npz", "extra_fraction": 0.5}}, "does not use train.extra_data=more.npz"),
+    ({"data": {"name": "breast-cancer", "feature_schema": "breast-cancer"}},
+     "does not use data.feature_schema=breast-cancer"),
 ])
 def test_train_settings_that_clients_would_drop_are_refused(overrides, message):
     run = load_federated_run(None, {"model": {"name": "mlp"}, **overrides}, {"clients": 2})

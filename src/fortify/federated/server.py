@@ -74,10 +74,15 @@ def validate_run(run: FederatedRun) -> Dataset:
 def _check_settings_clients_use(run: FederatedRun) -> None:
     """Settings of ``fortify train`` that a federated client has no use for would be dropped without a
     word: the run would not be what its config says."""
+    data = run.config.data
     unused = [(f"dp.canaries={run.config.dp.canaries}", "a client has no canary audit")
               if run.config.dp.canaries else None,
               (f"train.extra_data={run.config.train.extra_data}", "clients train on their own shard only")
-              if run.config.train.extra_data is not None else None]
+              if run.config.train.extra_data is not None else None,
+              (f"data.feature_schema={data.feature_schema}", "clients and the server attack without "
+               "tabular constraints") if data.feature_schema is not None else None,
+              (f"data.target={data.target}", "csv tables are not federated") if data.target is not None
+              else None]
     given = [f"{setting} ({why})" for setting, why in filter(None, unused)]
     if given:
         raise ConfigError(f"federated training does not use {'; '.join(given)}: remove it from the config")
