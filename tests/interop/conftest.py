@@ -67,7 +67,8 @@ def keras_twin(reference_model, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def onnx_twin(reference_model, tmp_path_factory):
-    """``make(prefix_ops=()) -> path`` of an NCHW .onnx file; ``prefix_ops`` run on the input first.
+    """``make(prefix_ops=(), batch="batch") -> path`` of an NCHW .onnx file; ``prefix_ops`` run on the
+    input first; an integer ``batch`` fixes the batch size, as an export without dynamic axes does.
 
     Each prefix op is ``(op_type, attributes, constants)`` applied as ``op(x, *constants)``.
     """
@@ -76,7 +77,7 @@ def onnx_twin(reference_model, tmp_path_factory):
 
     conv_w, conv_b, dense_w, dense_b = _weights(reference_model)
 
-    def make(prefix_ops=()):
+    def make(prefix_ops=(), batch="batch"):
         nodes, initializers, current = [], [], "input"
         for index, (op_type, attributes, constants) in enumerate(prefix_ops):
             names = []
@@ -95,8 +96,8 @@ def onnx_twin(reference_model, tmp_path_factory):
             helper.make_node("Gemm", ["flat", "dense_w", "dense_b"], ["logits"], transB=1),
         ]
         graph = helper.make_graph(
-            nodes, "twin", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
-            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], initializers)
+            nodes, "twin", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 1, 8, 8])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])], initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
         onnx.checker.check_model(model)

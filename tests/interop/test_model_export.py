@@ -125,3 +125,16 @@ def test_export_refuses_an_unfinished_or_foreign_directory(model_dir, tmp_path):
         export_model(copy, "safetensors")
     with pytest.raises(ConfigError, match="valid formats"):
         export_model(model_dir, "pickle")
+
+
+def test_an_export_that_cannot_be_reloaded_is_not_left_behind(model_dir, tmp_path, monkeypatch):
+    from fortify.errors import MissingDependencyError
+    from fortify.interop import export as export_module
+
+    def no_runtime(out, model_dir):
+        raise MissingDependencyError("onnxruntime is needed for checking an ONNX export")
+
+    monkeypatch.setitem(export_module._RELOADERS, "onnx", no_runtime)
+    with pytest.raises(MissingDependencyError):
+        export_model(model_dir, "onnx", tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()

@@ -57,6 +57,13 @@ def test_unconvertible_onnx_model_runs_black_box_in_onnxruntime(onnx_twin, refer
     assert robust == native_robust
 
 
+def test_an_onnx_file_with_a_fixed_batch_of_one_runs_in_onnxruntime(onnx_twin, reference_model, digits):
+    # torch.onnx.export without dynamic axes fixes the batch; onnxruntime refused the whole batch at once
+    external = load_external_model(onnx_twin([IDENTITY_SHRINK], batch=1), digits)
+    x = digits.test.x[:16]
+    torch.testing.assert_close(external.module(x), reference_model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_quantised_onnx_model_has_no_gradient_and_refuses_gradient_attacks(onnx_twin, digits):
     external = load_external_model(onnx_twin(QUANTISE), digits)
     assert external.runtime == "onnx2torch"

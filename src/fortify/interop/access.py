@@ -50,7 +50,7 @@ def probe_gradients(model: nn.Module, x: Tensor) -> Access:
                 return Access(BLACK_BOX, "the model's outputs are not connected to its inputs in "
                                          "autograd (it runs outside torch)")
             (gradient,) = torch.autograd.grad(top_logits, x, allow_unused=True)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:  # Keras raises more than torch
         return Access(BLACK_BOX, f"backward through the model fails: {err}")
     finally:
         restore_modes(modes)

@@ -76,7 +76,11 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, *, member: st
     inputs = _random_inputs(card)
     out.parent.mkdir(parents=True, exist_ok=True)
     _WRITERS[fmt](model, card, inputs, out)
-    difference = _verify(model, _RELOADERS[fmt](out, model_dir), inputs, out)
+    try:  # an export that cannot be reloaded and compared is not left behind as if it were checked
+        difference = _verify(model, _RELOADERS[fmt](out, model_dir), inputs, out)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
     card_path = out.with_suffix(".card.json")
     card_path.write_text(json.dumps(_deployment_card(card, fmt, model_dir), indent=2))
     return ExportResult(out, card_path, fmt, difference, len(inputs))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -35,12 +36,21 @@ class OnnxRuntimeClassifier(nn.Module):
         super().__init__()
         runtime = require("onnxruntime", "running an ONNX model that onnx2torch cannot convert")
         self.session = runtime.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        graph_input = self.session.get_inputs()[0]
+        self.input_name = graph_input.name
+        # an export without dynamic axes fixes the batch (often to 1): feed it chunks of that size
+        declared = graph_input.shape[0] if graph_input.shape else None
+        self.batch = declared if isinstance(declared, int) and declared > 0 else None
         self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
         array = x.detach().to("cpu", torch.float32).numpy()
-        logits = self.session.run(None, {self.input_name: array})[0]
+        step = self.batch or max(len(array), 1)
+        chunks = [array[i:i + step] for i in range(0, len(array), step)]
+        try:
+            logits = np.concatenate([self.session.run(None, {self.input_name: c})[0] for c in chunks])
+        except Exception as err:  # onnxruntime's errors derive from Exception only
+            raise RuntimeError(f"onnxruntime could not run the model: {err}") from None
         return torch.from_numpy(logits).to(device=x.device, dtype=x.dtype)
 
 
