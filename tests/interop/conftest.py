@@ -37,7 +37,7 @@ def _weights(model: nn.Module) -> tuple[np.ndarray, ...]:
 
 @pytest.fixture(scope="session")
 def keras_twin(reference_model, tmp_path_factory):
-    """``make(input_scale=1, softmax=False) -> path`` of a channels-last .keras file.
+    """``make(input_scale=1, softmax=False) -> path`` of a channels-last .keras file (``softmax``: see make).
 
     ``input_scale`` builds a model that expects inputs multiplied by it (e.g. pixels in [0, 255]):
     its first kernel is divided by the scale, so on scaled inputs it computes the same logits.
@@ -47,17 +47,23 @@ def keras_twin(reference_model, tmp_path_factory):
     keras = import_keras()
     conv_w, conv_b, dense_w, dense_b = _weights(reference_model)
 
-    def make(input_scale: float = 1.0, softmax: bool = False):
+    def make(input_scale: float = 1.0, softmax: bool | str = False):
+        # softmax: True as the Dense layer's activation, "layer" as a Softmax layer after it,
+        # "nested" as the Dense activation of a Sequential wrapped in a Functional model
         model = keras.Sequential([
             keras.Input((8, 8, 1)),
             keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
             keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax" if softmax else None),
+            keras.layers.Dense(10, activation="softmax" if softmax in (True, "nested") else None),
+            *([keras.layers.Softmax()] if softmax == "layer" else []),
         ])
         model.layers[0].set_weights([conv_w.transpose(2, 3, 1, 0) / input_scale, conv_b])
         # torch flattens (C, H, W), Keras (H, W, C): reorder the dense inputs to match
         kernel = dense_w.reshape(10, 8, 8, 8).transpose(0, 2, 3, 1).reshape(10, -1).T
         model.layers[2].set_weights([kernel, dense_b])
+        if softmax == "nested":
+            inputs = keras.Input((8, 8, 1))
+            model = keras.Model(inputs, model(inputs))
         path = tmp_path_factory.mktemp("keras") / "model.keras"
         model.save(str(path))
         return path

@@ -67,6 +67,15 @@ def test_input_range_card_and_final_softmax(keras_twin, reference_model, digits)
     assert any("close to chance" in w for w in uncarded.warnings)
 
 
+@pytest.mark.parametrize("softmax", ["layer", "nested"])
+def test_a_softmax_layer_or_a_nested_softmax_is_bypassed_too(keras_twin, reference_model, digits, softmax):
+    # gradient attacks on probabilities would overstate robustness: attacks must see the logits
+    external = load_external_model(keras_twin(softmax=softmax), digits)
+    x = digits.test.x[:64]
+    torch.testing.assert_close(external.module(x), reference_model(x), atol=1e-5, rtol=1e-5)
+    assert any("softmax is bypassed" in w for w in external.warnings)
+
+
 @pytest.mark.slow
 def test_adversarial_fine_tuning_of_a_keras_model(keras_twin, digits, tmp_path):
     # Prepare: the standard-trained Keras model, not robust at eps 0.2

@@ -73,7 +73,16 @@ class KerasClassifier(nn.Module):
         if layer is None:
             yield
             return
-        # only for the duration of the call: the Keras model itself keeps its softmax
+        # only for the duration of the call: the Keras model itself keeps its softmax. A Softmax
+        # layer gets an identity `call` on the instance (Keras calls self.call), any other layer
+        # an identity activation
+        if _is_softmax_layer(layer):
+            layer.call = _identity_call
+            try:
+                yield
+            finally:
+                del layer.call
+            return
         activation, layer.activation = layer.activation, _linear
         try:
             yield
@@ -91,10 +100,23 @@ def _linear(x: Tensor) -> Tensor:
     return x
 
 
+def _identity_call(inputs: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return inputs
+
+
+def _is_softmax_layer(layer: Any) -> bool:
+    return type(layer).__name__ == "Softmax"
+
+
 def _final_softmax(keras_model: Any) -> Any | None:
-    """The last layer when it applies softmax as its activation (Dense(..., "softmax"), Activation)."""
+    """The last layer when it applies softmax: a Softmax layer, or softmax as its activation
+    (Dense(..., "softmax"), Activation); a last layer that is itself a model is searched the same way."""
     layers = getattr(keras_model, "layers", [])
     last = layers[-1] if layers else None
+    if last is not None and getattr(last, "layers", None):  # a nested Sequential or Functional model
+        return _final_softmax(last)
+    if _is_softmax_layer(last):
+        return last
     activation = getattr(last, "activation", None)
     return last if getattr(activation, "__name__", None) == "softmax" else None
 
