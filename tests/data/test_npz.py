@@ -438,3 +438,20 @@ def test_other_members_of_the_archive_are_ignored(tmp_path):
 
     # Assert
     assert data.num_classes == 2 and data.input_shape == (2,)
+
+
+def test_rgba_images_stored_channels_last_become_nchw(tmp_path):
+    # (N, H, W, 4) was read as 16 channels of 16x4 images
+    x = RNG.random((10, 16, 16, 4)).astype(np.float32)
+    data = load_dataset("npz", write_npz(tmp_path, x=x, y=np.arange(10) % 2))
+    assert data.input_shape == (4, 16, 16)
+
+
+def test_images_of_an_ambiguous_layout_are_refused(tmp_path):
+    options = write_npz(tmp_path, x=RNG.random((10, 3, 8, 4)).astype(np.float32), y=np.arange(10) % 2)
+    assert "cannot tell channels first from channels last" in load_error(options)
+
+
+def test_images_with_other_channel_counts_stay_channels_first(tmp_path):
+    x = RNG.random((10, 8, 6, 6)).astype(np.float32)
+    assert load_dataset("npz", write_npz(tmp_path, x=x, y=np.arange(10) % 2)).input_shape == (8, 6, 6)

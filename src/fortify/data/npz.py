@@ -145,8 +145,13 @@ def to_channels_first(values: np.ndarray, key: str) -> np.ndarray:
         raise DataError(f"{key!r} has shape {values.shape}; expected tabular (N, features) or "
                         "images (N, C, H, W) / (N, H, W, C). For grey images of shape (N, H, W) "
                         "add a channel axis: x[:, None]")
-    looks_nhwc = values.shape[-1] in (1, 3) and values.shape[1] not in (1, 3)
-    return values.transpose(0, 3, 1, 2) if looks_nhwc else values
+    channels = (1, 3, 4)  # grey, RGB, RGBA
+    first, last = values.shape[1] in channels, values.shape[-1] in channels
+    if first and last and values.shape[1] != values.shape[-1]:
+        # e.g. (N, 3, 8, 4): RGB 8x4 or RGBA 3x8, no reading is safer than the other
+        raise DataError(f"{key!r} has shape {values.shape}: cannot tell channels first from channels "
+                        "last; store images as (N, C, H, W)")
+    return values.transpose(0, 3, 1, 2) if last and not first else values
 
 
 def read_labels(values: np.ndarray, key: str) -> Tensor:
