@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from fortify.data import load_dataset
+from fortify.data.base import split_indices
 from fortify.errors import DataError
 from fortify.tabular import TableOptions
 from fortify.tabular.csv import infer_schema, read_table
@@ -152,3 +154,83 @@ def test_blank_lines_do_not_shift_the_row_numbers_of_errors(tmp_path):
     lines[lines.index(next(line for line in lines if ",nan," in line))] = "23,,1"  # the same row, emptied
     path.write_text("\n".join(lines) + "\n")
     assert "data row 3: column 'income' is empty" in csv_error(path, target="label")
+
+
+# -- bounds and categories come from the training rows -----------------------------------------
+
+N_ROWS = 40
+TRAIN_ROWS, VAL_ROWS, TEST_ROWS = (index.tolist() for index in split_indices(N_ROWS, 0.1, 0.2, 0))
+
+
+def write_mixed_table(path: Path, income: dict[int, str] | None = None,
+                      housing: dict[int, str] | None = None) -> Path:
+    """``N_ROWS`` rows of an integer age, a continuous income, a housing category and a 0/1 label,
+    with the given cells (data row -> value) replaced."""
+    income, housing = income or {}, housing or {}
+    lines = ["age,income,housing,label"] + [
+        f"{20 + i},{income.get(i, 100 + 7.5 * i)},{housing.get(i, ('own', 'rent')[i % 2])},{i % 2}"
+        for i in range(N_ROWS)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_category_met_only_outside_the_training_rows_is_refused(tmp_path):
+    # Prepare: one validation row holds a housing category no training row has
+    row = VAL_ROWS[0]
+    path = write_mixed_table(tmp_path / "t.csv", housing={row: "boat"})
+
+    # Execute
+    message = csv_error(path, target="label")
+
+    # Assert: the column, the row, the value and the split are named, with the way out
+    assert f"column 'housing', data row {row}: category 'boat' appears in the val split" in message
+    assert "in no training row" in message and "schema file" in message
+
+
+def test_a_schema_that_lists_the_category_keeps_it(tmp_path):
+    # Prepare
+    path = write_mixed_table(tmp_path / "t.csv", housing={VAL_ROWS[0]: "boat"})
+    schema = tmp_path / "schema.yaml"
+    schema.write_text("infer_missing: true\nfeatures:\n  housing: {type: categorical, "
+                      "categories: [own, rent, boat]}\n")
+
+    # Execute
+    dataset = load_dataset("csv", TableOptions(path=path, target="label", schema=schema))
+
+    # Assert
+    assert "housing=boat" in dataset.metadata["feature_names"]
+
+
+def test_numeric_bounds_are_the_training_rows_range_and_extremes_are_clipped(tmp_path):
+    # Prepare: the same table twice, the second with a huge income in one test row
+    plain = load_dataset("csv", TableOptions(path=write_mixed_table(tmp_path / "a.csv"), target="label"))
+    row = TEST_ROWS[0]
+    path = write_mixed_table(tmp_path / "b.csv", income={row: "1e9"})
+
+    # Execute
+    dataset = load_dataset("csv", TableOptions(path=path, target="label"))
+
+    # Assert: the bounds are the training rows' own, the training inputs do not move, the extreme
+    # is clipped to the top of the range and counted
+    income = Schema.from_dict(dataset.metadata["schema"]).feature("income")
+    assert (income.low, income.high) == (min(100 + 7.5 * i for i in TRAIN_ROWS),
+                                         max(100 + 7.5 * i for i in TRAIN_ROWS))
+    assert torch.equal(dataset.train.x, plain.train.x)
+    assert float(dataset.test.x[0, 1]) == 1.0
+    was_clipped = plain.metadata["clipped"]
+    assert dataset.metadata["clipped"] == {**was_clipped, "test": was_clipped["test"] + 1}
+    for split in (dataset.train, dataset.val, dataset.test):
+        assert float(split.x.min()) >= 0.0 and float(split.x.max()) <= 1.0
+
+
+def test_bounds_a_schema_gives_are_not_clipped_to(tmp_path):
+    # Prepare: a test income above the high bound the schema states
+    path = write_mixed_table(tmp_path / "t.csv", income={TEST_ROWS[0]: "1e9"})
+    schema = tmp_path / "schema.yaml"
+    schema.write_text("infer_missing: true\nfeatures:\n  income: {type: continuous, low: 0, high: 1000}\n")
+
+    # Execute
+    message = csv_error(path, target="label", schema=schema)
+
+    # Assert
+    assert f"feature 'income', row {TEST_ROWS[0]}: value 1e+09 is outside the schema bounds" in message

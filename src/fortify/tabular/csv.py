@@ -3,12 +3,18 @@
 Without a schema file every column but the target is inferred: numbers that are all whole are
 ``integer`` (``binary`` when they are all 0 or 1), other numbers ``continuous``, anything else
 ``categorical``. A column that is mostly numbers (``NUMERIC_SHARE``) but holds NaN, Inf or a few
-text cells is refused rather than turned into categories. Bounds are the column's minimum and
-maximum (a constant column gets ``[v, v + 1]``), categories its distinct values, and every feature
-is mutable in any direction at cost 1. A schema file overrides this per feature; each key it leaves
-out is inferred. With ``infer_missing: false`` (the default) the schema must name every column, so
-a schema written for another table fails. The file must be UTF-8 text (a leading byte-order mark
-is allowed).
+text cells is refused rather than turned into categories. Types and these checks see every row:
+they say how to read each cell. Bounds and categories are fitted on the training rows alone, so no
+statistic of the validation or test rows reaches the model. Bounds are the training rows' minimum
+and maximum (a constant column gets ``[v, v + 1]``); a validation or test value outside them is
+clipped into them, and ``clipped`` in the metadata counts such values per split. Categories are
+the training rows' distinct values; a category met only in validation or test rows is refused (the
+model would have a column it never saw set) unless a schema file lists it. Every feature is
+mutable in any direction at cost 1. A schema file overrides this per feature; each key it leaves
+out is inferred. Bounds and categories it gives are never clipped to: a value outside them is
+refused. With ``infer_missing: false`` (the default) the schema must name every column, so a
+schema written for another table fails. The file must be UTF-8 text (a leading byte-order mark is
+allowed).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 
 import torch
 
-from fortify.data.base import Dataset, split_arrays
+from fortify.data.base import Dataset, Split, split_indices
 from fortify.data.registry import DATASETS, DataOptions
 from fortify.errors import DataError
 from fortify.tabular.schema import Feature, Schema, SchemaSpec, read_schema_spec
@@ -52,14 +58,17 @@ def load_csv(options: DataOptions) -> Dataset:
                         f"{path.name}: {', '.join(read_header(path))})")
     table = read_table(path)
     labels, class_names = encode_labels(table, target)
-    schema = infer_schema(table, target, spec)
-    x = schema.encode(table)
-    y = torch.tensor(labels, dtype=torch.long)
-    train, val, test = split_arrays(x, y, options.val_fraction, options.test_fraction, options.seed)
+    rows = split_indices(len(labels), options.val_fraction, options.test_fraction, options.seed)
+    split_of = _split_names(len(labels), rows)
+    schema = infer_schema(table, target, spec, fit_rows=rows[0].tolist())
+    _check_unseen_categories(table, schema, spec, split_of)
+    table, clipped = clip_to_bounds(table, schema, spec, split_of)
+    x, y = schema.encode(table), torch.tensor(labels, dtype=torch.long)
+    train, val, test = (Split(x[index], y[index]) for index in rows)
     return Dataset("csv", train, val, test, num_classes=len(class_names), default_model="mlp",
                    class_names=class_names,
                    metadata={"source": str(path), "target": target, "schema": schema.to_dict(),
-                             "feature_names": schema.column_names()})
+                             "feature_names": schema.column_names(), "clipped": clipped})
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -127,15 +136,79 @@ def encode_labels(table: Table, target: str) -> tuple[list[int], list[str]]:
     return [index[v] for v in values], distinct
 
 
+# -- fitting on the training rows ---------------------------------------------------------------
+
+SPLITS = ("train", "val", "test")
+
+
+def _split_names(n: int, rows: tuple[torch.Tensor, ...]) -> list[str]:
+    """The split of each data row."""
+    names = [""] * n
+    for name, index in zip(SPLITS, rows):
+        for row in index.tolist():
+            names[row] = name
+    return names
+
+
+def _given(spec: SchemaSpec | None, name: str) -> Mapping[str, Any]:
+    return spec.features.get(name, {}) if spec is not None else {}
+
+
+def _check_unseen_categories(table: Table, schema: Schema, spec: SchemaSpec | None,
+                             split_of: list[str]) -> None:
+    """Refuse a category the training rows lack: the model would have a column it never saw set.
+    Categories a schema file lists are its business (``Schema.encode`` refuses any others)."""
+    for feature in schema.features:
+        if feature.type != "categorical" or "categories" in _given(spec, feature.name):
+            continue
+        known = set(feature.categories)
+        for row, value in enumerate(table[feature.name]):
+            if value not in known:
+                raise DataError(f"column {feature.name!r}, data row {row}: category {value!r} appears in "
+                                f"the {split_of[row]} split but in no training row, so the model has no "
+                                "column for it; list it under the column's categories in a schema file "
+                                "(--schema), or drop or merge such rows")
+
+
+def clip_to_bounds(table: Table, schema: Schema, spec: SchemaSpec | None, split_of: list[str]
+                   ) -> tuple[Table, dict[str, int]]:
+    """``table`` with numeric values clipped into the bounds inferred from the training rows, and
+    the count of clipped values per split."""
+    clipped = dict.fromkeys(SPLITS, 0)
+    table = dict(table)
+    for feature in schema.features:
+        low, high = _clip_range(feature, _given(spec, feature.name))
+        if (low, high) == (-math.inf, math.inf):
+            continue
+        column = list(table[feature.name])
+        for row, value in enumerate(column):
+            number = float(value)  # inference has checked that every cell is a finite number
+            if not low <= number <= high:
+                column[row] = repr(min(max(number, low), high))
+                clipped[split_of[row]] += 1
+        table[feature.name] = column
+    return table, clipped
+
+
+def _clip_range(feature: Feature, given: Mapping[str, Any]) -> tuple[float, float]:
+    """The sides inferred from the training rows. A side a schema file gives is a statement about
+    the data, not an estimate, so a value beyond it must reach the refusal in ``Schema.encode``."""
+    if feature.type not in ("continuous", "integer"):
+        return -math.inf, math.inf
+    assert feature.low is not None and feature.high is not None
+    return (-math.inf if "low" in given else feature.low, math.inf if "high" in given else feature.high)
+
+
 # -- schema inference ---------------------------------------------------------------------------
 
-def infer_schema(table: Mapping[str, list[str]], target: str, spec: SchemaSpec | None = None) -> Schema:
-    """The table's schema: ``spec``'s settings where given, inferred from the values elsewhere."""
+def infer_schema(table: Mapping[str, list[str]], target: str, spec: SchemaSpec | None = None,
+                 fit_rows: list[int] | None = None) -> Schema:
+    """The table's schema: ``spec``'s settings where given, inferred from the values elsewhere
+    (bounds and categories from the rows ``fit_rows`` only; every row when None)."""
     columns = [name for name in table if name != target]
     if spec is not None:
         _check_columns(spec, columns, target)
-    entries = spec.features if spec is not None else {}
-    features = tuple(infer_feature(name, table[name], entries.get(name, {})) for name in columns)
+    features = tuple(infer_feature(name, table[name], _given(spec, name), fit_rows) for name in columns)
     return Schema(features, target)
 
 
@@ -151,21 +224,28 @@ def _check_columns(spec: SchemaSpec, columns: list[str], target: str) -> None:
                         "'infer_missing: true' to infer them from the data")
 
 
-def infer_feature(name: str, values: list[str], given: Mapping[str, Any]) -> Feature:
-    """One feature: ``given`` settings win, the rest come from the column's values."""
+def infer_feature(name: str, values: list[str], given: Mapping[str, Any],
+                  fit_rows: list[int] | None = None) -> Feature:
+    """One feature: ``given`` settings win, the rest come from the column's values. The type, and
+    the check that every cell fits it, see every value; bounds and categories only those at
+    ``fit_rows`` (every row when None)."""
     settings = dict(given)
     if "type" not in settings:  # not setdefault: inference may refuse a column the schema declares
         settings["type"] = _infer_type(name, values)
     kind = settings["type"]
     if kind == "categorical":
-        settings.setdefault("categories", sorted(set(values)))
+        settings.setdefault("categories", sorted(set(_rows_of(values, fit_rows))))
         settings["categories"] = tuple(str(c) for c in settings["categories"])
     elif kind in ("continuous", "integer") and not ("low" in settings and "high" in settings):
-        numbers = _numbers(name, values, kind)
+        numbers = _rows_of(_numbers(name, values, kind), fit_rows)
         low, high = min(numbers), max(numbers)
         settings.setdefault("low", low)
         settings.setdefault("high", high if high > low else low + 1)
     return Feature(name=name, **settings)
+
+
+def _rows_of(values: list[Any], rows: list[int] | None) -> list[Any]:
+    return values if rows is None else [values[row] for row in rows]
 
 
 def _infer_type(name: str, values: list[str]) -> str:

@@ -28,8 +28,9 @@ _CANCER_SIZE = ("radius", "perimeter", "area")
 
 
 def breast_cancer_schema(dataset: Dataset) -> Schema:
-    """Schema of the bundled breast-cancer data: 30 continuous measurements, bounds = the data's
-    range (the scaling the dataset applied), size measurements immutable, all others mutable."""
+    """Schema of the bundled breast-cancer data: 30 continuous measurements, bounds = the training
+    split's range (the scaling the dataset applied, so the schema holds no statistic of the test
+    rows), size measurements immutable, all others mutable."""
     names = dataset.metadata.get("feature_names")
     low, high = dataset.metadata.get("raw_min"), dataset.metadata.get("raw_max")
     if not (isinstance(names, list) and isinstance(low, list) and isinstance(high, list)):
