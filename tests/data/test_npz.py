@@ -452,6 +452,12 @@ def test_images_of_an_ambiguous_layout_are_refused(tmp_path):
     assert "cannot tell channels first from channels last" in load_error(options)
 
 
+@pytest.mark.parametrize(("shape", "loaded"), [((10, 1, 4, 4), (1, 4, 4)), ((10, 4, 4, 3), (3, 4, 4))])
+def test_a_shape_that_reads_both_ways_takes_the_square_image(tmp_path, shape, loaded):
+    x = RNG.random(shape).astype(np.float32)
+    assert load_dataset("npz", write_npz(tmp_path, x=x, y=np.arange(10) % 2)).input_shape == loaded
+
+
 def test_images_with_other_channel_counts_stay_channels_first(tmp_path):
     x = RNG.random((10, 8, 6, 6)).astype(np.float32)
     assert load_dataset("npz", write_npz(tmp_path, x=x, y=np.arange(10) % 2)).input_shape == (8, 6, 6)

@@ -195,3 +195,25 @@ def test_cli_bad_card_flags(onnx_twin, tmp_path, flags, fragment):
     result = _evaluate_cli("--model", onnx_twin(), "--dataset", "digits", *flags, "--out", out)
     assert result.exit_code == 2 and fragment in result.output, result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_a_conversion_that_computes_another_function_gives_way_to_onnxruntime(onnx_twin, digits, monkeypatch):
+    # Prepare: a converter that is off by 1% (a silent conversion bug)
+    import onnx2torch
+
+    convert = onnx2torch.convert
+
+    class OffByOnePercent(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 1.01
+
+    monkeypatch.setattr(onnx2torch, "convert", lambda proto: OffByOnePercent(convert(proto)))
+    # Execute
+    external = load_external_model(onnx_twin(), digits)
+    # Assert: the file's own function is what gets attacked
+    assert external.runtime == "onnxruntime" and external.access.kind == "black-box"
+    assert "differs from onnxruntime" in external.warnings[0]

@@ -166,3 +166,21 @@ def test_normalize_keeps_input_gradient() -> None:
     x = torch.rand(2, 1, 8, 8, requires_grad=True)
     model(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_preact_blocks_convolve_pre_activated_inputs_and_the_head_sees_bn_relu() -> None:
+    # He et al. 2016 (identity mappings): BN-ReLU before each conv, the projection shortcut on the
+    # pre-activated input, and a final BN-ReLU before pooling. A post-activation block has the same
+    # parameter count, so only the order of operations tells them apart.
+    torch.manual_seed(0)
+    model = PreActResNet(blocks=(1, 1), widths=(8, 16), in_channels=3, num_classes=4).eval()
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0]))
+             for name, module in model.named_modules()
+             if name.endswith(("conv1", "conv2", "shortcut")) and name != "conv1" or name == "pool"]
+    model(torch.randn(2, 3, 8, 8))
+    for hook in hooks:
+        hook.remove()
+    assert {"layers.1.0.shortcut", "layers.0.0.conv2", "pool"} <= set(seen)
+    assert all(bool((tensor >= 0).all()) for tensor in seen.values()), \
+        [name for name, tensor in seen.items() if bool((tensor < 0).any())]

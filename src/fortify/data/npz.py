@@ -146,11 +146,15 @@ def to_channels_first(values: np.ndarray, key: str) -> np.ndarray:
                         "images (N, C, H, W) / (N, H, W, C). For grey images of shape (N, H, W) "
                         "add a channel axis: x[:, None]")
     channels = (1, 3, 4)  # grey, RGB, RGBA
-    first, last = values.shape[1] in channels, values.shape[-1] in channels
-    if first and last and values.shape[1] != values.shape[-1]:
-        # e.g. (N, 3, 8, 4): RGB 8x4 or RGBA 3x8, no reading is safer than the other
-        raise DataError(f"{key!r} has shape {values.shape}: cannot tell channels first from channels "
-                        "last; store images as (N, C, H, W)")
+    _, c1, c2, c3 = values.shape
+    first, last = c1 in channels, c3 in channels
+    if first and last and c1 != c3:
+        # both readings are plausible: take the one whose image is square, e.g. (N, 1, 4, 4) is a grey
+        # 4x4 and (N, 4, 4, 3) an RGB 4x4; (N, 3, 8, 4) could be RGB 8x4 or RGBA 3x8
+        first, last = c2 == c3, c1 == c2
+        if first == last:
+            raise DataError(f"{key!r} has shape {values.shape}: cannot tell channels first from channels "
+                            "last; store images as (N, C, H, W)")
     return values.transpose(0, 3, 1, 2) if last and not first else values
 
 

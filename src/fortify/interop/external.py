@@ -6,6 +6,7 @@ channels first, logits out), checked on a sample batch before any attack runs.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ MODEL_SUFFIXES = {".keras": "keras", ".h5": "keras", ".onnx": "onnx"}
 # attacks that only query the model's outputs (transfer crafts its points on a surrogate)
 BLACK_BOX_ATTACKS = ("square", "hopskipjump", "transfer")
 SAMPLE_SIZE = 256
+CONVERSION_TOLERANCE = 1e-4  # relative to the largest logit: float32 rounding, not another function
 
 
 @dataclass
@@ -61,6 +63,8 @@ def load_external_model(path: Path, dataset: Dataset, *, layout: str = "auto",
     check_channels(card, dataset.input_shape)
     adapted = InputAdapter(module, card, dataset.bounds)
     sample = dataset.test.head(SAMPLE_SIZE)
+    if runtime == "onnx2torch":
+        adapted, runtime, notes = _checked_conversion(adapted, path, card, dataset.bounds, sample.x)
     warnings = notes + check_on_sample(adapted, sample.x, sample.y, dataset.num_classes)
     access = probe_gradients(adapted, sample.x)
     return ExternalModel(adapted, path, framework, runtime, card, access, warnings)
@@ -84,6 +88,26 @@ def _load(framework: str, path: Path, device: torch.device | None
         module = module.to(device)
     notes = [loaded.note] if loaded.runtime == "onnxruntime" else []
     return module, loaded.declared_input_shape, loaded.runtime, notes
+
+
+def _checked_conversion(adapted: InputAdapter, path: Path, card: InputCard, bounds: tuple[float, float],
+                        x: torch.Tensor) -> tuple[nn.Module, str, list[str]]:
+    """onnx2torch rebuilds the graph from torch operations; were its function another than the file's,
+    fortify would attack a model the file does not hold. Compared with onnxruntime on the sample (when
+    installed), a conversion off by more than float rounding gives way to onnxruntime (black-box)."""
+    from fortify.interop.onnx import OnnxRuntimeClassifier
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return adapted, "onnx2torch", []
+    reference = InputAdapter(OnnxRuntimeClassifier(path.read_bytes()), card, bounds)
+    device = next(adapted.parameters(), torch.empty(0)).device
+    with torch.inference_mode():
+        converted, expected = adapted(x.to(device)).cpu(), reference(x)
+    gap = float((converted - expected).abs().max())
+    if gap <= CONVERSION_TOLERANCE * (1 + float(expected.abs().max())):
+        return adapted, "onnx2torch", []
+    return reference, "onnxruntime", [f"onnx2torch's conversion differs from onnxruntime by {gap:.3g} in the "
+                                      "logits of a sample batch; the model runs in onnxruntime instead"]
 
 
 def check_attacks_fit_access(names: Sequence[str], access: Access) -> None:
