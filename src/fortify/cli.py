@@ -640,8 +640,10 @@ def federate(
     attack_steps: Annotated[int | None, typer.Option(help="PGD steps in local training.")] = None,
     partition: Annotated[str, typer.Option(help="iid or dirichlet.")] = "iid",
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration (small: skewed labels).")] = 0.5,
+    partition_seed: Annotated[int, typer.Option(help="Seed of the clients' partition.")] = 0,
     strategy: Annotated[str, typer.Option(help="fedavg, fedprox, krum, trimmed-mean or median.")] = "fedavg",
     proximal_mu: Annotated[float, typer.Option(help="FedProx mu.")] = 0.01,
+    trim_beta: Annotated[float, typer.Option(help="Trimmed mean: share cut at each end (< 0.5).")] = 0.25,
     malicious_clients: Annotated[int, typer.Option(help="Clients sending poisoned updates.")] = 0,
     malicious_mode: Annotated[str, typer.Option(help="flip or scale.")] = "flip",
     malicious_scale: Annotated[float, typer.Option(help="Factor on a poisoned update.")] = 10.0,
@@ -670,8 +672,9 @@ def federate(
                            dp={"enabled": True if dp else None, "noise_multiplier": noise_multiplier,
                                "max_grad_norm": max_grad_norm, "delta": delta})
     federation = {"clients": clients, "rounds": rounds, "local_epochs": local_epochs,
-                  "partition": partition, "alpha": alpha, "strategy": strategy,
-                  "proximal_mu": proximal_mu, "malicious_clients": malicious_clients,
+                  "partition": partition, "alpha": alpha, "partition_seed": partition_seed,
+                  "strategy": strategy, "proximal_mu": proximal_mu, "trim_beta": trim_beta,
+                  "malicious_clients": malicious_clients,
                   "malicious_mode": malicious_mode, "malicious_scale": malicious_scale,
                   "eval_examples": eval_examples, "eval_steps": eval_steps}
     dp_section = read_yaml_mapping(config).get("dp")

@@ -71,3 +71,13 @@ def test_resume_needs_the_run_directory_and_a_full_directory_needs_resume(tmp_pa
     (tmp_path / "fed" / "notes.txt").write_text("x")
     full = _federate("--out", tmp_path / "fed")
     assert full.exit_code == 2 and "pass --resume to continue" in full.output
+
+
+def test_trim_beta_and_partition_seed_flags_reach_the_run(tmp_path):
+    # 3 clients trim nobody at the default 0.25; --trim-beta 0.4 trims one at each end
+    app_dir = tmp_path / "app"
+    result = _federate("--strategy", "trimmed-mean", "--clients", 3, "--trim-beta", 0.4,
+                       "--partition-seed", 7, "--write-app", app_dir, "--out", tmp_path / "fed")
+    assert result.exit_code == 0, result.output
+    config = (app_dir / "pyproject.toml").read_text()
+    assert '"federation.trim_beta" = 0.4' in config and '"federation.partition_seed" = 7' in config

@@ -153,8 +153,9 @@ def test_krum_at_its_bound_is_accepted():
 
 
 def test_a_trimmed_mean_that_trims_nothing_is_refused_with_the_clients_it_needs():
-    with pytest.raises(ConfigError, match=r"trim_beta=0.25 trims int\(0.25 \* 3\) = 0 of 3 clients .* "
-                                          r"at least 4 clients or federation.trim_beta >= 0.334"):
+    expected = (r"trim_beta=0.25 trims int\(0.25 \* 3\) = 0 of 3 clients .* at least 4 clients or "
+                r"--trim-beta \(federation.trim_beta\) >= 0.334")
+    with pytest.raises(ConfigError, match=expected):
         validate_run(small_run(clients=3, strategy="trimmed-mean"))
     with pytest.raises(ConfigError, match="at least 10 clients$"):
         validate_run(small_run(clients=2, strategy="trimmed-mean", trim_beta=0.1))

@@ -104,7 +104,8 @@ def check_strategy(fed: FederationConfig) -> None:
         least = math.ceil(1 / beta)
         if int(beta * least) == 0:  # 1 / beta rounded up can still fall short in floating point
             least += 1
-        other = f" or federation.trim_beta >= {math.ceil(1000 / n) / 1000:g} (below 0.5)" if n >= 3 else ""
+        other = f" or --trim-beta (federation.trim_beta) >= {math.ceil(1000 / n) / 1000:g}, below 0.5" \
+            if n >= 3 else ""
         raise ConfigError(f"trimmed-mean with trim_beta={beta:g} trims int({beta:g} * {n}) = 0 of {n} "
                           f"clients at each end, which is an unweighted mean; use at least {least} "
                           f"clients{other}")
