@@ -353,3 +353,16 @@ def test_a_finished_run_without_its_state_json_stops_the_sweep(tmp_path, monkeyp
     monkeypatch.setattr(sweep_module, "train_model", _no_run)
     with pytest.raises(CheckpointError, match=f"{spec.name} has a result.json but no state.json"):
         run_sweep(base, SweepGrid(objective=["pgd"]), tmp_path / "out", device="cpu", show_progress=False)
+
+
+def test_a_finished_run_cached_elsewhere_is_still_the_same_run(tmp_path, monkeypatch):
+    # another user or container: only data.cache_dir and data.download differ
+    base = load_config(None, TINY)
+    spec = RunSpec("pgd", 0.2, 6.0, 0.5, 1)
+    config = spec.config(base).model_dump(mode="json")
+    config["data"].update(cache_dir="/home/someone/.cache/fortify", download=False)
+    _fake_finished_run(tmp_path / "out", spec, base, config=config)
+    monkeypatch.setattr(sweep_module, "train_model", _no_run)
+    results = run_sweep(base, SweepGrid(objective=["pgd"]), tmp_path / "out", device="cpu",
+                        show_progress=False)
+    assert [r.status for r in results] == ["skipped"]

@@ -33,6 +33,7 @@ from fortify.pipeline import (
     audited_dataset,
     check_same_settings,
     evaluate_model,
+    fresh_out_dir,
     load_trained_model,
     prepare,
     provenance,
@@ -120,21 +121,6 @@ def _overrides(**sections: dict[str, Any]) -> dict[str, Any]:
             if any(v is not None for v in values.values())}
 
 
-def _fresh_out_dir(out: Path | None, default_stem: str, resume: bool) -> Path:
-    if out is None:
-        if resume:
-            raise ConfigError("--resume needs --out naming the run directory to continue")
-        return Path("runs") / f"{default_stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} is a file; --out names a directory")
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise ConfigError(f"{out} already exists and is not empty; pass --resume to continue the "
-                          "run in it or choose another --out")
-    if resume and not out.is_dir():
-        raise ConfigError(f"cannot resume: {out} does not exist")
-    return out
-
-
 # -- fortify run -------------------------------------------------------------------------------
 
 @app.command()
@@ -161,7 +147,7 @@ def run(
                                          threat={"eps": eps, "norm": norm},
                                          train={"epochs": epochs, "seed": seed}))
     setup = prepare(cfg, device, objectives=("standard", "pgd"))
-    out_dir = _fresh_out_dir(out, cfg.data.name, resume)
+    out_dir = fresh_out_dir(out, cfg.data.name, resume)
     if resume:
         check_same_settings(out_dir, cfg)  # before config.yaml is written over
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -284,7 +270,7 @@ def train(
             raise ConfigError("--dp cannot be combined with --nproc: DP-SGD trains in one process")
         raise typer.Exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
     setup, ddp = _join_torchrun(prepare(cfg, device), out)
-    out_dir = _fresh_out_dir(out, f"{cfg.data.name}-{cfg.train.objective}", resume)
+    out_dir = fresh_out_dir(out, f"{cfg.data.name}-{cfg.train.objective}", resume)
     if ddp is not None:
         ddp.barrier()  # every rank has checked out_dir before rank 0 writes into it
     _, result = train_model(setup, cfg.train.objective, out_dir, resume=resume,
@@ -504,7 +490,7 @@ def _model_file_out_dir(out: Path | None, path: Path, source: dict[str, Any]) ->
     journal inside continues; anything else in it is left alone."""
     journal_dir = out / "evaluation" if out is not None else None
     if journal_dir is None or not (journal_dir / _EVALUATED_FILE).is_file():
-        return _fresh_out_dir(out, f"{path.stem}-eval", resume=False)
+        return fresh_out_dir(out, f"{path.stem}-eval", resume=False)
     try:
         recorded = json.loads((journal_dir / _EVALUATED_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):

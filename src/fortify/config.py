@@ -234,6 +234,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 # -- comparing settings (resume and sweeps refuse a run made under others) ----------------------
 
+# settings that change no result: where data is cached, whether it may be downloaded, whether the
+# step is compiled. cache_dir holds an absolute home directory another user or container would not
+# share, so a run continued there must not be refused over it
+NOT_RESULT_SETTINGS = {"data": ("cache_dir", "download"), "train": ("compile",)}
+
+
+def comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A config's sections (``model_dump(mode="json")``) without NOT_RESULT_SETTINGS."""
+    return {section: {k: v for k, v in values.items() if k not in NOT_RESULT_SETTINGS.get(section, ())}
+            if isinstance(values, dict) else values for section, values in settings.items()}
+
+
 _MISSING = object()
 
 

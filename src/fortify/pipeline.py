@@ -29,6 +29,7 @@ from fortify.config import (
     EvalConfig,
     RunConfig,
     TrainConfig,
+    comparable_settings,
     listed,
     load_config,
     setting_differences,
@@ -192,15 +193,6 @@ def build_training_objective(setup: Setup, train_cfg: TrainConfig) -> Objective:
 
 # the sections of a RunConfig that shape a model's weights; a resumed run must keep every one of them
 WEIGHT_SETTINGS = ("data", "model", "threat", "train", "dp")
-# where data is cached, whether it may be downloaded and whether the step is compiled change no weight;
-# cache_dir holds an absolute home directory, which another user or container would not share
-_NOT_WEIGHT_RELEVANT = {"data": ("cache_dir", "download"), "train": ("compile",)}
-
-
-def _weight_relevant(section: str, values: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if k not in _NOT_WEIGHT_RELEVANT.get(section, ())}
-
-
 def check_same_settings(directory: Path, config: RunConfig, sections: Sequence[str] = WEIGHT_SETTINGS
                         ) -> None:
     """ConfigError unless the config.yaml in ``directory`` (if any) agrees with ``config`` on
@@ -209,7 +201,7 @@ def check_same_settings(directory: Path, config: RunConfig, sections: Sequence[s
     if not saved_path.is_file():
         return
     saved, now = load_config(saved_path).model_dump(mode="json"), config.model_dump(mode="json")
-    before, after = ({s: _weight_relevant(s, run[s]) for s in sections} for run in (saved, now))
+    before, after = ({s: comparable_settings(run)[s] for s in sections} for run in (saved, now))
     differing = setting_differences(before, after)
     if differing:
         raise ConfigError(f"cannot resume {directory}: {listed(differing)}; give the settings it was "
@@ -411,6 +403,26 @@ def audited_dataset(setup: Setup) -> Dataset:
 
 
 # -- run directory -----------------------------------------------------------------------------
+
+def fresh_out_dir(out: Path | None, default_stem: str, resume: bool, *, marker: str | None = None) -> Path:
+    """The run directory to write: a new one under runs/, an empty or new ``out``, or with ``resume``
+    an existing ``out`` (holding ``marker`` when given and not empty: an unrelated directory is not
+    continued, and so not overwritten)."""
+    if out is None:
+        if resume:
+            raise ConfigError("--resume needs --out naming the run directory to continue")
+        return Path("runs") / f"{default_stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; --out names a directory")
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise ConfigError(f"{out} already exists and is not empty; pass --resume to continue the "
+                          "run in it or choose another --out")
+    if resume and not out.is_dir():
+        raise ConfigError(f"cannot resume: {out} does not exist")
+    if resume and marker is not None and any(out.iterdir()) and not (out / marker).is_file():
+        raise ConfigError(f"cannot resume: {out} holds no {marker}, so it is not a run to continue")
+    return out
+
 
 def write_json(path: Path, payload: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")

@@ -34,7 +34,14 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from rich.table import Table
 from torch import nn
 
-from fortify.config import RunConfig, config_from_dict, listed, read_yaml_mapping, setting_differences
+from fortify.config import (
+    RunConfig,
+    comparable_settings,
+    config_from_dict,
+    listed,
+    read_yaml_mapping,
+    setting_differences,
+)
 from fortify.errors import CheckpointError, ConfigError, ResultsError
 from fortify.pipeline import (
     Setup,
@@ -294,7 +301,8 @@ def finished_result(run_dir: Path, config: RunConfig) -> RunResult | None:
         check_same_settings(run_dir, config)  # what resuming it would check, only later
         return None
     recorded = read_recorded(run_dir)
-    differing = setting_differences(recorded["config"], config.model_dump(mode="json"))
+    differing = setting_differences(comparable_settings(recorded["config"]),
+                                    comparable_settings(config.model_dump(mode="json")))
     if differing:
         raise ConfigError(f"{run_dir} was run with other settings than this sweep's: {listed(differing)}; "
                           "choose another --out or remove that run directory")
@@ -373,7 +381,7 @@ def _made_with(base: RunConfig, name: str, config: dict[str, Any], result: RunRe
         expected = spec.config(base).model_dump(mode="json")
     except ConfigError:  # a grid value these base settings do not allow
         return False
-    return spec.name == name and expected == config
+    return spec.name == name and comparable_settings(expected) == comparable_settings(config)
 
 
 # -- results -----------------------------------------------------------------------------------

@@ -66,11 +66,17 @@ def test_bad_settings_exit_2_with_a_one_line_reason(tmp_path, args, message):
 
 def test_resume_needs_the_run_directory_and_a_full_directory_needs_resume(tmp_path):
     missing_out = _federate("--resume")
-    assert missing_out.exit_code == 2 and "pass the run directory" in missing_out.output
+    assert missing_out.exit_code == 2 and "--resume needs --out" in missing_out.output
+    typo = _federate("--resume", "--out", tmp_path / "no-such-run")
+    assert typo.exit_code == 2 and "does not exist" in typo.output
     (tmp_path / "fed").mkdir()
     (tmp_path / "fed" / "notes.txt").write_text("x")
     full = _federate("--out", tmp_path / "fed")
     assert full.exit_code == 2 and "pass --resume to continue" in full.output
+    # a directory of something else (a trained model, notes) is not continued, so not overwritten
+    unrelated = _federate("--out", tmp_path / "fed", "--resume")
+    assert unrelated.exit_code == 2 and "holds no federation-progress.json" in unrelated.output
+    assert not (tmp_path / "fed" / "config.yaml").exists()
 
 
 def test_trim_beta_and_partition_seed_flags_reach_the_run(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +11,11 @@ from rich.table import Table
 from fortify.errors import ConfigError
 from fortify.federated.config import FederatedRun, load_federated_run
 from fortify.federated.deployment import submit, write_flower_app
-from fortify.federated.progress import read_progress
+from fortify.federated.progress import PROGRESS_JSON, read_progress
 from fortify.federated.results import RESULT_FILE, FederatedResult, read_result
 from fortify.federated.server import validate_run
 from fortify.federated.simulation import run_simulation
+from fortify.pipeline import fresh_out_dir
 from fortify.training import checkpoint as ckpt
 
 
@@ -27,7 +27,8 @@ def federate(config: Path | None, overrides: dict[str, Any], federation: dict[st
 
     With ``resume`` the run continues from the last round saved in ``out`` (a finished one is read
     back, not run again)."""
-    out_dir = _out_dir(out, overrides, resume)
+    name = overrides.get("data", {}).get("name", "digits")
+    out_dir = fresh_out_dir(out, f"{name}-federated", resume, marker=PROGRESS_JSON)
     run = load_federated_run(config, overrides, {**federation, "out": str(out_dir.resolve()),
                                                  "resume": resume})
     validate_run(run)
@@ -44,20 +45,6 @@ def federate(config: Path | None, overrides: dict[str, Any], federation: dict[st
         raise ConfigError(f"the run ended but {out_dir / 'federated.json'} is missing; the SuperLink's "
                           "ServerApp writes it, so it must share this file system")
     return run, read_result(out_dir)
-
-
-def _out_dir(out: Path | None, overrides: dict[str, Any], resume: bool) -> Path:
-    if out is None:
-        if resume:
-            raise ConfigError("--resume continues the run in --out: pass the run directory")
-        name = overrides.get("data", {}).get("name", "digits")
-        return Path("runs") / f"{name}-federated-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a directory")
-    if not resume and out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} already exists and is not empty; pass --resume to continue the "
-                          "federation in it or choose another --out")
-    return out
 
 
 def _finished(out: Path, run: FederatedRun) -> bool:

@@ -30,7 +30,7 @@ class FederationConfig(BaseModel):
     local_epochs: int = Field(1, ge=1)
     partition: Literal["iid", "dirichlet"] = "iid"
     alpha: float = Field(0.5, gt=0)  # Dirichlet concentration: small is skewed, large is near IID
-    partition_seed: int = 0
+    partition_seed: int = Field(0, ge=0, lt=2**63)
     strategy: Literal["fedavg", "fedprox", "krum", "trimmed-mean", "median"] = "fedavg"
     proximal_mu: float = Field(0.01, ge=0)
     trim_beta: float = Field(0.25, ge=0, lt=0.5)

@@ -1,7 +1,7 @@
 """A federation's progress on disk, so that an interrupted run resumes at its last finished round.
 
 After the central evaluation of every round (and of the initial model) the server writes the global
-weights (``federation.safetensors``) and ``federation-progress.json``: the settings, the rounds
+weights (``federation-round-R.safetensors``) and ``federation-progress.json``: the settings, the rounds
 finished, their records and the clients' metrics, and the weights' SHA-256. With
 ``federation.resume`` the server reads them back, checks that the settings are the run's, and lets
 Flower's strategy run only the rounds left, starting from the saved weights. Rounds keep their
@@ -12,6 +12,7 @@ compose their DP budget exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,16 +20,21 @@ from typing import Any
 
 from torch import nn
 
-from fortify.config import listed, setting_differences
+from fortify.config import NOT_RESULT_SETTINGS, listed, setting_differences
 from fortify.errors import CheckpointError, ConfigError
 from fortify.federated.config import FederatedRun
 from fortify.federated.results import RoundRecord
+from fortify.pipeline import write_json
 from fortify.training import checkpoint as ckpt
 
 PROGRESS_JSON = "federation-progress.json"
-WEIGHTS = "federation.safetensors"
+# one weights file per saved round, named in the record: the record is replaced only once the new
+# round's weights are on disk, so a kill between the two writes leaves the previous pair intact
+WEIGHTS_PATTERN = re.compile(r"federation-round-\d+\.safetensors")
 ROUND_OFFSET_KEY = "round-offset"  # in every train message: rounds finished before this process
-_NOT_SETTINGS = ("federation.out", "federation.resume")  # where and how, not what is trained
+# where and how, not what is trained: the run directory, resuming, and config.NOT_RESULT_SETTINGS
+_NOT_SETTINGS = frozenset({"federation.out", "federation.resume"} | {
+    f"{section}.{key}" for section, keys in NOT_RESULT_SETTINGS.items() for key in keys})
 
 
 def run_settings(run: FederatedRun) -> dict[str, Any]:
@@ -54,7 +60,8 @@ class FederationProgress:
         if not run.federation.resume or out is None or not (out / PROGRESS_JSON).is_file():
             return cls(run)
         saved = read_progress(run)
-        ckpt.load_weights(out / WEIGHTS, model, expected_sha256=saved["sha256"])
+        ckpt.load_weights(out / saved["weights"], model, expected_sha256=saved["sha256"],
+                          record=PROGRESS_JSON)
         rounds = saved["rounds"]
         return cls(run, offset=rounds[-1].round, rounds=rounds, train_metrics=saved["train_metrics"],
                    seconds_before=float(saved["seconds"]))
@@ -80,14 +87,16 @@ class FederationProgress:
 
     def _save(self, out: Path, model: nn.Module) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        digest = ckpt.save_weights(out / WEIGHTS, model)  # first: the JSON names its hash
-        payload = {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "settings": run_settings(self.run),
-                   "rounds": [asdict(r) for r in self.rounds],
-                   "train_metrics": {str(k): v for k, v in self.train_metrics.items()},
-                   "seconds": self.seconds, "sha256": digest}
-        tmp = out / (PROGRESS_JSON + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        tmp.replace(out / PROGRESS_JSON)
+        weights = f"federation-round-{self.rounds[-1].round}.safetensors"
+        digest = ckpt.save_weights(out / weights, model)  # first: the record names it and its hash
+        write_json(out / PROGRESS_JSON, {
+            "format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "settings": run_settings(self.run),
+            "rounds": [asdict(r) for r in self.rounds],
+            "train_metrics": {str(k): v for k, v in self.train_metrics.items()},
+            "seconds": self.seconds, "weights": weights, "sha256": digest})
+        for older in out.glob("federation-round-*.safetensors"):
+            if older.name != weights:
+                older.unlink(missing_ok=True)
 
 
 def read_progress(run: FederatedRun) -> dict[str, Any]:
@@ -109,11 +118,14 @@ def _read(out: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}); remove {out} to start the federation "
                               "again") from None
-    fields = {"settings": dict, "rounds": list, "train_metrics": dict, "seconds": (int, float), "sha256": str}
+    fields = {"settings": dict, "rounds": list, "train_metrics": dict, "seconds": (int, float), "sha256": str,
+              "weights": str}
     try:
         if saved.get("format") != ckpt.FORMAT or any(not isinstance(saved.get(name), kind)
                                                      for name, kind in fields.items()):
             raise TypeError("not a federation record")
+        if not WEIGHTS_PATTERN.fullmatch(saved["weights"]):  # a file name of ours, never a path
+            raise ValueError("weights file")
         saved["rounds"] = [RoundRecord(**record) for record in saved["rounds"]]
         if not saved["rounds"] or not all(isinstance(r.round, int) for r in saved["rounds"]):
             raise TypeError("no finished round")

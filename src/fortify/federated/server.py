@@ -229,7 +229,7 @@ def central_evaluator(run: FederatedRun, dataset: Dataset, model: nn.Module, pro
     attack = PGD(threat, steps=fed.eval_steps, early_stop=True, seed=run.config.eval.seed)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        if not (server_round == 0 and progress.offset):  # a resumed run starts from a measured round
+        if not (server_round == 0 and progress.rounds):  # a resumed run starts from a measured round
             model.load_state_dict(arrays.to_torch_state_dict())
             model.eval()
             with torch.no_grad():

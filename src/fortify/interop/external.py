@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fortify.data import Dataset
-from fortify.errors import CheckpointError, ConfigError
+from fortify.errors import CheckpointError, ConfigError, DataError
 from fortify.interop.access import Access, probe_gradients
 from fortify.interop.card import InputAdapter, InputCard, check_channels, check_on_sample, resolve_layout
 
@@ -101,8 +101,12 @@ def _checked_conversion(adapted: InputAdapter, path: Path, card: InputCard, boun
         return adapted, "onnx2torch", []
     reference = InputAdapter(OnnxRuntimeClassifier(path.read_bytes()), card, bounds)
     device = next(adapted.parameters(), torch.empty(0)).device
-    with torch.inference_mode():
-        converted, expected = adapted(x.to(device)).cpu(), reference(x)
+    try:
+        with torch.inference_mode():
+            converted, expected = adapted(x.to(device)).cpu(), reference(x)
+    except (RuntimeError, ValueError) as err:
+        raise DataError(f"the model fails on a batch of the dataset's inputs {tuple(x.shape)}: {err}; "
+                        "check --layout and the dataset") from None
     gap = float((converted - expected).abs().max())
     if gap <= CONVERSION_TOLERANCE * (1 + float(expected.abs().max())):
         return adapted, "onnx2torch", []

@@ -49,13 +49,15 @@ def save_tensors(path: Path, tensors: dict[str, Tensor], kind: str) -> str:
     return digest
 
 
-def load_tensors(path: Path, kind: str, expected_sha256: str | None = None) -> dict[str, Tensor]:
-    """Read a fortify tensor file, refusing anything foreign, of another kind or tampered with."""
+def load_tensors(path: Path, kind: str, expected_sha256: str | None = None, *,
+                 record: str = STATE_JSON) -> dict[str, Tensor]:
+    """Read a fortify tensor file, refusing anything foreign, of another kind or tampered with;
+    ``record`` names the file that holds ``expected_sha256`` (for the message)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
     if expected_sha256 is not None and sha256(path) != expected_sha256:
         raise CheckpointError(
-            f"{path} does not match the hash recorded in {STATE_JSON}: the file was modified "
+            f"{path} does not match the hash recorded in {record}: the file was modified "
             "after it was saved (or the save was interrupted); refusing to load it"
         )
     try:
@@ -84,9 +86,10 @@ def save_weights(path: Path, model: nn.Module) -> str:
     return save_tensors(path, dict(model.state_dict()), kind="weights")
 
 
-def load_weights(path: Path, model: nn.Module, expected_sha256: str | None = None) -> None:
+def load_weights(path: Path, model: nn.Module, expected_sha256: str | None = None, *,
+                 record: str = STATE_JSON) -> None:
     """Load weights into ``model``; names and shapes must match exactly."""
-    tensors = load_tensors(path, "weights", expected_sha256)
+    tensors = load_tensors(path, "weights", expected_sha256, record=record)
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))

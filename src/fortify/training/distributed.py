@@ -214,6 +214,7 @@ def launch(nproc: int, arguments: Sequence[str]) -> int:
     The ranks print their own one-line errors; the launcher's report of a failed child (a Python
     traceback when torchrun runs as a program) is replaced by the exit code.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -222,7 +223,7 @@ def launch(nproc: int, arguments: Sequence[str]) -> int:
         print(f"warning: {nproc} processes on {os.cpu_count()} CPUs: each rank waits for the others at "
               "every step, so extra processes slow training down", file=sys.stderr)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: one thread per rank, not N per rank
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    _quiet_launcher_logs()
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     try:
@@ -230,7 +231,19 @@ def launch(nproc: int, arguments: Sequence[str]) -> int:
     except ChildFailedError as failed:
         codes = [f.exitcode for _, f in sorted(failed.failures.items())]
         return next((c for c in codes if c > 0), 1)
+    except SignalException:  # Ctrl-C: the launcher stopped the ranks, which said how to continue
+        return 130
     return 0
+
+
+def _quiet_launcher_logs() -> None:
+    """The launcher's own log lines (a rank failed, a signal arrived) repeat what the ranks say; its
+    modules set their loggers' levels themselves, so each is set, not only the parent."""
+    from torch.distributed.elastic.agent.server import local_elastic_agent  # noqa: F401 (creates its loggers)
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def without_option(argv: Sequence[str], option: str) -> list[str]:
