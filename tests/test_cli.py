@@ -447,3 +447,18 @@ def test_resume_ignores_where_data_is_cached_and_whether_the_step_is_compiled(tm
     (tmp_path / "config.yaml").write_text(saved.to_yaml())
     check_same_settings(tmp_path, load_config(None, {"data": {"cache_dir": "/root/.cache", "download": False},
                                                      "train": {"compile": True}}))
+
+
+def test_a_test_fraction_a_fixed_test_split_would_ignore_is_refused(tmp_path):
+    from fortify.config import load_config
+    from fortify.errors import ConfigError
+    from fortify.pipeline import prepare
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "with-test.npz"
+    np.savez(path, x=rng.random((40, 6)).astype(np.float32), y=np.arange(40) % 2,
+             x_test=rng.random((10, 6)).astype(np.float32), y_test=np.arange(10) % 2)
+    settings = {"data": {"name": "npz", "path": str(path)}}
+    prepare(load_config(None, settings), "cpu")  # the default test_fraction: fine
+    with pytest.raises(ConfigError, match="comes with its own test split, so data.test_fraction=0.3"):
+        prepare(load_config(None, {"data": {**settings["data"], "test_fraction": 0.3}}), "cpu")

@@ -92,6 +92,15 @@ def _check_data_settings_are_read(data: DataConfig) -> None:
                           f"{data.target!r}); only {', '.join(_READS_TARGET)} reads it")
 
 
+def _check_test_fraction_is_read(data: DataConfig, dataset: Dataset) -> None:
+    """A dataset with its own test split (torchvision's, an npz with x_test) draws none: a test_fraction
+    other than the default would be dropped without a word."""
+    default = DataConfig.model_fields["test_fraction"].default
+    if dataset.metadata.get("fixed_test_split") and data.test_fraction != default:
+        raise ConfigError(f"dataset {data.name!r} comes with its own test split, so data.test_fraction="
+                          f"{data.test_fraction} is not used; leave it at its default ({default})")
+
+
 def prepare(config: RunConfig, device: str = "auto", objectives: tuple[str, ...] = ()) -> Setup:
     """Load data and check every name and value the run will use."""
     for objective in objectives or (config.train.objective,):
@@ -103,6 +112,7 @@ def prepare(config: RunConfig, device: str = "auto", objectives: tuple[str, ...]
     dataset = load_dataset(data.name, table_options(DataOptions(
         seed=data.seed, val_fraction=data.val_fraction, test_fraction=data.test_fraction,
         cache_dir=data.cache_dir, path=data.path, download=data.download), data.target, data.feature_schema))
+    _check_test_fraction_is_read(data, dataset)
     model_name = config.model.name or dataset.default_model
     MODELS.get(model_name)
     # a schema (or a csv dataset) makes the threat model constrained: see fortify.tabular

@@ -45,7 +45,7 @@ def load_npz(options: DataOptions) -> Dataset:
     return Dataset("npz", train, val, test, num_classes=num_classes, bounds=bounds,
                    default_model="small-cnn" if x.dim() == 4 else "mlp",
                    class_names=read_class_names(arrays, num_classes),
-                   metadata={"source": str(path)})
+                   metadata={"source": str(path), "fixed_test_split": "x_test" in arrays})
 
 
 def require_file(path: Path | str | None) -> Path:

@@ -107,7 +107,7 @@ def load_torchvision(spec: TorchvisionSpec, options: DataOptions) -> Dataset:
     return Dataset(spec.name, train, val, split_from(official_test, spec),
                    num_classes=spec.num_classes, default_model=spec.default_model,
                    mean=spec.mean, std=spec.std, class_names=list(class_names),
-                   metadata={"source": f"torchvision.datasets.{spec.class_name}"})
+                   metadata={"source": f"torchvision.datasets.{spec.class_name}", "fixed_test_split": True})
 
 
 def factory_for(spec: TorchvisionSpec) -> Callable[[DataOptions], Dataset]:
