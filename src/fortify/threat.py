@@ -45,16 +45,17 @@ def _pair_of_numbers(value: object) -> tuple[float, float] | None:
     return None if low is None or high is None else (low, high)
 
 
-def _round_towards(point: Tensor, x: Tensor) -> Tensor:
-    """``point`` (float32) cast to ``x``'s half-precision dtype, each coordinate rounded towards ``x``.
+def _round_towards(point: Tensor, nearest: Tensor, x: Tensor) -> Tensor:
+    """``point`` (float32) in ``x``'s half-precision dtype with each coordinate rounded towards ``x``,
+    from ``nearest``, its rounding to nearest.
 
     Rounding to nearest can move a coordinate away from ``x`` by half a unit in the last place; in
     bfloat16 that is up to 0.4% of the value, enough to leave the ball. Rounded towards ``x``, no
     coordinate of the perturbation grows, so the point stays in the ball (any norm) and in the box.
     """
-    cast = point.to(x.dtype)
-    grew = (cast.to(point.dtype) - x.to(point.dtype)).abs() > (point - x.to(point.dtype)).abs()
-    return torch.where(grew, torch.nextafter(cast, x), cast)
+    wide_x = x.to(point.dtype)
+    grew = (nearest.to(point.dtype) - wide_x).abs() > (point - wide_x).abs()
+    return torch.where(grew, torch.nextafter(nearest, x), nearest)
 
 
 def _per_example(t: Tensor) -> Tensor:
@@ -133,9 +134,8 @@ class ThreatModel:
         lo, hi = self.bounds
         flat = _per_example(nearest.to(point.dtype))
         outside = (self.distance(nearest, x) > self.eps) | (flat < lo).any(dim=1) | (flat > hi).any(dim=1)
-        if not bool(outside.any()):
-            return nearest
-        return torch.where(_expand(outside, nearest), _round_towards(point, x), nearest)
+        # no `if outside.any()`: project runs at every attack step, and a branch would sync with the GPU
+        return torch.where(_expand(outside, nearest), _round_towards(point, nearest, x), nearest)
 
     def random_start(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """A point drawn uniformly from the ball around ``x`` (then clipped into the box)."""
