@@ -8,7 +8,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
+from fortify.attacks.base import Attack
 from fortify.errors import ConfigError, DataError
 from fortify.threat import ThreatModel
 
@@ -160,3 +162,38 @@ def test_projection_in_half_precision_lands_inside_the_exact_ball_and_box(dtype,
     assert bool(((projected >= 0) & (projected <= 1)).all())
     # and little of the budget is lost to the rounding
     assert float(threat.distance(projected, x).median()) > 0.97 * eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 8 / 255), ("l2", 0.5)])
+def test_contains_in_half_precision_rejects_a_point_one_percent_outside(dtype, norm, eps):
+    # the slack was half precision's unit times sqrt(d) for L2: in bfloat16 on 3x32x32 inputs that
+    # accepted points at distance eps + 2.6, five times the ball's radius
+    threat = ThreatModel(norm, eps)
+    x = torch.zeros(2, 3, 32, 32, dtype=dtype)  # near 0 the grid is fine enough to step 1% outside
+    direction = torch.ones_like(x, dtype=torch.float32)
+    if norm == "l2":
+        direction /= direction[0].norm()
+    outside = (x.float() + 1.01 * eps * direction).to(dtype)
+    assert bool((threat.distance(outside, x) > eps).all())
+    assert not threat.contains(outside, x).any()
+    assert threat.contains(threat.project(outside, x), x).all()
+
+
+class _NearestCast(Attack):
+    """Answers a point on the ball's surface computed in float32 and cast to nearest, as the
+    minimal-norm attacks (which search in float32) did."""
+
+    def perturb(self, model, x, y, target, generator):
+        direction = torch.randn(x.shape, generator=generator)
+        direction /= direction.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+        return (x.float() + self.threat.eps * direction).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_attack_answer_in_half_precision_is_inside_the_exact_ball(dtype):
+    threat = ThreatModel("l2", 0.5)
+    x = torch.full((64, 3, 8, 8), 0.5, dtype=dtype)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 10)).to(dtype)
+    cast = _NearestCast(threat)(model, x, torch.zeros(64, dtype=torch.long))
+    assert bool((threat.distance(cast, x) <= threat.eps).all())

@@ -20,7 +20,7 @@ from fortify.errors import ConfigError, DataError
 
 Norm = Literal["linf", "l2"]
 NORMS: tuple[str, ...] = ("linf", "l2")
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _number(value: object) -> float | None:
@@ -108,7 +108,7 @@ class ThreatModel:
         The box clip never leaves the ball: ``x`` is in the box, so clipping moves every
         coordinate of ``x_adv - x`` towards zero.
         """
-        work = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        work = torch.float32 if x.dtype in LOW_PRECISION else x.dtype
         delta = x_adv.to(work) - x.to(work)
         if self.norm == "linf":
             delta = delta.clamp(-self.eps, self.eps)
@@ -118,7 +118,7 @@ class ThreatModel:
             delta = delta * _expand(scale, delta)
         lo, hi = self.bounds
         projected = (x.to(work) + delta).clamp(lo, hi)
-        if x.dtype in _LOW_PRECISION:
+        if x.dtype in LOW_PRECISION:
             return self._cast_inside(projected, x)
         return projected.to(x.dtype)
 
@@ -141,7 +141,7 @@ class ThreatModel:
         """A point drawn uniformly from the ball around ``x`` (then clipped into the box)."""
         if not x.dtype.is_floating_point:
             raise DataError(f"inputs must be floating point, got dtype {x.dtype}")
-        work = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        work = torch.float32 if x.dtype in LOW_PRECISION else x.dtype
         if self.norm == "linf":
             noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=work)
             delta = (2 * noise - 1) * self.eps
@@ -164,10 +164,16 @@ class ThreatModel:
         return (work / _expand(norms, work)).to(grad.dtype)
 
     def tolerance(self, x: Tensor) -> float:
-        """Slack for floating-point rounding when checking membership in ``x``'s dtype."""
+        """Slack for floating-point rounding when checking membership in ``x``'s dtype.
+
+        Half-precision points get float32's slack: ``distance`` measures them in float32, where their
+        differences are exact, and ``project`` (which every attack's answer passes through in half
+        precision) rounds them into the ball, so only float32's arithmetic is left to forgive.
+        """
         lo, hi = self.bounds
         scale = max(abs(lo), abs(hi)) + self.eps
-        ulp = torch.finfo(x.dtype).eps if x.dtype.is_floating_point else 0.0
+        work = torch.float32 if x.dtype in LOW_PRECISION else x.dtype
+        ulp = torch.finfo(work).eps if work.is_floating_point else 0.0
         slack = 4 * ulp * scale
         if self.norm == "l2":
             slack *= math.sqrt(max(1, x[0].numel() if x.dim() else 1))

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from fortify.errors import ConfigError, DataError
 from fortify.models.modes import evaluation_mode
 from fortify.registry import Registry
-from fortify.threat import ThreatModel
+from fortify.threat import LOW_PRECISION, ThreatModel
 
 ATTACKS: Registry = Registry("attack")
 
@@ -59,6 +59,10 @@ class Attack(ABC):
             except (IndexError, RuntimeError) as err:
                 diagnose_failure(model, x, y, err)
                 raise
+        if x.dtype in LOW_PRECISION:
+            # an attack that searched in float32 (C&W, FMN, FAB, HSJ) cast its answer to nearest, which can
+            # step half a unit in the last place outside; projecting is a no-op for a point inside
+            x_adv = self.threat.project(x_adv, x)
         return x_adv.detach()
 
     def seeded(self, x: Tensor, generator: torch.Generator | None) -> torch.Generator:

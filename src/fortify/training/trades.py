@@ -13,11 +13,9 @@ from torch import Tensor, nn
 from fortify.attacks import Attack
 from fortify.attacks.base import check_positive_int
 from fortify.errors import ConfigError
-from fortify.threat import ThreatModel
+from fortify.threat import LOW_PRECISION, ThreatModel
 from fortify.training.objectives import ObjectiveOptions, scaled_step_size
 from fortify.training.paired import PairedObjective, check_non_negative, kl_to_clean
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class KLAttack(Attack):
@@ -61,7 +59,7 @@ class KLAttack(Attack):
         return x_adv
 
     def _start_noise(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        work = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        work = torch.float32 if x.dtype in LOW_PRECISION else x.dtype
         noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=work)
         return (self.init_std * noise).to(device=x.device, dtype=x.dtype)
 
