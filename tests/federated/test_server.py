@@ -217,6 +217,10 @@ def test_a_stopped_simulation_ends_the_servers_wait_for_replies(task_identity):
     ({"train": {"extra_data": "more.npz", "extra_fraction": 0.5}}, "does not use train.extra_data=more.npz"),
     ({"data": {"name": "breast-cancer", "feature_schema": "breast-cancer"}},
      "does not use data.feature_schema=breast-cancer"),
+    # a client's Trainer is new every round: these would restart each round
+    ({"train": {"ema_decay": 0.99}}, "does not use train.ema_decay=0.99 .*restart every round"),
+    ({"train": {"eps_warmup_epochs": 2}}, "does not use train.eps_warmup_epochs=2 .*restart every round"),
+    ({"train": {"awp_warmup_epochs": 2}}, "does not use train.awp_warmup_epochs=2 .*restart every round"),
 ])
 def test_train_settings_that_clients_would_drop_are_refused(overrides, message):
     run = load_federated_run(None, {"model": {"name": "mlp"}, **overrides}, {"clients": 2})

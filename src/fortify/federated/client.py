@@ -134,7 +134,25 @@ def build_local_trainer(model: nn.Module, settings: LocalTraining) -> Trainer:
         raise ConfigError(f"federated DP needs a model without BatchNorm (Opacus would replace "
                           f"{', '.join(replaced[:2])}{more} on the clients only); choose another model, "
                           "e.g. small-cnn or mlp")
+    if isinstance(objective, ProximalObjective):
+        add_proximal_gradient_after_privacy(trainer, objective)
     return trainer
+
+
+def add_proximal_gradient_after_privacy(trainer: Trainer, objective: ProximalObjective) -> None:
+    """FedProx under DP-SGD: Opacus replaces each gradient with the clipped, noised sum of the
+    per-example gradients its layer hooks saw, and the proximal term flows through no layer, so its
+    gradient would be dropped (FedProx silently FedAvg). ``mu * (w - w_global)`` depends on no
+    example: added after the noise, by a hook on the optimiser Opacus wraps, it costs no privacy."""
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def add_proximal_gradient(*_: Any) -> None:
+        with torch.no_grad():
+            for p, anchor in zip(params, objective.anchor, strict=True):
+                if p.grad is not None:
+                    p.grad.add_(p - anchor, alpha=objective.mu)
+
+    trainer.optimizer.register_step_pre_hook(add_proximal_gradient)
 
 
 def check_local_training(run: FederatedRun, dataset: Dataset, largest_shard: int) -> None:

@@ -1,9 +1,11 @@
 """Split one training set among federated clients: IID shards or Dirichlet label skew.
 
-Dirichlet partitions follow Hsu et al. 2019 ("Measuring the Effects of Non-Identical Data
-Distribution for Federated Visual Classification"): for each class a vector of client shares is
-drawn from Dir(alpha), and that class's examples are dealt out in those proportions. Small alpha
-gives each client few classes; large alpha approaches IID. Both are deterministic in ``seed``.
+Dirichlet partitions split each class among the clients (Yurochkin et al. 2019, "Bayesian
+Nonparametric Federated Learning of Neural Networks", the scheme of Flower Datasets'
+DirichletPartitioner): for each class a vector of client shares is drawn from Dir(alpha), and that
+class's examples are dealt out in those proportions, so shard sizes vary too. (Hsu et al. 2019 draw
+each client's class mix from Dir(alpha * prior) instead, at equal shard sizes.) Small alpha gives each
+client few classes; large alpha approaches IID. Both are deterministic in ``seed``.
 """
 
 from __future__ import annotations

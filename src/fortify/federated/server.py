@@ -73,12 +73,22 @@ def validate_run(run: FederatedRun) -> Dataset:
 
 def _check_settings_clients_use(run: FederatedRun) -> None:
     """Settings of ``fortify train`` that a federated client has no use for would be dropped without a
-    word: the run would not be what its config says."""
-    data = run.config.data
+    word, and those a client's Trainer counts from its first step would restart every round: either
+    way the run would not be what its config says."""
+    data, train = run.config.data, run.config.train
+    # a client builds a new Trainer every round, so what a Trainer counts from its first step would
+    # start over each round: a warm-up never ends, an EMA restarts at the global weights and sends
+    # back an update shrunk towards them
+    restarting = "a client's Trainer starts afresh every round, so this would restart every round"
     unused = [(f"dp.canaries={run.config.dp.canaries}", "a client has no canary audit")
               if run.config.dp.canaries else None,
-              (f"train.extra_data={run.config.train.extra_data}", "clients train on their own shard only")
-              if run.config.train.extra_data is not None else None,
+              (f"train.extra_data={train.extra_data}", "clients train on their own shard only")
+              if train.extra_data is not None else None,
+              (f"train.ema_decay={train.ema_decay}", restarting) if train.ema_decay is not None else None,
+              (f"train.eps_warmup_epochs={train.eps_warmup_epochs}", restarting)
+              if train.eps_warmup_epochs else None,
+              (f"train.awp_warmup_epochs={train.awp_warmup_epochs}", restarting)
+              if train.awp_warmup_epochs else None,
               (f"data.feature_schema={data.feature_schema}", "clients and the server attack without "
                "tabular constraints") if data.feature_schema is not None else None,
               (f"data.target={data.target}", "csv tables are not federated") if data.target is not None
