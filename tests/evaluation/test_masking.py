@@ -21,6 +21,7 @@ from fortify.evaluation.masking import (
     MaskingConfig,
     RandomCorners,
     _line_irregularity,
+    check_eps_monotone,
     check_randomness,
     masking_verdict,
 )
@@ -107,6 +108,33 @@ def test_line_irregularity_tells_smooth_flat_and_noisy_lines_apart():
     assert noisy.tolist() == [False, False, True, False]
     assert roughness[0] == pytest.approx(1.0) and roughness[2] == pytest.approx(19.0)
     assert roughness[3] == pytest.approx(4 / 3)
+
+
+class _FixedCurveSetup:
+    """Stands in for the verdict's set-up: PGD's success at each eps is given, not measured."""
+
+    threat = ThreatModel("linf", 0.1)
+    config = MaskingConfig()  # eps x (0.25, 0.5, 1, 2, 4): 0.025 to 0.4, tolerance 0.03
+    x = torch.zeros(2, 1, 4, 4)
+
+    def __init__(self, success: list[float]) -> None:
+        self.success = dict(zip([0.025, 0.05, 0.1, 0.2, 0.4], success, strict=True))
+
+    def run(self, attack) -> float:
+        return self.success[round(attack.threat.eps, 6)]
+
+
+@pytest.mark.parametrize("success, passed", [
+    ([0.2, 0.4, 0.6, 0.59, 1.0], True),  # a dip within the tolerance
+    # a slow slide: 0.60 at eps 0.025 down to 0.50 at eps 0.4, each step 0.025, within the tolerance
+    ([0.6, 0.575, 0.55, 0.525, 0.5], False),
+])
+def test_eps_monotone_holds_each_eps_to_every_smaller_one(success, passed):
+    setup = _FixedCurveSetup(success)
+    check = check_eps_monotone(setup, setup.success[0.1])
+    assert check.passed is passed, check.evidence
+    if not passed:
+        assert "0.025->0.4: -10.0%" in check.explanation
 
 
 def test_randomness_check_separates_random_from_fixed_models():

@@ -122,7 +122,9 @@ def _prepare(model: nn.Module, x: Tensor, num_classes: int | None, bounds: tuple
     parameter = next(model.parameters(), None)
     x = x if parameter is None else x.to(parameter.device)
     if num_classes is None:
-        with torch.no_grad():
+        # in eval mode: in training mode this pass would update batch-norm statistics (or fail on
+        # a batch of one)
+        with torch.no_grad(), evaluation_mode(model):
             num_classes = int(model(x[:1]).shape[1])
     generator = generator or torch.Generator(device=x.device).manual_seed(seed)
     return _Setup(model, x, check_positive_int("num_classes", num_classes), generator)
