@@ -159,7 +159,7 @@ def run(
         model, training = train_model(setup, objective, out_dir / "models" / objective,
                                       resume=resume, show_progress=not quiet)
         console.print(f"attacking [bold]{objective}[/] model")
-        models[objective] = _measure(setup, model, training.to_dict())
+        models[objective] = _measure(setup, model, training.to_dict(), objective)
     results = _results(setup, models, time.perf_counter() - started)
     write_json(out_dir / "results.json", results)
     write_report(load_results(out_dir), out_dir / "report.html")
@@ -167,19 +167,21 @@ def run(
     out_console.print(f"results: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.html'}")
 
 
-def _measure(setup: Setup, model: nn.Module, training: dict[str, Any]) -> dict[str, Any]:
+def _measure(setup: Setup, model: nn.Module, training: dict[str, Any], objective: str) -> dict[str, Any]:
     """Robustness, the report's analysis and the membership audit of one trained model."""
     robustness = evaluate_model(setup, model)
     return {"training": training, "robustness": robustness.to_dict(), **_tabular_section(setup, model),
-            **_measure_further(setup, model, robustness)}
+            **_measure_further(setup, model, robustness, objective)}
 
 
-def _measure_further(setup: Setup, model: nn.Module, robustness: Any) -> dict[str, Any]:
-    """The report's analysis and the membership audit, as the configuration's analysis section asks."""
+def _measure_further(setup: Setup, model: nn.Module, robustness: Any, objective: str | None
+                     ) -> dict[str, Any]:
+    """The report's analysis and the membership audit, as the configuration's analysis section asks;
+    ``objective`` is what the model trained with (None for a model from elsewhere)."""
     measured = {}
     if setup.config.analysis.enabled:
         console.print("  margins, certified radius, gradient-masking checks")
-        measured["analysis"] = analyse_model(setup, model, robustness).to_dict()
+        measured["analysis"] = analyse_model(setup, model, robustness, objective).to_dict()
     if setup.config.analysis.privacy:
         console.print("  membership inference")
         measured["privacy"] = audit_membership(setup, model).to_dict()
@@ -400,7 +402,7 @@ def evaluate(
                             shard=ddp)
     if ddp is not None and not ddp.is_main:
         return
-    extra = _measure_further(setup, model, report) if with_report else {}
+    extra = _measure_further(setup, model, report, cfg.train.objective) if with_report else {}
     write_json(model_dir / "robustness.json", {
         "version": RESULTS_VERSION, "kind": "evaluation", "config": cfg.model_dump(mode="json"),
         "robustness": report.to_dict(), **extra, **_tabular_section(setup, model),
@@ -511,7 +513,7 @@ def _measure_file_model_further(setup: Setup, external: Any, report: Any) -> dic
         analysis = setup.config.analysis.model_copy(update={"enabled": False})
         config = setup.config.model_copy(update={"analysis": analysis})
         setup = dataclasses.replace(setup, config=config)
-    return _measure_further(setup, external.module, report)
+    return _measure_further(setup, external.module, report, None)
 
 
 @app.command()

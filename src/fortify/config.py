@@ -96,6 +96,7 @@ class TrainConfig(_Strict):
     awp_warmup_epochs: int = Field(0, ge=0)  # epochs of the wrapped objective before AWP starts
     mix_ratio: float = Field(0.5, ge=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    noise_sigma: float = Field(0.25, gt=0, allow_inf_nan=False)  # `gaussian`: std of the training noise
     early_stopping: bool = True
     patience: int = Field(10, ge=1)
     val_attack_steps: int = Field(10, ge=1)
@@ -174,7 +175,8 @@ class AnalysisConfig(_Strict):
     margin_examples: int = Field(100, ge=1)  # FMN minimal-norm search
     margin_steps: int = Field(100, ge=1)
     certify_examples: int = Field(100, ge=1)  # randomized smoothing
-    certify_sigma: float = Field(0.25, gt=0)
+    # None: the model's train.noise_sigma when it trained with `gaussian` (its smoothing noise), else 0.25
+    certify_sigma: float | None = Field(None, gt=0, allow_inf_nan=False)
     certify_n: int = Field(1000, ge=1)
     certify_alpha: float = Field(0.001, gt=0, lt=1)
     masking_examples: int = Field(200, ge=1)

@@ -38,6 +38,7 @@ from fortify.data import DataOptions, Dataset, Split, load_dataset
 from fortify.errors import CheckpointError, ConfigError, FortifyError
 from fortify.evaluation import RobustnessReport, evaluate
 from fortify.evaluation.analysis import AnalysisOptions, ModelAnalysis, analyse
+from fortify.evaluation.certify import DEFAULT_SIGMA
 from fortify.evaluation.precision import check_amp_support
 from fortify.models import MODELS, build_model
 from fortify.models.layout import channels_last
@@ -369,8 +370,13 @@ def eval_layout(setup: Setup, model: nn.Module, test: Split) -> contextlib.Abstr
     return channels_last(model, probe=test.x[:1].to(setup.device))
 
 
-def analyse_model(setup: Setup, model: nn.Module, report: RobustnessReport) -> ModelAnalysis:
-    """The report's per-model measurements under the evaluation's PGD (or its last attack)."""
+def analyse_model(setup: Setup, model: nn.Module, report: RobustnessReport,
+                  objective: str | None = None) -> ModelAnalysis:
+    """The report's per-model measurements under the evaluation's PGD (or its last attack).
+
+    ``objective`` is what the model trained with (None: unknown); a ``gaussian`` model is certified at
+    its own training noise unless ``analysis.certify_sigma`` says otherwise.
+    """
     cfg = setup.config.analysis
     test = setup.dataset.test.head(setup.config.eval.n_examples)
     attacks = build_attacks(setup.config.eval, setup.threat, setup.dataset.num_classes,
@@ -379,13 +385,21 @@ def analyse_model(setup: Setup, model: nn.Module, report: RobustnessReport) -> M
                   PGD(setup.threat, steps=DEFAULT_PGD_STEPS, early_stop=True, seed=setup.config.eval.seed))
     options = AnalysisOptions(
         margin_examples=cfg.margin_examples, margin_steps=cfg.margin_steps,
-        certify_examples=cfg.certify_examples, certify_sigma=cfg.certify_sigma, certify_n=cfg.certify_n,
-        certify_alpha=cfg.certify_alpha, masking_examples=cfg.masking_examples,
+        certify_examples=cfg.certify_examples, certify_sigma=certify_sigma(setup.config, objective),
+        certify_n=cfg.certify_n, certify_alpha=cfg.certify_alpha, masking_examples=cfg.masking_examples,
         gallery_examples=cfg.gallery_examples, batch_size=setup.config.eval.batch_size,
         seed=setup.config.eval.seed)
     with eval_layout(setup, model, test):
         return analyse(model, test.x, test.y, setup.threat, attack=attack, report=report,
                        num_classes=setup.dataset.num_classes, options=options)
+
+
+def certify_sigma(config: RunConfig, objective: str | None) -> float:
+    """The smoothing noise to certify at: as configured, else a ``gaussian`` model's training noise
+    (Cohen et al. certify a base classifier at the noise it was trained under), else 0.25."""
+    if config.analysis.certify_sigma is not None:
+        return config.analysis.certify_sigma
+    return config.train.noise_sigma if objective == "gaussian" else DEFAULT_SIGMA
 
 
 def audit_membership(setup: Setup, model: nn.Module) -> PrivacyReport:

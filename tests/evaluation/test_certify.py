@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from scipy.stats import binom
 from torch import nn
 
+from fortify.config import RunConfig, config_from_dict
 from fortify.errors import ConfigError, DataError
 from fortify.evaluation.certify import (
     ABSTAIN,
@@ -18,7 +19,9 @@ from fortify.evaluation.certify import (
     clopper_pearson_lower,
     predict,
 )
+from fortify.pipeline import certify_sigma
 from fortify.threat import ThreatModel
+from fortify.training.methods import objective_from_config
 from fortify.training.objectives import OBJECTIVES, ObjectiveOptions, build_objective
 
 SIGMA = 0.25
@@ -95,6 +98,23 @@ def test_certificates_are_reproducible_with_a_seed():
     assert not torch.equal(a.p_lower, other.p_lower)
 
 
+def test_a_model_in_training_mode_keeps_its_batch_norm_statistics():
+    # Prepare: without num_classes, the classes are counted with one forward pass, which in training
+    # mode would move the running statistics (and fail outright for BatchNorm1d on one example)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 3)).double()
+    model.train()
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    x = torch.rand(4, 1, 6, 6, dtype=torch.float64)
+    # Execute
+    certify(model, x, sigma=SIGMA, n0=10, n=50)
+    predict(model, x, sigma=SIGMA, n=50)
+    # Assert
+    assert model.training and model[1].training
+    changed = [name for name, value in model.state_dict().items() if not torch.equal(value, state[name])]
+    assert changed == []
+
+
 def test_clopper_pearson_lower_bound_has_exactly_alpha_tail():
     k = torch.tensor([0, 1, 50, 99, 100])
     lower = clopper_pearson_lower(k, 100, alpha=0.01)
@@ -167,3 +187,17 @@ def test_gaussian_objective_smooths_the_labels_of_its_cross_entropy():
     loss = build_objective("gaussian", options)(model, x, y)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     assert torch.allclose(loss, F.cross_entropy(model(x + 0.25 * noise), y, label_smoothing=0.2))
+
+
+def test_train_noise_sigma_reaches_the_gaussian_objective_and_its_certificate():
+    # train.noise_sigma did not exist: a gaussian run trained at 0.25 whatever certify_sigma said
+    config = RunConfig.model_validate({"train": {"objective": "gaussian", "noise_sigma": 0.5}})
+    objective = objective_from_config(config.train, ThreatModel("linf", 0.1))
+    assert isinstance(objective, GaussianObjective) and objective.sigma == 0.5
+    assert certify_sigma(config, "gaussian") == 0.5  # certified at the noise it trained under
+    assert certify_sigma(config, "pgd") == 0.25  # any other model at the default
+    assert certify_sigma(config, None) == 0.25
+    chosen = RunConfig.model_validate({**config.model_dump(), "analysis": {"certify_sigma": 0.1}})
+    assert certify_sigma(chosen, "gaussian") == 0.1  # unless the configuration says otherwise
+    with pytest.raises(ConfigError, match="noise_sigma"):
+        config_from_dict({"train": {"noise_sigma": 0}})

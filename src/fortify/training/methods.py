@@ -47,6 +47,7 @@ class MethodOptions(ObjectiveOptions):
     awp_gamma: float = 5e-3
     awp_warmup_epochs: int = 0
     mix_ratio: float = 0.5
+    noise_sigma: float = 0.25
 
 
 def method_options(options: ObjectiveOptions) -> MethodOptions:
