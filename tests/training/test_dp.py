@@ -19,7 +19,7 @@ from fortify.threat import ThreatModel
 from fortify.training.dp import DP_OBJECTIVES, DP_STATE_JSON, DPTrainer
 from fortify.training.methods import MethodOptions
 from fortify.training.objectives import build_objective
-from fortify.training.trainer import EpochCallback, EpochRecord
+from fortify.training.trainer import EpochCallback, EpochRecord, Trainer
 
 pytest.importorskip("opacus")
 
@@ -174,6 +174,50 @@ def test_resumed_run_equals_an_uninterrupted_one(digits: Dataset, tmp_path: Path
         assert torch.equal(a, b)
     assert [r.epsilon for r in result.history] == [r.epsilon for r in expected.history]
     assert result.privacy is not None and result.privacy.steps == 8
+
+
+@pytest.mark.parametrize("killed", ["before", "after"])
+def test_a_run_killed_between_its_two_checkpoint_writes_accounts_every_step(
+        digits: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, killed: str) -> None:
+    # Prepare: the uninterrupted run, then one that dies at epoch 2's checkpoint, before or after
+    # the trainer's own files (state.json) but after or before dp_state.json
+    expected = _trainer(_mlp(digits), epochs=3, run_dir=tmp_path / "full", accountant="rdp").fit(
+        _head(digits), digits.val)
+    trainer_save = Trainer._save_checkpoint
+
+    def save_and_die(self: Trainer) -> None:
+        if killed == "after":
+            trainer_save(self)
+        if self.state.epoch == 2:
+            raise Interrupted
+        if killed == "before":
+            trainer_save(self)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_and_die)
+    with pytest.raises(Interrupted):
+        _trainer(_mlp(digits), epochs=3, run_dir=tmp_path / "cut", accountant="rdp").fit(
+            _head(digits), digits.val)
+    monkeypatch.undo()
+    # Execute
+    result = _trainer(_mlp(digits), epochs=3, run_dir=tmp_path / "cut", accountant="rdp").fit(
+        _head(digits), digits.val, resume=True)
+    # Assert: every noisy step behind the released weights is accounted for, none twice
+    assert expected.privacy is not None and result.privacy is not None
+    assert result.privacy.steps == expected.privacy.steps == 12
+    assert result.privacy.epsilon == expected.privacy.epsilon
+
+
+def test_resume_with_an_accountant_behind_the_checkpoint_is_refused(digits: Dataset, tmp_path: Path) -> None:
+    # Prepare: a finished 2-epoch run whose dp_state.json lost its second epoch's steps
+    _trainer(_mlp(digits), epochs=2, run_dir=tmp_path).fit(_head(digits), digits.val)
+    path = tmp_path / DP_STATE_JSON
+    state = json.loads(path.read_text())
+    noise_multiplier, sample_rate, steps = state["accountant"]["history"][0]
+    state["accountant"]["history"] = [[noise_multiplier, sample_rate, steps // 2]]
+    path.write_text(json.dumps(state))
+    # Assert: resuming would report less privacy spent than the weights cost
+    with pytest.raises(CheckpointError, match="accounts for 4 noisy steps, the checkpoint was taken after 8"):
+        _trainer(_mlp(digits), epochs=2, run_dir=tmp_path).fit(_head(digits), digits.val, resume=True)
 
 
 def test_resume_with_other_dp_settings_is_refused(digits: Dataset, tmp_path: Path) -> None:

@@ -318,9 +318,15 @@ class DPTrainer(Trainer):
     # -- checkpoints: the accountant's history travels with the weights ------------------------
 
     def _save_checkpoint(self) -> None:
+        # the accountant before the trainer's checkpoint: a run killed between the two writes
+        # resumes from the previous checkpoint with a history holding more steps, which _restore
+        # cuts back; the other order would resume with steps taken that no accountant has seen
+        if self.run_dir is not None:
+            self._write_dp_state()
         super()._save_checkpoint()
-        if self.run_dir is None:
-            return
+
+    def _write_dp_state(self) -> None:
+        assert self.run_dir is not None
         state = {"dp": self.dp.model_dump(mode="json"),
                  "accountant": {"mechanism": self.engine.accountant.mechanism(),
                                 "history": [list(h) for h in self.engine.accountant.history]}}
@@ -339,6 +345,24 @@ class DPTrainer(Trainer):
             raise CheckpointError(f"cannot resume {self.run_dir}: its DP settings differ from the ones "
                                   "given now")
         accountant = state["accountant"]
+        history = [tuple(h) for h in accountant["history"]]
         self.engine.accountant.load_state_dict({
             "mechanism": accountant["mechanism"],
-            "history": [tuple(h) for h in accountant["history"]]})
+            # the trainer counts exactly the accountant's steps (see _run_epoch)
+            "history": history_up_to(history, self.state.step, self.run_dir)})
+
+
+def history_up_to(history: list[tuple[Any, ...]], steps: int, run_dir: Path) -> list[tuple[Any, ...]]:
+    """The accountant's ``(noise_multiplier, sample_rate, steps)`` history cut to its first ``steps``
+    steps, those of the checkpoint being resumed; fewer steps than that cannot be accounted."""
+    kept, left = [], steps
+    for noise_multiplier, sample_rate, count in history:
+        if left == 0:
+            break
+        taken = min(int(count), left)
+        kept.append((noise_multiplier, sample_rate, taken))
+        left -= taken
+    if left > 0:
+        raise CheckpointError(f"cannot resume {run_dir} with DP: {DP_STATE_JSON} accounts for "
+                              f"{steps - left} noisy steps, the checkpoint was taken after {steps}")
+    return kept
