@@ -192,7 +192,18 @@ def test_a_run_whose_rank_dies_resumes_to_the_uninterrupted_weights(two_rank_run
     # Execute: resume with both ranks, then the same run uninterrupted
     resumed = _torchrun(str(WORKER), "resume", str(out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # Assert: bit-equal to the run that was never interrupted (random starts included)
+    # Assert: bit-equal to the run that was never interrupted (random starts and BatchNorm
+    # statistics included; each rank's statistics used to be its own, so rank 1 crafted other
+    # examples after the resume), with the same validation numbers
     full = _weights(out / "fgsm-full" / "model.safetensors")
     again = _weights(out / "fgsm-resumed" / "model.safetensors")
+    assert any("running_mean" in name for name in full)
     assert all(torch.equal(full[name], again[name]) for name in full)
+    full_history, resumed_history = (
+        [{k: v for k, v in record.items() if k != "seconds"}
+         for record in json.loads((out / run / ckpt.STATE_JSON).read_text())["progress"]["history"]]
+        for run in ("fgsm-full", "fgsm-resumed"))
+    assert full_history == resumed_history
+    # the best epoch came after the resume, so every rank reloaded a best.safetensors written since
+    # (rank 1 used to check it against the hash that state.json held at the resume, and fail)
+    assert json.loads((out / "fgsm-resumed" / ckpt.STATE_JSON).read_text())["progress"]["best_epoch"] > 1

@@ -123,6 +123,18 @@ class DistributedContext:
     def barrier(self) -> None:
         dist.barrier()
 
+    def broadcast_buffers(self, model: nn.Module, *more: Tensor) -> None:
+        """Rank 0's buffers (BatchNorm's running statistics) and ``more`` tensors on every rank, in place.
+
+        Training updates each rank's statistics with its own slices only, so the ranks drift apart.
+        The Trainer calls this before each validation: every rank then validates its share on the
+        model rank 0 checkpoints, and a resumed run (every rank loads rank 0's checkpoint) continues
+        from the buffers an uninterrupted one holds.
+        """
+        with torch.no_grad():
+            for tensor in (*model.buffers(), *more):
+                dist.broadcast(tensor, src=0)
+
     # -- evaluation ----------------------------------------------------------------------------
 
     def owns(self, batch_number: int) -> bool:

@@ -190,6 +190,7 @@ class Trainer:
         if not torch.isfinite(loss_sum):  # checked once per epoch: no host sync per batch
             raise ConfigError(f"training loss became {float(loss_sum)} in epoch {self.state.epoch + 1}; "
                               "lower the learning rate or check the data")
+        self._sync_buffers()
         clean, robust = self._validate(val)
         self.state.seconds += time.perf_counter() - start
         return EpochRecord(epoch=self.state.epoch + 1, lr=lr, eps=eps,
@@ -234,6 +235,19 @@ class Trainer:
         self.objective.set_eps(eps)
         self.objective.set_progress(epoch_progress)
         return eps
+
+    def _sync_buffers(self) -> None:
+        """Under torchrun, rank 0's BatchNorm statistics (the model's and the EMA's) on every rank.
+
+        Training updates each rank's statistics from its own slices; synced once an epoch, every rank
+        validates the model that rank 0 checkpoints, and a resumed run, whose ranks all load rank 0's
+        checkpoint, goes on from the statistics an uninterrupted run holds.
+        """
+        if self.distributed is None:
+            return
+        shadow = {} if self.ema is None else self.ema.shadow  # non-persistent buffers are not averaged
+        averaged = [shadow[name] for name, _ in self.model.named_buffers() if name in shadow]
+        self.distributed.broadcast_buffers(self.model, *averaged)
 
     def _validate(self, val: Split) -> tuple[float, float | None]:
         """Clean and PGD accuracy on the validation split (robust only for adversarial runs)."""
@@ -295,8 +309,10 @@ class Trainer:
         """Leave the model at its selected weights and write model.safetensors."""
         if self.config.early_stopping:
             if self.run_dir is not None:  # every rank: the epoch's barrier follows rank 0's write
-                ckpt.load_weights(self.run_dir / "best.safetensors", self.model,
-                                  self._hashes.get("best.safetensors"))
+                # only rank 0 records the hash of each best.safetensors it writes; the other ranks
+                # still hold the one state.json named when they resumed
+                expected = self._hashes.get("best.safetensors") if self._writes_files else None
+                ckpt.load_weights(self.run_dir / "best.safetensors", self.model, expected)
             elif getattr(self, "_best_weights", None) is not None:
                 self.model.load_state_dict(self._best_weights)
         elif self.ema is not None:
