@@ -246,6 +246,32 @@ def test_cw_with_one_constant_matches_torchattacks(standard_model, digit_batch):
     assert abs(median_ours / median_theirs - 1) < 0.01, (float(median_ours), float(median_theirs))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("threat", [L2, LINF], ids=["l2", "linf"])
+def test_fmn_finds_norms_no_larger_than_foolboxs_fmn(standard_model, digit_batch, threat):
+    """Foolbox ships FMN as a reference implementation: fortify's must fool as many examples and find
+    distances no larger at the median of the per-example ratios, at the same budget."""
+    foolbox = pytest.importorskip("foolbox")
+    # Prepare: the clean-correct digits
+    x, y = digit_batch
+    correct = standard_model(x).argmax(1) == y
+    x, y = x[correct], y[correct]
+    reference = {"l2": foolbox.attacks.L2FMNAttack, "linf": foolbox.attacks.LInfFMNAttack}[threat.norm]
+    # Execute: 30 steps each, the papers' schedules (Foolbox starts both norms at step 1, fortify
+    # L-inf at 10 as the paper does)
+    ours, our_norms = FMN(threat, steps=30).minimal(standard_model, x, y)
+    theirs = reference(steps=30)(foolbox.PyTorchModel(standard_model, bounds=(0, 1)), x, y, epsilons=None)[0]
+    # Assert
+    their_fooled = standard_model(theirs).argmax(1) != y
+    assert torch.isfinite(our_norms).sum() >= their_fooled.sum()
+    both = torch.isfinite(our_norms) & their_fooled
+    ratio = our_norms[both] / threat.distance(theirs, x)[both]
+    # measured: median ratio 0.999 (L-inf; 91% of the digits at or below 1) and 0.573 (L2, where
+    # Foolbox's distances came out the same at 10 and at 100 steps on most digits); 1% above 1
+    # leaves room for ties broken otherwise
+    assert float(ratio.median()) <= 1.01, float(ratio.median())
+
+
 # -- registry and settings --------------------------------------------------------------------
 
 def test_registered_names():
