@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fedkit import small_run
 from torch import nn
 
 from fortify.config import TrainConfig
@@ -13,6 +14,7 @@ from fortify.federated.client import (
     LocalTraining,
     ProximalObjective,
     build_local_objective,
+    local_train_config,
     poison,
     train_locally,
 )
@@ -176,3 +178,13 @@ def test_federated_dp_needs_a_fixed_noise_level(digits):
     dp = DPConfig(enabled=True, target_epsilon=1.0, delta=1e-5)
     with pytest.raises(ConfigError, match="noise_multiplier"):
         train_locally(_mlp(), shard, LocalTraining(config, THREAT, dp=dp))
+
+
+@pytest.mark.parametrize("clients", [4, 1500])
+def test_every_client_and_round_trains_with_its_own_seed(clients):
+    # the seed was seed + 1000 * round + client: with 1,000 clients or more, client 1000 of round 1
+    # drew the noise and batches of client 0 of round 2
+    run = small_run(clients=clients, rounds=3)
+    seeds = {local_train_config(run, server_round, partition).seed
+             for server_round in range(1, 4) for partition in range(clients)}
+    assert len(seeds) == 3 * clients

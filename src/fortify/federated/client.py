@@ -197,7 +197,10 @@ def _train_privately(model: nn.Module, data: Split, settings: LocalTraining, tra
 def local_train_config(run: FederatedRun, server_round: int, partition_id: int) -> TrainConfig:
     """The run's TrainConfig for one client round: its own seed, no early stopping, and a
     constant learning rate (a decaying schedule would restart at every round)."""
-    seed = run.config.train.seed + 1000 * server_round + partition_id
+    # one seed per (round, client): a stride of at least the client count keeps them apart (1000, the
+    # stride the measured runs used, while there are no more clients than that)
+    stride = max(1000, run.federation.clients)
+    seed = run.config.train.seed + stride * server_round + partition_id
     return run.config.train.model_copy(update={
         "epochs": run.federation.local_epochs, "early_stopping": False, "schedule": "constant",
         "seed": seed})
