@@ -307,6 +307,36 @@ def test_bad_evaluation_settings_are_refused_before_attacking(trained_dir, tmp_p
     assert not (copy / "evaluation").exists() and not (copy / "robustness.json").exists()
 
 
+def test_an_evaluation_config_keeps_the_model_directorys_own_settings(trained_dir, tmp_path):
+    # Prepare: a config file that names only what the evaluation changes
+    copy = _copy_of(trained_dir, tmp_path)
+    (copy / "robustness.json").unlink(missing_ok=True)  # other tests evaluate the shared directory
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({"eval": {"batch_size": 16}}))
+    # Execute
+    result = _invoke("evaluate", copy, "--config", config, "--attacks", "fgsm", "--n-examples", 10)
+    # Assert: the model's data, training and model sections, not the defaults, and the file's eval
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((copy / "robustness.json").read_text())["config"]
+    trained = yaml.safe_load((copy / "config.yaml").read_text())
+    assert {s: recorded[s] for s in ("data", "model", "train")} == {s: trained[s] for s in ("data", "model",
+                                                                                            "train")}
+    assert recorded["train"]["objective"] == "standard" and recorded["eval"]["batch_size"] == 16
+
+
+def test_an_evaluation_config_that_splits_the_data_otherwise_is_refused(trained_dir, tmp_path):
+    # Prepare: another data seed would put training examples among the test examples
+    copy = _copy_of(trained_dir, tmp_path)
+    (copy / "robustness.json").unlink(missing_ok=True)
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({"data": {"seed": 1}}))
+    # Execute
+    result = _invoke("evaluate", copy, "--config", config, "--attacks", "fgsm", "--n-examples", 10)
+    # Assert
+    _assert_clean_error(result, "data.seed was 0, now 1")
+    assert not (copy / "robustness.json").exists() and not (copy / "evaluation").exists()
+
+
 def test_evaluate_refuses_what_does_not_apply_to_a_model_directory(trained_dir, tmp_path):
     _assert_clean_error(_invoke("evaluate", tmp_path / "nowhere"), "is not a directory")
     _assert_clean_error(_invoke("evaluate", trained_dir, "--dataset", "breast-cancer"), "--dataset go")

@@ -33,6 +33,7 @@ from fortify.pipeline import (
     audited_dataset,
     check_same_settings,
     evaluate_model,
+    evaluation_config,
     fresh_out_dir,
     load_trained_model,
     prepare,
@@ -40,6 +41,7 @@ from fortify.pipeline import (
     train_model,
     write_json,
 )
+from fortify.report import tables
 from fortify.report.compare import write_comparison
 from fortify.report.html import write_report
 from fortify.report.results import RESULTS_VERSION, load_results
@@ -200,14 +202,15 @@ def _results(setup: Setup, models: dict[str, Any], seconds: float) -> dict[str, 
 def _print_comparison(results: dict[str, Any]) -> None:
     threat = results["threat"]
     table = Table(title=f"{results['dataset']['name']}: {threat['norm']} eps={threat['eps']:.4g}")
-    first = next(iter(results["models"].values()))["robustness"]
-    for column in ["model", "clean", *[a["name"] for a in first["attacks"]], "worst case"]:
+    # cells lined up by attack name, as the page's table: merged runs need not share their attacks
+    attack_names, accuracy = tables.attack_accuracy(results["models"])
+    for column in ["model", "clean", *attack_names, "worst case"]:
         table.add_column(column, justify="right")
     for name, model in results["models"].items():
         rob = model["robustness"]
-        cells = [rob["clean_accuracy"], *[a["adversarial_accuracy"] for a in rob["attacks"]],
+        cells = [rob["clean_accuracy"], *[accuracy[name][a] for a in attack_names],
                  rob["worst_case_accuracy"]]
-        table.add_row(name, *[f"{100 * c:.1f}%" for c in cells])
+        table.add_row(name, *["n/a" if c is None else f"{100 * c:.1f}%" for c in cells])
     out_console.print(table)
 
 
@@ -391,10 +394,7 @@ def evaluate(
     if file_only:  # a model directory is evaluated on its own data, into itself
         raise ConfigError(f"{' and '.join(file_only)} go with --model FILE; a MODEL_DIR is evaluated on the "
                           "data it was trained on (pass --config to change it) and writes into itself")
-    base = config if config is not None else model_dir / "config.yaml"
-    if not base.is_file():
-        raise ConfigError(f"{model_dir} has no config.yaml; pass --config")
-    cfg = load_config(base, overrides)
+    cfg = evaluation_config(model_dir, config, overrides)
     setup, ddp = _join_torchrun(prepare(cfg, device), model_dir)
     model, _ = load_trained_model(model_dir, setup.device)
     # under torchrun the ranks share the attack batches and merge per example (no journal)

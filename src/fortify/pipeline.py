@@ -30,8 +30,10 @@ from fortify.config import (
     RunConfig,
     TrainConfig,
     comparable_settings,
+    config_from_dict,
     listed,
     load_config,
+    read_yaml_mapping,
     setting_differences,
 )
 from fortify.data import DataOptions, Dataset, Split, load_dataset
@@ -217,6 +219,44 @@ def check_same_settings(directory: Path, config: RunConfig, sections: Sequence[s
     if differing:
         raise ConfigError(f"cannot resume {directory}: {listed(differing)}; give the settings it was "
                           "started with, or start a new run elsewhere")
+
+
+# what identifies a dataset, as opposed to how it is split into train, val and test
+_DATA_SOURCE = ("name", "path", "target", "feature_schema")
+
+
+def evaluation_config(model_dir: Path, config_path: Path | None, overrides: dict[str, Any]) -> RunConfig:
+    """The config to evaluate ``model_dir`` under: its own config.yaml, with ``config_path`` laid over it,
+    then the flags' ``overrides``.
+
+    A config file read on its own would put the defaults in every section it leaves out: another data
+    split (training examples among the test examples) and a config in robustness.json that describes
+    another model. What a config file may change is checked by check_evaluated_as_trained.
+    """
+    own_path = Path(model_dir) / "config.yaml"
+    if not own_path.is_file():
+        if config_path is None:
+            raise ConfigError(f"{model_dir} has no config.yaml; pass --config")
+        return load_config(config_path, overrides)
+    own = load_config(own_path)
+    layered = config_from_dict(own.model_dump(mode="json"), read_yaml_mapping(config_path))
+    config = config_from_dict(layered.model_dump(mode="json"), overrides)
+    check_evaluated_as_trained(model_dir, own, config)
+    return config
+
+
+def check_evaluated_as_trained(model_dir: Path, own: RunConfig, config: RunConfig) -> None:
+    """ConfigError if ``config`` says the model was made otherwise than ``own`` (its config.yaml) says,
+    or splits the model's own data another way. Other data may be named: that is a deliberate change."""
+    before, now = (comparable_settings(c.model_dump(mode="json")) for c in (own, config))
+    sections = ["model", "train", "dp"]
+    if all(before["data"].get(key) == now["data"].get(key) for key in _DATA_SOURCE):
+        sections.append("data")  # another seed or fraction would test on examples the model trained on
+    differing = setting_differences({s: before[s] for s in sections}, {s: now[s] for s in sections})
+    if differing:
+        raise ConfigError(f"the config given for {model_dir} differs from the one its model was trained "
+                          f"with ({Path(model_dir) / 'config.yaml'}): {listed(differing)}; an evaluation "
+                          "may change only the threat, eval and analysis sections (or name other data)")
 
 
 def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: bool,

@@ -13,6 +13,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+from typer.testing import CliRunner
+
+from fortify.cli import app
 from fortify.report import plots
 from fortify.report.compare import merge_runs
 from fortify.report.html import render_report
@@ -197,3 +200,47 @@ def test_results_and_page_are_utf8_whatever_the_locale(tmp_path):
     # Assert
     assert done.returncode == 0, done.stderr
     assert "modèle-α" in (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+
+
+def _printed_rows(output: str) -> dict[str, dict[str, str]]:
+    """The rows of the command's summary table (rich box drawing), each by its column header."""
+    lines = [[cell.strip() for cell in line.strip("│┃ ").split("│" if "│" in line else "┃")]
+             for line in output.splitlines() if line.lstrip().startswith(("│", "┃"))]
+    header, *rows = lines
+    return {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+
+
+def test_the_compare_command_prints_each_number_under_its_own_attack(tmp_path):
+    # Prepare: two runs with different attacks, in different orders
+    first = _run([_attack("fgsm", 0.61), _attack("pgd", 0.42)], {0.1: 0.7}, 10)
+    second = _run([_attack("pgd", 0.33), _attack("apgd", 0.27)], {0.1: 0.6}, 10)
+    for name, results in (("a", first), ("b", second)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    # Execute: wide enough that rich wraps no cell
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b"),
+                                      "--out", str(tmp_path / "c.html")], env={"COLUMNS": "200"})
+    # Assert: the columns are the union of the attacks, and b's pgd sits under pgd, not under fgsm
+    assert result.exit_code == 0, result.output
+    rows = _printed_rows(result.output)
+    columns = ("fgsm", "pgd", "apgd", "worst case")
+    assert [rows["a/net"][c] for c in columns] == ["61.0%", "42.0%", "n/a", "42.0%"]
+    assert [rows["b/net"][c] for c in columns] == ["n/a", "33.0%", "27.0%", "27.0%"]
+
+
+def test_the_certified_figure_names_each_models_own_sigma(monkeypatch):
+    # Prepare: a gaussian-trained model certified at its noise, another at the default; the figure kept
+    drawn = []
+    monkeypatch.setattr(plots, "to_data_uri", lambda fig: drawn.append(fig) or "uri")
+    models = {}
+    for name, sigma in (("gauss", 0.5), ("pgd", 0.25)):
+        analysis = _analysis({0.1: 0.5})
+        analysis["certified"] |= {"sigma": sigma, "curve": {"radii": [0.0, 0.5], "accuracy": [0.9, 0.4]}}
+        models[name] = {"analysis": analysis}
+    # Execute
+    plots.certified_curves(models)
+    # Assert: no title claims one sigma for both curves; each curve carries its own
+    ax = drawn[0].axes[0]
+    assert "sigma" not in ax.get_title()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["gauss (sigma = 0.5)", "pgd (sigma = 0.25)"]

@@ -85,12 +85,15 @@ def certified_curves(models: dict[str, dict[str, Any]]) -> str | None:
     certified = {name: m["analysis"]["certified"] for name, m in models.items() if m.get("analysis")}
     if not certified:
         return None
+    # models certified at other noise levels (a gaussian-trained one at its own) each name theirs
+    sigmas = {cert["sigma"] for cert in certified.values()}
+    shared = f", sigma = {next(iter(sigmas)):g}" if len(sigmas) == 1 else ""
     with _figure() as (fig, ax):
         for name, cert in certified.items():
-            ax.plot(cert["curve"]["radii"], cert["curve"]["accuracy"], marker=".", label=name)
-        sigma = next(iter(certified.values()))["sigma"]
+            label = name if len(sigmas) == 1 else f"{name} (sigma = {cert['sigma']:g})"
+            ax.plot(cert["curve"]["radii"], cert["curve"]["accuracy"], marker=".", label=label)
         ax.set(xlabel="L2 radius", ylabel="certified accuracy", ylim=(-0.02, 1.02),
-               title=f"randomized smoothing, sigma = {sigma:g}")
+               title=f"randomized smoothing{shared}")
         ax.legend()
         return to_data_uri(fig)
 
