@@ -109,6 +109,22 @@ def test_early_stopping_stops_and_restores_the_best_epoch(digits, tmp_path):
     assert all(torch.equal(selected[k], best_file[k]) for k in selected)
 
 
+def test_resuming_a_run_that_stopped_early_trains_no_further(digits, tmp_path):
+    # the loop checked early stopping only after an epoch: a resumed run trained one more
+    train, val = _subset(digits, 128)
+    _, trainer = _trainer(digits, tmp_path, objective="standard", epochs=20, patience=2,
+                          lr=1e-9, optimizer="adam")
+    first = trainer.fit(train, val)
+    selected = load_tensors(tmp_path / "model.safetensors", "weights")
+    _, again = _trainer(digits, tmp_path, objective="standard", epochs=20, patience=2,
+                        lr=1e-9, optimizer="adam")
+    resumed = again.fit(train, val, resume=True)
+    assert first.stopped_early and resumed.stopped_early
+    assert len(resumed.history) == len(first.history)
+    reloaded = load_tensors(tmp_path / "model.safetensors", "weights")
+    assert all(torch.equal(selected[k], reloaded[k]) for k in selected)
+
+
 def test_pgd_training_beats_standard_training_under_attack(standard_model, robust_model, digits):
     from fortify.attacks import PGD
 

@@ -133,14 +133,15 @@ class Trainer:
             torch.manual_seed(self.config.seed)
         self.batch_recipe.bind(train, self.model, self.threat.bounds)
         steps_per_epoch = self.batch_recipe.steps_per_epoch(len(train))
-        stopped_early = False
         # channels_last: the gradient through each nn.Flatten goes back channels_last (layout.py)
         layout_hooks = (flatten_gradient_hooks(self.model) if self.config.channels_last
                         else contextlib.nullcontext())
         with layout_hooks, self._progress() as bar:
             epochs_task = bar.add_task("epochs", total=self.config.epochs,
                                        completed=self.state.epoch)
-            while self.state.epoch < self.config.epochs:
+            # a resumed run that had already stopped early trains no further epoch
+            stopped_early = self._should_stop()
+            while self.state.epoch < self.config.epochs and not stopped_early:
                 record = self._run_epoch(train, val, steps_per_epoch, bar)
                 self._select(record)
                 self.state.epoch += 1
@@ -148,9 +149,7 @@ class Trainer:
                 bar.update(epochs_task, advance=1)
                 for callback in self.callbacks:
                     callback(record)
-                if self._should_stop():
-                    stopped_early = True
-                    break
+                stopped_early = self._should_stop()
         self._finish()
         return TrainResult(self.state.history, self.state.best_epoch, self.selection_metric,
                            stopped_early, self.state.seconds,
