@@ -16,7 +16,17 @@ import fortify.sweep as sweep_module
 from fortify.cli import app
 from fortify.config import load_config
 from fortify.errors import CheckpointError, ConfigError, ResultsError
-from fortify.sweep import RunResult, RunSpec, SweepGrid, expand_grid, load_sweep, pareto_front, run_sweep
+from fortify.sweep import (
+    RunResult,
+    RunSpec,
+    SweepGrid,
+    expand_grid,
+    load_sweep,
+    pareto_front,
+    pareto_fronts,
+    run_sweep,
+    table_rows,
+)
 from fortify.training import checkpoint as ckpt
 
 # -- the Pareto front: a pure function ---------------------------------------------------------
@@ -43,6 +53,21 @@ def test_pareto_front_holds_exactly_the_undominated_points(points):
     assert front == sorted(front)
     for i, p in enumerate(points):
         assert (i in front) == (not any(_dominates(q, p) for q in points))
+
+
+def _result(name, eps, clean, robust):
+    return RunResult(name=name, objective="standard", eps=eps, trades_beta=6.0, mix_ratio=0.5, epochs=1,
+                     clean_accuracy=clean, robust_accuracy=robust, attack_accuracy={}, n_examples=10,
+                     train_seconds=1.0, passes_per_epoch=1.0, best_epoch=1)
+
+
+def test_runs_of_different_eps_are_on_fronts_of_their_own():
+    # one front over all eps let a run measured in a small ball dominate the same training measured
+    # in a larger one
+    results = [_result("a_eps0.1", 0.1, 0.9, 0.5), _result("a_eps0.2", 0.2, 0.9, 0.3),
+               _result("b_eps0.2", 0.2, 0.8, 0.2)]
+    assert pareto_fronts(results) == {0.1: [0], 0.2: [1]}
+    assert [row["pareto"] for row in table_rows(results)] == [True, True, False]
 
 
 # -- the grid ------------------------------------------------------------------------------------

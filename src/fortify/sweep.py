@@ -396,12 +396,26 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+def pareto_fronts(results: Sequence[RunResult]) -> dict[float, list[int]]:
+    """Per eps, the indices of the runs on that eps's Pareto front (clean against robust accuracy).
+
+    Each run's robust accuracy is measured at its own eps, and a smaller ball is easier to hold:
+    runs of different eps are not on one scale, so each eps has a front of its own.
+    """
+    groups: dict[float, list[int]] = {}
+    for index, r in enumerate(results):
+        groups.setdefault(r.eps, []).append(index)
+    return {eps: [members[i] for i in pareto_front([(results[j].clean_accuracy, results[j].robust_accuracy)
+                                                     for j in members])]
+            for eps, members in groups.items()}
+
+
 COLUMNS = ("name", "objective", "eps", "trades_beta", "mix_ratio", "epochs", "clean_accuracy",
            "robust_accuracy", "train_seconds", "passes_per_epoch", "pareto")
 
 
 def table_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
-    front = set(pareto_front([(r.clean_accuracy, r.robust_accuracy) for r in results]))
+    front = {i for members in pareto_fronts(results).values() for i in members}
     attacks = list(dict.fromkeys(name for r in results for name in r.attack_accuracy))
     rows = []
     for index, r in enumerate(results):
@@ -434,12 +448,15 @@ def plot_tradeoff(results: Sequence[RunResult], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     points = [(100 * r.clean_accuracy, 100 * r.robust_accuracy) for r in results]
-    front = sorted(pareto_front(points), key=lambda i: points[i])
+    fronts = pareto_fronts(results)
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     try:
         ax.scatter(*zip(*points), s=22, color="tab:blue", label="run")
-        ax.plot(*zip(*[points[i] for i in front]), color="tab:red", marker="o", markersize=9,
-                markerfacecolor="none", label="Pareto front")
+        for (eps, members), colour in zip(sorted(fronts.items()), plt.get_cmap("tab10").colors[3:]):
+            front = sorted(members, key=lambda i: points[i])
+            label = "Pareto front" if len(fronts) == 1 else f"Pareto front, eps {eps:g}"
+            ax.plot(*zip(*[points[i] for i in front]), color=colour, marker="o", markersize=9,
+                    markerfacecolor="none", label=label)
         for r, (x, y) in zip(results, points):
             ax.annotate(r.name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("clean accuracy (%)")
