@@ -506,10 +506,18 @@ def provenance(config: RunConfig, device: torch.device) -> dict[str, Any]:
     }
 
 
-def _git_commit() -> str | None:
+def _git_commit(package: Path = Path(__file__).resolve().parent) -> str | None:
+    """fortify's commit when ``package`` (this package) runs from a checkout of its own repository.
+
+    An installed package may sit inside some other repository (a virtualenv in the user's project):
+    that repository's commit is not fortify's, so the checkout must hold this very package.
+    """
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, cwd=Path(__file__).parent)
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=package)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() / "src" / "fortify" != package:
+        return None
+    return lines[1]
