@@ -160,6 +160,9 @@ def test_bad_settings_and_inputs_are_rejected():
         certify(model, x, sigma=SIGMA, n0=0)
     with pytest.raises(DataError, match="outside the declared box"):
         certify(model, x + 2, sigma=SIGMA)
+    for wrong in (1, 3):  # fewer classes than the model's failed inside one_hot; more went unnoticed
+        with pytest.raises(DataError, match=f"the model outputs 2 classes, but num_classes is {wrong}"):
+            certify(model, x, sigma=SIGMA, num_classes=wrong)
 
 
 def test_gaussian_objective_is_registered_and_trains_on_noisy_inputs():

@@ -94,7 +94,10 @@ def _block_counts(model: nn.Module, x: Tensor, sigma: float, n: int, num_classes
         copies = min(per_pass, n - done)
         batch = x.unsqueeze(1).expand(x.shape[0], copies, *x.shape[1:]).reshape(-1, *x.shape[1:])
         noise = torch.randn(batch.shape, generator=generator, device=x.device, dtype=x.dtype)
-        predictions = model(batch + sigma * noise).argmax(dim=1).reshape(x.shape[0], copies)
+        logits = model(batch + sigma * noise)
+        if logits.shape[1] != num_classes:  # one_hot would fail, or count a short row, without a word
+            raise DataError(f"the model outputs {logits.shape[1]} classes, but num_classes is {num_classes}")
+        predictions = logits.argmax(dim=1).reshape(x.shape[0], copies)
         counts += F.one_hot(predictions, num_classes).sum(dim=1)
     return counts
 
