@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import fortify
-from fortify.attacks import ATTACKS, PGD, Attack
+from fortify.attacks import APGD, ATTACKS, PGD, Attack
 from fortify.attacks.transfer import Transfer
 from fortify.config import (
     DataConfig,
@@ -392,8 +392,9 @@ def evaluate_model(setup: Setup, model: nn.Module, journal_dir: Path | None = No
     if cfg.surrogate is not None:
         surrogate, _ = load_trained_model(cfg.surrogate, setup.device)
     attacks = build_attacks(cfg, setup.threat, setup.dataset.num_classes, surrogate)
-    # the eps curve needs one cheap, strong attack at many eps: PGD when it is in the list
-    curve_attack = next((a for a in attacks if isinstance(a, PGD)), attacks[-1])
+    # the eps curve needs one cheap, strong attack at many eps: PGD when it is in the list, else APGD
+    # (the autoattack preset's first); the last attack may be Square's 5,000 queries per example
+    curve_attack = next((a for kind in (PGD, APGD) for a in attacks if isinstance(a, kind)), attacks[-1])
     with eval_layout(setup, model, test):
         return evaluate(model, test.x, test.y, attacks, setup.threat, curve_attack=curve_attack,
                         batch_size=cfg.batch_size, cascade=cfg.cascade or cfg.preset == "autoattack",
@@ -506,7 +507,10 @@ def provenance(config: RunConfig, device: torch.device) -> dict[str, Any]:
     }
 
 
-def _git_commit(package: Path = Path(__file__).resolve().parent) -> str | None:
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _git_commit(package: Path = _PACKAGE_DIR) -> str | None:
     """fortify's commit when ``package`` (this package) runs from a checkout of its own repository.
 
     An installed package may sit inside some other repository (a virtualenv in the user's project):
