@@ -95,10 +95,21 @@ def test_cli_export_from_a_run_directory_takes_the_hardened_model(model_dir, tmp
     result = CliRunner().invoke(app, ["export", str(run_dir), "--format", "torchscript"])
     assert result.exit_code == 0, result.output
     exported = run_dir / "models" / "pgd" / "export" / "model.pt"
-    assert exported.is_file() and exported.with_suffix(".card.json").is_file()
+    assert exported.is_file() and exported.with_name(exported.name + ".card.json").is_file()
     assert "max |difference|" in result.output
     x = torch.rand(5, 1, 8, 8)
     torch.testing.assert_close(_torchscript_logits(exported, x), _reference(model_dir, x))
+
+
+def test_exports_of_two_formats_into_one_folder_keep_a_card_each(model_dir, tmp_path):
+    # the card was named model.card.json for every format: the second export overwrote the first's
+    run_dir = tmp_path / "run"
+    shutil.copytree(model_dir, run_dir)
+    for fmt in ("torchscript", "safetensors"):
+        assert CliRunner().invoke(app, ["export", str(run_dir), "--format", fmt]).exit_code == 0
+    cards = {name: json.loads((run_dir / "export" / f"model.{name}.card.json").read_text())
+             for name in ("pt", "safetensors")}
+    assert cards["pt"]["format"] == "torchscript" and cards["safetensors"]["format"] == "safetensors"
 
 
 @pytest.mark.parametrize("args, fragment", [

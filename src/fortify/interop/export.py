@@ -81,7 +81,8 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, *, member: st
     except BaseException:
         out.unlink(missing_ok=True)
         raise
-    card_path = out.with_suffix(".card.json")
+    # named after the whole file name: exports of several formats into one folder keep a card each
+    card_path = out.with_name(out.name + ".card.json")
     card_path.write_text(json.dumps(_deployment_card(card, fmt, model_dir), indent=2))
     return ExportResult(out, card_path, fmt, difference, len(inputs))
 
