@@ -97,6 +97,20 @@ def test_inversion_scores_do_not_depend_on_the_units_of_the_box(digits):
     assert wide.mse_to_class_mean == pytest.approx(unit.mse_to_class_mean, rel=1e-6)
 
 
+def test_inversion_itself_does_not_depend_on_the_units_of_the_box():
+    # Prepare: one linear model reading [0, 1] inputs, and the same model reading [0, 255] ones
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    scaled_model = nn.Sequential(Scale(1 / 255), model)
+    # Execute
+    unit = invert_classes(model, [0, 1], (1, 8, 8), steps=50)
+    wide = invert_classes(scaled_model, [0, 1], (1, 8, 8), steps=50, bounds=(0.0, 255.0))
+    # Assert: the same reconstruction in other units (an absolute step of 0.05 and a TV penalty 255
+    # times stronger left the [0, 255] one at the box centre)
+    assert (unit - 0.5).abs().mean() > 0.3
+    assert torch.allclose(wide / 255, unit, atol=1e-5)
+
+
 class Scale(nn.Module):
     def __init__(self, factor: float) -> None:
         super().__init__()

@@ -295,6 +295,23 @@ def test_hopskipjump_distance_bounds_a_linear_models_distance_from_above():
     assert float((found[3:] / exact[3:]).median()) < 1.1
 
 
+def test_hopskipjump_distance_works_in_a_box_narrower_than_one():
+    # Prepare: a two-class linear model on inputs in [0, 0.5]; exact L-inf distance |margin| / ||w||_1
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        model.bias.copy_(-model.weight.sum(1) / 4)  # the boundary passes through the box's centre
+    x = (0.25 + 0.02 * torch.randn(8, 4)).clamp(0, 0.5)
+    y = model(x).argmax(1).detach()
+    w = (model.weight[1] - model.weight[0]).detach()
+    exact = (x @ w + model.bias[1] - model.bias[0]).abs().detach() / w.abs().sum()
+    # Execute
+    found = hopskipjump_boundary_distance(model, x, y, norm="linf", bounds=(0.0, 0.5), max_queries=500)
+    # Assert: never below the true minimum and close to it (measured: within 6%)
+    assert bool((found >= exact * (1 - 1e-4)).all())
+    assert float((found / exact).median()) < 1.2
+
+
 def test_lira_in_the_audit_of_a_run_trains_reference_models_on_the_spare_data_too(digits, monkeypatch):
     # Prepare: record the pool LiRA's reference models are drawn from; untrained models are enough
     audit_module = importlib.import_module("fortify.privacy.audit")  # the package exports a function audit

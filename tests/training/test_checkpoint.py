@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 
 import pytest
@@ -111,3 +112,58 @@ def test_optimizer_state_round_trips():
     fresh.load_state_dict(rebuilt)
     for key, value in opt.state_dict()["state"][0].items():
         assert torch.equal(value, fresh.state_dict()["state"][0][key])
+
+
+def _write_state(run_dir, **fields):
+    ckpt.write_state_json(run_dir, {"finished": False, "sha256": {"last.safetensors": "0" * 64},
+                                    "optimizer": {"param_groups": [], "scalars": {}},
+                                    "progress": {"epoch": 1, "step": 4, "best_metric": 0.5, "best_epoch": 1,
+                                                 "since_best": 0, "history": [], "seconds": 1.0},
+                                    **fields})
+
+
+def test_a_well_formed_state_json_reads_back(tmp_path):
+    _write_state(tmp_path, progress={"epoch": 0, "step": 0, "best_metric": -math.inf, "best_epoch": -1,
+                                     "since_best": 0, "history": [], "seconds": 0.0})
+    assert ckpt.read_state_json(tmp_path)["progress"]["best_metric"] == -math.inf
+
+
+@pytest.mark.parametrize(("fields", "match"), [
+    ({"sha256": ["last.safetensors"]}, "'sha256' must map file names to SHA-256 hex digests"),
+    ({"sha256": {"last.safetensors": 12}}, "'sha256' must map"),
+    ({"finished": "no"}, "'finished' must be true or false"),
+    ({"optimizer": {"param_groups": []}}, "'optimizer' must hold"),
+    ({"optimizer": {"param_groups": [], "scalars": {"x": {}}}}, "'optimizer' must hold"),
+    ({"progress": []}, "'progress' must be an object"),
+    ({"progress": {"epoch": "1"}}, r"'progress.epoch' must be an integer >= 0, got '1'"),
+    ({"progress": {"epoch": 1, "step": -100, "best_epoch": 1, "since_best": 0}},
+     r"'progress.step' must be an integer >= 0, got -100"),
+    ({"progress": {"epoch": 1, "step": 2, "best_epoch": 1, "since_best": 0, "seconds": 1.0,
+                   "best_metric": 0.5, "history": None}}, "'progress.history' must be a list"),
+])
+def test_a_damaged_state_json_field_is_a_checkpoint_error(tmp_path, fields, match):
+    _write_state(tmp_path, **fields)
+    with pytest.raises(CheckpointError, match=match):
+        ckpt.read_state_json(tmp_path)
+
+
+@pytest.mark.parametrize("meta", [None, {"param_groups": []}, {"param_groups": [], "scalars": {"x": {}}}])
+def test_damaged_optimizer_meta_is_a_checkpoint_error(meta):
+    with pytest.raises(CheckpointError, match="optimizer state in state.json is missing or damaged"):
+        ckpt.join_optimizer_state({}, meta)
+
+
+def test_a_model_that_reuses_a_layer_saves_and_loads(tmp_path):
+    # one Linear at two places: its weight and bias appear under two names each in the state dict
+    def reusing() -> torch.nn.Module:
+        shared = torch.nn.Linear(4, 4)
+        return torch.nn.Sequential(shared, torch.nn.ReLU(), shared, torch.nn.Linear(4, 2))
+
+    torch.manual_seed(0)
+    model, path = reusing(), tmp_path / "w.safetensors"
+    ckpt.save_weights(path, model)
+    fresh = reusing()
+    ckpt.load_weights(path, fresh)
+    for name, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    assert fresh[0].weight is fresh[2].weight  # still one layer after loading

@@ -93,3 +93,16 @@ def test_state_round_trip_and_bad_inputs():
         other.load_state_dict({})
     with pytest.raises(ConfigError, match=r"EMA decay must be in \[0, 1\], got 1.5"):
         ModelEMA(model, decay=1.5)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda state: {**state, "ema.3.bias": torch.zeros(1)},  # would broadcast into the bias of 2
+    lambda state: {**state, "ema.0.weight": torch.zeros(4)},  # would broadcast into every row
+    lambda state: {**state, "ema.9.weight": torch.zeros(2)},  # a layer this model lacks
+])
+def test_an_average_of_another_model_is_refused(damage):
+    ema = ModelEMA(_model(), decay=0.5)
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    with pytest.raises(CheckpointError, match="EMA state does not fit this model"):
+        ema.load_state_dict(damage(ema.state_dict()))
+    assert all(torch.equal(ema.shadow[k], v) for k, v in before.items())  # nothing half-loaded

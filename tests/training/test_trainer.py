@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -94,6 +95,27 @@ def test_resume_with_other_settings_is_refused(digits, tmp_path):
     _, other = _trainer(digits, tmp_path, epochs=1, lr=0.01)
     with pytest.raises(CheckpointError, match="settings differ"):
         other.fit(train, val, resume=True)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda state: state.pop("sha256"), "records no hash of last.safetensors or state.safetensors"),
+    (lambda state: state["sha256"].pop("state.safetensors"), "records no hash of state.safetensors"),
+    (lambda state: state["progress"].update(surprise=1), "progress in state.json must hold exactly"),
+    (lambda state: state.pop("progress"), "progress in state.json must hold exactly"),
+    (lambda state: state["progress"]["history"][0].pop("lr"), "an epoch record in state.json lacks"),
+])
+def test_resume_refuses_a_state_json_it_cannot_trust(digits, tmp_path, edit, message):
+    # without a recorded hash the weights loaded unchecked (another model's would do); an unknown or
+    # missing progress key was a TypeError or KeyError
+    train, val = _subset(digits, 64)
+    _, trainer = _trainer(digits, tmp_path, objective="standard", epochs=1)
+    trainer.fit(train, val)
+    state = json.loads((tmp_path / "state.json").read_text())
+    edit(state)
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    _, again = _trainer(digits, tmp_path, objective="standard", epochs=1)
+    with pytest.raises(CheckpointError, match=message):
+        again.fit(train, val, resume=True)
 
 
 def test_early_stopping_stops_and_restores_the_best_epoch(digits, tmp_path):

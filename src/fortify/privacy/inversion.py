@@ -87,6 +87,7 @@ def invert_classes(model: nn.Module, classes: Sequence[int], input_shape: Sequen
                    bounds: tuple[float, float] = (0.0, 1.0)) -> Tensor:
     """MI-Face: one reconstruction per class by Adam on ``cost_c(x) + tv_weight * TV(x)``.
 
+    ``lr`` and ``TV`` are measured in box widths, so the result does not depend on the box's units.
     All classes are inverted together as one batch (their costs are independent). Every iterate is
     projected into the box. Deterministic: no random start.
     """
@@ -100,17 +101,22 @@ def invert_classes(model: nn.Module, classes: Sequence[int], input_shape: Sequen
     x0 = start if start is not None else neutral_start(input_shape, len(targets), bounds)
     if x0.shape != (len(targets), *input_shape):
         raise DataError(f"start must have shape {(len(targets), *input_shape)}, got {tuple(x0.shape)}")
-    x = x0.to(device).clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([x], lr=lr)
+    lo, width = float(bounds[0]), float(bounds[1]) - float(bounds[0])
+    # Adam moves each coordinate by about lr and TV grows with the units of the input, so the search
+    # runs on the position inside the box as a share of its width: lr and tv_weight then mean the
+    # same for data in [0, 1] and in [0, 255] (in [0, 1] nothing changes)
+    share = ((x0.to(device) - lo) / width).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([share], lr=lr)
     with evaluation_mode(model), torch.enable_grad():
         for _ in range(steps):
-            cost = _class_objective(model(x), targets, objective) + tv_weight * total_variation(x)
-            # the gradient with respect to x only: the model's own .grad stays untouched
-            (x.grad,) = torch.autograd.grad(cost.sum(), x)
+            logits = model(lo + width * share)
+            cost = _class_objective(logits, targets, objective) + tv_weight * total_variation(share)
+            # the gradient with respect to the input only: the model's own .grad stays untouched
+            (share.grad,) = torch.autograd.grad(cost.sum(), share)
             optimizer.step()
             with torch.no_grad():
-                x.copy_(project_to_box(x, bounds))
-    return x.detach()
+                share.copy_(project_to_box(share, (0.0, 1.0)))
+    return project_to_box(lo + width * share.detach(), bounds)
 
 
 def class_means(train: Split, classes: Sequence[int]) -> Tensor:

@@ -179,10 +179,12 @@ def hopskipjump_boundary_distance(model: nn.Module, x: Tensor, y: Tensor, *, nor
         raise ConfigError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
     device = model_device(model)
     x, y = x.to(device), y.to(device)
-    threat = ThreatModel(norm, 1.0, bounds)  # eps is unused: the search is for the minimum
+    width = bounds[1] - bounds[0]
+    # eps is unused (the search is for the minimum) but must be valid: an L-inf eps of 1 is not in a
+    # box narrower than 1, the box width is in every box
+    threat = ThreatModel(norm, width, bounds)
     attack = HopSkipJump(threat, max_queries=check_positive_int("max_queries", max_queries), seed=seed)
     distance = attack.minimal_distance(model, x, y)
-    width = bounds[1] - bounds[0]
     farthest = width if norm == "linf" else width * math.sqrt(x[0].numel())
     return torch.nan_to_num(distance, posinf=farthest).to(x.dtype).cpu()
 

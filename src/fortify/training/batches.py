@@ -100,6 +100,7 @@ def load_recipe_data(config: TrainConfig, dataset: Dataset, *, dp: bool) -> Spli
                           f"inputs of shape {dataset.input_shape}: turn augmentation off")
     if config.extra_data is None:
         return None
+    BatchPlan.for_batch(config.batch_size, config.extra_fraction)  # a share the batch cannot hold: refused
     return load_extra_data(config.extra_data, input_shape=dataset.input_shape, bounds=dataset.bounds,
                            num_classes=dataset.num_classes)
 

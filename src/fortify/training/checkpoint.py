@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,9 @@ from fortify.errors import CheckpointError
 FORMAT = "fortify"
 FORMAT_VERSION = "1"
 STATE_JSON = "state.json"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# the Trainer's counters in state.json["progress"] and the least value each may hold
+_PROGRESS_COUNTERS = {"epoch": 0, "step": 0, "since_best": 0, "best_epoch": -1}
 
 
 def sha256(path: Path) -> str:
@@ -41,12 +46,30 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def save_tensors(path: Path, tensors: dict[str, Tensor], kind: str) -> str:
     """Write tensors with fortify's marker; returns the file's SHA-256."""
     tmp = path.with_name(path.name + ".tmp")
-    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(contiguous, str(tmp), metadata={"format": FORMAT, "version": FORMAT_VERSION,
-                                              "kind": kind})
+    metadata = {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind}
+    save_file(_own_memory(tensors), str(tmp), metadata=metadata)
     digest = sha256(tmp)
     os.replace(tmp, path)
     return digest
+
+
+def _own_memory(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous CPU tensors, none sharing memory with another.
+
+    safetensors refuses tensors that share memory, which a model's state dict holds whenever one
+    module sits at two places (tied or reused layers); such a tensor is copied, and loading copies it
+    back into each of its names.
+    """
+    owned: dict[str, Tensor] = {}
+    storages: set[int] = set()
+    for name, value in tensors.items():
+        value = value.detach().cpu().contiguous()
+        storage = value.untyped_storage().data_ptr()
+        if storage in storages:
+            value = value.clone()
+        storages.add(value.untyped_storage().data_ptr())
+        owned[name] = value
+    return owned
 
 
 def load_tensors(path: Path, kind: str, expected_sha256: str | None = None, *,
@@ -116,11 +139,16 @@ def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], dic
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def join_optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def join_optimizer_state(tensors: dict[str, Tensor], meta: Any) -> dict[str, Any]:
+    if not _is_optimizer_meta(meta):
+        raise CheckpointError(f"the optimizer state in {STATE_JSON} is missing or damaged: it needs "
+                              "'param_groups' (a list) and 'scalars' (parameter index -> object)")
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
             _, index, key = name.split(".", 2)
+            if not index.isdigit():
+                raise CheckpointError(f"optimizer tensor {name!r} does not name a parameter index")
             state.setdefault(int(index), {})[key] = value
     for index, entries in meta["scalars"].items():
         state.setdefault(int(index), {}).update(entries)
@@ -145,6 +173,59 @@ def read_state_json(run_dir: Path) -> dict[str, Any]:
     if state.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has version {state.get('version')!r}; "
                               f"this fortify reads version {FORMAT_VERSION}")
+    problem = _state_field_problem(state)
+    if problem is not None:
+        raise CheckpointError(f"{path} is damaged: {problem}")
     return state
 
 
+# -- the fields of state.json that loading and resuming use -----------------------------------
+# Checked on reading: an edited field would otherwise surface as a TypeError deep in the Trainer,
+# a negative step would run the schedule outside [0, 1], and a malformed sha256 would skip the
+# tamper check.
+
+def _state_field_problem(state: dict[str, Any]) -> str | None:
+    hashes = state.get("sha256", {})
+    if not isinstance(hashes, dict) or not all(
+            isinstance(digest, str) and _SHA256_HEX.fullmatch(digest) for digest in hashes.values()):
+        return "'sha256' must map file names to SHA-256 hex digests"
+    if "finished" in state and not isinstance(state["finished"], bool):
+        return f"'finished' must be true or false, got {state['finished']!r}"
+    if state.get("optimizer") is not None and not _is_optimizer_meta(state["optimizer"]):
+        return "'optimizer' must hold 'param_groups' (a list) and 'scalars' (parameter index -> object)"
+    if "progress" in state:
+        return _progress_problem(state["progress"])
+    return None
+
+
+def _progress_problem(progress: Any) -> str | None:
+    if not isinstance(progress, dict):
+        return "'progress' must be an object"
+    for name, least in _PROGRESS_COUNTERS.items():
+        value = progress.get(name)
+        if not _is_int(value) or value < least:
+            return f"'progress.{name}' must be an integer >= {least}, got {value!r}"
+    seconds = progress.get("seconds")
+    if not _is_number(seconds) or not (math.isfinite(seconds) and seconds >= 0):
+        return f"'progress.seconds' must be a finite number >= 0, got {seconds!r}"
+    if not _is_number(progress.get("best_metric")):
+        return f"'progress.best_metric' must be a number, got {progress.get('best_metric')!r}"
+    history = progress.get("history")
+    if not isinstance(history, list) or not all(isinstance(record, dict) for record in history):
+        return "'progress.history' must be a list of epoch records"
+    return None
+
+
+def _is_optimizer_meta(meta: Any) -> bool:
+    return (isinstance(meta, dict) and isinstance(meta.get("param_groups"), list)
+            and isinstance(meta.get("scalars"), dict)
+            and all(isinstance(index, str) and index.isdigit() and isinstance(entries, dict)
+                    for index, entries in meta["scalars"].items()))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a count
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -62,9 +62,16 @@ class ModelEMA:
         return {f"ema.{k}": v.clone() for k, v in self.shadow.items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load an average saved by ``state_dict``; names and shapes must match the model's exactly."""
         missing = [k for k in self.shadow if f"ema.{k}" not in state]
         if missing:
             raise CheckpointError(f"EMA state lacks {len(missing)} entries, e.g. {missing[0]!r}")
+        # copy_ broadcasts, so an average of another model (a bias of shape (1,), say) would load silently
+        unexpected = sorted(set(state) - {f"ema.{k}" for k in self.shadow})
+        wrong_shape = [k for k, v in self.shadow.items() if state[f"ema.{k}"].shape != v.shape]
+        if unexpected or wrong_shape:
+            raise CheckpointError(f"EMA state does not fit this model: unexpected {unexpected[:5]}, "
+                                  f"wrong shape {wrong_shape[:5]}")
         with torch.no_grad():
             for name, average in self.shadow.items():
                 average.copy_(state[f"ema.{name}"])

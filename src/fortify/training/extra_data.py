@@ -52,6 +52,11 @@ class BatchPlan:
         if not 0 <= fraction < 1:
             raise ConfigError(f"extra_fraction must be in [0, 1), got {fraction!r}")
         extra = round(batch_size * fraction)
+        if fraction > 0 and extra == 0:
+            # otherwise the run would load extra_data and silently train on none of it
+            raise ConfigError(f"extra_fraction={fraction} gives no extra example in a batch of {batch_size} "
+                              f"(round({batch_size} * {fraction}) = 0); raise it above "
+                              f"{0.5 / batch_size:g} or raise batch_size")
         if extra >= batch_size:
             raise ConfigError(f"extra_fraction={fraction} leaves no real example in a batch of "
                               f"{batch_size}; lower it or raise batch_size")

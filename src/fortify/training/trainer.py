@@ -11,7 +11,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,21 @@ class _Progress:
 
 
 EpochCallback = Callable[[EpochRecord], None]
+
+
+def _progress_from(saved: Any, run_dir: Path) -> _Progress:
+    """The ``progress`` of state.json (its values checked by ``read_state_json``) as a ``_Progress``;
+    CheckpointError when a key is missing or unknown, here or in an epoch record."""
+    expected = {f.name for f in fields(_Progress)}
+    if not isinstance(saved, dict) or set(saved) != expected:
+        raise CheckpointError(f"cannot resume {run_dir}: the progress in {ckpt.STATE_JSON} must hold exactly "
+                              f"{sorted(expected)}")
+    records = {f.name for f in fields(EpochRecord)}
+    required = {f.name for f in fields(EpochRecord) if f.default is MISSING}
+    if not all(required <= set(r) <= records for r in saved["history"]):
+        raise CheckpointError(f"cannot resume {run_dir}: an epoch record in {ckpt.STATE_JSON} lacks a field "
+                              "or holds an unknown one")
+    return _Progress(**{**saved, "history": [EpochRecord(**r) for r in saved["history"]]})
 
 # devices with fused SGD and Adam kernels in torch
 _FUSED_DEVICES = ("cpu", "cuda")
@@ -382,10 +397,13 @@ class Trainer:
             raise CheckpointError(f"cannot resume {self.run_dir}: its training settings differ "
                                   "from the ones given now")
         hashes = state.get("sha256", {})
-        ckpt.load_weights(self.run_dir / "last.safetensors", self.model,
-                          hashes.get("last.safetensors"))
+        unrecorded = [name for name in ("last.safetensors", "state.safetensors") if name not in hashes]
+        if unrecorded:  # without its hash a replaced file would load unchecked
+            raise CheckpointError(f"cannot resume {self.run_dir}: {ckpt.STATE_JSON} records no hash of "
+                                  f"{' or '.join(unrecorded)}")
+        ckpt.load_weights(self.run_dir / "last.safetensors", self.model, hashes["last.safetensors"])
         tensors = ckpt.load_tensors(self.run_dir / "state.safetensors", "train-state",
-                                    hashes.get("state.safetensors"))
+                                    hashes["state.safetensors"])
         self.optimizer.load_state_dict(ckpt.join_optimizer_state(tensors, state["optimizer"]))
         torch.set_rng_state(tensors["rng.torch"])
         self.shuffle.set_state(tensors["rng.shuffle"])
@@ -399,9 +417,7 @@ class Trainer:
         if load_extra is not None:
             load_extra({k.removeprefix("objective."): v.to(self.device)
                         for k, v in tensors.items() if k.startswith("objective.")})
-        progress = dict(state["progress"])
-        progress["history"] = [EpochRecord(**r) for r in progress["history"]]
-        self.state = _Progress(**progress)
+        self.state = _progress_from(state.get("progress"), self.run_dir)
         self._hashes.update(hashes)
         self._optim_meta = state["optimizer"]
 
