@@ -37,6 +37,12 @@ def _torchrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[s
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def _rank_errors(stderr: str) -> str:
+    """What a failed launch says about its ranks: their tracebacks first, then torchrun's summary."""
+    start = stderr.find("Traceback")
+    return (stderr[start:start + 4000] + "\n...\n" if start >= 0 else "") + stderr[-2000:]
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -191,7 +197,7 @@ def test_a_run_whose_rank_dies_resumes_to_the_uninterrupted_weights(two_rank_run
     assert state["progress"]["epoch"] == 1 and not state["finished"]
     # Execute: resume with both ranks, then the same run uninterrupted
     resumed = _torchrun(str(WORKER), "resume", str(out))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, _rank_errors(resumed.stderr)
     # Assert: bit-equal to the run that was never interrupted (random starts and BatchNorm
     # statistics included; each rank's statistics used to be its own, so rank 1 crafted other
     # examples after the resume), with the same validation numbers
