@@ -276,17 +276,25 @@ def test_reference_models_are_trained_on_their_halves(zoo):
     assert isinstance(zoo.models, ReferenceModels)
 
 
-def test_hopskipjump_distance_bounds_a_linear_models_distance_from_above():
-    # Prepare: a two-class linear model; the exact L2 distance to its boundary is |w.x + b| / ||w||
+def _linear_problem(features: int, n: int, high: float, spread: float, dual_norm: float):
+    """A two-class linear model whose boundary passes through the centre of the box [0, high]^features,
+    points near that centre with their predicted labels, and each point's exact distance to the
+    boundary in the norm whose dual is ``dual_norm``: |w.x + b| / ||w||_dual."""
     torch.manual_seed(0)
-    model = torch.nn.Linear(6, 2)
+    model = torch.nn.Linear(features, 2)
     with torch.no_grad():
-        model.bias.copy_(-model.weight.sum(1) / 2)  # the boundary passes through the box's centre
-    x = (0.5 + 0.1 * torch.randn(30, 6)).clamp(0, 1)
+        model.bias.copy_(-model.weight.sum(1) * high / 2)
+    x = (high / 2 + spread * torch.randn(n, features)).clamp(0, high)
     y = model(x).argmax(1).detach()
-    y[:3] = 1 - y[:3]  # three examples misclassified: distance 0
     w = (model.weight[1] - model.weight[0]).detach()
-    exact = (x @ w + model.bias[1] - model.bias[0]).abs().detach() / w.norm()
+    exact = (x @ w + model.bias[1] - model.bias[0]).abs().detach() / w.norm(p=dual_norm)
+    return model, x, y, exact
+
+
+def test_hopskipjump_distance_bounds_a_linear_models_distance_from_above():
+    # Prepare: the exact L2 distance to a linear boundary is |w.x + b| / ||w||_2
+    model, x, y, exact = _linear_problem(6, 30, high=1.0, spread=0.1, dual_norm=2)
+    y[:3] = 1 - y[:3]  # three examples misclassified: distance 0
     # Execute
     found = hopskipjump_boundary_distance(model, x, y, max_queries=2000)
     # Assert: never below the true minimum, close to it, and 0 where the label is already wrong
@@ -296,15 +304,8 @@ def test_hopskipjump_distance_bounds_a_linear_models_distance_from_above():
 
 
 def test_hopskipjump_distance_works_in_a_box_narrower_than_one():
-    # Prepare: a two-class linear model on inputs in [0, 0.5]; exact L-inf distance |margin| / ||w||_1
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    with torch.no_grad():
-        model.bias.copy_(-model.weight.sum(1) / 4)  # the boundary passes through the box's centre
-    x = (0.25 + 0.02 * torch.randn(8, 4)).clamp(0, 0.5)
-    y = model(x).argmax(1).detach()
-    w = (model.weight[1] - model.weight[0]).detach()
-    exact = (x @ w + model.bias[1] - model.bias[0]).abs().detach() / w.abs().sum()
+    # Prepare: inputs in [0, 0.5]; the exact L-inf distance is |w.x + b| / ||w||_1
+    model, x, y, exact = _linear_problem(4, 8, high=0.5, spread=0.02, dual_norm=1)
     # Execute
     found = hopskipjump_boundary_distance(model, x, y, norm="linf", bounds=(0.0, 0.5), max_queries=500)
     # Assert: never below the true minimum and close to it (measured: within 6%)

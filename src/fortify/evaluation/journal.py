@@ -97,10 +97,9 @@ class Journal:
     def _read(self) -> dict[str, Any]:
         if not self._json.is_file():
             return {"fingerprint": self.fingerprint, "completed": [], "current": None}
-        try:
-            state = json.loads(self._json.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{self._json} is not valid JSON: {err}") from None
+        state = ckpt.read_json(self._json)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{self._json} does not hold a journal object")
         if state.get("fingerprint") != self.fingerprint:
             raise CheckpointError(f"{self._json} records an evaluation of other data or other attack "
                                   "settings; remove it or choose another journal directory")

@@ -11,7 +11,6 @@ compose their DP budget exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -113,11 +112,7 @@ def _read(out: Path) -> dict[str, Any]:
     path = out / PROGRESS_JSON
     if not path.is_file():
         raise CheckpointError(f"{out} holds no {PROGRESS_JSON}, so there is no federation to resume in it")
-    try:
-        saved = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); remove {out} to start the federation "
-                              "again") from None
+    saved = ckpt.read_json(path, f"; remove {out} to start the federation again")
     fields = {"settings": dict, "rounds": list, "train_metrics": dict, "seconds": (int, float), "sha256": str,
               "weights": str}
     try:

@@ -160,14 +160,19 @@ def write_state_json(run_dir: Path, state: dict[str, Any]) -> None:
     _atomic_write_text(run_dir / STATE_JSON, json.dumps(payload, indent=2))
 
 
+def read_json(path: Path, remedy: str = "") -> Any:
+    """What the JSON file ``path`` holds; CheckpointError naming it (and ``remedy``) when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}){remedy}") from None
+
+
 def read_state_json(run_dir: Path) -> dict[str, Any]:
     path = run_dir / STATE_JSON
     if not path.is_file():
         raise CheckpointError(f"no checkpoint in {run_dir}: {STATE_JSON} is missing")
-    try:
-        state = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    state = read_json(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fortify state file")
     if state.get("version") != FORMAT_VERSION:
