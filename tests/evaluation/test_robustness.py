@@ -156,6 +156,18 @@ def test_a_journal_of_another_model_is_refused(standard_model, robust_model, dig
         evaluate(robust_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
 
 
+
+@pytest.mark.parametrize(("text", "match"), [("[1, 2]", "does not hold a journal object"),
+                                             ("{oops", "is not valid JSON")])
+def test_a_damaged_journal_is_a_checkpoint_error(standard_model, digits, tmp_path, text, match):
+    # a JSON list was an AttributeError inside the evaluation
+    from fortify.errors import CheckpointError
+
+    (tmp_path / "evaluation.json").write_text(text)
+    with pytest.raises(CheckpointError, match=match):
+        evaluate(standard_model, digits.test.x[:8], digits.test.y[:8], [FGSM(THREAT)], THREAT,
+                 journal_dir=tmp_path)
+
 # -- what a call can get wrong -----------------------------------------------------------------
 
 def test_labels_past_the_models_classes_are_refused_not_counted_as_errors(standard_model, digits):
