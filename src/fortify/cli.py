@@ -297,7 +297,8 @@ def _check_dp_flags_need_dp(enabled: bool, **flags: Any) -> None:
     """A DP flag without DP would be dropped without a word; the run would not be private."""
     given = [f"--{name.replace('_', '-')}" for name, value in flags.items() if value is not None]
     if given and not enabled:
-        raise ConfigError(f"{', '.join(given)} only apply to DP training: add --dp (or dp.enabled: true)")
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ConfigError(f"{', '.join(given)} only {verb} to DP training: add --dp (or dp.enabled: true)")
 
 
 def _training_amp(amp: str | None) -> bool | None:
@@ -646,6 +647,7 @@ def federate(
     noise_multiplier: Annotated[float | None, typer.Option(help="With --dp: DP-SGD noise.")] = None,
     max_grad_norm: Annotated[float | None, typer.Option(help="With --dp: per-example clip norm.")] = None,
     delta: Annotated[float | None, typer.Option(help="With --dp: delta of the reported epsilon.")] = None,
+    accountant: Annotated[str | None, typer.Option(help="With --dp: prv or rdp.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last "
                                                             "finished round.")] = False,
 ) -> None:
@@ -658,7 +660,7 @@ def federate(
                            train={"objective": objective, "batch_size": batch_size, "lr": lr,
                                   "attack_steps": attack_steps, "seed": seed},
                            dp={"enabled": True if dp else None, "noise_multiplier": noise_multiplier,
-                               "max_grad_norm": max_grad_norm, "delta": delta})
+                               "max_grad_norm": max_grad_norm, "delta": delta, "accountant": accountant})
     federation = {"clients": clients, "rounds": rounds, "local_epochs": local_epochs,
                   "partition": partition, "alpha": alpha, "partition_seed": partition_seed,
                   "strategy": strategy, "proximal_mu": proximal_mu, "trim_beta": trim_beta,
@@ -667,7 +669,8 @@ def federate(
                   "eval_examples": eval_examples, "eval_steps": eval_steps}
     dp_section = read_yaml_mapping(config).get("dp")
     _check_dp_flags_need_dp(dp or (isinstance(dp_section, dict) and dp_section.get("enabled") is True),
-                            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, delta=delta)
+                            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, delta=delta,
+                            accountant=accountant)
     run, result = run_federation(config, overrides, federation, out=out, superlink=superlink,
                                  write_app=write_app, workers=workers, verbose=verbose, resume=resume)
     if result is None:

@@ -135,8 +135,9 @@ def test_client_side_dp_hides_the_digit_from_a_curious_server(digits):
     # Assert: the update moved, its privacy is accounted over three rounds, and the digit is lost
     assert any(not torch.equal(global_state[k], local_state[k]) for k in global_state)
     assert result.dp_epsilon is not None and 0 < result.dp_epsilon < float("inf")
-    one_round = composed_epsilon(1.0, 1.0, 1, 1e-5)
-    assert result.dp_epsilon > one_round
+    assert result.dp_epsilon > composed_epsilon(1.0, 1.0, 1, 1e-5)
+    # by the accountant the clients' DP-SGD trainers use (PRV by default): one step a round, three rounds
+    assert result.dp_epsilon == pytest.approx(_accountant_epsilon("prv", [(1.0, 1.0, 3)]), rel=1e-9)
     assert reconstruction_quality(attempt, shard.x, shard.y).psnr[0] < 20.0  # 30+ dB without DP
 
 
@@ -160,14 +161,27 @@ def test_fedprox_pulls_a_dp_client_towards_the_global_weights_too(digits):
     assert drift(5.0) < 0.5 * drift(0.0)
 
 
-def test_composed_epsilon_is_the_accountants_for_rounds_in_sequence():
-    from opacus.accountants import RDPAccountant
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_composed_epsilon_is_the_accountants_for_rounds_in_sequence(accountant: str):
+    three_rounds = [(1.1, 0.1, 50), (1.1, 0.1, 50), (1.1, 0.1, 50)]  # of 50 steps each
+    composed = composed_epsilon(1.1, 0.1, 150, 1e-5, accountant)
+    assert composed == pytest.approx(_accountant_epsilon(accountant, three_rounds), rel=1e-6)
+    assert composed_epsilon(1.1, 0.1, 300, 1e-5, accountant) > composed
+    assert composed_epsilon(0.0, 0.1, 10, 1e-5, accountant) == float("inf")
 
-    accountant = RDPAccountant()
-    accountant.history = [(1.1, 0.1, 50), (1.1, 0.1, 50), (1.1, 0.1, 50)]  # three rounds of 50 steps
-    assert composed_epsilon(1.1, 0.1, 150, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
-    assert composed_epsilon(1.1, 0.1, 300, 1e-5) > composed_epsilon(1.1, 0.1, 150, 1e-5)
-    assert composed_epsilon(0.0, 0.1, 10, 1e-5) == float("inf")
+
+def test_prv_and_rdp_give_different_epsilons_for_the_same_steps():
+    # the tighter PRV bound is below RDP's, so reporting one as the other would be visible
+    prv, rdp = (composed_epsilon(1.0, 0.05, 100, 1e-5, name) for name in ("prv", "rdp"))
+    assert prv < 0.95 * rdp
+
+
+def _accountant_epsilon(accountant: str, history: list[tuple[float, float, int]]) -> float:
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    reference = PRVAccountant() if accountant == "prv" else RDPAccountant()
+    reference.history = history
+    return float(reference.get_epsilon(1e-5))
 
 
 def test_federated_dp_needs_a_fixed_noise_level(digits):

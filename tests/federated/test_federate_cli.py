@@ -79,6 +79,16 @@ def test_resume_needs_the_run_directory_and_a_full_directory_needs_resume(tmp_pa
     assert not (tmp_path / "fed" / "config.yaml").exists()
 
 
+def test_the_accountant_flag_reaches_the_clients_and_needs_dp(tmp_path):
+    app_dir = tmp_path / "app"
+    result = _federate("--dp", "--noise-multiplier", 1.0, "--model", "mlp", "--accountant", "rdp",
+                       "--write-app", app_dir, "--out", tmp_path / "fed")
+    assert result.exit_code == 0, result.output
+    assert '"dp.accountant" = "rdp"' in (app_dir / "pyproject.toml").read_text()
+    alone = _federate("--accountant", "rdp", "--out", tmp_path / "fed2")
+    assert alone.exit_code == 2 and "--accountant only applies to DP training" in alone.output
+
+
 def test_trim_beta_and_partition_seed_flags_reach_the_run(tmp_path):
     # 3 clients trim nobody at the default 0.25; --trim-beta 0.4 trims one at each end
     app_dir = tmp_path / "app"

@@ -347,7 +347,7 @@ def test_cli_dp_flags_without_dp_and_an_unreachable_epsilon_are_refused(tmp_path
 
     runner, out = CliRunner(), tmp_path / "m"
     without_dp = runner.invoke(app, ["train", "--noise-multiplier", "1", "--out", str(out), "--quiet"])
-    assert without_dp.exit_code == 2 and "--noise-multiplier only apply to DP training" in without_dp.output
+    assert without_dp.exit_code == 2 and "--noise-multiplier only applies to DP training" in without_dp.output
     tiny = runner.invoke(app, ["train", "--dp", "--target-epsilon", "1e-9", "--model", "mlp", "--epochs", "1",
                                "--objective", "standard", "--out", str(out), "--quiet"])
     assert tiny.exit_code == 2 and "dp.target_epsilon=1e-09 cannot be met" in tiny.output, tiny.output

@@ -188,7 +188,7 @@ def _train_privately(model: nn.Module, data: Split, settings: LocalTraining, tra
     model.load_state_dict(trainer.model.state_dict())  # DP trained a validated copy
     spent = result.privacy
     epsilon = composed_epsilon(spent.noise_multiplier, spent.sample_rate,
-                               spent.steps * settings.server_round, dp.delta)
+                               spent.steps * settings.server_round, dp.delta, dp.accountant)
     last = result.history[-1]
     return LocalResult(sum(r.train_loss for r in result.history) / len(result.history),
                        last.val_clean_accuracy, last.val_robust_accuracy, dp_epsilon=epsilon)

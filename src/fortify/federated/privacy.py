@@ -47,18 +47,21 @@ def reconstruct_from_update(model: nn.Module, global_state: Mapping[str, Tensor]
     return reconstruct(model, gradient, input_shape, batch_size=batch_size, **options)
 
 
-def composed_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Epsilon of ``steps`` DP-SGD steps at one noise level and sample rate (Opacus' RDP accountant).
+def composed_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                     accountant: str = "prv") -> float:
+    """Epsilon of ``steps`` DP-SGD steps at one noise level and sample rate, by Opacus' ``accountant``
+    (``prv`` or ``rdp``: the one the clients' DP-SGD trainers use, so that one round's value is
+    what a client's own trainer reports).
 
     A client that trained in rounds 1..r with the same settings took r times one round's steps, so
     this is its privacy over the whole federation so far, not only the last round.
     """
-    from opacus.accountants import RDPAccountant
+    from opacus.accountants import create_accountant
 
     if noise_multiplier == 0:
         return math.inf
     if steps == 0:
         return 0.0
-    accountant = RDPAccountant()
-    accountant.history = [(noise_multiplier, sample_rate, steps)]
-    return float(accountant.get_epsilon(delta))
+    composed = create_accountant(accountant)
+    composed.history = [(noise_multiplier, sample_rate, steps)]
+    return float(composed.get_epsilon(delta))
