@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.stats import binom
+from scipy.stats import beta, binom, norm
 from torch import nn
 
 from fortify.config import RunConfig, config_from_dict
@@ -70,6 +70,55 @@ def test_certified_radius_never_exceeds_the_exact_distance_to_the_boundary():
     # and the bound is tight: within 0.15 sigma of the truth where p_A is not near 1
     moderate = certified & (exact <= 2 * SIGMA)
     assert bool((cert.radii[moderate] >= exact[moderate] - 0.15 * SIGMA).all())
+
+
+def _exceedance_probability(p: torch.Tensor, n: int, alpha: float) -> torch.Tensor:
+    """P(Clopper-Pearson lower bound > p) for k ~ Binomial(n, p): the exact rate a correct bound misses at."""
+    k = torch.arange(n + 1, dtype=torch.float64).numpy()
+    lower = torch.from_numpy(beta.ppf(alpha, k, n - k + 1)).nan_to_num(0.0)  # 0 at k = 0
+    pmf = torch.from_numpy(binom.pmf(k[None, :], n, p.numpy()[:, None]))
+    return (pmf * (lower[None, :] > p[:, None])).sum(1)
+
+
+def test_certificates_overstate_p_a_in_at_most_alpha_of_trials():
+    # Prepare: 50 seeds (model, points and noise), 400 points each at signed distances with
+    # |d| / sigma in [0.5, 2], so the exact p_A = Phi(|d| / sigma) lies in [0.69, 0.98] and n0 = 100
+    # picks the base classifier's class all but 5e-5 of the time or less. A small n = 100 makes the usual
+    # bugs visible: a count off by one or a bound at 2 alpha overstates p_A in 6.6% to 7.5% of trials at
+    # these p_A, a correct bound in 3.1% (exact, _exceedance_probability: Clopper-Pearson is conservative
+    # for a discrete count).
+    seeds, per_seed, n, alpha = 50, 400, 100, 0.05
+    overstated, p_exact = [], []
+    for seed in range(seeds):
+        model = _linear_two_class(seed)
+        draw = torch.Generator().manual_seed(10_000 + seed)
+        z = 0.5 + 1.5 * torch.rand(per_seed, generator=draw, dtype=torch.float64)
+        sign = torch.randint(0, 2, (per_seed,), generator=draw).double() * 2 - 1
+        x = _points_at_distances(model, sign * z * SIGMA, seed=20_000 + seed)
+        cert = certify(model, x, sigma=SIGMA, n0=100, n=n, alpha=alpha, seed=seed, num_classes=2,
+                       batch_size=100_000)
+        # the class each certificate names (the base classifier's where it abstained: abstaining, with
+        # p_lower < 1/2 < p_A, never overstates) and that class's exact probability under the noise
+        named = torch.where(cert.abstained, model(x).argmax(1), cert.predictions)
+        towards_named = _signed_distance(model, x).detach() * (2 * named - 1)
+        p_named = torch.from_numpy(norm.cdf((towards_named / SIGMA).numpy()))
+        overstated.append(cert.p_lower > p_named)
+        p_exact.append(torch.from_numpy(norm.cdf(z.numpy())))
+    misses = int(torch.cat(overstated).sum())
+    trials = seeds * per_seed
+    # Assert: each trial overstates with probability at most alpha, independently of the others, so the
+    # count of misses is stochastically below Binomial(trials, alpha); exceeding that distribution's
+    # 1 - 1e-6 quantile (1,150 of 20,000 trials, 5.75%) is a false alarm with probability below 1e-6.
+    assert misses <= binom.isf(1e-6, trials, alpha), f"{misses / trials:.2%} of certificates overstated p_A"
+    # and the bound is not looser than Clopper-Pearson's: the misses match the exact expected count
+    # within 5 standard deviations (false alarm below 1e-6 by the normal approximation; a bound at
+    # alpha / 2 would miss 1.4% of the time, one stuck at 0 never). Measured: 618 misses (3.09%),
+    # 621 +- 24 expected.
+    rates = _exceedance_probability(torch.cat(p_exact), n, alpha)
+    expected, sd = float(rates.sum()), float((rates * (1 - rates)).sum().sqrt())
+    print(f"overstated p_A: {misses} of {trials} ({misses / trials:.2%}); exact expectation "
+          f"{expected:.0f} +- {sd:.0f} ({expected / trials:.2%})")  # shown with pytest -s (docs/METRICS.md)
+    assert abs(misses - expected) <= 5 * sd, f"{misses} misses, {expected:.0f} +- {sd:.0f} expected"
 
 
 def test_abstains_when_the_top_class_is_a_coin_flip():
