@@ -207,6 +207,29 @@ def test_hopskipjump_minimal_distance_marks_misclassified_and_unreached_examples
     assert torch.isinf(dist[correct]).all()
 
 
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_hopskipjump_minimal_returns_adversarial_points_at_the_distances_it_reports(standard_model, digits,
+                                                                                   norm):
+    # Prepare: the first 20 digits, 3 of them with labels the model already contradicts
+    x, y = digits.test.x[:20], digits.test.y[:20].clone()
+    y[:3] = (standard_model(x[:3]).argmax(1) + 1) % 10
+    threat = ThreatModel(norm, 0.1)
+    # Execute
+    points, dist = HopSkipJump(threat, max_queries=300).minimal(standard_model, x, y)
+    # Assert: each finite distance is its point's distance, the point fools and lies in the box;
+    # a misclassified input is its own answer at distance 0
+    found = torch.isfinite(dist)
+    assert found.sum() >= 15, dist
+    assert torch.allclose(threat.distance(points, x)[found], dist[found].to(x.dtype), rtol=1e-5, atol=1e-7)
+    assert (standard_model(points[found]).argmax(1) != y[found]).all()
+    assert points.min() >= 0 and points.max() <= 1
+    assert (dist[:3] == 0).all() and torch.equal(points[:3], x[:3])
+    assert torch.equal(points[~found], x[~found])
+    # and minimal_distance is the same search's distances
+    again = HopSkipJump(threat, max_queries=300).minimal_distance(standard_model, x, y)
+    assert torch.equal(again, dist)
+
+
 # -- strength on a trained model ----------------------------------------------------------------
 
 @pytest.mark.slow

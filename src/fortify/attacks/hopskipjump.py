@@ -24,8 +24,8 @@ Threat-model contract: ``perturb`` returns the closest adversarial point found w
 at most eps, and the clean ``x`` otherwise. Projecting a farther point onto the ball is not tried:
 the projection lies on the search path to ``x``, on the clean side of the boundary the binary
 search found, so it would almost never fool the model and would cost a query. An example stops as
-soon as it has a point within eps. ``minimal_distance`` runs the search without that stop and
-returns the distances themselves (0 for a misclassified input, inf where no adversarial point was
+soon as it has a point within eps. ``minimal`` runs the search without that stop and returns the
+points and their distances (0 for a misclassified input, inf where no adversarial point was
 found), which is what label-only membership inference needs.
 """
 
@@ -104,17 +104,23 @@ class HopSkipJump(Attack):
         inside = (dist <= self.threat.eps).reshape(-1, *([1] * (x.dim() - 1)))
         return self.threat.project(torch.where(inside, best, x), x)
 
-    def minimal_distance(self, model: nn.Module, x: Tensor, y: Tensor, *,
-                         generator: torch.Generator | None = None) -> Tensor:
-        """Per-example distance (in the threat's norm) to the closest adversarial point found.
+    def minimal(self, model: nn.Module, x: Tensor, y: Tensor, *,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Closest adversarial point found per example and its distance, not limited to eps.
 
-        0 where ``x`` is already misclassified, ``inf`` where no adversarial point was found within
-        the budget. The model's train/eval mode is restored; queries land in ``last_queries``.
+        Where nothing was found within the budget the point is ``x`` and the distance ``inf``;
+        where ``x`` is already misclassified, ``x`` and 0 (the contract of FMN's, FAB's and C&W's
+        ``minimal``). The model's mode is restored; queries land in ``last_queries``.
         """
         self._check_batch(x, y, None)
         with evaluation_mode(model):  # label-only: no gradients, so no attacking() context
-            _, dist = self._search(model, x.detach(), y, self.seeded(x, generator), good_enough=0.0)
-        return dist
+            return self._search(model, x.detach(), y, self.seeded(x, generator), good_enough=0.0)
+
+    def minimal_distance(self, model: nn.Module, x: Tensor, y: Tensor, *,
+                         generator: torch.Generator | None = None) -> Tensor:
+        """Per-example distance (in the threat's norm) to the closest adversarial point found:
+        ``minimal``'s second half."""
+        return self.minimal(model, x, y, generator=generator)[1]
 
     # -- the search ---------------------------------------------------------------------------
 
