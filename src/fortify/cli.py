@@ -280,8 +280,10 @@ def train(
         ddp.barrier()  # every rank has checked out_dir before rank 0 writes into it
     _, result = train_model(setup, cfg.train.objective, out_dir, resume=resume,
                             show_progress=not quiet and (ddp is None or ddp.is_main), distributed=ddp)
-    if ddp is not None and not ddp.is_main:
-        return
+    if ddp is not None:  # no collective follows: every rank tears the group down, together
+        ddp.leave()
+        if not ddp.is_main:
+            return
     write_json(out_dir / "training.json", result.to_dict())
     best = result.history[result.best_epoch - 1]
     out_console.print(
@@ -401,8 +403,10 @@ def evaluate(
     # under torchrun the ranks share the attack batches and merge per example (no journal)
     report = evaluate_model(setup, model, journal_dir=None if ddp else model_dir / "evaluation",
                             shard=ddp)
-    if ddp is not None and not ddp.is_main:
-        return
+    if ddp is not None:  # as in train; rank 0's writes and further measurements follow alone
+        ddp.leave()
+        if not ddp.is_main:
+            return
     extra = _measure_further(setup, model, report, cfg.train.objective) if with_report else {}
     write_json(model_dir / "robustness.json", {
         "version": RESULTS_VERSION, "kind": "evaluation", "config": cfg.model_dump(mode="json"),

@@ -135,7 +135,7 @@ def main(task: str, out: Path) -> None:
         raise SystemExit(f"unknown task {task!r}")
     # rank 1 finishes first (rank 0 still writes model.safetensors and state.json): leave together, so
     # that no rank tears its process group down while the other still holds its connections
-    ctx.barrier()
+    ctx.leave()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import inspect
 import logging
 import os
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ _TIMEOUT = datetime.timedelta(minutes=10)
 _BATCH_SEED_STRIDE = 1_000_003
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 _DDP_OPTIONS = inspect.signature(DistributedDataParallel.__init__).parameters
+# The longest a rank waits for gloo's worker thread to drop a collective's tensor (normally microseconds)
+_RELEASE_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -117,11 +120,22 @@ class DistributedContext:
     def sum(self, tensor: Tensor) -> Tensor:
         """The element-wise sum of ``tensor`` over all ranks (a new tensor on its device)."""
         total = tensor.detach().clone().to(self.device)
+        held = total._use_count()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        self._await_release(total, held)
         return total.to(tensor.device)
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def leave(self) -> None:
+        """The end of a run that every rank reached: wait for the others, then tear the group down.
+
+        The ranks finish at different times (rank 0 still writes the final files); a rank that
+        destroyed its group and exited while another still held its connections could die in
+        teardown. Call it on the paths every rank takes, never on an error path (see ``leave``).
+        """
+        leave(together=True)
 
     def broadcast_buffers(self, model: nn.Module, *more: Tensor) -> None:
         """Rank 0's buffers (BatchNorm's running statistics) and ``more`` tensors on every rank, in place.
@@ -133,7 +147,26 @@ class DistributedContext:
         """
         with torch.no_grad():
             for tensor in (*model.buffers(), *more):
+                held = tensor._use_count()
                 dist.broadcast(tensor, src=0)
+                self._await_release(tensor, held)
+
+    def _await_release(self, tensor: Tensor, held: int) -> None:
+        """Wait until gloo's worker thread has let go of ``tensor`` (``held``: its references before).
+
+        A gloo collective returns once its result is ready; the worker thread that ran it drops its
+        references a moment later, and dropping one to a tensor Python also holds takes the GIL. Were
+        that moment to fall after the interpreter began to shut down, the thread would be ended inside
+        a C++ destructor and the rank would abort ("terminate called without an active exception").
+        destroy_process_group cannot prevent it: DDP keeps the group, and so its threads, alive to the
+        end of the process. Waiting here leaves no collective's tensor to a late release. The wait is
+        normally nothing and is bounded; NCCL's works are released by its watchdog and not awaited.
+        """
+        if self.device.type == "cuda":
+            return
+        deadline = time.monotonic() + _RELEASE_WAIT_S
+        while tensor._use_count() > held and time.monotonic() < deadline:
+            time.sleep(0.0002)
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -208,8 +241,19 @@ def join(device: torch.device) -> DistributedContext | None:
     return DistributedContext(rank, world_size, local_rank, device)
 
 
-def leave() -> None:
-    if dist.is_initialized():
+def leave(*, together: bool = False) -> None:
+    """Destroy the process group, if there is one (a second call does nothing).
+
+    ``together``: first wait at a barrier for every rank; the group is destroyed even when the
+    barrier fails. Without it (the atexit fallback, after an error) no rank waits: a rank that failed
+    cannot tell which collective the others are in, and torchrun stops them.
+    """
+    if not dist.is_initialized():
+        return
+    try:
+        if together:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 
