@@ -230,6 +230,24 @@ def test_hopskipjump_minimal_returns_adversarial_points_at_the_distances_it_repo
     assert torch.equal(again, dist)
 
 
+@pytest.mark.parametrize("batch_size, largest", [(None, 512), (100, 100)])
+def test_hopskipjump_splits_its_queries_into_cache_sized_calls_on_a_cpu(standard_model, digits, batch_size,
+                                                                        largest):
+    # Prepare: 8 digits whose gradient estimates ask for 100 to 1,000 samples each, i.e. calls of up
+    # to 8,000 rows; on a CPU the default splits them at 512 (fortify.models.batching)
+    rows: list[int] = []
+    hook = standard_model.register_forward_pre_hook(lambda _m, inputs: rows.append(inputs[0].shape[0]))
+    x, y = digits.test.x[:8], digits.test.y[:8]
+    try:
+        # Execute
+        HopSkipJump(ThreatModel("l2", 1.0), max_queries=2000, batch_size=batch_size).minimal(standard_model,
+                                                                                            x, y)
+    finally:
+        hook.remove()
+    # Assert: no call above the limit, and the limit was reached (the split happened)
+    assert max(rows) == largest
+
+
 # -- strength on a trained model ----------------------------------------------------------------
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import ATTACKS, Attack, check_positive_int
 from fortify.errors import ConfigError
+from fortify.models.batching import query_batch
 from fortify.models.modes import evaluation_mode
 from fortify.threat import ThreatModel
 
@@ -62,7 +63,7 @@ class HopSkipJump(Attack):
         max_evals: int = 10_000,
         init_trials: int = 100,
         gamma: float = 1.0,
-        batch_size: int = 4096,
+        batch_size: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(threat, targeted=False, seed=seed)
@@ -71,7 +72,7 @@ class HopSkipJump(Attack):
         self.init_evals = check_positive_int("init_evals", init_evals)
         self.max_evals = check_positive_int("max_evals", max_evals)
         self.init_trials = check_positive_int("init_trials", init_trials)
-        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.batch_size = None if batch_size is None else check_positive_int("batch_size", batch_size)
         if isinstance(gamma, bool) or not (isinstance(gamma, (int, float)) and math.isfinite(gamma)
                                            and gamma > 0):
             raise ConfigError(f"gamma must be a finite number > 0, got {gamma!r}")
@@ -127,7 +128,7 @@ class HopSkipJump(Attack):
     def _search(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator,
                 good_enough: float) -> tuple[Tensor, Tensor]:
         """Closest adversarial points and their distances; an example stops at ``good_enough``."""
-        oracle = _Oracle(model, y, self.max_queries, self.batch_size)
+        oracle = _Oracle(model, y, self.max_queries, self.batch_size or query_batch(x.device))
         self.last_queries = oracle.queries
         with torch.no_grad():
             best = x.clone()

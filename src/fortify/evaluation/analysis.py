@@ -30,6 +30,7 @@ from fortify.evaluation.metrics import (
     robustness_score,
 )
 from fortify.evaluation.robustness import RobustnessReport
+from fortify.models.batching import query_batch
 from fortify.models.modes import restore_modes, save_modes
 from fortify.threat import ThreatModel
 
@@ -194,7 +195,7 @@ def _certified(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, num_
     x, y = x[:n], y[:n]
     certificate = certify(model, x, sigma=options.certify_sigma, n=options.certify_n,
                           alpha=options.certify_alpha, num_classes=num_classes,
-                          batch_size=options.batch_size * 4, bounds=threat.bounds, seed=options.seed)
+                          batch_size=query_batch(x.device), bounds=threat.bounds, seed=options.seed)
     correct = certificate.predictions == y
     radii = torch.where(correct, certificate.radii, torch.zeros_like(certificate.radii)).float()
     l2 = ThreatModel("l2", 1.0, threat.bounds)
