@@ -1,4 +1,5 @@
-"""The stronger attacks on CPU: APGD-CE, the AutoAttack ensemble, C&W L2 and Square against the peers.
+"""The stronger attacks on CPU against the peers: APGD-CE, the AutoAttack ensemble, Square, and the
+minimal-norm attacks C&W L2, FMN, FAB and HopSkipJump.
 
 Every contender attacks the same model (small-cnn trained on the embedded digits set), the same
 examples, under the same thread count, in this one process: one warm-up round, then repeats in
@@ -6,13 +7,15 @@ which every contender runs once, in an order rotated by one per repeat. Budgets 
 libraries within a group (same iterations, restarts, queries, binary-search steps, step sizes).
 The model is wrapped in a counter of forward and backward passes. The table gives median wall
 time, examples/s, time relative to fortify, the passes, and what the attack achieved: robust
-accuracy for the eps-bounded attacks; for C&W the success rate, the median L2 norm of the
-successful perturbations and the median found norm over all clean-correct examples (inf where not
-fooled), and after the table whether each fortify row fools at least as many examples as each
-peer's at every L2 radius. A faster but weaker attack is visible as weaker.
+accuracy for the eps-bounded attacks; for the minimal-norm attacks the success rate, the median
+norm of the successful perturbations and the median found norm over all clean-correct examples
+(inf where not fooled), in the norm the group names, and after the table whether each fortify row
+fools at least as many examples as each peer's at every radius. A faster but weaker attack is
+visible as weaker.
 
     .venv/bin/python bench/attack_suite.py --threads 1 --repeats 5
     .venv/bin/python bench/attack_suite.py --attacks apgd,square --repeats 5 --examples 128
+    .venv/bin/python bench/attack_suite.py --attacks fmn,fab,hsj --repeats 5
 """
 
 from __future__ import annotations
@@ -41,13 +44,13 @@ from _common import (
     print_provenance,
     run_channels_last,
 )
-from fortify.attacks import APGD, CarliniWagnerL2, Square
+from fortify.attacks import APGD, FAB, FMN, CarliniWagnerL2, HopSkipJump, Square
 from fortify.config import EvalConfig
 from fortify.evaluation.robustness import evaluate
 from fortify.pipeline import build_attacks
 from fortify.threat import ThreatModel
 
-ATTACK_CHOICES = ("apgd", "autoattack", "cw", "square")
+ATTACK_CHOICES = ("apgd", "autoattack", "cw", "square", "fmn", "fab", "hsj")
 NORM_RTOL = 0.01  # minimal-norm strength: a found norm up to 1% larger at the same rank counts as equal
 
 
@@ -69,14 +72,16 @@ class Contender:
     library: str
     run: RunFn
     limit: int | None = None  # attack only the first ``limit`` examples (C&W in ART is slow)
+    norm: str | None = None  # minimal-norm groups: the norm their found points are measured in
     seconds: list[float] = field(default_factory=list)
     forward: list[int] = field(default_factory=list)  # examples forwarded
     backward: list[int] = field(default_factory=list)  # examples back-propagated
     robust: list[float] = field(default_factory=list)
-    success: list[float] = field(default_factory=list)  # C&W: share of clean-correct examples fooled
-    l2: list[float] = field(default_factory=list)  # C&W: median L2 of successful perturbations
-    radius: list[float] = field(default_factory=list)  # C&W: median found norm, inf where not fooled
-    norms: Tensor | None = None  # C&W: found norm per clean-correct example (inf: not fooled), last run
+    # minimal-norm groups, in the group's norm:
+    success: list[float] = field(default_factory=list)  # share of clean-correct examples fooled
+    found_norm: list[float] = field(default_factory=list)  # median norm of successful perturbations
+    radius: list[float] = field(default_factory=list)  # median found norm, inf where not fooled
+    norms: Tensor | None = None  # found norm per clean-correct example (inf: not fooled), last run
 
 
 def batched(attack: Callable[[Tensor, Tensor], Tensor], batch: int) -> RunFn:
@@ -172,29 +177,30 @@ def cw_group(model: nn.Module, args: argparse.Namespace) -> list[Contender]:
         return batched(lambda x, y: attack.minimal(model, x, y)[0], args.batch)
 
     limit = args.cw_examples
-    rows = [Contender(single, "fortify", fortify(1, 1.0), limit)]
+    rows = [Contender(single, "fortify", fortify(1, 1.0), limit, "l2")]
     rows += peer(lambda: Contender(single, "torchattacks", batched(_torchattacks_cw(model, steps, lr),
-                                                                    args.batch), limit), "torchattacks")
-    rows.append(Contender(search, f"fortify {steps} steps lr {lr:g}", fortify(searches, 0.1), limit))
+                                                                    args.batch), limit, "l2"), "torchattacks")
+    rows.append(Contender(search, f"fortify {steps} steps lr {lr:g}", fortify(searches, 0.1), limit, "l2"))
     tuned_steps, tuned_lr = args.cw_tuned
     rows.append(Contender(search, f"fortify {tuned_steps} steps lr {tuned_lr:g}",
-                          fortify(searches, 0.1, tuned_steps, tuned_lr), limit))
+                          fortify(searches, 0.1, tuned_steps, tuned_lr), limit, "l2"))
     if args.channels_last:
         rows.append(Contender(search, f"fortify {tuned_steps} steps lr {tuned_lr:g} channels_last",
-                              run_channels_last(fortify(searches, 0.1, tuned_steps, tuned_lr), model), limit))
+                              run_channels_last(fortify(searches, 0.1, tuned_steps, tuned_lr), model), limit,
+                              "l2"))
     if args.cw_long_steps:  # ART's line search does more per step: a longer fortify run for equal strength
         rows.append(Contender(search, f"fortify {args.cw_long_steps} steps lr {lr:g}",
-                              fortify(searches, 0.1, args.cw_long_steps), limit))
+                              fortify(searches, 0.1, args.cw_long_steps), limit, "l2"))
     rows += peer(lambda: Contender(search, f"Foolbox {steps} steps lr {lr:g}",
-                                   _foolbox_cw(model, steps, searches, lr, args), limit), "foolbox")
+                                   _foolbox_cw(model, steps, searches, lr, args), limit, "l2"), "foolbox")
     for art_steps in (steps, args.cw_art_short_steps):
         rows += peer(lambda s=art_steps: Contender(search, f"ART {s} steps lr {lr:g}",
-                                                   _art_cw(model, s, searches, lr, args), limit), "art")
+                                                   _art_cw(model, s, searches, lr, args), limit, "l2"), "art")
     if args.channels_last:  # ART's quickest budget on the channels_last model too
         short = args.cw_art_short_steps
         rows += peer(lambda: Contender(search, f"ART {short} steps lr {lr:g} channels_last",
                                        run_channels_last(_art_cw(model, short, searches, lr, args), model),
-                                       limit), "art")
+                                       limit, "l2"), "art")
     return rows
 
 
@@ -266,6 +272,113 @@ def _art_square(model: nn.Module, threat: ThreatModel, args: argparse.Namespace)
     return numpy_run(attack)
 
 
+NORM_LABEL = {"linf": "Linf", "l2": "L2"}
+
+
+def fmn_group(model: nn.Module, args: argparse.Namespace) -> list[Contender]:
+    """FMN (Pintor et al. 2021) in both norms against Foolbox's, at the same steps and schedules'
+    defaults (the parity test's setting, docs/ATTACKS.md)."""
+    rows = []
+    for norm in ("linf", "l2"):
+        group = f"FMN-{NORM_LABEL[norm]} {args.fmn_steps} steps"
+        attack = FMN(ThreatModel(norm, 1.0), steps=args.fmn_steps, seed=args.seed)
+        rows.append(Contender(group, "fortify", batched(lambda x, y, a=attack: a.minimal(model, x, y)[0],
+                                                        args.batch), norm=norm))
+        rows += peer(lambda g=group, n=norm: Contender(g, "Foolbox", _foolbox_fmn(model, n, args), norm=n),
+                     "foolbox")
+    return rows
+
+
+def _foolbox_fmn(model: nn.Module, norm: str, args: argparse.Namespace) -> RunFn:
+    import foolbox
+
+    fmodel = foolbox.PyTorchModel(model, bounds=(0.0, 1.0))
+    build = {"linf": foolbox.attacks.LInfFMNAttack, "l2": foolbox.attacks.L2FMNAttack}[norm]
+    attack = build(steps=args.fmn_steps)
+    return batched(lambda x, y: attack(fmodel, x, y, epsilons=None)[0], args.batch)
+
+
+def fab_group(model: nn.Module, args: argparse.Namespace) -> list[Contender]:
+    """Untargeted FAB (Croce & Hein 2020), one restart from x, against pyautoattack's and
+    torchattacks' ports of the authors' code; their eps is set to the box's diameter in the norm,
+    so that it keeps every point found and they return their minimal points as fortify does."""
+    rows = []
+    diameter = {"linf": 1.0, "l2": float(torch.tensor(args.input_shape).prod().sqrt())}
+    for norm in ("linf", "l2"):
+        group = f"FAB-{NORM_LABEL[norm]} {args.fab_steps} steps"
+        attack = FAB(ThreatModel(norm, 1.0), steps=args.fab_steps, restarts=1, seed=args.seed)
+        rows.append(Contender(group, "fortify", batched(lambda x, y, a=attack: a.minimal(model, x, y)[0],
+                                                        args.batch), norm=norm))
+        reach = diameter[norm]
+        rows += peer(lambda g=group, n=norm, e=reach: Contender(
+            g, "pyautoattack", batched(_autoattack_fab(model, n, e, args), args.batch), norm=n),
+            "pyautoattack")
+        rows += peer(lambda g=group, n=norm, e=reach: Contender(
+            g, "torchattacks", batched(_torchattacks_fab(model, n, e, args), args.batch), norm=n),
+            "torchattacks")
+    return rows
+
+
+def _autoattack_fab(model: nn.Module, norm: str, reach: float, args: argparse.Namespace) -> Callable:
+    from pyautoattack.fab_pt import FABAttack_PT
+
+    return FABAttack_PT(model, norm=NORM_LABEL[norm], n_restarts=1, n_iter=args.fab_steps, eps=reach,
+                        alpha_max=0.1, eta=1.05, beta=0.9, seed=args.seed, device="cpu").perturb
+
+
+def _torchattacks_fab(model: nn.Module, norm: str, reach: float, args: argparse.Namespace) -> Callable:
+    import torchattacks
+
+    return torchattacks.FAB(model, norm=NORM_LABEL[norm], eps=reach, steps=args.fab_steps, n_restarts=1,
+                            alpha_max=0.1, eta=1.05, beta=0.9, seed=args.seed, multi_targeted=False,
+                            n_classes=NUM_CLASSES)
+
+
+def hsj_group(model: nn.Module, args: argparse.Namespace) -> list[Contender]:
+    """HopSkipJump L2, untargeted, label-only, against ART's and Foolbox's at the same iterations
+    and gradient-estimation sizes (100 growing as sqrt(t), at most 10,000); fortify's query cap is
+    set past what those iterations spend, so that the iterations bind for all three. The queries
+    each spent are the forward column."""
+    group, limit = f"HopSkipJump-L2 {args.hsj_iter} iterations", args.hsj_examples
+    attack = HopSkipJump(ThreatModel("l2", 1.0), max_iter=args.hsj_iter, max_queries=1_000_000,
+                         init_evals=100, max_evals=10_000, gamma=1.0, seed=args.seed)
+    rows = [Contender(group, "fortify", batched(lambda x, y: attack.minimal(model, x, y)[0], args.batch),
+                      limit, "l2")]
+    rows += peer(lambda: Contender(group, "ART", _art_hsj(model, args), limit, "l2"), "art")
+    rows += peer(lambda: Contender(group, "Foolbox", _foolbox_hsj(model, args), limit, "l2"), "foolbox")
+    return rows
+
+
+class AsFloat32(nn.Module):
+    """ART's HopSkipJump hands the classifier float64 samples (NumPy's default); the model is float32."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x.float())
+
+
+def _art_hsj(model: nn.Module, args: argparse.Namespace) -> RunFn:
+    from art.attacks.evasion import HopSkipJump as ArtHopSkipJump
+
+    classifier = art_classifier(AsFloat32(model), args)
+    attack = ArtHopSkipJump(classifier, batch_size=args.batch, targeted=False, norm=2, max_iter=args.hsj_iter,
+                            max_eval=10_000, init_eval=100, init_size=100, verbose=False)
+    run = numpy_run(attack)
+    return lambda x, y: Outcome(x_adv=run(x, y).x_adv.float())
+
+
+def _foolbox_hsj(model: nn.Module, args: argparse.Namespace) -> RunFn:
+    import foolbox
+
+    fmodel = foolbox.PyTorchModel(model, bounds=(0.0, 1.0))
+    attack = foolbox.attacks.HopSkipJumpAttack(steps=args.hsj_iter, initial_gradient_eval_steps=100,
+                                               max_gradient_eval_steps=10_000, gamma=1.0, constraint="l2")
+    return batched(lambda x, y: attack(fmodel, x, y, epsilons=None)[0], args.batch)
+
+
 def art_classifier(model: nn.Module, args: argparse.Namespace) -> object:
     from art.estimators.classification import PyTorchClassifier
 
@@ -299,6 +412,12 @@ def build_contenders(model: nn.Module, threat: ThreatModel, args: argparse.Names
         rows += cw_group(model, args)
     if "square" in args.attacks:
         rows += square_group(model, threat, args)
+    if "fmn" in args.attacks:
+        rows += fmn_group(model, args)
+    if "fab" in args.attacks:
+        rows += fab_group(model, args)
+    if "hsj" in args.attacks:
+        rows += hsj_group(model, args)
     return rows
 
 
@@ -318,7 +437,7 @@ def measure(contender: Contender, setting: Setting, counted: ForwardCounter,
     if robust is None:
         assert outcome.x_adv is not None
         robust = predictions(setting.model, outcome.x_adv, args.batch) == y
-        if contender.group.startswith("C&W"):
+        if contender.norm is not None:
             clean_correct = predictions(setting.model, x, args.batch) == y
             record_minimal_norm(contender, outcome.x_adv, x, clean_correct & ~robust, clean_correct)
     contender.robust.append(float(robust.float().mean()))
@@ -331,12 +450,13 @@ def predictions(model: nn.Module, x: Tensor, batch: int) -> Tensor:
 
 def record_minimal_norm(contender: Contender, x_adv: Tensor, x: Tensor, fooled: Tensor,
                         clean_correct: Tensor) -> None:
-    """Success rate, median L2 and each example's found norm, over the examples the model got right
-    (the others need no attack)."""
-    found = torch.where(fooled, (x_adv - x).flatten(1).norm(dim=1), torch.inf)[clean_correct]
+    """Success rate, median norm and each example's found norm (in the contender's norm), over the
+    examples the model got right (the others need no attack)."""
+    distance = ThreatModel(contender.norm, 1.0).distance(x_adv, x)
+    found = torch.where(fooled, distance, torch.inf)[clean_correct]
     successful = found[torch.isfinite(found)]
     contender.success.append(float(fooled.sum() / clean_correct.sum()))
-    contender.l2.append(float(successful.median()) if successful.numel() else float("nan"))
+    contender.found_norm.append(float(successful.median()) if successful.numel() else float("nan"))
     # the lower median, so that with most examples not fooled the radius is inf, not an average
     contender.radius.append(float(found.median()))
     contender.norms = found
@@ -360,14 +480,16 @@ def print_header(args: argparse.Namespace, setting: Setting, threat: ThreatModel
     print_provenance([("torchattacks", "torchattacks"), ("pyautoattack", "pyautoattack"),
                       ("art", "adversarial-robustness-toolbox"), ("foolbox", "foolbox")])
     print(f"setting:  {setting.description}; clean accuracy {clean:.2%}")
-    print(f"attacks:  untargeted; {threat.describe()} for APGD, AutoAttack, Square; C&W L2 unbounded; "
-          f"batch {args.batch}; seed {args.seed}")
+    print(f"attacks:  untargeted; {threat.describe()} for APGD, AutoAttack, Square; C&W, FMN, FAB and "
+          f"HopSkipJump unbounded (minimal norm); batch {args.batch}; seed {args.seed}")
     print(f"budgets:  APGD-CE {args.apgd_iter} iterations, 1 restart, rho 0.75; AutoAttack standard "
           f"(APGD-CE 100, APGD-T 9x100, FAB-T 9x100, Square 5000); C&W {args.cw_searches} binary-search "
           f"steps from c0 0.1 (one at c 1), {args.cw_steps} Adam steps per constant at lr 0.01 unless "
           f"the row says otherwise, abort_early in fortify, {args.cw_examples} examples; Square "
           f"{args.queries} queries, "
           "p_init 0.8, schedule rescaled to the budget")
+    print(f"          FMN {args.fmn_steps} steps; FAB {args.fab_steps} steps, 1 restart; HopSkipJump L2 "
+          f"{args.hsj_iter} iterations, {args.hsj_examples} examples")
     print(f"timing:   1 warm-up round (16 examples), then {args.repeats} interleaved repeats "
           "(order rotated); medians")
 
@@ -378,20 +500,21 @@ def print_table(contenders: list[Contender], total: int) -> None:
         baseline.setdefault(c.group, median(c.seconds))
     print()
     print("| attack | library | n | median s | min-max s | examples/s | time / fortify | robust acc "
-          "| success | median L2 | median radius | forward / n | backward / n |")
+          "| success | median norm | median radius | forward / n | backward / n |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in contenders:
         seconds, n = median(c.seconds), min(c.limit or total, total)
         success = f"{median(c.success):.2%}" if c.success else "-"
-        l2 = f"{median(c.l2):.3f}" if c.l2 else "-"
+        found_norm = f"{median(c.found_norm):.3f}" if c.found_norm else "-"
         radius = f"{median(c.radius):.3f}" if c.radius else "-"
         print(f"| {c.group} | {c.library} | {n} | {seconds:.3f} | {min(c.seconds):.3f}-{max(c.seconds):.3f} "
               f"| {n / seconds:,.0f} | {seconds / baseline[c.group]:.2f} | {median(c.robust):.2%} "
-              f"| {success} | {l2} | {radius} | {median(c.forward) / n:.3g} | {median(c.backward) / n:.3g} |")
+              f"| {success} | {found_norm} | {radius} | {median(c.forward) / n:.3g} "
+              f"| {median(c.backward) / n:.3g} |")
 
 
 def print_dominance(contenders: list[Contender]) -> None:
-    """For minimal-norm rows: is a fortify row at least as strong as a peer's at every L2 radius?
+    """For minimal-norm rows: is a fortify row at least as strong as a peer's at every radius?
 
     Row A is at least as strong as row B when, at every radius r, A fools at least as many examples
     within r as B; with the found norms sorted (inf where not fooled) that is ``sorted(A) <= sorted(B)``
@@ -407,14 +530,14 @@ def print_dominance(contenders: list[Contender]) -> None:
             b = theirs.norms.sort().values
             ratio = median(theirs.seconds) / median(ours.seconds)
             if bool((a <= b * (1 + NORM_RTOL)).all()):
-                verdict = f"at least as strong at every L2 radius (norms within {NORM_RTOL:.0%})"
+                verdict = f"at least as strong at every {ours.norm} radius (norms within {NORM_RTOL:.0%})"
             else:
                 worse = int((a > b * (1 + NORM_RTOL)).sum())
                 verdict = f"weaker: {worse} of {a.numel()} sorted norms larger"
             lines.append(f"- {ours.library} vs {theirs.library}: {verdict}; {theirs.library} takes "
                          f"{ratio:.2f}x the time")
     if lines:
-        print("\nminimal-norm strength (found L2 norms, per clean-correct example):")
+        print("\nminimal-norm strength (found norms in each group's norm, per clean-correct example):")
         print("\n".join(lines))
 
 
@@ -455,6 +578,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cw-art-short-steps", type=int, default=10,
                         help="steps per constant of ART's second row in the C&W search group")
     parser.add_argument("--queries", type=int, default=1000, help="Square's query budget")
+    parser.add_argument("--fmn-steps", type=int, default=100)
+    parser.add_argument("--fab-steps", type=int, default=100)
+    parser.add_argument("--hsj-iter", type=int, default=20, help="HopSkipJump iterations")
+    parser.add_argument("--hsj-examples", type=int, default=32,
+                        help="HopSkipJump attacks only the first N examples (ART's runs one at a time)")
     parser.add_argument("--train-epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     add_allocator_option(parser)
