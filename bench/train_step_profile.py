@@ -5,9 +5,12 @@ weights and inputs, the `nn.Flatten` gradient hook), in a bare loop at batch 64 
 Trainer around it: forward, cross-entropy, backward, SGD with momentum. The script prints the
 median time per step over several blocks of steps and the operators that the torch profiler
 charges most, per call. Two runs of it in two processes show how much separate processes on the
-same machine differ; `--keep-freed-memory` shows the allocator's share.
+same machine differ; `--keep-freed-memory` shows the allocator's share; `--compile` times the same
+step with the model under `torch.compile` (what `train.compile` does), interleaved block by block
+with an eager copy, and prints the compilation time.
 
     .venv/bin/python bench/train_step_profile.py --threads 1
+    .venv/bin/python bench/train_step_profile.py --threads 1 --compile
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,22 +37,17 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--fp32", action="store_true", help="without bf16 autocast")
     parser.add_argument("--top", type=int, default=8, help="operators to list")
+    parser.add_argument("--compile", action="store_true",
+                        help="compare against the same step under torch.compile instead of profiling")
     add_allocator_option(parser)
     args = parser.parse_args()
     apply_process_options(args)
-    torch.manual_seed(0)
-    model = build_model("small-cnn", (1, 8, 8), NUM_CLASSES).train()
-    optimiser = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x = torch.rand(args.batch, 1, 8, 8).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, NUM_CLASSES, (args.batch,))
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
-            loss = F.cross_entropy(model(x), y)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-
+    if args.compile:
+        compare_compiled(args, x, y)
+        return
+    model, step = training_step(args, x, y)
     print_provenance([])
     print(f"setting:  small-cnn, batch {args.batch}, {'fp32' if args.fp32 else 'bf16 autocast'}, "
           f"channels_last with the Flatten hook; {args.blocks} blocks of {args.steps} steps\n")
@@ -73,6 +72,51 @@ def main() -> None:
     for event in events[:args.top]:
         print(f"| {event.key} | {event.count / (args.steps // 4):.3g} | "
               f"{event.self_cpu_time_total / event.count:.1f} | {event.self_cpu_time_total / total:.1%} |")
+
+
+def training_step(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, compiled: bool = False
+                  ) -> tuple[torch.nn.Module, Callable[[], None]]:
+    """A fresh small-cnn (seed 0, the same weights every time) and one SGD step of it on ``(x, y)``."""
+    torch.manual_seed(0)
+    model = build_model("small-cnn", (1, 8, 8), NUM_CLASSES).train()
+    forward = torch.compile(model) if compiled else model
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
+            loss = F.cross_entropy(forward(x), y)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+    return model, step
+
+
+def compare_compiled(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Eager against compiled, in alternating blocks of steps; the first compiled step compiles."""
+    eager_model, eager = training_step(args, x, y)
+    compiled_model, compiled = training_step(args, x, y, compiled=True)
+    print_provenance([])
+    print(f"setting:  small-cnn, batch {args.batch}, {'fp32' if args.fp32 else 'bf16 autocast'}, "
+          f"channels_last with the Flatten hook, eager against torch.compile (Inductor); "
+          f"{args.blocks} alternating blocks of {args.steps} steps each\n")
+    with channels_last(eager_model), channels_last(compiled_model):
+        start = time.perf_counter()
+        compiled()
+        print(f"first compiled step (compilation): {time.perf_counter() - start:.1f} s")
+        for _ in range(20):  # warm-up
+            eager()
+            compiled()
+        blocks: dict[str, list[float]] = {"eager": [], "compiled": []}
+        for block in range(args.blocks):
+            order = (("eager", eager), ("compiled", compiled))
+            for name, step in order if block % 2 == 0 else order[::-1]:
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                blocks[name].append((time.perf_counter() - start) / args.steps)
+    eager_ms, compiled_ms = (statistics.median(blocks[k]) * 1e3 for k in ("eager", "compiled"))
+    print(f"ms per step: eager {eager_ms:.2f}, compiled {compiled_ms:.2f} "
+          f"(compiled / eager {compiled_ms / eager_ms:.2f})")
 
 
 if __name__ == "__main__":
