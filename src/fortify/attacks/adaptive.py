@@ -4,9 +4,12 @@ Both wrappers are models, not attacks: ``PGD(threat)(EOT(defended, 16), x, y)`` 
 attack unchanged against the wrapped model, and the points it returns are then scored on the
 defended model itself.
 
-- ``EOT`` (Expectation over Transformation) averages the logits of ``n_samples`` forward passes, each
-  with fresh randomness. The gradient of the average is the average of the gradients, so every step
-  follows the Monte-Carlo estimate of the expected logit's gradient instead of one noisy sample. The
+- ``EOT`` (Expectation over Transformation) runs ``n_samples`` forward passes, each with fresh
+  randomness. FGSM, PGD and APGD ascend the attack loss averaged over the samples, whose gradient is
+  the Monte-Carlo estimate of the expected loss's gradient (Athalye et al. 2018; AutoAttack's and
+  torchattacks' EOT average the loss gradients the same way), and judge each iterate by the mean
+  logits. ``average="logits"`` ascends the loss of the mean logits instead (the expected logit's
+  classifier). Any other attack, or a caller that just calls the model, sees the mean logits. The
   passes run one after another, not as one enlarged batch, because a defence may draw its
   randomness once per call (one resize for the batch) and the samples must be independent.
 - ``BPDA`` (Backward Pass Differentiable Approximation) runs a non-differentiable input transform
@@ -27,17 +30,25 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import check_positive_int
 from fortify.attacks.pgd import PGD
+from fortify.errors import ConfigError
 
 Transform = Callable[[Tensor], Tensor]
 
 
-class EOT(nn.Module):
-    """Logits averaged over ``n_samples`` independent forward passes of a randomised ``model``."""
+AVERAGES = ("loss", "logits")
 
-    def __init__(self, model: nn.Module, n_samples: int) -> None:
+
+class EOT(nn.Module):
+    """``n_samples`` independent forward passes of a randomised ``model``: called, their mean logits;
+    to the gradient attacks, their mean loss (``average="loss"``) or the loss of their mean logits."""
+
+    def __init__(self, model: nn.Module, n_samples: int, average: str = "loss") -> None:
         super().__init__()
+        if average not in AVERAGES:
+            raise ConfigError(f"unknown EOT average {average!r}; valid: {', '.join(AVERAGES)}")
         self.model = model
         self.n_samples = check_positive_int("n_samples", n_samples)
+        self.average = average
 
     def forward(self, x: Tensor) -> Tensor:
         total = self.model(x)
@@ -45,8 +56,20 @@ class EOT(nn.Module):
             total = total + self.model(x)
         return total / self.n_samples
 
+    def average_objective(self, x: Tensor, loss: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """Per-example ``loss`` over the samples and the mean logits (``Attack.loss_and_logits``)."""
+        if self.average == "logits":
+            logits = self(x)
+            return loss(logits), logits
+        logits = self.model(x)
+        total = loss(logits)
+        for _ in range(self.n_samples - 1):
+            sample = self.model(x)
+            total, logits = total + loss(sample), logits + sample
+        return total / self.n_samples, logits / self.n_samples
+
     def extra_repr(self) -> str:
-        return f"n_samples={self.n_samples}"
+        return f"n_samples={self.n_samples}, average={self.average!r}"
 
 
 class _BackwardApproximation(torch.autograd.Function):

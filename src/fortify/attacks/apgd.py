@@ -254,13 +254,15 @@ class APGD(Attack):
     def _evaluate(self, model: nn.Module, point: Tensor, y: Tensor, target: Tensor | None,
                   need_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         """Logits, per-example loss and (if asked) its input gradient, from one pass."""
+        def loss_of(logits: Tensor) -> Tensor:
+            return self.attack_loss(logits, y, target)
+
         if not need_grad:
             with torch.no_grad():
-                logits = model(point)
-                return logits, self.attack_loss(logits, y, target), None
+                loss, logits = self.loss_and_logits(model, point, y, target, loss_of)
+                return logits, loss, None
         point = point.detach().requires_grad_(True)
-        logits = model(point)
-        loss = self.attack_loss(logits, y, target)
+        loss, logits = self.loss_and_logits(model, point, y, target, loss_of)
         (grad,) = torch.autograd.grad(loss.sum(), point)
         return logits.detach(), loss.detach(), grad
 

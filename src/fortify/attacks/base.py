@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import torch
@@ -136,6 +136,21 @@ class Attack(ABC):
             assert target is not None
             return -F.cross_entropy(logits, target, reduction="none")
         return F.cross_entropy(logits, y, reduction="none")
+
+    def loss_and_logits(self, model: nn.Module, point: Tensor, y: Tensor, target: Tensor | None,
+                        loss: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Per-example ``loss`` (default: ``objective``) at ``point`` and the logits that judge it.
+
+        A randomised model that averages its samples by their loss (``EOT``, which exposes
+        ``average_objective``) returns the loss averaged over the samples, whose gradient is the
+        mean of theirs (Athalye et al. 2018), and the mean logits; any other model runs once.
+        """
+        per_example = loss or (lambda logits: self.objective(logits, y, target))
+        average = getattr(model, "average_objective", None)
+        if average is not None:
+            return average(point, per_example)
+        logits = model(point)
+        return per_example(logits), logits
 
     def succeeded(self, logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
         """Per-example boolean: the prediction is wrong (or equals the target)."""

@@ -105,8 +105,7 @@ class PGD(Attack):
             point = x_adv[active].requires_grad_(not last)
             tgt = None if target is None else target[active]
             with torch.set_grad_enabled(not last):
-                logits = model(point)
-                loss = self.objective(logits, y[active], tgt)
+                loss, logits = self.loss_and_logits(model, point, y[active], tgt)
             if self.keep_first_success:
                 self._record_hits(point.detach(), logits.detach(), y[active], tgt, active,
                                   found, first_hit)
