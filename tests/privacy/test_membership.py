@@ -123,6 +123,22 @@ def test_shadow_models_trained_by_the_targets_recipe_infer_membership(zoo):
                            n_shadows=2, seed=3)
     assert result.auc > 0.55
     assert result.settings["n_shadows"] == 2
+    assert result.settings["shadow_pool_overlap"] == 0
+    assert not any("shadow pool" in note for note in result.notes), result.notes
+
+
+def test_a_shadow_pool_that_shares_the_targets_examples_is_noted(zoo):
+    # Prepare: an attacker pool holding 30 of the members and 20 of the non-members it will score
+    model, members, _, _ = zoo.target(0)
+    non_members = zoo.unseen.head(100)
+    shadow_pool = Split(torch.cat([members.x[:30], non_members.x[:20], zoo.unseen.x[300:400]]),
+                        torch.cat([members.y[:30], non_members.y[:20], zoo.unseen.y[300:400]]))
+    # Execute
+    result = shadow_attack(model, members, non_members, shadow_pool=shadow_pool, recipe=zoo.recipe,
+                           n_shadows=1, seed=3)
+    # Assert
+    assert result.settings["shadow_pool_overlap"] == 50
+    assert any("50 of the shadow pool's 150 inputs" in note for note in result.notes), result.notes
 
 
 def test_label_only_attacks_infer_membership_from_robustness(zoo):
