@@ -2,10 +2,10 @@
 
 torchrun starts N copies of ``fortify``; each finds its rank in the environment and joins one
 process group (gloo on CPU, nccl on CUDA). Training wraps the model in DistributedDataParallel:
-every rank walks the same shuffled global batches and takes its own slice of each, crafts the
-adversarial examples for that slice, and DDP averages the gradients. Loss weights make that
-average equal the gradient of the global batch's mean loss, so N ranks with batch B/N each step
-like one process with batch B. Only rank 0 writes files.
+every rank walks the same shuffled global batches and takes its own share of each (every N-th
+example), crafts the adversarial examples for that share, and DDP averages the gradients. Loss
+weights make that average equal the gradient of the global batch's mean loss, so N ranks with
+batch B/N each step like one process with batch B. Only rank 0 writes files.
 
 Sharded evaluation hands whole attack batches to ranks in turn; each batch's generator is seeded
 from the attack's seed and the batch's number, so a batch gives the same points whichever rank runs
@@ -50,10 +50,10 @@ _RELEASE_WAIT_S = 2.0
 
 @dataclass(frozen=True)
 class LocalBatch:
-    """This rank's slice of a global batch.
+    """This rank's share of a global batch.
 
     ``count`` is the number of real examples (0 when the global batch had fewer examples than there
-    are ranks and this rank got a stand-in); ``weight`` scales the slice's mean loss so that DDP's
+    are ranks and this rank got a stand-in); ``weight`` scales the share's mean loss so that DDP's
     average over ranks equals the global batch's mean loss.
     """
 
@@ -88,17 +88,20 @@ class DistributedContext:
         return _TrainingDDP(model, device_ids=device_ids, **no_buffer_sync)
 
     def local_batches(self, batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[LocalBatch]:
-        """Split each global batch into contiguous per-rank slices, with their loss weights."""
+        """Deal each global batch out to the ranks, every ``world_size``-th example from ``rank`` on,
+        with their loss weights. Dealing, not cutting contiguous slices, gives each rank its share of
+        whatever a batch holds in order: the extra examples appended at its end
+        (``train.extra_data``) would otherwise all land on the last ranks, and with them their
+        BatchNorm statistics."""
         for x, y in batches:
             total = x.shape[0]
-            bounds = _slice_bounds(total, self.world_size)
-            start, stop = bounds[self.rank], bounds[self.rank + 1]
-            if stop == start:
+            count = len(range(self.rank, total, self.world_size))
+            if count == 0:
                 # every rank must run forward and backward; a zero-weight stand-in adds nothing
                 yield LocalBatch(x[:1], y[:1], count=0, weight=0.0)
             else:
-                yield LocalBatch(x[start:stop], y[start:stop], count=stop - start,
-                                 weight=(stop - start) * self.world_size / total)
+                share = slice(self.rank, None, self.world_size)
+                yield LocalBatch(x[share], y[share], count=count, weight=count * self.world_size / total)
 
     def reseed(self, objective: Objective, seed: int, epoch: int) -> None:
         """Per-rank, per-epoch seeds for attack noise and torch's global RNG.
@@ -140,7 +143,7 @@ class DistributedContext:
     def broadcast_buffers(self, model: nn.Module, *more: Tensor) -> None:
         """Rank 0's buffers (BatchNorm's running statistics) and ``more`` tensors on every rank, in place.
 
-        Training updates each rank's statistics with its own slices only, so the ranks drift apart.
+        Training updates each rank's statistics with its own shares only, so the ranks drift apart.
         The Trainer calls this before each validation: every rank then validates its share on the
         model rank 0 checkpoints, and a resumed run (every rank loads rank 0's checkpoint) continues
         from the buffers an uninterrupted one holds.
@@ -202,15 +205,6 @@ def batch_seed(attack_seed: int, batch_number: int) -> int:
     """The seed of one evaluation batch; batch 0 keeps the attack's own seed, so a one-batch
     evaluation draws exactly what ``attack(model, x, y)`` draws."""
     return (attack_seed + batch_number * _BATCH_SEED_STRIDE) % (2 ** 63)
-
-
-def _slice_bounds(total: int, parts: int) -> list[int]:
-    """Boundaries of ``parts`` contiguous slices of ``total`` items, sizes differing by at most one."""
-    base, extra = divmod(total, parts)
-    bounds = [0]
-    for part in range(parts):
-        bounds.append(bounds[-1] + base + (1 if part < extra else 0))
-    return bounds
 
 
 # -- joining and launching --------------------------------------------------------------------

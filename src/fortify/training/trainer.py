@@ -212,7 +212,7 @@ class Trainer:
                            val_robust_accuracy=robust, seconds=time.perf_counter() - start)
 
     def _local_batches(self, train: Split) -> Iterator[LocalBatch]:
-        """The shuffled batches, or under torchrun this rank's slice of each global batch."""
+        """The shuffled batches, or under torchrun this rank's share of each global batch."""
         batches = self.batch_recipe.apply(
             train.batches(self.batch_recipe.real_batch_size, generator=self.shuffle))
         if self.distributed is None:
@@ -253,7 +253,7 @@ class Trainer:
     def _sync_buffers(self) -> None:
         """Under torchrun, rank 0's BatchNorm statistics (the model's and the EMA's) on every rank.
 
-        Training updates each rank's statistics from its own slices; synced once an epoch, every rank
+        Training updates each rank's statistics from its own shares; synced once an epoch, every rank
         validates the model that rank 0 checkpoints, and a resumed run, whose ranks all load rank 0's
         checkpoint, goes on from the statistics an uninterrupted run holds.
         """
