@@ -170,6 +170,11 @@ def test_composed_epsilon_is_the_accountants_for_rounds_in_sequence(accountant: 
     assert composed_epsilon(0.0, 0.1, 10, 1e-5, accountant) == float("inf")
 
 
+def test_an_unknown_accountant_is_a_config_error_naming_the_valid_ones():
+    with pytest.raises(ConfigError, match="unknown accountant 'gdp2'; valid: prv, rdp"):
+        composed_epsilon(1.0, 0.1, 10, 1e-5, "gdp2")
+
+
 def test_prv_and_rdp_give_different_epsilons_for_the_same_steps():
     # the tighter PRV bound is below RDP's, so reporting one as the other would be visible
     prv, rdp = (composed_epsilon(1.0, 0.05, 100, 1e-5, name) for name in ("prv", "rdp"))

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, get_args
 
 from torch import Tensor, nn
 
+from fortify.config import DPConfig
 from fortify.errors import ConfigError, DataError
 from fortify.privacy.reconstruction import GradientReconstruction, reconstruct
 
@@ -47,6 +48,9 @@ def reconstruct_from_update(model: nn.Module, global_state: Mapping[str, Tensor]
     return reconstruct(model, gradient, input_shape, batch_size=batch_size, **options)
 
 
+ACCOUNTANTS = get_args(DPConfig.model_fields["accountant"].annotation)  # what dp.accountant accepts
+
+
 def composed_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                      accountant: str = "prv") -> float:
     """Epsilon of ``steps`` DP-SGD steps at one noise level and sample rate, by Opacus' ``accountant``
@@ -58,6 +62,8 @@ def composed_epsilon(noise_multiplier: float, sample_rate: float, steps: int, de
     """
     from opacus.accountants import create_accountant
 
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(f"unknown accountant {accountant!r}; valid: {', '.join(ACCOUNTANTS)}")
     if noise_multiplier == 0:
         return math.inf
     if steps == 0:
