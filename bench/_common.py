@@ -107,11 +107,13 @@ def tile(x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor]:
 
 
 def digits_setting(args: argparse.Namespace) -> Setting:
-    model, x, y = train_digits_model(args.train_epochs, args.seed)
+    """small-cnn trained on digits (``args.objective`` if the script has it, else standard)."""
+    objective = getattr(args, "objective", "standard")
+    model, x, y = train_digits_model(args.train_epochs, args.seed, objective)
     n = args.examples or max(x.shape[0], args.batch)
     x, y = tile(x, y, n)
     epochs = f"{args.train_epochs} epoch" + ("s" if args.train_epochs != 1 else "")
-    return Setting(f"small-cnn trained {epochs} (standard) on digits, "
+    return Setting(f"small-cnn trained {epochs} ({objective}) on digits, "
                    f"test split ({n} examples)", model, x, y)
 
 

@@ -14,7 +14,8 @@ faults are the process's minor faults during a run: memory the allocator got afr
         --batch 32 --steps 10
 
 The default setting trains the registered ``small-cnn`` on the embedded ``digits`` set for a few
-epochs (no network needed) and attacks its test split. ``--model`` with another registered model
+epochs (no network needed) and attacks its test split; ``--objective pgd`` trains it adversarially
+instead, where few examples fall and early exits save little. ``--model`` with another registered model
 uses it randomly initialised (seeded) on uniform synthetic data of ``--shape``; labels are then the
 model's own clean predictions, so clean accuracy is 100% and robust accuracy still says which
 attack moved more points.
@@ -103,8 +104,11 @@ def fortify_contenders(model: nn.Module, threat: ThreatModel, steps: list[int], 
         plain = PGD(threat, steps=k, step_size=alpha, random_start=True, seed=seed)
         early = PGD(threat, steps=k, step_size=alpha, random_start=True, early_stop=True,
                     seed=seed)
+        probed = PGD(threat, steps=k, step_size=alpha, random_start=True, early_stop=True,
+                     probe=True, seed=seed)  # what `evaluate` and `fortify run` use
         rows.append(Contender(f"PGD-{k}", "fortify", bind(plain)))
         rows.append(Contender(f"PGD-{k}", "fortify early_stop", bind(early)))
+        rows.append(Contender(f"PGD-{k}", "fortify early_stop probe", bind(probed)))
     return rows
 
 
@@ -174,7 +178,7 @@ def build_contenders(counted: ForwardCounter, threat: ThreatModel, args: argpars
                      input_shape: tuple[int, ...]) -> list[Contender]:
     rows = fortify_contenders(counted, threat, args.steps, args.seed)
     if args.channels_last:  # fortify's fastest row per attack, and ART's rows below, once more
-        rows += channels_last_rows([c for c in rows if c.library == "fortify early_stop"
+        rows += channels_last_rows([c for c in rows if c.library.startswith("fortify early_stop")
                                     or c.group == "FGSM"], counted)
     rows += torchattacks_contenders(counted, threat, args.steps)
     try:
@@ -282,6 +286,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shape", type=lambda s: tuple(int(d) for d in s.split(",")),
                         default=(3, 32, 32), help="input shape for a synthetic setting")
     parser.add_argument("--train-epochs", type=int, default=5)
+    parser.add_argument("--objective", default="standard",
+                        help="training objective of the digits model (e.g. pgd for a robust one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-art", action="store_true", help="leave ART out")
     parser.add_argument("--channels-last", action="store_true",

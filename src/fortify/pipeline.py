@@ -335,6 +335,8 @@ def _attack_options(name: str, config: EvalConfig, num_classes: int) -> dict[str
         options["n_target_classes"] = min(9, num_classes - 1)  # AutoAttack's 9 where K allows
     if name in _EARLY_STOP:
         options["early_stop"] = True  # same points, fewer passes (tests/attacks check both)
+    if name == "pgd":
+        options["probe"] = True  # only adds fooled examples; most of a weak model's leave at once
     return options | config.attack_options.get(name, {})
 
 
@@ -423,7 +425,8 @@ def analyse_model(setup: Setup, model: nn.Module, report: RobustnessReport,
     attacks = build_attacks(setup.config.eval, setup.threat, setup.dataset.num_classes,
                             surrogate=nn.Identity() if setup.config.eval.surrogate else None)
     attack = next((a for a in attacks if isinstance(a, PGD)),
-                  PGD(setup.threat, steps=DEFAULT_PGD_STEPS, early_stop=True, seed=setup.config.eval.seed))
+                  PGD(setup.threat, steps=DEFAULT_PGD_STEPS, early_stop=True, probe=True,
+                      seed=setup.config.eval.seed))
     options = AnalysisOptions(
         margin_examples=cfg.margin_examples, margin_steps=cfg.margin_steps,
         certify_examples=cfg.certify_examples, certify_sigma=certify_sigma(setup.config, objective),

@@ -9,7 +9,9 @@ from torch import nn
 
 from fortify.attacks import FGSM, PGD
 from fortify.attacks.adaptive import MarginPGD, logit_margin
+from fortify.config import EvalConfig
 from fortify.errors import ConfigError, DataError
+from fortify.pipeline import build_attacks
 from fortify.threat import ThreatModel
 
 EPS = 0.2
@@ -115,6 +117,84 @@ def test_early_stop_returns_the_same_points(standard_model, digits):
     assert torch.equal(standard_model(full).argmax(1), standard_model(early).argmax(1))
 
 
+def test_the_probe_finds_the_closed_form_corner_on_a_linear_model():
+    # A two-class linear model's loss gradient points along -sign(w_y - w_other) everywhere, so the
+    # probe from the clean input is the exact worst case of the L-inf ball: with one tiny PGD step
+    # the attack fools exactly the examples whose worst-case margin is negative. A probe stepped from
+    # the random start would stop short of the corner wherever the start pointed the other way.
+    model = _two_class_linear(20)
+    gen = torch.Generator().manual_seed(3)
+    x = 0.3 + 0.4 * torch.rand(256, 20, generator=gen, dtype=torch.float64)  # no box contact
+    y = torch.randint(0, 2, (256,), generator=gen)
+    threat = ThreatModel("linf", 0.05)
+    w, b = model.weight.detach(), model.bias.detach()
+    d = w[y] - w[1 - y]
+    worst_margin = (d * x).sum(1) + (b[y] - b[1 - y]) - 0.05 * d.abs().sum(1)
+    fooled = {}
+    for probe in (False, True):
+        x_adv = PGD(threat, steps=1, step_size=1e-6, probe=probe)(model, x, y)
+        assert threat.contains(x_adv, x).all()
+        fooled[probe] = model(x_adv).argmax(1) != y
+    assert torch.equal(fooled[True], worst_margin < 0)
+    assert int(fooled[True].sum()) > int(fooled[False].sum()) + 20
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 0.5)])
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_the_probe_only_adds_fooled_examples(standard_model, digits, norm, eps, early_stop):
+    # Same seed, one restart: an example the probe does not fool walks through the same iterates as
+    # without it, so the points differ only where the probe's corner fooled the model (some of which
+    # PGD would have fooled a step or two later, at another point).
+    threat = ThreatModel(norm, eps)
+    x, y = digits.test.x[:200], digits.test.y[:200]
+    settings = {"steps": 3, "step_size": eps / 10, "early_stop": early_stop}
+    plain = PGD(threat, **settings)(standard_model, x, y)
+    probed = PGD(threat, probe=True, **settings)(standard_model, x, y)
+    with torch.no_grad():
+        fooled_plain = standard_model(plain).argmax(1) != y
+        fooled_probed = standard_model(probed).argmax(1) != y
+    assert threat.contains(probed, x).all()
+    assert bool((fooled_probed | ~fooled_plain).all()), "the probe lost an example PGD had fooled"
+    assert int(fooled_probed.sum()) > int(fooled_plain.sum())  # 3 short steps cannot cross the ball
+    changed = (probed != plain).flatten(1).any(1)
+    assert bool(changed.any()) and bool(fooled_probed[changed].all())
+
+
+def test_with_early_stop_the_probe_saves_passes_on_a_model_that_falls_to_fgsm(standard_model, digits):
+    threat = ThreatModel("linf", 0.2)
+    x, y = digits.test.x, digits.test.y
+    rows = {}
+    for probe in (False, True):
+        counted = _RowCounter(standard_model)
+        PGD(threat, steps=10, early_stop=True, probe=probe)(counted, x, y)
+        rows[probe] = counted.rows
+    # the probe's own forward costs one pass; the examples it fools skip the several steps of size
+    # 2.5 * eps / 10 that crossing the ball takes
+    assert rows[True] < 0.8 * rows[False]
+
+
+def test_evaluation_runs_pgd_with_early_stop_and_the_probe_unless_told_otherwise():
+    threat = ThreatModel("linf", 0.1)
+    (default,) = build_attacks(EvalConfig(attacks=["pgd"]), threat, num_classes=10)
+    (off,) = build_attacks(EvalConfig(attacks=["pgd"], attack_options={"pgd": {"probe": False}}),
+                           threat, num_classes=10)
+    assert isinstance(default, PGD) and default.early_stop and default.probe
+    assert isinstance(off, PGD) and off.early_stop and not off.probe
+    assert default.describe()["probe"] is True  # part of the settings a journal and a report keep
+
+
+class _RowCounter(nn.Module):
+    """Counts the examples pushed through the wrapped model."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.rows = inner, 0
+
+    def forward(self, x):
+        self.rows += x.shape[0]
+        return self.inner(x)
+
+
 def test_restarts_keep_the_per_example_worst_case(robust_model, digits):
     threat = ThreatModel("linf", EPS)
     x, y = digits.test.x, digits.test.y
@@ -172,7 +252,8 @@ def test_dtype_and_device_are_kept():
 
 
 @pytest.mark.parametrize("kwargs", [{"steps": 0}, {"restarts": 0}, {"step_size": -1.0},
-                                    {"early_stop": True, "keep_first_success": False}])
+                                    {"early_stop": True, "keep_first_success": False},
+                                    {"probe": True, "keep_first_success": False}])
 def test_bad_pgd_settings(kwargs):
     with pytest.raises(ConfigError):
         PGD(ThreatModel("linf", 0.1), **kwargs)

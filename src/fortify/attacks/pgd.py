@@ -5,6 +5,13 @@ that never falls gets the final iterate with the highest loss across restarts. B
 example's answer is fixed at that moment, ``early_stop=True`` may drop it from the batch and save its
 remaining passes without changing any returned point. ``keep_first_success=False`` gives the plain
 Madry variant used inside adversarial training: the final iterate of the highest-loss restart.
+
+``probe=True`` also tries, once per restart, the corner that a full FGSM step from the clean input
+reaches along the gradient PGD has just taken at its random start: one forward pass without a
+backward. A probe that fools the model is kept as that example's answer; every other example goes
+on through exactly the iterates it would have without the probe, so with one restart the probe can
+only add fooled examples. Against a model that falls to FGSM most examples leave after this first
+pass instead of after the few steps of size ``step_size`` it takes to cross the ball.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class PGD(Attack):
         random_start: bool = True,
         restarts: int = 1,
         early_stop: bool = False,
+        probe: bool = False,
         keep_first_success: bool = True,
         targeted: bool = False,
         seed: int = 0,
@@ -53,8 +61,11 @@ class PGD(Attack):
             raise ConfigError(f"step_size must be > 0, got {step_size!r}")
         if early_stop and not keep_first_success:
             raise ConfigError("early_stop needs keep_first_success=True (a fooled example is final)")
+        if probe and not keep_first_success:
+            raise ConfigError("probe needs keep_first_success=True (its hits are answers, not iterates)")
         self.random_start = random_start
         self.early_stop = early_stop
+        self.probe = probe
         self.keep_first_success = keep_first_success
 
     def with_threat(self, threat: ThreatModel) -> PGD:
@@ -70,7 +81,7 @@ class PGD(Attack):
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "steps": self.steps, "step_size": self.step_size,
-                "restarts": self.restarts, "random_start": self.random_start}
+                "restarts": self.restarts, "random_start": self.random_start, "probe": self.probe}
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
                 generator: torch.Generator) -> Tensor:
@@ -113,6 +124,8 @@ class PGD(Attack):
                 final_loss[active] = loss.detach().float()
                 break
             (grad,) = torch.autograd.grad(loss.sum(), point)
+            if self.probe and step == 0:
+                self._probe(model, x, y, target, grad, active, found, first_hit)
             stepped = point.detach() + self.step_size * self.threat.ascent_direction(grad)
             x_adv[active] = self.threat.project(stepped, x[active])
             if self.early_stop:
@@ -121,6 +134,20 @@ class PGD(Attack):
                     break
         fooled_mask = found.reshape(-1, *([1] * (x.dim() - 1)))
         return _Restart(torch.where(fooled_mask, first_hit, x_adv), found, final_loss)
+
+    def _probe(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, grad: Tensor,
+               active: Tensor, found: Tensor, first_hit: Tensor) -> None:
+        """Try the full step ``eps`` from the clean input along ``grad``; record what it fools."""
+        open_ = ~found[active]
+        idx = active[open_]
+        if idx.numel() == 0:
+            return
+        corner = x[idx] + self.threat.eps * self.threat.ascent_direction(grad[open_])
+        corner = self.threat.project(corner, x[idx])
+        tgt = None if target is None else target[idx]
+        with torch.no_grad():
+            _, logits = self.loss_and_logits(model, corner, y[idx], tgt)
+        self._record_hits(corner, logits, y[idx], tgt, idx, found, first_hit)
 
     def _record_hits(self, point: Tensor, logits: Tensor, y: Tensor, target: Tensor | None,
                      active: Tensor, found: Tensor, first_hit: Tensor) -> None:
