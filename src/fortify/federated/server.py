@@ -236,7 +236,7 @@ def central_evaluator(run: FederatedRun, dataset: Dataset, model: nn.Module, pro
     fed = run.federation
     test = dataset.test.head(fed.eval_examples)
     threat = ThreatModel(run.config.threat.norm, run.config.threat.eps, dataset.bounds)
-    attack = PGD(threat, steps=fed.eval_steps, early_stop=True, seed=run.config.eval.seed)
+    attack = PGD(threat, steps=fed.eval_steps, early_stop=True, probe=True, seed=run.config.eval.seed)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         if not (server_round == 0 and progress.rounds):  # a resumed run starts from a measured round

@@ -281,7 +281,7 @@ class Trainer:
             clean = self._share_correct(self.model(x).argmax(1) == y, len(val))
         robust = None
         if self.objective.adversarial:
-            attack = PGD(self.threat, steps=self.config.val_attack_steps, early_stop=True,
+            attack = PGD(self.threat, steps=self.config.val_attack_steps, early_stop=True, probe=True,
                          seed=self.config.seed)
             with torch.no_grad():
                 x_adv = attack(self.model, x, y)
