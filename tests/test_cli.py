@@ -247,6 +247,29 @@ def test_run_resume_under_another_eps_is_refused(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
 
 
+def test_run_resume_counts_the_training_seconds_its_checkpoints_hold(tmp_path):
+    # A small run, then its checkpoints claim 1,000 s of training each: the resumed run's seconds
+    # must include them (the resumed process alone takes seconds, not minutes).
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump({"train": {"epochs": 1, "early_stopping": False, "attack_steps": 2},
+                                      "eval": {"n_examples": 40, "steps": 2},
+                                      "analysis": {"enabled": False, "privacy": False}}))
+    out = tmp_path / "run"
+    first = _invoke("run", "--config", config, "--out", out, "--quiet")
+    assert first.exit_code == 0, first.output
+    fresh_seconds = json.loads((out / "results.json").read_text())["seconds"]
+    assert 0 < fresh_seconds < 1000
+    for name in ("standard", "pgd"):
+        state_path = out / "models" / name / "state.json"
+        state = json.loads(state_path.read_text())
+        state["progress"]["seconds"] = 1000.0
+        state_path.write_text(json.dumps(state))
+    resumed = _invoke("run", "--config", config, "--out", out, "--resume", "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    seconds = json.loads((out / "results.json").read_text())["seconds"]
+    assert 2000 < seconds < 2000 + 10 * fresh_seconds
+
+
 def test_export_does_not_write_over_the_model(trained_dir, tmp_path):
     copy = _copy_of(trained_dir, tmp_path)
     weights = (copy / "model.safetensors").read_bytes()

@@ -154,6 +154,8 @@ def run(
         check_same_settings(out_dir, cfg)  # before config.yaml is written over
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(cfg.to_yaml())
+    # a resumed run's seconds include the training its checkpoints hold; what it redoes is timed anew
+    earlier = _checkpointed_training_seconds(out_dir / "models", ("standard", "pgd")) if resume else 0.0
     started = time.perf_counter()
     models = {}
     for objective in ("standard", "pgd"):
@@ -162,11 +164,17 @@ def run(
                                       resume=resume, show_progress=not quiet)
         console.print(f"attacking [bold]{objective}[/] model")
         models[objective] = _measure(setup, model, training.to_dict(), objective)
-    results = _results(setup, models, time.perf_counter() - started)
+    results = _results(setup, models, earlier + time.perf_counter() - started)
     write_json(out_dir / "results.json", results)
     write_report(load_results(out_dir), out_dir / "report.html")
     _print_comparison(results)
     out_console.print(f"results: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.html'}")
+
+
+def _checkpointed_training_seconds(models_dir: Path, names: tuple[str, ...]) -> float:
+    """Training seconds already recorded in the checkpoints of ``models_dir/<name>`` (0 where none)."""
+    states = [models_dir / name for name in names if (models_dir / name / ckpt.STATE_JSON).is_file()]
+    return sum(float(ckpt.read_state_json(path).get("progress", {}).get("seconds", 0.0)) for path in states)
 
 
 def _measure(setup: Setup, model: nn.Module, training: dict[str, Any], objective: str) -> dict[str, Any]:
