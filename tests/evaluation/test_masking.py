@@ -91,6 +91,11 @@ def test_honest_models_are_not_flagged(fixture, digits, request):
     assert restored, "the caller's train mode was not restored"
     assert not verdict.masked, [c for c in verdict.checks if not c.passed]
     assert verdict.adaptive == [] and len(verdict.checks) == 8
+    # the honest rows of the table in docs/METRICS.md (shown with pytest -s)
+    versus = verdict.check("white_vs_black_box").evidence
+    print(f"{fixture}: failed none; plain PGD-10 "
+          f"{verdict.check('iterative_vs_single_step').evidence['pgd_success']:.2f}, white-box union "
+          f"{versus['white_box_success']:.2f}, {versus['black_box']} {versus['black_box_success']:.2f}")
     assert verdict.check("unbounded").evidence["success"] >= 0.99
     curve = verdict.check("eps_monotone").evidence["success"]
     assert curve[0] == 0.0 and curve[-1] == 1.0
