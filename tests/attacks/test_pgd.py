@@ -188,11 +188,38 @@ class _RowCounter(nn.Module):
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
-        self.inner, self.rows = inner, 0
+        self.inner, self.rows, self.calls = inner, 0, 0
 
     def forward(self, x):
         self.rows += x.shape[0]
+        self.calls += 1
         return self.inner(x)
+
+
+def test_one_restart_returns_each_first_hit_or_the_final_iterate_without_judging_the_last_one():
+    # A reference loop written out here: sign steps from the clean input, projected; each example
+    # keeps its first fooling iterate, else the final one. The attack must return the same points in
+    # `steps` forward passes: judging the final iterate would add one and change no answer.
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    gen = torch.Generator().manual_seed(6)
+    x = 0.2 + 0.6 * torch.rand(128, 12, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (128,), generator=gen)
+    threat, steps, alpha = ThreatModel("linf", 0.15), 6, 0.04
+    point, answer = x.clone(), torch.full_like(x, float("nan"))
+    for _ in range(steps):
+        point.requires_grad_(True)
+        logits = model(point)
+        new = (logits.argmax(1) != y) & answer.isnan().all(1)
+        answer[new] = point.detach()[new]
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), point)
+        point = threat.project(point.detach() + alpha * grad.sign(), x)
+    unanswered = answer.isnan().all(1)
+    answer[unanswered] = point[unanswered]
+    counted = _RowCounter(model)
+    x_adv = PGD(threat, steps=steps, step_size=alpha, random_start=False)(counted, x, y)
+    assert torch.allclose(x_adv, answer, atol=1e-12)
+    assert counted.calls == steps
 
 
 def test_restarts_keep_the_per_example_worst_case(robust_model, digits):

@@ -5,6 +5,8 @@ that never falls gets the final iterate with the highest loss across restarts. B
 example's answer is fixed at that moment, ``early_stop=True`` may drop it from the batch and save its
 remaining passes without changing any returned point. ``keep_first_success=False`` gives the plain
 Madry variant used inside adversarial training: the final iterate of the highest-loss restart.
+With more than one restart a last forward pass judges each restart's final iterate (fooled, and its
+loss); with one restart that pass would change no returned point, and it is skipped.
 
 ``probe=True`` also tries, once per restart, the corner that a full FGSM step from the clean input
 reaches along the gradient PGD has just taken at its random start: one forward pass without a
@@ -85,6 +87,8 @@ class PGD(Attack):
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
                 generator: torch.Generator) -> Tensor:
+        if self.restarts == 1:  # nothing to compare the final iterate with: no pass to judge it
+            return self._restart(model, x, y, target, generator, judge_final=False).x_adv
         best = x.clone()
         found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         best_loss = torch.full((x.shape[0],), -torch.inf, device=x.device)
@@ -104,14 +108,16 @@ class PGD(Attack):
         return best
 
     def _restart(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
-                 generator: torch.Generator) -> _Restart:
+                 generator: torch.Generator, judge_final: bool = True) -> _Restart:
+        """One restart. Without ``judge_final`` the last iterate is returned unjudged: an example it
+        fools returns it as its first hit anyway, so only ``found`` and ``loss`` miss that pass."""
         n = x.shape[0]
         x_adv = self.threat.random_start(x, generator) if self.random_start else x.clone()
         first_hit = x_adv.clone()
         found = torch.zeros(n, dtype=torch.bool, device=x.device)
         final_loss = torch.full((n,), -torch.inf, device=x.device)
         active = torch.arange(n, device=x.device)
-        for step in range(self.steps + 1):
+        for step in range(self.steps + int(judge_final)):
             last = step == self.steps  # the last pass only judges the final iterate: no graph
             point = x_adv[active].requires_grad_(not last)
             tgt = None if target is None else target[active]
