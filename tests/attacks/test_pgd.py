@@ -160,6 +160,18 @@ def test_the_probe_only_adds_fooled_examples(standard_model, digits, norm, eps, 
     assert bool(changed.any()) and bool(fooled_probed[changed].all())
 
 
+def test_the_targeted_probe_only_adds_examples_that_reach_their_target(standard_model, digits):
+    threat = ThreatModel("linf", 0.15)
+    x, y = digits.test.x[:200], digits.test.y[:200]
+    target = (y + 1) % 10
+    settings = {"steps": 3, "step_size": 0.015, "targeted": True, "early_stop": True}
+    with torch.no_grad():
+        hit = {probe: standard_model(PGD(threat, probe=probe, **settings)(standard_model, x, y, target=target)
+                                     ).argmax(1) == target for probe in (False, True)}
+    assert bool((hit[True] | ~hit[False]).all())
+    assert int(hit[True].sum()) > int(hit[False].sum())
+
+
 def test_with_early_stop_the_probe_saves_passes_on_a_model_that_falls_to_fgsm(standard_model, digits):
     threat = ThreatModel("linf", 0.2)
     x, y = digits.test.x, digits.test.y
