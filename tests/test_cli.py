@@ -319,7 +319,8 @@ def test_a_damaged_model_directory_is_refused(trained_dir, tmp_path, damage, fra
 
 @pytest.mark.parametrize("settings, fragment", [({"eval": {"eps_grid": [5.0]}}, "beyond the box"),
                                                 ({"eval": {"attack_options": {"pgd": {"steps": "abc"}}}},
-                                                 "bad options for attack 'pgd'")])
+                                                 "attack_options for 'pgd': steps='abc' must be a whole "
+                                                 "number")])
 def test_bad_evaluation_settings_are_refused_before_attacking(trained_dir, tmp_path, settings, fragment):
     copy = _copy_of(trained_dir, tmp_path)
     (copy / "robustness.json").unlink(missing_ok=True)  # other tests evaluate the shared directory
@@ -362,7 +363,22 @@ def test_an_evaluation_config_that_splits_the_data_otherwise_is_refused(trained_
 
 def test_evaluate_refuses_what_does_not_apply_to_a_model_directory(trained_dir, tmp_path):
     _assert_clean_error(_invoke("evaluate", tmp_path / "nowhere"), "is not a directory")
-    _assert_clean_error(_invoke("evaluate", trained_dir, "--dataset", "breast-cancer"), "--dataset go")
+    _assert_clean_error(_invoke("evaluate", trained_dir, "--dataset", "breast-cancer"), "--dataset goes")
+    for flag, value in (("--layout", "nhwc"), ("--input-range", "0,255"), ("--mean", "0.5"), ("--std", "2")):
+        _assert_clean_error(_invoke("evaluate", trained_dir, flag, value), f"{flag} goes with --model FILE")
+    both = _invoke("evaluate", trained_dir, "--mean", "0.5", "--std", "2")
+    _assert_clean_error(both, "--mean and --std go with")
+
+
+@pytest.mark.parametrize("attacks", ["", "fgsm,,pgd", ","])
+def test_an_empty_attack_name_is_refused_not_read_as_the_default(trained_dir, attacks):
+    _assert_clean_error(_invoke("evaluate", trained_dir, "--attacks", attacks), "has an empty name")
+
+
+def test_an_empty_dataset_name_is_refused_not_read_as_the_default(tmp_path):
+    out = tmp_path / "out"
+    result = _invoke("train", "--dataset", "", "--out", out)
+    _assert_clean_error(result, "unknown dataset ''", not_created=out)
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -374,6 +390,29 @@ def test_config_values_yaml_would_misread_are_refused(tmp_path, text, fragment):
     config.write_text(text)
     out = tmp_path / "out"
     _assert_clean_error(_invoke("train", "--config", config, "--out", out), fragment, not_created=out)
+
+
+@pytest.mark.parametrize("text, flags, fragment", [
+    # a flag that sets something in a section must not replace a section that is not a mapping
+    ("train: 5\n", ["--epochs", "1"], "train: Input should be a valid dictionary"),
+    ("data: [digits]\n", ["--dataset", "digits"], "data: Input should be a valid dictionary"),
+    ("train:\n  lr: .inf\n", [], "train.lr: Input should be a finite number"),
+    ("threat:\n  eps: .nan\n", [], "threat.eps: Input should be a finite number"),
+    ("eval:\n  eps_grid: [0.1, .inf]\n", [], "eval.eps_grid.1: Input should be a finite number"),
+])
+def test_config_sections_and_numbers_that_cannot_hold_are_refused(tmp_path, text, flags, fragment):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    out = tmp_path / "out"
+    _assert_clean_error(_invoke("train", "--config", config, "--out", out, *flags), fragment, not_created=out)
+
+
+def test_a_section_check_names_its_values_without_repeating_the_section(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("eval:\n  eps_grid: [-0.1]\n")
+    result = _invoke("train", "--config", config, "--out", tmp_path / "out")
+    _assert_clean_error(result, "every eps in eps_grid must be > 0, got [-0.1]")
+    assert "'attacks'" not in result.output  # the rest of the eval section is not dumped
 
 
 def test_a_config_file_that_is_not_utf8_is_refused(tmp_path):

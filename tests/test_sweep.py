@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import asdict
 
 import pytest
@@ -315,7 +316,12 @@ def test_a_settings_mismatch_names_each_differing_setting_with_both_values(tmp_p
 
 
 DAMAGED_RESULTS = {"truncated": lambda text: text[: len(text) // 2], "not a mapping": lambda _: "[1, 2]",
-                   "a field missing": lambda text: text.replace('"best_epoch"', '"best"')}
+                   "a field missing": lambda text: text.replace('"best_epoch"', '"best"'),
+                   # values the table would print as 700.0% or nan%
+                   "an accuracy above 1": lambda text: re.sub(r'"clean_accuracy": [^,}]+',
+                                                             '"clean_accuracy": 7.0', text),
+                   "a NaN accuracy": lambda text: re.sub(r'"robust_accuracy": [^,}]+',
+                                                        '"robust_accuracy": NaN', text)}
 
 
 @pytest.mark.parametrize("damage", DAMAGED_RESULTS)

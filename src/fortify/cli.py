@@ -24,6 +24,7 @@ from torch import nn
 from typer.core import TyperGroup
 
 from fortify.allocator import keep_freed_memory_if_asked
+from fortify.attacks import ATTACKS
 from fortify.config import load_config, read_yaml_mapping
 from fortify.errors import ConfigError, FortifyError
 from fortify.pipeline import (
@@ -123,6 +124,18 @@ def _overrides(**sections: dict[str, Any]) -> dict[str, Any]:
             if any(v is not None for v in values.values())}
 
 
+def _attack_list(attacks: str | None) -> list[str] | None:
+    """``--attacks a,b`` as a list; an empty name (``--attacks ''``, ``a,,b``) is an error, not the
+    default list."""
+    if attacks is None:
+        return None
+    names = [name.strip() for name in attacks.split(",")]
+    if not all(names):
+        raise ConfigError(f"--attacks {attacks!r} has an empty name; give comma-separated attack names "
+                          f"from {', '.join(ATTACKS.names())}")
+    return names
+
+
 # -- fortify run -------------------------------------------------------------------------------
 
 @app.command()
@@ -143,7 +156,7 @@ def run(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a standard and a PGD-trained model, attack both, write results and a report."""
-    cfg = load_config(config, _overrides(data={"name": dataset or _file_dataset(data_path), "seed": seed,
+    cfg = load_config(config, _overrides(data={"name": _dataset_name(dataset, data_path), "seed": seed,
                                                "path": data_path, "target": target,
                                                "feature_schema": schema},
                                          threat={"eps": eps, "norm": norm},
@@ -265,7 +278,7 @@ def train(
 ) -> None:
     """Train one model (any objective) into a model directory."""
     cfg = load_config(config, _overrides(
-        data={"name": dataset or _file_dataset(data_path), "path": data_path, "seed": seed,
+        data={"name": _dataset_name(dataset, data_path), "path": data_path, "seed": seed,
               "target": target, "feature_schema": schema},
         model={"name": model}, threat={"eps": eps, "norm": norm},
         train={"objective": objective, "epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -382,7 +395,7 @@ def evaluate(
                                               "report.html.")] = False,
 ) -> None:
     """Attack a trained model (or a Keras/ONNX file); writes robustness.json (resumable)."""
-    attack_list = [a.strip() for a in attacks.split(",") if a.strip()] if attacks else None
+    attack_list = _attack_list(attacks)
     overrides = _overrides(
         threat={"eps": eps, "norm": norm},
         eval={"attacks": attack_list, "preset": preset, "steps": steps, "restarts": restarts,
@@ -401,10 +414,15 @@ def evaluate(
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir} is not a directory: give a MODEL_DIR written by fortify train, "
                           "or --model FILE for a Keras or ONNX file")
-    file_only = [flag for flag, value in (("--dataset", dataset), ("--out", out)) if value is not None]
+    given = (("--dataset", dataset), ("--out", out), ("--input-range", input_range), ("--mean", mean),
+             ("--std", std))
+    file_only = [flag for flag, value in given if value is not None]
+    file_only += ["--layout"] if layout != "auto" else []
     if file_only:  # a model directory is evaluated on its own data, into itself
-        raise ConfigError(f"{' and '.join(file_only)} go with --model FILE; a MODEL_DIR is evaluated on the "
-                          "data it was trained on (pass --config to change it) and writes into itself")
+        verb = "goes" if len(file_only) == 1 else "go"
+        raise ConfigError(f"{' and '.join(file_only)} {verb} with --model FILE; a MODEL_DIR knows its own "
+                          "input layout and range, is evaluated on the data it was trained on (pass --config "
+                          "to change it) and writes into itself")
     cfg = evaluation_config(model_dir, config, overrides)
     setup, ddp = _join_torchrun(prepare(cfg, device), model_dir)
     model, _ = load_trained_model(model_dir, setup.device)
@@ -426,8 +444,11 @@ def evaluate(
         out_console.print(f"report: {write_report(load_results(model_dir), model_dir / 'report.html')}")
 
 
-def _file_dataset(data_path: Path | None) -> str | None:
-    """A .csv or .npz data file implies that dataset when no --dataset is given."""
+def _dataset_name(dataset: str | None, data_path: Path | None) -> str | None:
+    """--dataset as given (an empty name too, for the registry to refuse); without it, what a .csv or
+    .npz data file implies."""
+    if dataset is not None:
+        return dataset
     suffix = data_path.suffix.lower() if data_path is not None else ""
     return {".csv": "csv", ".npz": "npz"}.get(suffix)
 

@@ -6,6 +6,7 @@ file is written. Unknown keys are errors, not silently ignored typos.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -25,7 +26,8 @@ from fortify.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no setting takes an infinite or NaN value: `lr: .inf` would train into NaN losses
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -138,6 +140,16 @@ class EvalConfig(_Strict):
     amp_min_agreement: float = Field(0.9, gt=0, le=1)  # below it, the fp32 check warns
     channels_last: bool = False  # attack and analyse with channels_last conv weights (speed only)
 
+    @field_validator("attack_options")
+    @classmethod
+    def _finite_options(cls, options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        # checked here, not only when the attacks are built: a dump to JSON would turn NaN into null
+        for attack, settings in options.items():
+            for key, value in settings.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"{attack}.{key} must be a finite number, got {value}")
+        return options
+
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
         if self.eps_grid is not None and any(e <= 0 for e in self.eps_grid):
@@ -204,7 +216,10 @@ def _format_validation_error(err: ValidationError) -> str:
         if problem["type"] == "extra_forbidden":
             lines.append(f"unknown key {where!r}")
         else:
-            lines.append(f"{where}: {problem['msg']} (got {problem.get('input')!r})")
+            given = problem.get("input")
+            # a whole section's check names its values itself; repeating the section says nothing
+            shown = "" if isinstance(given, dict) else f" (got {given!r})"
+            lines.append(f"{where}: {problem['msg']}{shown}")
     return "invalid configuration: " + "; ".join(lines)
 
 
@@ -213,6 +228,8 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _merge(merged[key], value)
+        elif isinstance(value, dict) and key in merged:
+            continue  # a section that is not a mapping (`train: 5`) stays, for validation to refuse
         else:
             merged[key] = value
     return merged

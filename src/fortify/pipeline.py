@@ -23,6 +23,7 @@ from torch import nn
 
 import fortify
 from fortify.attacks import APGD, ATTACKS, PGD, Attack
+from fortify.attacks.options import check_option_types
 from fortify.attacks.transfer import Transfer
 from fortify.config import (
     DataConfig,
@@ -358,6 +359,7 @@ def build_attacks(config: EvalConfig, threat: ThreatModel, num_classes: int,
             source = PGD(threat, steps=config.steps or DEFAULT_PGD_STEPS, seed=seed)
             attacks.append(Transfer(source, surrogate))
             continue
+        check_option_types(name, factory, config.attack_options.get(name, {}))
         try:
             attack = factory(threat, seed=seed, **_attack_options(name, config, num_classes))
         except FortifyError:

@@ -27,7 +27,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -120,6 +120,10 @@ class RunSpec:
                                 {"train": train, "threat": {"eps": self.eps}})
 
 
+# read back from result.json and printed as percentages: 7.0 or NaN in an edited file would show as such
+_Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
 @dataclass
 class RunResult:
     name: str
@@ -128,9 +132,9 @@ class RunResult:
     trades_beta: float
     mix_ratio: float
     epochs: int
-    clean_accuracy: float
-    robust_accuracy: float  # worst case over the evaluation's attacks
-    attack_accuracy: dict[str, float]  # per attack (in a cascade: after that attack)
+    clean_accuracy: _Fraction
+    robust_accuracy: _Fraction  # worst case over the evaluation's attacks
+    attack_accuracy: dict[str, _Fraction]  # per attack (in a cascade: after that attack)
     n_examples: int
     train_seconds: float
     passes_per_epoch: float  # forward passes through the model per training example and epoch

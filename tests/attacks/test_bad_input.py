@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -89,6 +91,28 @@ def test_a_query_budget_below_one_is_rejected_when_building(options, fragment):
     config = EvalConfig(attacks=list(options), attack_options=options)
     with pytest.raises(ConfigError, match=fragment):
         build_attacks(config, LINF, num_classes=10)
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"pgd": {"random_start": "no"}}, "random_start='no' must be true or false"),
+    ({"pgd": {"steps": 2.5}}, "steps=2.5 must be a whole number"),
+    ({"pgd": {"step_size": True}}, "step_size=True must be a number, not true or false"),
+    ({"square": {"p_init": "0.1"}}, "p_init='0.1' must be a number"),
+    ({"fgsm": {"random_start": None}}, "random_start=None may not be null"),
+    ({"fgsm": {"step_size": -1}}, "step_size must be > 0, got -1"),
+])
+def test_attack_options_of_the_wrong_type_or_range_are_refused_by_name(options, fragment):
+    # YAML hands these over as written: "no" would read as true, a bool as the number 1
+    config = EvalConfig(attacks=list(options), attack_options=options)
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        build_attacks(config, LINF, num_classes=10)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_attack_option_is_refused_with_the_config(value):
+    # refused on reading: a later dump of the config to JSON would turn NaN into null, i.e. the default
+    with pytest.raises(ConfigError, match="pgd.step_size must be a finite number"):
+        load_config(overrides={"eval": {"attack_options": {"pgd": {"step_size": value}}}})
 
 
 def test_a_query_budget_below_one_is_a_config_error():

@@ -83,3 +83,17 @@ def test_an_unreachable_superlink_is_a_clear_error_not_a_hang():
     address = f"127.0.0.1:{_free_port()}"  # nothing listens here
     with pytest.raises(FederationError, match=rf"no SuperLink answered at {address} within 0.5 s"):
         wait_for_superlink(address, timeout=0.5)
+
+
+@pytest.mark.parametrize("address, fragment", [
+    ("bogus", "is not HOST:PORT"),
+    ("127.0.0.1:99999", "has port 99999; ports run from 1 to 65535"),
+    ("127.0.0.1:0", "has port 0"),
+])
+def test_a_wrong_superlink_address_fails_before_any_file_is_written(tmp_path, address, fragment):
+    out = tmp_path / "fed"
+    result = CliRunner().invoke(app, ["federate", "--dataset", "digits", "--rounds", "1", "--clients", "2",
+                                      "--out", str(out), "--superlink", address])
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output and "Traceback" not in result.output
+    assert not out.exists(), sorted(p.name for p in out.rglob("*"))

@@ -77,6 +77,14 @@ WRONG_FIELDS = [
                                      "selection_metric": "val", "stopped_early": False},
      "models.pgd.training.seconds is null; expected a number"),
     (("provenance",), "x", "provenance is the string 'x'; expected an object"),
+    # numbers the page prints as percentages or as the threat model: in range, or refused
+    (ROB + ("clean_accuracy",), 2.5,
+     "models.pgd.robustness.clean_accuracy is 2.5; expected a number from 0 to 1"),
+    (ROB + ("worst_case_accuracy",), float("nan"),
+     "worst_case_accuracy is nan; expected a number from 0 to 1"),
+    (ROB + ("attacks", 0, "adversarial_accuracy"), -0.1,
+     "adversarial_accuracy is -0.1; expected a number from 0"),
+    (("threat", "eps"), -1, "threat.eps is -1; expected a finite number > 0"),
 ]
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from fortify.attacks.base import ATTACKS, Attack
+from fortify.errors import ConfigError
 from fortify.threat import ThreatModel
 
 
@@ -29,6 +30,8 @@ class FGSM(Attack):
     ) -> None:
         super().__init__(threat, targeted=targeted, seed=seed)
         self.step_size = threat.eps if step_size is None else float(step_size)
+        if not self.step_size > 0:
+            raise ConfigError(f"step_size must be > 0, got {step_size!r}")
         self.random_start = random_start
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,

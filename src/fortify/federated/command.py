@@ -10,7 +10,7 @@ from rich.table import Table
 
 from fortify.errors import ConfigError
 from fortify.federated.config import FederatedRun, load_federated_run
-from fortify.federated.deployment import submit, write_flower_app
+from fortify.federated.deployment import submit, wait_for_superlink, write_flower_app
 from fortify.federated.progress import PROGRESS_JSON, read_progress
 from fortify.federated.results import RESULT_FILE, FederatedResult, read_result
 from fortify.federated.server import validate_run
@@ -32,6 +32,8 @@ def federate(config: Path | None, overrides: dict[str, Any], federation: dict[st
     run = load_federated_run(config, overrides, {**federation, "out": str(out_dir.resolve()),
                                                  "resume": resume})
     validate_run(run)
+    if superlink is not None and write_app is None:
+        wait_for_superlink(superlink, timeout=timeout)  # a wrong address fails before any file is written
     if write_app is not None:
         write_flower_app(write_app, run)
         return run, None

@@ -50,6 +50,9 @@ def write_flower_app(directory: Path, run: FederatedRun) -> Path:
 def check_address(address: str) -> str:
     if not _ADDRESS.match(address):
         raise ConfigError(f"SuperLink address {address!r} is not HOST:PORT (e.g. 127.0.0.1:9093)")
+    port = int(address.rsplit(":", 1)[1])
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"SuperLink address {address!r} has port {port}; ports run from 1 to 65535")
     return address
 
 

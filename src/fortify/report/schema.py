@@ -62,6 +62,27 @@ def number_or_null(value: Any, where: str) -> None:
             raise _mismatch(where, value, "a number or null") from None
 
 
+def fraction(value: Any, where: str) -> None:
+    """An accuracy or rate: printed as a percentage, so 2.5 or NaN would print as nonsense."""
+    number(value, where)
+    if not 0 <= value <= 1:
+        raise _mismatch(where, value, "a number from 0 to 1")
+
+
+def fraction_or_null(value: Any, where: str) -> None:
+    if value is not None:
+        try:
+            fraction(value, where)
+        except Mismatch:
+            raise _mismatch(where, value, "a number from 0 to 1, or null") from None
+
+
+def positive(value: Any, where: str) -> None:
+    number(value, where)
+    if not (0 < value < float("inf")):
+        raise _mismatch(where, value, "a finite number > 0")
+
+
 def text(value: Any, where: str) -> None:
     if not isinstance(value, str):
         raise _mismatch(where, value, "a string")
@@ -135,18 +156,18 @@ def mapping_of(item: Check, *, min_length: int = 0) -> Check:
 
 # -- what the report reads ---------------------------------------------------------------------
 
-THREAT = record(norm=text, eps=number, bounds=list_of(number, length=2))
+THREAT = record(norm=text, eps=positive, bounds=list_of(number, length=2))
 
-ATTACK = record(name=text, settings=anything, mode=anything, attacked=anything, adversarial_accuracy=number,
-                success_rate=number_or_null, median_norm_successful=number_or_null)
+ATTACK = record(name=text, settings=anything, mode=anything, attacked=anything, adversarial_accuracy=fraction,
+                success_rate=fraction_or_null, median_norm_successful=number_or_null)
 
 PRECISION = record(amp=anything, examples=anything, clean_agreement=number_or_null, attack=anything,
                    attacked=anything, robust_agreement=number_or_null)
 
 # the CLI's summary table multiplies the accuracies by 100, so null is no more allowed than a string
 ROBUSTNESS = record(
-    n_examples=anything, clean_accuracy=number, worst_case_accuracy=number, attacks=list_of(ATTACK),
-    eps_curve=list_of(record(eps=number, accuracy=number_or_null)), eps_curve_attack=anything,
+    n_examples=anything, clean_accuracy=fraction, worst_case_accuracy=fraction, attacks=list_of(ATTACK),
+    eps_curve=list_of(record(eps=positive, accuracy=fraction_or_null)), eps_curve_attack=anything,
     warnings=list_of(anything), precision=section(PRECISION))
 
 _SHIFT = record(clean_mean=number_or_null, adversarial_mean=number_or_null, shift=number_or_null)

@@ -63,6 +63,9 @@ def _schema_file(schema: str) -> Path:
 def dataset_schema(dataset: Dataset, schema: str | None) -> Schema | None:
     """The schema a run applies to ``dataset``, or None when the run is not tabular."""
     if dataset.name == "csv":
+        if schema in BUNDLED:  # the csv reader took no file, so the name would be dropped silently
+            raise ConfigError(f"schema {schema!r} is bundled for its own dataset; a csv dataset reads "
+                              "its schema from a YAML file (--schema FILE) or infers it from the table")
         return Schema.from_dict(dataset.metadata["schema"])  # type: ignore[arg-type]
     if schema is None:
         return None
