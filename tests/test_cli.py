@@ -415,6 +415,16 @@ def test_a_section_check_names_its_values_without_repeating_the_section(tmp_path
     assert "'attacks'" not in result.output  # the rest of the eval section is not dumped
 
 
+def test_bracketed_values_in_an_error_reach_the_terminal(tmp_path):
+    # "[nan, 1]" looks like console markup; printed as markup it vanished from the message
+    data = tmp_path / "bad.npz"
+    np.savez(data, x=np.random.default_rng(0).random((20, 4)), y=np.arange(20) % 2,
+             bounds=np.array([np.nan, 1.0]))
+    out = tmp_path / "out"
+    result = _invoke("train", "--data", data, "--epochs", "1", "--out", out)
+    _assert_clean_error(result, "'bounds' must be finite with low < high, got [nan, 1]", not_created=out)
+
+
 def test_a_config_file_that_is_not_utf8_is_refused(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_bytes(b"train:\n  epochs: \xff\xfe\n")

@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import nn
 from typer.core import TyperGroup
@@ -93,16 +94,21 @@ _AFTER_INTERRUPT = {"run": "rerun the same command with --resume to continue",
                                 "the last finished round"}
 
 
+def _print_error(message: str) -> None:
+    # escaped: rich would read "[nan, 1]" or "[low, high]" in a message as markup and drop it
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def _handles_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except FortifyError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            _print_error(str(err))
             raise typer.Exit(2) from None
         except OSError as err:  # a file or directory that cannot be read or written
-            console.print(f"[bold red]error:[/] {_describe_os_error(err)}", highlight=False, soft_wrap=True)
+            _print_error(_describe_os_error(err))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             hint = _AFTER_INTERRUPT.get(command.__name__)

@@ -100,6 +100,7 @@ def test_a_query_budget_below_one_is_rejected_when_building(options, fragment):
     ({"square": {"p_init": "0.1"}}, "p_init='0.1' must be a number"),
     ({"fgsm": {"random_start": None}}, "random_start=None may not be null"),
     ({"fgsm": {"step_size": -1}}, "step_size must be > 0, got -1"),
+    ({"fgsm": {"eps": 0.9}}, "unknown option 'eps'; it takes step_size, random_start, targeted, seed"),
 ])
 def test_attack_options_of_the_wrong_type_or_range_are_refused_by_name(options, fragment):
     # YAML hands these over as written: "no" would read as true, a bool as the number 1

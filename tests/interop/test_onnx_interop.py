@@ -187,7 +187,7 @@ def test_cli_black_box_model_gets_square_and_refuses_pgd(onnx_twin, tmp_path):
 @pytest.mark.parametrize("flags, fragment", [
     (["--input-range", "0"], "--input-range takes 2 numbers"),
     (["--mean", "0.5"], "give --mean and --std together"),
-    (["--mean", "0.1,0.2", "--std", "1,1"], "inputs have 1 channels"),
+    (["--mean", "0.1,0.2", "--std", "1,1"], "inputs have 1 channel (shape (1, 8, 8)); give 1 value"),
     (["--layout", "hwc"], "valid layouts: auto, nchw, nhwc"),
 ])
 def test_cli_bad_card_flags(onnx_twin, tmp_path, flags, fragment):

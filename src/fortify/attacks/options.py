@@ -17,15 +17,14 @@ from fortify.errors import ConfigError
 
 
 def check_option_types(attack_name: str, factory: Callable[..., Any], options: Mapping[str, Any]) -> None:
-    """ConfigError for an option whose value does not fit its parameter's annotated type.
-
-    Unknown names are left to the constructor, which reports them as unexpected keyword arguments.
-    """
-    parameters = inspect.signature(factory).parameters
+    """ConfigError for an option the attack does not take (listing those it takes) or whose value
+    does not fit its parameter's annotated type."""
+    parameters = {name: p for name, p in inspect.signature(factory).parameters.items() if name != "threat"}
     for key, value in options.items():
         parameter = parameters.get(key)
         if parameter is None:
-            continue
+            raise ConfigError(f"attack_options for {attack_name!r}: unknown option {key!r}; it takes "
+                              f"{', '.join(parameters)}")
         problem = _type_problem(str(parameter.annotation), value)
         if problem is not None:
             raise ConfigError(f"attack_options for {attack_name!r}: {key}={value!r} {problem}")

@@ -152,7 +152,8 @@ def check_channels(card: InputCard, data_shape: Sequence[int]) -> None:
     channels = data_shape[0]
     if len(card.mean) not in (1, channels):
         raise ConfigError(f"--mean/--std give {len(card.mean)} values but the inputs have {channels} "
-                          f"channels (shape {tuple(data_shape)}); give 1 or {channels} values")
+                          f"channel{'s' if channels != 1 else ''} (shape {tuple(data_shape)}); give "
+                          + ("1 value" if channels == 1 else f"1 or {channels} values"))
 
 
 def check_on_sample(model: nn.Module, x: Tensor, y: Tensor, num_classes: int) -> list[str]:
