@@ -295,6 +295,12 @@ def _card_with(directory, **fields):
     return json.dumps({**json.loads((directory / "model.json").read_text()), **fields})
 
 
+def _other_data_seed(settings_yaml):
+    settings = yaml.safe_load(settings_yaml)
+    settings["data"]["seed"] += 1
+    return yaml.safe_dump(settings, sort_keys=False)
+
+
 def _without_card_hash(state):  # as model directories written before the card was hashed
     return {**state, "sha256": {k: v for k, v in state["sha256"].items() if k != "model.json"}}
 
@@ -310,6 +316,9 @@ def _without_card_hash(state):  # as model directories written before the card w
      "not a readable model card"),
     (lambda d: _edit_state(d, lambda state: {k: v for k, v in state.items() if k != "sha256"}),
      "records no hash of model.safetensors"),
+    # another data seed in the model's own settings would put training examples among the test ones
+    (lambda d: (d / "config.yaml").write_text(_other_data_seed((d / "config.yaml").read_text())),
+     "the settings the model was trained with were edited"),
 ])
 def test_a_damaged_model_directory_is_refused(trained_dir, tmp_path, damage, fragment):
     copy = _copy_of(trained_dir, tmp_path)

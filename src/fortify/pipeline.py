@@ -181,6 +181,12 @@ def load_trained_model(model_dir: Path, device: torch.device) -> tuple[nn.Module
     if MODEL_CARD in hashes and ckpt.sha256(card_path) != hashes[MODEL_CARD]:
         raise CheckpointError(f"{card_path} does not match the hash recorded in {ckpt.STATE_JSON}: the "
                               "model card was edited after training; refusing to load it")
+    settings_path = Path(model_dir) / "config.yaml"
+    if "config.yaml" in hashes and (not settings_path.is_file()
+                                    or ckpt.sha256(settings_path) != hashes["config.yaml"]):
+        raise CheckpointError(f"{settings_path} does not match the hash recorded in {ckpt.STATE_JSON}: the "
+                              "settings the model was trained with were edited (another data seed would test "
+                              "on training examples); pass other evaluation settings with --config instead")
     card = read_model_card(card_path)
     model = model_from_card(card)
     ckpt.load_weights(Path(model_dir) / "model.safetensors", model, hashes["model.safetensors"])
@@ -295,6 +301,8 @@ def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: b
     model_dir.mkdir(parents=True, exist_ok=True)
     if distributed is None or distributed.is_main:
         (model_dir / "config.yaml").write_text(config.to_yaml())
+        # hashed: evaluate reads the data split from it, and an edited seed would test on training examples
+        trainer.record_file("config.yaml", model_dir / "config.yaml")
         # a DP model may have had BatchNorm replaced: loading repeats the replacement
         write_json(model_dir / MODEL_CARD, model_card(setup) | ({"opacus_fixed": True} if dp.enabled else {}))
         trainer.record_file(MODEL_CARD, model_dir / MODEL_CARD)
