@@ -53,15 +53,6 @@ def number(value: Any, where: str) -> None:
         raise _mismatch(where, value, "a number")
 
 
-def number_or_null(value: Any, where: str) -> None:
-    """Shown as 'n/a' when null (non-finite values are written as null)."""
-    if value is not None:
-        try:
-            number(value, where)
-        except Mismatch:
-            raise _mismatch(where, value, "a number or null") from None
-
-
 def fraction(value: Any, where: str) -> None:
     """An accuracy or rate: printed as a percentage, so 2.5 or NaN would print as nonsense."""
     number(value, where)
@@ -69,12 +60,19 @@ def fraction(value: Any, where: str) -> None:
         raise _mismatch(where, value, "a number from 0 to 1")
 
 
-def fraction_or_null(value: Any, where: str) -> None:
-    if value is not None:
-        try:
-            fraction(value, where)
-        except Mismatch:
-            raise _mismatch(where, value, "a number from 0 to 1, or null") from None
+def _or_null(check: Check, expected: str) -> Check:
+    """``check``, or null (shown as 'n/a'; non-finite values are written as null)."""
+    def checked(value: Any, where: str) -> None:
+        if value is not None:
+            try:
+                check(value, where)
+            except Mismatch:
+                raise _mismatch(where, value, expected) from None
+    return checked
+
+
+number_or_null = _or_null(number, "a number or null")
+fraction_or_null = _or_null(fraction, "a number from 0 to 1, or null")
 
 
 def positive(value: Any, where: str) -> None:
