@@ -458,6 +458,33 @@ def test_the_installed_command_prints_no_traceback(tmp_path):
     assert "threat.eps" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
 
 
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--epochs", "abc"],
+     "Invalid value for '--epochs': 'abc' is not a valid integer; see `fortify train --help`"),
+    (["audit", "somewhere", "--n-examples", "0"], "Invalid value for '--n-examples': 0 is not in the range"),
+    (["train", "--no-such-flag"], "No such option '--no-such-flag'"),
+])
+def test_flags_the_parser_refuses_get_one_error_line_from_the_command(monkeypatch, capsys, argv, fragment):
+    from fortify import cli
+
+    monkeypatch.setattr(sys, "argv", ["fortify", *argv])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert err.startswith("error:") and err.strip().count("\n") == 0 and fragment in err, err
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["evaluate"], 2)])
+def test_the_command_keeps_its_exit_codes(monkeypatch, argv, code):
+    from fortify import cli
+
+    monkeypatch.setattr(sys, "argv", ["fortify", *argv])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == code
+
+
 def test_ctrl_c_while_the_command_line_loads_ends_quietly(monkeypatch, capsys):
     from fortify import launch
 

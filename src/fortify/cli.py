@@ -758,7 +758,19 @@ def sweep(
 
 def main() -> None:
     keep_freed_memory_if_asked()  # FORTIFY_KEEP_FREED_MEMORY=1 (fortify.allocator)
-    app(prog_name="fortify")
+    try:
+        code = app(prog_name="fortify", standalone_mode=False)
+    except click.UsageError as err:  # a flag click cannot parse: one line, as every other error
+        where = f"; see `{err.ctx.command_path} --help`" if err.ctx is not None else ""
+        _print_error(f"{err.format_message().rstrip('.')}{where}")
+        sys.exit(2)
+    except click.ClickException as err:
+        _print_error(err.format_message())
+        sys.exit(err.exit_code)
+    except click.Abort:  # Ctrl-C while click itself was still working (a prompt, parsing)
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
