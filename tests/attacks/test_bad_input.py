@@ -205,7 +205,7 @@ def test_an_attack_gives_every_submodule_its_mode_back(name):
 
 
 @pytest.mark.parametrize("minimal", [
-    lambda m, x, y: HopSkipJump(LINF, max_queries=40).minimal_distance(m, x, y),
+    lambda m, x, y: HopSkipJump(LINF, max_queries=40).minimal(m, x, y)[1],
     lambda m, x, y: FMN(LINF, steps=3).minimal(m, x, y),
     lambda m, x, y: CarliniWagnerL2(L2, steps=3, binary_search_steps=1).minimal(m, x, y),
 ], ids=["hopskipjump", "fmn", "cw"])

@@ -77,7 +77,7 @@ def test_hopskipjump_minimal_distance_stays_within_the_budget(standard_model, di
     x, y = digits.test.x[:16], digits.test.y[:16]
     attack = HopSkipJump(ThreatModel("l2", 1.0), max_queries=150)
     counter = CountingModel(standard_model)
-    attack.minimal_distance(counter, x, y)
+    attack.minimal(counter, x, y)[1]
     assert counter.rows == int(attack.last_queries.sum())
     assert int(attack.last_queries.max()) <= 150
 
@@ -189,7 +189,7 @@ def test_hopskipjump_finds_the_distance_to_a_linear_boundary(norm, budget):
     exact = margin.abs() / (d.norm(dim=1) if norm == "l2" else d.abs().sum(1))
     # Execute
     attack = HopSkipJump(ThreatModel(norm, 0.5), max_queries=budget)
-    found = attack.minimal_distance(model, x, y)
+    found = attack.minimal(model, x, y)[1]
     # Assert: never below the true minimum, and within 5% of it
     assert (found >= exact * (1 - 1e-6)).all()
     assert ((found - exact) / exact).max() < 0.05
@@ -201,7 +201,7 @@ def test_hopskipjump_minimal_distance_marks_misclassified_and_unreached_examples
     wrong = y.clone()
     wrong[:10] = (standard_model(x[:10]).argmax(1) + 1) % 10  # labels the model already contradicts
     attack = HopSkipJump(ThreatModel("linf", 0.1), max_queries=1)  # one query: only the clean one
-    dist = attack.minimal_distance(standard_model, x, wrong)
+    dist = attack.minimal(standard_model, x, wrong)[1]
     correct = standard_model(x).argmax(1) == wrong
     assert (dist[~correct] == 0).all()
     assert torch.isinf(dist[correct]).all()
@@ -226,7 +226,7 @@ def test_hopskipjump_minimal_returns_adversarial_points_at_the_distances_it_repo
     assert (dist[:3] == 0).all() and torch.equal(points[:3], x[:3])
     assert torch.equal(points[~found], x[~found])
     # and minimal_distance is the same search's distances
-    again = HopSkipJump(threat, max_queries=300).minimal_distance(standard_model, x, y)
+    again = HopSkipJump(threat, max_queries=300).minimal(standard_model, x, y)[1]
     assert torch.equal(again, dist)
 
 
@@ -297,7 +297,7 @@ def test_restores_the_callers_mode(standard_model, digits):
     try:
         Square(ThreatModel("linf", 0.1), n_queries=5)(standard_model, x, y)
         assert standard_model.training
-        HopSkipJump(ThreatModel("linf", 0.1), max_queries=5).minimal_distance(standard_model, x, y)
+        HopSkipJump(ThreatModel("linf", 0.1), max_queries=5).minimal(standard_model, x, y)[1]
         assert standard_model.training
     finally:
         standard_model.eval()

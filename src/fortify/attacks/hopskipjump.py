@@ -117,12 +117,6 @@ class HopSkipJump(Attack):
         with evaluation_mode(model):  # label-only: no gradients, so no attacking() context
             return self._search(model, x.detach(), y, self.seeded(x, generator), good_enough=0.0)
 
-    def minimal_distance(self, model: nn.Module, x: Tensor, y: Tensor, *,
-                         generator: torch.Generator | None = None) -> Tensor:
-        """Per-example distance (in the threat's norm) to the closest adversarial point found:
-        ``minimal``'s second half."""
-        return self.minimal(model, x, y, generator=generator)[1]
-
     # -- the search ---------------------------------------------------------------------------
 
     def _search(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator,

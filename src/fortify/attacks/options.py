@@ -1,15 +1,15 @@
 """Per-attack options from a configuration file, checked against the attack's own signature.
 
 YAML hands over whatever was written: ``random_start: "no"`` is a non-empty string, which Python
-takes as true, and ``step_size: .nan`` is a float that compares false with everything. Each option is
-checked here against its parameter's annotation (bool, int, float) before the attack is built, so
-that such a value is refused by name instead of changing the attack silently.
+takes as true, and ``steps: true`` a bool, which Python takes as 1. Each option is checked here
+against its parameter's annotation (bool, int, float) before the attack is built, so that such a
+value is refused by name instead of changing the attack silently. NaN and infinities are refused
+earlier, when the configuration is read (``EvalConfig``).
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,8 +40,6 @@ def _type_problem(annotation: str, value: Any) -> str | None:
         return "must be a number, not true or false"
     if "int" in kinds and "float" not in kinds:
         return None if isinstance(value, int) else "must be a whole number"
-    if "float" in kinds:
-        if not isinstance(value, (int, float)):
-            return "must be a number"
-        return None if math.isfinite(value) else "must be a finite number"
+    if "float" in kinds and not isinstance(value, (int, float)):
+        return "must be a number"
     return None

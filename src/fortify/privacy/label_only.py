@@ -184,7 +184,7 @@ def hopskipjump_boundary_distance(model: nn.Module, x: Tensor, y: Tensor, *, nor
     # box narrower than 1, the box width is in every box
     threat = ThreatModel(norm, width, bounds)
     attack = HopSkipJump(threat, max_queries=check_positive_int("max_queries", max_queries), seed=seed)
-    distance = attack.minimal_distance(model, x, y)
+    _, distance = attack.minimal(model, x, y)
     farthest = width if norm == "linf" else width * math.sqrt(x[0].numel())
     return torch.nan_to_num(distance, posinf=farthest).to(x.dtype).cpu()
 
