@@ -194,6 +194,10 @@ def test_evaluate_channels_last_flag_reaches_the_config(trained_dir):
     assert result.exit_code == 0, result.output
     written = json.loads((trained_dir / "robustness.json").read_text())
     assert written["config"]["eval"]["channels_last"] is True
+    result = _invoke("evaluate", trained_dir, "--attacks", "fgsm", "--n-examples", 20, "--no-channels-last")
+    assert result.exit_code == 0, result.output
+    written = json.loads((trained_dir / "robustness.json").read_text())
+    assert written["config"]["eval"]["channels_last"] is False
 
 
 def test_existing_output_and_resume_without_out(trained_dir):

@@ -384,7 +384,8 @@ def evaluate(
     amp: Annotated[str | None, typer.Option(help="bf16 or fp16: attack under autocast, checked "
                                             "against fp32 on the first examples.")] = None,
     channels_last: Annotated[bool | None, typer.Option(
-        "--channels-last", help="Attack with conv weights stored NHWC (faster on CPU).")] = None,
+        "--channels-last/--no-channels-last", help="Attack with conv weights stored NHWC (default: on "
+        "CPU when the model runs so, where it is faster).")] = None,
     device: DeviceOpt = "auto",
     model_file: Annotated[Path | None, typer.Option("--model", help="A Keras (.keras, .h5) or ONNX "
                                                     "(.onnx) model file to evaluate instead.")] = None,

@@ -44,7 +44,7 @@ from fortify.evaluation.analysis import AnalysisOptions, ModelAnalysis, analyse
 from fortify.evaluation.certify import DEFAULT_SIGMA
 from fortify.evaluation.precision import check_amp_support
 from fortify.models import MODELS, build_model
-from fortify.models.layout import channels_last
+from fortify.models.layout import channels_last, runs_channels_last
 from fortify.tabular.run import run_threat, table_options
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
@@ -417,10 +417,19 @@ def evaluate_model(setup: Setup, model: nn.Module, journal_dir: Path | None = No
 
 def eval_layout(setup: Setup, model: nn.Module, test: Split) -> contextlib.AbstractContextManager[Any]:
     """channels_last conv weights for the duration of an evaluation when ``eval.channels_last`` asks
-    for them (checked on one test example first); otherwise the model as it is."""
-    if not setup.config.eval.channels_last:
+    for them (checked on one test example first); otherwise the model as it is.
+
+    Unset (the default), it is on where it was measured to pay: on CPU, for a model with 4-D weights
+    that runs that way (oneDNN's channels_last pooling and convolutions; the same points up to float
+    rounding). On GPUs it stays off unless asked for.
+    """
+    wanted = setup.config.eval.channels_last
+    if wanted is False or (wanted is None and setup.device.type != "cpu"):
         return contextlib.nullcontext(model)
-    return channels_last(model, probe=test.x[:1].to(setup.device))
+    probe = test.x[:1].to(setup.device)
+    if wanted is None and not runs_channels_last(model, probe):
+        return contextlib.nullcontext(model)
+    return channels_last(model, probe=probe)
 
 
 def analyse_model(setup: Setup, model: nn.Module, report: RobustnessReport,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import Tensor, nn
 
+from fortify import pipeline
 from fortify.config import RunConfig
 from fortify.errors import ConfigError
 from fortify.models import build_model
-from fortify.models.layout import channels_last, restore_layout, to_channels_last
+from fortify.models.layout import channels_last, restore_layout, runs_channels_last, to_channels_last
 from fortify.pipeline import analyse_model, evaluate_model, prepare
 
 CL = torch.channels_last
@@ -145,3 +148,62 @@ def test_eval_channels_last_reaches_the_attacks_and_changes_no_result(standard_m
     analyse_model(setup, standard_model, fast)
     hook.remove()
     assert seen and all(seen)
+
+
+def test_runs_channels_last_asks_the_model_and_leaves_it_as_it_was():
+    probe = torch.rand(1, 2, 6, 6)
+    viewing = _Viewing().train()
+    stats = viewing.bn.running_mean.clone()
+    assert not runs_channels_last(viewing, probe)  # fails on channels_last activations
+    assert viewing.training and torch.equal(viewing.bn.running_mean, stats)
+    assert viewing.conv.weight.is_contiguous()
+    cnn = build_model("small-cnn", (2, 8, 8), 3)
+    assert runs_channels_last(cnn, torch.rand(1, 2, 8, 8))
+    assert all(p.is_contiguous() for p in cnn.parameters())
+    assert not runs_channels_last(build_model("mlp", (2, 8, 8), 3), torch.rand(1, 2, 8, 8))  # nothing 4-D
+
+
+class _ViewingDigits(nn.Module):
+    """A digits classifier that flattens with ``view``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x).relu()
+        return self.head(h.view(h.shape[0], -1))
+
+
+def _default_eval_setup(n_examples: int = 20):
+    return prepare(RunConfig.model_validate({"eval": {"attacks": ["fgsm"], "n_examples": n_examples,
+                                                      "eps_grid": [0.1]}}), "cpu")
+
+
+def test_eval_channels_last_unset_is_on_for_a_cnn_on_cpu(standard_model):
+    setup = _default_eval_setup()
+    assert setup.config.eval.channels_last is None
+    seen, hook = _conv_layouts(standard_model)
+    evaluate_model(setup, standard_model)
+    hook.remove()
+    assert seen and all(seen)
+    assert all(p.is_contiguous() for p in standard_model.parameters())
+
+
+def test_eval_channels_last_unset_falls_back_for_a_model_that_cannot_run_it():
+    torch.manual_seed(0)
+    model = _ViewingDigits().eval()
+    setup = _default_eval_setup()
+    seen, hook = _conv_layouts(model)
+    report = evaluate_model(setup, model)  # explicitly on, this is a ConfigError (test above)
+    hook.remove()
+    assert seen[0] and len(seen) > 1 and not any(seen[1:])  # the probe alone ran channels_last
+    assert report.attacks[0].name == "fgsm"
+
+
+def test_eval_channels_last_unset_stays_off_on_a_gpu(standard_model, monkeypatch):
+    setup = dataclasses.replace(_default_eval_setup(), device=torch.device("cuda"))
+    monkeypatch.setattr(pipeline, "runs_channels_last", lambda *_: pytest.fail("probed on a GPU"))
+    with pipeline.eval_layout(setup, standard_model, setup.dataset.test) as model:
+        assert model is standard_model and all(p.is_contiguous() for p in model.parameters())

@@ -12,7 +12,8 @@ channels_last order (see ``_gradient_in_input_layout``).
 Only 4-D parameters and buffers are converted: channels_last has no meaning for other ranks
 (``Module.to(memory_format=...)`` raises on a Conv3d's 5-D weight). A model that reshapes its
 activations with ``Tensor.view`` fails on channels_last activations; ``channels_last(..., probe=x)``
-turns that into a ConfigError before any work starts.
+turns that into a ConfigError before any work starts, and ``runs_channels_last`` tells beforehand
+whether a model can (what the evaluation's automatic choice asks on CPU).
 """
 
 from __future__ import annotations
@@ -105,6 +106,21 @@ def _gradient_in_input_layout(_module: nn.Module, inputs: tuple[Tensor, ...]) ->
 
 def _to_channels_last_gradient(grad: Tensor) -> Tensor:
     return grad.contiguous(memory_format=torch.channels_last)
+
+
+def runs_channels_last(model: nn.Module, probe: Tensor) -> bool:
+    """Whether ``model`` has 4-D weights to convert and runs on ``probe`` with them channels_last;
+    the model keeps its layout (and its batch-norm statistics) either way."""
+    saved = to_channels_last(model)
+    try:
+        if not saved:
+            return False
+        _check_runs(model, probe)
+        return True
+    except ConfigError:
+        return False
+    finally:
+        restore_layout(saved)
 
 
 def _check_runs(model: nn.Module, probe: Tensor) -> None:
