@@ -604,3 +604,37 @@ def test_a_test_fraction_a_fixed_test_split_would_ignore_is_refused(tmp_path):
     prepare(load_config(None, settings), "cpu")  # the default test_fraction: fine
     with pytest.raises(ConfigError, match="comes with its own test split, so data.test_fraction=0.3"):
         prepare(load_config(None, {"data": {**settings["data"], "test_fraction": 0.3}}), "cpu")
+
+
+def test_a_loss_that_turns_nan_takes_back_what_the_run_wrote(tmp_path):
+    out = tmp_path / "m"
+    diverging = ("train", "--out", out, "--objective", "standard", "--epochs", 1, "--quiet")
+    _assert_clean_error(_invoke(*diverging, "--lr", "1e30"), "training loss became", not_created=out)
+    result = _invoke(*diverging, "--lr", "0.05")  # the same command, corrected, runs in the same place
+    assert result.exit_code == 0, result.output
+
+
+def test_a_failed_first_epoch_leaves_an_existing_directory_as_it_was(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    config = tmp_path / "diverging.yaml"
+    config.write_text("train:\n  lr: 1.0e+30\n  epochs: 1\n")
+    result = _invoke("run", "--config", config, "--out", out, "--resume", "--quiet")
+    _assert_clean_error(result, "training loss became")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_a_failure_after_a_checkpoint_keeps_the_run_for_resume(tmp_path):
+    from fortify.pipeline import discarded_on_error
+
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError), discarded_on_error(out):
+        (out / "models" / "standard").mkdir(parents=True)
+        (out / "models" / "standard" / "state.json").write_text("{}")  # the first model checkpointed
+        raise RuntimeError("the second model failed")
+    assert (out / "models" / "standard" / "state.json").is_file()
+    with pytest.raises(KeyboardInterrupt), discarded_on_error(tmp_path / "interrupted"):
+        (tmp_path / "interrupted").mkdir()
+        raise KeyboardInterrupt  # an interrupt keeps what was written (--resume starts it again)
+    assert (tmp_path / "interrupted").is_dir()

@@ -6,6 +6,7 @@ everything before writing, and prints FortifyErrors as one line without a traceb
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -34,6 +35,7 @@ from fortify.pipeline import (
     audit_membership,
     audited_dataset,
     check_same_settings,
+    discarded_on_error,
     evaluate_model,
     evaluation_config,
     fresh_out_dir,
@@ -171,18 +173,19 @@ def run(
     out_dir = fresh_out_dir(out, cfg.data.name, resume)
     if resume:
         check_same_settings(out_dir, cfg)  # before config.yaml is written over
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(cfg.to_yaml())
-    # a resumed run's seconds include the training its checkpoints hold; what it redoes is timed anew
-    earlier = _checkpointed_training_seconds(out_dir / "models", ("standard", "pgd")) if resume else 0.0
-    started = time.perf_counter()
-    models = {}
-    for objective in ("standard", "pgd"):
-        console.print(f"training [bold]{objective}[/] model on {cfg.data.name}")
-        model, training = train_model(setup, objective, out_dir / "models" / objective,
-                                      resume=resume, show_progress=not quiet)
-        console.print(f"attacking [bold]{objective}[/] model")
-        models[objective] = _measure(setup, model, training.to_dict(), objective)
+    with discarded_on_error(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(cfg.to_yaml())
+        # a resumed run's seconds include the training its checkpoints hold; what it redoes is timed anew
+        earlier = _checkpointed_training_seconds(out_dir / "models", ("standard", "pgd")) if resume else 0.0
+        started = time.perf_counter()
+        models = {}
+        for objective in ("standard", "pgd"):
+            console.print(f"training [bold]{objective}[/] model on {cfg.data.name}")
+            model, training = train_model(setup, objective, out_dir / "models" / objective,
+                                          resume=resume, show_progress=not quiet)
+            console.print(f"attacking [bold]{objective}[/] model")
+            models[objective] = _measure(setup, model, training.to_dict(), objective)
     results = _results(setup, models, earlier + time.perf_counter() - started)
     write_json(out_dir / "results.json", results)
     write_report(load_results(out_dir), out_dir / "report.html")
@@ -305,8 +308,10 @@ def train(
     out_dir = fresh_out_dir(out, f"{cfg.data.name}-{cfg.train.objective}", resume)
     if ddp is not None:
         ddp.barrier()  # every rank has checked out_dir before rank 0 writes into it
-    _, result = train_model(setup, cfg.train.objective, out_dir, resume=resume,
-                            show_progress=not quiet and (ddp is None or ddp.is_main), distributed=ddp)
+    # a failure before the first checkpoint takes back what it wrote (under torchrun, rank 0 wrote it)
+    with discarded_on_error(out_dir) if ddp is None or ddp.is_main else contextlib.nullcontext():
+        _, result = train_model(setup, cfg.train.objective, out_dir, resume=resume,
+                                show_progress=not quiet and (ddp is None or ddp.is_main), distributed=ddp)
     if ddp is not None:  # no collective follows: every rank tears the group down, together
         ddp.leave()
         if not ddp.is_main:

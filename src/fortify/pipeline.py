@@ -11,9 +11,10 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -509,6 +510,29 @@ def fresh_out_dir(out: Path | None, default_stem: str, resume: bool, *, marker: 
     if resume and marker is not None and any(out.iterdir()) and not (out / marker).is_file():
         raise ConfigError(f"cannot resume: {out} holds no {marker}, so it is not a run to continue")
     return out
+
+
+@contextlib.contextmanager
+def discarded_on_error(out_dir: Path) -> Iterator[None]:
+    """What the body writes into ``out_dir`` goes again when it fails with an error before any
+    checkpoint (a ``state.json``) lands there, e.g. a loss that turns NaN in the first epoch: the
+    directory is then as it was, and the same command with corrected settings runs in it again.
+
+    Entries that were there before stay; so does everything once a checkpoint exists (``--resume``
+    continues from it). An interrupt (Ctrl-C) keeps what was written as well.
+    """
+    before = set(out_dir.iterdir()) if out_dir.is_dir() else None
+    try:
+        yield
+    except Exception:
+        if out_dir.is_dir() and not any(out_dir.rglob(ckpt.STATE_JSON)):
+            written = [out_dir] if before is None else set(out_dir.iterdir()) - before
+            for entry in written:
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, payload: Any) -> None:
