@@ -7,7 +7,8 @@ median time per step over several blocks of steps and the operators that the tor
 charges most, per call. Two runs of it in two processes show how much separate processes on the
 same machine differ; `--keep-freed-memory` shows the allocator's share; `--compile` times the same
 step with the model under `torch.compile` (what `train.compile` does), interleaved block by block
-with an eager copy, and prints the compilation time.
+with an eager copy, and prints the compilation time; `--implicit-bf16` runs the step in fp32 with
+oneDNN doing its convolutions and matrix products in bf16 inside (no autocast casts).
 
     .venv/bin/python bench/train_step_profile.py --threads 1
     .venv/bin/python bench/train_step_profile.py --threads 1 --compile
@@ -36,12 +37,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="steps per timed block")
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--fp32", action="store_true", help="without bf16 autocast")
+    parser.add_argument("--implicit-bf16", action="store_true",
+                        help="fp32 step with oneDNN's convolutions and matrix products in bf16 inside "
+                             "(torch.backends.mkldnn.*.fp32_precision) instead of autocast")
     parser.add_argument("--top", type=int, default=8, help="operators to list")
     parser.add_argument("--compile", action="store_true",
                         help="compare against the same step under torch.compile instead of profiling")
     add_allocator_option(parser)
     args = parser.parse_args()
     apply_process_options(args)
+    if args.implicit_bf16:
+        args.fp32 = True
+        torch.backends.mkldnn.conv.fp32_precision = "bf16"
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
     x = torch.rand(args.batch, 1, 8, 8).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, NUM_CLASSES, (args.batch,))
     if args.compile:
@@ -49,7 +57,7 @@ def main() -> None:
         return
     model, step = training_step(args, x, y)
     print_provenance([])
-    print(f"setting:  small-cnn, batch {args.batch}, {'fp32' if args.fp32 else 'bf16 autocast'}, "
+    print(f"setting:  small-cnn, batch {args.batch}, {_precision(args)}, "
           f"channels_last with the Flatten hook; {args.blocks} blocks of {args.steps} steps\n")
     with channels_last(model):
         for _ in range(20):  # warm-up
@@ -74,6 +82,12 @@ def main() -> None:
               f"{event.self_cpu_time_total / event.count:.1f} | {event.self_cpu_time_total / total:.1%} |")
 
 
+def _precision(args: argparse.Namespace) -> str:
+    if args.implicit_bf16:
+        return "fp32 with oneDNN's implicit bf16"
+    return "fp32" if args.fp32 else "bf16 autocast"
+
+
 def training_step(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, compiled: bool = False
                   ) -> tuple[torch.nn.Module, Callable[[], None]]:
     """A fresh small-cnn (seed 0, the same weights every time) and one SGD step of it on ``(x, y)``."""
@@ -96,7 +110,7 @@ def compare_compiled(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor)
     eager_model, eager = training_step(args, x, y)
     compiled_model, compiled = training_step(args, x, y, compiled=True)
     print_provenance([])
-    print(f"setting:  small-cnn, batch {args.batch}, {'fp32' if args.fp32 else 'bf16 autocast'}, "
+    print(f"setting:  small-cnn, batch {args.batch}, {_precision(args)}, "
           f"channels_last with the Flatten hook, eager against torch.compile (Inductor); "
           f"{args.blocks} alternating blocks of {args.steps} steps each\n")
     with channels_last(eager_model), channels_last(compiled_model):
