@@ -428,8 +428,8 @@ def eval_layout(setup: Setup, model: nn.Module, test: Split) -> contextlib.Abstr
     if wanted is False or (wanted is None and setup.device.type != "cpu"):
         return contextlib.nullcontext(model)
     probe = test.x[:1].to(setup.device)
-    if wanted is None and not runs_channels_last(model, probe):
-        return contextlib.nullcontext(model)
+    if wanted is None:  # asked once here; a model that cannot is evaluated as it is
+        return channels_last(model) if runs_channels_last(model, probe) else contextlib.nullcontext(model)
     return channels_last(model, probe=probe)
 
 
