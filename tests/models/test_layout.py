@@ -176,8 +176,8 @@ class _ViewingDigits(nn.Module):
         return self.head(h.view(h.shape[0], -1))
 
 
-def _default_eval_setup(n_examples: int = 20):
-    return prepare(RunConfig.model_validate({"eval": {"attacks": ["fgsm"], "n_examples": n_examples,
+def _default_eval_setup():
+    return prepare(RunConfig.model_validate({"eval": {"attacks": ["fgsm"], "n_examples": 20,
                                                       "eps_grid": [0.1]}}), "cpu")
 
 
