@@ -189,15 +189,22 @@ def test_unknown_attack_lists_valid_ones(trained_dir):
     _assert_clean_error(result, "unknown attack 'nope'; valid names: " + ", ".join(ATTACKS.names()))
 
 
-def test_evaluate_channels_last_flag_reaches_the_config(trained_dir):
+def test_evaluate_channels_last_flag_reaches_the_config_and_the_layout_is_recorded(trained_dir):
     result = _invoke("evaluate", trained_dir, "--attacks", "fgsm", "--n-examples", 20, "--channels-last")
     assert result.exit_code == 0, result.output
     written = json.loads((trained_dir / "robustness.json").read_text())
     assert written["config"]["eval"]["channels_last"] is True
+    assert written["robustness"]["channels_last"] is True  # the layout the evaluation used
     result = _invoke("evaluate", trained_dir, "--attacks", "fgsm", "--n-examples", 20, "--no-channels-last")
     assert result.exit_code == 0, result.output
     written = json.loads((trained_dir / "robustness.json").read_text())
     assert written["config"]["eval"]["channels_last"] is False
+    assert written["robustness"]["channels_last"] is False
+    result = _invoke("evaluate", trained_dir, "--attacks", "fgsm", "--n-examples", 20)
+    assert result.exit_code == 0, result.output
+    written = json.loads((trained_dir / "robustness.json").read_text())
+    assert written["config"]["eval"]["channels_last"] is None  # unset: on for this CNN on CPU
+    assert written["robustness"]["channels_last"] is True
 
 
 def test_existing_output_and_resume_without_out(trained_dir):

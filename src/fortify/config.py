@@ -139,7 +139,7 @@ class EvalConfig(_Strict):
     amp: Literal["bf16", "fp16"] | None = None
     amp_min_agreement: float = Field(0.9, gt=0, le=1)  # below it, the fp32 check warns
     # attack and analyse with channels_last conv weights (speed only); None: on CPU when the model
-    # has 4-D weights and runs so, else off (fortify.pipeline.eval_layout)
+    # has 4-D weights and runs so, else off (fortify.pipeline.eval_channels_last)
     channels_last: bool | None = None
 
     @field_validator("attack_options")

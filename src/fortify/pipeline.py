@@ -408,29 +408,38 @@ def evaluate_model(setup: Setup, model: nn.Module, journal_dir: Path | None = No
     # the eps curve needs one cheap, strong attack at many eps: PGD when it is in the list, else APGD
     # (the autoattack preset's first); the last attack may be Square's 5,000 queries per example
     curve_attack = next((a for kind in (PGD, APGD) for a in attacks if isinstance(a, kind)), attacks[-1])
-    with eval_layout(setup, model, test):
-        return evaluate(model, test.x, test.y, attacks, setup.threat, curve_attack=curve_attack,
-                        batch_size=cfg.batch_size, cascade=cfg.cascade or cfg.preset == "autoattack",
-                        eps_grid=cfg.eps_grid or default_eps_grid(setup.threat),
-                        num_classes=setup.dataset.num_classes, journal_dir=journal_dir, shard=shard,
-                        amp=cfg.amp, amp_min_agreement=cfg.amp_min_agreement)
+    use_channels_last = eval_channels_last(setup, model, test)
+    with eval_layout(model, use_channels_last):
+        report = evaluate(model, test.x, test.y, attacks, setup.threat, curve_attack=curve_attack,
+                          batch_size=cfg.batch_size, cascade=cfg.cascade or cfg.preset == "autoattack",
+                          eps_grid=cfg.eps_grid or default_eps_grid(setup.threat),
+                          num_classes=setup.dataset.num_classes, journal_dir=journal_dir, shard=shard,
+                          amp=cfg.amp, amp_min_agreement=cfg.amp_min_agreement)
+    report.channels_last = use_channels_last  # the layout used, not the setting (which may be unset)
+    return report
 
 
-def eval_layout(setup: Setup, model: nn.Module, test: Split) -> contextlib.AbstractContextManager[Any]:
-    """channels_last conv weights for the duration of an evaluation when ``eval.channels_last`` asks
-    for them (checked on one test example first); otherwise the model as it is.
-
-    Unset (the default), it is on where it was measured to pay: on CPU, for a model with 4-D weights
-    that runs that way (oneDNN's channels_last pooling and convolutions; the same points up to float
-    rounding). On GPUs it stays off unless asked for.
+def eval_channels_last(setup: Setup, model: nn.Module, test: Split) -> bool:
+    """Whether an evaluation runs ``model`` with channels_last conv weights: as ``eval.channels_last``
+    says; unset (the default), where it was measured to pay: on CPU, for a model with 4-D weights that
+    runs that way (oneDNN's channels_last pooling and convolutions; the same points up to float
+    rounding), checked on one test example. On GPUs it stays off unless asked for. Set to true for a
+    model that cannot run channels_last, this is a ConfigError.
     """
     wanted = setup.config.eval.channels_last
     if wanted is False or (wanted is None and setup.device.type != "cpu"):
-        return contextlib.nullcontext(model)
+        return False
     probe = test.x[:1].to(setup.device)
     if wanted is None:  # asked once here; a model that cannot is evaluated as it is
-        return channels_last(model) if runs_channels_last(model, probe) else contextlib.nullcontext(model)
-    return channels_last(model, probe=probe)
+        return runs_channels_last(model, probe)
+    with channels_last(model, probe=probe):  # ConfigError here for a model that cannot
+        return True
+
+
+def eval_layout(model: nn.Module, use_channels_last: bool) -> contextlib.AbstractContextManager[Any]:
+    """The model with channels_last conv weights for the duration when ``use_channels_last``, else as
+    it is."""
+    return channels_last(model) if use_channels_last else contextlib.nullcontext(model)
 
 
 def analyse_model(setup: Setup, model: nn.Module, report: RobustnessReport,
@@ -453,7 +462,7 @@ def analyse_model(setup: Setup, model: nn.Module, report: RobustnessReport,
         certify_n=cfg.certify_n, certify_alpha=cfg.certify_alpha, masking_examples=cfg.masking_examples,
         gallery_examples=cfg.gallery_examples, batch_size=setup.config.eval.batch_size,
         seed=setup.config.eval.seed)
-    with eval_layout(setup, model, test):
+    with eval_layout(model, eval_channels_last(setup, model, test)):
         return analyse(model, test.x, test.y, setup.threat, attack=attack, report=report,
                        num_classes=setup.dataset.num_classes, options=options)
 

@@ -139,6 +139,7 @@ def test_eval_channels_last_reaches_the_attacks_and_changes_no_result(standard_m
     _, plain, seen_plain = evaluated(False)
     setup, fast, seen_fast = evaluated(True)
     assert seen_fast and all(seen_fast) and not any(seen_plain)
+    assert (fast.channels_last, plain.channels_last) == (True, False)  # what the evaluation used
     assert all(p.is_contiguous() for p in standard_model.parameters())  # given back afterwards
     assert fast.clean_correct == plain.clean_correct
     for a, b in zip(fast.attacks, plain.attacks, strict=True):
@@ -185,9 +186,10 @@ def test_eval_channels_last_unset_is_on_for_a_cnn_on_cpu(standard_model):
     setup = _default_eval_setup()
     assert setup.config.eval.channels_last is None
     seen, hook = _conv_layouts(standard_model)
-    evaluate_model(setup, standard_model)
+    report = evaluate_model(setup, standard_model)
     hook.remove()
     assert seen and all(seen)
+    assert report.channels_last is True  # recorded as used, where the setting says null
     assert all(p.is_contiguous() for p in standard_model.parameters())
 
 
@@ -199,11 +201,19 @@ def test_eval_channels_last_unset_falls_back_for_a_model_that_cannot_run_it():
     report = evaluate_model(setup, model)  # explicitly on, this is a ConfigError (test above)
     hook.remove()
     assert seen[0] and len(seen) > 1 and not any(seen[1:])  # the probe alone ran channels_last
-    assert report.attacks[0].name == "fgsm"
+    assert report.attacks[0].name == "fgsm" and report.channels_last is False
 
 
 def test_eval_channels_last_unset_stays_off_on_a_gpu(standard_model, monkeypatch):
     setup = dataclasses.replace(_default_eval_setup(), device=torch.device("cuda"))
     monkeypatch.setattr(pipeline, "runs_channels_last", lambda *_: pytest.fail("probed on a GPU"))
-    with pipeline.eval_layout(setup, standard_model, setup.dataset.test) as model:
-        assert model is standard_model and all(p.is_contiguous() for p in model.parameters())
+    assert not pipeline.eval_channels_last(setup, standard_model, setup.dataset.test)
+
+
+def test_eval_channels_last_asked_for_a_model_that_cannot_is_a_config_error_and_changes_nothing():
+    model = _ViewingDigits().eval()
+    setup = prepare(RunConfig.model_validate({"eval": {"attacks": ["fgsm"], "n_examples": 20,
+                                                       "eps_grid": [0.1], "channels_last": True}}), "cpu")
+    with pytest.raises(ConfigError, match="does not run with channels_last weights"):
+        evaluate_model(setup, model)
+    assert model.conv.weight.is_contiguous()

@@ -66,6 +66,8 @@ class RobustnessReport:
     warnings: list[str]
     clean_correct: list[bool] = field(repr=False, default_factory=list)
     precision: PrecisionCheck | None = None  # the fp32 check of a mixed-precision evaluation
+    # whether the model ran with channels_last conv weights (set by fortify.pipeline; None: not recorded)
+    channels_last: bool | None = None
     version: int = REPORT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
