@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from fortify.config import TrainConfig
 from fortify.data import Split
-from fortify.errors import CheckpointError, UnknownNameError
+from fortify.errors import CheckpointError, DataError, UnknownNameError
 from fortify.models import build_model
 from fortify.threat import ThreatModel
 from fortify.training.checkpoint import load_tensors
@@ -26,6 +27,25 @@ THREAT = ThreatModel("linf", 0.2)
 
 class Interrupted(Exception):
     pass
+
+
+# tensor operations that read values back to the host: a sync with the device on a GPU
+_HOST_READS = {"item", "tolist", "numpy", "cpu", "nonzero", "masked_select", "unique",
+               "__bool__", "__float__", "__int__", "__index__"}
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts the host reads (``_HOST_READS``, and indexing with a boolean mask) made under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        masked = name == "__getitem__" and isinstance(args[1], torch.Tensor) and args[1].dtype == torch.bool
+        self.count += name in _HOST_READS or masked
+        return func(*args, **(kwargs or {}))
 
 
 def _subset(digits, n):
@@ -235,3 +255,25 @@ def test_unknown_objective_lists_the_valid_ones():
         OBJECTIVES.get("madry")
     assert str(err.value).endswith("valid names: " + ", ".join(OBJECTIVES.names()))
     assert {"standard", "fgsm", "fgsm-rs", "pgd"} <= set(OBJECTIVES.names())
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES.names())
+def test_training_steps_read_nothing_back_from_the_device(digits, objective):
+    def host_reads(n_train):
+        _, trainer = _trainer(digits, None, objective, epochs=1, batch_size=16, early_stopping=False)
+        with _HostReads() as reads:
+            trainer.fit(*_subset(digits, n_train))
+        return reads.count
+
+    # 2 steps or 6: the same reads (the data check, the epoch's loss and validation), none per step
+    assert host_reads(32) == host_reads(96)
+
+
+def test_training_data_outside_the_box_is_refused_before_anything_is_written(digits, tmp_path):
+    train, val = _subset(digits, 64)
+    _, trainer = _trainer(digits, tmp_path / "run", "fgsm-rs")
+    with pytest.raises(DataError, match="outside the declared box"):
+        trainer.fit(Split(train.x * 1.5, train.y), val)
+    with pytest.raises(DataError, match="class indices"):
+        trainer.fit(Split(train.x, train.y - 1), val)
+    assert not (tmp_path / "run").exists()

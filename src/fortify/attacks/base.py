@@ -51,6 +51,20 @@ class Attack(ABC):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         self._check_batch(x, y, target)
+        return self.run(model, x, y, target=target, generator=generator)
+
+    def run(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        target: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The attack without ``__call__``'s checks of the batch (finite, in the box, integer labels),
+        for a caller that checked its data once beforehand, as the Trainer does its training set:
+        those checks read values back from the device, a host sync per batch on a GPU."""
         y, target = y.long(), None if target is None else target.long()
         with attacking(model):
             self._check_target_classes(model, x, target)

@@ -146,7 +146,9 @@ class _AttackObjective(Objective):
             self.attack = self.build_attack(self.options.threat.with_eps(eps))
 
     def craft(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return self.attack(model, x, y, generator=self.generator(x.device))
+        """Adversarial points for a training batch; the batch is not checked here (no host sync per
+        step): the Trainer checked the whole training set once (``check_training_data``)."""
+        return self.attack.run(model, x, y, generator=self.generator(x.device))
 
 
 class FGSMObjective(_AttackObjective):

@@ -20,9 +20,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from fortify.attacks import PGD
+from fortify.attacks.base import check_label_dtype
 from fortify.config import TrainConfig
 from fortify.data.base import Split
-from fortify.errors import CheckpointError, ConfigError
+from fortify.errors import CheckpointError, ConfigError, DataError
 from fortify.models.layout import flatten_gradient_hooks, to_channels_last
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
@@ -92,6 +93,16 @@ def _progress_from(saved: Any, run_dir: Path) -> _Progress:
 _FUSED_DEVICES = ("cpu", "cuda")
 
 
+def check_training_data(train: Split, threat: ThreatModel) -> None:
+    """The checks an attack makes of each batch it is given (finite inputs in the box, integer labels
+    from 0), made once for the whole training set: the objectives' attacks then skip them, which on a
+    GPU saves a host sync per step. Augmentations and extra data stay in the box by construction."""
+    threat.check_inputs(train.x)
+    check_label_dtype(train.y)
+    if len(train.y) and int(train.y.min()) < 0:
+        raise DataError(f"training labels must be class indices 0..K-1, got {int(train.y.min())}")
+
+
 class Trainer:
     """Trains ``model`` with ``objective`` under ``config``; checkpoints into ``run_dir``."""
 
@@ -140,6 +151,7 @@ class Trainer:
     # -- public --------------------------------------------------------------------------------
 
     def fit(self, train: Split, val: Split, *, resume: bool = False) -> TrainResult:
+        check_training_data(train, self.threat)
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
