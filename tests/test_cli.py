@@ -419,6 +419,7 @@ def test_config_values_yaml_would_misread_are_refused(tmp_path, text, fragment):
     ("train:\n  lr: .inf\n", [], "train.lr: Input should be a finite number"),
     ("threat:\n  eps: .nan\n", [], "threat.eps: Input should be a finite number"),
     ("eval:\n  eps_grid: [0.1, .inf]\n", [], "eval.eps_grid.1: Input should be a finite number"),
+    ("eval:\n  eps_grid: [0.05, 0.1, 0.05]\n", [], "eps_grid names an eps twice"),
 ])
 def test_config_sections_and_numbers_that_cannot_hold_are_refused(tmp_path, text, flags, fragment):
     config = tmp_path / "c.yaml"

@@ -156,6 +156,8 @@ class EvalConfig(_Strict):
     def _check(self) -> EvalConfig:
         if self.eps_grid is not None and any(e <= 0 for e in self.eps_grid):
             raise ValueError(f"every eps in eps_grid must be > 0, got {self.eps_grid}")
+        if self.eps_grid is not None and len(set(self.eps_grid)) != len(self.eps_grid):
+            raise ValueError(f"eps_grid names an eps twice: {self.eps_grid}")
         if not self.attacks:
             raise ValueError("attacks must name at least one attack")
         return self

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fortify.attacks import FGSM, PGD
-from fortify.errors import ConfigError
+from fortify.errors import ConfigError, ThreatModelViolation
 from fortify.evaluation import evaluate
 from fortify.evaluation.analysis import AnalysisOptions, analyse
 from fortify.threat import ThreatModel
@@ -118,6 +118,47 @@ def test_the_attack_the_report_and_the_class_count_must_fit_the_analysis(digits,
     with pytest.raises(ConfigError, match="the robustness report was measured at linf eps=0.1"):
         analyse(standard_model, x, y, ThreatModel("linf", 0.2), attack=FGSM(ThreatModel("linf", 0.2)),
                 report=report, num_classes=10, options=options)
+    wide = ThreatModel("linf", 0.1, bounds=(0.0, 2.0))
+    with pytest.raises(ConfigError, match=r"box=\[0.0, 1.0\], the analysis asks for linf eps=0.1 box=\[0, 2"):
+        analyse(standard_model, x, y, wide, attack=FGSM(wide), report=report, num_classes=10, options=options)
+    with pytest.raises(ConfigError, match="measured on 32 examples, the analysis is given 16"):
+        analyse(standard_model, x[:16], y[:16], threat, attack=FGSM(threat), report=report, num_classes=10,
+                options=options)
     with pytest.raises(ConfigError, match="num_classes=12 but the model scores 10 classes"):
         analyse(standard_model, x, y, threat, attack=FGSM(threat), report=report, num_classes=12,
                 options=options)
+
+
+class _Outside(FGSM):
+    """FGSM that steps twice as far as its threat model allows."""
+
+    def perturb(self, model, x, y, target, generator):
+        return (x + 2 * (super().perturb(model, x, y, target, generator) - x)).clamp(0, 1)
+
+
+def test_an_attack_that_leaves_the_ball_is_a_threat_model_violation(digits, standard_model):
+    threat = ThreatModel("linf", 0.1)
+    x, y = digits.test.x[:16], digits.test.y[:16]
+    report = evaluate(standard_model, x, y, [FGSM(threat)], threat, eps_grid=[])
+    with pytest.raises(ThreatModelViolation, match="outside linf eps=0.1"):
+        analyse(standard_model, x, y, threat, attack=_Outside(threat), report=report, num_classes=10,
+                options=AnalysisOptions(margin_examples=2, certify_examples=2, certify_n=10,
+                                        masking_examples=4))
+
+
+def test_a_model_right_on_no_example_gets_an_analysis_with_masking_not_judged(digits, standard_model):
+    # Prepare: labels the model never predicts, so nothing is classified correctly
+    threat = ThreatModel("linf", 0.1)
+    x = digits.test.x[:24]
+    with torch.no_grad():
+        y = (standard_model(x).argmax(1) + 1) % 10
+    # Execute
+    analysis, report = _analyse(standard_model, x, y, threat, 10, margin_examples=8, margin_steps=10,
+                                certify_examples=4, certify_n=20, masking_examples=12)
+    # Assert: everything else measured; the masking verdict says it could not judge, and why
+    assert report.clean_accuracy == 0.0 and analysis.metrics["attack"]["clean_accuracy"] == 0.0
+    assert analysis.margin["summary"]["n_examples"] == 8
+    masking = analysis.masking
+    assert masking["masked"] is None and masking["checks"] == [] and masking["n_attacked"] == 0
+    assert masking["n_examples"] == 12 and "none of these 12 examples" in masking["notes"][0]
+    json.dumps(analysis.to_dict(), allow_nan=False)

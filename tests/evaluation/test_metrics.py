@@ -55,6 +55,19 @@ def test_attack_metrics_count_only_clean_correct_examples():
     assert m.median_norm_successful == pytest.approx(0.2)
 
 
+def test_every_median_takes_the_mean_of_the_two_middle_values_as_numpy_does():
+    # two successful examples at norms 0.1 and 0.3; margins 4 and 1 clean, -2 and -4 under attack
+    y = torch.tensor([0, 0])
+    x = torch.zeros(2, 4)
+    x_adv = x + torch.tensor([0.1, 0.3]).unsqueeze(1)
+    clean = torch.tensor([[4.0, 0.0], [1.0, 0.0]])
+    adversarial = torch.tensor([[0.0, 2.0], [0.0, 4.0]])
+    m = attack_metrics(x, x_adv, y, clean, adversarial, ThreatModel("linf", 0.5))
+    assert m.median_norm_successful == pytest.approx(np.median([0.1, 0.3]))
+    shift = margin_shift(clean, adversarial, y)
+    assert (shift.clean_median, shift.adversarial_median) == pytest.approx((2.5, -3.0))
+
+
 def test_attack_metrics_l2_norms_and_the_empty_cases():
     y = torch.tensor([0, 1])
     x = torch.zeros(2, 4)

@@ -186,6 +186,25 @@ def test_the_curve_attack_must_share_the_threat_model(standard_model, digits):
                  curve_attack=PGD(ThreatModel("l2", 1.0), steps=2))
 
 
+class _CountingFGSM(FGSM):
+    calls = 0
+
+    def perturb(self, model, x, y, target, generator):
+        type(self).calls += 1
+        return super().perturb(model, x, y, target, generator)
+
+
+@pytest.mark.parametrize("eps_grid, fragment", [([0.05, 0.0], "eps must be a finite number > 0, got 0.0"),
+                                                ([0.05, 1.5], "beyond the box"),
+                                                ([0.05, 0.1, 0.05], "eps_grid names an eps twice")])
+def test_a_bad_eps_grid_is_refused_before_any_attack(standard_model, digits, eps_grid, fragment):
+    _CountingFGSM.calls = 0
+    with pytest.raises(ConfigError, match=fragment):
+        evaluate(standard_model, digits.test.x[:20], digits.test.y[:20], [_CountingFGSM(THREAT)], THREAT,
+                 eps_grid=eps_grid)
+    assert _CountingFGSM.calls == 0
+
+
 @pytest.mark.parametrize("attacks, batch_size, fragment", [
     (lambda: FGSM(THREAT), 64, r"pass \[attack\]"),
     (lambda: [FGSM(THREAT)], 2.5, "batch_size must be an integer >= 1, got 2.5"),

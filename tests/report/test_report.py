@@ -90,6 +90,24 @@ def test_verdict_names_failed_masking_checks(run_results):
     assert "Gradient masking suspected" in verdict and checks[0]["name"] in verdict
 
 
+def test_a_masking_verdict_not_judged_reads_so_with_its_reason(run_results):
+    # Prepare: the pgd model's verdict could not be judged (analyse: no example classified correctly)
+    results = json.loads(json.dumps(run_results))
+    reason = "Not judged: the model classifies none of these 200 examples correctly."
+    results["models"]["pgd"]["analysis"]["masking"].update(masked=None, checks=[], n_attacked=0, adaptive=[],
+                                                          notes=[reason])
+    # Execute
+    html = render_report(results)
+    # Assert: neither a pass nor a failure, in the verdict or in the section
+    verdict = html[html.index('data-model="pgd"'):]
+    verdict = verdict[:verdict.index("</div>")]
+    assert "No gradient-masking checks" in verdict and "No sign of gradient masking" not in verdict
+    section = html[html.index('id="masking"'):]
+    section = " ".join(section[section.index("<h3>pgd:"):].split())
+    assert section.startswith("<h3>pgd: not judged (0 of 40 examples attacked)</h3> <p class=\"note\">")
+    assert reason in section
+
+
 def test_report_renders_what_it_has_when_sections_are_missing(run_results):
     # Prepare: one model without analysis and privacy (a version-1 run), one with a broken figure input
     results = json.loads(json.dumps(run_results))

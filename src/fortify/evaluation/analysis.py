@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import Attack, check_positive_int
 from fortify.attacks.fmn import FMN
-from fortify.errors import ConfigError
+from fortify.errors import ConfigError, ThreatModelViolation
 from fortify.evaluation.certify import certified_accuracy_curve, certify
-from fortify.evaluation.masking import MaskingConfig, masking_verdict
+from fortify.evaluation.masking import MaskingConfig, MaskingVerdict, NothingToJudge, masking_verdict
 from fortify.evaluation.metrics import (
     adversarial_metrics,
     distance_summary,
@@ -85,14 +85,19 @@ class ModelAnalysis:
         return json_safe(asdict(self))
 
 
-def _check_threats(threat: ThreatModel, attack: Attack, report: RobustnessReport) -> None:
-    """Every number of the analysis is read against ``threat``: the attack and the report must share it."""
+def _check_setting(threat: ThreatModel, attack: Attack, report: RobustnessReport, n_examples: int) -> None:
+    """Every number of the analysis is read against ``threat`` and the report's: the attack and the
+    report must share the threat model, and the report must be of these examples."""
+    if report.n_examples != n_examples:
+        raise ConfigError(f"the robustness report was measured on {report.n_examples} examples, the "
+                          f"analysis is given {n_examples}")
     if attack.threat != threat:
         raise ConfigError(f"attack {attack.label!r} uses {attack.threat.describe()} but the analysis's "
                           f"threat model is {threat.describe()}")
-    if (report.threat.get("norm"), report.threat.get("eps")) != (threat.norm, threat.eps):
-        raise ConfigError(f"the robustness report was measured at {report.threat.get('norm')} eps="
-                          f"{report.threat.get('eps')}, the analysis asks for {threat.describe()}")
+    measured = (report.threat.get("norm"), report.threat.get("eps"), list(report.threat.get("bounds", [])))
+    if measured != (threat.norm, threat.eps, list(threat.bounds)):
+        raise ConfigError(f"the robustness report was measured at {measured[0]} eps={measured[1]} "
+                          f"box={measured[2]}, the analysis asks for {threat.describe()}")
 
 
 def analyse(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, attack: Attack,
@@ -100,7 +105,7 @@ def analyse(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, atta
             options: AnalysisOptions | None = None) -> ModelAnalysis:
     """Every measurement of the report's per-model sections, on ``(x, y)`` (the test examples)."""
     options = options or AnalysisOptions()
-    _check_threats(threat, attack, report)
+    _check_setting(threat, attack, report, len(x))
     device = next(model.parameters(), x).device  # a model without parameters runs where x is
     x, y = x.to(device), y.to(device)
     modes = save_modes(model)
@@ -119,9 +124,8 @@ def analyse(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, atta
         with _timed(seconds, "certified"):
             certified = _certified(model, x, y, threat, num_classes, options)
         with _timed(seconds, "masking"):
-            n = options.masking_examples
-            verdict = masking_verdict(model, x[:n], y[:n], threat,
-                                      config=MaskingConfig(seed=options.seed))
+            verdict = _masking(model, x[:options.masking_examples], y[:options.masking_examples],
+                               threat, MaskingConfig(seed=options.seed))
     finally:
         restore_modes(modes)
     score = robustness_score(report.clean_accuracy, report.worst_case_accuracy,
@@ -132,6 +136,18 @@ def analyse(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, atta
         certified=certified, masking=verdict.to_dict(),
         gallery=_gallery(x, x_adv, y, clean_logits, adv_logits, options.gallery_examples),
         options=asdict(options), seconds=seconds)
+
+
+def _masking(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
+             config: MaskingConfig) -> MaskingVerdict:
+    """The masking verdict on ``(x, y)``; not judged, rather than an error that would throw away
+    the rest of the analysis, when the model classifies none of these examples correctly."""
+    try:
+        return masking_verdict(model, x, y, threat, config=config)
+    except NothingToJudge:
+        return MaskingVerdict.not_judged(
+            threat, len(y), config, f"Not judged: the model classifies none of these {len(y)} examples "
+            "correctly, so no attack has anything to flip.")
 
 
 class _timed:
@@ -159,7 +175,8 @@ def _attack_all(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, batch_si
              for i in range(0, len(x), batch_size)]
     x_adv = torch.cat(parts)
     if not bool(attack.threat.contains(x_adv, x).all()):  # the contract, checked as in evaluate
-        raise ConfigError(f"attack {attack.label!r} returned points outside {attack.threat.describe()}")
+        raise ThreatModelViolation(f"attack {attack.label!r} returned points outside "
+                                   f"{attack.threat.describe()}")
     return x_adv
 
 

@@ -97,9 +97,13 @@ class AdaptiveResult:
     adaptive_success: float
 
 
+class NothingToJudge(DataError):
+    """The model classifies none of the examples correctly: no attack has anything to flip."""
+
+
 @dataclass
 class MaskingVerdict:
-    masked: bool
+    masked: bool | None  # None: not judged (``not_judged``)
     threat: dict[str, Any]
     n_examples: int
     n_attacked: int
@@ -110,6 +114,13 @@ class MaskingVerdict:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def not_judged(cls, threat: ThreatModel, n_examples: int, config: MaskingConfig,
+                   reason: str) -> MaskingVerdict:
+        """The verdict where no check could run (``reason`` says why): masked is None, no checks."""
+        return cls(masked=None, threat=_threat_dict(threat), n_examples=n_examples, n_attacked=0,
+                   checks=[], config=asdict(config), notes=[reason])
 
     @property
     def failed(self) -> list[str]:
@@ -189,13 +200,16 @@ def masking_verdict(
     finally:
         restore_modes(modes)
     failed = [c.name for c in checks if not c.passed]
-    return MaskingVerdict(masked=bool(failed), threat={"norm": threat.norm, "eps": threat.eps,
-                                                       "bounds": list(threat.bounds)},
-                          n_examples=len(y), n_attacked=len(setup.y), checks=checks,
-                          config=asdict(config), adaptive=adaptive, notes=notes)
+    return MaskingVerdict(masked=bool(failed), threat=_threat_dict(threat), n_examples=len(y),
+                          n_attacked=len(setup.y), checks=checks, config=asdict(config),
+                          adaptive=adaptive, notes=notes)
 
 
 # -- set-up ---------------------------------------------------------------------------------------
+
+def _threat_dict(threat: ThreatModel) -> dict[str, Any]:
+    return {"norm": threat.norm, "eps": threat.eps, "bounds": list(threat.bounds)}
+
 
 def _check_inputs(x: Tensor, y: Tensor, threat: ThreatModel, transfer_x_adv: Tensor | None) -> None:
     threat.check_inputs(x)
@@ -219,8 +233,8 @@ def _attacked_setup(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
     # on a randomised model an example counts as correct when most draws classify it correctly
     index = (correct > 0.5).nonzero().squeeze(1)
     if index.numel() == 0:
-        raise DataError("the model classifies none of the examples correctly, so no attack can be "
-                        "judged; pass examples it gets right")
+        raise NothingToJudge("the model classifies none of the examples correctly, so no attack can "
+                             "be judged; pass examples it gets right")
     return _Setup(model, threat, config, x[index], y[index], index, draws)
 
 

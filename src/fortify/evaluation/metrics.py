@@ -53,8 +53,10 @@ def _mean(t: Tensor) -> float | None:
     return float(t.float().mean()) if t.numel() else None
 
 
-def _median(t: Tensor) -> float | None:
-    return float(t.float().median()) if t.numel() else None
+def median(t: Tensor) -> float | None:
+    """The median, between the two middle values for an even count (numpy's convention, as the
+    distance quartiles); None for an empty tensor."""
+    return _quantile(t.detach().flatten().double(), 0.5) if t.numel() else None
 
 
 # -- accuracy, success rate, perturbation size ---------------------------------------------------
@@ -99,7 +101,7 @@ def attack_metrics(x: Tensor, x_adv: Tensor, y: Tensor, clean_logits: Tensor, ad
         clean_accuracy=float(clean_correct.float().mean()),
         adversarial_accuracy=float((clean_correct & ~successful).float().mean()),
         success_rate=float(successful.sum()) / n_correct if n_correct else None,
-        mean_norm_successful=_mean(norms), median_norm_successful=_median(norms), norm=threat.norm)
+        mean_norm_successful=_mean(norms), median_norm_successful=median(norms), norm=threat.norm)
 
 
 # -- one-number summaries --------------------------------------------------------------------------
@@ -189,6 +191,8 @@ def minimal_distances_from_sweep(eps: Sequence[float], fooled: Tensor,
     each example's distance to the decision boundary. With ``clean_correct`` (N booleans) an example
     misclassified clean gets its exact distance, 0, instead of the grid's smallest eps.
     """
+    if len(eps) == 0:
+        raise DataError("minimal_distances_from_sweep needs at least one eps")
     grid = torch.tensor([float(e) for e in eps], dtype=torch.float64, device=fooled.device)
     if fooled.dim() != 2 or fooled.shape[0] != len(grid):
         raise DataError(f"fooled must have shape ({len(grid)}, N), got {tuple(fooled.shape)}")
@@ -270,8 +274,8 @@ class Shift(_Serializable):
 def _shift(metric: str, clean: Tensor, adversarial: Tensor) -> Shift:
     clean_mean, adv_mean = float(clean.mean()), float(adversarial.mean())
     return Shift(metric=metric, clean_mean=clean_mean, adversarial_mean=adv_mean,
-                 shift=adv_mean - clean_mean, clean_median=float(clean.median()),
-                 adversarial_median=float(adversarial.median()))
+                 shift=adv_mean - clean_mean, clean_median=_quantile(clean.double(), 0.5),
+                 adversarial_median=_quantile(adversarial.double(), 0.5))
 
 
 def entropy_shift(clean_logits: Tensor, adv_logits: Tensor) -> Shift:

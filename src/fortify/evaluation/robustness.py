@@ -18,6 +18,7 @@ from fortify.attacks.base import Attack, check_label_dtype, check_label_range
 from fortify.errors import CheckpointError, ConfigError, DataError, ThreatModelViolation
 from fortify.evaluation.gradients import ZeroGradientPath, check_gradients
 from fortify.evaluation.journal import Journal, Partial, fingerprint
+from fortify.evaluation.metrics import median
 from fortify.evaluation.precision import (
     CHECK_EXAMPLES,
     DEFAULT_MIN_AGREEMENT,
@@ -125,7 +126,8 @@ def evaluate(
     if isinstance(attacks, Attack):
         raise ConfigError("evaluate takes a list of attacks; pass [attack]")
     attacks = list(attacks)  # a generator would be spent by the first look
-    _check_setup(attacks, threat, x, y, num_classes, batch_size, curve_attack)
+    eps_grid = list(eps_grid or [])
+    _check_setup(attacks, threat, x, y, num_classes, batch_size, curve_attack, eps_grid)
     if shard is not None and journal_dir is not None:
         raise ConfigError("a sharded evaluation keeps no journal: pass journal_dir or shard, not both")
     device = next(model.parameters(), x).device  # a model without parameters runs where x is
@@ -185,7 +187,12 @@ def evaluate(
 
 
 def _check_setup(attacks: Sequence[Attack], threat: ThreatModel, x: Tensor, y: Tensor,
-                 num_classes: int | None, batch_size: int, curve_attack: Attack | None) -> None:
+                 num_classes: int | None, batch_size: int, curve_attack: Attack | None,
+                 eps_grid: Sequence[float]) -> None:
+    for eps in eps_grid:  # each a valid budget of this threat model, before any attack runs
+        threat.with_eps(eps)
+    if len(set(eps_grid)) != len(eps_grid):
+        raise ConfigError(f"eps_grid names an eps twice: {list(eps_grid)}")
     if not attacks:
         raise ConfigError("evaluate needs at least one attack")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -257,7 +264,7 @@ def _run_attack(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, todo: Te
         success_rate=float(fooled.float().mean()) if len(index) else None,
         mean_norm=float(norms.mean()) if len(index) else 0.0,
         max_norm=float(norms.max()) if len(index) else 0.0,
-        median_norm_successful=float(successful_norms.median()) if len(successful_norms) else None,
+        median_norm_successful=median(successful_norms),
         robust=robust.tolist())
 
 
