@@ -213,6 +213,18 @@ def test_audit_of_a_trained_model_covers_membership_inversion_and_gradient_leaka
     assert PrivacyReport.from_dict(json.loads(json.dumps(report.to_dict()))).to_dict() == report.to_dict()
 
 
+def test_a_test_input_seen_in_training_past_n_examples_is_no_non_member(zoo):
+    # Prepare: the test split opens with the last training digit, far past the 20 members scored
+    model, members, non_members, _ = zoo.target(3)
+    test = Split(torch.cat([members.x[-1:], non_members.x]), torch.cat([members.y[-1:], non_members.y]))
+    dataset = Dataset("zoo", members, zoo.unseen.head(32), test, num_classes=10)
+    # Execute
+    report = audit_trained_model(model, dataset, n_examples=20, inversion=False)
+    # Assert: the model trained on it, so it is left out of the non-members, with the warning
+    assert report.n_nonmembers == 20
+    assert "1 test input(s) also occur in the training split" in report.warnings[-1]
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 def _untrained_recipe(train: Split, *, seed: int) -> nn.Module:

@@ -108,8 +108,10 @@ def _check_attack_names(attacks: Sequence[str], n_reference_models: int, shadow_
                           f"valid: {', '.join(ATTACK_NAMES)}")
     if "lira-online" in attacks and n_reference_models < 2:
         raise ConfigError(f"lira-online needs n_reference_models >= 2, got {n_reference_models}")
-    if "lira-offline" in attacks and n_reference_models < 1:
-        raise ConfigError(f"lira-offline needs n_reference_models >= 1, got {n_reference_models}")
+    # offline LiRA fits each candidate's OUT models, and with one reference model about half of the
+    # candidates (those it trained on) would have none
+    if "lira-offline" in attacks and n_reference_models < 2:
+        raise ConfigError(f"lira-offline needs n_reference_models >= 2, got {n_reference_models}")
     if "shadow" in attacks and shadow_pool is None:
         raise ConfigError("the shadow attack needs shadow_pool=<Split> of data the attacker owns")
 
@@ -205,7 +207,10 @@ def audit_trained_model(model: nn.Module, dataset: Dataset, *, recipe: TrainReci
     first test examples, clean and under DP noise.
     """
     members = dataset.train.head(n_examples)
-    non_members, dropped = remove_overlap(members, dataset.test.head(n_examples))
+    # against the whole training split: the model trained on every example of it, not only the
+    # members the attacks score
+    non_members, dropped = remove_overlap(dataset.train, dataset.test)
+    non_members = non_members.head(n_examples)
     if attacks is None:
         lira = ("lira-online", "lira-offline") if n_reference_models >= 2 else ()
         attacks = DEFAULT_ATTACKS + lira

@@ -18,6 +18,7 @@ from torch import nn
 
 from fortify.config import TrainConfig
 from fortify.data.base import Split
+from fortify.errors import ConfigError
 from fortify.models import build_model
 from fortify.privacy._data import model_device
 from fortify.threat import ThreatModel
@@ -66,14 +67,28 @@ class TrainerRecipe:
 
         Without ``config`` it trains with fortify's default standard recipe; pass the target's own
         TrainConfig when it is known, since shadow models should be trained the way the target was.
+        A model with parameters that no ``reset_parameters`` (or ``_reset_parameters``, as
+        ``nn.MultiheadAttention`` has) re-initialises is refused: its copies would start from the
+        target's trained weights, which hold what it memorised of its members.
         """
         template = copy.deepcopy(model).cpu()
+        unresettable = [f"{name or 'the model'} ({type(module).__name__})"
+                        for name, module in template.named_modules()
+                        if next(module.parameters(recurse=False), None) is not None
+                        and _reset_method(module) is None]
+        if unresettable:
+            raise ConfigError(f"TrainerRecipe.like cannot re-initialise the parameters of module(s) "
+                              f"{', '.join(unresettable)} (no reset_parameters method), so the shadow "
+                              "and reference models would start from the trained weights; pass "
+                              "recipe=TrainerRecipe(model_factory, config, threat) with a factory that "
+                              "builds the architecture afresh")
 
         def factory() -> nn.Module:
             fresh = copy.deepcopy(template)
             for module in fresh.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+                reset = _reset_method(module)
+                if reset is not None:
+                    reset()
             return fresh
 
         return cls(factory, config or TrainConfig(objective="standard"), threat or ThreatModel(),
@@ -89,3 +104,8 @@ class TrainerRecipe:
             return build_model(name, input_shape, num_classes, mean=mean, std=std)
 
         return cls(factory, config, threat, val=val, device=device)
+
+
+def _reset_method(module: nn.Module) -> Callable[[], None] | None:
+    """The method that re-initialises ``module``'s own parameters, if it has one."""
+    return getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)

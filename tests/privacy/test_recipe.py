@@ -1,0 +1,65 @@
+"""TrainerRecipe.like: the shadow and reference models it builds start afresh, never from the target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from fortify.data import Split
+from fortify.errors import ConfigError
+from fortify.privacy import audit
+from fortify.privacy.recipe import TrainerRecipe
+
+
+class _Scale(nn.Module):
+    """A layer with a raw parameter and no reset_parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
+
+
+class _Attending(nn.Module):
+    """Self-attention over 4 tokens of 8 features; MultiheadAttention resets via _reset_parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.reshape(len(x), 4, 8)
+        return self.head(self.attention(tokens, tokens, tokens)[0].flatten(1))
+
+
+def test_every_parameter_of_a_fresh_copy_is_reinitialised():
+    # Prepare: a "trained" target, every weight moved far from any initialisation
+    torch.manual_seed(0)
+    target = _Attending()
+    with torch.no_grad():
+        for parameter in target.parameters():
+            parameter.fill_(7.0)
+    # Execute
+    fresh = TrainerRecipe.like(target).model_factory()
+    # Assert: attention's in-projection (reset only by _reset_parameters) included
+    for (name, trained), (_, new) in zip(target.named_parameters(), fresh.named_parameters(), strict=True):
+        assert not torch.equal(trained, new), name
+    assert (target.attention.in_proj_weight == 7.0).all()  # the target itself is left alone
+
+
+def test_a_parameter_nothing_can_reinitialise_is_refused_by_name():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), _Scale())
+    with pytest.raises(ConfigError, match=r"module\(s\) 2 \(_Scale\).*TrainerRecipe\(model_factory"):
+        TrainerRecipe.like(model)
+
+
+def test_offline_lira_with_one_reference_model_is_refused_before_training():
+    x, y = torch.rand(8, 4), torch.arange(8) % 2
+    model = nn.Linear(4, 2)
+    with pytest.raises(ConfigError, match="lira-offline needs n_reference_models >= 2, got 1"):
+        audit(model, Split(x[:4], y[:4]), Split(x[4:], y[4:]), attacks=("lira-offline",),
+              n_reference_models=1)
