@@ -1,4 +1,5 @@
-"""TrainerRecipe.like: the shadow and reference models it builds start afresh, never from the target."""
+"""How the audit builds its shadow and reference models: afresh, never from the target's weights, and on
+halves of the distinct inputs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import Tensor, nn
 
 from fortify.data import Split
 from fortify.errors import ConfigError
-from fortify.privacy import audit
+from fortify.privacy import audit, shadow_attack
 from fortify.privacy.recipe import TrainerRecipe
 
 
@@ -63,3 +64,27 @@ def test_offline_lira_with_one_reference_model_is_refused_before_training():
     with pytest.raises(ConfigError, match="lira-offline needs n_reference_models >= 2, got 1"):
         audit(model, Split(x[:4], y[:4]), Split(x[4:], y[4:]), attacks=("lira-offline",),
               n_reference_models=1)
+
+
+def test_shadow_models_keep_copies_of_one_input_on_the_same_side():
+    # Prepare: a shadow pool in which every input occurs twice, and a recipe that records its data
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(10, 4, generator=generator).repeat(2, 1)
+    y = torch.arange(10).repeat(2) % 2
+    seen: list[Tensor] = []
+
+    def recording_recipe(train: Split, *, seed: int) -> nn.Module:
+        seen.append(train.x)
+        torch.manual_seed(seed)
+        return nn.Linear(4, 2)
+
+    members, non_members = Split(torch.rand(6, 4, generator=generator), torch.arange(6) % 2), \
+        Split(torch.rand(6, 4, generator=generator), torch.arange(6) % 2)
+    # Execute
+    shadow_attack(nn.Linear(4, 2), members, non_members, shadow_pool=Split(x, y), recipe=recording_recipe,
+                  n_shadows=4)
+    # Assert: each shadow trained on both copies of an input or on neither, and on half the inputs
+    for data in seen:
+        trained = (x[:, None] == data[None]).all(-1).any(-1)
+        assert torch.equal(trained[:10], trained[10:])
+        assert int(trained[:10].sum()) == 5

@@ -30,6 +30,7 @@ from fortify.privacy._data import (
     check_labels_fit,
     check_member_sets,
     check_split,
+    input_groups,
     join,
     logit_confidence,
     predict_logits,
@@ -137,10 +138,15 @@ def _shadow_data(pool: Split, recipe: TrainRecipe, n_shadows: int, seed: int, ba
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features, classes and in/out labels of the pool under each shadow model."""
     generator = torch.Generator().manual_seed(seed)
+    # halves of the distinct inputs, so that copies of one input land on the same side (a copy
+    # labelled "out" would be one the shadow model trained on); without copies, halves of the rows
+    groups = input_groups(pool.x)
+    n_groups = int(groups.max()) + 1
     features, classes, labels = [], [], []
     for index in range(n_shadows):
-        inside = torch.zeros(len(pool), dtype=torch.bool)
-        inside[torch.randperm(len(pool), generator=generator)[: len(pool) // 2]] = True
+        chosen = torch.zeros(n_groups, dtype=torch.bool)
+        chosen[torch.randperm(n_groups, generator=generator)[: n_groups // 2]] = True
+        inside = chosen[groups]
         shadow = recipe(Split(pool.x[inside], pool.y[inside]), seed=seed + 1 + index)
         features.append(attack_features(predict_logits(shadow, pool.x, batch_size)))
         classes.append(pool.y.cpu().numpy())
@@ -186,7 +192,8 @@ def shadow_attack(model: nn.Module, members: Split, non_members: Split, *, shado
                   recipe: TrainRecipe | None = None, n_shadows: int = 4,
                   attack_classifier: AttackClassifier = default_attack_classifier, seed: int = 0,
                   fprs: Sequence[float] | None = None, batch_size: int = 512) -> MembershipResult:
-    """Shokri et al. 2017: shadow models trained by ``recipe`` on random halves of ``shadow_pool``.
+    """Shokri et al. 2017: shadow models trained by ``recipe`` on random halves of ``shadow_pool``
+    (halves of its distinct inputs: copies of one input fall on the same side).
 
     ``shadow_pool`` is data from the target's distribution that the attacker owns; it should not
     overlap the target's members and non-members (inputs found in both are counted in
