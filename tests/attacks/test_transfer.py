@@ -14,10 +14,18 @@ THREAT = ThreatModel("linf", 0.2)
 
 def test_transfer_uses_the_surrogate_not_the_target(standard_model, robust_model, digits):
     x, y = digits.test.x[:120], digits.test.y[:120]
-    source = PGD(THREAT, steps=10, seed=3)
-    transfer = Transfer(source, surrogate=standard_model)
-    # the points equal the source attack's points on the surrogate, whatever the target is
-    assert torch.equal(transfer(robust_model, x, y), source(standard_model, x, y))
+    transfer = Transfer(PGD(THREAT, steps=10, seed=3), surrogate=standard_model)
+    # the points equal PGD's final iterates on the surrogate, whatever the target is: first hits lie
+    # just past the surrogate's boundary and seldom transfer
+    final = PGD(THREAT, steps=10, seed=3, keep_first_success=False)
+    assert torch.equal(transfer(robust_model, x, y), final(standard_model, x, y))
+    assert transfer.describe()["source"]["keep_first_success"] is False
+
+
+def test_a_surrogate_without_parameters_runs_where_the_inputs_are(digits):
+    x, y = digits.test.x[:8], digits.test.y[:8]
+    surrogate = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Hardtanh())  # 64 "logits", no weights
+    assert Transfer(PGD(THREAT, steps=2), surrogate=surrogate)(surrogate, x, y).shape == x.shape
 
 
 def test_transfer_is_weaker_than_white_box_and_inside_the_threat_model(standard_model, robust_model, digits):
@@ -30,3 +38,13 @@ def test_transfer_is_weaker_than_white_box_and_inside_the_threat_model(standard_
     # a PGD-trained target resists points crafted on a standard surrogate better than its own PGD
     assert transfer_acc >= white_acc
     assert transfer_acc <= report.clean_accuracy
+
+
+def test_transfer_from_a_robust_surrogate_breaks_most_of_a_standard_target(standard_model, robust_model,
+                                                                          digits):
+    # a PGD-trained surrogate's loss gradients point at features a standard model also uses: its final
+    # iterates left 33% of the standard model's digits robust, its first hits 57%
+    x, y = digits.test.x, digits.test.y
+    report = evaluate(standard_model, x, y, [Transfer(PGD(THREAT, steps=10), surrogate=robust_model)], THREAT)
+    assert report.clean_accuracy > 0.95
+    assert report.attacks[0].adversarial_accuracy < 0.45

@@ -122,6 +122,7 @@ class _FixedCurveSetup:
     threat = ThreatModel("linf", 0.1)
     config = MaskingConfig()  # eps x (0.25, 0.5, 1, 2, 4): 0.025 to 0.4, tolerance 0.03
     x = torch.zeros(2, 1, 4, 4)
+    draws = 1  # a fixed model
 
     def __init__(self, success: list[float]) -> None:
         self.success = dict(zip([0.025, 0.05, 0.1, 0.2, 0.4], success, strict=True))

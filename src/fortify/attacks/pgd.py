@@ -83,7 +83,8 @@ class PGD(Attack):
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "steps": self.steps, "step_size": self.step_size,
-                "restarts": self.restarts, "random_start": self.random_start, "probe": self.probe}
+                "restarts": self.restarts, "random_start": self.random_start, "probe": self.probe,
+                "keep_first_success": self.keep_first_success}
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
                 generator: torch.Generator) -> Tensor:
