@@ -251,8 +251,7 @@ def _pgd(setup: _Setup, threat: ThreatModel | None = None, steps: int | None = N
     if setup.draws > 1:
         # on a randomised model a hit on one draw (or on EOT's mean) is no answer: the first such
         # iterate lies at the boundary and fresh draws mostly undo it, where the final iterate has
-        # climbed the loss for every step (Gaussian noise on digits, L-inf 0.1: EOT-PGD fooled 38%
-        # with first hits, 44% with final iterates, and plain PGD 26% against 43%)
+        # climbed the loss for every step (docs/ATTACKS.md, EOT against torchattacks' EOTPGD)
         return PGD(threat, steps=steps, restarts=restarts, keep_first_success=False, seed=setup.config.seed)
     # early_stop returns the same points as a full run, only faster (see fortify.attacks.pgd)
     return PGD(threat, steps=steps, restarts=restarts, early_stop=True, seed=setup.config.seed)
