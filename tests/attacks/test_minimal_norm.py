@@ -298,3 +298,28 @@ def test_bad_fmn_settings(kwargs):
 def test_bad_cw_settings(kwargs):
     with pytest.raises(ConfigError):
         CarliniWagnerL2(L2, **kwargs)
+
+
+class _GradientCounter(torch.nn.Module):
+    """Counts forward passes and the backward passes that reach the model's output."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.forward_passes, self.backward_passes = model, 0, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.forward_passes += 1
+        out = self.model(x)
+        if out.requires_grad:
+            out.register_hook(self._count_backward)
+        return out
+
+    def _count_backward(self, grad: torch.Tensor) -> None:
+        self.backward_passes += 1
+
+
+def test_fmn_judges_its_last_point_without_a_backward_pass(standard_model, digit_batch):
+    x, y = digit_batch
+    counter = _GradientCounter(standard_model)
+    FMN(L2, steps=5).minimal(counter, x, y)
+    assert (counter.forward_passes, counter.backward_passes) == (6, 5)

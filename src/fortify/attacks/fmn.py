@@ -155,11 +155,13 @@ class FMN(MinimalNormAttack):
         worst = self._farthest_box_distance(x)
         # steps + 1 evaluations: the point reached by the last step is checked too
         for step in range(self.steps + 1):
-            point = current.requires_grad_(True)
-            logits = model(point)
-            # ascending this loss leaves the label's region; it turns positive once fooled
-            loss = -sign * logit_margin(logits, label)
-            (grad,) = torch.autograd.grad(loss.sum(), point)
+            last = step == self.steps  # the last point is only judged: no gradient needed
+            point = current.requires_grad_(not last)
+            with torch.set_grad_enabled(not last):
+                logits = model(point)
+                # ascending this loss leaves the label's region; it turns positive once fooled
+                loss = -sign * logit_margin(logits, label)
+            grad = None if last else torch.autograd.grad(loss.sum(), point)[0]
             point, logits, loss = point.detach(), logits.detach(), loss.detach()
             norm_now = self.threat.distance(point, x).to(x.dtype)
             fooled = self.succeeded(logits, y, target)
@@ -167,7 +169,7 @@ class FMN(MinimalNormAttack):
             best = torch.where(_expand(better, x), point, best)
             best_norm = torch.where(better, norm_now, best_norm)
             found |= fooled
-            if step == self.steps:
+            if grad is None:
                 break
             alpha, gamma = self._schedule(step)
             radius = self._next_radius(radius, norm_now, best_norm, loss, grad, fooled, found, gamma)

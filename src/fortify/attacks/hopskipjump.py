@@ -163,7 +163,7 @@ class HopSkipJump(Attack):
         """The main loop: bisect to the boundary, estimate its normal, step, repeat (in place)."""
         x = x_all[active]
         adv = self._to_boundary(oracle, x, adv, active)
-        moved = self.threat.distance(adv, x)  # distance before the bisection sets delta_t
+        moved = self.threat.distance(adv, x)  # the first step's delta is 0.1 * box width, not this
         self._record(active, adv, self.threat.distance(adv, x), best, dist)
         theta = self._theta(x)
         reserve = math.ceil(math.log2(1 / theta)) + 10  # queries kept for the step and bisection
