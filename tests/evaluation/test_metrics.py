@@ -68,6 +68,12 @@ def test_every_median_takes_the_mean_of_the_two_middle_values_as_numpy_does():
     assert (shift.clean_median, shift.adversarial_median) == pytest.approx((2.5, -3.0))
 
 
+def test_a_margin_needs_a_second_class():
+    one_class = torch.zeros(3, 1)
+    with pytest.raises(DataError, match="K >= 2"):
+        margin_shift(one_class, one_class, torch.zeros(3, dtype=torch.long))
+
+
 def test_attack_metrics_l2_norms_and_the_empty_cases():
     y = torch.tensor([0, 1])
     x = torch.zeros(2, 4)

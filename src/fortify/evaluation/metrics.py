@@ -290,6 +290,8 @@ def margin_shift(clean_logits: Tensor, adv_logits: Tensor, y: Tensor) -> Shift:
     """Mean logit margin ``z_y - max_{j != y} z_j``, clean and under attack, over all examples."""
     _check_logits(clean_logits, y)
     _check_logits(adv_logits, y)
+    if clean_logits.shape[1] < 2:  # no other class to hold a margin against
+        raise DataError(f"expected logits (N, K) with K >= 2, got {tuple(clean_logits.shape)}")
     return _shift("logit_margin", logit_margin(clean_logits.double(), y),
                   logit_margin(adv_logits.double(), y))
 
