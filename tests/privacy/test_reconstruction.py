@@ -16,6 +16,7 @@ from fortify.privacy import (
     reconstruction_quality,
     shared_gradient,
 )
+from fortify.privacy.reconstruction import _cosine_distance, _loss_gradient, total_variation
 from fortify.privacy.similarity import best_assignment, psnr, ssim, ssim_window
 
 NOISE_MULTIPLIER = 0.1  # DP-SGD noise std 0.1 * clip_norm on the summed gradient
@@ -180,3 +181,17 @@ def test_quality_refuses_a_reconstruction_of_another_shape(digits):
     with pytest.raises(DataError, match="shape"):
         reconstruction_quality(result, digits.test.x[:2], digits.test.y[:2])
     assert F.mse_loss(result.images, result.images.clamp(0, 1)) == 0  # inside the box
+
+
+def test_the_recorded_loss_is_that_of_the_returned_images(digits):
+    # Prepare: two Adam steps of Inverting Gradients, labels known
+    model = _small_mlp()
+    x, y = digits.test.x[:2], digits.test.y[:2]
+    gradient = shared_gradient(model, x, y)
+    # Execute
+    result = reconstruct(model, gradient, (1, 8, 8), batch_size=2, labels=y, method="inverting-gradients",
+                         steps=2, tv_weight=1e-2)
+    # Assert: restarts are ranked by final_loss, so it must be the loss where the search ended
+    at_images = (_cosine_distance(_loss_gradient(model, result.images, y), gradient)
+                 + 1e-2 * total_variation(result.images).mean())
+    assert result.final_loss == pytest.approx(float(at_images), rel=1e-5)

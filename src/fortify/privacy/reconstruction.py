@@ -203,12 +203,12 @@ def _lbfgs_match(model: nn.Module, target: Sequence[Tensor], x: Tensor, soft_lab
             v.grad = g
         return loss.detach()
 
-    loss = torch.tensor(float("nan"))
     for _ in range(steps):
-        loss = optimizer.step(closure)
-        if not torch.isfinite(loss):
+        # step() returns the loss from before its update: the loss at the point reached is taken below
+        if not torch.isfinite(optimizer.step(closure)):
             break
-    return float(loss)
+    y = soft_labels.softmax(dim=1) if soft_labels is not None else labels
+    return float(_l2_distance(_loss_gradient(model, x.detach(), y.detach()), target))
 
 
 def _adam_match(model: nn.Module, target: Sequence[Tensor], x: Tensor, labels: Tensor, *, steps: int,
@@ -217,7 +217,6 @@ def _adam_match(model: nn.Module, target: Sequence[Tensor], x: Tensor, labels: T
     optimizer = torch.optim.Adam([x], lr=lr)
     milestones = [int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-    loss = torch.tensor(float("nan"))
     for _ in range(steps):
         loss = (_cosine_distance(_loss_gradient(model, x, labels, create_graph=True), target)
                 + tv_weight * total_variation(x).mean())
@@ -227,7 +226,10 @@ def _adam_match(model: nn.Module, target: Sequence[Tensor], x: Tensor, labels: T
         schedule.step()
         with torch.no_grad():
             x.copy_(project_to_box(x, bounds))
-    return float(loss.detach())
+    # the loss of the point returned, after the last step and projection (restarts are ranked by it)
+    point = x.detach()
+    return float(_cosine_distance(_loss_gradient(model, point, labels), target)
+                 + tv_weight * total_variation(point).mean())
 
 
 def _check_gradient(model: nn.Module, gradient: Sequence[Tensor]) -> None:
