@@ -365,6 +365,33 @@ def test_lira_in_the_audit_of_a_run_trains_reference_models_on_the_spare_data_to
     assert any("reference models trained on about" in w for w in report.warnings), report.warnings
 
 
+def test_reference_models_do_not_train_on_the_split_their_recipe_validates_on(digits, monkeypatch):
+    # Prepare: a recipe that validates on the validation split, as the CLI's does
+    audit_module = importlib.import_module("fortify.privacy.audit")
+    pools: list[Split] = []
+
+    def recording(pool: Split, recipe, *, n_models: int, seed: int = 0):
+        pools.append(pool)
+        return train_reference_models(pool, recipe, n_models=n_models, seed=seed)
+
+    class ValidatingRecipe:
+        val = digits.val
+
+        def __call__(self, train: Split, *, seed: int) -> nn.Module:
+            return _untrained_recipe(train, seed=seed)
+
+    monkeypatch.setattr(audit_module, "train_reference_models", recording)
+    # Execute
+    model = _untrained_recipe(digits.train, seed=0)
+    audit_module.audit_trained_model(model, digits, recipe=ValidatingRecipe(), n_reference_models=2,
+                                     n_examples=100, inversion=False, attacks=("lira-offline",))
+    # Assert: the spare training examples are in the pool, no validation example is
+    (pool,) = pools
+    rows_in_pool = {tuple(r) for r in pool.x.reshape(len(pool), -1).tolist()}
+    assert all(tuple(r) in rows_in_pool for r in digits.train.x[100:].reshape(-1, 64).tolist())
+    assert not any(tuple(r) in rows_in_pool for r in digits.val.x.reshape(len(digits.val), -1).tolist())
+
+
 def test_trainer_recipe_builds_the_runs_own_objective_with_every_setting(monkeypatch):
     # Prepare: record what the recipe hands the Trainer instead of training
     recipe_module = importlib.import_module("fortify.privacy.recipe")

@@ -201,7 +201,8 @@ def audit_trained_model(model: nn.Module, dataset: Dataset, *, recipe: TrainReci
     of the test split that also occur in training are dropped, with a warning). With
     ``n_reference_models >= 2`` LiRA runs too, its reference models trained by ``recipe`` (the
     target's recipe; default ``TrainerRecipe.like(model)``) on halves of members, non-members, the
-    training examples past ``n_examples`` and the validation split.
+    training examples past ``n_examples`` and the validation split, less the examples the recipe
+    validates on (as the target, a reference model selects its epoch on data it did not train on).
     ``inversion`` runs MI-Face on image data, judged by ``evaluator`` when given (for
     instance the run's other model); ``leakage_batch_sizes`` adds gradient reconstructions of the
     first test examples, clean and under DP noise.
@@ -215,6 +216,9 @@ def audit_trained_model(model: nn.Module, dataset: Dataset, *, recipe: TrainReci
         lira = ("lira-online", "lira-offline") if n_reference_models >= 2 else ()
         attacks = DEFAULT_ATTACKS + lira
     extra = _spare_data(dataset, len(members))
+    recipe_val = getattr(recipe, "val", None)
+    if recipe_val is not None:  # reference models select their epoch on it: they must not train on it
+        extra, _ = remove_overlap(recipe_val, extra)
     report = audit(model, members, non_members, attacks=attacks, recipe=recipe,
                    n_reference_models=n_reference_models, reference_pool=extra, fprs=fprs,
                    bounds=dataset.bounds, seed=seed)
