@@ -174,6 +174,10 @@ class DPConfig(_Strict):
     max_physical_batch_size: int | None = Field(None, ge=1)  # None: whole logical batches
     accountant: Literal["prv", "rdp"] = "prv"
     canaries: int = Field(0, ge=0)  # mislabelled canaries per side for the empirical audit
+    # None: Poisson sampling and noise drawn from generators seeded by the OS's entropy, so that no one
+    # can recompute the noise from the published settings; a number makes them repeatable (experiments
+    # only: whoever knows it and the training seed knows the noise)
+    noise_seed: int | None = Field(None, ge=0, lt=2**63)
 
     @model_validator(mode="after")
     def _check(self) -> DPConfig:

@@ -11,11 +11,13 @@ from fortify.config import TrainConfig
 from fortify.data.base import Split
 from fortify.errors import ConfigError, DataError
 from fortify.federated.client import (
+    LocalResult,
     LocalTraining,
     ProximalObjective,
     build_local_objective,
     local_train_config,
     poison,
+    reply_metrics,
     train_locally,
 )
 from fortify.federated.privacy import composed_epsilon, reconstruct_from_update, update_to_gradient
@@ -149,7 +151,7 @@ def test_fedprox_pulls_a_dp_client_towards_the_global_weights_too(digits):
     shard = digits.train.head(64)
     config = TrainConfig(objective="standard", epochs=3, batch_size=16, lr=0.1, momentum=0.0,
                          weight_decay=0.0, schedule="constant", early_stopping=False)
-    dp = DPConfig(enabled=True, noise_multiplier=0.5, max_grad_norm=1.0, delta=1e-5)
+    dp = DPConfig(enabled=True, noise_multiplier=0.5, max_grad_norm=1.0, delta=1e-5, noise_seed=0)
 
     def drift(mu: float) -> float:
         model = _mlp()
@@ -157,8 +159,36 @@ def test_fedprox_pulls_a_dp_client_towards_the_global_weights_too(digits):
         train_locally(model, shard, LocalTraining(config, THREAT, proximal_mu=mu, dp=dp))
         return sum((model.state_dict()[k] - start[k]).pow(2).sum() for k in start).sqrt().item()
 
-    # Execute / Assert: same seed, so the same batches and noise; only the proximal pull differs
+    # Execute / Assert: same noise seed, so the same batches and noise; only the proximal pull differs
     assert drift(5.0) < 0.5 * drift(0.0)
+
+
+def test_a_server_that_knows_every_setting_cannot_replay_a_dp_clients_noise(digits):
+    # Prepare: one client round trained twice with exactly the settings the server sent (seed included)
+    from fortify.config import DPConfig
+
+    shard = digits.train.head(32)
+    config = TrainConfig(objective="standard", epochs=1, batch_size=16, lr=0.1, momentum=0.0,
+                         weight_decay=0.0, schedule="constant", early_stopping=False, seed=7)
+    dp = DPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+
+    def update() -> dict[str, torch.Tensor]:
+        model = _mlp()
+        train_locally(model, shard, LocalTraining(config, THREAT, dp=dp, server_round=2))
+        return _state(model)
+
+    # Execute / Assert: the noise (and the Poisson batches) come from the client's OS entropy
+    first, second = update(), update()
+    assert all(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_dp_clients_reply_holds_no_metric_of_its_private_examples():
+    private = LocalResult(train_loss=2.3, local_clean_accuracy=0.5, local_robust_accuracy=0.25,
+                          dp_epsilon=1.5)
+    assert reply_metrics(private, 40) == {"num-examples": 40, "dp-epsilon": 1.5}
+    plain = LocalResult(train_loss=2.3, local_clean_accuracy=0.5, local_robust_accuracy=0.25)
+    assert reply_metrics(plain, 40) == {"num-examples": 40, "train-loss": 2.3, "local-clean-accuracy": 0.5,
+                                        "local-robust-accuracy": 0.25}
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])

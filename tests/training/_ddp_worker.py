@@ -10,6 +10,7 @@ resuming exercises the statistics each rank holds and the best checkpoint each r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -89,6 +90,29 @@ def _fit(model: nn.Module, config: TrainConfig, train: Split, val: Split, run_di
     return model
 
 
+class Interrupted(Exception):
+    """Raised on every rank at once, so that the group stays usable for the next run."""
+
+
+def interrupt_after_first_epoch(record: Any) -> None:
+    if record.epoch == 1:
+        raise Interrupted
+
+
+def fit_free(run_dir: Path, ctx: distributed.DistributedContext, *, resume: bool = False,
+             callbacks: tuple[Any, ...] = ()) -> nn.Module:
+    """Free AT, whose perturbation each rank carries from batch to batch."""
+    train, val, _ = data()
+    return _fit(new_mlp(), train_config("free"), train, val, run_dir, ctx, resume, callbacks)
+
+
+def free_interrupted_resumed_and_whole(ctx: distributed.DistributedContext, out: Path) -> None:
+    with contextlib.suppress(Interrupted):
+        fit_free(out / "free-resumed", ctx, callbacks=(interrupt_after_first_epoch,))
+    fit_free(out / "free-resumed", ctx, resume=True)
+    fit_free(out / "free-full", ctx)
+
+
 def record_writes(log: list[str]) -> None:
     """Note every checkpoint write this process makes."""
     for name in ("save_weights", "save_tensors", "write_state_json"):
@@ -131,6 +155,7 @@ def main(task: str, out: Path) -> None:
     elif task == "resume":
         fit_batch_norm(out / "fgsm-resumed", ctx, resume=True)
         fit_batch_norm(out / "fgsm-full", ctx)
+        free_interrupted_resumed_and_whole(ctx, out)
     else:
         raise SystemExit(f"unknown task {task!r}")
     # rank 1 finishes first (rank 0 still writes model.safetensors and state.json): leave together, so

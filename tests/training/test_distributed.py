@@ -226,3 +226,8 @@ def test_a_run_whose_rank_dies_resumes_to_the_uninterrupted_weights(two_rank_run
     # the best epoch came after the resume, so every rank reloaded a best.safetensors written since
     # (rank 1 used to check it against the hash that state.json held at the resume, and fail)
     assert json.loads((out / "fgsm-resumed" / ckpt.STATE_JSON).read_text())["progress"]["best_epoch"] > 1
+    # Free AT too, whose perturbation each rank carries over its own shares (rank 1 used to resume with
+    # rank 0's, the one checkpoint held)
+    free_full, free_again = (_weights(out / run / "model.safetensors")
+                             for run in ("free-full", "free-resumed"))
+    assert all(torch.equal(free_full[name], free_again[name]) for name in free_full)

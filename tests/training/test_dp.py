@@ -128,8 +128,8 @@ def test_epsilon_matches_a_fresh_accountant_for_the_same_steps(digits: Dataset) 
 
 def test_physical_batches_give_the_same_update_as_whole_logical_batches(digits: Dataset) -> None:
     # without noise the update is a deterministic function of the Poisson batches (same seed)
-    whole = _trainer(_mlp(digits), noise_multiplier=0.0)
-    split = _trainer(_mlp(digits), noise_multiplier=0.0, max_physical_batch_size=9)
+    whole = _trainer(_mlp(digits), noise_multiplier=0.0, noise_seed=0)
+    split = _trainer(_mlp(digits), noise_multiplier=0.0, max_physical_batch_size=9, noise_seed=0)
     whole.fit(_head(digits), digits.val)
     result = split.fit(_head(digits), digits.val)
     assert result.privacy is not None and result.privacy.steps == 4
@@ -158,8 +158,13 @@ def _kill_after_first_epoch(record: EpochRecord) -> None:
         raise Interrupted
 
 
-def test_resumed_run_equals_an_uninterrupted_one(digits: Dataset, tmp_path: Path) -> None:
-    # Prepare: the same settings twice; the second run is killed after its first epoch
+def test_resumed_run_equals_an_uninterrupted_one(digits: Dataset, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the same settings twice, with the same entropy for DP's generators; the second run is
+    # killed after its first epoch, and the run that resumes it draws other entropy, which the
+    # checkpoint's generator states must override
+    entropy = iter([11, 11, 22])
+    monkeypatch.setattr("secrets.randbits", lambda _bits: next(entropy))
     full = _trainer(_mlp(digits), epochs=2, run_dir=tmp_path / "full", accountant="rdp")
     cut = _trainer(_mlp(digits), epochs=2, run_dir=tmp_path / "cut", callbacks=(_kill_after_first_epoch,),
                    accountant="rdp")
@@ -174,6 +179,21 @@ def test_resumed_run_equals_an_uninterrupted_one(digits: Dataset, tmp_path: Path
         assert torch.equal(a, b)
     assert [r.epsilon for r in result.history] == [r.epsilon for r in expected.history]
     assert result.privacy is not None and result.privacy.steps == 8
+
+
+def test_the_noise_cannot_be_recomputed_from_the_settings_unless_a_noise_seed_is_given(
+        digits: Dataset, tmp_path: Path) -> None:
+    # two runs with the same settings (training seed included): the noise and the Poisson batches
+    # come from the OS's entropy, so a server or reader of config.yaml cannot replay them
+    def trained(**dp: object) -> list[torch.Tensor]:
+        trainer = _trainer(_mlp(digits), **dp)
+        trainer.fit(_head(digits), digits.val)
+        return [p.detach().clone() for p in trainer.model.parameters()]
+
+    first, second = trained(), trained()
+    assert not all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    seeded, again = trained(noise_seed=3), trained(noise_seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(seeded, again, strict=True))
 
 
 @pytest.mark.parametrize("killed", ["before", "after"])

@@ -289,13 +289,21 @@ def client_round(run: FederatedRun, message: Message, partition_id: int, num_par
     fed = run.federation
     if partition_id < fed.malicious_clients:
         state = poison(global_state, state, mode=fed.malicious_mode, scale=fed.malicious_scale)
-    metrics: dict[str, Any] = {WEIGHT_KEY: len(shard), "train-loss": result.train_loss,
+    metrics = MetricRecord(reply_metrics(result, len(shard)))
+    return RecordDict({ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: metrics})
+
+
+def reply_metrics(result: LocalResult, n_examples: int) -> dict[str, Any]:
+    """What a client reports beside its weights. Under DP only its example count and the epsilon it
+    spent: its loss and accuracies are exact functions of its private examples, which DP-SGD's noise
+    does not cover (from the loss alone a server could tell which of its candidates a client holds)."""
+    if result.dp_epsilon is not None:
+        return {WEIGHT_KEY: n_examples, DP_EPSILON_KEY: result.dp_epsilon}
+    metrics: dict[str, Any] = {WEIGHT_KEY: n_examples, "train-loss": result.train_loss,
                                "local-clean-accuracy": result.local_clean_accuracy}
     if result.local_robust_accuracy is not None:
         metrics["local-robust-accuracy"] = result.local_robust_accuracy
-    if result.dp_epsilon is not None:
-        metrics[DP_EPSILON_KEY] = result.dp_epsilon
-    return RecordDict({ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: MetricRecord(metrics)})
+    return metrics
 
 
 def make_client_app(run: FederatedRun | None = None, *,

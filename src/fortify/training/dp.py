@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import secrets
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -189,13 +190,20 @@ class DPTrainer(Trainer):
         if self.engine is not None:
             return
         check_delta(self.dp.delta, len(train))
-        loader = DataLoader(TensorDataset(train.x, train.y), batch_size=self.config.batch_size)
+        seed = private_seed(self.dp.noise_seed, self.config.seed)
+        # their states go into the checkpoint (not into the settings), so that a resumed run goes on
+        # drawing what the interrupted one would have
+        self.sampling_rng = torch.Generator().manual_seed(seed)
+        self.noise_rng = torch.Generator(device=self.device).manual_seed((seed + 1) % 2**63)
+        loader = DataLoader(TensorDataset(train.x, train.y), batch_size=self.config.batch_size,
+                            generator=self.sampling_rng)  # Opacus' Poisson sampler takes it over
         with warnings.catch_warnings():
             # the secure-RNG notice; docs/DP.md says when to retrain with a cryptographic RNG
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             self.engine = PrivacyEngine(accountant=self.dp.accountant)
         common = {"module": self.model, "optimizer": self.optimizer, "data_loader": loader,
-                  "max_grad_norm": self.dp.max_grad_norm, "poisson_sampling": True}
+                  "max_grad_norm": self.dp.max_grad_norm, "poisson_sampling": True,
+                  "noise_generator": self.noise_rng}
         if self.dp.target_epsilon is not None:
             with warnings.catch_warnings():
                 # the noise search probes noise levels far off the answer, where RDP's orders run out
@@ -317,6 +325,17 @@ class DPTrainer(Trainer):
 
     # -- checkpoints: the accountant's history travels with the weights ------------------------
 
+    def _extra_rng_state(self) -> dict[str, Tensor]:
+        return {"rng.dp.sampling": self.sampling_rng.get_state(), "rng.dp.noise": self.noise_rng.get_state()}
+
+    def _load_extra_rng_state(self, tensors: dict[str, Tensor]) -> None:
+        missing = [k for k in ("rng.dp.sampling", "rng.dp.noise") if k not in tensors]
+        if missing:
+            raise CheckpointError(f"cannot resume {self.run_dir} with DP: its checkpoint holds no "
+                                  f"{' or '.join(missing)} (the state of DP's sampling and noise)")
+        self.sampling_rng.set_state(tensors["rng.dp.sampling"])
+        self.noise_rng.set_state(tensors["rng.dp.noise"])
+
     def _save_checkpoint(self) -> None:
         # the accountant before the trainer's checkpoint: a run killed between the two writes
         # resumes from the previous checkpoint with a history holding more steps, which _restore
@@ -350,6 +369,14 @@ class DPTrainer(Trainer):
             "mechanism": accountant["mechanism"],
             # the trainer counts exactly the accountant's steps (see _run_epoch)
             "history": history_up_to(history, self.state.step, self.run_dir)})
+
+
+def private_seed(noise_seed: int | None, train_seed: int) -> int:
+    """The seed of DP's sampling and noise: from the OS's entropy unless ``noise_seed`` is given
+    (then mixed with the training seed, so that a federation's clients and rounds draw apart)."""
+    if noise_seed is None:
+        return secrets.randbits(63)
+    return (noise_seed * 1_000_003 + train_seed) % 2**63
 
 
 def history_up_to(history: list[tuple[Any, ...]], steps: int, run_dir: Path) -> list[tuple[Any, ...]]:

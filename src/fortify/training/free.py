@@ -97,6 +97,10 @@ class FreeObjective(Objective):
         delta = state.get("delta")
         self.delta = None if delta is None else delta.clone()
 
+    def reset_carried_state(self) -> None:
+        """Start the next batch unperturbed, as the first one did."""
+        self.delta = None
+
 
 def ball_about_zero(threat: ThreatModel) -> ThreatModel:
     """``threat``'s eps ball about 0 in a box that holds the whole ball, for projecting a perturbation

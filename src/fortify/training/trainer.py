@@ -230,6 +230,12 @@ class Trainer:
         if self.distributed is None:
             return (LocalBatch(x, y, count=x.shape[0], weight=1.0) for x, y in batches)
         self.distributed.reseed(self.objective, self.config.seed, self.state.epoch)
+        # a perturbation carried from batch to batch (Free AT's) belongs to one rank's shares, and only
+        # rank 0's would be checkpointed: under torchrun it starts afresh each epoch, so that a resumed
+        # run (checkpoints fall between epochs) carries what an uninterrupted one does
+        reset = getattr(self.objective, "reset_carried_state", None)
+        if reset is not None:
+            reset()
         return self.distributed.local_batches(batches)
 
     def _train_step(self, x: Tensor, y: Tensor, weight: float = 1.0) -> Tensor:
@@ -378,6 +384,7 @@ class Trainer:
         if extra_state is not None:
             rng.update({f"objective.{k}": v for k, v in extra_state().items()})
         rng.update(self.batch_recipe.rng_state())
+        rng.update(self._extra_rng_state())
         if self.ema is not None:
             rng.update(self.ema.state_dict())
         self._hashes["state.safetensors"] = ckpt.save_tensors(
@@ -386,6 +393,13 @@ class Trainer:
             self.run_dir / "last.safetensors", self.model)
         self._optim_meta = optim_meta
         self._write_state_json(finished=False)
+
+    def _extra_rng_state(self) -> dict[str, Tensor]:
+        """Generator states a subclass keeps in the checkpoint beside the Trainer's (DP's)."""
+        return {}
+
+    def _load_extra_rng_state(self, tensors: dict[str, Tensor]) -> None:
+        """Take back what ``_extra_rng_state`` saved."""
 
     def _write_state_json(self, *, finished: bool) -> None:
         assert self.run_dir is not None
@@ -420,6 +434,7 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         self.shuffle.set_state(tensors["rng.shuffle"])
         self.batch_recipe.set_rng_state(tensors)
+        self._load_extra_rng_state(tensors)
         if self.ema is not None:
             self.ema.load_state_dict({k: v.to(self.device) for k, v in tensors.items()
                                       if k.startswith("ema.")})
