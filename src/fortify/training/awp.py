@@ -45,8 +45,10 @@ class AWPObjective(ObjectiveWrapper):
     """AWP around a paired objective (``awp-pgd``, ``awp-trades``); ``gamma`` defaults to 5e-3.
 
     The authors' released CIFAR-10 settings are gamma = 1e-2 for PGD-AT and 5e-3 for TRADES (the
-    latter switched on after 10 epochs without AWP). ``warmup_epochs`` is that delay: before it the
-    objective is exactly the wrapped one. On small models that start on a flat loss plateau the
+    latter with ``--awp-warmup 10``, which in their 1-based epoch loop switches AWP on after 9 epochs
+    without it). ``warmup_epochs`` is that delay, counted in whole epochs done: AWP starts once
+    ``warmup_epochs`` epochs have passed (their ``--awp-warmup k`` is ``warmup_epochs = k - 1``), and
+    before it the objective is exactly the wrapped one. On small models that start on a flat loss plateau the
     perturbation can keep training there (docs/RECIPES.md), which the warm-up avoids.
     """
 

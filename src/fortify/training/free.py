@@ -5,10 +5,13 @@ optimiser step) and the input gradient (for the next perturbation), so the attac
 extra. The perturbation ``delta`` is carried across replays and across batches: a new batch
 starts from the perturbation the previous one ended with.
 
-As in the paper's Algorithm 1 (and the authors' code), ``delta`` lives in the eps ball alone:
+As in the paper's Algorithm 1, ``delta`` lives in the eps ball alone:
 ``delta <- clip(delta + step * sign(g), -eps, eps)`` (for L2 the sum is scaled back onto the ball),
 and only the model's input ``x + delta`` is clipped to the box. ``g`` is the input gradient of the
-training loss, label smoothing included, since it comes from that loss's backward pass.
+training loss, label smoothing included, since it comes from that loss's backward pass, taken at
+the clipped input. The authors' code differentiates through the box clip instead, so where
+``x + delta`` lies outside the box its ``g`` is 0 and ``delta`` stays put there; here it moves by
+the gradient at the clipped point. Inside the box the two agree.
 
 Compute: every batch costs ``m`` forward/backward passes, so ``epochs / m`` epochs of Free AT cost
 about as much as ``epochs`` epochs of standard training. Divide the epoch count by ``m`` when
