@@ -237,3 +237,14 @@ def test_every_client_and_round_trains_with_its_own_seed(clients):
     seeds = {local_train_config(run, server_round, partition).seed
              for server_round in range(1, 4) for partition in range(clients)}
     assert len(seeds) == 3 * clients
+
+
+def test_a_node_that_cuts_the_data_into_another_number_of_shards_is_refused():
+    from fortify.federated.client import client_shard
+
+    run = small_run(clients=3)
+    assert len(client_shard(run, 2, 3)) > 0
+    with pytest.raises(ConfigError, match="num-partitions=2, but the run has federation.clients=3"):
+        client_shard(run, 0, 2)
+    with pytest.raises(ConfigError, match=r"partition-id must be in \[0, 3\), got 3"):
+        client_shard(run, 3, 3)

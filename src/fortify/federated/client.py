@@ -242,9 +242,15 @@ def load_run_dataset(run: FederatedRun) -> Dataset:
 
 def client_shard(run: FederatedRun, partition_id: int, num_partitions: int) -> Split:
     """This client's part of the training split (every node computes the same partition)."""
+    fed = run.federation
+    # the server checked delta and the shards for fed.clients parts: a node that cut the data into
+    # another number would train on a shard no one checked, overlapping or missing others
+    if num_partitions != fed.clients:
+        raise ConfigError(f"this node's num-partitions={num_partitions}, but the run has "
+                          f"federation.clients={fed.clients}; start every SuperNode with "
+                          f"--node-config 'partition-id=I num-partitions={fed.clients}'")
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
-    fed = run.federation
     shards = partition(load_run_dataset(run).train, num_partitions, scheme=fed.partition,
                        alpha=fed.alpha, seed=fed.partition_seed)
     return shards[partition_id]
