@@ -64,6 +64,34 @@ def test_an_onnx_file_with_a_fixed_batch_of_one_runs_in_onnxruntime(onnx_twin, r
     torch.testing.assert_close(external.module(x), reference_model(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("prefix, runtime", [([], "onnx2torch"), ([IDENTITY_SHRINK], "onnxruntime")])
+def test_an_onnx_file_with_a_fixed_batch_of_ten_takes_any_batch(onnx_twin, reference_model, digits, prefix,
+                                                                 runtime):
+    # 16 and the 256-input conversion check are no multiples of 10: the last chunk is padded
+    external = load_external_model(onnx_twin(prefix, batch=10), digits)
+    assert external.runtime == runtime
+    x = digits.test.x[:16]
+    torch.testing.assert_close(external.module(x), reference_model(x), atol=1e-5, rtol=1e-5)
+    assert external.access.white_box == (runtime == "onnx2torch")  # gradients flow through the chunks
+
+
+def test_an_onnx_file_with_external_weights_loads_from_any_working_directory(onnx_twin, reference_model,
+                                                                              digits, tmp_path, monkeypatch):
+    # Prepare: the same graph with its weights in model.onnx.data beside it; run from elsewhere
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(onnx_twin()))
+    path = tmp_path / "external" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=0)
+    assert (path.parent / "model.onnx.data").is_file()
+    monkeypatch.chdir(tmp_path)
+    # Execute / Assert: the conversion check's onnxruntime finds the weights beside the file
+    external = load_external_model(path, digits)
+    x = digits.test.x[:16]
+    torch.testing.assert_close(external.module(x), reference_model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_quantised_onnx_model_has_no_gradient_and_refuses_gradient_attacks(onnx_twin, digits):
     external = load_external_model(onnx_twin(QUANTISE), digits)
     assert external.runtime == "onnx2torch"

@@ -95,11 +95,12 @@ def _checked_conversion(adapted: InputAdapter, path: Path, card: InputCard, boun
     """onnx2torch rebuilds the graph from torch operations; were its function another than the file's,
     fortify would attack a model the file does not hold. Compared with onnxruntime on the sample (when
     installed), a conversion off by more than float rounding gives way to onnxruntime (black-box)."""
-    from fortify.interop.onnx import OnnxRuntimeClassifier
+    from fortify.interop.onnx import FixedBatch, onnxruntime_classifier
 
     if importlib.util.find_spec("onnxruntime") is None:
         return adapted, "onnx2torch", []
-    reference = InputAdapter(OnnxRuntimeClassifier(path.read_bytes()), card, bounds)
+    fixed_batch = adapted.model.batch if isinstance(adapted.model, FixedBatch) else None
+    reference = InputAdapter(onnxruntime_classifier(path, fixed_batch), card, bounds)
     device = next(adapted.parameters(), torch.empty(0)).device
     try:
         with torch.inference_mode():

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -27,31 +26,59 @@ class LoadedOnnx:
     declared_input_shape: tuple[int | None, ...]
     runtime: str  # "onnx2torch" or "onnxruntime"
     note: str
+    fixed_batch: int | None = None  # the batch size the file fixes, if it does
 
 
 class OnnxRuntimeClassifier(nn.Module):
-    """Forward-only: onnxruntime computes the logits on NumPy arrays, outside autograd."""
+    """Forward-only: onnxruntime computes the logits on NumPy arrays, outside autograd.
 
-    def __init__(self, model_bytes: bytes) -> None:
+    Built from the file's path, so that weights stored as external data are found beside it (from
+    bytes, onnxruntime would look for them in the working directory).
+    """
+
+    def __init__(self, path: Path) -> None:
         super().__init__()
         runtime = require("onnxruntime", "running an ONNX model that onnx2torch cannot convert")
-        self.session = runtime.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-        graph_input = self.session.get_inputs()[0]
-        self.input_name = graph_input.name
-        # an export without dynamic axes fixes the batch (often to 1): feed it chunks of that size
-        declared = graph_input.shape[0] if graph_input.shape else None
-        self.batch = declared if isinstance(declared, int) and declared > 0 else None
+        try:
+            self.session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's errors derive from Exception only
+            raise CheckpointError(f"onnxruntime cannot load {path}: {err}") from None
+        self.input_name = self.session.get_inputs()[0].name
         self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
         array = x.detach().to("cpu", torch.float32).numpy()
-        step = self.batch or max(len(array), 1)
-        chunks = [array[i:i + step] for i in range(0, len(array), step)]
         try:
-            logits = np.concatenate([self.session.run(None, {self.input_name: c})[0] for c in chunks])
+            logits = self.session.run(None, {self.input_name: array})[0]
         except Exception as err:  # onnxruntime's errors derive from Exception only
             raise RuntimeError(f"onnxruntime could not run the model: {err}") from None
         return torch.from_numpy(logits).to(device=x.device, dtype=x.dtype)
+
+
+class FixedBatch(nn.Module):
+    """A model exported with a fixed batch size (an export without dynamic axes), fed chunks of
+    exactly that size: the last chunk is padded with copies of its last row, whose outputs are
+    dropped. Torch operations throughout, so input gradients flow where the model has them."""
+
+    def __init__(self, module: nn.Module, batch: int) -> None:
+        super().__init__()
+        self.module, self.batch = module, batch
+
+    def forward(self, x: Tensor) -> Tensor:
+        outputs = []
+        for start in range(0, len(x), self.batch):
+            chunk = x[start:start + self.batch]
+            short = self.batch - len(chunk)
+            if short:
+                chunk = torch.cat([chunk, chunk[-1:].expand(short, *chunk.shape[1:])])
+            outputs.append(self.module(chunk)[: self.batch - short])
+        return torch.cat(outputs)
+
+
+def onnxruntime_classifier(path: Path, fixed_batch: int | None) -> nn.Module:
+    """``OnnxRuntimeClassifier`` of ``path``, fed in chunks when the file fixes the batch size."""
+    classifier = OnnxRuntimeClassifier(path)
+    return classifier if fixed_batch is None else FixedBatch(classifier, fixed_batch)
 
 
 def _read(path: Path) -> Any:
@@ -64,6 +91,16 @@ def _read(path: Path) -> Any:
     except (onnx.checker.ValidationError, DecodeError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a valid ONNX model: {err}") from None
     return proto
+
+
+def _fixed_batch(proto: Any) -> int | None:
+    """The batch size the graph's input fixes (an export without dynamic axes), or None."""
+    initializers = {init.name for init in proto.graph.initializer}
+    graph_input = next(i for i in proto.graph.input if i.name not in initializers)
+    dims = graph_input.type.tensor_type.shape.dim
+    if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value <= 0:
+        return None
+    return int(dims[0].dim_value)
 
 
 def _graph_input_shape(proto: Any, path: Path) -> tuple[int | None, ...]:
@@ -89,11 +126,13 @@ def load_onnx_model(path: Path) -> LoadedOnnx:
         raise CheckpointError(f"ONNX model file {path} does not exist")
     proto = _read(path)
     declared = _graph_input_shape(proto, path)
+    batch = _fixed_batch(proto)
     onnx2torch = require("onnx2torch", "converting an ONNX model to torch")
     try:
         module = onnx2torch.convert(proto)
     except (NotImplementedError, RuntimeError, ValueError, KeyError) as err:
         note = f"onnx2torch cannot convert it ({err}); it runs in onnxruntime"
-        return LoadedOnnx(OnnxRuntimeClassifier(proto.SerializeToString()), declared, "onnxruntime",
-                          note)
-    return LoadedOnnx(module.eval(), declared, "onnx2torch", "converted to torch by onnx2torch")
+        return LoadedOnnx(onnxruntime_classifier(path, batch), declared, "onnxruntime", note, batch)
+    # a graph exported for one batch size may have it baked into a reshape: feed it that size
+    converted = module.eval() if batch is None else FixedBatch(module.eval(), batch)
+    return LoadedOnnx(converted, declared, "onnx2torch", "converted to torch by onnx2torch", batch)
