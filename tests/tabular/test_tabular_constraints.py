@@ -154,6 +154,20 @@ def feasible_set(threat: ConstrainedThreatModel, x: torch.Tensor) -> list[torch.
     return [p for p in points if bool(threat.contains(p[None], x[None]))]
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_a_whole_step_that_costs_exactly_eps_survives_projection_from_every_clean_value(norm):
+    # eps 0.1 is one step of a 0..10 integer; stored in float32, k/10 rounds either way, and the l2
+    # budget once dropped the step for k = 7 and 9 (FeatureSearch then missed the point it leads to)
+    schema = Schema((Feature("accounts", "integer", 0, 10), Feature("rate", "continuous", 0, 1)))
+    threat = ConstrainedThreatModel(norm, 0.1, schema=schema)
+    for k in range(10):
+        x = schema.encode({"accounts": [k], "rate": [0.5]})
+        step = x.clone()
+        step[0, 0] = (k + 1) / 10
+        assert threat.contains(step, x).all()
+        assert round(float(threat.project(step, x)[0, 0]) * 10) == k + 1, k
+
+
 def test_contains_refuses_each_kind_of_violation(schema):
     threat = ConstrainedThreatModel("linf", 0.2, schema=schema)
     x = schema.encode(credit_table(6, seed=1))

@@ -151,7 +151,7 @@ class ConstrainedThreatModel(ThreatModel):
         x64, v = x.double(), x_adv.double()
         out = self._project_each_feature(v, x64, lay)
         if self.norm == "l2":
-            out = self._fit_l2_budget(out, x64, lay)
+            out = self._fit_l2_budget(out, x64, lay, slack=self.tolerance(x))
         return out.to(x.dtype)
 
     def _project_each_feature(self, v: Tensor, x: Tensor, lay: _Layout) -> Tensor:
@@ -187,12 +187,16 @@ class ConstrainedThreatModel(ThreatModel):
         score = v + 1e-9 * x
         return torch.nn.functional.one_hot(score.argmax(dim=1), v.shape[1]).to(v.dtype)
 
-    def _fit_l2_budget(self, p: Tensor, x: Tensor, lay: _Layout) -> Tensor:
-        """Keep the cheapest discrete changes that fit eps^2, then shrink the continuous change."""
+    def _fit_l2_budget(self, p: Tensor, x: Tensor, lay: _Layout, slack: float) -> Tensor:
+        """Keep the cheapest discrete changes that fit eps^2, then shrink the continuous change.
+
+        ``slack`` is ``contains``' rounding slack for the caller's dtype: a whole step that costs
+        exactly eps measures eps plus or minus a unit in the last place, depending on how the clean
+        value rounded to float32, and must be kept either way."""
         squared = self.feature_costs(p, x).pow(2)
         discrete = torch.where(lay.feature_discrete, squared, torch.zeros_like(squared))
         ordered, order = discrete.sort(dim=1)
-        fits = ordered.cumsum(dim=1) <= self.eps ** 2
+        fits = ordered.cumsum(dim=1) <= (self.eps + slack) ** 2
         keep = torch.zeros_like(fits).scatter(1, order, fits) | ~lay.feature_discrete
         keep_column = keep[:, lay.feature_of]
         p = torch.where(keep_column, p, x)
