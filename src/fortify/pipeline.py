@@ -152,7 +152,40 @@ def model_card(setup: Setup) -> dict[str, Any]:
     return {"name": setup.model_name, "input_shape": list(setup.dataset.input_shape),
             "num_classes": setup.dataset.num_classes, "bounds": list(setup.dataset.bounds),
             "mean": list(setup.dataset.mean) if normalize else None,
-            "std": list(setup.dataset.std) if normalize else None}
+            "std": list(setup.dataset.std) if normalize else None,
+            # a table's encoding (column order, fitted bounds, categories) happens outside the model
+            "input_encoding": setup.dataset.metadata.get("schema")}
+
+
+def _ordered(encoding: dict[str, Any] | None) -> Any:
+    """An encoding in a form whose equality sees the column order (dicts compare without it)."""
+    if encoding is None:
+        return None
+    return encoding.get("target"), list(encoding.get("features", {}).items())
+
+
+def check_input_encoding(card: dict[str, Any], dataset: Dataset, model_dir: Path) -> None:
+    """ConfigError when ``dataset`` encodes its inputs otherwise than the model's training data did
+    (another column order, bounds refitted on other rows, other categories): the model would read
+    permuted or rescaled features without any error of its own."""
+    trained, now = card.get("input_encoding"), dataset.metadata.get("schema")
+    if trained is None or _ordered(trained) == _ordered(now):
+        return
+    if now is None:
+        raise ConfigError(f"{model_dir} was trained on a table encoded by a schema; the data given has "
+                          "none")
+    trained_features, features = trained.get("features", {}), now.get("features", {})
+    if list(trained_features) != list(features):
+        problem = (f"its columns are {list(features)}, the model's training data had "
+                   f"{list(trained_features)}")
+    else:
+        name = next((f for f in features if features[f] != trained_features[f]), None)
+        problem = (f"feature {name!r} is encoded as {features[name]}, in training as {trained_features[name]}"
+                   if name is not None else f"the target is {now.get('target')!r}, in training "
+                   f"{trained.get('target')!r}")
+    raise ConfigError(f"the data is encoded otherwise than the data {model_dir} was trained on: {problem}; "
+                      "give the schema the model was trained with (model.json's input_encoding) and "
+                      "bounds for every numeric feature")
 
 
 def model_from_card(card: dict[str, Any]) -> nn.Module:

@@ -47,6 +47,34 @@ def test_train_and_evaluate_a_csv_with_target_and_schema(tmp_path, schema):
         assert changes["counts"]["age"] == 0 and changes["counts"]["late_payments"] == 0
 
 
+def test_a_table_encoded_otherwise_than_in_training_is_refused_by_name(tmp_path, schema):
+    # Prepare: a model trained without a schema file (bounds fitted on its rows), then the same rows
+    # with the columns in another order, and rows of the same distribution that refit other bounds
+    table = credit_table(120)
+    write_csv(tmp_path / "credit.csv", table)
+    out = tmp_path / "model"
+    trained = _invoke("train", "--data", tmp_path / "credit.csv", "--target", "default", "--objective",
+                      "standard", "--epochs", "1", "--out", out, "--quiet", "--device", "cpu")
+    assert trained.exit_code == 0, trained.output
+    encoding = json.loads((out / "model.json").read_text())["input_encoding"]
+    assert list(encoding["features"]) == [c for c in table if c != "default"]
+    write_csv(tmp_path / "reordered.csv", dict(reversed(list(table.items()))))
+    write_csv(tmp_path / "other.csv", credit_table(120, seed=1))
+
+    def evaluate_on(csv):
+        (tmp_path / "other.yaml").write_text(yaml.safe_dump({"data": {"path": str(csv)}}))
+        return _invoke("evaluate", out, "--config", tmp_path / "other.yaml", "--attacks", "fgsm",
+                       "--n-examples", "10", "--device", "cpu")
+
+    # Execute / Assert: a clean error naming what differs, instead of permuted or rescaled features
+    reordered = evaluate_on(tmp_path / "reordered.csv")
+    assert reordered.exit_code == 2 and "Traceback" not in reordered.output
+    assert "encoded otherwise than the data" in reordered.output and "its columns are" in reordered.output
+    refitted = evaluate_on(tmp_path / "other.csv")
+    assert refitted.exit_code == 2 and "feature 'age' is encoded as" in refitted.output
+    assert evaluate_on(tmp_path / "credit.csv").exit_code == 0
+
+
 def test_a_schema_that_does_not_fit_the_csv_exits_cleanly(tmp_path, schema):
     write_csv(tmp_path / "credit.csv", credit_table(60))
     spec = yaml.safe_load(schema.to_yaml())

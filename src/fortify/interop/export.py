@@ -99,6 +99,10 @@ def _deployment_card(card: dict[str, Any], fmt: str, model_dir: Path) -> dict[st
             "input_range": card["bounds"], "num_classes": card["num_classes"], "outputs": "logits",
             "normalization": ({"mean": card["mean"], "std": card["std"], "applied": "inside the model"}
                               if card["mean"] is not None else None),
+            # a table's columns in order, each min-max scaled by its bounds or one-hot over its
+            # categories before the model sees it (fortify.tabular.Schema.encode)
+            "input_encoding": ({**card["input_encoding"], "applied": "outside the model"}
+                               if card.get("input_encoding") else None),
             "fortify_version": fortify.__version__}
 
 
