@@ -255,6 +255,34 @@ def test_feature_search_fools_exactly_the_examples_the_closed_form_can_fool():
     assert torch.equal(fooled, can_fool)
 
 
+def test_feature_search_holds_a_bounded_block_of_candidates_and_finds_the_same_points(monkeypatch):
+    # Prepare: 40 one-hot columns of 25 categories (1,000 moves a row); the search once built every
+    # row's candidates at once (n x 1,000 x 1,000 values)
+    from fortify.tabular import search
+
+    schema = Schema(tuple(Feature(f"c{i}", "categorical", categories=tuple("abcdefghijklmnopqrstuvwxy"))
+                          for i in range(40)))
+    threat = ConstrainedThreatModel("linf", 1.0, schema=schema)
+    torch.manual_seed(0)
+    model = nn.Linear(schema.n_columns, 3)
+    x = valid_points(schema, 24, torch.Generator().manual_seed(2))
+    y = model(x).argmax(1)
+    unbounded = FeatureSearch(threat, max_changes=2)(model, x, y)
+    held: list[int] = []
+    build = FeatureSearch.candidates
+
+    def recording(self, current, clean):
+        held.append(len(current))
+        return build(self, current, clean)
+
+    monkeypatch.setattr(FeatureSearch, "candidates", recording)
+    monkeypatch.setattr(search, "_CHUNK", 5_000)  # 5 rows of 1,000 moves
+    # Execute
+    blocked = FeatureSearch(threat, max_changes=2)(model, x, y)
+    # Assert
+    assert max(held) == 5 and torch.equal(blocked, unbounded)
+
+
 def feasible_set_batch(threat: ConstrainedThreatModel, x: torch.Tensor):
     """All feasible points for every row at once: yields (N, d) per combination of feature values."""
     options = _feature_values(threat)

@@ -78,16 +78,30 @@ class FeatureSearch(Attack):
             rows = standing.nonzero().squeeze(1)
             if rows.numel() == 0:
                 break
-            candidates = self.candidates(current[rows], x[rows])  # (n, M, d)
-            scores = self._score(model, candidates, x[rows], y[rows],
-                                 None if target is None else target[rows])
-            best, choice = scores.max(dim=1)
+            best, point = self._best_moves(model, current, x, y, target, rows)
             better = best > score[rows]
             moved = rows[better]
-            current[moved] = candidates[better, choice[better]]
+            current[moved] = point[better]
             score[moved] = best[better]
             standing[rows] = better & (best <= 0)
         return current
+
+    def _best_moves(self, model: nn.Module, current: Tensor, x: Tensor, y: Tensor, target: Tensor | None,
+                    rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Per row of ``rows``, the score and the point of its best single-feature move. Blocks of
+        rows keep the candidates held at once near ``_CHUNK`` rows of the table: a wide one-hot
+        table has thousands of moves per row, and all rows' candidates at once ran to gigabytes."""
+        moves = self._moves(x.device)
+        block = max(1, _CHUNK // (moves.column.numel() + len(moves.categories)))
+        bests, points = [], []
+        for part in rows.split(block):
+            candidates = self.candidates(current[part], x[part])  # (n, M, d)
+            wanted = None if target is None else target[part]
+            scores = self._score(model, candidates, x[part], y[part], wanted)
+            best, choice = scores.max(dim=1)
+            bests.append(best)
+            points.append(candidates[torch.arange(len(part), device=x.device), choice])
+        return torch.cat(bests), torch.cat(points)
 
     def margin(self, logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
         """Positive exactly when the attack succeeded (prediction != y, or == target)."""
