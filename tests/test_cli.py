@@ -646,3 +646,39 @@ def test_a_failure_after_a_checkpoint_keeps_the_run_for_resume(tmp_path):
         (tmp_path / "interrupted").mkdir()
         raise KeyboardInterrupt  # an interrupt keeps what was written (--resume starts it again)
     assert (tmp_path / "interrupted").is_dir()
+
+
+def test_evaluating_data_of_another_shape_or_class_count_is_refused_by_name(trained_dir, tmp_path):
+    copy = _copy_of(trained_dir, tmp_path)
+    (tmp_path / "bc.yaml").write_text("data: {name: breast-cancer}\n")
+    result = _invoke("evaluate", copy, "--config", tmp_path / "bc.yaml", "--attacks", "fgsm",
+                     "--n-examples", 20)
+    _assert_clean_error(result, "takes inputs of shape (1, 8, 8) and scores 10 classes; the data "
+                                "'breast-cancer' has inputs of shape (30,) and 2 classes")
+
+
+def test_resume_refuses_a_directory_that_holds_no_run(tmp_path):
+    own = tmp_path / "proj"
+    own.mkdir()
+    (own / "model.json").write_text('{"my": "own file"}')
+    result = _invoke("train", "--out", own, "--resume", "--epochs", 1, "--quiet")
+    _assert_clean_error(result, "holds no config.yaml, so it is not a run to continue")
+    assert (own / "model.json").read_text() == '{"my": "own file"}'
+    _assert_clean_error(_invoke("run", "--out", own, "--resume", "--quiet"), "holds no config.yaml")
+
+
+@pytest.mark.parametrize("best_epoch", [5, 0, -1])
+def test_a_state_json_whose_best_epoch_is_not_in_its_history_is_refused(trained_dir, tmp_path, best_epoch):
+    copy = _copy_of(trained_dir, tmp_path)
+    state = json.loads((copy / "state.json").read_text())
+    state["progress"]["best_epoch"] = best_epoch
+    (copy / "state.json").write_text(json.dumps(state))
+    result = _invoke("train", "--out", copy, "--resume", "--objective", "standard", "--epochs", 1, "--quiet")
+    _assert_clean_error(result, "'progress.best_epoch' must be an epoch of the history (1..1)")
+
+
+def test_true_in_the_eps_grid_is_refused(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("eval:\n  eps_grid: [true, 0.1]\n")
+    _assert_clean_error(_invoke("train", "--config", config, "--out", tmp_path / "o"),
+                        "numbers are expected, not true or false", not_created=tmp_path / "o")

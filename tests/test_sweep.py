@@ -397,3 +397,15 @@ def test_a_finished_run_cached_elsewhere_is_still_the_same_run(tmp_path, monkeyp
     results = run_sweep(base, SweepGrid(objective=["pgd"]), tmp_path / "out", device="cpu",
                         show_progress=False)
     assert [r.status for r in results] == ["skipped"]
+
+
+def test_a_run_whose_loss_turns_nan_takes_back_what_it_wrote_and_the_corrected_sweep_runs(tmp_path):
+    # Prepare: a learning rate that makes the loss NaN in the first epoch
+    diverging = load_config(None, {**TINY, "train": {**TINY["train"], "lr": 1e30}})
+    grid = SweepGrid(objective=["standard"])
+    # Execute / Assert: the run directory goes, so the corrected sweep is no 'resume' of it
+    with pytest.raises(ConfigError, match="training loss became"):
+        run_sweep(diverging, grid, tmp_path / "out", device="cpu", show_progress=False)
+    assert not (tmp_path / "out" / "standard_eps0.2_ep1").exists()
+    results = run_sweep(load_config(None, TINY), grid, tmp_path / "out", device="cpu", show_progress=False)
+    assert [r.name for r in results] == ["standard_eps0.2_ep1"]

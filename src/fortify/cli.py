@@ -171,7 +171,7 @@ def run(
                                          threat={"eps": eps, "norm": norm},
                                          train={"epochs": epochs, "seed": seed}))
     setup = prepare(cfg, device, objectives=("standard", "pgd"))
-    out_dir = fresh_out_dir(out, cfg.data.name, resume)
+    out_dir = fresh_out_dir(out, cfg.data.name, resume, marker="config.yaml")  # its first file
     if resume:
         check_same_settings(out_dir, cfg)  # before config.yaml is written over
     with discarded_on_error(out_dir):
@@ -306,7 +306,7 @@ def train(
             raise ConfigError("--dp cannot be combined with --nproc: DP-SGD trains in one process")
         raise typer.Exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
     setup, ddp = _join_torchrun(prepare(cfg, device), out)
-    out_dir = fresh_out_dir(out, f"{cfg.data.name}-{cfg.train.objective}", resume)
+    out_dir = fresh_out_dir(out, f"{cfg.data.name}-{cfg.train.objective}", resume, marker="config.yaml")
     if ddp is not None:
         ddp.barrier()  # every rank has checked out_dir before rank 0 writes into it
     # a failure before the first checkpoint takes back what it wrote (under torchrun, rank 0 wrote it)
@@ -540,6 +540,9 @@ def _model_file_out_dir(out: Path | None, path: Path, source: dict[str, Any]) ->
     journal inside continues; anything else in it is left alone."""
     journal_dir = out / "evaluation" if out is not None else None
     if journal_dir is None or not (journal_dir / _EVALUATED_FILE).is_file():
+        if out is not None and out.exists() and out.is_dir() and any(out.iterdir()):
+            raise ConfigError(f"{out} already exists and holds no unfinished evaluation of {path.name}; "
+                              "choose another --out")
         return fresh_out_dir(out, f"{path.stem}-eval", resume=False)
     try:
         recorded = json.loads((journal_dir / _EVALUATED_FILE).read_text())

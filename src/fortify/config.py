@@ -33,15 +33,26 @@ class _Strict(BaseModel):
     @classmethod
     def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic would read YAML's `epochs: true` as 1
-        if isinstance(value, bool) and info.field_name is not None \
-                and _is_number_field(cls.model_fields[info.field_name].annotation):
+        if info.field_name is None:
+            return value
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and _is_number_field(annotation):
             raise ValueError("a number is expected, not true or false")
+        if isinstance(value, list) and any(isinstance(v, bool) for v in value) \
+                and _is_number_list_field(annotation):
+            raise ValueError(f"numbers are expected, not true or false: {value}")
         return value
 
 
 def _is_number_field(annotation: Any) -> bool:
     kinds = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
     return bool(kinds & {int, float}) and bool not in kinds
+
+
+def _is_number_list_field(annotation: Any) -> bool:
+    """``list[float]`` (or ``list[float] | None``): a list of numbers."""
+    kinds = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+    return any(get_origin(kind) is list and _is_number_field(get_args(kind)[0]) for kind in kinds)
 
 
 class DataConfig(_Strict):

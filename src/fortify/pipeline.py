@@ -165,9 +165,15 @@ def _ordered(encoding: dict[str, Any] | None) -> Any:
 
 
 def check_input_encoding(card: dict[str, Any], dataset: Dataset, model_dir: Path) -> None:
-    """ConfigError when ``dataset`` encodes its inputs otherwise than the model's training data did
-    (another column order, bounds refitted on other rows, other categories): the model would read
-    permuted or rescaled features without any error of its own."""
+    """ConfigError when ``dataset`` does not fit the model: inputs of another shape or another number
+    of classes, or a table encoded otherwise than the model's training data was (another column
+    order, bounds refitted on other rows, other categories), which the model would read as permuted
+    or rescaled features without any error of its own."""
+    shape, classes = tuple(card["input_shape"]), int(card["num_classes"])
+    if (shape, classes) != (tuple(dataset.input_shape), dataset.num_classes):
+        raise ConfigError(f"{model_dir} takes inputs of shape {shape} and scores {classes} classes; the "
+                          f"data {dataset.name!r} has inputs of shape {tuple(dataset.input_shape)} and "
+                          f"{dataset.num_classes} classes")
     trained, now = card.get("input_encoding"), dataset.metadata.get("schema")
     if trained is None or _ordered(trained) == _ordered(now):
         return

@@ -47,6 +47,7 @@ from fortify.pipeline import (
     Setup,
     build_training_objective,
     check_same_settings,
+    discarded_on_error,
     evaluate_model,
     new_model,
     prepare,
@@ -252,7 +253,10 @@ def _setup_for(setup: Setup, config: RunConfig) -> Setup:
 def _run_one(spec: RunSpec, setup: Setup, run_dir: Path, show_progress: bool) -> RunResult:
     config = setup.config.model_dump(mode="json")
     passes = count_forward_passes(setup, spec.objective)
-    model, training = train_model(setup, spec.objective, run_dir, resume=True, show_progress=show_progress)
+    # a run that fails before its first checkpoint takes back what it wrote, as train and run do
+    with discarded_on_error(run_dir):
+        model, training = train_model(setup, spec.objective, run_dir, resume=True,
+                                      show_progress=show_progress)
     report = evaluate_model(setup, model)
     result = RunResult(
         name=spec.name, objective=spec.objective, eps=spec.eps, trades_beta=spec.trades_beta,

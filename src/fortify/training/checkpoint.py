@@ -218,6 +218,12 @@ def _progress_problem(progress: Any) -> str | None:
     history = progress.get("history")
     if not isinstance(history, list) or not all(isinstance(record, dict) for record in history):
         return "'progress.history' must be a list of epoch records"
+    if progress["epoch"] != len(history):
+        return f"'progress.epoch' is {progress['epoch']} but 'progress.history' holds {len(history)} epochs"
+    best = progress["best_epoch"]
+    if not (1 <= best <= len(history) if history else best == -1):
+        return (f"'progress.best_epoch' must be an epoch of the history (1..{len(history)}), or -1 "
+                f"before the first, got {best}")
     return None
 
 
