@@ -14,6 +14,8 @@ from fortify.errors import ResultsError
 from fortify.report.compare import merge_runs
 from fortify.report.html import render_report
 from fortify.report.results import load_results
+from fortify.report.schema import COMPARISON
+from fortify.report.schema import check as check_schema
 
 pytestmark = pytest.mark.slow  # the shared fixture attacks and audits two models
 runner = CliRunner()
@@ -121,6 +123,23 @@ def test_report_renders_what_it_has_when_sections_are_missing(run_results):
     assert "figure 'robust margin' could not be drawn" in text
     assert _pct(results["models"]["standard"]["robustness"]["worst_case_accuracy"]) in text
     assert "Gradient-masking checks" in text
+
+
+def test_report_renders_the_optional_fields_the_schema_lets_a_results_file_leave_out(run_results):
+    # Prepare: masking without notes or adaptive reruns, and a DP history whose epochs lack epsilon
+    results = json.loads(json.dumps(run_results))
+    masking = results["models"]["pgd"]["analysis"]["masking"]
+    del masking["notes"], masking["adaptive"]
+    training = results["models"]["pgd"].setdefault("training", {"seconds": 1.0, "history": [{}],
+                                                                 "best_epoch": 1, "selection_metric": "x",
+                                                                 "stopped_early": False})
+    training["privacy"] = {"accountant": "prv", "epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1.0,
+                           "max_grad_norm": 1.0, "steps": 1, "replaced_modules": []}
+    for record in training["history"]:
+        record.pop("epsilon", None)
+    check_schema(results, COMPARISON)  # what the schema accepts, the page must render
+    # Execute / Assert
+    assert "Gradient-masking checks" in " ".join(_parse(render_report(results)).text)
 
 
 @pytest.mark.parametrize(("content", "fragment"), [
