@@ -409,3 +409,22 @@ def test_a_run_whose_loss_turns_nan_takes_back_what_it_wrote_and_the_corrected_s
     assert not (tmp_path / "out" / "standard_eps0.2_ep1").exists()
     results = run_sweep(load_config(None, TINY), grid, tmp_path / "out", device="cpu", show_progress=False)
     assert [r.name for r in results] == ["standard_eps0.2_ep1"]
+
+
+def test_grid_values_that_would_share_a_run_directory_are_refused_before_any_run():
+    with pytest.raises(ConfigError, match="would share the run directory 'standard_eps0.123456_ep1'"):
+        expand_grid(SweepGrid(objective=["standard"], eps=[0.1234561, 0.1234562]), load_config(None, TINY))
+
+
+def test_another_analysis_section_does_not_stop_a_finished_sweep(tmp_path, monkeypatch):
+    # Prepare: the sweep's runs finished; the same sweep again with analysis settings changed, which a
+    # sweep never reads (it trains and evaluates, no analysis)
+    base = load_config(None, TINY)
+    out = tmp_path / "sweep"
+    for spec in expand_grid(TINY_GRID, base):
+        _fake_finished_run(out, spec, base)
+    monkeypatch.setattr(sweep_module, "train_model", _no_run)
+    again = load_config(None, {**TINY, "analysis": {"margin_examples": 7}})
+    # Execute / Assert: every run is taken as finished, none is refused or retrained
+    results = run_sweep(again, TINY_GRID, out, device="cpu", show_progress=False)
+    assert [(r.name, r.status) for r in results] == [(name, "skipped") for name in NAMES]

@@ -214,7 +214,20 @@ def expand_grid(grid: SweepGrid, base: RunConfig) -> list[RunSpec]:
         spec = RunSpec(**setting)
         if spec not in specs:
             specs.append(spec)
+    _check_names_apart(specs)
     return specs
+
+
+def _check_names_apart(specs: list[RunSpec]) -> None:
+    """Run directories are named with 6 significant digits: settings that agree in those would share
+    one directory, and the second would refuse to continue the first, on every rerun."""
+    seen: dict[str, RunSpec] = {}
+    for spec in specs:
+        other = seen.setdefault(spec.name, spec)
+        if other is not spec:
+            raise ConfigError(f"the grid points {asdict(other)} and {asdict(spec)} would share the run "
+                              f"directory {spec.name!r}; give values that differ within 6 significant "
+                              "digits")
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -309,8 +322,8 @@ def finished_result(run_dir: Path, config: RunConfig) -> RunResult | None:
         check_same_settings(run_dir, config)  # what resuming it would check, only later
         return None
     recorded = read_recorded(run_dir)
-    differing = setting_differences(comparable_settings(recorded["config"]),
-                                    comparable_settings(config.model_dump(mode="json")))
+    differing = setting_differences(_sweep_settings(recorded["config"]),
+                                    _sweep_settings(config.model_dump(mode="json")))
     if differing:
         raise ConfigError(f"{run_dir} was run with other settings than this sweep's: {listed(differing)}; "
                           "choose another --out or remove that run directory")
@@ -389,7 +402,14 @@ def _made_with(base: RunConfig, name: str, config: dict[str, Any], result: RunRe
         expected = spec.config(base).model_dump(mode="json")
     except ConfigError:  # a grid value these base settings do not allow
         return False
-    return spec.name == name and comparable_settings(expected) == comparable_settings(config)
+    return spec.name == name and _sweep_settings(expected) == _sweep_settings(config)
+
+
+def _sweep_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a sweep's results depend on: a sweep trains and evaluates but runs no analysis,
+    so its ``analysis`` section changes nothing and is not compared."""
+    return {section: values for section, values in comparable_settings(settings).items()
+            if section != "analysis"}
 
 
 # -- results -----------------------------------------------------------------------------------
