@@ -682,3 +682,23 @@ def test_true_in_the_eps_grid_is_refused(tmp_path):
     config.write_text("eval:\n  eps_grid: [true, 0.1]\n")
     _assert_clean_error(_invoke("train", "--config", config, "--out", tmp_path / "o"),
                         "numbers are expected, not true or false", not_created=tmp_path / "o")
+
+
+def test_a_preset_refuses_the_flags_it_would_override_and_records_what_it_runs(trained_dir):
+    from fortify.config import EvalConfig
+
+    _assert_clean_error(_invoke("evaluate", trained_dir, "--preset", "autoattack", "--attacks", "fgsm"),
+                        "--attacks does not apply to it")
+    _assert_clean_error(_invoke("evaluate", trained_dir, "--preset", "autoattack", "--no-cascade"),
+                        "--no-cascade does not apply to it")
+    # from a config file: the recorded settings name the attacks that ran, in a cascade
+    config = EvalConfig(preset="autoattack", attacks=["fgsm"], cascade=False)
+    assert (config.attacks, config.cascade) == (["apgd-ce", "apgd-t", "fab-t", "square"], True)
+
+
+@pytest.mark.parametrize("objective", ["trades", "no-such-objective"])
+def test_run_refuses_a_train_objective_it_would_ignore(tmp_path, objective):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"train:\n  objective: {objective}\n")
+    _assert_clean_error(_invoke("run", "--config", config, "--out", tmp_path / "o", "--quiet"),
+                        f"train.objective='{objective}' does not apply", not_created=tmp_path / "o")

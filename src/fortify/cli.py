@@ -27,7 +27,7 @@ from typer.core import TyperGroup
 
 from fortify.allocator import keep_freed_memory_if_asked
 from fortify.attacks import ATTACKS
-from fortify.config import load_config, read_yaml_mapping
+from fortify.config import TrainConfig, load_config, read_yaml_mapping
 from fortify.errors import ConfigError, FortifyError
 from fortify.pipeline import (
     Setup,
@@ -170,6 +170,11 @@ def run(
                                                "feature_schema": schema},
                                          threat={"eps": eps, "norm": norm},
                                          train={"epochs": epochs, "seed": seed}))
+    default_objective = TrainConfig.model_fields["objective"].default
+    if cfg.train.objective != default_objective:  # set in the config file, and read by nothing here
+        raise ConfigError(f"fortify run trains a standard and a pgd model, so train.objective="
+                          f"{cfg.train.objective!r} does not apply; train it with fortify train "
+                          "--objective, or compare objectives with fortify sweep")
     setup = prepare(cfg, device, objectives=("standard", "pgd"))
     out_dir = fresh_out_dir(out, cfg.data.name, resume, marker="config.yaml")  # its first file
     if resume:
@@ -409,6 +414,9 @@ def evaluate(
 ) -> None:
     """Attack a trained model (or a Keras/ONNX file); writes robustness.json (resumable)."""
     attack_list = _attack_list(attacks)
+    if preset is not None and (attack_list is not None or cascade is False):
+        flag = "--attacks" if attack_list is not None else "--no-cascade"
+        raise ConfigError(f"--preset {preset} runs its own attacks as a cascade; {flag} does not apply to it")
     overrides = _overrides(
         threat={"eps": eps, "norm": norm},
         eval={"attacks": attack_list, "preset": preset, "steps": steps, "restarts": restarts,

@@ -132,6 +132,10 @@ class TrainConfig(_Strict):
         return self
 
 
+# the attacks a preset runs, as a cascade (each sees only the examples still robust)
+PRESETS = {"autoattack": ("apgd-ce", "apgd-t", "fab-t", "square")}
+
+
 class EvalConfig(_Strict):
     attacks: list[str] = Field(default_factory=lambda: ["fgsm", "pgd"])
     # "autoattack": APGD-CE, APGD-T, FAB-T, Square as a cascade (replaces `attacks`)
@@ -171,6 +175,9 @@ class EvalConfig(_Strict):
             raise ValueError(f"eps_grid names an eps twice: {self.eps_grid}")
         if not self.attacks:
             raise ValueError("attacks must name at least one attack")
+        if self.preset is not None:
+            # a preset replaces the attack list and cascades: record what runs, not what was replaced
+            self.__dict__.update(attacks=list(PRESETS[self.preset]), cascade=True)
         return self
 
 

@@ -27,6 +27,7 @@ from fortify.attacks import APGD, ATTACKS, PGD, Attack
 from fortify.attacks.options import check_option_types
 from fortify.attacks.transfer import Transfer
 from fortify.config import (
+    PRESETS,
     DataConfig,
     EvalConfig,
     RunConfig,
@@ -357,7 +358,7 @@ def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: b
 
 # -- evaluation --------------------------------------------------------------------------------
 
-AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")
+AUTOATTACK = PRESETS["autoattack"]
 DEFAULT_PGD_STEPS = 20
 _ITERATIONS = {"pgd": "steps", "apgd-ce": "n_iter", "apgd-dlr": "n_iter", "apgd-t": "n_iter",
                "fab": "steps", "fab-t": "steps", "fmn": "steps", "cw": "steps"}
