@@ -168,6 +168,38 @@ def test_a_damaged_journal_is_a_checkpoint_error(standard_model, digits, tmp_pat
         evaluate(standard_model, digits.test.x[:8], digits.test.y[:8], [FGSM(THREAT)], THREAT,
                  journal_dir=tmp_path)
 
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda r: r.pop("mode"), "has fields"),
+    (lambda r: r.update(robust=r["robust"][:10]), "are not 40 true/false values"),
+    (lambda r: r.update(adversarial_accuracy=0.99), "accuracy does not match its per-example outcomes"),
+    (lambda r: r.update(name="pgd-50"), "records 'pgd-50' where this evaluation runs 'fgsm'"),
+])
+def test_an_edited_journal_record_is_refused_not_reported(standard_model, digits, tmp_path, edit, match):
+    # Prepare: a finished journal entry, then edited or damaged
+    from fortify.errors import CheckpointError
+
+    x, y = digits.test.x[:40], digits.test.y[:40]
+    evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
+    journal = json.loads((tmp_path / "evaluation.json").read_text())
+    edit(journal["completed"][0])
+    (tmp_path / "evaluation.json").write_text(json.dumps(journal))
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match=match):
+        evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
+
+
+def test_a_journal_whose_current_attack_is_damaged_is_refused(standard_model, digits, tmp_path):
+    from fortify.errors import CheckpointError
+
+    x, y = digits.test.x[:40], digits.test.y[:40]
+    evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
+    journal = json.loads((tmp_path / "evaluation.json").read_text())
+    journal["current"] = {"attack_index": 0, "sha256": "00"}  # next_start gone
+    (tmp_path / "evaluation.json").write_text(json.dumps(journal))
+    with pytest.raises(CheckpointError, match="evaluation.json is damaged"):
+        evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
+
+
 # -- what a call can get wrong -----------------------------------------------------------------
 
 def test_labels_past_the_models_classes_are_refused_not_counted_as_errors(standard_model, digits):

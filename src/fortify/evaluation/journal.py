@@ -103,9 +103,24 @@ class Journal:
         if state.get("fingerprint") != self.fingerprint:
             raise CheckpointError(f"{self._json} records an evaluation of other data or other attack "
                                   "settings; remove it or choose another journal directory")
+        if not (isinstance(state.get("completed"), list) and _is_current(state.get("current"))):
+            raise CheckpointError(f"{self._json} is damaged: it needs 'completed' (a list) and 'current' "
+                                  "(null, or attack_index, next_start and sha256); remove it to evaluate "
+                                  "from the start")
         return state
 
     def _write(self) -> None:
         tmp = self._json.with_name(self._json.name + ".tmp")
         tmp.write_text(json.dumps(self._state))
         tmp.replace(self._json)
+
+
+def _is_current(current: Any) -> bool:
+    """None, or the record of an attack under way as ``save_partial`` writes it."""
+    if current is None:
+        return True
+    if not isinstance(current, dict):
+        return False
+    counts = [current.get(key) for key in ("attack_index", "next_start")]
+    return (all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+            and isinstance(current.get("sha256"), str))

@@ -6,6 +6,7 @@ outside the ball or the box raises ThreatModelViolation instead of producing a n
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -158,7 +159,9 @@ def evaluate(
         if journal_dir is not None:
             journal = Journal(journal_dir, fingerprint(x, y, attacks, cascade, batch_size, amp,
                                                        model=fp32_model, clean_correct=clean_correct))
-        results = [AttackResult(**r) for r in journal.completed()] if journal else []
+        results = ([_journaled_result(r, attack, len(y), journal_dir)
+                    for r, attack in zip(journal.completed(), attacks, strict=False)]
+                   if journal is not None and journal_dir is not None else [])
         for result in results:
             recorded = torch.tensor(result.robust, device=device)
             if bool((recorded & ~clean_correct).any()):  # robust where the model is wrong: not this run's
@@ -184,6 +187,29 @@ def evaluate(
         worst_case_accuracy=float(robust.float().mean()), attacks=results, eps_curve=curve,
         eps_curve_attack=curve_attack.label if eps_grid else None, warnings=warnings,
         clean_correct=clean_correct.tolist(), precision=precision)
+
+
+def _journaled_result(record: Any, attack: Attack, n: int, journal_dir: Path) -> AttackResult:
+    """A finished attack's record from the journal, refused unless it is whole and consistent: a
+    damaged or edited record would otherwise stop the evaluation with a traceback, or put numbers it
+    never measured into the report (an accuracy that its own per-example outcomes contradict)."""
+    fields = {f.name for f in dataclasses.fields(AttackResult)}
+    problem = None
+    if not isinstance(record, dict) or set(record) != fields:
+        shown = sorted(record) if isinstance(record, dict) else record
+        problem = f"a finished attack's record has fields {shown}"
+    elif record["name"] != attack.label:
+        problem = f"it records {record['name']!r} where this evaluation runs {attack.label!r}"
+    elif not (isinstance(record["robust"], list) and len(record["robust"]) == n
+              and all(isinstance(r, bool) for r in record["robust"])):
+        problem = f"{record['name']}'s per-example outcomes are not {n} true/false values"
+    elif not (isinstance(record["adversarial_accuracy"], (int, float))
+              and abs(record["adversarial_accuracy"] - sum(record["robust"]) / n) < 1e-6):  # float32 mean
+        problem = f"{record['name']}'s accuracy does not match its per-example outcomes"
+    if problem is not None:
+        raise CheckpointError(f"the journal in {journal_dir} is damaged ({problem}); remove that directory "
+                              "to evaluate from the start")
+    return AttackResult(**record)
 
 
 def _check_setup(attacks: Sequence[Attack], threat: ThreatModel, x: Tensor, y: Tensor,
