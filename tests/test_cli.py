@@ -623,14 +623,20 @@ def test_a_loss_that_turns_nan_takes_back_what_the_run_wrote(tmp_path):
 
 
 def test_a_failed_first_epoch_leaves_an_existing_directory_as_it_was(tmp_path):
-    out = tmp_path / "m"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
+    # Prepare: a run directory that holds its config.yaml (what --resume asks for) and a file of the user's
+    from fortify.config import load_config
+
     config = tmp_path / "diverging.yaml"
     config.write_text("train:\n  lr: 1.0e+30\n  epochs: 1\n")
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "config.yaml").write_text(load_config(config).to_yaml())
+    (out / "notes.txt").write_text("mine")
+    # Execute
     result = _invoke("run", "--config", config, "--out", out, "--resume", "--quiet")
+    # Assert: what the run added went again; what was there stays
     _assert_clean_error(result, "training loss became")
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "notes.txt"]
 
 
 def test_a_failure_after_a_checkpoint_keeps_the_run_for_resume(tmp_path):
