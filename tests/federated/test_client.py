@@ -163,6 +163,7 @@ def test_fedprox_pulls_a_dp_client_towards_the_global_weights_too(digits):
     assert drift(5.0) < 0.5 * drift(0.0)
 
 
+@pytest.mark.os_entropy
 def test_a_server_that_knows_every_setting_cannot_replay_a_dp_clients_noise(digits):
     # Prepare: one client round trained twice with exactly the settings the server sent (seed included)
     from fortify.config import DPConfig

@@ -181,6 +181,7 @@ def test_resumed_run_equals_an_uninterrupted_one(digits: Dataset, tmp_path: Path
     assert result.privacy is not None and result.privacy.steps == 8
 
 
+@pytest.mark.os_entropy
 def test_the_noise_cannot_be_recomputed_from_the_settings_unless_a_noise_seed_is_given(
         digits: Dataset, tmp_path: Path) -> None:
     # two runs with the same settings (training seed included): the noise and the Poisson batches
