@@ -34,7 +34,7 @@ from fortify.pipeline import (
     analyse_model,
     audit_membership,
     audited_dataset,
-    check_input_encoding,
+    check_data_fits_model,
     check_same_settings,
     discarded_on_error,
     evaluate_model,
@@ -447,7 +447,7 @@ def evaluate(
     cfg = evaluation_config(model_dir, config, overrides)
     setup, ddp = _join_torchrun(prepare(cfg, device), model_dir)
     model, card = load_trained_model(model_dir, setup.device)
-    check_input_encoding(card, setup.dataset, model_dir)
+    check_data_fits_model(card, setup.dataset, model_dir)
     # under torchrun the ranks share the attack batches and merge per example (no journal)
     report = evaluate_model(setup, model, journal_dir=None if ddp else model_dir / "evaluation",
                             shard=ddp)
@@ -599,7 +599,7 @@ def audit(
     cfg = load_config(model_dir / "config.yaml")
     setup = prepare(cfg, device)
     model, card = load_trained_model(model_dir, setup.device)
-    check_input_encoding(card, setup.dataset, model_dir)
+    check_data_fits_model(card, setup.dataset, model_dir)
     recipe = TrainerRecipe.for_model(card["name"], card["input_shape"], card["num_classes"],
                                      config=cfg.train, threat=setup.threat, val=setup.dataset.val,
                                      mean=card["mean"], std=card["std"], device=setup.device)

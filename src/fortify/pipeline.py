@@ -165,7 +165,7 @@ def _ordered(encoding: dict[str, Any] | None) -> Any:
     return encoding.get("target"), list(encoding.get("features", {}).items())
 
 
-def check_input_encoding(card: dict[str, Any], dataset: Dataset, model_dir: Path) -> None:
+def check_data_fits_model(card: dict[str, Any], dataset: Dataset, model_dir: Path) -> None:
     """ConfigError when ``dataset`` does not fit the model: inputs of another shape or another number
     of classes, or a table encoded otherwise than the model's training data was (another column
     order, bounds refitted on other rows, other categories), which the model would read as permuted
