@@ -101,8 +101,9 @@ class Journal:
         if not isinstance(state, dict):
             raise CheckpointError(f"{self._json} does not hold a journal object")
         if state.get("fingerprint") != self.fingerprint:
-            raise CheckpointError(f"{self._json} records an evaluation of other data or other attack "
-                                  "settings; remove it or choose another journal directory")
+            raise CheckpointError(f"{self._json} records an unfinished evaluation of other data or other "
+                                  f"attack settings; remove {self.directory} to start this one afresh "
+                                  "(or rerun the interrupted evaluation's command to finish it)")
         if not (isinstance(state.get("completed"), list) and _is_current(state.get("current"))):
             raise CheckpointError(f"{self._json} is damaged: it needs 'completed' (a list) and 'current' "
                                   "(null, or attack_index, next_start and sha256); remove it to evaluate "
