@@ -708,3 +708,13 @@ def test_run_refuses_a_train_objective_it_would_ignore(tmp_path, objective):
     config.write_text(f"train:\n  objective: {objective}\n")
     _assert_clean_error(_invoke("run", "--config", config, "--out", tmp_path / "o", "--quiet"),
                         f"train.objective='{objective}' does not apply", not_created=tmp_path / "o")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--attacks", "fgsm", "--queries", 50], "--queries is read by square, hopskipjump; none of the attacks "
+                                             "to run (fgsm) reads it"),
+    (["--attacks", "fgsm,square", "--steps", 5], "--steps is read by pgd, apgd-ce"),
+    (["--attacks", "fgsm", "--surrogate", "elsewhere"], "--surrogate is read by transfer"),
+])
+def test_a_generic_flag_no_chosen_attack_reads_is_refused(trained_dir, flags, fragment):
+    _assert_clean_error(_invoke("evaluate", trained_dir, *flags), fragment)

@@ -35,6 +35,7 @@ from fortify.pipeline import (
     audit_membership,
     audited_dataset,
     check_data_fits_model,
+    check_flags_are_read,
     check_same_settings,
     discarded_on_error,
     evaluate_model,
@@ -445,6 +446,9 @@ def evaluate(
                           "input layout and range, is evaluated on the data it was trained on (pass --config "
                           "to change it) and writes into itself")
     cfg = evaluation_config(model_dir, config, overrides)
+    generic = (("--steps", steps), ("--restarts", restarts), ("--queries", queries),
+               ("--surrogate", surrogate))
+    check_flags_are_read(cfg.eval, [flag for flag, value in generic if value is not None])
     setup, ddp = _join_torchrun(prepare(cfg, device), model_dir)
     model, card = load_trained_model(model_dir, setup.device)
     check_data_fits_model(card, setup.dataset, model_dir)

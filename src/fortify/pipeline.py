@@ -372,6 +372,21 @@ def attack_names(config: EvalConfig) -> list[str]:
     return list(AUTOATTACK) if config.preset == "autoattack" else list(config.attacks)
 
 
+# the attacks that read each of evaluate's generic flags
+FLAG_READERS = {"--steps": tuple(_ITERATIONS), "--restarts": _RESTARTS, "--queries": tuple(_QUERIES),
+                "--surrogate": ("transfer",)}
+
+
+def check_flags_are_read(config: EvalConfig, flags: Sequence[str]) -> None:
+    """ConfigError for a generic flag that none of the attacks to run reads: it would be dropped
+    silently, and the results would not be what the command line asked for."""
+    names = attack_names(config)
+    for flag in flags:
+        if not set(FLAG_READERS[flag]) & set(names):
+            raise ConfigError(f"{flag} is read by {', '.join(FLAG_READERS[flag])}; none of the attacks "
+                              f"to run ({', '.join(names)}) reads it")
+
+
 def _attack_options(name: str, config: EvalConfig, num_classes: int) -> dict[str, Any]:
     """The generic flags (steps, restarts, queries) in each attack's own parameter names."""
     options: dict[str, Any] = {}
