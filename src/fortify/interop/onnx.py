@@ -26,7 +26,6 @@ class LoadedOnnx:
     declared_input_shape: tuple[int | None, ...]
     runtime: str  # "onnx2torch" or "onnxruntime"
     note: str
-    fixed_batch: int | None = None  # the batch size the file fixes, if it does
 
 
 class OnnxRuntimeClassifier(nn.Module):
@@ -132,7 +131,7 @@ def load_onnx_model(path: Path) -> LoadedOnnx:
         module = onnx2torch.convert(proto)
     except (NotImplementedError, RuntimeError, ValueError, KeyError) as err:
         note = f"onnx2torch cannot convert it ({err}); it runs in onnxruntime"
-        return LoadedOnnx(onnxruntime_classifier(path, batch), declared, "onnxruntime", note, batch)
+        return LoadedOnnx(onnxruntime_classifier(path, batch), declared, "onnxruntime", note)
     # a graph exported for one batch size may have it baked into a reshape: feed it that size
     converted = module.eval() if batch is None else FixedBatch(module.eval(), batch)
-    return LoadedOnnx(converted, declared, "onnx2torch", "converted to torch by onnx2torch", batch)
+    return LoadedOnnx(converted, declared, "onnx2torch", "converted to torch by onnx2torch")
