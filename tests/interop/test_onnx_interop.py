@@ -197,6 +197,16 @@ def test_cli_unfinished_evaluation_of_another_file_is_not_continued(onnx_twin, t
     assert sorted(p.name for p in out.rglob("*")) == ["evaluation", "model_file.json"]
 
 
+def test_cli_out_that_holds_something_else_is_refused_without_a_resume_hint(onnx_twin, tmp_path):
+    # evaluate has no --resume: the error must not send the user to one
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = _evaluate_cli("--model", onnx_twin(), "--dataset", "digits", "--attacks", "fgsm", "--out", out)
+    assert result.exit_code == 2 and "holds no unfinished evaluation of model.onnx" in result.output
+    assert "--resume" not in result.output and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
 def test_cli_black_box_model_gets_square_and_refuses_pgd(onnx_twin, tmp_path):
     path = onnx_twin(QUANTISE)
     refused = _evaluate_cli("--model", path, "--dataset", "digits", "--attacks", "pgd",

@@ -90,7 +90,8 @@ class FeatureSearch(Attack):
                     rows: Tensor) -> tuple[Tensor, Tensor]:
         """Per row of ``rows``, the score and the point of its best single-feature move. Blocks of
         rows keep the candidates held at once near ``_CHUNK`` rows of the table: a wide one-hot
-        table has thousands of moves per row, and all rows' candidates at once ran to gigabytes."""
+        table has thousands of moves per row, and all rows' candidates at once grew as rows x moves x
+        columns."""
         moves = self._moves(x.device)
         block = max(1, _CHUNK // (moves.column.numel() + len(moves.categories)))
         bests, points = [], []
