@@ -80,6 +80,20 @@ def test_fgsm_with_a_ratio_passes_the_clean_and_the_adversarial_batch_separately
     assert int(model[1].num_batches_tracked) == 2
 
 
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_fgsm_at_either_end_of_its_ratio_passes_the_model_only_as_often_as_it_needs(ratio):
+    # ratio 0 is clean training: no FGSM point (one forward, no input gradient); ratio 1 drops the
+    # clean term: the attack's forward and backward, then one pass over the FGSM points
+    x, y = _tiny_problem()
+    model, reference = _mlp(), _mlp()
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(args[0].requires_grad))
+    loss = build_objective("fgsm", ObjectiveOptions(THREAT, fgsm_ratio=ratio))(model, x, y)
+    points = x if ratio == 0.0 else FGSM(THREAT)(reference, x, y)
+    assert torch.allclose(loss, F.cross_entropy(reference(points), y))
+    assert calls == ([False] if ratio == 0.0 else [True, False])
+
+
 def test_fgsm_rs_keeps_a_configured_step_at_its_share_of_eps_during_warm_up():
     threat = ThreatModel("linf", 0.2)
     configured = build_objective("fgsm-rs", ObjectiveOptions(threat, attack_step_size=0.1))

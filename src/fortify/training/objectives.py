@@ -161,6 +161,8 @@ class FGSMObjective(_AttackObjective):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         ratio = self.options.fgsm_ratio
+        if ratio == 0.0:  # clean training: the FGSM points would carry no weight
+            return self.cross_entropy(model(x), y)
         x_adv = self.craft(model, x, y)
         if ratio == 1.0:
             return self.cross_entropy(model(x_adv), y)
