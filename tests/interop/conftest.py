@@ -6,6 +6,8 @@ so any difference in what fortify measures on them is a difference in fortify's 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -73,26 +75,31 @@ def keras_twin(reference_model, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def onnx_twin(reference_model, tmp_path_factory):
-    """``make(prefix_ops=(), batch="batch") -> path`` of an NCHW .onnx file; ``prefix_ops`` run on the
-    input first; an integer ``batch`` fixes the batch size, as an export without dynamic axes does.
+    """``make(prefix_ops=(), batch="batch", suffix_ops=(), opset=17) -> path`` of an NCHW .onnx file;
+    ``prefix_ops`` run on the input first, ``suffix_ops`` on the logits last (e.g. a softmax); an
+    integer ``batch`` fixes the batch size, as an export without dynamic axes does.
 
-    Each prefix op is ``(op_type, attributes, constants)`` applied as ``op(x, *constants)``.
+    Each prefix or suffix op is ``(op_type, attributes, constants)`` applied as ``op(x, *constants)``.
     """
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
     conv_w, conv_b, dense_w, dense_b = _weights(reference_model)
 
-    def make(prefix_ops=(), batch="batch"):
-        nodes, initializers, current = [], [], "input"
-        for index, (op_type, attributes, constants) in enumerate(prefix_ops):
+    def chain(ops, current, stage, nodes, initializers):
+        for index, (op_type, attributes, constants) in enumerate(ops):
             names = []
             for position, value in enumerate(constants):
-                name = f"prefix{index}_c{position}"
+                name = f"{stage}{index}_c{position}"
                 initializers.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
                 names.append(name)
-            nodes.append(helper.make_node(op_type, [current, *names], [f"prefix{index}"], **attributes))
-            current = f"prefix{index}"
+            nodes.append(helper.make_node(op_type, [current, *names], [f"{stage}{index}"], **attributes))
+            current = f"{stage}{index}"
+        return current
+
+    def make(prefix_ops=(), batch="batch", suffix_ops=(), opset=17):
+        nodes, initializers = [], []
+        current = chain(prefix_ops, "input", "prefix", nodes, initializers)
         initializers += [numpy_helper.from_array(w, n) for w, n in
                          [(conv_w, "conv_w"), (conv_b, "conv_b"), (dense_w, "dense_w"), (dense_b, "dense_b")]]
         nodes += [
@@ -101,14 +108,34 @@ def onnx_twin(reference_model, tmp_path_factory):
             helper.make_node("Flatten", ["relu"], ["flat"], axis=1),
             helper.make_node("Gemm", ["flat", "dense_w", "dense_b"], ["logits"], transB=1),
         ]
+        output = chain(suffix_ops, "logits", "suffix", nodes, initializers)
         graph = helper.make_graph(
             nodes, "twin", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 1, 8, 8])],
-            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])], initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, [batch, 10])], initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         model.ir_version = 8
         onnx.checker.check_model(model)
         path = tmp_path_factory.mktemp("onnx") / "model.onnx"
         onnx.save(model, str(path))
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def softmax_export(reference_model, tmp_path_factory):
+    """``make(opset) -> path``: the reference model followed by ``nn.Softmax(dim=1)``, written by
+    ``torch.onnx.export`` with a dynamic batch, as a classifier that returns probabilities is."""
+    pytest.importorskip("onnx")
+
+    def make(opset: int):
+        path = tmp_path_factory.mktemp("softmax-export") / "model.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter
+            torch.onnx.export(nn.Sequential(reference_model, nn.Softmax(dim=1)), (torch.zeros(1, 1, 8, 8),),
+                              str(path), dynamo=False, opset_version=opset, input_names=["input"],
+                              output_names=["probabilities"],
+                              dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}})
         return path
 
     return make

@@ -97,7 +97,7 @@ def test_sample_check_refuses_wrong_output_and_warns_at_chance():
     constant = InputAdapter(nn.Sequential(nn.Flatten(), nn.Linear(4, 4)), InputCard(), bounds=(0.0, 1.0))
     nn.init.zeros_(constant.model[1].weight)
     with torch.no_grad():
-        constant.model[1].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))  # always class 0: 25% correct
+        constant.model[1].bias.copy_(torch.tensor([2.0, 0.0, 0.0, 0.0]))  # always class 0: 25% correct
     warnings = check_on_sample(constant, x, y, num_classes=4)
     assert len(warnings) == 1 and "25.0%" in warnings[0] and "close to chance" in warnings[0]
     with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fortify.attacks import PGD, Square
+from fortify.attacks import APGD, PGD, Square
 from fortify.cli import app
 from fortify.errors import CheckpointError, ConfigError, DataError, MissingDependencyError
 from fortify.evaluation import evaluate
@@ -255,3 +255,145 @@ def test_a_conversion_that_computes_another_function_gives_way_to_onnxruntime(on
     # Assert: the file's own function is what gets attacked
     assert external.runtime == "onnxruntime" and external.access.kind == "black-box"
     assert "differs from onnxruntime" in external.warnings[0]
+
+
+# a final softmax: the classifier returns probabilities, whose saturated gradients would mask attacks
+SOFTMAX = ("Softmax", {}, ())  # the default axis: 1 up to opset 12, -1 from opset 13 on
+LAST_AXIS_SOFTMAX = ("Softmax", {"axis": -1}, ())
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_a_final_softmax_is_bypassed_so_attacks_see_the_logits(softmax_export, reference_model, digits,
+                                                                opset):
+    # Prepare: torch.onnx.export of the reference model followed by nn.Softmax(dim=1)
+    external = load_external_model(softmax_export(opset), digits)
+    x = digits.test.x[:64]
+    # Execute
+    clean, robust = _robust_accuracy(external.module, PGD(THREAT, steps=10), digits)
+    native_clean, native_robust = _robust_accuracy(reference_model, PGD(THREAT, steps=10), digits)
+    # Assert: the logits themselves, said in the warnings; onnxruntime's reference runs the same edited
+    # graph, or the conversion check would have sent the model to onnxruntime
+    torch.testing.assert_close(external.module(x), reference_model(x), atol=1e-5, rtol=1e-5)
+    assert "the model's final softmax is bypassed so that attacks see logits" in external.warnings
+    assert external.runtime == "onnx2torch" and external.access.kind == "white-box"
+    assert (clean, robust) == (native_clean, native_robust)
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+@pytest.mark.parametrize("softmax", [SOFTMAX, LAST_AXIS_SOFTMAX, ("Softmax", {"axis": 1}, ())])
+def test_a_final_softmax_on_the_class_axis_is_bypassed_in_any_spelling(onnx_twin, reference_model, digits,
+                                                                       opset, softmax):
+    external = load_external_model(onnx_twin(suffix_ops=[softmax], opset=opset), digits)
+    x = digits.test.x[:64]
+    torch.testing.assert_close(external.module(x), reference_model(x), atol=1e-5, rtol=1e-5)
+    assert any("softmax is bypassed" in w for w in external.warnings)
+
+
+class _Times(torch.nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_a_confident_softmax_model_is_attacked_through_its_logits(onnx_twin, reference_model, digits):
+    # Prepare: logits 30 times the reference's, then a softmax: in float32 its probabilities saturate
+    # to 0 and 1, where their gradients vanish. DLR, a margin loss, ignores the logits' scale
+    external = load_external_model(onnx_twin(suffix_ops=[("Mul", {}, (30.0,)), SOFTMAX]), digits)
+    native = torch.nn.Sequential(reference_model, _Times(30.0)).eval()
+    # Execute
+    _, robust = _robust_accuracy(external.module, APGD(THREAT, loss="dlr", n_iter=20), digits)
+    _, native_robust = _robust_accuracy(native, APGD(THREAT, loss="dlr", n_iter=20), digits)
+    # Assert: the same robust accuracy as on the logits (measured on the probabilities: 77% against 53%)
+    assert robust == native_robust < 0.6
+
+
+def test_the_onnxruntime_fallback_runs_the_model_without_its_softmax(onnx_twin, reference_model, digits):
+    external = load_external_model(onnx_twin([IDENTITY_SHRINK], suffix_ops=[SOFTMAX]), digits)
+    x = digits.test.x[:64]
+    assert external.runtime == "onnxruntime"
+    torch.testing.assert_close(external.module(x), reference_model(x), atol=1e-5, rtol=1e-5)
+    assert external.warnings[0] == "the model's final softmax is bypassed so that attacks see logits"
+    assert "Shrink" in external.warnings[1]
+
+
+@pytest.mark.parametrize("prefix", [[], [IDENTITY_SHRINK]])
+def test_a_softmax_model_with_external_weights_runs_without_its_softmax(onnx_twin, reference_model, digits,
+                                                                        tmp_path, monkeypatch, prefix):
+    # onnxruntime runs the edited graph from bytes: its weights must be in it, not left beside the file
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(onnx_twin(prefix, suffix_ops=[SOFTMAX])))
+    path = tmp_path / "external" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=0)
+    monkeypatch.chdir(tmp_path)
+    external = load_external_model(path, digits)
+    x = digits.test.x[:16]
+    assert external.runtime == ("onnxruntime" if prefix else "onnx2torch")
+    torch.testing.assert_close(external.module(x), reference_model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("final, expected", [
+    (("LogSoftmax", {"axis": 1}, ()), lambda logits: logits.log_softmax(1)),  # logits up to a row constant
+    (("Softmax", {"axis": 0}, ()), lambda logits: logits.softmax(0)),  # over the batch, not the classes
+])
+def test_other_final_ops_are_left_alone(onnx_twin, reference_model, digits, final, expected):
+    external = load_external_model(onnx_twin(suffix_ops=[final]), digits)
+    x = digits.test.x[:64]
+    torch.testing.assert_close(external.module(x), expected(reference_model(x)), atol=1e-5, rtol=1e-5)
+    assert not any("softmax is bypassed" in w for w in external.warnings)
+
+
+def _softmax_graph(opset, attributes, shape, *, after=None):
+    """A graph input -> Softmax (-> ``after``) -> output, both of ``shape``."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Softmax", ["input"], ["softmax"], name="final", **attributes)]
+    if after is not None:
+        nodes.append(helper.make_node(after, ["softmax"], ["after"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, shape)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset, attributes, shape, bypassed", [
+    (13, {}, ["b", 10], True),  # default axis -1
+    (11, {}, ["b", 10], True),  # default axis 1: the last of a (batch, classes) output
+    (11, {}, ["b", 4, 10], False),  # default axis 1 of a rank-3 output: not the last axis
+    (13, {}, ["b", 4, 10], True),
+    (11, {"axis": 2}, ["b", 4, 10], True),  # rank - 1, written out
+    (13, {"axis": 1}, ["b", 10], True),
+    (13, {"axis": 0}, ["b", 10], False),
+    (17, {"axis": -2}, ["b", 10], False),
+])
+def test_which_softmax_is_bypassed(opset, attributes, shape, bypassed):
+    onnx = pytest.importorskip("onnx")
+    from fortify.interop.onnx import _bypass_final_softmax
+
+    proto = _softmax_graph(opset, attributes, shape)
+    assert _bypass_final_softmax(proto) is bypassed
+    node = proto.graph.node[0]
+    assert (node.op_type, list(node.input), list(node.output)) == \
+        ("Identity" if bypassed else "Softmax", ["input"], ["softmax"])
+    onnx.checker.check_model(proto)  # the edited graph is still a valid model
+
+
+def test_a_softmax_that_does_not_produce_the_output_is_kept():
+    from fortify.interop.onnx import _bypass_final_softmax
+
+    proto = _softmax_graph(17, {}, ["b", 10], after="Neg")
+    assert not _bypass_final_softmax(proto)
+    assert [node.op_type for node in proto.graph.node] == ["Softmax", "Neg"]
+
+
+def test_a_softmax_hidden_behind_another_node_is_named_in_the_warnings(onnx_twin, digits):
+    # Prepare: a Softmax then an Identity, so the softmax does not produce the graph's output
+    path = onnx_twin(suffix_ops=[SOFTMAX, ("Identity", {}, ())])
+    # Execute
+    external = load_external_model(path, digits)
+    # Assert: not bypassed, but the probabilities are pointed out
+    assert not any("softmax is bypassed" in w for w in external.warnings)
+    assert any("sum to 1, as probabilities do" in w for w in external.warnings)

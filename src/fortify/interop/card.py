@@ -175,10 +175,21 @@ def check_on_sample(model: nn.Module, x: Tensor, y: Tensor, num_classes: int) ->
     if not torch.isfinite(logits).all():
         raise DataError("the model returns NaN or infinite outputs on the dataset's inputs; check "
                         "--input-range and --mean/--std")
+    warnings = [_PROBABILITIES] if _look_like_probabilities(logits) else []
     accuracy = float((logits.argmax(1) == y).float().mean())
     chance = 1.0 / num_classes
     if accuracy <= chance + 0.25 * (1 - chance):
-        return [f"clean accuracy on a sample of {len(x)} inputs is {100 * accuracy:.1f}%, close to "
-                f"chance ({100 * chance:.0f}%): the input card (--layout, "
-                "--input-range, --mean/--std) may not match how the model was trained"]
-    return []
+        warnings.append(f"clean accuracy on a sample of {len(x)} inputs is {100 * accuracy:.1f}%, close to "
+                        f"chance ({100 * chance:.0f}%): the input card (--layout, "
+                        "--input-range, --mean/--std) may not match how the model was trained")
+    return warnings
+
+
+_PROBABILITIES = ("the model's outputs lie in [0, 1] and sum to 1, as probabilities do, and fortify found no "
+                  "final softmax to bypass: gradient attacks on saturated probabilities understate what "
+                  "an attacker with the logits reaches; export the model without its softmax")
+
+
+def _look_like_probabilities(outputs: Tensor) -> bool:
+    rows = outputs.double()
+    return bool(rows.min() >= 0 and rows.max() <= 1 and (rows.sum(1) - 1).abs().max() <= 1e-4)

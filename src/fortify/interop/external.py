@@ -25,6 +25,7 @@ MODEL_SUFFIXES = {".keras": "keras", ".h5": "keras", ".onnx": "onnx"}
 BLACK_BOX_ATTACKS = ("square", "hopskipjump", "transfer")
 SAMPLE_SIZE = 256
 CONVERSION_TOLERANCE = 1e-4  # relative to the largest logit: float32 rounding, not another function
+SOFTMAX_BYPASSED = "the model's final softmax is bypassed so that attacks see logits"
 
 
 @dataclass
@@ -55,7 +56,7 @@ def load_external_model(path: Path, dataset: Dataset, *, layout: str = "auto",
                           f"{', '.join(MODEL_SUFFIXES)}")
     if not path.is_file():
         raise CheckpointError(f"model file {path} does not exist")
-    module, declared, runtime, notes = _load(framework, path, device)
+    module, declared, runtime, notes, source = _load(framework, path, device)
     card = InputCard(layout=resolve_layout(layout, declared, dataset.input_shape),
                      input_range=tuple(input_range) if input_range is not None else dataset.bounds,
                      mean=tuple(mean) if mean is not None else None,
@@ -64,43 +65,49 @@ def load_external_model(path: Path, dataset: Dataset, *, layout: str = "auto",
     adapted = InputAdapter(module, card, dataset.bounds)
     sample = dataset.test.head(SAMPLE_SIZE)
     if runtime == "onnx2torch":
-        adapted, runtime, notes = _checked_conversion(adapted, path, card, dataset.bounds, sample.x)
+        adapted, runtime, conversion_notes = _checked_conversion(adapted, source, card, dataset.bounds,
+                                                                 sample.x)
+        notes = notes + conversion_notes
     warnings = notes + check_on_sample(adapted, sample.x, sample.y, dataset.num_classes)
     access = probe_gradients(adapted, sample.x)
     return ExternalModel(adapted, path, framework, runtime, card, access, warnings)
 
 
 def _load(framework: str, path: Path, device: torch.device | None
-          ) -> tuple[nn.Module, tuple[int | None, ...], str, list[str]]:
+          ) -> tuple[nn.Module, tuple[int | None, ...], str, list[str], Path | bytes]:
+    """The module, its declared input shape, runtime, notes, and its source: the file, or for an ONNX
+    graph that fortify edited (a final softmax bypassed) the edited graph's bytes."""
     if framework == "keras":
         from fortify.interop.keras import load_keras_model
 
         # Keras places its weights on its own default device; moving them would strand its state
         module, declared = load_keras_model(path)
-        notes = ["the model's final softmax is bypassed so that attacks see logits"] \
-            if module.final_softmax is not None else []
-        return module, declared, "keras-torch", notes
+        notes = [SOFTMAX_BYPASSED] if module.final_softmax is not None else []
+        return module, declared, "keras-torch", notes, path
     from fortify.interop.onnx import load_onnx_model
 
     loaded = load_onnx_model(path)
     module = loaded.module
     if loaded.runtime == "onnx2torch" and device is not None:
         module = module.to(device)
-    notes = [loaded.note] if loaded.runtime == "onnxruntime" else []
-    return module, loaded.declared_input_shape, loaded.runtime, notes
+    notes = [SOFTMAX_BYPASSED] if loaded.softmax_bypassed else []
+    if loaded.runtime == "onnxruntime":
+        notes.append(loaded.note)
+    return module, loaded.declared_input_shape, loaded.runtime, notes, loaded.runtime_source
 
 
-def _checked_conversion(adapted: InputAdapter, path: Path, card: InputCard, bounds: tuple[float, float],
-                        x: torch.Tensor) -> tuple[nn.Module, str, list[str]]:
+def _checked_conversion(adapted: InputAdapter, source: Path | bytes, card: InputCard,
+                        bounds: tuple[float, float], x: torch.Tensor) -> tuple[nn.Module, str, list[str]]:
     """onnx2torch rebuilds the graph from torch operations; were its function another than the file's,
     fortify would attack a model the file does not hold. Compared with onnxruntime on the sample (when
-    installed), a conversion off by more than float rounding gives way to onnxruntime (black-box)."""
+    installed), a conversion off by more than float rounding gives way to onnxruntime (black-box).
+    ``source`` is the graph onnx2torch converted: the file, or its bytes once its softmax was bypassed."""
     from fortify.interop.onnx import FixedBatch, onnxruntime_classifier
 
     if importlib.util.find_spec("onnxruntime") is None:
         return adapted, "onnx2torch", []
     fixed_batch = adapted.model.batch if isinstance(adapted.model, FixedBatch) else None
-    reference = InputAdapter(onnxruntime_classifier(path, fixed_batch), card, bounds)
+    reference = InputAdapter(onnxruntime_classifier(source, fixed_batch), card, bounds)
     device = next(adapted.parameters(), torch.empty(0)).device
     try:
         with torch.inference_mode():

@@ -2,7 +2,8 @@
 
 onnx2torch rebuilds the graph from torch operations, so gradients usually flow and every attack
 applies. When an operator has no converter, the model still runs in onnxruntime, but only as a
-black box: query-based attacks work on it, gradient attacks cannot.
+black box: query-based attacks work on it, gradient attacks cannot. Either way, a final softmax is
+replaced by an identity first, so that attacks see logits.
 """
 
 from __future__ import annotations
@@ -26,22 +27,28 @@ class LoadedOnnx:
     declared_input_shape: tuple[int | None, ...]
     runtime: str  # "onnx2torch" or "onnxruntime"
     note: str
+    softmax_bypassed: bool  # the graph's final softmax was replaced by an identity
+    # what onnxruntime runs: the file, or the edited graph serialised when the softmax was bypassed
+    runtime_source: Path | bytes
 
 
 class OnnxRuntimeClassifier(nn.Module):
     """Forward-only: onnxruntime computes the logits on NumPy arrays, outside autograd.
 
-    Built from the file's path, so that weights stored as external data are found beside it (from
-    bytes, onnxruntime would look for them in the working directory).
+    An unedited model is built from the file's path, so that weights stored as external data are
+    found beside it (from bytes, onnxruntime would look for them in the working directory). An edited
+    graph comes as bytes: ``onnx.load`` has already read its external data into it.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, source: Path | bytes) -> None:
         super().__init__()
         runtime = require("onnxruntime", "running an ONNX model that onnx2torch cannot convert")
+        model = source if isinstance(source, bytes) else str(source)
         try:
-            self.session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.session = runtime.InferenceSession(model, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime's errors derive from Exception only
-            raise CheckpointError(f"onnxruntime cannot load {path}: {err}") from None
+            what = source if isinstance(source, Path) else "the edited ONNX graph"
+            raise CheckpointError(f"onnxruntime cannot load {what}: {err}") from None
         self.input_name = self.session.get_inputs()[0].name
         self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
 
@@ -74,9 +81,9 @@ class FixedBatch(nn.Module):
         return torch.cat(outputs)
 
 
-def onnxruntime_classifier(path: Path, fixed_batch: int | None) -> nn.Module:
-    """``OnnxRuntimeClassifier`` of ``path``, fed in chunks when the file fixes the batch size."""
-    classifier = OnnxRuntimeClassifier(path)
+def onnxruntime_classifier(source: Path | bytes, fixed_batch: int | None) -> nn.Module:
+    """``OnnxRuntimeClassifier`` of ``source``, fed in chunks when the file fixes the batch size."""
+    classifier = OnnxRuntimeClassifier(source)
     return classifier if fixed_batch is None else FixedBatch(classifier, fixed_batch)
 
 
@@ -116,6 +123,39 @@ def _graph_input_shape(proto: Any, path: Path) -> tuple[int | None, ...]:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
 
 
+def _bypass_final_softmax(proto: Any) -> bool:
+    """Turn a Softmax over the last (class) axis that produces the graph's output into an Identity,
+    in place; True when it did. Input and output names stay, so the graph's output and its
+    value_info stay valid.
+
+    Attacks need logits: on saturated probabilities their gradients vanish and robustness looks
+    better than it is. Anything else is left as it is; a final LogSoftmax, for one, gives logits up
+    to a per-row constant, which changes neither the cross-entropy nor the margins.
+    """
+    output = proto.graph.output[0].name
+    node = next((n for n in proto.graph.node if output in n.output), None)
+    if node is None or node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
+        return False
+    # onnx's checker (run by _read) requires the main graph's outputs to declare their shape
+    rank = len(proto.graph.output[0].type.tensor_type.shape.dim)
+    if _softmax_axis(node, _default_opset(proto)) not in (-1, rank - 1):
+        return False
+    node.op_type = "Identity"
+    del node.attribute[:]  # Identity takes no attributes; Softmax's one input is Identity's
+    return True
+
+
+def _softmax_axis(node: Any, opset: int) -> int:
+    explicit = [attribute.i for attribute in node.attribute if attribute.name == "axis"]
+    # the default moved from 1 to -1 in opset 13; before it, Softmax flattened the axes from `axis`
+    # on into one, which on the last axis alone is the same function
+    return explicit[0] if explicit else (-1 if opset >= 13 else 1)
+
+
+def _default_opset(proto: Any) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def load_onnx_model(path: Path) -> LoadedOnnx:
     """Convert with onnx2torch; fall back to onnxruntime (black-box) for unsupported operators."""
     path = Path(path)
@@ -126,12 +166,16 @@ def load_onnx_model(path: Path) -> LoadedOnnx:
     proto = _read(path)
     declared = _graph_input_shape(proto, path)
     batch = _fixed_batch(proto)
+    bypassed = _bypass_final_softmax(proto)
+    # onnxruntime must run the same edited graph; the file itself when there was nothing to edit
+    source = proto.SerializeToString() if bypassed else path
     onnx2torch = require("onnx2torch", "converting an ONNX model to torch")
     try:
         module = onnx2torch.convert(proto)
     except (NotImplementedError, RuntimeError, ValueError, KeyError) as err:
         note = f"onnx2torch cannot convert it ({err}); it runs in onnxruntime"
-        return LoadedOnnx(onnxruntime_classifier(path, batch), declared, "onnxruntime", note)
+        fallback = onnxruntime_classifier(source, batch)
+        return LoadedOnnx(fallback, declared, "onnxruntime", note, bypassed, source)
     # a graph exported for one batch size may have it baked into a reshape: feed it that size
     converted = module.eval() if batch is None else FixedBatch(module.eval(), batch)
-    return LoadedOnnx(converted, declared, "onnx2torch", "converted to torch by onnx2torch")
+    return LoadedOnnx(converted, declared, "onnx2torch", "converted to torch by onnx2torch", bypassed, source)
