@@ -38,6 +38,7 @@ from fortify.pipeline import (
     check_flags_are_read,
     check_same_settings,
     discarded_on_error,
+    encoding_for_other_table,
     evaluate_model,
     evaluation_config,
     fresh_out_dir,
@@ -449,7 +450,8 @@ def evaluate(
     generic = (("--steps", steps), ("--restarts", restarts), ("--queries", queries),
                ("--surrogate", surrogate))
     check_flags_are_read(cfg.eval, [flag for flag, value in generic if value is not None])
-    setup, ddp = _join_torchrun(prepare(cfg, device), model_dir)
+    encoding = encoding_for_other_table(model_dir, cfg)
+    setup, ddp = _join_torchrun(prepare(cfg, device, input_encoding=encoding), model_dir)
     model, card = load_trained_model(model_dir, setup.device)
     check_data_fits_model(card, setup.dataset, model_dir)
     # under torchrun the ranks share the attack batches and merge per example (no journal)

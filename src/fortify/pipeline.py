@@ -107,8 +107,10 @@ def _check_test_fraction_is_read(data: DataConfig, dataset: Dataset) -> None:
                           f"{data.test_fraction} is not used; leave it at its default ({default})")
 
 
-def prepare(config: RunConfig, device: str = "auto", objectives: tuple[str, ...] = ()) -> Setup:
-    """Load data and check every name and value the run will use."""
+def prepare(config: RunConfig, device: str = "auto", objectives: tuple[str, ...] = (),
+            input_encoding: dict[str, Any] | None = None) -> Setup:
+    """Load data and check every name and value the run will use; a table with ``input_encoding`` (a
+    model card's) encoded as the model's training data was, instead of by its own rows."""
     for objective in objectives or (config.train.objective,):
         OBJECTIVES.get(objective)
     for attack in attack_names(config.eval):
@@ -117,7 +119,8 @@ def prepare(config: RunConfig, device: str = "auto", objectives: tuple[str, ...]
     _check_data_settings_are_read(data)
     dataset = load_dataset(data.name, table_options(DataOptions(
         seed=data.seed, val_fraction=data.val_fraction, test_fraction=data.test_fraction,
-        cache_dir=data.cache_dir, path=data.path, download=data.download), data.target, data.feature_schema))
+        cache_dir=data.cache_dir, path=data.path, download=data.download), data.target, data.feature_schema,
+        input_encoding))
     _check_test_fraction_is_read(data, dataset)
     model_name = config.model.name or dataset.default_model
     MODELS.get(model_name)
@@ -158,41 +161,50 @@ def model_card(setup: Setup) -> dict[str, Any]:
             "input_encoding": setup.dataset.metadata.get("schema")}
 
 
-def _ordered(encoding: dict[str, Any] | None) -> Any:
+def _ordered(encoding: dict[str, Any] | None, with_classes: bool) -> Any:
     """An encoding in a form whose equality sees the column order (dicts compare without it)."""
     if encoding is None:
         return None
-    return encoding.get("target"), list(encoding.get("features", {}).items())
+    classes = encoding.get("classes") if with_classes else None
+    return encoding.get("target"), classes, list(encoding.get("features", {}).items())
 
 
 def check_data_fits_model(card: dict[str, Any], dataset: Dataset, model_dir: Path) -> None:
     """ConfigError when ``dataset`` does not fit the model: inputs of another shape or another number
     of classes, or a table encoded otherwise than the model's training data was (another column
-    order, bounds refitted on other rows, other categories), which the model would read as permuted
-    or rescaled features without any error of its own."""
+    order, bounds refitted on other rows, other categories or classes), which the model would read as
+    permuted or rescaled features, or relabelled classes, without any error of its own."""
+    _check_table_encoding(card.get("input_encoding"), dataset.metadata.get("schema"), model_dir)
     shape, classes = tuple(card["input_shape"]), int(card["num_classes"])
     if (shape, classes) != (tuple(dataset.input_shape), dataset.num_classes):
         raise ConfigError(f"{model_dir} takes inputs of shape {shape} and scores {classes} classes; the "
                           f"data {dataset.name!r} has inputs of shape {tuple(dataset.input_shape)} and "
                           f"{dataset.num_classes} classes")
-    trained, now = card.get("input_encoding"), dataset.metadata.get("schema")
-    if trained is None or _ordered(trained) == _ordered(now):
+
+
+def _check_table_encoding(trained: dict[str, Any] | None, now: dict[str, Any] | None,
+                          model_dir: Path) -> None:
+    # models trained before the encoding recorded the classes are compared on the rest
+    with_classes = trained is not None and "classes" in trained
+    if trained is None or _ordered(trained, with_classes) == _ordered(now, with_classes):
         return
     if now is None:
         raise ConfigError(f"{model_dir} was trained on a table encoded by a schema; the data given has "
                           "none")
     trained_features, features = trained.get("features", {}), now.get("features", {})
+    name = next((f for f in features if features[f] != trained_features.get(f)), None)
     if list(trained_features) != list(features):
         problem = (f"its columns are {list(features)}, the model's training data had "
                    f"{list(trained_features)}")
+    elif name is not None:
+        problem = f"feature {name!r} is encoded as {features[name]}, in training as {trained_features[name]}"
+    elif now.get("target") != trained.get("target"):
+        problem = f"the target is {now.get('target')!r}, in training {trained.get('target')!r}"
     else:
-        name = next((f for f in features if features[f] != trained_features[f]), None)
-        problem = (f"feature {name!r} is encoded as {features[name]}, in training as {trained_features[name]}"
-                   if name is not None else f"the target is {now.get('target')!r}, in training "
-                   f"{trained.get('target')!r}")
+        problem = f"its classes are {now.get('classes')}, in training {trained.get('classes')}"
     raise ConfigError(f"the data is encoded otherwise than the data {model_dir} was trained on: {problem}; "
-                      "give the schema the model was trained with (model.json's input_encoding) and "
-                      "bounds for every numeric feature")
+                      "give the schema the model was trained with (model.json's input_encoding, as "
+                      "data.feature_schema)")
 
 
 def model_from_card(card: dict[str, Any]) -> nn.Module:
@@ -291,6 +303,23 @@ def evaluation_config(model_dir: Path, config_path: Path | None, overrides: dict
     config = config_from_dict(layered.model_dump(mode="json"), overrides)
     check_evaluated_as_trained(model_dir, own, config)
     return config
+
+
+def encoding_for_other_table(model_dir: Path, config: RunConfig) -> dict[str, Any] | None:
+    """The encoding of the model's training table (its card's), when ``config`` evaluates the model on
+    another table under the same schema setting: that table must be read as the model reads, not with
+    bounds and classes fitted on its own rows. None otherwise."""
+    own_path, card_path = Path(model_dir) / "config.yaml", Path(model_dir) / MODEL_CARD
+    if config.data.name != "csv" or not (own_path.is_file() and card_path.is_file()):
+        return None
+    own = load_config(own_path).data
+    if (own.path, own.target) == (config.data.path, config.data.target) \
+            or own.feature_schema != config.data.feature_schema:
+        return None
+    try:  # load_trained_model checks the card against its hash before any result is written
+        return json.loads(card_path.read_text()).get("input_encoding")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def check_evaluated_as_trained(model_dir: Path, own: RunConfig, config: RunConfig) -> None:

@@ -47,9 +47,9 @@ def test_train_and_evaluate_a_csv_with_target_and_schema(tmp_path, schema):
         assert changes["counts"]["age"] == 0 and changes["counts"]["late_payments"] == 0
 
 
-def test_a_table_encoded_otherwise_than_in_training_is_refused_by_name(tmp_path, schema):
+def test_another_table_is_read_with_the_models_encoding_and_a_schema_of_its_own_is_refused(tmp_path):
     # Prepare: a model trained without a schema file (bounds fitted on its rows), then the same rows
-    # with the columns in another order, and rows of the same distribution that refit other bounds
+    # with the columns in another order, and rows of the same distribution whose own range differs
     table = credit_table(120)
     write_csv(tmp_path / "credit.csv", table)
     out = tmp_path / "model"
@@ -58,21 +58,38 @@ def test_a_table_encoded_otherwise_than_in_training_is_refused_by_name(tmp_path,
     assert trained.exit_code == 0, trained.output
     encoding = json.loads((out / "model.json").read_text())["input_encoding"]
     assert list(encoding["features"]) == [c for c in table if c != "default"]
+    assert encoding["fitted_bounds"]["age"] == ["low", "high"]
     write_csv(tmp_path / "reordered.csv", dict(reversed(list(table.items()))))
-    write_csv(tmp_path / "other.csv", credit_table(120, seed=1))
+    other = credit_table(120, seed=1)
+    write_csv(tmp_path / "other.csv", other)
+    fitted = {name: sides for name, sides in encoding["fitted_bounds"].items() if name != "age"}
+    refitted = {**encoding, "fitted_bounds": fitted}
+    refitted["features"]["age"] = {**encoding["features"]["age"], "low": float(min(other["age"])),
+                                   "high": float(max(other["age"]))}
+    (tmp_path / "refitted.yaml").write_text(yaml.safe_dump(refitted, sort_keys=False))
 
-    def evaluate_on(csv):
-        (tmp_path / "other.yaml").write_text(yaml.safe_dump({"data": {"path": str(csv)}}))
-        return _invoke("evaluate", out, "--config", tmp_path / "other.yaml", "--attacks", "fgsm",
-                       "--n-examples", "10", "--device", "cpu")
+    def evaluate_on(csv, **schema):
+        (tmp_path / "other.yaml").write_text(yaml.safe_dump({"data": {"path": str(csv), **schema}}))
+        result = _invoke("evaluate", out, "--config", tmp_path / "other.yaml", "--attacks", "fgsm",
+                         "--n-examples", "10", "--device", "cpu")
+        accuracy = json.loads((out / "robustness.json").read_text())["robustness"]["clean_accuracy"] \
+            if result.exit_code == 0 else None
+        return result, accuracy
 
-    # Execute / Assert: a clean error naming what differs, instead of permuted or rescaled features
-    reordered = evaluate_on(tmp_path / "reordered.csv")
-    assert reordered.exit_code == 2 and "Traceback" not in reordered.output
-    assert "encoded otherwise than the data" in reordered.output and "its columns are" in reordered.output
-    refitted = evaluate_on(tmp_path / "other.csv")
-    assert refitted.exit_code == 2 and "feature 'age' is encoded as" in refitted.output
-    assert evaluate_on(tmp_path / "credit.csv").exit_code == 0
+    # Execute
+    (own, own_accuracy), (reordered, reordered_accuracy) = (evaluate_on(tmp_path / f"{name}.csv")
+                                                            for name in ("credit", "reordered"))
+    other_rows, _ = evaluate_on(tmp_path / "other.csv")
+    own_schema, _ = evaluate_on(tmp_path / "other.csv", feature_schema=str(tmp_path / "refitted.yaml"))
+
+    # Assert: the reordered rows are the same inputs to the model; rows beyond the fitted bounds are
+    # clipped to them, as in training; a schema that encodes otherwise is refused by name
+    assert own.exit_code == 0 and reordered.exit_code == 0, reordered.output
+    assert reordered_accuracy == own_accuracy
+    assert other_rows.exit_code == 0, other_rows.output
+    assert own_schema.exit_code == 2 and "Traceback" not in own_schema.output
+    assert "encoded otherwise than the data" in own_schema.output
+    assert "feature 'age' is encoded as" in own_schema.output
 
 
 def test_a_schema_that_does_not_fit_the_csv_exits_cleanly(tmp_path, schema):
@@ -120,3 +137,39 @@ def test_a_schema_name_a_csv_cannot_use_is_refused(tmp_path, name, fragment):
     assert result.exit_code == 2, result.output
     assert fragment in result.output
     assert "Traceback" not in result.output and not (tmp_path / "never").exists()
+
+
+def test_the_classes_belong_to_the_encoding_a_model_checks(tmp_path):
+    # Prepare: a model trained on a yes/no target; the same rows relabelled granted/denied (two
+    # classes again, so the class count alone cannot tell), and a file of 'yes' rows only
+    table = credit_table(120)
+    table["default"] = ["yes" if v else "no" for v in table["default"]]
+    write_csv(tmp_path / "credit.csv", table)
+    out = tmp_path / "model"
+    trained = _invoke("train", "--data", tmp_path / "credit.csv", "--target", "default", "--objective",
+                      "standard", "--epochs", "1", "--out", out, "--quiet", "--device", "cpu")
+    assert trained.exit_code == 0, trained.output
+    encoding = json.loads((out / "model.json").read_text())["input_encoding"]
+    assert encoding["classes"] == ["no", "yes"]
+    write_csv(tmp_path / "relabelled.csv",
+              {**table, "default": ["granted" if v == "no" else "denied" for v in table["default"]]})
+    yes_rows = [i for i, v in enumerate(table["default"]) if v == "yes"]
+    write_csv(tmp_path / "yes.csv", {k: [v[i] for i in yes_rows] for k, v in table.items()})
+    (tmp_path / "trained.yaml").write_text(json.dumps(encoding))  # JSON is YAML, in the model's order
+
+    def evaluate_on(csv, **schema):
+        (tmp_path / "other.yaml").write_text(yaml.safe_dump({"data": {"path": str(csv), **schema}}))
+        return _invoke("evaluate", out, "--config", tmp_path / "other.yaml", "--attacks", "fgsm",
+                       "--n-examples", "10", "--device", "cpu")
+
+    # Execute
+    relabelled = evaluate_on(tmp_path / "relabelled.csv")
+    yes_only = evaluate_on(tmp_path / "yes.csv", feature_schema=str(tmp_path / "trained.yaml"))
+
+    # Assert: relabelled classes are refused by name; with the model's encoding as the schema, a file
+    # of one class is read with the model's two classes, every label 'yes' = 1
+    assert relabelled.exit_code == 2 and "Traceback" not in relabelled.output
+    assert "'denied' is not one of the schema's classes: no, yes" in relabelled.output
+    assert yes_only.exit_code == 0, yes_only.output
+    results = json.loads((out / "robustness.json").read_text())
+    assert results["robustness"]["n_examples"] == 10

@@ -234,3 +234,55 @@ def test_bounds_a_schema_gives_are_not_clipped_to(tmp_path):
 
     # Assert
     assert f"feature 'income', row {TEST_ROWS[0]}: value 1e+09 is outside the schema bounds" in message
+
+
+# -- the target's classes --------------------------------------------------------------------------
+
+def write_labelled(path: Path, labels: list[str]) -> Path:
+    lines = ["age,label"] + [f"{20 + i},{label}" for i, label in enumerate(labels)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def all_labels(dataset) -> list[int]:
+    return torch.cat([dataset.train.y, dataset.val.y, dataset.test.y]).tolist()
+
+
+def test_numeric_labels_spelled_two_ways_are_one_class_in_numeric_order(tmp_path):
+    # Prepare: 10 and 2 sort as numbers (2 before 10); 1 and 1.0 are the same number
+    labels = ["1", "1.0", "10", "2", "2.00", "1"] * 5
+    path = write_labelled(tmp_path / "t.csv", labels)
+
+    # Execute
+    dataset = load_dataset("csv", TableOptions(path=path, target="label"))
+
+    # Assert: three classes named by their shortest spelling, every cell under its number's index
+    assert dataset.class_names == ["1", "2", "10"] and dataset.num_classes == 3
+    assert sorted(all_labels(dataset)) == sorted([{"1": 0, "1.0": 0, "2": 1, "2.00": 1, "10": 2}[v]
+                                                  for v in labels])
+    assert dataset.metadata["schema"]["classes"] == ["1", "2", "10"]
+
+
+def test_the_schemas_classes_fix_the_indices_even_for_a_subset_of_them(tmp_path):
+    # Prepare: a file holding only two of the three classes the schema lists, in its own order; the
+    # ten 'rent' rows are the youngest (ages 20-29)
+    path = write_labelled(tmp_path / "t.csv", ["rent"] * 10 + ["own"] * 10)
+    schema = tmp_path / "schema.yaml"
+    schema.write_text("classes: [rent, other, own]\ninfer_missing: true\nfeatures: {age: {type: integer}}\n")
+
+    # Execute
+    dataset = load_dataset("csv", TableOptions(path=path, target="label", schema=schema))
+
+    # Assert: inferred classes would be [own, rent] with own = 0
+    assert dataset.num_classes == 3 and dataset.class_names == ["rent", "other", "own"]
+    assert sorted(all_labels(dataset)) == [0] * 10 + [2] * 10
+    age, y = dataset.train.x[:, 0], dataset.train.y
+    assert age[y == 0].max() < age[y == 2].min()
+
+
+def test_a_label_the_schemas_classes_lack_is_refused_with_the_classes(tmp_path):
+    path = write_labelled(tmp_path / "t.csv", ["own", "rent", "boat"] * 4)
+    schema = tmp_path / "schema.yaml"
+    schema.write_text("classes: [own, rent]\ninfer_missing: true\nfeatures: {age: {type: integer}}\n")
+    message = csv_error(path, target="label", schema=schema)
+    assert "row 2: 'boat' is not one of the schema's classes: own, rent" in message

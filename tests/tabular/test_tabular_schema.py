@@ -12,7 +12,7 @@ from fortify.data import load_dataset
 from fortify.errors import ConfigError, DataError
 from fortify.tabular import Feature, Schema, TableOptions
 from fortify.tabular.csv import infer_schema, read_table
-from fortify.tabular.schema import SchemaSpec, read_schema_spec
+from fortify.tabular.schema import SchemaSpec, load_schema, read_schema_spec
 
 
 def test_encode_scales_numbers_by_bounds_and_one_hots_categories(schema):
@@ -115,3 +115,23 @@ def test_unreadable_or_malformed_yaml_files_name_the_file_and_its_kind(tmp_path,
         read(broken)
     with pytest.raises(ConfigError, match=f"cannot read {kind} file .*missing.yaml"):
         read(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("features: {housing: {type: categorical, categories: [yes, no]}}", "category True is a YAML boolean"),
+    ("classes: [on, off]\nfeatures: {age: {type: integer, low: 0, high: 1}}", "class True is a YAML boolean"),
+    ("classes: [a]\nfeatures: {age: {type: integer, low: 0, high: 1}}", "at least two classes"),
+    ("classes: a\nfeatures: {age: {type: integer, low: 0, high: 1}}", "classes must be a list"),
+])
+def test_categories_and_classes_yaml_would_misread_are_refused(tmp_path, text, fragment):
+    # YAML 1.1 reads unquoted yes/no/on/off as booleans: 'yes' in the CSV would match no category
+    path = tmp_path / "schema.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=fragment):
+        load_schema(path)
+
+
+def test_quoted_yes_and_no_are_categories(tmp_path):
+    path = tmp_path / "schema.yaml"
+    path.write_text("features: {housing: {type: categorical, categories: ['yes', 'no']}}\n")
+    assert load_schema(path).feature("housing").categories == ("yes", "no")

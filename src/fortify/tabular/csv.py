@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import torch
 
 from fortify.data.base import Dataset, Split, split_indices
 from fortify.data.registry import DATASETS, DataOptions
-from fortify.errors import DataError
+from fortify.errors import ConfigError, DataError
 from fortify.tabular.schema import Feature, Schema, SchemaSpec, read_schema_spec
 
 Table = dict[str, list[str]]
@@ -45,19 +45,19 @@ class TableOptions(DataOptions):
     """DataOptions plus what a table needs: the target column and an optional schema file."""
 
     target: str | None = None
-    schema: Path | str | None = None
+    schema: Path | str | SchemaSpec | None = None
 
 
 @DATASETS.register("csv")
 def load_csv(options: DataOptions) -> Dataset:
     path = _require_file(options.path)
-    spec = read_schema_spec(options.schema) if getattr(options, "schema", None) else None
+    spec = _schema_spec(getattr(options, "schema", None))
     target = getattr(options, "target", None) or (spec.target if spec else None)
     if target is None:
         raise DataError(f"the csv dataset needs a target column: pass --target NAME (columns of "
                         f"{path.name}: {', '.join(read_header(path))})")
     table = read_table(path)
-    labels, class_names = encode_labels(table, target)
+    labels, class_names = encode_labels(table, target, spec.classes if spec else None)
     rows = split_indices(len(labels), options.val_fraction, options.test_fraction, options.seed)
     split_of = _split_names(len(labels), rows)
     schema = infer_schema(table, target, spec, fit_rows=rows[0].tolist())
@@ -67,11 +67,16 @@ def load_csv(options: DataOptions) -> Dataset:
     train, val, test = (Split(x[index], y[index]) for index in rows)
     return Dataset("csv", train, val, test, num_classes=len(class_names), default_model="mlp",
                    class_names=class_names,
-                   metadata={"source": str(path), "target": target, "schema": schema.to_dict(),
+                   metadata={"source": str(path), "target": target,
+                             "schema": encoding(schema, spec, class_names),
                              "feature_names": schema.column_names(), "clipped": clipped})
 
 
 # -- reading -----------------------------------------------------------------------------------
+
+def _schema_spec(schema: Path | str | SchemaSpec | None) -> SchemaSpec | None:
+    return schema if isinstance(schema, SchemaSpec) or schema is None else read_schema_spec(schema)
+
 
 def _require_file(path: Path | str | None) -> Path:
     if path is None:
@@ -124,16 +129,45 @@ def _rows(path: Path) -> Iterator[list[str]]:
                         "save the CSV as UTF-8") from None
 
 
-def encode_labels(table: Table, target: str) -> tuple[list[int], list[str]]:
-    """Class indices in sorted order of the target's distinct values (numeric order for numbers)."""
+def encode_labels(table: Table, target: str, classes: Sequence[str] | None = None
+                  ) -> tuple[list[int], list[str]]:
+    """Class indices of the target's cells, and the class names.
+
+    ``classes`` (a schema's) fixes the classes and their order; without it they are the distinct
+    values, sorted (numbers in numeric order). Numbers are compared as numbers, so ``1`` and ``1.0``
+    are one class (named by its shortest spelling).
+    """
     if target not in table:
         raise DataError(f"target column {target!r} is not in the data; columns: {', '.join(table)}")
     values = table[target]
-    distinct = sorted(set(values), key=lambda v: (0, float(v), v) if _is_number(v) else (1, 0.0, v))
-    if len(distinct) < 2:
-        raise DataError(f"target column {target!r} holds a single class {distinct}; need at least two")
-    index = {v: i for i, v in enumerate(distinct)}
-    return [index[v] for v in values], distinct
+    names = list(classes) if classes is not None else _class_names(values)
+    index: dict[tuple[int, float, str], int] = {}
+    for i, name in enumerate(names):
+        if index.setdefault(_label_key(name), i) != i:
+            raise ConfigError(f"classes {names[index[_label_key(name)]]!r} and {name!r} are the same "
+                              "label; list each class once")
+    if len(names) < 2:
+        raise DataError(f"target column {target!r} holds a single class {names}; need at least two")
+    labels = []
+    for row, value in enumerate(values):
+        label = index.get(_label_key(value))
+        if label is None:
+            raise DataError(f"target column {target!r}, row {row}: {value!r} is not one of the schema's "
+                            f"classes: {', '.join(names)}")
+        labels.append(label)
+    return labels, names
+
+
+def _label_key(value: str) -> tuple[int, float, str]:
+    """What makes two target cells one class: the number they spell, else their text."""
+    return (0, float(value), "") if _is_number(value) else (1, 0.0, value)
+
+
+def _class_names(values: list[str]) -> list[str]:
+    spellings: dict[tuple[int, float, str], list[str]] = {}
+    for value in set(values):
+        spellings.setdefault(_label_key(value), []).append(value)
+    return [min(spellings[key], key=lambda v: (len(v), v)) for key in sorted(spellings)]
 
 
 # -- fitting on the training rows ---------------------------------------------------------------
@@ -177,7 +211,7 @@ def clip_to_bounds(table: Table, schema: Schema, spec: SchemaSpec | None, split_
     clipped = dict.fromkeys(SPLITS, 0)
     table = dict(table)
     for feature in schema.features:
-        low, high = _clip_range(feature, _given(spec, feature.name))
+        low, high = _clip_range(feature, spec)
         if (low, high) == (-math.inf, math.inf):
             continue
         column = list(table[feature.name])
@@ -190,13 +224,28 @@ def clip_to_bounds(table: Table, schema: Schema, spec: SchemaSpec | None, split_
     return table, clipped
 
 
-def _clip_range(feature: Feature, given: Mapping[str, Any]) -> tuple[float, float]:
-    """The sides inferred from the training rows. A side a schema file gives is a statement about
+def _clip_range(feature: Feature, spec: SchemaSpec | None) -> tuple[float, float]:
+    """The sides estimated from the training rows. A side a schema file gives is a statement about
     the data, not an estimate, so a value beyond it must reach the refusal in ``Schema.encode``."""
+    fitted = _fitted_sides(feature, spec)
+    low, high = feature.low, feature.high
+    return (low if "low" in fitted and low is not None else -math.inf,
+            high if "high" in fitted and high is not None else math.inf)
+
+
+def _fitted_sides(feature: Feature, spec: SchemaSpec | None) -> tuple[str, ...]:
+    """The bounds of ``feature`` inferred from the training rows, or that the schema says were."""
     if feature.type not in ("continuous", "integer"):
-        return -math.inf, math.inf
-    assert feature.low is not None and feature.high is not None
-    return (-math.inf if "low" in given else feature.low, math.inf if "high" in given else feature.high)
+        return ()
+    given, fitted = _given(spec, feature.name), spec.fitted_bounds.get(feature.name, ()) if spec else ()
+    return tuple(side for side in ("low", "high") if side not in given or side in fitted)
+
+
+def encoding(schema: Schema, spec: SchemaSpec | None, class_names: list[str]) -> dict[str, Any]:
+    """How the table became the model's inputs and labels, as a schema file that reproduces it: the
+    features with their bounds, the classes, and which bounds were estimates (clipped to)."""
+    fitted = {f.name: list(sides) for f in schema.features if (sides := _fitted_sides(f, spec))}
+    return {**schema.to_dict(), "classes": class_names, "fitted_bounds": fitted}
 
 
 # -- schema inference ---------------------------------------------------------------------------
@@ -208,6 +257,8 @@ def infer_schema(table: Mapping[str, list[str]], target: str, spec: SchemaSpec |
     columns = [name for name in table if name != target]
     if spec is not None:
         _check_columns(spec, columns, target)
+        if not spec.infer_missing:  # a complete schema orders the model's columns; the file may not
+            columns = list(spec.features)
     features = tuple(infer_feature(name, table[name], _given(spec, name), fit_rows) for name in columns)
     return Schema(features, target)
 
@@ -235,7 +286,6 @@ def infer_feature(name: str, values: list[str], given: Mapping[str, Any],
     kind = settings["type"]
     if kind == "categorical":
         settings.setdefault("categories", sorted(set(_rows_of(values, fit_rows))))
-        settings["categories"] = tuple(str(c) for c in settings["categories"])
     elif kind in ("continuous", "integer") and not ("low" in settings and "high" in settings):
         numbers = _rows_of(_numbers(name, values, kind), fit_rows)
         low, high = min(numbers), max(numbers)

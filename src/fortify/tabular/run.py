@@ -18,7 +18,7 @@ from fortify.data import DataOptions, Dataset, Split
 from fortify.errors import ConfigError, DataError
 from fortify.tabular.constraints import ConstrainedThreatModel
 from fortify.tabular.csv import TableOptions
-from fortify.tabular.schema import Feature, Schema, load_schema
+from fortify.tabular.schema import Feature, Schema, SchemaSpec, load_schema
 from fortify.tabular.study import study_constraints
 from fortify.threat import ThreatModel
 
@@ -44,13 +44,15 @@ def breast_cancer_schema(dataset: Dataset) -> Schema:
 BUNDLED: dict[str, Callable[[Dataset], Schema]] = {"breast-cancer": breast_cancer_schema}
 
 
-def table_options(options: DataOptions, target: str | None, schema: str | None) -> DataOptions:
-    """``options`` plus the target column and schema file a csv dataset reads."""
+def table_options(options: DataOptions, target: str | None, schema: str | None,
+                  encoding: dict[str, Any] | None = None) -> DataOptions:
+    """``options`` plus the target column and schema a csv dataset reads: ``encoding`` (a model
+    card's, which is a complete schema) when given, else the schema file."""
     if target is None and schema is None:
         return options
     schema_file = None if schema is None or schema in BUNDLED else _schema_file(schema)
-    return TableOptions(**{f.name: getattr(options, f.name) for f in fields(options)},
-                        target=target, schema=schema_file)
+    return TableOptions(**{f.name: getattr(options, f.name) for f in fields(options)}, target=target,
+                        schema=SchemaSpec.from_dict(encoding) if encoding is not None else schema_file)
 
 
 def _schema_file(schema: str) -> Path:

@@ -11,12 +11,18 @@ and says whether an attacker may change it (``mutable``), in which ``direction``
 ``increase`` or ``decrease``; numeric features only) and at what ``cost`` per unit of scaled change
 (the weight of the threat model's norm; a category switch costs ``cost``).
 
+A bound is a statement about the data: a value beyond it is refused. A bound that ``fitted_bounds``
+names was estimated from the training rows (fortify records so in the encoding a model card keeps),
+and a value beyond it is clipped to it, as training clipped its validation and test rows.
+
 The model sees every numeric feature min-max scaled by its bounds into [0, 1], so the whole table
 lives in the usual [0, 1] box and a budget ``eps`` reads as "a share of the feature's range".
 
 YAML form (``features`` keeps the column order)::
 
     target: default            # optional
+    classes: ['no', 'yes']     # optional: the target's classes in class-index order
+    fitted_bounds: {income: [high]}  # optional: bounds estimated from training rows, clipped to
     infer_missing: false       # true: columns the schema omits are inferred from the CSV
     features:
       age:      {type: integer, low: 18, high: 100, mutable: false}
@@ -43,7 +49,7 @@ from fortify.errors import ConfigError, DataError
 FEATURE_TYPES: tuple[str, ...] = ("continuous", "integer", "binary", "categorical")
 DIRECTIONS: tuple[str, ...] = ("any", "increase", "decrease")
 FEATURE_KEYS: tuple[str, ...] = ("type", "low", "high", "categories", "mutable", "direction", "cost")
-SCHEMA_KEYS: tuple[str, ...] = ("target", "infer_missing", "features")
+SCHEMA_KEYS: tuple[str, ...] = ("target", "classes", "fitted_bounds", "infer_missing", "features")
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ class Feature:
             self._check_numeric()
 
     def _check_categorical(self) -> None:
-        cats = tuple(str(c) for c in self.categories)
+        cats = category_names(f"feature {self.name!r}: category", self.categories)
         if len(cats) < 2 or len(set(cats)) != len(cats):
             raise ConfigError(f"feature {self.name!r}: a categorical feature needs at least two distinct "
                               f"categories, got {list(self.categories)!r}")
@@ -236,6 +242,8 @@ class SchemaSpec:
     features: dict[str, dict[str, Any]]
     target: str | None = None
     infer_missing: bool = False
+    classes: tuple[str, ...] | None = None  # the target's classes in index order; None: from the data
+    fitted_bounds: dict[str, tuple[str, ...]] = field(default_factory=dict)  # name -> "low"/"high"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SchemaSpec:
@@ -261,7 +269,28 @@ class SchemaSpec:
         infer = data.get("infer_missing", False)
         if not isinstance(infer, bool):
             raise ConfigError(f"infer_missing must be true or false, got {infer!r}")
-        return cls(entries, None if target is None else str(target), infer)
+        classes = data.get("classes")
+        if classes is not None:
+            if not isinstance(classes, list):
+                raise ConfigError(f"classes must be a list of the target's values, got {classes!r}")
+            classes = category_names("class", classes)
+            if len(classes) < 2:
+                raise ConfigError(f"classes must list at least two classes, got {list(classes)!r}")
+        return cls(entries, None if target is None else str(target), infer, classes,
+                   _fitted_bounds(data.get("fitted_bounds", {}), entries))
+
+
+def _fitted_bounds(data: Any, features: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"fitted_bounds must map feature names to [low, high] or a part, got {data!r}")
+    fitted = {}
+    for name, sides in data.items():
+        if name not in features:
+            raise ConfigError(f"fitted_bounds names {name!r}, which is not a schema feature")
+        if not isinstance(sides, list) or not sides or not set(sides) <= {"low", "high"}:
+            raise ConfigError(f"fitted_bounds of {name!r} must list low, high or both, got {sides!r}")
+        fitted[str(name)] = tuple(sorted(set(sides), reverse=True))  # low before high
+    return fitted
 
 
 def read_schema_spec(path: Path | str) -> SchemaSpec:
@@ -276,6 +305,16 @@ def load_schema(path: Path | str) -> Schema:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+def category_names(what: str, values: Sequence[Any]) -> tuple[str, ...]:
+    """Categories or classes written in YAML, as the text the CSV cells hold. YAML 1.1 reads an
+    unquoted yes/no/on/off/true/false as a boolean, whose spelling in the data is lost: refused."""
+    flag = next((v for v in values if isinstance(v, bool)), None)
+    if flag is not None:
+        raise ConfigError(f"{what} {flag!r} is a YAML boolean (YAML reads unquoted yes, no, on, off, true "
+                          "and false so); quote it as the data spell it, e.g. 'yes'")
+    return tuple(str(v) for v in values)
+
 
 def _number(feature: str, key: str, value: Any) -> float:
     if isinstance(value, bool):
