@@ -718,3 +718,17 @@ def test_run_refuses_a_train_objective_it_would_ignore(tmp_path, objective):
 ])
 def test_a_generic_flag_no_chosen_attack_reads_is_refused(trained_dir, flags, fragment):
     _assert_clean_error(_invoke("evaluate", trained_dir, *flags), fragment)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "evaluate-file", "run"])
+def test_a_generic_setting_in_a_config_file_that_no_attack_reads_is_refused(trained_dir, tmp_path, command):
+    # Prepare: a config file that sets PGD's steps for an evaluation that runs FGSM alone
+    config = tmp_path / "fgsm.yaml"
+    config.write_text("eval:\n  attacks: [fgsm]\n  steps: 50\n")
+    args = {"evaluate": ["evaluate", trained_dir, "--config", config],
+            "evaluate-file": ["evaluate", "--model", tmp_path / "m.onnx", "--dataset", "digits", "--config",
+                              config, "--out", tmp_path / "o"],
+            "run": ["run", "--config", config, "--out", tmp_path / "o", "--quiet"]}[command]
+    # Execute / Assert: refused before anything runs, naming the file
+    _assert_clean_error(_invoke(*args), f"eval.steps in {config} is read by pgd", not_created=tmp_path / "o")
+

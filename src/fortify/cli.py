@@ -42,6 +42,7 @@ from fortify.pipeline import (
     evaluate_model,
     evaluation_config,
     fresh_out_dir,
+    generic_settings_in_file,
     load_trained_model,
     prepare,
     provenance,
@@ -177,6 +178,7 @@ def run(
         raise ConfigError(f"fortify run trains a standard and a pgd model, so train.objective="
                           f"{cfg.train.objective!r} does not apply; train it with fortify train "
                           "--objective, or compare objectives with fortify sweep")
+    check_flags_are_read(cfg.eval, generic_settings_in_file(config))
     setup = prepare(cfg, device, objectives=("standard", "pgd"))
     out_dir = fresh_out_dir(out, cfg.data.name, resume, marker="config.yaml")  # its first file
     if resume:
@@ -419,6 +421,10 @@ def evaluate(
     if preset is not None and (attack_list is not None or cascade is False):
         flag = "--attacks" if attack_list is not None else "--no-cascade"
         raise ConfigError(f"--preset {preset} runs its own attacks as a cascade; {flag} does not apply to it")
+    flags = (("--steps", "steps", steps), ("--restarts", "restarts", restarts),
+             ("--queries", "queries", queries), ("--surrogate", "surrogate", surrogate))
+    generic = [(flag, setting) for flag, setting, value in flags if value is not None]
+    generic += generic_settings_in_file(config)
     overrides = _overrides(
         threat={"eps": eps, "norm": norm},
         eval={"attacks": attack_list, "preset": preset, "steps": steps, "restarts": restarts,
@@ -429,7 +435,7 @@ def evaluate(
             raise ConfigError(f"give a model directory ({model_dir}) or --model {model_file}, not both")
         _evaluate_model_file(model_file, config, overrides, dataset=dataset, layout=layout,
                              input_range=input_range, mean=mean, std=std, device=device, out=out,
-                             attacks_chosen=attack_list is not None or preset is not None,
+                             attacks_chosen=attack_list is not None or preset is not None, generic=generic,
                              with_report=with_report)
         return
     if model_dir is None:
@@ -447,9 +453,7 @@ def evaluate(
                           "input layout and range, is evaluated on the data it was trained on (pass --config "
                           "to change it) and writes into itself")
     cfg = evaluation_config(model_dir, config, overrides)
-    generic = (("--steps", steps), ("--restarts", restarts), ("--queries", queries),
-               ("--surrogate", surrogate))
-    check_flags_are_read(cfg.eval, [flag for flag, value in generic if value is not None])
+    check_flags_are_read(cfg.eval, generic)
     encoding = encoding_for_other_table(model_dir, cfg)
     setup, ddp = _join_torchrun(prepare(cfg, device, input_encoding=encoding), model_dir)
     model, card = load_trained_model(model_dir, setup.device)
@@ -504,7 +508,7 @@ def _print_evaluation(title: str, report: Any) -> None:
 def _evaluate_model_file(path: Path, config: Path | None, overrides: dict[str, Any], *,
                          dataset: str | None, layout: str, input_range: str | None, mean: str | None,
                          std: str | None, device: str, out: Path | None, attacks_chosen: bool,
-                         with_report: bool) -> None:
+                         generic: list[tuple[str, str]], with_report: bool) -> None:
     """Evaluate a Keras or ONNX file on a dataset; a model without gradients gets query attacks only."""
     from fortify.interop.card import parse_numbers
     from fortify.interop.external import check_attacks_fit_access, load_external_model
@@ -513,6 +517,7 @@ def _evaluate_model_file(path: Path, config: Path | None, overrides: dict[str, A
     if dataset is not None:
         overrides = {**overrides, "data": {"name": dataset}}
     cfg = load_config(config, overrides)
+    check_flags_are_read(cfg.eval, generic)
     setup = prepare(cfg, device)
     source = {"model_file": str(path.resolve()), "sha256": ckpt.sha256(path) if path.is_file() else None,
               "dataset": cfg.data.name, "layout": layout, "input_range": input_range, "mean": mean,

@@ -401,19 +401,28 @@ def attack_names(config: EvalConfig) -> list[str]:
     return list(AUTOATTACK) if config.preset == "autoattack" else list(config.attacks)
 
 
-# the attacks that read each of evaluate's generic flags
-FLAG_READERS = {"--steps": tuple(_ITERATIONS), "--restarts": _RESTARTS, "--queries": tuple(_QUERIES),
-                "--surrogate": ("transfer",)}
+# the attacks that read each of the generic eval settings (evaluate's --steps, ... flags)
+SETTING_READERS = {"steps": tuple(_ITERATIONS), "restarts": _RESTARTS, "queries": tuple(_QUERIES),
+                   "surrogate": ("transfer",)}
 
 
-def check_flags_are_read(config: EvalConfig, flags: Sequence[str]) -> None:
-    """ConfigError for a generic flag that none of the attacks to run reads: it would be dropped
-    silently, and the results would not be what the command line asked for."""
+def generic_settings_in_file(config_path: Path | None) -> list[tuple[str, str]]:
+    """``(how it was given, setting)`` for each generic eval setting a config file gives a value."""
+    section = read_yaml_mapping(config_path).get("eval")
+    if not isinstance(section, dict):
+        return []
+    return [(f"eval.{key} in {config_path}", key) for key in SETTING_READERS if section.get(key) is not None]
+
+
+def check_flags_are_read(config: EvalConfig, given: Sequence[tuple[str, str]]) -> None:
+    """ConfigError for a generic setting (``(how it was given, setting)``: a flag, or a config file's
+    eval key) that none of the attacks to run reads: it would be dropped silently, and the results
+    would not be what was asked for."""
     names = attack_names(config)
-    for flag in flags:
-        if not set(FLAG_READERS[flag]) & set(names):
-            raise ConfigError(f"{flag} is read by {', '.join(FLAG_READERS[flag])}; none of the attacks "
-                              f"to run ({', '.join(names)}) reads it")
+    for shown, setting in given:
+        if not set(SETTING_READERS[setting]) & set(names):
+            raise ConfigError(f"{shown} is read by {', '.join(SETTING_READERS[setting])}; none of the "
+                              f"attacks to run ({', '.join(names)}) reads it")
 
 
 def _attack_options(name: str, config: EvalConfig, num_classes: int) -> dict[str, Any]:
