@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from fortify.config import TrainConfig
@@ -92,6 +93,36 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(digits, tmp_pat
         assert torch.equal(weights, last_c[name]), f"{name} differs after resume"
     assert [r.train_loss for r in result_a.history] == [r.train_loss for r in result_c.history]
     assert result_a.best_epoch == result_c.best_epoch
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CUDA generator needs a GPU"))])
+def test_a_dropout_model_resumes_to_the_uninterrupted_weights(digits, tmp_path, device):
+    # Prepare: dropout on a GPU draws from the device's own generator, which the CPU state does not hold
+    train, val = _subset(digits, 256)
+
+    def trainer(run_dir, callbacks=()):
+        torch.manual_seed(123)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.5),
+                              nn.Linear(64, 10)).to(device)
+        config = TrainConfig(objective="standard", epochs=3, batch_size=32, lr=0.05, early_stopping=False)
+        return Trainer(model, build_objective("standard", ObjectiveOptions(THREAT)), config, threat=THREAT,
+                       run_dir=run_dir, callbacks=callbacks, show_progress=False)
+
+    def kill_after_two(record):
+        if record.epoch == 2:
+            raise Interrupted
+
+    # Execute
+    trainer(tmp_path / "a").fit(train, val)
+    with pytest.raises(Interrupted):
+        trainer(tmp_path / "b", [kill_after_two]).fit(train, val)
+    torch.manual_seed(999)  # a fresh process would start from other generator states (CUDA's too)
+    trainer(tmp_path / "b").fit(train, val, resume=True)
+    # Assert
+    last_a, last_b = (load_file(str(run / "last.safetensors")) for run in (tmp_path / "a", tmp_path / "b"))
+    for name, weights in last_a.items():
+        assert torch.equal(weights, last_b[name]), f"{name} differs after resume"
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

@@ -377,6 +377,8 @@ class Trainer:
         assert self.run_dir is not None
         optim_tensors, optim_meta = ckpt.split_optimizer_state(self.optimizer.state_dict())
         rng = {"rng.torch": torch.get_rng_state(), "rng.shuffle": self.shuffle.get_state()}
+        if self.device.type == "cuda":  # dropout on the GPU draws from the device's own generator
+            rng["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         objective_rng = self.objective.rng_state()
         if objective_rng is not None:
             rng["rng.objective"] = objective_rng
@@ -432,6 +434,8 @@ class Trainer:
                                     hashes["state.safetensors"])
         self.optimizer.load_state_dict(ckpt.join_optimizer_state(tensors, state["optimizer"]))
         torch.set_rng_state(tensors["rng.torch"])
+        if self.device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.shuffle.set_state(tensors["rng.shuffle"])
         self.batch_recipe.set_rng_state(tensors)
         self._load_extra_rng_state(tensors)
