@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -413,3 +414,20 @@ def test_trainer_recipe_builds_the_runs_own_objective_with_every_setting(monkeyp
     (objective,) = objectives
     assert (objective.name, objective.beta, objective.label_smoothing) == ("trades", 1.0, 0.2)
     assert (objective.options.attack_steps, objective.options.seed) == (3, 7)
+
+
+def test_the_shadow_attack_scores_confident_rows_without_ties():
+    # Prepare: an attack classifier on two far-apart clusters, then rows further and further out,
+    # where its probability of "member" rounds to exactly 1.0
+    from fortify.privacy.membership import _member_scores, default_attack_classifier
+
+    rng = np.random.default_rng(0)
+    features = np.concatenate([rng.normal(-3, 1, (50, 2)), rng.normal(3, 1, (50, 2))])
+    classifier = default_attack_classifier()
+    classifier.fit(features, np.repeat([0, 1], 50))
+    far = np.linspace(20, 60, 9)[:, None].repeat(2, axis=1)
+    assert (classifier.predict_proba(far)[:, 1] == 1.0).sum() >= 5  # the saturation this is about
+    # Execute
+    scores = _member_scores({}, classifier, far, np.zeros(len(far), dtype=np.int64))
+    # Assert: nine distinct scores, increasing with the distance as the classifier ranks them
+    assert np.all(np.diff(scores) > 0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,7 +122,8 @@ def threshold_attack(model: nn.Module, members: Split, non_members: Split, *,
 
 # -- Shokri et al. 2017 ----------------------------------------------------------------------------
 
-AttackClassifier = Callable[[], object]  # a factory of sklearn-style fit/predict_proba estimators
+# a factory of sklearn-style estimators: fit, and decision_function or predict_proba
+AttackClassifier = Callable[[], object]
 
 
 def default_attack_classifier() -> object:
@@ -178,14 +180,22 @@ def _fit_attack_models(features: np.ndarray, classes: np.ndarray, labels: np.nda
     return per_class, pooled
 
 
-def _member_probability(per_class: dict[int, object], pooled: object, features: np.ndarray,
-                        classes: np.ndarray) -> np.ndarray:
+def _member_scores(per_class: dict[int, object], pooled: object, features: np.ndarray,
+                   classes: np.ndarray) -> np.ndarray:
     scores = np.empty(len(classes))
     for cls in np.unique(classes):
         chosen = classes == cls
-        model = per_class.get(int(cls), pooled)
-        scores[chosen] = model.predict_proba(features[chosen])[:, 1]  # type: ignore[attr-defined]
+        scores[chosen] = _membership_log_odds(per_class.get(int(cls), pooled), features[chosen])
     return scores
+
+
+def _membership_log_odds(model: Any, features: np.ndarray) -> np.ndarray:
+    """The attack classifier's score for "member": its decision function (the log-odds, for logistic
+    regression) where it has one. Its probabilities round to exactly 0 or 1 for confident rows, which
+    would tie them and blur the ROC's low-FPR end; the log-odds rank the same rows without ties."""
+    if hasattr(model, "decision_function"):
+        return np.asarray(model.decision_function(features), dtype=np.float64)
+    return np.asarray(model.predict_proba(features)[:, 1], dtype=np.float64)
 
 
 def shadow_attack(model: nn.Module, members: Split, non_members: Split, *, shadow_pool: Split,
@@ -199,7 +209,9 @@ def shadow_attack(model: nn.Module, members: Split, non_members: Split, *, shado
     overlap the target's members and non-members (inputs found in both are counted in
     ``settings["shadow_pool_overlap"]`` and named in a note). Each shadow model's outputs on its half are
     labelled "in", on the other half "out"; one attack classifier per true class learns to tell them
-    apart and then scores the target model's outputs on the members and non-members. Without a
+    apart and then scores the target model's outputs on the members and non-members (by its
+    decision function, the log-odds of "member" for the default logistic regression, so that
+    confident rows do not tie at a probability of exactly 1). Without a
     ``recipe`` the shadow models are re-initialised copies of ``model`` trained by the Trainer with
     the default standard TrainConfig (``TrainerRecipe.like``).
     """
@@ -216,7 +228,7 @@ def shadow_attack(model: nn.Module, members: Split, non_members: Split, *, shado
     candidates, is_member = join(members, non_members)
     logits = predict_logits(model, candidates.x, batch_size)
     check_labels_fit(logits, candidates.y.to(logits.device), "members and non-members")
-    scores = _member_probability(per_class, pooled, attack_features(logits),
+    scores = _member_scores(per_class, pooled, attack_features(logits),
                                  candidates.y.cpu().numpy())
     inside, outside = split_scores(torch.from_numpy(scores), is_member)
     overlap = len(shared_rows(shadow_pool.x, candidates.x))
