@@ -68,7 +68,7 @@ def load_csv(options: DataOptions) -> Dataset:
     return Dataset("csv", train, val, test, num_classes=len(class_names), default_model="mlp",
                    class_names=class_names,
                    metadata={"source": str(path), "target": target,
-                             "schema": encoding(schema, spec, class_names),
+                             "schema": table_encoding(schema, spec, class_names),
                              "feature_names": schema.column_names(), "clipped": clipped})
 
 
@@ -241,7 +241,7 @@ def _fitted_sides(feature: Feature, spec: SchemaSpec | None) -> tuple[str, ...]:
     return tuple(side for side in ("low", "high") if side not in given or side in fitted)
 
 
-def encoding(schema: Schema, spec: SchemaSpec | None, class_names: list[str]) -> dict[str, Any]:
+def table_encoding(schema: Schema, spec: SchemaSpec | None, class_names: list[str]) -> dict[str, Any]:
     """How the table became the model's inputs and labels, as a schema file that reproduces it: the
     features with their bounds, the classes, and which bounds were estimates (clipped to)."""
     fitted = {f.name: list(sides) for f in schema.features if (sides := _fitted_sides(f, spec))}
