@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -57,8 +58,10 @@ def test_every_masking_defence_is_flagged(name, standard_model, digits, transfer
     make, must_fail, rerun = DEFENCES[name]
     defence = make(standard_model)
     # Execute
+    started = time.perf_counter()
     verdict = masking_verdict(defence, digits.test.x[:N], digits.test.y[:N], THREAT,
                               transfer_x_adv=transfer_points)
+    seconds = time.perf_counter() - started
     # Assert
     assert verdict.masked
     assert must_fail <= set(verdict.failed)
@@ -67,7 +70,7 @@ def test_every_masking_defence_is_flagged(name, standard_model, digits, transfer
     result = adaptive[rerun]
     # the table of docs/METRICS.md (shown with pytest -s)
     print(f"{name}: failed {', '.join(sorted(verdict.failed))}; plain PGD-10 {result.plain_success:.2f}, "
-          f"{rerun} {result.adaptive_success:.2f}")
+          f"{rerun} {result.adaptive_success:.2f}; {seconds:.1f} s")
     margin = 0.5 if rerun in {"bpda", "margin"} else 0.0
     assert result.adaptive_success > result.plain_success + margin
     if rerun == "bpda":  # shattered gradients: points that fool the undefended model transfer
@@ -83,7 +86,9 @@ def test_honest_models_are_not_flagged(fixture, digits, request):
     model.train()
     # Execute
     try:
+        started = time.perf_counter()
         verdict = masking_verdict(model, digits.test.x[:N], digits.test.y[:N], THREAT)
+        seconds = time.perf_counter() - started
         restored = model.training
     finally:
         model.eval()
@@ -95,7 +100,8 @@ def test_honest_models_are_not_flagged(fixture, digits, request):
     versus = verdict.check("white_vs_black_box").evidence
     print(f"{fixture}: failed none; plain PGD-10 "
           f"{verdict.check('iterative_vs_single_step').evidence['pgd_success']:.2f}, white-box union "
-          f"{versus['white_box_success']:.2f}, {versus['black_box']} {versus['black_box_success']:.2f}")
+          f"{versus['white_box_success']:.2f}, {versus['black_box']} {versus['black_box_success']:.2f}; "
+          f"{seconds:.1f} s")
     assert verdict.check("unbounded").evidence["success"] >= 0.99
     curve = verdict.check("eps_monotone").evidence["success"]
     assert curve[0] == 0.0 and curve[-1] == 1.0
