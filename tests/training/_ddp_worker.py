@@ -1,11 +1,12 @@
 """One rank of the data-parallel tests; torchrun starts two of these (see test_distributed.py).
 
 ``python -m torch.distributed.run --nproc-per-node 2 _ddp_worker.py TASK OUT`` with TASK
-``train-eval-crash`` (DDP training with a record of which rank wrote files, a sharded evaluation,
-then an adversarial run whose rank 1 dies after epoch 1) or ``resume`` (resume that run, then run
-it again uninterrupted for reference). Two launches in all: each costs seconds of CPU to start.
-The adversarial run's model has BatchNorm and the run keeps its best epoch (early stopping), so
-resuming exercises the statistics each rank holds and the best checkpoint each rank reloads.
+``train-eval-crash`` (DDP training with a record of which rank wrote files, a sharded evaluation and
+a sharded robust validation, then an adversarial run whose rank 1 dies after epoch 1) or ``resume``
+(resume that run, then run it again uninterrupted for reference). Two launches in all: each costs
+seconds of CPU to start. The adversarial run's model has BatchNorm and the run keeps its best epoch
+(early stopping), so resuming exercises the statistics each rank holds and the best checkpoint each
+rank reloads.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fortify.models import build_model
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
 from fortify.training import distributed
+from fortify.training import trainer as trainer_module
 from fortify.training.objectives import ObjectiveOptions, build_objective
 from fortify.training.trainer import Trainer
 
@@ -135,6 +137,17 @@ def train_eval(ctx: distributed.DistributedContext, out: Path) -> None:
                       eps_grid=[0.05, 0.1], shard=ctx)
     if ctx.is_main:
         (out / "sharded.json").write_text(json.dumps(report.to_dict()))
+    clean, robust = validation_trainer(model, ctx)._validate(data()[1])
+    if ctx.is_main:
+        (out / "validation.json").write_text(json.dumps({"clean": clean, "robust": robust}))
+
+
+def validation_trainer(model: nn.Module, ctx: distributed.DistributedContext | None) -> Trainer:
+    """A pgd Trainer around ``model`` whose validation splits the 180 validation examples into batches
+    of 64: three, so that under 2 ranks each rank attacks a batch of its own."""
+    trainer_module.VALIDATION_BATCH = 64
+    return Trainer(model, build_objective("pgd", ObjectiveOptions(THREAT, attack_steps=3)),
+                   train_config("pgd"), threat=THREAT, run_dir=None, show_progress=False, distributed=ctx)
 
 
 def crash_after_first_epoch(ctx: distributed.DistributedContext) -> Any:

@@ -201,6 +201,21 @@ def test_sharded_evaluation_equals_the_single_process_report(finished_run):
 
 
 @pytest.mark.slow
+def test_sharded_robust_validation_equals_the_single_process_numbers(finished_run):
+    # Prepare: the trained weights, validated by a pgd Trainer in this process, in batches of 64
+    model = worker.new_mlp()
+    model.load_state_dict(_weights(finished_run / "standard" / "model.safetensors"))
+    _, val, _ = worker.data()
+    # Execute
+    clean, robust = worker.validation_trainer(model, None)._validate(val)
+    sharded = json.loads((finished_run / "validation.json").read_text())
+    # Assert: three batches (rank 0 took two, rank 1 one), each from the random starts it meets in one
+    # process; the attack flips examples, so the random starts matter
+    assert len(val) == 180 and robust < clean
+    assert sharded == {"clean": clean, "robust": robust}
+
+
+@pytest.mark.slow
 def test_a_run_whose_rank_dies_resumes_to_the_uninterrupted_weights(two_rank_run):
     out, crashed = two_rank_run
     # Assert: rank 1 died after epoch 1 (exit code 3); torchrun stopped rank 0 and failed

@@ -28,7 +28,7 @@ from fortify.models.layout import flatten_gradient_hooks, to_channels_last
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
 from fortify.training.batches import BatchRecipe
-from fortify.training.distributed import DistributedContext, LocalBatch
+from fortify.training.distributed import DistributedContext, LocalBatch, batch_seed
 from fortify.training.ema import ModelEMA
 from fortify.training.objectives import Objective
 from fortify.training.schedules import SCHEDULES, schedule_progress
@@ -91,6 +91,9 @@ def _progress_from(saved: Any, run_dir: Path) -> _Progress:
 
 # devices with fused SGD and Adam kernels in torch
 _FUSED_DEVICES = ("cpu", "cuda")
+# validation examples per attack batch; a validation split no larger is one batch, attacked from the
+# validation attack's own seed (batch_seed keeps it for batch 0)
+VALIDATION_BATCH = 256
 
 
 def check_training_data(train: Split, threat: ThreatModel) -> None:
@@ -291,24 +294,31 @@ class Trainer:
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext(self.model)
 
     def _validate_current(self, val: Split) -> tuple[float, float | None]:
+        """Validation in batches of ``VALIDATION_BATCH``, each attacked from its own seed (as
+        ``evaluate`` does), so that under torchrun, where each rank takes whole batches and the counts
+        are summed, every example meets the random start it meets in one process."""
         self.model.eval()
         x, y = val.x.to(self.device), val.y.to(self.device)
-        if self.distributed is not None:  # each rank checks its share; the counts are summed
-            x, y = self.distributed.shard(x, y)
-        with torch.inference_mode():
-            clean = self._share_correct(self.model(x).argmax(1) == y, len(val))
-        robust = None
-        if self.objective.adversarial:
-            attack = PGD(self.threat, steps=self.config.val_attack_steps, early_stop=True, probe=True,
-                         seed=self.config.seed)
-            with torch.no_grad():
-                x_adv = attack(self.model, x, y)
-                robust = self._share_correct(self.model(x_adv).argmax(1) == y, len(val))
+        attack = PGD(self.threat, steps=self.config.val_attack_steps, early_stop=True, probe=True,
+                     seed=self.config.seed) if self.objective.adversarial else None
+        clean = torch.zeros((), dtype=torch.long, device=self.device)
+        robust = torch.zeros_like(clean)
+        for number, start in enumerate(range(0, len(val), VALIDATION_BATCH)):
+            if self.distributed is not None and not self.distributed.owns(number):
+                continue
+            xb, yb = x[start:start + VALIDATION_BATCH], y[start:start + VALIDATION_BATCH]
+            with torch.inference_mode():
+                clean += (self.model(xb).argmax(1) == yb).sum()
+            if attack is not None:
+                generator = torch.Generator(device=self.device).manual_seed(batch_seed(attack.seed, number))
+                with torch.no_grad():
+                    x_adv = attack(self.model, xb, yb, generator=generator)
+                    robust += (self.model(x_adv).argmax(1) == yb).sum()
         self.model.train()
-        return clean, robust
+        return (self._share_correct(clean, len(val)),
+                self._share_correct(robust, len(val)) if attack is not None else None)
 
-    def _share_correct(self, correct: Tensor, total: int) -> float:
-        count = correct.sum()
+    def _share_correct(self, count: Tensor, total: int) -> float:
         if self.distributed is not None:
             count = self.distributed.sum(count)
         return float(count.float() / total)  # in float32, as a mean over one process would be
