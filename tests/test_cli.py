@@ -720,14 +720,12 @@ def test_a_generic_flag_no_chosen_attack_reads_is_refused(trained_dir, flags, fr
     _assert_clean_error(_invoke("evaluate", trained_dir, *flags), fragment)
 
 
-@pytest.mark.parametrize("command", ["evaluate", "evaluate-file", "run"])
+@pytest.mark.parametrize("command", ["evaluate", "run"])
 def test_a_generic_setting_in_a_config_file_that_no_attack_reads_is_refused(trained_dir, tmp_path, command):
     # Prepare: a config file that sets PGD's steps for an evaluation that runs FGSM alone
     config = tmp_path / "fgsm.yaml"
     config.write_text("eval:\n  attacks: [fgsm]\n  steps: 50\n")
     args = {"evaluate": ["evaluate", trained_dir, "--config", config],
-            "evaluate-file": ["evaluate", "--model", tmp_path / "m.onnx", "--dataset", "digits", "--config",
-                              config, "--out", tmp_path / "o"],
             "run": ["run", "--config", config, "--out", tmp_path / "o", "--quiet"]}[command]
     # Execute / Assert: refused before anything runs, naming the file
     _assert_clean_error(_invoke(*args), f"eval.steps in {config} is read by pgd", not_created=tmp_path / "o")

@@ -517,7 +517,6 @@ def _evaluate_model_file(path: Path, config: Path | None, overrides: dict[str, A
     if dataset is not None:
         overrides = {**overrides, "data": {"name": dataset}}
     cfg = load_config(config, overrides)
-    check_flags_are_read(cfg.eval, generic)
     setup = prepare(cfg, device)
     source = {"model_file": str(path.resolve()), "sha256": ckpt.sha256(path) if path.is_file() else None,
               "dataset": cfg.data.name, "layout": layout, "input_range": input_range, "mean": mean,
@@ -531,6 +530,7 @@ def _evaluate_model_file(path: Path, config: Path | None, overrides: dict[str, A
         cfg = cfg.model_copy(update={"eval": black_box_eval})
         setup = dataclasses.replace(setup, config=cfg)
     check_attacks_fit_access(attack_names(cfg.eval), external.access)
+    check_flags_are_read(cfg.eval, generic)  # once the attacks are final: a black-box model's Square
     console.print(f"{path.name}: {external.access.kind}, {external.access.reason}", soft_wrap=True)
     for note in external.warnings:
         console.print(f"[yellow]note:[/] {note}", soft_wrap=True)

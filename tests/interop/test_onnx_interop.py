@@ -222,6 +222,23 @@ def test_cli_black_box_model_gets_square_and_refuses_pgd(onnx_twin, tmp_path):
     assert [a["name"] for a in saved["robustness"]["attacks"]] == ["square-30"]
 
 
+def test_cli_a_setting_no_attack_reads_is_refused_once_the_attacks_are_final(onnx_twin, tmp_path):
+    # Prepare: a config file that sets PGD's steps, on a white-box model (its fgsm runs) and on a
+    # black-box one (Square replaces the config's attacks)
+    config = tmp_path / "steps.yaml"
+    config.write_text("eval:\n  attacks: [fgsm]\n  steps: 50\n")
+    # Execute
+    results = [_evaluate_cli("--model", path, "--dataset", "digits", "--config", config,
+                             "--out", tmp_path / name)
+               for name, path in (("white", onnx_twin()), ("black", onnx_twin(QUANTISE)))]
+    # Assert: refused in both cases, naming the file's setting, with nothing written
+    for result, name in zip(results, ("white", "black")):
+        assert result.exit_code == 2, result.output
+        assert f"eval.steps in {config} is read by pgd" in result.output
+        assert "Traceback" not in result.output and not (tmp_path / name).exists()
+    assert "attacks to run (square)" in results[1].output
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--input-range", "0"], "--input-range takes 2 numbers"),
     (["--mean", "0.5"], "give --mean and --std together"),
