@@ -22,6 +22,8 @@ from fortify.evaluation.masking import (
     MaskingConfig,
     RandomCorners,
     _line_irregularity,
+    _Setup,
+    _white_box,
     check_eps_monotone,
     check_randomness,
     masking_verdict,
@@ -216,3 +218,18 @@ def test_a_model_that_detaches_its_input_gets_a_verdict_with_its_gradients_flagg
     verdict = masking_verdict(_DetachedInput(standard_model), digits.test.x[:20], digits.test.y[:20], THREAT,
                               config=config)
     assert verdict.masked and "zero_gradients" in verdict.failed
+
+
+def test_on_a_random_model_every_white_box_pgd_of_the_verdict_keeps_its_final_iterate():
+    # Prepare: the verdict's set-up for a model whose outputs vary between draws
+    torch.manual_seed(0)
+    model = GaussianNoise(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), sigma=0.1, seed=0)
+    x = torch.rand(6, 1, 4, 4)
+    setup = _Setup(model, ThreatModel("linf", 0.1), MaskingConfig(steps=2, effort_factor=2,
+                                                                   effort_restarts=1),
+                   x, torch.zeros(6, dtype=torch.long), torch.arange(6), draws=4)
+    # Execute
+    white = _white_box(setup)
+    # Assert: the margin PGD too (a hit on one draw is mostly undone by the next)
+    assert white.margin_settings["attack"] == "pgd-margin"
+    assert white.margin_settings["keep_first_success"] is False

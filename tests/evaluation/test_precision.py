@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 from typer.testing import CliRunner
 
 from fortify.attacks import FGSM, PGD
+from fortify.attacks.adaptive import EOT
 from fortify.cli import app
 from fortify.config import RunConfig, load_config
+from fortify.defences import GaussianNoise
 from fortify.errors import ConfigError
 from fortify.evaluation import RobustnessReport, evaluate
+from fortify.evaluation.gradients import ZeroGradientPath
 from fortify.evaluation.precision import AutocastModel, check_against_fp32
 from fortify.pipeline import evaluate_model, prepare
 from fortify.threat import ThreatModel
@@ -175,3 +179,35 @@ def test_a_journal_written_under_autocast_is_not_resumed_in_full_precision():
     assert fingerprint(x, y, attacks, False, 256, amp=None, **same) == plain
     bf16 = fingerprint(x, y, attacks, False, 256, amp="bf16", **same)
     assert bf16 != plain and bf16 != fingerprint(x, y, attacks, False, 256, amp="fp16", **same)
+
+
+@pytest.mark.parametrize("wrap", ["autocast", "zero-gradient-path", "both"])
+def test_wrappers_keep_eots_mean_loss(wrap):
+    # Prepare: EOT over strong Gaussian noise, where the mean of the per-sample losses and the loss of
+    # the mean logits differ clearly; the attacks look average_objective up on the model they get
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    pgd = PGD(THREAT, steps=3)
+
+    def eot():
+        return EOT(GaussianNoise(net, sigma=2.0, seed=0), 4)
+
+    def wrapped():
+        model = eot()
+        if wrap in ("autocast", "both"):
+            model = AutocastModel(model, "bf16", CPU)
+        return ZeroGradientPath(model) if wrap in ("zero-gradient-path", "both") else model
+
+    # Execute
+    mean_loss, _ = pgd.loss_and_logits(eot(), x, y, None)
+    point = x.clone().requires_grad_(True)
+    through, logits = pgd.loss_and_logits(wrapped(), point, y, None)
+    loss_of_mean = F.cross_entropy(eot()(x), y, reduction="none")
+    # Assert: the wrapped model's loss is EOT's mean loss (to bf16 rounding), not the mean logits' loss,
+    # in the input's dtype, with a gradient back to the input
+    assert (mean_loss - loss_of_mean).abs().max() > 0.05
+    torch.testing.assert_close(through, mean_loss, atol=0.03, rtol=0.03)
+    assert through.dtype == logits.dtype == torch.float32
+    (grad,) = torch.autograd.grad(through.sum(), point)
+    assert grad.shape == x.shape

@@ -246,15 +246,16 @@ def _verify(threat: ThreatModel, x_adv: Tensor, x: Tensor, label: str) -> None:
 
 
 def _pgd(setup: _Setup, threat: ThreatModel | None = None, steps: int | None = None,
-         restarts: int = 1) -> PGD:
+         restarts: int = 1, kind: type[PGD] = PGD) -> PGD:
+    """The verdict's PGD (or ``kind``, e.g. MarginPGD), with the exit its model allows."""
     threat, steps = threat or setup.threat, steps or setup.config.steps
     if setup.draws > 1:
         # on a randomised model a hit on one draw (or on EOT's mean) is no answer: the first such
         # iterate lies at the boundary and fresh draws mostly undo it, where the final iterate has
         # climbed the loss for every step (docs/ATTACKS.md, EOT against torchattacks' EOTPGD)
-        return PGD(threat, steps=steps, restarts=restarts, keep_first_success=False, seed=setup.config.seed)
+        return kind(threat, steps=steps, restarts=restarts, keep_first_success=False, seed=setup.config.seed)
     # early_stop returns the same points as a full run, only faster (see fortify.attacks.pgd)
-    return PGD(threat, steps=steps, restarts=restarts, early_stop=True, seed=setup.config.seed)
+    return kind(threat, steps=steps, restarts=restarts, early_stop=True, seed=setup.config.seed)
 
 
 # -- checks that run attacks ----------------------------------------------------------------------
@@ -279,7 +280,7 @@ class _WhiteBox:
 def _white_box(setup: _Setup) -> _WhiteBox:
     cfg = setup.config
     long_pgd = _pgd(setup, steps=cfg.effort_factor * cfg.steps, restarts=cfg.effort_restarts)
-    margin = MarginPGD(setup.threat, steps=cfg.steps, early_stop=True, seed=cfg.seed)
+    margin = _pgd(setup, kind=MarginPGD)
     return _WhiteBox(pgd=setup.attack(_pgd(setup)), fgsm=setup.attack(FGSM(setup.threat, seed=cfg.seed)),
                      long_pgd=setup.attack(long_pgd), margin_pgd=setup.attack(margin),
                      long_label=long_pgd.label, margin_settings=margin.describe())

@@ -13,6 +13,7 @@ run from the same seed in both precisions, leaves the same examples robust.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,12 @@ def check_amp_support(amp: str, device: torch.device) -> torch.dtype:
 
 
 class AutocastModel(nn.Module):
-    """``model`` run under autocast; its logits come back in the input's dtype."""
+    """``model`` run under autocast; its logits come back in the input's dtype.
+
+    A model that averages its random samples by their loss (``EOT``'s ``average_objective``) keeps
+    doing so through the wrapper: the attacks look the method up on the model they are given, and
+    without it they would ascend the loss of the mean logits instead of the mean loss.
+    """
 
     def __init__(self, model: nn.Module, amp: str, device: torch.device) -> None:
         super().__init__()
@@ -46,11 +52,19 @@ class AutocastModel(nn.Module):
         self.amp = amp
         self.dtype = check_amp_support(amp, device)
         self.device_type = device.type
+        if hasattr(model, "average_objective"):
+            self.average_objective = self._average_objective_under_autocast
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.autocast(self.device_type, dtype=self.dtype):
             logits = self.model(x)
         return logits.to(x.dtype)
+
+    def _average_objective_under_autocast(self, x: Tensor, loss: Callable[[Tensor], Tensor]
+                                          ) -> tuple[Tensor, Tensor]:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            mean_loss, logits = self.model.average_objective(x, loss)
+        return mean_loss.to(x.dtype), logits.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"amp={self.amp}"
