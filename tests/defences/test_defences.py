@@ -89,6 +89,26 @@ def test_jpeg_quantisation_tables_are_libjpegs_at_every_quality():
     assert wrong == []
 
 
+@pytest.mark.parametrize("precision", ["autocast-bf16", "autocast-fp16", "bf16-input", "fp16-input"])
+def test_jpeg_decodes_in_float32_whatever_the_precision_around_it(precision):
+    # Prepare: colour images; in bf16 the block transforms alone move pixels by tens of levels
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 32, 32)
+    defence = JPEGCompression(nn.Identity(), quality=75)
+    half = torch.bfloat16 if "bf16" in precision else torch.float16
+    # Execute
+    if precision.startswith("autocast"):
+        reference = defence(x)
+        with torch.autocast("cpu", dtype=half):
+            out = defence(x)
+    else:  # the same rounded input, decoded in float32 for reference
+        reference = defence(x.to(half).float()).to(half)
+        out = defence(x.to(half))
+    # Assert: the same decoded image, in the input's dtype
+    assert out.dtype == (x.dtype if precision.startswith("autocast") else half)
+    assert torch.equal(out, reference)
+
+
 def test_jpeg_keeps_shape_box_and_colour_and_rejects_bad_settings():
     x = torch.rand(3, 3, 16, 16)
     out = JPEGCompression(nn.Identity(), quality=90)(x)

@@ -71,6 +71,12 @@ class JPEGCompression(InputTransformDefence):
     def transform(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise DataError(f"JPEG compression needs images (N, C, H, W), got shape {tuple(x.shape)}")
+        # the codec in float32 whatever the input's dtype or an enclosing autocast: in bf16 or fp16
+        # its block transforms round to other coefficients, and the decoded image is not JPEG's
+        with torch.autocast(x.device.type, enabled=False):
+            return self._codec(x.float()).to(x.dtype)
+
+    def _codec(self, x: Tensor) -> Tensor:
         lo, hi = self.bounds
         pixels = (x - lo) / (hi - lo) * 255
         colour = x.shape[1] == 3
