@@ -8,7 +8,7 @@ from torch import nn
 
 from fortify.attacks import PGD
 from fortify.attacks.adaptive import BPDA, EOT, MarginPGD, logit_margin
-from fortify.defences import DefensiveDistillation, GaussianNoise, InputQuantization
+from fortify.defences import DefensiveDistillation, GaussianNoise, InputQuantization, JPEGCompression
 from fortify.errors import ConfigError
 from fortify.threat import ThreatModel
 
@@ -172,3 +172,14 @@ def test_margin_pgd_recovers_the_success_that_distillation_hides(standard_model,
     margin = _success(defence, MarginPGD(threat, steps=10)(defence, x, y), y)
     # measured 0.07 -> 0.97: the cross-entropy gradient underflows, the margin's does not
     assert margin > plain + 0.5
+
+
+def test_bpda_around_a_defence_moves_the_defences_buffers_with_it():
+    # Prepare: JPEG keeps its DCT matrix and quantisation tables as buffers
+    defence = JPEGCompression(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), quality=50)
+    bpda = BPDA.around(defence)
+    # Execute
+    bpda.to(torch.float64)
+    # Assert: the transform BPDA runs sees its buffers converted, so it runs where the model runs
+    assert defence.dct.dtype == torch.float64 and defence.tables.dtype == torch.float64
+    assert bpda(torch.rand(2, 1, 8, 8, dtype=torch.float64)).dtype == torch.float64

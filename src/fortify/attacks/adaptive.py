@@ -106,6 +106,9 @@ class BPDA(nn.Module):
         self.model = model
         self.transform = transform
         self.approximation = approximation
+        owner = getattr(transform, "__self__", None)
+        if isinstance(owner, nn.Module):  # a defence's own method: its buffers (JPEG's tables) move too
+            self.transform_owner = owner
 
     @classmethod
     def around(cls, defence: nn.Module, approximation: Transform | None = None) -> BPDA:
