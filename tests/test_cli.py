@@ -730,3 +730,45 @@ def test_a_generic_setting_in_a_config_file_that_no_attack_reads_is_refused(trai
     # Execute / Assert: refused before anything runs, naming the file
     _assert_clean_error(_invoke(*args), f"eval.steps in {config} is read by pgd", not_created=tmp_path / "o")
 
+
+
+def test_results_files_hold_standard_json_whatever_the_numbers(tmp_path):
+    # an epsilon without noise is infinite; Python's json would write the non-standard Infinity
+    from fortify.pipeline import write_json
+
+    write_json(tmp_path / "r.json", {"epsilon": float("inf"), "pair": (1.0, float("nan")), "n": [2]})
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse) == {
+        "epsilon": None, "pair": [1.0, None], "n": [2]}
+
+
+def test_the_terminal_table_prints_bracketed_names_as_text(capsys):
+    from fortify.cli import _print_comparison
+
+    rob = {"clean_accuracy": 0.9, "worst_case_accuracy": 0.5,
+           "attacks": [{"name": "fgsm", "mode": "independent", "adversarial_accuracy": 0.5}]}
+    _print_comparison({"dataset": {"name": "d[x]"}, "threat": {"norm": "linf", "eps": 0.1},
+                       "models": {"lr[eps=0.1]/pgd": {"robustness": rob}}})
+    printed = capsys.readouterr().out
+    assert "lr[eps=0.1]/pgd" in printed and "d[x]" in printed
+
+
+@pytest.mark.slow
+def test_an_evaluation_without_report_refreshes_an_earlier_report(trained_dir, tmp_path):
+    # Prepare: a copy of the model with a report at eps 0.2
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(trained_dir, model)
+    first = _invoke("evaluate", model, "--attacks", "fgsm", "--n-examples", 10, "--report")
+    assert first.exit_code == 0, first.output
+    assert "eps=0.2" in (model / "report.html").read_text()
+    # Execute: evaluate again at another eps, without --report
+    second = _invoke("evaluate", model, "--attacks", "fgsm", "--n-examples", 10, "--eps", 0.1)
+    # Assert: the page beside robustness.json shows the new numbers
+    assert second.exit_code == 0, second.output
+    page = (model / "report.html").read_text()
+    assert "eps=0.1" in page and "eps=0.2" not in page

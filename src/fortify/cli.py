@@ -233,24 +233,24 @@ def _measure_further(setup: Setup, model: nn.Module, robustness: Any, objective:
 def _results(setup: Setup, models: dict[str, Any], seconds: float) -> dict[str, Any]:
     return {"version": RESULTS_VERSION, "kind": "comparison",
             "config": setup.config.model_dump(mode="json"), "dataset": setup.dataset.summary(),
-            "threat": {"norm": setup.threat.norm, "eps": setup.threat.eps,
-                       "bounds": list(setup.threat.bounds)},
+            "threat": setup.threat.to_dict(),
             "models": models, "seconds": seconds,
             "provenance": provenance(setup.config, setup.device)}
 
 
 def _print_comparison(results: dict[str, Any]) -> None:
     threat = results["threat"]
-    table = Table(title=f"{results['dataset']['name']}: {threat['norm']} eps={threat['eps']:.4g}")
+    # names come from directories and datasets: "[...]" in them is text, never rich markup
+    table = Table(title=escape(f"{results['dataset']['name']}: {threat['norm']} eps={threat['eps']:.4g}"))
     # cells lined up by attack name, as the page's table: merged runs need not share their attacks
     attack_names, accuracy = tables.attack_accuracy(results["models"])
     for column in ["model", "clean", *attack_names, "worst case"]:
-        table.add_column(column, justify="right")
+        table.add_column(escape(column), justify="right")
     for name, model in results["models"].items():
         rob = model["robustness"]
         cells = [rob["clean_accuracy"], *[accuracy[name][a] for a in attack_names],
                  rob["worst_case_accuracy"]]
-        table.add_row(name, *["n/a" if c is None else f"{100 * c:.1f}%" for c in cells])
+        table.add_row(escape(name), *["n/a" if c is None else f"{100 * c:.1f}%" for c in cells])
     out_console.print(table)
 
 
@@ -472,7 +472,7 @@ def evaluate(
         "provenance": provenance(cfg, setup.device)})
     shutil.rmtree(model_dir / "evaluation", ignore_errors=True)  # finished: the journal is spent
     _print_evaluation(f"{model_dir}: {setup.threat.describe()}, {report.n_examples} examples", report)
-    if with_report:
+    if with_report or (model_dir / "report.html").is_file():  # an earlier page would show old numbers
         out_console.print(f"report: {write_report(load_results(model_dir), model_dir / 'report.html')}")
 
 
@@ -622,7 +622,7 @@ def audit(
         "provenance": provenance(cfg, setup.device)})
     table = Table(title=f"{model_dir}: membership inference")
     for column in ("attack", "AUC", "advantage"):
-        table.add_column(column, justify="right")
+        table.add_column(escape(column), justify="right")
     for result in report.membership:
         table.add_row(result.attack, f"{result.auc:.3f}", f"{result.advantage:.3f}")
     out_console.print(table)

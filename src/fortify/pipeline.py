@@ -44,6 +44,7 @@ from fortify.errors import CheckpointError, ConfigError, FortifyError
 from fortify.evaluation import RobustnessReport, evaluate
 from fortify.evaluation.analysis import AnalysisOptions, ModelAnalysis, analyse
 from fortify.evaluation.certify import DEFAULT_SIGMA
+from fortify.evaluation.metrics import json_safe
 from fortify.evaluation.precision import check_amp_support
 from fortify.models import MODELS, build_model
 from fortify.models.layout import channels_last, runs_channels_last
@@ -638,8 +639,10 @@ def discarded_on_error(out_dir: Path) -> Iterator[None]:
 
 
 def write_json(path: Path, payload: Any) -> None:
+    """Standard JSON, written whole or not at: non-finite numbers (an epsilon of a run without
+    noise) become null, as the results schema says, where Python would write Infinity or NaN."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False))
     os.replace(tmp, path)
 
 

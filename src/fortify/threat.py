@@ -11,7 +11,7 @@ import math
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -206,6 +206,10 @@ class ThreatModel:
 
     def with_eps(self, eps: float) -> ThreatModel:
         return ThreatModel(norm=self.norm, eps=eps, bounds=self.bounds)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What results files record of the threat model; two runs compare only when these agree."""
+        return {"norm": self.norm, "eps": self.eps, "bounds": list(self.bounds)}
 
     def describe(self, exact: bool = False) -> str:
         """``linf eps=0.1 box=[0, 1]``; ``exact`` prints every digit (for telling two apart)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,9 @@ from tabular_credit import credit_table
 from torch import nn
 
 from fortify.attacks import APGD, FGSM, PGD
-from fortify.errors import ConfigError, DataError
+from fortify.errors import ConfigError, DataError, ResultsError
+from fortify.evaluation import evaluate
+from fortify.report.compare import merge_runs
 from fortify.tabular import ConstrainedThreatModel, Feature, FeatureSearch, Schema
 from fortify.tabular.csv import infer_feature
 from fortify.threat import ThreatModel
@@ -336,3 +339,29 @@ def test_check_encoded_still_refuses_a_fraction_of_a_wide_whole_number():
     with pytest.raises(DataError, match="not a whole number"):
         schema.check_encoded(x + 0.5 / 100_000)
     assert not bool(ConstrainedThreatModel("linf", 0.1, schema=schema).contains(x + 0.5 / 100_000, x).any())
+
+
+def test_results_record_the_constraints_so_runs_under_other_ones_do_not_compare(schema):
+    # Prepare: the same model attacked under the schema and with two more features frozen
+    frozen = Schema(tuple(replace(f, mutable=False) if f.name in ("income", "accounts") else f
+                          for f in schema.features), schema.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(schema.n_columns, 2))
+    x = schema.encode(credit_table(20))
+    y = model(x).argmax(1)
+
+    def run(name, threat):
+        report = evaluate(model, x, y, [FGSM(threat)], threat)
+        return {"source": f"{name}/results.json", "threat": report.threat, "dataset": {"name": "csv"},
+                "models": {"m": {"robustness": report.to_dict()}}, "provenance": {}}
+
+    # Execute
+    runs = [run(name, ConstrainedThreatModel("linf", 0.2, schema=s))
+            for name, s in (("free", schema), ("frozen", frozen))]
+    # Assert: the record says which features move; compare refuses to line the two up
+    assert runs[0]["threat"]["constraints"]["schema"] == schema.to_dict()
+    assert [r["threat"]["constraints"]["description"].split(" over ")[1] for r in runs] == [
+        "10 mutable of 12 features", "8 mutable of 12 features"]
+    with pytest.raises(ResultsError, match="same threat model"):
+        merge_runs(runs)
+    assert merge_runs([runs[0], {**runs[0], "source": "again/results.json"}])["threat"] == runs[0]["threat"]

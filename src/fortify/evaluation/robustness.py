@@ -182,7 +182,7 @@ def evaluate(
         restore_modes(modes)
     n = len(y)
     return RobustnessReport(
-        threat={"norm": threat.norm, "eps": threat.eps, "bounds": list(threat.bounds)},
+        threat=threat.to_dict(),
         n_examples=n, clean_accuracy=float(clean_correct.float().mean()),
         worst_case_accuracy=float(robust.float().mean()), attacks=results, eps_curve=curve,
         eps_curve_attack=curve_attack.label if eps_grid else None, warnings=warnings,

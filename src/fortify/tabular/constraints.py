@@ -294,6 +294,12 @@ class ConstrainedThreatModel(ThreatModel):
     def with_eps(self, eps: float) -> ConstrainedThreatModel:
         return replace(self, eps=eps, _layouts={})
 
+    def to_dict(self) -> dict[str, Any]:
+        """The box threat model's record plus the constraints: which features move, how, at what cost
+        (the schema). A run under other constraints measured another threat model."""
+        return {**super().to_dict(), "constraints": {"description": self.describe(),
+                                                     "schema": self.schema.to_dict()}}
+
     def describe(self) -> str:
         mutable = sum(f.mutable for f in self.schema.features)
         return (f"constrained {self.norm} eps={self.eps:.4g} over {mutable} mutable of "
