@@ -583,7 +583,17 @@ def _measure_file_model_further(setup: Setup, external: Any, report: Any) -> dic
         analysis = setup.config.analysis.model_copy(update={"enabled": False})
         config = setup.config.model_copy(update={"analysis": analysis})
         setup = dataclasses.replace(setup, config=config)
-    return _measure_further(setup, external.module, report, None)
+    measured = _measure_further(setup, external.module, report, None)
+    if "privacy" in measured:
+        measured["privacy"]["warnings"].append(_FOREIGN_MEMBERS)
+    return measured
+
+
+# the membership audit's members are the dataset's training split, which fortify trained on for its own
+# models; of a model file it cannot know what it was trained on
+_FOREIGN_MEMBERS = ("members are the dataset's training split, non-members its test split; fortify does "
+                    "not know what this model file was trained on, so the audit measures leakage only "
+                    "if it was trained on that split")
 
 
 @app.command()

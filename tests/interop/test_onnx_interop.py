@@ -151,6 +151,8 @@ def test_cli_report_for_an_onnx_file(onnx_twin, tmp_path, black_box):
     # the analysis needs gradients: measured for the white-box model, skipped with a note otherwise
     assert ("analysis" in saved) is not black_box
     assert ("need gradients" in result.output) is black_box
+    # the audit's members are the dataset's training split, which a foreign model may never have seen
+    assert any("not know what this model file was trained on" in w for w in saved["privacy"]["warnings"])
 
 
 class _Killed(Exception):
