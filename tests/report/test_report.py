@@ -103,7 +103,8 @@ def test_a_masking_verdict_not_judged_reads_so_with_its_reason(run_results):
     # Assert: neither a pass nor a failure, in the verdict or in the section
     verdict = html[html.index('data-model="pgd"'):]
     verdict = verdict[:verdict.index("</div>")]
-    assert "No gradient-masking checks" in verdict and "No sign of gradient masking" not in verdict
+    assert "Gradient masking <b>not judged</b>" in verdict
+    assert "No gradient-masking checks" not in verdict and "No sign of gradient masking" not in verdict
     section = html[html.index('id="masking"'):]
     section = " ".join(section[section.index("<h3>pgd:"):].split())
     assert section.startswith("<h3>pgd: not judged (0 of 40 examples attacked)</h3> <p class=\"note\">")

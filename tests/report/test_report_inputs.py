@@ -205,3 +205,97 @@ def test_report_and_comparison_create_missing_parent_directories(tmp_path):
     assert report_out.read_text().rstrip().endswith("</html>")
     assert "a/pgd" in compare_out.read_text() and "b/pgd" in compare_out.read_text()
     assert [p.name for p in report_out.parent.iterdir()] == ["r.html"]
+
+
+def _with_every_section() -> dict[str, Any]:
+    """``_results()`` plus every optional section the page prints percentages from."""
+    results = _results()
+    model = results["models"]["pgd"]
+    model["robustness"]["precision"] = {"amp": "bf16", "examples": 10, "clean_agreement": 1.0,
+                                        "attack": "fgsm", "attacked": 9, "robust_agreement": 0.9}
+    shift = {"clean_mean": 1.0, "adversarial_mean": 0.5, "shift": -0.5}
+    macro = {"macro_precision": 0.9, "macro_recall": 0.9, "macro_f1": 0.9}
+    model["analysis"] = {
+        "attack": "fgsm", "gallery": {},
+        "score": {"clean_accuracy": 0.9, "worst_case_accuracy": 0.3, "harmonic_mean": 0.45,
+                  "eps_auc": 0.5, "eps_max": 0.2},
+        "margin": {"norm": "linf", "summary": {"n_examples": 2, "n_not_found": 0, "q1": 0.05, "median": 0.1,
+                                               "q3": 0.2, "eps": [0.1], "fraction_below": [0.5]}},
+        "certified": {"sigma": 0.25, "n": 100, "alpha": 0.001, "abstained": 0, "above_margin": [],
+                      "curve": {"n_examples": 2, "accuracy": [0.5]}},
+        "metrics": {"entropy": shift, "margin": shift, "classes": {"clean": macro, "adversarial": macro}},
+        "masking": {"masked": True, "n_attacked": 2, "n_examples": 2, "checks": [], "notes": [],
+                    "adaptive": [{"name": "eot", "triggered_by": ["noise"], "plain_success": 0.2,
+                                  "adaptive_success": 0.6}]}}
+    model["privacy"] = {"warnings": [], "membership": [{
+        "attack": "loss", "n_members": 10, "n_nonmembers": 10, "auc": 0.6, "balanced_accuracy": 0.55,
+        "advantage": 0.1, "tpr_at_fpr": {"0.01": 0.02}}]}
+    model["tabular"] = {"feature_changes": [], "settings": [
+        {"setting": "box", "threat": "linf", "worst_case_accuracy": 0.3, "accuracy": {"pgd": 0.3}}]}
+    model["training"] = {"seconds": 1.0, "history": [{}], "best_epoch": 1, "selection_metric": "val",
+                         "stopped_early": False, "canary_audit": {"n_inserted": 5, "n_held_out": 5,
+                                                                   "epsilon_lower": 0.1, "confidence": 0.95,
+                                                                   "auc": 0.6}}
+    return results
+
+
+MODEL = ("models", "pgd")
+ANALYSIS = MODEL + ("analysis",)
+# every field the page prints with pct(), besides the robustness accuracies WRONG_FIELDS covers:
+# where it is in _with_every_section(), and how the error names it
+PERCENTAGES = [
+    (ROB + ("precision", "clean_agreement"), "robustness.precision.clean_agreement"),
+    (ROB + ("precision", "robust_agreement"), "robustness.precision.robust_agreement"),
+    (ANALYSIS + ("score", "clean_accuracy"), "analysis.score.clean_accuracy"),
+    (ANALYSIS + ("score", "worst_case_accuracy"), "analysis.score.worst_case_accuracy"),
+    (ANALYSIS + ("margin", "summary", "fraction_below", 0), "analysis.margin.summary.fraction_below[0]"),
+    (ANALYSIS + ("certified", "curve", "accuracy", 0), "analysis.certified.curve.accuracy[0]"),
+    (ANALYSIS + ("masking", "adaptive", 0, "plain_success"), "analysis.masking.adaptive[0].plain_success"),
+    (ANALYSIS + ("masking", "adaptive", 0, "adaptive_success"),
+     "analysis.masking.adaptive[0].adaptive_success"),
+    (MODEL + ("privacy", "membership", 0, "tpr_at_fpr", "0.01"), "privacy.membership[0].tpr_at_fpr.0.01"),
+    (MODEL + ("tabular", "settings", 0, "worst_case_accuracy"), "tabular.settings[0].worst_case_accuracy"),
+    (MODEL + ("tabular", "settings", 0, "accuracy", "pgd"), "tabular.settings[0].accuracy.pgd"),
+    (MODEL + ("training", "canary_audit", "confidence"), "training.canary_audit.confidence"),
+]
+
+
+def test_the_results_with_every_percentage_field_load_and_render(tmp_path):
+    # the fractions as written pass: the refusals below are the out-of-range values' doing
+    html = render_report(load_results(_write_run(tmp_path / "run", _with_every_section())))
+    assert "(95.0%)" in html and "2.0% at 0.01" in html  # the canary confidence, the TPR at low FPR
+
+
+@pytest.mark.parametrize("value", [2.5, float("nan")], ids=["2.5", "nan"])
+@pytest.mark.parametrize(("keys", "where"), PERCENTAGES, ids=[where for _, where in PERCENTAGES])
+def test_a_field_printed_as_a_percentage_must_be_a_fraction(tmp_path, keys, where, value):
+    # Prepare: a value that would print as 250.0% or nan%
+    run = _write_run(tmp_path / "run", _with(_with_every_section(), keys, value))
+    # Execute and Assert: refused where it is read, naming the field and what it must be
+    expected = f"models.pgd.{where} is {value!r}; expected a number from 0 to 1"
+    with pytest.raises(ResultsError, match=re.escape(expected)):
+        load_results(run)
+
+
+def test_the_threat_model_refusal_shows_the_digits_that_differ(tmp_path):
+    # Prepare: two runs whose eps differ in the seventh digit
+    first = _write_run(tmp_path / "a", _with(_results(), ("threat", "eps"), 0.2))
+    second = _write_run(tmp_path / "b", _with(_results(), ("threat", "eps"), 0.2000001))
+    # Execute and Assert
+    with pytest.raises(ResultsError, match="same threat model") as raised:
+        merge_runs([load_results(first), load_results(second)])
+    assert "eps=0.2000001" in str(raised.value) and "eps=0.2 " in str(raised.value)
+
+
+def test_the_note_on_a_missing_analysis_does_not_name_a_command_that_did_not_write_the_results(tmp_path):
+    # Prepare: a `fortify evaluate` result without --report (no analysis, no privacy audit)
+    (tmp_path / "model").mkdir()
+    evaluation = {"version": 2, "kind": "evaluation", "config": {"data": {"name": "digits"}},
+                  "robustness": _results()["models"]["pgd"]["robustness"]}
+    (tmp_path / "model" / "robustness.json").write_text(json.dumps(evaluation))
+    # Execute
+    html = render_report(load_results(tmp_path / "model"))
+    # Assert
+    note = html[html.index("model: no analysis in the results"):]
+    note = note[:note.index("</li>")]
+    assert "fortify run" not in note and "did not run it" in note

@@ -244,3 +244,75 @@ def test_the_certified_figure_names_each_models_own_sigma(monkeypatch):
     assert "sigma" not in ax.get_title()
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == ["gauss (sigma = 0.5)", "pgd (sigma = 0.25)"]
+
+
+def _cascade(name: str, accuracy: float) -> dict[str, Any]:
+    return _attack(name, accuracy) | {"mode": "cascade"}
+
+
+def _write_runs(tmp_path: Path, runs: dict[str, dict[str, Any]]) -> list[Path]:
+    directories = []
+    for name, results in runs.items():
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "results.json").write_text(json.dumps(results), encoding="utf-8")
+        directories.append(tmp_path / name)
+    return directories
+
+
+def test_a_cascade_accuracy_never_shares_a_column_with_the_attack_run_alone(tmp_path):
+    # Prepare: run a attacks independently; run b runs the same attacks as a cascade (cumulative)
+    a, b = _write_runs(tmp_path, {
+        "a": _run([_attack("fgsm", 0.61), _attack("pgd", 0.42)], {0.1: 0.7}, 10),
+        "b": _run([_cascade("fgsm", 0.55), _cascade("pgd", 0.30)], {0.1: 0.6}, 10)})
+    # Execute
+    html = render_report(merge_runs([load_results(a), load_results(b)]))
+    printed = CliRunner().invoke(app, ["compare", str(a), str(b), "--out", str(tmp_path / "c.html")],
+                                 env={"COLUMNS": "200"})
+    # Assert: the page and the terminal table give the cascade its own, marked columns
+    columns = ("fgsm", "pgd", "fgsm (cascade)", "pgd (cascade)")
+    summary = {row["model"]: row for row in _tables(html)["summary"]}
+    assert [summary["a/net"][c] for c in columns] == ["61.0%", "42.0%", "n/a", "n/a"]
+    assert [summary["b/net"][c] for c in columns] == ["n/a", "n/a", "55.0%", "30.0%"]
+    assert 'A column marked "(cascade)" is cumulative' in html
+    assert printed.exit_code == 0, printed.output
+    rows = _printed_rows(printed.output)
+    assert [rows["a/net"][c] for c in columns] == ["61.0%", "42.0%", "n/a", "n/a"]
+    assert [rows["b/net"][c] for c in columns] == ["n/a", "n/a", "55.0%", "30.0%"]
+    # without a cascade, no note about one
+    assert "(cascade)" not in render_report(load_results(a))
+
+
+def test_a_run_read_through_a_relative_path_is_named_after_its_directory(tmp_path, monkeypatch):
+    # Prepare: `fortify compare . ../other` from inside a run; an evaluation read as '.'
+    here, other = _write_runs(tmp_path, {"here": _run([_attack("fgsm", 0.5)], {0.1: 0.5}, 10),
+                                         "other": _run([_attack("fgsm", 0.4)], {0.1: 0.4}, 10)})
+    evaluation = {"version": 2, "kind": "evaluation", "config": {"data": {"name": "digits"}},
+                  "robustness": _run([_attack("fgsm", 0.5)], {0.1: 0.5}, 10)["models"]["net"]["robustness"]}
+    (tmp_path / "mlp").mkdir()
+    (tmp_path / "mlp" / "robustness.json").write_text(json.dumps(evaluation), encoding="utf-8")
+    monkeypatch.chdir(here)
+    # Execute
+    merged = merge_runs([load_results(Path(".")), load_results(Path("../other"))])
+    monkeypatch.chdir(tmp_path / "mlp")
+    evaluated = load_results(Path("."))
+    # Assert
+    assert list(merged["models"]) == ["here/net", "other/net"]
+    assert list(evaluated["models"]) == ["mlp"]
+
+
+def test_runs_whose_numbered_names_collide_all_keep_their_models(tmp_path):
+    # Prepare: two runs in directories called x get x#1 and x#2, and a third run's directory is x#2
+    directories = _write_runs(tmp_path, {
+        f"col/{path}": _run([_attack("fgsm", accuracy)], {0.1: accuracy}, 10) | {"provenance": {"seed": seed}}
+        for seed, (path, accuracy) in enumerate((("p/x", 0.1), ("q/x", 0.2), ("x#2", 0.3)))})
+    # Execute
+    merged = merge_runs([load_results(d) for d in directories])
+    # Assert: three runs, three names, every model kept with its own numbers and provenance
+    assert len(merged["provenance"]) == 3
+    accuracy = {name: m["robustness"]["attacks"][0]["adversarial_accuracy"]
+                for name, m in merged["models"].items()}
+    assert sorted(accuracy.values()) == [0.1, 0.2, 0.3]
+    assert accuracy["x#2/net"] == 0.3  # the directory really called x#2 keeps its name
+    seeds = {0.1: "seed 0", 0.2: "seed 1", 0.3: "seed 2"}
+    for prefix, line in merged["provenance"].items():
+        assert seeds[accuracy[f"{prefix}/net"]] in line, (prefix, line)

@@ -365,3 +365,12 @@ def test_results_record_the_constraints_so_runs_under_other_ones_do_not_compare(
     with pytest.raises(ResultsError, match="same threat model"):
         merge_runs(runs)
     assert merge_runs([runs[0], {**runs[0], "source": "again/results.json"}])["threat"] == runs[0]["threat"]
+
+
+def test_the_report_names_the_constraints_in_its_threat_model(schema, tmp_path):
+    # a compare refusal and the page's header both say which features move, not only the norm and eps
+    from fortify.report.html import describe_threat
+
+    threat = ConstrainedThreatModel("linf", 0.2, schema=schema)
+    assert describe_threat(threat.to_dict()) == threat.describe()
+    assert describe_threat(ThreatModel("linf", 0.2).to_dict()) == "linf eps=0.2"

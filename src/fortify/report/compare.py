@@ -16,7 +16,8 @@ from fortify.report.results import RESULTS_VERSION, load_results
 
 
 def _run_name(results: dict[str, Any]) -> str:
-    source = Path(results["source"])
+    # resolved: the directory of a relative 'results.json' (run from inside the run) has no name
+    source = Path(results["source"]).resolve()
     return source.parent.name or source.stem
 
 
@@ -44,14 +45,32 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def _run_prefixes(runs: list[dict[str, Any]]) -> list[str]:
     """Each run's name on the page: its directory, numbered ('run#2') where two runs share one.
 
-    The model names and the provenance table both use it, so each run keeps its own entry.
+    The model names and the provenance table both use it, so each run keeps its own entry. A number
+    already taken (a third run whose directory is called 'run#2') is skipped: two runs under one
+    name would have the later's models silently replace the earlier's.
     """
     names = [_run_name(run) for run in runs]
-    return [name if names.count(name) == 1 else f"{name}#{index + 1}" for index, name in enumerate(names)]
+    taken = {name for name in names if names.count(name) == 1}  # these keep their plain name
+    prefixes = []
+    for index, name in enumerate(names):
+        prefix = name if names.count(name) == 1 else _unused(name, index + 1, taken)
+        taken.add(prefix)
+        prefixes.append(prefix)
+    return prefixes
+
+
+def _unused(name: str, number: int, taken: set[str]) -> str:
+    """``name#number``, counting up from ``number`` past the names already taken."""
+    while f"{name}#{number}" in taken:
+        number += 1
+    return f"{name}#{number}"
 
 
 def _describe(threat: dict[str, Any]) -> str:
-    return f"{threat['norm']} eps={threat['eps']:.4g} box {threat['bounds']}"
+    # every digit: eps 0.2 and 0.2000001 are refused as different, so the message must show they differ
+    described = f"{threat['norm']} eps={threat['eps']!r} box {threat['bounds']}"
+    constraints = threat.get("constraints")
+    return f"{described}, {constraints['description']}" if constraints else described
 
 
 def _provenance_line(run: dict[str, Any]) -> str:

@@ -73,9 +73,11 @@ def summary_lines(results: dict[str, Any]) -> list[dict[str, Any]]:
                      if privacy and privacy.get("membership") else None)
         lines.append({
             "name": name, "clean": rob["clean_accuracy"], "robust": rob["worst_case_accuracy"],
-            "n_attacks": len(rob["attacks"]), "threat": f"{threat['norm']} eps={threat['eps']:.4g}",
+            "n_attacks": len(rob["attacks"]), "threat": describe_threat(threat),
             "harmonic": analysis["score"]["harmonic_mean"] if analysis else None,
             "masked": None if masking is None else masking["masked"],
+            # checks that ran to no verdict (MaskingVerdict.not_judged) are not absent checks
+            "masking_not_judged": masking is not None and masking["masked"] is None,
             "failed_checks": [c["name"] for c in masking["checks"] if not c["passed"]] if masking else [],
             "n_checks": len(masking["checks"]) if masking else 0,
             "membership_auc": strongest["auc"] if strongest else None,
@@ -114,20 +116,28 @@ def _figures(results: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return {"shared": shared, "models": per_model}, figures.notes
 
 
+def describe_threat(threat: dict[str, Any]) -> str:
+    """``linf eps=0.2``, or a constrained threat model's own description (which features move)."""
+    constraints = threat.get("constraints")
+    return constraints["description"] if constraints else f"{threat['norm']} eps={threat['eps']:.4g}"
+
+
 def _missing_sections(results: dict[str, Any]) -> list[str]:
     notes = []
     for name, model in results["models"].items():
         if not model.get("analysis"):
+            # neutral on the writer: `fortify run` with the analysis switched off and `fortify evaluate`
+            # without --report both leave it out
             notes.append(f"{name}: no analysis in the results (robust margin, certified radius, entropy, "
-                         "per-class metrics, gallery and gradient-masking checks are left out); "
-                         "`fortify run` writes it")
+                         "per-class metrics, gallery and gradient-masking checks are left out); the "
+                         "command that wrote them did not run it")
         if not model.get("privacy"):
             notes.append(f"{name}: no privacy audit in the results (membership inference left out)")
     return notes
 
 
 def table_data(models: dict[str, Any]) -> dict[str, Any]:
-    """What the page's tables over several models read, keyed by attack name and eps (see tables)."""
+    """What the page's tables over several models read, keyed by attack and eps (see tables)."""
     attack_names, attack_accuracy = tables.attack_accuracy(models)
     analysed = [name for name, m in models.items() if m.get("analysis")]
     margin_eps, margin_shares = tables.margin_shares(models, analysed)
@@ -136,6 +146,7 @@ def table_data(models: dict[str, Any]) -> dict[str, Any]:
             "eps_rows": tables.eps_curve_rows(models), "curve_attacks": tables.eps_curve_attacks(models),
             "margin_eps": margin_eps, "margin_shares": margin_shares,
             "attack_settings": tables.attack_settings(models), "examples": examples,
+            "cascade": tables.has_cascade(models),
             # one count for the page when every model saw the same examples, else a column per model
             "n_examples": next(iter(examples.values())) if len(set(map(str, examples.values()))) == 1
             else None}

@@ -20,10 +20,14 @@ matplotlib.use("Agg")  # no display: figures are only ever written to memory
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.artist import Artist  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 # Labels are model, class and feature names taken as they are: "$" in a name is text, never mathtext
-# (which would fail on a name like "m$\frac{$" and lose the figure)
+# (which would fail on a name like "m$\frac{$" and lose the figure). Matplotlib's own log-axis tick
+# labels are mathtext, so log axes get plain ones (_plain_log_ticks).
 _STYLE = {"figure.dpi": 100, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
           "axes.spines.top": False, "axes.spines.right": False, "text.parse_math": False}
 
@@ -36,6 +40,21 @@ def _figure(width: float = 5.0, height: float = 3.2, ncols: int = 1) -> Iterator
             yield fig, axes[0] if ncols > 1 else axes[0][0]
         finally:
             plt.close(fig)
+
+
+def _legend(ax: Axes, handles: list[Artist], **kwargs: Any) -> None:
+    """A legend of ``handles`` under their labels, handed over explicitly: matplotlib's own gathering
+    skips every label that starts with "_" (its mark for 'leave out'), and a run directory may be
+    called '_baseline'."""
+    ax.legend(handles, [handle.get_label() for handle in handles], **kwargs)
+
+
+def _plain_log_ticks(ax: Axes) -> None:
+    """Tick labels as plain numbers ('0.001'): the default ones are mathtext, printed raw as
+    '$\\mathdefault{10^{-3}}$' while text.parse_math is off."""
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.set_minor_formatter(NullFormatter())
 
 
 def to_data_uri(fig: Figure) -> str:
@@ -51,12 +70,13 @@ def eps_curves(models: dict[str, dict[str, Any]], norm: str, eps: float) -> str 
     if not curves:
         return None
     with _figure() as (fig, ax):
+        handles = []
         for name, rob in curves.items():
             points = [(0.0, rob["clean_accuracy"])] + [(p["eps"], p["accuracy"]) for p in rob["eps_curve"]]
-            ax.plot(*zip(*points), marker="o", label=name)
-        ax.axvline(eps, color="grey", linestyle="--", linewidth=1, label=f"eps = {eps:.3g}")
+            handles += ax.plot(*zip(*points), marker="o", label=name)
+        handles.append(ax.axvline(eps, color="grey", linestyle="--", linewidth=1, label=f"eps = {eps:.3g}"))
         ax.set(xlabel=f"eps ({norm})", ylabel="accuracy", ylim=(-0.02, 1.02))
-        ax.legend()
+        _legend(ax, handles)
         return to_data_uri(fig)
 
 
@@ -66,17 +86,19 @@ def margin_distributions(models: dict[str, dict[str, Any]]) -> str | None:
     if not margins:
         return None
     with _figure() as (fig, ax):
+        handles = []
         for name, margin in margins.items():
             d = np.array([math.inf if v is None else v for v in margin["distances"]], dtype=float)
             finite = np.sort(d[np.isfinite(d)])
             share = np.arange(1, len(finite) + 1) / len(d)
-            ax.step(np.concatenate([[0], finite]), np.concatenate([[0], share]), where="post", label=name)
+            handles += ax.step(np.concatenate([[0], finite]), np.concatenate([[0], share]), where="post",
+                               label=name)
         eps = next(iter(margins.values()))["eps"]
-        ax.axvline(eps, color="grey", linestyle="--", linewidth=1, label=f"eps = {eps:.3g}")
+        handles.append(ax.axvline(eps, color="grey", linestyle="--", linewidth=1, label=f"eps = {eps:.3g}"))
         norm = next(iter(margins.values()))["norm"]
         ax.set(xlabel=f"minimal adversarial distance ({norm})", ylabel="share of examples broken",
                ylim=(-0.02, 1.02))
-        ax.legend()
+        _legend(ax, handles)
         return to_data_uri(fig)
 
 
@@ -89,12 +111,13 @@ def certified_curves(models: dict[str, dict[str, Any]]) -> str | None:
     sigmas = {cert["sigma"] for cert in certified.values()}
     shared = f", sigma = {next(iter(sigmas)):g}" if len(sigmas) == 1 else ""
     with _figure() as (fig, ax):
+        handles = []
         for name, cert in certified.items():
             label = name if len(sigmas) == 1 else f"{name} (sigma = {cert['sigma']:g})"
-            ax.plot(cert["curve"]["radii"], cert["curve"]["accuracy"], marker=".", label=label)
+            handles += ax.plot(cert["curve"]["radii"], cert["curve"]["accuracy"], marker=".", label=label)
         ax.set(xlabel="L2 radius", ylabel="certified accuracy", ylim=(-0.02, 1.02),
                title=f"randomized smoothing{shared}")
-        ax.legend()
+        _legend(ax, handles)
         return to_data_uri(fig)
 
 
@@ -104,15 +127,15 @@ def radius_vs_margin(models: dict[str, dict[str, Any]]) -> str | None:
     if not certified:
         return None
     with _figure(4.2, 3.6) as (fig, ax):
-        top = 0.0
+        top, handles = 0.0, []
         for name, cert in certified.items():
             margin = np.array([np.nan if v is None else v for v in cert["l2_margin"]], dtype=float)
             radius = np.array(cert["radii"], dtype=float)
-            ax.scatter(margin, radius, s=10, alpha=0.6, label=name)
+            handles.append(ax.scatter(margin, radius, s=10, alpha=0.6, label=name))
             top = max(top, np.nanmax(np.where(np.isfinite(margin), margin, np.nan), initial=0), radius.max())
-        ax.plot([0, top], [0, top], color="grey", linewidth=1, label="radius = margin")
+        handles += ax.plot([0, top], [0, top], color="grey", linewidth=1, label="radius = margin")
         ax.set(xlabel="L2 margin found by FMN", ylabel="certified L2 radius")
-        ax.legend()
+        _legend(ax, handles)
         return to_data_uri(fig)
 
 
@@ -125,15 +148,16 @@ def confidence_shift(models: dict[str, dict[str, Any]]) -> str | None:
         names = list(analysed)
         positions = np.arange(len(names))
         panels = ((axes[0], "entropy", "normalised entropy"), (axes[1], "margin", "logit margin"))
+        bars = []
         for ax, key, label in panels:
             clean = [analysed[n][key]["clean_mean"] for n in names]
             adversarial = [analysed[n][key]["adversarial_mean"] for n in names]
-            ax.bar(positions - 0.2, clean, 0.4, label="clean")
-            ax.bar(positions + 0.2, adversarial, 0.4, label="under attack")
+            bars.append([ax.bar(positions - 0.2, clean, 0.4, label="clean"),
+                         ax.bar(positions + 0.2, adversarial, 0.4, label="under attack")])
             ax.set_xticks(positions, names)
             ax.set(ylabel=f"mean {label}")
             ax.axhline(0, color="black", linewidth=0.6)
-        axes[0].legend()
+        _legend(axes[0], bars[0])  # one legend: both panels use the same two colours
         return to_data_uri(fig)
 
 
@@ -142,12 +166,13 @@ def class_f1(name: str, classes: dict[str, Any]) -> str:
     with _figure(6.0, 2.8) as (fig, ax):
         clean, adversarial = classes["clean"]["f1"], classes["adversarial"]["f1"]
         positions = np.arange(len(clean))
-        ax.bar(positions - 0.2, clean, 0.4, label=f"clean (macro {classes['clean']['macro_f1']:.2f})")
-        ax.bar(positions + 0.2, adversarial, 0.4,
-               label=f"under attack (macro {classes['adversarial']['macro_f1']:.2f})")
+        bars = [ax.bar(positions - 0.2, clean, 0.4,
+                       label=f"clean (macro {classes['clean']['macro_f1']:.2f})"),
+                ax.bar(positions + 0.2, adversarial, 0.4,
+                       label=f"under attack (macro {classes['adversarial']['macro_f1']:.2f})")]
         ax.set(xlabel="class", ylabel="F1", ylim=(0, 1.3), title=name)
         ax.set_xticks(positions)
-        ax.legend(fontsize=7, ncol=2, loc="upper center")
+        _legend(ax, bars, fontsize=7, ncol=2, loc="upper center")
         return to_data_uri(fig)
 
 
@@ -201,22 +226,35 @@ def _image(values: list[Any]) -> np.ndarray:
     return array[0] if array.shape[0] == 1 else np.transpose(array, (1, 2, 0))
 
 
+def _strongest_membership_curves(models: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per model, its membership attack of highest AUC among those that kept their ROC curve."""
+    strongest = {}
+    for name, model in models.items():
+        with_curve = [r for r in (model.get("privacy") or {}).get("membership", []) if r.get("roc_fpr")]
+        if with_curve:
+            strongest[name] = max(with_curve, key=lambda result: result["auc"])
+    return strongest
+
+
 def membership_roc(models: dict[str, dict[str, Any]]) -> str | None:
-    """ROC curves of the strongest membership attacks on log-log axes (low FPR is what matters)."""
-    curves = [(name, result) for name, m in models.items() if m.get("privacy")
-              for result in m["privacy"]["membership"] if result.get("roc_fpr")]
+    """ROC curve of each model's strongest membership attack on log-log axes (low FPR is what matters).
+
+    One curve per model: every attack of every model would outrun the colour cycle in a comparison.
+    """
+    curves = _strongest_membership_curves(models)
     if not curves:
         return None
     with _figure(4.6, 3.8) as (fig, ax):
-        floor = 1e-4
-        for name, result in curves:
+        floor, handles = 1e-4, []
+        for name, result in curves.items():
             fpr = np.maximum(np.array(result["roc_fpr"], dtype=float), floor)
             tpr = np.maximum(np.array(result["roc_tpr"], dtype=float), floor)
-            ax.plot(fpr, tpr, label=f"{name}: {result['attack']} (AUC {result['auc']:.2f})")
-        ax.plot([floor, 1], [floor, 1], color="grey", linestyle="--", linewidth=1, label="chance")
+            handles += ax.plot(fpr, tpr, label=f"{name}: {result['attack']} (AUC {result['auc']:.2f})")
+        handles += ax.plot([floor, 1], [floor, 1], color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set(xscale="log", yscale="log", xlabel="false-positive rate", ylabel="true-positive rate",
-               xlim=(floor, 1), ylim=(floor, 1))
-        ax.legend(fontsize=6)
+               xlim=(floor, 1), ylim=(floor, 1), title="strongest attack per model")
+        _plain_log_ticks(ax)
+        _legend(ax, handles, fontsize=6)
         return to_data_uri(fig)
 
 
@@ -231,8 +269,10 @@ def privacy_tradeoff(models: dict[str, dict[str, Any]]) -> str | None:
         for name, robust, auc in points:
             ax.scatter([robust], [auc], s=40)
             ax.annotate(name, (robust, auc), textcoords="offset points", xytext=(5, 5))
+        aucs = [auc for _, _, auc in points]
+        # chance (0.5) and every point in view, an AUC below chance included
         ax.set(xlabel="worst-case robust accuracy", ylabel="membership AUC (strongest attack)",
-               xlim=(-0.02, 1.02), ylim=(0.45, max(0.75, max(p[2] for p in points) + 0.05)))
+               xlim=(-0.02, 1.02), ylim=(min(0.45, min(aucs) - 0.05), max(0.75, max(aucs) + 0.05)))
         ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
         return to_data_uri(fig)
 
@@ -246,12 +286,13 @@ def feature_changes(name: str, changes: list[dict[str, Any]]) -> str | None:
     with _figure(6.0, min(height, 12.0)) as (fig, ax):
         positions = np.arange(len(features))
         width = 0.8 / len(changes)
+        bars = []
         for offset, change in enumerate(changes):
             rates = [change["rates"].get(feature, 0.0) for feature in features]
-            ax.barh(positions + offset * width, rates, width,
-                    label=f"{change['attack']} ({change['examples']} fooled)")
+            bars.append(ax.barh(positions + offset * width, rates, width,
+                                label=f"{change['attack']} ({change['examples']} fooled)"))
         ax.set_yticks(positions + width * (len(changes) - 1) / 2, features, fontsize=7)
         ax.invert_yaxis()
         ax.set(xlabel="share of fooled examples with the feature changed", xlim=(0, 1.02), title=name)
-        ax.legend(fontsize=7)
+        _legend(ax, bars, fontsize=7)
         return to_data_uri(fig)

@@ -64,7 +64,7 @@ def _normalise(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     if kind == "evaluation":
         _require(raw, ("robustness", "config"), path)
         _check_fields(raw, schema.EVALUATION, path)
-        name = path.parent.name or "model"
+        name = path.resolve().parent.name or "model"  # resolved: a relative path's '.' has no name
         model = {key: raw[key] for key in ("robustness", "analysis", "privacy", "tabular") if key in raw}
         training = _training_beside(path)
         if training is not None:

@@ -154,13 +154,15 @@ def mapping_of(item: Check, *, min_length: int = 0) -> Check:
 
 # -- what the report reads ---------------------------------------------------------------------
 
-THREAT = record(norm=text, eps=positive, bounds=list_of(number, length=2))
+THREAT = record(norm=text, eps=positive, bounds=list_of(number, length=2),
+                constraints=optional(record(description=text, schema=anything)))
 
 ATTACK = record(name=text, settings=anything, mode=anything, attacked=anything, adversarial_accuracy=fraction,
                 success_rate=fraction_or_null, median_norm_successful=number_or_null)
 
-PRECISION = record(amp=anything, examples=anything, clean_agreement=number_or_null, attack=anything,
-                   attacked=anything, robust_agreement=number_or_null)
+# every field the page prints with pct() is a fraction: 2.5 or NaN would print as 250.0% or nan%
+PRECISION = record(amp=anything, examples=anything, clean_agreement=fraction_or_null, attack=anything,
+                   attacked=anything, robust_agreement=fraction_or_null)
 
 # the CLI's summary table multiplies the accuracies by 100, so null is no more allowed than a string
 ROBUSTNESS = record(
@@ -173,34 +175,34 @@ _CLASSES = record(macro_precision=number_or_null, macro_recall=number_or_null, m
 
 ANALYSIS = record(
     attack=anything,
-    score=record(clean_accuracy=number_or_null, worst_case_accuracy=number_or_null,
+    score=record(clean_accuracy=fraction_or_null, worst_case_accuracy=fraction_or_null,
                  harmonic_mean=number_or_null, eps_auc=number_or_null, eps_max=number_or_null),
     margin=record(norm=anything, summary=record(
         n_examples=anything, n_not_found=anything, q1=number_or_null, median=number_or_null,
-        q3=number_or_null, eps=list_of(number_or_null), fraction_below=list_of(number_or_null))),
+        q3=number_or_null, eps=list_of(number_or_null), fraction_below=list_of(fraction_or_null))),
     certified=record(sigma=anything, n=anything, alpha=anything, abstained=anything,
                      above_margin=list_of(anything),
-                     curve=record(n_examples=anything, accuracy=list_of(number_or_null, min_length=1))),
+                     curve=record(n_examples=anything, accuracy=list_of(fraction_or_null, min_length=1))),
     metrics=record(entropy=_SHIFT, margin=_SHIFT, classes=record(clean=_CLASSES, adversarial=_CLASSES)),
     masking=record(masked=anything, n_attacked=anything, n_examples=anything,
                    checks=list_of(record(name=anything, passed=anything, explanation=anything,
                                          evidence=anything)),
                    adaptive=section(list_of(record(name=anything, triggered_by=list_of(anything),
-                                                   plain_success=number_or_null,
-                                                   adaptive_success=number_or_null))),
+                                                   plain_success=fraction_or_null,
+                                                   adaptive_success=fraction_or_null))),
                    notes=optional(list_of(anything))),
     gallery=record())
 
 # the verdict takes the strongest attack by AUC, so the AUCs must compare as numbers
 MEMBERSHIP = record(attack=anything, n_members=anything, n_nonmembers=anything, auc=number,
                     balanced_accuracy=number_or_null, advantage=number_or_null,
-                    tpr_at_fpr=mapping_of(number_or_null))
+                    tpr_at_fpr=mapping_of(fraction_or_null))
 
 PRIVACY = record(membership=list_of(MEMBERSHIP), warnings=list_of(anything))
 
 TABULAR = record(
-    settings=list_of(record(setting=anything, threat=anything, worst_case_accuracy=number_or_null,
-                            accuracy=mapping_of(number_or_null))),
+    settings=list_of(record(setting=anything, threat=anything, worst_case_accuracy=fraction_or_null,
+                            accuracy=mapping_of(fraction_or_null))),
     feature_changes=anything)
 
 TRAINING = record(
@@ -210,7 +212,7 @@ TRAINING = record(
                            noise_multiplier=number_or_null, max_grad_norm=anything, steps=anything,
                            replaced_modules=list_of(anything))),
     canary_audit=section(record(n_inserted=anything, n_held_out=anything, epsilon_lower=number_or_null,
-                                confidence=number_or_null, auc=number_or_null)))
+                                confidence=fraction_or_null, auc=number_or_null)))
 
 MODEL = record(robustness=ROBUSTNESS, analysis=section(ANALYSIS), privacy=section(PRIVACY),
                tabular=section(TABULAR), training=section(TRAINING))

@@ -1,4 +1,4 @@
-"""The report's tables over several models, keyed by attack name and by eps.
+"""The report's tables over several models, keyed by attack (name and mode) and by eps.
 
 Models on one page (a run's models, or several runs merged by ``fortify compare``) need not share
 their attacks, the order of those attacks, their eps grids or their example counts. Every table
@@ -26,16 +26,34 @@ def _sorted_eps(keys: Iterable[float | None]) -> list[float | None]:
     return sorted(k for k in unique if k is not None) + ([None] if None in unique else [])
 
 
+CASCADE = "cascade"
+
+
+def attack_key(attack: dict[str, Any]) -> str:
+    """The column an attack's accuracy goes under: its name, marked when it ran in a cascade.
+
+    A cascade's accuracy is cumulative (robust under this attack and every earlier one), so it must
+    never share a column with the same attack run on its own ('fgsm' against 'fgsm (cascade)').
+    """
+    return f"{attack['name']} ({CASCADE})" if attack.get("mode") == CASCADE else attack["name"]
+
+
 def attacks_by_name(robustness: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """A model's attacks by name; a name used twice gets its occurrence appended ('pgd (2)')."""
+    """A model's attacks by ``attack_key``; a key used twice gets its occurrence appended ('pgd (2)')."""
     named: dict[str, dict[str, Any]] = {}
     for attack in robustness["attacks"]:
-        name, count = attack["name"], 1
+        key = name = attack_key(attack)
+        count = 1
         while name in named:
             count += 1
-            name = f"{attack['name']} ({count})"
+            name = f"{key} ({count})"
         named[name] = attack
     return named
+
+
+def has_cascade(models: Models) -> bool:
+    """Whether any model's attacks ran as a cascade (the page then explains the marked columns)."""
+    return any(a.get("mode") == CASCADE for m in models.values() for a in m["robustness"]["attacks"])
 
 
 def attack_accuracy(models: Models) -> tuple[list[str], dict[str, dict[str, float | None]]]:
