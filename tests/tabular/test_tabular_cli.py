@@ -47,16 +47,21 @@ def test_train_and_evaluate_a_csv_with_target_and_schema(tmp_path, schema):
         assert changes["counts"]["age"] == 0 and changes["counts"]["late_payments"] == 0
 
 
-def test_another_table_is_read_with_the_models_encoding_and_a_schema_of_its_own_is_refused(tmp_path):
-    # Prepare: a model trained without a schema file (bounds fitted on its rows), then the same rows
-    # with the columns in another order, and rows of the same distribution whose own range differs
-    table = credit_table(120)
+def _train_on(table, tmp_path):
+    """A standard model trained for one epoch on ``table`` (no schema file), and its input encoding."""
     write_csv(tmp_path / "credit.csv", table)
     out = tmp_path / "model"
     trained = _invoke("train", "--data", tmp_path / "credit.csv", "--target", "default", "--objective",
                       "standard", "--epochs", "1", "--out", out, "--quiet", "--device", "cpu")
     assert trained.exit_code == 0, trained.output
-    encoding = json.loads((out / "model.json").read_text())["input_encoding"]
+    return out, json.loads((out / "model.json").read_text())["input_encoding"]
+
+
+def test_another_table_is_read_with_the_models_encoding_and_a_schema_of_its_own_is_refused(tmp_path):
+    # Prepare: a model trained without a schema file (bounds fitted on its rows), then the same rows
+    # with the columns in another order, and rows of the same distribution whose own range differs
+    table = credit_table(120)
+    out, encoding = _train_on(table, tmp_path)
     assert list(encoding["features"]) == [c for c in table if c != "default"]
     assert encoding["fitted_bounds"]["age"] == ["low", "high"]
     write_csv(tmp_path / "reordered.csv", dict(reversed(list(table.items()))))
@@ -144,12 +149,7 @@ def test_the_classes_belong_to_the_encoding_a_model_checks(tmp_path):
     # classes again, so the class count alone cannot tell), and a file of 'yes' rows only
     table = credit_table(120)
     table["default"] = ["yes" if v else "no" for v in table["default"]]
-    write_csv(tmp_path / "credit.csv", table)
-    out = tmp_path / "model"
-    trained = _invoke("train", "--data", tmp_path / "credit.csv", "--target", "default", "--objective",
-                      "standard", "--epochs", "1", "--out", out, "--quiet", "--device", "cpu")
-    assert trained.exit_code == 0, trained.output
-    encoding = json.loads((out / "model.json").read_text())["input_encoding"]
+    out, encoding = _train_on(table, tmp_path)
     assert encoding["classes"] == ["no", "yes"]
     write_csv(tmp_path / "relabelled.csv",
               {**table, "default": ["granted" if v == "no" else "denied" for v in table["default"]]})
