@@ -101,3 +101,27 @@ def test_the_tradeoff_plot_shows_a_model_whose_auc_is_below_chance(drawn):
     # Assert: every point lies inside the axes
     low, high = drawn[0].axes[0].get_ylim()
     assert low < 0.40 and high > 0.8
+
+
+def _classes(count: int) -> dict[str, Any]:
+    scores = {"f1": [0.5] * count, "macro_f1": 0.5, "confusion": [[1] * count for _ in range(count)]}
+    return {"clean": scores, "adversarial": scores}
+
+
+@pytest.mark.parametrize("draw", [plots.class_f1, plots.confusion])
+def test_per_class_figures_name_the_classes_when_the_dataset_does(drawn, draw):
+    # Execute: a dataset with named classes, then names that do not fit the classes drawn
+    draw("m", _classes(2), ["no", "yes"])
+    draw("m", _classes(2), ["only one"])
+    # Assert: the names where they fit, the class indices otherwise
+    named, mismatched = (fig.axes[0] for fig in drawn)
+    assert [t.get_text() for t in named.get_xticklabels()] == ["no", "yes"]
+    assert [t.get_text() for t in mismatched.get_xticklabels()] != ["only one"]
+    if draw is plots.confusion:
+        assert [t.get_text() for t in named.get_yticklabels()] == ["no", "yes"]
+
+
+def test_a_runs_dataset_summary_carries_its_class_names():
+    from fortify.data import load_dataset
+
+    assert load_dataset("digits").summary()["class_names"] == [str(i) for i in range(10)]

@@ -88,7 +88,7 @@ class Dataset:
         return {"name": self.name, "num_classes": self.num_classes,
                 "input_shape": list(self.input_shape), "bounds": list(self.bounds),
                 "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
-                **self.metadata}
+                **({"class_names": list(self.class_names)} if self.class_names else {}), **self.metadata}
 
 
 def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int

@@ -88,6 +88,7 @@ def summary_lines(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     models, threat = results["models"], results["threat"]
+    class_names = results["dataset"].get("class_names")  # a run's own dataset; a comparison has none
     figures = _Figures()
     shared = {
         "eps": figures.draw("accuracy versus eps", plots.eps_curves, models, threat["norm"], threat["eps"]),
@@ -105,8 +106,8 @@ def _figures(results: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             continue
         classes = analysis["metrics"]["classes"]
         per_model[name] = {
-            "f1": figures.draw(f"{name} per-class F1", plots.class_f1, name, classes),
-            "confusion": figures.draw(f"{name} confusion", plots.confusion, name, classes),
+            "f1": figures.draw(f"{name} per-class F1", plots.class_f1, name, classes, class_names),
+            "confusion": figures.draw(f"{name} confusion", plots.confusion, name, classes, class_names),
             "gallery": figures.draw(f"{name} gallery", plots.gallery, name, analysis["gallery"]),
         }
     for name, model in models.items():

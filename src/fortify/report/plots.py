@@ -161,7 +161,19 @@ def confidence_shift(models: dict[str, dict[str, Any]]) -> str | None:
         return to_data_uri(fig)
 
 
-def class_f1(name: str, classes: dict[str, Any]) -> str:
+def _class_ticks(ax: Axes, count: int, class_names: list[str] | None, axes: str = "x") -> None:
+    """Class positions labelled by name when the dataset gave names for exactly these classes."""
+    names = class_names if class_names is not None and len(class_names) == count else None
+    for axis in axes:
+        setter = ax.set_xticks if axis == "x" else ax.set_yticks
+        if names is None:
+            setter(np.arange(count))
+        else:  # names such as 'no' and 'yes' say more than 0 and 1
+            setter(np.arange(count), [str(n) for n in names], fontsize=7,
+                   rotation=45 if axis == "x" and max(map(len, map(str, names))) > 3 else 0)
+
+
+def class_f1(name: str, classes: dict[str, Any], class_names: list[str] | None = None) -> str:
     """Per-class F1, clean and under attack, for one model."""
     with _figure(6.0, 2.8) as (fig, ax):
         clean, adversarial = classes["clean"]["f1"], classes["adversarial"]["f1"]
@@ -171,12 +183,12 @@ def class_f1(name: str, classes: dict[str, Any]) -> str:
                 ax.bar(positions + 0.2, adversarial, 0.4,
                        label=f"under attack (macro {classes['adversarial']['macro_f1']:.2f})")]
         ax.set(xlabel="class", ylabel="F1", ylim=(0, 1.3), title=name)
-        ax.set_xticks(positions)
+        _class_ticks(ax, len(positions), class_names)
         _legend(ax, bars, fontsize=7, ncol=2, loc="upper center")
         return to_data_uri(fig)
 
 
-def confusion(name: str, classes: dict[str, Any]) -> str:
+def confusion(name: str, classes: dict[str, Any], class_names: list[str] | None = None) -> str:
     """Confusion matrices (rows: true class), clean and under attack, side by side."""
     with _figure(7.0, 3.4, ncols=2) as (fig, axes):
         for ax, key in zip(axes, ("clean", "adversarial")):
@@ -186,6 +198,7 @@ def confusion(name: str, classes: dict[str, Any]) -> str:
             ax.set(title=f"{name}: {'clean' if key == 'clean' else 'under attack'}",
                    xlabel="predicted", ylabel="true")
             if len(matrix) <= 12:
+                _class_ticks(ax, len(matrix), class_names, axes="xy")
                 for (i, j), count in np.ndenumerate(matrix):
                     if count:
                         ax.text(j, i, int(count), ha="center", va="center", fontsize=6,
