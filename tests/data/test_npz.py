@@ -461,3 +461,61 @@ def test_a_shape_that_reads_both_ways_takes_the_square_image(tmp_path, shape, lo
 def test_images_with_other_channel_counts_stay_channels_first(tmp_path):
     x = RNG.random((10, 8, 6, 6)).astype(np.float32)
     assert load_dataset("npz", write_npz(tmp_path, x=x, y=np.arange(10) % 2)).input_shape == (8, 6, 6)
+
+
+# -- layouts, precision, keys and sizes the file must make certain ----------------------------------
+
+@pytest.mark.parametrize("shape, layout, expected", [
+    ((12, 16, 16, 8), None, (8, 16, 16)),  # 8 bands, channels last: was read as 16 channels of 16x8
+    ((12, 8, 16, 16), None, (8, 16, 16)),  # 8 bands, channels first
+    ((12, 28, 28, 2), None, (2, 28, 28)),
+    ((12, 8, 16, 32), "NCHW", (8, 16, 32)),  # non-square multi-band: the file says which
+    ((12, 16, 32, 8), "NHWC", (8, 16, 32)),
+])
+def test_a_layout_the_shape_or_the_file_makes_certain_is_read(tmp_path, shape, layout, expected):
+    arrays = {"x": RNG.random(shape).astype(np.float32), "y": np.arange(shape[0]) % 2}
+    if layout is not None:
+        arrays["layout"] = np.array(layout)
+    assert DATASETS.get("npz")(write_npz(tmp_path, **arrays)).input_shape == expected
+
+
+def test_a_layout_the_shape_cannot_tell_is_refused_with_the_way_out(tmp_path):
+    options = write_npz(tmp_path, x=RNG.random((12, 8, 16, 32)), y=np.arange(12) % 2)
+    assert "cannot tell channels first from channels last" in load_error(options)
+    assert "np.array('NCHW')" in load_error(options)
+
+
+def test_values_on_the_sides_of_a_declared_box_stay_inside_it_in_float32(tmp_path):
+    # float32(-0.3) lies below -0.3: the box's sides are rounded outward to float32 numbers
+    x = np.tile(np.array([-0.3, 0.3]), (10, 1))
+    data = DATASETS.get("npz")(write_npz(tmp_path, x=x, y=np.arange(10) % 2, bounds=np.array([-0.3, 0.3])))
+    low, high = data.bounds
+    assert low <= -0.3 and high >= 0.3 and np.float32(low) == low and np.float32(high) == high
+    assert float(data.train.x.min()) >= low and float(data.train.x.max()) <= high
+
+
+def test_finite_values_beyond_float32_are_reported_as_out_of_the_box_not_as_nan(tmp_path):
+    options = write_npz(tmp_path, x=np.full((10, 2), 1e39), y=np.arange(10) % 2)
+    message = load_error(options)
+    assert "outside the declared box" in message and "NaN" not in message
+
+
+def test_a_misspelt_array_key_is_refused(tmp_path):
+    options = write_npz(tmp_path, **tabular(), x_tset=RNG.random((5, 4)))
+    assert "unknown key(s) ['x_tset']" in load_error(options)
+
+
+def test_rows_without_features_are_refused(tmp_path):
+    options = write_npz(tmp_path, x=np.zeros((10, 0)), y=np.arange(10) % 2)
+    assert "its rows hold no features" in load_error(options)
+
+
+def test_a_member_that_declares_more_data_than_it_holds_is_refused_before_allocating(tmp_path):
+    # a small member whose header declares 36 TiB: numpy would allocate the declared size first
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (10_000_000, 1_000_000)})
+    path = tmp_path / "data.npz"
+    write_zip(path, {"x.npy": header.getvalue() + b"\0" * 16, "y.npy": npy_bytes(np.arange(10) % 2)})
+    message = load_error(DataOptions(path=path))
+    assert "declares shape (10000000, 1000000)" in message and "damaged or forged" in message

@@ -273,6 +273,23 @@ def test_augmentation_of_tabular_data_is_refused(tmp_path):
         prepare(config, device="cpu")
 
 
+@pytest.mark.parametrize("setting", ["crop_padding", "cutout_size"])
+def test_augmentation_larger_than_the_image_is_refused_by_name(setting):
+    # digits are 8x8: a padding of 100000 pixels tried to allocate terabytes
+    config = load_config(None, {"train": {"augment": {setting: 9}}})
+    with pytest.raises(ConfigError, match=rf"train\.augment\.{setting}=9 exceeds the images' shorter side "
+                                          r"\(8 pixels"):
+        prepare(config, device="cpu")
+
+
+def test_a_fraction_that_leaves_a_split_empty_is_refused_by_name():
+    for data, fragment in (({"val_fraction": 0.0002}, r"val_fraction=0\.0002 of 1797 examples leaves no"),
+                           ({"test_fraction": 0}, r"test_fraction=0\.0 of 1797 examples leaves no test"),
+                           ({"val_fraction": 0.6, "test_fraction": 0.3999}, "leave no training example")):
+        with pytest.raises(ConfigError, match=fragment):
+            prepare(load_config(None, {"data": data}), device="cpu")
+
+
 # -- speed switches -------------------------------------------------------------------------------
 
 CHANNELS_LAST_TOLERANCE = 1e-4  # docs/RECIPES.md: other conv kernels, other rounding

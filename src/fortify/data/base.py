@@ -91,17 +91,28 @@ class Dataset:
                 **({"class_names": list(self.class_names)} if self.class_names else {}), **self.metadata}
 
 
-def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int, *, with_test: bool = True
                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """Deterministic shuffled train/val/test index sets from ``seed``."""
+    """Deterministic shuffled train/val/test index sets from ``seed``; each non-empty (the test set
+    only ``with_test``: data that ship a test set of their own draw none), or a ConfigError naming
+    the fraction that empties it."""
     for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= frac < 1:
             raise ConfigError(f"{name} must be in [0, 1), got {frac}")
     if val_fraction + test_fraction >= 1:
-        raise ConfigError("val_fraction + test_fraction must be < 1")
+        raise ConfigError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test = int(round(n * test_fraction))
     n_val = int(round(n * val_fraction))
+    if n_val == 0:  # training validates after every epoch
+        raise ConfigError(f"val_fraction={val_fraction} of {n} examples leaves no validation example; "
+                          f"use at least {0.5 / n:.3g}")
+    if with_test and n_test == 0:
+        raise ConfigError(f"test_fraction={test_fraction} of {n} examples leaves no test example; "
+                          f"use at least {0.5 / n:.3g}")
+    if n_test + n_val >= n:
+        raise ConfigError(f"val_fraction={val_fraction} and test_fraction={test_fraction} of {n} examples "
+                          "leave no training example")
     return order[n_test + n_val:], order[n_test:n_test + n_val], order[:n_test]
 
 
@@ -113,5 +124,5 @@ def split_arrays(x: Tensor, y: Tensor, val_fraction: float, test_fraction: float
 
 def carve_validation(train: Split, val_fraction: float, seed: int) -> tuple[Split, Split]:
     """Split a fixed training set (one that ships with its own test set) into train and val."""
-    tr, va, _ = split_indices(len(train), val_fraction, 0.0, seed)
+    tr, va, _ = split_indices(len(train), val_fraction, 0.0, seed, with_test=False)
     return Split(train.x[tr], train.y[tr]), Split(train.x[va], train.y[va])

@@ -1,13 +1,17 @@
 """User data from a ``.npz`` file: images (NCHW or NHWC) or tabular rows, checked before use.
 
 Keys: ``x`` and ``y`` (required); ``x_test`` and ``y_test`` (optional, else a test split is drawn
-from ``x``/``y``); ``bounds`` (two floats, default [0, 1]); ``num_classes`` (default max label + 1,
-and then every class 0..max must occur); ``class_names``. ``y`` must hold at least two classes.
-The file is read with ``allow_pickle=False``: nothing in it is ever unpickled.
+from ``x``/``y``); ``bounds`` (two floats, default [0, 1]; rounded outward to float32, the precision
+the inputs are kept in); ``num_classes`` (default max label + 1, and then every class 0..max must
+occur); ``class_names``; ``layout`` ('NCHW' or 'NHWC', for images whose shape does not tell). Any
+other key is refused, so a misspelt ``x_tset`` is not silently ignored. ``y`` must hold at least two
+classes. The file is read with ``allow_pickle=False``: nothing in it is ever unpickled, and a member
+whose header declares more data than the archive holds is refused before any memory is taken.
 """
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 
@@ -21,7 +25,8 @@ from fortify.errors import DataError
 from fortify.threat import check_in_box
 
 REQUIRED_KEYS = ("x", "y")
-OPTIONAL_KEYS = ("x_test", "y_test", "bounds", "num_classes", "class_names")
+OPTIONAL_KEYS = ("x_test", "y_test", "bounds", "num_classes", "class_names", "layout")
+LAYOUTS = ("NCHW", "NHWC")
 # Far above any real label set: a larger label is an id or a typo, and a model that size would not fit.
 MAX_CLASSES = 100_000
 
@@ -31,10 +36,11 @@ def load_npz(options: DataOptions) -> Dataset:
     path = require_file(options.path)
     arrays = read_arrays(path)
     bounds = read_bounds(arrays)
-    x, y = read_pair(arrays, "x", "y", bounds)
+    layout = read_layout(arrays)
+    x, y = read_pair(arrays, "x", "y", bounds, layout)
     check_several_classes(y, "y")
     if "x_test" in arrays:
-        x_test, y_test = read_pair(arrays, "x_test", "y_test", bounds)
+        x_test, y_test = read_pair(arrays, "x_test", "y_test", bounds, layout)
         check_same_features(x, x_test)
         train, val = carve_validation(Split(x, y), options.val_fraction, options.seed)
         test = Split(x_test, y_test)
@@ -79,6 +85,7 @@ def open_archive(path: Path) -> np.lib.npyio.NpzFile:
 
 
 def read_member(path: Path, archive: np.lib.npyio.NpzFile, key: str) -> np.ndarray:
+    check_declared_size(path, archive, key)
     try:
         value = archive[key]
     except ValueError as err:
@@ -93,6 +100,28 @@ def read_member(path: Path, archive: np.lib.npyio.NpzFile, key: str) -> np.ndarr
         raise DataError(f"{path}: member {key!r} is not a numpy array; write the file with "
                         "numpy.savez(path, x=..., y=...)")
     return value
+
+
+def check_declared_size(path: Path, archive: np.lib.npyio.NpzFile, key: str) -> None:
+    """Refuse a member whose .npy header declares more bytes than the member holds: numpy would
+    allocate the declared size first (a 1 kB file can declare terabytes)."""
+    member = f"{key}.npy"
+    if member not in archive.zip.namelist():
+        return  # not an .npy member: read_member says what it is
+    with archive.zip.open(member) as stream:
+        try:
+            version = np.lib.format.read_magic(stream)
+            shape, _, dtype = (np.lib.format.read_array_header_1_0(stream) if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0(stream))
+        except ValueError as err:
+            raise unreadable(path, err) from None
+        header = stream.tell()
+    declared = math.prod(shape) * dtype.itemsize
+    held = archive.zip.getinfo(member).file_size - header
+    if dtype.hasobject or declared <= held:
+        return  # object arrays are refused by read_member, without unpickling
+    raise DataError(f"{path}: member {key!r} declares shape {shape} of {dtype} ({declared:,} bytes) but "
+                    f"holds {held:,} bytes; the file is damaged or forged")
 
 
 def unreadable(path: Path, err: Exception) -> DataError:
@@ -115,47 +144,91 @@ def check_keys(path: Path, arrays: dict[str, np.ndarray]) -> None:
     if missing:
         raise DataError(f"{path}: missing key(s) {missing}; found keys {sorted(arrays)}; needed: "
                         f"{sorted(needed)} (optional: {', '.join(OPTIONAL_KEYS)})")
+    # arrays only: a note or a licence stored beside them is the file's business
+    unknown = sorted(key for key, value in arrays.items() if isinstance(value, np.ndarray)
+                     and key not in REQUIRED_KEYS + OPTIONAL_KEYS)
+    if unknown:  # a misspelt 'x_tset' would otherwise be dropped, and a test split drawn from 'x'
+        raise DataError(f"{path}: unknown key(s) {unknown}; valid keys: "
+                        f"{', '.join(REQUIRED_KEYS + OPTIONAL_KEYS)}")
 
 
-def read_pair(arrays: dict[str, np.ndarray], x_key: str, y_key: str,
-              bounds: tuple[float, float]) -> tuple[Tensor, Tensor]:
-    x, y = read_inputs(arrays[x_key], x_key, bounds), read_labels(arrays[y_key], y_key)
+def read_pair(arrays: dict[str, np.ndarray], x_key: str, y_key: str, bounds: tuple[float, float],
+              layout: str | None = None) -> tuple[Tensor, Tensor]:
+    x, y = read_inputs(arrays[x_key], x_key, bounds, layout), read_labels(arrays[y_key], y_key)
     if len(x) != len(y):
         raise DataError(f"{x_key!r} has {len(x)} rows but {y_key!r} has {len(y)} labels; "
                         "they must match one to one")
     return x, y
 
 
-def read_inputs(values: np.ndarray, key: str, bounds: tuple[float, float]) -> Tensor:
+def read_inputs(values: np.ndarray, key: str, bounds: tuple[float, float], layout: str | None = None
+                ) -> Tensor:
     if values.dtype.kind not in "biuf":
         raise DataError(f"{key!r} must be numeric, got dtype {values.dtype}")
-    x = torch.from_numpy(np.ascontiguousarray(to_channels_first(values, key), dtype=np.float32))
-    try:
-        check_in_box(x, bounds)
-    except DataError as err:
-        raise DataError(f"{key!r}: {err} (store a 'bounds' array of two floats in the file to "
-                        "declare another box)") from None
+    if values.ndim >= 2 and math.prod(values.shape[1:]) == 0:
+        raise DataError(f"{key!r} has shape {values.shape}: its rows hold no features")
+    check_values_fit(values, key, bounds)
+    # float32 rounding keeps every value inside the box: its sides are float32 numbers (read_bounds)
+    x = torch.from_numpy(np.ascontiguousarray(to_channels_first(values, key, layout), dtype=np.float32))
+    check_in_box(x, bounds)
     return x
 
 
-def to_channels_first(values: np.ndarray, key: str) -> np.ndarray:
+def check_values_fit(values: np.ndarray, key: str, bounds: tuple[float, float]) -> None:
+    """Finite and inside the box, judged on the values as stored (before the float32 cast, which
+    would turn 1e39 into inf and call it NaN/Inf)."""
+    if values.size and values.dtype.kind == "f":
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise DataError(f"{key!r}: inputs contain {int(bad.sum())} NaN/Inf values")
+    low, high = (float(values.min()), float(values.max())) if values.size else bounds
+    if low < bounds[0] or high > bounds[1]:
+        # every digit where the short form of a side that lies outside reads the same as the box's
+        hidden = (low < bounds[0] and f"{low:g}" == f"{bounds[0]:g}") or \
+            (high > bounds[1] and f"{high:g}" == f"{bounds[1]:g}")
+        shown = (f"[{low!r}, {high!r}]", f"[{bounds[0]!r}, {bounds[1]!r}]") if hidden else \
+            (f"[{low:g}, {high:g}]", f"[{bounds[0]:g}, {bounds[1]:g}]")
+        raise DataError(f"{key!r}: inputs range over {shown[0]}, outside the declared box {shown[1]}; scale "
+                        "the data into the box or store a 'bounds' array of two floats in the file to "
+                        "declare another box")
+
+
+def to_channels_first(values: np.ndarray, key: str, layout: str | None = None) -> np.ndarray:
     if values.ndim == 2:
         return values
     if values.ndim != 4:
         raise DataError(f"{key!r} has shape {values.shape}; expected tabular (N, features) or "
                         "images (N, C, H, W) / (N, H, W, C). For grey images of shape (N, H, W) "
                         "add a channel axis: x[:, None]")
+    last = (layout == "NHWC") if layout is not None else channels_last(values.shape, key)
+    return values.transpose(0, 3, 1, 2) if last else values
+
+
+def channels_last(shape: tuple[int, ...], key: str) -> bool:
+    """Whether images of ``shape`` are (N, H, W, C), when the shape tells: only one end holds a usual
+    channel count (1, 3, 4), else only one reading gives a square image ((N, 8, 16, 16) is 8 bands of
+    16x16; (N, 16, 16, 8) the same, channels last). Anything else is refused: a guess would train on
+    scrambled images."""
     channels = (1, 3, 4)  # grey, RGB, RGBA
-    _, c1, c2, c3 = values.shape
+    _, c1, c2, c3 = shape
     first, last = c1 in channels, c3 in channels
-    if first and last and c1 != c3:
-        # both readings are plausible: take the one whose image is square, e.g. (N, 1, 4, 4) is a grey
-        # 4x4 and (N, 4, 4, 3) an RGB 4x4; (N, 3, 8, 4) could be RGB 8x4 or RGBA 3x8
+    if first == last or (first and last and c1 != c3):
         first, last = c2 == c3, c1 == c2
-        if first == last:
-            raise DataError(f"{key!r} has shape {values.shape}: cannot tell channels first from channels "
-                            "last; store images as (N, C, H, W)")
-    return values.transpose(0, 3, 1, 2) if last and not first else values
+    if first == last:
+        raise DataError(f"{key!r} has shape {shape}: cannot tell channels first from channels last; store "
+                        "a 'layout' key in the file, np.array('NCHW') or np.array('NHWC')")
+    return last
+
+
+def read_layout(arrays: dict[str, np.ndarray]) -> str | None:
+    if "layout" not in arrays:
+        return None
+    value = arrays["layout"]
+    layout = str(value.item()) if value.shape == () and value.dtype.kind == "U" else None
+    if layout not in LAYOUTS:
+        raise DataError(f"'layout' must be one of {', '.join(LAYOUTS)} (np.array('NCHW')), got "
+                        f"{value.dtype} array of shape {value.shape}")
+    return layout
 
 
 def read_labels(values: np.ndarray, key: str) -> Tensor:
@@ -206,11 +279,22 @@ def read_bounds(arrays: dict[str, np.ndarray]) -> tuple[float, float]:
         return (0.0, 1.0)
     values = arrays["bounds"]
     if values.shape != (2,) or values.dtype.kind not in "iuf":
-        raise DataError(f"'bounds' must be two numbers [low, high], got {values.tolist()!r}")
+        raise DataError(f"'bounds' must be two numbers [low, high], got a {values.dtype} array of shape "
+                        f"{values.shape}")
     low, high = float(values[0]), float(values[1])
-    if not (np.isfinite([low, high]).all() and low < high):
-        raise DataError(f"'bounds' must be finite with low < high, got [{low:g}, {high:g}]")
-    return (low, high)
+    limit = float(np.finfo(np.float32).max)
+    if not (np.isfinite([low, high]).all() and low < high and -limit <= low and high <= limit):
+        raise DataError(f"'bounds' must be finite float32 numbers with low < high, got [{low!r}, {high!r}]")
+    return float32_outward(low, -math.inf), float32_outward(high, math.inf)
+
+
+def float32_outward(value: float, direction: float) -> float:
+    """The float32 number nearest ``value`` on the side of ``direction`` (or ``value`` itself): a value
+    inside a box stays inside once cast to float32, the precision the inputs are kept in."""
+    rounded = np.float32(value)
+    if (float(rounded) - value) * direction < 0:
+        rounded = np.nextafter(rounded, np.float32(direction))
+    return float(rounded)
 
 
 def read_num_classes(arrays: dict[str, np.ndarray], labels: Tensor) -> int:

@@ -49,9 +49,7 @@ class BatchRecipe:
 
     def bind(self, train: Split, model: nn.Module, bounds: tuple[float, float]) -> None:
         """Load ``train.extra_data`` when the caller did not pass it already loaded; check the layout."""
-        if self.config.augment.enabled and train.x.dim() != 4:
-            raise ConfigError(f"train.augment needs image data (N, C, H, W); this training set has "
-                              f"shape {tuple(train.x.shape)}: turn augmentation off")
+        check_augment_fits(self.config, tuple(train.x.shape[1:]), "this training set")
         if self.config.extra_data is not None and self.extra is None:
             self.extra = load_extra_data(self.config.extra_data, input_shape=tuple(train.x.shape[1:]),
                                          bounds=bounds, num_classes=count_outputs(model, train.x[:1]))
@@ -91,13 +89,27 @@ def check_dp_batch_settings(config: TrainConfig) -> None:
                           "DP training supports ema_decay, label_smoothing and the DP objectives")
 
 
+def check_augment_fits(config: TrainConfig, input_shape: tuple[int, ...], whose: str) -> None:
+    """ConfigError unless augmentation is off or fits images of ``input_shape`` (C, H, W)."""
+    augment = config.augment
+    if not augment.enabled:
+        return
+    if len(input_shape) != 3:
+        raise ConfigError(f"train.augment needs image data (N, C, H, W); {whose} has inputs of shape "
+                          f"{input_shape}: turn augmentation off")
+    side = min(input_shape[1:])
+    for name in ("crop_padding", "cutout_size"):
+        value = getattr(augment, name)
+        if value > side:  # larger only pads or erases the whole image, at memory's cost
+            raise ConfigError(f"train.augment.{name}={value} exceeds the images' shorter side ({side} "
+                              f"pixels of {input_shape[1:]}); use at most {side}")
+
+
 def load_recipe_data(config: TrainConfig, dataset: Dataset, *, dp: bool) -> Split | None:
     """Check the batch settings against the data (and DP) before a run starts; the extra data, loaded."""
     if dp:
         check_dp_batch_settings(config)
-    if config.augment.enabled and dataset.train.x.dim() != 4:
-        raise ConfigError(f"train.augment needs image data (N, C, H, W); dataset {dataset.name!r} has "
-                          f"inputs of shape {dataset.input_shape}: turn augmentation off")
+    check_augment_fits(config, tuple(dataset.input_shape), f"dataset {dataset.name!r}")
     if config.extra_data is None:
         return None
     BatchPlan.for_batch(config.batch_size, config.extra_fraction)  # a share the batch cannot hold: refused
