@@ -443,7 +443,8 @@ def test_bracketed_values_in_an_error_reach_the_terminal(tmp_path):
              bounds=np.array([np.nan, 1.0]))
     out = tmp_path / "out"
     result = _invoke("train", "--data", data, "--epochs", "1", "--out", out)
-    _assert_clean_error(result, "'bounds' must be finite with low < high, got [nan, 1]", not_created=out)
+    _assert_clean_error(result, "'bounds' must be finite float32 numbers with low < high, got [nan, 1.0]",
+                        not_created=out)
 
 
 def test_a_config_file_that_is_not_utf8_is_refused(tmp_path):
