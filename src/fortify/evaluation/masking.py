@@ -119,7 +119,7 @@ class MaskingVerdict:
     def not_judged(cls, threat: ThreatModel, n_examples: int, config: MaskingConfig,
                    reason: str) -> MaskingVerdict:
         """The verdict where no check could run (``reason`` says why): masked is None, no checks."""
-        return cls(masked=None, threat=_threat_dict(threat), n_examples=n_examples, n_attacked=0,
+        return cls(masked=None, threat=threat.to_dict(), n_examples=n_examples, n_attacked=0,
                    checks=[], config=asdict(config), notes=[reason])
 
     @property
@@ -200,16 +200,12 @@ def masking_verdict(
     finally:
         restore_modes(modes)
     failed = [c.name for c in checks if not c.passed]
-    return MaskingVerdict(masked=bool(failed), threat=_threat_dict(threat), n_examples=len(y),
+    return MaskingVerdict(masked=bool(failed), threat=threat.to_dict(), n_examples=len(y),
                           n_attacked=len(setup.y), checks=checks, config=asdict(config),
                           adaptive=adaptive, notes=notes)
 
 
 # -- set-up ---------------------------------------------------------------------------------------
-
-def _threat_dict(threat: ThreatModel) -> dict[str, Any]:
-    return {"norm": threat.norm, "eps": threat.eps, "bounds": list(threat.bounds)}
-
 
 def _check_inputs(x: Tensor, y: Tensor, threat: ThreatModel, transfer_x_adv: Tensor | None) -> None:
     threat.check_inputs(x)

@@ -114,10 +114,6 @@ class DistributedContext:
         state = torch.Generator(device=self.device).manual_seed(mixed).get_state()
         objective.set_rng_state(state, self.device)
 
-    def shard(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Every ``world_size``-th example from ``rank`` on (validation)."""
-        return x[self.rank::self.world_size], y[self.rank::self.world_size]
-
     # -- collectives ---------------------------------------------------------------------------
 
     def sum(self, tensor: Tensor) -> Tensor:

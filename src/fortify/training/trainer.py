@@ -421,8 +421,7 @@ class Trainer:
             "progress": progress,
             "optimizer": getattr(self, "_optim_meta", None),
             "config": self.config.model_dump(mode="json"),
-            "threat": {"norm": self.threat.norm, "eps": self.threat.eps,
-                       "bounds": list(self.threat.bounds)},
+            "threat": self.threat.to_dict(),
             "objective": self.objective.name,
             "sha256": dict(self._hashes),
         })
