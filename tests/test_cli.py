@@ -77,6 +77,7 @@ def test_train_then_evaluate(tmp_path):
     assert reported.exit_code == 0, reported.output
     written = json.loads((out / "robustness.json").read_text())
     assert {"analysis", "privacy"} <= set(written)
+    assert written["dataset"]["class_names"] == [str(i) for i in range(10)]  # the per-class figures' ticks
     assert "Gradient-masking checks" in (out / "report.html").read_text()
 
 
@@ -403,6 +404,7 @@ def test_an_empty_dataset_name_is_refused_not_read_as_the_default(tmp_path):
 
 @pytest.mark.parametrize("text, fragment", [
     ("train:\n  epochs: true\n", "train.epochs: Value error, a number"),
+    ("train:\n  early_stopping: 10\n", "train.early_stopping: Value error, true or false is expected"),
     ("train:\n  epochs: 3\n  epochs: 5\n", "'epochs' is given twice"),
 ])
 def test_config_values_yaml_would_misread_are_refused(tmp_path, text, fragment):
@@ -420,12 +422,31 @@ def test_config_values_yaml_would_misread_are_refused(tmp_path, text, fragment):
     ("threat:\n  eps: .nan\n", [], "threat.eps: Input should be a finite number"),
     ("eval:\n  eps_grid: [0.1, .inf]\n", [], "eval.eps_grid.1: Input should be a finite number"),
     ("eval:\n  eps_grid: [0.05, 0.1, 0.05]\n", [], "eps_grid names an eps twice"),
+    # numbers nested in an attack's options, which only the attack reads later
+    ("eval:\n  attacks: [pgd]\n  attack_options:\n    pgd: {x: [1.0, .nan]}\n", [],
+     "pgd.x[1] must be a finite number, got nan"),
+    ("eval:\n  attacks: [pgd]\n  attack_options:\n    pgd: {x: {y: .inf}}\n", [],
+     "pgd.x.y must be a finite number, got inf"),
 ])
 def test_config_sections_and_numbers_that_cannot_hold_are_refused(tmp_path, text, flags, fragment):
     config = tmp_path / "c.yaml"
     config.write_text(text)
     out = tmp_path / "out"
     _assert_clean_error(_invoke("train", "--config", config, "--out", out, *flags), fragment, not_created=out)
+
+
+def test_a_very_long_value_is_shortened_in_the_error(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"train:\n  lr: '{'9' * 401}'\n")
+    result = _invoke("train", "--config", config, "--out", tmp_path / "out")
+    _assert_clean_error(result, "train.lr: Input should be a finite number (got '999")
+    assert "(403 characters)" in result.output and "9" * 100 not in result.output
+
+
+def test_a_very_long_unknown_name_is_shortened_in_the_error(tmp_path):
+    result = _invoke("train", "--dataset", "x" * 300, "--out", tmp_path / "out")
+    _assert_clean_error(result, "(302 characters); valid names: breast-cancer")
+    assert "x" * 100 not in result.output
 
 
 def test_a_section_check_names_its_values_without_repeating_the_section(tmp_path):

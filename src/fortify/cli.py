@@ -468,7 +468,8 @@ def evaluate(
     extra = _measure_further(setup, model, report, cfg.train.objective) if with_report else {}
     write_json(model_dir / "robustness.json", {
         "version": RESULTS_VERSION, "kind": "evaluation", "config": cfg.model_dump(mode="json"),
-        "robustness": report.to_dict(), **extra, **_tabular_section(setup, model),
+        "dataset": setup.dataset.summary(), "robustness": report.to_dict(), **extra,
+        **_tabular_section(setup, model),
         "provenance": provenance(cfg, setup.device)})
     shutil.rmtree(model_dir / "evaluation", ignore_errors=True)  # finished: the journal is spent
     _print_evaluation(f"{model_dir}: {setup.threat.describe()}, {report.n_examples} examples", report)
@@ -541,7 +542,8 @@ def _evaluate_model_file(path: Path, config: Path | None, overrides: dict[str, A
     extra = _measure_file_model_further(setup, external, report) if with_report else {}
     write_json(out_dir / "robustness.json", {
         "version": RESULTS_VERSION, "kind": "evaluation", "config": cfg.model_dump(mode="json"),
-        "model": external.describe(), "robustness": report.to_dict(), **extra,
+        "dataset": setup.dataset.summary(), "model": external.describe(), "robustness": report.to_dict(),
+        **extra,
         "provenance": provenance(cfg, setup.device)})
     _print_evaluation(f"{path.name} ({external.access.kind}): {setup.threat.describe()}, "
                       f"{report.n_examples} examples", report)

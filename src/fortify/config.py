@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from fortify.errors import ConfigError
+from fortify.errors import ConfigError, shortened
 
 
 class _Strict(BaseModel):
@@ -32,12 +32,15 @@ class _Strict(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _numbers_are_not_booleans(cls, value: Any, info: ValidationInfo) -> Any:
-        # pydantic would read YAML's `epochs: true` as 1
+        # pydantic would read YAML's `epochs: true` as 1, and `early_stopping: 10` (meant for
+        # `patience`) as true
         if info.field_name is None:
             return value
         annotation = cls.model_fields[info.field_name].annotation
         if isinstance(value, bool) and _is_number_field(annotation):
             raise ValueError("a number is expected, not true or false")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _is_switch_field(annotation):
+            raise ValueError("true or false is expected, not a number")
         if isinstance(value, list) and any(isinstance(v, bool) for v in value) \
                 and _is_number_list_field(annotation):
             raise ValueError(f"numbers are expected, not true or false: {value}")
@@ -47,6 +50,11 @@ class _Strict(BaseModel):
 def _is_number_field(annotation: Any) -> bool:
     kinds = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
     return bool(kinds & {int, float}) and bool not in kinds
+
+
+def _is_switch_field(annotation: Any) -> bool:
+    kinds = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+    return bool in kinds and not kinds & {int, float}
 
 
 def _is_number_list_field(annotation: Any) -> bool:
@@ -163,8 +171,7 @@ class EvalConfig(_Strict):
         # checked here, not only when the attacks are built: a dump to JSON would turn NaN into null
         for attack, settings in options.items():
             for key, value in settings.items():
-                if isinstance(value, float) and not math.isfinite(value):
-                    raise ValueError(f"{attack}.{key} must be a finite number, got {value}")
+                _check_finite(f"{attack}.{key}", value)
         return options
 
     @model_validator(mode="after")
@@ -179,6 +186,18 @@ class EvalConfig(_Strict):
             # a preset replaces the attack list and cascades: record what runs, not what was replaced
             self.__dict__.update(attacks=list(PRESETS[self.preset]), cascade=True)
         return self
+
+
+def _check_finite(where: str, value: Any) -> None:
+    """Every number in ``value``, however deep in lists and mappings, is finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(f"{where}.{key}", item)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite(f"{where}[{i}]", item)
 
 
 class DPConfig(_Strict):
@@ -244,8 +263,8 @@ def _format_validation_error(err: ValidationError) -> str:
         else:
             given = problem.get("input")
             # a whole section's check names its values itself; repeating the section says nothing
-            shown = "" if isinstance(given, dict) else f" (got {given!r})"
-            lines.append(f"{where}: {problem['msg']}{shown}")
+            shown = "" if isinstance(given, dict) else f" (got {shortened(repr(given))})"
+            lines.append(f"{where}: {shortened(problem['msg'], 300)}{shown}")
     return "invalid configuration: " + "; ".join(lines)
 
 

@@ -40,3 +40,11 @@ class MissingDependencyError(FortifyError, ImportError):
 
 class ResultsError(FortifyError):
     """A run directory or results file is missing, unreadable or of an unknown version."""
+
+
+def shortened(text: str, most: int = 80) -> str:
+    """``text`` cut to ``most`` characters with its length said: a 400-digit value, pasted by
+    mistake, would otherwise fill the terminal with one error line."""
+    if len(text) <= most:
+        return text
+    return f"{text[:most]}... ({len(text)} characters)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from fortify.errors import ConfigError, UnknownNameError
+from fortify.errors import ConfigError, UnknownNameError, shortened
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -34,7 +34,7 @@ class Registry(Generic[F]):
             return self._factories[name]
         except KeyError:
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}"
+                f"unknown {self.kind} {shortened(repr(name))}; valid names: {', '.join(self.names())}"
             ) from None
 
     def names(self) -> list[str]:

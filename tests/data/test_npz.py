@@ -265,6 +265,17 @@ def test_class_names_must_match_num_classes(tmp_path):
     assert "2 names but there are 3 classes" in message
 
 
+def test_class_names_must_name_each_class_once(tmp_path):
+    # Prepare
+    options = write_npz(tmp_path, **tabular(), class_names=np.array(["cat", "dog", "cat"]))
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "'class_names' names more than one class 'cat'" in message
+
+
 def test_a_file_that_is_not_an_archive_is_a_data_error(tmp_path):
     # Prepare
     path = tmp_path / "data.npz"

@@ -56,6 +56,26 @@ def test_an_extreme_test_value_does_not_move_the_training_inputs(monkeypatch):
     assert after.metadata["clipped"]["test"] == before.metadata["clipped"]["test"] + newly_clipped
 
 
+def test_a_feature_constant_on_the_training_rows_maps_to_zero_and_keeps_a_valid_schema(monkeypatch):
+    # Prepare: the first feature equal in every training row (a small split can make it so)
+    bunch = sklearn.datasets.load_breast_cancer()
+    bunch.data = np.array(bunch.data)
+    train_rows, _, test_rows = (index.numpy() for index in _rows())
+    bunch.data[train_rows, 0] = 7.0
+    bunch.data[test_rows[0], 0], bunch.data[test_rows[1], 0] = 7.5, 9.0
+    monkeypatch.setattr(sklearn.datasets, "load_breast_cancer", lambda: bunch)
+
+    # Execute
+    dataset = load_dataset("breast-cancer", OPTIONS)
+    schema = breast_cancer_schema(dataset)
+
+    # Assert: no division by a zero range; the range is one raw unit from the training value
+    assert torch.equal(dataset.train.x[:, 0], torch.zeros(len(dataset.train.x)))
+    assert dataset.test.x[0, 0] == 0.5 and dataset.test.x[1, 0] == 1.0  # 9.0 is clipped
+    assert all(torch.isfinite(split.x).all() for split in (dataset.train, dataset.val, dataset.test))
+    assert (schema.features[0].low, schema.features[0].high) == (7.0, 8.0)
+
+
 def test_the_bundled_schema_bounds_are_the_training_scaling():
     # Prepare
     dataset = load_dataset("breast-cancer", OPTIONS)

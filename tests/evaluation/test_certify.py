@@ -18,6 +18,7 @@ from fortify.evaluation.certify import (
     certify,
     clopper_pearson_lower,
     predict,
+    sample_counts,
 )
 from fortify.pipeline import certify_sigma
 from fortify.threat import ThreatModel
@@ -147,7 +148,7 @@ def test_certificates_are_reproducible_with_a_seed():
     assert not torch.equal(a.p_lower, other.p_lower)
 
 
-def test_a_model_in_training_mode_keeps_its_batch_norm_statistics():
+def test_a_model_in_training_mode_keeps_its_batch_norm_statistics_and_its_mode():
     # Prepare: without num_classes, the classes are counted with one forward pass, which in training
     # mode would move the running statistics (and fail outright for BatchNorm1d on one example)
     torch.manual_seed(0)
@@ -158,6 +159,7 @@ def test_a_model_in_training_mode_keeps_its_batch_norm_statistics():
     # Execute
     certify(model, x, sigma=SIGMA, n0=10, n=50)
     predict(model, x, sigma=SIGMA, n=50)
+    sample_counts(model, x, sigma=SIGMA, n=50, num_classes=3)  # called on its own, too
     # Assert
     assert model.training and model[1].training
     changed = [name for name, value in model.state_dict().items() if not torch.equal(value, state[name])]

@@ -85,6 +85,7 @@ WRONG_FIELDS = [
     (ROB + ("attacks", 0, "adversarial_accuracy"), -0.1,
      "adversarial_accuracy is -0.1; expected a number from 0"),
     (("threat", "eps"), -1, "threat.eps is -1; expected a finite number > 0"),
+    (("dataset", "class_names"), 5, "dataset.class_names is 5; expected a list"),
 ]
 
 
@@ -299,3 +300,30 @@ def test_the_note_on_a_missing_analysis_does_not_name_a_command_that_did_not_wri
     note = html[html.index("model: no analysis in the results"):]
     note = note[:note.index("</li>")]
     assert "fortify run" not in note and "did not run it" in note
+
+
+def _evaluation(class_names: list[str] | None) -> dict[str, Any]:
+    """A `fortify evaluate` robustness.json: one model's sections at the top level."""
+    run = _results()
+    dataset = {"name": "digits", **({"class_names": class_names} if class_names else {})}
+    return {"version": 2, "kind": "evaluation", "config": {"data": {"name": "digits"}}, "dataset": dataset,
+            "robustness": run["models"]["pgd"]["robustness"], "provenance": {}}
+
+
+def test_class_names_reach_the_page_from_an_evaluation_and_from_runs_that_agree(tmp_path):
+    # Prepare: two runs naming their classes alike, a third naming them otherwise
+    names = ["cat", "dog"]
+    a = _write_run(tmp_path / "a", _with(_results(), ("dataset", "class_names"), names))
+    b = _write_run(tmp_path / "b", _with(_results(), ("dataset", "class_names"), names))
+    c = _write_run(tmp_path / "c", _with(_results(), ("dataset", "class_names"), ["no", "yes"]))
+    evaluated = tmp_path / "model"
+    evaluated.mkdir()
+    (evaluated / "robustness.json").write_text(json.dumps(_evaluation(names)))
+    # Execute
+    agreeing, disagreeing = merge_runs([load_results(a), load_results(b)]), merge_runs(
+        [load_results(a), load_results(c)])
+    # Assert
+    assert load_results(evaluated)["dataset"]["class_names"] == names
+    assert agreeing["dataset"]["class_names"] == names
+    assert "class_names" not in disagreeing["dataset"]
+    assert "class_names" not in load_results(_write_run(tmp_path / "d", _results()))["dataset"]

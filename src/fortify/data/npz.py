@@ -337,7 +337,12 @@ def read_class_names(arrays: dict[str, np.ndarray], num_classes: int) -> list[st
         raise DataError(f"'class_names' has {len(names)} names but there are {num_classes} "
                         "classes")
     try:
-        return [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
+        decoded = [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
     except UnicodeDecodeError:
         raise DataError("'class_names' holds bytes that are not UTF-8 text; store the names as "
                         "np.array(names, dtype=str)") from None
+    repeated = sorted({name for name in decoded if decoded.count(name) > 1})
+    if repeated:  # two classes of one name could not be told apart in the report
+        raise DataError(f"'class_names' names more than one class {', '.join(map(repr, repeated))}; "
+                        "give each class its own name")
+    return decoded

@@ -37,6 +37,9 @@ def load_breast_cancer(options: DataOptions) -> Dataset:
     y = torch.tensor(bunch.target, dtype=torch.long)
     rows = split_indices(len(raw), options.val_fraction, options.test_fraction, options.seed)
     low, high = raw[rows[0]].min(dim=0).values, raw[rows[0]].max(dim=0).values
+    # a feature constant on a small training split (zero in every row) has no range to divide by:
+    # its range becomes [value, value + 1], so it maps to 0 there and the schema's bounds stay valid
+    high = torch.where(high > low, high, low + 1)
     scaled = [(raw[index] - low) / (high - low) for index in rows]
     clipped = {name: int(((x < 0) | (x > 1)).sum()) for name, x in zip(("train", "val", "test"), scaled)}
     train, val, test = (Split(x.clamp(0.0, 1.0), y[index]) for x, index in zip(scaled, rows))

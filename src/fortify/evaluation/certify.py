@@ -77,11 +77,12 @@ def sample_counts(model: nn.Module, x: Tensor, *, sigma: float, n: int, num_clas
     """(N, K) counts of the base classifier's predictions on ``n`` noisy copies of each example.
 
     At most ``batch_size`` noisy inputs go through the model at once: blocks of examples, each
-    with as many copies as fit.
+    with as many copies as fit. The model votes in eval mode (dropout off, batch-norm statistics
+    untouched) and gets its own modes back.
     """
     sigma, n = _check_sigma(sigma), check_positive_int("n", n)
     block = min(x.shape[0], check_positive_int("batch_size", batch_size))
-    with torch.no_grad():
+    with torch.no_grad(), evaluation_mode(model):
         return torch.cat([_block_counts(model, x[start:start + block], sigma, n, num_classes, batch_size,
                                         generator) for start in range(0, x.shape[0], block)])
 
@@ -144,9 +145,8 @@ def predict(model: nn.Module, x: Tensor, *, sigma: float, n: int = 100, alpha: f
     """
     alpha = _check_alpha(alpha)
     setup = _prepare(model, x, num_classes, bounds, seed, generator)
-    with evaluation_mode(model):
-        counts = sample_counts(model, setup.x, sigma=sigma, n=n, num_classes=setup.num_classes,
-                               batch_size=batch_size, generator=setup.generator)
+    counts = sample_counts(model, setup.x, sigma=sigma, n=n, num_classes=setup.num_classes,
+                           batch_size=batch_size, generator=setup.generator)
     top2 = counts.topk(2, dim=1) if setup.num_classes > 1 else counts.topk(1, dim=1)
     predictions = top2.indices[:, 0].clone()
     for i, row in enumerate(top2.values.tolist()):
@@ -196,8 +196,7 @@ def certify(model: nn.Module, x: Tensor, *, sigma: float, n0: int = 100, n: int 
                              batch_size=batch_size, generator=setup.generator)
 
     # selection and estimation use separate samples, or the bound would be biased upwards
-    with evaluation_mode(model):
-        selection, estimation = sample(n0), sample(n)
+    selection, estimation = sample(n0), sample(n)
     top = selection.argmax(dim=1)
     p_lower = clopper_pearson_lower(estimation.gather(1, top.unsqueeze(1)).squeeze(1), n, alpha)
     certified = p_lower >= 0.5

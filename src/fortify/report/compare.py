@@ -35,8 +35,12 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     models = {f"{prefix}/{model_name}": model
               for prefix, run in zip(prefixes, runs) for model_name, model in run["models"].items()}
     datasets = sorted({run["dataset"]["name"] for run in runs})
+    # per-class figures name the classes only where every run names them alike
+    names = reference["dataset"].get("class_names")
+    agreed = all(run["dataset"].get("class_names") == names for run in runs)
+    shared_names = {"class_names": names} if names and agreed else {}
     return {"version": RESULTS_VERSION, "kind": "comparison", "threat": reference["threat"],
-            "dataset": {"name": " vs ".join(datasets)}, "models": models,
+            "dataset": {"name": " vs ".join(datasets), **shared_names}, "models": models,
             "provenance": {prefix: _provenance_line(run) for prefix, run in zip(prefixes, runs)},
             "config": None,
             "sources": [run["source"] for run in runs]}  # write_report never writes over one of them

@@ -88,7 +88,7 @@ def summary_lines(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     models, threat = results["models"], results["threat"]
-    class_names = results["dataset"].get("class_names")  # a run's own dataset; a comparison has none
+    class_names = results["dataset"].get("class_names")  # a comparison's only where its runs agree
     figures = _Figures()
     shared = {
         "eps": figures.draw("accuracy versus eps", plots.eps_curves, models, threat["norm"], threat["eps"]),

@@ -70,8 +70,11 @@ def _normalise(raw: dict[str, Any], path: Path) -> dict[str, Any]:
         if training is not None:
             model["training"] = training
         data = raw["config"].get("data", {})
+        named = raw.get("dataset") or {}  # absent in files written before it was recorded
+        dataset = {"name": data.get("name", "?"),
+                   **({"class_names": named["class_names"]} if "class_names" in named else {})}
         return {"version": raw["version"], "kind": kind, "config": raw["config"],
-                "dataset": {"name": data.get("name", "?")}, "threat": raw["robustness"]["threat"],
+                "dataset": dataset, "threat": raw["robustness"]["threat"],
                 "models": {name: model}, "provenance": raw.get("provenance", {})}
     raise ResultsError(f"{path} is of kind {kind!r}; the report reads 'comparison' (fortify run) and "
                        "'evaluation' (fortify evaluate) results")

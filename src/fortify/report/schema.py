@@ -218,12 +218,16 @@ MODEL = record(robustness=ROBUSTNESS, analysis=section(ANALYSIS), privacy=sectio
                tabular=section(TABULAR), training=section(TRAINING))
 
 # kind 'comparison' (fortify run): every model's sections under models.NAME
-COMPARISON = record(threat=THREAT, dataset=record(name=text), models=mapping_of(MODEL, min_length=1),
+# the classes' names label the per-class figures
+DATASET = record(name=text, class_names=optional(list_of(text)))
+
+COMPARISON = record(threat=THREAT, dataset=DATASET, models=mapping_of(MODEL, min_length=1),
                     provenance=optional(record()))
 
 # kind 'evaluation' (fortify evaluate): one model's sections at the top level
 EVALUATION = record(robustness=all_of(ROBUSTNESS, record(threat=THREAT)),
                     config=record(data=optional(record(name=optional(text)))),
+                    dataset=optional(record(class_names=optional(list_of(text)))),
                     analysis=section(ANALYSIS), privacy=section(PRIVACY), tabular=section(TABULAR),
                     provenance=optional(record()))
 
