@@ -148,6 +148,23 @@ def test_certificates_are_reproducible_with_a_seed():
     assert not torch.equal(a.p_lower, other.p_lower)
 
 
+@pytest.mark.parametrize("batch_size", [1, 64, 333, 5000])
+def test_a_seed_fixes_the_certificates_whatever_the_batch_size(batch_size):
+    # Prepare: a small CNN whose votes are not unanimous (n = 250 leaves a short last chunk)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).double()
+    x = torch.rand(7, 1, 6, 6, dtype=torch.float64)
+    reference = certify(model, x, sigma=1.0, n0=50, n=250, seed=3, batch_size=1000)
+    # Execute
+    cert = certify(model, x, sigma=1.0, n0=50, n=250, seed=3, batch_size=batch_size)
+    first_three = certify(model, x[:3], sigma=1.0, n0=50, n=250, seed=3, batch_size=batch_size)
+    # Assert: the same certificates, and an example's noise does not depend on the ones after it
+    assert 0 < float(reference.p_lower.min()) < 0.99  # the vote is split somewhere
+    assert torch.equal(cert.p_lower, reference.p_lower)
+    assert torch.equal(cert.predictions, reference.predictions)
+    assert torch.equal(first_three.p_lower, reference.p_lower[:3])
+
+
 def test_a_model_in_training_mode_keeps_its_batch_norm_statistics_and_its_mode():
     # Prepare: without num_classes, the classes are counted with one forward pass, which in training
     # mode would move the running statistics (and fail outright for BatchNorm1d on one example)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.stats import beta, binomtest, norm
@@ -72,30 +73,51 @@ OBJECTIVES.add(GaussianObjective.name, GaussianObjective)
 
 # -- Monte-Carlo sampling --------------------------------------------------------------------------
 
+NOISE_CHUNK = 100  # noisy copies of one example drawn from one seeded stream
+
+
 def sample_counts(model: nn.Module, x: Tensor, *, sigma: float, n: int, num_classes: int,
                   batch_size: int = 1000, generator: torch.Generator | None = None) -> Tensor:
     """(N, K) counts of the base classifier's predictions on ``n`` noisy copies of each example.
 
-    At most ``batch_size`` noisy inputs go through the model at once: blocks of examples, each
-    with as many copies as fit. The model votes in eval mode (dropout off, batch-norm statistics
-    untouched) and gets its own modes back.
+    The copies of example ``i`` come in chunks of NOISE_CHUNK, each drawn from a stream seeded by
+    (a number drawn from ``generator``, ``i``, the chunk's index): the counts depend on the
+    generator's state and the examples' order, not on ``batch_size``, which only bounds how many
+    noisy inputs go through the model at once. The model votes in eval mode (dropout off,
+    batch-norm statistics untouched) and gets its own modes back.
     """
     sigma, n = _check_sigma(sigma), check_positive_int("n", n)
-    block = min(x.shape[0], check_positive_int("batch_size", batch_size))
+    batch_size = check_positive_int("batch_size", batch_size)
+    noise = _NoiseStreams(generator, x.device, x.dtype)
+    block = max(1, batch_size // NOISE_CHUNK)  # examples whose chunks share a pass
     with torch.no_grad(), evaluation_mode(model):
-        return torch.cat([_block_counts(model, x[start:start + block], sigma, n, num_classes, batch_size,
-                                        generator) for start in range(0, x.shape[0], block)])
+        return torch.cat([_block_counts(model, x[start:start + block], start, sigma, n, num_classes,
+                                        batch_size, noise) for start in range(0, x.shape[0], block)])
 
 
-def _block_counts(model: nn.Module, x: Tensor, sigma: float, n: int, num_classes: int, batch_size: int,
-                  generator: torch.Generator | None) -> Tensor:
+class _NoiseStreams:
+    """Gaussian noise for (example, chunk) pairs, each pair from its own seeded stream."""
+
+    def __init__(self, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> None:
+        source = generator.device if generator is not None else torch.device("cpu")
+        self.base = int(torch.randint(0, 2**62, (), generator=generator, device=source))
+        self.stream = torch.Generator(device=device)
+        self.device, self.dtype = device, dtype
+
+    def draw(self, example: int, chunk: int, shape: tuple[int, ...]) -> Tensor:
+        seed = np.random.SeedSequence((self.base, example, chunk)).generate_state(1, np.uint64)[0]
+        self.stream.manual_seed(int(seed) >> 1)  # torch takes seeds below 2**63
+        return torch.randn(shape, generator=self.stream, device=self.device, dtype=self.dtype)
+
+
+def _block_counts(model: nn.Module, x: Tensor, first: int, sigma: float, n: int, num_classes: int,
+                  batch_size: int, noise: _NoiseStreams) -> Tensor:
     counts = torch.zeros(x.shape[0], num_classes, dtype=torch.long, device=x.device)
-    per_pass = max(1, batch_size // x.shape[0])
-    for done in range(0, n, per_pass):
-        copies = min(per_pass, n - done)
-        batch = x.unsqueeze(1).expand(x.shape[0], copies, *x.shape[1:]).reshape(-1, *x.shape[1:])
-        noise = torch.randn(batch.shape, generator=generator, device=x.device, dtype=x.dtype)
-        logits = model(batch + sigma * noise)
+    for chunk, done in enumerate(range(0, n, NOISE_CHUNK)):
+        copies = min(NOISE_CHUNK, n - done)
+        deltas = torch.cat([noise.draw(first + i, chunk, (copies, *x.shape[1:])) for i in range(x.shape[0])])
+        batch = x.repeat_interleave(copies, dim=0) + sigma * deltas
+        logits = torch.cat([model(part) for part in batch.split(batch_size)])
         if logits.shape[1] != num_classes:  # one_hot would fail, or count a short row, without a word
             raise DataError(f"the model outputs {logits.shape[1]} classes, but num_classes is {num_classes}")
         predictions = logits.argmax(dim=1).reshape(x.shape[0], copies)
