@@ -268,6 +268,27 @@ def test_too_few_non_members_for_the_requested_fpr_is_refused(zoo):
         threshold_attack(model, members, non_members, fprs=(0.001,))
 
 
+@pytest.mark.parametrize("n_models", [3, 5])
+def test_global_variance_lira_with_an_odd_number_of_models_prefers_targets_near_their_in_mean(n_models):
+    # Prepare: reference phis with a within-example spread of 1 on both sides around example means
+    # that differ by far more; the models that trained on an example sit 2 higher
+    from fortify.privacy.lira import half_assignment, lira_scores
+
+    generator = torch.Generator().manual_seed(0)
+    keep = half_assignment(n_models, 400, generator)  # 3 models: 1 IN and 2 OUT per example
+    difficulty = 4 * torch.randn(400, generator=generator, dtype=torch.float64)
+    reference = difficulty + torch.randn(n_models, 400, generator=generator, dtype=torch.float64) + 2.0 * keep
+    out_mean = (reference * ~keep).sum(0) / (~keep).sum(0)
+    in_mean = (reference * keep).sum(0) / keep.sum(0)
+    # Execute
+    at_in = lira_scores(in_mean, reference, keep, online=True, global_variance=True)
+    below_out = lira_scores(out_mean - 3.0, reference, keep, online=True, global_variance=True)
+    # Assert: a target three OUT-stds below its OUT mean is no member next to one on its IN mean,
+    # except where the noise put the IN value below the OUT mean (d = in - out in (-3, 0): about 5%)
+    assert float((at_in > below_out).double().mean()) > 0.9
+    assert float(below_out.median()) < 0 < float(at_in.median())
+
+
 def test_online_lira_needs_two_reference_models(zoo):
     # Prepare: cheap untrained reference models are enough to reach the checks
     model, members, non_members, _ = zoo.target(0)

@@ -10,6 +10,9 @@ saw it (IN) and of those that did not (OUT), then scores the target model's phi:
 - offline: ``log P[Z <= phi]`` for ``Z ~ N(mu_out, s_out)``, a one-sided test against OUT alone.
 
 With few reference models per-example variances are noisy; the paper uses one global variance then.
+Here that is each side's spread of the reference values around their own example's mean, pooled over
+the examples; a side with one value per example (IN with 3 models) takes the other side's, and with
+one value on both sides (2 models) each side's spread across examples stands in.
 """
 
 from __future__ import annotations
@@ -96,21 +99,42 @@ def _phi(model: nn.Module, data: Split, batch_size: int) -> Tensor:
     return logit_confidence(logits, y).cpu()
 
 
-def _masked_mean_std(values: Tensor, mask: Tensor, global_variance: bool) -> tuple[Tensor, Tensor]:
-    """Per-column mean and std of ``values`` over the rows where ``mask`` holds."""
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Per-column mean of ``values`` over the rows where ``mask`` holds."""
+    return (values * mask).sum(dim=0) / mask.sum(dim=0).clamp_min(1)
+
+
+def _per_example_std(values: Tensor, mask: Tensor, mean: Tensor) -> Tensor:
     counts = mask.sum(dim=0)
-    mean = (values * mask).sum(dim=0) / counts.clamp_min(1)
     residual = (values - mean) * mask
-    if global_variance:
-        dof = int((counts - 1).clamp_min(0).sum())
-        if dof == 0:
-            # one observation per example: the spread across examples is all there is to go on
-            std = values[mask].std(correction=0) if int(mask.sum()) > 1 else torch.tensor(1.0)
-        else:
-            std = (residual.pow(2).sum() / dof).sqrt()
-        return mean, std.clamp_min(_MIN_STD).expand_as(mean)
-    std = (residual.pow(2).sum(dim=0) / (counts - 1).clamp_min(1)).sqrt()
-    return mean, std.clamp_min(_MIN_STD)
+    return (residual.pow(2).sum(dim=0) / (counts - 1).clamp_min(1)).sqrt().clamp_min(_MIN_STD)
+
+
+def _pooled_std(values: Tensor, mask: Tensor, mean: Tensor) -> Tensor | None:
+    """One std of every example's values around their own mean; None without repeated values."""
+    dof = int((mask.sum(dim=0) - 1).clamp_min(0).sum())
+    if dof == 0:
+        return None
+    return (((values - mean) * mask).pow(2).sum() / dof).sqrt().clamp_min(_MIN_STD)
+
+
+def _spread_across_examples(values: Tensor, mask: Tensor) -> Tensor:
+    spread = values[mask].std(correction=0) if int(mask.sum()) > 1 else torch.tensor(1.0, dtype=values.dtype)
+    return spread.clamp_min(_MIN_STD)
+
+
+def _side_stds(values: Tensor, sides: list[Tensor], means: list[Tensor], global_variance: bool
+               ) -> list[Tensor]:
+    """The std of each side (a mask of reference models per example), per example or global."""
+    if not global_variance:
+        return [_per_example_std(values, mask, mean) for mask, mean in zip(sides, means, strict=True)]
+    pooled = [_pooled_std(values, mask, mean) for mask, mean in zip(sides, means, strict=True)]
+    known = [std for std in pooled if std is not None]
+    # a side with one value per example (IN with 3 models) borrows the other side's within-example
+    # std: its own spread across examples measures how examples differ, a far larger quantity, and
+    # the ratio would then favour targets well below OUT's mean
+    return [(std if std is not None else known[0] if known else _spread_across_examples(values, mask))
+            .expand(values.shape[1]) for std, mask in zip(pooled, sides, strict=True)]
 
 
 def _normal_log_pdf(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -120,12 +144,12 @@ def _normal_log_pdf(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 def lira_scores(target_phi: Tensor, reference_phi: Tensor, in_mask: Tensor, *, online: bool,
                 global_variance: bool) -> Tensor:
     """LiRA score per example from phi under the target and reference models (rows: models)."""
-    out_mean, out_std = _masked_mean_std(reference_phi, ~in_mask, global_variance)
+    sides = [~in_mask, in_mask] if online else [~in_mask]
+    means = [_masked_mean(reference_phi, mask) for mask in sides]
+    stds = _side_stds(reference_phi, sides, means, global_variance)
     if not online:
-        return torch.special.log_ndtr((target_phi - out_mean) / out_std)
-    in_mean, in_std = _masked_mean_std(reference_phi, in_mask, global_variance)
-    return (_normal_log_pdf(target_phi, in_mean, in_std)
-            - _normal_log_pdf(target_phi, out_mean, out_std))
+        return torch.special.log_ndtr((target_phi - means[0]) / stds[0])
+    return _normal_log_pdf(target_phi, means[1], stds[1]) - _normal_log_pdf(target_phi, means[0], stds[0])
 
 
 def _use_global_variance(variance: str, n_models: int) -> bool:
