@@ -60,7 +60,7 @@ def composed_epsilon(noise_multiplier: float, sample_rate: float, steps: int, de
     A client that trained in rounds 1..r with the same settings took r times one round's steps, so
     this is its privacy over the whole federation so far, not only the last round.
     """
-    from opacus.accountants import create_accountant
+    from fortify.training.dp import spent_epsilon
 
     if accountant not in ACCOUNTANTS:
         raise ConfigError(f"unknown accountant {accountant!r}; valid: {', '.join(ACCOUNTANTS)}")
@@ -68,6 +68,4 @@ def composed_epsilon(noise_multiplier: float, sample_rate: float, steps: int, de
         return math.inf
     if steps == 0:
         return 0.0
-    composed = create_accountant(accountant)
-    composed.history = [(noise_multiplier, sample_rate, steps)]
-    return float(composed.get_epsilon(delta))
+    return spent_epsilon([(noise_multiplier, sample_rate, steps)], delta, accountant)

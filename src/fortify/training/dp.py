@@ -44,6 +44,7 @@ from fortify.data.base import Split
 from fortify.errors import CheckpointError, ConfigError, MissingDependencyError
 from fortify.privacy.canaries import Canaries, CanaryAudit, audit_canaries
 from fortify.threat import ThreatModel
+from fortify.training import checkpoint as ckpt
 from fortify.training.batches import check_dp_batch_settings
 from fortify.training.objectives import Objective
 from fortify.training.trainer import EpochCallback, EpochRecord, Trainer, TrainResult
@@ -56,11 +57,13 @@ except ImportError:  # opacus is the optional `dp` extra
     GradSampleModule = PrivacyEngine = BatchMemoryManager = ModuleValidator = None
 
 # Objectives whose per-example loss depends on that example alone and that take one optimiser step
-# per batch. Excluded: fgsm (concatenates clean and adversarial points into one batch of 2n), free
-# (replays a batch: several noisy steps per sample), awp-* (perturbs weights with an unclipped,
-# noiseless gradient of the private batch).
-DP_OBJECTIVES: tuple[str, ...] = ("standard", "fgsm-rs", "pgd", "trades", "mart", "pgd-mix")
+# per batch (fgsm and pgd-mix pass clean and adversarial points separately, so no batch mixes them).
+# Excluded: free (replays a batch: several noisy steps per sample), awp-* (perturbs weights with an
+# unclipped, noiseless gradient of the private batch).
+DP_OBJECTIVES: tuple[str, ...] = ("standard", "fgsm", "fgsm-rs", "pgd", "trades", "mart", "pgd-mix")
 DP_STATE_JSON = "dp_state.json"
+TRAIN_STATE = "state.safetensors"  # the Trainer's checkpoint, where the generators' states go
+DP_RNG_KEYS = ("rng.dp.sampling", "rng.dp.noise")
 
 
 def require_opacus() -> None:
@@ -182,6 +185,7 @@ class DPTrainer(Trainer):
                          callbacks=callbacks, show_progress=show_progress)
         self.dp = dp
         self.engine: Any = None
+        self._released = False  # fit gave the model back without Opacus' hooks
 
     # -- wrapping ------------------------------------------------------------------------------
 
@@ -231,10 +235,7 @@ class DPTrainer(Trainer):
             return math.inf
         if self.steps_taken() == 0:
             return 0.0
-        with warnings.catch_warnings():
-            # PRV bounds its domain with RDP, whose orders run out for very small epsilon: harmless
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            return float(self.engine.get_epsilon(self.dp.delta))
+        return spent_epsilon(self.engine.accountant.history, self.dp.delta, self.dp.accountant)
 
     def privacy_spent(self) -> PrivacySpent:
         return PrivacySpent(
@@ -248,9 +249,20 @@ class DPTrainer(Trainer):
     # -- training ------------------------------------------------------------------------------
 
     def fit(self, train: Split, val: Split, *, resume: bool = False) -> DPTrainResult:
+        if self._released:
+            raise ConfigError("this DPTrainer has trained its model; build a new DPTrainer to train again")
         self.prepare(train)
-        result = super().fit(train, val, resume=resume)
+        try:
+            result = super().fit(train, val, resume=resume)
+        finally:
+            self._release_model()
         return DPTrainResult(**vars(result), privacy=self.privacy_spent())
+
+    def _release_model(self) -> None:
+        """Take Opacus' per-sample-gradient hooks and buffers off the trained model: the model is
+        given back plain, so that attacks and other backward passes on it do not run them."""
+        self.private_model.gsm.cleanup()
+        self._released = True
 
     def _physical_batches(self) -> contextlib.AbstractContextManager[Any]:
         """The Poisson loader, split into physical batches of at most max_physical_batch_size."""
@@ -259,8 +271,8 @@ class DPTrainer(Trainer):
         return BatchMemoryManager(data_loader=self.loader, optimizer=self.optimizer,
                                   max_physical_batch_size=self.dp.max_physical_batch_size)
 
-    def _run_epoch(self, train: Split, val: Split, steps_per_epoch: int, bar: Progress
-                   ) -> EpochRecord:
+    def _run_private_epoch(self, train: Split, val: Split, steps_per_epoch: int, bar: Progress
+                           ) -> EpochRecord:
         start = time.perf_counter()
         self.private_model.train()
         total_steps = steps_per_epoch * self.config.epochs
@@ -329,12 +341,33 @@ class DPTrainer(Trainer):
         return {"rng.dp.sampling": self.sampling_rng.get_state(), "rng.dp.noise": self.noise_rng.get_state()}
 
     def _load_extra_rng_state(self, tensors: dict[str, Tensor]) -> None:
-        missing = [k for k in ("rng.dp.sampling", "rng.dp.noise") if k not in tensors]
+        self._missing_noise_state = [k for k in DP_RNG_KEYS if k not in tensors]
+        if not self._missing_noise_state:
+            self.sampling_rng.set_state(tensors["rng.dp.sampling"])
+            self.noise_rng.set_state(tensors["rng.dp.noise"])
+
+    def _run_epoch(self, train: Split, val: Split, steps_per_epoch: int, bar: Progress) -> EpochRecord:
+        # a finished run drops the generators (_finish); resuming it is fine as long as nothing is drawn
+        missing = getattr(self, "_missing_noise_state", [])
         if missing:
             raise CheckpointError(f"cannot resume {self.run_dir} with DP: its checkpoint holds no "
                                   f"{' or '.join(missing)} (the state of DP's sampling and noise)")
-        self.sampling_rng.set_state(tensors["rng.dp.sampling"])
-        self.noise_rng.set_state(tensors["rng.dp.noise"])
+        return self._run_private_epoch(train, val, steps_per_epoch, bar)
+
+    def _finish(self) -> None:
+        # a torch generator's state holds its seed: whoever held the finished directory could
+        # recompute every noise draw and Poisson batch, so the states go once no step is left
+        if self._writes_files:
+            self._drop_noise_state()
+        super()._finish()
+
+    def _drop_noise_state(self) -> None:
+        assert self.run_dir is not None
+        path = self.run_dir / TRAIN_STATE
+        tensors = ckpt.load_tensors(path, "train-state", self._hashes[TRAIN_STATE])
+        kept = {k: v for k, v in tensors.items() if k not in DP_RNG_KEYS}
+        self._hashes[TRAIN_STATE] = ckpt.save_tensors(path, kept, kind="train-state")
+        self._write_state_json(finished=False)  # the new hash, before the model is written
 
     def _save_checkpoint(self) -> None:
         # the accountant before the trainer's checkpoint: a run killed between the two writes
@@ -369,6 +402,35 @@ class DPTrainer(Trainer):
             "mechanism": accountant["mechanism"],
             # the trainer counts exactly the accountant's steps (see _run_epoch)
             "history": history_up_to(history, self.state.step, self.run_dir)})
+
+
+# Above this RDP epsilon (no guarantee worth the name) PRV's discretised privacy-loss distribution
+# needs gigabytes (a MemoryError at 6 GiB for noise 0.2 and 2,000 steps at sample rate 1/19) or
+# gives inf, for at most about 10% less; RDP's bound stands there
+PRV_BELOW = 100.0
+
+
+def spent_epsilon(history: list[tuple[Any, ...]], delta: float, accountant: str) -> float:
+    """Epsilon at ``delta`` of the DP-SGD steps in ``history`` (Opacus' ``(noise_multiplier,
+    sample_rate, steps)`` entries) by ``accountant``. For ``prv`` the smaller of its bound and RDP's:
+    both are upper bounds, and PRV is tried only where RDP's is below PRV_BELOW."""
+    from opacus.accountants import create_accountant
+
+    def bound(name: str) -> float:
+        counted = create_accountant(name)
+        counted.history = list(history)
+        with warnings.catch_warnings():
+            # PRV bounds its domain with RDP, whose orders run out for very small epsilon: harmless
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(counted.get_epsilon(delta))
+
+    rdp = bound("rdp")
+    if accountant == "rdp" or rdp >= PRV_BELOW:
+        return rdp
+    try:
+        return min(bound("prv"), rdp)
+    except (MemoryError, ValueError, RuntimeError):  # the grid still too large, or its root search failed
+        return rdp
 
 
 def private_seed(noise_seed: int | None, train_seed: int) -> int:
