@@ -3,6 +3,8 @@ stops it; PSNR/SSIM, label inference, matching and the DP-style gradient checked
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,7 +91,7 @@ def test_idlg_reads_the_label_off_the_last_layer_for_every_class(digits):
     x = digits.test.x[:1]
     for label in range(10):
         gradient = shared_gradient(model, x, torch.tensor([label]))
-        assert infer_labels(model, gradient, 1).tolist() == [label]
+        assert infer_labels(model, gradient, 1, (1, 8, 8)).tolist() == [label]
 
 
 def test_idlg_recovers_distinct_labels_of_a_batch_from_an_unsure_model(digits):
@@ -99,7 +101,7 @@ def test_idlg_recovers_distinct_labels_of_a_batch_from_an_unsure_model(digits):
         model[-1].weight.mul_(0.01)
     x, y = _digits_with_distinct_labels(digits, 3)
     # Execute
-    inferred = infer_labels(model, shared_gradient(model, x, y), 3)
+    inferred = infer_labels(model, shared_gradient(model, x, y), 3, (1, 8, 8))
     # Assert
     assert sorted(inferred.tolist()) == sorted(y.tolist())
 
@@ -195,3 +197,85 @@ def test_the_recorded_loss_is_that_of_the_returned_images(digits):
     at_images = (_cosine_distance(_loss_gradient(model, result.images, y), gradient)
                  + 1e-2 * total_variation(result.images).mean())
     assert result.final_loss == pytest.approx(float(at_images), rel=1e-5)
+
+
+class _HeadFirst(nn.Module):
+    """A model that registers its output layer before its body, as hand-written models often do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(32, 10)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_idlg_reads_the_label_off_the_layer_that_makes_the_output_whatever_its_registration(digits):
+    model = _HeadFirst()
+    x = digits.test.x[:1]
+    for label in (3, 7):
+        gradient = shared_gradient(model, x, torch.tensor([label]))
+        assert infer_labels(model, gradient, 1, (1, 8, 8)).tolist() == [label]
+    # DLG guesses soft labels over the model's 10 outputs, not the hidden layer's 32
+    result = reconstruct(model, gradient, (1, 8, 8), method="dlg", steps=2)
+    assert result.labels.shape == (1,) and 0 <= int(result.labels) < 10
+
+
+def test_labels_the_model_cannot_output_are_refused(digits):
+    model = _small_mlp()
+    x = digits.test.x[:2]
+    with pytest.raises(DataError, match=r"labels range over \[0, 10\] but the model has 10 outputs"):
+        shared_gradient(model, x, torch.tensor([0, 10]))
+    gradient = shared_gradient(model, x, digits.test.y[:2])
+    with pytest.raises(DataError, match=r"labels range over \[-1, 3\]"):
+        reconstruct(model, gradient, (1, 8, 8), batch_size=2, labels=torch.tensor([3, -1]), steps=1)
+
+
+def test_dlg_reports_the_loss_of_the_point_it_returns(digits):
+    # Prepare: iDLG's L-BFGS runs unconstrained and its iterate leaves the box
+    model = _small_mlp(1)
+    x, y = digits.test.x[:1], digits.test.y[:1]
+    gradient = shared_gradient(model, x, y)
+    # Execute
+    result = reconstruct(model, gradient, (1, 8, 8), method="idlg", steps=5)
+    # Assert: the loss is the gradient distance at the returned (boxed) images
+    at_images = sum((a - b).pow(2).sum() for a, b in zip(
+        _loss_gradient(model.eval(), result.images, result.labels), gradient, strict=True))
+    assert result.final_loss == pytest.approx(float(at_images), rel=1e-4)
+
+
+def test_a_report_read_back_from_json_keeps_a_perfect_psnr_and_an_undefined_ssim():
+    import json
+
+    from fortify.evaluation.metrics import json_safe
+    from fortify.privacy.reconstruction import ReconstructionReport
+
+    report = ReconstructionReport(method="idlg", batch_size=2, clip_norm=None, noise_multiplier=0.0,
+                                  psnr=[float("inf"), 20.0], ssim=[float("nan"), 0.5], label_accuracy=1.0,
+                                  settings={}, seconds=1.0)
+    loaded = ReconstructionReport.from_dict(json.loads(json.dumps(json_safe(report.to_dict()))))
+    assert loaded.mean_psnr == float("inf") and loaded.psnr[1] == 20.0
+    assert loaded.ssim is not None and loaded.ssim[1] == 0.5 and loaded.mean_ssim != loaded.mean_ssim  # NaN
+
+
+def test_batch_statistics_take_the_gradient_as_a_training_step_does_and_keep_the_running_statistics():
+    # Prepare: a model with batch norm; the client's gradient is taken in training mode
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.3)  # not the batch's statistics
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    client = copy.deepcopy(model).train()
+    expected = torch.autograd.grad(F.cross_entropy(client(x), y), list(client.parameters()))
+    # Execute
+    as_trained = shared_gradient(model, x, y, batch_statistics=True)
+    as_evaluated = shared_gradient(model, x, y)
+    # Assert: the training step's gradient exactly; eval mode's differs; nothing of the model moved
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(as_trained, expected, strict=True))
+    assert float(_cosine_distance(as_evaluated, expected)) > 0.01
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
+    with pytest.raises(ConfigError, match="batch_statistics cannot go with clip_norm"):
+        shared_gradient(model, x, y, clip_norm=1.0, batch_statistics=True)

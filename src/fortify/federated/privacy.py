@@ -5,6 +5,9 @@ in, no weight decay) sends ``w_local = w_global - lr * (g_1 + ... + g_k)``, so t
 the mean gradient ``(w_global - w_local) / (lr * local_steps)``. For one step on one batch that is
 exactly the batch's gradient, which the reconstruction attacks of ``fortify.privacy.reconstruction``
 turn back into the client's inputs (the multi-step case is the setting of Geiping et al. 2020).
+The client took it in training mode: for a model with batch norm pass ``batch_statistics=True``,
+so that the attack's trial gradients normalise by their batch as the client's did. Dropout masks
+are the client's own draws; the attack runs without dropout.
 """
 
 from __future__ import annotations

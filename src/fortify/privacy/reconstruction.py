@@ -19,7 +19,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from fortify.attacks.base import check_positive_int
 from fortify.errors import ConfigError, DataError
 from fortify.models.modes import evaluation_mode
-from fortify.privacy._data import model_device, project_to_box
+from fortify.privacy._data import check_labels_fit, model_device, project_to_box
 from fortify.privacy.similarity import best_assignment, psnr, ssim, total_variation
 
 Method = Literal["dlg", "idlg", "inverting-gradients"]
@@ -77,7 +78,12 @@ class ReconstructionReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReconstructionReport:
         names = {f.name for f in fields(cls)} - {"images"}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        known = {k: v for k, v in data.items() if k in names}
+        # JSON holds no inf or NaN: a perfect image's PSNR (inf) and SSIM's NaN were written as null
+        known["psnr"] = [math.inf if v is None else v for v in known["psnr"]]
+        if known.get("ssim") is not None:
+            known["ssim"] = [math.nan if v is None else v for v in known["ssim"]]
+        return cls(**known)
 
 
 # -- what the client shares ------------------------------------------------------------------------
@@ -99,10 +105,32 @@ def _clipped(grads: Sequence[Tensor], clip_norm: float) -> list[Tensor]:
     return [g * scale.to(g.dtype) for g in grads]
 
 
+@contextmanager
+def client_mode(model: nn.Module, batch_statistics: bool) -> Iterator[None]:
+    """The model as a gradient is taken: eval mode, or with ``batch_statistics`` its batch-norm layers
+    normalising by the batch's statistics, as in a client's training step (their running statistics
+    are put back afterwards). Dropout stays off either way: its masks are the client's own random
+    draws, which nobody else can replay."""
+    with evaluation_mode(model):
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] \
+            if batch_statistics else []
+        saved = [{name: b.detach().clone() for name, b in m.named_buffers(recurse=False)} for m in norms]
+        for norm in norms:
+            norm.train()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for norm, buffers in zip(norms, saved, strict=True):
+                    for name, value in buffers.items():
+                        getattr(norm, name).copy_(value)
+
+
 def shared_gradient(model: nn.Module, x: Tensor, y: Tensor, *, clip_norm: float | None = None,
-                    noise_multiplier: float = 0.0, generator: torch.Generator | None = None
-                    ) -> list[Tensor]:
-    """The gradient of the batch's mean loss, as a client would send it (model in eval mode).
+                    noise_multiplier: float = 0.0, generator: torch.Generator | None = None,
+                    batch_statistics: bool = False) -> list[Tensor]:
+    """The gradient of the batch's mean loss, as a client would send it (model in eval mode, or its
+    batch norm on the batch's statistics with ``batch_statistics``, as a training step takes it).
 
     With ``clip_norm`` each example's gradient is clipped to that L2 norm before averaging, and
     ``noise_multiplier > 0`` adds N(0, (noise_multiplier * clip_norm)^2) to the sum (DP-SGD).
@@ -113,9 +141,13 @@ def shared_gradient(model: nn.Module, x: Tensor, y: Tensor, *, clip_norm: float 
         raise ConfigError("noise_multiplier > 0 needs clip_norm: the noise is scaled to the clip norm")
     if clip_norm is not None and not clip_norm > 0:
         raise ConfigError(f"clip_norm must be > 0, got {clip_norm}")
+    if clip_norm is not None and batch_statistics:
+        raise ConfigError("batch_statistics cannot go with clip_norm: per-example gradients (DP-SGD) "
+                          "exist only where no batch statistic mixes the examples")
     device = model_device(model)
     x, y = x.to(device), y.to(device)
-    with evaluation_mode(model), torch.enable_grad():
+    _check_labels(model, x[:1], y, "labels")
+    with client_mode(model, batch_statistics), torch.enable_grad():
         if clip_norm is None:
             return [g.detach() for g in _loss_gradient(model, x, y)]
         per_example = [_clipped(_loss_gradient(model, x[i:i + 1], y[i:i + 1]), clip_norm)
@@ -130,11 +162,32 @@ def shared_gradient(model: nn.Module, x: Tensor, y: Tensor, *, clip_norm: float 
 
 # -- iDLG label inference --------------------------------------------------------------------------
 
-def _last_linear(model: nn.Module) -> nn.Linear:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ConfigError("label inference needs a model whose last layer is nn.Linear; pass labels")
-    return linears[-1]
+def _check_labels(model: nn.Module, probe: Tensor, y: Tensor, name: str) -> None:
+    """Class-index labels fit the model's outputs (soft label rows are left alone)."""
+    if y.dim() == 1:
+        with torch.no_grad(), evaluation_mode(model):
+            check_labels_fit(model(probe), y, name)
+
+
+def _output_layer(model: nn.Module, input_shape: Sequence[int]) -> nn.Linear:
+    """The nn.Linear whose output is the model's output, found on one forward pass: the last one
+    registered need not be the last one run (a head defined before the body)."""
+    ran: list[tuple[nn.Module, Tensor]] = []
+    hooks = [m.register_forward_hook(lambda module, _inputs, out: ran.append((module, out)))
+             for m in model.modules() if isinstance(m, nn.Linear)]
+    parameter = next(model.parameters())
+    probe = torch.zeros(1, *input_shape, device=parameter.device, dtype=parameter.dtype)
+    try:
+        with torch.no_grad(), evaluation_mode(model):
+            logits = model(probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for module, out in ran:
+        if out is logits:
+            return module  # type: ignore[return-value]
+    raise ConfigError("label inference needs a model whose output comes straight from an nn.Linear; "
+                      "pass labels")
 
 
 def _gradient_of(model: nn.Module, gradient: Sequence[Tensor], parameter: Tensor) -> Tensor:
@@ -144,7 +197,8 @@ def _gradient_of(model: nn.Module, gradient: Sequence[Tensor], parameter: Tensor
     raise DataError("the gradient does not line up with the model's parameters")
 
 
-def infer_labels(model: nn.Module, gradient: Sequence[Tensor], batch_size: int) -> Tensor:
+def infer_labels(model: nn.Module, gradient: Sequence[Tensor], batch_size: int, input_shape: Sequence[int]
+                 ) -> Tensor:
     """iDLG (Zhao et al. 2020): classes whose last-layer gradient is negative.
 
     For one example ``dL/db_c = p_c - [c = y]`` is negative only for the true class (the weight
@@ -157,7 +211,7 @@ def infer_labels(model: nn.Module, gradient: Sequence[Tensor], batch_size: int) 
     Classes are repeated from the most negative when fewer than ``batch_size`` are negative.
     """
     batch_size = check_positive_int("batch_size", batch_size)
-    layer = _last_linear(model)
+    layer = _output_layer(model, input_shape)
     if layer.bias is not None and layer.bias.requires_grad:
         signal = _gradient_of(model, gradient, layer.bias)
     else:
@@ -189,7 +243,7 @@ def _dummy(shape: Sequence[int], bounds: tuple[float, float], generator: torch.G
 
 
 def _lbfgs_match(model: nn.Module, target: Sequence[Tensor], x: Tensor, soft_labels: Tensor | None,
-                 labels: Tensor | None, steps: int) -> float:
+                 labels: Tensor | None, steps: int, bounds: tuple[float, float]) -> float:
     """DLG/iDLG: L-BFGS on the squared gradient distance (soft labels optimised too for DLG)."""
     variables = [x] + ([soft_labels] if soft_labels is not None else [])
     optimizer = torch.optim.LBFGS(variables, lr=1.0, max_iter=20, history_size=100,
@@ -208,7 +262,9 @@ def _lbfgs_match(model: nn.Module, target: Sequence[Tensor], x: Tensor, soft_lab
         if not torch.isfinite(optimizer.step(closure)):
             break
     y = soft_labels.softmax(dim=1) if soft_labels is not None else labels
-    return float(_l2_distance(_loss_gradient(model, x.detach(), y.detach()), target))
+    # L-BFGS runs unconstrained; the loss is the one of the point returned, clipped into the box
+    # (restarts are ranked by it)
+    return float(_l2_distance(_loss_gradient(model, project_to_box(x.detach(), bounds), y.detach()), target))
 
 
 def _adam_match(model: nn.Module, target: Sequence[Tensor], x: Tensor, labels: Tensor, *, steps: int,
@@ -251,13 +307,16 @@ def reconstruct(model: nn.Module, gradient: Sequence[Tensor], input_shape: Seque
                 batch_size: int = 1, method: Method = "inverting-gradients",
                 labels: Tensor | None = None, steps: int | None = None, lr: float = 0.1,
                 tv_weight: float = 1e-4, signed: bool = True, restarts: int = 1,
-                bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0) -> GradientReconstruction:
+                bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0, batch_statistics: bool = False
+                ) -> GradientReconstruction:
     """Recover ``batch_size`` inputs of shape ``input_shape`` from one shared ``gradient``.
 
     ``labels`` known to the attacker are used as given; otherwise iDLG and Inverting Gradients infer
-    them from the last layer and DLG optimises soft labels. ``steps`` counts L-BFGS steps (of up to
+    them from the output layer and DLG optimises soft labels. ``steps`` counts L-BFGS steps (of up to
     20 evaluations; default 50) for DLG/iDLG and Adam steps for Inverting Gradients (default 2000).
-    Of ``restarts`` random starts the one with the lowest matching loss is returned.
+    Of ``restarts`` random starts the one with the lowest matching loss is returned. The trial
+    gradients are taken as ``shared_gradient`` took the target: pass ``batch_statistics=True`` for a
+    gradient taken in a training step of a model with batch norm (a federated client's).
     """
     batch_size = check_positive_int("batch_size", batch_size)
     restarts = check_positive_int("restarts", restarts)
@@ -267,17 +326,22 @@ def reconstruct(model: nn.Module, gradient: Sequence[Tensor], input_shape: Seque
                                (2000 if method == "inverting-gradients" else 50))
     _check_gradient(model, gradient)
     target = [g.detach().to(device) for g in gradient]
-    if labels is None and method != "dlg":
-        labels = infer_labels(model, target, batch_size)
+    probe = torch.zeros(1, *input_shape, device=device, dtype=target[0].dtype)
+    if labels is not None:
+        _check_labels(model, probe, labels.to(device), "labels")
+    elif method != "dlg":
+        labels = infer_labels(model, target, batch_size, input_shape)
     generator = torch.Generator().manual_seed(seed)
     best: GradientReconstruction | None = None
     for _ in range(restarts):
-        trial = _one_start(model, target, input_shape, batch_size, method, labels, steps, lr,
-                           tv_weight, signed, bounds, generator)
+        with client_mode(model, batch_statistics):
+            trial = _one_start(model, target, input_shape, batch_size, method, labels, steps, lr,
+                               tv_weight, signed, bounds, generator)
         if best is None or _lower(trial.final_loss, best.final_loss):
             best = trial
     assert best is not None
-    best.settings.update({"steps": steps, "restarts": restarts, "seed": seed})
+    best.settings.update({"steps": steps, "restarts": restarts, "seed": seed,
+                          "batch_statistics": batch_statistics})
     return best
 
 
@@ -292,7 +356,7 @@ def _one_start(model: nn.Module, target: list[Tensor], input_shape: Sequence[int
                ) -> GradientReconstruction:
     device = target[0].device
     x = _dummy((batch_size, *input_shape), bounds, generator, device).requires_grad_(True)
-    with evaluation_mode(model), torch.enable_grad():
+    with torch.enable_grad():
         if method == "inverting-gradients":
             assert labels is not None
             y = labels.to(device)
@@ -300,11 +364,12 @@ def _one_start(model: nn.Module, target: list[Tensor], input_shape: Sequence[int
                                signed=signed, bounds=bounds)
             settings = {"lr": lr, "tv_weight": tv_weight, "signed": signed}
         else:
-            classes = _last_linear(model).out_features
+            with torch.no_grad():
+                classes = model(x).shape[1]
             soft = (torch.randn(batch_size, classes, generator=generator).to(device).requires_grad_(True)
                     if labels is None else None)  # only DLG without known labels guesses them
             y = None if labels is None else labels.to(device)
-            loss = _lbfgs_match(model, target, x, soft, y, steps)
+            loss = _lbfgs_match(model, target, x, soft, y, steps, bounds)
             if soft is not None:
                 y = soft.detach().argmax(dim=1)
             settings = {"optimizer": "lbfgs"}
@@ -340,7 +405,7 @@ def reconstruction_quality(result: GradientReconstruction, x: Tensor, y: Tensor,
 def gradient_leakage(model: nn.Module, x: Tensor, y: Tensor, *, method: Method = "inverting-gradients",
                      clip_norm: float | None = None, noise_multiplier: float = 0.0,
                      known_labels: bool = False, bounds: tuple[float, float] = (0.0, 1.0),
-                     seed: int = 0, **options: Any) -> ReconstructionReport:
+                     seed: int = 0, batch_statistics: bool = False, **options: Any) -> ReconstructionReport:
     """Share the gradient of ``(x, y)`` (optionally clipped and noised), reconstruct, measure.
 
     ``options`` go to ``reconstruct`` (steps, lr, tv_weight, signed, restarts).
@@ -348,9 +413,10 @@ def gradient_leakage(model: nn.Module, x: Tensor, y: Tensor, *, method: Method =
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     gradient = shared_gradient(model, x, y, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
-                               generator=generator)
+                               generator=generator, batch_statistics=batch_statistics)
     result = reconstruct(model, gradient, tuple(x.shape[1:]), batch_size=len(x), method=method,
-                         labels=y if known_labels else None, bounds=bounds, seed=seed, **options)
+                         labels=y if known_labels else None, bounds=bounds, seed=seed,
+                         batch_statistics=batch_statistics, **options)
     return reconstruction_quality(result, x, y, bounds=bounds, clip_norm=clip_norm,
                                   noise_multiplier=noise_multiplier,
                                   seconds=time.perf_counter() - start)
