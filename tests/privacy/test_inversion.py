@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -9,8 +12,10 @@ from torch import nn
 from fortify.config import TrainConfig
 from fortify.data import Split
 from fortify.errors import ConfigError, DataError
+from fortify.evaluation.metrics import json_safe
 from fortify.privacy import TrainerRecipe, evaluate_inversion, invert_classes, model_inversion
-from fortify.privacy.inversion import class_means
+from fortify.privacy.inversion import InversionReport, class_means
+from fortify.privacy.similarity import total_variation
 from fortify.threat import ThreatModel
 
 
@@ -80,6 +85,54 @@ def test_bad_inversion_settings_are_refused(standard_model, digits):
     images = invert_classes(standard_model, [0], (1, 8, 8), steps=2)
     report = evaluate_inversion(standard_model, images, [0], digits.train)
     assert report.evaluator_accuracy is None and report.evaluator_predictions is None
+
+
+def test_classes_the_model_has_no_output_for_are_refused():
+    # Prepare: a 3-class model, and training data whose labels go up to 4
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x = torch.rand(6, 1, 4, 4)
+    train = Split(x, torch.tensor([0, 1, 2, 0, 1, 2]))
+    # Execute / Assert
+    for classes in ([5], [-1], [0, 3]):
+        with pytest.raises(ConfigError, match=r"classes \[-?\d\] are not among the model's 3 outputs "
+                                              r"\(allowed: 0\.\.2\)"):
+            invert_classes(model, classes, (1, 4, 4), steps=2)
+    with pytest.raises(ConfigError, match="classes is empty"):
+        invert_classes(model, [], (1, 4, 4), steps=2)
+    with pytest.raises(ConfigError, match="classes is empty"):
+        model_inversion(model, train, classes=[], steps=2)
+    with pytest.raises(DataError, match=r"training data: labels range over \[0, 4\] .* 3 outputs"):
+        model_inversion(model, Split(x, torch.tensor([0, 1, 2, 3, 4, 4])), steps=2)
+    with pytest.raises(ConfigError, match=r"classes \[3\] are not among"):
+        evaluate_inversion(model, torch.rand(1, 1, 4, 4), [3], train)
+
+
+def test_a_report_read_back_from_privacy_json_still_has_its_means():
+    # Prepare: tabular data, whose SSIM is NaN, which privacy.json holds as null
+    torch.manual_seed(0)
+    report = model_inversion(nn.Linear(6, 3), Split(torch.rand(30, 6), torch.arange(30) % 3), steps=3)
+    written = json.loads(json.dumps(json_safe(report.to_dict()), allow_nan=False))
+    assert written["ssim_to_class_mean"] == [None, None, None]
+    # Execute
+    back = InversionReport.from_dict(written)
+    # Assert: the means of the report that was written
+    assert math.isnan(back.mean_ssim) and all(math.isnan(v) for v in back.ssim_to_class_mean)
+    assert back.mean_mse == report.mean_mse
+
+
+def test_total_variation_of_a_dimension_of_size_one_is_zero():
+    # Prepare: one-row images (N, C, 1, W), the same as one-column ones, and a one-channel signal (N, 1, L)
+    generator = torch.Generator().manual_seed(0)
+    rows, signal = torch.rand(2, 3, 1, 8, generator=generator), torch.rand(2, 1, 8, generator=generator)
+
+    def mean_step_along_last(x):
+        return (x[..., 1:] - x[..., :-1]).abs().reshape(len(x), -1).mean(dim=1)
+
+    # Execute / Assert: only the dimension with neighbours counts (the mean over no pairs was NaN)
+    assert torch.allclose(total_variation(rows), mean_step_along_last(rows))
+    assert torch.allclose(total_variation(rows.transpose(-1, -2)), mean_step_along_last(rows))
+    assert torch.allclose(total_variation(signal), mean_step_along_last(signal))
 
 
 def test_inversion_scores_do_not_depend_on_the_units_of_the_box(digits):

@@ -75,6 +75,27 @@ def test_nan_scores_are_refused():
         membership_result("nan", torch.tensor([float("nan"), 1.0]), torch.zeros(3))
 
 
+def test_infinite_scores_rank_beyond_every_finite_score():
+    largest = np.finfo(np.float64).max
+    # a member certain at +inf outscores a non-member at the largest float, instead of tying with it
+    assert membership_result("+inf", [np.inf], [largest]).auc == 1.0
+    assert membership_result("-inf", [-largest], [-np.inf]).auc == 1.0
+    # the thresholds stay in the scores' units: the second flags the +inf member alone
+    curve = roc_curve([np.inf, 1.0], [largest, 0.0])
+    assert curve.thresholds.tolist() == [np.inf, np.inf, largest, 1.0, 0.0]
+    assert curve.tpr.tolist() == [0.0, 0.5, 0.5, 1.0, 1.0]
+    assert curve.fpr.tolist() == [0.0, 0.0, 0.5, 0.5, 1.0]
+
+
+def test_a_numpy_float_fpr_is_the_number_it_prints():
+    # np.float32(0.01) is exactly 0.009999999776: read literally it would need 101 non-members
+    result = membership_result("f32", _hand_made_members(), NON_MEMBERS, fprs=[np.float32(0.01)])
+    assert result.tpr_at_fpr == pytest.approx({"0.01": 0.75})
+    assert min_nonmembers_for_fpr(np.float32(0.001)) == 1000
+    with pytest.raises(ConfigError, match="in \\(0, 1\\)"):
+        membership_result("f32", _hand_made_members(), NON_MEMBERS, fprs=[np.float32(1.5)])
+
+
 # -- statistics --------------------------------------------------------------------------------------
 
 def test_statistics_match_their_definitions_on_known_probabilities():

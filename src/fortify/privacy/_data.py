@@ -15,7 +15,10 @@ from fortify.threat import ThreatModel
 
 
 def check_split(split: Split, name: str) -> None:
-    """Raise DataError unless ``split`` is a non-empty finite batch with integer labels."""
+    """Raise DataError unless ``split`` is a non-empty finite batch with integer labels.
+
+    Any floating dtype passes: predictions cast inputs to the model's dtype (``to_model``).
+    """
     if not isinstance(split, Split):
         raise DataError(f"{name} must be a fortify.data.Split (inputs and labels), got "
                         f"{type(split).__name__}")
@@ -79,6 +82,20 @@ def input_groups(x: Tensor) -> Tensor:
     return torch.tensor([first.setdefault(d, len(first)) for d in _row_digests(x)], dtype=torch.long)
 
 
+def pool_groups(pool: Split, name: str) -> Tensor:
+    """``input_groups`` of a pool whose halves models train on; fewer than 2 distinct inputs refused.
+
+    Halves are drawn over distinct inputs, so copies of a single input leave one half empty however
+    many rows they fill.
+    """
+    groups = input_groups(pool.x)
+    distinct = int(groups.max()) + 1
+    if distinct < 2:
+        raise DataError(f"the {name} needs at least 2 distinct inputs to split in halves, got {distinct} "
+                        f"(in {len(pool)} rows)")
+    return groups
+
+
 def shared_rows(a: Tensor, b: Tensor) -> Tensor:
     """Pairs ``(i, j)`` with ``a[i] == b[j]`` exactly, one pair per row of ``a`` found in ``b``."""
     return _matching_rows(a, b)
@@ -107,6 +124,21 @@ def model_device(model: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def model_dtype(model: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of the model's floating-point parameters, ``default`` for a model without any."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), default)
+
+
+def to_model(model: nn.Module, x: Tensor) -> Tensor:
+    """``x`` on the model's device and in the dtype of its floating-point parameters.
+
+    Data from numpy arrives as float64 while models are mostly float32. The model computes in its
+    own dtype in any case, so the cast is what a caller would do by hand; it moves an input by at
+    most 6e-8 of its size, far below what any data set measures.
+    """
+    return x.to(device=model_device(model), dtype=model_dtype(model, x.dtype))
+
+
 def logit_confidence(logits: Tensor, y: Tensor) -> Tensor:
     """``phi = log(p_y / (1 - p_y))``, computed as ``z_y - logsumexp_{i != y} z_i`` to stay exact."""
     z = logits.double()
@@ -116,10 +148,9 @@ def logit_confidence(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
-    """Logits for ``x`` in eval mode, batched, on the model's device."""
-    device = model_device(model)
+    """Logits for ``x`` (cast by ``to_model``) in eval mode, batched, on the model's device."""
     with evaluation_mode(model), torch.inference_mode():
-        return torch.cat([model(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
+        return torch.cat([model(to_model(model, x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
 
 
 def check_labels_fit(logits: Tensor, y: Tensor, name: str) -> None:

@@ -11,6 +11,7 @@ leaked what its class looks like, not merely a pattern only it responds to.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -24,7 +25,14 @@ from fortify.attacks.base import check_positive_int
 from fortify.data.base import Split
 from fortify.errors import ConfigError, DataError
 from fortify.models.modes import evaluation_mode
-from fortify.privacy._data import check_split, model_device, predict_logits, project_to_box
+from fortify.privacy._data import (
+    check_labels_fit,
+    check_split,
+    model_device,
+    predict_logits,
+    project_to_box,
+    to_model,
+)
 from fortify.privacy.similarity import mse, ssim, total_variation
 
 Objective = Literal["probability", "log-probability", "logit"]
@@ -64,7 +72,11 @@ class InversionReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InversionReport:
         names = {f.name for f in fields(cls)} - {"images"}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        report = cls(**{k: v for k, v in data.items() if k in names})
+        # privacy.json holds the NaN SSIM of non-images as null: read it back as NaN, so the means
+        # are those of the report that was written
+        report.ssim_to_class_mean = [math.nan if v is None else v for v in report.ssim_to_class_mean]
+        return report
 
 
 def _class_objective(logits: Tensor, classes: Tensor, objective: str) -> Tensor:
@@ -79,6 +91,17 @@ def _class_objective(logits: Tensor, classes: Tensor, objective: str) -> Tensor:
 def neutral_start(input_shape: Sequence[int], n: int, bounds: tuple[float, float]) -> Tensor:
     """The box centre: an input that favours no class's pattern."""
     return torch.full((n, *input_shape), 0.5 * (bounds[0] + bounds[1]))
+
+
+def _check_classes(model: nn.Module, classes: Sequence[int], x: Tensor) -> None:
+    """Refuse an empty list or a class the model has no output for (one forward pass of ``x[:1]``)."""
+    if len(classes) == 0:
+        raise ConfigError("classes is empty: name at least one class of the model")
+    outputs = predict_logits(model, x[:1]).shape[1]
+    outside = sorted({int(c) for c in classes} - set(range(outputs)))
+    if outside:
+        raise ConfigError(f"classes {outside} are not among the model's {outputs} outputs "
+                          f"(allowed: 0..{outputs - 1})")
 
 
 def invert_classes(model: nn.Module, classes: Sequence[int], input_shape: Sequence[int], *,
@@ -96,6 +119,7 @@ def invert_classes(model: nn.Module, classes: Sequence[int], input_shape: Sequen
         raise ConfigError(f"unknown inversion objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
     if not (lr > 0 and tv_weight >= 0):
         raise ConfigError(f"lr must be > 0 and tv_weight >= 0, got lr={lr}, tv_weight={tv_weight}")
+    _check_classes(model, classes, neutral_start(input_shape, 1, bounds))
     device = model_device(model)
     targets = torch.as_tensor(list(classes), dtype=torch.long, device=device)
     x0 = start if start is not None else neutral_start(input_shape, len(targets), bounds)
@@ -105,7 +129,7 @@ def invert_classes(model: nn.Module, classes: Sequence[int], input_shape: Sequen
     # Adam moves each coordinate by about lr and TV grows with the units of the input, so the search
     # runs on the position inside the box as a share of its width: lr and tv_weight then mean the
     # same for data in [0, 1] and in [0, 255] (in [0, 1] nothing changes)
-    share = ((x0.to(device) - lo) / width).clone().requires_grad_(True)
+    share = ((to_model(model, x0) - lo) / width).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([share], lr=lr)
     with evaluation_mode(model), torch.enable_grad():
         for _ in range(steps):
@@ -164,6 +188,7 @@ def evaluate_inversion(model: nn.Module, reconstructions: Tensor, classes: Seque
     check_split(train, "training data")
     classes = [int(c) for c in classes]
     recon = reconstructions.detach().cpu()
+    _check_classes(model, classes, recon)
     means = class_means(train, classes).to(recon.dtype)
     start = neutral_start(recon.shape[1:], len(classes), bounds).to(recon.dtype)
     scale = (bounds[1] - bounds[0]) ** 2
@@ -190,6 +215,8 @@ def model_inversion(model: nn.Module, train: Split, *, evaluator: nn.Module | No
     model trained separately (other seed or architecture) on the same task.
     """
     check_split(train, "training data")
+    # its classes are the model's: a label past them means data from another task
+    check_labels_fit(predict_logits(model, train.x[:1]), train.y, "training data")
     if classes is None:
         classes = sorted(int(c) for c in train.y.unique())
     start_time = time.perf_counter()

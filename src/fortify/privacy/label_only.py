@@ -28,7 +28,16 @@ from fortify.attacks.hopskipjump import HopSkipJump
 from fortify.data.base import Split
 from fortify.errors import ConfigError
 from fortify.models.modes import evaluation_mode
-from fortify.privacy._data import check_member_sets, join, model_device, project_to_box
+from fortify.privacy._data import (
+    check_labels_fit,
+    check_member_sets,
+    join,
+    model_device,
+    model_dtype,
+    predict_logits,
+    project_to_box,
+    to_model,
+)
 from fortify.privacy.metrics import MembershipResult, membership_result, split_scores
 from fortify.threat import NORMS, ThreatModel
 
@@ -36,10 +45,17 @@ DistanceFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
 def _predict_labels(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
-    device = model_device(model)
-    with evaluation_mode(model), torch.inference_mode():
-        return torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu()
-                          for i in range(0, len(x), batch_size)])
+    return predict_logits(model, x, batch_size).argmax(1).cpu()
+
+
+def _check_labels(model: nn.Module, x: Tensor, y: Tensor, name: str) -> None:
+    """Refuse labels the model cannot output, at the cost of one forward pass of one example.
+
+    Every example would look misclassified: distance 0, score 0, and an attack AUC of 0.5 that
+    reads as "no leak".
+    """
+    if y.numel():
+        check_labels_fit(predict_logits(model, x[:1]), y, name)
 
 
 # -- augmentation robustness -----------------------------------------------------------------------
@@ -78,6 +94,7 @@ def augmentation_scores(model: nn.Module, data: Split, *, max_shift: int = 1, fl
                         noise_std: float = 0.0, noise_copies: int = 0,
                         bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0) -> Tensor:
     """Per example, the share of its augmented copies (the original included) classified right."""
+    _check_labels(model, data.x, data.y, "data")
     generator = torch.Generator().manual_seed(seed)
     copies = augmented_copies(data.x, max_shift=max_shift, flip=flip, noise_std=noise_std,
                               noise_copies=noise_copies, bounds=bounds, generator=generator)
@@ -144,8 +161,9 @@ def pgd_boundary_distance(model: nn.Module, x: Tensor, y: Tensor, *, norm: str =
     """
     if norm not in NORMS:
         raise ConfigError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
+    _check_labels(model, x, y, "y")
     device = model_device(model)
-    x, y = x.to(device), y.to(device)
+    x, y = to_model(model, x), y.to(device)
     grid = sorted(eps_grid) if eps_grid else [
         _default_max_eps(norm, x, bounds) * 2.0 ** -k for k in range(6, -1, -1)]
     with evaluation_mode(model):
@@ -177,8 +195,9 @@ def hopskipjump_boundary_distance(model: nn.Module, x: Tensor, y: Tensor, *, nor
     """
     if norm not in NORMS:
         raise ConfigError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
+    _check_labels(model, x, y, "y")
     device = model_device(model)
-    x, y = x.to(device), y.to(device)
+    x, y = to_model(model, x), y.to(device)
     width = bounds[1] - bounds[0]
     # eps is unused (the search is for the minimum) but must be valid: an L-inf eps of 1 is not in a
     # box narrower than 1, the box width is in every box
@@ -202,8 +221,9 @@ def random_direction_distance(model: nn.Module, x: Tensor, y: Tensor, *, norm: s
     if norm not in NORMS:
         raise ConfigError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
     directions = check_positive_int("directions", directions)
+    _check_labels(model, x, y, "y")
     device = model_device(model)
-    x, y = x.to(device), y.to(device)
+    x, y = to_model(model, x), y.to(device)
     radius = max_distance or _default_max_eps(norm, x, bounds)
     unit = ThreatModel(norm, 1.0 if norm == "l2" else bounds[1] - bounds[0], bounds)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -251,8 +271,11 @@ def boundary_distance_attack(model: nn.Module, members: Split, non_members: Spli
     fn = distance_fn or functools.partial(hopskipjump_boundary_distance, norm="l2")
     start = time.perf_counter()
     candidates, is_member = join(members, non_members)
-    scores = torch.cat([fn(model, candidates.x[i:i + batch_size], candidates.y[i:i + batch_size])
-                        .detach().double().cpu() for i in range(0, len(candidates), batch_size)])
+    _check_labels(model, candidates.x, candidates.y, "members and non-members")  # a custom fn may not
+    # in the model's dtype, as every prediction here is: a custom fn then takes float64 data, too
+    x, y = candidates.x.to(model_dtype(model, candidates.x.dtype)), candidates.y
+    scores = torch.cat([fn(model, x[i:i + batch_size], y[i:i + batch_size]).detach().double().cpu()
+                        for i in range(0, len(candidates), batch_size)])
     inside, outside = split_scores(scores, is_member)
     name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "custom")
     return membership_result("label-only-boundary", inside, outside,

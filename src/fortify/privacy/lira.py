@@ -33,10 +33,10 @@ from fortify.privacy._data import (
     check_labels_fit,
     check_member_sets,
     check_split,
-    input_groups,
     join,
     locate,
     logit_confidence,
+    pool_groups,
     predict_logits,
 )
 from fortify.privacy.metrics import MembershipResult, membership_result, split_scores
@@ -81,12 +81,17 @@ def train_reference_models(pool: Split, recipe: TrainRecipe, *, n_models: int, s
     """
     n_models = check_positive_int("n_models", n_models)
     check_split(pool, "reference pool")
-    if len(pool) < 2:
-        raise DataError(f"the reference pool needs at least 2 examples, got {len(pool)}")
     # copies of one input go in or out together: a model that trained on one copy is no OUT model
     # for the other (duplicate rows are common in tabular data and in pools that hold the members)
-    groups = input_groups(pool.x)
-    keep = half_assignment(n_models, int(groups.max()) + 1, torch.Generator().manual_seed(seed))[:, groups]
+    groups = pool_groups(pool, "reference pool")
+    n_groups = int(groups.max()) + 1
+    keep = half_assignment(n_models, n_groups, torch.Generator().manual_seed(seed))[:, groups]
+    # under balanced halves a model draws no input at all with a chance of about 2**-n_groups,
+    # which only a tiny pool makes likely
+    idle = (~keep.any(dim=1)).nonzero().flatten().tolist()
+    if idle:
+        raise DataError(f"reference model(s) {idle} drew none of the pool's {n_groups} distinct inputs "
+                        "to train on; use a larger reference pool")
     models = [recipe(Split(pool.x[keep[i]], pool.y[keep[i]]), seed=seed + 1 + i)
               for i in range(n_models)]
     return ReferenceModels(models, pool, keep)

@@ -31,9 +31,10 @@ from fortify.privacy._data import (
     check_labels_fit,
     check_member_sets,
     check_split,
-    input_groups,
     join,
     logit_confidence,
+    model_dtype,
+    pool_groups,
     predict_logits,
     shared_rows,
 )
@@ -136,13 +137,12 @@ def attack_features(logits: Tensor) -> np.ndarray:
     return logits.double().log_softmax(dim=1).clamp(min=-50.0).cpu().numpy()
 
 
-def _shadow_data(pool: Split, recipe: TrainRecipe, n_shadows: int, seed: int, batch_size: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _shadow_data(pool: Split, groups: Tensor, recipe: TrainRecipe, n_shadows: int, seed: int,
+                 batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features, classes and in/out labels of the pool under each shadow model."""
     generator = torch.Generator().manual_seed(seed)
-    # halves of the distinct inputs, so that copies of one input land on the same side (a copy
-    # labelled "out" would be one the shadow model trained on); without copies, halves of the rows
-    groups = input_groups(pool.x)
+    # halves of the distinct inputs (``groups``), so that copies of one input land on the same side (a
+    # copy labelled "out" would be one the shadow model trained on); without copies, halves of the rows
     n_groups = int(groups.max()) + 1
     features, classes, labels = [], [], []
     for index in range(n_shadows):
@@ -218,12 +218,13 @@ def shadow_attack(model: nn.Module, members: Split, non_members: Split, *, shado
     n_shadows = check_positive_int("n_shadows", n_shadows)
     check_member_sets(members, non_members)
     check_split(shadow_pool, "shadow pool")
-    if len(shadow_pool) < 2:
-        raise DataError(f"the shadow pool needs at least 2 examples to split in halves, got "
-                        f"{len(shadow_pool)}")
+    # shadow models are the target's kind: they train on the pool in the target's dtype, as every
+    # prediction here reads inputs (float64 data from numpy, a float32 model)
+    training_pool = Split(shadow_pool.x.to(model_dtype(model, shadow_pool.x.dtype)), shadow_pool.y)
+    groups = pool_groups(training_pool, "shadow pool")
     start = time.perf_counter()
     recipe = recipe or TrainerRecipe.like(model)
-    features, classes, labels = _shadow_data(shadow_pool, recipe, n_shadows, seed, batch_size)
+    features, classes, labels = _shadow_data(training_pool, groups, recipe, n_shadows, seed, batch_size)
     per_class, pooled = _fit_attack_models(features, classes, labels, attack_classifier)
     candidates, is_member = join(members, non_members)
     logits = predict_logits(model, candidates.x, batch_size)

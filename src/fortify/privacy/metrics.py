@@ -9,6 +9,7 @@ AUC or balanced accuracy alone, so results keep all of them and the curve itself
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -70,16 +71,21 @@ def _as_scores(scores: Tensor | np.ndarray | Sequence[float], name: str) -> np.n
         raise DataError(f"{name} is empty: membership metrics need at least one score on each side")
     if np.isnan(array).any():
         raise DataError(f"{name} holds {int(np.isnan(array).sum())} NaN scores")
-    # an infinite score is a legitimate certainty; map it to the largest finite value so that
-    # scikit-learn accepts it and the order of scores is kept
-    return np.nan_to_num(array, posinf=np.finfo(np.float64).max, neginf=-np.finfo(np.float64).max)
+    return array  # an infinite score is a legitimate certainty, ranked by _labelled
 
 
-def _labelled(member_scores: Any, nonmember_scores: Any) -> tuple[np.ndarray, np.ndarray]:
+def _labelled(member_scores: Any, nonmember_scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Membership labels, each score's rank among the distinct scores, and those distinct scores.
+
+    scikit-learn takes finite scores only. Ranks keep the order and the ties of the scores exactly, so
+    +inf ranks above every finite score (and -inf below), where clipping it to the largest float
+    would tie it with a score of that value.
+    """
     members = _as_scores(member_scores, "member scores")
     nonmembers = _as_scores(nonmember_scores, "non-member scores")
     labels = np.concatenate([np.ones(members.size), np.zeros(nonmembers.size)])
-    return labels, np.concatenate([members, nonmembers])
+    distinct, ranks = np.unique(np.concatenate([members, nonmembers]), return_inverse=True)
+    return labels, ranks, distinct
 
 
 def roc_curve(member_scores: Any, nonmember_scores: Any, *, corners_only: bool = False) -> RocCurve:
@@ -88,26 +94,35 @@ def roc_curve(member_scores: Any, nonmember_scores: Any, *, corners_only: bool =
     ``corners_only`` drops points on straight horizontal or vertical runs; linear interpolation
     between the remaining points gives the same curve, so plots and interpolated TPRs are unchanged.
     """
-    labels, scores = _labelled(member_scores, nonmember_scores)
-    fpr, tpr, thresholds = sk_roc_curve(labels, scores, drop_intermediate=corners_only)
+    labels, ranks, distinct = _labelled(member_scores, nonmember_scores)
+    fpr, tpr, rank_thresholds = sk_roc_curve(labels, ranks, drop_intermediate=corners_only)
+    # back from ranks to scores; the threshold that flags nothing stays +inf
+    flags_some = np.isfinite(rank_thresholds)
+    thresholds = np.full(rank_thresholds.shape, np.inf)
+    thresholds[flags_some] = distinct[rank_thresholds[flags_some].astype(np.int64)]
     return RocCurve(fpr, tpr, thresholds)
 
 
 def auc(member_scores: Any, nonmember_scores: Any) -> float:
     """Area under the ROC curve: the chance that a random member outscores a random non-member."""
-    labels, scores = _labelled(member_scores, nonmember_scores)
-    return float(roc_auc_score(labels, scores))
+    labels, ranks, _ = _labelled(member_scores, nonmember_scores)
+    return float(roc_auc_score(labels, ranks))
 
 
 def min_nonmembers_for_fpr(fpr: float) -> int:
     """Non-members needed before one false positive is a rate of at most ``fpr``."""
-    _check_fpr(fpr)
-    return math.ceil(1.0 / fpr - 1e-9)
+    return math.ceil(1.0 / _as_fpr(fpr) - 1e-9)
 
 
-def _check_fpr(fpr: float) -> None:
-    if not (isinstance(fpr, int | float) and 0.0 < fpr < 1.0):
+def _as_fpr(fpr: float) -> float:
+    """A target FPR as a Python float in (0, 1).
+
+    A numpy float is read as the decimal it prints as: ``np.float32(0.01)`` is 0.01, where its exact
+    value 0.009999999776 would need 101 non-members and be reported under that long key.
+    """
+    if not (isinstance(fpr, numbers.Real) and 0.0 < fpr < 1.0):
         raise ConfigError(f"a target FPR must be a number in (0, 1), got {fpr!r}")
+    return float(str(fpr)) if isinstance(fpr, np.floating) else float(fpr)
 
 
 def tpr_at_fpr(curve: RocCurve, fpr: float, n_nonmembers: int) -> float:
@@ -118,6 +133,7 @@ def tpr_at_fpr(curve: RocCurve, fpr: float, n_nonmembers: int) -> float:
     would understate the attack. With fewer than ``1 / fpr`` non-members the curve has no point at
     or below ``fpr`` other than the origin, and the number would be an extrapolation: refused.
     """
+    fpr = _as_fpr(fpr)
     needed = min_nonmembers_for_fpr(fpr)
     if n_nonmembers < needed:
         raise DataError(
@@ -139,9 +155,7 @@ def resolvable_fprs(n_nonmembers: int, requested: Sequence[float] | None) -> tup
     dropped gets a note saying how many non-members it would need.
     """
     if requested is not None:
-        for fpr in requested:
-            _check_fpr(fpr)
-        return list(requested), []
+        return [_as_fpr(fpr) for fpr in requested], []
     kept, notes = [], []
     for fpr in DEFAULT_FPRS:
         needed = min_nonmembers_for_fpr(fpr)
@@ -174,7 +188,7 @@ def membership_result(
     n_members, n_nonmembers = member_scores.size, nonmember_scores.size
     targets, notes = resolvable_fprs(n_nonmembers, fprs)
     full = roc_curve(member_scores, nonmember_scores)
-    tprs = {repr(float(f)): tpr_at_fpr(full, f, n_nonmembers) for f in targets}
+    tprs = {repr(f): tpr_at_fpr(full, f, n_nonmembers) for f in targets}
     gap = full.tpr - full.fpr
     best = int(np.argmax(gap))
     corners = roc_curve(member_scores, nonmember_scores, corners_only=True)

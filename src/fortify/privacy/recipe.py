@@ -20,7 +20,7 @@ from fortify.config import TrainConfig
 from fortify.data.base import Split
 from fortify.errors import ConfigError
 from fortify.models import build_model
-from fortify.privacy._data import model_device
+from fortify.privacy._data import model_device, model_dtype
 from fortify.threat import ThreatModel
 from fortify.training.methods import objective_from_config
 from fortify.training.trainer import Trainer
@@ -57,7 +57,9 @@ class TrainerRecipe:
         trainer = Trainer(model, objective_from_config(config, self.threat), config,
                           threat=self.threat, show_progress=False)
         val = self.val if self.val is not None else train.head(_SELF_VALIDATION_SIZE)
-        trainer.fit(train, val)
+        # in the model's dtype, as every prediction of the attacks reads inputs (float64 from numpy)
+        dtype = model_dtype(model, train.x.dtype)
+        trainer.fit(*(Split(part.x.to(dtype), part.y) for part in (train, val)))
         return model.eval()
 
     @classmethod

@@ -83,13 +83,19 @@ def ssim(a: Tensor, b: Tensor, *, data_range: float = 1.0) -> Tensor:
 def total_variation(x: Tensor) -> Tensor:
     """Mean absolute difference between neighbouring pixels, per image (anisotropic TV).
 
-    Inputs that are not images (fewer than 3 dimensions per batch row) have no neighbours: 0.
+    Inputs that are not images (fewer than 3 dimensions per batch row) have no neighbours: 0. So
+    has a dimension of size 1 (a row of pixels, a one-channel signal): it adds 0.
     """
     if x.dim() < 3:
         return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    dh = (x[..., 1:, :] - x[..., :-1, :]).abs().reshape(x.shape[0], -1).mean(dim=1)
-    dw = (x[..., :, 1:] - x[..., :, :-1]).abs().reshape(x.shape[0], -1).mean(dim=1)
-    return dh + dw
+    return _mean_step(x, -2) + _mean_step(x, -1)
+
+
+def _mean_step(x: Tensor, dim: int) -> Tensor:
+    """Per image, the mean absolute difference between neighbours along ``dim`` (0 without any)."""
+    if x.shape[dim] < 2:  # the mean over no pairs would be NaN
+        return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    return x.diff(dim=dim).abs().reshape(x.shape[0], -1).mean(dim=1)
 
 
 def best_assignment(reconstructions: Tensor, originals: Tensor) -> Tensor:

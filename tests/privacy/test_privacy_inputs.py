@@ -1,0 +1,156 @@
+"""Input the membership attacks must refuse with its problem, or take as the model takes it.
+
+Tiny untrained models: what is checked is the handling of the input, not what an attack finds.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from fortify.data import Split
+from fortify.errors import DataError
+from fortify.privacy import (
+    augmentation_attack,
+    augmentation_scores,
+    boundary_distance_attack,
+    hopskipjump_boundary_distance,
+    pgd_boundary_distance,
+    random_direction_distance,
+    shadow_attack,
+    threshold_attack,
+    train_reference_models,
+)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+
+
+def _inputs(n: int = 12) -> torch.Tensor:
+    return torch.rand(n, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+
+
+def _halves(x: torch.Tensor, y: torch.Tensor) -> tuple[Split, Split]:
+    half = len(x) // 2
+    return Split(x[:half], y[:half]), Split(x[half:], y[half:])
+
+
+LABEL_ONLY = {
+    "augmentation_scores": lambda m, x, y: augmentation_scores(m, Split(x, y)),
+    "augmentation_attack": lambda m, x, y: augmentation_attack(m, *_halves(x, y)),
+    "pgd_boundary_distance": lambda m, x, y: pgd_boundary_distance(m, x, y, steps=2),
+    "hopskipjump_boundary_distance": lambda m, x, y: hopskipjump_boundary_distance(m, x, y, max_queries=20),
+    "random_direction_distance": lambda m, x, y: random_direction_distance(m, x, y, directions=2),
+    "boundary_distance_attack": lambda m, x, y: boundary_distance_attack(
+        m, *_halves(x, y), distance_fn=lambda model, xs, ys: torch.zeros(len(xs))),
+}
+
+
+@pytest.mark.parametrize("label", [7, -1])
+@pytest.mark.parametrize("entry", LABEL_ONLY)
+def test_label_only_attacks_refuse_labels_the_model_cannot_output(entry, label):
+    # Prepare: every label out of a 3-class model's reach, so every example would look misclassified
+    x = _inputs()
+    y = torch.full((len(x),), label)
+    # Execute / Assert: refused, where a distance of 0 for all once gave an AUC of 0.5 ("no leak")
+    with pytest.raises(DataError, match=r"labels range over .* 3 outputs \(allowed: 0\.\.2\)"):
+        LABEL_ONLY[entry](_model(), x, y)
+
+
+def _fitting_recipe(train: Split, *, seed: int) -> nn.Module:
+    """A few full-batch steps of SGD, in the model's float32 whatever the data's dtype."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(5):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(train.x), train.y).backward()
+        optimizer.step()
+    return model
+
+
+def _shadow(model: nn.Module, members: Split, non_members: Split):
+    pool = torch.rand(10, 1, 4, 4, generator=torch.Generator().manual_seed(2)).to(members.x.dtype)
+    return shadow_attack(model, members, non_members, shadow_pool=Split(pool, torch.arange(10) % 3),
+                         recipe=_fitting_recipe, n_shadows=2)
+
+
+ATTACKS = {
+    "threshold": threshold_attack,
+    "shadow": _shadow,
+    "augmentation": functools.partial(augmentation_attack, noise_std=0.1, noise_copies=2),
+    "boundary (pgd)": functools.partial(boundary_distance_attack,
+                                        distance_fn=functools.partial(pgd_boundary_distance, steps=3)),
+    "boundary (custom)": functools.partial(boundary_distance_attack,
+                                           distance_fn=lambda m, x, y: m(x).max(1).values.detach()),
+}
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_float64_inputs_are_attacked_as_the_float32_model_reads_them(attack):
+    # Prepare: float32 data and its float64 copy, as torch.from_numpy would hand it over
+    x, y = _inputs(), torch.arange(12) % 3
+    # Execute
+    as_float32 = ATTACKS[attack](_model(), *_halves(x, y))
+    as_float64 = ATTACKS[attack](_model(), *_halves(x.double(), y))
+    # Assert: cast to the model's dtype, the same inputs and the same result
+    assert as_float64.auc == as_float32.auc
+
+
+class RecordingRecipe:
+    """Trains nothing; records the size of each training split it is handed."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def __call__(self, train: Split, *, seed: int) -> nn.Module:
+        self.sizes.append(len(train))
+        return _model()
+
+
+def test_pools_of_copies_of_one_input_are_refused():
+    # Prepare: six rows, one distinct input: any halves of its distinct inputs leave one side empty
+    copies = Split(_inputs(1).repeat(6, 1, 1, 1), torch.zeros(6, dtype=torch.long))
+    members, non_members = _halves(_inputs(), torch.zeros(12, dtype=torch.long))
+    recipe = RecordingRecipe()
+    # Execute / Assert
+    too_few = r"pool needs at least 2 distinct inputs .* got 1 \(in 6 rows\)"
+    with pytest.raises(DataError, match="shadow " + too_few):
+        shadow_attack(_model(), members, non_members, shadow_pool=copies, recipe=recipe, n_shadows=1)
+    with pytest.raises(DataError, match="reference " + too_few):
+        train_reference_models(copies, recipe, n_models=1)
+    assert recipe.sizes == []  # no model was asked to train on nothing
+
+
+def test_a_reference_model_that_would_draw_no_input_is_refused():
+    # Prepare: two distinct inputs and two models; seed 0 puts both inputs in model 1's half
+    pool = Split(_inputs(2), torch.tensor([0, 1]))
+    recipe = RecordingRecipe()
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"reference model\(s\) \[0\] drew none of the pool's 2 distinct"):
+        train_reference_models(pool, recipe, n_models=2, seed=0)
+    assert recipe.sizes == []
+    assert train_reference_models(pool, recipe, n_models=2, seed=1).keep.tolist() == [[False, True],
+                                                                                     [True, False]]
+
+
+def test_lira_reference_models_train_on_a_float64_pool_as_on_its_float32_copy():
+    # Prepare: the default recipe (fortify's Trainer) on a float32 model
+    from fortify.config import TrainConfig
+    from fortify.privacy.recipe import TrainerRecipe
+    from fortify.threat import ThreatModel
+
+    x, y = _inputs(), torch.arange(12) % 3
+    recipe = TrainerRecipe(_model, TrainConfig(objective="standard", epochs=1, batch_size=4),
+                           ThreatModel("linf", 0.1))
+    # Execute
+    from64 = train_reference_models(Split(x.double(), y), recipe, n_models=2)
+    from32 = train_reference_models(Split(x, y), recipe, n_models=2)
+    # Assert: the same weights (the cast is what the model reads anyway)
+    for a, b in zip(from64.models, from32.models, strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
