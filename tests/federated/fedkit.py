@@ -1,8 +1,8 @@
-"""Helpers of the federated tests: small runs and an in-process Flower Grid."""
+"""Helpers of the federated tests: small runs and in-process Flower Grids (honest or misbehaving)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -65,3 +65,22 @@ class InProcessGrid(Grid):
             return self.client_app(message, self.contexts[message.metadata.dst_node_id])
         except Exception as err:  # the runtimes turn a ClientApp's exception into an error reply
             return Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+
+
+class TamperingGrid(InProcessGrid):
+    """An InProcessGrid whose clients misbehave: ``tamper(node, content)`` may change each reply's
+    content in place, as a buggy or malicious client would, and the nodes in ``silent`` never reply
+    (a crashed node, a cut network: the runtime gives up waiting and hands over the others)."""
+
+    def __init__(self, client_app: ClientApp, clients: int,
+                 tamper: Callable[[int, RecordDict], None] = lambda node, content: None,
+                 silent: Iterable[int] = ()) -> None:
+        super().__init__(client_app, clients)
+        self.tamper, self.silent = tamper, set(silent)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        replies = [self._deliver(m) for m in messages if m.metadata.dst_node_id not in self.silent]
+        for reply in replies:
+            self.tamper(reply.metadata.src_node_id, reply.content)
+        return replies

@@ -186,10 +186,10 @@ def test_a_server_that_knows_every_setting_cannot_replay_a_dp_clients_noise(digi
 def test_a_dp_clients_reply_holds_no_metric_of_its_private_examples():
     private = LocalResult(train_loss=2.3, local_clean_accuracy=0.5, local_robust_accuracy=0.25,
                           dp_epsilon=1.5)
-    assert reply_metrics(private, 40) == {"num-examples": 40, "dp-epsilon": 1.5}
+    assert reply_metrics(private, 40, 1) == {"partition-id": 1, "num-examples": 40, "dp-epsilon": 1.5}
     plain = LocalResult(train_loss=2.3, local_clean_accuracy=0.5, local_robust_accuracy=0.25)
-    assert reply_metrics(plain, 40) == {"num-examples": 40, "train-loss": 2.3, "local-clean-accuracy": 0.5,
-                                        "local-robust-accuracy": 0.25}
+    assert reply_metrics(plain, 40, 1) == {"partition-id": 1, "num-examples": 40, "train-loss": 2.3,
+                                           "local-clean-accuracy": 0.5, "local-robust-accuracy": 0.25}
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -72,6 +73,19 @@ def test_a_federation_interrupted_in_a_round_resumes_to_the_uninterrupted_result
     # resumed once more, the finished run is only read back: no round is trained again
     again = run_server(InterruptedGrid(interrupted, stop_at_exchange=1), _resumed(interrupted))
     assert again.rounds == resumed.rounds
+
+
+def test_a_dp_run_whose_epsilon_is_infinite_resumes(task_identity, tmp_path):
+    # Prepare: noise 0 is allowed and spends an infinite epsilon, which the progress file holds as null
+    run = _fed_run(tmp_path / "b", dp={"enabled": True, "noise_multiplier": 0.0, "delta": 1e-4})
+    _interrupt_in_round_two(run)
+    saved = json.loads((tmp_path / "b" / PROGRESS_JSON).read_text())
+    assert saved["train_metrics"]["1"]["dp-epsilon-max"] is None
+    # Execute
+    resumed = run_server(InProcessGrid(make_client_app(run), 2), _resumed(run))
+    # Assert
+    assert [r.round for r in resumed.rounds] == list(range(ROUNDS + 1))
+    assert resumed.train_metrics[1]["dp-epsilon-max"] == math.inf
 
 
 def test_resuming_under_other_settings_is_refused_by_name(task_identity, tmp_path):

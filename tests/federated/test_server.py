@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
+import numpy as np
 import pytest
 import torch
-from fedkit import InProcessGrid, small_run
+from fedkit import InProcessGrid, TamperingGrid, small_run
+from flwr.app import Array
 from flwr.supercore.task_identity import TaskIdentity
+from torch import nn
 
 from fortify.errors import ConfigError
 from fortify.federated.client import load_run_dataset, make_client_app
@@ -21,6 +25,7 @@ from fortify.federated.server import (
     run_server,
     validate_run,
 )
+from fortify.models import MODELS
 from fortify.pipeline import load_trained_model
 
 
@@ -35,6 +40,7 @@ def test_the_global_model_improves_and_the_run_directory_loads(task_identity, tm
     assert result.final.clean_accuracy > result.rounds[0].clean_accuracy + 0.3
     assert all(0 <= r.robust_accuracy <= r.clean_accuracy for r in result.rounds)
     assert set(result.train_metrics) == {1, 2}
+    assert "partition-id" not in result.train_metrics[1]  # checked by the server, not a training metric
     assert read_result(tmp_path / "fed") == result
     _, card = load_trained_model(tmp_path / "fed", torch.device("cpu"))
     assert card["name"] == "mlp"
@@ -83,6 +89,105 @@ def test_fedprox_sends_its_mu_and_the_clients_use_it(task_identity):
     run = small_run(clients=2, rounds=1, strategy="fedprox", proximal_mu=0.5)
     run_server(InProcessGrid(make_client_app(run, local_trainer=recording_trainer), 2), run)
     assert seen == [0.5, 0.5]
+
+
+def _on_node(node, change):
+    """A tamper for TamperingGrid: ``change`` applied to the content of ``node``'s reply only."""
+    return lambda sender, content: change(content) if sender == node else None
+
+
+def _replace_array(key, value):
+    def change(content):
+        content["arrays"][key] = Array(value)
+    return change
+
+
+def _drop_array(key):
+    def change(content):
+        del content["arrays"][key]
+    return change
+
+
+def _set_metric(key, value):
+    def change(content):
+        content["metrics"][key] = value
+    return change
+
+
+def _refused(run, grid, message):
+    with pytest.raises(FederationError, match=f"^{re.escape(message)}$"):
+        run_server(grid, run)
+
+
+@pytest.mark.parametrize(("strategy", "change", "problem"), [
+    # one NaN client made every weight of the median's global model NaN, and the round was recorded
+    ("median", _replace_array("3.bias", np.full(128, np.nan, np.float32)),
+     "sent 3.bias with NaN or infinite values"),
+    ("fedavg", _replace_array("5.bias", np.full(10, np.inf, np.float32)),
+     "sent 5.bias with NaN or infinite values"),
+    # FedAvg broadcast a (1, 64) row into the (128, 64) weight without a word
+    ("fedavg", _replace_array("1.weight", np.full((1, 64), 5.0, np.float32)),
+     "sent 1.weight as float32 [1, 64], not the global model's float32 [128, 64]"),
+    ("median", _replace_array("1.bias", np.zeros(128, np.float64)),
+     "sent 1.bias as float64 [128], not the global model's float32 [128]"),
+    ("fedavg", _drop_array("5.bias"),
+     "sent arrays missing ['5.bias'] and unknown [], not the global model's keys"),
+])
+def test_an_update_unlike_the_global_models_arrays_is_refused_naming_the_node(task_identity, strategy, change,
+                                                                             problem):
+    run = small_run(clients=3, rounds=1, strategy=strategy)
+    grid = TamperingGrid(make_client_app(run), 3, _on_node(2, change))
+    _refused(run, grid, f"round 1: refused an update: node 2 {problem}")
+
+
+@pytest.mark.parametrize(("key", "value", "problem"), [
+    # FedAvg weighs by num-examples: a zero model claiming 1e9 examples outweighed the honest clients
+    ("num-examples", 10**9, "reports num-examples=1000000000, not 419 (the examples in partition 1's shard)"),
+    ("num-examples", -419, "reports num-examples=-419, not 419 (the examples in partition 1's shard)"),
+    ("num-examples", 0, "reports num-examples=0, not 419 (the examples in partition 1's shard)"),
+    ("num-examples", 419.0, "reports num-examples=419.0, not 419 (the examples in partition 1's shard)"),
+    ("partition-id", 3, "reports partition-id=3, not a whole number from 0 to 2"),
+])
+def test_a_weight_other_than_the_clients_shard_size_is_refused(task_identity, key, value, problem):
+    run = small_run(clients=3, rounds=1)
+    grid = TamperingGrid(make_client_app(run), 3, _on_node(2, _set_metric(key, value)))
+    _refused(run, grid, f"round 1: refused an update: node 2 {problem}")
+
+
+def test_two_nodes_started_with_the_same_partition_id_are_refused(task_identity):
+    # Prepare: the same --node-config on both SuperNodes: shard 0 would count twice, shard 1 never
+    run = small_run(clients=2, rounds=1)
+    grid = InProcessGrid(make_client_app(run), 2)
+    for context in grid.contexts.values():
+        context.node_config["partition-id"] = 0
+    # Execute / Assert
+    _refused(run, grid, "round 1: partition 0 was trained by nodes 1, 2, partition 1 was trained by no node; "
+                        "each partition needs exactly one node: start each SuperNode with its own "
+                        "--node-config 'partition-id=I num-partitions=2', I from 0 to 1")
+
+
+@pytest.mark.parametrize(("silent", "message"), [
+    # Flower aggregated the replies that came and recorded the round as trained
+    ({2}, "round 1: node 2 sent no reply (2 of 3 clients replied)"),
+    ({1, 2, 3}, "round 1: nodes 1, 2, 3 sent no reply (0 of 3 clients replied)"),
+])
+def test_a_round_some_clients_did_not_reply_to_is_refused_naming_them(task_identity, silent, message):
+    run = small_run(clients=3, rounds=1)
+    grid = TamperingGrid(make_client_app(run), 3, silent=silent)
+    _refused(run, grid, f"{message}; a round aggregates every client's update")
+
+
+def _small_batchnorm_mlp(spec):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                         nn.Linear(32, spec.num_classes))
+
+
+def test_a_batchnorm_model_trains_on_after_fedavg_averages_its_int64_counters(task_identity, monkeypatch):
+    # Flower's FedAvg averages num_batches_tracked (int64) into float64; the clients load it into the
+    # model and send int64 back, the model's own dtype, which the server accepts
+    monkeypatch.setitem(MODELS._factories, "batchnorm-mlp", _small_batchnorm_mlp)
+    run = small_run(clients=2, rounds=2, model="batchnorm-mlp")
+    assert [r.round for r in _run(run).rounds] == [0, 1, 2]
 
 
 def test_a_failing_client_stops_the_run_with_its_message(task_identity):
@@ -169,7 +274,7 @@ DP = {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0}
     ({"dp": {"enabled": True, "target_epsilon": 1.0}}, "federated DP needs dp.noise_multiplier"),
     ({"dp": DP, "model": "preact-resnet18"}, "federated DP needs a model without BatchNorm .* "
                                                "layers.0.0.bn1: BatchNorm2d -> GroupNorm"),
-    ({"dp": DP, "objective": "fgsm"}, "objective 'fgsm' cannot be trained with DP; valid: standard"),
+    ({"dp": DP, "objective": "free"}, "objective 'free' cannot be trained with DP; valid: standard"),
     ({"dp": DP, "train": {"amp": True}}, "train.amp and train.grad_clip do not apply to DP training"),
 ])
 def test_client_side_dp_settings_a_client_would_refuse_are_refused_before_any_client_starts(

@@ -39,6 +39,7 @@ ARRAYS_KEY = "arrays"  # the record keys Flower's strategies read
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 WEIGHT_KEY = "num-examples"
+PARTITION_KEY = "partition-id"  # which shard the client trained on: the server checks each is trained once
 DP_EPSILON_KEY = "dp-epsilon"
 LOCAL_VAL_EXAMPLES = 128  # the local accuracy a client reports is measured on this many of its own
 
@@ -295,17 +296,19 @@ def client_round(run: FederatedRun, message: Message, partition_id: int, num_par
     fed = run.federation
     if partition_id < fed.malicious_clients:
         state = poison(global_state, state, mode=fed.malicious_mode, scale=fed.malicious_scale)
-    metrics = MetricRecord(reply_metrics(result, len(shard)))
+    metrics = MetricRecord(reply_metrics(result, len(shard), partition_id))
     return RecordDict({ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: metrics})
 
 
-def reply_metrics(result: LocalResult, n_examples: int) -> dict[str, Any]:
-    """What a client reports beside its weights. Under DP only its example count and the epsilon it
-    spent: its loss and accuracies are exact functions of its private examples, which DP-SGD's noise
-    does not cover (from the loss alone a server could tell which of its candidates a client holds)."""
+def reply_metrics(result: LocalResult, n_examples: int, partition_id: int) -> dict[str, Any]:
+    """What a client reports beside its weights. Under DP only its partition, its example count and
+    the epsilon it spent (the server knows every shard's size anyway): its loss and accuracies are
+    exact functions of its private examples, which DP-SGD's noise does not cover (from the loss alone
+    a server could tell which of its candidates a client holds)."""
+    shard = {PARTITION_KEY: partition_id, WEIGHT_KEY: n_examples}
     if result.dp_epsilon is not None:
-        return {WEIGHT_KEY: n_examples, DP_EPSILON_KEY: result.dp_epsilon}
-    metrics: dict[str, Any] = {WEIGHT_KEY: n_examples, "train-loss": result.train_loss,
+        return {**shard, DP_EPSILON_KEY: result.dp_epsilon}
+    metrics: dict[str, Any] = {**shard, "train-loss": result.train_loss,
                                "local-clean-accuracy": result.local_clean_accuracy}
     if result.local_robust_accuracy is not None:
         metrics["local-robust-accuracy"] = result.local_robust_accuracy

@@ -2,15 +2,18 @@
 
 Flower hands an app its settings as a flat mapping of scalars (``Context.run_config``, from the
 app's ``pyproject.toml`` or ``flwr run --run-config``). ``to_run_config`` flattens a RunConfig plus
-a FederationConfig into dotted keys (``train.lr``, ``federation.clients``); ``from_run_config``
-rebuilds and validates them, so the simulation, the CLI and a real deployment read one format.
+a FederationConfig into dotted keys (``train.lr``, ``federation.clients``), a list as its JSON text
+(``eval.attacks = '["pgd", "square"]'``); ``from_run_config`` rebuilds and validates them, so the
+simulation, the CLI and a real deployment read one format.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -57,7 +60,7 @@ class FederatedRun:
 
     @classmethod
     def from_run_config(cls, values: dict[str, Any]) -> FederatedRun:
-        nested = _unflatten(dict(values))
+        nested = _read_lists(_unflatten(dict(values)), RunConfig)
         federation = nested.pop("federation", {})
         try:
             fed = FederationConfig.model_validate(federation)
@@ -77,16 +80,58 @@ def load_federated_run(path: Path | None, overrides: dict[str, Any],
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys of the scalar leaves; None, lists and empty mappings stay at their defaults
-    because a Flower run config holds only bool, int, float and str."""
+    """Dotted keys of the leaves, a list as its JSON text (``_read_lists`` reads it back): a Flower run
+    config holds only bool, int, float and str. None and empty mappings are left out: every setting
+    that takes None defaults to it, and an empty mapping of attack options means no options."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(_flatten(value, f"{name}."))
+        elif isinstance(value, list):
+            flat[name] = json.dumps(value)
         elif isinstance(value, bool | int | float | str):
             flat[name] = value
     return flat
+
+
+def _read_lists(tree: dict[str, Any], model: Any) -> dict[str, Any]:
+    """``tree`` with the JSON text of each list read back, where ``model`` (a pydantic model, or the
+    annotation of a mapping's values) takes a list: a string setting that looks like JSON stays a
+    string; in a mapping of any values (``eval.attack_options``) a JSON list is read as a list."""
+    for key, value in tree.items():
+        annotation = _annotation_of(model, key)
+        if isinstance(value, dict):
+            tree[key] = _read_lists(value, annotation)
+        elif isinstance(value, str) and _takes_list(annotation):
+            tree[key] = _json_list(value)
+    return tree
+
+
+def _annotation_of(model: Any, key: str) -> Any:
+    """What ``model`` takes under ``key``; None where it takes nothing (pydantic refuses the key)."""
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        field = model.model_fields.get(key)
+        return field.annotation if field is not None else None
+    if get_origin(model) is dict:
+        return get_args(model)[1]
+    return Any if model is Any else None
+
+
+def _takes_list(annotation: Any) -> bool:
+    if get_origin(annotation) in (Union, UnionType):
+        return any(_takes_list(kind) for kind in get_args(annotation))
+    return annotation is Any or annotation is list or get_origin(annotation) is list
+
+
+def _json_list(text: str) -> Any:
+    """The list ``text`` holds as JSON; text that holds none stays text, for the config's own check
+    to refuse by name (``eval.attacks: Input should be a valid list``) or, under Any, to keep."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return value if isinstance(value, list) else text
 
 
 def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:

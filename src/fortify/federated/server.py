@@ -15,20 +15,24 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard, cast
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Result, Strategy
 from torch import nn
 
 from fortify.attacks import PGD
 from fortify.data import Dataset
 from fortify.errors import ConfigError, FortifyError
 from fortify.federated.client import (
+    ARRAYS_KEY,
     DP_EPSILON_KEY,
     METRICS_KEY,
+    PARTITION_KEY,
+    WEIGHT_KEY,
     check_local_training,
     load_run_dataset,
     new_global_model,
@@ -63,12 +67,17 @@ def validate_run(run: FederatedRun) -> Dataset:
     _check_settings_clients_use(run)
     ThreatModel(run.config.threat.norm, run.config.threat.eps, dataset.bounds).check_inputs(
         dataset.test.x[:1])
-    # every client computes this same partition (deterministic in partition_seed): an infeasible
-    # Dirichlet draw fails here once; labels only, so nothing is copied
-    shards = shard_indices(dataset.train.y, fed.clients, scheme=fed.partition, alpha=fed.alpha,
-                           seed=fed.partition_seed)
-    check_local_training(run, dataset, max(len(s) for s in shards))
+    # an infeasible Dirichlet draw fails here once rather than on every client
+    check_local_training(run, dataset, max(shard_sizes(run, dataset)))
     return dataset
+
+
+def shard_sizes(run: FederatedRun, dataset: Dataset) -> list[int]:
+    """The training examples of each partition's shard: every client computes the same partition
+    (deterministic in partition_seed), so the server knows them; labels only, so nothing is copied."""
+    fed = run.federation
+    return [len(s) for s in shard_indices(dataset.train.y, fed.clients, scheme=fed.partition, alpha=fed.alpha,
+                                          seed=fed.partition_seed)]
 
 
 def _check_settings_clients_use(run: FederatedRun) -> None:
@@ -123,34 +132,134 @@ def check_strategy(fed: FederationConfig) -> None:
 
 # -- strategies -------------------------------------------------------------------------------
 
-class _FailOnClientError:
-    """Stops the run with the clients' own error messages instead of aggregating without them.
+class _StrictRounds:
+    """Aggregates a round only when every client sent a well-formed update.
 
-    Flower logs a failed reply and carries on with the others; here a client that fails (bad
-    settings, a crash) ends the run, so a mistake cannot hide behind the remaining clients. The
-    aggregated metrics go to ``on_aggregated`` (the run's progress); ``round_offset`` is the number
-    of rounds a resumed run finished before, so messages name the run's own round numbers.
+    Flower logs a failed reply and carries on with the others, drops a client that never replies,
+    and aggregates whatever arrays and weights a reply holds. Here the run stops instead, naming the
+    nodes: a client that fails (bad settings, a crash) or stays silent, an update whose arrays are not
+    the global model's (other keys, shapes or dtypes, NaN or infinite values: one NaN turns even the
+    median into NaN), a ``num-examples`` weight other than its shard's size, and partitions that the
+    replies do not cover exactly once. The aggregated metrics go to ``on_aggregated`` (the run's
+    progress); ``round_offset`` is the number of rounds a resumed run finished before, so messages
+    name the run's own round numbers.
     """
 
     on_aggregated: Callable[[int, dict[str, Any]], None] | None = None
     round_offset: int = 0
+    shard_sizes: list[int]  # training examples in each partition's shard, by partition id
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
+        # replies are checked against the model's own arrays, not the last aggregate's: Flower's
+        # FedAvg averages an int64 buffer (BatchNorm's num_batches_tracked) into float64, while a
+        # client loads it into the model and sends int64 back
+        self._model_arrays = initial_arrays
+        return super().start(grid, initial_arrays, *args, **kwargs)  # type: ignore[misc]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        self._sent_to = [m.metadata.dst_node_id for m in messages]  # every one of them must reply
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        this_round = f"round {server_round + self.round_offset}"
         failed = [m for m in replies if m.has_error()]
         if failed:
-            raise FederationError(f"round {server_round + self.round_offset}: {len(failed)} of "
-                                  f"{len(replies)} clients failed: {_failure_summary(failed)}")
+            raise FederationError(f"{this_round}: {len(failed)} of {len(replies)} clients failed: "
+                                  f"{_failure_summary(failed)}")
+        _check_replies(this_round, replies, self._sent_to, self._model_arrays, self.shard_sizes)
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
-        # privacy is the worst client's, not a weighted mean of the clients'
-        spent = [float(m.content[METRICS_KEY][DP_EPSILON_KEY]) for m in replies
-                 if DP_EPSILON_KEY in m.content[METRICS_KEY]]
-        if spent and metrics is not None:
-            metrics[DP_EPSILON_KEY + "-max"] = max(spent)
-        if metrics is not None and self.on_aggregated is not None:
-            self.on_aggregated(server_round, dict(metrics))
+        if metrics is not None:
+            metrics.pop(PARTITION_KEY, None)  # Flower averaged the partition ids: a number that means nothing
+            # privacy is the worst client's, not a weighted mean of the clients'
+            spent = [float(m.content[METRICS_KEY][DP_EPSILON_KEY]) for m in replies
+                     if DP_EPSILON_KEY in m.content[METRICS_KEY]]
+            if spent:
+                metrics[DP_EPSILON_KEY + "-max"] = max(spent)
+            if self.on_aggregated is not None:
+                self.on_aggregated(server_round, dict(metrics))
         return arrays, metrics
+
+
+def _check_replies(this_round: str, replies: list[Message], sent_to: list[int], model_arrays: ArrayRecord,
+                  shard_sizes: list[int]) -> None:
+    """FederationError unless every node sent to replied, each reply holds arrays of the model's
+    keys, shapes and dtypes, all finite, with its shard's size as weight, and the replies cover each
+    partition exactly once."""
+    replied = {m.metadata.src_node_id for m in replies}
+    silent = sorted(set(sent_to) - replied)
+    if silent:
+        raise FederationError(f"{this_round}: {_nodes(silent)} sent no reply ({len(replied)} of "
+                              f"{len(sent_to)} clients replied); a round aggregates every client's update")
+    ordered = sorted(replies, key=lambda m: m.metadata.src_node_id)
+    problems = [f"node {m.metadata.src_node_id} {problem}" for m in ordered
+                if (problem := _reply_problem(m.content, model_arrays, shard_sizes)) is not None]
+    if problems:
+        updates = "an update" if len(problems) == 1 else f"{len(problems)} updates"
+        raise FederationError(f"{this_round}: refused {updates}: {'; '.join(problems)}")
+    _check_partitions_covered(this_round, ordered, len(shard_sizes))
+
+
+def _reply_problem(content: RecordDict, model_arrays: ArrayRecord, shard_sizes: list[int]) -> str | None:
+    """What is wrong with one client's reply, or None."""
+    if set(content.array_records) != {ARRAYS_KEY} or set(content.metric_records) != {METRICS_KEY}:
+        return (f"sent records {sorted(content)}, not one ArrayRecord {ARRAYS_KEY!r} and one MetricRecord "
+                f"{METRICS_KEY!r}")
+    return (_metrics_problem(content.metric_records[METRICS_KEY], shard_sizes)
+            or _arrays_problem(content.array_records[ARRAYS_KEY], model_arrays))
+
+
+def _metrics_problem(metrics: MetricRecord, shard_sizes: list[int]) -> str | None:
+    # the FedAvg weight: a client claiming more examples than it holds would outweigh the others
+    partition, examples = metrics.get(PARTITION_KEY), metrics.get(WEIGHT_KEY)
+    if not _is_whole(partition) or not 0 <= partition < len(shard_sizes):
+        return f"reports {PARTITION_KEY}={partition!r}, not a whole number from 0 to {len(shard_sizes) - 1}"
+    size = shard_sizes[partition]
+    if not _is_whole(examples) or examples != size:
+        return (f"reports {WEIGHT_KEY}={examples!r}, not {size} (the examples in partition "
+                f"{partition}'s shard)")
+    return None
+
+
+def _is_whole(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _arrays_problem(arrays: ArrayRecord, model_arrays: ArrayRecord) -> str | None:
+    keys = model_arrays.keys()
+    missing, unknown = sorted(keys - arrays.keys()), sorted(arrays.keys() - keys)
+    if missing or unknown:
+        return f"sent arrays missing {missing} and unknown {unknown}, not the global model's keys"
+    for key, expected in model_arrays.items():
+        array = arrays[key]
+        if (array.shape, array.dtype) != (expected.shape, expected.dtype):
+            return (f"sent {key} as {array.dtype} {list(array.shape)}, not the global model's "
+                    f"{expected.dtype} {list(expected.shape)}")
+        if not np.isfinite(array.numpy()).all():
+            return f"sent {key} with NaN or infinite values"
+    return None
+
+
+def _check_partitions_covered(this_round: str, replies: list[Message], clients: int) -> None:
+    """Each partition trained by exactly one node: two nodes started with the same partition-id
+    would count one shard twice and leave another out of the model."""
+    nodes_of: dict[int, list[int]] = {p: [] for p in range(clients)}
+    for message in replies:
+        partition = cast(int, message.content.metric_records[METRICS_KEY][PARTITION_KEY])  # checked
+        nodes_of[partition].append(message.metadata.src_node_id)
+    wrong = [f"partition {p} was trained by {_nodes(nodes) if nodes else 'no node'}"
+             for p, nodes in nodes_of.items() if len(nodes) != 1]
+    if wrong:
+        raise FederationError(f"{this_round}: {', '.join(wrong)}; each partition needs exactly one node: "
+                              f"start each SuperNode with its own --node-config 'partition-id=I "
+                              f"num-partitions={clients}', I from 0 to {clients - 1}")
+
+
+def _nodes(ids: list[int]) -> str:
+    return f"{'nodes' if len(ids) > 1 else 'node'} {', '.join(map(str, ids))}"
 
 
 def _failure_summary(failed: list[Message]) -> str:
@@ -160,8 +269,7 @@ def _failure_summary(failed: list[Message]) -> str:
         reason = one_line_reason(message.error.reason or "")
         nodes.setdefault(reason, []).append(message.metadata.src_node_id)
     # Flower samples the nodes of a round in random order: sorted, the same failure reads the same
-    return "; ".join(f"{reason} ({'nodes' if len(ids) > 1 else 'node'} {', '.join(map(str, sorted(ids)))})"
-                     for reason, ids in sorted(nodes.items()))
+    return "; ".join(f"{reason} ({_nodes(sorted(ids))})" for reason, ids in sorted(nodes.items()))
 
 
 _FLOWER_REASON = re.compile(r"<class '([^']+)'>:<'(.*)'>", re.DOTALL)
@@ -184,23 +292,23 @@ def one_line_reason(reason: str) -> str:
     return f"{name}: {text}" if name else text
 
 
-class StrictFedAvg(_FailOnClientError, FedAvg):
+class StrictFedAvg(_StrictRounds, FedAvg):
     pass
 
 
-class StrictFedProx(_FailOnClientError, FedProx):
+class StrictFedProx(_StrictRounds, FedProx):
     pass
 
 
-class StrictKrum(_FailOnClientError, Krum):
+class StrictKrum(_StrictRounds, Krum):
     pass
 
 
-class StrictFedTrimmedAvg(_FailOnClientError, FedTrimmedAvg):
+class StrictFedTrimmedAvg(_StrictRounds, FedTrimmedAvg):
     pass
 
 
-class StrictFedMedian(_FailOnClientError, FedMedian):
+class StrictFedMedian(_StrictRounds, FedMedian):
     pass
 
 
@@ -209,10 +317,11 @@ def build_strategy(run: FederatedRun, *, on_aggregated: Callable[[int, dict[str,
     """The Flower strategy named by ``federation.strategy``; every client trains every round."""
     strategy = _new_strategy(run.federation)
     strategy.on_aggregated, strategy.round_offset = on_aggregated, round_offset
+    strategy.shard_sizes = shard_sizes(run, load_run_dataset(run))
     return strategy
 
 
-def _new_strategy(fed: FederationConfig) -> _FailOnClientError:
+def _new_strategy(fed: FederationConfig) -> _StrictRounds:
     # all nodes train each round; evaluation is central, so no client-side evaluation rounds
     common: dict[str, Any] = {"fraction_train": 1.0, "fraction_evaluate": 0.0,
                               "min_train_nodes": fed.clients, "min_available_nodes": fed.clients}
