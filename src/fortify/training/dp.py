@@ -186,6 +186,7 @@ class DPTrainer(Trainer):
         self.dp = dp
         self.engine: Any = None
         self._released = False  # fit gave the model back without Opacus' hooks
+        self._missing_noise_state: list[str] = []  # DP generators a resumed checkpoint lacks
 
     # -- wrapping ------------------------------------------------------------------------------
 
@@ -348,10 +349,10 @@ class DPTrainer(Trainer):
 
     def _run_epoch(self, train: Split, val: Split, steps_per_epoch: int, bar: Progress) -> EpochRecord:
         # a finished run drops the generators (_finish); resuming it is fine as long as nothing is drawn
-        missing = getattr(self, "_missing_noise_state", [])
-        if missing:
+        if self._missing_noise_state:
             raise CheckpointError(f"cannot resume {self.run_dir} with DP: its checkpoint holds no "
-                                  f"{' or '.join(missing)} (the state of DP's sampling and noise)")
+                                  f"{' or '.join(self._missing_noise_state)} (the state of DP's sampling "
+                                  "and noise)")
         return self._run_private_epoch(train, val, steps_per_epoch, bar)
 
     def _finish(self) -> None:
