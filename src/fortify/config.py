@@ -47,19 +47,24 @@ class _Strict(BaseModel):
         return value
 
 
+def _kinds(annotation: Any) -> set[Any]:
+    """The types a field takes: the members of a union, else the annotation itself."""
+    return set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+
+
 def _is_number_field(annotation: Any) -> bool:
-    kinds = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+    kinds = _kinds(annotation)
     return bool(kinds & {int, float}) and bool not in kinds
 
 
 def _is_switch_field(annotation: Any) -> bool:
-    kinds = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+    kinds = _kinds(annotation)
     return bool in kinds and not kinds & {int, float}
 
 
 def _is_number_list_field(annotation: Any) -> bool:
     """``list[float]`` (or ``list[float] | None``): a list of numbers."""
-    kinds = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+    kinds = _kinds(annotation)
     return any(get_origin(kind) is list and _is_number_field(get_args(kind)[0]) for kind in kinds)
 
 

@@ -312,12 +312,13 @@ class StrictFedMedian(_StrictRounds, FedMedian):
     pass
 
 
-def build_strategy(run: FederatedRun, *, on_aggregated: Callable[[int, dict[str, Any]], None] | None = None,
+def build_strategy(run: FederatedRun, dataset: Dataset, *,
+                   on_aggregated: Callable[[int, dict[str, Any]], None] | None = None,
                    round_offset: int = 0) -> Strategy:
     """The Flower strategy named by ``federation.strategy``; every client trains every round."""
     strategy = _new_strategy(run.federation)
     strategy.on_aggregated, strategy.round_offset = on_aggregated, round_offset
-    strategy.shard_sizes = shard_sizes(run, load_run_dataset(run))
+    strategy.shard_sizes = shard_sizes(run, dataset)
     return strategy
 
 
@@ -372,7 +373,8 @@ def run_server(grid: Grid, run: FederatedRun) -> FederatedResult:
     model = new_global_model(run, dataset)
     progress = FederationProgress.begin(run, model)
     if progress.rounds_left > 0:
-        strategy = build_strategy(run, on_aggregated=progress.add_train_metrics, round_offset=progress.offset)
+        strategy = build_strategy(run, dataset, on_aggregated=progress.add_train_metrics,
+                                  round_offset=progress.offset)
         outcome = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
                                  num_rounds=progress.rounds_left, timeout=REPLY_TIMEOUT_S,
                                  train_config=ConfigRecord({ROUND_OFFSET_KEY: progress.offset}),

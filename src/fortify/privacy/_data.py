@@ -160,6 +160,13 @@ def check_labels_fit(logits: Tensor, y: Tensor, name: str) -> None:
                         f"has {classes} outputs (allowed: 0..{classes - 1})")
 
 
+def check_model_takes_labels(model: nn.Module, x: Tensor, y: Tensor, name: str) -> None:
+    """``check_labels_fit`` against ``model``'s outputs, counted on one forward pass of ``x[:1]``:
+    for attacks that never see the logits of every example. Soft label rows are left alone."""
+    if y.dim() == 1 and y.numel():
+        check_labels_fit(predict_logits(model, x[:1]), y, name)
+
+
 def project_to_box(x: Tensor, bounds: tuple[float, float]) -> Tensor:
     """The nearest point of the box, computed by the ThreatModel like every other clip.
 

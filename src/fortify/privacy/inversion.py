@@ -26,7 +26,7 @@ from fortify.data.base import Split
 from fortify.errors import ConfigError, DataError
 from fortify.models.modes import evaluation_mode
 from fortify.privacy._data import (
-    check_labels_fit,
+    check_model_takes_labels,
     check_split,
     model_device,
     predict_logits,
@@ -216,7 +216,7 @@ def model_inversion(model: nn.Module, train: Split, *, evaluator: nn.Module | No
     """
     check_split(train, "training data")
     # its classes are the model's: a label past them means data from another task
-    check_labels_fit(predict_logits(model, train.x[:1]), train.y, "training data")
+    check_model_takes_labels(model, train.x, train.y, "training data")
     if classes is None:
         classes = sorted(int(c) for c in train.y.unique())
     start_time = time.perf_counter()

@@ -29,8 +29,8 @@ from fortify.data.base import Split
 from fortify.errors import ConfigError
 from fortify.models.modes import evaluation_mode
 from fortify.privacy._data import (
-    check_labels_fit,
     check_member_sets,
+    check_model_takes_labels,
     join,
     model_device,
     model_dtype,
@@ -46,16 +46,6 @@ DistanceFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 def _predict_labels(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
     return predict_logits(model, x, batch_size).argmax(1).cpu()
-
-
-def _check_labels(model: nn.Module, x: Tensor, y: Tensor, name: str) -> None:
-    """Refuse labels the model cannot output, at the cost of one forward pass of one example.
-
-    Every example would look misclassified: distance 0, score 0, and an attack AUC of 0.5 that
-    reads as "no leak".
-    """
-    if y.numel():
-        check_labels_fit(predict_logits(model, x[:1]), y, name)
 
 
 # -- augmentation robustness -----------------------------------------------------------------------
@@ -94,7 +84,7 @@ def augmentation_scores(model: nn.Module, data: Split, *, max_shift: int = 1, fl
                         noise_std: float = 0.0, noise_copies: int = 0,
                         bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0) -> Tensor:
     """Per example, the share of its augmented copies (the original included) classified right."""
-    _check_labels(model, data.x, data.y, "data")
+    check_model_takes_labels(model, data.x, data.y, "data")
     generator = torch.Generator().manual_seed(seed)
     copies = augmented_copies(data.x, max_shift=max_shift, flip=flip, noise_std=noise_std,
                               noise_copies=noise_copies, bounds=bounds, generator=generator)
@@ -161,7 +151,7 @@ def pgd_boundary_distance(model: nn.Module, x: Tensor, y: Tensor, *, norm: str =
     """
     if norm not in NORMS:
         raise ConfigError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
-    _check_labels(model, x, y, "y")
+    check_model_takes_labels(model, x, y, "y")
     device = model_device(model)
     x, y = to_model(model, x), y.to(device)
     grid = sorted(eps_grid) if eps_grid else [
@@ -195,7 +185,7 @@ def hopskipjump_boundary_distance(model: nn.Module, x: Tensor, y: Tensor, *, nor
     """
     if norm not in NORMS:
         raise ConfigError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
-    _check_labels(model, x, y, "y")
+    check_model_takes_labels(model, x, y, "y")
     device = model_device(model)
     x, y = to_model(model, x), y.to(device)
     width = bounds[1] - bounds[0]
@@ -221,7 +211,7 @@ def random_direction_distance(model: nn.Module, x: Tensor, y: Tensor, *, norm: s
     if norm not in NORMS:
         raise ConfigError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
     directions = check_positive_int("directions", directions)
-    _check_labels(model, x, y, "y")
+    check_model_takes_labels(model, x, y, "y")
     device = model_device(model)
     x, y = to_model(model, x), y.to(device)
     radius = max_distance or _default_max_eps(norm, x, bounds)
@@ -271,7 +261,8 @@ def boundary_distance_attack(model: nn.Module, members: Split, non_members: Spli
     fn = distance_fn or functools.partial(hopskipjump_boundary_distance, norm="l2")
     start = time.perf_counter()
     candidates, is_member = join(members, non_members)
-    _check_labels(model, candidates.x, candidates.y, "members and non-members")  # a custom fn may not
+    # here, not only in the distance functions: a custom fn may not check
+    check_model_takes_labels(model, candidates.x, candidates.y, "members and non-members")
     # in the model's dtype, as every prediction here is: a custom fn then takes float64 data, too
     x, y = candidates.x.to(model_dtype(model, candidates.x.dtype)), candidates.y
     scores = torch.cat([fn(model, x[i:i + batch_size], y[i:i + batch_size]).detach().double().cpu()

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from fortify.attacks.base import check_positive_int
 from fortify.errors import ConfigError, DataError
 from fortify.models.modes import evaluation_mode
-from fortify.privacy._data import check_labels_fit, model_device, project_to_box
+from fortify.privacy._data import check_model_takes_labels, model_device, model_dtype, project_to_box
 from fortify.privacy.similarity import best_assignment, psnr, ssim, total_variation
 
 Method = Literal["dlg", "idlg", "inverting-gradients"]
@@ -146,7 +146,7 @@ def shared_gradient(model: nn.Module, x: Tensor, y: Tensor, *, clip_norm: float 
                           "exist only where no batch statistic mixes the examples")
     device = model_device(model)
     x, y = x.to(device), y.to(device)
-    _check_labels(model, x[:1], y, "labels")
+    check_model_takes_labels(model, x[:1], y, "labels")
     with client_mode(model, batch_statistics), torch.enable_grad():
         if clip_norm is None:
             return [g.detach() for g in _loss_gradient(model, x, y)]
@@ -162,21 +162,13 @@ def shared_gradient(model: nn.Module, x: Tensor, y: Tensor, *, clip_norm: float 
 
 # -- iDLG label inference --------------------------------------------------------------------------
 
-def _check_labels(model: nn.Module, probe: Tensor, y: Tensor, name: str) -> None:
-    """Class-index labels fit the model's outputs (soft label rows are left alone)."""
-    if y.dim() == 1:
-        with torch.no_grad(), evaluation_mode(model):
-            check_labels_fit(model(probe), y, name)
-
-
 def _output_layer(model: nn.Module, input_shape: Sequence[int]) -> nn.Linear:
     """The nn.Linear whose output is the model's output, found on one forward pass: the last one
     registered need not be the last one run (a head defined before the body)."""
     ran: list[tuple[nn.Module, Tensor]] = []
     hooks = [m.register_forward_hook(lambda module, _inputs, out: ran.append((module, out)))
              for m in model.modules() if isinstance(m, nn.Linear)]
-    parameter = next(model.parameters())
-    probe = torch.zeros(1, *input_shape, device=parameter.device, dtype=parameter.dtype)
+    probe = torch.zeros(1, *input_shape, device=model_device(model), dtype=model_dtype(model, torch.float32))
     try:
         with torch.no_grad(), evaluation_mode(model):
             logits = model(probe)
@@ -328,7 +320,7 @@ def reconstruct(model: nn.Module, gradient: Sequence[Tensor], input_shape: Seque
     target = [g.detach().to(device) for g in gradient]
     probe = torch.zeros(1, *input_shape, device=device, dtype=target[0].dtype)
     if labels is not None:
-        _check_labels(model, probe, labels.to(device), "labels")
+        check_model_takes_labels(model, probe, labels.to(device), "labels")
     elif method != "dlg":
         labels = infer_labels(model, target, batch_size, input_shape)
     generator = torch.Generator().manual_seed(seed)
