@@ -352,6 +352,24 @@ def test_bad_evaluation_settings_are_refused_before_attacking(trained_dir, tmp_p
     assert not (copy / "evaluation").exists() and not (copy / "robustness.json").exists()
 
 
+def test_restart_discards_a_journal_that_blocks_another_evaluation(trained_dir, tmp_path):
+    # Prepare: an unfinished evaluation's journal of other attack settings
+    copy = _copy_of(trained_dir, tmp_path)
+    (copy / "robustness.json").unlink(missing_ok=True)
+    (copy / "evaluation").mkdir()
+    (copy / "evaluation" / "evaluation.json").write_text(
+        json.dumps({"fingerprint": "of another evaluation", "completed": [], "current": None}))
+    # Execute and assert: the refusal names the way out and keeps the journal
+    refused = _invoke("evaluate", copy, "--attacks", "fgsm", "--n-examples", 10)
+    _assert_clean_error(refused, "--restart")
+    assert (copy / "evaluation" / "evaluation.json").is_file()
+    # Execute and assert: --restart evaluates and spends the journal
+    restarted = _invoke("evaluate", copy, "--attacks", "fgsm", "--n-examples", 10, "--restart")
+    assert restarted.exit_code == 0, restarted.output
+    assert "discarded the unfinished evaluation" in restarted.output
+    assert (copy / "robustness.json").is_file() and not (copy / "evaluation").exists()
+
+
 def test_an_evaluation_config_keeps_the_model_directorys_own_settings(trained_dir, tmp_path):
     # Prepare: a config file that names only what the evaluation changes
     copy = _copy_of(trained_dir, tmp_path)

@@ -94,7 +94,8 @@ ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --
 # what to do after Ctrl-C, by command: the commands that keep a checkpoint or a journal
 _AFTER_INTERRUPT = {"run": "rerun the same command with --resume to continue",
                     "train": "rerun the same command with --resume to continue",
-                    "evaluate": "rerun the same command to continue (finished batches are kept)",
+                    "evaluate": "rerun the same command to continue (finished batches are kept), or "
+                                "add --restart to start afresh",
                     "sweep": "rerun the same command to continue (finished runs are kept)",
                     "federate": "rerun the same command with --resume --out RUN_DIR to continue from "
                                 "the last finished round"}
@@ -415,6 +416,8 @@ def evaluate(
     with_report: Annotated[bool, typer.Option("--report", help="Also measure margins, certified radius, "
                                               "masking checks and membership inference, and write "
                                               "report.html.")] = False,
+    restart: Annotated[bool, typer.Option(help="Discard an interrupted evaluation's journal and "
+                                          "evaluate from the start.")] = False,
 ) -> None:
     """Attack a trained model (or a Keras/ONNX file); writes robustness.json (resumable)."""
     attack_list = _attack_list(attacks)
@@ -436,7 +439,7 @@ def evaluate(
         _evaluate_model_file(model_file, config, overrides, dataset=dataset, layout=layout,
                              input_range=input_range, mean=mean, std=std, device=device, out=out,
                              attacks_chosen=attack_list is not None or preset is not None, generic=generic,
-                             with_report=with_report)
+                             with_report=with_report, restart=restart)
         return
     if model_dir is None:
         raise ConfigError("give a MODEL_DIR written by fortify train, or --model FILE (.keras, .h5, .onnx)")
@@ -458,6 +461,8 @@ def evaluate(
     setup, ddp = _join_torchrun(prepare(cfg, device, input_encoding=encoding), model_dir)
     model, card = load_trained_model(model_dir, setup.device)
     check_data_fits_model(card, setup.dataset, model_dir)
+    if restart and (ddp is None or ddp.is_main):
+        _discard_journal(model_dir / "evaluation")
     # under torchrun the ranks share the attack batches and merge per example (no journal)
     report = evaluate_model(setup, model, journal_dir=None if ddp else model_dir / "evaluation",
                             shard=ddp)
@@ -509,7 +514,7 @@ def _print_evaluation(title: str, report: Any) -> None:
 def _evaluate_model_file(path: Path, config: Path | None, overrides: dict[str, Any], *,
                          dataset: str | None, layout: str, input_range: str | None, mean: str | None,
                          std: str | None, device: str, out: Path | None, attacks_chosen: bool,
-                         generic: list[tuple[str, str]], with_report: bool) -> None:
+                         generic: list[tuple[str, str]], with_report: bool, restart: bool) -> None:
     """Evaluate a Keras or ONNX file on a dataset; a model without gradients gets query attacks only."""
     from fortify.interop.card import parse_numbers
     from fortify.interop.external import check_attacks_fit_access, load_external_model
@@ -522,6 +527,8 @@ def _evaluate_model_file(path: Path, config: Path | None, overrides: dict[str, A
     source = {"model_file": str(path.resolve()), "sha256": ckpt.sha256(path) if path.is_file() else None,
               "dataset": cfg.data.name, "layout": layout, "input_range": input_range, "mean": mean,
               "std": std}
+    if restart and out is not None:
+        _discard_journal(out / "evaluation")
     out_dir = _model_file_out_dir(out, path, source)
     external = load_external_model(
         path, setup.dataset, layout=layout, input_range=parse_numbers(input_range, "--input-range", 2),
@@ -553,6 +560,13 @@ def _evaluate_model_file(path: Path, config: Path | None, overrides: dict[str, A
         out_console.print(f"report: {write_report(load_results(out_dir), out_dir / 'report.html')}")
 
 
+def _discard_journal(journal_dir: Path) -> None:
+    """--restart: an interrupted evaluation's journal goes; nothing else in the directory does."""
+    if journal_dir.is_dir():
+        shutil.rmtree(journal_dir)
+        console.print(f"discarded the unfinished evaluation in {journal_dir}")
+
+
 _EVALUATED_FILE = "model_file.json"  # in the journal: which file, with which input card, it belongs to
 
 
@@ -571,7 +585,8 @@ def _model_file_out_dir(out: Path | None, path: Path, source: dict[str, Any]) ->
         recorded = None
     if recorded != source:
         raise ConfigError(f"{out} holds an unfinished evaluation of another model file or input card "
-                          f"({journal_dir / _EVALUATED_FILE}); choose another --out")
+                          f"({journal_dir / _EVALUATED_FILE}); choose another --out, or pass --restart to "
+                          "discard it")
     console.print(f"continuing the unfinished evaluation in {out}")
     return out
 

@@ -199,6 +199,16 @@ def test_cli_unfinished_evaluation_of_another_file_is_not_continued(onnx_twin, t
     assert sorted(p.name for p in out.rglob("*")) == ["evaluation", "model_file.json"]
 
 
+def test_cli_restart_discards_an_unfinished_evaluation_of_another_file(onnx_twin, tmp_path):
+    out = tmp_path / "eval"
+    (out / "evaluation").mkdir(parents=True)
+    (out / "evaluation" / "model_file.json").write_text(json.dumps({"model_file": "other.onnx"}))
+    result = _evaluate_cli("--model", onnx_twin(), "--dataset", "digits", "--attacks", "fgsm", "--restart",
+                           "--out", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["robustness.json"]
+
+
 def test_cli_out_that_holds_something_else_is_refused_without_a_resume_hint(onnx_twin, tmp_path):
     # evaluate has no --resume: the error must not send the user to one
     out = tmp_path / "eval"
