@@ -8,18 +8,30 @@ from typing import Any
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
+from torch import nn
 
 from fortify.federated.config import FederatedRun, load_federated_run
+from fortify.models.registry import ModelSpec
+
+BATCHNORM_MLP = "batchnorm-mlp"  # registered by the batchnorm_mlp fixture
+BATCHNORM_COUNTER = "2.num_batches_tracked"  # its int64 buffer
+
+
+def small_batchnorm_mlp(spec: ModelSpec) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                         nn.Linear(32, spec.num_classes))
 
 
 def small_run(*, objective: str = "standard", train: dict[str, Any] | None = None, model: str = "mlp",
-              dp: dict[str, Any] | None = None, **federation: Any) -> FederatedRun:
-    """An MLP on digits; few clients and rounds unless the test says otherwise."""
+              dp: dict[str, Any] | None = None, sections: dict[str, Any] | None = None,
+              **federation: Any) -> FederatedRun:
+    """An MLP on digits; few clients and rounds unless the test says otherwise. ``sections`` sets
+    other parts of the RunConfig (``{"eval": {"batch_size": 64}}``)."""
     settings = {"clients": 2, "rounds": 2, "eval_examples": 200, "eval_steps": 5, **federation}
     return load_federated_run(None, {
         "model": {"name": model},
         "train": {"objective": objective, "attack_steps": 3, "lr": 0.05, **(train or {})},
-        **({"dp": dp} if dp else {})},
+        **({"dp": dp} if dp else {}), **(sections or {})},
         settings)
 
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from fedkit import InProcessGrid, small_run
+from fedkit import BATCHNORM_MLP, InProcessGrid, small_run
 from flwr.app import Message
 from safetensors.torch import load_file
 
@@ -51,10 +51,17 @@ def _interrupt_in_round_two(run: FederatedRun) -> None:
         run_server(InterruptedGrid(run, stop_at_exchange=3), run)
 
 
-def test_a_federation_interrupted_in_a_round_resumes_to_the_uninterrupted_result(task_identity, tmp_path):
+@pytest.mark.parametrize("settings", [
+    {},
+    # Dirichlet shards differ in size, so the clients' BatchNorm counts differ and their mean is no
+    # whole number: the saved model must hold the count the uninterrupted run goes on from
+    {"model": BATCHNORM_MLP, "partition": "dirichlet", "alpha": 0.5},
+])
+def test_a_federation_interrupted_in_a_round_resumes_to_the_uninterrupted_result(task_identity, batchnorm_mlp,
+                                                                              tmp_path, settings):
     # Prepare: one run straight through, one stopped in round 2
-    straight = run_server(InProcessGrid(make_client_app(run := _fed_run(tmp_path / "a")), 2), run)
-    interrupted = _fed_run(tmp_path / "b")
+    straight = run_server(InProcessGrid(make_client_app(run := _fed_run(tmp_path / "a", **settings)), 2), run)
+    interrupted = _fed_run(tmp_path / "b", **settings)
     _interrupt_in_round_two(interrupted)
     saved = json.loads((tmp_path / "b" / PROGRESS_JSON).read_text())
     assert [r["round"] for r in saved["rounds"]] == [0, 1]
@@ -69,6 +76,8 @@ def test_a_federation_interrupted_in_a_round_resumes_to_the_uninterrupted_result
     for r in straight.train_metrics:
         assert resumed.train_metrics[r] == pytest.approx(straight.train_metrics[r], rel=1e-5)
     weights_a, weights_b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("a", "b"))
+    assert weights_a.keys() == weights_b.keys()
+    assert all(weights_a[k].dtype == weights_b[k].dtype for k in weights_a)
     assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-6) for k in weights_a)
     # resumed once more, the finished run is only read back: no round is trained again
     again = run_server(InterruptedGrid(interrupted, stop_at_exchange=1), _resumed(interrupted))

@@ -8,10 +8,10 @@ import threading
 import numpy as np
 import pytest
 import torch
-from fedkit import InProcessGrid, TamperingGrid, small_run
-from flwr.app import Array
+from fedkit import BATCHNORM_COUNTER, InProcessGrid, TamperingGrid, small_run
+from flwr.app import Array, ArrayRecord, MessageType
 from flwr.supercore.task_identity import TaskIdentity
-from torch import nn
+from safetensors.torch import load_file
 
 from fortify.errors import ConfigError
 from fortify.federated.client import load_run_dataset, make_client_app
@@ -25,7 +25,6 @@ from fortify.federated.server import (
     run_server,
     validate_run,
 )
-from fortify.models import MODELS
 from fortify.pipeline import load_trained_model
 
 
@@ -177,17 +176,62 @@ def test_a_round_some_clients_did_not_reply_to_is_refused_naming_them(task_ident
     _refused(run, grid, f"{message}; a round aggregates every client's update")
 
 
-def _small_batchnorm_mlp(spec):
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
-                         nn.Linear(32, spec.num_classes))
+class RecordingGrid(TamperingGrid):
+    """A TamperingGrid that keeps, for each exchange that trains, the arrays the server sent."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sent: list[list[ArrayRecord]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self.sent.append([m.content["arrays"].copy() for m in messages])
+        return super().send_and_receive(messages, timeout=timeout)
 
 
-def test_a_batchnorm_model_trains_on_after_fedavg_averages_its_int64_counters(task_identity, monkeypatch):
-    # Flower's FedAvg averages num_batches_tracked (int64) into float64; the clients load it into the
-    # model and send int64 back, the model's own dtype, which the server accepts
-    monkeypatch.setitem(MODELS._factories, "batchnorm-mlp", _small_batchnorm_mlp)
-    run = small_run(clients=2, rounds=2, model="batchnorm-mlp")
-    assert [r.round for r in _run(run).rounds] == [0, 1, 2]
+COUNTS = {1: 10, 2: 11, 3: 12, 4: 14}  # node: the num_batches_tracked its BatchNorm reports
+
+
+@pytest.mark.parametrize(("strategy", "expected"), [
+    # shards of 315, 315, 314 and 314 examples: the weighted mean 11.75 was loaded as 11
+    ("fedavg", {12}),
+    ("fedprox", {12}),
+    ("median", {12}),  # 11.5, rounded half to even
+    ("trimmed-mean", {12}),  # 10 and 14 trimmed: the mean of 11 and 12
+    ("krum", set(COUNTS.values())),  # the count of the update it selects
+])
+def test_the_global_models_integer_buffer_is_the_rounded_aggregate_in_its_dtype(
+        task_identity, batchnorm_mlp, tmp_path, strategy, expected):
+    # Prepare: four clients whose BatchNorm counted different numbers of batches
+    run = small_run(clients=4, rounds=2, model=batchnorm_mlp, strategy=strategy, out=str(tmp_path))
+
+    def report_count(node, content):
+        content["arrays"][BATCHNORM_COUNTER] = Array(np.array(COUNTS[node], np.int64))
+
+    grid = RecordingGrid(make_client_app(run), 4, report_count)
+    # Execute
+    run_server(grid, run)
+    # Assert: round 2's clients all got round 1's count as an int64, and the run's model holds it
+    first, second = grid.sent
+    assert {arrays[BATCHNORM_COUNTER].dtype for arrays in first} == {"int64"}  # the model's own
+    sent = {(arrays[BATCHNORM_COUNTER].dtype, int(arrays[BATCHNORM_COUNTER].numpy())) for arrays in second}
+    assert len(sent) == 1
+    ((dtype, count),) = sent
+    assert count in expected
+    assert dtype == "int64"
+    saved = load_file(str(tmp_path / "model.safetensors"))[BATCHNORM_COUNTER]
+    assert (saved.dtype, int(saved)) == (torch.int64, count)
+
+
+def test_an_integer_beyond_what_the_float64_aggregation_holds_is_refused(task_identity, batchnorm_mlp):
+    # float64 holds every integer only up to 2**53: 2**53 + 1 would come back from Flower as 2**53
+    assert float(2**53 + 1) == 2**53
+    run = small_run(clients=3, rounds=1, model=batchnorm_mlp)
+    grid = TamperingGrid(make_client_app(run), 3,
+                         _on_node(2, _replace_array(BATCHNORM_COUNTER, np.array(2**53 + 1, np.int64))))
+    _refused(run, grid, f"round 1: refused an update: node 2 sent {BATCHNORM_COUNTER} with integers beyond "
+                        "2**53, which the aggregation in float64 cannot hold exactly")
 
 
 def test_a_failing_client_stops_the_run_with_its_message(task_identity):

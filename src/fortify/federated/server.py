@@ -1,10 +1,11 @@
 """The Flower ServerApp: a Flower strategy, and the global model evaluated centrally each round.
 
-Aggregation is Flower's own: FedAvg, FedProx, Krum, FedTrimmedAvg and FedMedian. After every round
+Aggregation is Flower's own: FedAvg, FedProx, Krum, FedTrimmedAvg and FedMedian, its result brought
+back to the model's dtypes (an integer buffer rounded to the nearest integer). After every round
 (and before the first) the server measures the global model's clean accuracy and its accuracy
-under PGD on the held-out test split, so robustness is tracked per round. With
-``federation.out`` set it writes a fortify model directory (``fortify evaluate`` and ``fortify
-audit`` read it) plus ``federated.json`` with the per-round record.
+under PGD on the held-out test split, in batches of ``eval.batch_size``, so robustness is tracked
+per round. With ``federation.out`` set it writes a fortify model directory (``fortify evaluate``
+and ``fortify audit`` read it) plus ``federated.json`` with the per-round record.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from typing import Any, TypeGuard, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Result, Strategy
-from torch import nn
+from torch import Tensor, nn
 
-from fortify.attacks import PGD
-from fortify.data import Dataset
+from fortify.attacks import PGD, Attack
+from fortify.data import Dataset, Split
 from fortify.errors import ConfigError, FortifyError
 from fortify.federated.client import (
     ARRAYS_KEY,
@@ -42,10 +43,14 @@ from fortify.federated.partition import check_client_count, shard_indices
 from fortify.federated.progress import ROUND_OFFSET_KEY, FederationProgress
 from fortify.federated.results import FederatedResult, write_run_directory
 from fortify.models import MODELS
+from fortify.models.modes import evaluation_mode
 from fortify.threat import ThreatModel
 from fortify.training.objectives import OBJECTIVES
 
 REPLY_TIMEOUT_S = 3600.0
+# Flower aggregates in float64, which holds every integer up to 2**53 exactly and no larger one
+# reliably: an integer array beyond it could not be brought back to its dtype exactly
+LARGEST_EXACT_INTEGER = 2**53
 
 
 class FederationError(FortifyError):
@@ -140,9 +145,10 @@ class _StrictRounds:
     nodes: a client that fails (bad settings, a crash) or stays silent, an update whose arrays are not
     the global model's (other keys, shapes or dtypes, NaN or infinite values: one NaN turns even the
     median into NaN), a ``num-examples`` weight other than its shard's size, and partitions that the
-    replies do not cover exactly once. The aggregated metrics go to ``on_aggregated`` (the run's
-    progress); ``round_offset`` is the number of rounds a resumed run finished before, so messages
-    name the run's own round numbers.
+    replies do not cover exactly once. The aggregate comes back in the model's dtypes
+    (``in_model_dtypes``). The aggregated metrics go to ``on_aggregated`` (the run's progress);
+    ``round_offset`` is the number of rounds a resumed run finished before, so messages name the
+    run's own round numbers.
     """
 
     on_aggregated: Callable[[int, dict[str, Any]], None] | None = None
@@ -150,9 +156,7 @@ class _StrictRounds:
     shard_sizes: list[int]  # training examples in each partition's shard, by partition id
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
-        # replies are checked against the model's own arrays, not the last aggregate's: Flower's
-        # FedAvg averages an int64 buffer (BatchNorm's num_batches_tracked) into float64, while a
-        # client loads it into the model and sends int64 back
+        # the keys, shapes and dtypes every reply must have and every aggregate is brought back to
         self._model_arrays = initial_arrays
         return super().start(grid, initial_arrays, *args, **kwargs)  # type: ignore[misc]
 
@@ -172,6 +176,8 @@ class _StrictRounds:
                                   f"{_failure_summary(failed)}")
         _check_replies(this_round, replies, self._sent_to, self._model_arrays, self.shard_sizes)
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        if arrays is not None:
+            arrays = in_model_dtypes(arrays, self._model_arrays)
         if metrics is not None:
             metrics.pop(PARTITION_KEY, None)  # Flower averaged the partition ids: a number that means nothing
             # privacy is the worst client's, not a weighted mean of the clients'
@@ -182,6 +188,35 @@ class _StrictRounds:
             if self.on_aggregated is not None:
                 self.on_aggregated(server_round, dict(metrics))
         return arrays, metrics
+
+
+def in_model_dtypes(aggregate: ArrayRecord, model_arrays: ArrayRecord) -> ArrayRecord:
+    """The aggregate with each array in the global model's dtype, an integer one rounded to nearest.
+
+    Flower's strategies compute every array in floating point: FedAvg's weighted mean, the median,
+    the trimmed mean and Krum's mean of the update it selects all turn BatchNorm's int64
+    ``num_batches_tracked`` into float64, which torch's ``load_state_dict`` would truncate on the
+    clients and in the server's model (a mean count of 11.75 would become 11).
+
+    The strategy's own aggregate, rounded, is the count that goes with the aggregated statistics.
+    BatchNorm reads the count only with ``momentum=None``: a cumulative average that weighs the next
+    batch by ``1 / (num_batches_tracked + 1)``. A client's count is the global count plus its local
+    steps, and its running statistics are the average over those batches; the strategy combines the
+    clients' statistics as it combines their counts (the same weights, the same median), so the
+    aggregated statistics are an average over the global count plus the clients' combined steps:
+    the aggregated count. The sum of the clients' counts would add every client's steps in each
+    round while the statistics moved by one combined client's, so later batches would weigh too
+    little; the largest count would claim the steps of the client that took the most; truncating
+    would drop up to a step every round.
+    """
+    arrays = ArrayRecord()
+    for key, expected in model_arrays.items():
+        dtype = np.dtype(expected.dtype)
+        values = aggregate[key].numpy()
+        if dtype.kind in "biu":  # bool, signed and unsigned integers
+            values = np.rint(values)
+        arrays[key] = Array(np.asarray(values.astype(dtype, copy=False)))
+    return arrays
 
 
 def _check_replies(this_round: str, replies: list[Message], sent_to: list[int], model_arrays: ArrayRecord,
@@ -238,8 +273,12 @@ def _arrays_problem(arrays: ArrayRecord, model_arrays: ArrayRecord) -> str | Non
         if (array.shape, array.dtype) != (expected.shape, expected.dtype):
             return (f"sent {key} as {array.dtype} {list(array.shape)}, not the global model's "
                     f"{expected.dtype} {list(expected.shape)}")
-        if not np.isfinite(array.numpy()).all():
+        values = array.numpy()
+        if not np.isfinite(values).all():
             return f"sent {key} with NaN or infinite values"
+        if values.dtype.kind in "iu" and (np.abs(values) > LARGEST_EXACT_INTEGER).any():
+            return (f"sent {key} with integers beyond 2**53, which the aggregation in float64 "
+                    "cannot hold exactly")
     return None
 
 
@@ -351,16 +390,40 @@ def central_evaluator(run: FederatedRun, dataset: Dataset, model: nn.Module, pro
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         if not (server_round == 0 and progress.rounds):  # a resumed run starts from a measured round
             model.load_state_dict(arrays.to_torch_state_dict())
-            model.eval()
-            with torch.no_grad():
-                clean = (model(test.x).argmax(1) == test.y).float().mean().item()
-                x_adv = attack(model, test.x, test.y)
-                robust = (model(x_adv).argmax(1) == test.y).float().mean().item()
+            clean, robust = clean_and_robust_accuracy(model, attack, test, run.config.eval.batch_size)
             progress.finish_round(server_round, clean, robust, model)
         last = progress.rounds[-1]
         return MetricRecord({"clean-accuracy": last.clean_accuracy, "robust-accuracy": last.robust_accuracy})
 
     return evaluate
+
+
+def clean_and_robust_accuracy(model: nn.Module, attack: Attack, data: Split, batch_size: int
+                              ) -> tuple[float, float]:
+    """Accuracy of ``model`` on ``data`` and on ``attack``'s points for it, ``batch_size`` examples
+    at a time, so memory does not grow with the test split; in eval mode (BatchNorm on its running
+    statistics), the caller's modes restored afterwards.
+
+    One generator, seeded with the attack's seed, is carried from batch to batch: on the CPU an
+    L-inf random start then draws the numbers one batch of the whole split would, and the accuracies
+    are exactly the one-batch ones (an L2 start draws directions and radii in turn, so its points
+    depend on the batch size).
+    """
+    generator = torch.Generator(device=data.x.device).manual_seed(attack.seed)
+    clean = torch.zeros((), dtype=torch.long, device=data.x.device)
+    robust = torch.zeros_like(clean)
+    with evaluation_mode(model):
+        for x, y in data.batches(batch_size):
+            with torch.no_grad():
+                clean += (model(x).argmax(1) == y).sum()
+            x_adv = attack(model, x, y, generator=generator)
+            with torch.no_grad():
+                robust += (model(x_adv).argmax(1) == y).sum()
+    return _share(clean, len(data)), _share(robust, len(data))
+
+
+def _share(correct: Tensor, total: int) -> float:
+    return float(correct.float() / total)  # in float32: the value a mean over one batch gives
 
 
 # -- the app ----------------------------------------------------------------------------------
