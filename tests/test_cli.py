@@ -577,6 +577,35 @@ def test_audit_refuses_lira_with_one_reference_model(trained_dir):
     _assert_clean_error(_invoke("audit", trained_dir, "--reference-models", 1), "reference")
 
 
+@pytest.mark.slow
+def test_audit_lira_queries_the_views_the_model_trained_on(tmp_path):
+    # Prepare: a model trained with flips and 1-pixel crops
+    config = tmp_path / "augment.yaml"
+    config.write_text(yaml.safe_dump({"train": {"augment": {"flip": True, "crop_padding": 1}}}))
+    model_dir = tmp_path / "m"
+    trained = _invoke("train", "--config", config, "--out", model_dir, "--objective", "standard",
+                      "--epochs", 1, "--quiet")
+    assert trained.exit_code == 0, trained.output
+    # Execute
+    result = _invoke("audit", model_dir, "--reference-models", 2, "--lira-queries", "training",
+                     "--no-inversion", "--n-examples", 60)
+    # Assert: the image and its mirror, each under the 9 shifts of up to one pixel, padded as the
+    # Trainer pads its crops (with the box's low end)
+    assert result.exit_code == 0, result.output
+    privacy = json.loads((model_dir / "privacy.json").read_text())["privacy"]
+    lira = {m["attack"]: m for m in privacy["membership"]}["lira-online"]
+    assert lira["settings"]["queries"] == {"mirror": True, "max_shift": 1, "padding": "constant", "fill": 0.0,
+                                           "n_queries": 18}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--lira-queries", "training"), "give --reference-models N"),
+    (("--reference-models", 2, "--lira-queries", "mirror"), "valid: single, training"),
+])
+def test_audit_refuses_lira_queries_it_cannot_use(trained_dir, args, fragment):
+    _assert_clean_error(_invoke("audit", trained_dir, *args), fragment)
+
+
 @pytest.mark.parametrize("make", [lambda tmp: tmp / "missing", lambda tmp: _touched(tmp / "file")],
                          ids=["missing", "file"])
 def test_audit_names_a_model_dir_that_is_missing_or_a_file(tmp_path, make):

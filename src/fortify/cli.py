@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import click
 import typer
@@ -27,7 +27,7 @@ from typer.core import TyperGroup
 
 from fortify.allocator import keep_freed_memory_if_asked
 from fortify.attacks import ATTACKS
-from fortify.config import TrainConfig, load_config, read_yaml_mapping
+from fortify.config import AugmentConfig, TrainConfig, load_config, read_yaml_mapping
 from fortify.errors import ConfigError, FortifyError
 from fortify.pipeline import (
     Setup,
@@ -56,6 +56,9 @@ from fortify.report.results import RESULTS_VERSION, load_results
 from fortify.tabular.run import tabular_section
 from fortify.training import checkpoint as ckpt
 from fortify.training import distributed
+
+if TYPE_CHECKING:
+    from fortify.privacy.lira import LiraQueries
 
 
 class _Commands(TyperGroup):
@@ -620,6 +623,9 @@ def audit(
     reference_models: Annotated[int, typer.Option(min=0, help="LiRA reference models (0 or >= 2).")] = 0,
     n_examples: Annotated[int | None, typer.Option(min=1, help="Members and non-members per side.")] = None,
     inversion: Annotated[bool, typer.Option(help="Run MI-Face model inversion on image data.")] = True,
+    lira_queries: Annotated[str, typer.Option(help="Views LiRA queries each model on: single (the example "
+                                              "alone) or training (also the mirror and shifts that "
+                                              "train.augment trained on; images).")] = "single",
     device: DeviceOpt = "auto",
 ) -> None:
     """Membership inference (threshold, augmentation, LiRA) and inversion; writes privacy.json."""
@@ -629,6 +635,10 @@ def audit(
     if reference_models == 1:
         raise ConfigError("--reference-models 1 is too few: LiRA needs at least 2 reference models "
                           "(or 0 to skip it)")
+    if lira_queries not in LIRA_QUERY_CHOICES:
+        raise ConfigError(f"unknown --lira-queries {lira_queries!r}; valid: {', '.join(LIRA_QUERY_CHOICES)}")
+    if lira_queries != "single" and reference_models == 0:
+        raise ConfigError("--lira-queries applies to LiRA: give --reference-models N (N >= 2) as well")
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir} {'is not a directory' if model_dir.exists() else 'does not exist'}: "
                           "give a model directory written by fortify train or run")
@@ -643,6 +653,7 @@ def audit(
                                      mean=card["mean"], std=card["std"], device=setup.device)
     report = audit_trained_model(model, audited_dataset(setup), recipe=recipe,
                                  n_reference_models=reference_models, n_examples=n_examples,
+                                 lira_queries=_lira_queries(lira_queries, cfg.train.augment, setup),
                                  inversion=inversion, seed=cfg.train.seed)
     write_json(model_dir / "privacy.json", {
         "version": RESULTS_VERSION, "kind": "privacy", "privacy": report.to_dict(),
@@ -655,6 +666,23 @@ def audit(
     out_console.print(table)
     for warning in report.warnings:
         console.print(f"[yellow]note:[/] {warning}", soft_wrap=True)
+
+
+LIRA_QUERY_CHOICES = ("single", "training")
+
+
+def _lira_queries(choice: str, augment: AugmentConfig, setup: Setup) -> LiraQueries:
+    """The example alone, or the views the run's augmentation trained on, padded as the Trainer pads
+    its crops (with the box's low end)."""
+    from fortify.privacy.lira import SINGLE_QUERY, LiraQueries
+
+    if choice == "single":
+        return SINGLE_QUERY
+    queries = LiraQueries.like_training(augment, fill=setup.dataset.bounds[0])
+    if queries.count == 1:
+        console.print("[yellow]note:[/] the model trained without flips or crops (train.augment), so "
+                      "LiRA queries each example alone", soft_wrap=True)
+    return queries
 
 
 # -- fortify report / compare -------------------------------------------------------------------

@@ -97,6 +97,7 @@ def test_lira_attack_on_one_target_reports_its_settings(zoo):
     assert result.attack == "lira-online"
     assert result.settings["n_reference_models"] == 8
     assert result.settings["variance"] == "global"  # auto: fewer than 64 reference models
+    assert result.settings["queries"]["n_queries"] == 1  # by default the example alone
     assert result.n_members + result.n_nonmembers == len(zoo.pool)
     assert result.auc > 0.6
 

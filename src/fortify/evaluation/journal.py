@@ -102,8 +102,9 @@ class Journal:
             raise CheckpointError(f"{self._json} does not hold a journal object")
         if state.get("fingerprint") != self.fingerprint:
             raise CheckpointError(f"{self._json} records an unfinished evaluation of other data or other "
-                                  f"attack settings; remove {self.directory} (fortify evaluate --restart does) to start "
-                                  "this one afresh, or rerun the interrupted evaluation's command to finish it")
+                                  f"attack settings; remove {self.directory} (fortify evaluate --restart "
+                                  "does) to start this one afresh, or rerun the interrupted evaluation's "
+                                  "command to finish it")
         if not (isinstance(state.get("completed"), list) and _is_current(state.get("current"))):
             raise CheckpointError(f"{self._json} is damaged: it needs 'completed' (a list) and 'current' "
                                   "(null, or attack_index, next_start and sha256); remove it to evaluate "

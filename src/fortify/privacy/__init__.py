@@ -17,7 +17,14 @@ from fortify.privacy.label_only import (
     pgd_boundary_distance,
     random_direction_distance,
 )
-from fortify.privacy.lira import ReferenceModels, lira_attack, lira_member_scores, train_reference_models
+from fortify.privacy.lira import (
+    SINGLE_QUERY,
+    LiraQueries,
+    ReferenceModels,
+    lira_attack,
+    lira_member_scores,
+    train_reference_models,
+)
 from fortify.privacy.membership import membership_scores, shadow_attack, threshold_attack
 from fortify.privacy.metrics import MembershipResult, membership_result
 from fortify.privacy.recipe import TrainerRecipe, TrainRecipe
@@ -33,7 +40,8 @@ from fortify.privacy.reconstruction import (
 )
 
 __all__ = [
-    "ATTACK_NAMES", "DEFAULT_ATTACKS", "GradientReconstruction", "InversionReport", "MembershipResult",
+    "ATTACK_NAMES", "DEFAULT_ATTACKS", "GradientReconstruction", "InversionReport", "LiraQueries",
+    "MembershipResult", "SINGLE_QUERY",
     "PrivacyReport", "ReconstructionReport", "ReferenceModels", "TrainRecipe", "TrainerRecipe", "audit",
     "audit_trained_model", "augmentation_attack", "augmentation_scores", "boundary_distance_attack",
     "evaluate_inversion", "gradient_leakage", "infer_labels", "invert_classes", "leakage_sweep",

@@ -26,7 +26,14 @@ from fortify.privacy.label_only import (
     boundary_distance_attack,
     hopskipjump_boundary_distance,
 )
-from fortify.privacy.lira import ReferenceModels, lira_attack, train_reference_models
+from fortify.privacy.lira import (
+    SINGLE_QUERY,
+    LiraQueries,
+    ReferenceModels,
+    check_queries_fit,
+    lira_attack,
+    train_reference_models,
+)
 from fortify.privacy.membership import shadow_attack, threshold_attack
 from fortify.privacy.metrics import MembershipResult
 from fortify.privacy.recipe import TrainerRecipe, TrainRecipe
@@ -120,26 +127,29 @@ def audit(model: nn.Module, members: Split, non_members: Split, *,
           attacks: Sequence[str] = DEFAULT_ATTACKS, recipe: TrainRecipe | None = None,
           n_reference_models: int = 0, reference_pool: Split | None = None,
           shadow_pool: Split | None = None, n_shadows: int = 4,
-          fprs: Sequence[float] | None = None, bounds: tuple[float, float] = (0.0, 1.0),
-          seed: int = 0) -> PrivacyReport:
+          lira_queries: LiraQueries = SINGLE_QUERY, fprs: Sequence[float] | None = None,
+          bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0) -> PrivacyReport:
     """Run membership ``attacks`` against ``model`` and collect a PrivacyReport.
 
     Attacks: ``loss``, ``confidence``, ``modified-entropy`` (thresholds), ``augmentation``
     (label-only; shifts only for image batches), ``boundary`` (label-only, HopSkipJump distances;
     costly, so not among the defaults), and the attacks that train models with ``recipe``: ``shadow`` (needs
     ``shadow_pool``) and ``lira-online``/``lira-offline`` (reference models trained on halves of the
-    members, non-members and ``reference_pool``). Without a recipe they use
+    members, non-members and ``reference_pool``; ``lira_queries`` the views of each example that
+    LiRA queries, see ``LiraQueries``). Without a recipe they use
     ``TrainerRecipe.like(model)``. ``fprs=None`` reports TPR at 0.1% and 1% FPR where there are enough
     non-members, with a warning for each one left out.
     """
     _check_attack_names(attacks, n_reference_models, shadow_pool)
+    check_member_sets(members, non_members)
+    if any(a.startswith("lira") for a in attacks):
+        check_queries_fit(lira_queries, members.x)  # before any reference model trains
     if recipe is None and any(a in TRAINED_ATTACKS for a in attacks):
         recipe = TrainerRecipe.like(model)
-    check_member_sets(members, non_members)
     start = time.perf_counter()
     runners = _runners(members, non_members, recipe=recipe, n_reference_models=n_reference_models,
                        reference_pool=reference_pool, shadow_pool=shadow_pool, n_shadows=n_shadows,
-                       fprs=fprs, bounds=bounds, seed=seed)
+                       lira_queries=lira_queries, fprs=fprs, bounds=bounds, seed=seed)
     results = [runners[name](model) for name in attacks]
     warnings = sorted({note for r in results for note in r.notes})
     return PrivacyReport(n_members=len(members), n_nonmembers=len(non_members), membership=results,
@@ -148,8 +158,8 @@ def audit(model: nn.Module, members: Split, non_members: Split, *,
 
 def _runners(members: Split, non_members: Split, *, recipe: TrainRecipe | None,
              n_reference_models: int, reference_pool: Split | None, shadow_pool: Split | None,
-             n_shadows: int, fprs: Sequence[float] | None, bounds: tuple[float, float], seed: int
-             ) -> dict[str, Callable[[nn.Module], MembershipResult]]:
+             n_shadows: int, lira_queries: LiraQueries, fprs: Sequence[float] | None,
+             bounds: tuple[float, float], seed: int) -> dict[str, Callable[[nn.Module], MembershipResult]]:
     """One callable per attack name; reference models are trained once, on first use."""
     references: list[ReferenceModels] = []
 
@@ -159,7 +169,8 @@ def _runners(members: Split, non_members: Split, *, recipe: TrainRecipe | None,
             references.append(train_reference_models(
                 _reference_pool(members, non_members, reference_pool), recipe,
                 n_models=n_reference_models, seed=seed))
-        return lira_attack(model, members, non_members, references[0], online=online, fprs=fprs)
+        return lira_attack(model, members, non_members, references[0], online=online,
+                           queries=lira_queries, fprs=fprs)
 
     is_image = members.x.dim() == 4
     runners: dict[str, Callable[[nn.Module], MembershipResult]] = {
@@ -191,10 +202,10 @@ def _reference_pool(members: Split, non_members: Split, extra: Split | None) -> 
 
 def audit_trained_model(model: nn.Module, dataset: Dataset, *, recipe: TrainRecipe | None = None,
                         attacks: Sequence[str] | None = None, n_reference_models: int = 0,
-                        n_examples: int | None = None, evaluator: nn.Module | None = None,
-                        inversion: bool = True, leakage_batch_sizes: Sequence[int] = (),
-                        leakage_steps: int = 500, fprs: Sequence[float] | None = None,
-                        seed: int = 0) -> PrivacyReport:
+                        n_examples: int | None = None, lira_queries: LiraQueries = SINGLE_QUERY,
+                        evaluator: nn.Module | None = None, inversion: bool = True,
+                        leakage_batch_sizes: Sequence[int] = (), leakage_steps: int = 500,
+                        fprs: Sequence[float] | None = None, seed: int = 0) -> PrivacyReport:
     """The privacy section of a run: ``model`` against its own dataset.
 
     Members are the training split, non-members the test split (each cut to ``n_examples``; inputs
@@ -202,10 +213,11 @@ def audit_trained_model(model: nn.Module, dataset: Dataset, *, recipe: TrainReci
     ``n_reference_models >= 2`` LiRA runs too, its reference models trained by ``recipe`` (the
     target's recipe; default ``TrainerRecipe.like(model)``) on halves of members, non-members, the
     training examples past ``n_examples`` and the validation split, less the examples the recipe
-    validates on (as the target, a reference model selects its epoch on data it did not train on).
-    ``inversion`` runs MI-Face on image data, judged by ``evaluator`` when given (for
-    instance the run's other model); ``leakage_batch_sizes`` adds gradient reconstructions of the
-    first test examples, clean and under DP noise.
+    validates on (as the target, a reference model selects its epoch on data it did not train on);
+    LiRA queries the views ``lira_queries`` of each example (``LiraQueries.like_training`` gives
+    those that the recipe's augmentations train on). ``inversion`` runs MI-Face on image data,
+    judged by ``evaluator`` when given (for instance the run's other model); ``leakage_batch_sizes``
+    adds gradient reconstructions of the first test examples, clean and under DP noise.
     """
     members = dataset.train.head(n_examples)
     # against the whole training split: the model trained on every example of it, not only the
@@ -220,8 +232,8 @@ def audit_trained_model(model: nn.Module, dataset: Dataset, *, recipe: TrainReci
     if recipe_val is not None:  # reference models select their epoch on it: they must not train on it
         extra, _ = remove_overlap(recipe_val, extra)
     report = audit(model, members, non_members, attacks=attacks, recipe=recipe,
-                   n_reference_models=n_reference_models, reference_pool=extra, fprs=fprs,
-                   bounds=dataset.bounds, seed=seed)
+                   n_reference_models=n_reference_models, reference_pool=extra,
+                   lira_queries=lira_queries, fprs=fprs, bounds=dataset.bounds, seed=seed)
     if any(a.startswith("lira") for a in attacks):
         _note_reference_size(report, _reference_pool(members, non_members, extra), len(dataset.train))
     if dropped:

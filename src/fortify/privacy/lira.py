@@ -13,20 +13,27 @@ With few reference models per-example variances are noisy; the paper uses one gl
 Here that is each side's spread of the reference values around their own example's mean, pooled over
 the examples; a side with one value per example (IN with 3 models) takes the other side's, and with
 one value on both sides (2 models) each side's spread across examples stands in.
+
+Augmented queries (``LiraQueries``): the paper's strongest attack queries every model on several views
+of an image, the image and its mirror, each shifted by a few pixels, as models trained with flips and
+crops saw them. Each view gets its own IN and OUT Gaussians (per example or global, as above), and an
+example's score sums the per-view scores. The default queries the example alone.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortify.attacks.base import check_positive_int
+from fortify.config import AugmentConfig
 from fortify.data.base import Split
 from fortify.errors import ConfigError, DataError
 from fortify.privacy._data import (
@@ -47,6 +54,8 @@ VARIANCES: tuple[str, ...] = ("per-example", "global", "auto")
 # Carlini et al. 2022 (Sec. VI) find a global variance better below about 64 reference models
 AUTO_GLOBAL_BELOW = 64
 _MIN_STD = 1e-6
+Padding = Literal["reflect", "constant"]
+PADDINGS: tuple[str, ...] = ("reflect", "constant")
 
 
 @dataclass
@@ -97,11 +106,118 @@ def train_reference_models(pool: Split, recipe: TrainRecipe, *, n_models: int, s
     return ReferenceModels(models, pool, keep)
 
 
+# -- augmented queries -----------------------------------------------------------------------------
+
+def mirror_image(x: Tensor) -> Tensor:
+    """Each image of a batch ``(N, C, H, W)`` mirrored left to right."""
+    return x.flip(-1)
+
+
+def shift_image(x: Tensor, dy: int, dx: int, *, padding: Padding = "reflect", fill: float = 0.0) -> Tensor:
+    """Each image moved ``dy`` pixels down and ``dx`` right (negative: up, left), same size.
+
+    ``out[..., i, j] = x[..., i - dy, j - dx]`` wherever that pixel exists; the rows and columns it
+    vacates are padded: ``"reflect"`` mirrors the image at its border, ``"constant"`` writes ``fill``.
+    """
+    pad = max(abs(dy), abs(dx))
+    if pad == 0:
+        return x
+    padded = F.pad(x, (pad, pad, pad, pad), mode=padding, value=fill if padding == "constant" else None)
+    h, w = x.shape[-2:]
+    return padded[..., pad - dy:pad - dy + h, pad - dx:pad - dx + w]
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class LiraQueries:
+    """The views of every example that LiRA queries each model on (Carlini et al. 2022's augmented
+    queries): the example, its left-right mirror with ``mirror``, and each of them moved by every
+    shift ``(dy, dx)`` with ``|dy|, |dx| <= max_shift``; ``(1 + mirror) * (2 max_shift + 1)**2`` views.
+
+    They should be the augmentations the target trained with: a model that saw flips and crops has
+    learnt its examples in those views too. Shifts pad as ``shift_image`` does: ``"reflect"`` as
+    Carlini et al.'s released code, or ``"constant"`` with ``fill`` as fortify's Trainer pads its
+    random crops (with the box's low end, 0 for [0, 1]). The default is the example alone.
+    """
+
+    mirror: bool = False
+    max_shift: int = 0
+    padding: Padding = "reflect"
+    fill: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mirror, bool):
+            raise ConfigError(f"LiRA queries: mirror must be True or False, got {self.mirror!r}")
+        if isinstance(self.max_shift, bool) or not isinstance(self.max_shift, int) or self.max_shift < 0:
+            raise ConfigError(f"LiRA queries: max_shift must be an integer >= 0, got {self.max_shift!r}")
+        if self.padding not in PADDINGS:
+            raise ConfigError(f"unknown LiRA query padding {self.padding!r}; valid: {', '.join(PADDINGS)}")
+        if not _is_finite_number(self.fill):
+            raise ConfigError(f"LiRA queries: fill must be a finite number, got {self.fill!r}")
+        if self.fill != 0.0 and self.padding != "constant":
+            raise ConfigError(f"LiRA queries: fill={self.fill!r} applies only to padding='constant', "
+                              f"got padding={self.padding!r}")
+
+    @classmethod
+    def like_training(cls, augment: AugmentConfig, *, fill: float = 0.0) -> LiraQueries:
+        """The views that training with ``augment`` shows a model: its mirror with flips, and shifts
+        up to the crop padding, padded with ``fill`` as the Trainer pads (the box's low end). Cutout
+        erases a random square each time, no fixed view, so it adds none."""
+        return cls(mirror=augment.flip, max_shift=augment.crop_padding, padding="constant", fill=fill)
+
+    @property
+    def count(self) -> int:
+        return (1 + self.mirror) * (2 * self.max_shift + 1) ** 2
+
+    def views(self, x: Tensor) -> Iterator[Tensor]:
+        """The query views of the batch ``x``, one batch per view, made as they are consumed."""
+        shifts = range(-self.max_shift, self.max_shift + 1)
+        for base in (x, mirror_image(x)) if self.mirror else (x,):
+            for dy in shifts:
+                for dx in shifts:
+                    yield shift_image(base, dy, dx, padding=self.padding, fill=self.fill)
+
+    def check_fits(self, x: Tensor) -> None:
+        """Refuse views that ``x`` cannot have: any but the example itself needs image batches."""
+        if self.count == 1:
+            return
+        if x.dim() != 4:
+            raise ConfigError(f"LiRA's mirror and shift queries need image batches (N, C, H, W), got "
+                              f"inputs of shape {tuple(x.shape)}; query other data alone (LiraQueries())")
+        if self.max_shift >= min(x.shape[-2:]):
+            raise ConfigError(f"LiRA queries: max_shift={self.max_shift} must be smaller than the "
+                              f"images' height and width {tuple(x.shape[-2:])}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mirror": self.mirror, "max_shift": self.max_shift, "padding": self.padding,
+                "fill": self.fill, "n_queries": self.count}
+
+
+SINGLE_QUERY = LiraQueries()
+
+
+def check_queries_fit(queries: LiraQueries, x: Tensor) -> None:
+    """Raise ConfigError unless ``queries`` is a LiraQueries whose views the inputs ``x`` can have."""
+    if not isinstance(queries, LiraQueries):
+        raise ConfigError(f"LiRA queries must be a LiraQueries, got {type(queries).__name__}")
+    queries.check_fits(x)
+
+
 def _phi(model: nn.Module, data: Split, batch_size: int) -> Tensor:
     logits = predict_logits(model, data.x, batch_size)
     y = data.y.to(logits.device)
     check_labels_fit(logits, y, "members and non-members")
     return logit_confidence(logits, y).cpu()
+
+
+def _query_phi(models: Sequence[nn.Module], data: Split, queries: LiraQueries, batch_size: int) -> Tensor:
+    """phi of every model on every query view of ``data``: ``(models, examples, queries)``."""
+    per_view = [torch.stack([_phi(model, Split(view, data.y), batch_size) for model in models])
+                for view in queries.views(data.x)]
+    return torch.stack(per_view, dim=-1)
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -148,7 +264,28 @@ def _normal_log_pdf(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 def lira_scores(target_phi: Tensor, reference_phi: Tensor, in_mask: Tensor, *, online: bool,
                 global_variance: bool) -> Tensor:
-    """LiRA score per example from phi under the target and reference models (rows: models)."""
+    """LiRA score per example from phi under the target and reference models (rows: models).
+
+    phi holds one value per example, ``target_phi (examples,)`` and ``reference_phi (models,
+    examples)``, or one per query view of it, with a last axis of queries on both. Each query is
+    scored alone, its Gaussians and (global) variance its own, and an example's score is the sum
+    over its queries. Carlini et al. model an example's query scores as one multivariate Gaussian;
+    their released code fits it with a diagonal covariance (one Gaussian per query), as here: tens of
+    reference models cannot estimate a full covariance per example, and with a diagonal one the
+    log-likelihood ratio is exactly this sum (their code averages, which ranks examples the same).
+    Offline, the sum is the log of the chance that every query of an OUT model falls at or below the
+    target's, the one-sided test of each query taken as independent.
+    """
+    if target_phi.dim() == 1:
+        return _one_query_scores(target_phi, reference_phi, in_mask, online=online,
+                                 global_variance=global_variance)
+    per_query = [_one_query_scores(target_phi[:, q], reference_phi[..., q], in_mask, online=online,
+                                   global_variance=global_variance) for q in range(target_phi.shape[1])]
+    return torch.stack(per_query).sum(dim=0)
+
+
+def _one_query_scores(target_phi: Tensor, reference_phi: Tensor, in_mask: Tensor, *, online: bool,
+                      global_variance: bool) -> Tensor:
     sides = [~in_mask, in_mask] if online else [~in_mask]
     means = [_masked_mean(reference_phi, mask) for mask in sides]
     stds = _side_stds(reference_phi, sides, means, global_variance)
@@ -190,12 +327,13 @@ def _check_counts(in_mask: Tensor, online: bool, global_variance: bool) -> None:
 
 
 def lira_member_scores(model: nn.Module, candidates: Split, references: ReferenceModels, *,
-                       online: bool = True, variance: Variance = "auto", batch_size: int = 512
-                       ) -> Tensor:
+                       online: bool = True, variance: Variance = "auto",
+                       queries: LiraQueries = SINGLE_QUERY, batch_size: int = 512) -> Tensor:
     """LiRA's score (higher = member) for each candidate; the candidates' membership is unknown.
 
-    Scores of several target models can be pooled into one ROC, as Carlini et al. do to resolve
-    low FPRs with little data.
+    ``queries`` names the views of each candidate that the target and every reference model are
+    queried on (images only, beyond the default of the candidate alone). Scores of several target
+    models can be pooled into one ROC, as Carlini et al. do to resolve low FPRs with little data.
     """
     n_models = len(references.models)
     if n_models < 1:
@@ -205,27 +343,28 @@ def lira_member_scores(model: nn.Module, candidates: Split, references: Referenc
                           f"that trained on it and one that did not); got {n_models}")
     global_variance = _use_global_variance(variance, n_models)
     check_split(candidates, "candidates")
+    check_queries_fit(queries, candidates.x)
     in_mask = _in_mask(references, candidates, online)
     _check_counts(in_mask, online, global_variance)
-    target_phi = _phi(model, candidates, batch_size)
-    reference_phi = torch.stack([_phi(ref, candidates, batch_size) for ref in references.models])
-    return lira_scores(target_phi, reference_phi, in_mask, online=online,
-                       global_variance=global_variance)
+    phi = _query_phi([model, *references.models], candidates, queries, batch_size)
+    return lira_scores(phi[0], phi[1:], in_mask, online=online, global_variance=global_variance)
 
 
 def lira_attack(model: nn.Module, members: Split, non_members: Split, references: ReferenceModels,
                 *, online: bool = True, variance: Variance = "auto",
-                fprs: Sequence[float] | None = None, batch_size: int = 512) -> MembershipResult:
-    """Carlini et al. 2022's LiRA against ``model`` with already trained ``references``."""
+                queries: LiraQueries = SINGLE_QUERY, fprs: Sequence[float] | None = None,
+                batch_size: int = 512) -> MembershipResult:
+    """Carlini et al. 2022's LiRA against ``model`` with already trained ``references``, querying
+    each model on the ``queries`` views of every member and non-member."""
     n_models = len(references.models)
     check_member_sets(members, non_members)
     start = time.perf_counter()
     candidates, is_member = join(members, non_members)
     scores = lira_member_scores(model, candidates, references, online=online, variance=variance,
-                                batch_size=batch_size)
+                                queries=queries, batch_size=batch_size)
     inside, outside = split_scores(scores, is_member)
     settings = {"online": online, "n_reference_models": n_models,
                 "variance": "global" if _use_global_variance(variance, n_models) else "per-example",
-                "reference_pool": len(references.pool)}
+                "reference_pool": len(references.pool), "queries": queries.to_dict()}
     return membership_result(f"lira-{'online' if online else 'offline'}", inside, outside,
                              settings=settings, fprs=fprs, seconds=time.perf_counter() - start)
