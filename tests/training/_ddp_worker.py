@@ -2,9 +2,9 @@
 
 ``python -m torch.distributed.run --nproc-per-node 2 _ddp_worker.py TASK OUT`` with TASK
 ``train-eval-crash`` (DDP training with a record of which rank wrote files, a sharded evaluation and
-a sharded robust validation, then an adversarial run whose rank 1 dies after epoch 1) or ``resume``
-(resume that run, then run it again uninterrupted for reference). Two launches in all: each costs
-seconds of CPU to start. The adversarial run's model has BatchNorm and the run keeps its best epoch
+a sharded robust validation, AWP training, then an adversarial run whose rank 1 dies after epoch 1)
+or ``resume`` (resume that run, then run it again uninterrupted for reference). Two launches in all:
+each costs seconds of CPU to start. The adversarial run's model has BatchNorm and the run keeps its best epoch
 (early stopping), so resuming exercises the statistics each rank holds and the best checkpoint each
 rank reloads.
 """
@@ -32,6 +32,7 @@ from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
 from fortify.training import distributed
 from fortify.training import trainer as trainer_module
+from fortify.training.methods import MethodOptions
 from fortify.training.objectives import ObjectiveOptions, build_objective
 from fortify.training.trainer import Trainer
 
@@ -89,6 +90,26 @@ def _fit(model: nn.Module, config: TrainConfig, train: Split, val: Split, run_di
                       config, threat=THREAT, run_dir=run_dir, show_progress=False,
                       distributed=ctx, callbacks=callbacks)
     trainer.fit(train, val, resume=resume)
+    return model
+
+
+def shifted_points(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Adversarial points that depend on each example alone, whichever rank and batch it is in."""
+    return (x + 0.05).clamp(0, 1)
+
+
+def fit_awp(run_dir: Path | None, ctx: distributed.DistributedContext | None, *,
+            gamma: float = 0.02) -> nn.Module:
+    """awp-pgd over 127 examples: each epoch a global batch of 64, then a short one of 63 (shares of 32
+    and 31 on 2 ranks). The points are fixed (``shifted_points``), not crafted from each rank's
+    random starts, so that only AWP's weight perturbation can tell 2 ranks from one process."""
+    train, val, _ = data()
+    objective = build_objective("awp-pgd", MethodOptions(THREAT, attack_steps=3, awp_gamma=gamma))
+    objective.craft = shifted_points  # type: ignore[method-assign]
+    model = new_mlp()
+    trainer = Trainer(model, objective, train_config("awp-pgd"), threat=THREAT, run_dir=run_dir,
+                      show_progress=False, distributed=ctx)
+    trainer.fit(train.head(127), val)
     return model
 
 
@@ -164,6 +185,7 @@ def main(task: str, out: Path) -> None:
     assert ctx is not None and ctx.world_size == 2
     if task == "train-eval-crash":
         train_eval(ctx, out)
+        fit_awp(out / "awp", ctx)
         fit_batch_norm(out / "fgsm-resumed", ctx, callbacks=(crash_after_first_epoch(ctx),))
     elif task == "resume":
         fit_batch_norm(out / "fgsm-resumed", ctx, resume=True)

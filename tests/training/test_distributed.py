@@ -176,6 +176,21 @@ def test_two_ranks_with_half_batches_match_one_process_with_the_whole_batch(fini
 
 
 @pytest.mark.slow
+def test_awp_on_two_ranks_with_half_batches_matches_one_process_with_the_whole_batch(finished_run):
+    # Prepare: the same AWP training in this process, and the same without the weight perturbation
+    reference = worker.fit_awp(None, None).state_dict()
+    unperturbed = worker.fit_awp(None, None, gamma=0.0).state_dict()
+    # Execute: the 2-rank run, where each rank's share gives the perturbation's gradient only in part
+    trained = _weights(finished_run / "awp" / "model.safetensors")
+    # Assert: every rank perturbed by the gradient of the whole global batch, short batches included,
+    # so the weights are one process's up to float summation order; the perturbation moved them far
+    # more than that, so a rank perturbing by its own share's gradient would show
+    for name, value in reference.items():
+        torch.testing.assert_close(trained[name], value, rtol=0, atol=2e-6)
+    assert max(float((reference[n] - unperturbed[n]).abs().max()) for n in reference) > 1e-3
+
+
+@pytest.mark.slow
 def test_only_rank_zero_writes_checkpoints(finished_run):
     rank0 = json.loads((finished_run / "writes-rank0.json").read_text())
     rank1 = json.loads((finished_run / "writes-rank1.json").read_text())

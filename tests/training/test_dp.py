@@ -158,6 +158,27 @@ def test_physical_batches_give_the_same_update_as_whole_logical_batches(digits: 
     assert result.privacy.epsilon == float("inf")
 
 
+def test_the_reported_expected_batch_size_is_what_opacus_divides_the_gradient_sum_by(digits: Dataset) -> None:
+    # Prepare: n = 250 and batch 64 make 4 Poisson batches an epoch, so n * sample_rate = 62.5 is no
+    # integer; no noise and a clip norm no gradient reaches, so the update is the plain gradient sum
+    model = _mlp(digits)
+    reference = copy.deepcopy(model)
+    trainer = _trainer(model, noise_multiplier=0.0, max_grad_norm=1e6)
+    trainer.prepare(_head(digits, 250))
+    x, y = digits.train.x[:40], digits.train.y[:40]
+    summed = torch.nn.functional.cross_entropy(reference(x), y, reduction="sum")
+    gradient_sum = torch.autograd.grad(summed, list(reference.parameters()))
+    # Execute: one DP-SGD step through the trainer
+    trainer.private_model.train()
+    trainer._train_step(x, y)
+    reported = trainer.privacy_spent().expected_batch_size
+    # Assert: the reported divisor is Opacus' own (it truncates n * sample_rate), and the step used it
+    assert trainer.sample_rate * 250 == 62.5
+    assert reported == trainer.optimizer.expected_batch_size == 62
+    for p, want in zip(trainer.model.parameters(), gradient_sum, strict=True):
+        torch.testing.assert_close(p.grad * reported, want, rtol=1e-4, atol=1e-5)
+
+
 def test_batchnorm_is_replaced_and_the_result_says_so(digits: Dataset) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -216,16 +216,27 @@ def random_direction_distance(model: nn.Module, x: Tensor, y: Tensor, *, norm: s
     x, y = to_model(model, x), y.to(device)
     radius = max_distance or _default_max_eps(norm, x, bounds)
     unit = ThreatModel(norm, 1.0 if norm == "l2" else bounds[1] - bounds[0], bounds)
-    generator = torch.Generator(device=device).manual_seed(seed)
     best = torch.full((len(x),), float(radius), dtype=x.dtype, device=device)
     with evaluation_mode(model):
         best[_wrong(model, x, y)] = 0.0
-        for _ in range(directions):
-            d = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+        for d in _random_directions(directions, x.shape, seed=seed, device=device, dtype=x.dtype):
             d = unit.ascent_direction(d) if norm == "l2" else d.sign()
             best = torch.minimum(best, _ray_distance(model, x, y, d, radius, bisection_steps,
                                                      unit, bounds))
     return best.cpu()
+
+
+def _random_directions(count: int, shape: torch.Size, *, seed: int, device: torch.device,
+                       dtype: torch.dtype) -> Iterator[Tensor]:
+    """``count`` standard normal tensors of ``shape``, on ``device`` in ``dtype``.
+
+    They are drawn on the CPU in float32 and only then moved and cast: a CUDA generator draws other
+    numbers than a CPU one for the same seed (and each dtype its own), so the attack's score would
+    otherwise depend on the hardware it ran on.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        yield torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
 
 
 def _ray_distance(model: nn.Module, x: Tensor, y: Tensor, d: Tensor, radius: float, steps: int,

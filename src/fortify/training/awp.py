@@ -16,6 +16,12 @@ ART steps its proxy with the optimiser it is handed; with momentum, that buffer 
 and ``v`` follows a running sum of earlier batches' gradients, a weaker perturbation than the
 authors'.)
 
+Under data-parallel training (torchrun) each rank holds a share of the global batch. The
+perturbation's gradient is averaged over the ranks (weighted by their shares' sizes) before the
+rescaling, so that every rank perturbs by the direction of the whole global batch, as one process
+would. The proxy copies the module inside DistributedDataParallel, not the wrapper: its gradient is
+taken with ``autograd.grad``, which DDP's reducer never sees, so the wrapper would average nothing.
+
 The weights are restored exactly (copied back, not ``w + v - v``) in ``after_backward``, before
 the optimiser step, so weight decay and momentum act on the true weights. Perturbing and restoring
 both clear autocast's cache of low-precision weight copies, so that under mixed precision
@@ -27,7 +33,9 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fortify.errors import ConfigError
 from fortify.training.paired import ObjectiveWrapper, PairedObjective, check_non_negative
@@ -85,7 +93,8 @@ class AWPObjective(ObjectiveWrapper):
 
     def weight_perturbation(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor
                             ) -> dict[str, Tensor]:
-        """Per parameter name, ``v = gamma * ||w|| * g / ||g||`` with ``g`` the loss gradient."""
+        """Per parameter name (of the module inside DDP, if wrapped), ``v = gamma * ||w|| * g / ||g||``
+        with ``g`` the loss gradient of the global batch (this batch when training in one process)."""
         proxy = self._proxy_of(model)
         layers = perturbable(proxy)
         if not layers:
@@ -93,7 +102,7 @@ class AWPObjective(ObjectiveWrapper):
                               "(convolution or linear kernels); this model has none")
         names, params = zip(*layers, strict=True)
         loss = self.inner.loss_on(proxy, x, y, x_adv)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = global_batch_gradients(torch.autograd.grad(loss, params, allow_unused=True), len(x))
         perturbation = {}
         for name, weight, grad in zip(names, params, grads, strict=True):
             if grad is None:
@@ -112,7 +121,7 @@ class AWPObjective(ObjectiveWrapper):
 
     def _perturb(self, model: nn.Module, perturbation: dict[str, Tensor]) -> None:
         with torch.no_grad():
-            for name, param in perturbable(model):
+            for name, param in perturbable(_unwrapped(model)):
                 if name in perturbation:
                     self._saved.append((param, param.detach().clone()))
                     param.add_(perturbation[name].to(param.dtype))
@@ -121,7 +130,9 @@ class AWPObjective(ObjectiveWrapper):
         torch.clear_autocast_cache()
 
     def _proxy_of(self, model: nn.Module) -> nn.Module:
-        """A copy of ``model`` holding its current weights, in its current train/eval mode."""
+        """A copy of ``model`` (of the module inside DDP, if wrapped) holding its current weights, in
+        its current train/eval mode."""
+        model = _unwrapped(model)
         if self._proxy is None or _device_of(self._proxy) != _device_of(model):
             self._proxy = copy.deepcopy(model)
         self._proxy.load_state_dict(model.state_dict())
@@ -132,3 +143,27 @@ class AWPObjective(ObjectiveWrapper):
 def _device_of(model: nn.Module) -> torch.device | None:
     first = next(model.parameters(), None)
     return None if first is None else first.device
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def global_batch_gradients(grads: tuple[Tensor | None, ...], count: int) -> tuple[Tensor | None, ...]:
+    """``grads`` of this rank's mean loss over its ``count`` examples, turned into those of the mean
+    loss over every rank's examples; unchanged outside a process group of two or more ranks.
+
+    Each rank's gradient is weighted by its number of examples, so that unequal shares (a short last
+    batch) average as one process's batch would. (A rank that holds the Trainer's zero-weight stand-in,
+    when a global batch has fewer examples than there are ranks, counts it as one example.) A layer no
+    loss reaches (``None``) is the same on every rank, which runs the same model. One all-reduce
+    carries all layers and the counts.
+    """
+    reached = [g for g in grads if g is not None]
+    if not reached or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return grads
+    flat = torch.cat([g.reshape(-1) * count for g in reached] + [reached[0].new_full((1,), count)])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    total = flat[-1]
+    averaged = iter(flat[:-1].split([g.numel() for g in reached]))
+    return tuple(None if g is None else (next(averaged) / total).view_as(g) for g in grads)

@@ -139,6 +139,7 @@ class PrivacySpent:
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float
+    # what Opacus divides the noisy sum of clipped gradients by: int(n * sample_rate), not n * sample_rate
     expected_batch_size: float
     max_physical_batch_size: int | None
     steps: int
@@ -243,7 +244,7 @@ class DPTrainer(Trainer):
             accountant=self.dp.accountant, epsilon=self.epsilon(), delta=self.dp.delta,
             noise_multiplier=float(self.optimizer.noise_multiplier),
             max_grad_norm=self.dp.max_grad_norm, sample_rate=self.sample_rate,
-            expected_batch_size=self.sample_rate * len(self.loader.dataset),
+            expected_batch_size=self.optimizer.expected_batch_size,
             max_physical_batch_size=self.dp.max_physical_batch_size,
             steps=self.steps_taken(), replaced_modules=list(self.replaced_modules))
 
