@@ -113,10 +113,12 @@ def _accuracy(model, split: Split) -> float:
 @pytest.mark.parametrize("early_stopping", [False, True])
 def test_ema_decay_one_keeps_the_initial_weights_and_they_are_what_is_validated_and_saved(
         digits, tmp_path, early_stopping):
-    # Prepare: decay 1 never moves the average, so the EMA weights are the initial ones exactly
+    # Prepare: decay 1 without the warm-up ramp never moves the average, so the EMA weights are the
+    # initial ones exactly
     train, val = _small(digits, 64)
     model, trainer = _trainer(digits, tmp_path, objective="standard", epochs=2, ema_decay=1.0,
                               early_stopping=early_stopping)
+    trainer.ema.warmup = False
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     # Execute
     result = trainer.fit(train, val)
@@ -129,16 +131,24 @@ def test_ema_decay_one_keeps_the_initial_weights_and_they_are_what_is_validated_
     assert any(not torch.equal(initial[k], last[k]) for k in initial)
 
 
+def _ramped(decay: float, updates_done: int) -> float:
+    """The EMA's decay after ``updates_done`` updates: its warm-up ramp, capped at ``decay``."""
+    return min(decay, (1 + updates_done) / (10 + updates_done))
+
+
 def test_saved_model_is_the_ema_of_every_optimiser_step(digits, tmp_path):
     # Prepare: record the weights after each optimiser step to average them by hand
     train, val = _small(digits, 64)
     model, trainer = _trainer(digits, tmp_path, objective="standard", epochs=2, ema_decay=0.5)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
+    steps = [0]
 
     def average_by_hand(*_):
+        decay = _ramped(0.5, steps[0])
+        steps[0] += 1
         for name, value in model.state_dict().items():
             floating = value.is_floating_point()
-            expected[name] = 0.5 * expected[name] + 0.5 * value if floating else value.clone()
+            expected[name] = decay * expected[name] + (1 - decay) * value if floating else value.clone()
 
     trainer.optimizer.register_step_post_hook(average_by_hand)
     # Execute
@@ -166,10 +176,13 @@ def test_ema_under_dp_averages_the_noisy_steps_and_is_what_dp_training_saves(dig
                         dp=DPConfig(enabled=True, noise_multiplier=1.0), threat=THREAT, run_dir=tmp_path,
                         show_progress=False)
     expected = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    steps = [0]
 
     def average_by_hand(*_):
+        decay = _ramped(0.5, steps[0])
+        steps[0] += 1
         for name, value in trainer.model.state_dict().items():
-            expected[name] = 0.5 * expected[name] + 0.5 * value
+            expected[name] = decay * expected[name] + (1 - decay) * value
 
     trainer.optimizer.register_step_post_hook(average_by_hand)
     # Execute

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from fortify.attacks import PGD, Attack
 from fortify.threat import ThreatModel
-from fortify.training.objectives import ObjectiveOptions, scaled_step_size
+from fortify.training.objectives import ObjectiveOptions, at_least_fp32, scaled_step_size
 from fortify.training.paired import PairedObjective, check_non_negative, kl_to_clean
 
 # The authors' constants keep the log finite when the strongest wrong class has probability 1.
@@ -35,7 +35,12 @@ def strongest_wrong_probability(probs: Tensor, y: Tensor) -> Tensor:
 
 
 def boosted_cross_entropy(adv_logits: Tensor, y: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
-    """MART's BCE, batch mean: CE plus a margin term on the strongest wrong class."""
+    """MART's BCE, batch mean: CE plus a margin term on the strongest wrong class, in fp32 at least.
+
+    In bf16 (the logits under ``train.amp``) ``1.0001`` rounds to 1 and a probability above about
+    0.998 to 1, so the margin would become ``-log(1e-12)`` with a gradient of about 1e12.
+    """
+    adv_logits = at_least_fp32(adv_logits)
     probs = F.softmax(adv_logits, dim=1)
     margin = -torch.log(_ONE_PLUS - strongest_wrong_probability(probs, y) + _LOG_FLOOR)
     return F.cross_entropy(adv_logits, y, label_smoothing=label_smoothing) + margin.mean()
@@ -58,8 +63,9 @@ class MartObjective(PairedObjective):
                    keep_first_success=False)
 
     def loss_on(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> Tensor:
-        clean_logits = model(x)
-        adv_logits = model(x_adv)
+        # fp32 loss heads under mixed precision too (Objective's docstring)
+        clean_logits = at_least_fp32(model(x))
+        adv_logits = at_least_fp32(model(x_adv))
         # the weight is not detached: the authors' code lets the gradient flow through p_y(x)
         clean_true = F.softmax(clean_logits, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
         weighted_kl = kl_to_clean(clean_logits, adv_logits) * (1.0 - clean_true)

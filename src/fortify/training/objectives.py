@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from fortify.attacks import FGSM, PGD, Attack
 from fortify.errors import ConfigError
 from fortify.registry import Registry
-from fortify.threat import ThreatModel
+from fortify.threat import LOW_PRECISION, ThreatModel
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,12 @@ def check_label_smoothing(value: float) -> float:
     return float(value)
 
 
+def at_least_fp32(logits: Tensor) -> Tensor:
+    """``logits`` for a loss head: cast to fp32 from bf16 or fp16 (mixed precision), else as they are
+    (a float64 model keeps float64). The gradient flows back through the cast."""
+    return logits.float() if logits.dtype in LOW_PRECISION else logits
+
+
 def scaled_step_size(options: ObjectiveOptions, threat: ThreatModel) -> float | None:
     """The configured attack step, kept at the same share of eps while eps warms up."""
     step = options.attack_step_size
@@ -53,6 +59,12 @@ class Objective:
     ``label_smoothing`` (Szegedy et al. 2016; from the options unless given) applies to every
     cross-entropy term of the training loss, through ``cross_entropy``; the attacks that craft the
     inputs ascend the plain cross-entropy against the hard label. Smoothing 0 is plain cross-entropy.
+
+    Every loss head works on logits of fp32 or wider (``at_least_fp32``), whatever precision the
+    model ran in: under mixed precision (``train.amp``) the model's logits are bf16, and bf16 keeps 8
+    bits of mantissa, too few for a probability near 1 or a KL of close distributions. The cast is
+    what autocast does itself for the ops it runs in fp32; the gradient flows back through it to the
+    bf16 graph.
 
     The Trainer calls ``objective(model, x, y)`` ``replays`` times per batch (Free AT replays a
     batch), each call followed by ``loss.backward()``, ``after_backward(model)`` (where an
@@ -73,8 +85,8 @@ class Objective:
         return self.cross_entropy(model(x), y)
 
     def cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:
-        """The training loss's cross-entropy, with this objective's label smoothing."""
-        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        """The training loss's cross-entropy, with this objective's label smoothing, in fp32 at least."""
+        return F.cross_entropy(at_least_fp32(logits), y, label_smoothing=self.label_smoothing)
 
     def after_backward(self, model: nn.Module) -> None:
         """Called after each backward pass, before gradient clipping and the optimiser step."""

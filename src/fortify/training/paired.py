@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from fortify.attacks import PGD, Attack
 from fortify.errors import ConfigError
 from fortify.threat import ThreatModel
-from fortify.training.objectives import DelegatingObjective, _AttackObjective, scaled_step_size
+from fortify.training.objectives import DelegatingObjective, _AttackObjective, at_least_fp32, scaled_step_size
 
 
 def check_non_negative(name: str, value: float) -> float:
@@ -26,7 +26,12 @@ def check_non_negative(name: str, value: float) -> float:
 
 
 def kl_to_clean(clean_logits: Tensor, adv_logits: Tensor) -> Tensor:
-    """Per-example ``KL(p_clean || p_adv)`` from logits, computed in log space for stability."""
+    """Per-example ``KL(p_clean || p_adv)`` from logits, in log space and fp32 at least, for stability.
+
+    In bf16 (the logits under ``train.amp``) the two log-softmaxes round apart by more than the KL of
+    nearby points, which then comes out as rounding noise, negative as often as not.
+    """
+    clean_logits, adv_logits = at_least_fp32(clean_logits), at_least_fp32(adv_logits)
     clean_probs = F.softmax(clean_logits, dim=1)
     log_ratio = F.log_softmax(clean_logits, dim=1) - F.log_softmax(adv_logits, dim=1)
     return (clean_probs * log_ratio).sum(dim=1)
