@@ -167,3 +167,83 @@ def test_a_model_that_reuses_a_layer_saves_and_loads(tmp_path):
     for name, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], value), name
     assert fresh[0].weight is fresh[2].weight  # still one layer after loading
+
+
+# -- a checkpoint of several files commits with state.json --------------------------------------
+
+def _weights(seed):
+    torch.manual_seed(seed)
+    return {"w": torch.randn(3, 2)}
+
+
+def _record(run_dir, **hashes):
+    ckpt.write_state_json(run_dir, {"finished": False, "sha256": hashes})
+
+
+def _holds(path, tensors, digest):
+    loaded = ckpt.load_tensors(path, "weights", digest)
+    return all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_a_staged_file_replaces_the_committed_one_only_when_state_json_commits(tmp_path):
+    # Prepare: version 1 committed, version 2 staged
+    path = tmp_path / "last.safetensors"
+    old_digest = ckpt.save_tensors(path, _weights(1), kind="weights")
+    _record(tmp_path, **{"last.safetensors": old_digest})
+    new_digest = ckpt.stage_tensors(path, _weights(2), kind="weights")
+    # Assert: until the commit, the committed file and state.json still agree
+    assert _holds(path, _weights(1), old_digest)
+    # Execute
+    ckpt.commit_state_json(tmp_path, {"finished": False, "sha256": {"last.safetensors": new_digest}},
+                           staged=["last.safetensors"])
+    # Assert
+    assert _holds(path, _weights(2), new_digest)
+    assert not ckpt.pending_path(path).exists()
+
+
+def test_settling_moves_a_pending_file_that_state_json_committed_into_place(tmp_path):
+    # Prepare: killed after state.json was replaced, before the pending file was moved
+    path = tmp_path / "last.safetensors"
+    ckpt.save_tensors(path, _weights(1), kind="weights")
+    new_digest = ckpt.stage_tensors(path, _weights(2), kind="weights")
+    _record(tmp_path, **{"last.safetensors": new_digest})
+    # Execute
+    ckpt.settle_interrupted_commit(tmp_path)
+    # Assert: rolled forward, and settling again changes nothing
+    assert _holds(path, _weights(2), new_digest)
+    assert not ckpt.pending_path(path).exists()
+    ckpt.settle_interrupted_commit(tmp_path)
+    assert _holds(path, _weights(2), new_digest)
+
+
+def test_settling_deletes_a_pending_file_that_state_json_never_committed(tmp_path):
+    # Prepare: killed before state.json was replaced; best.safetensors has no committed version yet
+    path = tmp_path / "last.safetensors"
+    old_digest = ckpt.save_tensors(path, _weights(1), kind="weights")
+    _record(tmp_path, **{"last.safetensors": old_digest})
+    ckpt.stage_tensors(path, _weights(2), kind="weights")
+    ckpt.stage_tensors(tmp_path / "best.safetensors", _weights(3), kind="weights")
+    # Execute
+    ckpt.settle_interrupted_commit(tmp_path)
+    # Assert: rolled back to the committed checkpoint
+    assert _holds(path, _weights(1), old_digest)
+    assert not list(tmp_path.glob("*" + ckpt.PENDING))
+    assert not (tmp_path / "best.safetensors").exists()
+
+
+@pytest.mark.parametrize("committed_before", [True, False])
+def test_a_reader_meeting_a_commit_in_progress_is_told_to_resume_and_changes_nothing(tmp_path,
+                                                                                     committed_before):
+    # Prepare: state.json records the pending file's hash; the file under its own name is the previous
+    # version, or (the first model.safetensors of a run) absent
+    path = tmp_path / "model.safetensors"
+    if committed_before:
+        ckpt.save_tensors(path, _weights(1), kind="weights")
+    new_digest = ckpt.stage_tensors(path, _weights(2), kind="weights")
+    _record(tmp_path, **{"model.safetensors": new_digest})
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir())
+    # Execute, Assert
+    remedy = r"waits in model.safetensors.pending; resume the run \(--resume\)"
+    with pytest.raises(CheckpointError, match=remedy):
+        ckpt.load_tensors(path, "weights", new_digest)
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before

@@ -205,6 +205,44 @@ def test_resuming_a_run_that_stopped_early_trains_no_further(digits, tmp_path):
     assert all(torch.equal(selected[k], reloaded[k]) for k in selected)
 
 
+def _script_validation(trainer, accuracies):
+    """Validation gives ``accuracies[i]`` (clean) after epoch i + 1, so that selection is known ahead."""
+    trainer._validate = lambda val: (accuracies[trainer.state.epoch], None)
+
+
+def test_patience_running_out_on_the_last_epoch_is_not_stopping_early(digits, tmp_path):
+    # Prepare: best at epoch 1, then two epochs without improvement: patience 2 runs out on epoch 3 of 3,
+    # which skips no epoch (stopped_early was True, here and when the finished run was resumed)
+    train, val = _subset(digits, 64)
+    settings = {"objective": "standard", "epochs": 3, "patience": 2}
+    _, trainer = _trainer(digits, tmp_path, **settings)
+    _script_validation(trainer, [0.9, 0.8, 0.8])
+    _, resumed = _trainer(digits, tmp_path, **settings)
+    # Execute
+    result = trainer.fit(train, val)
+    after_resume = resumed.fit(train, val, resume=True)
+    # Assert
+    assert len(result.history) == 3 and result.best_epoch == 1
+    assert not result.stopped_early
+    assert len(after_resume.history) == 3 and not after_resume.stopped_early
+
+
+def test_a_run_that_skips_epochs_stopped_early(digits, tmp_path):
+    # Prepare: patience 2 runs out on epoch 3 of 4; epoch 4's better accuracy is never reached
+    train, val = _subset(digits, 64)
+    settings = {"objective": "standard", "epochs": 4, "patience": 2}
+    _, trainer = _trainer(digits, tmp_path, **settings)
+    _script_validation(trainer, [0.9, 0.8, 0.8, 0.95])
+    _, resumed = _trainer(digits, tmp_path, **settings)
+    # Execute
+    result = trainer.fit(train, val)
+    after_resume = resumed.fit(train, val, resume=True)
+    # Assert
+    assert len(result.history) == 3 and result.best_epoch == 1
+    assert result.stopped_early
+    assert len(after_resume.history) == 3 and after_resume.stopped_early
+
+
 def test_pgd_training_beats_standard_training_under_attack(standard_model, robust_model, digits):
     from fortify.attacks import PGD
 

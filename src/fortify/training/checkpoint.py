@@ -3,6 +3,13 @@
 Nothing here unpickles. Every tensor file carries fortify's format marker in its metadata, and
 ``state.json`` records the SHA-256 of each tensor file, so a foreign or edited file is refused
 with a clear message instead of being loaded.
+
+A training checkpoint spans several files, committed together with ``state.json`` as the single
+commit point: each new tensor file is first written under a pending name (``stage_tensors``), then
+``commit_state_json`` replaces state.json, which records the new hashes, and only then moves each
+pending file onto its own name. A kill before state.json is replaced leaves the previous checkpoint
+whole; a kill after it leaves pending files that ``settle_interrupted_commit`` moves into place when
+the run resumes. Every file keeps its fixed name, so readers of a finished run see nothing new.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +32,8 @@ from fortify.errors import CheckpointError
 FORMAT = "fortify"
 FORMAT_VERSION = "1"
 STATE_JSON = "state.json"
+# the suffix of a tensor file written for a checkpoint whose state.json is not yet written
+PENDING = ".pending"
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # the Trainer's counters in state.json["progress"] and the least value each may hold
 _PROGRESS_COUNTERS = {"epoch": 0, "step": 0, "since_best": 0, "best_epoch": -1}
@@ -53,6 +63,17 @@ def save_tensors(path: Path, tensors: dict[str, Tensor], kind: str) -> str:
     return digest
 
 
+def pending_path(path: Path) -> Path:
+    """Where the next version of tensor file ``path`` waits for the state.json that commits it."""
+    return path.with_name(path.name + PENDING)
+
+
+def stage_tensors(path: Path, tensors: dict[str, Tensor], kind: str) -> str:
+    """Write the next version of ``path`` under its pending name, leaving ``path`` as it is; returns
+    its SHA-256, for the state.json that ``commit_state_json`` writes."""
+    return save_tensors(pending_path(path), tensors, kind)
+
+
 def _own_memory(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Contiguous CPU tensors, none sharing memory with another.
 
@@ -77,8 +98,10 @@ def load_tensors(path: Path, kind: str, expected_sha256: str | None = None, *,
     """Read a fortify tensor file, refusing anything foreign, of another kind or tampered with;
     ``record`` names the file that holds ``expected_sha256`` (for the message)."""
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} does not exist")
+        raise CheckpointError(f"checkpoint file {path} does not exist{_mid_commit(path)}")
     if expected_sha256 is not None and sha256(path) != expected_sha256:
+        if pending_path(path).is_file():
+            raise CheckpointError(f"{path} does not match the hash recorded in {record}{_mid_commit(path)}")
         raise CheckpointError(
             f"{path} does not match the hash recorded in {record}: the file was modified "
             "after it was saved (or the save was interrupted); refusing to load it"
@@ -103,6 +126,19 @@ def load_tensors(path: Path, kind: str, expected_sha256: str | None = None, *,
     if metadata.get("kind") != kind:
         raise CheckpointError(f"{path} holds {metadata.get('kind')!r}, expected {kind!r}")
     return tensors
+
+
+def _mid_commit(path: Path) -> str:
+    """The remedy for a file a checkpoint's commit has not yet moved into place, if it has one ('' if not).
+
+    Readers leave the directory alone: rolling the commit forward here could race the run that is
+    writing it, and then name a file state.json does not record. Resuming, the writer's own step,
+    settles it.
+    """
+    if not pending_path(path).is_file():
+        return ""
+    return (f": its run stopped (or is still running) part-way through committing a checkpoint, whose "
+            f"new version waits in {pending_path(path).name}; resume the run (--resume) to complete it")
 
 
 def save_weights(path: Path, model: nn.Module) -> str:
@@ -158,6 +194,30 @@ def join_optimizer_state(tensors: dict[str, Tensor], meta: Any) -> dict[str, Any
 def write_state_json(run_dir: Path, state: dict[str, Any]) -> None:
     payload = {"format": FORMAT, "version": FORMAT_VERSION, **state}
     _atomic_write_text(run_dir / STATE_JSON, json.dumps(payload, indent=2))
+
+
+def commit_state_json(run_dir: Path, state: dict[str, Any], staged: Iterable[str]) -> None:
+    """Replace state.json, the commit point, then move each staged tensor file (named in ``staged``,
+    its hash in ``state["sha256"]``) from its pending name onto its own."""
+    write_state_json(run_dir, state)
+    for name in staged:
+        os.replace(pending_path(run_dir / name), run_dir / name)
+
+
+def settle_interrupted_commit(run_dir: Path) -> None:
+    """Complete or undo the commit a kill interrupted, so that each file state.json names holds what it
+    records; only the run that owns ``run_dir`` calls it (on resuming), never a reader.
+
+    A pending file whose hash state.json records was committed: it takes its own name (roll forward).
+    Any other was written for a state.json never written: it is deleted (roll back).
+    """
+    recorded = read_state_json(run_dir).get("sha256", {})
+    for pending in sorted(run_dir.glob(f"*.safetensors{PENDING}")):
+        name = pending.name.removesuffix(PENDING)
+        if recorded.get(name) == sha256(pending):
+            os.replace(pending, run_dir / name)
+        else:
+            pending.unlink()
 
 
 def read_json(path: Path, remedy: str = "") -> Any:

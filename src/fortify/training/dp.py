@@ -365,11 +365,11 @@ class DPTrainer(Trainer):
 
     def _drop_noise_state(self) -> None:
         assert self.run_dir is not None
-        path = self.run_dir / TRAIN_STATE
-        tensors = ckpt.load_tensors(path, "train-state", self._hashes[TRAIN_STATE])
+        tensors = ckpt.load_tensors(self.run_dir / TRAIN_STATE, "train-state", self._hashes[TRAIN_STATE])
         kept = {k: v for k, v in tensors.items() if k not in DP_RNG_KEYS}
-        self._hashes[TRAIN_STATE] = ckpt.save_tensors(path, kept, kind="train-state")
-        self._write_state_json(finished=False)  # the new hash, before the model is written
+        # staged: it commits with model.safetensors in the finished run's state.json (Trainer._finish),
+        # so a kill before that commit resumes from the checkpoint that still holds the generators
+        self._stage_tensors(TRAIN_STATE, kept, kind="train-state")
 
     def _save_checkpoint(self) -> None:
         # the accountant before the trainer's checkpoint: a run killed between the two writes

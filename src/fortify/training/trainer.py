@@ -2,7 +2,9 @@
 
 The objective decides what loss a batch gives; the Trainer owns everything around it. After every
 epoch it checkpoints the weights, optimiser, RNG states and history, so a killed run resumed with
-``resume=True`` reaches the same weights as one that was never interrupted.
+``resume=True`` reaches the same weights as one that was never interrupted. An epoch's files
+(best/last/state.safetensors) and its state.json commit together (checkpoint.py): a kill at any point
+of the writing resumes from that epoch or from the one before.
 """
 
 from __future__ import annotations
@@ -144,6 +146,7 @@ class Trainer:
         self.schedule = SCHEDULES.get(config.schedule)
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.state = _Progress()
+        self._staged: list[str] = []  # tensor files written under their pending names, to commit
         self.batch_recipe = BatchRecipe(config, fill=threat.bounds[0], extra=extra_data)
         self.ema = None if config.ema_decay is None else ModelEMA(model, config.ema_decay)
         if self.ema is not None:
@@ -169,9 +172,8 @@ class Trainer:
         with layout_hooks, self._progress() as bar:
             epochs_task = bar.add_task("epochs", total=self.config.epochs,
                                        completed=self.state.epoch)
-            # a resumed run that had already stopped early trains no further epoch
-            stopped_early = self._should_stop()
-            while self.state.epoch < self.config.epochs and not stopped_early:
+            # checked before each epoch: a resumed run that had already stopped early trains no further
+            while self.state.epoch < self.config.epochs and not self._should_stop():
                 record = self._run_epoch(train, val, steps_per_epoch, bar)
                 self._select(record)
                 self.state.epoch += 1
@@ -179,7 +181,8 @@ class Trainer:
                 bar.update(epochs_task, advance=1)
                 for callback in self.callbacks:
                     callback(record)
-                stopped_early = self._should_stop()
+        # early stopping only when it skipped epochs: patience running out on the last epoch skips none
+        stopped_early = self.state.epoch < self.config.epochs
         self._finish()
         return TrainResult(self.state.history, self.state.best_epoch, self.selection_metric,
                            stopped_early, self.state.seconds,
@@ -338,9 +341,8 @@ class Trainer:
             self.state.since_best += 1
 
     def _keep_best(self) -> None:
-        if self._writes_files:
-            self._hashes["best.safetensors"] = ckpt.save_weights(
-                self.run_dir / "best.safetensors", self.model)
+        if self._writes_files:  # committed with the epoch's checkpoint, which holds this selection
+            self._stage_weights("best.safetensors")
         else:
             self._best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
@@ -360,8 +362,7 @@ class Trainer:
         elif self.ema is not None:
             self.ema.copy_to()
         if self._writes_files:
-            self._hashes["model.safetensors"] = ckpt.save_weights(
-                self.run_dir / "model.safetensors", self.model)
+            self._stage_weights("model.safetensors")
             self._write_state_json(finished=True)
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -399,12 +400,20 @@ class Trainer:
         rng.update(self._extra_rng_state())
         if self.ema is not None:
             rng.update(self.ema.state_dict())
-        self._hashes["state.safetensors"] = ckpt.save_tensors(
-            self.run_dir / "state.safetensors", {**optim_tensors, **rng}, kind="train-state")
-        self._hashes["last.safetensors"] = ckpt.save_weights(
-            self.run_dir / "last.safetensors", self.model)
+        self._stage_tensors("state.safetensors", {**optim_tensors, **rng}, kind="train-state")
+        self._stage_weights("last.safetensors")
         self._optim_meta = optim_meta
         self._write_state_json(finished=False)
+
+    def _stage_weights(self, name: str) -> None:
+        self._stage_tensors(name, dict(self.model.state_dict()), kind="weights")
+
+    def _stage_tensors(self, name: str, tensors: dict[str, Tensor], *, kind: str) -> None:
+        """Write checkpoint file ``name`` under its pending name; the next state.json commits it."""
+        assert self.run_dir is not None
+        self._hashes[name] = ckpt.stage_tensors(self.run_dir / name, tensors, kind)
+        if name not in self._staged:  # staged again before the commit: the newer version replaced it
+            self._staged.append(name)
 
     def _extra_rng_state(self) -> dict[str, Tensor]:
         """Generator states a subclass keeps in the checkpoint beside the Trainer's (DP's)."""
@@ -414,9 +423,10 @@ class Trainer:
         """Take back what ``_extra_rng_state`` saved."""
 
     def _write_state_json(self, *, finished: bool) -> None:
+        """Commit the checkpoint: state.json, then the files staged since the last commit."""
         assert self.run_dir is not None
         progress = asdict(self.state)
-        ckpt.write_state_json(self.run_dir, {
+        ckpt.commit_state_json(self.run_dir, {
             "finished": finished,
             "progress": progress,
             "optimizer": getattr(self, "_optim_meta", None),
@@ -424,7 +434,8 @@ class Trainer:
             "threat": self.threat.to_dict(),
             "objective": self.objective.name,
             "sha256": dict(self._hashes),
-        })
+        }, staged=self._staged)
+        self._staged = []
 
     def _restore(self) -> None:
         if self.run_dir is None:
@@ -433,6 +444,7 @@ class Trainer:
         if state.get("config") != self.config.model_dump(mode="json"):
             raise CheckpointError(f"cannot resume {self.run_dir}: its training settings differ "
                                   "from the ones given now")
+        self._settle_interrupted_commit()
         hashes = state.get("sha256", {})
         unrecorded = [name for name in ("last.safetensors", "state.safetensors") if name not in hashes]
         if unrecorded:  # without its hash a replaced file would load unchecked
@@ -460,6 +472,15 @@ class Trainer:
         self.state = _progress_from(state.get("progress"), self.run_dir)
         self._hashes.update(hashes)
         self._optim_meta = state["optimizer"]
+
+    def _settle_interrupted_commit(self) -> None:
+        """Complete or undo a commit a kill cut short (checkpoint.py); under torchrun rank 0, the
+        writer, does it while the others wait, so that none reads a file being moved."""
+        assert self.run_dir is not None
+        if self._writes_files:
+            ckpt.settle_interrupted_commit(self.run_dir)
+        if self.distributed is not None:
+            self.distributed.barrier()
 
     # -- construction --------------------------------------------------------------------------
 
