@@ -7,11 +7,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from overfit import overfit_recipe, shuffled_digits
 
-from fortify.config import TrainConfig
 from fortify.data import Dataset, Split
 from fortify.privacy import ReferenceModels, TrainerRecipe, train_reference_models
-from fortify.threat import ThreatModel
 
 POOL_SIZE = 200  # each zoo model trains on about half: a small set it can memorise
 ZOO_SIZE = 9  # every model serves in turn as the target, the other 8 as its reference models
@@ -43,26 +42,16 @@ class Zoo:
                 Split(self.pool.x[~keep], self.pool.y[~keep]), references)
 
 
-def overfit_recipe(val: Split) -> TrainerRecipe:
-    """Full-batch Adam, no weight decay, 150 epochs: about 100% train and 85% test accuracy."""
-    config = TrainConfig(objective="standard", epochs=150, batch_size=1000, optimizer="adam", lr=0.02,
-                         weight_decay=0.0, schedule="constant", early_stopping=False)
-    return TrainerRecipe.for_model("mlp", (1, 8, 8), 10, config=config,
-                                   threat=ThreatModel("linf", 0.1), val=val)
-
-
 @pytest.fixture(scope="session")
 def zoo(digits: Dataset) -> Zoo:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        x = torch.cat([digits.train.x, digits.val.x, digits.test.x])
-        y = torch.cat([digits.train.y, digits.val.y, digits.test.y])
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-        x, y = x[order], y[order]
+        x, y = shuffled_digits(digits)
         pool, unseen = Split(x[:POOL_SIZE], y[:POOL_SIZE]), Split(x[POOL_SIZE:], y[POOL_SIZE:])
         recipe = overfit_recipe(val=unseen.head(32))
         models = train_reference_models(pool, recipe, n_models=ZOO_SIZE, seed=7)
     finally:
         torch.set_num_threads(before)
     return Zoo(pool, unseen, models, recipe)
+

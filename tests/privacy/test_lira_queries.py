@@ -10,13 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from overfit import overfit_recipe, shuffled_digits
 from scipy import stats
 from torch import nn
 
-from fortify.config import AugmentConfig, TrainConfig
+from fortify.config import AugmentConfig
 from fortify.data import Dataset, Split
 from fortify.errors import ConfigError
-from fortify.privacy import TrainerRecipe, audit, membership_result, membership_scores
+from fortify.privacy import audit, membership_result, membership_scores
 from fortify.privacy.lira import (
     SINGLE_QUERY,
     LiraQueries,
@@ -29,7 +30,6 @@ from fortify.privacy.lira import (
     shift_image,
     train_reference_models,
 )
-from fortify.threat import ThreatModel
 
 # -- the views --------------------------------------------------------------------------------------
 
@@ -277,20 +277,10 @@ AUGMENT = AugmentConfig(crop_padding=1, flip=True)
 def augmented_zoo(digits: Dataset) -> tuple[Split, ReferenceModels]:
     """9 MLPs trained, each on a random half of 200 digits, with flips and 1-pixel crops: overfit
     (full-batch Adam, 150 epochs) so that membership leaks, in each example's views as in itself."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        x = torch.cat([digits.train.x, digits.val.x, digits.test.x])
-        y = torch.cat([digits.train.y, digits.val.y, digits.test.y])
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-        pool = Split(x[order[:200]], y[order[:200]])
-        config = TrainConfig(objective="standard", epochs=150, batch_size=1000, optimizer="adam", lr=0.02,
-                             weight_decay=0.0, schedule="constant", early_stopping=False, augment=AUGMENT)
-        recipe = TrainerRecipe.for_model("mlp", (1, 8, 8), 10, config=config, threat=ThreatModel("linf", 0.1),
-                                         val=Split(x[order[200:232]], y[order[200:232]]))
-        return pool, train_reference_models(pool, recipe, n_models=ZOO_SIZE, seed=7)
-    finally:
-        torch.set_num_threads(before)
+    x, y = shuffled_digits(digits)  # one thread: the privacy tests' autouse fixture
+    pool = Split(x[:200], y[:200])
+    recipe = overfit_recipe(val=Split(x[200:232], y[200:232]), augment=AUGMENT)
+    return pool, train_reference_models(pool, recipe, n_models=ZOO_SIZE, seed=7)
 
 
 def _pooled_result(pool: Split, zoo: ReferenceModels, queries: LiraQueries):
