@@ -55,6 +55,28 @@ def test_dlr_loss_on_a_hand_computed_batch():
     assert torch.allclose(dlr_targeted_loss(logits, y, torch.tensor([3, 2])), torch.tensor([-1.2, 0.25]))
 
 
+def test_targeted_apgd_dlr_loss_on_a_hand_computed_batch():
+    # Prepare: in example 1 the leading non-target class (1, logit 4) is not the true class (0)
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0], [1.0, 4.0, 2.0, -1.0]])
+    y, target = torch.tensor([0, 0]), torch.tensor([3, 2])
+    # Execute
+    loss = APGD(ThreatModel("linf", 0.1), loss="dlr", targeted=True).attack_loss(logits, y, target)
+    # Assert: -(max_{j != t} z_j - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2):
+    # -(3 - 0) / (3 - (1 + 0) / 2) = -1.2; -(4 - 2) / (4 - (1 - 1) / 2) = -0.5
+    assert torch.allclose(loss, torch.tensor([-1.2, -0.5]))
+
+
+def test_targeted_apgd_dlr_pushes_down_the_leading_non_target_class_not_the_true_one():
+    # Prepare: true class 1 trails every other class; class 0 leads and target 2 is second
+    logits = torch.tensor([[5.0, -2.0, 3.0, 1.0, 0.0, -1.0]], requires_grad=True)
+    y, target = torch.tensor([1]), torch.tensor([2])
+    # Execute
+    APGD(ThreatModel("linf", 0.1), loss="dlr", targeted=True).attack_loss(logits, y, target).sum().backward()
+    # Assert: ascending the loss lowers the leader, raises the target and ignores the true class
+    grad = logits.grad[0]
+    assert grad[0] < 0 and grad[2] > 0 and grad[1] == 0
+
+
 def test_dlr_loss_is_shift_and_scale_invariant_and_matches_the_reference():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 10, generator=gen, dtype=torch.float64)

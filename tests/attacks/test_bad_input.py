@@ -149,7 +149,9 @@ UNTARGETED = {
     "square": lambda: Square(LINF, n_queries=2),
     "fmn": lambda: FMN(L2, steps=2),
     "cw": lambda: CarliniWagnerL2(L2, steps=2, binary_search_steps=1),
+    "hopskipjump": lambda: HopSkipJump(LINF, max_queries=20),
 }
+MINIMAL = ("fmn", "cw", "hopskipjump")
 
 
 @pytest.mark.parametrize("name", sorted(UNTARGETED))
@@ -162,6 +164,17 @@ def test_bad_labels_are_named_by_every_attack(name, labels, fragment):
     x, _ = _batch()
     with pytest.raises(DataError, match=fragment):
         UNTARGETED[name]()(_Counting(), x, labels)
+
+
+@pytest.mark.parametrize("name", MINIMAL)
+def test_a_label_past_the_models_classes_is_named_by_minimal_searches(name):
+    # Prepare: a 3-class model and a label 3
+    x, _ = _batch()
+    labels = torch.tensor([0, 1, 3, 0])
+    # Execute / Assert: the same DataError as the attack's call, not a bare torch error or distance 0
+    with pytest.raises(DataError, match=r"labels range over \[0, 3\] but the model has 3 classes "
+                                        r"\(allowed: 0\.\.2\)"):
+        UNTARGETED[name]().minimal(_Counting(), x, labels)
 
 
 def test_int32_labels_give_the_points_of_int64_ones():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -230,6 +232,26 @@ def test_hopskipjump_minimal_returns_adversarial_points_at_the_distances_it_repo
     assert torch.equal(again, dist)
 
 
+@pytest.mark.parametrize("budget", [18, 21, 27, 33])
+def test_hopskipjump_in_bfloat16_reports_only_points_the_model_misclassifies(standard_model, digits, budget):
+    # Prepare: the model and data in bfloat16, L-inf, budgets so small that some bisections run out
+    # of queries before moving their adversarial end (the case that once returned an unjudged point)
+    model = copy.deepcopy(standard_model).to(torch.bfloat16)
+    x, y = digits.test.x[:60].to(torch.bfloat16), digits.test.y[:60]
+    threat = ThreatModel("linf", 0.3)
+    # Execute
+    points, dist = HopSkipJump(threat, max_queries=budget, seed=budget).minimal(model, x, y)
+    x_adv = HopSkipJump(threat, max_queries=budget, seed=budget)(model, x, y)
+    # Assert: every point reported adversarial is misclassified, at the distance reported for it,
+    # and perturb returns either x or a point that fools the model
+    found = torch.isfinite(dist)
+    with torch.no_grad():
+        assert (model(points[found]).argmax(1) != y[found]).all()
+        moved = (x_adv != x).flatten(1).any(1)
+        assert (model(x_adv[moved]).argmax(1) != y[moved]).all()
+    assert torch.equal(threat.distance(points, x)[found], dist[found])
+
+
 @pytest.mark.parametrize("batch_size, largest", [(None, 512), (100, 100)])
 def test_hopskipjump_splits_its_queries_into_cache_sized_calls_on_a_cpu(standard_model, digits, batch_size,
                                                                         largest):
@@ -323,6 +345,16 @@ def test_bad_hopskipjump_settings():
         HopSkipJump(ThreatModel("l2", 1.0), gamma=0.0)
     with pytest.raises(ConfigError, match="init_evals"):
         HopSkipJump(ThreatModel("l2", 1.0), init_evals=0)
+
+
+def test_hopskipjump_describes_every_setting_that_changes_its_points():
+    # Prepare / Execute
+    settings = HopSkipJump(ThreatModel("l2", 1.0), max_queries=300, max_iter=7, init_evals=20,
+                           max_evals=50, init_trials=9, gamma=2.0, seed=3).describe()
+    # Assert: every search setting appears with its value (batch_size only splits the calls)
+    expected = {"max_queries": 300, "max_iter": 7, "init_evals": 20, "max_evals": 50, "init_trials": 9,
+                "gamma": 2.0, "seed": 3}
+    assert {key: settings[key] for key in expected} == expected
 
 
 def test_registered_by_name():

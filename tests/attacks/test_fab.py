@@ -3,6 +3,8 @@ and parity with AutoAttack's FAB (pyautoattack)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -254,3 +256,32 @@ def test_robust_accuracy_within_one_point_of_autoattack_fab(robust_model, digits
     assert abs(acc_plain - theirs) <= 0.01
     assert acc <= acc_plain, "the final search can only add fooled examples"
     assert bool(threat.contains(ours, x).all())
+
+
+# -- half precision -----------------------------------------------------------------------------
+
+def test_bfloat16_search_state_is_float32_and_records_the_points_the_model_judged(standard_model, digits,
+                                                                                 monkeypatch):
+    # Prepare: a bfloat16 model and batch; record the dtype of every iterate FAB steps from
+    model = copy.deepcopy(standard_model).to(torch.bfloat16)
+    x, y = digits.test.x[:20].to(torch.bfloat16), digits.test.y[:20]
+    threat = ThreatModel("linf", 0.2)
+    seen = []
+    original = FAB._step
+
+    def recording(self, current, x_nat, normal, offset):
+        seen.append((current.dtype, x_nat.dtype))
+        return original(self, current, x_nat, normal, offset)
+
+    monkeypatch.setattr(FAB, "_step", recording)
+    # Execute
+    points, norms = FAB(threat, steps=10).minimal(model, x, y)
+    # Assert: the search runs in float32; each returned point has x's dtype, fools the model and
+    # lies at exactly the norm reported for it
+    assert seen and all(dtypes == (torch.float32, torch.float32) for dtypes in seen)
+    found = torch.isfinite(norms)
+    assert points.dtype == torch.bfloat16 and found.sum() >= 15
+    with torch.no_grad():
+        assert (model(points[found]).argmax(1) != y[found]).all()
+    assert torch.equal(threat.distance(points, x)[found], norms[found])
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -323,3 +325,26 @@ def test_fmn_judges_its_last_point_without_a_backward_pass(standard_model, digit
     counter = _GradientCounter(standard_model)
     FMN(L2, steps=5).minimal(counter, x, y)
     assert (counter.forward_passes, counter.backward_passes) == (6, 5)
+
+
+def test_fmn_radius_keeps_shrinking_in_bfloat16(standard_model, digit_batch, monkeypatch):
+    # Prepare: a bfloat16 model and batch; record every radius update of the search
+    model = copy.deepcopy(standard_model).to(torch.bfloat16)
+    x, y = digit_batch[0][:16].to(torch.bfloat16), digit_batch[1][:16]
+    updates = []
+    original = FMN._next_radius
+
+    def recording(self, radius, norm_now, best_norm, loss, grad, fooled, found, gamma):
+        new = original(self, radius, norm_now, best_norm, loss, grad, fooled, found, gamma)
+        updates.append((radius, new, fooled, best_norm))
+        return new
+
+    monkeypatch.setattr(FMN, "_next_radius", recording)
+    # Execute
+    FMN(L2, steps=100).minimal(model, x, y)
+    # Assert: radii are held in float32, and a fooled example's radius shrinks at every step, even
+    # the last ones, where gamma (0.001) is below bfloat16's resolution near 1
+    for radius, new, fooled, best_norm in updates:
+        assert new.dtype == torch.float32
+        shrinking = fooled & (radius > 0) & (radius <= best_norm)
+        assert (new[shrinking] < radius[shrinking]).all()

@@ -91,6 +91,21 @@ def dlr_targeted_loss(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
     return -(true - wanted) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + DLR_EPS)
 
 
+def dlr_to_target_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """DLR towards a target: ``-(max_{j != t} z_j - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``, per example.
+
+    The loss of a genuinely targeted attack, whose success is ``argmax z == t``: it rises until the
+    target beats every other class, the runner-up being whichever non-target class leads, not
+    necessarily the true one. (``dlr_targeted_loss`` pulls ``z_t`` past ``z_y`` only, which is what
+    APGD-T needs, since any misclassification is its success.)
+    """
+    _check_classes(logits, 4, "targeted DLR")
+    top = logits.topk(4, dim=1).values
+    wanted = logits.gather(1, target[:, None]).squeeze(1)
+    others = logits.scatter(1, target[:, None], -torch.inf).amax(dim=1)
+    return -(others - wanted) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + DLR_EPS)
+
+
 def _expand(per_example: Tensor, like: Tensor) -> Tensor:
     return per_example.reshape(-1, *([1] * (like.dim() - 1)))
 
@@ -146,7 +161,8 @@ class APGD(Attack):
     """Untargeted APGD on the cross-entropy (``loss="ce"``) or DLR (``loss="dlr"``) loss.
 
     With ``targeted=True`` it moves towards the given ``target`` labels instead (CE towards the
-    target, or the targeted DLR loss) and succeeds when the prediction equals the target.
+    target, or DLR towards it, ``dlr_to_target_loss``) and succeeds when the prediction equals the
+    target. (``APGDTargeted`` is the other kind: it counts any misclassification as success.)
     """
 
     name = "apgd"
@@ -195,7 +211,7 @@ class APGD(Attack):
             return self.objective(logits, y, target)
         if self.targeted:
             assert target is not None
-            return dlr_targeted_loss(logits, y, target)
+            return dlr_to_target_loss(logits, target)
         return dlr_loss(logits, y)
 
     # -- restarts -----------------------------------------------------------------------------

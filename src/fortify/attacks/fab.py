@@ -232,30 +232,50 @@ class FAB(Attack):
 
     def _run(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, start: Tensor,
              stop_at: float) -> tuple[Tensor, Tensor]:
-        """One FAB run from ``start``: the smallest fooling iterate and its norm (inf if none)."""
-        current = start
+        """One FAB run from ``start``: the smallest fooling iterate and its norm (inf if none).
+
+        The iterate and the step live in at least float32, as C&W's and FMN's do: in half precision
+        a step shorter than half a unit in the last place would round back to where it started. The
+        model sees each iterate rounded to ``x``'s dtype, and that rounded point, the one the model
+        judged, is what gets recorded, with its own norm.
+        """
+        work = torch.promote_types(x.dtype, torch.float32)
+        x_work, current = x.to(work), start.to(work)
         best = x.clone()
-        norms = torch.full((x.shape[0],), torch.inf, device=x.device,
-                           dtype=torch.promote_types(x.dtype, torch.float32))
+        norms = torch.full((x.shape[0],), torch.inf, device=x.device, dtype=work)
         active = torch.arange(x.shape[0], device=x.device)
         for _ in range(self.steps):
             x_nat, labels = x[active], y[active]
-            normal, offset = self._linearise(model, current[active], labels,
-                                             None if target is None else target[active])
-            stepped = self._step(current[active], x_nat, normal, offset)
+            here = current[active]
+            normal, offset = self._linearise_at(model, here, x.dtype, labels,
+                                                None if target is None else target[active])
+            stepped = self._step(here, x_work[active], normal, offset)
+            judged = stepped.to(x.dtype)
             with torch.no_grad():
-                fooled = model(stepped).argmax(dim=1) != labels
-            dist = self.threat.distance(stepped, x_nat)
+                fooled = model(judged).argmax(dim=1) != labels
+            dist = self.threat.distance(judged, x_nat)
             better = fooled & (dist < norms[active])
-            best[active[better]] = stepped[better]
+            best[active[better]] = judged[better]
             norms[active[better]] = dist[better]
-            pulled = x_nat + self.beta * (stepped - x_nat)
+            pulled = x_work[active] + self.beta * (stepped - x_work[active])
             current[active] = torch.where(_expand(fooled, stepped), pulled, stepped)
             # an example already fooled within stop_at has what the caller needs
             active = active[norms[active] > stop_at]
             if active.numel() == 0:
                 break
         return best, norms
+
+    def _linearise_at(self, model: nn.Module, here: Tensor, dtype: torch.dtype, y: Tensor,
+                      target: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``_linearise`` at the search point ``here`` (float32 or wider) for a model that takes
+        ``dtype``: the model is linearised at ``here`` rounded to ``dtype`` and the hyperplane's
+        offset is moved from that point to ``here``, so a step from ``here`` aims at the same plane."""
+        if here.dtype == dtype:
+            return self._linearise(model, here, y, target)
+        rounded = here.to(dtype)
+        normal, offset = self._linearise(model, rounded, y, target)
+        normal, offset = normal.to(here.dtype), offset.to(here.dtype)
+        return normal, offset - (normal * _flat(here - rounded.to(here.dtype))).sum(dim=1)
 
     def _linearise(self, model: nn.Module, point: Tensor, y: Tensor,
                    target: Tensor | None) -> tuple[Tensor, Tensor]:

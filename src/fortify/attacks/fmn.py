@@ -24,7 +24,7 @@ from abc import abstractmethod
 import torch
 from torch import Tensor, nn
 
-from fortify.attacks.base import ATTACKS, Attack, attacking, check_positive_int
+from fortify.attacks.base import ATTACKS, Attack, attacking, check_positive_int, diagnose_failure
 from fortify.errors import ConfigError
 from fortify.threat import ThreatModel
 
@@ -74,7 +74,11 @@ class MinimalNormAttack(Attack):
         self._check_batch(x, y, target)
         with attacking(model):
             self._check_target_classes(model, x, target)
-            x_adv, found = self._search(model, x.detach(), y, target, self.seeded(x, generator))
+            try:
+                x_adv, found = self._search(model, x.detach(), y, target, self.seeded(x, generator))
+            except (IndexError, RuntimeError) as err:  # name the caller's mistake, as ``run`` does
+                diagnose_failure(model, x, y, err)
+                raise
         x_adv = x_adv.detach()
         norms = self.threat.distance(x_adv, x)
         return x_adv, torch.where(found, norms, torch.full_like(norms, torch.inf))
@@ -149,7 +153,9 @@ class FMN(MinimalNormAttack):
         n = x.shape[0]
         box = box_only(self.threat)
         current = x.clone()
-        radius = torch.zeros(n, dtype=x.dtype, device=x.device)
+        # radii and norms in at least float32: in bfloat16 ``radius * (1 - gamma)`` rounds back to
+        # ``radius`` once gamma drops below 2^-9, and the annealed radius would stop shrinking
+        radius = torch.zeros(n, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         best, best_norm = x.clone(), torch.full_like(radius, torch.inf)
         found = torch.zeros(n, dtype=torch.bool, device=x.device)
         worst = self._farthest_box_distance(x)
@@ -163,7 +169,7 @@ class FMN(MinimalNormAttack):
                 loss = -sign * logit_margin(logits, label)
             grad = None if last else torch.autograd.grad(loss.sum(), point)[0]
             point, logits, loss = point.detach(), logits.detach(), loss.detach()
-            norm_now = self.threat.distance(point, x).to(x.dtype)
+            norm_now = self.threat.distance(point, x).to(radius.dtype)
             fooled = self.succeeded(logits, y, target)
             better = fooled & (norm_now < best_norm)
             best = torch.where(_expand(better, x), point, best)
@@ -197,7 +203,7 @@ class FMN(MinimalNormAttack):
         """
         dual = 1 if self.threat.norm == "linf" else 2
         grad_dual = grad.reshape(grad.shape[0], -1).norm(p=dual, dim=1).clamp_min(1e-12)
-        to_boundary = norm_now + loss.abs() / grad_dual.to(loss.dtype)
+        to_boundary = norm_now + loss.to(radius.dtype).abs() / grad_dual.to(radius.dtype)
         grow = radius * (1 + gamma)
         grow = torch.where(found, grow, torch.maximum(grow, to_boundary))
         shrink = torch.minimum(radius * (1 - gamma), best_norm)
@@ -213,14 +219,15 @@ class FMN(MinimalNormAttack):
         unit_ball = ThreatModel(self.threat.norm, 1.0, (-1.0, 1.0))
         positive = radius > 0
         scale = _expand(torch.where(positive, radius, torch.ones_like(radius)), delta)
-        projected = unit_ball.project(delta / scale, torch.zeros_like(delta)) * scale
+        unit = (delta / scale).to(delta.dtype)
+        projected = (unit_ball.project(unit, torch.zeros_like(unit)) * scale).to(delta.dtype)
         return torch.where(_expand(positive, delta), projected, torch.zeros_like(delta))
 
     def _farthest_box_distance(self, x: Tensor) -> Tensor:
         """Distance from ``x`` to the farthest box corner: no radius beyond it can help."""
         lo, hi = self.threat.bounds
         corner = torch.where(x - lo > hi - x, torch.full_like(x, lo), torch.full_like(x, hi))
-        return self.threat.distance(corner, x).to(x.dtype)
+        return self.threat.distance(corner, x).to(torch.promote_types(x.dtype, torch.float32))
 
     @staticmethod
     def _unit_l2(grad: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fortify.attacks.base import ATTACKS, Attack, check_positive_int
+from fortify.attacks.base import ATTACKS, Attack, check_label_range, check_positive_int
 from fortify.errors import ConfigError
 from fortify.models.batching import query_batch
 from fortify.models.modes import evaluation_mode
@@ -88,7 +88,8 @@ class HopSkipJump(Attack):
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "max_queries": self.max_queries, "max_iter": self.max_iter,
-                "init_evals": self.init_evals, "max_evals": self.max_evals, "gamma": self.gamma}
+                "init_evals": self.init_evals, "max_evals": self.max_evals, "init_trials": self.init_trials,
+                "gamma": self.gamma}
 
     def with_threat(self, threat: ThreatModel) -> HopSkipJump:
         clone = super().with_threat(threat)
@@ -127,8 +128,7 @@ class HopSkipJump(Attack):
         with torch.no_grad():
             best = x.clone()
             dist = torch.full((x.shape[0],), torch.inf, device=x.device, dtype=_work_dtype(x))
-            everyone = torch.arange(x.shape[0], device=x.device)
-            dist[oracle.ask(x, everyone)] = 0.0
+            dist[oracle.ask_clean(x)] = 0.0
             active = (dist > good_enough).nonzero().squeeze(1)
             found = self._initial_points(oracle, x[active], active, generator)
             active, start = active[found.found], found.points[found.found]
@@ -214,12 +214,15 @@ class HopSkipJump(Attack):
 
         L2 searches the blend factor in [0, 1]; L-inf the radius of the box around x that adv is
         clipped to, in [0, ||adv - x||_inf]. An example whose budget runs out keeps its last
-        adversarial end, so the result is always adversarial.
+        adversarial end, so the result is always a point the model judged adversarial: where the
+        search never moved that end, ``adv`` itself, not ``_between(x, adv, high)`` rebuilt from it,
+        which in half precision can round to a different, unjudged point.
         """
         if norm == "l2":
             high = torch.ones(x.shape[0], device=x.device, dtype=_work_dtype(x))
         else:
             high = self.threat.distance(adv, x)
+        start = high.clone()
         low = torch.zeros_like(high)
         for _ in range(_MAX_HALVINGS):
             searching = ((high - low) > tolerance) & oracle.can_ask(idx)
@@ -230,7 +233,8 @@ class HopSkipJump(Attack):
             hit = oracle.ask(_between(x[rows], adv[rows], mid, norm), idx[rows])
             high[rows[hit]] = mid[hit]
             low[rows[~hit]] = mid[~hit]
-        return _between(x, adv, high, norm)
+        unmoved = (high == start).reshape(-1, *([1] * (x.dim() - 1)))
+        return torch.where(unmoved, adv, _between(x, adv, high, norm))
 
     def _normal(self, oracle: _Oracle, adv: Tensor, idx: Tensor, evals: Tensor, delta: float | Tensor,
                 generator: torch.Generator) -> Tensor:
@@ -319,14 +323,26 @@ class _Oracle:
     def can_ask(self, idx: Tensor) -> Tensor:
         return self.queries[idx] < self.budget
 
+    def ask_clean(self, x: Tensor) -> Tensor:
+        """``ask`` for every example at its clean input, which first checks that each label names
+        one of the model's classes: a label past them would make every point look misclassified."""
+        if x.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.bool, device=x.device)
+        logits = self._logits(x)
+        check_label_range(self.y, logits.shape[1])
+        self.queries += 1
+        return logits.argmax(dim=1) != self.y
+
     def ask(self, points: Tensor, owners: Tensor) -> Tensor:
         """Per row: the label differs from the owner's true label. Counts one query per row."""
         if points.shape[0] == 0:
             return torch.zeros(0, dtype=torch.bool, device=points.device)
-        predictions = torch.cat([self.model(chunk).argmax(dim=1)
-                                 for chunk in points.split(self.batch_size)])
+        predictions = self._logits(points).argmax(dim=1)
         self.queries.index_add_(0, owners, torch.ones_like(owners))
         return predictions != self.y[owners]
+
+    def _logits(self, points: Tensor) -> Tensor:
+        return torch.cat([self.model(chunk) for chunk in points.split(self.batch_size)])
 
 
 def _between(x: Tensor, adv: Tensor, amount: Tensor, norm: str) -> Tensor:
