@@ -134,7 +134,9 @@ class TrainConfig(_Strict):
     extra_data: Path | None = None  # .npz with x, y like the dataset (fortify.training.extra_data)
     extra_fraction: float = Field(0.0, ge=0, lt=1)  # share of each batch drawn from extra_data
     channels_last: bool = False
-    compile: bool = False  # torch.compile the training passes
+    # torch.compile the training passes: True (torch's default mode) or a mode by name;
+    # "reduce-overhead" replays CUDA graphs, which pays off on a GPU (docs/PERFORMANCE.md)
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
 
     @model_validator(mode="after")
     def _check_extra_data(self) -> TrainConfig:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,14 +14,16 @@ from typer.testing import CliRunner
 from fortify.attacks import FGSM, PGD
 from fortify.attacks.adaptive import EOT
 from fortify.cli import app
-from fortify.config import RunConfig, load_config
+from fortify.config import RunConfig, TrainConfig, load_config
 from fortify.defences import GaussianNoise
 from fortify.errors import ConfigError
-from fortify.evaluation import RobustnessReport, evaluate
+from fortify.evaluation import RobustnessReport, evaluate, precision
 from fortify.evaluation.gradients import ZeroGradientPath
 from fortify.evaluation.precision import AutocastModel, check_against_fp32
 from fortify.pipeline import evaluate_model, prepare
 from fortify.threat import ThreatModel
+from fortify.training.objectives import ObjectiveOptions, build_objective
+from fortify.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 THREAT = ThreatModel("linf", 0.2)
@@ -211,3 +215,30 @@ def test_wrappers_keep_eots_mean_loss(wrap):
     assert through.dtype == logits.dtype == torch.float32
     (grad,) = torch.autograd.grad(through.sum(), point)
     assert grad.shape == x.shape
+
+
+# -- CPUs without oneDNN kernels for the precision ----------------------------------------------
+
+@pytest.mark.parametrize("has_kernels", [True, False])
+def test_eval_amp_warns_on_a_cpu_without_kernels_for_it(monkeypatch, has_kernels):
+    monkeypatch.setattr(precision, "cpu_has_kernels_for", lambda amp: has_kernels)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert precision.check_amp_support("bf16", torch.device("cpu")) == torch.bfloat16
+    slow = [w for w in caught if "no oneDNN bf16 kernels" in str(w.message)]
+    assert len(slow) == (0 if has_kernels else 1)
+    assert not slow or "eval.amp" in str(slow[0].message)
+
+
+@pytest.mark.parametrize("has_kernels", [True, False])
+def test_train_amp_warns_on_a_cpu_without_bf16_kernels(monkeypatch, has_kernels):
+    monkeypatch.setattr(precision, "cpu_has_kernels_for", lambda amp: has_kernels)
+    model = nn.Linear(4, 2)
+    config = TrainConfig(objective="standard", epochs=1, amp=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(model, build_objective("standard", ObjectiveOptions(ThreatModel("linf", 0.1))), config,
+                threat=ThreatModel("linf", 0.1), show_progress=False)
+    slow = [w for w in caught if "train.amp" in str(w.message)]
+    assert len(slow) == (0 if has_kernels else 1)
+

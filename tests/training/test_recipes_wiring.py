@@ -368,6 +368,20 @@ def test_compiled_training_matches_eager_training_on_a_tiny_mlp(digits, tmp_path
         assert torch.allclose(a, b, atol=1e-5, rtol=0), name
 
 
+@pytest.mark.parametrize(("setting", "mode"), [(True, "default"), ("reduce-overhead", "reduce-overhead"),
+                                               ("max-autotune", "max-autotune")])
+def test_train_compile_passes_its_mode_to_torch_compile(digits, monkeypatch, setting, mode):
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda module, *, mode: modes.append(mode) or module)
+    _trainer(digits, None, model_name="mlp", epochs=1, compile=setting)
+    assert modes == [mode]
+
+
+def test_an_unknown_compile_mode_is_refused_naming_the_valid_ones():
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        TrainConfig(compile="fastest")
+
+
 def _record_conv_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
     seen: list[torch.dtype] = []
     first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))

@@ -13,6 +13,7 @@ run from the same seed in both precisions, leaves the same examples robust.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,7 +36,27 @@ def check_amp_support(amp: str, device: torch.device) -> torch.dtype:
         raise ConfigError(f"device {device} does not support autocast; run without amp")
     if device.type == "cuda" and amp == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"device {device} does not support bf16; use amp fp16 or none")
+    warn_if_slow_on_cpu(amp, device, "eval.amp")
     return AMP_DTYPES[amp]
+
+
+def cpu_has_kernels_for(amp: str) -> bool:
+    """Whether oneDNN, the CPU kernel library behind torch's convolutions, runs ``amp`` on this CPU,
+    as torch reports it (on x86, bf16 needs AVX-512 and fp16 AVX-512 FP16 or AMX)."""
+    query = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[amp]
+    try:
+        return bool(getattr(torch.ops.mkldnn, query)())
+    except (AttributeError, RuntimeError):  # a torch build without the query or without oneDNN
+        return False
+
+
+def warn_if_slow_on_cpu(amp: str, device: torch.device, setting: str) -> None:
+    """A RuntimeWarning when ``amp`` autocast on this CPU would miss oneDNN's kernels: its
+    convolutions then take torch's reference code, many times slower than fp32 (docs/PERFORMANCE.md)."""
+    if device.type == "cpu" and not cpu_has_kernels_for(amp):
+        warnings.warn(f"{setting}: this CPU has no oneDNN {amp} kernels, so {amp} convolutions run in "
+                      "torch's reference code, many times slower than fp32; turn it off here",
+                      RuntimeWarning, stacklevel=3)
 
 
 class AutocastModel(nn.Module):

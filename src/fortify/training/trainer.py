@@ -26,6 +26,7 @@ from fortify.attacks.base import check_label_dtype
 from fortify.config import TrainConfig
 from fortify.data.base import Split
 from fortify.errors import CheckpointError, ConfigError, DataError
+from fortify.evaluation.precision import warn_if_slow_on_cpu
 from fortify.models.layout import flatten_gradient_hooks, to_channels_last
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
@@ -108,6 +109,20 @@ def check_training_data(train: Split, threat: ThreatModel) -> None:
         raise DataError(f"training labels must be class indices 0..K-1, got {int(train.y.min())}")
 
 
+# the most of a GPU's free memory a training split may take to be kept there (Trainer._keep_on_gpu):
+# the rest is for the model, its activations and the attack's
+RESIDENT_SHARE = 0.25
+
+
+def splits_on_device(splits: Sequence[Split], device: torch.device, *, free_bytes: int) -> list[Split]:
+    """``splits`` moved to ``device`` when together they take at most RESIDENT_SHARE of ``free_bytes``,
+    else as they are: all or none, since a batch joins examples of both (extra data)."""
+    size = sum(split.x.nbytes + split.y.nbytes for split in splits)
+    if size > RESIDENT_SHARE * free_bytes:
+        return list(splits)
+    return [Split(split.x.to(device), split.y.to(device)) for split in splits]
+
+
 class Trainer:
     """Trains ``model`` with ``objective`` under ``config``; checkpoints into ``run_dir``."""
 
@@ -131,7 +146,8 @@ class Trainer:
         # passes whose loss the optimiser follows go through DDP; attacks and validation use the model
         self.train_model = distributed.wrap(model) if distributed is not None else model
         if config.compile:
-            self.train_model = torch.compile(self.train_model)
+            mode = "default" if config.compile is True else config.compile
+            self.train_model = torch.compile(self.train_model, mode=mode)
         self.objective = objective
         self.config = config
         self.threat = threat
@@ -142,6 +158,8 @@ class Trainer:
         if config.amp and not torch.amp.is_autocast_available(self.device.type):
             raise ConfigError(f"train.amp needs autocast, which device {self.device} lacks; "
                               "train without amp")
+        if config.amp:
+            warn_if_slow_on_cpu("bf16", self.device, "train.amp")
         self.optimizer = self._build_optimizer()
         self.schedule = SCHEDULES.get(config.schedule)
         self.shuffle = torch.Generator().manual_seed(config.seed)
@@ -165,6 +183,7 @@ class Trainer:
         else:
             torch.manual_seed(self.config.seed)
         self.batch_recipe.bind(train, self.model, self.threat.bounds)
+        train = self._keep_on_gpu(train)
         steps_per_epoch = self.batch_recipe.steps_per_epoch(len(train))
         # channels_last: the gradient through each nn.Flatten goes back channels_last (layout.py)
         layout_hooks = (flatten_gradient_hooks(self.model) if self.config.channels_last
@@ -228,6 +247,23 @@ class Trainer:
         return EpochRecord(epoch=self.state.epoch + 1, lr=lr, eps=eps,
                            train_loss=float(loss_sum) / max(seen, 1), val_clean_accuracy=clean,
                            val_robust_accuracy=robust, seconds=time.perf_counter() - start)
+
+    def _keep_on_gpu(self, train: Split) -> Split:
+        """The training split (and the extra data) on the training device when that is a GPU with room
+        for them; else as they are.
+
+        On a GPU, batches cut from host memory cost a host-side gather, augmentation on the CPU and a
+        copy per step; cut on the device they cost a few kernels. The batches are the same: the
+        shuffle and the augmentations draw from CPU generators wherever the data lie.
+        """
+        if self.device.type != "cuda":
+            return train
+        extra = self.batch_recipe.extra
+        free, _ = torch.cuda.mem_get_info(self.device)
+        moved = splits_on_device([train] if extra is None else [train, extra], self.device, free_bytes=free)
+        if extra is not None:
+            self.batch_recipe.extra = moved[1]
+        return moved[0]
 
     def _local_batches(self, train: Split) -> Iterator[LocalBatch]:
         """The shuffled batches, or under torchrun this rank's share of each global batch."""
