@@ -20,7 +20,7 @@ Four parts, in one process (``--parts``):
   before it kept a training split that fits on the GPU.
 
 Timing drains the GPU (``torch.cuda.synchronize``) before reading the host clock. The data are
-synthetic (the GPU machines have no network): images whose class sets a smooth colour pattern under
+synthetic (nothing to download): images whose class sets a smooth colour pattern under
 per-image noise. Timing needs no real images; the accuracies only show that training ran.
 
     python bench/gpu_fast_at.py                                 # peak, steps and recipe on cuda
