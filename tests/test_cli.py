@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -841,3 +842,16 @@ def test_an_evaluation_without_report_refreshes_an_earlier_report(trained_dir, t
     assert second.exit_code == 0, second.output
     page = (model / "report.html").read_text()
     assert "eps=0.1" in page and "eps=0.2" not in page
+
+
+def test_the_command_line_formats_a_warning_as_one_line(monkeypatch):
+    from fortify import cli
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored afterwards
+    monkeypatch.setattr(sys, "argv", ["fortify", "--help"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    # what Python's warning display prints: no file name, no source line
+    shown = warnings.formatwarning("train.amp: slow here", RuntimeWarning, "/src/fortify/pipeline.py", 363,
+                                   "    trainer = Trainer(model)")
+    assert shown == "warning: train.amp: slow here\n"

@@ -13,6 +13,7 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -107,6 +108,12 @@ _AFTER_INTERRUPT = {"run": "rerun the same command with --resume to continue",
 def _print_error(message: str) -> None:
     # escaped: rich would read "[nan, 1]" or "[low, high]" in a message as markup and drop it
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     line: str | None = None) -> str:
+    """A warning as the command line shows it: one line, like its errors, without the source line."""
+    return f"warning: {message}\n"
 
 
 def _handles_errors(command: F) -> F:
@@ -844,6 +851,7 @@ def sweep(
 
 def main() -> None:
     keep_freed_memory_if_asked()  # FORTIFY_KEEP_FREED_MEMORY=1 (fortify.allocator)
+    warnings.formatwarning = one_line_warning
     try:
         code = app(prog_name="fortify", standalone_mode=False)
     except click.UsageError as err:  # a flag click cannot parse: one line, as every other error
