@@ -95,6 +95,34 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(digits, tmp_pat
     assert result_a.best_epoch == result_c.best_epoch
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_channels_last_run_resumes_to_the_uninterrupted_weights(digits, tmp_path, optimizer):
+    # The checkpoint keeps the momentum (Adam's moments) contiguous while the conv weights train
+    # channels_last; torch's fused optimiser steps would pair mismatched layouts element by element
+    train, val = _subset(digits, 256)
+    settings = {"objective": "standard", "optimizer": optimizer, "channels_last": True,
+                "early_stopping": False}
+
+    def kill_after_two(record):
+        if record.epoch == 2:
+            raise Interrupted
+
+    _, trainer_a = _trainer(digits, tmp_path / "a", **settings)
+    _, trainer_b = _trainer(digits, tmp_path / "b", callbacks=[kill_after_two], **settings)
+    trainer_a.fit(train, val)
+    with pytest.raises(Interrupted):
+        trainer_b.fit(train, val)
+    model_c, trainer_c = _trainer(digits, tmp_path / "b", **settings)
+    trainer_c.fit(train, val, resume=True)
+    last_a, last_c = (load_file(str(run / "last.safetensors")) for run in (tmp_path / "a", tmp_path / "b"))
+    for name, weights in last_a.items():
+        assert torch.equal(weights, last_c[name]), f"{name} differs after resume"
+    conv = model_c[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    for value in trainer_c.optimizer.state[conv].values():
+        assert value.dim() == 0 or value.stride() == conv.stride()
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the CUDA generator needs a GPU"))])
 def test_a_dropout_model_resumes_to_the_uninterrupted_weights(digits, tmp_path, device):

@@ -114,6 +114,25 @@ def check_training_data(train: Split, threat: ThreatModel) -> None:
 RESIDENT_SHARE = 0.25
 
 
+def state_in_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Restride each tensor of ``optimizer``'s state (momentum, Adam's moments) to its parameter's
+    layout, in place of the one it was loaded in.
+
+    A checkpoint stores the state contiguous (NCHW), while channels_last training holds its conv
+    weights channels_last. torch's fused and foreach optimiser kernels walk a parameter and its state
+    as flat memory without comparing strides, so a mismatch would silently pair each weight with
+    another weight's momentum after a resume.
+    """
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if (isinstance(value, Tensor) and value.shape == parameter.shape
+                        and value.stride() != parameter.stride()):
+                    # empty_like keeps the parameter's strides (dense, non-overlapping tensors)
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
 def splits_on_device(splits: Sequence[Split], device: torch.device, *, free_bytes: int) -> list[Split]:
     """``splits`` moved to ``device`` when together they take at most RESIDENT_SHARE of ``free_bytes``,
     else as they are: all or none, since a batch joins examples of both (extra data)."""
@@ -490,6 +509,7 @@ class Trainer:
         tensors = ckpt.load_tensors(self.run_dir / "state.safetensors", "train-state",
                                     hashes["state.safetensors"])
         self.optimizer.load_state_dict(ckpt.join_optimizer_state(tensors, state["optimizer"]))
+        state_in_parameter_layout(self.optimizer)
         torch.set_rng_state(tensors["rng.torch"])
         if self.device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
