@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from fortify.allocator import keep_freed_memory
 from fortify.config import TrainConfig
 from fortify.data import load_dataset
+from fortify.evaluation.precision import cpu_has_kernels_for
 from fortify.models import build_model
 from fortify.models.layout import channels_last
 from fortify.threat import ThreatModel
@@ -134,20 +135,51 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+# fortify's training rows: name -> (row label, TrainConfig settings over the benchmark's own).
+# "default" is the Trainer as it comes (on CPU: fp32, channels_last where the model runs so);
+# "nchw" trains in the layout ART's rows train in; "fast" adds bf16 autocast
+FORTIFY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "default": ("fortify", {}),
+    "nchw": ("fortify NCHW", {"channels_last": False}),
+    "fast": ("fortify bf16 channels_last", {"amp": True, "channels_last": True}),
+}
+
+
+def add_variant_options(parser: argparse.ArgumentParser) -> None:
+    """``--variants`` (fortify's rows) and ``--art-channels-last`` for the training benchmarks."""
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(FORTIFY_VARIANTS),
+                        help=f"fortify's rows, comma separated, from {', '.join(FORTIFY_VARIANTS)} "
+                             "('fast' is left out on a CPU without oneDNN bf16 kernels); the first "
+                             "one is the baseline of the time ratios")
+    parser.add_argument("--art-channels-last", action="store_true",
+                        help="also run ART's trainers on the model with channels_last weights")
+
+
+def check_variants(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    unknown = [v for v in args.variants if v not in FORTIFY_VARIANTS]
+    if unknown or not args.variants:
+        parser.error(f"unknown variants {unknown}; valid: {', '.join(FORTIFY_VARIANTS)}")
+    if "fast" in args.variants and not cpu_has_kernels_for("bf16"):
+        print("note: the 'fast' rows (bf16 autocast) are left out: this CPU has no oneDNN bf16 kernels, "
+              "where they would time torch's reference convolutions")
+        args.variants = [v for v in args.variants if v != "fast"] or ["default"]
+
+
 def trainer_rows(args: argparse.Namespace, pairs: tuple[tuple[str, str], ...],
-                 group_of: Callable[[str], str], fortify_trainer: Callable[[str, bool], Any],
-                 art_trainer: Callable[[str], Any]) -> list[tuple[str, str, Any]]:
+                 group_of: Callable[[str], str], fortify_trainer: Callable[[str, dict[str, Any]], Any],
+                 art_trainer: Callable[[str, bool], Any]) -> list[tuple[str, str, Any]]:
     """``(group, library, train function)`` per objective in ``args.objectives``, for the training
-    benchmarks: fortify in fp32, fortify's fast path (bf16 autocast, channels_last) unless
-    ``--no-fast``, ART's matching trainer unless ``--no-art`` or ART is not importable."""
+    benchmarks: fortify's ``--variants`` (the first is the ratios' baseline), then ART's matching
+    trainer (also on channels_last weights with ``--art-channels-last``) unless ``--no-art`` or ART
+    is not importable."""
     rows = []
     for objective, art_name in pairs:
         if objective not in args.objectives:
             continue
         group = group_of(objective)
-        rows.append((group, "fortify", fortify_trainer(objective, False)))
-        if not args.no_fast:
-            rows.append((group, "fortify bf16 channels_last", fortify_trainer(objective, True)))
+        for variant in args.variants:
+            label, settings = FORTIFY_VARIANTS[variant]
+            rows.append((group, label, fortify_trainer(objective, settings)))
         if args.no_art:
             continue
         try:
@@ -155,7 +187,9 @@ def trainer_rows(args: argparse.Namespace, pairs: tuple[tuple[str, str], ...],
         except ImportError as err:
             print(f"note: ART skipped, not importable ({err})")
             continue
-        rows.append((group, f"ART {art_name}", art_trainer(objective)))
+        rows.append((group, f"ART {art_name}", art_trainer(objective, False)))
+        if args.art_channels_last:
+            rows.append((group, f"ART {art_name} channels_last", art_trainer(objective, True)))
     return rows
 
 

@@ -13,8 +13,9 @@ time reported is training time only, evaluation excluded.
 
 Pairs: fortify fgsm-rs / ART ``AdversarialTrainerFBFPyTorch``; fortify pgd (10 steps of
 2.5*eps/10 from a random start) / ``AdversarialTrainerMadryPGD`` (same steps, step size and start).
-fortify runs twice per objective: in fp32 like ART, and with ``train.amp`` (bf16 autocast) and
-``train.channels_last`` (``--no-fast`` leaves that row out).
+fortify runs once per ``--variants`` entry, as in ``training_throughput.py``: the Trainer as it
+comes (on CPU channels_last where the model runs so), in NCHW like ART, and with bf16 autocast
+(left out on CPUs without native bf16).
 
 How each library is trained one epoch at a time:
 
@@ -57,6 +58,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # ART's per-epoch progress bars would fill stderr
 
@@ -69,8 +71,10 @@ from _common import (
     ForwardCounter,
     accuracy,
     add_allocator_option,
+    add_variant_options,
     apply_process_options,
     check_repeats,
+    check_variants,
     load_average,
     median,
     print_provenance,
@@ -81,6 +85,7 @@ from fortify.config import TrainConfig
 from fortify.data import load_dataset
 from fortify.data.base import Split
 from fortify.models import build_model
+from fortify.models.layout import to_channels_last
 from fortify.threat import ThreatModel
 from fortify.training.objectives import ObjectiveOptions, build_objective
 from fortify.training.trainer import EpochRecord, Trainer
@@ -141,14 +146,15 @@ class _TargetReached(Exception):
     """Raised by the epoch callback to end a fortify run."""
 
 
-def fortify_trainer(objective: str, fast: bool = False) -> TrainFn:
-    """fortify's Trainer; ``fast`` adds its speed switches: bf16 autocast and channels_last."""
+def fortify_trainer(objective: str, settings: dict[str, Any]) -> TrainFn:
+    """fortify's Trainer with the variant's ``settings`` (``_common.FORTIFY_VARIANTS``) over the
+    benchmark's own."""
     def train(model: nn.Module, data: Split, progress: Progress, args: argparse.Namespace) -> None:
         threat = ThreatModel("linf", args.eps)
         options = ObjectiveOptions(threat, attack_steps=args.attack_steps, seed=args.seed)
         config = TrainConfig(objective=objective, epochs=args.max_epochs, batch_size=args.batch, lr=args.lr,
                              momentum=0.9, weight_decay=0.0, schedule="constant", early_stopping=False,
-                             attack_steps=args.attack_steps, seed=args.seed, amp=fast, channels_last=fast)
+                             attack_steps=args.attack_steps, seed=args.seed, **settings)
 
         def check(_: EpochRecord) -> None:
             if progress.end_of_epoch():
@@ -165,11 +171,14 @@ def fortify_trainer(objective: str, fast: bool = False) -> TrainFn:
 # -- ART ---------------------------------------------------------------------------------------
 
 
-def art_trainer(kind: str) -> TrainFn:
+def art_trainer(kind: str, on_channels_last: bool = False) -> TrainFn:
+    """ART's trainer of ``kind``; ``on_channels_last``: on the model with channels_last weights."""
     def train(model: nn.Module, data: Split, progress: Progress, args: argparse.Namespace) -> None:
         from art.defences import trainer as art
         from art.estimators.classification import PyTorchClassifier
 
+        if on_channels_last:
+            to_channels_last(model)
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
         classifier = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), optimizer=optimizer,
                                        input_shape=tuple(data.x.shape[1:]), nb_classes=NUM_CLASSES,
@@ -232,7 +241,7 @@ def seconds_cells(c: Contender, baseline: float | None) -> str:
 def print_table(contenders: list[Contender]) -> None:
     baseline: dict[str, float | None] = {}
     for c in contenders:
-        if c.library == "fortify":
+        if c.group not in baseline:  # each group's first row: fortify's first variant
             reached = [s for s in c.seconds if s is not None]
             baseline[c.group] = median(reached) if reached else None
     print()
@@ -258,8 +267,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--objectives", type=lambda s: s.split(","), default=[p[0] for p in PAIRS],
                         help=f"comma separated, from {', '.join(p[0] for p in PAIRS)}")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-fast", action="store_true",
-                        help="leave out fortify's bf16 + channels_last rows")
+    add_variant_options(parser)
     parser.add_argument("--no-art", action="store_true")
     add_allocator_option(parser)
     args = parser.parse_args(argv)
@@ -269,6 +277,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.target <= 1:
         parser.error("--target is an accuracy in (0, 1]")
     check_repeats(parser, args)
+    check_variants(parser, args)
     return args
 
 

@@ -11,9 +11,12 @@ that is cheap because it trains less hard shows as less robust.
 
 Pairs: standard / ART ``PyTorchClassifier.fit``; fgsm-rs / ``AdversarialTrainerFBFPyTorch``;
 pgd-10 / ``AdversarialTrainerMadryPGD``; trades / ``AdversarialTrainerTRADESPyTorch``;
-awp-pgd / ``AdversarialTrainerAWPPyTorch``. fortify runs twice per objective: in fp32 like ART, and
-with its speed switches (``train.amp``: bf16 autocast; ``train.channels_last``), which pay off on
-CPUs with native bf16 (AVX512-BF16 or AMX) and on GPUs; ``--no-fast`` leaves the second row out.
+awp-pgd / ``AdversarialTrainerAWPPyTorch``. fortify runs once per ``--variants`` entry
+(``_common.FORTIFY_VARIANTS``): ``default``, the Trainer as it comes (fp32; on CPU channels_last
+weights where the model runs so), ``nchw``, in the layout ART trains in, and ``fast``, with bf16
+autocast as well (``train.amp``), which pays off on CPUs with native bf16 (AVX512-BF16 or AMX) and
+on GPUs and is left out elsewhere. ``--art-channels-last`` adds ART's trainers on the model with
+channels_last weights.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # ART's per-epoch progress bars would fill the output
 
@@ -35,8 +39,10 @@ from _common import (
     ForwardCounter,
     accuracy,
     add_allocator_option,
+    add_variant_options,
     apply_process_options,
     check_repeats,
+    check_variants,
     load_average,
     median,
     print_provenance,
@@ -47,6 +53,7 @@ from fortify.config import TrainConfig
 from fortify.data import load_dataset
 from fortify.data.base import Split
 from fortify.models import build_model
+from fortify.models.layout import to_channels_last
 from fortify.threat import ThreatModel
 from fortify.training.methods import MethodOptions
 from fortify.training.objectives import build_objective
@@ -76,8 +83,9 @@ class Contender:
 # -- fortify -----------------------------------------------------------------------------------
 
 
-def fortify_trainer(objective: str, fast: bool = False) -> TrainFn:
-    """fortify's Trainer; ``fast`` adds its speed switches: bf16 autocast and channels_last."""
+def fortify_trainer(objective: str, settings: dict[str, Any]) -> TrainFn:
+    """fortify's Trainer with the variant's ``settings`` (``_common.FORTIFY_VARIANTS``) over the
+    benchmark's own."""
     def train(model: ForwardCounter, data: Split, args: argparse.Namespace) -> None:
         threat = ThreatModel("linf", args.eps)
         options = MethodOptions(threat, attack_steps=args.attack_steps, awp_warmup_epochs=args.awp_warmup)
@@ -85,7 +93,7 @@ def fortify_trainer(objective: str, fast: bool = False) -> TrainFn:
         config = TrainConfig(objective=objective, epochs=args.epochs, batch_size=args.batch, lr=args.lr,
                              momentum=0.9, weight_decay=0.0, schedule="constant", early_stopping=False,
                              attack_steps=args.attack_steps, awp_warmup_epochs=args.awp_warmup,
-                             seed=args.seed, amp=fast, channels_last=fast)
+                             seed=args.seed, **settings)
         # the Trainer validates after each epoch; a split of 8 examples keeps that out of the timing
         val = Split(data.x[:8], data.y[:8])
         Trainer(model, build_objective(objective, options), config, threat=threat,
@@ -114,10 +122,14 @@ def art_pgd(classifier: object, args: argparse.Namespace) -> object:
                                     num_random_init=1, batch_size=args.batch, verbose=False)
 
 
-def art_trainer(kind: str) -> TrainFn:
+def art_trainer(kind: str, on_channels_last: bool = False) -> TrainFn:
+    """ART's trainer of ``kind``; ``on_channels_last``: on the model with channels_last weights (ART
+    passes NCHW batches, which a channels_last convolution accepts)."""
     def train(model: ForwardCounter, data: Split, args: argparse.Namespace) -> None:
         from art.defences import trainer as art
 
+        if on_channels_last:
+            to_channels_last(model)
         classifier = art_classifier(model, args, tuple(data.x.shape[1:]))
         # one-hot labels: ART's FBF trainer needs them, the others accept them
         x, y = data.x.numpy(), torch.nn.functional.one_hot(data.y, NUM_CLASSES).float().numpy()
@@ -172,7 +184,9 @@ def measure(contender: Contender, train: Split, test: Split, args: argparse.Name
 
 
 def print_table(contenders: list[Contender], n_train: int, epochs: int) -> None:
-    baseline = {c.group: median(c.seconds) for c in contenders if c.library == "fortify"}
+    baseline: dict[str, float] = {}
+    for c in contenders:  # each group's first row: fortify's first variant
+        baseline.setdefault(c.group, median(c.seconds))
     seen = n_train * epochs
     print()
     print("| objective | library | median s / epoch | min-max s / epoch | examples/s | time / fortify "
@@ -201,14 +215,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="epochs of plain PGD training before AWP starts (both libraries)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-art", action="store_true")
-    parser.add_argument("--no-fast", action="store_true",
-                        help="leave out fortify's bf16 + channels_last rows")
+    add_variant_options(parser)
     add_allocator_option(parser)
     args = parser.parse_args(argv)
     unknown = set(args.objectives) - {p[0] for p in PAIRS}
     if unknown:
         parser.error(f"unknown objectives {sorted(unknown)}; valid: {', '.join(p[0] for p in PAIRS)}")
     check_repeats(parser, args)
+    check_variants(parser, args)
     return args
 
 

@@ -290,7 +290,8 @@ def train(
     amp: Annotated[str | None, typer.Option(
         help="bf16: train under bf16 autocast (CUDA, or a CPU with native bf16).")] = None,
     channels_last: Annotated[bool | None, typer.Option(
-        "--channels-last", help="Store conv weights and image batches NHWC.")] = None,
+        "--channels-last/--no-channels-last", help="Train with conv weights and image batches stored NHWC "
+        "(default: on CPU when the model runs so, where it is faster).")] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = "auto",
     resume: ResumeOpt = False,

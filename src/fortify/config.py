@@ -133,7 +133,9 @@ class TrainConfig(_Strict):
     ema_decay: float | None = Field(None, ge=0, le=1)  # None: no EMA; else the evaluated weights
     extra_data: Path | None = None  # .npz with x, y like the dataset (fortify.training.extra_data)
     extra_fraction: float = Field(0.0, ge=0, lt=1)  # share of each batch drawn from extra_data
-    channels_last: bool = False
+    # channels_last conv weights and inputs while training (speed only; the weights come back in the
+    # default layout); None: on for CPU training in one process of a model that runs so, not under DP
+    channels_last: bool | None = None
     # torch.compile the training passes: True (torch's default mode) or a mode by name;
     # "reduce-overhead" replays CUDA graphs, which pays off on a GPU (docs/PERFORMANCE.md)
     compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False

@@ -12,7 +12,13 @@ from fortify import pipeline
 from fortify.config import RunConfig
 from fortify.errors import ConfigError
 from fortify.models import build_model
-from fortify.models.layout import channels_last, restore_layout, runs_channels_last, to_channels_last
+from fortify.models.layout import (
+    channels_last,
+    restore_layout,
+    runs_channels_last,
+    to_channels_last,
+    to_contiguous,
+)
 from fortify.pipeline import analyse_model, evaluate_model, prepare
 
 CL = torch.channels_last
@@ -42,6 +48,23 @@ def test_only_4d_tensors_convert_and_parameters_keep_their_identity():
     assert model.conv.weight.is_contiguous() and model.bn.kernel.is_contiguous()
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, values_before[name]), name
+
+
+def test_to_contiguous_keeps_the_values_trained_meanwhile_in_the_default_strides():
+    model = _mixed_model()
+    model.add_module("gray", nn.Conv2d(1, 4, 3))  # one input channel: passes is_contiguous either way
+    params_before = {name: p for name, p in model.named_parameters()}
+    to_channels_last(model)
+    assert model.gray.weight.stride() == (9, 1, 3, 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # what training in channels_last changed
+    trained = {name: t.clone() for name, t in model.state_dict().items()}
+    to_contiguous(model)
+    assert model.gray.weight.stride() == (9, 9, 3, 1) and model.conv.weight.stride() == (27, 9, 3, 1)
+    assert {name: p for name, p in model.named_parameters()} == params_before  # same objects
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
 
 
 def test_the_network_runs_channels_last_inside_with_the_same_outputs():

@@ -387,6 +387,18 @@ def test_batch_settings_dp_cannot_account_for_are_refused_by_the_trainer_itself(
                   threat=THREAT)
 
 
+def test_dp_training_of_a_conv_net_stays_in_the_default_layout_when_unset(digits: Dataset) -> None:
+    # unset, the plain Trainer trains a conv net channels_last on CPU; Opacus' per-example gradients
+    # were not measured so, and DP-SGD keeps the weights as given
+    torch.manual_seed(0)
+    model = build_model("small-cnn", digits.input_shape, digits.num_classes)
+    layouts: list[tuple[int, ...]] = []
+    trainer = _trainer(model, callbacks=(lambda _record: layouts.append(model[2].weight.stride()),))
+    assert trainer.config.channels_last is None and not trainer.channels_last
+    trainer.fit(_head(digits), _head(digits, 64))
+    assert layouts == [(32 * 9, 9, 3, 1)]
+
+
 # -- command line ------------------------------------------------------------------------------
 
 def test_cli_rejects_a_bad_epsilon_without_a_traceback(tmp_path: Path) -> None:

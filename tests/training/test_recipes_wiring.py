@@ -55,9 +55,11 @@ def _extra_file(tmp_path: Path, n: int = 40, shape: tuple[int, ...] = (1, 8, 8),
     return path
 
 
-def _trainer(digits, run_dir, *, objective="fgsm-rs", model_name="small-cnn", callbacks=(), **settings):
+def _trainer(digits, run_dir, *, objective="fgsm-rs", model_name="small-cnn", callbacks=(), model=None,
+             **settings):
     torch.manual_seed(11)
-    model = build_model(model_name, digits.input_shape, digits.num_classes)
+    if model is None:
+        model = build_model(model_name, digits.input_shape, digits.num_classes)
     config = TrainConfig(**{"objective": objective, "epochs": 3, "batch_size": 32, "attack_steps": 1,
                             "val_attack_steps": 1, "seed": 3, "early_stopping": False, **settings})
     built = build_objective(objective, ObjectiveOptions(THREAT, attack_steps=1, seed=3))
@@ -308,16 +310,83 @@ def test_a_fraction_that_leaves_a_split_empty_is_refused_by_name():
 CHANNELS_LAST_TOLERANCE = 1e-4  # docs/RECIPES.md: other conv kernels, other rounding
 
 
+def _conv_layouts(model: nn.Module, seen: list[bool]):
+    """An epoch callback recording whether every 4-D weight of ``model`` is channels_last."""
+    def record(_record) -> None:
+        # strides compared: a weight with one input channel passes is_contiguous in both layouts
+        convs = [p for p in model.parameters() if p.dim() == 4]
+        seen.append(bool(convs) and all(
+            p.stride() == torch.empty_like(p, memory_format=torch.channels_last).stride() for p in convs))
+    return record
+
+
 def test_channels_last_gives_the_same_weights_within_tolerance(digits, tmp_path):
     train, val = _small(digits, 64)
-    model_a, trainer_a = _trainer(digits, None, epochs=1)
-    model_b, trainer_b = _trainer(digits, None, epochs=1, channels_last=True)
+    model_a, trainer_a = _trainer(digits, None, epochs=1, channels_last=False)
+    layouts: list[bool] = []
+    torch.manual_seed(11)
+    model_b = build_model("small-cnn", digits.input_shape, digits.num_classes)
+    model_b, trainer_b = _trainer(digits, None, epochs=1, channels_last=True,
+                                  callbacks=[_conv_layouts(model_b, layouts)], model=model_b)
     result_a, result_b = trainer_a.fit(train, val), trainer_b.fit(train, val)
-    convs = [p for p in model_b.parameters() if p.dim() == 4]
-    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert layouts == [True]  # trained channels_last ...
+    assert all(p.is_contiguous() for p in model_b.parameters())  # ... handed back in the default layout
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.allclose(a, b, atol=CHANNELS_LAST_TOLERANCE, rtol=0), name
     assert result_a.history[0].train_loss == pytest.approx(result_b.history[0].train_loss, abs=1e-4)
+
+
+class _ViewHead(nn.Module):
+    """A conv net that flattens with Tensor.view, which fails on channels_last activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.fc(h.view(h.shape[0], -1))
+
+
+@pytest.mark.parametrize(("model_name", "expected"), [("small-cnn", True), ("mlp", False), ("view", False)])
+def test_unset_channels_last_trains_so_on_cpu_where_the_model_runs_so(digits, model_name, expected):
+    # unset: channels_last for a model with 4-D weights that runs that way; an MLP has none, and a
+    # model that reshapes with view trains in the default layout instead of failing
+    train, val = _small(digits, 64)
+    torch.manual_seed(11)
+    model = _ViewHead() if model_name == "view" else build_model(model_name, digits.input_shape,
+                                                                  digits.num_classes)
+    layouts: list[bool] = []
+    model, trainer = _trainer(digits, None, objective="standard", epochs=1, model=model,
+                              callbacks=[_conv_layouts(model, layouts)])
+    assert trainer.config.channels_last is None
+    result = trainer.fit(train, val)
+    assert layouts == [expected] and trainer.channels_last is expected
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert math.isfinite(result.history[0].train_loss)
+
+
+def test_channels_last_asked_for_a_model_that_cannot_is_refused_before_training(digits, tmp_path):
+    train, val = _small(digits, 64)
+    torch.manual_seed(11)
+    model, trainer = _trainer(digits, tmp_path / "run", objective="standard", epochs=1, model=_ViewHead(),
+                              channels_last=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"does not run with channels_last.*train\.channels_last: false"):
+        trainer.fit(train, val)
+    _assert_same_weights(before, model.state_dict())
+    assert not list((tmp_path / "run").glob("*.safetensors"))
+
+
+def test_unset_channels_last_stays_off_under_torchrun():
+    # DDP records the weights' strides when it wraps them; only an explicit setting changes them there
+    model = build_model("small-cnn", (1, 8, 8), 10)
+    config = TrainConfig(objective="standard")
+    assert Trainer._wants_channels_last(Trainer, config, model, None)
+    assert not Trainer._wants_channels_last(Trainer, config, model, object())  # type: ignore[arg-type]
+    assert Trainer._wants_channels_last(Trainer, config.model_copy(update={"channels_last": True}), model,
+                                        object())  # type: ignore[arg-type]
 
 
 def test_channels_last_training_hands_the_flatten_gradient_back_channels_last(digits, monkeypatch):

@@ -54,6 +54,38 @@ def to_channels_last(model: nn.Module) -> _Saved:
     return saved
 
 
+def has_4d_tensors(model: nn.Module) -> bool:
+    """Whether ``model`` has a 4-D parameter or buffer, the tensors ``to_channels_last`` converts."""
+    return any(t.dim() == 4 for t in (*model.parameters(), *model.buffers()))
+
+
+def to_contiguous(model: nn.Module) -> None:
+    """Put ``model``'s 4-D parameters and buffers back in the default (NCHW) layout in place, keeping
+    the values they hold: what a training run in channels_last hands back. Parameters keep their
+    identity."""
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            tensors: dict[str, Tensor | None] = getattr(module, kind)
+            for name, tensor in tensors.items():
+                # strides compared, not is_contiguous(): a weight with one input channel passes as
+                # both layouts, and oneDNN reads the layout from its strides
+                if tensor is None or tensor.dim() != 4 or tensor.stride() == _default_strides(tensor):
+                    continue
+                restrided = tensor.detach().clone(memory_format=torch.contiguous_format)
+                if kind == "_parameters":
+                    tensor.data = restrided
+                else:
+                    tensors[name] = restrided
+
+
+def _default_strides(tensor: Tensor) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(tensor.shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 def restore_layout(saved: _Saved) -> None:
     """Undo ``to_channels_last``: each parameter gets its original data back, each buffer its
     original tensor (the values are those the model had before: nothing trained in between)."""

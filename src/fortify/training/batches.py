@@ -2,7 +2,7 @@
 
 In order: the shuffled real examples, extra examples appended at ``train.extra_fraction``
 (``fortify.training.extra_data``), the augmentations of ``train.augment``, and the channels-last
-memory layout when ``train.channels_last`` is on. Each random step has its own seeded
+memory layout when the Trainer trains channels_last. Each random step has its own seeded
 ``torch.Generator``; their states go into the checkpoint, so a resumed run sees the same batches.
 """
 
@@ -37,6 +37,7 @@ class BatchRecipe:
         self.augment_rng = torch.Generator().manual_seed(config.seed + _AUGMENT_SEED_OFFSET)
         self.extra_rng = torch.Generator().manual_seed(config.seed + _EXTRA_SEED_OFFSET)
         self.extra = extra
+        self.channels_last = False  # the Trainer sets the layout it trains in (train.channels_last)
 
     @property
     def real_batch_size(self) -> int:
@@ -61,7 +62,7 @@ class BatchRecipe:
         for x, y in batches:
             if self.config.augment.enabled:
                 x = self.augment(x, generator=self.augment_rng)
-            if self.config.channels_last and x.dim() == 4:
+            if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y
 

@@ -172,6 +172,10 @@ class DPTrainer(Trainer):
     ``prepare(train)`` wraps model, optimiser and data with the PrivacyEngine; ``fit`` calls it.
     """
 
+    # Opacus' per-example gradients were not measured in channels_last; train.channels_last: true is
+    # refused (check_dp_batch_settings), unset trains in the default layout
+    AUTO_CHANNELS_LAST = False
+
     def __init__(self, model: nn.Module, objective: Objective, config: TrainConfig, *, dp: DPConfig,
                  threat: ThreatModel, run_dir: Path | None = None,
                  callbacks: tuple[EpochCallback, ...] = (), show_progress: bool = True) -> None:

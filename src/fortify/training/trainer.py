@@ -27,7 +27,13 @@ from fortify.config import TrainConfig
 from fortify.data.base import Split
 from fortify.errors import CheckpointError, ConfigError, DataError
 from fortify.evaluation.precision import warn_if_slow_on_cpu
-from fortify.models.layout import flatten_gradient_hooks, to_channels_last
+from fortify.models.layout import (
+    flatten_gradient_hooks,
+    has_4d_tensors,
+    runs_channels_last,
+    to_channels_last,
+    to_contiguous,
+)
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
 from fortify.training.batches import BatchRecipe
@@ -159,8 +165,9 @@ class Trainer:
         extra_data: Split | None = None,
     ) -> None:
         self.model = model
-        if config.channels_last:
-            to_channels_last(model)  # 4-D weights; batches.py converts the inputs
+        self.channels_last = self._wants_channels_last(config, model, distributed)
+        if self.channels_last and distributed is not None:  # before DDP records the weights' strides;
+            to_channels_last(model)  # else fit converts them (batches.py the inputs)
         self.distributed = distributed  # data-parallel under torchrun (fortify.training.distributed)
         # passes whose loss the optimiser follows go through DDP; attacks and validation use the model
         self.train_model = distributed.wrap(model) if distributed is not None else model
@@ -195,6 +202,7 @@ class Trainer:
 
     def fit(self, train: Split, val: Split, *, resume: bool = False) -> TrainResult:
         check_training_data(train, self.threat)
+        self._settle_layout(train.x[:1])
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -204,10 +212,7 @@ class Trainer:
         self.batch_recipe.bind(train, self.model, self.threat.bounds)
         train = self._keep_on_gpu(train)
         steps_per_epoch = self.batch_recipe.steps_per_epoch(len(train))
-        # channels_last: the gradient through each nn.Flatten goes back channels_last (layout.py)
-        layout_hooks = (flatten_gradient_hooks(self.model) if self.config.channels_last
-                        else contextlib.nullcontext())
-        with layout_hooks, self._progress() as bar:
+        with self._training_layout(), self._progress() as bar:
             epochs_task = bar.add_task("epochs", total=self.config.epochs,
                                        completed=self.state.epoch)
             # checked before each epoch: a resumed run that had already stopped early trains no further
@@ -234,6 +239,51 @@ class Trainer:
     @property
     def selection_metric(self) -> str:
         return "val_robust_accuracy" if self.objective.adversarial else "val_clean_accuracy"
+
+    # -- memory layout -------------------------------------------------------------------------
+
+    # train.channels_last unset: whether this trainer may choose channels_last itself (DP does not)
+    AUTO_CHANNELS_LAST = True
+
+    def _wants_channels_last(self, config: TrainConfig, model: nn.Module,
+                             distributed: DistributedContext | None) -> bool:
+        """``train.channels_last`` when set; unset, on for CPU training in one process of a model
+        with 4-D weights, where oneDNN's channels_last convolutions and pooling were measured faster
+        (docs/PERFORMANCE.md). ``fit`` checks first that the model runs so."""
+        if config.channels_last is not None:
+            return config.channels_last
+        device = next(model.parameters()).device
+        return (self.AUTO_CHANNELS_LAST and device.type == "cpu" and distributed is None
+                and has_4d_tensors(model))
+
+    def _settle_layout(self, probe: Tensor) -> None:
+        """Check that the model runs on ``probe`` with channels_last weights: when the setting asked
+        for them, a ConfigError if not; when it was unset, train in the default layout instead."""
+        if self.channels_last and not runs_channels_last(self.model, probe.to(self.device)):
+            to_contiguous(self.model)
+            if self.config.channels_last and has_4d_tensors(self.model):
+                raise ConfigError("the model does not run with channels_last weights (it reshapes "
+                                  "activations with Tensor.view, say); set train.channels_last: false")
+            self.channels_last = False
+        self.batch_recipe.channels_last = self.channels_last
+
+    @contextlib.contextmanager
+    def _training_layout(self) -> Iterator[None]:
+        """For the duration of ``fit``: channels_last weights (again, on a second ``fit``) and the
+        ``nn.Flatten`` gradient hooks when ``self.channels_last``; afterwards the weights go back to
+        the default layout with the values they trained to, so that a caller saves or copies them as
+        any other model's. The optimiser's state follows the weights both ways."""
+        if not self.channels_last:
+            yield
+            return
+        to_channels_last(self.model)
+        try:
+            state_in_parameter_layout(self.optimizer)
+            with flatten_gradient_hooks(self.model):
+                yield
+        finally:
+            to_contiguous(self.model)
+            state_in_parameter_layout(self.optimizer)
 
     # -- one epoch -----------------------------------------------------------------------------
 
