@@ -12,7 +12,8 @@ FLOPs / median time; fraction of peak = that / peak.
 
 Workloads: one PGD-K attack call (K steps plus the final evaluation pass, reported per step),
 and one training step (objective, backward, SGD step) of the standard, fgsm-rs and pgd objectives.
-``--amp`` runs them as fortify's fast path does (``train.amp``, ``train.channels_last``,
+``--channels-last`` runs them with channels_last weights and inputs in float32, as training and
+evaluation on CPU do by default. ``--amp`` runs them as fortify's fast path does (``train.amp``,
 ``eval.amp``): the model in channels_last, its passes under bf16 autocast; the peak is then
 measured in bf16 (matrix product of bf16 tensors, bf16 convolution in channels_last).
 """
@@ -20,6 +21,7 @@ measured in bf16 (matrix product of bf16 tensors, bf16 convolution in channels_l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +34,7 @@ from _common import NUM_CLASSES, check_repeats, load_average, print_provenance
 from fortify.attacks import PGD
 from fortify.evaluation.precision import AutocastModel
 from fortify.models import build_model
+from fortify.models.layout import channels_last
 from fortify.threat import ThreatModel
 from fortify.training.objectives import ObjectiveOptions, build_objective
 
@@ -146,6 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eps", type=float, default=0.2)
     parser.add_argument("--amp", action="store_true",
                         help="bf16 autocast and channels_last, against a bf16 peak")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels_last weights and inputs in float32 (what training and evaluation "
+                             "on CPU do by default); --amp implies it")
     args = parser.parse_args(argv)
     check_repeats(parser, args)
     return args
@@ -160,27 +166,21 @@ def main(argv: list[str] | None = None) -> None:
     y = torch.randint(0, NUM_CLASSES, (args.batch,), generator=torch.Generator().manual_seed(1))
     threat = ThreatModel("linf", args.eps)
     dtype = torch.bfloat16 if args.amp else torch.float32
+    use_channels_last = (args.amp or args.channels_last) and x.dim() == 4
     attacked: torch.nn.Module = model
+    if use_channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     if args.amp:
-        if x.dim() == 4:
-            model.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
         attacked = AutocastModel(model, "bf16", torch.device("cpu"))
     print_provenance([])
-    first_peak = peak_gflops(args.matmul, args.repeats, dtype)
-    model.eval()
-    attack = pgd_work(attacked, x, y, threat, args.steps)
-    # K steps and one final forward; per step divides by K (the final forward is 1/3 of a step)
-    rows = [Row(f"PGD-{args.steps} attack (per step)", counted_flops(attack), timed(attack, args.repeats),
-                args.steps)]
-    for objective in ("standard", "fgsm-rs", "pgd"):
-        step = training_work(model, x, y, threat, objective, args.steps, args.amp)
-        label = f"{objective}-{args.steps}" if objective == "pgd" else objective
-        rows.append(Row(f"train step, {label}", counted_flops(step), timed(step, args.repeats), 1))
-    last_peak = peak_gflops(args.matmul, args.repeats, dtype)
+    # the weights channels_last with the nn.Flatten gradient hook, as fortify's Trainer and attacks have them
+    layout = channels_last(model) if use_channels_last else contextlib.nullcontext()
+    with layout:
+        rows, first_peak, last_peak = measure(args, model, attacked, x, y, threat, dtype)
     # on a shared machine other work slows these too: the best of the four rates is the peak
     peak = max(*first_peak, *last_peak)
-    precision = "bf16 autocast, channels_last" if args.amp else "float32"
+    precision = "bf16 autocast, channels_last" if args.amp else (
+        "float32, channels_last" if use_channels_last else "float32")
     print(f"setting:  {args.model} on random inputs {'x'.join(map(str, args.shape))}, batch {args.batch}, "
           f"{precision}; {threat.describe()}; PGD-{args.steps}")
     print(f"peak:     {peak:.1f} GFLOP/s: best of {args.repeats} {dtype} {args.matmul}x{args.matmul} matrix "
@@ -193,6 +193,24 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         print_row(row, peak)
     print(f"\nload at end: {load_average()}")
+
+
+def measure(args: argparse.Namespace, model: torch.nn.Module, attacked: torch.nn.Module, x: torch.Tensor,
+            y: torch.Tensor, threat: ThreatModel, dtype: torch.dtype
+            ) -> tuple[list[Row], tuple[float, float], tuple[float, float]]:
+    """The peak before, the workloads' rows, the peak after."""
+    first_peak = peak_gflops(args.matmul, args.repeats, dtype)
+    model.eval()
+    attack = pgd_work(attacked, x, y, threat, args.steps)
+    # K steps and one final forward; per step divides by K (the final forward is 1/3 of a step)
+    rows = [Row(f"PGD-{args.steps} attack (per step)", counted_flops(attack), timed(attack, args.repeats),
+                args.steps)]
+    for objective in ("standard", "fgsm-rs", "pgd"):
+        step = training_work(model, x, y, threat, objective, args.steps, args.amp)
+        label = f"{objective}-{args.steps}" if objective == "pgd" else objective
+        rows.append(Row(f"train step, {label}", counted_flops(step), timed(step, args.repeats), 1))
+    last_peak = peak_gflops(args.matmul, args.repeats, dtype)
+    return rows, first_peak, last_peak
 
 
 if __name__ == "__main__":

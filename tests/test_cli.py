@@ -441,6 +441,8 @@ def test_config_values_yaml_would_misread_are_refused(tmp_path, text, fragment):
     ("threat:\n  eps: .nan\n", [], "threat.eps: Input should be a finite number"),
     ("eval:\n  eps_grid: [0.1, .inf]\n", [], "eval.eps_grid.1: Input should be a finite number"),
     ("eval:\n  eps_grid: [0.05, 0.1, 0.05]\n", [], "eps_grid names an eps twice"),
+    ("analysis:\n  reference_models: 1\n", [], "reference_models=1 is too few"),
+    ("analysis:\n  lira_queries: training\n", [], "lira_queries applies to LiRA: set reference_models"),
     # numbers nested in an attack's options, which only the attack reads later
     ("eval:\n  attacks: [pgd]\n  attack_options:\n    pgd: {x: [1.0, .nan]}\n", [],
      "pgd.x[1] must be a finite number, got nan"),
@@ -572,6 +574,27 @@ def test_audit_writes_membership_results(trained_dir):
     attacks = {m["attack"]: m for m in privacy["membership"]}
     assert {"threshold-loss", "threshold-confidence"} <= set(attacks), sorted(attacks)
     assert all(0.0 <= m["auc"] <= 1.0 for m in attacks.values())
+
+
+@pytest.mark.slow
+def test_a_report_with_reference_models_audits_with_lira_trained_as_the_model_was(trained_dir, tmp_path):
+    # Prepare: a copy of the 1-epoch standard model and an analysis section asking for LiRA
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(trained_dir, model)
+    config = tmp_path / "lira.yaml"
+    config.write_text(yaml.safe_dump({"analysis": {"enabled": False, "reference_models": 2}}))
+    # Execute
+    result = _invoke("evaluate", model, "--config", config, "--attacks", "fgsm", "--n-examples", 20,
+                     "--report")
+    # Assert: LiRA joins the threshold attacks, its reference models trained as the model was
+    assert result.exit_code == 0, result.output
+    membership = json.loads((model / "robustness.json").read_text())["privacy"]["membership"]
+    lira = {m["attack"]: m for m in membership if m["attack"].startswith("lira")}
+    assert set(lira) == {"lira-online", "lira-offline"}
+    assert lira["lira-online"]["settings"]["n_reference_models"] == 2
+    assert any(m["attack"] == "loss" for m in membership)
 
 
 def test_audit_refuses_lira_with_one_reference_model(trained_dir):

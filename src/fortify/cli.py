@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import click
 import typer
@@ -28,9 +28,10 @@ from typer.core import TyperGroup
 
 from fortify.allocator import keep_freed_memory_if_asked
 from fortify.attacks import ATTACKS
-from fortify.config import AugmentConfig, TrainConfig, load_config, read_yaml_mapping
+from fortify.config import TrainConfig, load_config, read_yaml_mapping
 from fortify.errors import ConfigError, FortifyError
 from fortify.pipeline import (
+    LIRA_NEEDS_RECIPE,
     Setup,
     analyse_model,
     audit_membership,
@@ -44,6 +45,8 @@ from fortify.pipeline import (
     evaluation_config,
     fresh_out_dir,
     generic_settings_in_file,
+    lira_query_views,
+    lira_recipe,
     load_trained_model,
     prepare,
     provenance,
@@ -57,9 +60,6 @@ from fortify.report.results import RESULTS_VERSION, load_results
 from fortify.tabular.run import tabular_section
 from fortify.training import checkpoint as ckpt
 from fortify.training import distributed
-
-if TYPE_CHECKING:
-    from fortify.privacy.lira import LiraQueries
 
 
 class _Commands(TyperGroup):
@@ -237,7 +237,7 @@ def _measure_further(setup: Setup, model: nn.Module, robustness: Any, objective:
         measured["analysis"] = analyse_model(setup, model, robustness, objective).to_dict()
     if setup.config.analysis.privacy:
         console.print("  membership inference")
-        measured["privacy"] = audit_membership(setup, model).to_dict()
+        measured["privacy"] = audit_membership(setup, model, objective).to_dict()
     return measured
 
 
@@ -534,6 +534,8 @@ def _evaluate_model_file(path: Path, config: Path | None, overrides: dict[str, A
     if dataset is not None:
         overrides = {**overrides, "data": {"name": dataset}}
     cfg = load_config(config, overrides)
+    if with_report and cfg.analysis.privacy and cfg.analysis.reference_models:
+        raise ConfigError(LIRA_NEEDS_RECIPE)  # before any attack runs
     setup = prepare(cfg, device)
     source = {"model_file": str(path.resolve()), "sha256": ckpt.sha256(path) if path.is_file() else None,
               "dataset": cfg.data.name, "layout": layout, "input_range": input_range, "mean": mean,
@@ -638,7 +640,6 @@ def audit(
 ) -> None:
     """Membership inference (threshold, augmentation, LiRA) and inversion; writes privacy.json."""
     from fortify.privacy.audit import audit_trained_model
-    from fortify.privacy.recipe import TrainerRecipe
 
     if reference_models == 1:
         raise ConfigError("--reference-models 1 is too few: LiRA needs at least 2 reference models "
@@ -656,12 +657,9 @@ def audit(
     setup = prepare(cfg, device)
     model, card = load_trained_model(model_dir, setup.device)
     check_data_fits_model(card, setup.dataset, model_dir)
-    recipe = TrainerRecipe.for_model(card["name"], card["input_shape"], card["num_classes"],
-                                     config=cfg.train, threat=setup.threat, val=setup.dataset.val,
-                                     mean=card["mean"], std=card["std"], device=setup.device)
-    report = audit_trained_model(model, audited_dataset(setup), recipe=recipe,
+    report = audit_trained_model(model, audited_dataset(setup), recipe=lira_recipe(setup, card, cfg.train),
                                  n_reference_models=reference_models, n_examples=n_examples,
-                                 lira_queries=_lira_queries(lira_queries, cfg.train.augment, setup),
+                                 lira_queries=lira_query_views(lira_queries, cfg.train.augment, setup),
                                  inversion=inversion, seed=cfg.train.seed)
     write_json(model_dir / "privacy.json", {
         "version": RESULTS_VERSION, "kind": "privacy", "privacy": report.to_dict(),
@@ -677,20 +675,6 @@ def audit(
 
 
 LIRA_QUERY_CHOICES = ("single", "training")
-
-
-def _lira_queries(choice: str, augment: AugmentConfig, setup: Setup) -> LiraQueries:
-    """The example alone, or the views the run's augmentation trained on, padded as the Trainer pads
-    its crops (with the box's low end)."""
-    from fortify.privacy.lira import SINGLE_QUERY, LiraQueries
-
-    if choice == "single":
-        return SINGLE_QUERY
-    queries = LiraQueries.like_training(augment, fill=setup.dataset.bounds[0])
-    if queries.count == 1:
-        console.print("[yellow]note:[/] the model trained without flips or crops (train.augment), so "
-                      "LiRA queries each example alone", soft_wrap=True)
-    return queries
 
 
 # -- fortify report / compare -------------------------------------------------------------------

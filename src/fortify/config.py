@@ -248,6 +248,20 @@ class AnalysisConfig(_Strict):
     masking_examples: int = Field(200, ge=1)
     gallery_examples: int = Field(8, ge=0)
     privacy: bool = True  # threshold membership inference, members = train, non-members = test
+    # LiRA beside it: reference models trained as the audited model was (each costs a training run);
+    # 0 runs none, LiRA needs at least 2. lira_queries "training": also the flips and shifts that
+    # train.augment trained on (images)
+    reference_models: int = Field(0, ge=0)
+    lira_queries: Literal["single", "training"] = "single"
+
+    @model_validator(mode="after")
+    def _check_lira(self) -> AnalysisConfig:
+        if self.reference_models == 1:
+            raise ValueError("reference_models=1 is too few: LiRA needs at least 2 reference models "
+                             "(or 0 to skip it)")
+        if self.lira_queries != "single" and self.reference_models == 0:
+            raise ValueError("lira_queries applies to LiRA: set reference_models >= 2 as well")
+        return self
 
 
 class RunConfig(_Strict):

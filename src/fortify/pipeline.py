@@ -14,6 +14,7 @@ import platform
 import shutil
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from fortify.attacks.options import check_option_types
 from fortify.attacks.transfer import Transfer
 from fortify.config import (
     PRESETS,
+    AugmentConfig,
     DataConfig,
     EvalConfig,
     RunConfig,
@@ -59,6 +61,8 @@ from fortify.training.trainer import Trainer, TrainResult
 
 if TYPE_CHECKING:  # the privacy package is imported only when an audit runs
     from fortify.privacy.audit import PrivacyReport
+    from fortify.privacy.lira import LiraQueries
+    from fortify.privacy.recipe import TrainerRecipe
 
 MODEL_CARD = "model.json"
 
@@ -569,11 +573,50 @@ def certify_sigma(config: RunConfig, objective: str | None) -> float:
     return config.train.noise_sigma if objective == "gaussian" else DEFAULT_SIGMA
 
 
-def audit_membership(setup: Setup, model: nn.Module) -> PrivacyReport:
-    """Threshold and augmentation membership inference: members = train, non-members = test."""
+def audit_membership(setup: Setup, model: nn.Module, objective: str | None = None) -> PrivacyReport:
+    """Threshold and augmentation membership inference: members = train, non-members = test; with
+    ``analysis.reference_models`` LiRA too, its reference models trained as ``model`` was: the run's
+    train settings with ``objective`` (None: a model fortify did not train, which LiRA cannot audit)."""
     from fortify.privacy.audit import audit_trained_model
 
-    return audit_trained_model(model, audited_dataset(setup), inversion=False, seed=setup.config.train.seed)
+    cfg = setup.config.analysis
+    lira: dict[str, Any] = {}
+    if cfg.reference_models:
+        if objective is None:
+            raise ConfigError(LIRA_NEEDS_RECIPE)
+        train_cfg = setup.config.train.model_copy(update={"objective": objective})
+        lira = {"recipe": lira_recipe(setup, model_card(setup), train_cfg),
+                "n_reference_models": cfg.reference_models,
+                "lira_queries": lira_query_views(cfg.lira_queries, train_cfg.augment, setup)}
+    return audit_trained_model(model, audited_dataset(setup), inversion=False, seed=setup.config.train.seed,
+                               **lira)
+
+
+LIRA_NEEDS_RECIPE = ("analysis.reference_models: LiRA trains its reference models as the audited model "
+                     "was trained, which fortify does not know of a model file; set it to 0")
+
+
+def lira_recipe(setup: Setup, card: dict[str, Any], train_cfg: TrainConfig) -> TrainerRecipe:
+    """How LiRA's reference models train: the audited model's architecture (``card``) and settings."""
+    from fortify.privacy.recipe import TrainerRecipe
+
+    return TrainerRecipe.for_model(card["name"], card["input_shape"], card["num_classes"], config=train_cfg,
+                                   threat=setup.threat, val=setup.dataset.val, mean=card["mean"],
+                                   std=card["std"], device=setup.device)
+
+
+def lira_query_views(choice: str, augment: AugmentConfig, setup: Setup) -> LiraQueries:
+    """The example alone (``single``), or the views the run's augmentation trained on (``training``),
+    padded as the Trainer pads its crops (with the box's low end)."""
+    from fortify.privacy.lira import SINGLE_QUERY, LiraQueries
+
+    if choice == "single":
+        return SINGLE_QUERY
+    queries = LiraQueries.like_training(augment, fill=setup.dataset.bounds[0])
+    if queries.count == 1:
+        warnings.warn("the model trained without flips or crops (train.augment), so LiRA queries each "
+                      "example alone", RuntimeWarning, stacklevel=2)
+    return queries
 
 
 def audited_dataset(setup: Setup) -> Dataset:
@@ -641,9 +684,7 @@ def discarded_on_error(out_dir: Path) -> Iterator[None]:
 def write_json(path: Path, payload: Any) -> None:
     """Standard JSON, written whole or not at: non-finite numbers (an epsilon of a run without
     noise) become null, as the results schema says, where Python would write Infinity or NaN."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    ckpt.atomic_write_text(path, json.dumps(json_safe(payload), indent=2, allow_nan=False))
 
 
 def provenance(config: RunConfig, device: torch.device) -> dict[str, Any]:

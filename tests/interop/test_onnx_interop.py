@@ -155,6 +155,17 @@ def test_cli_report_for_an_onnx_file(onnx_twin, tmp_path, black_box):
     assert any("not know what this model file was trained on" in w for w in saved["privacy"]["warnings"])
 
 
+def test_cli_refuses_lira_for_an_onnx_file_before_attacking(onnx_twin, tmp_path):
+    # LiRA's reference models train as the audited model did, which a model file does not say
+    config = tmp_path / "lira.yaml"
+    config.write_text("analysis:\n  reference_models: 2\n")
+    out = tmp_path / "eval"
+    result = _evaluate_cli("--model", onnx_twin(), "--dataset", "digits", "--config", config, "--out", out,
+                           "--device", "cpu", "--report")
+    assert result.exit_code == 2 and "analysis.reference_models" in result.output, result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
 class _Killed(Exception):
     pass
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,3 +249,48 @@ def test_a_reader_meeting_a_commit_in_progress_is_told_to_resume_and_changes_not
     with pytest.raises(CheckpointError, match=remedy):
         ckpt.load_tensors(path, "weights", new_digest)
     assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == before
+
+
+class _DiskEvents:
+    """Records, in order, each fsync (by the path its descriptor names) and each os.replace."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.events: list[tuple[str, str]] = []
+        fsync, replace = ckpt.os.fsync, ckpt.os.replace
+
+        def recorded_fsync(descriptor: int) -> None:
+            self.events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+            fsync(descriptor)
+
+        def recorded_replace(source, target) -> None:
+            self.events.append(("replace", f"{source} -> {target}"))
+            replace(source, target)
+
+        monkeypatch.setattr(ckpt.os, "fsync", recorded_fsync)
+        monkeypatch.setattr(ckpt.os, "replace", recorded_replace)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names descriptors through /proc")
+def test_a_commit_reaches_the_disk_data_first_then_each_name(tmp_path, monkeypatch):
+    # A machine crash may write a rename before the data it names: each file is flushed before it
+    # takes its name, and the directory after, so state.json never names data the disk lacks
+    disk = _DiskEvents(monkeypatch)
+    path = tmp_path / "last.safetensors"
+    digest = ckpt.stage_tensors(path, _weights(1), kind="weights")
+    ckpt.commit_state_json(tmp_path, {"finished": False, "sha256": {"last.safetensors": digest}},
+                           staged=["last.safetensors"])
+    directory = str(tmp_path.resolve())
+    events = disk.events
+    for source in (f"{path}.pending.tmp", f"{tmp_path / ckpt.STATE_JSON}.tmp"):
+        moved = next(i for i, (kind, what) in enumerate(events)
+                     if kind == "replace" and what.startswith(source + " "))
+        assert ("fsync", str(Path(source).resolve())) in events[:moved], f"{source} renamed unflushed"
+        assert ("fsync", directory) in events[moved + 1:], f"{source}'s new name left unflushed"
+    # the staged file's flush and name come before state.json, the commit point, is written
+    state_written = next(i for i, (kind, what) in enumerate(events)
+                         if kind == "replace" and what.startswith(f"{tmp_path / ckpt.STATE_JSON}.tmp "))
+    staged_named = next(i for i, (kind, what) in enumerate(events)
+                        if kind == "replace" and what.startswith(f"{path}.pending.tmp "))
+    assert staged_named < state_written
+    assert ("fsync", directory) in events[staged_named + 1:state_written]
+    assert _holds(path, _weights(1), digest)

@@ -112,9 +112,7 @@ class Journal:
         return state
 
     def _write(self) -> None:
-        tmp = self._json.with_name(self._json.name + ".tmp")
-        tmp.write_text(json.dumps(self._state))
-        tmp.replace(self._json)
+        ckpt.atomic_write_text(self._json, json.dumps(self._state))
 
 
 def _is_current(current: Any) -> bool:

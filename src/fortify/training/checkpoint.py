@@ -10,6 +10,9 @@ commit point: each new tensor file is first written under a pending name (``stag
 pending file onto its own name. A kill before state.json is replaced leaves the previous checkpoint
 whole; a kill after it leaves pending files that ``settle_interrupted_commit`` moves into place when
 the run resumes. Every file keeps its fixed name, so readers of a finished run see nothing new.
+Each file's data and its directory entry are flushed to disk (fsync) before the next step, so the
+same holds when the machine itself goes down: otherwise the OS may write a rename before the data
+it names, and state.json could come back empty.
 """
 
 from __future__ import annotations
@@ -47,10 +50,34 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def _flush_to_disk(path: Path) -> None:
+    """fsync ``path``'s data: a rename reaches the disk no later than the data it names."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _flush_directory(directory: Path) -> None:
+    """fsync ``directory``: its new and renamed entries survive a crash of the machine. Where a
+    directory cannot be opened for that (Windows), the entries are left to the OS."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole, or what it held before: written aside, flushed, renamed."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
+    _flush_to_disk(tmp)
     os.replace(tmp, path)
+    _flush_directory(path.parent)
 
 
 def save_tensors(path: Path, tensors: dict[str, Tensor], kind: str) -> str:
@@ -58,8 +85,10 @@ def save_tensors(path: Path, tensors: dict[str, Tensor], kind: str) -> str:
     tmp = path.with_name(path.name + ".tmp")
     metadata = {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind}
     save_file(_own_memory(tensors), str(tmp), metadata=metadata)
+    _flush_to_disk(tmp)
     digest = sha256(tmp)
     os.replace(tmp, path)
+    _flush_directory(path.parent)
     return digest
 
 
@@ -193,7 +222,7 @@ def join_optimizer_state(tensors: dict[str, Tensor], meta: Any) -> dict[str, Any
 
 def write_state_json(run_dir: Path, state: dict[str, Any]) -> None:
     payload = {"format": FORMAT, "version": FORMAT_VERSION, **state}
-    _atomic_write_text(run_dir / STATE_JSON, json.dumps(payload, indent=2))
+    atomic_write_text(run_dir / STATE_JSON, json.dumps(payload, indent=2))
 
 
 def commit_state_json(run_dir: Path, state: dict[str, Any], staged: Iterable[str]) -> None:

@@ -388,9 +388,7 @@ class DPTrainer(Trainer):
         state = {"dp": self.dp.model_dump(mode="json"),
                  "accountant": {"mechanism": self.engine.accountant.mechanism(),
                                 "history": [list(h) for h in self.engine.accountant.history]}}
-        tmp = self.run_dir / (DP_STATE_JSON + ".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(self.run_dir / DP_STATE_JSON)
+        ckpt.atomic_write_text(self.run_dir / DP_STATE_JSON, json.dumps(state))
 
     def _restore(self) -> None:
         super()._restore()
