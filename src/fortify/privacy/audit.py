@@ -193,7 +193,7 @@ def _runners(members: Split, non_members: Split, *, recipe: TrainRecipe | None,
 def _reference_pool(members: Split, non_members: Split, extra: Split | None) -> Split:
     """Members, non-members and the extra data: LiRA's candidates must all be in its pool."""
     candidates, _ = join(members, non_members)
-    if extra is None:
+    if extra is None or len(extra) == 0:  # every training example a member, validation held back
         return candidates
     check_split(extra, "reference pool")
     extra, _ = remove_overlap(candidates, extra)  # a candidate twice would weigh double in training
