@@ -52,7 +52,7 @@ def sha256(path: Path) -> str:
 
 def _flush_to_disk(path: Path) -> None:
     """fsync ``path``'s data: a rename reaches the disk no later than the data it names."""
-    with open(path, "rb") as handle:
+    with open(path, "rb+") as handle:  # Windows flushes only a handle open for writing
         os.fsync(handle.fileno())
 
 
