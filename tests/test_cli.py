@@ -683,14 +683,18 @@ def test_a_negative_seed_is_refused():
     _assert_clean_error(_invoke("train", "--seed", -1, "--out", "unused"), "seed")
 
 
-def test_resume_ignores_where_data_is_cached_and_whether_the_step_is_compiled(tmp_path):
+def test_resume_ignores_where_data_is_cached_and_how_the_step_runs(tmp_path):
     from fortify.config import load_config
+    from fortify.errors import ConfigError
     from fortify.pipeline import check_same_settings
 
-    saved = load_config(None, {"data": {"cache_dir": "/home/a/.cache"}})
+    # channels_last false: what a run recorded before the layout became the CPU default (unset)
+    saved = load_config(None, {"data": {"cache_dir": "/home/a/.cache"}, "train": {"channels_last": False}})
     (tmp_path / "config.yaml").write_text(saved.to_yaml())
     check_same_settings(tmp_path, load_config(None, {"data": {"cache_dir": "/root/.cache", "download": False},
                                                      "train": {"compile": True}}))
+    with pytest.raises(ConfigError, match="train.amp was False, now True"):
+        check_same_settings(tmp_path, load_config(None, {"train": {"channels_last": False, "amp": True}}))
 
 
 def test_a_test_fraction_a_fixed_test_split_would_ignore_is_refused(tmp_path):

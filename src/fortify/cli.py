@@ -227,17 +227,18 @@ def _measure(setup: Setup, model: nn.Module, training: dict[str, Any], objective
             **_measure_further(setup, model, robustness, objective)}
 
 
-def _measure_further(setup: Setup, model: nn.Module, robustness: Any, objective: str | None
-                     ) -> dict[str, Any]:
+def _measure_further(setup: Setup, model: nn.Module, robustness: Any, objective: str | None,
+                     card: dict[str, Any] | None = None) -> dict[str, Any]:
     """The report's analysis and the membership audit, as the configuration's analysis section asks;
-    ``objective`` is what the model trained with (None for a model from elsewhere)."""
+    ``objective`` is what the model trained with (None for a model from elsewhere), ``card`` its
+    model directory's card (None: the model ``setup`` builds)."""
     measured = {}
     if setup.config.analysis.enabled:
         console.print("  margins, certified radius, gradient-masking checks")
         measured["analysis"] = analyse_model(setup, model, robustness, objective).to_dict()
     if setup.config.analysis.privacy:
         console.print("  membership inference")
-        measured["privacy"] = audit_membership(setup, model, objective).to_dict()
+        measured["privacy"] = audit_membership(setup, model, objective, card).to_dict()
     return measured
 
 
@@ -481,7 +482,7 @@ def evaluate(
         ddp.leave()
         if not ddp.is_main:
             return
-    extra = _measure_further(setup, model, report, cfg.train.objective) if with_report else {}
+    extra = _measure_further(setup, model, report, cfg.train.objective, card) if with_report else {}
     write_json(model_dir / "robustness.json", {
         "version": RESULTS_VERSION, "kind": "evaluation", "config": cfg.model_dump(mode="json"),
         "dataset": setup.dataset.summary(), "robustness": report.to_dict(), **extra,

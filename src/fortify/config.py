@@ -322,9 +322,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 # -- comparing settings (resume and sweeps refuse a run made under others) ----------------------
 
 # settings that change no result: where data is cached, whether it may be downloaded, whether the
-# step is compiled. cache_dir holds an absolute home directory another user or container would not
-# share, so a run continued there must not be refused over it
-NOT_RESULT_SETTINGS = {"data": ("cache_dir", "download"), "train": ("compile",)}
+# step is compiled or runs channels_last (the same arithmetic, rounded in another order). cache_dir
+# holds an absolute home directory another user or container would not share, so a run continued
+# there must not be refused over it; a run started before channels_last became the CPU default
+# recorded it as false, and resumes under the default
+NOT_RESULT_SETTINGS = {"data": ("cache_dir", "download"), "train": ("compile", "channels_last")}
+
+
+def comparable_train_settings(train: dict[str, Any]) -> dict[str, Any]:
+    """A TrainConfig's ``model_dump(mode="json")`` without NOT_RESULT_SETTINGS."""
+    return comparable_settings({"train": train})["train"]
 
 
 def comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:

@@ -375,7 +375,7 @@ def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: b
         trainer.prepare(train)  # type: ignore[attr-defined]
     model_dir.mkdir(parents=True, exist_ok=True)
     if distributed is None or distributed.is_main:
-        (model_dir / "config.yaml").write_text(config.to_yaml())
+        ckpt.atomic_write_text(model_dir / "config.yaml", config.to_yaml())
         # hashed: evaluate reads the data split from it, and an edited seed would test on training examples
         trainer.record_file("config.yaml", model_dir / "config.yaml")
         # a DP model may have had BatchNorm replaced: loading repeats the replacement
@@ -521,13 +521,13 @@ def eval_channels_last(setup: Setup, model: nn.Module, test: Split) -> bool:
     """Whether an evaluation runs ``model`` with channels_last conv weights: as ``eval.channels_last``
     says; unset (the default), where it was measured to pay: on CPU, for a model with 4-D weights that
     runs that way (oneDNN's channels_last pooling and convolutions; the same points up to float
-    rounding), checked on one test example. On GPUs it stays off unless asked for. Set to true for a
+    rounding), checked on two test examples. On GPUs it stays off unless asked for. Set to true for a
     model that cannot run channels_last, this is a ConfigError.
     """
     wanted = setup.config.eval.channels_last
     if wanted is False or (wanted is None and setup.device.type != "cpu"):
         return False
-    probe = test.x[:1].to(setup.device)
+    probe = test.x[:2].to(setup.device)  # two: a view merging the batch axis passes on one alone
     if wanted is None:  # asked once here; a model that cannot is evaluated as it is
         return runs_channels_last(model, probe)
     with channels_last(model, probe=probe):  # ConfigError here for a model that cannot
@@ -573,10 +573,12 @@ def certify_sigma(config: RunConfig, objective: str | None) -> float:
     return config.train.noise_sigma if objective == "gaussian" else DEFAULT_SIGMA
 
 
-def audit_membership(setup: Setup, model: nn.Module, objective: str | None = None) -> PrivacyReport:
+def audit_membership(setup: Setup, model: nn.Module, objective: str | None = None,
+                     card: dict[str, Any] | None = None) -> PrivacyReport:
     """Threshold and augmentation membership inference: members = train, non-members = test; with
-    ``analysis.reference_models`` LiRA too, its reference models trained as ``model`` was: the run's
-    train settings with ``objective`` (None: a model fortify did not train, which LiRA cannot audit)."""
+    ``analysis.reference_models`` LiRA too, its reference models trained as ``model`` was: the
+    architecture of its ``card`` (default: the one ``setup`` builds), the run's train and DP
+    settings with ``objective`` (None: a model fortify did not train, which LiRA cannot audit)."""
     from fortify.privacy.audit import audit_trained_model
 
     cfg = setup.config.analysis
@@ -585,7 +587,7 @@ def audit_membership(setup: Setup, model: nn.Module, objective: str | None = Non
         if objective is None:
             raise ConfigError(LIRA_NEEDS_RECIPE)
         train_cfg = setup.config.train.model_copy(update={"objective": objective})
-        lira = {"recipe": lira_recipe(setup, model_card(setup), train_cfg),
+        lira = {"recipe": lira_recipe(setup, card or model_card(setup), train_cfg),
                 "n_reference_models": cfg.reference_models,
                 "lira_queries": lira_query_views(cfg.lira_queries, train_cfg.augment, setup)}
     return audit_trained_model(model, audited_dataset(setup), inversion=False, seed=setup.config.train.seed,
@@ -597,12 +599,14 @@ LIRA_NEEDS_RECIPE = ("analysis.reference_models: LiRA trains its reference model
 
 
 def lira_recipe(setup: Setup, card: dict[str, Any], train_cfg: TrainConfig) -> TrainerRecipe:
-    """How LiRA's reference models train: the audited model's architecture (``card``) and settings."""
+    """How LiRA's reference models train: the audited model's architecture (``card``) and settings,
+    under DP-SGD where the run trained so (its DPTrainer replaces BatchNorm as the run's did)."""
     from fortify.privacy.recipe import TrainerRecipe
 
+    dp = setup.config.dp
     return TrainerRecipe.for_model(card["name"], card["input_shape"], card["num_classes"], config=train_cfg,
                                    threat=setup.threat, val=setup.dataset.val, mean=card["mean"],
-                                   std=card["std"], device=setup.device)
+                                   std=card["std"], device=setup.device, dp=dp if dp.enabled else None)
 
 
 def lira_query_views(choice: str, augment: AugmentConfig, setup: Setup) -> LiraQueries:

@@ -200,6 +200,16 @@ class _ViewingDigits(nn.Module):
         return self.head(h.view(h.shape[0], -1))
 
 
+class _BatchMergingDigits(_ViewingDigits):
+    """A view that merges the batch axis with the channels: it passes on one channels_last example
+    (the stride check ignores an axis of size 1) and fails on two."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x).relu()
+        n, c, height, width = h.shape
+        return self.head(torch.softmax(h.view(n * c, height * width), dim=1).reshape(n, -1))
+
+
 def _default_eval_setup():
     return prepare(RunConfig.model_validate({"eval": {"attacks": ["fgsm"], "n_examples": 20,
                                                       "eps_grid": [0.1]}}), "cpu")
@@ -216,9 +226,10 @@ def test_eval_channels_last_unset_is_on_for_a_cnn_on_cpu(standard_model):
     assert all(p.is_contiguous() for p in standard_model.parameters())
 
 
-def test_eval_channels_last_unset_falls_back_for_a_model_that_cannot_run_it():
+@pytest.mark.parametrize("model_class", [_ViewingDigits, _BatchMergingDigits])
+def test_eval_channels_last_unset_falls_back_for_a_model_that_cannot_run_it(model_class):
     torch.manual_seed(0)
-    model = _ViewingDigits().eval()
+    model = model_class().eval()
     setup = _default_eval_setup()
     seen, hook = _conv_layouts(model)
     report = evaluate_model(setup, model)  # explicitly on, this is a ConfigError (test above)

@@ -423,6 +423,7 @@ def test_trainer_recipe_builds_the_runs_own_objective_with_every_setting(monkeyp
     class RecordingTrainer:
         def __init__(self, model, objective, config, **kwargs):
             objectives.append(objective)
+            self.model = model
 
         def fit(self, train, val):
             return None

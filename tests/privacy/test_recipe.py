@@ -88,3 +88,38 @@ def test_shadow_models_keep_copies_of_one_input_on_the_same_side():
         trained = (x[:, None] == data[None]).all(-1).any(-1)
         assert torch.equal(trained[:10], trained[10:])
         assert int(trained[:10].sum()) == 5
+
+
+def _bn_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 8 * 8, 10))
+
+
+def test_a_dp_recipe_trains_as_the_dp_trainer_does(digits):
+    # A DP run's reference models must be trained as the run was: DP-SGD, BatchNorm replaced
+    from fortify.config import DPConfig, TrainConfig
+    from fortify.threat import ThreatModel
+    from fortify.training.dp import DPTrainer
+    from fortify.training.methods import objective_from_config
+
+    train, val = (Split(part.x[:96], part.y[:96]) for part in (digits.train, digits.val))
+    threat = ThreatModel("linf", 0.1)
+    config = TrainConfig(objective="standard", epochs=1, batch_size=32, lr=0.1, early_stopping=False)
+    dp = DPConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0, noise_seed=3)
+    recipe = TrainerRecipe(_bn_net, config, threat, val=val, dp=dp)
+    # Execute: the recipe, and the DPTrainer by hand with the same seeds
+    trained = recipe(train, seed=7)
+    torch.manual_seed(7)
+    seeded = config.model_copy(update={"seed": 7})
+    direct = DPTrainer(_bn_net(), objective_from_config(seeded, threat), seeded, dp=dp, threat=threat,
+                       show_progress=False)
+    direct.fit(train, val)
+    # Assert
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in trained.modules())
+    assert not trained.training
+    weights, expected = trained.state_dict(), direct.model.state_dict()
+    assert weights.keys() == expected.keys()
+    for name, value in weights.items():
+        assert torch.equal(value, expected[name]), name
+    plain = TrainerRecipe(_bn_net, config, threat, val=val)(train, seed=7)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())

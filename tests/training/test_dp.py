@@ -393,7 +393,8 @@ def test_dp_training_of_a_conv_net_stays_in_the_default_layout_when_unset(digits
     torch.manual_seed(0)
     model = build_model("small-cnn", digits.input_shape, digits.num_classes)
     layouts: list[tuple[int, ...]] = []
-    trainer = _trainer(model, callbacks=(lambda _record: layouts.append(model[2].weight.stride()),))
+    # trainer.model: the copy DP-SGD trains (make_dp_compatible), not the model handed in
+    trainer = _trainer(model, callbacks=(lambda _record: layouts.append(trainer.model[2].weight.stride()),))
     assert trainer.config.channels_last is None and not trainer.channels_last
     trainer.fit(_head(digits), _head(digits, 64))
     assert layouts == [(32 * 9, 9, 3, 1)]
@@ -431,11 +432,12 @@ def test_cli_refuses_dp_settings_before_writing_anything(tmp_path: Path, flags, 
 
 
 @pytest.mark.slow
-def test_cli_dp_run_records_epsilon_and_audit_and_the_model_loads(tmp_path: Path) -> None:
+def test_cli_dp_run_records_epsilon_and_audit_and_the_model_loads(tmp_path: Path, monkeypatch) -> None:
     from typer.testing import CliRunner
 
     from fortify.cli import app
     from fortify.pipeline import load_trained_model
+    from fortify.privacy import recipe
 
     out = tmp_path / "m"
     result = CliRunner().invoke(app, ["train", "--model", "mlp", "--objective", "standard", "--epochs", "1",
@@ -448,6 +450,17 @@ def test_cli_dp_run_records_epsilon_and_audit_and_the_model_loads(tmp_path: Path
     assert training["canary_audit"]["n_inserted"] == 20
     model, card = load_trained_model(out, torch.device("cpu"))
     assert card["opacus_fixed"] is True and sum(p.numel() for p in model.parameters()) > 0
+    # LiRA's reference models of a DP run train under DP-SGD too, as the audited model did
+    dp_reference_models = []
+    train_with_dp = recipe._dp_trainer
+    monkeypatch.setattr(recipe, "_dp_trainer", lambda *args: dp_reference_models.append(args[3]) or
+                        train_with_dp(*args))
+    audited = CliRunner().invoke(app, ["audit", str(out), "--reference-models", "2", "--no-inversion",
+                                       "--device", "cpu"])
+    assert audited.exit_code == 0, audited.output
+    membership = json.loads((out / "privacy.json").read_text())["privacy"]["membership"]
+    assert {"lira-online", "lira-offline"} <= {m["attack"] for m in membership}
+    assert [dp.noise_multiplier for dp in dp_reference_models] == [1.0, 1.0]
 
 
 def test_cli_dp_flags_without_dp_and_an_unreachable_epsilon_are_refused(tmp_path: Path) -> None:

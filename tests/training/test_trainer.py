@@ -107,20 +107,45 @@ def test_a_channels_last_run_resumes_to_the_uninterrupted_weights(digits, tmp_pa
         if record.epoch == 2:
             raise Interrupted
 
+    state_strides: list[bool] = []
+
+    def record_state_strides(_record):
+        # during training, where the weights are channels_last (fit hands them back contiguous); the
+        # second conv, since a one-channel weight's NCHW strides pass as channels_last
+        conv = model_c[2].weight
+        state_strides.append(conv.is_contiguous(memory_format=torch.channels_last) and all(
+            value.dim() == 0 or value.stride() == conv.stride()
+            for value in trainer_c.optimizer.state[conv].values()))
+
     _, trainer_a = _trainer(digits, tmp_path / "a", **settings)
     _, trainer_b = _trainer(digits, tmp_path / "b", callbacks=[kill_after_two], **settings)
     trainer_a.fit(train, val)
     with pytest.raises(Interrupted):
         trainer_b.fit(train, val)
-    model_c, trainer_c = _trainer(digits, tmp_path / "b", **settings)
+    model_c, trainer_c = _trainer(digits, tmp_path / "b", callbacks=[record_state_strides], **settings)
     trainer_c.fit(train, val, resume=True)
     last_a, last_c = (load_file(str(run / "last.safetensors")) for run in (tmp_path / "a", tmp_path / "b"))
     for name, weights in last_a.items():
         assert torch.equal(weights, last_c[name]), f"{name} differs after resume"
-    conv = model_c[0].weight
-    assert conv.is_contiguous(memory_format=torch.channels_last)
-    for value in trainer_c.optimizer.state[conv].values():
-        assert value.dim() == 0 or value.stride() == conv.stride()
+    assert state_strides == [True]
+
+
+def test_a_run_recorded_without_channels_last_resumes_under_the_default(digits, tmp_path):
+    # A run started before channels_last became the CPU default recorded false; the layout changes
+    # no result, so the same command (the setting unset) resumes it, now channels_last
+    train, val = _subset(digits, 128)
+
+    def kill_after_two(record):
+        if record.epoch == 2:
+            raise Interrupted
+
+    _, trainer_b = _trainer(digits, tmp_path, callbacks=[kill_after_two], channels_last=False,
+                            early_stopping=False)
+    with pytest.raises(Interrupted):
+        trainer_b.fit(train, val)
+    _, trainer_c = _trainer(digits, tmp_path, early_stopping=False)
+    result = trainer_c.fit(train, val, resume=True)
+    assert trainer_c.channels_last and [r.epoch for r in result.history] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -179,7 +204,7 @@ def test_resume_with_other_settings_is_refused(digits, tmp_path):
     _, trainer = _trainer(digits, tmp_path, epochs=1)
     trainer.fit(train, val)
     _, other = _trainer(digits, tmp_path, epochs=1, lr=0.01)
-    with pytest.raises(CheckpointError, match="settings differ"):
+    with pytest.raises(CheckpointError, match=r"settings differ .*train\.lr was 0\.05, now 0\.01"):
         other.fit(train, val, resume=True)
 
 

@@ -142,7 +142,9 @@ def _to_channels_last_gradient(grad: Tensor) -> Tensor:
 
 def runs_channels_last(model: nn.Module, probe: Tensor) -> bool:
     """Whether ``model`` has 4-D weights to convert and runs on ``probe`` with them channels_last;
-    the model keeps its layout (and its batch-norm statistics) either way."""
+    the model keeps its layout (and its batch-norm statistics) either way. Give two examples or more:
+    a view that merges the batch axis with another (``h.view(n * c, -1)``) passes on one alone, whose
+    batch axis of size 1 the stride check ignores."""
     saved = to_channels_last(model)
     try:
         if not saved:

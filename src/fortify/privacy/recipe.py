@@ -16,13 +16,14 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from fortify.config import TrainConfig
+from fortify.config import DPConfig, TrainConfig
 from fortify.data.base import Split
 from fortify.errors import ConfigError
 from fortify.models import build_model
 from fortify.privacy._data import model_device, model_dtype
 from fortify.threat import ThreatModel
 from fortify.training.methods import objective_from_config
+from fortify.training.objectives import Objective
 from fortify.training.trainer import Trainer
 
 # the Trainer validates every epoch; without a held-out split it checks this many training examples
@@ -41,6 +42,9 @@ class TrainerRecipe:
 
     ``val`` is the split the Trainer validates and (with early stopping) selects on; without one it
     validates on the first training examples, which mirrors a recipe without early stopping only.
+    With ``dp`` (enabled) the models train with DP-SGD as the run's DPTrainer does: BatchNorm
+    replaced by GroupNorm, each example's gradient clipped, noise for the same guarantee on the
+    reference model's own training set (``dp.target_epsilon``) or the same noise multiplier.
     """
 
     model_factory: Callable[[], nn.Module]
@@ -48,19 +52,22 @@ class TrainerRecipe:
     threat: ThreatModel
     val: Split | None = None
     device: str | torch.device = "cpu"
+    dp: DPConfig | None = None
 
     def __call__(self, train: Split, *, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         model = self.model_factory().to(self.device)
         config = self.config.model_copy(update={"seed": int(seed)})
         # every objective setting of the config (trades_beta, label_smoothing, ...), as the run had
-        trainer = Trainer(model, objective_from_config(config, self.threat), config,
-                          threat=self.threat, show_progress=False)
+        objective = objective_from_config(config, self.threat)
+        trainer = (Trainer(model, objective, config, threat=self.threat, show_progress=False)
+                   if self.dp is None or not self.dp.enabled else
+                   _dp_trainer(model, objective, config, self.dp, self.threat))
         val = self.val if self.val is not None else train.head(_SELF_VALIDATION_SIZE)
         # in the model's dtype, as every prediction of the attacks reads inputs (float64 from numpy)
         dtype = model_dtype(model, train.x.dtype)
         trainer.fit(*(Split(part.x.to(dtype), part.y) for part in (train, val)))
-        return model.eval()
+        return trainer.model.eval()  # under DP the copy with its BatchNorm replaced
 
     @classmethod
     def like(cls, model: nn.Module, *, config: TrainConfig | None = None,
@@ -100,12 +107,19 @@ class TrainerRecipe:
     def for_model(cls, name: str, input_shape: Sequence[int], num_classes: int, *,
                   config: TrainConfig, threat: ThreatModel, val: Split | None = None,
                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                  device: str | torch.device = "cpu") -> TrainerRecipe:
+                  device: str | torch.device = "cpu", dp: DPConfig | None = None) -> TrainerRecipe:
         """The recipe for a registered architecture, e.g. from a run's ``model.json`` card."""
         def factory() -> nn.Module:
             return build_model(name, input_shape, num_classes, mean=mean, std=std)
 
-        return cls(factory, config, threat, val=val, device=device)
+        return cls(factory, config, threat, val=val, device=device, dp=dp)
+
+
+def _dp_trainer(model: nn.Module, objective: Objective, config: TrainConfig, dp: DPConfig,
+                threat: ThreatModel) -> Trainer:
+    from fortify.training.dp import DPTrainer  # imports Opacus
+
+    return DPTrainer(model, objective, config, dp=dp, threat=threat, show_progress=False)
 
 
 def _reset_method(module: nn.Module) -> Callable[[], None] | None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from fortify.attacks import PGD
 from fortify.attacks.base import check_label_dtype
-from fortify.config import TrainConfig
+from fortify.config import TrainConfig, comparable_train_settings, listed, setting_differences
 from fortify.data.base import Split
 from fortify.errors import CheckpointError, ConfigError, DataError
 from fortify.evaluation.precision import warn_if_slow_on_cpu
@@ -202,7 +202,8 @@ class Trainer:
 
     def fit(self, train: Split, val: Split, *, resume: bool = False) -> TrainResult:
         check_training_data(train, self.threat)
-        self._settle_layout(train.x[:1])
+        # two examples: a view that merges the batch axis with another passes on one alone
+        self._settle_layout(train.x[:2])
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -546,9 +547,14 @@ class Trainer:
         if self.run_dir is None:
             raise ConfigError("resume needs a run directory")
         state = ckpt.read_state_json(self.run_dir)
-        if state.get("config") != self.config.model_dump(mode="json"):
-            raise CheckpointError(f"cannot resume {self.run_dir}: its training settings differ "
-                                  "from the ones given now")
+        saved = state.get("config")
+        differing = (setting_differences(comparable_train_settings(saved),
+                                         comparable_train_settings(self.config.model_dump(mode="json")),
+                                         "train.")
+                     if isinstance(saved, dict) else ["no training settings recorded"])
+        if differing:
+            raise CheckpointError(f"cannot resume {self.run_dir}: its training settings differ from the "
+                                  f"ones given now ({listed(differing)})")
         self._settle_interrupted_commit()
         hashes = state.get("sha256", {})
         unrecorded = [name for name in ("last.safetensors", "state.safetensors") if name not in hashes]
