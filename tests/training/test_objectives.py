@@ -92,6 +92,8 @@ def test_fgsm_at_either_end_of_its_ratio_passes_the_model_only_as_often_as_it_ne
     points = x if ratio == 0.0 else FGSM(THREAT)(reference, x, y)
     assert torch.allclose(loss, F.cross_entropy(reference(points), y))
     assert calls == ([False] if ratio == 0.0 else [True, False])
+    # clean training validates and selects on clean accuracy (no PGD validation)
+    assert build_objective("fgsm", ObjectiveOptions(THREAT, fgsm_ratio=ratio)).adversarial is (ratio > 0)
 
 
 def test_fgsm_rs_keeps_a_configured_step_at_its_share_of_eps_during_warm_up():

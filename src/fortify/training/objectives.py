@@ -168,8 +168,13 @@ class FGSMObjective(_AttackObjective):
 
     name = "fgsm"
 
+    def __init__(self, options: ObjectiveOptions, *, label_smoothing: float | None = None) -> None:
+        super().__init__(options, label_smoothing=label_smoothing)
+        # ratio 0 trains on clean data alone: validate and select on clean accuracy, as pgd-mix does
+        self.adversarial = options.fgsm_ratio > 0
+
     def build_attack(self, threat: ThreatModel) -> Attack:
-        return FGSM(threat)
+        return FGSM(threat)  # steps eps: attack_step_size does not apply (docs/RECIPES.md)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         ratio = self.options.fgsm_ratio
