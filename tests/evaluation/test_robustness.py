@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -157,6 +158,95 @@ def test_a_journal_of_another_model_is_refused(standard_model, robust_model, dig
 
 
 
+def test_a_journal_made_under_another_box_is_refused(standard_model, digits, tmp_path):
+    # the attacks' describe() holds norm and eps alone: the box enters the fingerprint as well
+    from fortify.errors import CheckpointError
+
+    x, y = digits.test.x[:40], digits.test.y[:40]
+    evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
+    wider = ThreatModel(THREAT.norm, THREAT.eps, (-1.0, 2.0))
+    with pytest.raises(CheckpointError, match="other data or other attack settings"):
+        evaluate(standard_model, x, y, [FGSM(wider)], wider, journal_dir=tmp_path)
+
+
+def test_a_journal_of_a_transfer_from_another_surrogate_is_refused(standard_model, robust_model, digits,
+                                                                  tmp_path):
+    from fortify.attacks.transfer import Transfer
+    from fortify.errors import CheckpointError
+
+    x, y = digits.test.x[:40], digits.test.y[:40]
+    evaluate(standard_model, x, y, [Transfer(FGSM(THREAT), robust_model)], THREAT, journal_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="other data or other attack settings"):  # same class
+        evaluate(standard_model, x, y, [Transfer(FGSM(THREAT), copy.deepcopy(standard_model))], THREAT,
+                 journal_dir=tmp_path)
+
+
+def test_a_kill_between_the_journals_two_writes_resumes_from_the_batch_before(standard_model, digits,
+                                                                             tmp_path, monkeypatch):
+    # Prepare: the third batch's outcomes reach their file, then the process dies before
+    # evaluation.json names them
+    from fortify.evaluation.journal import Journal
+
+    x, y = digits.test.x[:80], digits.test.y[:80]
+    threat = ThreatModel("linf", 0.05)
+    reference = evaluate(standard_model, x, y, [_Fragile(threat)], threat, batch_size=16)
+    writes = []
+    write = Journal._write
+
+    def dies_on_the_third(self):
+        writes.append(1)
+        if len(writes) == 3:
+            raise _KilledAfter
+        write(self)
+
+    monkeypatch.setattr(Journal, "_write", dies_on_the_third)
+    with pytest.raises(_KilledAfter):
+        evaluate(standard_model, x, y, [_Fragile(threat)], threat, batch_size=16, journal_dir=tmp_path)
+    monkeypatch.setattr(Journal, "_write", write)
+    # Execute
+    resumed_attack = _Fragile(threat)
+    resumed = evaluate(standard_model, x, y, [resumed_attack], threat, batch_size=16, journal_dir=tmp_path)
+    # Assert: two batches were on record; the rest ran again, to the same numbers
+    assert resumed.attacks == reference.attacks
+    assert resumed_attack.calls == -(-reference.attacks[0].attacked // 16) - 2
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda current, tensors: tensors.update(robust=tensors["robust"][:10]), "outcomes for"),
+    (lambda current, tensors: current.update(next_start=10**6), "stopped at example 1000000"),
+    (lambda current, tensors: current.update(next_start=3), "stopped at example 3"),
+    (lambda current, tensors: tensors.update(robust=torch.ones_like(tensors["robust"])),
+     "robust examples the attack had not reached"),
+])
+def test_an_edited_record_of_the_attack_under_way_is_refused(standard_model, digits, tmp_path, edit, match):
+    # Prepare: a journal killed after its first batch, then its record of that batch edited (and its
+    # hash made to agree, as a careful edit would)
+    from fortify.errors import CheckpointError
+    from fortify.training import checkpoint as ckpt
+
+    x, y = digits.test.x[:40], digits.test.y[:40]
+    threat = ThreatModel("linf", 0.05)
+    with pytest.raises(_KilledAfter):
+        evaluate(standard_model, x, y, [_Fragile(threat, fail_on_call=2)], threat, batch_size=8,
+                 journal_dir=tmp_path)
+    journal = json.loads((tmp_path / "evaluation.json").read_text())
+    current = journal["current"]
+    tensors = ckpt.load_tensors(tmp_path / current["file"], "evaluation", record="evaluation.json")
+    edit(current, tensors)
+    current["sha256"] = ckpt.save_tensors(tmp_path / current["file"], tensors, kind="evaluation")
+    (tmp_path / "evaluation.json").write_text(json.dumps(journal))
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match=match):
+        evaluate(standard_model, x, y, [_Fragile(threat)], threat, batch_size=8, journal_dir=tmp_path)
+
+
+def test_an_attack_named_twice_is_refused(standard_model, digits):
+    from fortify.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="the attacks name fgsm twice"):
+        evaluate(standard_model, digits.test.x[:8], digits.test.y[:8], [FGSM(THREAT), FGSM(THREAT)], THREAT)
+
+
 @pytest.mark.parametrize(("text", "match"), [("[1, 2]", "does not hold a journal object"),
                                              ("{oops", "is not valid JSON")])
 def test_a_damaged_journal_is_a_checkpoint_error(standard_model, digits, tmp_path, text, match):
@@ -173,6 +263,9 @@ def test_a_damaged_journal_is_a_checkpoint_error(standard_model, digits, tmp_pat
     (lambda r: r.update(robust=r["robust"][:10]), "are not 40 true/false values"),
     (lambda r: r.update(adversarial_accuracy=0.99), "accuracy does not match its per-example outcomes"),
     (lambda r: r.update(name="pgd-50"), "records 'pgd-50' where this evaluation runs 'fgsm'"),
+    (lambda r: r.update(settings={**r["settings"], "eps": 0.5}), "settings are not this evaluation's"),
+    (lambda r: r.update(success_rate=7.5), "success rate or norms are not numbers in their range"),
+    (lambda r: r.update(mean_norm="abc"), "success rate or norms are not numbers in their range"),
 ])
 def test_an_edited_journal_record_is_refused_not_reported(standard_model, digits, tmp_path, edit, match):
     # Prepare: a finished journal entry, then edited or damaged

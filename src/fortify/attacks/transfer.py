@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import Attack
 from fortify.attacks.pgd import PGD
+from fortify.models.digest import weights_sha256
 
 
 class Transfer(Attack):
@@ -41,8 +42,10 @@ class Transfer(Attack):
         return Transfer(self.source_attack.with_threat(threat), self.surrogate, seed=self.seed)
 
     def describe(self) -> dict[str, object]:
+        # the surrogate's weights by their hash: another surrogate of the same class finds other points
         return {**super().describe(), "source": self.source_attack.describe(),
-                "surrogate": type(self.surrogate).__name__}
+                "surrogate": type(self.surrogate).__name__,
+                "surrogate_sha256": weights_sha256(self.surrogate)}
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
                 generator: torch.Generator) -> Tensor:

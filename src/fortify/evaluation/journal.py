@@ -21,18 +21,19 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import Attack
 from fortify.errors import CheckpointError
+from fortify.models.digest import tensor_bytes, update_with_weights
 from fortify.training import checkpoint as ckpt
 
 
 @dataclass
 class Partial:
-    """The attack under way: how far it got and what it found so far."""
+    """The attack under way: how far it got and what it found so far. Each batch draws from a seed of
+    its own (``batch_seed``), so no generator state needs keeping."""
 
     attack_index: int
     next_start: int
     robust: Tensor
     norms: Tensor
-    generator_state: Tensor
 
 
 def fingerprint(x: Tensor, y: Tensor, attacks: Sequence[Attack], cascade: bool, batch_size: int,
@@ -45,20 +46,15 @@ def fingerprint(x: Tensor, y: Tensor, attacks: Sequence[Attack], cascade: bool, 
     """
     digest = hashlib.sha256()
     for tensor in (x, y, clean_correct.to(torch.uint8)):
-        digest.update(_bytes(tensor))
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(_bytes(tensor))
-    settings = [a.describe() for a in attacks]
+        digest.update(tensor_bytes(tensor))
+    update_with_weights(digest, model)
+    # the threat model whole (its box and a tabular schema's constraints too, which describe() leaves
+    # out): points found inside one box are no answer for another
+    settings = [{**a.describe(), "threat": a.threat.to_dict()} for a in attacks]
     # amp only enters when set, so journals of full-precision runs keep their fingerprint
     key: list[object] = [settings, cascade, batch_size] + ([amp] if amp else [])
     digest.update(json.dumps(key, sort_keys=True, default=str).encode())
     return digest.hexdigest()
-
-
-def _bytes(tensor: Tensor) -> bytes:
-    # as raw bytes, so that every dtype (bf16 included, which numpy lacks) hashes alike
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 class Journal:
@@ -67,7 +63,6 @@ class Journal:
         self.fingerprint = fingerprint
         self.directory.mkdir(parents=True, exist_ok=True)
         self._json = self.directory / "evaluation.json"
-        self._tensors = self.directory / "evaluation.safetensors"
         self._state = self._read()
 
     def completed(self) -> list[dict[str, Any]]:
@@ -77,22 +72,39 @@ class Journal:
         current = self._state.get("current")
         if current is None or current["attack_index"] != attack_index:
             return None
-        tensors = ckpt.load_tensors(self._tensors, "evaluation", current["sha256"])
-        return Partial(attack_index, current["next_start"], tensors["robust"].bool(),
-                       tensors["norms"], tensors["generator"])
+        tensors = ckpt.load_tensors(self._tensor_file(current), "evaluation", current["sha256"],
+                                    record=self._json.name)
+        if not {"robust", "norms"} <= tensors.keys():
+            raise CheckpointError(f"{self._tensor_file(current)} lacks the outcomes of the attack under "
+                                  f"way; remove {self.directory} to evaluate from the start")
+        return Partial(attack_index, current["next_start"], tensors["robust"].bool(), tensors["norms"])
 
     def save_partial(self, partial: Partial) -> None:
-        digest = ckpt.save_tensors(self._tensors, {
-            "robust": partial.robust.to(torch.uint8), "norms": partial.norms,
-            "generator": partial.generator_state}, kind="evaluation")
+        """Each batch's outcomes go to a file of their own, which evaluation.json then names: a kill
+        between the two writes leaves the journal at the batch before, whole."""
+        before = self._state.get("current")
+        name = f"evaluation-{partial.attack_index}-{partial.next_start}.safetensors"
+        digest = ckpt.save_tensors(self.directory / name, {
+            "robust": partial.robust.to(torch.uint8), "norms": partial.norms}, kind="evaluation")
         self._state["current"] = {"attack_index": partial.attack_index,
-                                  "next_start": partial.next_start, "sha256": digest}
+                                  "next_start": partial.next_start, "sha256": digest, "file": name}
         self._write()
+        self._remove_tensor_file(before)
 
     def save_completed(self, result: dict[str, Any]) -> None:
+        before = self._state.get("current")
         self._state["completed"].append(result)
         self._state["current"] = None
         self._write()
+        self._remove_tensor_file(before)
+
+    def _tensor_file(self, current: dict[str, Any]) -> Path:
+        # journals written before each batch had its own file named it evaluation.safetensors
+        return self.directory / current.get("file", "evaluation.safetensors")
+
+    def _remove_tensor_file(self, current: dict[str, Any] | None) -> None:
+        if current is not None:
+            self._tensor_file(current).unlink(missing_ok=True)
 
     def _read(self) -> dict[str, Any]:
         if not self._json.is_file():
@@ -122,5 +134,8 @@ def _is_current(current: Any) -> bool:
     if not isinstance(current, dict):
         return False
     counts = [current.get(key) for key in ("attack_index", "next_start")]
+    file = current.get("file", "evaluation.safetensors")
+    # a bare file name: a record must not point the journal at files outside its directory
     return (all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
-            and isinstance(current.get("sha256"), str))
+            and isinstance(current.get("sha256"), str)
+            and isinstance(file, str) and Path(file).name == file and file.endswith(".safetensors"))

@@ -7,6 +7,8 @@ outside the ball or the box raises ThreatModelViolation instead of producing a n
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -206,10 +208,26 @@ def _journaled_result(record: Any, attack: Attack, n: int, journal_dir: Path) ->
     elif not (isinstance(record["adversarial_accuracy"], (int, float))
               and abs(record["adversarial_accuracy"] - sum(record["robust"]) / n) < 1e-6):  # float32 mean
         problem = f"{record['name']}'s accuracy does not match its per-example outcomes"
+    elif record["settings"] != json.loads(json.dumps(attack.describe(), default=str)):
+        problem = f"{record['name']}'s settings are not this evaluation's"
+    elif not _plausible_numbers(record, n):
+        problem = f"{record['name']}'s counts, success rate or norms are not numbers in their range"
     if problem is not None:
         raise CheckpointError(f"the journal in {journal_dir} is damaged ({problem}); remove that directory "
                               "to evaluate from the start")
     return AttackResult(**record)
+
+
+def _plausible_numbers(record: dict[str, Any], n: int) -> bool:
+    def number(value: Any, low: float = 0.0, high: float = math.inf) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+    attacked = record["attacked"]
+    return (isinstance(attacked, int) and number(attacked, 0, n)
+            and record["mode"] in ("cascade", "independent")
+            and (record["success_rate"] is None or number(record["success_rate"], 0, 1))
+            and number(record["mean_norm"]) and number(record["max_norm"])
+            and (record["median_norm_successful"] is None or number(record["median_norm_successful"])))
 
 
 def _check_setup(attacks: Sequence[Attack], threat: ThreatModel, x: Tensor, y: Tensor,
@@ -221,6 +239,10 @@ def _check_setup(attacks: Sequence[Attack], threat: ThreatModel, x: Tensor, y: T
         raise ConfigError(f"eps_grid names an eps twice: {list(eps_grid)}")
     if not attacks:
         raise ConfigError("evaluate needs at least one attack")
+    labels = [attack.label for attack in attacks]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:  # results are looked up by label: the second would hide the first
+        raise ConfigError(f"the attacks name {', '.join(twice)} twice; give each attack once")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     for attack in [*attacks, *([curve_attack] if curve_attack is not None else [])]:
@@ -263,9 +285,10 @@ def _run_attack(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, todo: Te
     first = 0
     partial = journal.partial(attack_index) if journal is not None else None
     if partial is not None:
+        assert journal is not None
+        _check_partial(partial, todo, len(index), batch_size, journal.directory)
         first = partial.next_start
         robust, norms = partial.robust.to(x.device), partial.norms.to(x.device)
-        generator.set_state(partial.generator_state)
     for start in range(first, len(index), batch_size):
         if shard is not None and not shard.owns(start // batch_size):
             continue
@@ -277,8 +300,7 @@ def _run_attack(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, todo: Te
             robust[chunk] = model(x_adv).argmax(1) == y[chunk]
         norms[start:start + len(chunk)] = attack.threat.distance(x_adv, x[chunk])
         if journal is not None:
-            journal.save_partial(Partial(attack_index, start + batch_size, robust, norms,
-                                         generator.get_state()))
+            journal.save_partial(Partial(attack_index, start + batch_size, robust, norms))
     if shard is not None:  # each example was attacked by one rank; the others hold zeros for it
         robust, norms = shard.merge(robust, norms)
     fooled = ~robust[index]
@@ -292,6 +314,28 @@ def _run_attack(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, todo: Te
         max_norm=float(norms.max()) if len(index) else 0.0,
         median_norm_successful=median(successful_norms),
         robust=robust.tolist())
+
+
+def _check_partial(partial: Partial, todo: Tensor, attacked: int, batch_size: int, journal_dir: Path) -> None:
+    """Refuse an attack-under-way record that this evaluation cannot have written: outcomes of another
+    length, a position past the end or between batches, or robust examples outside the attacked ones
+    or in batches not yet run (a damaged or edited journal would otherwise stop with a traceback or
+    put numbers no attack measured into the report)."""
+    robust = partial.robust.to(todo.device)
+    index = todo.nonzero().squeeze(1)
+    start = partial.next_start
+    problem = None
+    if robust.shape != todo.shape or partial.norms.shape != (attacked,):
+        problem = (f"outcomes for {tuple(robust.shape)} and norms for {tuple(partial.norms.shape)} "
+                   f"examples where {len(todo)} and {attacked} belong")
+    elif start % batch_size or not 0 < start < attacked + batch_size:
+        problem = (f"it stopped at example {start}, not after a batch of {batch_size} of the "
+                   f"{attacked} attacked")
+    elif bool((robust & ~todo).any()) or bool(robust[index[start:]].any()):
+        problem = "robust examples the attack had not reached"
+    if problem is not None:
+        raise CheckpointError(f"the journal in {journal_dir} is damaged ({problem}); remove that directory "
+                              "to evaluate from the start")
 
 
 def _verify(attack: Attack, x_adv: Tensor, x: Tensor) -> None:
