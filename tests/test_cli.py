@@ -761,6 +761,19 @@ def test_evaluating_data_of_another_shape_or_class_count_is_refused_by_name(trai
                                 "'breast-cancer' has inputs of shape (30,) and 2 classes")
 
 
+def test_evaluating_data_in_another_box_is_refused(trained_dir, tmp_path):
+    # digits' images, declared to lie in [-1, 2]: same shape and classes, another scale
+    from fortify.data import load_dataset
+
+    digits = load_dataset("digits")
+    np.savez(tmp_path / "wide.npz", x=digits.train.x.numpy(), y=digits.train.y.numpy(),
+             x_test=digits.test.x.numpy(), y_test=digits.test.y.numpy(), bounds=np.array([-1.0, 2.0]))
+    (tmp_path / "wide.yaml").write_text(f"data: {{name: npz, path: {tmp_path / 'wide.npz'}}}\n")
+    result = _invoke("evaluate", _copy_of(trained_dir, tmp_path), "--config", tmp_path / "wide.yaml",
+                     "--attacks", "fgsm", "--n-examples", 20)
+    _assert_clean_error(result, "was trained on inputs in [0, 1]; the data 'npz' lie in [-1, 2]")
+
+
 def test_resume_refuses_a_directory_that_holds_no_run(tmp_path):
     own = tmp_path / "proj"
     own.mkdir()

@@ -175,7 +175,7 @@ def _ordered(encoding: dict[str, Any] | None, with_classes: bool) -> Any:
 
 
 def check_data_fits_model(card: dict[str, Any], dataset: Dataset, model_dir: Path) -> None:
-    """ConfigError when ``dataset`` does not fit the model: inputs of another shape or another number
+    """ConfigError when ``dataset`` does not fit the model: inputs of another shape, box or number
     of classes, or a table encoded otherwise than the model's training data was (another column
     order, bounds refitted on other rows, other categories or classes), which the model would read as
     permuted or rescaled features, or relabelled classes, without any error of its own."""
@@ -185,6 +185,12 @@ def check_data_fits_model(card: dict[str, Any], dataset: Dataset, model_dir: Pat
         raise ConfigError(f"{model_dir} takes inputs of shape {shape} and scores {classes} classes; the "
                           f"data {dataset.name!r} has inputs of shape {tuple(dataset.input_shape)} and "
                           f"{dataset.num_classes} classes")
+    trained_box = card.get("bounds")
+    if trained_box is not None and [float(b) for b in trained_box] != [float(b) for b in dataset.bounds]:
+        # inputs on another scale: the model would read them rescaled, and the threat model's box
+        # (and with it every attack's eps budget) would not be the one it was trained in
+        raise ConfigError(f"{model_dir} was trained on inputs in [{trained_box[0]:g}, {trained_box[1]:g}]; "
+                          f"the data {dataset.name!r} lie in [{dataset.bounds[0]:g}, {dataset.bounds[1]:g}]")
 
 
 def _check_table_encoding(trained: dict[str, Any] | None, now: dict[str, Any] | None,
