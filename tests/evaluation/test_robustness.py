@@ -281,13 +281,17 @@ def test_an_edited_journal_record_is_refused_not_reported(standard_model, digits
         evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
 
 
-def test_a_journal_whose_current_attack_is_damaged_is_refused(standard_model, digits, tmp_path):
+@pytest.mark.parametrize("current", [
+    {"attack_index": 0, "sha256": "00", "file": "evaluation-0-8.safetensors"},  # next_start gone
+    {"attack_index": 0, "next_start": 8, "sha256": "00", "file": "../outside.safetensors"},
+])
+def test_a_journal_whose_current_attack_is_damaged_is_refused(standard_model, digits, tmp_path, current):
     from fortify.errors import CheckpointError
 
     x, y = digits.test.x[:40], digits.test.y[:40]
     evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
     journal = json.loads((tmp_path / "evaluation.json").read_text())
-    journal["current"] = {"attack_index": 0, "sha256": "00"}  # next_start gone
+    journal["current"] = current
     (tmp_path / "evaluation.json").write_text(json.dumps(journal))
     with pytest.raises(CheckpointError, match="evaluation.json is damaged"):
         evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)

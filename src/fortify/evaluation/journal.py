@@ -1,10 +1,10 @@
 """A resumable record of an evaluation in progress.
 
 Long evaluations (an AutoAttack-style cascade over thousands of examples) are written down after
-every batch: finished attacks as JSON, the current attack's per-example outcomes and generator
-state as safetensors. A killed evaluation started again with the same journal path continues at
-the next batch and produces the same numbers. A journal made for other data or other attacks is
-refused rather than mixed in.
+every batch: finished attacks as JSON, the current attack's per-example outcomes as safetensors (a
+file per batch, which the JSON then names). A killed evaluation started again with the same journal
+path continues at the next batch and produces the same numbers. A journal made for other data or
+other attacks is refused rather than mixed in.
 """
 
 from __future__ import annotations
@@ -99,8 +99,7 @@ class Journal:
         self._remove_tensor_file(before)
 
     def _tensor_file(self, current: dict[str, Any]) -> Path:
-        # journals written before each batch had its own file named it evaluation.safetensors
-        return self.directory / current.get("file", "evaluation.safetensors")
+        return self.directory / current["file"]
 
     def _remove_tensor_file(self, current: dict[str, Any] | None) -> None:
         if current is not None:
@@ -119,8 +118,8 @@ class Journal:
                                   "command to finish it")
         if not (isinstance(state.get("completed"), list) and _is_current(state.get("current"))):
             raise CheckpointError(f"{self._json} is damaged: it needs 'completed' (a list) and 'current' "
-                                  "(null, or attack_index, next_start and sha256); remove it to evaluate "
-                                  "from the start")
+                                  "(null, or attack_index, next_start, sha256 and file); remove it to "
+                                  "evaluate from the start")
         return state
 
     def _write(self) -> None:
@@ -134,7 +133,7 @@ def _is_current(current: Any) -> bool:
     if not isinstance(current, dict):
         return False
     counts = [current.get(key) for key in ("attack_index", "next_start")]
-    file = current.get("file", "evaluation.safetensors")
+    file = current.get("file")
     # a bare file name: a record must not point the journal at files outside its directory
     return (all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
             and isinstance(current.get("sha256"), str)
