@@ -124,6 +124,18 @@ def test_loss_and_confidence_keep_the_order_of_examples_past_float64_saturation(
     assert result.auc == 1.0
 
 
+@pytest.mark.parametrize("margin", [5.0, 30.0, 37.0, 38.0, 40.0, 60.0])
+def test_modified_entropy_is_exact_where_the_probability_rounds_to_one(margin):
+    # 10 classes, the true logit ahead of nine equal others by ``margin``; in closed form
+    # p_o = 1 / (e^m + 9) for each other class, 1 - p_y = 9 p_o and -log p_y = log(1 + 9 e^-m)
+    logits = torch.zeros(1, 10, dtype=torch.float64)
+    logits[0, 3] = margin
+    p_other = 1.0 / (math.exp(margin) + 9.0)
+    exact = 9.0 * p_other * math.log1p(9.0 * math.exp(-margin)) + 9.0 * p_other * -math.log1p(-p_other)
+    score = modified_entropy_scores(logits, torch.tensor([3]))
+    assert score.item() == pytest.approx(-exact, rel=1e-12, abs=0.0)  # the values are tiny
+
+
 def test_logit_confidence_is_exact_where_the_probability_rounds_to_one():
     logits = torch.tensor([[math.log(9.0), 0.0], [40.0, 0.0]], dtype=torch.float32)
     phi = logit_confidence(logits, torch.tensor([0, 0]))

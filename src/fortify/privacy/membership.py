@@ -77,9 +77,13 @@ def modified_entropy_scores(logits: Tensor, y: Tensor) -> Tensor:
     p = log_p.exp()
     log_1mp = _log1mexp(log_p.clamp(max=0.0))
     true = F.one_hot(y, logits.shape[1]).bool()
-    own = -(1 - p) * log_p
-    others = -p * log_1mp
-    return -torch.where(true, own, others).sum(dim=1)
+    # the true class's term from phi = log(p_y / (1 - p_y)): 1 - p_y = sigmoid(-phi) and
+    # -log p_y = softplus(-phi) stay exact where p_y rounds to 1 (a margin past ~35 in float64),
+    # the most confident examples, which decide the TPR at a low FPR
+    phi = logit_confidence(logits, y)
+    own = torch.sigmoid(-phi) * F.softplus(-phi)
+    others = (-p * log_1mp).masked_fill(true, 0.0).sum(dim=1)
+    return -(own + others)
 
 
 STATISTICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
