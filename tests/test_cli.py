@@ -774,6 +774,18 @@ def test_evaluating_data_in_another_box_is_refused(trained_dir, tmp_path):
     _assert_clean_error(result, "was trained on inputs in [0, 1]; the data 'npz' lie in [-1, 2]")
 
 
+def test_a_model_resumed_under_other_speed_settings_still_loads(tmp_path):
+    # the resumed run rewrites config.yaml (channels_last now unset); its hash in state.json must be
+    # the new one, or evaluate would call the settings edited
+    out = tmp_path / "m"
+    flags = ("train", "--model", "mlp", "--objective", "standard", "--epochs", 1, "--out", out, "--quiet")
+    assert _invoke(*flags, "--no-channels-last").exit_code == 0
+    resumed = _invoke(*flags, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    result = _invoke("evaluate", out, "--attacks", "fgsm", "--n-examples", 20)
+    assert result.exit_code == 0, result.output
+
+
 def test_resume_refuses_a_directory_that_holds_no_run(tmp_path):
     own = tmp_path / "proj"
     own.mkdir()

@@ -196,7 +196,7 @@ def run(
         check_same_settings(out_dir, cfg)  # before config.yaml is written over
     with discarded_on_error(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(cfg.to_yaml())
+        ckpt.atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())  # --resume reads it first
         # a resumed run's seconds include the training its checkpoints hold; what it redoes is timed anew
         earlier = _checkpointed_training_seconds(out_dir / "models", ("standard", "pgd")) if resume else 0.0
         started = time.perf_counter()

@@ -214,6 +214,9 @@ def test_resume_with_other_settings_is_refused(digits, tmp_path):
     (lambda state: state["progress"].update(surprise=1), "progress in state.json must hold exactly"),
     (lambda state: state.pop("progress"), "progress in state.json must hold exactly"),
     (lambda state: state["progress"]["history"][0].pop("lr"), "an epoch record in state.json lacks"),
+    (lambda state: state["progress"]["history"][0].update(val_clean_accuracy="0.4"), "not a number"),
+    (lambda state: state.pop("optimizer"), "optimizer state in state.json is missing or damaged"),
+    (lambda state: state["optimizer"].update(param_groups=[]), "saved training state does not fit"),
 ])
 def test_resume_refuses_a_state_json_it_cannot_trust(digits, tmp_path, edit, message):
     # without a recorded hash the weights loaded unchecked (another model's would do); an unknown or
@@ -226,6 +229,24 @@ def test_resume_refuses_a_state_json_it_cannot_trust(digits, tmp_path, edit, mes
     (tmp_path / "state.json").write_text(json.dumps(state))
     _, again = _trainer(digits, tmp_path, objective="standard", epochs=1)
     with pytest.raises(CheckpointError, match=message):
+        again.fit(train, val, resume=True)
+
+
+def test_resume_refuses_a_generator_state_of_another_device(digits, tmp_path):
+    # a run started on a GPU keeps CUDA generator states (16 bytes); a CPU generator takes 5056
+    from fortify.training import checkpoint as ckpt
+
+    train, val = _subset(digits, 64)
+    _, trainer = _trainer(digits, tmp_path, objective="fgsm-rs", epochs=1)
+    trainer.fit(train, val)
+    tensors = load_tensors(tmp_path / "state.safetensors", "train-state")
+    tensors["rng.objective"] = torch.zeros(16, dtype=torch.uint8)
+    state = json.loads((tmp_path / "state.json").read_text())
+    state["sha256"]["state.safetensors"] = ckpt.save_tensors(tmp_path / "state.safetensors", tensors,
+                                                             kind="train-state")
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    _, again = _trainer(digits, tmp_path, objective="fgsm-rs", epochs=1)
+    with pytest.raises(CheckpointError, match="does not fit this run .*on the device it was started on"):
         again.fit(train, val, resume=True)
 
 

@@ -75,7 +75,7 @@ class FederatedResult:
 def write_run_directory(out: Path, run: FederatedRun, dataset: Dataset, model: nn.Module,
                         result: FederatedResult) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(run.config.to_yaml())
+    ckpt.atomic_write_text(out / "config.yaml", run.config.to_yaml())
     normalize = run.config.model.normalize and dataset.mean is not None
     write_json(out / "model.json", {
         "name": run.config.model.name or dataset.default_model, "input_shape": list(dataset.input_shape),

@@ -396,14 +396,19 @@ class DPTrainer(Trainer):
         path = self.run_dir / DP_STATE_JSON
         if not path.is_file():
             raise CheckpointError(f"cannot resume {self.run_dir} with DP: {DP_STATE_JSON} is missing")
-        state = json.loads(path.read_text())
-        if state.get("dp") != self.dp.model_dump(mode="json"):
+        state = ckpt.read_json(path)
+        if not isinstance(state, dict) or state.get("dp") != self.dp.model_dump(mode="json"):
             raise CheckpointError(f"cannot resume {self.run_dir}: its DP settings differ from the ones "
                                   "given now")
-        accountant = state["accountant"]
-        history = [tuple(h) for h in accountant["history"]]
+        try:
+            accountant = state["accountant"]
+            history = [tuple(h) for h in accountant["history"]]
+            mechanism = accountant["mechanism"]
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(f"cannot resume {self.run_dir}: {DP_STATE_JSON} is damaged (its accountant "
+                                  f"needs 'mechanism' and 'history'; {type(err).__name__}: {err})") from err
         self.engine.accountant.load_state_dict({
-            "mechanism": accountant["mechanism"],
+            "mechanism": mechanism,
             # the trainer counts exactly the accountant's steps (see _run_epoch)
             "history": history_up_to(history, self.state.step, self.run_dir)})
 

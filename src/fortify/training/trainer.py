@@ -93,10 +93,19 @@ def _progress_from(saved: Any, run_dir: Path) -> _Progress:
                               f"{sorted(expected)}")
     records = {f.name for f in fields(EpochRecord)}
     required = {f.name for f in fields(EpochRecord) if f.default is MISSING}
-    if not all(required <= set(r) <= records for r in saved["history"]):
+    if not all(isinstance(r, dict) and required <= set(r) <= records for r in saved["history"]):
         raise CheckpointError(f"cannot resume {run_dir}: an epoch record in {ckpt.STATE_JSON} lacks a field "
                               "or holds an unknown one")
+    optional = records - required | {"val_robust_accuracy"}
+    if not all(_is_number(value) or (value is None and key in optional)
+               for r in saved["history"] for key, value in r.items()):
+        raise CheckpointError(f"cannot resume {run_dir}: an epoch record in {ckpt.STATE_JSON} holds a value "
+                              "that is not a number")
     return _Progress(**{**saved, "history": [EpochRecord(**r) for r in saved["history"]]})
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 
 # devices with fused SGD and Adam kernels in torch
 _FUSED_DEVICES = ("cpu", "cuda")
@@ -564,7 +573,25 @@ class Trainer:
         ckpt.load_weights(self.run_dir / "last.safetensors", self.model, hashes["last.safetensors"])
         tensors = ckpt.load_tensors(self.run_dir / "state.safetensors", "train-state",
                                     hashes["state.safetensors"])
-        self.optimizer.load_state_dict(ckpt.join_optimizer_state(tensors, state["optimizer"]))
+        optimizer_meta = state.get("optimizer")
+        try:
+            self._load_training_state(tensors, optimizer_meta)
+        except (KeyError, ValueError, RuntimeError) as err:
+            # a state of another shape (optimizer groups, a generator of another device: CUDA's state
+            # is 16 bytes, the CPU's 5056) would otherwise stop the run with a traceback
+            raise CheckpointError(f"cannot resume {self.run_dir}: its saved training state does not fit "
+                                  f"this run ({type(err).__name__}: {err}); start it afresh elsewhere, "
+                                  "or on the device it was started on") from err
+        self.state = _progress_from(state.get("progress"), self.run_dir)
+        # files recorded since this trainer was built (config.yaml, the model card: rewritten by a
+        # resumed run, whose eval or speed settings may differ) keep their new hashes
+        for name, digest in hashes.items():
+            self._hashes.setdefault(name, digest)
+        self._optim_meta = optimizer_meta
+
+    def _load_training_state(self, tensors: dict[str, Tensor], optimizer_meta: Any) -> None:
+        """Optimiser, generators, EMA and the objective's own state, from a checkpoint's tensors."""
+        self.optimizer.load_state_dict(ckpt.join_optimizer_state(tensors, optimizer_meta))
         state_in_parameter_layout(self.optimizer)
         torch.set_rng_state(tensors["rng.torch"])
         if self.device.type == "cuda" and "rng.cuda" in tensors:
@@ -581,9 +608,6 @@ class Trainer:
         if load_extra is not None:
             load_extra({k.removeprefix("objective."): v.to(self.device)
                         for k, v in tensors.items() if k.startswith("objective.")})
-        self.state = _progress_from(state.get("progress"), self.run_dir)
-        self._hashes.update(hashes)
-        self._optim_meta = state["optimizer"]
 
     def _settle_interrupted_commit(self) -> None:
         """Complete or undo a commit a kill cut short (checkpoint.py); under torchrun rank 0, the
