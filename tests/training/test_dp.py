@@ -318,6 +318,22 @@ def test_resume_with_an_accountant_behind_the_checkpoint_is_refused(digits: Data
         _trainer(_mlp(digits), epochs=2, run_dir=tmp_path).fit(_head(digits), digits.val, resume=True)
 
 
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda state: state.pop("accountant"), "dp_state.json is damaged"),
+    (lambda state: state["accountant"].pop("mechanism"), "dp_state.json is damaged"),
+    (lambda state: state["accountant"].update(history=7), "dp_state.json is damaged"),
+])
+def test_resume_with_a_damaged_dp_state_is_a_checkpoint_error(digits: Dataset, tmp_path: Path, edit,
+                                                              match) -> None:
+    _trainer(_mlp(digits), run_dir=tmp_path).fit(_head(digits), digits.val)
+    path = tmp_path / DP_STATE_JSON
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=match):
+        _trainer(_mlp(digits), run_dir=tmp_path).fit(_head(digits), digits.val, resume=True)
+
+
 def test_resume_with_other_dp_settings_is_refused(digits: Dataset, tmp_path: Path) -> None:
     _trainer(_mlp(digits), noise_multiplier=1.0, run_dir=tmp_path).fit(_head(digits), digits.val)
     other = _trainer(_mlp(digits), noise_multiplier=2.0, run_dir=tmp_path)

@@ -286,7 +286,7 @@ def _run_attack(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, todo: Te
     partial = journal.partial(attack_index) if journal is not None else None
     if partial is not None:
         assert journal is not None
-        _check_partial(partial, todo, len(index), batch_size, journal.directory)
+        _check_partial(partial, todo, index, batch_size, journal.directory)
         first = partial.next_start
         robust, norms = partial.robust.to(x.device), partial.norms.to(x.device)
     for start in range(first, len(index), batch_size):
@@ -316,14 +316,13 @@ def _run_attack(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, todo: Te
         robust=robust.tolist())
 
 
-def _check_partial(partial: Partial, todo: Tensor, attacked: int, batch_size: int, journal_dir: Path) -> None:
+def _check_partial(partial: Partial, todo: Tensor, index: Tensor, batch_size: int, journal_dir: Path) -> None:
     """Refuse an attack-under-way record that this evaluation cannot have written: outcomes of another
     length, a position past the end or between batches, or robust examples outside the attacked ones
     or in batches not yet run (a damaged or edited journal would otherwise stop with a traceback or
     put numbers no attack measured into the report)."""
     robust = partial.robust.to(todo.device)
-    index = todo.nonzero().squeeze(1)
-    start = partial.next_start
+    attacked, start = len(index), partial.next_start
     problem = None
     if robust.shape != todo.shape or partial.norms.shape != (attacked,):
         problem = (f"outcomes for {tuple(robust.shape)} and norms for {tuple(partial.norms.shape)} "
