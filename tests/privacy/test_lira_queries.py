@@ -129,7 +129,7 @@ def _closed_form(target, reference, keep, *, online: bool, global_variance: bool
         mu_in, sd_in = _side_fit(reference[..., q], keep, global_variance)
         log_in = stats.norm.logpdf(target[:, q], mu_in, sd_in)
         total += log_in - stats.norm.logpdf(target[:, q], mu_out, sd_out)
-    return total
+    return total if online else -np.log(-total)  # offline ranks by -log(-sum of log P)
 
 
 @pytest.mark.parametrize("online", [True, False])
@@ -139,7 +139,7 @@ def test_each_query_gets_its_own_gaussians_and_the_ratios_add_up(online, global_
     target, reference, keep = _fabricated_phi()
     # Execute
     scores = lira_scores(target, reference, keep, online=online, global_variance=global_variance)
-    # Assert: the sum of per-query log-likelihood ratios (or log tail probabilities offline) with each
+    # Assert: the sum of per-query log-likelihood ratios (or of log tail probabilities offline) with each
     # query's own means and (per-example or per-query global) stds
     expected = _closed_form(target, reference, keep, online=online, global_variance=global_variance)
     assert scores.shape == (N_EXAMPLES,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -156,7 +157,35 @@ def test_lira_scores_are_the_gaussian_likelihood_ratio():
     expected = norm.logpdf(0.5, 2, sd) - norm.logpdf(0.5, -2, sd)
     assert online.item() == pytest.approx(expected)
     assert online.item() == pytest.approx(1.0)  # ((0.5 + 2)^2 - (0.5 - 2)^2) / (2 * 2)
-    assert offline.item() == pytest.approx(norm.logcdf(0.5, -2, sd))
+    assert offline.item() == pytest.approx(-math.log(-norm.logcdf(0.5, -2, sd)))  # -log(-log P)
+
+
+def _exact_offline_score(z_per_query: list[float]) -> float:
+    """-log(-sum of log Phi(z)) in 60-digit arithmetic, where float64's log Phi rounds to 0."""
+    mpmath.mp.dps = 60
+    tails = [mpmath.erfc(mpmath.mpf(z) / mpmath.sqrt(2)) / 2 for z in z_per_query]
+    return float(-mpmath.log(-sum(mpmath.log1p(-q) for q in tails)))
+
+
+def test_offline_lira_ranks_targets_far_above_out_without_ties():
+    # Prepare: OUT models at phi = -1 and 1 (mean 0, std sqrt(2)); float32 targets 10 to 85 OUT stds
+    # above, where float32's log Phi rounds to 0 from about 14 stds and float64's from about 38
+    sd = math.sqrt(2.0)
+    z = [10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 85.0]
+    reference = torch.tensor([-1.0, 1.0])[:, None].expand(2, len(z))
+    in_mask = torch.zeros(2, len(z), dtype=torch.bool)
+    target = torch.tensor([sd * zi for zi in z])
+    # Execute: one query, and two with the same Gaussians, as a view and its mirror could have
+    one = lira_scores(target, reference, in_mask, online=False, global_variance=False)
+    both = lira_scores(torch.stack([target, target], dim=-1), torch.stack([reference, reference], dim=-1),
+                       in_mask, online=False, global_variance=False)
+    # Assert: strictly increasing, and equal to the exact value of -log(-sum of log P)
+    assert one.dtype == torch.float64
+    assert bool((one.diff() > 0).all()) and bool((both.diff() > 0).all())
+    for i, target_phi in enumerate(target.tolist()):
+        exact_z = target_phi / sd  # the float32 target, as scored
+        assert one[i].item() == pytest.approx(_exact_offline_score([exact_z]), rel=1e-12)
+        assert both[i].item() == pytest.approx(_exact_offline_score([exact_z, exact_z]), rel=1e-12)
 
 
 def test_global_variance_pools_the_spread_around_each_examples_mean():

@@ -7,7 +7,9 @@ Gaussian to the logit-scaled confidence ``phi = log(p_y / (1 - p_y))`` of the re
 saw it (IN) and of those that did not (OUT), then scores the target model's phi:
 
 - online: ``log N(phi; mu_in, s_in) - log N(phi; mu_out, s_out)``, the likelihood ratio;
-- offline: ``log P[Z <= phi]`` for ``Z ~ N(mu_out, s_out)``, a one-sided test against OUT alone.
+- offline: a one-sided test against OUT alone, ranked by ``P[Z <= phi]`` for ``Z ~ N(mu_out, s_out)``
+  and scored as ``-log(-log P)``, which ranks the same but stays distinct where ``log P`` rounds
+  to 0 (from about 14 OUT stds above mu_out in float32, 38 in float64).
 
 With few reference models per-example variances are noisy; the paper uses one global variance then.
 Here that is each side's spread of the reference values around their own example's mean, pooled over
@@ -273,25 +275,44 @@ def lira_scores(target_phi: Tensor, reference_phi: Tensor, in_mask: Tensor, *, o
     their released code fits it with a diagonal covariance (one Gaussian per query), as here: tens of
     reference models cannot estimate a full covariance per example, and with a diagonal one the
     log-likelihood ratio is exactly this sum (their code averages, which ranks examples the same).
-    Offline, the sum is the log of the chance that every query of an OUT model falls at or below the
-    target's, the one-sided test of each query taken as independent.
+    Offline, the sum ``L`` is the log of the chance that every query of an OUT model falls at or
+    below the target's, the one-sided test of each query taken as independent; the score is
+    ``-log(-L)``, the same ranking, with no ties where ``L`` rounds to 0. Scores are float64.
     """
+    target_phi, reference_phi = target_phi.double(), reference_phi.double()
     if target_phi.dim() == 1:
-        return _one_query_scores(target_phi, reference_phi, in_mask, online=online,
-                                 global_variance=global_variance)
-    per_query = [_one_query_scores(target_phi[:, q], reference_phi[..., q], in_mask, online=online,
-                                   global_variance=global_variance) for q in range(target_phi.shape[1])]
-    return torch.stack(per_query).sum(dim=0)
+        target_phi, reference_phi = target_phi[:, None], reference_phi[..., None]
+    per_query = torch.stack([_one_query_scores(target_phi[:, q], reference_phi[..., q], in_mask,
+                                               online=online, global_variance=global_variance)
+                             for q in range(target_phi.shape[1])])
+    if online:
+        return per_query.sum(dim=0)
+    # per_query holds log(-log P) of each query: -log(-sum of log P) = -logsumexp
+    return -torch.logsumexp(per_query, dim=0)
 
 
 def _one_query_scores(target_phi: Tensor, reference_phi: Tensor, in_mask: Tensor, *, online: bool,
                       global_variance: bool) -> Tensor:
+    """Online: the log-likelihood ratio; offline: ``log(-log P[Z <= phi])`` under OUT."""
     sides = [~in_mask, in_mask] if online else [~in_mask]
     means = [_masked_mean(reference_phi, mask) for mask in sides]
     stds = _side_stds(reference_phi, sides, means, global_variance)
     if not online:
-        return torch.special.log_ndtr((target_phi - means[0]) / stds[0])
+        return log_neg_log_ndtr((target_phi - means[0]) / stds[0])
     return _normal_log_pdf(target_phi, means[1], stds[1]) - _normal_log_pdf(target_phi, means[0], stds[0])
+
+
+def log_neg_log_ndtr(z: Tensor) -> Tensor:
+    """``log(-log Phi(z))`` for the standard normal CDF Phi, finite at every finite z.
+
+    Far above the mean ``log Phi(z) = log1p(-Q)`` with ``Q = Phi(-z)`` rounds to 0, but its log
+    does not: ``-log1p(-Q) = Q (1 + Q/2 + Q^2/3 + ...)``, so ``log(-log Phi)`` is
+    ``log Q + log1p(Q/2 + Q^2/3)`` within ``Q^3/4``, below 1e-20 once z > 5 (Q < 3e-7).
+    """
+    log_q = torch.special.log_ndtr(-z)
+    q = log_q.exp()
+    far_above = log_q + torch.log1p(q / 2 + q * q / 3)
+    return torch.where(z > 5, far_above, torch.log(-torch.special.log_ndtr(z.clamp_max(5))))
 
 
 def _use_global_variance(variance: str, n_models: int) -> bool:
