@@ -598,6 +598,33 @@ def test_a_report_with_reference_models_audits_with_lira(trained_dir, tmp_path):
     assert any(m["attack"] == "threshold-loss" for m in membership)
 
 
+def test_audit_leaves_the_inputs_of_the_extra_data_out(tmp_path):
+    # Prepare: a model trained with extra data that repeats two training and three test digits
+    from fortify.config import RunConfig
+    from fortify.pipeline import prepare
+
+    dataset = prepare(RunConfig()).dataset
+    x = np.concatenate([dataset.train.x[:2].numpy(), dataset.test.x[:3].numpy()])
+    y = np.concatenate([dataset.train.y[:2].numpy(), dataset.test.y[:3].numpy()])
+    np.savez(tmp_path / "extra.npz", x=x, y=y)
+    config = tmp_path / "extra.yaml"
+    config.write_text(yaml.safe_dump({"train": {"extra_data": str(tmp_path / "extra.npz"),
+                                                "extra_fraction": 0.25}}))
+    model_dir = tmp_path / "m"
+    trained = _invoke("train", "--config", config, "--out", model_dir, "--objective", "standard",
+                      "--epochs", 1, "--quiet")
+    assert trained.exit_code == 0, trained.output
+    # Execute
+    result = _invoke("audit", model_dir, "--no-inversion")
+    # Assert: the model trained on all five, so none is a non-member, nor a member LiRA could score
+    assert result.exit_code == 0, result.output
+    privacy = json.loads((model_dir / "privacy.json").read_text())["privacy"]
+    assert privacy["n_members"] == len(dataset.train) - 2
+    assert privacy["n_nonmembers"] == len(dataset.test) - 3
+    note = "2 training and 3 test input(s) also occur in train.extra_data"
+    assert any(note in warning for warning in privacy["warnings"])
+
+
 def test_audit_refuses_lira_with_one_reference_model(trained_dir):
     _assert_clean_error(_invoke("audit", trained_dir, "--reference-models", 1), "reference")
 

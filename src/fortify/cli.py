@@ -661,7 +661,7 @@ def audit(
     report = audit_trained_model(model, audited_dataset(setup), recipe=lira_recipe(setup, card, cfg.train),
                                  n_reference_models=reference_models, n_examples=n_examples,
                                  lira_queries=lira_query_views(lira_queries, cfg.train.augment, setup),
-                                 inversion=inversion, seed=cfg.train.seed)
+                                 inversion=inversion, seed=cfg.train.seed, extra_data=setup.extra)
     write_json(model_dir / "privacy.json", {
         "version": RESULTS_VERSION, "kind": "privacy", "privacy": report.to_dict(),
         "provenance": provenance(cfg, setup.device)})

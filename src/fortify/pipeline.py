@@ -597,7 +597,7 @@ def audit_membership(setup: Setup, model: nn.Module, objective: str | None = Non
                 "n_reference_models": cfg.reference_models,
                 "lira_queries": lira_query_views(cfg.lira_queries, train_cfg.augment, setup)}
     return audit_trained_model(model, audited_dataset(setup), inversion=False, seed=setup.config.train.seed,
-                               **lira)
+                               extra_data=setup.extra, **lira)
 
 
 LIRA_NEEDS_RECIPE = ("analysis.reference_models: LiRA trains its reference models as the audited model "

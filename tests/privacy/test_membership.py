@@ -227,6 +227,25 @@ def test_a_test_input_seen_in_training_past_n_examples_is_no_non_member(zoo):
     assert "1 test input(s) also occur in the training split" in report.warnings[-1]
 
 
+def test_inputs_of_the_extra_data_are_neither_members_nor_non_members(zoo):
+    # Prepare: extra data the model trained on besides its training split, holding two members, three
+    # test inputs and digits of neither
+    model, members, non_members, _ = zoo.target(3)
+    dataset = Dataset("zoo", members, zoo.unseen.head(32), non_members, num_classes=10)
+    picked = [members.head(2), Split(non_members.x[5:8], non_members.y[5:8]),
+              Split(zoo.unseen.x[-4:], zoo.unseen.y[-4:])]
+    extra = Split(torch.cat([s.x for s in picked]), torch.cat([s.y for s in picked]))
+    # Execute
+    report = audit_trained_model(model, dataset, inversion=False, extra_data=extra)
+    plain = audit_trained_model(model, dataset, inversion=False)
+    # Assert: a test input the model trained on as extra data is no non-member; the members in it go
+    # too, since no LiRA reference model could leave them out
+    assert (report.n_members, report.n_nonmembers) == (len(members) - 2, len(non_members) - 3)
+    assert (plain.n_members, plain.n_nonmembers) == (len(members), len(non_members))
+    assert "2 training and 3 test input(s) also occur in train.extra_data" in report.warnings[-1]
+    assert not any("extra_data" in w for w in plain.warnings)
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 def _untrained_recipe(train: Split, *, seed: int) -> nn.Module:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -205,11 +205,15 @@ def audit_trained_model(model: nn.Module, dataset: Dataset, *, recipe: TrainReci
                         n_examples: int | None = None, lira_queries: LiraQueries = SINGLE_QUERY,
                         evaluator: nn.Module | None = None, inversion: bool = True,
                         leakage_batch_sizes: Sequence[int] = (), leakage_steps: int = 500,
-                        fprs: Sequence[float] | None = None, seed: int = 0) -> PrivacyReport:
+                        fprs: Sequence[float] | None = None, seed: int = 0,
+                        extra_data: Split | None = None) -> PrivacyReport:
     """The privacy section of a run: ``model`` against its own dataset.
 
     Members are the training split, non-members the test split (each cut to ``n_examples``; inputs
-    of the test split that also occur in training are dropped, with a warning). With
+    of the test split that also occur in training are dropped, with a warning). Inputs of
+    ``extra_data`` (``train.extra_data``, which the model and any reference model trained on besides
+    the training split) leave both sides, with a warning: as a non-member such an input was trained
+    on, and LiRA has no OUT reference model for it. With
     ``n_reference_models >= 2`` LiRA runs too, its reference models trained by ``recipe`` (the
     target's recipe; default ``TrainerRecipe.like(model)``) on halves of members, non-members, the
     training examples past ``n_examples`` and the validation split, less the examples the recipe
@@ -219,6 +223,7 @@ def audit_trained_model(model: nn.Module, dataset: Dataset, *, recipe: TrainReci
     judged by ``evaluator`` when given (for instance the run's other model); ``leakage_batch_sizes``
     adds gradient reconstructions of the first test examples, clean and under DP noise.
     """
+    dataset, in_extra = _without_extra_data(dataset, extra_data)
     members = dataset.train.head(n_examples)
     # against the whole training split: the model trained on every example of it, not only the
     # members the attacks score
@@ -239,6 +244,11 @@ def audit_trained_model(model: nn.Module, dataset: Dataset, *, recipe: TrainReci
     if dropped:
         report.warnings.append(f"{dropped} test input(s) also occur in the training split and were "
                                "left out of the non-members")
+    if any(in_extra):
+        report.warnings.append(f"{in_extra[0]} training and {in_extra[1]} test input(s) also occur in "
+                               "train.extra_data and were left out of the members and non-members: "
+                               "the model trained on them as extra data, as every LiRA reference "
+                               "model would")
     if inversion and members.x.dim() == 4:
         report.inversion = model_inversion(model, dataset.train, evaluator=evaluator,
                                            bounds=dataset.bounds)
@@ -247,6 +257,16 @@ def audit_trained_model(model: nn.Module, dataset: Dataset, *, recipe: TrainReci
                                               batch_sizes=leakage_batch_sizes, bounds=dataset.bounds,
                                               seed=seed, steps=leakage_steps)
     return report
+
+
+def _without_extra_data(dataset: Dataset, extra: Split | None) -> tuple[Dataset, tuple[int, int]]:
+    """``dataset`` without the training and test inputs that occur in ``extra``, and how many went."""
+    if extra is None or len(extra) == 0:
+        return dataset, (0, 0)
+    check_split(extra, "extra data")
+    train, in_train = remove_overlap(extra, dataset.train)
+    test, in_test = remove_overlap(extra, dataset.test)
+    return replace(dataset, train=train, test=test), (in_train, in_test)
 
 
 def _spare_data(dataset: Dataset, n_members: int) -> Split:
