@@ -187,6 +187,39 @@ def test_runs_channels_last_asks_the_model_and_leaves_it_as_it_was():
     assert not runs_channels_last(build_model("mlp", (2, 8, 8), 3), torch.rand(1, 2, 8, 8))  # nothing 4-D
 
 
+class _ViewsWhileTraining(nn.Module):
+    """Batch norm and dropout, and a ``view`` on the path that training mode alone takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.drop = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Dropout(0.5)
+        self.fc = nn.Linear(3 * 6 * 6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(self.bn(self.conv(x)))
+        return self.fc(h.view(len(h), -1) if self.training else h.reshape(len(h), -1))
+
+
+def test_the_training_probe_takes_the_training_path_and_changes_nothing():
+    # Prepare: statistics that a training-mode forward pass would move
+    model = _ViewsWhileTraining().eval()
+    model.bn.running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = torch.rand(2, 2, 6, 6) + 3.0
+    # Execute
+    torch.manual_seed(7)
+    in_eval = runs_channels_last(model, probe)
+    in_training = runs_channels_last(model, probe, training=True)
+    after_probe = torch.rand(3)
+    torch.manual_seed(7)
+    untouched = torch.rand(3)
+    # Assert: only the training probe finds the view; the statistics, the mode and the random
+    # stream (dropout draws from it) are as they were
+    assert in_eval and not in_training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training and torch.equal(after_probe, untouched)
+
+
 class _ViewingDigits(nn.Module):
     """A digits classifier that flattens with ``view``."""
 

@@ -360,11 +360,21 @@ class _BatchMergingView(_ViewHead):
         return self.fc(maps.reshape(n, -1))
 
 
-_MODELS = {"view": _ViewHead, "batch-merging view": _BatchMergingView}
+class _TrainingModeView(_ViewHead):
+    """A view on the path that training mode alone takes, past an evaluation-mode probe."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.fc(h.view(h.shape[0], -1) if self.training else h.reshape(h.shape[0], -1))
+
+
+_MODELS = {"view": _ViewHead, "batch-merging view": _BatchMergingView,
+           "training-mode view": _TrainingModeView}
 
 
 @pytest.mark.parametrize(("model_name", "expected"), [("small-cnn", True), ("mlp", False), ("view", False),
-                                                      ("batch-merging view", False)])
+                                                      ("batch-merging view", False),
+                                                      ("training-mode view", False)])
 def test_unset_channels_last_trains_so_on_cpu_where_the_model_runs_so(digits, model_name, expected):
     # unset: channels_last for a model with 4-D weights that runs that way; an MLP has none, and a
     # model that reshapes with view trains in the default layout instead of failing

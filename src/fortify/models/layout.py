@@ -140,16 +140,19 @@ def _to_channels_last_gradient(grad: Tensor) -> Tensor:
     return grad.contiguous(memory_format=torch.channels_last)
 
 
-def runs_channels_last(model: nn.Module, probe: Tensor) -> bool:
+def runs_channels_last(model: nn.Module, probe: Tensor, *, training: bool = False) -> bool:
     """Whether ``model`` has 4-D weights to convert and runs on ``probe`` with them channels_last;
     the model keeps its layout (and its batch-norm statistics) either way. Give two examples or more:
     a view that merges the batch axis with another (``h.view(n * c, -1)``) passes on one alone, whose
-    batch axis of size 1 the stride check ignores."""
+    batch axis of size 1 the stride check ignores. ``training`` runs it in training mode as well,
+    for a model that takes another path there."""
     saved = to_channels_last(model)
     try:
         if not saved:
             return False
         _check_runs(model, probe)
+        if training:
+            _check_runs(model, probe, training=True)
         return True
     except ConfigError:
         return False
@@ -157,14 +160,21 @@ def runs_channels_last(model: nn.Module, probe: Tensor) -> bool:
         restore_layout(saved)
 
 
-def _check_runs(model: nn.Module, probe: Tensor) -> None:
+def _check_runs(model: nn.Module, probe: Tensor, *, training: bool = False) -> None:
+    """One forward pass of ``model`` on ``probe`` in eval (or training) mode that changes nothing:
+    batch-norm statistics and the random generators (dropout) come back as they were."""
     modes = save_modes(model)
-    model.eval()  # a forward pass in training mode would move batch-norm statistics
+    model.train(training)
+    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()] if training else []
+    devices = [probe.device] if probe.device.type == "cuda" else []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=training):
             model(probe)
     except RuntimeError as err:
         raise ConfigError(f"the model does not run with channels_last weights ({err}); "
                           "evaluate without channels_last") from err
     finally:
         restore_modes(modes)
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)

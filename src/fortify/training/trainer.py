@@ -270,7 +270,7 @@ class Trainer:
     def _settle_layout(self, probe: Tensor) -> None:
         """Check that the model runs on ``probe`` with channels_last weights: when the setting asked
         for them, a ConfigError if not; when it was unset, train in the default layout instead."""
-        if self.channels_last and not runs_channels_last(self.model, probe.to(self.device)):
+        if self.channels_last and not runs_channels_last(self.model, probe.to(self.device), training=True):
             to_contiguous(self.model)
             if self.config.channels_last and has_4d_tensors(self.model):
                 raise ConfigError("the model does not run with channels_last weights (it reshapes "
