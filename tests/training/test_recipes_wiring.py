@@ -448,13 +448,15 @@ def test_channels_last_training_leaves_a_conv3d_weight_as_it_is():
     assert model[0].weight.is_contiguous() and math.isfinite(result.history[0].train_loss)
 
 
-def test_compiled_training_matches_eager_training_on_a_tiny_mlp(digits, tmp_path, monkeypatch):
+@pytest.mark.parametrize("objective", ["fgsm-rs", "awp-pgd"])
+def test_compiled_training_matches_eager_training_on_a_tiny_mlp(digits, tmp_path, monkeypatch, objective):
     # Inductor needs a C++ build per graph (26 s for one MLP step on the CI's 2 cores); aot_eager runs
-    # the same Dynamo capture and AOTAutograd graphs without code generation
+    # the same Dynamo capture and AOTAutograd graphs without code generation. AWP perturbs a copy of
+    # the compiled module and adds the difference to the weights by parameter name
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     train, val = _small(digits, 64)
-    model_a, trainer_a = _trainer(digits, None, model_name="mlp", epochs=1)
-    model_b, trainer_b = _trainer(digits, None, model_name="mlp", epochs=1, compile=True)
+    model_a, trainer_a = _trainer(digits, None, objective=objective, model_name="mlp", epochs=1)
+    model_b, trainer_b = _trainer(digits, None, objective=objective, model_name="mlp", epochs=1, compile=True)
     trainer_a.fit(train, val)
     trainer_b.fit(train, val)
     assert trainer_b.train_model is not model_b  # the training passes went through the compiled module
