@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -n 2
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench bench-peers clean
 
 $(BIN)/fortify: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ lint: $(BIN)/fortify
 
 bench: $(BIN)/fortify
 	$(BIN)/python bench/attack_throughput.py
+
+bench-peers: $(BIN)/fortify  ## the peers the benches compare with besides torchattacks (optional there)
+	$(BIN)/pip install --quiet adversarial-robustness-toolbox foolbox pyautoattack
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
