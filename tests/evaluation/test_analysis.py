@@ -12,6 +12,7 @@ from fortify.attacks import FGSM, PGD
 from fortify.errors import ConfigError, ThreatModelViolation
 from fortify.evaluation import evaluate
 from fortify.evaluation.analysis import AnalysisOptions, analyse
+from fortify.evaluation.certify import certify
 from fortify.threat import ThreatModel
 
 FEATURES = 10
@@ -91,8 +92,15 @@ def test_digits_analysis_is_consistent_with_the_evaluation(digits, standard_mode
         assert example["adversarial_prediction"] != example["label"] == example["clean_prediction"]
         assert float((adversarial - clean).abs().max()) <= threat.eps + 2e-3  # stored rounded to 1e-3
         assert adversarial.min() >= 0 and adversarial.max() <= 1
-    # certificates: radius 0 wherever the smoothed class is wrong or abstains; flags match the data
+    # certificates: radius 0 wherever the smoothed class is wrong or abstains (the same certificate,
+    # recomputed with the analysis's seed); flags match the data
     radii, margin = analysis.certified["radii"], analysis.certified["l2_margin"]
+    options = AnalysisOptions()
+    again = certify(standard_model, x[:30], sigma=options.certify_sigma, n=200, alpha=options.certify_alpha,
+                    num_classes=10, seed=options.seed)
+    right = again.predictions == y[:30]
+    assert torch.equal(torch.tensor(radii) > 0, right & (again.radii > 0))
+    assert int((~right).sum()) > 0  # the claim is tested on some wrong or abstained example
     flagged = [i for i, (r, m) in enumerate(zip(radii, margin)) if m is not None and r > m + 1e-6]
     assert analysis.certified["above_margin"] == flagged
     assert analysis.masking["n_examples"] == 60

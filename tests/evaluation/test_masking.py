@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -21,6 +22,7 @@ from fortify.errors import ConfigError, DataError
 from fortify.evaluation.masking import (
     MaskingConfig,
     RandomCorners,
+    _attacked_setup,
     _line_irregularity,
     _Setup,
     _white_box,
@@ -132,8 +134,12 @@ class _FixedCurveSetup:
     x = torch.zeros(2, 1, 4, 4)
     draws = 1  # a fixed model
 
-    def __init__(self, success: list[float]) -> None:
+    def __init__(self, success: list[float], unattacked: float = 0.0) -> None:
         self.success = dict(zip([0.025, 0.05, 0.1, 0.2, 0.4], success, strict=True))
+        self.unattacked = unattacked  # share fooled without an attack: a randomised model's noise
+
+    def fooled(self, x_adv) -> torch.Tensor:
+        return torch.full((len(x_adv),), self.unattacked)
 
     def run(self, attack) -> float:
         return self.success[round(attack.threat.eps, 6)]
@@ -150,6 +156,40 @@ def test_eps_monotone_holds_each_eps_to_every_smaller_one(success, passed):
     assert check.passed is passed, check.evidence
     if not passed:
         assert "0.025->0.4: -10.0%" in check.explanation
+
+
+def test_eps_monotone_starts_from_the_share_fooled_without_an_attack():
+    # a randomised model misclassifies 30% of its clean-correct examples on a fresh draw: an attack
+    # at the smallest eps that fools 20% does worse than no attack at all
+    setup = _FixedCurveSetup([0.2, 0.4, 0.6, 0.7, 1.0], unattacked=0.3)
+    check = check_eps_monotone(setup, setup.success[0.1])
+    assert check.evidence["success"][0] == pytest.approx(0.3)
+    assert not check.passed and "0->0.025: -10.0%" in check.explanation
+
+
+def test_the_eps_zero_point_of_a_noisy_model_is_its_own_error_rate():
+    # Prepare: a linear model under Gaussian noise; the verdict's set-up keeps the majority-correct
+    model = GaussianNoise(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), sigma=0.5, seed=0)
+    x = torch.rand(64, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = model.model(x).argmax(1)  # the noiseless model is right everywhere
+    setup = _attacked_setup(model, x, y, ThreatModel("linf", 0.1), MaskingConfig(), randomized=True)
+    # Execute
+    check = check_eps_monotone(setup, 1.0)
+    # Assert: the noise alone fools some examples, and the curve says so at eps = 0
+    assert 0.0 < check.evidence["success"][0] < 0.5
+
+
+def test_a_model_that_outputs_nan_is_not_random_and_fools_every_check():
+    class NaNOut(nn.Module):
+        def forward(self, x):
+            return torch.full((len(x), 3), math.nan)
+
+    model = NaNOut()
+    x = torch.rand(4, 1, 4, 4)
+    assert check_randomness(model, x).passed  # the same NaN each time: broken, not random
+    setup = _Setup(model, ThreatModel("linf", 0.1), MaskingConfig(), x, torch.zeros(4, dtype=torch.long),
+                   torch.arange(4), draws=1)
+    assert setup.fooled(x).tolist() == [1.0] * 4  # argmax would have called class 0 correct
 
 
 def test_randomness_check_separates_random_from_fixed_models():

@@ -55,6 +55,36 @@ def test_attack_metrics_count_only_clean_correct_examples():
     assert m.median_norm_successful == pytest.approx(0.2)
 
 
+def test_a_row_of_nan_logits_is_never_correct_nor_robust():
+    # Prepare: labels of class 0, where argmax puts a NaN row; example 2 is fine clean and NaN attacked
+    y = torch.tensor([0, 0, 0, 1])
+    clean = _logits_for([0, 0, 0, 1])
+    clean[1] = math.nan
+    adv = clean.clone()
+    adv[2, 1] = math.nan
+    x = torch.zeros(4, 2)
+    # Execute
+    m = attack_metrics(x, x, y, clean, adv, ThreatModel("linf", 0.1))
+    reports = class_reports(clean, adv, y)
+    # Assert: a NaN row predicts no class: wrong clean, fooled under attack, in no confusion column
+    assert accuracy(clean, y) == pytest.approx(0.75)
+    assert (m.n_clean_correct, m.n_successful) == (3, 1)
+    assert m.adversarial_accuracy == pytest.approx(0.5)
+    assert reports.adversarial.confusion == [[1, 0, 0], [0, 1, 0], [0, 0, 0]]  # two class-0 rows: nothing
+    assert reports.adversarial.recall == pytest.approx([1 / 3, 1.0, 0.0])
+    assert reports.adversarial.precision == pytest.approx([1.0, 1.0, 0.0])
+    assert reports.adversarial.macro_recall == pytest.approx((1 / 3 + 1.0) / 2)  # class 2 absent
+
+
+def test_a_median_between_an_infinite_and_a_finite_value_is_infinite():
+    # margins -inf (a class the model rules out under attack) and 0: numpy's arithmetic gives NaN
+    clean = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    adversarial = torch.tensor([[-math.inf, 0.0], [0.0, 0.0]])
+    shift = margin_shift(clean, adversarial, torch.tensor([0, 0]))
+    assert shift.adversarial_median == -math.inf
+    assert distance_summary(torch.tensor([0.1, 0.2, math.inf, math.inf]), eps=[0.1]).q3 == math.inf
+
+
 def test_every_median_takes_the_mean_of_the_two_middle_values_as_numpy_does():
     # two successful examples at norms 0.1 and 0.3; margins 4 and 1 clean, -2 and -4 under attack
     y = torch.tensor([0, 0])

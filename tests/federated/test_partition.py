@@ -43,6 +43,16 @@ def test_iid_shard_sizes_differ_by_at_most_one_and_depend_on_the_seed():
     assert not torch.equal(shards[0].x, other[0].x)
 
 
+def test_a_dirichlet_partition_depends_on_its_seed_alone():
+    # every client and the server compute the partition themselves: the same seed must give it again
+    data = _labelled(603)
+    shards = partition(data, 4, scheme="dirichlet", alpha=0.5, seed=0)
+    again = partition(data, 4, scheme="dirichlet", alpha=0.5, seed=0)
+    other = partition(data, 4, scheme="dirichlet", alpha=0.5, seed=1)
+    assert all(torch.equal(a.x, b.x) for a, b in zip(shards, again, strict=True))
+    assert [len(s) for s in shards] != [len(s) for s in other]
+
+
 def test_small_alpha_skews_labels_and_large_alpha_approaches_iid():
     data = _labelled(2000)
     skewed = dirichlet_partition(data, 4, alpha=0.1, seed=0)

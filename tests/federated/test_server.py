@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 
@@ -43,6 +44,18 @@ def test_the_global_model_improves_and_the_run_directory_loads(task_identity, tm
     assert read_result(tmp_path / "fed") == result
     _, card = load_trained_model(tmp_path / "fed", torch.device("cpu"))
     assert card["name"] == "mlp"
+
+
+def test_an_infinite_epsilon_reads_back_as_infinite(tmp_path):
+    # Prepare: a DP run without noise spends an infinite epsilon, which JSON stores as null
+    from fortify.federated.results import RESULT_FILE, FederatedResult, RoundRecord
+    from fortify.pipeline import write_json
+
+    result = FederatedResult([RoundRecord(0, 0.5, 0.1, 1.0)], {1: {"dp-epsilon-max": math.inf, "loss": 0.5}},
+                             {}, {}, "standard", "digits", 2.0)
+    write_json(tmp_path / RESULT_FILE, result.to_dict())
+    # Execute / Assert
+    assert read_result(tmp_path).train_metrics == {1: {"dp-epsilon-max": math.inf, "loss": 0.5}}
 
 
 def _final_accuracy(strategy: str, malicious: int = 0, mode: str = "flip", scale: float = 10.0) -> float:
@@ -320,6 +333,8 @@ DP = {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0}
                                                "layers.0.0.bn1: BatchNorm2d -> GroupNorm"),
     ({"dp": DP, "objective": "free"}, "objective 'free' cannot be trained with DP; valid: standard"),
     ({"dp": DP, "train": {"amp": True}}, "train.amp and train.grad_clip do not apply to DP training"),
+    ({"dp": {**DP, "noise_seed": 0}}, r"does not use dp.noise_seed=0 \(the server could replay each "
+                                      r"client's noise from it\)"),
 ])
 def test_client_side_dp_settings_a_client_would_refuse_are_refused_before_any_client_starts(
         settings, message):

@@ -94,6 +94,17 @@ def test_idlg_reads_the_label_off_the_last_layer_for_every_class(digits):
         assert infer_labels(model, gradient, 1, (1, 8, 8)).tolist() == [label]
 
 
+def test_idlg_reads_the_label_of_a_bias_free_layer_after_features_of_either_sign(digits):
+    # Prepare: a last layer without bias after tanh, so the weight rows' sums carry no sign rule
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10, bias=False))
+    x = digits.test.x[:1]
+    # Execute / Assert: one example, every label
+    for label in range(10):
+        gradient = shared_gradient(model, x, torch.tensor([label]))
+        assert infer_labels(model, gradient, 1, (1, 8, 8)).tolist() == [label]
+
+
 def test_idlg_recovers_distinct_labels_of_a_batch_from_an_unsure_model(digits):
     # Prepare: near-uniform predictions (small last layer), three examples of different classes
     model = _small_mlp(5)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import ATTACKS, Attack, check_positive_int, top_target_classes
 from fortify.errors import ConfigError
+from fortify.models.predictions import predicted_class
 from fortify.threat import ThreatModel
 
 LOSSES: tuple[str, ...] = ("ce", "dlr")
@@ -362,7 +363,7 @@ class APGDTargeted(APGD):
             clean_logits = model(x)
         ranked = top_target_classes(clean_logits, y, self.n_target_classes)
         outcome = _Outcome.start(x)
-        outcome.found = clean_logits.argmax(dim=1) != y
+        outcome.found = predicted_class(clean_logits) != y
         for rank in range(self.n_target_classes):
             self._attack_with_restarts(model, x, y, ranked[:, rank], generator, outcome)
         return outcome.x_adv

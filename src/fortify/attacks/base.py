@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from fortify.errors import ConfigError, DataError
 from fortify.models.modes import evaluation_mode
+from fortify.models.predictions import predicted_class
 from fortify.registry import Registry
 from fortify.threat import LOW_PRECISION, ThreatModel
 
@@ -168,7 +169,7 @@ class Attack(ABC):
 
     def succeeded(self, logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
         """Per-example boolean: the prediction is wrong (or equals the target)."""
-        pred = logits.argmax(dim=1)
+        pred = predicted_class(logits)
         if self.targeted:
             assert target is not None
             return pred == target

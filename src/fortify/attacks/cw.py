@@ -119,7 +119,9 @@ class CarliniWagnerL2(MinimalNormAttack):
             logits = model(candidate)
             distance_sq = (candidate - x_a).flatten(1).to(w_a.dtype).pow(2).sum(dim=1)
             margin = sign * logit_margin(logits, label_a)  # negative once the model is fooled
-            loss = distance_sq + const_a * margin.clamp_min(-self.confidence)
+            # Carlini's f6 with confidence kappa, max(margin + kappa, 0): 0 once fooled by kappa, so
+            # the early abort below compares the losses the reference compares
+            loss = distance_sq + const_a * (margin + self.confidence).clamp_min(0)
             # autograd.grad rather than backward: the model's own .grad must stay untouched
             (modifier.grad,) = torch.autograd.grad(loss.sum(), modifier)
             optimiser.step()

@@ -40,6 +40,7 @@ from fortify.attacks.base import (
     top_target_classes,
 )
 from fortify.errors import ConfigError
+from fortify.models.predictions import predicted_class
 from fortify.threat import ThreatModel
 
 # keeps the distance to a hyperplane finite when two classes have the same gradient (as AutoAttack)
@@ -200,7 +201,7 @@ class FAB(Attack):
             clean_logits = model(x)
         check_label_range(y, clean_logits.shape[1])
         best = x.clone()
-        norms = torch.where(clean_logits.argmax(dim=1) != y, 0.0, torch.inf).to(
+        norms = torch.where(predicted_class(clean_logits) != y, 0.0, torch.inf).to(
             torch.promote_types(x.dtype, torch.float32))
         passes = [(target, restart) for target in self._targets(clean_logits, y)
                   for restart in range(self.restarts)]
@@ -252,7 +253,7 @@ class FAB(Attack):
             stepped = self._step(here, x_work[active], normal, offset)
             judged = stepped.to(x.dtype)
             with torch.no_grad():
-                fooled = model(judged).argmax(dim=1) != labels
+                fooled = predicted_class(model(judged)) != labels
             dist = self.threat.distance(judged, x_nat)
             better = fooled & (dist < norms[active])
             best[active[better]] = judged[better]

@@ -7,8 +7,9 @@ while the iterate is still correct and shrinks by ``1 - gamma`` (never above the
 once it fools the model; until the first success it may also jump further, to a first-order estimate
 of the distance to the decision boundary. ``gamma`` and the step ``alpha`` are cosine-annealed.
 Two additions to the paper's Algorithm 1: that growth floor before the first success (see
-``FMN._next_radius``; on the digits test set it fools all 195 correctly classified digits of the
-first 200 in 50 steps, where the paper's rule left 10 unfooled after 100), and one last forward
+``FMN._next_radius``; on the tests' standard digits model it fools all 196 correctly classified
+digits of the first 200 test digits in 50 L2 steps, where the paper's rule left 109 unfooled after
+100, its stalled iterates held back by the box; under L-inf both fool all), and one last forward
 pass that checks the point reached by the final step.
 
 ``MinimalNormAttack`` holds what FMN and Carlini-Wagner share: ``minimal`` returns the smallest

@@ -12,8 +12,8 @@ box, pulled towards ``x`` by a binary search on the blend) it repeats three step
    L-inf), halved until the point is adversarial.
 
 Constants follow the authors' code: ``theta = gamma / d^{3/2}`` (L2) or ``gamma / d^2`` (L-inf) sets
-the binary-search precision, and ``delta_t = d * theta * dist_{t-1}`` (``0.1`` of the box width in
-the first iteration).
+the binary-search precision, and ``delta_t = sqrt(d) * theta * dist_{t-1}`` (L2) or
+``d * theta * dist_{t-1}`` (L-inf) (``0.1`` of the box width in the first iteration).
 
 Every example runs the same steps in lockstep but spends its own queries: each model call counts
 one query per row, a binary search or step search stops asking for an example whose budget is
@@ -41,6 +41,7 @@ from fortify.attacks.base import ATTACKS, Attack, check_label_range, check_posit
 from fortify.errors import ConfigError
 from fortify.models.batching import query_batch
 from fortify.models.modes import evaluation_mode
+from fortify.models.predictions import predicted_class
 from fortify.threat import ThreatModel
 
 _INIT_BLEND_TOLERANCE = 1e-3  # precision of the blend factor when pulling the random start to x
@@ -337,7 +338,7 @@ class _Oracle:
         """Per row: the label differs from the owner's true label. Counts one query per row."""
         if points.shape[0] == 0:
             return torch.zeros(0, dtype=torch.bool, device=points.device)
-        predictions = self._logits(points).argmax(dim=1)
+        predictions = predicted_class(self._logits(points))
         self.queries.index_add_(0, owners, torch.ones_like(owners))
         return predictions != self.y[owners]
 

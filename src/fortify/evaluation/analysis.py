@@ -32,6 +32,7 @@ from fortify.evaluation.metrics import (
 from fortify.evaluation.robustness import RobustnessReport
 from fortify.models.batching import query_batch
 from fortify.models.modes import restore_modes, save_modes
+from fortify.models.predictions import predicted_class
 from fortify.threat import ThreatModel
 
 ANALYSIS_VERSION = 1
@@ -186,7 +187,7 @@ def _minimal_distances(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatMod
     fmn = FMN(threat, steps=steps, seed=seed)
     _, norms = fmn.minimal(model, x, y)
     with torch.inference_mode():
-        wrong = model(x).argmax(1) != y
+        wrong = predicted_class(model(x)) != y
     return torch.where(wrong, torch.zeros_like(norms), norms)
 
 
@@ -231,9 +232,10 @@ def _gallery(x: Tensor, x_adv: Tensor, y: Tensor, clean_logits: Tensor, adv_logi
     """The first ``count`` examples the attack fooled (images only), rounded for a small JSON."""
     if x.dim() != 4 or count == 0:
         return {"examples": []}
-    fooled = ((clean_logits.argmax(1) == y) & (adv_logits.argmax(1) != y)).nonzero().flatten()[:count]
-    examples = [{"index": int(i), "label": int(y[i]), "clean_prediction": int(clean_logits[i].argmax()),
-                 "adversarial_prediction": int(adv_logits[i].argmax()),
+    clean_pred, adv_pred = predicted_class(clean_logits), predicted_class(adv_logits)
+    fooled = ((clean_pred == y) & (adv_pred != y)).nonzero().flatten()[:count]
+    examples = [{"index": int(i), "label": int(y[i]), "clean_prediction": int(clean_pred[i]),
+                 "adversarial_prediction": int(adv_pred[i]),
                  "clean": _rounded(x[i]), "adversarial": _rounded(x_adv[i])} for i in fooled.tolist()]
     return {"shape": list(x.shape[1:]), "examples": examples}
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from fortify.attacks.base import check_label_dtype, check_positive_int
 from fortify.errors import ConfigError, DataError
 from fortify.models.modes import evaluation_mode
+from fortify.models.predictions import predicted_class
 from fortify.threat import check_in_box
 from fortify.training.objectives import OBJECTIVES, Objective, ObjectiveOptions
 
@@ -44,7 +45,7 @@ def _check_sigma(sigma: float) -> float:
 
 
 def _check_alpha(alpha: float) -> float:
-    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+    if isinstance(alpha, bool) or not (isinstance(alpha, numbers.Real) and 0 < alpha < 1):
         raise ConfigError(f"alpha must be a number in (0, 1), got {alpha!r}")
     return float(alpha)
 
@@ -120,8 +121,9 @@ def _block_counts(model: nn.Module, x: Tensor, first: int, sigma: float, n: int,
         logits = torch.cat([model(part) for part in batch.split(batch_size)])
         if logits.shape[1] != num_classes:  # one_hot would fail, or count a short row, without a word
             raise DataError(f"the model outputs {logits.shape[1]} classes, but num_classes is {num_classes}")
-        predictions = logits.argmax(dim=1).reshape(x.shape[0], copies)
-        counts += F.one_hot(predictions, num_classes).sum(dim=1)
+        predictions = predicted_class(logits).reshape(x.shape[0], copies)
+        # a NaN row (NO_CLASS = -1) is a draw that votes for no class: it counts in n, not in n_A
+        counts += F.one_hot(predictions + 1, num_classes + 1)[..., 1:].sum(dim=1)
     return counts
 
 
@@ -221,7 +223,7 @@ def certify(model: nn.Module, x: Tensor, *, sigma: float, n0: int = 100, n: int 
     selection, estimation = sample(n0), sample(n)
     top = selection.argmax(dim=1)
     p_lower = clopper_pearson_lower(estimation.gather(1, top.unsqueeze(1)).squeeze(1), n, alpha)
-    certified = p_lower >= 0.5
+    certified = p_lower > 0.5  # Cohen et al. abstain at p_A_lower = 1/2, where the radius would be 0
     radii = torch.where(certified, sigma * _normal_ppf(p_lower), torch.zeros_like(p_lower))
     predictions = torch.where(certified, top, torch.full_like(top, ABSTAIN))
     return Certificate(predictions=predictions, p_lower=p_lower, radii=radii, sigma=sigma, n0=n0, n=n,

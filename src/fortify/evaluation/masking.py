@@ -39,7 +39,9 @@ from fortify.attacks.pgd import PGD
 from fortify.defences.base import InputTransformDefence
 from fortify.errors import ConfigError, DataError, ThreatModelViolation
 from fortify.evaluation.gradients import ZeroGradientPath, input_gradient
+from fortify.evaluation.metrics import median
 from fortify.models.modes import restore_modes, save_modes
+from fortify.models.predictions import predicted_class
 from fortify.threat import ThreatModel
 
 
@@ -148,7 +150,7 @@ class _Setup:
     def fooled(self, x_adv: Tensor) -> Tensor:
         """Per attacked example, the share of the draws that misclassify ``x_adv`` (0 or 1 if fixed)."""
         with torch.no_grad():
-            wrong = [(self.model(x_adv).argmax(1) != self.y).float() for _ in range(self.draws)]
+            wrong = [(predicted_class(self.model(x_adv)) != self.y).float() for _ in range(self.draws)]
         return torch.stack(wrong).mean(0)
 
     def attack(self, attack: Attack, model: nn.Module | None = None) -> Tensor:
@@ -225,7 +227,7 @@ def _attacked_setup(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
                     randomized: bool) -> _Setup:
     draws = config.random_draws if randomized else 1
     with torch.no_grad():
-        correct = torch.stack([model(x).argmax(1) == y for _ in range(draws)]).float().mean(0)
+        correct = torch.stack([predicted_class(model(x)) == y for _ in range(draws)]).float().mean(0)
     # on a randomised model an example counts as correct when most draws classify it correctly
     index = (correct > 0.5).nonzero().squeeze(1)
     if index.numel() == 0:
@@ -335,7 +337,9 @@ def check_eps_monotone(setup: _Setup, pgd_success: float) -> MaskingCheck:
     grid = sorted({min(f * setup.threat.eps, cap) for f in setup.config.eps_factors} | {setup.threat.eps})
     success = [pgd_success if eps == setup.threat.eps else
                setup.run(_pgd(setup, setup.threat.with_eps(eps))) for eps in grid]
-    curve = [0.0, *success]  # nothing is fooled at eps = 0: the examples are clean-correct
+    # at eps = 0 the unattacked examples: none fooled on a fixed model (they are clean-correct), on
+    # a randomised one the noise's own errors, which every success rate above includes too
+    curve = [float(setup.fooled(setup.x).mean()), *success]
     tol = setup.config.tolerance
     drops = _falls([0.0, *grid], curve, tol)
     passed = not drops
@@ -432,12 +436,14 @@ def check_randomness(model: nn.Module, x: Tensor) -> MaskingCheck:
     """(g) A model that answers differently each time defeats single-sample gradients (use EOT)."""
     with torch.no_grad():
         first, second = model(x), model(x)
-    same = torch.isclose(first, second, rtol=1e-5, atol=1e-6).all(dim=1)
+    # NaN equals NaN here: a model that outputs NaN every time is broken, not random
+    same = torch.isclose(first, second, rtol=1e-5, atol=1e-6, equal_nan=True).all(dim=1)
     passed = bool(same.all())
+    predictions_differ = predicted_class(first) != predicted_class(second)
     return MaskingCheck(
         "randomness", passed,
         {"differing_outputs_share": float((~same).float().mean()),
-         "differing_predictions_share": float((first.argmax(1) != second.argmax(1)).float().mean()),
+         "differing_predictions_share": float(predictions_differ.float().mean()),
          "max_abs_difference": float((first - second).abs().max())},
         "Two forward passes on the same inputs give the same outputs." if passed else
         "Two forward passes on the same inputs give different outputs: the model is randomised, so "
@@ -471,7 +477,7 @@ def check_loss_landscape(setup: _Setup) -> MaskingCheck:
     return MaskingCheck(
         "loss_landscape", passed,
         {"flat_share": float(flat.float().mean()), "noisy_share": float(noisy.float().mean()),
-         "median_roughness": float(roughness.median()), "points": cfg.line_points,
+         "median_roughness": median(roughness), "points": cfg.line_points,
          "limit": cfg.max_irregular_share},
         "The loss rises steadily along the gradient direction." if passed else
         f"For {share:.1%} of the examples the loss along the gradient direction is flat or noisy: "

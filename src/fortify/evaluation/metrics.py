@@ -20,6 +20,7 @@ from torch import Tensor
 from fortify.attacks.adaptive import logit_margin
 from fortify.attacks.base import check_label_dtype, check_label_range
 from fortify.errors import ConfigError, DataError, ThreatModelViolation
+from fortify.models.predictions import NO_CLASS, predicted_class
 from fortify.threat import ThreatModel
 
 
@@ -64,7 +65,7 @@ def median(t: Tensor) -> float | None:
 def accuracy(logits: Tensor, y: Tensor) -> float:
     """Share of examples whose top-1 prediction is the label."""
     _check_logits(logits, y)
-    return float((logits.argmax(dim=1) == y).float().mean())
+    return float((predicted_class(logits) == y).float().mean())
 
 
 @dataclass
@@ -92,8 +93,8 @@ def attack_metrics(x: Tensor, x_adv: Tensor, y: Tensor, clean_logits: Tensor, ad
     if bool(outside.any()):  # a point outside the threat model is no success of an attack within it
         raise ThreatModelViolation(f"{int(outside.sum())} of the adversarial points lie outside "
                                    f"{threat.describe()}")
-    clean_correct = clean_logits.argmax(1) == y
-    successful = clean_correct & (adv_logits.argmax(1) != y)
+    clean_correct = predicted_class(clean_logits) == y
+    successful = clean_correct & (predicted_class(adv_logits) != y)
     norms = threat.distance(x_adv, x)[successful]
     n_correct = int(clean_correct.sum())
     return AttackMetrics(
@@ -171,7 +172,7 @@ def robustness_score(clean_accuracy: float, worst_case_accuracy: float, *,
                      eps_max: float | None = None) -> RobustnessScore:
     """The harmonic mean and, when an eps curve is given, its normalised area."""
     auc = None
-    if eps:
+    if eps is not None and len(eps):
         if eps_accuracy is None:
             raise DataError("eps was given without eps_accuracy (one accuracy per eps)")
         auc = eps_curve_auc(eps, eps_accuracy, clean_accuracy, eps_max)
@@ -238,15 +239,18 @@ def distance_summary(distances: Tensor, eps: Sequence[float]) -> DistanceSummary
 
 
 def _quantile(sorted_or_not: Tensor, q: float) -> float:
-    """Linear-interpolation quantile (numpy's default) that tolerates inf values."""
+    """Linear-interpolation quantile (numpy's default) that tolerates inf values: between an
+    infinite and a finite value it lies at the infinite one (numpy's arithmetic gives NaN there)."""
     values = sorted_or_not.sort().values
     position = q * (len(values) - 1)
     low, high = math.floor(position), math.ceil(position)
     lower, upper = float(values[low]), float(values[high])
     if low == high or lower == upper:
         return lower
-    if math.isinf(upper):
-        return math.inf
+    if math.isinf(lower) and math.isinf(upper):  # -inf and inf: no value between them
+        return math.nan
+    if math.isinf(lower) or math.isinf(upper):
+        return lower if math.isinf(lower) else upper
     return lower + (upper - lower) * (position - low)
 
 
@@ -316,7 +320,8 @@ def class_report(predictions: Tensor, y: Tensor, num_classes: int) -> ClassRepor
 
     The macro averages run over the classes that occur among the labels or the predictions: a class
     absent from both (a small or capped test set) has nothing to score, and counting it as 0 would
-    read as an error the model never made.
+    read as an error the model never made. A prediction of ``NO_CLASS`` (NaN logits) misses its
+    label's recall and lands in no class's precision or column of the confusion matrix.
     """
     if predictions.shape != y.shape or y.dim() != 1 or y.numel() == 0:
         raise DataError(f"predictions {tuple(predictions.shape)} and labels {tuple(y.shape)} must be "
@@ -325,12 +330,12 @@ def class_report(predictions: Tensor, y: Tensor, num_classes: int) -> ClassRepor
         raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     check_label_dtype(y)
     check_label_range(y, num_classes)
-    check_label_range(predictions, num_classes, what="predictions")
+    check_label_range(predictions[predictions != NO_CLASS], num_classes, what="predictions")
     labels = list(range(num_classes))
     truth, pred = y.cpu().numpy(), predictions.cpu().numpy()
     precision, recall, f1, support = precision_recall_fscore_support(
         truth, pred, labels=labels, average=None, zero_division=0)
-    present = sorted(set(truth.tolist()) | set(pred.tolist()))
+    present = sorted(set(truth.tolist()) | set(pred.tolist()) - {NO_CLASS})
     macro = precision_recall_fscore_support(truth, pred, labels=present, average="macro", zero_division=0)
     return ClassReport(labels=labels, precision=precision.tolist(), recall=recall.tolist(),
                        f1=f1.tolist(), support=[int(s) for s in support],
@@ -353,8 +358,8 @@ def class_reports(clean_logits: Tensor, adv_logits: Tensor, y: Tensor,
     if num_classes is not None and num_classes != clean_logits.shape[1]:
         raise DataError(f"num_classes={num_classes} but the logits score {clean_logits.shape[1]} classes")
     num_classes = clean_logits.shape[1]
-    return ClassReports(clean=class_report(clean_logits.argmax(1), y, num_classes),
-                        adversarial=class_report(adv_logits.argmax(1), y, num_classes))
+    return ClassReports(clean=class_report(predicted_class(clean_logits), y, num_classes),
+                        adversarial=class_report(predicted_class(adv_logits), y, num_classes))
 
 
 # -- everything about one attack ------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import Attack
 from fortify.errors import ConfigError
+from fortify.models.predictions import predicted_class
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CHECK_EXAMPLES = 128  # sample size of the fp32 check: the first attack runs twice on it
@@ -123,8 +124,8 @@ def check_against_fp32(model: nn.Module, amp_model: nn.Module, x: Tensor, y: Ten
     if not 0 < min_agreement <= 1:
         raise ConfigError(f"min_agreement must be in (0, 1], got {min_agreement!r}")
     with torch.inference_mode():
-        full = model(x).argmax(1)
-        low = amp_model(x).argmax(1)
+        full = predicted_class(model(x))
+        low = predicted_class(amp_model(x))
     both_correct = ((full == y) & (low == y)).nonzero().squeeze(1)
     robust_agreement = None
     if len(both_correct):
@@ -142,4 +143,4 @@ def _robust_flags(model: nn.Module, attack: Attack, x: Tensor, y: Tensor) -> Ten
     generator = torch.Generator(device=x.device).manual_seed(attack.seed)
     x_adv = attack(model, x, y, generator=generator)
     with torch.inference_mode():
-        return model(x_adv).argmax(1) == y
+        return predicted_class(model(x_adv)) == y

@@ -30,6 +30,7 @@ from fortify.evaluation.precision import (
     check_against_fp32,
 )
 from fortify.models.modes import restore_modes, save_modes
+from fortify.models.predictions import predicted_class
 from fortify.threat import ThreatModel
 from fortify.training.distributed import DistributedContext, batch_seed
 
@@ -144,7 +145,7 @@ def evaluate(
         clean_logits = _predict(model, x, batch_size)
         check_label_range(y, clean_logits.shape[-1])  # a label past the model's classes is no 'error'
         warnings = _logit_warnings(clean_logits)
-        clean_correct = clean_logits.argmax(1) == y
+        clean_correct = predicted_class(clean_logits) == y
         first = clean_correct.nonzero().squeeze(1)[:batch_size]  # what the first attack batch sees
         gradients = check_gradients(model, x[first], y[first], attacks)
         warnings += gradients.warnings
@@ -297,7 +298,7 @@ def _run_attack(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, todo: Te
         x_adv = attack(model, x[chunk], y[chunk], generator=generator)
         _verify(attack, x_adv, x[chunk])
         with torch.inference_mode():
-            robust[chunk] = model(x_adv).argmax(1) == y[chunk]
+            robust[chunk] = predicted_class(model(x_adv)) == y[chunk]
         norms[start:start + len(chunk)] = attack.threat.distance(x_adv, x[chunk])
         if journal is not None:
             journal.save_partial(Partial(attack_index, start + batch_size, robust, norms))

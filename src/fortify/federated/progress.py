@@ -11,7 +11,6 @@ compose their DP budget exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,7 @@ from torch import nn
 from fortify.config import NOT_RESULT_SETTINGS, listed, setting_differences
 from fortify.errors import CheckpointError, ConfigError
 from fortify.federated.config import FederatedRun
-from fortify.federated.results import RoundRecord
+from fortify.federated.results import RoundRecord, stored_metric
 from fortify.pipeline import write_json
 from fortify.training import checkpoint as ckpt
 
@@ -125,18 +124,12 @@ def _read(out: Path) -> dict[str, Any]:
         saved["rounds"] = [RoundRecord(**record) for record in saved["rounds"]]
         if not saved["rounds"] or not all(isinstance(r.round, int) for r in saved["rounds"]):
             raise TypeError("no finished round")
-        saved["train_metrics"] = {int(k): {name: _metric(v) for name, v in m.items()}
+        saved["train_metrics"] = {int(k): {name: stored_metric(v) for name, v in m.items()}
                                   for k, m in saved["train_metrics"].items()}
     except (AttributeError, IndexError, KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path} is not a fortify federation record; remove {out} to start "
                               "again") from None
     return saved
-
-
-def _metric(value: Any) -> float:
-    # write_json stores a non-finite number as null; the one a federation records is an epsilon,
-    # infinite when the clients train without noise (or the accountant overflows)
-    return math.inf if value is None else float(value)
 
 
 def _check_same_settings(out: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,16 @@ class FederatedResult:
     def from_dict(cls, data: dict[str, Any]) -> FederatedResult:
         data = copy.deepcopy(data)
         data["rounds"] = [RoundRecord(**r) for r in data["rounds"]]
-        data["train_metrics"] = {int(k): v for k, v in data["train_metrics"].items()}
+        data["train_metrics"] = {int(k): {name: stored_metric(v) for name, v in m.items()}
+                                 for k, m in data["train_metrics"].items()}
         return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+def stored_metric(value: Any) -> float:
+    """A round's metric as read back from JSON: write_json stores a non-finite number as null, and
+    the one a federation records is an epsilon, infinite when the clients train without noise (or
+    the accountant overflows)."""
+    return math.inf if value is None else float(value)
 
 
 def write_run_directory(out: Path, run: FederatedRun, dataset: Dataset, model: nn.Module,

@@ -44,6 +44,7 @@ from fortify.federated.progress import ROUND_OFFSET_KEY, FederationProgress
 from fortify.federated.results import FederatedResult, write_run_directory
 from fortify.models import MODELS
 from fortify.models.modes import evaluation_mode
+from fortify.models.predictions import predicted_class
 from fortify.threat import ThreatModel
 from fortify.training.objectives import OBJECTIVES
 
@@ -94,8 +95,12 @@ def _check_settings_clients_use(run: FederatedRun) -> None:
     # start over each round: a warm-up never ends, an EMA restarts at the global weights and sends
     # back an update shrunk towards them
     restarting = "a client's Trainer starts afresh every round, so this would restart every round"
-    unused = [(f"dp.canaries={run.config.dp.canaries}", "a client has no canary audit")
-              if run.config.dp.canaries else None,
+    dp = run.config.dp
+    unused = [(f"dp.canaries={dp.canaries}", "a client has no canary audit") if dp.canaries else None,
+              # with the seed in the config the server hands out, it could replay a client's noise
+              # and Poisson batches and subtract them: the update would not be private from it
+              (f"dp.noise_seed={dp.noise_seed}", "the server could replay each client's noise from it")
+              if dp.enabled and dp.noise_seed is not None else None,
               (f"train.extra_data={train.extra_data}", "clients train on their own shard only")
               if train.extra_data is not None else None,
               (f"train.ema_decay={train.ema_decay}", restarting) if train.ema_decay is not None else None,
@@ -415,10 +420,10 @@ def clean_and_robust_accuracy(model: nn.Module, attack: Attack, data: Split, bat
     with evaluation_mode(model):
         for x, y in data.batches(batch_size):
             with torch.no_grad():
-                clean += (model(x).argmax(1) == y).sum()
+                clean += (predicted_class(model(x)) == y).sum()
             x_adv = attack(model, x, y, generator=generator)
             with torch.no_grad():
-                robust += (model(x_adv).argmax(1) == y).sum()
+                robust += (predicted_class(model(x_adv)) == y).sum()
     return _share(clean, len(data)), _share(robust, len(data))
 
 

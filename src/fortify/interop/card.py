@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from fortify.errors import ConfigError, DataError
 from fortify.models.modes import restore_modes, save_modes
+from fortify.models.predictions import predicted_class
 
 LAYOUTS = ("nchw", "nhwc")  # channels first (fortify's and torch's), channels last (Keras' default)
 LAYOUT_CHOICES = ("auto", *LAYOUTS)
@@ -176,7 +177,7 @@ def check_on_sample(model: nn.Module, x: Tensor, y: Tensor, num_classes: int) ->
         raise DataError("the model returns NaN or infinite outputs on the dataset's inputs; check "
                         "--input-range and --mean/--std")
     warnings = [_PROBABILITIES] if _look_like_probabilities(logits) else []
-    accuracy = float((logits.argmax(1) == y).float().mean())
+    accuracy = float((predicted_class(logits) == y).float().mean())
     chance = 1.0 / num_classes
     if accuracy <= chance + 0.25 * (1 - chance):
         warnings.append(f"clean accuracy on a sample of {len(x)} inputs is {100 * accuracy:.1f}%, close to "

@@ -25,6 +25,7 @@ from fortify.attacks.base import check_positive_int
 from fortify.data.base import Split
 from fortify.errors import ConfigError, DataError
 from fortify.models.modes import evaluation_mode
+from fortify.models.predictions import predicted_class
 from fortify.privacy._data import (
     check_model_takes_labels,
     check_split,
@@ -173,7 +174,7 @@ def _evaluator_verdict(evaluator: nn.Module | None, reconstructions: Tensor, cla
                        ) -> tuple[list[int] | None, float | None]:
     if evaluator is None:
         return None, None
-    predictions = predict_logits(evaluator, reconstructions).argmax(1).cpu().tolist()
+    predictions = predicted_class(predict_logits(evaluator, reconstructions)).cpu().tolist()
     return predictions, sum(p == c for p, c in zip(predictions, classes)) / len(classes)
 
 

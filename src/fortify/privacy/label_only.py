@@ -28,6 +28,7 @@ from fortify.attacks.hopskipjump import HopSkipJump
 from fortify.data.base import Split
 from fortify.errors import ConfigError
 from fortify.models.modes import evaluation_mode
+from fortify.models.predictions import predicted_class
 from fortify.privacy._data import (
     check_member_sets,
     check_model_takes_labels,
@@ -45,7 +46,7 @@ DistanceFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
 def _predict_labels(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
-    return predict_logits(model, x, batch_size).argmax(1).cpu()
+    return predicted_class(predict_logits(model, x, batch_size)).cpu()
 
 
 # -- augmentation robustness -----------------------------------------------------------------------
@@ -120,7 +121,7 @@ def _default_max_eps(norm: str, x: Tensor, bounds: tuple[float, float]) -> float
 
 def _wrong(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     with torch.inference_mode():
-        return model(x).argmax(1) != y
+        return predicted_class(model(x)) != y
 
 
 def _bisect_segment(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, steps: int) -> Tensor:

@@ -201,11 +201,20 @@ def infer_labels(model: nn.Module, gradient: Sequence[Tensor], batch_size: int, 
     the model already fits confidently leaves almost no trace, and a confident wrong prediction
     can push its class positive, so labels can be missed (Yin et al. 2021 study this limit).
     Classes are repeated from the most negative when fewer than ``batch_size`` are negative.
+
+    Without a bias, one example's weight rows are ``(p_c - [c = y]) h`` for its features ``h``: the
+    true class's row points against all others and is the longest (``1 - p_y`` is the sum of the
+    other ``p_c``), so it is found whatever the features' signs. For a batch the rows' sums stand in
+    for the bias, which holds where the features are non-negative (after a ReLU).
     """
     batch_size = check_positive_int("batch_size", batch_size)
     layer = _output_layer(model, input_shape)
     if layer.bias is not None and layer.bias.requires_grad:
         signal = _gradient_of(model, gradient, layer.bias)
+    elif batch_size == 1:
+        rows = _gradient_of(model, gradient, layer.weight)
+        longest = rows[rows.norm(dim=1).argmax()]
+        signal = -(rows @ longest)  # the longest row most negative, the rows against it positive
     else:
         signal = _gradient_of(model, gradient, layer.weight).sum(dim=1)
     order = signal.argsort()
@@ -403,9 +412,11 @@ def gradient_leakage(model: nn.Module, x: Tensor, y: Tensor, *, method: Method =
     ``options`` go to ``reconstruct`` (steps, lr, tv_weight, signed, restarts).
     """
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
+    # not ``seed`` itself: reconstruct draws its starting image from that, which would then be the
+    # very uniforms the noise was made of
+    noise = torch.Generator().manual_seed((seed + 1) % 2**63)
     gradient = shared_gradient(model, x, y, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
-                               generator=generator, batch_statistics=batch_statistics)
+                               generator=noise, batch_statistics=batch_statistics)
     result = reconstruct(model, gradient, tuple(x.shape[1:]), batch_size=len(x), method=method,
                          labels=y if known_labels else None, bounds=bounds, seed=seed,
                          batch_statistics=batch_statistics, **options)

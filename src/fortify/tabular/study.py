@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from fortify.attacks import APGD, PGD, Attack
 from fortify.errors import ThreatModelViolation
 from fortify.models.modes import restore_modes, save_modes
+from fortify.models.predictions import predicted_class
 from fortify.tabular.changes import FeatureChanges, count_feature_changes
 from fortify.tabular.constraints import ConstrainedThreatModel
 from fortify.tabular.search import FeatureSearch
@@ -111,7 +112,7 @@ def study_constraints(model: nn.Module, x: Tensor, y: Tensor, threat: Constraine
 
 
 def _predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
-    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    return torch.cat([predicted_class(model(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
 
 
 def _attack(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, batch_size: int) -> Tensor:

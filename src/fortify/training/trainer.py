@@ -34,6 +34,7 @@ from fortify.models.layout import (
     to_channels_last,
     to_contiguous,
 )
+from fortify.models.predictions import predicted_class
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
 from fortify.training.batches import BatchRecipe
@@ -427,12 +428,12 @@ class Trainer:
                 continue
             xb, yb = x[start:start + VALIDATION_BATCH], y[start:start + VALIDATION_BATCH]
             with torch.inference_mode():
-                clean += (self.model(xb).argmax(1) == yb).sum()
+                clean += (predicted_class(self.model(xb)) == yb).sum()
             if attack is not None:
                 generator = torch.Generator(device=self.device).manual_seed(batch_seed(attack.seed, number))
                 with torch.no_grad():
                     x_adv = attack(self.model, xb, yb, generator=generator)
-                    robust += (self.model(x_adv).argmax(1) == yb).sum()
+                    robust += (predicted_class(self.model(x_adv)) == yb).sum()
         self.model.train()
         return (self._share_correct(clean, len(val)),
                 self._share_correct(robust, len(val)) if attack is not None else None)
