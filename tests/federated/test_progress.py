@@ -97,6 +97,20 @@ def test_a_dp_run_whose_epsilon_is_infinite_resumes(task_identity, tmp_path):
     assert resumed.train_metrics[1]["dp-epsilon-max"] == math.inf
 
 
+def test_a_dp_run_resumed_reports_the_epsilon_of_an_uninterrupted_one(task_identity, tmp_path):
+    # Prepare: noisy DP-SGD clients; their noise comes from OS entropy, their epsilon from the steps
+    dp = {"enabled": True, "noise_multiplier": 1.0, "delta": 1e-4}
+    straight = run_server(InProcessGrid(make_client_app(run := _fed_run(tmp_path / "a", dp=dp)), 2), run)
+    interrupted = _fed_run(tmp_path / "b", dp=dp)
+    _interrupt_in_round_two(interrupted)
+    # Execute
+    resumed = run_server(InProcessGrid(make_client_app(interrupted), 2), _resumed(interrupted))
+    # Assert: the resumed rounds account for the rounds before the interruption too
+    spent = [straight.train_metrics[r]["dp-epsilon-max"] for r in (1, 2, 3)]
+    assert spent[0] < spent[1] < spent[2] < math.inf
+    assert [resumed.train_metrics[r]["dp-epsilon-max"] for r in (1, 2, 3)] == pytest.approx(spent, rel=1e-9)
+
+
 def test_resuming_under_other_settings_is_refused_by_name(task_identity, tmp_path):
     run = _fed_run(tmp_path / "b")
     _interrupt_in_round_two(run)

@@ -24,6 +24,7 @@ from fortify.federated.server import (
     StoppableGrid,
     one_line_reason,
     run_server,
+    shard_sizes,
     validate_run,
 )
 from fortify.pipeline import load_trained_model
@@ -87,6 +88,28 @@ def test_one_malicious_client_breaks_fedavg_but_not_the_robust_aggregators(
     assert attacked < honest - 0.4
     for name, accuracy in defended.items():
         assert accuracy > honest - 0.2, name
+
+
+def test_fedavg_weighs_each_update_by_its_clients_shard_size(task_identity, tmp_path):
+    # Prepare: uneven Dirichlet shards; each client sends every weight equal to its shard's size n_k
+    from fortify.federated.client import LocalResult
+
+    def constant_trainer(model, data, settings):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(len(data)))
+        return LocalResult(train_loss=0.0, local_clean_accuracy=0.0, local_robust_accuracy=None)
+
+    run = small_run(clients=3, rounds=1, partition="dirichlet", alpha=0.5, out=str(tmp_path / "fed"))
+    sizes = shard_sizes(run, load_run_dataset(run))
+    # Execute
+    run_server(InProcessGrid(make_client_app(run, local_trainer=constant_trainer), 3), run)
+    # Assert: sum n_k * n_k / sum n_k, which the unweighted mean of the n_k misses by far
+    model, _ = load_trained_model(tmp_path / "fed", torch.device("cpu"))
+    weighted = sum(n * n for n in sizes) / sum(sizes)
+    assert abs(weighted - sum(sizes) / 3) > 10
+    for p in model.parameters():
+        assert torch.allclose(p, torch.full_like(p, weighted), rtol=1e-6), float(p.flatten()[0])
 
 
 def test_fedprox_sends_its_mu_and_the_clients_use_it(task_identity):
