@@ -159,6 +159,13 @@ def test_robustness_score_combines_both_summaries():
 
 # -- minimal distances -----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("eps", [[-0.1, 0.2], [0.1, math.nan], [0.1, math.inf]])
+def test_a_sweep_with_an_eps_that_is_no_distance_is_refused(eps):
+    # a negative or NaN eps became some example's "distance to the boundary"
+    with pytest.raises(DataError, match="finite numbers >= 0"):
+        minimal_distances_from_sweep(eps, torch.ones(2, 3, dtype=torch.bool))
+
+
 def test_minimal_distances_are_the_first_eps_that_fools():
     fooled = torch.tensor([[True, False, False, False],
                            [True, True, False, False],

@@ -195,6 +195,8 @@ def minimal_distances_from_sweep(eps: Sequence[float], fooled: Tensor,
     if len(eps) == 0:
         raise DataError("minimal_distances_from_sweep needs at least one eps")
     grid = torch.tensor([float(e) for e in eps], dtype=torch.float64, device=fooled.device)
+    if not bool(torch.isfinite(grid).all()) or bool((grid < 0).any()):
+        raise DataError(f"eps of a sweep must be finite numbers >= 0, got {list(eps)}")
     if fooled.dim() != 2 or fooled.shape[0] != len(grid):
         raise DataError(f"fooled must have shape ({len(grid)}, N), got {tuple(fooled.shape)}")
     per_eps = torch.where(fooled.bool(), grid.unsqueeze(1), torch.full_like(grid, math.inf).unsqueeze(1))
