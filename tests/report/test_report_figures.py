@@ -125,3 +125,13 @@ def test_a_runs_dataset_summary_carries_its_class_names():
     from fortify.data import load_dataset
 
     assert load_dataset("digits").summary()["class_names"] == [str(i) for i in range(10)]
+
+
+def test_a_gallery_example_whose_attack_met_nan_logits_says_so(drawn):
+    # the analysis records NO_CLASS (-1) for a row of NaN logits; "-> -1" would read as a class
+    pixels = [[[0.2, 0.4], [0.6, 0.8]]]
+    example = {"label": 3, "clean_prediction": 3, "adversarial_prediction": -1, "clean": pixels,
+               "adversarial": pixels}
+    plots.gallery("m", {"examples": [example]})
+    titles = [ax.get_title() for ax in drawn[0].axes]
+    assert titles[:2] == ["3 -> 3", "-> NaN"]

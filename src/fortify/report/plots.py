@@ -25,6 +25,8 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
+from fortify.models.predictions import NO_CLASS
+
 # Labels are model, class and feature names taken as they are: "$" in a name is text, never mathtext
 # (which would fail on a name like "m$\frac{$" and lose the figure). Matplotlib's own log-axis tick
 # labels are mathtext, so log axes get plain ones (_plain_log_ticks).
@@ -206,6 +208,10 @@ def confusion(name: str, classes: dict[str, Any], class_names: list[str] | None 
         return to_data_uri(fig)
 
 
+def _shown(prediction: int) -> str:
+    """A gallery title's class: NO_CLASS (NaN logits) says so rather than printing -1."""
+    return "NaN" if prediction == NO_CLASS else str(prediction)
+
 def gallery(name: str, gallery_data: dict[str, Any]) -> str | None:
     """Rows: clean image, adversarial image, perturbation amplified to the full grey range."""
     examples = gallery_data.get("examples") or []
@@ -219,8 +225,8 @@ def gallery(name: str, gallery_data: dict[str, Any]) -> str | None:
                 delta = adversarial - clean
                 scale = np.abs(delta).max() or 1.0
                 panels = (clean, adversarial, 0.5 + 0.5 * delta / scale)
-                titles = (f"{example['label']} -> {example['clean_prediction']}",
-                          f"-> {example['adversarial_prediction']}", f"x{0.5 / scale:.1f}")
+                titles = (f"{example['label']} -> {_shown(example['clean_prediction'])}",
+                          f"-> {_shown(example['adversarial_prediction'])}", f"x{0.5 / scale:.1f}")
                 for row, (panel, title) in enumerate(zip(panels, titles)):
                     ax = axes[row][column]
                     ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=1)
