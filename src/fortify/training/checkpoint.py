@@ -329,3 +329,8 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A JSON number that is finite (JSON true is not 1)."""
+    return _is_number(value) and math.isfinite(value)

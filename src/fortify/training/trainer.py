@@ -98,15 +98,11 @@ def _progress_from(saved: Any, run_dir: Path) -> _Progress:
         raise CheckpointError(f"cannot resume {run_dir}: an epoch record in {ckpt.STATE_JSON} lacks a field "
                               "or holds an unknown one")
     nullable = (records - required) | {"val_robust_accuracy"}
-    if not all(_is_number(value) or (value is None and key in nullable)
+    if not all(ckpt.is_finite_number(value) or (value is None and key in nullable)
                for r in saved["history"] for key, value in r.items()):
         raise CheckpointError(f"cannot resume {run_dir}: an epoch record in {ckpt.STATE_JSON} holds a value "
                               "that is not a number")
     return _Progress(**{**saved, "history": [EpochRecord(**r) for r in saved["history"]]})
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # devices with fused SGD and Adam kernels in torch
