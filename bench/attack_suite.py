@@ -294,8 +294,25 @@ def _foolbox_fmn(model: nn.Module, norm: str, args: argparse.Namespace) -> RunFn
 
     fmodel = foolbox.PyTorchModel(model, bounds=(0.0, 1.0))
     build = {"linf": foolbox.attacks.LInfFMNAttack, "l2": foolbox.attacks.L2FMNAttack}[norm]
+    if norm == "l2" and not args.foolbox_fmn_as_shipped:
+        build = _projected_l2_fmn(foolbox)
     attack = build(steps=args.fmn_steps)
     return batched(lambda x, y: attack(fmodel, x, y, epsilons=None)[0], args.batch)
+
+
+def _projected_l2_fmn(foolbox):
+    """Foolbox 3.3.4's L2FMNAttack with the projection its code means. As shipped, its factor
+    ``norms / norms`` is always 1, so it never projects onto its ball and climbs the gradient
+    unconstrained: a different (weaker) attack than FMN, at the same cost."""
+    import eagerpy as ep
+    from foolbox.devutils import atleast_kd, flatten
+
+    class ProjectedL2FMN(foolbox.attacks.L2FMNAttack):
+        def project(self, x, x0, epsilon):
+            norms = ep.maximum(flatten(x - x0).norms.l2(axis=-1), 1e-12)
+            return x0 + (x - x0) * atleast_kd(ep.minimum(1, epsilon / norms), x.ndim)
+
+    return ProjectedL2FMN
 
 
 def fab_group(model: nn.Module, args: argparse.Namespace) -> list[Contender]:
@@ -488,8 +505,10 @@ def print_header(args: argparse.Namespace, setting: Setting, threat: ThreatModel
           f"the row says otherwise, abort_early in fortify, {args.cw_examples} examples; Square "
           f"{args.queries} queries, "
           "p_init 0.8, schedule rescaled to the budget")
-    print(f"          FMN {args.fmn_steps} steps; FAB {args.fab_steps} steps, 1 restart; HopSkipJump L2 "
-          f"{args.hsj_iter} iterations, {args.hsj_examples} examples")
+    foolbox_l2 = "as shipped (no projection)" if args.foolbox_fmn_as_shipped else "with its projection"
+    print(f"          FMN {args.fmn_steps} steps (Foolbox's L2 FMN {foolbox_l2}); "
+          f"FAB {args.fab_steps} steps, 1 restart; "
+          f"HopSkipJump L2 {args.hsj_iter} iterations, {args.hsj_examples} examples")
     print(f"timing:   1 warm-up round (16 examples), then {args.repeats} interleaved repeats "
           "(order rotated); medians")
 
@@ -579,6 +598,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="steps per constant of ART's second row in the C&W search group")
     parser.add_argument("--queries", type=int, default=1000, help="Square's query budget")
     parser.add_argument("--fmn-steps", type=int, default=100)
+    parser.add_argument("--foolbox-fmn-as-shipped", action="store_true",
+                        help="run Foolbox's L2 FMN without the projection onto its ball it means to make")
     parser.add_argument("--fab-steps", type=int, default=100)
     parser.add_argument("--hsj-iter", type=int, default=20, help="HopSkipJump iterations")
     parser.add_argument("--hsj-examples", type=int, default=32,
