@@ -261,3 +261,20 @@ def test_a_run_whose_rank_dies_resumes_to_the_uninterrupted_weights(two_rank_run
     free_full, free_again = (_weights(out / run / "model.safetensors")
                              for run in ("free-full", "free-resumed"))
     assert all(torch.equal(free_full[name], free_again[name]) for name in free_full)
+
+
+def test_ranks_reseed_apart_from_the_largest_training_seed():
+    """train.seed may be up to 2**63 - 1; each rank's mixed seed must still be one torch takes, and
+    differ between ranks and epochs."""
+    class RecordedState:
+        def set_rng_state(self, state, device):
+            self.state = state
+
+    drawn = {}
+    for rank, epoch in [(0, 0), (1, 0), (0, 1)]:
+        recorder = RecordedState()
+        distributed.DistributedContext(rank, 2, rank, torch.device("cpu")).reseed(recorder, 2**63 - 1, epoch)
+        drawn[rank, epoch] = (recorder.state, torch.rand(4))
+    assert not torch.equal(drawn[0, 0][0], drawn[1, 0][0])
+    assert not torch.equal(drawn[0, 0][0], drawn[0, 1][0])
+    assert not torch.equal(drawn[0, 0][1], drawn[1, 0][1])
