@@ -14,7 +14,9 @@ another vertex at no query cost (the authors' original NumPy code redraws it).
 
 Queries: one per example for the clean input, one for the starting point, one per iteration; an
 example leaves the search once it is fooled. ``last_queries`` holds the per-example count of the
-latest call and never exceeds ``n_queries``. A targeted call also runs the model once on one example
+latest call and never exceeds ``n_queries``. AutoAttack's ``n_queries`` counts the proposals alone,
+so at the same number it spends up to two more model calls per example (its start and its clean
+check) and runs two more proposals. A targeted call also runs the model once on one example
 beforehand, to check the target labels against its classes (as every fortify attack does).
 """
 
