@@ -79,13 +79,14 @@ def test_poisoned_updates_are_the_boosted_or_reversed_honest_update():
         poison(glob, local, mode="noise", scale=1.0)
 
 
-def _one_step_update(digits, index: int = 0, lr: float = 0.1):
+def _one_step_update(digits, index: int = 0, lr: float = 0.1, label_smoothing: float = 0.0):
     """A client holding one digit takes one SGD step: the update a server receives."""
     model = _mlp(1)
     global_state = _state(model)
     shard = Split(digits.test.x[index:index + 1], digits.test.y[index:index + 1])
     config = TrainConfig(objective="standard", epochs=1, batch_size=1, lr=lr, momentum=0.0,
-                         weight_decay=0.0, schedule="constant", early_stopping=False)
+                         weight_decay=0.0, schedule="constant", early_stopping=False,
+                         label_smoothing=label_smoothing)
     train_locally(model, shard, LocalTraining(config, THREAT))
     local_state = _state(model)
     model.load_state_dict(global_state)  # the server's copy holds the global weights
@@ -107,6 +108,20 @@ def test_a_curious_server_reconstructs_the_clients_digit_from_its_update(digits)
     report = reconstruction_quality(result, shard.x, shard.y)
     assert report.label_accuracy == 1.0
     assert report.psnr[0] > 30.0  # a random guess scores about 5 dB on digits
+
+
+def test_a_curious_server_matches_the_clients_label_smoothing(digits):
+    # Prepare: the client's loss smooths its labels by 0.3, as train.label_smoothing says
+    model, global_state, local_state, shard = _one_step_update(digits, index=1, label_smoothing=0.3)
+    # Execute: the server attacks with the run's label smoothing, and with plain cross-entropy
+    matched, plain = (reconstruct_from_update(model, global_state, local_state, (1, 8, 8), lr=0.1,
+                                              method="idlg", steps=10, label_smoothing=smoothing)
+                      for smoothing in (0.3, 0.0))
+    # Assert: only the client's own loss gives its gradient back from its digit (measured: about
+    # 100 dB matched, 17 dB plain)
+    assert reconstruction_quality(matched, shard.x, shard.y).psnr[0] > 30.0
+    assert reconstruction_quality(plain, shard.x, shard.y).psnr[0] < 25.0
+    assert matched.settings["label_smoothing"] == 0.3
 
 
 def test_update_to_gradient_refuses_bad_lr_and_foreign_updates(digits):

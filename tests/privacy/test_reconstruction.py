@@ -68,6 +68,33 @@ def test_idlg_recovers_one_digit_with_lbfgs(digits):
     assert report.settings["optimizer"] == "lbfgs"
 
 
+def test_a_smoothed_loss_gives_the_gradient_of_the_smoothed_cross_entropy(digits):
+    # Prepare: a batch of two, and the training loss by hand
+    model = _small_mlp(2)
+    x, y = digits.test.x[:2], digits.test.y[:2]
+    loss = F.cross_entropy(model(x), y, label_smoothing=0.2)
+    expected = torch.autograd.grad(loss, list(model.parameters()))
+    # Execute
+    shared = shared_gradient(model, x, y, label_smoothing=0.2)
+    # Assert
+    for ours, theirs in zip(shared, expected, strict=True):
+        torch.testing.assert_close(ours, theirs)
+    assert not torch.allclose(shared[-1], shared_gradient(model, x, y)[-1])
+    report = gradient_leakage(model, x[:1], y[:1], method="idlg", steps=10, label_smoothing=0.2)
+    assert report.psnr[0] > 30.0 and report.settings["label_smoothing"] == 0.2
+
+
+@pytest.mark.parametrize("smoothing", [-0.1, 1.0, float("nan")])
+def test_label_smoothing_outside_zero_to_one_is_refused(digits, smoothing):
+    model = _small_mlp()
+    x, y = digits.test.x[:1], digits.test.y[:1]
+    with pytest.raises(ConfigError, match=r"label_smoothing must be in \[0, 1\)"):
+        shared_gradient(model, x, y, label_smoothing=smoothing)
+    gradient = shared_gradient(model, x, y)
+    with pytest.raises(ConfigError, match=r"label_smoothing must be in \[0, 1\)"):
+        reconstruct(model, gradient, (1, 8, 8), label_smoothing=smoothing)
+
+
 @pytest.mark.slow
 def test_a_batch_of_four_is_recovered_whatever_order_the_reconstruction_comes_in(digits):
     # Prepare

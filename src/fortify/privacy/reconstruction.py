@@ -33,6 +33,7 @@ from fortify.errors import ConfigError, DataError
 from fortify.models.modes import evaluation_mode
 from fortify.privacy._data import check_model_takes_labels, model_device, model_dtype, project_to_box
 from fortify.privacy.similarity import best_assignment, psnr, ssim, total_variation
+from fortify.training.objectives import check_label_smoothing
 
 Method = Literal["dlg", "idlg", "inverting-gradients"]
 METHODS: tuple[str, ...] = ("dlg", "idlg", "inverting-gradients")
@@ -92,10 +93,11 @@ def _parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _loss_gradient(model: nn.Module, x: Tensor, y: Tensor, *, create_graph: bool = False
-                   ) -> tuple[Tensor, ...]:
-    """Gradient of the mean cross-entropy; ``y`` holds class indices or soft label rows."""
-    loss = F.cross_entropy(model(x), y)
+def _loss_gradient(model: nn.Module, x: Tensor, y: Tensor, *, create_graph: bool = False,
+                   label_smoothing: float = 0.0) -> tuple[Tensor, ...]:
+    """Gradient of the mean cross-entropy (the training loss, with its ``label_smoothing``); ``y``
+    holds class indices or soft label rows."""
+    loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
     return torch.autograd.grad(loss, _parameters(model), create_graph=create_graph)
 
 
@@ -128,9 +130,10 @@ def client_mode(model: nn.Module, batch_statistics: bool) -> Iterator[None]:
 
 def shared_gradient(model: nn.Module, x: Tensor, y: Tensor, *, clip_norm: float | None = None,
                     noise_multiplier: float = 0.0, generator: torch.Generator | None = None,
-                    batch_statistics: bool = False) -> list[Tensor]:
+                    batch_statistics: bool = False, label_smoothing: float = 0.0) -> list[Tensor]:
     """The gradient of the batch's mean loss, as a client would send it (model in eval mode, or its
-    batch norm on the batch's statistics with ``batch_statistics``, as a training step takes it).
+    batch norm on the batch's statistics with ``batch_statistics``, as a training step takes it;
+    the cross-entropy with the training's ``label_smoothing``).
 
     With ``clip_norm`` each example's gradient is clipped to that L2 norm before averaging, and
     ``noise_multiplier > 0`` adds N(0, (noise_multiplier * clip_norm)^2) to the sum (DP-SGD).
@@ -144,13 +147,15 @@ def shared_gradient(model: nn.Module, x: Tensor, y: Tensor, *, clip_norm: float 
     if clip_norm is not None and batch_statistics:
         raise ConfigError("batch_statistics cannot go with clip_norm: per-example gradients (DP-SGD) "
                           "exist only where no batch statistic mixes the examples")
+    check_label_smoothing(label_smoothing)
     device = model_device(model)
     x, y = x.to(device), y.to(device)
     check_model_takes_labels(model, x[:1], y, "labels")
     with client_mode(model, batch_statistics), torch.enable_grad():
         if clip_norm is None:
-            return [g.detach() for g in _loss_gradient(model, x, y)]
-        per_example = [_clipped(_loss_gradient(model, x[i:i + 1], y[i:i + 1]), clip_norm)
+            return [g.detach() for g in _loss_gradient(model, x, y, label_smoothing=label_smoothing)]
+        per_example = [_clipped(_loss_gradient(model, x[i:i + 1], y[i:i + 1],
+                                               label_smoothing=label_smoothing), clip_norm)
                        for i in range(len(x))]
     total = [torch.stack(parts).sum(dim=0).detach() for parts in zip(*per_example)]
     if noise_multiplier > 0:
@@ -244,7 +249,8 @@ def _dummy(shape: Sequence[int], bounds: tuple[float, float], generator: torch.G
 
 
 def _lbfgs_match(model: nn.Module, target: Sequence[Tensor], x: Tensor, soft_labels: Tensor | None,
-                 labels: Tensor | None, steps: int, bounds: tuple[float, float]) -> float:
+                 labels: Tensor | None, steps: int, bounds: tuple[float, float], label_smoothing: float
+                 ) -> float:
     """DLG/iDLG: L-BFGS on the squared gradient distance (soft labels optimised too for DLG)."""
     variables = [x] + ([soft_labels] if soft_labels is not None else [])
     optimizer = torch.optim.LBFGS(variables, lr=1.0, max_iter=20, history_size=100,
@@ -252,7 +258,8 @@ def _lbfgs_match(model: nn.Module, target: Sequence[Tensor], x: Tensor, soft_lab
 
     def closure() -> Tensor:
         y = soft_labels.softmax(dim=1) if soft_labels is not None else labels
-        loss = _l2_distance(_loss_gradient(model, x, y, create_graph=True), target)
+        loss = _l2_distance(_loss_gradient(model, x, y, create_graph=True, label_smoothing=label_smoothing),
+                            target)
         grads = torch.autograd.grad(loss, variables)
         for v, g in zip(variables, grads):
             v.grad = g
@@ -265,17 +272,21 @@ def _lbfgs_match(model: nn.Module, target: Sequence[Tensor], x: Tensor, soft_lab
     y = soft_labels.softmax(dim=1) if soft_labels is not None else labels
     # L-BFGS runs unconstrained; the loss is the one of the point returned, clipped into the box
     # (restarts are ranked by it)
-    return float(_l2_distance(_loss_gradient(model, project_to_box(x.detach(), bounds), y.detach()), target))
+    point = project_to_box(x.detach(), bounds)
+    gradient = _loss_gradient(model, point, y.detach(), label_smoothing=label_smoothing)
+    return float(_l2_distance(gradient, target))
 
 
 def _adam_match(model: nn.Module, target: Sequence[Tensor], x: Tensor, labels: Tensor, *, steps: int,
-                lr: float, tv_weight: float, signed: bool, bounds: tuple[float, float]) -> float:
+                lr: float, tv_weight: float, signed: bool, bounds: tuple[float, float],
+                label_smoothing: float) -> float:
     """Inverting Gradients: Adam on cosine distance + TV; lr / 10 at 3/8, 5/8 and 7/8 of the steps."""
     optimizer = torch.optim.Adam([x], lr=lr)
     milestones = [int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)]
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     for _ in range(steps):
-        loss = (_cosine_distance(_loss_gradient(model, x, labels, create_graph=True), target)
+        trial = _loss_gradient(model, x, labels, create_graph=True, label_smoothing=label_smoothing)
+        loss = (_cosine_distance(trial, target)
                 + tv_weight * total_variation(x).mean())
         (grad,) = torch.autograd.grad(loss, x)
         x.grad = grad.sign() if signed else grad
@@ -285,7 +296,8 @@ def _adam_match(model: nn.Module, target: Sequence[Tensor], x: Tensor, labels: T
             x.copy_(project_to_box(x, bounds))
     # the loss of the point returned, after the last step and projection (restarts are ranked by it)
     point = x.detach()
-    return float(_cosine_distance(_loss_gradient(model, point, labels), target)
+    gradient = _loss_gradient(model, point, labels, label_smoothing=label_smoothing)
+    return float(_cosine_distance(gradient, target)
                  + tv_weight * total_variation(point).mean())
 
 
@@ -308,8 +320,8 @@ def reconstruct(model: nn.Module, gradient: Sequence[Tensor], input_shape: Seque
                 batch_size: int = 1, method: Method = "inverting-gradients",
                 labels: Tensor | None = None, steps: int | None = None, lr: float = 0.1,
                 tv_weight: float = 1e-4, signed: bool = True, restarts: int = 1,
-                bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0, batch_statistics: bool = False
-                ) -> GradientReconstruction:
+                bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0, batch_statistics: bool = False,
+                label_smoothing: float = 0.0) -> GradientReconstruction:
     """Recover ``batch_size`` inputs of shape ``input_shape`` from one shared ``gradient``.
 
     ``labels`` known to the attacker are used as given; otherwise iDLG and Inverting Gradients infer
@@ -317,9 +329,11 @@ def reconstruct(model: nn.Module, gradient: Sequence[Tensor], input_shape: Seque
     20 evaluations; default 50) for DLG/iDLG and Adam steps for Inverting Gradients (default 2000).
     Of ``restarts`` random starts the one with the lowest matching loss is returned. The trial
     gradients are taken as ``shared_gradient`` took the target: pass ``batch_statistics=True`` for a
-    gradient taken in a training step of a model with batch norm (a federated client's).
+    gradient taken in a training step of a model with batch norm (a federated client's), and the
+    training's ``label_smoothing`` for a client whose loss smoothed its labels.
     """
     batch_size = check_positive_int("batch_size", batch_size)
+    check_label_smoothing(label_smoothing)
     restarts = check_positive_int("restarts", restarts)
     _check_method(method, labels, batch_size)
     device = model_device(model)
@@ -337,12 +351,12 @@ def reconstruct(model: nn.Module, gradient: Sequence[Tensor], input_shape: Seque
     for _ in range(restarts):
         with client_mode(model, batch_statistics):
             trial = _one_start(model, target, input_shape, batch_size, method, labels, steps, lr,
-                               tv_weight, signed, bounds, generator)
+                               tv_weight, signed, bounds, label_smoothing, generator)
         if best is None or _lower(trial.final_loss, best.final_loss):
             best = trial
     assert best is not None
     best.settings.update({"steps": steps, "restarts": restarts, "seed": seed,
-                          "batch_statistics": batch_statistics})
+                          "batch_statistics": batch_statistics, "label_smoothing": label_smoothing})
     return best
 
 
@@ -353,8 +367,8 @@ def _lower(loss: float, incumbent: float) -> bool:
 
 def _one_start(model: nn.Module, target: list[Tensor], input_shape: Sequence[int], batch_size: int,
                method: str, labels: Tensor | None, steps: int, lr: float, tv_weight: float,
-               signed: bool, bounds: tuple[float, float], generator: torch.Generator
-               ) -> GradientReconstruction:
+               signed: bool, bounds: tuple[float, float], label_smoothing: float,
+               generator: torch.Generator) -> GradientReconstruction:
     device = target[0].device
     x = _dummy((batch_size, *input_shape), bounds, generator, device).requires_grad_(True)
     with torch.enable_grad():
@@ -362,7 +376,7 @@ def _one_start(model: nn.Module, target: list[Tensor], input_shape: Sequence[int
             assert labels is not None
             y = labels.to(device)
             loss = _adam_match(model, target, x, y, steps=steps, lr=lr, tv_weight=tv_weight,
-                               signed=signed, bounds=bounds)
+                               signed=signed, bounds=bounds, label_smoothing=label_smoothing)
             settings = {"lr": lr, "tv_weight": tv_weight, "signed": signed}
         else:
             with torch.no_grad():
@@ -370,7 +384,7 @@ def _one_start(model: nn.Module, target: list[Tensor], input_shape: Sequence[int
             soft = (torch.randn(batch_size, classes, generator=generator).to(device).requires_grad_(True)
                     if labels is None else None)  # only DLG without known labels guesses them
             y = None if labels is None else labels.to(device)
-            loss = _lbfgs_match(model, target, x, soft, y, steps, bounds)
+            loss = _lbfgs_match(model, target, x, soft, y, steps, bounds, label_smoothing)
             if soft is not None:
                 y = soft.detach().argmax(dim=1)
             settings = {"optimizer": "lbfgs"}
@@ -406,8 +420,10 @@ def reconstruction_quality(result: GradientReconstruction, x: Tensor, y: Tensor,
 def gradient_leakage(model: nn.Module, x: Tensor, y: Tensor, *, method: Method = "inverting-gradients",
                      clip_norm: float | None = None, noise_multiplier: float = 0.0,
                      known_labels: bool = False, bounds: tuple[float, float] = (0.0, 1.0),
-                     seed: int = 0, batch_statistics: bool = False, **options: Any) -> ReconstructionReport:
-    """Share the gradient of ``(x, y)`` (optionally clipped and noised), reconstruct, measure.
+                     seed: int = 0, batch_statistics: bool = False, label_smoothing: float = 0.0,
+                     **options: Any) -> ReconstructionReport:
+    """Share the gradient of ``(x, y)`` (optionally clipped and noised), reconstruct, measure; the
+    client's loss and the attacker's both smooth labels by ``label_smoothing``.
 
     ``options`` go to ``reconstruct`` (steps, lr, tv_weight, signed, restarts).
     """
@@ -416,10 +432,11 @@ def gradient_leakage(model: nn.Module, x: Tensor, y: Tensor, *, method: Method =
     # very uniforms the noise was made of
     noise = torch.Generator().manual_seed((seed + 1) % 2**63)
     gradient = shared_gradient(model, x, y, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
-                               generator=noise, batch_statistics=batch_statistics)
+                               generator=noise, batch_statistics=batch_statistics,
+                               label_smoothing=label_smoothing)
     result = reconstruct(model, gradient, tuple(x.shape[1:]), batch_size=len(x), method=method,
                          labels=y if known_labels else None, bounds=bounds, seed=seed,
-                         batch_statistics=batch_statistics, **options)
+                         batch_statistics=batch_statistics, label_smoothing=label_smoothing, **options)
     return reconstruction_quality(result, x, y, bounds=bounds, clip_norm=clip_norm,
                                   noise_multiplier=noise_multiplier,
                                   seconds=time.perf_counter() - start)
