@@ -112,6 +112,26 @@ def test_fedavg_weighs_each_update_by_its_clients_shard_size(task_identity, tmp_
         assert torch.allclose(p, torch.full_like(p, weighted), rtol=1e-6), float(p.flatten()[0])
 
 
+def test_a_rounds_privacy_is_its_worst_clients_epsilon_and_no_mean_of_them(task_identity, tmp_path):
+    # Prepare: uneven shards; each client reports an epsilon equal to its shard's size
+    from fortify.federated.client import LocalResult
+
+    def reporting_trainer(model, data, settings):
+        return LocalResult(train_loss=0.0, local_clean_accuracy=0.0, local_robust_accuracy=None,
+                           dp_epsilon=float(len(data)))
+
+    run = small_run(clients=3, rounds=1, partition="dirichlet", alpha=0.5, out=str(tmp_path / "fed"))
+    sizes = shard_sizes(run, load_run_dataset(run))
+    # Execute
+    result = run_server(InProcessGrid(make_client_app(run, local_trainer=reporting_trainer), 3), run)
+    # Assert: the largest; a mean weighted by shard size (what Flower makes of any metric) would
+    # understate the privacy spent, so none is recorded
+    assert len(set(sizes)) == 3
+    assert result.train_metrics[1]["dp-epsilon-max"] == max(sizes)
+    assert "dp-epsilon" not in result.train_metrics[1]
+    assert "dp-epsilon" not in read_result(tmp_path / "fed").train_metrics[1]
+
+
 def test_fedprox_sends_its_mu_and_the_clients_use_it(task_identity):
     seen: list[float] = []
 

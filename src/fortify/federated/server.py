@@ -185,7 +185,9 @@ class _StrictRounds:
             arrays = in_model_dtypes(arrays, self._model_arrays)
         if metrics is not None:
             metrics.pop(PARTITION_KEY, None)  # Flower averaged the partition ids: a number that means nothing
-            # privacy is the worst client's, not a weighted mean of the clients'
+            # privacy is the worst client's; Flower's mean weighted by shard size would understate it,
+            # so it is dropped rather than recorded next to the maximum
+            metrics.pop(DP_EPSILON_KEY, None)
             spent = [float(m.content[METRICS_KEY][DP_EPSILON_KEY]) for m in replies
                      if DP_EPSILON_KEY in m.content[METRICS_KEY]]
             if spent:
