@@ -79,13 +79,14 @@ def test_poisoned_updates_are_the_boosted_or_reversed_honest_update():
         poison(glob, local, mode="noise", scale=1.0)
 
 
-def _one_step_update(digits, index: int = 0, lr: float = 0.1, label_smoothing: float = 0.0):
+def _one_step_update(digits, index: int = 0, lr: float = 0.1, label_smoothing: float = 0.0,
+                     momentum: float = 0.0, weight_decay: float = 0.0):
     """A client holding one digit takes one SGD step: the update a server receives."""
     model = _mlp(1)
     global_state = _state(model)
     shard = Split(digits.test.x[index:index + 1], digits.test.y[index:index + 1])
-    config = TrainConfig(objective="standard", epochs=1, batch_size=1, lr=lr, momentum=0.0,
-                         weight_decay=0.0, schedule="constant", early_stopping=False,
+    config = TrainConfig(objective="standard", epochs=1, batch_size=1, lr=lr, momentum=momentum,
+                         weight_decay=weight_decay, schedule="constant", early_stopping=False,
                          label_smoothing=label_smoothing)
     train_locally(model, shard, LocalTraining(config, THREAT))
     local_state = _state(model)
@@ -99,6 +100,30 @@ def test_a_one_step_update_is_exactly_the_clients_gradient(digits):
     direct = shared_gradient(model, shard.x, shard.y)
     for a, b in zip(from_update, direct, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_decay_of_a_default_sgd_step_is_undone_exactly(digits):
+    # Prepare: the training defaults, momentum 0.9 and weight decay 5e-4, on a fresh optimizer
+    model, global_state, local_state, shard = _one_step_update(digits, momentum=0.9, weight_decay=5e-4)
+    direct = shared_gradient(model, shard.x, shard.y)
+    # Execute
+    undone = update_to_gradient(model, global_state, local_state, lr=0.1, weight_decay=5e-4)
+    kept = update_to_gradient(model, global_state, local_state, lr=0.1)
+    # Assert: exact with the decay taken off; the decay left in is far outside the tolerance
+    for a, b in zip(undone, direct, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(AssertionError):
+        for a, b in zip(kept, direct, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_decay_over_several_local_steps_is_refused(digits):
+    model = _mlp()
+    state = _state(model)
+    with pytest.raises(ConfigError, match="one local step only, got local_steps=3"):
+        update_to_gradient(model, state, state, lr=0.1, local_steps=3, weight_decay=5e-4)
+    with pytest.raises(ConfigError, match="weight_decay must be finite and >= 0"):
+        update_to_gradient(model, state, state, lr=0.1, weight_decay=-1.0)
 
 
 def test_a_curious_server_reconstructs_the_clients_digit_from_its_update(digits):
