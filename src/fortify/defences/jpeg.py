@@ -4,8 +4,9 @@ The codec's lossy step is written in torch so that it runs on any device and ins
 graph: 8x8 block DCT, division by the quality-scaled quantisation table of the JPEG standard
 (ITU-T T.81 Annex K), rounding, and the inverse. Colour images go through the JFIF YCbCr transform,
 with the luminance table on Y and the chrominance table on Cb and Cr; chroma is not subsampled and
-no entropy coding is needed, as it is lossless. Decoded values are rounded to 8-bit levels, as a
-real decoder does.
+no entropy coding is needed, as it is lossless. Like libjpeg, the codec works on 8-bit samples: the
+input pixels, the YCbCr planes after the colour transform, the planes after the inverse DCT and the
+decoded pixels are each rounded to 0..255.
 """
 
 from __future__ import annotations
@@ -78,12 +79,12 @@ class JPEGCompression(InputTransformDefence):
 
     def _codec(self, x: Tensor) -> Tensor:
         lo, hi = self.bounds
-        pixels = (x - lo) / (hi - lo) * 255
+        pixels = _samples((x - lo) / (hi - lo) * 255)
         colour = x.shape[1] == 3
-        planes = _to_ycbcr(pixels) if colour else pixels
+        planes = _samples(_to_ycbcr(pixels)) if colour else pixels
         decoded = self._compress_planes(planes, colour)
         decoded = _to_rgb(decoded) if colour else decoded
-        return torch.round(decoded).clamp(0, 255) / 255 * (hi - lo) + lo
+        return _samples(decoded) / 255 * (hi - lo) + lo
 
     def _compress_planes(self, planes: Tensor, colour: bool) -> Tensor:
         n, c, h, w = planes.shape
@@ -96,7 +97,7 @@ class JPEGCompression(InputTransformDefence):
         coefficients = dct @ blocks @ dct.T
         quantised = torch.round(coefficients / table) * table
         restored = dct.T @ quantised @ dct + 128
-        return _from_blocks(restored, padded.shape)[:, :, :h, :w]
+        return _samples(_from_blocks(restored, padded.shape)[:, :, :h, :w])
 
     def _plane_tables(self, channels: int, colour: bool) -> Tensor:
         if colour:
@@ -105,6 +106,11 @@ class JPEGCompression(InputTransformDefence):
 
     def extra_repr(self) -> str:
         return f"quality={self.quality}, bounds={self.bounds}"
+
+
+def _samples(values: Tensor) -> Tensor:
+    """Values as libjpeg holds them between its stages: 8-bit samples (JSAMPLE), 0..255."""
+    return torch.round(values).clamp(0, 255)
 
 
 def _to_blocks(planes: Tensor) -> Tensor:
