@@ -37,8 +37,9 @@ def test_eot_averages_the_logits_of_independent_draws():
     expected = torch.stack([reference(x) for _ in range(7)]).mean(0)
     assert torch.allclose(averaged, expected, atol=1e-6)
     assert torch.allclose(EOT(model, 3)(x), model(x), atol=1e-6), "no randomness: EOT is the model"
-    with pytest.raises(ConfigError, match="n_samples"):
-        EOT(model, 0)
+    for bad in (0, None, float("nan"), float("inf"), "4", True):
+        with pytest.raises(ConfigError, match="n_samples must be an integer >= 1"):
+            EOT(model, bad)
 
 
 class _Alternating(nn.Module):
@@ -103,27 +104,50 @@ def test_eot_pgd_takes_torchattacks_eotpgd_steps():
     assert not torch.allclose(ours, x)
 
 
+def _model_at(model: nn.Module, point: torch.Tensor) -> torch.Tensor:
+    """The gradient of the first logit's sum at ``point``."""
+    point = point.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(point)[:, 0].sum(), point)
+    return grad
+
+
 def test_bpda_forward_is_the_defence_and_backward_is_straight_through():
-    # Prepare
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).double()
+    # Prepare: a curved model, whose gradient differs between x and the quantised point
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     defence = InputQuantization(model, bits=2)
     x = torch.rand(4, 1, 4, 4, dtype=torch.float64, requires_grad=True)
     # Execute
     out = BPDA.around(defence)(x)
     (grad,) = torch.autograd.grad(out[:, 0].sum(), x)
     # Assert: the value is the quantised model's, the gradient the model's at the quantised point
-    quantised = defence.transform(x.detach()).requires_grad_(True)
-    (expected,) = torch.autograd.grad(model(quantised)[:, 0].sum(), quantised)
+    # (Athalye et al. 2018, section 4.1: the forward pass through the true transform), not at x
     assert torch.equal(out, defence(x))
-    assert torch.allclose(grad, expected)
+    assert torch.allclose(grad, _model_at(model, defence.transform(x.detach())))
+    assert not torch.allclose(grad, _model_at(model, x), rtol=1e-3)
 
 
 def test_bpda_uses_the_given_approximation_in_the_backward_pass():
+    # Prepare: a curved approximation, whose Jacobian differs between x and round(x)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).double()
-    x = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
-    wrapped = BPDA(model, transform=torch.round, approximation=lambda t: 3 * t)
+    x = (torch.rand(3, 4, dtype=torch.float64) * 4).requires_grad_(True)
+    wrapped = BPDA(model, transform=torch.round, approximation=torch.sin)
+    # Execute
     (grad,) = torch.autograd.grad(wrapped(x)[:, 1].sum(), x)
-    assert torch.allclose(grad, 3 * model[1].weight[1].expand(3, 4))
+    # Assert: the approximation's vector-Jacobian product at x itself
+    upstream = model[1].weight[1].expand(3, 4)
+    assert torch.allclose(grad, torch.cos(x.detach()) * upstream)
+    assert not torch.allclose(grad, torch.cos(torch.round(x.detach())) * upstream, rtol=1e-3)
+
+
+def test_bpda_refuses_a_defence_without_a_transform_and_a_shape_its_identity_cannot_pass():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    with pytest.raises(ConfigError, match="DefensiveDistillation has no transform"):
+        BPDA.around(DefensiveDistillation(model))
+    pooled = BPDA(model, transform=lambda t: torch.nn.functional.avg_pool2d(t, 2))
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ConfigError, match=r"turned \(4, 1, 8, 8\) into \(4, 1, 4, 4\)"):
+        PGD(ThreatModel("linf", 0.1), steps=2)(pooled, x, y)
 
 
 def test_bpda_recovers_the_success_that_quantisation_hides(standard_model, digits):

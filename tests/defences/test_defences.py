@@ -42,6 +42,20 @@ def test_quantization_rounds_to_the_nearest_of_two_to_the_bits_levels():
     assert torch.equal(defence(out), out), "quantising twice changes nothing"
 
 
+@pytest.mark.parametrize(("dtype", "bits"), [(torch.float16, 16), (torch.bfloat16, 8)])
+def test_quantization_of_half_precision_inputs_rounds_to_the_float32_levels(dtype, bits):
+    # Prepare: half-precision inputs (float16 overflows at x * 65535; bfloat16 rounds x * 255 to
+    # another level for about one value in ten)
+    values = torch.rand(200, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([torch.tensor([0.0, 0.9999, 1.0]), values]).to(dtype)
+    defence = InputQuantization(nn.Identity(), bits=bits)
+    # Execute
+    out = defence(x)
+    # Assert: the float32 levels, in the input's dtype
+    assert out.dtype == dtype
+    assert torch.equal(out, defence(x.float()).to(dtype))
+
+
 def test_quantization_respects_other_bounds_and_rejects_bad_bits():
     x = -1 + 2 * torch.rand(16, 3)
     out = InputQuantization(nn.Identity(), bits=1, bounds=(-1.0, 1.0))(x)
@@ -208,8 +222,15 @@ def test_gaussian_noise_has_the_stated_spread_and_is_seeded():
     (lambda: RandomResizePad(nn.Identity(), min_scale=float("nan")), r"min_scale .* in \(0, 1\]"),
     (lambda: GaussianNoise(nn.Identity(), sigma=True), "sigma must be a finite number > 0"),
     (lambda: GaussianNoise(nn.Identity(), sigma=None), "sigma must be a finite number > 0"),
+    (lambda: InputQuantization(nn.Identity(), bounds=(0, 1, 2)), r"bounds must be two finite numbers"),
+    (lambda: JPEGCompression(nn.Identity(), bounds=None), r"bounds must be two finite numbers"),
+    (lambda: GaussianNoise(nn.Identity(), bounds=(0, float("inf"))), r"bounds must be two finite numbers"),
+    (lambda: RandomResizePad(nn.Identity(), bounds=(1, 0)), r"with low < high, got \(1, 0\)"),
+    (lambda: DefensiveDistillation(nn.Identity(), temperature=True),
+     "temperature must be a finite number > 0"),
 ], ids=["jpeg-nan", "jpeg-bool", "jpeg-str", "bits-none", "bits-inf", "scale-bool", "scale-nan",
-        "sigma-bool", "sigma-none"])
+        "sigma-bool", "sigma-none", "bounds-three", "bounds-none", "bounds-inf", "bounds-reversed",
+        "temperature-bool"])
 def test_bad_defence_settings_are_config_errors_naming_the_valid_range(make, message):
     with pytest.raises(ConfigError, match=message):
         make()
@@ -219,6 +240,13 @@ def test_whole_valued_settings_are_accepted_as_numbers():
     assert JPEGCompression(nn.Identity(), quality=75.0).quality == 75
     assert InputQuantization(nn.Identity(), bits=4.0).bits == 4
     assert RandomResizePad(nn.Identity(), min_scale=1).min_scale == 1.0
+    assert DefensiveDistillation(nn.Identity(), temperature=np.float32(100)).temperature == 100.0
+    assert InputQuantization(nn.Identity(), bounds=(np.int64(-1), 1.0)).bounds == (-1.0, 1.0)
+
+
+def test_an_input_transform_defence_refuses_integer_inputs():
+    with pytest.raises(DataError, match="takes floating-point inputs"):
+        GaussianNoise(nn.Identity())(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
 
 
 def test_distillation_keeps_decisions_and_saturates_the_softmax(standard_model, digits):

@@ -113,10 +113,20 @@ class BPDA(nn.Module):
     @classmethod
     def around(cls, defence: nn.Module, approximation: Transform | None = None) -> BPDA:
         """BPDA for a defence that exposes ``model`` and ``transform`` (an InputTransformDefence)."""
+        missing = [name for name in ("model", "transform") if not hasattr(defence, name)]
+        if missing:
+            raise ConfigError(f"BPDA.around needs a defence with an input transform (model and "
+                              f"transform, as every InputTransformDefence has); {type(defence).__name__} "
+                              f"has no {' or '.join(missing)}: wrap its model with BPDA(model, transform)")
         return cls(defence.model, defence.transform, approximation)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(_BackwardApproximation.apply(x, self.transform, self.approximation))
+        transformed = _BackwardApproximation.apply(x, self.transform, self.approximation)
+        if self.approximation is None and transformed.shape != x.shape:
+            raise ConfigError(f"BPDA's identity approximation needs a transform that keeps the input's "
+                              f"shape; it turned {tuple(x.shape)} into {tuple(transformed.shape)}: pass an "
+                              "approximation of the same shape change")
+        return self.model(transformed)
 
 
 class MarginPGD(PGD):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import ClassVar
@@ -228,6 +230,10 @@ def top_target_classes(logits: Tensor, y: Tensor, k: int) -> Tensor:
 
 
 def check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 1:
+    """``value`` as an int >= 1 (4.0 counts as 4), else a ConfigError; flags, text, NaN and inf
+    are no counts."""
+    is_count = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+                and int(value) == value and value >= 1)
+    if not is_count:
         raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from fortify.errors import ConfigError
+from fortify.errors import ConfigError, DataError
 from fortify.registry import Registry
 
 DEFENCES: Registry[Callable[..., nn.Module]] = Registry("defence")
@@ -51,9 +51,12 @@ def check_number_in(name: str, value: object, *, above: float, at_most: float = 
 
 
 def check_bounds(bounds: tuple[float, float]) -> tuple[float, float]:
-    lo, hi = (float(b) for b in bounds)
-    if not lo < hi:
-        raise ConfigError(f"bounds must satisfy low < high, got {bounds!r}")
+    """``bounds`` as two finite floats ``(low, high)`` with ``low < high``, else a ConfigError."""
+    pair = tuple(bounds) if isinstance(bounds, (tuple, list)) else ()
+    numbers_given = [_real(b) for b in pair]
+    if len(pair) != 2 or None in numbers_given or not numbers_given[0] < numbers_given[1]:
+        raise ConfigError(f"bounds must be two finite numbers (low, high) with low < high, got {bounds!r}")
+    lo, hi = numbers_given
     return lo, hi
 
 
@@ -64,7 +67,9 @@ class InputTransformDefence(nn.Module, ABC):
     (``fortify.attacks.adaptive.BPDA``) replaces it by the identity in the backward pass.
     ``randomized`` says whether two calls on the same input may differ; when they do, EOT averages
     over the randomness. Random transforms draw from their own generator when given a ``seed``, so
-    a run is reproducible while repeated calls still differ.
+    a run is reproducible while repeated calls still differ. That stream runs on from call to call
+    and is not tied to the attacks' seeds: an evaluation resumed from its journal, or sharded over
+    processes, starts it afresh, so its later batches see other draws than an uninterrupted run.
     """
 
     differentiable: ClassVar[bool] = True
@@ -79,6 +84,9 @@ class InputTransformDefence(nn.Module, ABC):
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def forward(self, x: Tensor) -> Tensor:
+        if not x.is_floating_point():
+            raise DataError(f"{type(self).__name__} takes floating-point inputs in its box "
+                            f"{self.bounds}, got {x.dtype}")
         return self.model(self.transform(x))
 
     @abstractmethod

@@ -15,20 +15,10 @@ objective for training a real student.
 
 from __future__ import annotations
 
-import math
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fortify.defences.base import DEFENCES
-from fortify.errors import ConfigError
-
-
-def _check_temperature(temperature: float) -> float:
-    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float))
-                                             and math.isfinite(temperature) and temperature > 0):
-        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
-    return float(temperature)
+from fortify.defences.base import DEFENCES, check_number_in
 
 
 class DefensiveDistillation(nn.Module):
@@ -37,7 +27,7 @@ class DefensiveDistillation(nn.Module):
     def __init__(self, model: nn.Module, *, temperature: float = 100.0) -> None:
         super().__init__()
         self.model = model
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_number_in("temperature", temperature, above=0)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x) * self.temperature
@@ -48,7 +38,7 @@ class DefensiveDistillation(nn.Module):
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """Cross-entropy of the student's ``softmax(z / T)`` against the teacher's at the same ``T``."""
-    temperature = _check_temperature(temperature)
+    temperature = check_number_in("temperature", temperature, above=0)
     soft_labels = F.softmax(teacher_logits.detach() / temperature, dim=1)
     return -(soft_labels * F.log_softmax(student_logits / temperature, dim=1)).sum(dim=1).mean()
 

@@ -24,7 +24,10 @@ class InputQuantization(InputTransformDefence):
     def transform(self, x: Tensor) -> Tensor:
         lo, hi = self.bounds
         levels = 2**self.bits - 1
-        return torch.round((x - lo) / (hi - lo) * levels) / levels * (hi - lo) + lo
+        # at least float32: float16 overflows past 65504 (x * 65535 at 16 bits) and bfloat16 holds
+        # no more than 256 levels, so the levels would not be the ones the bits promise
+        wide = x if x.dtype == torch.float64 else x.float()
+        return (torch.round((wide - lo) / (hi - lo) * levels) / levels * (hi - lo) + lo).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, bounds={self.bounds}"
