@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tabular_credit import credit_table
 from torch import nn
 
-from fortify.attacks import APGD, FGSM, PGD
+from fortify.attacks import APGD, FGSM, PGD, Square
 from fortify.errors import ConfigError, DataError, ResultsError
 from fortify.evaluation import evaluate
 from fortify.report.compare import merge_runs
@@ -117,11 +117,30 @@ def test_every_attack_returns_only_feasible_points(threat, seed):
     model = nn.Sequential(nn.Linear(d, 16), nn.ReLU(), nn.Linear(16, 3))
     x = valid_points(threat.schema, 12, torch.Generator().manual_seed(seed))
     y = torch.randint(0, 3, (12,))
+    # Square sees the table as (N, 1, 1, D) images: the threat model takes any trailing shape
     for attack in (FGSM(threat, random_start=True), PGD(threat, steps=4), APGD(threat, n_iter=4),
-                   FeatureSearch(threat, max_changes=2)):
+                   FeatureSearch(threat, max_changes=2), Square(threat, n_queries=20, seed=seed)):
         x_adv = attack(model, x, y)
         assert_feasible(threat, x, x_adv)
         assert bool(threat.contains(x_adv, x).all()), attack.label
+
+
+@pytest.mark.parametrize("mutable", [False, True])
+def test_a_category_one_hot_within_the_schemas_tolerance_is_left_as_it_is(mutable):
+    # Prepare: a one-hot block off by 4e-6, which check_encoded accepts (1e-5)
+    schema = Schema((Feature("c", "categorical", categories=("a", "b"), mutable=mutable),
+                     Feature("d", "continuous", 0, 1)))
+    threat = ConstrainedThreatModel("linf", 0.3, schema=schema)
+    x = torch.tensor([[0.999996, 0.000004, 0.5]], dtype=torch.float64)
+    schema.check_encoded(x)
+    model = nn.Linear(3, 2).double()
+    y = model(x).argmax(1)
+    # Execute
+    projected = threat.project(x + torch.tensor([[0.1, -0.1, 0.2]], dtype=torch.float64), x)
+    evaluate(model, x, y, [PGD(threat, steps=3)], threat)  # raises if a point leaves the threat model
+    # Assert: the clean category keeps its exact entries, so an immutable one costs nothing
+    assert torch.equal(projected[:, :2], x[:, :2])
+    assert bool(threat.contains(projected, x).all())
 
 
 def test_linf_projection_is_the_nearest_feasible_point():

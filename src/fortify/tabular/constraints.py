@@ -128,6 +128,7 @@ class ConstrainedThreatModel(ThreatModel):
 
     def feature_costs(self, x_adv: Tensor, x: Tensor) -> Tensor:
         """Per example and feature, cost times change (N, F); inf where an immutable feature moved."""
+        x_adv, x = _rows(x_adv), _rows(x)
         lay = self.layout(x.device)
         change = (x_adv.double() - x.double()).abs()
         per_feature = _feature_max(change, lay.feature_of, len(self.schema.features))
@@ -148,11 +149,11 @@ class ConstrainedThreatModel(ThreatModel):
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
         """A feasible point near ``x_adv``: the nearest one for linf, see the module notes for l2."""
         lay = self.layout(x.device)
-        x64, v = x.double(), x_adv.double()
+        x64, v = _rows(x).double(), _rows(x_adv).double()
         out = self._project_each_feature(v, x64, lay)
         if self.norm == "l2":
             out = self._fit_l2_budget(out, x64, lay, slack=self.tolerance(x))
-        return out.to(x.dtype)
+        return out.to(x.dtype).reshape(x.shape)
 
     def _project_each_feature(self, v: Tensor, x: Tensor, lay: _Layout) -> Tensor:
         cap = torch.where(lay.mutable, self.eps / lay.cost, torch.zeros_like(lay.cost))
@@ -180,12 +181,15 @@ class ConstrainedThreatModel(ThreatModel):
 
     @staticmethod
     def _nearest_category(v: Tensor, x: Tensor, may_switch: bool) -> Tensor:
-        current = x.argmax(dim=1)
+        """The allowed category nearest ``v``; the clean block itself, bit for bit, when that is the
+        clean category (inputs may be one-hot only to within the schema's tolerance, and an
+        immutable group that moved by that much would cost inf)."""
         if not may_switch:
-            return torch.nn.functional.one_hot(current, v.shape[1]).to(v.dtype)
+            return x
         # a tiny bonus sends ties to the clean category, so a point on the boundary stays put
-        score = v + 1e-9 * x
-        return torch.nn.functional.one_hot(score.argmax(dim=1), v.shape[1]).to(v.dtype)
+        chosen = (v + 1e-9 * x).argmax(dim=1)
+        switched = torch.nn.functional.one_hot(chosen, v.shape[1]).to(v.dtype)
+        return torch.where((chosen == x.argmax(dim=1))[:, None], x, switched)
 
     def _fit_l2_budget(self, p: Tensor, x: Tensor, lay: _Layout, slack: float) -> Tensor:
         """Keep the cheapest discrete changes that fit eps^2, then shrink the continuous change.
@@ -213,6 +217,7 @@ class ConstrainedThreatModel(ThreatModel):
     def random_start(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """A random feasible point: uniform noise within each feature's cap, a random allowed category."""
         lay = self.layout(x.device)
+        shape, x = x.shape, _rows(x)
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
         cap = self.eps / lay.cost
         if self.norm == "l2":
@@ -221,7 +226,7 @@ class ConstrainedThreatModel(ThreatModel):
         v = x.double() + (2 * noise - 1) * cap
         # category columns get pure noise: the projection's argmax then picks a uniform allowed category
         v = torch.where(lay.kind == CATEGORY, noise, v)
-        return self.project(v.to(x.dtype), x)
+        return self.project(v.to(x.dtype), x).reshape(shape)
 
     def ascent_direction(self, grad: Tensor) -> Tensor:
         """Steepest ascent for the weighted norm, zero on immutable columns and forbidden directions.
@@ -230,14 +235,14 @@ class ConstrainedThreatModel(ThreatModel):
         scaled to unit weighted norm.
         """
         lay = self.layout(grad.device)
-        g = grad.double()
+        g = _rows(grad).double()
         allowed = lay.mutable & ~((lay.direction > 0) & (g < 0)) & ~((lay.direction < 0) & (g > 0))
         g = torch.where(allowed, g, torch.zeros_like(g))
         if self.norm == "linf":
-            return (g.sign() / lay.cost).to(grad.dtype)
+            return (g.sign() / lay.cost).to(grad.dtype).reshape(grad.shape)
         step = g / lay.cost.pow(2)
         norms = (step * lay.cost).norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return (step / norms).to(grad.dtype)
+        return (step / norms).to(grad.dtype).reshape(grad.shape)
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -262,7 +267,7 @@ class ConstrainedThreatModel(ThreatModel):
             raise DataError(f"x_adv has shape {tuple(x_adv.shape)} but x has {tuple(x.shape)}")
         lay = self.layout(x.device)
         tol = self._value_tolerance(x)
-        a, x64 = x_adv.double(), x.double()
+        a, x64 = _rows(x_adv).double(), _rows(x).double()
         ok = torch.isfinite(a).all(dim=1)
         ok &= ((a >= -tol) & (a <= 1 + tol)).all(dim=1)
         delta = a - x64
@@ -304,6 +309,12 @@ class ConstrainedThreatModel(ThreatModel):
         mutable = sum(f.mutable for f in self.schema.features)
         return (f"constrained {self.norm} eps={self.eps:.4g} over {mutable} mutable of "
                 f"{len(self.schema.features)} features")
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``x`` as one row of model columns per example: attacks written for images (Square) view a
+    table as (N, 1, 1, D)."""
+    return x.reshape(x.shape[0], -1)
 
 
 def _feature_max(values: Tensor, feature_of: Tensor, n_features: int) -> Tensor:
