@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
 from pathlib import Path
 
@@ -277,15 +278,15 @@ def test_class_names_must_name_each_class_once(tmp_path):
 
 
 def test_a_file_that_is_not_an_archive_is_a_data_error(tmp_path):
-    # Prepare
+    # Prepare: a CSV file with the wrong name (numpy takes it for a pickle)
     path = tmp_path / "data.npz"
-    path.write_text("not numpy")
+    path.write_text("a,b\n1,2\n")
 
     # Execute
     message = load_error(DataOptions(path=path))
 
     # Assert
-    assert str(path) in message
+    assert f"{path} is not a .npz archive: it starts with b'a,b" in message and "unpickl" not in message
 
 
 @pytest.mark.parametrize("declared", [{}, {"num_classes": np.array(10**12 + 1)}])
@@ -519,6 +520,71 @@ def test_a_misspelt_array_key_is_refused(tmp_path):
 def test_rows_without_features_are_refused(tmp_path):
     options = write_npz(tmp_path, x=np.zeros((10, 0)), y=np.arange(10) % 2)
     assert "its rows hold no features" in load_error(options)
+
+
+def _member_data_start(raw: bytes, path: Path, member: str) -> int:
+    """Where a member's (stored or deflated) bytes begin, past its local header."""
+    offset = zipfile.ZipFile(path).getinfo(member).header_offset
+    name_length, extra_length = struct.unpack("<HH", raw[offset + 26:offset + 30])
+    return offset + 30 + name_length + extra_length
+
+
+@pytest.mark.parametrize(("save", "position", "fragment"), [
+    (np.savez_compressed, slice(20, 60), "Error -3 while decompressing data"),
+    (np.savez, slice(200, 201), "Bad CRC-32 for file 'x.npy'"),
+], ids=["deflate-stream", "crc"])
+def test_a_damaged_member_is_a_data_error(tmp_path, save, position, fragment):
+    # Prepare: bytes flipped inside the member x.npy
+    path = tmp_path / "data.npz"
+    save(path, x=RNG.random((50, 4)).astype(np.float32), y=np.arange(50) % 3)
+    raw = bytearray(path.read_bytes())
+    start = _member_data_start(raw, path, "x.npy")
+    for i in range(start + position.start, start + position.stop):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    # Execute
+    message = load_error(DataOptions(path=path))
+    # Assert
+    assert "is not a readable .npz archive" in message and fragment in message
+
+
+def test_a_member_whose_zip_entry_also_claims_the_forged_size_is_refused(tmp_path):
+    # Prepare: an .npy header declaring 4 PiB, and a zip64 directory entry that claims as much, so
+    # that the directory's size agrees with the header; the file itself is under 1 kB
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (2**40, 1024)})
+    path = tmp_path / "data.npz"
+    write_zip(path, {"x.npy": header.getvalue() + b"\0" * 64, "y.npy": npy_bytes(np.arange(10) % 2)})
+    path.write_bytes(_with_zip64_size(path.read_bytes(), b"x.npy", 2**52 + len(header.getvalue())))
+    assert zipfile.ZipFile(path).getinfo("x.npy").file_size > 2**52
+    # Execute
+    message = load_error(DataOptions(path=path))
+    # Assert: refused from what the member's stored bytes can hold, before numpy allocates
+    assert "declares shape (1099511627776, 1024)" in message and "damaged or forged" in message
+
+
+def _with_zip64_size(raw: bytes, name: bytes, size: int) -> bytes:
+    """The archive with ``name``'s central-directory sizes moved into a zip64 field set to ``size``."""
+    raw = bytearray(raw)
+    end = raw.rfind(b"PK\x05\x06")
+    directory_size, directory_offset = struct.unpack("<II", raw[end + 12:end + 20])
+    directory = raw[directory_offset:directory_offset + directory_size]
+    rewritten, position = bytearray(), 0
+    while position < len(directory):
+        n, e, c = struct.unpack("<HHH", directory[position + 28:position + 34])
+        entry = bytearray(directory[position:position + 46 + n + e + c])
+        if bytes(entry[46:46 + n]) == name:
+            entry[20:28] = b"\xff" * 8  # compressed and uncompressed sizes: see the zip64 field
+            zip64 = struct.pack("<HHQQ", 1, 16, size, size)
+            entry[30:32] = struct.pack("<H", e + len(zip64))
+            entry = entry[:46 + n] + zip64 + entry[46 + n:]
+        rewritten += entry
+        position += 46 + n + e + c
+    raw = raw[:directory_offset] + rewritten + raw[directory_offset + directory_size:]
+    end = raw.rfind(b"PK\x05\x06")
+    raw[end + 12:end + 16] = struct.pack("<I", len(rewritten))
+    return bytes(raw)
 
 
 def test_a_member_that_declares_more_data_than_it_holds_is_refused_before_allocating(tmp_path):

@@ -311,3 +311,18 @@ def test_failed_download_raises_data_error(name, tmp_path, monkeypatch):
     message = str(caught.value)
     assert "could not download" in message and str(tmp_path / name) in message
     assert "no network" in message
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_a_cached_file_that_is_not_idx_raises_data_error(name, tmp_path, monkeypatch):
+    # Prepare: an error page saved in place of the training images (torchvision asserts on it)
+    write_mnist_like(name, tmp_path, monkeypatch)
+    raw = tmp_path / name / TORCHVISION_CLASS[name].__name__ / "raw"
+    (raw / "train-images-idx3-ubyte").write_bytes(b"<html><body>503 Service Unavailable</body></html>")
+
+    # Execute
+    with pytest.raises(DataError) as caught:
+        DATASETS.get(name)(offline_options(tmp_path))
+
+    # Assert
+    assert "files not found or corrupted" in str(caught.value)

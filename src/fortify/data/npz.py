@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,11 @@ OPTIONAL_KEYS = ("x_test", "y_test", "bounds", "num_classes", "class_names", "la
 LAYOUTS = ("NCHW", "NHWC")
 # Far above any real label set: a larger label is an id or a typo, and a model that size would not fit.
 MAX_CLASSES = 100_000
+# What a damaged archive raises while it is read: a bad CRC, bad deflate data, a cut-off stream
+_BROKEN = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
+# deflate expands its input at most about 1032-fold: a member that claims more is forged
+_MAX_DEFLATE_RATIO = 1032
+_PICKLE_START, _NPY_START = b"\x80", b"\x93NUMPY"
 
 
 @DATASETS.register("npz")
@@ -74,10 +80,15 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
 def open_archive(path: Path) -> np.lib.npyio.NpzFile:
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, EOFError, zipfile.BadZipFile) as err:
+    except _BROKEN as err:
         raise unreadable(path, err) from None
-    except ValueError:  # numpy refused to unpickle: a pickle file, or a lone .npy of objects
-        raise needs_unpickling(path) from None
+    except ValueError:  # numpy takes whatever is neither a zip nor a .npy file for a pickle
+        with open(path, "rb") as stream:
+            start = stream.read(len(_NPY_START))
+        if start.startswith((_PICKLE_START, _NPY_START)):  # a pickle, or a lone .npy of objects
+            raise needs_unpickling(path) from None
+        raise DataError(f"{path} is not a .npz archive: it starts with {start!r}, not a zip file's "
+                        "signature; write it with numpy.savez(path, x=..., y=...)") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise DataError(f"{path} holds a single array, not a .npz archive; write it with "
                         "numpy.savez(path, x=..., y=...)")
@@ -93,8 +104,10 @@ def read_member(path: Path, archive: np.lib.npyio.NpzFile, key: str) -> np.ndarr
         if "allow_pickle" in str(err):
             raise needs_unpickling(path, key) from None
         raise unreadable(path, err) from None
-    except (OSError, EOFError, zipfile.BadZipFile) as err:  # a truncated or corrupted member
+    except _BROKEN as err:  # a truncated or corrupted member
         raise unreadable(path, err) from None
+    except MemoryError:
+        raise DataError(f"{path}: member {key!r} is too large to read into memory") from None
     # NpzFile hands back the raw bytes of a non-.npy member: harmless unless it holds a key we read
     if not isinstance(value, np.ndarray) and key in REQUIRED_KEYS + OPTIONAL_KEYS:
         raise DataError(f"{path}: member {key!r} is not a numpy array; write the file with "
@@ -103,25 +116,35 @@ def read_member(path: Path, archive: np.lib.npyio.NpzFile, key: str) -> np.ndarr
 
 
 def check_declared_size(path: Path, archive: np.lib.npyio.NpzFile, key: str) -> None:
-    """Refuse a member whose .npy header declares more bytes than the member holds: numpy would
-    allocate the declared size first (a 1 kB file can declare terabytes)."""
+    """Refuse a member whose .npy header declares more bytes than the member can hold: numpy would
+    allocate the declared size first (a 1 kB file can declare terabytes). The zip directory's own
+    size of the member is no proof, since it can be forged too: what the member can hold is
+    bounded by its compressed size, and that by the file's."""
     member = f"{key}.npy"
     if member not in archive.zip.namelist():
         return  # not an .npy member: read_member says what it is
-    with archive.zip.open(member) as stream:
-        try:
+    try:
+        with archive.zip.open(member) as stream:
             version = np.lib.format.read_magic(stream)
             shape, _, dtype = (np.lib.format.read_array_header_1_0(stream) if version == (1, 0)
                                else np.lib.format.read_array_header_2_0(stream))
-        except ValueError as err:
-            raise unreadable(path, err) from None
-        header = stream.tell()
+            header = stream.tell()
+    except (*_BROKEN, ValueError) as err:
+        raise unreadable(path, err) from None
     declared = math.prod(shape) * dtype.itemsize
-    held = archive.zip.getinfo(member).file_size - header
+    held = _plausible_size(path, archive.zip.getinfo(member)) - header
     if dtype.hasobject or declared <= held:
         return  # object arrays are refused by read_member, without unpickling
     raise DataError(f"{path}: member {key!r} declares shape {shape} of {dtype} ({declared:,} bytes) but "
                     f"holds {held:,} bytes; the file is damaged or forged")
+
+
+def _plausible_size(path: Path, info: zipfile.ZipInfo) -> int:
+    """The most bytes a member can really unpack to: its stated size, capped by what its stored or
+    deflated bytes (themselves no more than the file) can expand to."""
+    compressed = min(info.compress_size, path.stat().st_size)
+    ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO
+    return min(info.file_size, compressed * ratio)
 
 
 def unreadable(path: Path, err: Exception) -> DataError:

@@ -80,7 +80,9 @@ def open_official_split(spec: TorchvisionSpec, root: Path, download: bool,
     dataset_class = getattr(torchvision.datasets, spec.class_name)
     try:
         return dataset_class(root=root, download=download, **split_kwargs)
-    except (RuntimeError, OSError) as err:
+    # torchvision's readers check a damaged file with assert (MNIST's idx magic) or fail on its
+    # contents with KeyError or ValueError: each means files not found or corrupted
+    except (RuntimeError, OSError, AssertionError, KeyError, ValueError) as err:
         raise DataError(unavailable_message(spec, root, download, err)) from err
 
 
