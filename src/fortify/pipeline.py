@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
 import shutil
@@ -257,16 +258,37 @@ def load_trained_model(model_dir: Path, device: torch.device) -> tuple[nn.Module
     return model.to(device).eval(), card
 
 
+# a model card's input may hold at most this many values, and its model score at most this many
+# classes: beyond them a tampered card would make the rebuilt model allocate memory without end
+_CARD_MAX_INPUT_VALUES = 2**24
+_CARD_MAX_CLASSES = 2**20
+
+
 def read_model_card(path: Path) -> dict[str, Any]:
     """model.json, checked for the fields that rebuild the architecture."""
     try:
         card = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} is not a readable model card ({err})") from None
-    fields = {"name": str, "input_shape": list, "num_classes": int}
-    if not isinstance(card, dict) or any(not isinstance(card.get(k), kind) for k, kind in fields.items()):
-        raise CheckpointError(f"{path} is not a fortify model card: it needs a name (text), an "
-                              "input_shape (list) and num_classes (integer)")
+    return check_model_card(card, str(path))
+
+
+def check_model_card(card: Any, source: str) -> dict[str, Any]:
+    """``card`` if it names an architecture with a sane input shape and class count, else a
+    CheckpointError naming ``source``."""
+    def count(value: Any, low: int, high: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    shape = card.get("input_shape") if isinstance(card, dict) else None
+    fits = (isinstance(card, dict) and isinstance(card.get("name"), str)
+            and isinstance(shape, list) and 1 <= len(shape) <= 4
+            and all(count(d, 1, _CARD_MAX_INPUT_VALUES) for d in shape)
+            and math.prod(shape) <= _CARD_MAX_INPUT_VALUES
+            and count(card.get("num_classes"), 2, _CARD_MAX_CLASSES))
+    if not fits:
+        raise CheckpointError(f"{source} is not a fortify model card: it needs a name (text), an "
+                              f"input_shape (1 to 4 whole numbers >= 1, at most {_CARD_MAX_INPUT_VALUES:,} "
+                              f"values) and num_classes (a whole number in 2..{_CARD_MAX_CLASSES:,})")
     return card
 
 

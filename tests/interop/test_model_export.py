@@ -149,3 +149,46 @@ def test_an_export_that_cannot_be_reloaded_is_not_left_behind(model_dir, tmp_pat
     with pytest.raises(MissingDependencyError):
         export_model(model_dir, "onnx", tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    ({"num_classes": "abc"}, "is not a fortify model card"),
+    ({"num_classes": -1}, "is not a fortify model card"),
+    ({"num_classes": True}, "is not a fortify model card"),
+    ({"input_shape": [-5]}, "is not a fortify model card"),
+    ({"input_shape": [10**12]}, "is not a fortify model card"),
+    ({"name": "nope"}, "describes no model fortify can build: unknown model 'nope'"),
+    ({"mean": [0.1, 0.2], "std": [0.0, 1.0]}, "describes no model fortify can build: mean and std"),
+], ids=["classes-text", "classes-negative", "classes-bool", "shape-negative", "shape-huge", "name",
+        "normalisation"])
+def test_an_edited_card_in_an_export_is_refused_before_any_model_is_built(model_dir, tmp_path, edit,
+                                                                          fragment):
+    # Prepare: a genuine export whose card is then edited (an export carries no hash of its card)
+    from safetensors.torch import load_file, save_file
+
+    genuine = export_model(model_dir, "safetensors", tmp_path / "m.safetensors").path
+    with safe_open(str(genuine), framework="pt") as handle:
+        metadata = handle.metadata()
+    card = {**json.loads(metadata["model_card"]), **edit}
+    edited = tmp_path / "edited.safetensors"
+    save_file(load_file(str(genuine)), str(edited), metadata={**metadata, "model_card": json.dumps(card)})
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match=fragment):
+        load_safetensors_export(edited)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda logits: logits + 1e-2, "differs from the model by up to"),
+    (lambda logits: logits[:, :5], "returns shape"),
+], ids=["values", "shape"])
+def test_an_export_that_differs_from_the_model_is_deleted(model_dir, tmp_path, monkeypatch, change, fragment):
+    # Prepare: a reloader that returns other logits than the export holds
+    from fortify.interop import export as export_module
+
+    honest = export_module._RELOADERS["torchscript"]
+    monkeypatch.setitem(export_module._RELOADERS, "torchscript",
+                        lambda out, directory: (lambda x: change(honest(out, directory)(x))))
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match=fragment):
+        export_model(model_dir, "torchscript", tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()

@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import fortify
-from fortify.errors import CheckpointError, ConfigError
+from fortify.errors import CheckpointError, ConfigError, FortifyError
 from fortify.interop.dependencies import require
-from fortify.pipeline import MODEL_CARD, load_trained_model, model_from_card
+from fortify.pipeline import MODEL_CARD, check_model_card, load_trained_model, model_from_card
 from fortify.training import checkpoint as ckpt
 
 EXPORT_FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
@@ -155,9 +155,14 @@ def load_safetensors_export(path: Path, device: str | torch.device = "cpu") -> n
                               "export; write one with `fortify export RUN_DIR --format safetensors`")
     try:
         card = json.loads(card_text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"the model card in {path} is unreadable ({err})") from None
+    card = check_model_card(card, f"the model card in {path}")
+    try:
         model = model_from_card(card)
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"the model card in {path} is unreadable ({err!r})") from None
+    except (FortifyError, ValueError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"the model card in {path} describes no model fortify can build: "
+                              f"{err}") from None
     ckpt.load_weights(path, model)
     return model.to(device).eval()
 
