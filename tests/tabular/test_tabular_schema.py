@@ -87,6 +87,14 @@ def test_inference_types_columns_and_keeps_given_settings(tmp_path):
     assert (schema.feature("age").low, schema.feature("age").high) == (min(ages), max(ages))
 
 
+def test_categories_given_as_null_are_inferred_from_the_column(tmp_path):
+    write_csv(tmp_path / "credit.csv", credit_table(200))
+    table = read_table(tmp_path / "credit.csv")
+    spec = SchemaSpec.from_dict({"infer_missing": True,
+                                 "features": {"housing": {"type": "categorical", "categories": None}}})
+    assert infer_schema(table, "default", spec).feature("housing").categories == ("other", "own", "rent")
+
+
 def test_a_schema_that_does_not_match_the_columns_is_refused(tmp_path):
     write_csv(tmp_path / "credit.csv", credit_table(50))
     table = read_table(tmp_path / "credit.csv")
@@ -122,6 +130,9 @@ def test_unreadable_or_malformed_yaml_files_name_the_file_and_its_kind(tmp_path,
     ("classes: [on, off]\nfeatures: {age: {type: integer, low: 0, high: 1}}", "class True is a YAML boolean"),
     ("classes: [a]\nfeatures: {age: {type: integer, low: 0, high: 1}}", "at least two classes"),
     ("classes: a\nfeatures: {age: {type: integer, low: 0, high: 1}}", "classes must be a list"),
+    ("features: {housing: {type: categorical, categories: own}}", "categories must be a list"),
+    ("features: {housing: {type: categorical, categories: 5}}", "categories must be a list"),
+    ("features: {housing: {type: categorical, categories: {a: 1, b: 2}}}", "categories must be a list"),
 ])
 def test_categories_and_classes_yaml_would_misread_are_refused(tmp_path, text, fragment):
     # YAML 1.1 reads unquoted yes/no/on/off as booleans: 'yes' in the CSV would match no category

@@ -264,7 +264,7 @@ class SchemaSpec:
             if bad:
                 raise ConfigError(f"feature {name!r}: unknown key(s) {bad}; "
                                   f"valid keys: {', '.join(FEATURE_KEYS)}")
-            entries[str(name)] = dict(entry)
+            entries[str(name)] = _with_listed_categories(str(name), dict(entry))
         target = data.get("target")
         infer = data.get("infer_missing", False)
         if not isinstance(infer, bool):
@@ -316,6 +316,20 @@ def category_names(what: str, values: Sequence[Any]) -> tuple[str, ...]:
     return tuple(str(v) for v in values)
 
 
+def _with_listed_categories(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` with its categories as a tuple; ``categories: null`` counts as not given. A text
+    or a number is refused: ``tuple("own")`` would silently make three categories of it."""
+    if "categories" not in entry:
+        return entry
+    given = entry.pop("categories")
+    if given is None:
+        return entry
+    if not isinstance(given, (list, tuple)):
+        raise ConfigError(f"feature {name!r}: categories must be a list of the values the column holds, "
+                          f"got {given!r}")
+    return {**entry, "categories": tuple(given)}
+
+
 def _number(feature: str, key: str, value: Any) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"feature {feature!r}: {key} must be a number, got {value!r}")
@@ -331,10 +345,7 @@ def _number(feature: str, key: str, value: Any) -> float:
 def _build_feature(name: str, entry: Mapping[str, Any]) -> Feature:
     if "type" not in entry:
         raise ConfigError(f"feature {name!r} has no type; valid types: {', '.join(FEATURE_TYPES)}")
-    settings = dict(entry)
-    if "categories" in settings:
-        settings["categories"] = tuple(settings["categories"] or ())
-    return Feature(name=name, **settings)
+    return Feature(name=name, **_with_listed_categories(name, dict(entry)))
 
 
 def _applicable(feature: Feature, changes: Mapping[str, Any]) -> dict[str, Any]:
