@@ -12,8 +12,11 @@ Both ``x_k`` and the original point ``x`` are projected onto ``pi_s`` intersecte
 
 A step that fools the model is recorded if it is the smallest so far and is then pulled back,
 ``x_{k+1} <- x + beta (x_{k+1} - x)``, so that the search goes on closer to ``x``. Restarts after
-the first begin at a random point within ``min(best norm, eps) / 2`` of ``x``; a final search
-walks the segment between ``x`` and the best point by linear interpolation of the logits.
+the first begin at a random point within ``min(best norm, eps) / 2`` of ``x`` (a uniform draw from
+the eps-ball, clipped to the box, then shrunk towards ``x``); a final search walks the segment
+between ``x`` and the best point by linear interpolation of the logits. AutoAttack's code starts
+its restarts on the surface of the ball of radius ``eps / 2`` whatever norm was found before, so
+with more than one restart the two draw other starting points; one restart starts at ``x`` in both.
 
 ``FABTargeted`` is FAB-T as in AutoAttack: the hyperplane is always the boundary with one target
 class, and the targets are, in turn, the ``n_target_classes`` non-true classes with the highest
