@@ -7,6 +7,7 @@ file is written. Unknown keys are errors, not silently ignored typos.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -277,18 +278,30 @@ class RunConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def _format_validation_error(err: ValidationError, root: type[BaseModel]) -> str:
     lines = []
     for problem in err.errors():
         where = ".".join(str(p) for p in problem["loc"]) or "config"
         if problem["type"] == "extra_forbidden":
-            lines.append(f"unknown key {where!r}")
+            valid = _section_keys(root, problem["loc"][:-1])
+            lines.append(f"unknown key {where!r}" + (f" (valid keys: {', '.join(valid)})" if valid else ""))
         else:
             given = problem.get("input")
             # a whole section's check names its values itself; repeating the section says nothing
             shown = "" if isinstance(given, dict) else f" (got {shortened(repr(given))})"
             lines.append(f"{where}: {shortened(problem['msg'], 300)}{shown}")
     return "invalid configuration: " + "; ".join(lines)
+
+
+def _section_keys(root: type[BaseModel], path: Sequence[Any]) -> list[str]:
+    """The keys the section at ``path`` of ``root`` accepts ([] when the path leads to no section)."""
+    section: Any = root
+    for name in path:
+        field_info = section.model_fields.get(name) if isinstance(section, type) else None
+        section = field_info.annotation if field_info is not None else None
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            return []
+    return list(section.model_fields)
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -408,4 +421,4 @@ def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = Non
     try:
         return RunConfig.model_validate(_merge(raw, overrides or {}))
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
+        raise ConfigError(_format_validation_error(err, RunConfig)) from None
