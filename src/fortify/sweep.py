@@ -31,6 +31,7 @@ from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
@@ -205,6 +206,11 @@ def expand_grid(grid: SweepGrid, base: RunConfig) -> list[RunSpec]:
         "trades_beta": grid.trades_beta or [train.trades_beta],
         "mix_ratio": grid.mix_ratio or [train.mix_ratio], "epochs": grid.epochs or [train.epochs],
     }
+    for key, readers in READERS.items():
+        if getattr(grid, key) and not set(axes["objective"]) & set(readers):
+            raise ConfigError(f"the grid sets {key} = {getattr(grid, key)}, which only {', '.join(readers)} "
+                              f"read{'s' if len(readers) == 1 else ''}; none of the objectives "
+                              f"{axes['objective']} does: add one of them, or drop {key}")
     specs: list[RunSpec] = []
     for values in itertools.product(*axes.values()):
         setting = dict(zip(axes, values))
@@ -502,7 +508,7 @@ def rich_table(results: Sequence[RunResult], title: str) -> Table:
     for column in ("run", "clean", "robust", "train s", "passes/epoch", "Pareto"):
         table.add_column(column, justify="left" if column == "run" else "right")
     for row in table_rows(results):
-        table.add_row(row["name"], f"{100 * row['clean_accuracy']:.1f}%",
+        table.add_row(escape(row["name"]), f"{100 * row['clean_accuracy']:.1f}%",
                       f"{100 * row['robust_accuracy']:.1f}%", f"{row['train_seconds']:.1f}",
                       f"{row['passes_per_epoch']:g}", "*" if row["pareto"] else "")
     return table
