@@ -51,7 +51,7 @@ def _with(results: dict[str, Any], keys: tuple[Any, ...], value: Any) -> dict[st
 
 def _assert_one_line_error(result, *fragments: str) -> None:
     assert result.exit_code == 2, result.output  # 1 would be an uncaught exception
-    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
     assert result.output.startswith("error:") and result.output.strip().count("\n") == 0, result.output
     for fragment in fragments:
         assert fragment in result.output, (fragment, result.output)
@@ -85,6 +85,10 @@ WRONG_FIELDS = [
     (ROB + ("attacks", 0, "adversarial_accuracy"), -0.1,
      "adversarial_accuracy is -0.1; expected a number from 0"),
     (("threat", "eps"), -1, "threat.eps is -1; expected a finite number > 0"),
+    # fortify writes a non-finite number as null: NaN or Infinity comes from an edited file
+    (("threat", "bounds"), [float("nan"), float("inf")], "threat.bounds[0] is nan; expected a finite number"),
+    (ROB + ("attacks", 0, "median_norm_successful"), float("nan"),
+     "median_norm_successful is nan; expected a number or null"),
     (("dataset", "class_names"), 5, "dataset.class_names is 5; expected a list"),
 ]
 
@@ -264,7 +268,7 @@ PERCENTAGES = [
 def test_the_results_with_every_percentage_field_load_and_render(tmp_path):
     # the fractions as written pass: the refusals below are the out-of-range values' doing
     html = render_report(load_results(_write_run(tmp_path / "run", _with_every_section())))
-    assert "(95.0%)" in html and "2.0% at 0.01" in html  # the canary confidence, the TPR at low FPR
+    assert "(95.0%)" in html and "2.0% at FPR 1%" in html  # the canary confidence, the TPR at low FPR
 
 
 @pytest.mark.parametrize("value", [2.5, float("nan")], ids=["2.5", "nan"])
@@ -327,3 +331,22 @@ def test_class_names_reach_the_page_from_an_evaluation_and_from_runs_that_agree(
     assert agreeing["dataset"]["class_names"] == names
     assert "class_names" not in disagreeing["dataset"]
     assert "class_names" not in load_results(_write_run(tmp_path / "d", _results()))["dataset"]
+
+
+def test_the_epsilon_of_dp_sgd_without_noise_reads_as_infinite_not_missing(tmp_path):
+    # Prepare: DP-SGD at noise 0 spends an infinite epsilon, which results.json holds as null
+    results = _results()
+    privacy = {"accountant": "prv", "epsilon": None, "delta": 1e-5, "max_grad_norm": 1.0, "steps": 20,
+               "replaced_modules": []}
+    results["models"]["pgd"]["training"] = {
+        "seconds": 1.0, "history": [{"epsilon": None}], "best_epoch": 1, "selection_metric": "val",
+        "stopped_early": False, "privacy": {**privacy, "noise_multiplier": 0.0}}
+    results["models"]["noisy"] = copy.deepcopy(results["models"]["pgd"])
+    results["models"]["noisy"]["training"]["privacy"] = {**privacy, "noise_multiplier": 1.0}
+    # Execute
+    html = render_report(load_results(_write_run(tmp_path / "run", results)))
+    # Assert: infinite where no noise was added; a missing value stays n/a
+    table = html.split('<table id="dp-table">')[1].split("</table>")[0]
+    pgd, noisy = table.split("<tr><td>noisy</td>")
+    assert "<td>\u221e (no noise)</td>" in pgd and "epsilon after each epoch:\n\u221e (no noise)" in pgd
+    assert "\u221e" not in noisy and "<td>n/a</td>" in noisy

@@ -9,6 +9,7 @@ not stop the rest of the page.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,18 @@ _ENV = jinja2.Environment(
 
 
 def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
 
 
 def _num(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}g}"
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
+
+
+def _epsilon(value: float | None, noise_multiplier: float | None) -> str:
+    """A DP accountant's epsilon: infinite without noise, which the results file holds as null."""
+    if value is None and noise_multiplier == 0:
+        return "\u221e (no noise)"
+    return _num(value)
 
 
 def _compact(value: Any) -> str:
@@ -162,7 +170,7 @@ def render_report(results: dict[str, Any]) -> str:
         summary=summary_lines(results), figures=figures,
         missing=_missing_sections(results) + figure_notes,
         provenance=results.get("provenance", {}), config=results.get("config"),
-        pct=_pct, num=_num, compact=_compact,
+        pct=_pct, num=_num, epsilon=_epsilon, compact=_compact,
         pretty=lambda value: json.dumps(value, indent=2))
 
 

@@ -10,6 +10,7 @@ present they must hold what the page reads from them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,15 +49,17 @@ def anything(value: Any, where: str) -> None:
 
 
 def number(value: Any, where: str) -> None:
-    # bool is an int in Python but true/false in JSON, never a measurement
+    # bool is an int in Python but true/false in JSON, never a measurement; fortify writes a
+    # non-finite value as null, so a NaN or Infinity comes from an edited or foreign file
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _mismatch(where, value, "a number")
+    if not math.isfinite(value):
+        raise _mismatch(where, value, "a finite number")
 
 
 def fraction(value: Any, where: str) -> None:
     """An accuracy or rate: printed as a percentage, so 2.5 or NaN would print as nonsense."""
-    number(value, where)
-    if not 0 <= value <= 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise _mismatch(where, value, "a number from 0 to 1")
 
 
