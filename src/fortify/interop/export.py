@@ -50,6 +50,9 @@ _MODEL_DIR_FILES = frozenset({"model.safetensors", "last.safetensors", "best.saf
 def find_model_dir(run_dir: Path, member: str = "pgd") -> Path:
     """A model directory, or the ``models/<member>`` model inside a ``fortify run`` directory."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} does not exist or is not a directory; give a model directory "
+                              "(fortify train --out) or a run directory (fortify run --out)")
     if (run_dir / MODEL_CARD).is_file():
         return run_dir
     candidate = run_dir / "models" / member
