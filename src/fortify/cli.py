@@ -202,7 +202,7 @@ def run(
         started = time.perf_counter()
         models = {}
         for objective in ("standard", "pgd"):
-            console.print(f"training [bold]{objective}[/] model on {cfg.data.name}")
+            console.print(f"training [bold]{objective}[/] model on {escape(cfg.data.name)}")
             model, training = train_model(setup, objective, out_dir / "models" / objective,
                                           resume=resume, show_progress=not quiet)
             console.print(f"attacking [bold]{objective}[/] model")
@@ -211,7 +211,8 @@ def run(
     write_json(out_dir / "results.json", results)
     write_report(load_results(out_dir), out_dir / "report.html")
     _print_comparison(results)
-    out_console.print(f"results: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.html'}")
+    out_console.print(f"results: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.html'}",
+                      markup=False)
 
 
 def _checkpointed_training_seconds(models_dir: Path, names: tuple[str, ...]) -> float:
@@ -346,7 +347,7 @@ def train(
         f"{100 * best.val_clean_accuracy:.1f}%"
         + (f", val robust {100 * best.val_robust_accuracy:.1f}%"
            if best.val_robust_accuracy is not None else "")
-        + f"\nmodel: {out_dir / 'model.safetensors'}")
+        + f"\nmodel: {out_dir / 'model.safetensors'}", markup=False)
     _print_privacy(result.to_dict())
 
 
@@ -491,7 +492,8 @@ def evaluate(
     shutil.rmtree(model_dir / "evaluation", ignore_errors=True)  # finished: the journal is spent
     _print_evaluation(f"{model_dir}: {setup.threat.describe()}, {report.n_examples} examples", report)
     if with_report or (model_dir / "report.html").is_file():  # an earlier page would show old numbers
-        out_console.print(f"report: {write_report(load_results(model_dir), model_dir / 'report.html')}")
+        out_console.print(f"report: {write_report(load_results(model_dir), model_dir / 'report.html')}",
+                          markup=False)
 
 
 def _dataset_name(dataset: str | None, data_path: Path | None) -> str | None:
@@ -511,16 +513,18 @@ def _tabular_section(setup: Setup, model: Any) -> dict[str, Any]:
 
 
 def _print_evaluation(title: str, report: Any) -> None:
-    table = Table(title=title)
+    # titles hold paths and names: "[...]" in them is text, never rich markup
+    table = Table(title=escape(title))
     table.add_column("attack")
     table.add_column("accuracy", justify="right")
     table.add_row("clean", f"{100 * report.clean_accuracy:.1f}%")
-    for result in report.attacks:
-        table.add_row(result.name, f"{100 * result.adversarial_accuracy:.1f}%")
+    for result in report.attacks:  # a cascade's accuracy is cumulative: marked, as on the page
+        label = escape(tables.attack_key({"name": result.name, "mode": result.mode}))
+        table.add_row(label, f"{100 * result.adversarial_accuracy:.1f}%")
     table.add_row("worst case", f"{100 * report.worst_case_accuracy:.1f}%")
     out_console.print(table)
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 def _evaluate_model_file(path: Path, config: Path | None, overrides: dict[str, Any], *,
@@ -553,9 +557,10 @@ def _evaluate_model_file(path: Path, config: Path | None, overrides: dict[str, A
         setup = dataclasses.replace(setup, config=cfg)
     check_attacks_fit_access(attack_names(cfg.eval), external.access)
     check_flags_are_read(cfg.eval, generic)  # once the attacks are final: a black-box model's Square
-    console.print(f"{path.name}: {external.access.kind}, {external.access.reason}", soft_wrap=True)
+    console.print(f"{path.name}: {external.access.kind}, {external.access.reason}", soft_wrap=True,
+                  markup=False)
     for note in external.warnings:
-        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     journal_dir = out_dir / "evaluation"
     journal_dir.mkdir(parents=True, exist_ok=True)
     write_json(journal_dir / _EVALUATED_FILE, source)
@@ -569,16 +574,17 @@ def _evaluate_model_file(path: Path, config: Path | None, overrides: dict[str, A
     _print_evaluation(f"{path.name} ({external.access.kind}): {setup.threat.describe()}, "
                       f"{report.n_examples} examples", report)
     shutil.rmtree(journal_dir, ignore_errors=True)  # finished: the journal is spent
-    out_console.print(f"results: {out_dir / 'robustness.json'}")
+    out_console.print(f"results: {out_dir / 'robustness.json'}", markup=False)
     if with_report:
-        out_console.print(f"report: {write_report(load_results(out_dir), out_dir / 'report.html')}")
+        out_console.print(f"report: {write_report(load_results(out_dir), out_dir / 'report.html')}",
+                          markup=False)
 
 
 def _discard_journal(journal_dir: Path) -> None:
     """--restart: an interrupted evaluation's journal goes; nothing else in the directory does."""
     if journal_dir.is_dir():
         shutil.rmtree(journal_dir)
-        console.print(f"discarded the unfinished evaluation in {journal_dir}")
+        console.print(f"discarded the unfinished evaluation in {journal_dir}", markup=False)
 
 
 _EVALUATED_FILE = "model_file.json"  # in the journal: which file, with which input card, it belongs to
@@ -601,7 +607,7 @@ def _model_file_out_dir(out: Path | None, path: Path, source: dict[str, Any]) ->
         raise ConfigError(f"{out} holds an unfinished evaluation of another model file or input card "
                           f"({journal_dir / _EVALUATED_FILE}); choose another --out, or pass --restart to "
                           "discard it")
-    console.print(f"continuing the unfinished evaluation in {out}")
+    console.print(f"continuing the unfinished evaluation in {out}", markup=False)
     return out
 
 
@@ -665,14 +671,14 @@ def audit(
     write_json(model_dir / "privacy.json", {
         "version": RESULTS_VERSION, "kind": "privacy", "privacy": report.to_dict(),
         "provenance": provenance(cfg, setup.device)})
-    table = Table(title=f"{model_dir}: membership inference")
+    table = Table(title=escape(f"{model_dir}: membership inference"))
     for column in ("attack", "AUC", "advantage"):
         table.add_column(escape(column), justify="right")
     for result in report.membership:
-        table.add_row(result.attack, f"{result.auc:.3f}", f"{result.advantage:.3f}")
+        table.add_row(escape(result.attack), f"{result.auc:.3f}", f"{result.advantage:.3f}")
     out_console.print(table)
     for warning in report.warnings:
-        console.print(f"[yellow]note:[/] {warning}", soft_wrap=True)
+        console.print(f"[yellow]note:[/] {escape(warning)}", soft_wrap=True)
 
 
 LIRA_QUERY_CHOICES = ("single", "training")
@@ -692,7 +698,7 @@ def report(
     path = out or Path(results["source"]).parent / "report.html"
     write_report(results, path)
     _print_comparison(results)
-    out_console.print(f"report: {path}")
+    out_console.print(f"report: {path}", markup=False)
 
 
 @app.command()
@@ -704,7 +710,7 @@ def compare(
     """Put the models of several runs side by side (same threat model required)."""
     merged = write_comparison(run_dirs, out)
     _print_comparison(merged)
-    out_console.print(f"comparison: {out}")
+    out_console.print(f"comparison: {out}", markup=False)
 
 
 # -- fortify export ----------------------------------------------------------------------------
@@ -723,7 +729,7 @@ def export(
     result = export_model(run_dir, fmt, out, member=member)
     out_console.print(f"exported {result.format}: {result.path}\ncard: {result.card_path}\n"
                       f"reloaded and compared on {result.verified_on} random inputs: max |difference| "
-                      f"{result.max_abs_difference:.2g}")
+                      f"{result.max_abs_difference:.2g}", markup=False)
 
 
 # -- fortify federate --------------------------------------------------------------------------
@@ -792,10 +798,11 @@ def federate(
     run, result = run_federation(config, overrides, federation, out=out, superlink=superlink,
                                  write_app=write_app, workers=workers, verbose=verbose, resume=resume)
     if result is None:
-        out_console.print(f"Flower app: {write_app}\nrun it with: flwr run {write_app} <connection>")
+        out_console.print(f"Flower app: {write_app}\nrun it with: flwr run {write_app} <connection>",
+                          markup=False)
         return
     print_rounds(result, out_console)
-    out_console.print(f"model and per-round record: {run.federation.out}")
+    out_console.print(f"model and per-round record: {run.federation.out}", markup=False)
 
 
 # -- fortify sweep -----------------------------------------------------------------------------
@@ -828,11 +835,11 @@ def sweep(
                                                train={"seed": seed}), flags)
     out_dir = out or Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     results = run_sweep(base, grid, out_dir, device=device, show_progress=not quiet,
-                        log=lambda line: console.print(line, highlight=False))
+                        log=lambda line: console.print(line, highlight=False, markup=False))
     threat = f"{base.threat.norm}, attacks: {', '.join(results[0].attack_accuracy)}"
-    out_console.print(rich_table(results, f"{base.data.name} sweep ({threat})"))
+    out_console.print(rich_table(results, escape(f"{base.data.name} sweep ({threat})")))
     out_console.print(f"table: {out_dir / 'sweep.csv'}\nplot:  {out_dir / 'tradeoff.png'}\n"
-                      f"runs:  {out_dir / 'sweep.json'}")
+                      f"runs:  {out_dir / 'sweep.json'}", markup=False)
 
 
 def main() -> None:
