@@ -6,6 +6,7 @@ Tiny untrained models: what is checked is the handling of the input, not what an
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -154,3 +155,59 @@ def test_lira_reference_models_train_on_a_float64_pool_as_on_its_float32_copy():
     # Assert: the same weights (the cast is what the model reads anyway)
     for a, b in zip(from64.models, from32.models, strict=True):
         assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_noise_copies_are_the_same_draws_for_float32_and_float64_data():
+    # one seed, one noise, whichever dtype the data arrive in (numpy hands over float64)
+    from fortify.privacy.label_only import augmented_copies
+
+    x = torch.rand(200, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    as_float32, as_float64 = (augmented_copies(data, max_shift=0, noise_std=0.3, noise_copies=2,
+                                               generator=torch.Generator().manual_seed(0))
+                              for data in (x, x.double()))
+    for a, b in zip(as_float32, as_float64, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=1e-6)
+
+
+class _NaNForBrightInputs(nn.Module):
+    """A linear model whose logits are NaN for inputs with a first value above 0.9."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x.flatten(1))
+        return torch.where(x.flatten(1)[:, :1] > 0.9, torch.full_like(out, float("nan")), out)
+
+
+@pytest.mark.parametrize("statistic", ["loss", "confidence", "modified-entropy"])
+def test_a_nan_row_scores_as_the_least_likely_member(statistic):
+    # Prepare: 40 inputs, some of them with NaN logits
+    from fortify.privacy import membership_scores, threshold_attack
+
+    x = torch.rand(40, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(40) % 3
+    nan_rows = x.flatten(1)[:, 0] > 0.9
+    assert 0 < int(nan_rows.sum()) < 40
+    # Execute
+    scores = membership_scores(_NaNForBrightInputs(), Split(x, y), statistic=statistic)
+    result = threshold_attack(_NaNForBrightInputs(), Split(x[:20], y[:20]), Split(x[20:], y[20:]),
+                              statistic=statistic, fprs=())
+    # Assert: such a row predicts no class, so it is scored below every other; the audit runs
+    assert bool((scores[nan_rows] == -math.inf).all()) and bool(torch.isfinite(scores[~nan_rows]).all())
+    assert 0.0 <= result.auc <= 1.0
+
+
+def test_a_nan_row_lies_on_the_boundary_for_the_label_only_distance():
+    from fortify.privacy.label_only import hopskipjump_boundary_distance
+
+    x = torch.rand(12, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    x[:3, 0, 0, 0] = 0.95  # NaN logits: misclassified, at distance 0
+    x[3:, 0, 0, 0] = 0.5
+    model = _NaNForBrightInputs()
+    with torch.no_grad():
+        y = model(x).nan_to_num().argmax(dim=1)  # the others classified as labelled
+    found = hopskipjump_boundary_distance(model, x, y, max_queries=200)
+    assert torch.equal(found[:3], torch.zeros(3)) and bool((found[3:] > 0).all())

@@ -242,3 +242,18 @@ def test_bad_splits_are_refused_with_their_problem():
     with pytest.raises(DataError, match="labels must be integer"):
         check_member_sets(float_labels, good)
     assert membership_result("x", torch.tensor([np.inf]), torch.tensor([0.0])).auc == 1.0
+
+
+def test_the_strongest_attack_is_the_one_with_the_highest_auc_as_the_report_names():
+    # Prepare: one attack ranks first by AUC, the other by TPR at the lowest FPR
+    from fortify.privacy.audit import PrivacyReport
+    from fortify.privacy.metrics import MembershipResult
+
+    def result(name, auc, tpr):
+        return MembershipResult(name, {}, 100, 100, auc, 0.5, 0.0, 0.0, {"0.01": tpr, "0.1": 0.5})
+
+    broad, sharp = result("broad", 0.70, 0.02), result("sharp", 0.60, 0.20)
+    tied = result("tied", 0.70, 0.05)
+    # Execute / Assert
+    assert PrivacyReport(100, 100, membership=[sharp, broad]).strongest() is broad
+    assert PrivacyReport(100, 100, membership=[broad, tied, sharp]).strongest() is tied  # TPR breaks ties

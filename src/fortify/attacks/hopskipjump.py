@@ -332,7 +332,7 @@ class _Oracle:
         logits = self._logits(x)
         check_label_range(self.y, logits.shape[1])
         self.queries += 1
-        return logits.argmax(dim=1) != self.y
+        return predicted_class(logits) != self.y  # a NaN row predicts no class: misclassified
 
     def ask(self, points: Tensor, owners: Tensor) -> Tensor:
         """Per row: the label differs from the owner's true label. Counts one query per row."""

@@ -87,12 +87,11 @@ class PrivacyReport:
         raise KeyError(attack)
 
     def strongest(self) -> MembershipResult:
-        """The attack with the highest TPR at the lowest reported FPR (AUC breaks ties)."""
+        """The attack with the highest AUC (the one the report's verdict and trade-off plot name);
+        the TPR at the lowest reported FPR breaks ties."""
         def key(result: MembershipResult) -> tuple[float, float]:
-            if not result.tpr_at_fpr:
-                return (0.0, result.auc)
-            lowest = min(result.tpr_at_fpr, key=float)
-            return (result.tpr_at_fpr[lowest], result.auc)
+            lowest = min(result.tpr_at_fpr, key=float) if result.tpr_at_fpr else None
+            return (result.auc, result.tpr_at_fpr[lowest] if lowest is not None else 0.0)
 
         return max(self.membership, key=key)
 

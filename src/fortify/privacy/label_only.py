@@ -76,7 +76,8 @@ def augmented_copies(x: Tensor, *, max_shift: int = 1, flip: bool = False, noise
     copies = [_shift(view, dy, dx) for view in views
               for dy in range(-max_shift, max_shift + 1) for dx in range(-max_shift, max_shift + 1)]
     for _ in range(noise_copies):
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        # drawn in float32 whatever x's dtype: one seed, the same noise for float32 and float64 data
+        noise = torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
         copies.append(project_to_box(x + noise_std * noise, bounds))
     return copies
 
@@ -165,7 +166,10 @@ def pgd_boundary_distance(model: nn.Module, x: Tensor, y: Tensor, *, norm: str =
             if todo.numel() == 0:
                 break
             threat = ThreatModel(norm, eps, bounds)
-            x_adv = PGD(threat, steps=steps, early_stop=True, seed=seed)(model, x[todo], y[todo])
+            # no random start: from x itself the ascent heads straight for the nearest boundary (on a
+            # linear model, exactly), where a random tilt would overstate the distance
+            attack = PGD(threat, steps=steps, early_stop=True, random_start=False, seed=seed)
+            x_adv = attack(model, x[todo], y[todo])
             fooled = _wrong(model, x_adv, y[todo])
             hit = todo[fooled]
             if hit.numel():
@@ -267,7 +271,8 @@ def boundary_distance_attack(model: nn.Module, members: Split, non_members: Spli
     ``distance_fn(model, x, y)`` returns one distance per example (0 when misclassified); any
     minimum-norm attack fits. The default is ``hopskipjump_boundary_distance`` with L2: it uses
     predicted labels only, as the attack's threat model says; ``pgd_boundary_distance`` is a
-    white-box alternative that finds shorter distances with gradients.
+    white-box alternative that finds shorter distances with gradients (on a linear model, the
+    exact distance).
     """
     check_member_sets(members, non_members)
     fn = distance_fn or functools.partial(hopskipjump_boundary_distance, norm="l2")

@@ -12,6 +12,7 @@ outputs "in" or "out", and fits one attack classifier per class on them.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -107,7 +108,10 @@ def membership_scores(model: nn.Module, data: Split, *, statistic: str = "loss",
     logits = predict_logits(model, data.x, batch_size)
     y = data.y.to(logits.device)
     check_labels_fit(logits, y, "data")
-    return score(logits, y).cpu()
+    scores = score(logits, y)
+    # a row of logits with a NaN predicts no class (fortify.models.predictions): it is scored as the
+    # least member-like of all, as the label-only attacks score a misclassified example
+    return torch.where(torch.isnan(scores), -math.inf, scores).cpu()
 
 
 def threshold_attack(model: nn.Module, members: Split, non_members: Split, *,

@@ -44,7 +44,7 @@ class MembershipResult:
     auc: float
     # balanced accuracy and advantage take the best threshold on the very scores they are measured
     # on, so they are optimistic: a blind attack on 1,158 members and 359 non-members shows an
-    # advantage of about 0.04 on average (0.08 at the 95th percentile), not 0
+    # advantage of about 0.04 on average (0.07 at the 95th percentile), not 0
     balanced_accuracy: float  # at the best single threshold
     advantage: float  # max over thresholds of TPR - FPR (Yeom et al. 2018)
     best_threshold: float
