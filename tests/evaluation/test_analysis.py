@@ -64,6 +64,24 @@ def test_linear_model_margins_match_the_geometry_and_certificates_stay_below_the
     torch.testing.assert_close(torch.tensor(analysis.margin["distances"]), linf_exact, rtol=3e-2, atol=1e-3)
 
 
+def test_the_certified_section_runs_in_a_box_whose_l2_diameter_is_below_one():
+    # Prepare: two features in [0, 0.5] (L2 diameter 0.71), where an L2 ball of radius 1 is refused
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.bias.copy_(-model.weight.sum(1) / 4)  # the boundary through the box's centre
+    x = 0.25 + 0.05 * torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
+    x = x.clamp(0, 0.5)
+    y = model(x).argmax(1).detach()
+    threat = ThreatModel("linf", 0.02, (0.0, 0.5))
+    # Execute
+    analysis, _ = _analyse(model, x, y, threat, 2, margin_examples=8, certify_examples=8, certify_n=200,
+                           certify_sigma=0.05, masking_examples=8, margin_steps=100)
+    # Assert: FMN's L2 margins are the distances to the hyperplane
+    exact = _distance_to_boundary(model, x)
+    torch.testing.assert_close(torch.tensor(analysis.certified["l2_margin"]), exact, rtol=2e-2, atol=1e-3)
+
+
 def test_digits_analysis_is_consistent_with_the_evaluation(digits, standard_model):
     # Prepare
     threat = ThreatModel("linf", 0.1)

@@ -201,8 +201,11 @@ def test_normalized_entropy_on_known_distributions():
     assert normalized_entropy(p.log()).item() == pytest.approx(expected.item())
     assert normalized_entropy(torch.zeros(2, 5)).tolist() == pytest.approx([1.0, 1.0])
     assert normalized_entropy(torch.tensor([[1000.0, 0.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-12)
-    # a model that outputs NaN is not "certain": its entropy stays NaN (written as null)
-    assert math.isnan(normalized_entropy(torch.tensor([[float("nan"), 0.0, 0.0]])).item())
+    # a row with a NaN predicts no class: fully uncertain, not "certain" and not a NaN that would
+    # make the mean null; +inf logits share the probability (softmax alone gives NaN)
+    assert normalized_entropy(torch.tensor([[float("nan"), 0.0, 0.0]])).item() == 1.0
+    assert normalized_entropy(torch.tensor([[math.inf, 0.0, 0.0]])).item() == 0.0
+    assert normalized_entropy(torch.tensor([[math.inf, math.inf, 0.0, 0.0]])).item() == pytest.approx(0.5)
 
 
 def test_entropy_and_margin_shifts():
@@ -213,8 +216,29 @@ def test_entropy_and_margin_shifts():
     assert (margins.clean_mean, margins.adversarial_mean) == pytest.approx((3.0, -0.5))
     assert margins.shift == pytest.approx(-3.5)
     entropies = entropy_shift(clean, adv)
-    assert entropies.adversarial_mean > entropies.clean_mean
+    clean_each, adv_each = normalized_entropy(clean), normalized_entropy(adv)
+    assert (entropies.clean_mean, entropies.adversarial_mean) == pytest.approx(
+        (float(clean_each.mean()), float(adv_each.mean())))
+    assert entropies.adversarial_mean == pytest.approx((_entropy_of([1.0, 2.0, 0.0]) + 1.0) / 2)
     assert entropies.shift == pytest.approx(entropies.adversarial_mean - entropies.clean_mean)
+
+
+def _entropy_of(logits: list[float]) -> float:
+    p = torch.tensor(logits, dtype=torch.float64).softmax(0)
+    return float(-(p * p.log()).sum() / math.log(len(logits)))
+
+
+def test_a_nan_row_is_never_robust_in_the_margin_and_fully_uncertain_in_the_entropy():
+    # Prepare: adversarial margins nan (row 0), -1 and -2
+    clean = torch.tensor([[3.0, 0.0], [3.0, 0.0], [3.0, 0.0]])
+    adversarial = torch.tensor([[float("nan"), 0.0], [0.0, 1.0], [0.0, 2.0]])
+    y = torch.zeros(3, dtype=torch.long)
+    # Execute
+    margins, entropies = margin_shift(clean, adversarial, y), entropy_shift(clean, adversarial)
+    # Assert: the NaN row is the least robust (median -2, not -1 as a NaN sorted last would give)
+    assert margins.adversarial_median == -2.0 and margins.adversarial_mean == -math.inf
+    expected = (1.0 + _entropy_of([0.0, 1.0]) + _entropy_of([0.0, 2.0])) / 3
+    assert entropies.adversarial_mean == pytest.approx(expected)
 
 
 # -- per-class quality ----------------------------------------------------------------------------

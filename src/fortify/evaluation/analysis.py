@@ -216,7 +216,9 @@ def _certified(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, num_
                           batch_size=query_batch(x.device), bounds=threat.bounds, seed=options.seed)
     correct = certificate.predictions == y
     radii = torch.where(correct, certificate.radii, torch.zeros_like(certificate.radii)).float()
-    l2 = ThreatModel("l2", 1.0, threat.bounds)
+    # FMN's minimal search ignores eps, but a ThreatModel refuses one past the box's L2 diameter
+    diameter = (threat.bounds[1] - threat.bounds[0]) * math.sqrt(math.prod(x.shape[1:]))
+    l2 = ThreatModel("l2", min(1.0, diameter), threat.bounds)
     l2_margin = _minimal_distances(model, x, y, l2, options.margin_steps, options.seed)
     flagged = (radii > l2_margin.to(radii) + _RADIUS_SLACK).nonzero().flatten().tolist()
     top = max(float(radii.max()) if len(radii) else 0.0, options.certify_sigma)

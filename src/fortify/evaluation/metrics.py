@@ -259,12 +259,19 @@ def _quantile(sorted_or_not: Tensor, q: float) -> float:
 # -- confidence under attack ----------------------------------------------------------------------
 
 def normalized_entropy(logits: Tensor) -> Tensor:
-    """Per example ``H(softmax(z)) / log K`` in [0, 1]: 0 for a one-hot, 1 for uniform."""
+    """Per example ``H(softmax(z)) / log K`` in [0, 1]: 0 for a one-hot, 1 for uniform.
+
+    A row with ``+inf`` logits puts its probability evenly on them (softmax would give NaN); a row
+    with a NaN predicts no class (``fortify.models.predictions``) and counts as fully uncertain, 1.
+    """
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise DataError(f"expected logits (N, K) with K >= 2, got {tuple(logits.shape)}")
-    # entr(p) = -p log p with entr(0) = 0; NaN logits stay NaN instead of reading as certainty
-    entropy = torch.special.entr(torch.softmax(logits.double(), dim=1)).sum(dim=1)
-    return entropy / math.log(logits.shape[1])
+    z = logits.double()
+    top = torch.isposinf(z)
+    p = torch.where(top.any(dim=1, keepdim=True), top.double() / top.sum(dim=1, keepdim=True).clamp_min(1),
+                    torch.softmax(z, dim=1))
+    entropy = torch.special.entr(p).sum(dim=1) / math.log(logits.shape[1])  # entr(0) = 0
+    return torch.where(torch.isnan(z).any(dim=1), 1.0, entropy)
 
 
 @dataclass
@@ -298,8 +305,13 @@ def margin_shift(clean_logits: Tensor, adv_logits: Tensor, y: Tensor) -> Shift:
     _check_logits(adv_logits, y)
     if clean_logits.shape[1] < 2:  # no other class to hold a margin against
         raise DataError(f"expected logits (N, K) with K >= 2, got {tuple(clean_logits.shape)}")
-    return _shift("logit_margin", logit_margin(clean_logits.double(), y),
-                  logit_margin(adv_logits.double(), y))
+    return _shift("logit_margin", _margin_or_none(clean_logits, y), _margin_or_none(adv_logits, y))
+
+
+def _margin_or_none(logits: Tensor, y: Tensor) -> Tensor:
+    """The logit margin; -inf for a row with a NaN, which predicts no class and is never correct."""
+    margin = logit_margin(logits.double(), y)
+    return torch.where(torch.isnan(logits).any(dim=1), -math.inf, margin)
 
 
 # -- per-class quality ----------------------------------------------------------------------------
