@@ -155,6 +155,9 @@ def test_robustness_score_combines_both_summaries():
     assert score.eps_auc == pytest.approx(eps_curve_auc([0.1, 0.2], [0.5, 0.3], 0.9))
     assert score.eps_max == 0.2
     assert robustness_score(0.9, 0.3).to_dict()["eps_auc"] is None
+    for orphan in ({"eps_accuracy": [0.5]}, {"eps_max": 0.3}, {"eps": [], "eps_accuracy": [0.5]}):
+        with pytest.raises(DataError, match="need the eps curve's eps"):
+            robustness_score(0.9, 0.3, **orphan)
 
 
 # -- minimal distances -----------------------------------------------------------------------------

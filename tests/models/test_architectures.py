@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -157,8 +159,27 @@ def test_normalize_equals_bare_model_on_standardised_input(
 
 
 def test_normalize_only_when_both_mean_and_std_given() -> None:
-    assert not isinstance(build_model("linear", (1, 8, 8), 10, mean=(0.5,)), Normalize)
+    assert isinstance(build_model("linear", (1, 8, 8), 10, mean=(0.5,), std=(0.2,)), Normalize)
     assert not isinstance(build_model("linear", (1, 8, 8), 10), Normalize)
+    with pytest.raises(ConfigError, match="give mean and std together"):
+        build_model("linear", (1, 8, 8), 10, mean=(0.5,))  # it used to be dropped without a word
+
+
+@pytest.mark.parametrize(("arguments", "fragment"), [
+    ({"num_classes": 2.7}, "num_classes must be a whole number >= 2, got 2.7"),
+    ({"num_classes": True}, "num_classes must be a whole number >= 2"),
+    ({"num_classes": 0}, "num_classes must be a whole number >= 2"),
+    ({"input_shape": ()}, "input_shape must be whole numbers >= 1"),
+    ({"input_shape": (0, 8, 8)}, "input_shape must be whole numbers >= 1"),
+    ({"mean": (0.5, 0.5), "std": (0.2, 0.2)}, "one value per channel: the input (1, 8, 8) has 1, got 2"),
+    ({"mean": (0.5,), "std": (float("nan"),)}, "finite values and std > 0"),
+    ({"mean": (float("inf"),), "std": (0.2,)}, "finite values and std > 0"),
+], ids=["classes-fraction", "classes-bool", "classes-zero", "shape-empty", "shape-zero", "mean-length",
+        "std-nan", "mean-inf"])
+def test_build_model_refuses_settings_that_make_no_model(arguments, fragment) -> None:
+    settings = {"input_shape": (1, 8, 8), "num_classes": 10, **arguments}
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        build_model("small-cnn", settings.pop("input_shape"), settings.pop("num_classes"), **settings)
 
 
 def test_normalize_keeps_input_gradient() -> None:

@@ -172,6 +172,10 @@ def robustness_score(clean_accuracy: float, worst_case_accuracy: float, *,
                      eps_max: float | None = None) -> RobustnessScore:
     """The harmonic mean and, when an eps curve is given, its normalised area."""
     auc = None
+    no_curve = eps is None or not len(eps)
+    if no_curve and ((eps_accuracy is not None and len(eps_accuracy)) or eps_max is not None):
+        # an accuracy curve or a cut without the eps it belongs to would be dropped without a word
+        raise DataError(f"eps_accuracy and eps_max need the eps curve's eps, got eps={eps}")
     if eps is not None and len(eps):
         if eps_accuracy is None:
             raise DataError("eps was given without eps_accuracy (one accuracy per eps)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -16,8 +17,10 @@ class Normalize(nn.Module):
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.model = model
-        if len(mean) != len(std) or any(s <= 0 for s in std):
-            raise ConfigError(f"mean and std need equal lengths and std > 0, got {mean}, {std}")
+        if (len(mean) != len(std) or not all(math.isfinite(m) for m in mean)
+                or not all(math.isfinite(s) and s > 0 for s in std)):
+            raise ConfigError(f"mean and std need equal lengths, finite values and std > 0, "
+                              f"got {mean}, {std}")
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32))
 
