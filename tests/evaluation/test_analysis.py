@@ -13,6 +13,7 @@ from fortify.errors import ConfigError, ThreatModelViolation
 from fortify.evaluation import evaluate
 from fortify.evaluation.analysis import AnalysisOptions, analyse
 from fortify.evaluation.certify import certify
+from fortify.evaluation.metrics import robustness_score
 from fortify.threat import ThreatModel
 
 FEATURES = 10
@@ -64,6 +65,25 @@ def test_linear_model_margins_match_the_geometry_and_certificates_stay_below_the
     torch.testing.assert_close(torch.tensor(analysis.margin["distances"]), linf_exact, rtol=3e-2, atol=1e-3)
 
 
+def test_a_certificate_of_the_wrong_class_counts_as_radius_zero():
+    # Prepare: points the linear model classifies confidently; half of them labelled otherwise
+    model = _linear_two_class()
+    w = (model.weight[1] - model.weight[0]).detach()
+    side = torch.tensor([1.0, -1.0] * 10)[:, None]
+    x = (0.5 + side * 0.3 * w / w.norm()).clamp(0, 1)
+    predicted = model(x).argmax(1).detach()
+    y = torch.where(torch.arange(20) % 4 == 0, 1 - predicted, predicted)
+    threat = ThreatModel("linf", 0.05)
+    # Execute
+    analysis, _ = _analyse(model, x, y, threat, 2, margin_examples=20, certify_examples=20, certify_n=500,
+                           certify_sigma=0.1, masking_examples=20, margin_steps=50)
+    # Assert: the smoothed model certifies its own class everywhere, which is wrong for the flipped
+    # labels: those count as radius 0, the others keep their positive radius
+    radii = torch.tensor(analysis.certified["radii"])
+    flipped = y != predicted
+    assert bool((radii[flipped] == 0).all()) and bool((radii[~flipped] > 0).all())
+
+
 def test_the_certified_section_runs_in_a_box_whose_l2_diameter_is_below_one():
     # Prepare: two features in [0, 0.5] (L2 diameter 0.71), where an L2 ball of radius 1 is refused
     torch.manual_seed(0)
@@ -102,7 +122,14 @@ def test_digits_analysis_is_consistent_with_the_evaluation(digits, standard_mode
     # metrics under the attack: robust <= clean, and the gallery shows only fooled examples in the ball
     attack = analysis.metrics["attack"]
     assert attack["adversarial_accuracy"] <= attack["clean_accuracy"]
-    assert analysis.score["worst_case_accuracy"] == report.worst_case_accuracy
+    expected = robustness_score(report.clean_accuracy, report.worst_case_accuracy,
+                                eps=[p.eps for p in report.eps_curve],
+                                eps_accuracy=[p.accuracy for p in report.eps_curve])
+    assert analysis.score == expected.to_dict() and analysis.score["eps_auc"] is not None
+    # the share broken within 0.25, 0.5, 1, 1.5 and 2 eps, from the distances themselves
+    assert summary["eps"] == pytest.approx([threat.eps * f for f in (0.25, 0.5, 1.0, 1.5, 2.0)])
+    assert summary["fraction_below"] == pytest.approx(
+        [float((distances <= e + 1e-12).float().mean()) for e in summary["eps"]])
     gallery = analysis.gallery["examples"]
     assert 0 < len(gallery) <= 5
     for example in gallery:
