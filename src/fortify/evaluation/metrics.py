@@ -309,10 +309,10 @@ def margin_shift(clean_logits: Tensor, adv_logits: Tensor, y: Tensor) -> Shift:
     _check_logits(adv_logits, y)
     if clean_logits.shape[1] < 2:  # no other class to hold a margin against
         raise DataError(f"expected logits (N, K) with K >= 2, got {tuple(clean_logits.shape)}")
-    return _shift("logit_margin", _margin_or_none(clean_logits, y), _margin_or_none(adv_logits, y))
+    return _shift("logit_margin", _margin_or_minus_inf(clean_logits, y), _margin_or_minus_inf(adv_logits, y))
 
 
-def _margin_or_none(logits: Tensor, y: Tensor) -> Tensor:
+def _margin_or_minus_inf(logits: Tensor, y: Tensor) -> Tensor:
     """The logit margin; -inf for a row with a NaN, which predicts no class and is never correct."""
     margin = logit_margin(logits.double(), y)
     return torch.where(torch.isnan(logits).any(dim=1), -math.inf, margin)
