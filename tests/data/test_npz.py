@@ -596,3 +596,17 @@ def test_a_member_that_declares_more_data_than_it_holds_is_refused_before_alloca
     write_zip(path, {"x.npy": header.getvalue() + b"\0" * 16, "y.npy": npy_bytes(np.arange(10) % 2)})
     message = load_error(DataOptions(path=path))
     assert "declares shape (10000000, 1000000)" in message and "damaged or forged" in message
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_LZMA, zipfile.ZIP_BZIP2], ids=["lzma", "bzip2"])
+def test_an_archive_compressed_past_deflates_ratio_by_another_method_is_read(tmp_path, method):
+    # Prepare: 20,000 blank images, which LZMA and bzip2 squeeze far past deflate's 1032:1
+    path = tmp_path / "data.npz"
+    with zipfile.ZipFile(path, "w", compression=method) as archive:
+        archive.writestr("x.npy", npy_bytes(np.zeros((20_000, 1, 8, 8), dtype=np.float32)))
+        archive.writestr("y.npy", npy_bytes(np.arange(20_000) % 2))
+    assert path.stat().st_size * 1032 < 20_000 * 64 * 4
+    # Execute
+    data = load_dataset("npz", DataOptions(path=path, val_fraction=0.2, test_fraction=0.2, seed=0))
+    # Assert
+    assert len(data.train) + len(data.val) + len(data.test) == 20_000

@@ -139,9 +139,11 @@ def test_a_curious_server_matches_the_clients_label_smoothing(digits):
     # Prepare: the client's loss smooths its labels by 0.3, as train.label_smoothing says
     model, global_state, local_state, shard = _one_step_update(digits, index=1, label_smoothing=0.3)
     # Execute: the server attacks with the run's label smoothing, and with plain cross-entropy
-    matched, plain = (reconstruct_from_update(model, global_state, local_state, (1, 8, 8), lr=0.1,
-                                              method="idlg", steps=10, label_smoothing=smoothing)
-                      for smoothing in (0.3, 0.0))
+    with pytest.warns(UserWarning, match="labels inferred from a gradient taken with label_smoothing=0.3"):
+        matched = reconstruct_from_update(model, global_state, local_state, (1, 8, 8), lr=0.1,
+                                          method="idlg", steps=10, label_smoothing=0.3)
+    plain = reconstruct_from_update(model, global_state, local_state, (1, 8, 8), lr=0.1, method="idlg",
+                                    steps=10)
     # Assert: only the client's own loss gives its gradient back from its digit (measured: about
     # 100 dB matched, 17 dB plain)
     assert reconstruction_quality(matched, shard.x, shard.y).psnr[0] > 30.0

@@ -211,3 +211,19 @@ def test_a_nan_row_lies_on_the_boundary_for_the_label_only_distance():
         y = model(x).nan_to_num().argmax(dim=1)  # the others classified as labelled
     found = hopskipjump_boundary_distance(model, x, y, max_queries=200)
     assert torch.equal(found[:3], torch.zeros(3)) and bool((found[3:] > 0).all())
+
+
+def test_only_a_nan_logit_row_is_scored_as_no_member():
+    # a +inf logit on the true class is the most confident answer there is, never "no class"
+    from fortify.privacy import membership_scores
+
+    class Certain(nn.Module):
+        def forward(self, x):
+            out = torch.zeros(len(x), 3)
+            out[0, 0] = math.inf
+            return out
+
+    data = Split(torch.zeros(2, 4), torch.tensor([0, 1]))
+    assert membership_scores(Certain(), data, statistic="confidence")[0] == math.inf
+    # modified entropy has no finite value there: left NaN, for the metrics to refuse loudly
+    assert math.isnan(membership_scores(Certain(), data, statistic="modified-entropy")[0])

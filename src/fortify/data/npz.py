@@ -143,8 +143,11 @@ def _plausible_size(path: Path, info: zipfile.ZipInfo) -> int:
     """The most bytes a member can really unpack to: its stated size, capped by what its stored or
     deflated bytes (themselves no more than the file) can expand to."""
     compressed = min(info.compress_size, path.stat().st_size)
-    ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO
-    return min(info.file_size, compressed * ratio)
+    if info.compress_type == zipfile.ZIP_STORED:
+        return min(info.file_size, compressed)
+    if info.compress_type == zipfile.ZIP_DEFLATED:  # what numpy.savez_compressed writes
+        return min(info.file_size, compressed * _MAX_DEFLATE_RATIO)
+    return info.file_size  # bzip2 and LZMA have no such bound: a forgery there meets MemoryError
 
 
 def unreadable(path: Path, err: Exception) -> DataError:

@@ -93,8 +93,9 @@ def unavailable_message(spec: TorchvisionSpec, root: Path, download: bool,
         return (f"dataset {spec.name!r}: could not download it into {root} ({err}). Check the "
                 f"network connection, or fetch the official files by hand and place them at "
                 f"{expected}")
-    return (f"dataset {spec.name!r}: files not found or corrupted in {root} and downloading is "
-            f"off. Allow the download (DataOptions(download=True)) on a machine with network "
+    detail = str(err) or type(err).__name__  # torchvision's asserts carry no message
+    return (f"dataset {spec.name!r}: files not found or corrupted in {root} ({detail}) and downloading "
+            f"is off. Allow the download (DataOptions(download=True)) on a machine with network "
             f"access, or place the official files at {expected}")
 
 

@@ -108,10 +108,11 @@ def membership_scores(model: nn.Module, data: Split, *, statistic: str = "loss",
     logits = predict_logits(model, data.x, batch_size)
     y = data.y.to(logits.device)
     check_labels_fit(logits, y, "data")
-    scores = score(logits, y)
     # a row of logits with a NaN predicts no class (fortify.models.predictions): it is scored as the
-    # least member-like of all, as the label-only attacks score a misclassified example
-    return torch.where(torch.isnan(scores), -math.inf, scores).cpu()
+    # least member-like of all, as the label-only attacks score a misclassified example; any other
+    # NaN score (from +inf logits) is left for the metrics to refuse
+    no_class = torch.isnan(logits).any(dim=1)
+    return torch.where(no_class, -math.inf, score(logits, y)).cpu()
 
 
 def threshold_attack(model: nn.Module, members: Split, non_members: Split, *,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -330,7 +331,9 @@ def reconstruct(model: nn.Module, gradient: Sequence[Tensor], input_shape: Seque
     Of ``restarts`` random starts the one with the lowest matching loss is returned. The trial
     gradients are taken as ``shared_gradient`` took the target: pass ``batch_statistics=True`` for a
     gradient taken in a training step of a model with batch norm (a federated client's), and the
-    training's ``label_smoothing`` for a client whose loss smoothed its labels.
+    training's ``label_smoothing`` for a client whose loss smoothed its labels. Label inference
+    reads signs of the unsmoothed loss's gradient: with smoothing ``eps`` the true class's sign
+    flips once the model gives it more than ``1 - eps``, so pass ``labels`` there.
     """
     batch_size = check_positive_int("batch_size", batch_size)
     check_label_smoothing(label_smoothing)
@@ -345,6 +348,10 @@ def reconstruct(model: nn.Module, gradient: Sequence[Tensor], input_shape: Seque
     if labels is not None:
         check_model_takes_labels(model, probe, labels.to(device), "labels")
     elif method != "dlg":
+        if label_smoothing > 0:
+            warnings.warn(f"labels inferred from a gradient taken with label_smoothing={label_smoothing}: "
+                          "inference can miss the labels of confident examples; pass labels if known",
+                          stacklevel=2)
         labels = infer_labels(model, target, batch_size, input_shape)
     generator = torch.Generator().manual_seed(seed)
     best: GradientReconstruction | None = None

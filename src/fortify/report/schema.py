@@ -10,7 +10,6 @@ present they must hold what the page reads from them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,12 +48,10 @@ def anything(value: Any, where: str) -> None:
 
 
 def number(value: Any, where: str) -> None:
-    # bool is an int in Python but true/false in JSON, never a measurement; fortify writes a
-    # non-finite value as null, so a NaN or Infinity comes from an edited or foreign file
+    # bool is an int in Python but true/false in JSON, never a measurement. NaN and Infinity pass:
+    # fortify writes them as null now, but older results files hold them, and the page prints n/a
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _mismatch(where, value, "a number")
-    if not math.isfinite(value):
-        raise _mismatch(where, value, "a finite number")
 
 
 def fraction(value: Any, where: str) -> None:
@@ -197,7 +194,7 @@ ANALYSIS = record(
     gallery=record())
 
 # the verdict takes the strongest attack by AUC, so the AUCs must compare as numbers
-MEMBERSHIP = record(attack=anything, n_members=anything, n_nonmembers=anything, auc=number,
+MEMBERSHIP = record(attack=anything, n_members=anything, n_nonmembers=anything, auc=fraction,
                     balanced_accuracy=number_or_null, advantage=number_or_null,
                     tpr_at_fpr=mapping_of(fraction_or_null))
 

@@ -109,7 +109,8 @@ class DistributedContext:
         Ranks must not share noise, and a resumed run must draw what an uninterrupted one draws;
         seeding from (seed, epoch, rank) gives both without saving each rank's RNG state.
         """
-        # torch's generators take no seed of 2**64 or more; train.seed alone may be 2**63 - 1
+        # kept below 2**63, inside the range torch's generators take (below 2**64): train.seed
+        # alone may be 2**63 - 1, and the mix multiplies it
         mixed = ((seed * 1_000_003 + epoch) * 1_009 + self.rank) % 2**63
         torch.manual_seed(mixed)
         state = torch.Generator(device=self.device).manual_seed(mixed).get_state()
