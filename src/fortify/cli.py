@@ -75,7 +75,9 @@ class _Commands(TyperGroup):
 app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
                   help="Harden PyTorch classifiers with adversarial training and measure it.")
 console = Console(stderr=True)
-out_console = Console()
+# what a command prints on stdout (paths, names, tables) is text, never rich markup: "[...]" in a
+# directory or dataset name stays as it is
+out_console = Console(markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML run configuration.")]
@@ -211,8 +213,7 @@ def run(
     write_json(out_dir / "results.json", results)
     write_report(load_results(out_dir), out_dir / "report.html")
     _print_comparison(results)
-    out_console.print(f"results: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.html'}",
-                      markup=False)
+    out_console.print(f"results: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.html'}")
 
 
 def _checkpointed_training_seconds(models_dir: Path, names: tuple[str, ...]) -> float:
@@ -253,17 +254,16 @@ def _results(setup: Setup, models: dict[str, Any], seconds: float) -> dict[str, 
 
 def _print_comparison(results: dict[str, Any]) -> None:
     threat = results["threat"]
-    # names come from directories and datasets: "[...]" in them is text, never rich markup
-    table = Table(title=escape(f"{results['dataset']['name']}: {threat['norm']} eps={threat['eps']:.4g}"))
+    table = Table(title=f"{results['dataset']['name']}: {threat['norm']} eps={threat['eps']:.4g}")
     # cells lined up by attack name, as the page's table: merged runs need not share their attacks
     attack_names, accuracy = tables.attack_accuracy(results["models"])
     for column in ["model", "clean", *attack_names, "worst case"]:
-        table.add_column(escape(column), justify="right")
+        table.add_column(column, justify="right")
     for name, model in results["models"].items():
         rob = model["robustness"]
         cells = [rob["clean_accuracy"], *[accuracy[name][a] for a in attack_names],
                  rob["worst_case_accuracy"]]
-        table.add_row(escape(name), *["n/a" if c is None else f"{100 * c:.1f}%" for c in cells])
+        table.add_row(name, *["n/a" if c is None else f"{100 * c:.1f}%" for c in cells])
     out_console.print(table)
 
 
@@ -347,7 +347,7 @@ def train(
         f"{100 * best.val_clean_accuracy:.1f}%"
         + (f", val robust {100 * best.val_robust_accuracy:.1f}%"
            if best.val_robust_accuracy is not None else "")
-        + f"\nmodel: {out_dir / 'model.safetensors'}", markup=False)
+        + f"\nmodel: {out_dir / 'model.safetensors'}")
     _print_privacy(result.to_dict())
 
 
@@ -492,8 +492,7 @@ def evaluate(
     shutil.rmtree(model_dir / "evaluation", ignore_errors=True)  # finished: the journal is spent
     _print_evaluation(f"{model_dir}: {setup.threat.describe()}, {report.n_examples} examples", report)
     if with_report or (model_dir / "report.html").is_file():  # an earlier page would show old numbers
-        out_console.print(f"report: {write_report(load_results(model_dir), model_dir / 'report.html')}",
-                          markup=False)
+        out_console.print(f"report: {write_report(load_results(model_dir), model_dir / 'report.html')}")
 
 
 def _dataset_name(dataset: str | None, data_path: Path | None) -> str | None:
@@ -513,13 +512,12 @@ def _tabular_section(setup: Setup, model: Any) -> dict[str, Any]:
 
 
 def _print_evaluation(title: str, report: Any) -> None:
-    # titles hold paths and names: "[...]" in them is text, never rich markup
-    table = Table(title=escape(title))
+    table = Table(title=title)
     table.add_column("attack")
     table.add_column("accuracy", justify="right")
     table.add_row("clean", f"{100 * report.clean_accuracy:.1f}%")
     for result in report.attacks:  # a cascade's accuracy is cumulative: marked, as on the page
-        label = escape(tables.attack_key({"name": result.name, "mode": result.mode}))
+        label = tables.attack_key({"name": result.name, "mode": result.mode})
         table.add_row(label, f"{100 * result.adversarial_accuracy:.1f}%")
     table.add_row("worst case", f"{100 * report.worst_case_accuracy:.1f}%")
     out_console.print(table)
@@ -574,10 +572,9 @@ def _evaluate_model_file(path: Path, config: Path | None, overrides: dict[str, A
     _print_evaluation(f"{path.name} ({external.access.kind}): {setup.threat.describe()}, "
                       f"{report.n_examples} examples", report)
     shutil.rmtree(journal_dir, ignore_errors=True)  # finished: the journal is spent
-    out_console.print(f"results: {out_dir / 'robustness.json'}", markup=False)
+    out_console.print(f"results: {out_dir / 'robustness.json'}")
     if with_report:
-        out_console.print(f"report: {write_report(load_results(out_dir), out_dir / 'report.html')}",
-                          markup=False)
+        out_console.print(f"report: {write_report(load_results(out_dir), out_dir / 'report.html')}")
 
 
 def _discard_journal(journal_dir: Path) -> None:
@@ -671,11 +668,11 @@ def audit(
     write_json(model_dir / "privacy.json", {
         "version": RESULTS_VERSION, "kind": "privacy", "privacy": report.to_dict(),
         "provenance": provenance(cfg, setup.device)})
-    table = Table(title=escape(f"{model_dir}: membership inference"))
+    table = Table(title=f"{model_dir}: membership inference")
     for column in ("attack", "AUC", "advantage"):
-        table.add_column(escape(column), justify="right")
+        table.add_column(column, justify="right")
     for result in report.membership:
-        table.add_row(escape(result.attack), f"{result.auc:.3f}", f"{result.advantage:.3f}")
+        table.add_row(result.attack, f"{result.auc:.3f}", f"{result.advantage:.3f}")
     out_console.print(table)
     for warning in report.warnings:
         console.print(f"[yellow]note:[/] {escape(warning)}", soft_wrap=True)
@@ -698,7 +695,7 @@ def report(
     path = out or Path(results["source"]).parent / "report.html"
     write_report(results, path)
     _print_comparison(results)
-    out_console.print(f"report: {path}", markup=False)
+    out_console.print(f"report: {path}")
 
 
 @app.command()
@@ -710,7 +707,7 @@ def compare(
     """Put the models of several runs side by side (same threat model required)."""
     merged = write_comparison(run_dirs, out)
     _print_comparison(merged)
-    out_console.print(f"comparison: {out}", markup=False)
+    out_console.print(f"comparison: {out}")
 
 
 # -- fortify export ----------------------------------------------------------------------------
@@ -729,7 +726,7 @@ def export(
     result = export_model(run_dir, fmt, out, member=member)
     out_console.print(f"exported {result.format}: {result.path}\ncard: {result.card_path}\n"
                       f"reloaded and compared on {result.verified_on} random inputs: max |difference| "
-                      f"{result.max_abs_difference:.2g}", markup=False)
+                      f"{result.max_abs_difference:.2g}")
 
 
 # -- fortify federate --------------------------------------------------------------------------
@@ -798,11 +795,10 @@ def federate(
     run, result = run_federation(config, overrides, federation, out=out, superlink=superlink,
                                  write_app=write_app, workers=workers, verbose=verbose, resume=resume)
     if result is None:
-        out_console.print(f"Flower app: {write_app}\nrun it with: flwr run {write_app} <connection>",
-                          markup=False)
+        out_console.print(f"Flower app: {write_app}\nrun it with: flwr run {write_app} <connection>")
         return
     print_rounds(result, out_console)
-    out_console.print(f"model and per-round record: {run.federation.out}", markup=False)
+    out_console.print(f"model and per-round record: {run.federation.out}")
 
 
 # -- fortify sweep -----------------------------------------------------------------------------
@@ -837,9 +833,9 @@ def sweep(
     results = run_sweep(base, grid, out_dir, device=device, show_progress=not quiet,
                         log=lambda line: console.print(line, highlight=False, markup=False))
     threat = f"{base.threat.norm}, attacks: {', '.join(results[0].attack_accuracy)}"
-    out_console.print(rich_table(results, escape(f"{base.data.name} sweep ({threat})")))
+    out_console.print(rich_table(results, f"{base.data.name} sweep ({threat})"))
     out_console.print(f"table: {out_dir / 'sweep.csv'}\nplot:  {out_dir / 'tradeoff.png'}\n"
-                      f"runs:  {out_dir / 'sweep.json'}", markup=False)
+                      f"runs:  {out_dir / 'sweep.json'}")
 
 
 def main() -> None:

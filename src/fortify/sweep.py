@@ -31,7 +31,6 @@ from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
-from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
@@ -508,7 +507,7 @@ def rich_table(results: Sequence[RunResult], title: str) -> Table:
     for column in ("run", "clean", "robust", "train s", "passes/epoch", "Pareto"):
         table.add_column(column, justify="left" if column == "run" else "right")
     for row in table_rows(results):
-        table.add_row(escape(row["name"]), f"{100 * row['clean_accuracy']:.1f}%",
+        table.add_row(row["name"], f"{100 * row['clean_accuracy']:.1f}%",
                       f"{100 * row['robust_accuracy']:.1f}%", f"{row['train_seconds']:.1f}",
                       f"{row['passes_per_epoch']:g}", "*" if row["pareto"] else "")
     return table

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from fortify.errors import ConfigError
@@ -61,11 +60,10 @@ def _finished(out: Path, run: FederatedRun) -> bool:
 def print_rounds(result: FederatedResult, console: Console) -> None:
     threat = result.threat
     fed = result.federation
-    # the dataset's name may be a user's file name: "[...]" in it is text, never rich markup
-    table = Table(title=escape(f"{result.dataset}, {fed['clients']} clients, {fed['strategy']}, "
-                               f"objective {result.objective}: test accuracy of the global model "
-                               f"({threat['n_examples']} examples, PGD-{threat['steps']} {threat['norm']} "
-                               f"eps={threat['eps']:.4g})"))
+    table = Table(title=f"{result.dataset}, {fed['clients']} clients, {fed['strategy']}, "
+                        f"objective {result.objective}: test accuracy of the global model "
+                        f"({threat['n_examples']} examples, PGD-{threat['steps']} {threat['norm']} "
+                        f"eps={threat['eps']:.4g})")
     private = any("dp-epsilon-max" in m for m in result.train_metrics.values())
     for column in ("round", "clean", "robust", "seconds", *(["epsilon (worst client)"] if private else [])):
         table.add_column(column, justify="right")
