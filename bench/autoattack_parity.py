@@ -4,6 +4,9 @@ Trains the small CNN that the tests use (PGD-trained on digits at L-inf eps 0.2,
 for each budget and seed, runs both cascades (APGD-CE, APGD-T, FAB-T, Square) on the whole digits
 test split with the same reduced budget on both sides, and prints each side's robust accuracy
 after every attack. Strength only: bench/attack_suite.py times the two ensembles.
+``--square-schedule autoattack`` gives fortify's Square the window schedule of pyautoattack's
+standard ensemble (laid out for 10,000 queries, not rescaled to the budget); by default it is
+rescaled, as the preset does.
 """
 
 from __future__ import annotations
@@ -67,8 +70,10 @@ def reference(model, x, y, threat: ThreatModel, iterations: int, queries: int, s
     return trace.lines
 
 
-def ours(model, x, y, threat: ThreatModel, iterations: int, queries: int, seed: int) -> list[str]:
-    config = EvalConfig(preset="autoattack", steps=iterations, queries=queries, seed=seed)
+def ours(model, x, y, threat: ThreatModel, iterations: int, queries: int, seed: int,
+         rescale_schedule: bool) -> list[str]:
+    config = EvalConfig(preset="autoattack", steps=iterations, queries=queries, seed=seed,
+                        attack_options={"square": {"rescale_schedule": rescale_schedule}})
     attacks = build_attacks(config, threat, num_classes=10)
     report = evaluate(model, x, y, attacks, threat, cascade=True, batch_size=len(y))
     return [f"{100 * a.adversarial_accuracy:.2f}%" for a in report.attacks]
@@ -82,18 +87,23 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=300, help="Square's query budget")
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--square-schedule", choices=("rescaled", "autoattack"), default="rescaled",
+                        help="fortify's Square: its window schedule rescaled to the budget (the preset's), "
+                             "or laid out for 10,000 queries as in pyautoattack's standard ensemble")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print_provenance([("pyautoattack", "pyautoattack")])
     model, x, y = test_fixture_model()
     threat = ThreatModel(args.norm, args.eps)
     print(f"setting:  small-cnn PGD-trained on digits, {len(y)} test examples, {threat.describe()}, "
-          f"Square {args.queries} queries, APGD-T and FAB-T 9 targets, 1 restart")
+          f"Square {args.queries} queries (fortify's schedule: {args.square_schedule}), APGD-T and FAB-T 9 "
+          "targets, 1 restart")
     print("iterations | seed | fortify after apgd-ce, apgd-t, fab-t, square | pyautoattack after the same")
     for iterations in (int(i) for i in args.iterations.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):
             started = time.perf_counter()
-            mine = ours(model, x, y, threat, iterations, args.queries, seed)
+            mine = ours(model, x, y, threat, iterations, args.queries, seed,
+                        rescale_schedule=args.square_schedule == "rescaled")
             theirs = reference(model, x, y, threat, iterations, args.queries, seed)
             print(f"{iterations} | {seed} | {', '.join(mine)} | {', '.join(theirs)} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)

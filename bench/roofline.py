@@ -10,7 +10,7 @@ FLOPs / median time; fraction of peak = that / peak.
     .venv/bin/python bench/roofline.py --model preact-resnet18 --shape 3,32,32 --batch 32
     .venv/bin/python bench/roofline.py --threads 1 --repeats 7 --amp
 
-Workloads: one PGD-K attack call (K steps plus the final evaluation pass, reported per step),
+Workloads: one PGD-K attack call (K steps, each a forward and an input-gradient pass; reported per step),
 and one training step (objective, backward, SGD step) of the standard, fgsm-rs and pgd objectives.
 ``--channels-last`` runs them with channels_last weights and inputs in float32, as training and
 evaluation on CPU do by default. ``--amp`` runs them as fortify's fast path does (``train.amp``,
@@ -202,7 +202,7 @@ def measure(args: argparse.Namespace, model: torch.nn.Module, attacked: torch.nn
     first_peak = peak_gflops(args.matmul, args.repeats, dtype)
     model.eval()
     attack = pgd_work(attacked, x, y, threat, args.steps)
-    # K steps and one final forward; per step divides by K (the final forward is 1/3 of a step)
+    # K steps of one forward and one input-gradient pass each (one restart has no judging pass since 4823ae3)
     rows = [Row(f"PGD-{args.steps} attack (per step)", counted_flops(attack), timed(attack, args.repeats),
                 args.steps)]
     for objective in ("standard", "fgsm-rs", "pgd"):

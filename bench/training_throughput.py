@@ -139,9 +139,13 @@ def art_trainer(kind: str, on_channels_last: bool = False) -> TrainFn:
         elif kind == "fgsm-rs":
             art.AdversarialTrainerFBFPyTorch(classifier, eps=args.eps).fit(x, y, **fit)
         elif kind == "pgd":
-            art.AdversarialTrainerMadryPGD(classifier, nb_epochs=args.epochs, batch_size=args.batch,
-                                           eps=args.eps, eps_step=2.5 * args.eps / args.attack_steps,
-                                           max_iter=args.attack_steps, num_random_init=1).fit(x, y)
+            madry = art.AdversarialTrainerMadryPGD(classifier, nb_epochs=args.epochs, batch_size=args.batch,
+                                                   eps=args.eps, eps_step=2.5 * args.eps / args.attack_steps,
+                                                   max_iter=args.attack_steps, num_random_init=1)
+            # the trainer's PGD gets no batch size of its own and would attack in ART's default chunks
+            # of 32: half batches, twice the calls of the other trainers' attacks
+            madry.attack.set_params(batch_size=args.batch)
+            madry.fit(x, y)
         elif kind == "trades":
             trades = art.AdversarialTrainerTRADESPyTorch(classifier, art_pgd(classifier, args), beta=6.0)
             trades.fit(x, y, **fit)
@@ -169,7 +173,10 @@ def build_contenders(args: argparse.Namespace) -> list[Contender]:
 
 
 def measure(contender: Contender, train: Split, test: Split, args: argparse.Namespace) -> None:
+    import numpy as np
+
     torch.manual_seed(args.seed)
+    np.random.seed(args.seed)  # ART's trainers shuffle and draw their random starts from NumPy's generator
     model = ForwardCounter(build_model("small-cnn", tuple(train.x.shape[1:]), NUM_CLASSES))
     start = time.perf_counter()
     contender.train(model, train, args)

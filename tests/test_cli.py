@@ -82,6 +82,24 @@ def test_train_then_evaluate(tmp_path):
     assert "Gradient-masking checks" in (out / "report.html").read_text()
 
 
+def test_train_names_the_epoch_it_kept_when_early_stopping_is_off(tmp_path, monkeypatch):
+    from fortify.training.trainer import Trainer
+
+    # Prepare: validation scripted to peak after epoch 1; early stopping off keeps the last epoch
+    monkeypatch.setattr(Trainer, "_validate", lambda self, val: ([0.9, 0.5, 0.4][self.state.epoch], None))
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  early_stopping: false\n")
+    # Execute
+    result = _invoke("train", "--config", config, "--objective", "standard", "--epochs", 3,
+                     "--out", tmp_path / "m", "--quiet")
+    # Assert: the printed epoch and accuracy are those of the weights written, not of the best epoch
+    assert result.exit_code == 0, result.output
+    assert ("epoch 3 kept (the last; early stopping is off, the best on validation was epoch 1), "
+            "val clean 40.0%") in " ".join(result.output.split())
+    training = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert (training["selected_epoch"], training["best_epoch"]) == (3, 1)
+
+
 def test_config_file_and_flags_flags_win(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"train": {"epochs": 5, "objective": "standard"},
@@ -446,6 +464,7 @@ def test_config_values_yaml_would_misread_are_refused(tmp_path, text, fragment):
     ("threat:\n  eps: .nan\n", [], "threat.eps: Input should be a finite number"),
     ("eval:\n  eps_grid: [0.1, .inf]\n", [], "eval.eps_grid.1: Input should be a finite number"),
     ("eval:\n  eps_grid: [0.05, 0.1, 0.05]\n", [], "eps_grid names an eps twice"),
+    ("eval:\n  attacks: [pgd, fgsm, pgd]\n", [], "attacks names pgd twice; give each attack once"),
     ("analysis:\n  reference_models: 1\n", [], "reference_models=1 is too few"),
     ("analysis:\n  lira_queries: training\n", [], "lira_queries applies to LiRA: set reference_models"),
     # numbers nested in an attack's options, which only the attack reads later

@@ -25,6 +25,7 @@ from fortify.sweep import (
     load_sweep,
     pareto_front,
     pareto_fronts,
+    plot_tradeoff,
     run_sweep,
     table_rows,
 )
@@ -69,6 +70,24 @@ def test_runs_of_different_eps_are_on_fronts_of_their_own():
                _result("b_eps0.2", 0.2, 0.8, 0.2)]
     assert pareto_fronts(results) == {0.1: [0], 0.2: [1]}
     assert [row["pareto"] for row in table_rows(results)] == [True, True, False]
+
+
+@pytest.mark.parametrize("n_eps", [2, 9])
+def test_the_tradeoff_plot_draws_the_front_of_every_eps(tmp_path, monkeypatch, n_eps):
+    import matplotlib.figure
+
+    # Prepare: two runs per eps, one dominating the other; the figure is caught before it is saved
+    results = [_result(f"{kind}_eps{i}", 0.01 * i, clean, robust)
+               for i in range(1, n_eps + 1) for kind, clean, robust in (("a", 0.9, 0.5), ("b", 0.8, 0.4))]
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    # Execute
+    plot_tradeoff(results, tmp_path / "tradeoff.png")
+    # Assert: one labelled front per eps, in colours of their own
+    lines = saved[0].axes[0].get_lines()
+    expected = [f"Pareto front, eps {0.01 * i:g}" for i in range(1, n_eps + 1)]
+    assert [line.get_label() for line in lines] == expected
+    assert len({tuple(matplotlib.colors.to_rgba(line.get_color())) for line in lines}) == n_eps
 
 
 # -- the grid ------------------------------------------------------------------------------------
@@ -215,6 +234,13 @@ def test_sweep_writes_runs_table_plot_and_resumes_skipping_finished_runs(tmp_pat
     # (eval mode), its step, then the clean and the adversarial training passes = 4
     assert [r.passes_per_epoch for r in results] == [1.0, 4.0, 4.0]
     assert all(r.robust_accuracy <= r.clean_accuracy for r in results)
+    # each finished run is a results directory that `fortify compare` and `fortify report` read
+    from fortify.report.compare import merge_runs
+    from fortify.report.results import load_results
+
+    merged = merge_runs([load_results(out / name) for name in NAMES])
+    shown = {name: model["robustness"]["clean_accuracy"] for name, model in merged["models"].items()}
+    assert shown == {f"{name}/{name}": r.clean_accuracy for name, r in zip(NAMES, results)}
 
 
 def test_sweep_with_other_settings_in_a_finished_run_directory_is_refused(tmp_path):

@@ -341,12 +341,16 @@ def train(
         if not ddp.is_main:
             return
     write_json(out_dir / "training.json", result.to_dict())
-    best = result.history[result.best_epoch - 1]
+    selected = result.selected_epoch or result.best_epoch
+    kept = result.history[selected - 1]
+    how = "selected" if cfg.train.early_stopping else (
+        f"kept (the last; early stopping is off, the best on validation was epoch {result.best_epoch})"
+        if result.best_epoch != selected else "kept (the last, also the best on validation)")
     out_console.print(
-        f"trained {cfg.train.objective} model: epoch {result.best_epoch} selected, val clean "
-        f"{100 * best.val_clean_accuracy:.1f}%"
-        + (f", val robust {100 * best.val_robust_accuracy:.1f}%"
-           if best.val_robust_accuracy is not None else "")
+        f"trained {cfg.train.objective} model: epoch {selected} {how}, val clean "
+        f"{100 * kept.val_clean_accuracy:.1f}%"
+        + (f", val robust {100 * kept.val_robust_accuracy:.1f}%"
+           if kept.val_robust_accuracy is not None else "")
         + f"\nmodel: {out_dir / 'model.safetensors'}")
     _print_privacy(result.to_dict())
 

@@ -479,13 +479,19 @@ def plot_tradeoff(results: Sequence[RunResult], path: Path) -> None:
 
     matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
+    import numpy as np
 
     points = [(100 * r.clean_accuracy, 100 * r.robust_accuracy) for r in results]
     fronts = pareto_fronts(results)
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     try:
         ax.scatter(*zip(*points), s=22, color="tab:blue", label="run")
-        for (eps, members), colour in zip(sorted(fronts.items()), plt.get_cmap("tab10").colors[3:]):
+        # tab10 past the runs' blue has 7 colours; more fronts take theirs from a sequential map, in
+        # eps order (zip would drop the fronts beyond the 7th)
+        colours = plt.get_cmap("tab10").colors[3:]
+        if len(fronts) > len(colours):
+            colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(fronts)))
+        for (eps, members), colour in zip(sorted(fronts.items()), colours):
             front = sorted(members, key=lambda i: points[i])
             label = "Pareto front" if len(fronts) == 1 else f"Pareto front, eps {eps:g}"
             ax.plot(*zip(*[points[i] for i in front]), color=colour, marker="o", markersize=9,

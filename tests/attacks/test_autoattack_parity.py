@@ -82,7 +82,7 @@ def test_autoattack_preset_matches_the_reference(robust_model, digits):
     assert 0.1 < theirs < report.clean_accuracy - 0.2, "needs a model that is neither broken nor untouched"
     assert after["square"] == pytest.approx(theirs, abs=1e-4)
     # the gradient attacks' cascade within half a point; the whole ensemble at least as strong, and
-    # stronger by no more than what Square's window sampling explains
+    # stronger by no more than what the preset's rescaled Square schedule explains (docs/ATTACKS.md)
     ours_after_fab = report.attacks[2].adversarial_accuracy
     assert abs(ours_after_fab - after["fab-t"]) <= HALF_POINT
     assert report.worst_case_accuracy <= theirs + HALF_POINT

@@ -334,10 +334,27 @@ def test_bad_budgets_are_rejected(bad):
         HopSkipJump(threat, max_queries=bad)
 
 
-@pytest.mark.parametrize("kwargs", [{"p_init": 0.0}, {"p_init": 1.5}])
-def test_bad_square_settings(kwargs):
-    with pytest.raises(ConfigError, match="p_init"):
+@pytest.mark.parametrize("kwargs, fragment", [({"p_init": 0.0}, "p_init"), ({"p_init": 1.5}, "p_init"),
+                                              ({"rescale_schedule": "no"}, "rescale_schedule")])
+def test_bad_square_settings(kwargs, fragment):
+    with pytest.raises(ConfigError, match=fragment):
         Square(ThreatModel("linf", 0.1), **kwargs)
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("n_queries", [300, 5000, 12_000])
+def test_square_window_schedule_is_autoattacks_with_and_without_rescaling(rescale, n_queries):
+    pyautoattack_square = pytest.importorskip("pyautoattack.square")
+    # Prepare: the reference's schedule, read off its own method (it needs nothing else of the attack)
+    reference = pyautoattack_square.SquareAttack.__new__(pyautoattack_square.SquareAttack)
+    reference.p_init, reference.n_queries, reference.rescale_schedule = 0.8, n_queries, rescale
+    ours = Square(ThreatModel("linf", 0.1), n_queries=n_queries, p_init=0.8, rescale_schedule=rescale)
+    # Execute
+    p_ours = [ours._p(i) for i in range(n_queries)]
+    p_theirs = [reference.p_selection(i) for i in range(n_queries)]
+    # Assert: equal at every iteration, and the two settings differ where the budget is not 10,000
+    assert p_ours == p_theirs
+    assert len(set(p_ours)) > 3
 
 
 def test_bad_hopskipjump_settings():

@@ -195,6 +195,57 @@ def test_compare_merges_runs_and_refuses_different_threat_models(run_dir, tmp_pa
     assert refused.exit_code == 2 and "same threat model" in refused.output
 
 
+def test_compare_says_which_data_settings_differ_between_the_runs(tmp_path, run_results):
+    # Prepare: a run, one whose test split was drawn with another seed, and one whose data lie elsewhere
+    def run_with(name: str, **data: object):
+        results = json.loads(json.dumps(run_results))
+        results["config"]["data"] = {"name": "digits", "seed": 0, "cache_dir": "/cache", **data}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+        return tmp_path / name
+
+    first, reseeded = run_with("first"), run_with("reseeded", seed=1)
+    relocated = run_with("moved", cache_dir="/b")
+    # Execute
+    out = tmp_path / "cmp.html"
+    result = runner.invoke(app, ["compare", str(first), str(reseeded), "--out", str(out)])
+    agreeing = merge_runs([load_results(first), load_results(relocated)])
+    # Assert: one note, on the page, naming the setting and each run's value; none where only the
+    # data's location differs, which decides no example
+    assert result.exit_code == 0, result.output
+    notes = [item for item in _parse(out.read_text()).text if "data.seed" in item]
+    assert notes == ["the runs differ in data.seed (first 0, reseeded 1): their accuracies come from "
+                     "different test examples"]
+    assert "notes" not in agreeing
+
+
+def test_the_report_of_a_model_directory_reads_the_audit_fortify_audit_wrote_there(tmp_path, run_results):
+    # Prepare: `fortify evaluate` without --report (no privacy section), then `fortify audit`
+    model_dir = tmp_path / "pgd"
+    model_dir.mkdir()
+    pgd = run_results["models"]["pgd"]
+    evaluation = {"version": 2, "kind": "evaluation", "config": {"data": {"name": "digits"}},
+                  "robustness": pgd["robustness"]}
+    (model_dir / "robustness.json").write_text(json.dumps(evaluation))
+    audit = {"version": 2, "kind": "privacy", "privacy": pgd["privacy"]}
+    (model_dir / "privacy.json").write_text(json.dumps(audit))
+    # Execute
+    loaded = load_results(model_dir)
+    html = render_report(loaded)
+    # Assert: the audit is on the page, and no note says it is missing
+    assert loaded["models"]["pgd"]["privacy"] == pgd["privacy"]
+    assert 'id="privacy"' in html and "no privacy audit" not in html
+    # an evaluation's own audit (evaluate --report) stays the one shown
+    (model_dir / "robustness.json").write_text(json.dumps({**evaluation, "privacy": {**pgd["privacy"],
+                                                                                     "warnings": ["own"]}}))
+    assert load_results(model_dir)["models"]["pgd"]["privacy"]["warnings"] == ["own"]
+    # a privacy.json the report cannot read is refused in one line, naming the file
+    (model_dir / "robustness.json").write_text(json.dumps(evaluation))
+    (model_dir / "privacy.json").write_text(json.dumps({"version": 2, "kind": "privacy"}))
+    with pytest.raises(ResultsError, match="privacy.json"):
+        load_results(model_dir)
+
+
 def test_dp_tabular_and_precision_sections_render_from_their_result_objects(run_results, tmp_path):
     # Prepare: the dicts DP training and the tabular study put into results.json
     from dataclasses import asdict

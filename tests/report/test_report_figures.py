@@ -136,3 +136,36 @@ def test_a_gallery_example_whose_attack_met_nan_logits_says_so(drawn):
     plots.gallery("m", {"examples": [example]})
     titles = [ax.get_title() for ax in drawn[0].axes]
     assert titles[:2] == ["3 -> 3", "-> NaN"]
+
+
+def test_nulls_the_schema_allows_leave_out_their_bars_and_read_n_a_not_the_figure(drawn):
+    # Prepare: a model whose margin under attack was -inf (NaN logits; JSON null), and a class report
+    # whose F1 could not be computed for one class and for the macro average under attack
+    shift = {"entropy": {"clean_mean": 0.2, "adversarial_mean": 0.6},
+             "margin": {"clean_mean": 4.0, "adversarial_mean": None}}
+    classes = {"clean": {"f1": [0.9, 0.8], "macro_f1": 0.85},
+               "adversarial": {"f1": [0.4, None], "macro_f1": None}}
+    # Execute
+    plots.confidence_shift({"pgd": {"analysis": {"metrics": shift}}})
+    plots.class_f1("pgd", classes)
+    plots.margin_distributions({"pgd": {"analysis": {"margin": {"norm": "linf", "eps": None,
+                                                                 "distances": [0.1, None]}}}})
+    confidence, f1, margins = drawn
+    # Assert: every figure drawn; the null bar has no height, the legend says n/a
+    margin_bars = [patch.get_height() for patch in confidence.axes[1].patches]
+    assert margin_bars[0] == 4.0 and margin_bars[1] != margin_bars[1]  # NaN: no bar
+    assert _legend_texts(f1) == ["clean (macro 0.85)", "under attack (macro n/a)"]
+    heights = [patch.get_height() for patch in f1.axes[0].patches]
+    assert heights[2] == 0.4 and heights[3] != heights[3]
+    assert _legend_texts(margins) == ["pgd"]
+
+
+def test_a_confusion_matrix_with_a_non_finite_count_is_drawn_without_that_count(drawn):
+    # Prepare: an edited results file (the schema does not read the confusion matrices)
+    classes = {"clean": {"confusion": [[3, 1], [0, float("inf")]]},
+               "adversarial": {"confusion": [[1, 3], [2, 2]]}}
+    # Execute
+    plots.confusion("pgd", classes)
+    # Assert: the finite counts are written in their cells, the infinite one is not
+    written = sorted(text.get_text() for text in drawn[0].axes[0].texts)
+    assert written == ["1", "3"]

@@ -350,3 +350,21 @@ def test_the_epsilon_of_dp_sgd_without_noise_reads_as_infinite_not_missing(tmp_p
     pgd, noisy = table.split("<tr><td>noisy</td>")
     assert "<td>\u221e (no noise)</td>" in pgd and "epsilon after each epoch:\n\u221e (no noise)" in pgd
     assert "\u221e" not in noisy and "<td>n/a</td>" in noisy
+
+
+@pytest.mark.parametrize("training, shown", [
+    ({"best_epoch": 1, "selected_epoch": 3, "selection_metric": "last epoch"}, ["3", "3", "last epoch"]),
+    ({"best_epoch": 2, "selection_metric": "val"}, ["3", "2", "val"]),  # written before selected_epoch
+])
+def test_the_training_table_shows_the_epoch_the_model_holds(tmp_path, training, shown):
+    # Prepare: three epochs run; early stopping off kept the last although the first validated best
+    results = _results()
+    results["models"]["pgd"]["training"] = {"seconds": 1.0, "history": [{}, {}, {}], "stopped_early": False,
+                                            **training}
+    # Execute
+    html = render_report(load_results(_write_run(tmp_path / "run", results)))
+    # Assert: epochs run, selected epoch, selected by
+    section = html[html.index('<h2 id="training">'):]
+    row = section[section.index("<tr><td>pgd</td>"):]
+    cells = re.findall(r"<td>([^<]*)</td>", row[:row.index("</tr>")])
+    assert cells[1:4] == shown

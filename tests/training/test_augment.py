@@ -153,6 +153,16 @@ def test_sample_beta_follows_the_beta_distribution(alpha):
     assert stats.kstest(draws, stats.beta(alpha, alpha).cdf).pvalue > 1e-3
 
 
+def test_sample_beta_takes_an_alpha_so_small_that_both_gamma_draws_underflow():
+    # Beta(0.002, 0.002) puts almost all its mass at 0 and 1; U ** (1 / alpha) underflowed to 0.0 for
+    # both gamma variates in about one draw in 20, and their ratio was 0 / 0 (ZeroDivisionError)
+    gen = _gen(3)
+    draws = torch.tensor([sample_beta(0.002, generator=gen) for _ in range(2000)], dtype=torch.float64)
+    assert bool(((draws >= 0) & (draws <= 1)).all())
+    assert 0.45 < float((draws < 0.5).double().mean()) < 0.55  # symmetric about 1/2
+    assert float(((draws < 1e-6) | (draws > 1 - 1e-6)).double().mean()) > 0.95
+
+
 def test_bad_settings_name_the_value_and_what_is_allowed():
     x = _images()
     with pytest.raises(ConfigError, match="crop padding must be an integer >= 0, got -1"):

@@ -262,6 +262,19 @@ def test_bad_extra_data_is_a_clear_data_error(tmp_path, make_file, match):
         prepare(_config(tmp_path, extra_data=str(path), extra_fraction=0.3), device="cpu")
 
 
+def test_extra_data_is_read_in_the_layout_its_file_declares(tmp_path):
+    from fortify.training.extra_data import load_extra_data
+
+    # Prepare: 8-band 16x32 images stored channels last, a shape that cannot tell its layout itself
+    x = np.random.default_rng(0).random((6, 16, 32, 8)).astype(np.float32)
+    path = tmp_path / "extra.npz"
+    np.savez(path, x=x, y=np.zeros(6, dtype=np.int64), layout=np.array("NHWC"))
+    # Execute
+    extra = load_extra_data(path, input_shape=(8, 16, 32), bounds=(0.0, 1.0), num_classes=2)
+    # Assert: the file's layout was read (it was ignored, and the file refused as ambiguous)
+    assert torch.equal(extra.x, torch.from_numpy(x).permute(0, 3, 1, 2))
+
+
 def test_extra_data_outside_the_box_is_refused(tmp_path):
     path = tmp_path / "bright.npz"
     np.savez(path, x=np.full((4, 1, 8, 8), 2.0, dtype=np.float32), y=np.zeros(4, dtype=np.int64))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -217,6 +218,15 @@ def test_resume_with_other_settings_is_refused(digits, tmp_path):
     (lambda state: state["progress"]["history"][0].update(val_clean_accuracy="0.4"), "not a number"),
     (lambda state: state.pop("optimizer"), "optimizer state in state.json is missing or damaged"),
     (lambda state: state["optimizer"].update(param_groups=[]), "saved training state does not fit"),
+    # each was a TypeError from inside torch, some only at the first step after resuming
+    (lambda state: state["optimizer"].update(param_groups=[1]), "'optimizer' must hold 'param_groups'"),
+    (lambda state: state["optimizer"]["param_groups"][0].update(momentum="a"), "'optimizer' must hold"),
+    (lambda state: state["optimizer"]["param_groups"][0].update(params=["x"]), "'optimizer' must hold"),
+    (lambda state: state["optimizer"]["param_groups"][0].update(params=[0, 0]), "'optimizer' must hold"),
+    (lambda state: state["optimizer"].update(scalars={"0": {"step": "x"}}), "'optimizer' must hold"),
+    (lambda state: state["progress"]["history"][0].update(epoch=7.5), "must hold epochs 1..1 in order"),
+    # NaN loses every comparison: no later epoch would count as better, and a stale best would be kept
+    (lambda state: state["progress"].update(best_metric=float("nan")), "finite number or -Infinity"),
 ])
 def test_resume_refuses_a_state_json_it_cannot_trust(digits, tmp_path, edit, message):
     # without a recorded hash the weights loaded unchecked (another model's would do); an unknown or
@@ -230,6 +240,30 @@ def test_resume_refuses_a_state_json_it_cannot_trust(digits, tmp_path, edit, mes
     _, again = _trainer(digits, tmp_path, objective="standard", epochs=1)
     with pytest.raises(CheckpointError, match=message):
         again.fit(train, val, resume=True)
+
+
+@pytest.mark.parametrize("objective", ["standard", "free", "pgd"])
+@pytest.mark.parametrize("split, fragment", [
+    ("train", "training labels range over [0, 10] but the model has 10 classes"),
+    ("val", "validation labels range over [0, 10] but the model has 10 classes"),
+    ("empty val", "the validation split is empty"),
+])
+def test_labels_past_the_models_classes_and_an_empty_validation_split_are_refused_before_training(
+        digits, tmp_path, objective, split, fragment):
+    # Prepare: clean objectives used to fail inside cross-entropy (IndexError) for a training label of
+    # 10, and an empty validation split only after the last epoch, leaving a state.json it refused
+    train, val = _subset(digits, 64)
+    if split == "train":
+        train = Split(train.x, torch.where(train.y == 3, 10, train.y))
+    elif split == "val":
+        val = Split(val.x, torch.where(val.y == 3, 10, val.y))
+    else:
+        val = Split(val.x[:0], val.y[:0])
+    _, trainer = _trainer(digits, tmp_path / "run", objective, epochs=1)
+    # Execute / Assert: refused before anything is written
+    with pytest.raises(DataError, match=re.escape(fragment)):
+        trainer.fit(train, val)
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_refuses_a_generator_state_of_another_device(digits, tmp_path):
@@ -315,6 +349,25 @@ def test_a_run_that_skips_epochs_stopped_early(digits, tmp_path):
     assert len(result.history) == 3 and result.best_epoch == 1
     assert result.stopped_early
     assert len(after_resume.history) == 3 and after_resume.stopped_early
+
+
+@pytest.mark.parametrize("early_stopping", [True, False])
+def test_the_result_names_the_epoch_whose_weights_the_model_holds(digits, tmp_path, early_stopping):
+    # Prepare: validation best after epoch 1, worse after; without early stopping the last epoch is kept
+    train, val = _subset(digits, 64)
+    _, trainer = _trainer(digits, tmp_path, objective="standard", epochs=3, patience=5,
+                          early_stopping=early_stopping)
+    _script_validation(trainer, [0.9, 0.8, 0.7])
+    # Execute
+    result = trainer.fit(train, val)
+    # Assert: best_epoch is the best on validation either way; selected_epoch is the one saved as the model
+    kept = load_tensors(tmp_path / "model.safetensors", "weights")
+    source_file = "best.safetensors" if early_stopping else "last.safetensors"
+    source = load_tensors(tmp_path / source_file, "weights")
+    assert result.best_epoch == 1
+    assert result.selected_epoch == (1 if early_stopping else 3)
+    assert result.selection_metric == ("val_clean_accuracy" if early_stopping else "last epoch")
+    assert all(torch.equal(kept[k], source[k]) for k in kept)
 
 
 def test_pgd_training_beats_standard_training_under_attack(standard_model, robust_model, digits):

@@ -4,8 +4,11 @@ The attack sees only the logits. It starts from a perturbation on the surface of
 stripes of +-eps for L-inf, a 5x5 tiling of pseudo-Gaussian blocks for L2) and then, once per query,
 proposes a change inside one random square window and keeps it when the margin loss
 ``z_y - max_{j != y} z_j`` drops. The window side follows the paper's schedule: ``p`` (the share of
-pixels a window covers) starts at ``p_init`` and halves at fixed iterations, rescaled from 10,000 to
-``n_queries`` as in AutoAttack.
+pixels a window covers) starts at ``p_init`` and halves at fixed iterations, laid out for 10,000
+queries and by default rescaled to ``n_queries``, as AutoAttack's ``SquareAttack`` does by default.
+AutoAttack's standard ensemble turns the rescaling off (``resc_schedule=False``), and so does
+fortify's ``autoattack`` preset (``rescale_schedule=False``): the windows then shrink at the same
+queries whatever the budget, and a budget short of 10,000 ends before the smallest of them.
 
 Differences from the reference code, all in the direction of the paper's text: every example draws
 its own window position (the reference shares one per batch), the position ranges over all
@@ -49,6 +52,7 @@ class Square(Attack):
         *,
         n_queries: int = 5000,
         p_init: float = 0.8,
+        rescale_schedule: bool = True,
         targeted: bool = False,
         seed: int = 0,
     ) -> None:
@@ -57,6 +61,9 @@ class Square(Attack):
         if isinstance(p_init, bool) or not (isinstance(p_init, (int, float)) and 0 < p_init <= 1):
             raise ConfigError(f"p_init must be a number in (0, 1], got {p_init!r}")
         self.p_init = float(p_init)
+        if not isinstance(rescale_schedule, bool):
+            raise ConfigError(f"rescale_schedule must be true or false, got {rescale_schedule!r}")
+        self.rescale_schedule = rescale_schedule
         self.last_queries: Tensor | None = None
 
     @property
@@ -64,7 +71,8 @@ class Square(Attack):
         return f"{self.name}-{self.n_queries}"
 
     def describe(self) -> dict[str, object]:
-        return {**super().describe(), "n_queries": self.n_queries, "p_init": self.p_init}
+        return {**super().describe(), "n_queries": self.n_queries, "p_init": self.p_init,
+                "rescale_schedule": self.rescale_schedule}
 
     # -- the search ---------------------------------------------------------------------------
 
@@ -112,9 +120,10 @@ class Square(Attack):
 
     def _p(self, iteration: int) -> float:
         """Share of the pixels one window covers at this iteration (the paper's halving schedule)."""
-        rescaled = int(iteration / self.n_queries * _SCHEDULE_LENGTH)
+        if self.rescale_schedule:
+            iteration = int(iteration / self.n_queries * _SCHEDULE_LENGTH)
         for last, divisor in _P_SCHEDULE:
-            if rescaled <= last:
+            if iteration <= last:
                 return self.p_init / divisor
         return self.p_init / _P_FINAL_DIVISOR
 

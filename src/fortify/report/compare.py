@@ -2,7 +2,9 @@
 
 The runs' models are merged into one results dict (model names prefixed by their run's directory)
 and rendered with the run report's template, so every section compares like with like. Runs under
-different threat models are refused: their robust accuracies measure different things.
+different threat models are refused: their robust accuracies measure different things. Runs on
+different data may stand side by side (a model on digits next to one on MNIST), but the page then
+says which data settings differ, since their accuracies come from different test examples.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     models = {f"{prefix}/{model_name}": model
               for prefix, run in zip(prefixes, runs) for model_name, model in run["models"].items()}
     datasets = sorted({run["dataset"]["name"] for run in runs})
+    notes = _data_differences(runs, prefixes)
     # per-class figures name the classes only where every run names them alike
     names = reference["dataset"].get("class_names")
     agreed = all(run["dataset"].get("class_names") == names for run in runs)
@@ -42,8 +45,35 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"version": RESULTS_VERSION, "kind": "comparison", "threat": reference["threat"],
             "dataset": {"name": " vs ".join(datasets), **shared_names}, "models": models,
             "provenance": {prefix: _provenance_line(run) for prefix, run in zip(prefixes, runs)},
-            "config": None,
+            "config": None, **({"notes": notes} if notes else {}),
             "sources": [run["source"] for run in runs]}  # write_report never writes over one of them
+
+
+# the data settings that decide which examples a run was evaluated on; where the data are cached and
+# whether they may be downloaded decide nothing
+_TEST_SET_SETTINGS = ("name", "path", "seed", "val_fraction", "test_fraction", "target", "feature_schema")
+
+
+def _data_differences(runs: list[dict[str, Any]], prefixes: list[str]) -> list[str]:
+    """One line per data setting that differs between the runs (none where they agree, or where a
+    run records no configuration, as a saved comparison does not)."""
+    settings = [_data_settings(run) for run in runs]
+    if any(setting is None for setting in settings):
+        return []
+    lines = []
+    for key in _TEST_SET_SETTINGS:
+        values = [setting.get(key) for setting in settings]  # type: ignore[union-attr]
+        if any(value != values[0] for value in values[1:]):
+            shown = ", ".join(f"{prefix} {value!r}" for prefix, value in zip(prefixes, values))
+            lines.append(f"the runs differ in data.{key} ({shown}): their accuracies come from "
+                         "different test examples")
+    return lines
+
+
+def _data_settings(run: dict[str, Any]) -> dict[str, Any] | None:
+    config = run.get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    return data if isinstance(data, dict) else None
 
 
 def _run_prefixes(runs: list[dict[str, Any]]) -> list[str]:

@@ -63,7 +63,7 @@ class _Figures:
     def draw(self, title: str, draw: Callable[..., str | None], *args: Any) -> str | None:
         try:
             return draw(*args)
-        except (AttributeError, KeyError, TypeError, ValueError, IndexError) as err:
+        except (AttributeError, KeyError, TypeError, ValueError, IndexError, ArithmeticError) as err:
             self.notes.append(f"figure '{title}' could not be drawn from the results: "
                               f"{type(err).__name__}: {err}")
             return None
@@ -168,7 +168,7 @@ def render_report(results: dict[str, Any]) -> str:
     return _ENV.get_template("report.html").render(
         dataset=results["dataset"], threat=results["threat"], models=models, **table_data(models),
         summary=summary_lines(results), figures=figures,
-        missing=_missing_sections(results) + figure_notes,
+        missing=list(results.get("notes", [])) + _missing_sections(results) + figure_notes,
         provenance=results.get("provenance", {}), config=results.get("config"),
         pct=_pct, num=_num, epsilon=_epsilon, compact=_compact,
         pretty=lambda value: json.dumps(value, indent=2))

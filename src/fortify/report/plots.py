@@ -82,6 +82,15 @@ def eps_curves(models: dict[str, dict[str, Any]], norm: str, eps: float) -> str 
         return to_data_uri(fig)
 
 
+def _floats(values: list[Any]) -> np.ndarray:
+    """``values`` as floats, with NaN for the nulls the results allow (a value that was not finite)."""
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def _shown_number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
 def margin_distributions(models: dict[str, dict[str, Any]]) -> str | None:
     """Empirical CDF of the minimal-norm distances: the share of examples broken within each radius."""
     margins = {name: m["analysis"]["margin"] for name, m in models.items() if m.get("analysis")}
@@ -96,7 +105,9 @@ def margin_distributions(models: dict[str, dict[str, Any]]) -> str | None:
             handles += ax.step(np.concatenate([[0], finite]), np.concatenate([[0], share]), where="post",
                                label=name)
         eps = next(iter(margins.values()))["eps"]
-        handles.append(ax.axvline(eps, color="grey", linestyle="--", linewidth=1, label=f"eps = {eps:.3g}"))
+        if eps is not None:
+            handles.append(ax.axvline(eps, color="grey", linestyle="--", linewidth=1,
+                                      label=f"eps = {eps:.3g}"))
         norm = next(iter(margins.values()))["norm"]
         ax.set(xlabel=f"minimal adversarial distance ({norm})", ylabel="share of examples broken",
                ylim=(-0.02, 1.02))
@@ -152,8 +163,9 @@ def confidence_shift(models: dict[str, dict[str, Any]]) -> str | None:
         panels = ((axes[0], "entropy", "normalised entropy"), (axes[1], "margin", "logit margin"))
         bars = []
         for ax, key, label in panels:
-            clean = [analysed[n][key]["clean_mean"] for n in names]
-            adversarial = [analysed[n][key]["adversarial_mean"] for n in names]
+            # a null mean (a margin of -inf from NaN logits) leaves its bar out
+            clean = _floats([analysed[n][key]["clean_mean"] for n in names])
+            adversarial = _floats([analysed[n][key]["adversarial_mean"] for n in names])
             bars.append([ax.bar(positions - 0.2, clean, 0.4, label="clean"),
                          ax.bar(positions + 0.2, adversarial, 0.4, label="under attack")])
             ax.set_xticks(positions, names)
@@ -178,12 +190,12 @@ def _class_ticks(ax: Axes, count: int, class_names: list[str] | None, axes: str 
 def class_f1(name: str, classes: dict[str, Any], class_names: list[str] | None = None) -> str:
     """Per-class F1, clean and under attack, for one model."""
     with _figure(6.0, 2.8) as (fig, ax):
-        clean, adversarial = classes["clean"]["f1"], classes["adversarial"]["f1"]
+        clean, adversarial = _floats(classes["clean"]["f1"]), _floats(classes["adversarial"]["f1"])
         positions = np.arange(len(clean))
-        bars = [ax.bar(positions - 0.2, clean, 0.4,
-                       label=f"clean (macro {classes['clean']['macro_f1']:.2f})"),
+        macro = {key: _shown_number(classes[key]["macro_f1"], ".2f") for key in ("clean", "adversarial")}
+        bars = [ax.bar(positions - 0.2, clean, 0.4, label=f"clean (macro {macro['clean']})"),
                 ax.bar(positions + 0.2, adversarial, 0.4,
-                       label=f"under attack (macro {classes['adversarial']['macro_f1']:.2f})")]
+                       label=f"under attack (macro {macro['adversarial']})")]
         ax.set(xlabel="class", ylabel="F1", ylim=(0, 1.3), title=name)
         _class_ticks(ax, len(positions), class_names)
         _legend(ax, bars, fontsize=7, ncol=2, loc="upper center")
@@ -202,7 +214,7 @@ def confusion(name: str, classes: dict[str, Any], class_names: list[str] | None 
             if len(matrix) <= 12:
                 _class_ticks(ax, len(matrix), class_names, axes="xy")
                 for (i, j), count in np.ndenumerate(matrix):
-                    if count:
+                    if count and np.isfinite(count):
                         ax.text(j, i, int(count), ha="center", va="center", fontsize=6,
                                 color="white" if count > matrix.max() / 2 else "black")
         return to_data_uri(fig)

@@ -1,4 +1,5 @@
-"""Reading what a run wrote: results.json (``fortify run``) or robustness.json (``fortify evaluate``).
+"""Reading what a run wrote: results.json (``fortify run``), robustness.json (``fortify evaluate``) or
+result.json (one run of ``fortify sweep``, read as an evaluation).
 
 Both are normalised to one shape, ``{"models": {name: {"robustness": ..., ...}}, ...}``, so the
 report and the comparison read one layout. Problems are ResultsErrors that name the file.
@@ -15,7 +16,8 @@ from fortify.report import schema
 
 RESULTS_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 lacks the analysis and privacy sections; the report says so
-RESULT_FILES = ("results.json", "robustness.json")
+RESULT_FILES = ("results.json", "robustness.json", "result.json")
+SWEEP_RESULT_KEYS = ("config", "result", "robustness")  # a sweep run's result.json has no version
 
 
 def find_results(run_dir: Path) -> Path:
@@ -44,6 +46,9 @@ def load_results(run_dir: Path) -> dict[str, Any]:
                            "been cut off: rerun the command that wrote it") from None
     if not isinstance(raw, dict):
         raise ResultsError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    if "version" not in raw and all(key in raw for key in SWEEP_RESULT_KEYS):
+        raw = {"version": RESULTS_VERSION, "kind": "evaluation", "config": raw["config"],
+               "robustness": raw["robustness"]}
     version = raw.get("version")
     if version not in READABLE_VERSIONS:
         raise ResultsError(f"{path} has results version {version!r}; this fortify reads versions "
@@ -66,9 +71,13 @@ def _normalise(raw: dict[str, Any], path: Path) -> dict[str, Any]:
         _check_fields(raw, schema.EVALUATION, path)
         name = path.resolve().parent.name or "model"  # resolved: a relative path's '.' has no name
         model = {key: raw[key] for key in ("robustness", "analysis", "privacy", "tabular") if key in raw}
-        training = _training_beside(path)
+        training = _json_beside(path, "training.json", schema.TRAINING)
         if training is not None:
             model["training"] = training
+        if "privacy" not in model:  # `fortify audit` writes its own file into the model directory
+            audit = _json_beside(path, "privacy.json", schema.PRIVACY_FILE)
+            if audit is not None:
+                model["privacy"] = audit["privacy"]
         data = raw["config"].get("data", {})
         named = raw.get("dataset") or {}  # absent in files written before it was recorded
         dataset = {"name": data.get("name", "?"),
@@ -80,18 +89,19 @@ def _normalise(raw: dict[str, Any], path: Path) -> dict[str, Any]:
                        "'evaluation' (fortify evaluate) results")
 
 
-def _training_beside(path: Path) -> dict[str, Any] | None:
-    """training.json of the model directory, if ``fortify train`` wrote one (else None)."""
-    training = path.parent / "training.json"
-    if not training.is_file():
+def _json_beside(path: Path, name: str, spec: schema.Check) -> dict[str, Any] | None:
+    """The file ``name`` of the model directory (training.json of ``fortify train``, privacy.json of
+    ``fortify audit``), checked against ``spec``; None where there is none."""
+    beside = path.parent / name
+    if not beside.is_file():
         return None
     try:
-        loaded = json.loads(training.read_text(encoding="utf-8"))
+        loaded = json.loads(beside.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ResultsError(f"cannot read {training}: {err}") from None
+        raise ResultsError(f"cannot read {beside}: {err}") from None
     if not isinstance(loaded, dict):
         return None
-    _check_fields(loaded, schema.TRAINING, training)
+    _check_fields(loaded, spec, beside)
     return loaded
 
 

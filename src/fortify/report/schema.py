@@ -199,6 +199,7 @@ MEMBERSHIP = record(attack=anything, n_members=anything, n_nonmembers=anything, 
                     tpr_at_fpr=mapping_of(fraction_or_null))
 
 PRIVACY = record(membership=list_of(MEMBERSHIP), warnings=list_of(anything))
+PRIVACY_FILE = record(privacy=PRIVACY)  # privacy.json, as `fortify audit` writes it
 
 TABULAR = record(
     settings=list_of(record(setting=anything, threat=anything, worst_case_accuracy=fraction_or_null,
@@ -222,7 +223,7 @@ MODEL = record(robustness=ROBUSTNESS, analysis=section(ANALYSIS), privacy=sectio
 DATASET = record(name=text, class_names=optional(list_of(text)))
 
 COMPARISON = record(threat=THREAT, dataset=DATASET, models=mapping_of(MODEL, min_length=1),
-                    provenance=optional(record()))
+                    notes=optional(list_of(text)), provenance=optional(record()))
 
 # kind 'evaluation' (fortify evaluate): one model's sections at the top level
 EVALUATION = record(robustness=all_of(ROBUSTNESS, record(threat=THREAT)),

@@ -155,21 +155,26 @@ def sample_beta(alpha: float, *, generator: torch.Generator) -> float:
     """One draw from ``Beta(alpha, alpha)`` using only ``generator``'s normal and uniform streams.
 
     ``torch.distributions`` cannot take a generator, so the draw is ``G1 / (G1 + G2)`` with gamma
-    variates from Marsaglia and Tsang's method (2000).
+    variates from Marsaglia and Tsang's method (2000), taken in log space: for a small alpha both
+    variates can underflow to 0 (``U ** (1 / alpha)``), which made the ratio 0 / 0.
     """
     if not (math.isfinite(alpha) and alpha > 0):
         raise ConfigError(f"mixing alpha must be a finite number > 0, got {alpha!r}")
-    first = _sample_gamma(alpha, generator)
-    second = _sample_gamma(alpha, generator)
-    return first / (first + second)
+    first = _sample_log_gamma(alpha, generator)
+    second = _sample_log_gamma(alpha, generator)
+    # G1 / (G1 + G2) = sigmoid(log G1 - log G2), with the exponential taken of a non-positive number
+    gap = first - second
+    return 1.0 / (1.0 + math.exp(-gap)) if gap >= 0 else math.exp(gap) / (1.0 + math.exp(gap))
 
 
-def _sample_gamma(shape: float, generator: torch.Generator) -> float:
-    """Gamma(shape, 1) by Marsaglia-Tsang; shape < 1 is boosted to shape + 1 and scaled back."""
-    boost = 1.0
+def _sample_log_gamma(shape: float, generator: torch.Generator) -> float:
+    """log of a Gamma(shape, 1) draw by Marsaglia-Tsang; shape < 1 is boosted to shape + 1 and
+    scaled back."""
+    log_boost = 0.0
     if shape < 1.0:
         # Gamma(a) = Gamma(a + 1) * U^(1/a); 1 - U keeps the base in (0, 1]
-        boost = (1.0 - float(torch.rand((), generator=generator, device=generator.device))) ** (1 / shape)
+        uniform = float(torch.rand((), generator=generator, device=generator.device))
+        log_boost = math.log(1.0 - uniform) / shape
         shape += 1.0
     d = shape - 1.0 / 3.0
     c = 1.0 / math.sqrt(9.0 * d)
@@ -180,7 +185,7 @@ def _sample_gamma(shape: float, generator: torch.Generator) -> float:
             continue
         u = 1.0 - float(torch.rand((), generator=generator, device=generator.device))
         if math.log(u) < 0.5 * z * z + d - d * v + d * math.log(v):
-            return d * v * boost
+            return math.log(d * v) + log_boost
 
 
 def mixup(x: Tensor, y: Tensor, *, alpha: float = 1.0, generator: torch.Generator) -> MixedBatch:

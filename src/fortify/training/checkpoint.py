@@ -286,7 +286,8 @@ def _state_field_problem(state: dict[str, Any]) -> str | None:
     if "finished" in state and not isinstance(state["finished"], bool):
         return f"'finished' must be true or false, got {state['finished']!r}"
     if state.get("optimizer") is not None and not _is_optimizer_meta(state["optimizer"]):
-        return "'optimizer' must hold 'param_groups' (a list) and 'scalars' (parameter index -> object)"
+        return ("'optimizer' must hold 'param_groups' (a list of groups: distinct parameter indices and "
+                "numeric settings) and 'scalars' (parameter index -> numeric settings)")
     if "progress" in state:
         return _progress_problem(state["progress"])
     return None
@@ -302,11 +303,16 @@ def _progress_problem(progress: Any) -> str | None:
     seconds = progress.get("seconds")
     if not _is_number(seconds) or not (math.isfinite(seconds) and seconds >= 0):
         return f"'progress.seconds' must be a finite number >= 0, got {seconds!r}"
-    if not _is_number(progress.get("best_metric")):
-        return f"'progress.best_metric' must be a number, got {progress.get('best_metric')!r}"
+    best_metric = progress.get("best_metric")
+    # -inf before the first validation; NaN would lose every later comparison, so no epoch would be best
+    if not _is_number(best_metric) or not (math.isfinite(best_metric) or best_metric == -math.inf):
+        return f"'progress.best_metric' must be a finite number or -Infinity, got {best_metric!r}"
     history = progress.get("history")
     if not isinstance(history, list) or not all(isinstance(record, dict) for record in history):
         return "'progress.history' must be a list of epoch records"
+    numbers = [record.get("epoch") for record in history]
+    if numbers != list(range(1, len(history) + 1)) or not all(_is_int(number) for number in numbers):
+        return f"'progress.history' must hold epochs 1..{len(history)} in order, got epochs {numbers}"
     if progress["epoch"] != len(history):
         return f"'progress.epoch' is {progress['epoch']} but 'progress.history' holds {len(history)} epochs"
     best = progress["best_epoch"]
@@ -318,9 +324,32 @@ def _progress_problem(progress: Any) -> str | None:
 
 def _is_optimizer_meta(meta: Any) -> bool:
     return (isinstance(meta, dict) and isinstance(meta.get("param_groups"), list)
+            and all(_is_param_group(group) for group in meta["param_groups"])
             and isinstance(meta.get("scalars"), dict)
             and all(isinstance(index, str) and index.isdigit() and isinstance(entries, dict)
+                    and all(_is_setting(value) for value in entries.values())
                     for index, entries in meta["scalars"].items()))
+
+
+def _is_param_group(group: Any) -> bool:
+    """An optimiser's parameter group: distinct parameter indices and its settings."""
+    if not isinstance(group, dict):
+        return False
+    params = group.get("params")
+    return (isinstance(params, list) and all(_is_int(index) and index >= 0 for index in params)
+            and len(set(params)) == len(params)
+            and all(_is_setting(value) for key, value in group.items() if key != "params"))
+
+
+def _is_setting(value: Any) -> bool:
+    """A value as torch's optimisers keep them: a finite number, true/false, null, or a list of finite
+    numbers (Adam's betas). Anything else (a string for the momentum) fails inside the optimiser's
+    step, after the run has resumed."""
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, list):
+        return all(is_finite_number(item) for item in value)
+    return is_finite_number(value)
 
 
 def _is_int(value: Any) -> bool:

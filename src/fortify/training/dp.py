@@ -19,7 +19,8 @@ Adversarial objectives need two things Opacus does not do on its own:
 
 Privacy holds because each example's clipped gradient depends on that example alone: the attacks
 used in training perturb every example independently, and BatchNorm (which mixes examples) is
-replaced by GroupNorm through ``ModuleValidator.fix``.
+replaced by GroupNorm: through ``ModuleValidator.fix``, and by fortify for the BatchNorms that
+``fix`` passes over (those without trainable parameters).
 """
 
 from __future__ import annotations
@@ -95,7 +96,13 @@ def make_dp_compatible(model: nn.Module) -> tuple[nn.Module, list[str]]:
     require_opacus()
     model.train()
     before = {name: type(m) for name, m in model.named_modules()}
-    fixed = ModuleValidator.fix(model)
+    fixed = _replace_untrained_batch_norms(ModuleValidator.fix(model))
+    tracking = [name for name, m in fixed.named_modules()
+                if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats]
+    if tracking:  # Opacus refuses these only when affine, and accepts them silently otherwise
+        raise ConfigError(f"InstanceNorm with track_running_stats=True ({', '.join(tracking)}) keeps running "
+                          "statistics of the private training data, published without noise; build it "
+                          "with track_running_stats=False for DP training")
     problems = ModuleValidator.validate(fixed, strict=False)
     problems += GradSampleModule.validate(fixed, strict=False)  # trainable layers holding buffers
     if problems:
@@ -104,6 +111,32 @@ def make_dp_compatible(model: nn.Module) -> tuple[nn.Module, list[str]]:
     replaced = [f"{name}: {before[name].__name__} -> {type(m).__name__}"
                 for name, m in fixed.named_modules() if name in before and type(m) is not before[name]]
     return fixed, replaced
+
+
+def _replace_untrained_batch_norms(model: nn.Module) -> nn.Module:
+    """GroupNorm for each BatchNorm that ``ModuleValidator.fix`` left in place.
+
+    Opacus fixes and validates only modules with trainable parameters, so a BatchNorm without affine
+    parameters, or with frozen ones, passed through: in training it normalises each example by the
+    batch's statistics (its clipped gradient then depends on other examples) and its running
+    statistics publish the private data without noise. Replaced by Opacus' own rule,
+    ``GroupNorm(gcd(32, C), C)``, with the BatchNorm's affine setting and frozen parameters kept frozen.
+    """
+    def group_norm(norm: nn.modules.batchnorm._BatchNorm) -> nn.GroupNorm:
+        group = nn.GroupNorm(math.gcd(32, norm.num_features), norm.num_features, eps=norm.eps,
+                             affine=norm.affine)
+        if norm.affine:
+            group.weight.requires_grad_(norm.weight.requires_grad)
+            group.bias.requires_grad_(norm.bias.requires_grad)
+        return group
+
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        return group_norm(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(parent, name, group_norm(child))
+    return model
 
 
 class HooksInTrainingOnly(nn.Module):
@@ -214,21 +247,11 @@ class DPTrainer(Trainer):
         common = {"module": self.model, "optimizer": self.optimizer, "data_loader": loader,
                   "max_grad_norm": self.dp.max_grad_norm, "poisson_sampling": True,
                   "noise_generator": self.noise_rng}
+        noise = self.dp.noise_multiplier
         if self.dp.target_epsilon is not None:
-            with warnings.catch_warnings():
-                # the noise search probes noise levels far off the answer, where RDP's orders run out
-                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-                try:
-                    gsm, self.optimizer, self.loader = self.engine.make_private_with_epsilon(
-                        **common, target_epsilon=self.dp.target_epsilon, target_delta=self.dp.delta,
-                        epochs=self.config.epochs)
-                except ValueError as err:  # Opacus: no noise level spends this little
-                    raise ConfigError(f"dp.target_epsilon={self.dp.target_epsilon:g} cannot be met with "
-                                      f"delta={self.dp.delta:g} over {self.config.epochs} epochs ({err}); "
-                                      "raise it, or train for fewer epochs") from None
-        else:
-            gsm, self.optimizer, self.loader = self.engine.make_private(
-                **common, noise_multiplier=self.dp.noise_multiplier)
+            noise = noise_for_target_epsilon(self.dp.target_epsilon, self.dp.delta, 1 / len(loader),
+                                             self.config.epochs * len(loader), self.dp.accountant)
+        gsm, self.optimizer, self.loader = self.engine.make_private(**common, noise_multiplier=noise)
         self.private_model = HooksInTrainingOnly(gsm)
         self.sample_rate = 1 / len(loader)
 
@@ -407,10 +430,29 @@ class DPTrainer(Trainer):
         except (KeyError, TypeError) as err:
             raise CheckpointError(f"cannot resume {self.run_dir}: {DP_STATE_JSON} is damaged (its accountant "
                                   f"needs 'mechanism' and 'history'; {type(err).__name__}: {err})") from err
+        problem = _accounting_problem(mechanism, history, self.engine.accountant.mechanism(),
+                                      float(self.optimizer.noise_multiplier), self.sample_rate)
+        if problem is not None:  # an edited record would change the epsilon reported for the run
+            raise CheckpointError(f"cannot resume {self.run_dir}: {DP_STATE_JSON} is damaged ({problem})")
         self.engine.accountant.load_state_dict({
             "mechanism": mechanism,
             # the trainer counts exactly the accountant's steps (see _run_epoch)
             "history": history_up_to(history, self.state.step, self.run_dir)})
+
+
+def _accounting_problem(mechanism: Any, history: list[tuple[Any, ...]], accountant: str, noise: float,
+                        sample_rate: float) -> str | None:
+    """What in a saved accountant state this run could not have written, or None."""
+    if mechanism != accountant:
+        return f"its accountant is {mechanism!r}, this run's {accountant!r}"
+    for entry in history:
+        if len(entry) != 3 or not all(ckpt.is_finite_number(value) for value in entry) \
+                or not (isinstance(entry[2], int) and entry[2] >= 0):
+            return f"each accountant record must be [noise_multiplier, sample_rate, steps], got {list(entry)}"
+        if (entry[0], entry[1]) != (noise, sample_rate):
+            return (f"it accounts steps at noise multiplier {entry[0]!r} and sample rate {entry[1]!r}; this "
+                    f"run takes them at {noise!r} and {sample_rate!r}")
+    return None
 
 
 # Above this RDP epsilon (no guarantee worth the name) PRV's discretised privacy-loss distribution
@@ -440,6 +482,49 @@ def spent_epsilon(history: list[tuple[Any, ...]], delta: float, accountant: str)
         return min(bound("prv"), rdp)
     except (MemoryError, ValueError, RuntimeError):  # the grid still too large, or its root search failed
         return rdp
+
+
+# Opacus' bounds for its own noise search: the first upper guess, and the noise past which no budget is met
+_FIRST_NOISE, _MOST_NOISE = 10.0, 1e6
+_BISECTIONS = 60
+
+
+def noise_for_target_epsilon(target: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                             tolerance: float = 0.01) -> float:
+    """The noise multiplier whose ``steps`` steps at ``sample_rate`` spend at most ``target`` (and at
+    least ``target - tolerance``) by ``spent_epsilon``, the bound the run reports.
+
+    Opacus' ``make_private_with_epsilon`` bisects the same way but counts ``int(epochs / sample_rate)``
+    steps, which rounds to one step short for some loader lengths (3 epochs of 75 batches: 224), so its
+    answer could end above the target after the last step; and its PRV search at a large target
+    needed gigabytes, which ``spent_epsilon`` avoids.
+    """
+    def epsilon(noise: float) -> float:
+        with warnings.catch_warnings():
+            # the search probes noise levels far off the answer, where RDP's orders run out either way
+            warnings.filterwarnings("ignore", message="Optimal order is the")
+            return spent_epsilon([(noise, sample_rate, steps)], delta, accountant)
+
+    low, high = 0.0, _FIRST_NOISE
+    spent = epsilon(high)
+    while spent > target:
+        high *= 2
+        if high > _MOST_NOISE:
+            raise ConfigError(f"dp.target_epsilon={target:g} cannot be met with delta={delta:g} over {steps} "
+                              "steps: raise it, or train for fewer epochs")
+        spent = epsilon(high)
+    # bounded: where the reported bound jumps (PRV taking over from RDP below PRV_BELOW) no noise may
+    # land within the tolerance, and ``high`` (at most the target) is then the answer
+    for _ in range(_BISECTIONS):
+        if target - spent <= tolerance:
+            break
+        middle = (low + high) / 2
+        spent_at_middle = epsilon(middle)
+        if spent_at_middle <= target:
+            high, spent = middle, spent_at_middle
+        else:
+            low = middle
+    return high
 
 
 def private_seed(noise_seed: int | None, train_seed: int) -> int:

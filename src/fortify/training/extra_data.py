@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fortify.attacks.base import check_label_range
 from fortify.data.base import Split
-from fortify.data.npz import read_arrays, read_pair, require_file
+from fortify.data.npz import read_arrays, read_layout, read_pair, require_file
 from fortify.errors import ConfigError, DataError
 
 
@@ -27,7 +27,8 @@ def load_extra_data(path: Path | str, *, input_shape: tuple[int, ...], bounds: t
                     num_classes: int) -> Split:
     """The extra examples of ``path``, refused unless they fit the dataset they join."""
     path = require_file(path)
-    x, y = read_pair(read_arrays(path), "x", "y", bounds)
+    arrays = read_arrays(path)
+    x, y = read_pair(arrays, "x", "y", bounds, read_layout(arrays))  # the file's own 'layout', as a dataset's
     if len(x) == 0:
         raise DataError(f"extra data {path} holds no examples")
     if tuple(x.shape[1:]) != tuple(input_shape):

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from fortify.attacks import PGD
-from fortify.attacks.base import check_label_dtype
+from fortify.attacks.base import check_label_dtype, check_label_range
 from fortify.config import TrainConfig, comparable_train_settings, listed, setting_differences
 from fortify.data.base import Split
 from fortify.errors import CheckpointError, ConfigError, DataError
@@ -37,7 +37,7 @@ from fortify.models.layout import (
 from fortify.models.predictions import predicted_class
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
-from fortify.training.batches import BatchRecipe
+from fortify.training.batches import BatchRecipe, count_outputs
 from fortify.training.distributed import DistributedContext, LocalBatch, batch_seed
 from fortify.training.ema import ModelEMA
 from fortify.training.objectives import Objective
@@ -60,10 +60,13 @@ class EpochRecord:
 class TrainResult:
     history: list[EpochRecord]
     best_epoch: int
-    selection_metric: str
+    selection_metric: str  # what chose the kept weights: the validation metric, or "last epoch"
     stopped_early: bool
     seconds: float
     examples_seen: int
+    # the epoch whose weights the model holds: the best one under early stopping, else the last (its
+    # EMA average where train.ema is on); best_epoch stays the best on validation either way
+    selected_epoch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +123,19 @@ def check_training_data(train: Split, threat: ThreatModel) -> None:
     check_label_dtype(train.y)
     if len(train.y) and int(train.y.min()) < 0:
         raise DataError(f"training labels must be class indices 0..K-1, got {int(train.y.min())}")
+
+
+def check_labels_fit_model(model: nn.Module, train: Split, val: Split) -> None:
+    """DataError for an empty validation split or a label past the model's classes, before the first
+    epoch: the first would fail at the end of training (no epoch scores, so none is best), the second
+    inside torch's cross-entropy (and on a GPU as a device-side assert). One forward pass of one example."""
+    if len(val) == 0:
+        raise DataError("the validation split is empty: the Trainer validates after every epoch and "
+                        "keeps the best; give it at least one example")
+    classes = count_outputs(model, train.x[:1])
+    check_label_range(train.y, classes, what="training labels")
+    check_label_dtype(val.y, what="validation labels")
+    check_label_range(val.y, classes, what="validation labels")
 
 
 # the most of a GPU's free memory a training split may take to be kept there (Trainer._keep_on_gpu):
@@ -209,6 +225,7 @@ class Trainer:
 
     def fit(self, train: Split, val: Split, *, resume: bool = False) -> TrainResult:
         check_training_data(train, self.threat)
+        check_labels_fit_model(self.model, train, val)
         # two examples: a view that merges the batch axis with another passes on one alone
         self._settle_layout(train.x[:2])
         if self.run_dir is not None:
@@ -235,9 +252,11 @@ class Trainer:
         # early stopping only when it skipped epochs: patience running out on the last epoch skips none
         stopped_early = self.state.epoch < self.config.epochs
         self._finish()
-        return TrainResult(self.state.history, self.state.best_epoch, self.selection_metric,
+        selected = self.state.best_epoch if self.config.early_stopping else self.state.epoch
+        selected_by = self.selection_metric if self.config.early_stopping else "last epoch"
+        return TrainResult(self.state.history, self.state.best_epoch, selected_by,
                            stopped_early, self.state.seconds,
-                           examples_seen=self.state.epoch * len(train))
+                           examples_seen=self.state.epoch * len(train), selected_epoch=selected)
 
     def record_file(self, name: str, path: Path) -> None:
         """Keep ``path``'s SHA-256 in state.json beside the checkpoints' (the model card, say), so that
@@ -574,7 +593,7 @@ class Trainer:
         optimizer_meta = state.get("optimizer")
         try:
             self._load_training_state(tensors, optimizer_meta)
-        except (KeyError, ValueError, RuntimeError) as err:
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
             # a state of another shape (optimizer groups, a generator of another device: CUDA's state
             # is 16 bytes, the CPU's 5056) would otherwise stop the run with a traceback
             raise CheckpointError(f"cannot resume {self.run_dir}: its saved training state does not fit "
