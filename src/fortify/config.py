@@ -192,13 +192,13 @@ class EvalConfig(_Strict):
             raise ValueError(f"eps_grid names an eps twice: {self.eps_grid}")
         if not self.attacks:
             raise ValueError("attacks must name at least one attack")
+        if self.preset is not None:
+            # a preset replaces the attack list and cascades: record what runs, not what was replaced
+            self.__dict__.update(attacks=list(PRESETS[self.preset]), cascade=True)
         twice = sorted({name for name in self.attacks if self.attacks.count(name) > 1})
         if twice:  # refused here, before a run trains: evaluation refuses it too, once the training is done
             raise ValueError(f"attacks names {', '.join(twice)} twice; give each attack once "
                              "(more random starts: restarts)")
-        if self.preset is not None:
-            # a preset replaces the attack list and cascades: record what runs, not what was replaced
-            self.__dict__.update(attacks=list(PRESETS[self.preset]), cascade=True)
         return self
 
 

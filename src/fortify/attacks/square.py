@@ -6,9 +6,10 @@ proposes a change inside one random square window and keeps it when the margin l
 ``z_y - max_{j != y} z_j`` drops. The window side follows the paper's schedule: ``p`` (the share of
 pixels a window covers) starts at ``p_init`` and halves at fixed iterations, laid out for 10,000
 queries and by default rescaled to ``n_queries``, as AutoAttack's ``SquareAttack`` does by default.
-AutoAttack's standard ensemble turns the rescaling off (``resc_schedule=False``), and so does
-fortify's ``autoattack`` preset (``rescale_schedule=False``): the windows then shrink at the same
-queries whatever the budget, and a budget short of 10,000 ends before the smallest of them.
+AutoAttack's standard ensemble turns the rescaling off (``resc_schedule=False``): the windows then
+shrink at the same queries whatever the budget, and a budget short of 10,000 ends before the smallest
+of them. ``rescale_schedule=False`` gives that schedule; fortify's ``autoattack`` preset keeps the
+rescaled one, which fooled one more digit in six of eight reduced-budget runs (docs/ATTACKS.md).
 
 Differences from the reference code, all in the direction of the paper's text: every example draws
 its own window position (the reference shares one per batch), the position ranges over all
