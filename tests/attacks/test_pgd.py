@@ -362,3 +362,64 @@ def test_targeted_margin_pgd_moves_towards_its_target_as_targeted_pgd_does():
         hits_margin = (model(margin).argmax(1) == target).float().mean()
     assert bool((after >= before - 1e-9).all()) and after.mean() > before.mean()
     assert hits_margin >= hits_plain - 0.05 and hits_margin > 0.3
+
+
+# -- the closed-form gradient of the cross-entropy ---------------------------------------------
+
+def _five_class_mlp() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5)).double()
+
+
+def _gradient_through_the_loss(attack, model, x, y, target):
+    point = x.clone().requires_grad_(True)
+    return torch.autograd.grad(attack.objective(model(point), y, target).sum(), point)[0]
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_the_closed_form_cross_entropy_gradient_equals_the_gradient_through_the_loss(targeted):
+    model = _five_class_mlp()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(32, 12, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (32,), generator=gen)
+    target = (y + 1 + torch.randint(0, 4, (32,), generator=gen)) % 5 if targeted else None
+    attack = PGD(ThreatModel("linf", 0.1), targeted=targeted)
+    grad, logits = attack.gradient_and_logits(model, x.clone().requires_grad_(True), y, target)
+    expected = _gradient_through_the_loss(attack, model, x, y, target)
+    assert torch.allclose(grad, expected, rtol=0, atol=1e-13) and expected.abs().max() > 1e-3
+    assert torch.equal(logits.detach(), model(x).detach())
+
+
+def test_an_objective_of_its_own_is_differentiated_through_its_loss():
+    model = _five_class_mlp()
+    x = torch.rand(32, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y = model(x).argmax(1).detach()
+    attack = MarginPGD(ThreatModel("linf", 0.1))
+    grad, _ = attack.gradient_and_logits(model, x.clone().requires_grad_(True), y, None)
+    margin = _gradient_through_the_loss(attack, model, x, y, None)
+    cross_entropy = _gradient_through_the_loss(PGD(ThreatModel("linf", 0.1)), model, x, y, None)
+    assert torch.allclose(grad, margin, atol=1e-13) and not torch.allclose(grad, cross_entropy, atol=1e-3)
+
+
+class _AveragingModel(nn.Module):
+    """Stands for EOT: its ``average_objective`` weighs the loss, which the gradient must follow."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+    def average_objective(self, x, loss):
+        logits = self.inner(x)
+        return 3.0 * loss(logits), logits
+
+
+def test_a_model_that_averages_its_samples_is_differentiated_through_its_averaged_loss():
+    inner = _five_class_mlp()
+    x = torch.rand(32, 12, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    y = torch.randint(0, 5, (32,), generator=torch.Generator().manual_seed(7))
+    attack = PGD(ThreatModel("linf", 0.1))
+    grad, _ = attack.gradient_and_logits(_AveragingModel(inner), x.clone().requires_grad_(True), y, None)
+    assert torch.allclose(grad, 3.0 * _gradient_through_the_loss(attack, inner, x, y, None), atol=1e-13)

@@ -169,6 +169,27 @@ class Attack(ABC):
         logits = model(point)
         return per_example(logits), logits
 
+    def gradient_and_logits(self, model: nn.Module, point: Tensor, y: Tensor,
+                            target: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Gradient of the summed ``objective`` in ``point`` (which requires grad), and the logits.
+
+        For the cross-entropy objective on a model that runs once, the gradient in the logits ``z``
+        has the closed form ``softmax(z) - onehot(y)`` (towards a target: ``onehot(t) - softmax(z)``).
+        Handed to autograd as the model's output gradient, it spares the backward pass through the
+        loss's log-softmax, gather and sum; the input gradient is the same to rounding. Any other
+        objective, and a model that averages samples (``EOT``), goes through the loss.
+        """
+        if type(self).objective is not Attack.objective or hasattr(model, "average_objective"):
+            loss, logits = self.loss_and_logits(model, point, y, target)
+            (grad,) = torch.autograd.grad(loss.sum(), point)
+            return grad, logits
+        logits = model(point)
+        ascent = cross_entropy_logit_gradient(logits.detach(), target if self.targeted else y)
+        if self.targeted:  # descend the cross-entropy to the target
+            ascent = -ascent
+        (grad,) = torch.autograd.grad(logits, point, grad_outputs=ascent.to(logits.dtype))
+        return grad, logits
+
     def succeeded(self, logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
         """Per-example boolean: the prediction is wrong (or equals the target)."""
         pred = predicted_class(logits)
@@ -183,6 +204,15 @@ def attacking(model: nn.Module) -> Iterator[None]:
     """Eval mode with gradients on for the duration; the caller's mode comes back afterwards."""
     with evaluation_mode(model), torch.enable_grad():
         yield
+
+
+def cross_entropy_logit_gradient(logits: Tensor, label: Tensor) -> Tensor:
+    """``d/dz sum_i CE(z_i, label_i) = softmax(z) - onehot(label)``, in fp32 at least (as the loss
+    itself is computed under mixed precision)."""
+    work = logits.float() if logits.dtype in LOW_PRECISION else logits
+    gradient = F.softmax(work, dim=1)
+    gradient[torch.arange(label.shape[0], device=label.device), label] -= 1
+    return gradient
 
 
 def check_label_dtype(y: Tensor, what: str = "labels") -> None:

@@ -38,8 +38,7 @@ class FGSM(Attack):
                 generator: torch.Generator) -> Tensor:
         start = self.threat.random_start(x, generator) if self.random_start else x.clone()
         start.requires_grad_(True)
-        loss = self.loss_and_logits(model, start, y, target)[0].sum()
-        (grad,) = torch.autograd.grad(loss, start)
+        grad = self.gradient_and_logits(model, start, y, target)[0]
         stepped = start.detach() + self.step_size * self.threat.ascent_direction(grad)
         return self.threat.project(stepped, x)
 

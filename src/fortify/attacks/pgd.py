@@ -118,19 +118,13 @@ class PGD(Attack):
         found = torch.zeros(n, dtype=torch.bool, device=x.device)
         final_loss = torch.full((n,), -torch.inf, device=x.device)
         active = torch.arange(n, device=x.device)
-        for step in range(self.steps + int(judge_final)):
-            last = step == self.steps  # the last pass only judges the final iterate: no graph
-            point = x_adv[active].requires_grad_(not last)
+        for step in range(self.steps):
             tgt = None if target is None else target[active]
-            with torch.set_grad_enabled(not last):
-                loss, logits = self.loss_and_logits(model, point, y[active], tgt)
+            point = x_adv[active].requires_grad_(True)
+            grad, logits = self.gradient_and_logits(model, point, y[active], tgt)
             if self.keep_first_success:
                 self._record_hits(point.detach(), logits.detach(), y[active], tgt, active,
                                   found, first_hit)
-            if last:
-                final_loss[active] = loss.detach().float()
-                break
-            (grad,) = torch.autograd.grad(loss.sum(), point)
             if self.probe and step == 0:
                 self._probe(model, x, y, target, grad, active, found, first_hit)
             stepped = point.detach() + self.step_size * self.threat.ascent_direction(grad)
@@ -139,6 +133,13 @@ class PGD(Attack):
                 active = active[~found[active]]
                 if active.numel() == 0:
                     break
+        if judge_final and active.numel():  # the final iterate's loss, and whether it fools
+            tgt = None if target is None else target[active]
+            with torch.no_grad():
+                loss, logits = self.loss_and_logits(model, x_adv[active], y[active], tgt)
+            if self.keep_first_success:
+                self._record_hits(x_adv[active], logits, y[active], tgt, active, found, first_hit)
+            final_loss[active] = loss.float()
         fooled_mask = found.reshape(-1, *([1] * (x.dim() - 1)))
         return _Restart(torch.where(fooled_mask, first_hit, x_adv), found, final_loss)
 
