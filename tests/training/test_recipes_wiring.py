@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -461,12 +462,7 @@ def test_channels_last_training_leaves_a_conv3d_weight_as_it_is():
     assert model[0].weight.is_contiguous() and math.isfinite(result.history[0].train_loss)
 
 
-@pytest.mark.parametrize("objective", ["fgsm-rs", "awp-pgd"])
-def test_compiled_training_matches_eager_training_on_a_tiny_mlp(digits, tmp_path, monkeypatch, objective):
-    # Inductor needs a C++ build per graph (26 s for one MLP step on the CI's 2 cores); aot_eager runs
-    # the same Dynamo capture and AOTAutograd graphs without code generation. AWP perturbs a copy of
-    # the compiled module and adds the difference to the weights by parameter name
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+def _assert_compiled_training_matches_eager_training(digits, objective: str) -> None:
     train, val = _small(digits, 64)
     model_a, trainer_a = _trainer(digits, None, objective=objective, model_name="mlp", epochs=1)
     model_b, trainer_b = _trainer(digits, None, objective=objective, model_name="mlp", epochs=1, compile=True)
@@ -475,6 +471,22 @@ def test_compiled_training_matches_eager_training_on_a_tiny_mlp(digits, tmp_path
     assert trainer_b.train_model is not model_b  # the training passes went through the compiled module
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5, rtol=0), name
+
+
+@pytest.mark.parametrize("objective", ["fgsm-rs", "awp-pgd"])
+def test_compiled_training_matches_eager_training_on_a_tiny_mlp(digits, monkeypatch, objective):
+    # Inductor needs a C++ build per graph; aot_eager runs the same Dynamo capture and AOTAutograd
+    # graphs without code generation. AWP perturbs a copy of the compiled module and adds the
+    # difference to the weights by parameter name
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    _assert_compiled_training_matches_eager_training(digits, objective)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("c++") is None, reason="inductor builds C++ kernels on the CPU")
+def test_awp_training_compiled_by_inductor_matches_eager_training(digits):
+    # the default backend, with its generated kernels: about 15 s on 2 cores without a warm cache
+    _assert_compiled_training_matches_eager_training(digits, "awp-pgd")
 
 
 @pytest.mark.parametrize(("setting", "mode"), [(True, "default"), ("reduce-overhead", "reduce-overhead"),
