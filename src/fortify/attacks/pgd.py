@@ -134,11 +134,11 @@ class PGD(Attack):
                 if active.numel() == 0:
                     break
         if judge_final and active.numel():  # the final iterate's loss, and whether it fools
-            tgt = None if target is None else target[active]
+            tgt, final = None if target is None else target[active], x_adv[active]
             with torch.no_grad():
-                loss, logits = self.loss_and_logits(model, x_adv[active], y[active], tgt)
+                loss, logits = self.loss_and_logits(model, final, y[active], tgt)
             if self.keep_first_success:
-                self._record_hits(x_adv[active], logits, y[active], tgt, active, found, first_hit)
+                self._record_hits(final, logits, y[active], tgt, active, found, first_hit)
             final_loss[active] = loss.float()
         fooled_mask = found.reshape(-1, *([1] * (x.dim() - 1)))
         return _Restart(torch.where(fooled_mask, first_hit, x_adv), found, final_loss)
