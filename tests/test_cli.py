@@ -171,6 +171,15 @@ def test_bad_data(tmp_path, x_fn, y_fn, extra, fragment):
     _assert_clean_error(result, fragment, not_created=out)
 
 
+@pytest.mark.parametrize("shape", [(40, 1, 1, 8), (40, 1, 8, 1)])
+def test_images_too_small_for_the_default_model_are_refused_naming_the_way_out(tmp_path, shape):
+    path = _npz(tmp_path, x=np.random.default_rng(0).random(shape).astype(np.float32), y=np.arange(40) % 2,
+                layout=np.array("NCHW"))
+    out = tmp_path / "out"
+    result = _invoke("train", "--dataset", "npz", "--data-path", path, "--out", out)
+    _assert_clean_error(result, "are too small; choose another model (mlp takes any shape)", not_created=out)
+
+
 @pytest.fixture(scope="module")
 def trained_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "m"
@@ -341,6 +350,11 @@ def _without_card_hash(state):  # as model directories written before the card w
     return {**state, "sha256": {k: v for k, v in state["sha256"].items() if k != "model.json"}}
 
 
+def _unhashed_card(directory, **fields):
+    _edit_state(directory, _without_card_hash)
+    (directory / "model.json").write_text(_card_with(directory, **fields))
+
+
 @pytest.mark.parametrize("damage, fragment", [
     (lambda d: (d / "model.json").write_text(_card_with(d, bounds=[0, 255])), "model card was edited"),
     (lambda d: (d / "model.json").write_text("{"), "model card was edited"),
@@ -350,6 +364,9 @@ def _without_card_hash(state):  # as model directories written before the card w
      "not a fortify model card"),
     (lambda d: (_edit_state(d, _without_card_hash), (d / "model.json").write_bytes(b"\xff\xfe")),
      "not a readable model card"),
+    # an unhashed card's other fields are read later (the box, the normalisation, a table's encoding)
+    (lambda d: _unhashed_card(d, bounds=["a", "b"]), "bounds must be two finite numbers"),
+    (lambda d: _unhashed_card(d, input_encoding="x"), "its input_encoding is not a table schema"),
     (lambda d: _edit_state(d, lambda state: {k: v for k, v in state.items() if k != "sha256"}),
      "records no hash of model.safetensors"),
     # another data seed in the model's own settings would put training examples among the test ones

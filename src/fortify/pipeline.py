@@ -43,7 +43,7 @@ from fortify.config import (
     setting_differences,
 )
 from fortify.data import DataOptions, Dataset, Split, load_dataset
-from fortify.errors import CheckpointError, ConfigError, FortifyError
+from fortify.errors import CheckpointError, ConfigError, DataError, FortifyError
 from fortify.evaluation import RobustnessReport, evaluate
 from fortify.evaluation.analysis import AnalysisOptions, ModelAnalysis, analyse
 from fortify.evaluation.certify import DEFAULT_SIGMA
@@ -243,6 +243,7 @@ def load_trained_model(model_dir: Path, device: torch.device) -> tuple[nn.Module
         # every fortify writer records it: without it the tamper check would be skipped
         raise CheckpointError(f"{model_dir / ckpt.STATE_JSON} records no hash of model.safetensors; "
                               "refusing to load weights that cannot be checked")
+    # directories written before the card was hashed have none: their card's fields are checked alone
     if MODEL_CARD in hashes and ckpt.sha256(card_path) != hashes[MODEL_CARD]:
         raise CheckpointError(f"{card_path} does not match the hash recorded in {ckpt.STATE_JSON}: the "
                               "model card was edited after training; refusing to load it")
@@ -289,7 +290,41 @@ def check_model_card(card: Any, source: str) -> dict[str, Any]:
         raise CheckpointError(f"{source} is not a fortify model card: it needs a name (text), an "
                               f"input_shape (1 to 4 whole numbers >= 1, at most {_CARD_MAX_INPUT_VALUES:,} "
                               f"values) and num_classes (a whole number in 2..{_CARD_MAX_CLASSES:,})")
+    problem = _card_field_problem(card)
+    if problem:
+        raise CheckpointError(f"{source} is not a fortify model card: {problem}")
     return card
+
+
+def _card_field_problem(card: dict[str, Any]) -> str | None:
+    """What is wrong with the optional fields of a model card that passed the required ones, if
+    anything: each is read later (the box, the normalisation, a table's encoding), where a wrong
+    type would surface as a traceback."""
+    def numbers(value: Any) -> bool:
+        return isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+
+    bounds, mean, std = card.get("bounds"), card.get("mean"), card.get("std")
+    if bounds is not None and not (numbers(bounds) and len(bounds) == 2 and bounds[0] < bounds[1]):
+        return f"bounds must be two finite numbers, low < high; got {bounds!r}"
+    if (mean is None) != (std is None):
+        return "mean and std must be given together, or both be null"
+    channels = card["input_shape"][0]
+    if mean is not None and not (numbers(mean) and numbers(std) and len(mean) == len(std) == channels
+                                 and all(v > 0 for v in std)):
+        return (f"mean and std must be lists of {channels} finite numbers (one per channel), std > 0; got "
+                f"mean={mean!r}, std={std!r}")
+    if not isinstance(card.get("opacus_fixed", False), bool):
+        return f"opacus_fixed must be true or false, got {card['opacus_fixed']!r}"
+    encoding = card.get("input_encoding")
+    if encoding is not None:
+        from fortify.tabular.schema import Schema
+
+        try:
+            Schema.from_dict(encoding)
+        except (ConfigError, DataError, TypeError, ValueError) as err:
+            return f"its input_encoding is not a table schema ({err})"
+    return None
 
 
 def build_training_objective(setup: Setup, train_cfg: TrainConfig) -> Objective:

@@ -366,6 +366,24 @@ def test_declared_num_classes_allows_classes_without_examples(tmp_path):
     assert 9 in torch.cat([data.train.y, data.val.y, data.test.y]).tolist()
 
 
+def test_test_classes_that_training_never_holds_are_refused_without_num_classes(tmp_path):
+    # Prepare: y holds classes 0..2, y_test 0..4; together every class 0..4 occurs
+    x, y = RNG.random((60, 2)), np.arange(60) % 3
+    options = write_npz(tmp_path, x=x, y=y, x_test=RNG.random((60, 2)), y_test=np.arange(60) % 5)
+
+    # Execute
+    message = load_error(options)
+
+    # Assert
+    assert "y_test holds 2 class(es) that y never does (3, 4)" in message
+
+
+def test_declared_num_classes_allows_test_classes_without_training_examples(tmp_path):
+    options = write_npz(tmp_path, x=RNG.random((60, 2)), y=np.arange(60) % 3, x_test=RNG.random((60, 2)),
+                        y_test=np.arange(60) % 5, num_classes=np.array(5))
+    assert load_dataset("npz", options).num_classes == 5
+
+
 def write_truncated(path: Path) -> None:
     np.savez(path, **tabular())
     path.write_bytes(path.read_bytes()[:100])

@@ -160,9 +160,19 @@ def test_an_export_that_cannot_be_reloaded_is_not_left_behind(model_dir, tmp_pat
     ({"input_shape": [-5]}, "is not a fortify model card"),
     ({"input_shape": [10**12]}, "is not a fortify model card"),
     ({"name": "nope"}, "describes no model fortify can build: unknown model 'nope'"),
-    ({"mean": [0.1, 0.2], "std": [0.0, 1.0]}, "describes no model fortify can build: mean and std"),
+    ({"mean": [0.1, 0.2], "std": [0.0, 1.0]}, "is not a fortify model card: mean and std must be lists of 1"),
+    ({"mean": "a", "std": "b"}, "is not a fortify model card: mean and std"),
+    ({"mean": [None], "std": [1.0]}, "is not a fortify model card: mean and std"),
+    ({"mean": [0.5], "std": None}, "is not a fortify model card: mean and std must be given together"),
+    ({"bounds": ["a", "b"]}, "is not a fortify model card: bounds must be two finite numbers"),
+    ({"bounds": 5}, "is not a fortify model card: bounds"),
+    ({"bounds": [1.0, 0.0]}, "is not a fortify model card: bounds"),
+    ({"input_encoding": "abc"}, "is not a fortify model card: its input_encoding is not a table schema"),
+    ({"input_encoding": {"features": 5}}, "is not a fortify model card: its input_encoding"),
+    ({"opacus_fixed": "yes"}, "is not a fortify model card: opacus_fixed must be true or false"),
 ], ids=["classes-text", "classes-negative", "classes-bool", "shape-negative", "shape-huge", "name",
-        "normalisation"])
+        "normalisation", "normalisation-text", "normalisation-null", "normalisation-half", "bounds-text",
+        "bounds-number", "bounds-reversed", "encoding-text", "encoding-features", "opacus-fixed-text"])
 def test_an_edited_card_in_an_export_is_refused_before_any_model_is_built(model_dir, tmp_path, edit,
                                                                           fragment):
     # Prepare: a genuine export whose card is then edited (an export carries no hash of its card)
@@ -182,7 +192,8 @@ def test_an_edited_card_in_an_export_is_refused_before_any_model_is_built(model_
 @pytest.mark.parametrize("change, fragment", [
     (lambda logits: logits + 1e-2, "differs from the model by up to"),
     (lambda logits: logits[:, :5], "returns shape"),
-], ids=["values", "shape"])
+    (lambda logits: logits * float("nan"), "differs from the model by up to nan"),
+], ids=["values", "shape", "nan"])
 def test_an_export_that_differs_from_the_model_is_deleted(model_dir, tmp_path, monkeypatch, change, fragment):
     # Prepare: a reloader that returns other logits than the export holds
     from fortify.interop import export as export_module

@@ -30,6 +30,31 @@ def test_weights_round_trip_exactly(tmp_path):
         assert torch.equal(a, b)
 
 
+def _weights_file(path, edit):
+    """A weights file as fortify writes it, each tensor passed through ``edit`` first."""
+    tensors = {k: edit(v).contiguous() for k, v in _model().state_dict().items()}
+    save_file(tensors, str(path), metadata={"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION,
+                                            "kind": "weights"})
+    return path
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64, torch.float16, torch.bool])
+def test_weights_of_another_dtype_are_refused_not_cast(tmp_path, dtype):
+    path = _weights_file(tmp_path / "w.safetensors", lambda t: t.to(dtype))
+    model = _model()
+    before = [t.clone() for t in model.state_dict().values()]
+    with pytest.raises(CheckpointError, match=f"is {dtype}, the model's is torch.float32"):
+        ckpt.load_weights(path, model)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_weights_that_are_not_finite_are_refused(tmp_path, bad):
+    path = _weights_file(tmp_path / "w.safetensors", lambda t: t * bad)
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        ckpt.load_weights(path, _model())
+
+
 class _Payload:
     """Unpickling this object would create a marker file: proof that nothing unpickles."""
 

@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 from fortify.config import TrainConfig
 from fortify.data import Split
-from fortify.errors import CheckpointError, DataError, UnknownNameError
+from fortify.errors import CheckpointError, ConfigError, DataError, UnknownNameError
 from fortify.models import build_model
 from fortify.threat import ThreatModel
 from fortify.training.checkpoint import load_tensors
@@ -262,6 +262,18 @@ def test_labels_past_the_models_classes_and_an_empty_validation_split_are_refuse
     _, trainer = _trainer(digits, tmp_path / "run", objective, epochs=1)
     # Execute / Assert: refused before anything is written
     with pytest.raises(DataError, match=re.escape(fragment)):
+        trainer.fit(train, val)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_that_cannot_take_the_inputs_is_refused_before_training(digits, tmp_path):
+    # a pooling window larger than the 8x8 digits: torch's own error, named with the input shape
+    train, val = _subset(digits, 64)
+    model = nn.Sequential(nn.MaxPool2d(16), nn.Flatten(), nn.Linear(1, digits.num_classes))
+    config = TrainConfig(objective="standard", epochs=1, batch_size=32, seed=5)
+    trainer = Trainer(model, build_objective("standard", ObjectiveOptions(THREAT)), config, threat=THREAT,
+                      run_dir=tmp_path / "run", show_progress=False)
+    with pytest.raises(ConfigError, match=re.escape("the model cannot take inputs of shape (1, 8, 8)")):
         trainer.fit(train, val)
     assert not (tmp_path / "run").exists()
 

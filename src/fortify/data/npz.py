@@ -3,10 +3,11 @@
 Keys: ``x`` and ``y`` (required); ``x_test`` and ``y_test`` (optional, else a test split is drawn
 from ``x``/``y``); ``bounds`` (two floats, default [0, 1]; rounded outward to float32, the precision
 the inputs are kept in); ``num_classes`` (default max label + 1, and then every class 0..max must
-occur); ``class_names``; ``layout`` ('NCHW' or 'NHWC', for images whose shape does not tell). Any
-other key is refused, so a misspelt ``x_tset`` is not silently ignored. ``y`` must hold at least two
-classes. The file is read with ``allow_pickle=False``: nothing in it is ever unpickled, and a member
-whose header declares more data than the archive holds is refused before any memory is taken.
+occur, and every class of ``y_test`` in ``y``); ``class_names``; ``layout`` ('NCHW' or 'NHWC', for
+images whose shape does not tell). Any other key is refused, so a misspelt ``x_tset`` is not
+silently ignored. ``y`` must hold at least two classes. The file is read with
+``allow_pickle=False``: nothing in it is ever unpickled, and a member whose header declares more
+data than the archive holds is refused before any memory is taken.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def load_npz(options: DataOptions) -> Dataset:
     if "x_test" in arrays:
         x_test, y_test = read_pair(arrays, "x_test", "y_test", bounds, layout)
         check_same_features(x, x_test)
+        if "num_classes" not in arrays:
+            check_test_classes_occur_in_training(y, y_test)
         train, val = carve_validation(Split(x, y), options.val_fraction, options.seed)
         test = Split(x_test, y_test)
     else:
@@ -338,6 +341,17 @@ def read_num_classes(arrays: dict[str, np.ndarray], labels: Tensor) -> int:
     if declared > MAX_CLASSES:
         raise DataError(f"'num_classes' is {declared}; at most {MAX_CLASSES} classes are allowed")
     return declared
+
+
+def check_test_classes_occur_in_training(y: Tensor, y_test: Tensor) -> None:
+    """Without 'num_classes', a class of y_test that y never holds would be one the model is scored on
+    but cannot learn: most likely ids of another labelling."""
+    unseen = sorted(set(torch.unique(y_test).tolist()) - set(torch.unique(y).tolist()))
+    if unseen:
+        shown = ", ".join(str(c) for c in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
+        raise DataError(f"y_test holds {len(unseen)} class(es) that y never does ({shown}): the model could "
+                        "not learn them; give them training examples, or store 'num_classes' to declare "
+                        "classes without examples")
 
 
 def check_every_class_occurs(labels: Tensor) -> None:

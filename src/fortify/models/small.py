@@ -23,6 +23,9 @@ def small_cnn(spec: ModelSpec) -> nn.Module:
         layers.append(nn.MaxPool2d(2))
     layers += [nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
     scale = 4 if pool_first else 2
+    if height < scale or width < scale:  # the pooling would leave no feature for the head to read
+        raise ConfigError(f"small-cnn pools its input by {scale}: inputs of {height}x{width} are too small; "
+                          "choose another model (mlp takes any shape)")
     features = 64 * (height // scale) * (width // scale)
     layers += [nn.Flatten(), nn.Linear(features, 128), nn.ReLU(), nn.Linear(128, spec.num_classes)]
     return nn.Sequential(*layers)

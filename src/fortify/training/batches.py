@@ -126,5 +126,8 @@ def count_outputs(model: nn.Module, x: Tensor) -> int:
     try:
         device = next(model.parameters()).device
         return int(model(x.to(device)).shape[-1])
+    except RuntimeError as err:  # torch's own words, with the shape that caused them
+        raise ConfigError(f"the model cannot take inputs of shape {tuple(x.shape[1:])}: {err}; choose a "
+                          "model for this data (mlp takes any shape)") from None
     finally:
         restore_modes(modes)

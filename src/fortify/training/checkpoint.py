@@ -187,6 +187,17 @@ def load_weights(path: Path, model: nn.Module, expected_sha256: str | None = Non
             f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"wrong shape {wrong_shape[:5]}"
         )
+    # load_state_dict would cast an int32 or float64 tensor to the model's dtype without a word, and
+    # weights with a NaN would give a model that predicts no class: neither is a file fortify wrote
+    wrong_dtype = sorted(k for k in own if own[k].dtype != tensors[k].dtype)
+    if wrong_dtype:
+        name = wrong_dtype[0]
+        raise CheckpointError(f"{path} does not fit this model: {name!r} is {tensors[name].dtype}, the "
+                              f"model's is {own[name].dtype} (and {len(wrong_dtype) - 1} more)")
+    not_finite = sorted(k for k, t in tensors.items()
+                        if t.is_floating_point() and not bool(t.isfinite().all()))
+    if not_finite:
+        raise CheckpointError(f"{path} holds weights that are NaN or infinite: {not_finite[:5]}")
     model.load_state_dict(tensors)
 
 
