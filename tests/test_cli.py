@@ -130,6 +130,8 @@ def test_train_speed_flags_reach_the_config(tmp_path):
     (["--eps", 1.5], "beyond the box"),
     (["--norm", "l3"], "threat.norm"),
     (["--attack-steps", 0], "train.attack_steps"),
+    # a typo of many digits would train without end
+    (["--attack-steps", 10**20], "train.attack_steps: Input should be less than or equal to 10000"),
     (["--epochs", 0], "train.epochs"),
 ])
 def test_bad_training_settings(tmp_path, args, fragment):

@@ -113,7 +113,8 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["constant", "piecewise", "cosine", "cyclic"] = "cosine"
     eps_warmup_epochs: int = Field(0, ge=0)
-    attack_steps: int = Field(10, ge=1)
+    # upper bounds on step counts: a typo of many digits would otherwise run without end
+    attack_steps: int = Field(10, ge=1, le=10_000)
     attack_step_size: float | None = Field(None, gt=0)
     fgsm_ratio: float = Field(0.5, ge=0, le=1)
     trades_beta: float = Field(6.0, ge=0)
@@ -126,7 +127,7 @@ class TrainConfig(_Strict):
     noise_sigma: float = Field(0.25, gt=0, allow_inf_nan=False)  # `gaussian`: std of the training noise
     early_stopping: bool = True
     patience: int = Field(10, ge=1)
-    val_attack_steps: int = Field(10, ge=1)
+    val_attack_steps: int = Field(10, ge=1, le=10_000)
     grad_clip: float | None = Field(None, gt=0)
     amp: bool = False  # bf16 autocast for the training passes (CUDA, or a CPU with native bf16)
     seed: int = Field(0, ge=0, lt=2**63)  # what torch's generators take
@@ -158,7 +159,7 @@ class EvalConfig(_Strict):
     attacks: list[str] = Field(default_factory=lambda: ["fgsm", "pgd"])
     # "autoattack": APGD-CE, APGD-T, FAB-T, Square as a cascade (replaces `attacks`)
     preset: Literal["autoattack"] | None = None
-    steps: int | None = Field(None, ge=1)  # None: PGD 20, every other attack its paper's default
+    steps: int | None = Field(None, ge=1, le=1_000_000)  # None: PGD 20, every other its paper's default
     restarts: int | None = Field(None, ge=1)
     queries: int | None = Field(None, ge=1)  # query budget of the black-box attacks
     attack_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per attack name
@@ -244,7 +245,7 @@ class AnalysisConfig(_Strict):
 
     enabled: bool = True
     margin_examples: int = Field(100, ge=1)  # FMN minimal-norm search
-    margin_steps: int = Field(100, ge=1)
+    margin_steps: int = Field(100, ge=1, le=1_000_000)
     certify_examples: int = Field(100, ge=1)  # randomized smoothing
     # None: the model's train.noise_sigma when it trained with `gaussian` (its smoothing noise), else 0.25
     certify_sigma: float | None = Field(None, gt=0, allow_inf_nan=False)
