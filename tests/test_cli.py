@@ -384,7 +384,10 @@ def test_a_damaged_model_directory_is_refused(trained_dir, tmp_path, damage, fra
 @pytest.mark.parametrize("settings, fragment", [({"eval": {"eps_grid": [5.0]}}, "beyond the box"),
                                                 ({"eval": {"attack_options": {"pgd": {"steps": "abc"}}}},
                                                  "attack_options for 'pgd': steps='abc' must be a whole "
-                                                 "number")])
+                                                 "number"),
+                                                ({"eval": {"attack_options": {"apgd-ce": {"steps": 5}}}},
+                                                 "attack_options set options for ['apgd-ce'], which are not "
+                                                 "among the attacks to run (pgd)")])
 def test_bad_evaluation_settings_are_refused_before_attacking(trained_dir, tmp_path, settings, fragment):
     copy = _copy_of(trained_dir, tmp_path)
     (copy / "robustness.json").unlink(missing_ok=True)  # other tests evaluate the shared directory

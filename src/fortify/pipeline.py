@@ -518,8 +518,13 @@ def build_attacks(config: EvalConfig, threat: ThreatModel, num_classes: int,
     if unknown:
         raise ConfigError(f"attack_options names unknown attacks {sorted(unknown)}; "
                           f"valid names: {', '.join(ATTACKS.names())}")
+    names = attack_names(config)
+    unread = sorted(set(config.attack_options) - set(names))
+    if unread:  # they would be dropped silently, and the results would not be what was asked for
+        raise ConfigError(f"attack_options set options for {unread}, which are not among the attacks to "
+                          f"run ({', '.join(names)})")
     attacks: list[Attack] = []
-    for position, name in enumerate(attack_names(config)):
+    for position, name in enumerate(names):
         factory = ATTACKS.get(name)
         seed = config.seed + position
         if name == "transfer":

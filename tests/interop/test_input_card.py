@@ -73,6 +73,8 @@ def test_layout_errors(requested, declared, data, error, fragment):
     ({"mean": (0.5,)}, "give --mean and --std together"),
     ({"mean": (0.5, 0.5), "std": (1.0,)}, "2 means and 1 stds"),
     ({"mean": (0.5,), "std": (0.0,)}, "std must be a finite number > 0"),
+    ({"mean": (float("nan"),), "std": (1.0,)}, "every mean must be a finite number"),
+    ({"mean": (float("inf"),), "std": (1.0,)}, "every mean must be a finite number"),
     ({"layout": "hwc"}, "valid layouts: nchw, nhwc"),
 ])
 def test_bad_cards(kwargs, fragment):

@@ -50,6 +50,8 @@ class InputCard:
                                   f"means and {len(self.std)} stds")
             if not all(math.isfinite(s) and s > 0 for s in self.std):
                 raise ConfigError(f"every std must be a finite number > 0, got {self.std}")
+            if not all(math.isfinite(m) for m in self.mean):
+                raise ConfigError(f"every mean must be a finite number, got {self.mean}")
             object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
             object.__setattr__(self, "std", tuple(float(s) for s in self.std))
 
