@@ -126,6 +126,8 @@ def count_outputs(model: nn.Module, x: Tensor) -> int:
     try:
         device = next(model.parameters()).device
         return int(model(x.to(device)).shape[-1])
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError as err:  # torch's own words, with the shape that caused them
         raise ConfigError(f"the model cannot take inputs of shape {tuple(x.shape[1:])}: {err}; choose a "
                           "model for this data (mlp takes any shape)") from None

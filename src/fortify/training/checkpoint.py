@@ -191,9 +191,9 @@ def load_weights(path: Path, model: nn.Module, expected_sha256: str | None = Non
     # weights with a NaN would give a model that predicts no class: neither is a file fortify wrote
     wrong_dtype = sorted(k for k in own if own[k].dtype != tensors[k].dtype)
     if wrong_dtype:
-        name = wrong_dtype[0]
+        name, more = wrong_dtype[0], len(wrong_dtype) - 1
         raise CheckpointError(f"{path} does not fit this model: {name!r} is {tensors[name].dtype}, the "
-                              f"model's is {own[name].dtype} (and {len(wrong_dtype) - 1} more)")
+                              f"model's is {own[name].dtype}" + (f" (and {more} more)" if more else ""))
     not_finite = sorted(k for k, t in tensors.items()
                         if t.is_floating_point() and not bool(t.isfinite().all()))
     if not_finite:
