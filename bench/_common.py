@@ -44,6 +44,8 @@ class ForwardCounter(nn.Module):
     ``loss.backward()`` or ``torch.autograd.grad``: both run the model's backward once.
     """
 
+    mode_independent = True  # its forward never reads self.training (fortify.models.modes)
+
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner

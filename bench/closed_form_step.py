@@ -11,6 +11,10 @@ gradients and the median milliseconds per step.
 
     taskset -c 1 .venv/bin/python bench/closed_form_step.py --threads 1 --loss ce
     taskset -c 1 .venv/bin/python bench/closed_form_step.py --threads 1 --loss kl
+    taskset -c 1 .venv/bin/python bench/closed_form_step.py --threads 1 --loss apgd-ce
+
+``apgd-ce`` times APGD-CE's pass (``APGD._evaluate``: logits, per-example loss and input gradient),
+which takes the closed form as PGD does, against the same pass through the loss.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import Tensor
 
 from _common import NUM_CLASSES, print_provenance
 from fortify.attacks import PGD
+from fortify.attacks.apgd import APGD
 from fortify.models import build_model
 from fortify.models.layout import to_channels_last
 from fortify.threat import ThreatModel
@@ -42,6 +47,23 @@ def cross_entropy_steps(model: torch.nn.Module, x: Tensor, y: Tensor) -> dict[st
 
     def closed_form(point: Tensor) -> Tensor:
         return attack.gradient_and_logits(model, point, y, None)[0]
+    return {"through the loss": through_the_loss, "closed form": closed_form}
+
+
+class _APGDThroughTheLoss(APGD):
+    def closed_form_applies(self, model: torch.nn.Module) -> bool:
+        return False
+
+
+def apgd_steps(model: torch.nn.Module, x: Tensor, y: Tensor) -> dict[str, Step]:
+    threat = ThreatModel("linf", 0.1)
+    closed, through = APGD(threat), _APGDThroughTheLoss(threat)
+
+    def through_the_loss(point: Tensor) -> Tensor:
+        return through._evaluate(model, point, y, None, need_grad=True)[2]
+
+    def closed_form(point: Tensor) -> Tensor:
+        return closed._evaluate(model, point, y, None, need_grad=True)[2]
     return {"through the loss": through_the_loss, "closed form": closed_form}
 
 
@@ -63,7 +85,7 @@ def kl_steps(model: torch.nn.Module, x: Tensor, y: Tensor) -> dict[str, Step]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--loss", choices=("ce", "kl"), default="ce")
+    parser.add_argument("--loss", choices=("ce", "kl", "apgd-ce"), default="ce")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=300, help="steps per timed block")
     parser.add_argument("--blocks", type=int, default=11)
@@ -76,7 +98,8 @@ def main() -> None:
     x = torch.rand(args.batch, 1, 8, 8).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, NUM_CLASSES, (args.batch,))
     point = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
-    ways = (cross_entropy_steps if args.loss == "ce" else kl_steps)(model, x, y)
+    steps_of = {"ce": cross_entropy_steps, "kl": kl_steps, "apgd-ce": apgd_steps}[args.loss]
+    ways = steps_of(model, x, y)
 
     def step(name: str) -> Tensor:
         return ways[name](point.clone().requires_grad_(True))

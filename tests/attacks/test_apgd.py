@@ -216,6 +216,45 @@ def test_no_forward_pass_is_spent_on_bookkeeping(standard_model, digits):
     assert counted.passes == 1 + 4 * (7 + 1)
 
 
+# -- the closed-form cross-entropy step ---------------------------------------------------------
+
+class _APGDThroughTheLoss(APGD):
+    """APGD that differentiates through the loss, as before the closed form."""
+
+    def closed_form_applies(self, model):
+        return False
+
+
+class _SpyAPGD(APGD):
+    """Counts the passes that took the closed form."""
+
+    closed_form_passes = 0
+
+    def gradient_and_logits(self, model, point, y, target):
+        type(self).closed_form_passes += 1
+        return super().gradient_and_logits(model, point, y, target)
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_apgd_ce_on_the_closed_form_returns_the_points_of_the_gradient_through_the_loss(targeted):
+    # Prepare: a float64 MLP, so the two gradients differ by rounding alone
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5)).double()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(48, 12, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (48,), generator=gen)
+    target = (y + 1 + torch.randint(0, 4, (48,), generator=gen)) % 5 if targeted else None
+    threat = ThreatModel("linf", 0.05)
+    # Execute
+    _SpyAPGD.closed_form_passes = 0
+    settings = {"n_iter": 12, "restarts": 2, "targeted": targeted}
+    closed = _SpyAPGD(threat, **settings)(model, x, y, target=target)
+    through = _APGDThroughTheLoss(threat, **settings)(model, x, y, target=target)
+    # Assert: the closed form ran, and every returned point is the reference one
+    assert _SpyAPGD.closed_form_passes > 0
+    assert torch.allclose(closed, through, rtol=0, atol=1e-12) and not torch.equal(closed, x)
+
+
 # -- settings and registry ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [({"loss": "hinge"}, "'hinge'"), ({"n_iter": 0}, "n_iter"),

@@ -64,7 +64,8 @@ def _record_crafted(objective: object) -> list[torch.Tensor]:
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 @pytest.mark.parametrize("name", DP_OBJECTIVES)
-def test_per_sample_gradients_equal_a_loop_over_single_examples(digits: Dataset, name: str) -> None:
+def test_per_sample_gradients_equal_a_loop_over_single_examples(digits: Dataset, name: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: a small CNN (conv and linear grad samplers), its plain twin, a batch of 6
     torch.manual_seed(0)
     model = build_model("small-cnn", digits.input_shape, digits.num_classes)
@@ -82,6 +83,9 @@ def test_per_sample_gradients_equal_a_loop_over_single_examples(digits: Dataset,
         assert len(crafted) == 1 and (crafted[0] - x).abs().max() > 0.05
         batch_adv = crafted[0]
         trainer.objective.craft = lambda m, xi, yi: batch_adv[index:index + 1]  # type: ignore[attr-defined]
+        # the plain twin would let TRADES craft from its one clean pass instead (the hooked model
+        # takes the paper's two passes through ``craft``)
+        monkeypatch.setattr("fortify.training.trades.runs_alike_in_both_modes", lambda model: False)
     for index in range(len(x)):
         loss = trainer.objective(reference, x[index:index + 1], y[index:index + 1])
         expected = torch.autograd.grad(loss, list(reference.parameters()))

@@ -154,6 +154,64 @@ def test_trades_trains_on_the_points_of_its_kl_attack():
     assert torch.equal(loss, trades.loss_on(model, x, y, x_adv))
 
 
+def _counting_passes_of(model: nn.Module):
+    """A global forward hook (not the model's own, which would make it count as mode-dependent)
+    that counts the passes of ``model``; remove the handle afterwards."""
+    calls = []
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, output: calls.append(module.training) if module is model else None)
+    return calls, handle
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_trades_passes_the_clean_batch_once_when_the_model_runs_alike_in_both_modes(dropout):
+    # Prepare: a model of plain layers, and one with a dropout (which must keep the paper's passes)
+    torch.manual_seed(0)
+    layers = [nn.Linear(10, 32), nn.ReLU()] + ([nn.Dropout(0.0)] if dropout else []) + [nn.Linear(32, 3)]
+    model = nn.Sequential(*layers).train()
+    x, y = _tiny_problem(8)
+    trades = build_objective("trades", MethodOptions(THREAT, attack_steps=4))
+    calls, handle = _counting_passes_of(model)
+    # Execute
+    try:
+        trades(model, x, y)
+    finally:
+        handle.remove()
+    # Assert: the attack's steps in eval mode; the clean pass in eval mode too only with the dropout
+    expected = [False] + [False] * 4 + [True, True] if dropout else [True] + [False] * 4 + [True]
+    assert calls == expected
+
+
+def test_trades_with_one_clean_pass_trains_to_the_weights_of_the_papers_passes(monkeypatch):
+    # Prepare: small-cnn, trained with channels_last (the CPU default, whose layout hook must not
+    # count as mode-dependent), twice: the second time made to take the paper's passes
+    x = torch.rand(48, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (48,), generator=torch.Generator().manual_seed(2))
+    split = Split(x, y)
+    passes = []
+
+    def train() -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_model("small-cnn", (1, 8, 8), 3)
+        calls, handle = _counting_passes_of(model)
+        objective = build_objective("trades", MethodOptions(THREAT, attack_steps=3))
+        config = TrainConfig(objective="trades", epochs=2, batch_size=16, early_stopping=False)
+        try:
+            Trainer(model, objective, config, threat=THREAT, show_progress=False).fit(split, split.head(16))
+        finally:
+            handle.remove()
+        passes.append(len(calls))
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    one_pass = train()
+    monkeypatch.setattr("fortify.training.trades.runs_alike_in_both_modes", lambda model: False)
+    paper = train()
+    # Assert: one pass fewer per batch (3 batches, 2 epochs), and the same weights to rounding
+    assert passes[1] - passes[0] == 6
+    for name, weights in one_pass.items():
+        assert torch.allclose(weights, paper[name], rtol=0, atol=1e-6), name
+
+
 def test_kl_attack_stays_in_the_threat_model_and_raises_the_kl_above_its_start():
     # Prepare
     model = _mlp()

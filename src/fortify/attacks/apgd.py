@@ -279,6 +279,12 @@ class APGD(Attack):
                 loss, logits = self.loss_and_logits(model, point, y, target, loss_of)
                 return logits, loss, None
         point = point.detach().requires_grad_(True)
+        if self.loss == "ce" and self.closed_form_applies(model):
+            # the cross-entropy's gradient in the logits has a closed form; its value comes
+            # from the same logits, so the loss APGD tracks is the one the graph would give
+            grad, logits = self.gradient_and_logits(model, point, y, target)
+            logits = logits.detach()
+            return logits, loss_of(logits), grad
         loss, logits = self.loss_and_logits(model, point, y, target, loss_of)
         (grad,) = torch.autograd.grad(loss.sum(), point)
         return logits.detach(), loss.detach(), grad

@@ -169,6 +169,11 @@ class Attack(ABC):
         logits = model(point)
         return per_example(logits), logits
 
+    def closed_form_applies(self, model: nn.Module) -> bool:
+        """Whether ``gradient_and_logits`` may step on the cross-entropy's closed-form logit gradient:
+        the attack keeps the cross-entropy ``objective`` and the model runs once per pass."""
+        return type(self).objective is Attack.objective and not hasattr(model, "average_objective")
+
     def gradient_and_logits(self, model: nn.Module, point: Tensor, y: Tensor,
                             target: Tensor | None) -> tuple[Tensor, Tensor]:
         """Gradient of the summed ``objective`` in ``point`` (which requires grad), and the logits.
@@ -179,7 +184,7 @@ class Attack(ABC):
         loss's log-softmax, gather and sum; the input gradient is the same to rounding. Any other
         objective, and a model that averages samples (``EOT``), goes through the loss.
         """
-        if type(self).objective is not Attack.objective or hasattr(model, "average_objective"):
+        if not self.closed_form_applies(model):
             loss, logits = self.loss_and_logits(model, point, y, target)
             (grad,) = torch.autograd.grad(loss.sum(), point)
             return grad, logits

@@ -12,6 +12,23 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from fortify.models.normalize import Normalize
+
+# Layers whose forward pass never reads ``self.training``: a model built from these alone, in any
+# nesting of nn.Sequential, computes the same function in training and in eval mode. The types are
+# matched exactly, since a subclass may override ``forward``.
+_MODE_INDEPENDENT_TYPES = frozenset({
+    nn.Sequential, nn.Identity, nn.Flatten, nn.Unflatten, Normalize,
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.LayerNorm, nn.GroupNorm,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardtanh, nn.Tanh, nn.Sigmoid, nn.Softplus,
+})
+# fortify's own forward pre-hook of channels_last models (models.layout), which changes no value
+_VALUE_PRESERVING_HOOKS = frozenset({"_gradient_in_input_layout"})
+
 Modes = list[tuple[nn.Module, bool]]
 
 
@@ -35,3 +52,24 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         restore_modes(modes)
+
+
+def runs_alike_in_both_modes(model: nn.Module) -> bool:
+    """Whether ``model`` is known to compute the same function in training and in eval mode.
+
+    True only for a model made of the layers listed above, and of modules whose class declares
+    ``mode_independent = True`` (its own ``forward`` never reads ``self.training``; its children
+    are checked in turn), with no forward hooks other than fortify's layout hook. Anything else
+    (batch norm, dropout, a module with an undeclared ``forward`` of its own, a wrapper such as DDP,
+    Opacus or ``torch.compile``) counts as mode-dependent.
+    """
+    return all(_declared_or_listed(module) and not _has_foreign_hooks(module) for module in model.modules())
+
+
+def _declared_or_listed(module: nn.Module) -> bool:
+    return type(module) in _MODE_INDEPENDENT_TYPES or vars(type(module)).get("mode_independent") is True
+
+
+def _has_foreign_hooks(module: nn.Module) -> bool:
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+    return any(getattr(hook, "__name__", None) not in _VALUE_PRESERVING_HOOKS for hook in hooks)

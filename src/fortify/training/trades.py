@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortify.attacks import Attack
-from fortify.attacks.base import check_positive_int
+from fortify.attacks.base import attacking, check_positive_int
 from fortify.errors import ConfigError
+from fortify.models.modes import runs_alike_in_both_modes
 from fortify.threat import LOW_PRECISION, ThreatModel
 from fortify.training.objectives import ObjectiveOptions, at_least_fp32, scaled_step_size
 from fortify.training.paired import PairedObjective, check_non_negative, kl_to_clean
@@ -49,7 +50,14 @@ class KLAttack(Attack):
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
                 generator: torch.Generator) -> Tensor:
         with torch.no_grad():
-            clean_probs = F.softmax(at_least_fp32(model(x)), dim=1)
+            clean_logits = model(x)
+        return self.ascend(model, x, clean_logits, generator)
+
+    def ascend(self, model: nn.Module, x: Tensor, clean_logits: Tensor,
+               generator: torch.Generator) -> Tensor:
+        """The ascent from ``x`` away from the distribution of ``clean_logits`` (the model's at ``x``,
+        in eval mode); the caller runs it under ``attacking(model)``, as ``run`` does ``perturb``."""
+        clean_probs = F.softmax(at_least_fp32(clean_logits.detach()), dim=1)
         x_adv = self.threat.project(x + self._start_noise(x, generator), x)
         for _ in range(self.steps):
             point = x_adv.requires_grad_(True)
@@ -82,9 +90,21 @@ class TradesObjective(PairedObjective):
         return KLAttack(threat, steps=self.options.attack_steps,
                         step_size=scaled_step_size(self.options, threat))
 
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        if not runs_alike_in_both_modes(model):
+            return super().__call__(model, x, y)
+        # The attack's clean distribution (eval mode) and the loss's clean logits (training mode)
+        # are the same numbers for such a model: one pass serves both, one forward pass fewer per batch.
+        clean_logits = model(x)
+        with attacking(model):
+            x_adv = self.attack.ascend(model, x.detach(), clean_logits, self.generator(x.device))
+        return self._loss(clean_logits, y, model(x_adv))
+
     def loss_on(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> Tensor:
         # two forward passes, as in the paper: concatenating would mix BatchNorm statistics
         clean_logits = model(x)
-        adv_logits = model(x_adv)
+        return self._loss(clean_logits, y, model(x_adv))
+
+    def _loss(self, clean_logits: Tensor, y: Tensor, adv_logits: Tensor) -> Tensor:
         return self.cross_entropy(clean_logits, y) + self.beta * kl_to_clean(clean_logits, adv_logits).mean()
 

@@ -1,0 +1,78 @@
+"""Which models compute the same function in training and in eval mode (``runs_alike_in_both_modes``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fortify.models import Normalize, build_model
+from fortify.models.layout import channels_last
+from fortify.models.modes import runs_alike_in_both_modes
+
+
+class _OwnForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.linear(x) * (2.0 if self.training else 1.0)
+
+
+class _LinearOfItsOwn(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) + (1.0 if self.training else 0.0)
+
+
+@pytest.mark.parametrize("make, alike", [
+    (lambda: build_model("small-cnn", (1, 8, 8), 3), True),
+    (lambda: Normalize(build_model("mlp", (1, 8, 8), 3), [0.5], [0.2]), True),
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.GELU(), nn.Linear(4, 2)), True),
+    (lambda: build_model("preact-resnet18", (3, 32, 32), 10), False),  # batch norm
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 2)), False),
+    (lambda: nn.Sequential(nn.Linear(4, 4), _OwnForward()), False),  # a forward of its own
+    (lambda: nn.Sequential(_LinearOfItsOwn(4, 2)), False),  # a subclass of a listed layer
+])
+def test_only_models_of_mode_independent_layers_count_as_running_alike(make, alike):
+    assert runs_alike_in_both_modes(make()) is alike
+
+
+def test_the_models_refused_do_compute_other_functions_in_the_two_modes():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    x = torch.rand(64, 4, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(model.train()(x), model.eval()(x))  # what the check must catch
+    model = nn.Sequential(_LinearOfItsOwn(4, 2))
+    assert not torch.equal(model.train()(x), model.eval()(x))
+
+
+def test_a_hook_of_the_callers_makes_a_model_mode_dependent_and_fortifys_layout_hook_does_not():
+    model = build_model("small-cnn", (1, 8, 8), 3)
+    with channels_last(model):
+        assert runs_alike_in_both_modes(model)  # the nn.Flatten gradient hook changes no value
+    handle = model[0].register_forward_hook(lambda module, inputs, output: output * 2)
+    assert not runs_alike_in_both_modes(model)
+    handle.remove()
+    assert runs_alike_in_both_modes(model)
+
+
+class _Declared(nn.Module):
+    mode_independent = True
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class _InheritsTheDeclaration(_Declared):
+    def forward(self, x):
+        return self.inner(x) * (2.0 if self.training else 1.0)
+
+
+def test_a_module_of_its_own_may_declare_itself_mode_independent_for_itself_alone():
+    assert runs_alike_in_both_modes(_Declared(nn.Linear(4, 2)))
+    assert not runs_alike_in_both_modes(_Declared(nn.Dropout(0.1)))  # its children are still checked
+    assert not runs_alike_in_both_modes(_InheritsTheDeclaration(nn.Linear(4, 2)))  # a subclass must say so
