@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -470,12 +471,27 @@ def test_an_empty_dataset_name_is_refused_not_read_as_the_default(tmp_path):
     ("train:\n  epochs: true\n", "train.epochs: Value error, a number"),
     ("train:\n  early_stopping: 10\n", "train.early_stopping: Value error, true or false is expected"),
     ("train:\n  epochs: 3\n  epochs: 5\n", "'epochs' is given twice"),
+    ("train: " + "[" * 5000 + "]" * 5000 + "\n", "nests its values deeper than a config does"),
 ])
 def test_config_values_yaml_would_misread_are_refused(tmp_path, text, fragment):
     config = tmp_path / "c.yaml"
     config.write_text(text)
     out = tmp_path / "out"
     _assert_clean_error(_invoke("train", "--config", config, "--out", out), fragment, not_created=out)
+
+
+def test_yaml_merge_keys_read_as_yaml_reads_them(tmp_path):
+    # `<<: *anchor` was refused as "not valid YAML" by the check for keys given twice
+    from fortify.config import load_yaml
+    from fortify.errors import ConfigError
+
+    text = "base: &base {epochs: 1, lr: 0.1}\ntrain:\n  <<: *base\n  lr: 0.01\n"
+    (tmp_path / "merge.yaml").write_text(text)
+    merged = load_yaml(tmp_path / "merge.yaml")["train"]
+    assert merged == {"epochs": 1, "lr": 0.01} == yaml.safe_load(text)["train"]
+    (tmp_path / "twice.yaml").write_text("train:\n  lr: 1\n  lr: 2\n")
+    with pytest.raises(ConfigError, match="given twice"):
+        load_yaml(tmp_path / "twice.yaml")
 
 
 @pytest.mark.parametrize("text, flags, fragment", [
@@ -894,9 +910,35 @@ def test_a_preset_refuses_the_flags_it_would_override_and_records_what_it_runs(t
                         "--attacks does not apply to it")
     _assert_clean_error(_invoke("evaluate", trained_dir, "--preset", "autoattack", "--no-cascade"),
                         "--no-cascade does not apply to it")
-    # from a config file: the recorded settings name the attacks that ran, in a cascade
-    config = EvalConfig(preset="autoattack", attacks=["fgsm"], cascade=False)
+    # from a config file: refused as well; the recorded settings name the attacks that ran, in a
+    # cascade, and read back as they are
+    for given in ({"attacks": ["fgsm"]}, {"cascade": False}):
+        with pytest.raises(ValueError, match="preset 'autoattack'"):
+            EvalConfig(preset="autoattack", **given)
+    config = EvalConfig(preset="autoattack")
     assert (config.attacks, config.cascade) == (["apgd-ce", "apgd-t", "fab-t", "square"], True)
+    assert EvalConfig(**config.model_dump()) == config
+
+
+def test_attacks_asked_for_replace_the_preset_a_model_was_trained_under(tmp_path):
+    from fortify.config import RunConfig
+    from fortify.pipeline import evaluation_config
+
+    # Prepare: a model directory whose config evaluates with the AutoAttack preset
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    recorded = RunConfig.model_validate({"eval": {"preset": "autoattack"}}).model_dump(mode="json")
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    file = tmp_path / "fgsm.yaml"
+    file.write_text("eval:\n  attacks: [fgsm, pgd]\n")
+    # Execute: the attacks from the flags, and from a config file
+    by_flag = evaluation_config(model_dir, None, {"eval": {"attacks": ["fgsm"]}}).eval
+    by_file = evaluation_config(model_dir, file, {}).eval
+    kept = evaluation_config(model_dir, None, {"eval": {"n_examples": 50}}).eval
+    # Assert: they ran the preset's four attacks, cascaded, in place of the ones asked for
+    assert (by_flag.preset, by_flag.attacks, by_flag.cascade) == (None, ["fgsm"], False)
+    assert (by_file.preset, by_file.attacks, by_file.cascade) == (None, ["fgsm", "pgd"], False)
+    assert (kept.preset, kept.cascade) == ("autoattack", True)
 
 
 @pytest.mark.parametrize("objective", ["trades", "no-such-objective"])
@@ -915,6 +957,17 @@ def test_run_refuses_a_train_objective_it_would_ignore(tmp_path, objective):
 ])
 def test_a_generic_flag_no_chosen_attack_reads_is_refused(trained_dir, flags, fragment):
     _assert_clean_error(_invoke("evaluate", trained_dir, *flags), fragment)
+
+
+def test_a_surrogate_of_other_data_is_refused_before_any_attack(trained_dir, tmp_path):
+    # Prepare: a surrogate whose card says it scores 2 classes of 30 features
+    surrogate = tmp_path / "tabular"
+    shutil.copytree(trained_dir, surrogate)
+    card = json.loads((surrogate / "model.json").read_text())
+    (surrogate / "model.json").write_text(json.dumps({**card, "input_shape": [30], "num_classes": 2}))
+    # Execute / Assert: named up front, not as "the model does not run" in the middle of the attacks
+    _assert_clean_error(_invoke("evaluate", trained_dir, "--attacks", "transfer", "--surrogate", surrogate),
+                        f"{surrogate} takes inputs of shape (30,) and scores 2 classes")
 
 
 @pytest.mark.parametrize("command", ["evaluate", "run"])

@@ -602,7 +602,7 @@ def _model_file_out_dir(out: Path | None, path: Path, source: dict[str, Any]) ->
         return fresh_out_dir(out, f"{path.stem}-eval", resume=False)
     try:
         recorded = json.loads((journal_dir / _EVALUATED_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         recorded = None
     if recorded != source:
         raise ConfigError(f"{out} holds an unfinished evaluation of another model file or input card "

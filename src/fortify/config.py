@@ -185,6 +185,17 @@ class EvalConfig(_Strict):
                 _check_finite(f"{attack}.{key}", value)
         return options
 
+    def _check_preset_overrides_nothing_given(self) -> None:
+        """A preset runs its own attacks, cascaded: an attack list or ``cascade: false`` given beside
+        it would be replaced without a word (a dumped config holds the preset's own list: accepted)."""
+        given = self.model_fields_set
+        if "attacks" in given and list(self.attacks) != list(PRESETS[self.preset]):
+            raise ValueError(f"preset {self.preset!r} runs {', '.join(PRESETS[self.preset])}, not the "
+                             f"attacks given beside it ({', '.join(self.attacks)}); give one of preset "
+                             "and attacks")
+        if "cascade" in given and not self.cascade:
+            raise ValueError(f"preset {self.preset!r} cascades its attacks; cascade: false does not apply")
+
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
         if self.eps_grid is not None and any(e <= 0 for e in self.eps_grid):
@@ -194,6 +205,7 @@ class EvalConfig(_Strict):
         if not self.attacks:
             raise ValueError("attacks must name at least one attack")
         if self.preset is not None:
+            self._check_preset_overrides_nothing_given()
             # a preset replaces the attack list and cascades: record what runs, not what was replaced
             self.__dict__.update(attacks=list(PRESETS[self.preset]), cascade=True)
         twice = sorted({name for name in self.attacks if self.attacks.count(name) > 1})
@@ -327,6 +339,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a merge key (<<: *anchor); keys given beside it may override the merged ones
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, (str, int, float, bool)):
                 continue  # an unhashable key: the base class reports it
@@ -394,6 +408,8 @@ def load_yaml(path: Path | str, kind: str = "config") -> Any:
         raise ConfigError(f"{kind} file {path} is not UTF-8 text") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{kind} file {path} is not valid YAML: {one_line_yaml_error(err)}") from None
+    except RecursionError:
+        raise ConfigError(f"{kind} file {path} nests its values deeper than a {kind} does") from None
 
 
 def one_line_yaml_error(err: yaml.YAMLError) -> str:

@@ -136,8 +136,12 @@ def prepare(config: RunConfig, device: str = "auto", objectives: tuple[str, ...]
     for eps in config.eval.eps_grid or ():  # the robustness curve's budgets, checked before any attack
         threat.with_eps(eps)
     surrogate = config.eval.surrogate
-    if surrogate is not None and not (Path(surrogate) / MODEL_CARD).is_file():
-        raise CheckpointError(f"surrogate {surrogate} holds no trained fortify model ({MODEL_CARD} missing)")
+    if surrogate is not None:
+        if not (Path(surrogate) / MODEL_CARD).is_file():
+            raise CheckpointError(f"surrogate {surrogate} holds no trained fortify model ({MODEL_CARD} "
+                                  "missing)")
+        # a surrogate of other data would only fail in the middle of the evaluation
+        check_data_fits_model(read_model_card(Path(surrogate) / MODEL_CARD), dataset, Path(surrogate))
     # a stand-in surrogate: this only checks names and options before any file is written
     build_attacks(config.eval, threat, dataset.num_classes,
                   surrogate=nn.Identity() if surrogate is not None else None)
@@ -269,7 +273,7 @@ def read_model_card(path: Path) -> dict[str, Any]:
     """model.json, checked for the fields that rebuild the architecture."""
     try:
         card = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"{path} is not a readable model card ({err})") from None
     return check_model_card(card, str(path))
 
@@ -367,10 +371,25 @@ def evaluation_config(model_dir: Path, config_path: Path | None, overrides: dict
             raise ConfigError(f"{model_dir} has no config.yaml; pass --config")
         return load_config(config_path, overrides)
     own = load_config(own_path)
-    layered = config_from_dict(own.model_dump(mode="json"), read_yaml_mapping(config_path))
+    in_file = read_yaml_mapping(config_path)
+    recorded = own.model_dump(mode="json")
+    if recorded["eval"]["preset"] is not None and (_chooses_attacks(in_file) or _chooses_attacks(overrides)):
+        # the attacks asked for now replace a preset the model was trained under, as they would
+        # replace its attack list; the cascade it forced goes with it
+        recorded["eval"].update(preset=None, cascade=EvalConfig.model_fields["cascade"].default)
+    layered = config_from_dict(recorded, in_file)
     config = config_from_dict(layered.model_dump(mode="json"), overrides)
     check_evaluated_as_trained(model_dir, own, config)
     return config
+
+
+def _chooses_attacks(settings: dict[str, Any]) -> bool:
+    """Whether ``settings`` (a config file's or the flags') choose attacks or the cascade without
+    naming a preset."""
+    section = settings.get("eval")
+    if not isinstance(section, dict) or "preset" in section:
+        return False
+    return bool({"attacks", "cascade"} & set(section))
 
 
 def encoding_for_other_table(model_dir: Path, config: RunConfig) -> dict[str, Any] | None:
@@ -386,7 +405,7 @@ def encoding_for_other_table(model_dir: Path, config: RunConfig) -> dict[str, An
         return None
     try:  # load_trained_model checks the card against its hash before any result is written
         return json.loads(card_path.read_text()).get("input_encoding")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
 
 
@@ -470,7 +489,7 @@ def attack_names(config: EvalConfig) -> list[str]:
 
 
 # the attacks that read each of the generic eval settings (evaluate's --steps, ... flags)
-SETTING_READERS = {"steps": tuple(_ITERATIONS), "restarts": _RESTARTS, "queries": tuple(_QUERIES),
+SETTING_READERS = {"steps": (*_ITERATIONS, "transfer"), "restarts": _RESTARTS, "queries": tuple(_QUERIES),
                    "surrogate": ("transfer",)}
 
 
@@ -531,7 +550,10 @@ def build_attacks(config: EvalConfig, threat: ThreatModel, num_classes: int,
             if surrogate is None:
                 raise ConfigError("the transfer attack needs a surrogate: set eval.surrogate "
                                   "(--surrogate MODEL_DIR) to a model trained by fortify")
-            source = PGD(threat, steps=config.steps or DEFAULT_PGD_STEPS, seed=seed)
+            # the source attack on the surrogate is PGD: it reads --steps and PGD's attack_options
+            options = config.attack_options.get(name, {})
+            check_option_types(name, PGD, options)
+            source = PGD(threat, **{"steps": config.steps or DEFAULT_PGD_STEPS, "seed": seed, **options})
             attacks.append(Transfer(source, surrogate))
             continue
         check_option_types(name, factory, config.attack_options.get(name, {}))

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
 
 from fortify.attacks import PGD
 from fortify.attacks.transfer import Transfer
+from fortify.config import EvalConfig
+from fortify.errors import ConfigError
 from fortify.evaluation import evaluate
+from fortify.pipeline import SETTING_READERS, build_attacks
 from fortify.threat import ThreatModel
 
 THREAT = ThreatModel("linf", 0.2)
@@ -49,3 +54,15 @@ def test_transfer_from_a_robust_surrogate_breaks_most_of_a_standard_target(stand
     report = evaluate(standard_model, x, y, [Transfer(PGD(THREAT, steps=10), surrogate=robust_model)], THREAT)
     assert report.clean_accuracy > 0.95
     assert report.attacks[0].adversarial_accuracy < 0.45
+
+
+def test_the_transfer_attacks_pgd_reads_steps_and_its_attack_options():
+    # --steps was refused for transfer, and its attack_options were dropped without a word
+    config = EvalConfig(attacks=["transfer"], steps=7, surrogate="elsewhere",
+                        attack_options={"transfer": {"restarts": 2}})
+    (attack,) = build_attacks(config, ThreatModel("linf", 0.1), 10, surrogate=nn.Identity())
+    assert (attack.source_attack.steps, attack.source_attack.restarts) == (7, 2)
+    assert "transfer" in SETTING_READERS["steps"]
+    bogus = config.model_copy(update={"attack_options": {"transfer": {"bogus": 1}}})
+    with pytest.raises(ConfigError, match="attack_options for 'transfer': unknown option 'bogus'"):
+        build_attacks(bogus, ThreatModel("linf", 0.1), 10, surrogate=nn.Identity())

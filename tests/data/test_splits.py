@@ -19,10 +19,12 @@ from fortify.errors import ConfigError
 def test_the_three_index_sets_are_disjoint_and_cover_every_example(n, val, test, seed, with_test):
     test = test if with_test else 0.0
     assume(val + test < 1)
-    try:
-        train, validation, held_out = split_indices(n, val, test, seed, with_test=with_test)
-    except ConfigError:  # a fraction that empties a split; the message is tested elsewhere
+    n_val, n_test = round(n * val), round(n * test)
+    if n_val == 0 or (with_test and n_test == 0) or n_val + n_test >= n:  # a split would be empty
+        with pytest.raises(ConfigError, match="leaves no|leave no training"):
+            split_indices(n, val, test, seed, with_test=with_test)
         return
+    train, validation, held_out = split_indices(n, val, test, seed, with_test=with_test)
     together = torch.cat([train, validation, held_out])
     assert sorted(together.tolist()) == list(range(n))  # each example exactly once
     assert len(validation) == round(n * val) and len(held_out) == round(n * test)
@@ -67,3 +69,13 @@ def test_a_split_depends_on_its_seed_alone(seed):
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not torch.equal(first[0], other[0])
 
+
+
+@pytest.mark.parametrize("n", [7, 10, 1797, 3597, 100_000])
+def test_the_share_an_empty_split_error_suggests_makes_one_example(n):
+    # it once suggested 0.5 / n, which rounds to no example (round half to even), and 0.05 of 10
+    with pytest.raises(ConfigError, match="use at least") as caught:
+        split_indices(n, 1e-9, 0.3, seed=0)
+    suggested = float(str(caught.value).rsplit("use at least ", 1)[1])
+    train, validation, _ = split_indices(n, suggested, 0.3, seed=0)
+    assert len(validation) >= 1

@@ -228,9 +228,13 @@ def test_gaussian_noise_has_the_stated_spread_and_is_seeded():
     (lambda: RandomResizePad(nn.Identity(), bounds=(1, 0)), r"with low < high, got \(1, 0\)"),
     (lambda: DefensiveDistillation(nn.Identity(), temperature=True),
      "temperature must be a finite number > 0"),
+    (lambda: GaussianNoise(nn.Identity(), seed="abc"), "seed must be an integer in 0.."),
+    (lambda: RandomResizePad(nn.Identity(), seed=1.5), "seed must be an integer in 0.."),
+    (lambda: GaussianNoise(nn.Identity(), seed=True), "seed must be an integer in 0.."),
+    (lambda: GaussianNoise(nn.Identity(), seed=None), "seed must be an integer in 0.."),
 ], ids=["jpeg-nan", "jpeg-bool", "jpeg-str", "bits-none", "bits-inf", "scale-bool", "scale-nan",
         "sigma-bool", "sigma-none", "bounds-three", "bounds-none", "bounds-inf", "bounds-reversed",
-        "temperature-bool"])
+        "temperature-bool", "seed-text", "seed-fraction", "seed-bool", "seed-none"])
 def test_bad_defence_settings_are_config_errors_naming_the_valid_range(make, message):
     with pytest.raises(ConfigError, match=message):
         make()
@@ -247,6 +251,37 @@ def test_whole_valued_settings_are_accepted_as_numbers():
 def test_an_input_transform_defence_refuses_integer_inputs():
     with pytest.raises(DataError, match="takes floating-point inputs"):
         GaussianNoise(nn.Identity())(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_an_input_transform_defence_refuses_non_finite_inputs(value):
+    x = torch.rand(2, 1, 8, 8)
+    x[1, 0, 3, 3] = value
+    with pytest.raises(DataError, match="JPEGCompression got NaN or infinite inputs"):
+        JPEGCompression(nn.Identity())(x)  # it clamped inf to the top of the box and went on
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GaussianNoise(nn.Identity()),
+    lambda: RandomResizePad(nn.Identity()),
+], ids=["gaussian-noise", "random-resize-pad"])
+def test_a_random_defence_draws_from_its_own_seeded_stream_and_leaves_the_global_one(make):
+    x = torch.rand(4, 1, 8, 8)
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    first, again = make()(x), make()(x)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's random state is untouched
+    assert torch.equal(first, again)  # seed 0 unless given: two fresh defences draw alike
+
+
+def test_jpeg_stays_jpeg_when_the_module_is_cast_to_half_precision():
+    # a bf16 cast rounded the DCT matrix, and 32% of the pixels came out other than JPEG's
+    x = torch.rand(4, 3, 16, 16)
+    for half in (torch.bfloat16, torch.float16):
+        reference = JPEGCompression(nn.Identity(), quality=75)(x.to(half))
+        cast = JPEGCompression(nn.Identity(), quality=75).to(half)
+        assert cast.dct.dtype == torch.float32
+        assert torch.equal(cast(x.to(half)), reference)
 
 
 def test_distillation_keeps_decisions_and_saturates_the_softmax(standard_model, digits):
@@ -275,6 +310,8 @@ def test_distillation_loss_is_the_soft_label_cross_entropy():
     assert torch.allclose(loss, expected, atol=1e-6)
     with pytest.raises(ConfigError, match="temperature"):
         distillation_loss(student, teacher, 0)
+    with pytest.raises(DataError, match=r"must both have shape \(N, classes\), got \(8, 5\) and \(8, 4\)"):
+        distillation_loss(student, teacher[:, :4], t)
 
 
 def test_the_registry_builds_every_defence_and_lists_names_on_a_miss():

@@ -18,6 +18,7 @@ from fortify.defences import (
     JPEGCompression,
     RandomResizePad,
 )
+from fortify.defences.base import InputTransformDefence
 from fortify.errors import ConfigError, DataError
 from fortify.evaluation.masking import (
     MaskingConfig,
@@ -223,6 +224,9 @@ def test_bad_inputs_and_settings_are_rejected():
         MaskingConfig(steps=0)
     with pytest.raises(ConfigError, match="tolerance"):
         MaskingConfig(tolerance=2.0)
+    for roughness in (float("nan"), float("inf")):  # nan would never call a line noisy
+        with pytest.raises(ConfigError, match="max_roughness >= 1"):
+            MaskingConfig(max_roughness=roughness)
     constant = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     with torch.no_grad():
         constant[1].weight.zero_()
@@ -273,3 +277,34 @@ def test_on_a_random_model_every_white_box_pgd_of_the_verdict_keeps_its_final_it
     # Assert: the margin PGD too (a hit on one draw is mostly undone by the next)
     assert white.margin_settings["attack"] == "pgd-margin"
     assert white.margin_settings["keep_first_success"] is False
+
+
+class _OffGraphQuantize(InputTransformDefence):
+    """Quantisation run outside autograd, as a codec through NumPy or PIL would be."""
+
+    differentiable = False
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x.detach() * 7) / 7
+
+
+class _MeanPixel(nn.Module):
+    """Class 1 when the mean pixel is above 0.5."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.flatten(1).mean(1, keepdim=True)
+        return torch.cat([0.5 - mean, mean - 0.5], 1) * 20
+
+
+def test_bpda_answers_a_transform_without_any_gradient_path():
+    # Prepare: the transform leaves the graph, so the verdict wraps the model in a zero gradient
+    # path first; BPDA was then skipped as if no transform were known
+    y = torch.arange(64) % 2
+    noise = torch.rand(64, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = (0.38 + 0.24 * y).view(-1, 1, 1, 1) + 0.05 * noise
+    config = MaskingConfig(steps=5, effort_factor=2, effort_restarts=1, black_box_queries=20, line_points=5)
+    # Execute
+    verdict = masking_verdict(_OffGraphQuantize(_MeanPixel()), x, y, THREAT, config=config)
+    # Assert: BPDA ran and broke what plain PGD could not
+    bpda = next(result for result in verdict.adaptive if result.name == "bpda")
+    assert bpda.plain_success == 0.0 and bpda.adaptive_success > 0.9

@@ -61,6 +61,8 @@ def test_layout_resolution(requested, declared, data, expected):
     ("auto", (28, 28, 1), (1, 8, 8), DataError, "neither channels first nor channels last"),
     ("nchw", (8, 8, 1), (1, 8, 8), DataError, "in layout nchw have shape (1, 8, 8)"),
     ("chw", None, (1, 8, 8), ConfigError, "valid layouts: auto, nchw, nhwc"),
+    ("nhwc", None, (30,), ConfigError, "the dataset's inputs are feature vectors of shape (30,)"),
+    ("auto", (20,), (30,), DataError, "shape (20,) but the dataset's inputs have shape (30,)"),
 ])
 def test_layout_errors(requested, declared, data, error, fragment):
     with pytest.raises(error, match=fragment.replace("(", r"\(").replace(")", r"\)")):
@@ -106,3 +108,13 @@ def test_sample_check_refuses_wrong_output_and_warns_at_chance():
         constant.model[1].bias.fill_(float("nan"))
     with pytest.raises(DataError, match="NaN"):
         check_on_sample(constant, x, y, num_classes=4)
+    labels = InputAdapter(_ClassIndices(), InputCard(), bounds=(0.0, 1.0))
+    with pytest.raises(DataError, match="returns torch.int64 outputs; fortify needs floating-point logits"):
+        check_on_sample(labels, x, y, num_classes=4)
+
+
+class _ClassIndices(nn.Module):
+    """Outputs one-hot class indices as integers, as a model exported with an argmax might."""
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(x.flatten(1).sum(1).long() % 4, 4)

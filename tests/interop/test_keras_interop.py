@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from fortify.attacks import PGD
 from fortify.cli import app
 from fortify.config import TrainConfig
-from fortify.errors import ConfigError, MissingDependencyError
+from fortify.errors import CheckpointError, ConfigError, MissingDependencyError
 from fortify.evaluation import evaluate
 from fortify.interop.external import load_external_model
 from fortify.threat import ThreatModel
@@ -172,3 +172,66 @@ def test_interrupted_keras_fine_tuning_resumes_to_the_same_weights(keras_twin, d
     x = digits.test.x[:64]
     assert torch.equal(resumed(x), uninterrupted(x))
     assert not torch.equal(resumed(x), load_external_model(path, digits).module(x))  # it did train
+
+
+# -- models of other shapes ----------------------------------------------------------------------
+
+def _keras():
+    from fortify.interop.keras import import_keras
+
+    return import_keras()
+
+
+def test_weights_of_two_sub_models_with_layers_of_one_name_are_all_trained(digits, tmp_path):
+    # Prepare: two branches whose Dense layers share a name, so their weights share a path
+    keras = _keras()
+
+    def branch(name):
+        return keras.Sequential([keras.Input((64,)), keras.layers.Dense(16, name="dense")], name=name)
+
+    inputs = keras.Input((8, 8, 1))
+    flat = keras.layers.Flatten()(inputs)
+    joined = keras.layers.Concatenate()([branch("branch_a")(flat), branch("branch_b")(flat)])
+    keras.Model(inputs, keras.layers.Dense(10, name="head")(joined)).save(str(tmp_path / "twins.keras"))
+    external = load_external_model(tmp_path / "twins.keras", digits)
+    keras_model = external.module.model.keras_model
+    # Execute: one optimiser step over the torch module's parameters
+    owned = {id(p) for p in external.module.parameters()}
+    before = [v.value.detach().clone() for v in keras_model.variables]
+    optimizer = torch.optim.SGD(external.module.parameters(), lr=0.1)
+    x, y = digits.train.x[:32], digits.train.y[:32]
+    torch.nn.functional.cross_entropy(external.module.train()(x), y).backward()
+    optimizer.step()
+    # Assert: every Keras weight is a parameter of the module, and every one moved
+    assert all(id(v.value) in owned for v in keras_model.variables) and len(before) == 6
+    assert all(not torch.equal(b, v.value.detach()) for b, v in zip(before, keras_model.variables))
+
+
+def test_a_loaded_keras_model_comes_back_in_eval_mode(digits, tmp_path):
+    # a dropout that would stay on, and a batch norm that would move its statistics, if called
+    # in the training mode a fresh torch module starts in
+    keras = _keras()
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dropout(0.5),
+                              keras.layers.BatchNormalization(), keras.layers.Dense(10)])
+    model.save(str(tmp_path / "dropout.keras"))
+    external = load_external_model(tmp_path / "dropout.keras", digits)
+    x = digits.test.x[:16]
+    assert not external.module.training
+    assert torch.equal(external.module(x), external.module(x))
+
+
+def test_a_keras_model_whose_one_output_is_a_dict_gives_its_logits(keras_twin, digits, tmp_path):
+    keras = _keras()
+    plain = keras.models.load_model(str(keras_twin()))
+    inputs = keras.Input((8, 8, 1))
+    keras.Model(inputs, {"logits": plain(inputs)}).save(str(tmp_path / "dict.keras"))
+    x = digits.test.x[:16]
+    named = load_external_model(tmp_path / "dict.keras", digits)
+    assert torch.equal(named.module(x), load_external_model(keras_twin(), digits).module(x))
+
+
+def test_a_keras_file_without_a_built_model_is_refused(tmp_path, digits):
+    keras = _keras()
+    keras.Sequential([keras.layers.Dense(10)]).save(str(tmp_path / "unbuilt.keras"))
+    with pytest.raises(CheckpointError, match="holds no built model with a known input shape"):
+        load_external_model(tmp_path / "unbuilt.keras", digits)

@@ -140,6 +140,33 @@ def test_export_refuses_an_unfinished_or_foreign_directory(model_dir, tmp_path):
         export_model(model_dir, "pickle")
 
 
+def test_export_refuses_to_overwrite_another_models_files(model_dir, tmp_path):
+    # Prepare: a run of two models; the export of one aimed at the other's weights
+    run_dir = tmp_path / "run"
+    for member in ("pgd", "standard"):
+        shutil.copytree(model_dir, run_dir / "models" / member)
+    target = run_dir / "models" / "standard" / "model.safetensors"
+    before = target.read_bytes()
+    # Execute / Assert: refused, and the other model's weights are as they were
+    with pytest.raises(ConfigError, match="is one of a model directory's own files"):
+        export_model(run_dir, "safetensors", target, member="pgd")
+    assert target.read_bytes() == before
+    load_trained_model(run_dir / "models" / "standard", torch.device("cpu"))
+
+
+def test_a_card_nested_too_deep_for_json_is_refused(model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    genuine = export_model(model_dir, "safetensors", tmp_path / "m.safetensors").path
+    with safe_open(str(genuine), framework="pt") as handle:
+        metadata = handle.metadata()
+    edited = tmp_path / "deep.safetensors"
+    save_file(load_file(str(genuine)), str(edited),
+              metadata={**metadata, "model_card": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(CheckpointError, match="is unreadable"):
+        load_safetensors_export(edited)
+
+
 def test_an_export_that_cannot_be_reloaded_is_not_left_behind(model_dir, tmp_path, monkeypatch):
     from fortify.errors import MissingDependencyError
     from fortify.interop import export as export_module

@@ -438,3 +438,23 @@ def test_a_softmax_hidden_behind_another_node_is_named_in_the_warnings(onnx_twin
     # Assert: not bypassed, but the probabilities are pointed out
     assert not any("softmax is bypassed" in w for w in external.warnings)
     assert any("sum to 1, as probabilities do" in w for w in external.warnings)
+
+
+@pytest.mark.parametrize("element_type", ["INT64", "BOOL", "STRING"])
+def test_an_onnx_model_without_floating_point_outputs_is_refused(element_type, tmp_path, digits):
+    # a linear classifier whose logits are cast to another type, as a graph ending in a label might be
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    to = getattr(TensorProto, element_type)
+    weights = numpy_helper.from_array(torch.randn(64, 10).numpy(), name="w")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+         helper.make_node("Cast", ["logits"], ["out"], to=to)],
+        "cast", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1, 8, 8])],
+        [helper.make_tensor_value_info("out", to, [None, 10])], initializer=[weights])
+    path = tmp_path / "cast.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(ConfigError, match=f"returns outputs of ONNX element type {to}; fortify needs "
+                                          "floating-point logits"):
+        load_external_model(path, digits)

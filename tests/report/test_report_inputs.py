@@ -144,14 +144,18 @@ def test_absent_or_empty_optional_sections_still_render(tmp_path):
     results["models"]["other"] = copy.deepcopy(_results()["models"]["pgd"])
     results["models"]["other"]["training"] = {"seconds": 2.5, "history": [{}], "best_epoch": 1,
                                               "selection_metric": "val", "stopped_early": False}
+    results["models"]["older"] = copy.deepcopy(results["models"]["other"])
+    results["models"]["older"]["training"]["seconds"] = float("nan")  # as older results files hold
     run = _write_run(tmp_path / "run", results)
     # Execute
     html = render_report(load_results(run))
-    # Assert: the notes say what is missing; the model without training gets n/a in that column
+    # Assert: the notes say what is missing; a model without training, or without a finite training
+    # time, gets n/a in that column
     assert "pgd: no analysis in the results" in html and "pgd: no privacy audit" in html
-    rows = {name: html[html.index(f'<tr data-model="{name}">'):] for name in ("pgd", "other")}
+    rows = {name: html[html.index(f'<tr data-model="{name}">'):] for name in ("pgd", "other", "older")}
     assert rows["pgd"][:rows["pgd"].index("</tr>")].endswith("<td>n/a</td>")
     assert rows["other"][:rows["other"].index("</tr>")].endswith("<td>2.5</td>")
+    assert rows["older"][:rows["older"].index("</tr>")].endswith("<td>n/a</td>")
 
 
 @pytest.mark.parametrize("out", ["results.json", "report.txt", "report", "../run/results.json"])

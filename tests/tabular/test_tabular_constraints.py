@@ -20,6 +20,7 @@ from fortify.evaluation import evaluate
 from fortify.report.compare import merge_runs
 from fortify.tabular import ConstrainedThreatModel, Feature, FeatureSearch, Schema
 from fortify.tabular.csv import infer_feature
+from fortify.tabular.study import constraint_settings
 from fortify.threat import ThreatModel
 
 COSTS = (0.25, 0.5, 1.0, 2.0)
@@ -188,6 +189,26 @@ def test_a_whole_step_that_costs_exactly_eps_survives_projection_from_every_clea
         step[0, 0] = (k + 1) / 10
         assert threat.contains(step, x).all()
         assert round(float(threat.project(step, x)[0, 0]) * 10) == k + 1, k
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("dear", [1.0, 1e5, 1e6])
+def test_a_dear_feature_leaves_the_budget_of_the_cheap_ones_as_it_is(norm, dear):
+    # Prepare: a nearly immutable feature (cost 1e5 or 1e6) beside cheap ones; the budget's slack
+    # once grew with the dearest cost and let the cheap features move five times eps
+    schema = Schema((Feature("n", "integer", 0, 10), Feature("m", "integer", 0, 10),
+                     Feature("rate", "continuous", 0, 1), Feature("dear", "continuous", 0, 1, cost=dear)))
+    threat = ConstrainedThreatModel(norm, 0.1, schema=schema)
+    x = schema.encode({"n": [5], "m": [5], "rate": [0.5], "dear": [0.5]})
+    far, two_steps = x.clone(), x.clone()
+    far[0, 2] = 0.6 + 1e-4  # just over eps
+    two_steps[0, :2] += 0.1  # a step on n and on m: l2 cost sqrt(2) * eps
+    # Execute
+    projected = threat.project(two_steps, x)
+    # Assert
+    assert not threat.contains(far, x).any()
+    assert threat.contains(projected, x).all()
+    assert float(threat.distance(projected, x)) <= 0.1 * (1 + 1e-6)
 
 
 def test_contains_refuses_each_kind_of_violation(schema):
@@ -393,3 +414,15 @@ def test_the_report_names_the_constraints_in_its_threat_model(schema, tmp_path):
     threat = ConstrainedThreatModel("linf", 0.2, schema=schema)
     assert describe_threat(threat.to_dict()) == threat.describe()
     assert describe_threat(ThreatModel("linf", 0.2).to_dict()) == "linf eps=0.2"
+
+
+@pytest.mark.parametrize("norm, diameter", [("linf", 1.0), ("l2", math.sqrt(2))])
+def test_the_box_setting_of_an_eps_past_the_box_is_the_whole_box(norm, diameter):
+    # feature costs of 2 let eps 5 stand; the plain box ball refused it, after training
+    dear = Schema((Feature("a", "continuous", 0, 10, cost=2.0), Feature("b", "continuous", 0, 1, cost=2.0)))
+    box = constraint_settings(ConstrainedThreatModel(norm, 5.0, schema=dear))["box"]
+    assert box.eps == pytest.approx(diameter)
+    x = torch.tensor([[0.0, 1.0]])
+    corner = torch.tensor([[1.0, 0.0]])  # the farthest point of the box
+    box.check_inputs(x)
+    assert box.contains(corner, x).all()

@@ -9,7 +9,7 @@ import torch
 
 from fortify.data import load_dataset
 from fortify.data.base import split_indices
-from fortify.errors import DataError
+from fortify.errors import ConfigError, DataError
 from fortify.tabular import TableOptions
 from fortify.tabular.csv import infer_schema, read_table
 from fortify.tabular.schema import Schema, SchemaSpec
@@ -236,6 +236,18 @@ def test_bounds_a_schema_gives_are_not_clipped_to(tmp_path):
     assert f"feature 'income', row {TEST_ROWS[0]}: value 1e+09 is outside the schema bounds" in message
 
 
+@pytest.mark.parametrize("cell, fragment", [("inf", "value 'inf' is not finite"),
+                                             ("abc", "'abc' is not a number (the schema says continuous)")])
+def test_a_bad_cell_in_a_column_of_fitted_bounds_a_schema_gives_is_refused(cell, fragment, tmp_path):
+    # a model card's input encoding gives the bounds and says they were fitted, so the column is
+    # clipped without being inferred; inf was clipped to the top and text crashed the clipping
+    path = write_mixed_table(tmp_path / "t.csv", income={TEST_ROWS[0]: cell})
+    spec = SchemaSpec.from_dict({"fitted_bounds": {"income": ["low", "high"]}, "infer_missing": True,
+                                 "features": {"income": {"type": "continuous", "low": 0, "high": 500}}})
+    message = csv_error(path, target="label", schema=spec)
+    assert f"feature 'income', row {TEST_ROWS[0]}: {fragment}" in message
+
+
 # -- the target's classes --------------------------------------------------------------------------
 
 def write_labelled(path: Path, labels: list[str]) -> Path:
@@ -286,3 +298,30 @@ def test_a_label_the_schemas_classes_lack_is_refused_with_the_classes(tmp_path):
     schema.write_text("classes: [own, rent]\ninfer_missing: true\nfeatures: {age: {type: integer}}\n")
     message = csv_error(path, target="label", schema=schema)
     assert "row 2: 'boat' is not one of the schema's classes: own, rent" in message
+
+
+@pytest.mark.parametrize("label", ["nan", "NaN", "inf", "-inf"])
+def test_a_missing_or_infinite_label_is_refused(label, tmp_path):
+    path = write_labelled(tmp_path / "t.csv", ["0", "1"] * 10 + [label])
+    assert f"row 20: '{label}' is not a label; fill or drop rows" in csv_error(path, target="label")
+
+
+def test_a_class_only_outside_the_training_rows_is_refused_unless_a_schema_lists_it(tmp_path):
+    # Prepare: one test row carries a third class
+    labels = [("a", "b")[i % 2] for i in range(N_ROWS)]
+    labels[TEST_ROWS[0]] = "c"
+    path = write_labelled(tmp_path / "t.csv", labels)
+    schema = tmp_path / "schema.yaml"
+    schema.write_text("classes: [a, b, c]\ninfer_missing: true\nfeatures: {age: {type: integer}}\n")
+    # Execute / Assert
+    message = csv_error(path, target="label")
+    assert f"data row {TEST_ROWS[0]}: class 'c' appears in the test split but in no training row" in message
+    assert load_dataset("csv", TableOptions(path=path, target="label", schema=schema)).num_classes == 3
+
+
+def test_a_target_other_than_the_schemas_is_refused(tmp_path):
+    path = write_mixed_table(tmp_path / "t.csv")
+    schema = tmp_path / "schema.yaml"
+    schema.write_text("target: label\ninfer_missing: true\nfeatures: {age: {type: integer}}\n")
+    with pytest.raises(ConfigError, match="--target 'housing' differs from the schema's target 'label'"):
+        load_dataset("csv", TableOptions(path=path, target="housing", schema=schema))

@@ -54,6 +54,8 @@ def test_bad_values_name_the_column_and_the_value(schema, change, fragment):
     ({"type": "continuous", "low": 2, "high": 1}, "low < high"),
     ({"type": "continuous", "low": 0, "high": 1, "cost": 0}, "cost must be a finite number > 0"),
     ({"type": "binary", "direction": "sideways"}, "valid directions: any, increase, decrease"),
+    ({"type": "continuous", "low": -1e308, "high": 1e308}, "wider than a float can hold"),
+    ({"type": "integer", "low": 0, "high": 2 ** 21 + 1}, "spans at most 2,097,152 whole numbers"),
 ])
 def test_bad_feature_settings_are_config_errors(settings, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -70,6 +72,37 @@ def test_encoded_inputs_that_break_the_schema_are_refused(schema):
     broken[1, 4:7] = torch.tensor([1.0, 1.0, 0.0])
     with pytest.raises(DataError, match="feature 'housing', row 1: not one-hot"):
         schema.check_encoded(broken)
+
+
+@pytest.mark.parametrize("span", [100_000, 600_000, 2 ** 21])
+def test_a_half_step_of_a_wide_integer_is_refused_and_a_whole_one_kept(span):
+    # the slack on the grid once grew with the span past half a step (from a span of about 524,288)
+    wide = Schema((Feature("income", "integer", 0, span), Feature("rate", "continuous", 0, 1)))
+    x = wide.encode({"income": [12_345], "rate": [0.5]})
+    whole, half = x.clone(), x.clone()
+    whole[0, 0] += 1 / span
+    half[0, 0] += 0.5 / span
+    wide.check_encoded(whole)
+    with pytest.raises(DataError, match="not a whole number"):
+        wide.check_encoded(half)
+
+
+@pytest.mark.parametrize("column", [0, 1, 2])
+def test_encoded_inputs_with_a_nan_are_refused(column):
+    numeric = Schema((Feature("a", "continuous", 0, 1), Feature("n", "integer", 0, 5),
+                      Feature("b", "binary")))
+    x = torch.tensor([[0.5, 0.4, 1.0]])
+    x[0, column] = float("nan")
+    name = numeric.features[column].name
+    with pytest.raises(DataError, match=f"feature '{name}', row 0: not a finite number"):
+        numeric.check_encoded(x)
+
+
+def test_a_whole_number_column_wider_than_float32_resolves_is_inferred_continuous(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("income,label\n" + "".join(f"{i * 1_000_000},{i % 2}\n" for i in range(10)))
+    schema = infer_schema(read_table(path), "label")
+    assert schema.feature("income").type == "continuous"
 
 
 def test_inference_types_columns_and_keeps_given_settings(tmp_path):

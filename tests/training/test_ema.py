@@ -210,3 +210,24 @@ def test_a_bad_update_counter_is_refused(counter, message):
     with pytest.raises(CheckpointError, match=message):
         ema.load_state_dict({**ema.state_dict(), UPDATES_KEY: counter})
     assert ema.updates == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_average_of_a_low_precision_model_follows_its_weights(dtype):
+    # Prepare: one weight drifting from 1 to 2 over 6,000 updates at decay 0.999, past the point
+    # where (1 - decay) drops below bfloat16's resolution and a bf16 average stood still
+    weight = nn.Parameter(torch.tensor(1.0, dtype=dtype))
+    model = nn.Module()
+    model.register_parameter("w", weight)
+    ema = ModelEMA(model, decay=0.999, warmup=False)
+    exact = 1.0
+    # Execute
+    for t in range(6000):
+        with torch.no_grad():
+            weight.fill_(1.0 + t / 6000)
+        exact = 0.999 * exact + 0.001 * float(weight)
+        ema.update()
+    # Assert: the float32 average tracks the exact one; the model gets it back in its own dtype
+    assert abs(float(ema.shadow["w"]) - exact) < 1e-3 and exact > 1.8
+    ema.copy_to()
+    assert weight.dtype == dtype and abs(float(weight) - exact) < 1e-2

@@ -6,6 +6,7 @@ processes, and shuffling is driven by a seeded ``torch.Generator`` that a checkp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -91,6 +92,16 @@ class Dataset:
                 **({"class_names": list(self.class_names)} if self.class_names else {}), **self.metadata}
 
 
+def _one_example(n: int) -> str:
+    """The share of ``n`` examples that makes one example, written so that it does (rounded up)."""
+    share = 1 / n
+    for digits in range(3, 18):
+        written = f"{math.ceil(share * 10 ** digits) / 10 ** digits:.{digits}g}"
+        if round(n * float(written)) >= 1:
+            return written
+    return repr(share)
+
+
 def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int, *, with_test: bool = True
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """Deterministic shuffled train/val/test index sets from ``seed``; each non-empty (the test set
@@ -106,10 +117,10 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int, 
     n_val = int(round(n * val_fraction))
     if n_val == 0:  # training validates after every epoch
         raise ConfigError(f"val_fraction={val_fraction} of {n} examples leaves no validation example; "
-                          f"use at least {0.5 / n:.3g}")
+                          f"use at least {_one_example(n)}")
     if with_test and n_test == 0:
         raise ConfigError(f"test_fraction={test_fraction} of {n} examples leaves no test example; "
-                          f"use at least {0.5 / n:.3g}")
+                          f"use at least {_one_example(n)}")
     if n_test + n_val >= n:
         raise ConfigError(f"val_fraction={val_fraction} and test_fraction={test_fraction} of {n} examples "
                           "leave no training example")

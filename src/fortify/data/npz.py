@@ -286,7 +286,7 @@ def check_label_bounds(labels: np.ndarray, key: str) -> None:
     if labels.min() < 0:
         raise DataError(f"{key!r} holds a negative label ({labels.min():g}); labels must be "
                         "class indices 0..num_classes-1")
-    if labels.max() >= MAX_CLASSES:
+    if float(labels.max()) >= MAX_CLASSES:  # as a Python float: MAX_CLASSES overflows float16
         raise DataError(f"{key!r} holds the label {labels.max().item()}; labels must be class indices "
                         f"0..num_classes-1 below {MAX_CLASSES}: map ids to 0..K-1 first")
 

@@ -81,8 +81,10 @@ def open_official_split(spec: TorchvisionSpec, root: Path, download: bool,
     try:
         return dataset_class(root=root, download=download, **split_kwargs)
     # torchvision's readers check a damaged file with assert (MNIST's idx magic) or fail on its
-    # contents with KeyError or ValueError: each means files not found or corrupted
-    except (RuntimeError, OSError, AssertionError, KeyError, ValueError) as err:
+    # contents with KeyError, ValueError, TypeError (an idx file of another element type) or
+    # IndexError and EOFError (a cut-off file): each means files not found or corrupted
+    except (RuntimeError, OSError, AssertionError, KeyError, ValueError, TypeError, IndexError,
+            EOFError) as err:
         raise DataError(unavailable_message(spec, root, download, err)) from err
 
 

@@ -66,8 +66,9 @@ class InputTransformDefence(nn.Module, ABC):
     ``differentiable`` says whether the transform has useful gradients; when it does not, BPDA
     (``fortify.attacks.adaptive.BPDA``) replaces it by the identity in the backward pass.
     ``randomized`` says whether two calls on the same input may differ; when they do, EOT averages
-    over the randomness. Random transforms draw from their own generator when given a ``seed``, so
-    a run is reproducible while repeated calls still differ. That stream runs on from call to call
+    over the randomness. Random transforms draw from a generator of their own, seeded with ``seed``
+    (0 unless given), so a run is reproducible while repeated calls still differ, and the caller's
+    global random state is never touched. That stream runs on from call to call
     and is not tied to the attacks' seeds: an evaluation resumed from its journal, or sharded over
     processes, starts it afresh, so its later batches see other draws than an uninterrupted run.
     """
@@ -76,27 +77,27 @@ class InputTransformDefence(nn.Module, ABC):
     randomized: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, *, bounds: tuple[float, float] = (0.0, 1.0),
-                 seed: int | None = None) -> None:
+                 seed: int = 0) -> None:
         super().__init__()
         self.model = model
         self.bounds = check_bounds(bounds)
-        self.seed = seed
+        self.seed = check_int_in("seed", seed, 0, 2 ** 63 - 1)
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def forward(self, x: Tensor) -> Tensor:
         if not x.is_floating_point():
             raise DataError(f"{type(self).__name__} takes floating-point inputs in its box "
                             f"{self.bounds}, got {x.dtype}")
+        if not torch.isfinite(x).all():
+            raise DataError(f"{type(self).__name__} got NaN or infinite inputs")
         return self.model(self.transform(x))
 
     @abstractmethod
     def transform(self, x: Tensor) -> Tensor:
         """The input transform, from the box to the wrapped model's input."""
 
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        """This defence's generator on ``device`` (None without a seed: the global RNG is used)."""
-        if self.seed is None:
-            return None
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This defence's generator on ``device``, seeded with ``seed`` at its first use."""
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortify.defences.base import DEFENCES, check_number_in
+from fortify.errors import DataError
 
 
 class DefensiveDistillation(nn.Module):
@@ -39,6 +40,9 @@ class DefensiveDistillation(nn.Module):
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """Cross-entropy of the student's ``softmax(z / T)`` against the teacher's at the same ``T``."""
     temperature = check_number_in("temperature", temperature, above=0)
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise DataError(f"student and teacher logits must both have shape (N, classes), got "
+                        f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
     soft_labels = F.softmax(teacher_logits.detach() / temperature, dim=1)
     return -(soft_labels * F.log_softmax(student_logits / temperature, dim=1)).sum(dim=1).mean()
 

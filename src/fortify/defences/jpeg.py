@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from fortify.defences.base import DEFENCES, InputTransformDefence, check_int_in
 from fortify.errors import DataError
+from fortify.threat import LOW_PRECISION
 
 _LUMA_TABLE = (
     (16, 11, 10, 16, 24, 40, 51, 61), (12, 12, 14, 19, 26, 58, 60, 55),
@@ -65,9 +66,21 @@ class JPEGCompression(InputTransformDefence):
                  bounds: tuple[float, float] = (0.0, 1.0)) -> None:
         super().__init__(model, bounds=bounds)
         self.quality = check_int_in("quality", quality, 1, 100)
-        self.register_buffer("dct", dct_matrix().float(), persistent=False)
+        self._build_constants(torch.device("cpu"))
+
+    def _build_constants(self, device: torch.device) -> None:
+        """The DCT matrix and quantisation tables, in float32, as buffers that move with the module."""
+        self.register_buffer("dct", dct_matrix().float().to(device), persistent=False)
         tables = torch.tensor([_LUMA_TABLE, _CHROMA_TABLE], dtype=torch.float32)
-        self.register_buffer("tables", quality_table(tables, self.quality), persistent=False)
+        self.register_buffer("tables", quality_table(tables, self.quality).to(device), persistent=False)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        super()._apply(fn, recurse)
+        # a cast of the module to bf16 or fp16 (to run a half-precision model) rounds the codec's
+        # constants, and the codec would no longer be JPEG's: rebuild them in float32
+        if self.dct.dtype in LOW_PRECISION:
+            self._build_constants(self.dct.device)
+        return self
 
     def transform(self, x: Tensor) -> Tensor:
         if x.dim() != 4:

@@ -28,7 +28,7 @@ class RandomResizePad(InputTransformDefence):
     randomized = True
 
     def __init__(self, model: nn.Module, *, min_scale: float = 0.8, bounds: tuple[float, float] = (0.0, 1.0),
-                 seed: int | None = None) -> None:
+                 seed: int = 0) -> None:
         super().__init__(model, bounds=bounds, seed=seed)
         self.min_scale = check_number_in("min_scale", min_scale, above=0.0, at_most=1.0)
 
@@ -62,7 +62,7 @@ class GaussianNoise(InputTransformDefence):
     randomized = True
 
     def __init__(self, model: nn.Module, *, sigma: float = 0.25, bounds: tuple[float, float] = (0.0, 1.0),
-                 seed: int | None = None) -> None:
+                 seed: int = 0) -> None:
         super().__init__(model, bounds=bounds, seed=seed)
         self.sigma = check_number_in("sigma", sigma, above=0.0)
 

@@ -75,7 +75,7 @@ class MaskingConfig:
                 raise ConfigError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
         if not self.eps_factors or any(not (math.isfinite(f) and f > 0) for f in self.eps_factors):
             raise ConfigError(f"eps_factors must be finite numbers > 0, got {self.eps_factors!r}")
-        if self.line_points < 3 or self.max_roughness < 1:
+        if self.line_points < 3 or not (math.isfinite(self.max_roughness) and self.max_roughness >= 1):
             raise ConfigError(f"need line_points >= 3 and max_roughness >= 1, got {self.line_points} and "
                               f"{self.max_roughness}")
 
@@ -571,6 +571,10 @@ def _adaptive_reruns(setup: _Setup, checks: list[MaskingCheck], white: _WhiteBox
 
 
 def _auto_bpda(model: nn.Module) -> nn.Module | None:
+    if isinstance(model, ZeroGradientPath):
+        # a transform off the autograd graph altogether: BPDA's identity backward needs no graph
+        # through it, so BPDA answers it all the same
+        model = model.model
     if isinstance(model, InputTransformDefence) and not model.differentiable:
         return BPDA.around(model)
     return None

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from fortify.data import Dataset
+from fortify.errors import ResultsError
 from fortify.federated.config import FederatedRun
 from fortify.pipeline import write_json
 from fortify.training import checkpoint as ckpt
@@ -99,4 +100,10 @@ def write_run_directory(out: Path, run: FederatedRun, dataset: Dataset, model: n
 
 
 def read_result(out: Path) -> FederatedResult:
-    return FederatedResult.from_dict(json.loads((Path(out) / RESULT_FILE).read_text()))
+    path = Path(out) / RESULT_FILE
+    try:
+        return FederatedResult.from_dict(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError,
+            RecursionError) as err:  # a damaged or edited file
+        raise ResultsError(f"{path} is not a federated result fortify can read ({type(err).__name__}: "
+                           f"{err}); run again into a fresh --out") from None

@@ -92,6 +92,12 @@ def resolve_layout(requested: str, declared: Sequence[int | None] | None,
     if requested not in LAYOUT_CHOICES:
         raise ConfigError(f"unknown layout {requested!r}; valid layouts: {', '.join(LAYOUT_CHOICES)}")
     if len(data_shape) < 2:  # a feature vector has no channel axis to move
+        if requested == "nhwc":
+            raise ConfigError(f"--layout nhwc moves the channel axis of images; the dataset's inputs are "
+                              f"feature vectors of shape {tuple(data_shape)}")
+        if declared is not None and not _fits(declared, data_shape):
+            raise DataError(f"the model expects inputs of shape {tuple(declared)} but the dataset's "
+                            f"inputs have shape {tuple(data_shape)}")
         return "nchw"
     if requested != "auto":
         if declared is not None and not _fits(declared, _as_layout(data_shape, requested)):
@@ -166,12 +172,16 @@ def check_on_sample(model: nn.Module, x: Tensor, y: Tensor, num_classes: int) ->
     try:
         with torch.inference_mode():
             device = next(model.parameters()).device
-            logits = model(x.to(device)).cpu()
+            outputs = model(x.to(device))
     except (RuntimeError, ValueError) as err:
         raise DataError(f"the model fails on a batch of the dataset's inputs {tuple(x.shape)}: {err}; "
                         "check --layout and the dataset") from None
     finally:
         restore_modes(modes)
+    if not isinstance(outputs, Tensor) or not outputs.is_floating_point():
+        what = outputs.dtype if isinstance(outputs, Tensor) else type(outputs).__name__
+        raise DataError(f"the model returns {what} outputs; fortify needs floating-point logits")
+    logits = outputs.cpu()
     if logits.shape != (len(x), num_classes):
         raise DataError(f"the model returns outputs of shape {tuple(logits.shape)} for {len(x)} inputs; "
                         f"expected ({len(x)}, {num_classes}): one logit per class of the dataset")

@@ -72,8 +72,9 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, *, member: st
     out = Path(out) if out is not None else model_dir / "export" / f"model{suffix}"
     if out.suffix != suffix:
         raise ConfigError(f"a {fmt} export is written to a {suffix} file; got {out}")
-    if out.resolve().parent == model_dir.resolve() and out.name in _MODEL_DIR_FILES:
-        raise ConfigError(f"{out} is one of the model directory's own files; export elsewhere "
+    # any model directory's files, not only this one's: another model's weights would be lost
+    if out.name in _MODEL_DIR_FILES and (out.resolve().parent / MODEL_CARD).is_file():
+        raise ConfigError(f"{out} is one of a model directory's own files; export elsewhere "
                           f"(default {model_dir / 'export' / ('model' + suffix)})")
     model, card = load_trained_model(model_dir, torch.device("cpu"))
     inputs = _random_inputs(card)
@@ -158,7 +159,7 @@ def load_safetensors_export(path: Path, device: str | torch.device = "cpu") -> n
                               "export; write one with `fortify export RUN_DIR --format safetensors`")
     try:
         card = json.loads(card_text)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"the model card in {path} is unreadable ({err})") from None
     card = check_model_card(card, f"the model card in {path}")
     try:

@@ -70,7 +70,9 @@ def load_external_model(path: Path, dataset: Dataset, *, layout: str = "auto",
         notes = notes + conversion_notes
     warnings = notes + check_on_sample(adapted, sample.x, sample.y, dataset.num_classes)
     access = probe_gradients(adapted, sample.x)
-    return ExternalModel(adapted, path, framework, runtime, card, access, warnings)
+    # in eval mode, as fortify's own loaders hand models over: called directly in training mode, a
+    # Keras model would drop out and move its batch-norm statistics
+    return ExternalModel(adapted.eval(), path, framework, runtime, card, access, warnings)
 
 
 def _load(framework: str, path: Path, device: torch.device | None

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from fortify.errors import CheckpointError, ConfigError
+from fortify.errors import CheckpointError, ConfigError, DataError
 from fortify.interop.dependencies import require
 
 KERAS_SUFFIXES = (".keras", ".h5")
@@ -61,11 +61,22 @@ class KerasClassifier(nn.Module):
             if not isinstance(variable.value, nn.Parameter):
                 raise ConfigError(f"Keras variable {variable.path!r} is not a torch parameter; "
                                   "is the torch backend active?")
-            self.register_parameter(variable.path.replace(".", "_"), variable.value)
+            self.register_parameter(self._free_name(variable.path.replace(".", "_")), variable.value)
+        self.eval()  # as fortify's own loaders hand models over; the Trainer switches to training
+
+    def _free_name(self, name: str) -> str:
+        """``name``, or with a counter when another weight took it: two sub-models with layers of
+        the same name give their weights the same path, and the second would replace the first."""
+        free, count = name, 0
+        while free in self._parameters:
+            count += 1
+            free = f"{name}_{count}"
+        return free
 
     def forward(self, x: Tensor) -> Tensor:
         with self._softmax_bypassed():
-            return self.keras_model(x, training=self.training)
+            outputs = self.keras_model(x, training=self.training)
+        return _single_tensor(outputs)
 
     @contextlib.contextmanager
     def _softmax_bypassed(self) -> Iterator[None]:
@@ -108,6 +119,17 @@ def _is_softmax_layer(layer: Any) -> bool:
     return type(layer).__name__ == "Softmax"
 
 
+def _single_tensor(outputs: Any) -> Tensor:
+    """The one output tensor of a model that may wrap it in a dict or list of one entry."""
+    if isinstance(outputs, dict) and len(outputs) == 1:
+        outputs = next(iter(outputs.values()))
+    elif isinstance(outputs, (list, tuple)) and len(outputs) == 1:
+        outputs = outputs[0]
+    if not isinstance(outputs, Tensor):
+        raise DataError(f"the Keras model returns {type(outputs).__name__}, not one tensor of logits")
+    return outputs
+
+
 def _final_softmax(keras_model: Any) -> Any | None:
     """The last layer when it applies softmax: a Softmax layer, or softmax as its activation
     (Dense(..., "softmax"), Activation); a last layer that is itself a model is searched the same way."""
@@ -122,7 +144,11 @@ def _final_softmax(keras_model: Any) -> Any | None:
 
 
 def declared_input_shape(keras_model: Any) -> tuple[int | None, ...]:
-    shape = keras_model.input_shape
+    try:
+        shape = keras_model.input_shape
+    except AttributeError:  # a model saved before it was built, or a bare layer
+        raise CheckpointError("the Keras file holds no built model with a known input shape; build "
+                              "the model (give it an Input) before saving it") from None
     if isinstance(shape, list):
         raise ConfigError(f"fortify evaluates classifiers with one input; this Keras model takes "
                           f"{len(shape)} inputs")
@@ -144,4 +170,5 @@ def load_keras_model(path: Path, *, logits: bool = True) -> tuple[KerasClassifie
     if len(getattr(model, "outputs", None) or [None]) != 1:
         raise ConfigError(f"fortify evaluates classifiers with one output; {path} has "
                           f"{len(model.outputs)}")
-    return KerasClassifier(model, logits=logits), declared_input_shape(model)
+    declared = declared_input_shape(model)
+    return KerasClassifier(model, logits=logits), declared

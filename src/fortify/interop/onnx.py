@@ -109,6 +109,10 @@ def _fixed_batch(proto: Any) -> int | None:
     return int(dims[0].dim_value)
 
 
+# TensorProto's FLOAT, DOUBLE, FLOAT16 and BFLOAT16
+_FLOAT_ELEMENT_TYPES = frozenset({1, 11, 10, 16})
+
+
 def _graph_input_shape(proto: Any, path: Path) -> tuple[int | None, ...]:
     initializers = {init.name for init in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
@@ -119,6 +123,11 @@ def _graph_input_shape(proto: Any, path: Path) -> tuple[int | None, ...]:
     if tensor_type.elem_type != 1:  # TensorProto.FLOAT
         raise ConfigError(f"{path} takes inputs of ONNX element type {tensor_type.elem_type}; fortify "
                           "feeds float32 (type 1)")
+    output_type = proto.graph.output[0].type.tensor_type.elem_type
+    if output_type not in _FLOAT_ELEMENT_TYPES:
+        raise ConfigError(f"{path} returns outputs of ONNX element type {output_type}; fortify needs "
+                          "floating-point logits (FLOAT, FLOAT16, BFLOAT16 or DOUBLE: types "
+                          f"{', '.join(map(str, sorted(_FLOAT_ELEMENT_TYPES)))})")
     dims = tensor_type.shape.dim[1:]  # without the batch dimension
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
 

@@ -34,6 +34,10 @@ def _num(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
 
 
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.1f}"
+
+
 def _epsilon(value: float | None, noise_multiplier: float | None) -> str:
     """A DP accountant's epsilon: infinite without noise, which the results file holds as null."""
     if value is None and noise_multiplier == 0:
@@ -170,7 +174,7 @@ def render_report(results: dict[str, Any]) -> str:
         summary=summary_lines(results), figures=figures,
         missing=list(results.get("notes", [])) + _missing_sections(results) + figure_notes,
         provenance=results.get("provenance", {}), config=results.get("config"),
-        pct=_pct, num=_num, epsilon=_epsilon, compact=_compact,
+        pct=_pct, num=_num, seconds=_seconds, epsilon=_epsilon, compact=_compact,
         pretty=lambda value: json.dumps(value, indent=2))
 
 

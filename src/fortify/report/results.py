@@ -44,6 +44,8 @@ def load_results(run_dir: Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ResultsError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); it may have "
                            "been cut off: rerun the command that wrote it") from None
+    except RecursionError:
+        raise ResultsError(f"{path} nests its values deeper than a results file does") from None
     if not isinstance(raw, dict):
         raise ResultsError(f"{path} must hold a JSON object, got {type(raw).__name__}")
     if "version" not in raw and all(key in raw for key in SWEEP_RESULT_KEYS):
@@ -97,7 +99,7 @@ def _json_beside(path: Path, name: str, spec: schema.Check) -> dict[str, Any] | 
         return None
     try:
         loaded = json.loads(beside.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ResultsError(f"cannot read {beside}: {err}") from None
     if not isinstance(loaded, dict):
         return None

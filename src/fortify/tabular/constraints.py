@@ -49,6 +49,9 @@ CONTINUOUS, WHOLE, CATEGORY = 0, 1, 2
 _GRID_SLACK = 1e-9
 # contains() rounds one-hot entries to this share of 1 (whole numbers: schema.whole_tolerance)
 _DISCRETE_TOLERANCE = 1e-4
+# relative slack of the budget for the float64 arithmetic of the norm; the rounding of the stored
+# values is forgiven feature by feature (``within_budget``)
+_BUDGET_RELATIVE_SLACK = 1e-9
 
 
 @dataclass(frozen=True)
@@ -126,14 +129,18 @@ class ConstrainedThreatModel(ThreatModel):
 
     # -- costs -------------------------------------------------------------------------------
 
-    def feature_costs(self, x_adv: Tensor, x: Tensor) -> Tensor:
-        """Per example and feature, cost times change (N, F); inf where an immutable feature moved."""
+    def feature_costs(self, x_adv: Tensor, x: Tensor, *, forgive: float = 0.0) -> Tensor:
+        """Per example and feature, cost times change (N, F); inf where an immutable feature moved.
+
+        ``forgive`` is taken off each feature's change first (not below 0): the rounding of the
+        stored values, which then costs nothing, however dear the feature."""
         x_adv, x = _rows(x_adv), _rows(x)
         lay = self.layout(x.device)
         change = (x_adv.double() - x.double()).abs()
         per_feature = _feature_max(change, lay.feature_of, len(self.schema.features))
-        cost = per_feature * torch.tensor([f.cost for f in self.schema.features], dtype=torch.float64,
-                                          device=x.device)
+        charged = (per_feature - forgive).clamp_min(0.0)
+        cost = charged * torch.tensor([f.cost for f in self.schema.features], dtype=torch.float64,
+                                      device=x.device)
         moved_immutable = ~lay.feature_mutable & (per_feature > self._value_tolerance(x))
         return torch.where(moved_immutable, torch.inf, cost)
 
@@ -152,7 +159,7 @@ class ConstrainedThreatModel(ThreatModel):
         x64, v = _rows(x).double(), _rows(x_adv).double()
         out = self._project_each_feature(v, x64, lay)
         if self.norm == "l2":
-            out = self._fit_l2_budget(out, x64, lay, slack=self.tolerance(x))
+            out = self._fit_l2_budget(out, x64, lay, forgive=self._value_tolerance(x))
         return out.to(x.dtype).reshape(x.shape)
 
     def _project_each_feature(self, v: Tensor, x: Tensor, lay: _Layout) -> Tensor:
@@ -191,16 +198,19 @@ class ConstrainedThreatModel(ThreatModel):
         switched = torch.nn.functional.one_hot(chosen, v.shape[1]).to(v.dtype)
         return torch.where((chosen == x.argmax(dim=1))[:, None], x, switched)
 
-    def _fit_l2_budget(self, p: Tensor, x: Tensor, lay: _Layout, slack: float) -> Tensor:
+    def _fit_l2_budget(self, p: Tensor, x: Tensor, lay: _Layout, forgive: float) -> Tensor:
         """Keep the cheapest discrete changes that fit eps^2, then shrink the continuous change.
 
-        ``slack`` is ``contains``' rounding slack for the caller's dtype: a whole step that costs
-        exactly eps measures eps plus or minus a unit in the last place, depending on how the clean
-        value rounded to float32, and must be kept either way."""
+        The fit is judged as ``within_budget`` judges it, each change less ``forgive`` (the
+        rounding of a stored value): a whole step that costs exactly eps measures eps plus or minus
+        a unit in the last place, depending on how the clean value rounded to float32, and must be
+        kept either way."""
         squared = self.feature_costs(p, x).pow(2)
         discrete = torch.where(lay.feature_discrete, squared, torch.zeros_like(squared))
-        ordered, order = discrete.sort(dim=1)
-        fits = ordered.cumsum(dim=1) <= (self.eps + slack) ** 2
+        judged = torch.where(lay.feature_discrete, self.feature_costs(p, x, forgive=forgive).pow(2),
+                             torch.zeros_like(squared))
+        ordered, order = judged.sort(dim=1)
+        fits = ordered.cumsum(dim=1) <= (self.eps * (1 + _BUDGET_RELATIVE_SLACK)) ** 2
         keep = torch.zeros_like(fits).scatter(1, order, fits) | ~lay.feature_discrete
         keep_column = keep[:, lay.feature_of]
         p = torch.where(keep_column, p, x)
@@ -246,14 +256,16 @@ class ConstrainedThreatModel(ThreatModel):
 
     # -- membership ----------------------------------------------------------------------------
 
-    def tolerance(self, x: Tensor) -> float:
-        """Slack on the budget for float rounding of points stored in ``x``'s dtype."""
-        ulp = torch.finfo(x.dtype).eps if x.dtype.is_floating_point else 0.0
-        top_cost = max(f.cost for f in self.schema.features if f.mutable)
-        slack = 8 * ulp * max(1.0, self.eps) * max(1.0, top_cost)
-        if self.norm == "l2":
-            slack *= math.sqrt(len(self.schema.features))
-        return slack
+    def within_budget(self, x_adv: Tensor, x: Tensor) -> Tensor:
+        """Per example: the weighted norm of the change is at most eps, up to float rounding.
+
+        Each feature's change is forgiven the rounding of a stored value (``_value_tolerance``)
+        before its cost weighs it, so the slack stays that of one value per feature: a slack on
+        the whole norm would grow with the dearest feature's cost and let every cheap feature
+        move that much further."""
+        costs = self.feature_costs(x_adv, x, forgive=self._value_tolerance(x))
+        norm = costs.amax(dim=1) if self.norm == "linf" else costs.pow(2).sum(dim=1).sqrt()
+        return norm <= self.eps * (1 + _BUDGET_RELATIVE_SLACK)
 
     def _value_tolerance(self, x: Tensor) -> float:
         """Slack on a single scaled value (bounds, 'unchanged'): float32 rounding at least, since
@@ -274,7 +286,7 @@ class ConstrainedThreatModel(ThreatModel):
         wrong_way = ((lay.direction > 0) & (delta < -tol)) | ((lay.direction < 0) & (delta > tol))
         ok &= ~wrong_way.any(dim=1)
         ok &= self._discrete_ok(a, lay)
-        ok &= self.distance(x_adv, x) <= self.eps + self.tolerance(x)
+        ok &= self.within_budget(x_adv, x)
         return ok
 
     @staticmethod

@@ -31,7 +31,14 @@ import torch
 from fortify.data.base import Dataset, Split, split_indices
 from fortify.data.registry import DATASETS, DataOptions
 from fortify.errors import ConfigError, DataError
-from fortify.tabular.schema import Feature, Schema, SchemaSpec, read_schema_spec
+from fortify.tabular.schema import (
+    MAX_INTEGER_SPAN,
+    Feature,
+    Schema,
+    SchemaSpec,
+    parse_number,
+    read_schema_spec,
+)
 
 Table = dict[str, list[str]]
 
@@ -53,6 +60,9 @@ def load_csv(options: DataOptions) -> Dataset:
     path = _require_file(options.path)
     spec = _schema_spec(getattr(options, "schema", None))
     target = getattr(options, "target", None) or (spec.target if spec else None)
+    if spec is not None and spec.target is not None and target != spec.target:
+        raise ConfigError(f"--target {target!r} differs from the schema's target {spec.target!r}; "
+                          "give one of them, or make them agree")
     if target is None:
         raise DataError(f"the csv dataset needs a target column: pass --target NAME (columns of "
                         f"{path.name}: {', '.join(read_header(path))})")
@@ -60,6 +70,8 @@ def load_csv(options: DataOptions) -> Dataset:
     labels, class_names = encode_labels(table, target, spec.classes if spec else None)
     rows = split_indices(len(labels), options.val_fraction, options.test_fraction, options.seed)
     split_of = _split_names(len(labels), rows)
+    if spec is None or spec.classes is None:
+        _check_unseen_classes(labels, class_names, target, split_of)
     schema = infer_schema(table, target, spec, fit_rows=rows[0].tolist())
     _check_unseen_categories(table, schema, spec, split_of)
     table, clipped = clip_to_bounds(table, schema, spec, split_of)
@@ -150,6 +162,9 @@ def encode_labels(table: Table, target: str, classes: Sequence[str] | None = Non
         raise DataError(f"target column {target!r} holds a single class {names}; need at least two")
     labels = []
     for row, value in enumerate(values):
+        if _parse(value) is not None and not _is_number(value):
+            raise DataError(f"target column {target!r}, row {row}: {value!r} is not a label; fill or "
+                            "drop rows whose label is missing")
         label = index.get(_label_key(value))
         if label is None:
             raise DataError(f"target column {target!r}, row {row}: {value!r} is not one of the schema's "
@@ -204,6 +219,19 @@ def _check_unseen_categories(table: Table, schema: Schema, spec: SchemaSpec | No
                                 "(--schema), or drop or merge such rows")
 
 
+def _check_unseen_classes(labels: list[int], class_names: list[str], target: str,
+                          split_of: list[str]) -> None:
+    """Refuse a class the training rows lack: the model would have an output it never learnt.
+    Classes a schema file lists are its business."""
+    trained = {label for label, split in zip(labels, split_of) if split == "train"}
+    for row, (label, split) in enumerate(zip(labels, split_of)):
+        if label not in trained:
+            raise DataError(f"target column {target!r}, data row {row}: class {class_names[label]!r} "
+                            f"appears in the {split} split but in no training row, so the model would "
+                            "never learn it; list the classes in a schema file (classes: [...]), or "
+                            "drop or relabel such rows")
+
+
 def clip_to_bounds(table: Table, schema: Schema, spec: SchemaSpec | None, split_of: list[str]
                    ) -> tuple[Table, dict[str, int]]:
     """``table`` with numeric values clipped into the bounds inferred from the training rows, and
@@ -216,7 +244,8 @@ def clip_to_bounds(table: Table, schema: Schema, spec: SchemaSpec | None, split_
             continue
         column = list(table[feature.name])
         for row, value in enumerate(column):
-            number = float(value)  # inference has checked that every cell is a finite number
+            # a schema file's column is not inferred, so its cells have not been checked yet
+            number = parse_number(feature, row, value)
             if not low <= number <= high:
                 column[row] = repr(min(max(number, low), high))
                 clipped[split_of[row]] += 1
@@ -306,7 +335,10 @@ def _infer_type(name: str, values: list[str]) -> str:
     _check_numeric_column(name, values, parsed, len(numbers))
     distinct = set(numbers)
     if all(n == round(n) for n in distinct):
-        return "binary" if distinct <= {0.0, 1.0} else "integer"
+        if distinct <= {0.0, 1.0}:
+            return "binary"
+        # a wider range of whole numbers than float32 resolves is read as continuous
+        return "integer" if max(distinct) - min(distinct) <= MAX_INTEGER_SPAN else "continuous"
     return "continuous"
 
 

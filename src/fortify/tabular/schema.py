@@ -108,9 +108,16 @@ class Feature:
             low, high = _number(self.name, "low", self.low), _number(self.name, "high", self.high)
             if not low < high:
                 raise ConfigError(f"feature {self.name!r}: bounds need low < high, got [{low}, {high}]")
+            if not math.isfinite(high - low):
+                raise ConfigError(f"feature {self.name!r}: the range [{low:g}, {high:g}] is wider than a "
+                                  "float can hold; give the bounds the data can reach")
             if self.type == "integer" and (low != round(low) or high != round(high)):
                 raise ConfigError(f"feature {self.name!r}: an integer feature needs whole bounds, "
                                   f"got [{low}, {high}]")
+            if self.type == "integer" and high - low > MAX_INTEGER_SPAN:
+                raise ConfigError(f"feature {self.name!r}: an integer feature spans at most "
+                                  f"{MAX_INTEGER_SPAN:,} whole numbers, got [{low:g}, {high:g}]: float32 "
+                                  "inputs cannot tell its neighbours apart reliably; declare it continuous")
         object.__setattr__(self, "low", float(low))
         object.__setattr__(self, "high", float(high))
 
@@ -357,7 +364,7 @@ def _applicable(feature: Feature, changes: Mapping[str, Any]) -> dict[str, Any]:
 def _encode_feature(feature: Feature, values: Sequence[Any]) -> Tensor:
     if feature.type == "categorical":
         return _encode_categorical(feature, values)
-    numbers = torch.tensor([_parse_number(feature, row, v) for row, v in enumerate(values)],
+    numbers = torch.tensor([parse_number(feature, row, v) for row, v in enumerate(values)],
                            dtype=torch.float64)
     _check_range(feature, numbers)
     assert feature.low is not None
@@ -376,7 +383,7 @@ def _encode_categorical(feature: Feature, values: Sequence[Any]) -> Tensor:
     return torch.nn.functional.one_hot(torch.tensor(index, dtype=torch.long), feature.width).float()
 
 
-def _parse_number(feature: Feature, row: int, value: Any) -> float:
+def parse_number(feature: Feature, row: int, value: Any) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -412,13 +419,20 @@ WHOLE_TOLERANCE = 1e-4
 _WHOLE_SLACK_PER_STEP = 8 * torch.finfo(torch.float32).eps
 
 
+# ... but never a quarter step or more, which would let a half step through; at the widest integer
+# span float32's rounding of k / span is at most 2^21 * 2^-24 = 1/8 of a step
+_MOST_WHOLE_SLACK = 0.25
+# the widest range of an integer feature: 2^21 whole numbers
+MAX_INTEGER_SPAN = 2 ** 21
+
+
 def whole_tolerance(span: float) -> float:
     """How far, in grid steps, a scaled whole number of a ``span``-wide range may be off the grid.
 
     ``check_encoded`` and the threat model's ``contains`` use this same bound, so a point one
     accepts the other accepts too.
     """
-    return max(WHOLE_TOLERANCE, _WHOLE_SLACK_PER_STEP * span)
+    return min(max(WHOLE_TOLERANCE, _WHOLE_SLACK_PER_STEP * span), _MOST_WHOLE_SLACK)
 
 
 def _encoding_problem(feature: Feature, block: Tensor) -> tuple[int, str, str] | None:
@@ -433,6 +447,10 @@ def _encoding_problem(feature: Feature, block: Tensor) -> tuple[int, str, str] |
             return row, str(block[row].tolist()), "not one-hot over its categories"
         return None
     column = block[:, 0]
+    bad = ~torch.isfinite(column)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        return row, f"{float(column[row]):g}", "not a finite number"
     bad = (column < -tol) | (column > 1 + tol)
     if bad.any():
         row = int(bad.nonzero()[0])

@@ -15,6 +15,7 @@ against its setting's threat model before it counts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -68,7 +69,10 @@ class ConstraintStudy:
 
 def constraint_settings(threat: ConstrainedThreatModel) -> dict[str, ThreatModel]:
     relaxed = threat.schema.replace_features(mutable=True, direction="any")
-    return {"box": ThreatModel(threat.norm, threat.eps, (0.0, 1.0)),
+    # feature costs let a constrained eps exceed the box's diameter, where the plain ball holds
+    # the whole box: capped at the diameter, the box setting is the same set of points
+    diameter = 1.0 if threat.norm == "linf" else math.sqrt(threat.schema.n_columns)
+    return {"box": ThreatModel(threat.norm, min(threat.eps, diameter), (0.0, 1.0)),
             "types": replace(threat, schema=relaxed, _layouts={}),
             "schema": threat}
 

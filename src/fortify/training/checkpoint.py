@@ -264,7 +264,7 @@ def read_json(path: Path, remedy: str = "") -> Any:
     """What the JSON file ``path`` holds; CheckpointError naming it (and ``remedy``) when it is not JSON."""
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}){remedy}") from None
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fortify.errors import CheckpointError, ConfigError
+from fortify.threat import LOW_PRECISION
 
 # The update counter's name in the saved state. State-dict keys are dotted names without empty
 # parts, so "ema." + ".updates" can name no weight of any model.
@@ -43,11 +44,12 @@ def ramped_decay(decay: float, updates: int) -> float:
 class ModelEMA:
     """``shadow <- d_t * shadow + (1 - d_t) * weights`` over the model's whole state.
 
-    Floating-point parameters and buffers (BatchNorm running statistics) are averaged; integer
-    buffers (BatchNorm's batch counter) are copied. ``d_t`` is ``decay`` ramped up over the first
-    updates (module docstring); with ``warmup=False`` it is ``decay`` from the first update. Decay 0
-    follows the model exactly. Decay 1 without warm-up keeps the weights from construction time; with
-    warm-up it leaves the ramp alone, an average of the whole run weighted towards its recent steps.
+    Floating-point parameters and buffers (BatchNorm running statistics) are averaged, in float32
+    for a bfloat16 or float16 model; integer buffers (BatchNorm's batch counter) are copied. ``d_t``
+    is ``decay`` ramped up over the first updates (module docstring); with ``warmup=False`` it is
+    ``decay`` from the first update. Decay 0 follows the model exactly. Decay 1 without warm-up keeps
+    the weights from construction time; with warm-up it leaves the ramp alone, an average of the
+    whole run weighted towards its recent steps.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, *, warmup: bool = True) -> None:
@@ -57,7 +59,7 @@ class ModelEMA:
         self.decay = float(decay)
         self.warmup = warmup
         self.updates = 0
-        self.shadow: dict[str, Tensor] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.shadow: dict[str, Tensor] = {k: _average_of(v) for k, v in model.state_dict().items()}
 
     def current_decay(self) -> float:
         """The decay the next ``update()`` applies."""
@@ -117,6 +119,14 @@ class ModelEMA:
             for name, average in self.shadow.items():
                 average.copy_(state[f"ema.{name}"])
         self.updates = updates
+
+
+def _average_of(value: Tensor) -> Tensor:
+    """A copy of ``value`` to average into: float32 at least, since with a decay above about 0.996
+    each step of a bfloat16 average (0.999 times the 8 bits of its mantissa) rounds back to where
+    it was, and the average would stop following the weights."""
+    copy = value.detach().clone()
+    return copy.float() if copy.dtype in LOW_PRECISION else copy
 
 
 def _saved_updates(state: dict[str, Tensor]) -> int:
