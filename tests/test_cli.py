@@ -636,6 +636,9 @@ def test_audit_writes_membership_results(trained_dir):
     attacks = {m["attack"]: m for m in privacy["membership"]}
     assert {"threshold-loss", "threshold-confidence"} <= set(attacks), sorted(attacks)
     assert all(0.0 <= m["auc"] <= 1.0 for m in attacks.values())
+    # the advantage is fitted on the scores it is reported for: the table says so
+    assert "a blind attack shows some too" in result.output
+    assert "members and non-members: 150 and" in result.output
 
 
 @pytest.mark.slow

@@ -678,6 +678,11 @@ def audit(
     for result in report.membership:
         table.add_row(result.attack, f"{result.auc:.3f}", f"{result.advantage:.3f}")
     out_console.print(table)
+    sizes = ", ".join(f"{m} and {n}" for m, n in sorted({(r.n_members, r.n_nonmembers)
+                                                         for r in report.membership}))
+    console.print(f"[yellow]note:[/] AUC 0.5 means no leakage; the advantage is taken at the best threshold "
+                  f"on these same scores, so a blind attack shows some too, the more the fewer examples "
+                  f"(members and non-members: {sizes})", soft_wrap=True)
     for warning in report.warnings:
         console.print(f"[yellow]note:[/] {escape(warning)}", soft_wrap=True)
 

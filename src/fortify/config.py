@@ -249,6 +249,9 @@ class DPConfig(_Strict):
             raise ValueError("give exactly one of target_epsilon and noise_multiplier, got "
                              f"target_epsilon={self.target_epsilon}, "
                              f"noise_multiplier={self.noise_multiplier}")
+        if self.canaries == 1:  # refused here: the audit would refuse it only after the training
+            raise ValueError("canaries must be 0 (off) or at least 2 per side: the audit splits each side "
+                             "into a threshold half and an evaluation half")
         return self
 
 

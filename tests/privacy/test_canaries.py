@@ -73,11 +73,19 @@ def test_canaries_are_mislabelled_half_inserted_and_their_originals_removed(digi
     assert shared_rows(canaries.members.x, with_canaries.x).shape[0] == 30
 
 
-@pytest.mark.parametrize(("per_side", "match"), [(0, "integer >= 1"), (101, "at least 404")])
+@pytest.mark.parametrize(("per_side", "match"), [
+    (0, "integer >= 2"), (1, "integer >= 2"), (2.0, "integer >= 2"), (101, "at least 404")])
 def test_bad_canary_counts_are_config_errors(digits: Dataset, per_side: int, match: str) -> None:
     train = Split(digits.train.x[:400], digits.train.y[:400])
     with pytest.raises(ConfigError, match=match):
         insert_canaries(train, per_side, digits.num_classes, seed=0)
+
+
+def test_one_canary_per_side_is_refused_with_the_config_before_any_training() -> None:
+    # the audit needs two per side; one used to train a whole model first and then fail
+    with pytest.raises(ValueError, match="canaries must be 0 \\(off\\) or at least 2 per side"):
+        DPConfig(canaries=1)
+    assert DPConfig(canaries=2).canaries == 2
 
 
 # -- the audit on trained models ----------------------------------------------------------------

@@ -227,3 +227,62 @@ def test_only_a_nan_logit_row_is_scored_as_no_member():
     assert membership_scores(Certain(), data, statistic="confidence")[0] == math.inf
     # modified entropy has no finite value there: left NaN, for the metrics to refuse loudly
     assert math.isnan(membership_scores(Certain(), data, statistic="modified-entropy")[0])
+
+
+# -- settings and inputs the attacks refuse --------------------------------------------------------
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda m, x, y: augmentation_attack(m, *_halves(x, y), noise_std=float("nan"), noise_copies=2),
+     "noise_std a finite number >= 0"),
+    (lambda m, x, y: augmentation_attack(m, *_halves(x, y), noise_std=0.1, noise_copies=2.5),
+     "noise_copies must be whole numbers >= 0"),
+    (lambda m, x, y: random_direction_distance(m, x, y, directions=2, max_distance=-0.5),
+     "max_distance must be a finite number > 0"),
+    (lambda m, x, y: random_direction_distance(m, x, y, directions=2, max_distance=float("nan")),
+     "max_distance must be a finite number > 0"),
+    (lambda m, x, y: pgd_boundary_distance(m, x, y, steps=2, bisection_steps=-3), "bisection_steps"),
+    (lambda m, x, y: threshold_attack(m, *_halves(x, y), batch_size=0), "batch_size"),
+    (lambda m, x, y: boundary_distance_attack(m, *_halves(x, y), batch_size=0), "batch_size"),
+], ids=["noise-nan", "copies-fraction", "distance-negative", "distance-nan", "bisection-negative",
+        "threshold-batch", "boundary-batch"])
+def test_bad_attack_settings_are_config_errors(call, fragment):
+    from fortify.errors import ConfigError
+
+    x = _inputs()
+    with pytest.raises(ConfigError, match=fragment):
+        call(_model(), x, torch.arange(12) % 3)
+
+
+def test_the_augmentation_attack_refuses_data_outside_its_box():
+    # its copies are clipped to the box: pixels in [0, 255] would score their own clipping
+    x = 255 * _inputs()
+    with pytest.raises(DataError, match=r"outside the declared box \[0, 1\]"):
+        augmentation_attack(_model(), *_halves(x, torch.arange(12) % 3), noise_std=0.1, noise_copies=2)
+
+
+def test_augmented_copies_come_one_at_a_time_with_the_same_scores():
+    # all copies at once took 22 times the data's memory; one at a time the scores are the same
+    from fortify.privacy.label_only import augmented_copies
+
+    x, y = _inputs(), torch.arange(12) % 3
+    copies = augmented_copies(x, max_shift=1, noise_std=0.2, noise_copies=3,
+                              generator=torch.Generator().manual_seed(0))
+    assert not isinstance(copies, list)
+    listed = list(copies)
+    model = _model()
+    with torch.no_grad():
+        by_hand = torch.stack([model(c).argmax(1) == y for c in listed]).double().mean(0)
+    assert len(listed) == 9 + 3
+    assert torch.equal(augmentation_scores(model, Split(x, y), max_shift=1, noise_std=0.2, noise_copies=3),
+                       by_hand)
+
+
+def test_a_shadow_model_leaves_the_callers_random_state_as_it_was():
+    x, y, target = _inputs(24), torch.arange(24) % 3, _model()  # _model() seeds the global stream
+    members, non_members = _halves(x, y)
+    pool = Split(_inputs(40) * 0.9, torch.arange(40) % 3)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    shadow_attack(target, members, non_members, shadow_pool=pool, n_shadows=1)
+    assert torch.equal(torch.rand(3), expected)

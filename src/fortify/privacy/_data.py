@@ -8,6 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from fortify.attacks.base import check_positive_int
 from fortify.data.base import Split
 from fortify.errors import DataError
 from fortify.models.modes import evaluation_mode
@@ -149,6 +150,7 @@ def logit_confidence(logits: Tensor, y: Tensor) -> Tensor:
 
 def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
     """Logits for ``x`` (cast by ``to_model``) in eval mode, batched, on the model's device."""
+    check_positive_int("batch_size", batch_size)
     with evaluation_mode(model), torch.inference_mode():
         return torch.cat([model(to_model(model, x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
 

@@ -24,6 +24,7 @@ analysis, whose bound is lower).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -56,8 +57,9 @@ def insert_canaries(train: Split, per_side: int, num_classes: int, *, seed: int)
 
     The canaries' originals leave the training data, so a held-out canary was never seen in any form.
     """
-    if isinstance(per_side, bool) or int(per_side) != per_side or per_side < 1:
-        raise ConfigError(f"canaries per side must be an integer >= 1, got {per_side!r}")
+    if isinstance(per_side, bool) or not isinstance(per_side, numbers.Integral) or per_side < 2:
+        raise ConfigError(f"canaries per side must be an integer >= 2 (the audit halves each side), got "
+                          f"{per_side!r}")
     if 4 * per_side > len(train):
         raise ConfigError(f"{per_side} canaries per side need at least {4 * per_side} training "
                           f"examples (2 * {per_side} canaries and as many real ones); got {len(train)}")

@@ -35,6 +35,7 @@ from fortify.privacy._data import (
     to_model,
 )
 from fortify.privacy.similarity import mse, ssim, total_variation
+from fortify.threat import check_in_box
 
 Objective = Literal["probability", "log-probability", "logit"]
 OBJECTIVES: tuple[str, ...] = ("probability", "log-probability", "logit")
@@ -118,14 +119,17 @@ def invert_classes(model: nn.Module, classes: Sequence[int], input_shape: Sequen
     steps = check_positive_int("steps", steps)
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown inversion objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
-    if not (lr > 0 and tv_weight >= 0):
-        raise ConfigError(f"lr must be > 0 and tv_weight >= 0, got lr={lr}, tv_weight={tv_weight}")
+    if not (math.isfinite(lr) and lr > 0 and math.isfinite(tv_weight) and tv_weight >= 0):
+        raise ConfigError(f"lr must be a finite number > 0 and tv_weight a finite number >= 0, got "
+                          f"lr={lr}, tv_weight={tv_weight}")
     _check_classes(model, classes, neutral_start(input_shape, 1, bounds))
     device = model_device(model)
     targets = torch.as_tensor(list(classes), dtype=torch.long, device=device)
     x0 = start if start is not None else neutral_start(input_shape, len(targets), bounds)
     if x0.shape != (len(targets), *input_shape):
         raise DataError(f"start must have shape {(len(targets), *input_shape)}, got {tuple(x0.shape)}")
+    if start is not None:
+        check_in_box(x0, bounds)
     lo, width = float(bounds[0]), float(bounds[1]) - float(bounds[0])
     # Adam moves each coordinate by about lr and TV grows with the units of the input, so the search
     # runs on the position inside the box as a share of its width: lr and tv_weight then mean the

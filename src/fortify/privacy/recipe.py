@@ -55,6 +55,12 @@ class TrainerRecipe:
     dp: DPConfig | None = None
 
     def __call__(self, train: Split, *, seed: int) -> nn.Module:
+        device = torch.device(self.device)
+        # the caller's random state comes back afterwards: a shadow or reference model is an aside
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return self._train(train, seed)
+
+    def _train(self, train: Split, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         model = self.model_factory().to(self.device)
         config = self.config.model_copy(update={"seed": int(seed)})
