@@ -122,6 +122,9 @@ def test_digits_analysis_is_consistent_with_the_evaluation(digits, standard_mode
     # metrics under the attack: robust <= clean, and the gallery shows only fooled examples in the ball
     attack = analysis.metrics["attack"]
     assert attack["adversarial_accuracy"] <= attack["clean_accuracy"]
+    # the analysis attacks at the evaluation's points: its PGD accuracy is the PGD row's, exactly
+    pgd_row = next(result for result in report.attacks if result.name == analysis.attack)
+    assert attack["adversarial_accuracy"] == pytest.approx(pgd_row.adversarial_accuracy, abs=1e-9)
     expected = robustness_score(report.clean_accuracy, report.worst_case_accuracy,
                                 eps=[p.eps for p in report.eps_curve],
                                 eps_accuracy=[p.accuracy for p in report.eps_curve])
@@ -215,3 +218,30 @@ def test_a_model_right_on_no_example_gets_an_analysis_with_masking_not_judged(di
     assert masking["masked"] is None and masking["checks"] == [] and masking["n_attacked"] == 0
     assert masking["n_examples"] == 12 and "none of these 12 examples" in masking["notes"][0]
     json.dumps(analysis.to_dict(), allow_nan=False)
+
+
+@pytest.mark.parametrize("batch_size", [32, 256])
+def test_the_analysis_attacks_at_the_points_of_the_evaluations_attack(digits, batch_size):
+    # Prepare: a linear model that PGD-5 at eps 0.06 fools only in part, so that other random
+    # starts or batches would fool other examples (the analysis once attacked every example with one
+    # generator, and its accuracy came out above the report's worst case)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(model.parameters(), 0.05)
+    for _ in range(200):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(digits.train.x), digits.train.y).backward()
+        optimizer.step()
+    x, y = digits.test.x[:200], digits.test.y[:200]
+    threat = ThreatModel("linf", 0.06)
+    attack = PGD(threat, steps=5)
+    report = evaluate(model.eval(), x, y, [attack], threat, batch_size=batch_size, eps_grid=[])
+    options = AnalysisOptions(margin_examples=2, margin_steps=5, certify_examples=2, certify_n=50,
+                              masking_examples=2, gallery_examples=0, batch_size=batch_size)
+    # Execute
+    analysis = analyse(model, x, y, threat, attack=attack, report=report, num_classes=10, options=options)
+    # Assert: the same examples fooled
+    row = report.attacks[0]
+    assert 0 < row.success_rate < 1
+    assert analysis.metrics["attack"]["adversarial_accuracy"] == pytest.approx(row.adversarial_accuracy,
+                                                                               abs=1e-9)

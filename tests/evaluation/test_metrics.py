@@ -338,3 +338,15 @@ def test_sweep_distances_of_examples_misclassified_clean_are_zero_when_told():
     assert minimal_distances_from_sweep([0.1, 0.2], fooled).tolist() == [0.1, 0.2, math.inf]
     clean_correct = torch.tensor([False, True, True])
     assert minimal_distances_from_sweep([0.1, 0.2], fooled, clean_correct).tolist() == [0.0, 0.2, math.inf]
+
+
+def test_infinite_logits_give_defined_margins_and_entropies():
+    # a tie at +inf (an fp16 overflow) was inf - inf = NaN, which blanked the mean and moved the
+    # median; a row of -inf throughout had an entropy of NaN
+    y = torch.tensor([0, 0, 0])
+    clean = torch.tensor([[4.0, 1.0], [4.0, 1.0], [4.0, 1.0]])
+    adversarial = torch.tensor([[math.inf, math.inf], [2.0, 1.0], [1.0, 0.0]])
+    shift = margin_shift(clean, adversarial, y)
+    assert (shift.adversarial_mean, shift.adversarial_median) == (pytest.approx(2 / 3), 1.0)
+    entropy = normalized_entropy(torch.tensor([[-math.inf, -math.inf, -math.inf], [math.inf, 0.0, math.inf]]))
+    assert entropy.tolist() == pytest.approx([1.0, math.log(2) / math.log(3)])

@@ -77,6 +77,17 @@ def test_json_round_trip(standard_model, digits):
     stale = report.to_dict() | {"version": 0}
     with pytest.raises(DataError, match="version"):
         RobustnessReport.from_dict(stale)
+    # a damaged record is a DataError naming what is wrong, and no outcome is dropped without a word
+    without_outcomes = report.to_dict()
+    del without_outcomes["attacks"][0]["robust"]
+    damaged = {"field missing": ({k: v for k, v in report.to_dict().items() if k != "attacks"},
+                                 r"lacks the fields \['attacks'\]"),
+               "field added": (report.to_dict() | {"note": 1}, r"unexpected \['note'\]"),
+               "outcomes missing": (without_outcomes, r"an attack record lacks the fields \['robust'\]"),
+               "not a mapping": ([1, 2], "must be a mapping")}
+    for data, message in damaged.values():
+        with pytest.raises(DataError, match=message):
+            RobustnessReport.from_dict(data)
 
 
 def test_bad_setups(standard_model, digits):

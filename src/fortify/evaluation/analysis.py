@@ -34,6 +34,7 @@ from fortify.models.batching import query_batch
 from fortify.models.modes import restore_modes, save_modes
 from fortify.models.predictions import predicted_class
 from fortify.threat import ThreatModel
+from fortify.training.distributed import batch_seed
 
 ANALYSIS_VERSION = 1
 # a certificate larger than the base model's measured L2 margin by more than this is flagged
@@ -171,10 +172,19 @@ def _logits(model: nn.Module, x: Tensor, options: AnalysisOptions) -> Tensor:
 
 
 def _attack_all(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
-    generator = torch.Generator(device=x.device).manual_seed(attack.seed)
-    parts = [attack(model, x[i:i + batch_size], y[i:i + batch_size], generator=generator)
-             for i in range(0, len(x), batch_size)]
-    x_adv = torch.cat(parts)
+    """The attack's points as ``evaluate`` computes them for an attack that is not cascaded: the
+    examples classified right, in order, in batches of ``batch_size``, each batch seeded with
+    ``batch_seed``. A misclassified example keeps its input: it is an error without any attack."""
+    with torch.inference_mode():
+        correct = torch.cat([predicted_class(model(x[i:i + batch_size])) == y[i:i + batch_size]
+                             for i in range(0, len(x), batch_size)])
+    index = correct.nonzero().squeeze(1)
+    x_adv = x.clone()
+    generator = torch.Generator(device=x.device)
+    for start in range(0, len(index), batch_size):
+        generator.manual_seed(batch_seed(attack.seed, start // batch_size))
+        chunk = index[start:start + batch_size]
+        x_adv[chunk] = attack(model, x[chunk], y[chunk], generator=generator)
     if not bool(attack.threat.contains(x_adv, x).all()):  # the contract, checked as in evaluate
         raise ThreatModelViolation(f"attack {attack.label!r} returned points outside "
                                    f"{attack.threat.describe()}")

@@ -265,13 +265,16 @@ def _quantile(sorted_or_not: Tensor, q: float) -> float:
 def normalized_entropy(logits: Tensor) -> Tensor:
     """Per example ``H(softmax(z)) / log K`` in [0, 1]: 0 for a one-hot, 1 for uniform.
 
-    A row with ``+inf`` logits puts its probability evenly on them (softmax would give NaN); a row
+    A row with ``+inf`` logits puts its probability evenly on them, and a row of ``-inf`` throughout
+    evenly on all (softmax would give NaN); a row
     with a NaN predicts no class (``fortify.models.predictions``) and counts as fully uncertain, 1.
     """
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise DataError(f"expected logits (N, K) with K >= 2, got {tuple(logits.shape)}")
     z = logits.double()
-    top = torch.isposinf(z)
+    # the largest logits share the probability evenly when they are infinite: every +inf of a row,
+    # or every entry of a row that is -inf throughout (where softmax would give NaN)
+    top = torch.isposinf(z) | torch.isneginf(z).all(dim=1, keepdim=True)
     p = torch.where(top.any(dim=1, keepdim=True), top.double() / top.sum(dim=1, keepdim=True).clamp_min(1),
                     torch.softmax(z, dim=1))
     entropy = torch.special.entr(p).sum(dim=1) / math.log(logits.shape[1])  # entr(0) = 0
@@ -313,8 +316,12 @@ def margin_shift(clean_logits: Tensor, adv_logits: Tensor, y: Tensor) -> Shift:
 
 
 def _margin_or_minus_inf(logits: Tensor, y: Tensor) -> Tensor:
-    """The logit margin; -inf for a row with a NaN, which predicts no class and is never correct."""
-    margin = logit_margin(logits.double(), y)
+    """The logit margin; -inf for a row with a NaN, which predicts no class and is never correct.
+    A tie is 0, also between infinite logits (where ``inf - inf`` would be NaN)."""
+    z = logits.double()
+    own = z.gather(1, y.unsqueeze(1)).squeeze(1)
+    best_other = z.scatter(1, y.unsqueeze(1), -torch.inf).amax(dim=1)
+    margin = torch.where(own == best_other, 0.0, logit_margin(z, y))
     return torch.where(torch.isnan(logits).any(dim=1), -math.inf, margin)
 
 

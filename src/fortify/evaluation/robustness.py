@@ -80,14 +80,19 @@ class RobustnessReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RobustnessReport:
+        if not isinstance(data, dict):
+            raise DataError(f"a robustness report must be a mapping, got {type(data).__name__}")
         if data.get("version") != REPORT_VERSION:
             raise DataError(f"robustness report version {data.get('version')!r} is not "
                             f"{REPORT_VERSION}, the version this fortify reads")
-        fields = dict(data)
-        fields["attacks"] = [AttackResult(**a) for a in data["attacks"]]
-        fields["eps_curve"] = [EpsPoint(**p) for p in data["eps_curve"]]
+        fields = _exact_fields(cls, data, "the robustness report")
+        fields["attacks"] = [AttackResult(**_exact_fields(AttackResult, a, "an attack record"))
+                             for a in _listed(data["attacks"], "attacks")]
+        fields["eps_curve"] = [EpsPoint(**_exact_fields(EpsPoint, p, "an eps point"))
+                               for p in _listed(data["eps_curve"], "eps_curve")]
         if data.get("precision") is not None:
-            fields["precision"] = PrecisionCheck(**data["precision"])
+            fields["precision"] = PrecisionCheck(**_exact_fields(PrecisionCheck, data["precision"],
+                                                                 "the precision check"))
         return cls(**fields)
 
     def attack(self, name: str) -> AttackResult:
@@ -273,6 +278,23 @@ def _logit_warnings(logits: Tensor) -> list[str]:
                             "probabilities, not logits; attacks on a softmax output get weak "
                             "gradients and overstate robustness")
     return warnings
+
+
+def _exact_fields(kind: type, data: Any, what: str) -> dict[str, Any]:
+    """``data`` as the keyword arguments of the dataclass ``kind``: every field, and no other key."""
+    if not isinstance(data, dict):
+        raise DataError(f"{what} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(kind)}
+    missing, unexpected = sorted(names - set(data)), sorted(set(data) - names)
+    if missing or unexpected:
+        raise DataError(f"{what} lacks the fields {missing} and holds the unexpected {unexpected}")
+    return dict(data)
+
+
+def _listed(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise DataError(f"{what} must be a list, got {type(value).__name__}")
+    return value
 
 
 def _run_attack(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, todo: Tensor,
