@@ -923,6 +923,21 @@ def test_a_preset_refuses_the_flags_it_would_override_and_records_what_it_runs(t
     assert EvalConfig(**config.model_dump()) == config
 
 
+def test_a_preset_asked_for_replaces_the_attacks_a_model_directory_recorded(trained_dir, tmp_path):
+    from fortify.pipeline import evaluation_config
+
+    # the directory's config.yaml lists the default attacks; the preset must not be refused over them
+    by_flag = evaluation_config(trained_dir, None, {"eval": {"preset": "autoattack"}}).eval
+    file = tmp_path / "aa.yaml"
+    file.write_text("eval:\n  preset: autoattack\n")
+    by_file = evaluation_config(trained_dir, file, {}).eval
+    for config in (by_flag, by_file):
+        assert (config.attacks, config.cascade) == (["apgd-ce", "apgd-t", "fab-t", "square"], True)
+    result = _invoke("evaluate", trained_dir, "--preset", "autoattack", "--n-examples", 5, "--steps", 2,
+                     "--queries", 10)
+    assert result.exit_code == 0, result.output
+
+
 def test_attacks_asked_for_replace_the_preset_a_model_was_trained_under(tmp_path):
     from fortify.config import RunConfig
     from fortify.pipeline import evaluation_config
@@ -1062,3 +1077,13 @@ def test_paths_that_look_like_markup_are_printed_as_they_are(trained_dir, tmp_pa
     assert "fgsm (cascade)" in evaluated_text  # cumulative columns marked as on the page
     assert f"report: {tmp_path / 'r[/y].html'}" in reported_text
     assert str(tmp_path / "e[/z].safetensors") in exported_text
+
+
+def test_a_config_that_is_not_a_regular_file_is_refused(tmp_path):
+    # a pipe (--config <(...)) reads once; a command that reads its config twice dropped its settings
+    import os
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    _assert_clean_error(_invoke("train", "--config", pipe, "--out", tmp_path / "o"),
+                        "is not a regular file; write the config to a file first", not_created=tmp_path / "o")

@@ -403,6 +403,10 @@ def listed(differing: list[str], most: int = 4) -> str:
 def load_yaml(path: Path | str, kind: str = "config") -> Any:
     """What a YAML file holds (safe loader: plain data only); ConfigError naming the ``kind`` of file
     when it cannot be read or parsed."""
+    if Path(path).exists() and not Path(path).is_file():
+        # a pipe (``--config <(...)``) reads once: a command that reads its config twice would find it
+        # empty the second time and drop its settings without a word
+        raise ConfigError(f"{kind} file {path} is not a regular file; write the {kind} to a file first")
     try:
         return yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
     except OSError as err:

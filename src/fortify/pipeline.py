@@ -377,8 +377,8 @@ def evaluation_config(model_dir: Path, config_path: Path | None, overrides: dict
         # the attacks asked for now replace a preset the model was trained under, as they would
         # replace its attack list; the cascade it forced goes with it
         recorded["eval"].update(preset=None, cascade=EvalConfig.model_fields["cascade"].default)
-    layered = config_from_dict(recorded, in_file)
-    config = config_from_dict(layered.model_dump(mode="json"), overrides)
+    layered = config_from_dict(_for_a_preset_in(in_file, recorded), in_file).model_dump(mode="json")
+    config = config_from_dict(_for_a_preset_in(overrides, layered), overrides)
     check_evaluated_as_trained(model_dir, own, config)
     return config
 
@@ -390,6 +390,15 @@ def _chooses_attacks(settings: dict[str, Any]) -> bool:
     if not isinstance(section, dict) or "preset" in section:
         return False
     return bool({"attacks", "cascade"} & set(section))
+
+
+def _for_a_preset_in(settings: dict[str, Any], dumped: dict[str, Any]) -> dict[str, Any]:
+    """``dumped`` (a config as a mapping) without its attack list and cascade when ``settings`` name a
+    preset: the preset replaces them, and given beside it they would be refused as a contradiction."""
+    section = settings.get("eval")
+    if not (isinstance(section, dict) and section.get("preset") is not None):
+        return dumped
+    return {**dumped, "eval": {k: v for k, v in dumped["eval"].items() if k not in ("attacks", "cascade")}}
 
 
 def encoding_for_other_table(model_dir: Path, config: RunConfig) -> dict[str, Any] | None:
