@@ -77,11 +77,7 @@ class ThreatModel:
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ConfigError(f"unknown norm {self.norm!r}; valid norms: {', '.join(NORMS)}")
-        bounds = _pair_of_numbers(self.bounds)
-        if bounds is None or not (math.isfinite(bounds[0]) and math.isfinite(bounds[1])
-                                  and bounds[0] < bounds[1]):
-            raise ConfigError(f"bounds must be two finite numbers with low < high, got {self.bounds!r}")
-        lo, hi = bounds
+        lo, hi = checked_bounds(self.bounds)
         object.__setattr__(self, "bounds", (lo, hi))
         eps = _number(self.eps)
         if eps is None or not (math.isfinite(eps) and eps > 0):
@@ -221,6 +217,15 @@ class ThreatModel:
         """Both descriptions, with every digit when the short ones would read the same."""
         exact = self.describe() == other.describe()
         return self.describe(exact), other.describe(exact)
+
+
+def checked_bounds(value: object) -> tuple[float, float]:
+    """``value`` as a box ``(low, high)`` of two finite numbers with low < high, else a ConfigError."""
+    bounds = _pair_of_numbers(value)
+    if bounds is None or not (math.isfinite(bounds[0]) and math.isfinite(bounds[1])
+                              and bounds[0] < bounds[1]):
+        raise ConfigError(f"bounds must be two finite numbers with low < high, got {value!r}")
+    return bounds
 
 
 def check_in_box(x: Tensor, bounds: tuple[float, float]) -> None:

@@ -286,3 +286,14 @@ def test_a_shadow_model_leaves_the_callers_random_state_as_it_was():
     torch.manual_seed(5)
     shadow_attack(target, members, non_members, shadow_pool=pool, n_shadows=1)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_audit_refuses_data_outside_its_box_and_a_reversed_box():
+    from fortify.errors import ConfigError
+    from fortify.privacy import audit
+
+    x, y = _inputs(), torch.arange(12) % 3
+    with pytest.raises(DataError, match=r"outside the declared box \[0, 1\]"):
+        audit(_model(), *_halves(255 * x, y), attacks=["loss"])
+    with pytest.raises(ConfigError, match=r"bounds must be two finite numbers with low < high, got \(1, 0\)"):
+        audit(_model(), *_halves(x, y), attacks=["loss"], bounds=(1, 0))

@@ -38,6 +38,7 @@ from fortify.privacy.membership import shadow_attack, threshold_attack
 from fortify.privacy.metrics import MembershipResult
 from fortify.privacy.recipe import TrainerRecipe, TrainRecipe
 from fortify.privacy.reconstruction import ReconstructionReport, leakage_sweep
+from fortify.threat import check_in_box, checked_bounds
 
 PRIVACY_REPORT_VERSION = 1
 DEFAULT_ATTACKS: tuple[str, ...] = ("loss", "confidence", "modified-entropy", "augmentation")
@@ -141,6 +142,9 @@ def audit(model: nn.Module, members: Split, non_members: Split, *,
     """
     _check_attack_names(attacks, n_reference_models, shadow_pool)
     check_member_sets(members, non_members)
+    bounds = checked_bounds(bounds)
+    for split in (members, non_members):  # the box the label-only attacks clip to and search in
+        check_in_box(split.x, bounds)
     if any(a.startswith("lira") for a in attacks):
         check_queries_fit(lira_queries, members.x)  # before any reference model trains
     if recipe is None and any(a in TRAINED_ATTACKS for a in attacks):
