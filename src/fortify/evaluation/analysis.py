@@ -115,11 +115,12 @@ def analyse(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, atta
     seconds: dict[str, float] = {}
     try:
         with _timed(seconds, "metrics"):
-            x_adv = _attack_all(model, attack, x, y, options.batch_size)
-            clean_logits, adv_logits = _logits(model, x, options), _logits(model, x_adv, options)
+            clean_logits = _logits(model, x, options)
             if clean_logits.shape[1] != num_classes:
                 raise ConfigError(f"num_classes={num_classes} but the model scores "
                                   f"{clean_logits.shape[1]} classes")
+            x_adv = _attack_all(model, attack, x, y, predicted_class(clean_logits) == y, options.batch_size)
+            adv_logits = _logits(model, x_adv, options)
             metrics = adversarial_metrics(x, x_adv, y, clean_logits, adv_logits, threat, num_classes)
         with _timed(seconds, "margin"):
             margin = _margin(model, x, y, threat, options)
@@ -171,13 +172,12 @@ def _logits(model: nn.Module, x: Tensor, options: AnalysisOptions) -> Tensor:
                           for i in range(0, len(x), options.batch_size)])
 
 
-def _attack_all(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
+def _attack_all(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, correct: Tensor,
+                batch_size: int) -> Tensor:
     """The attack's points as ``evaluate`` computes them for an attack that is not cascaded: the
-    examples classified right, in order, in batches of ``batch_size``, each batch seeded with
-    ``batch_seed``. A misclassified example keeps its input: it is an error without any attack."""
-    with torch.inference_mode():
-        correct = torch.cat([predicted_class(model(x[i:i + batch_size])) == y[i:i + batch_size]
-                             for i in range(0, len(x), batch_size)])
+    examples classified right (``correct``), in order, in batches of ``batch_size``, each batch
+    seeded with ``batch_seed``. A misclassified example keeps its input: it is an error without any
+    attack."""
     index = correct.nonzero().squeeze(1)
     x_adv = x.clone()
     generator = torch.Generator(device=x.device)
