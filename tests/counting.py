@@ -1,6 +1,8 @@
-"""A model wrapper for tests that count how many forward passes an attack or evaluation spends."""
+"""For tests that count how many forward passes an attack, evaluation or objective spends."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
@@ -16,3 +18,13 @@ class PassCounter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self.passes += 1
         return self.model(x)
+
+
+def record_modes_of_passes(model: nn.Module) -> tuple[list[bool], Callable[[], None]]:
+    """The training flag of each forward pass of ``model``, in order, and a function that stops the
+    recording. A global forward hook: one on the model itself would make it count as mode-dependent
+    (``fortify.models.modes``)."""
+    modes: list[bool] = []
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, output: modes.append(module.training) if module is model else None)
+    return modes, handle.remove

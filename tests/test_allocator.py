@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from fortify import allocator
+from fortify.errors import ConfigError
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -46,15 +47,20 @@ def test_kept_memory_is_reused_without_page_faults():
     assert kept <= 2 * pages  # at most two of the ten rounds (none in every run seen)
 
 
-def test_only_the_environment_variable_turns_it_on(monkeypatch):
+def test_the_environment_variable_declines_it_with_0_and_refuses_other_values(monkeypatch):
     calls: list[bool] = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(True) or True)
-    monkeypatch.delenv(allocator.OPT_IN_VARIABLE, raising=False)
-    assert allocator.keep_freed_memory_if_asked() is False and not calls
-    monkeypatch.setenv(allocator.OPT_IN_VARIABLE, "0")
-    assert allocator.keep_freed_memory_if_asked() is False and not calls
-    monkeypatch.setenv(allocator.OPT_IN_VARIABLE, "1")
-    assert allocator.keep_freed_memory_if_asked() is True and calls == [True]
+    monkeypatch.delenv(allocator.SETTING_VARIABLE, raising=False)
+    assert allocator.keep_freed_memory_unless_declined() is True and calls == [True]
+    monkeypatch.setenv(allocator.SETTING_VARIABLE, "1")
+    assert allocator.keep_freed_memory_unless_declined() is True and calls == [True, True]
+    monkeypatch.setenv(allocator.SETTING_VARIABLE, "0")
+    assert allocator.keep_freed_memory_unless_declined() is False and calls == [True, True]
+    for typo in ("off", "", "true"):
+        monkeypatch.setenv(allocator.SETTING_VARIABLE, typo)
+        with pytest.raises(ConfigError, match="must be 1 .* or 0"):
+            allocator.keep_freed_memory_unless_declined()
+    assert calls == [True, True]
 
 
 def test_a_c_library_other_than_glibc_is_left_alone(monkeypatch):
@@ -62,12 +68,24 @@ def test_a_c_library_other_than_glibc_is_left_alone(monkeypatch):
     assert allocator.keep_freed_memory() is False
 
 
-def test_the_command_line_asks_the_environment_before_any_command(monkeypatch):
+def test_the_command_line_keeps_freed_memory_before_any_command(monkeypatch):
     from fortify import cli
 
     calls: list[str] = []
-    monkeypatch.setattr(cli, "keep_freed_memory_if_asked", lambda: calls.append("kept") or True)
+    monkeypatch.setattr(cli, "keep_freed_memory_unless_declined", lambda: calls.append("kept") or True)
     monkeypatch.setattr(sys, "argv", ["fortify", "--help"])
     with pytest.raises(SystemExit) as exited:
         cli.main()
     assert exited.value.code == 0 and calls == ["kept"]
+
+
+def test_the_command_line_refuses_a_misspelt_setting_in_one_line(monkeypatch, capsys):
+    from fortify import cli
+
+    monkeypatch.setenv(allocator.SETTING_VARIABLE, "yes")
+    monkeypatch.setattr(sys, "argv", ["fortify", "--help"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert "FORTIFY_KEEP_FREED_MEMORY must be 1" in err and "Traceback" not in err

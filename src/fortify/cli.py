@@ -26,7 +26,7 @@ from rich.table import Table
 from torch import nn
 from typer.core import TyperGroup
 
-from fortify.allocator import keep_freed_memory_if_asked
+from fortify.allocator import keep_freed_memory_unless_declined
 from fortify.attacks import ATTACKS
 from fortify.config import TrainConfig, load_config, read_yaml_mapping
 from fortify.errors import ConfigError, FortifyError
@@ -848,8 +848,12 @@ def sweep(
 
 
 def main() -> None:
-    keep_freed_memory_if_asked()  # FORTIFY_KEEP_FREED_MEMORY=1 (fortify.allocator)
     warnings.formatwarning = one_line_warning
+    try:
+        keep_freed_memory_unless_declined()  # FORTIFY_KEEP_FREED_MEMORY=0 declines (fortify.allocator)
+    except ConfigError as err:
+        _print_error(str(err))
+        sys.exit(2)
     try:
         code = app(prog_name="fortify", standalone_mode=False)
     except click.UsageError as err:  # a flag click cannot parse: one line, as every other error

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from counting import record_modes_of_passes
 from fortify.attacks import PGD
 from fortify.config import TrainConfig
 from fortify.data import Split
@@ -154,15 +155,6 @@ def test_trades_trains_on_the_points_of_its_kl_attack():
     assert torch.equal(loss, trades.loss_on(model, x, y, x_adv))
 
 
-def _counting_passes_of(model: nn.Module):
-    """A global forward hook (not the model's own, which would make it count as mode-dependent)
-    that counts the passes of ``model``; remove the handle afterwards."""
-    calls = []
-    handle = nn.modules.module.register_module_forward_hook(
-        lambda module, inputs, output: calls.append(module.training) if module is model else None)
-    return calls, handle
-
-
 @pytest.mark.parametrize("dropout", [False, True])
 def test_trades_passes_the_clean_batch_once_when_the_model_runs_alike_in_both_modes(dropout):
     # Prepare: a model of plain layers, and one with a dropout (which must keep the paper's passes)
@@ -171,12 +163,12 @@ def test_trades_passes_the_clean_batch_once_when_the_model_runs_alike_in_both_mo
     model = nn.Sequential(*layers).train()
     x, y = _tiny_problem(8)
     trades = build_objective("trades", MethodOptions(THREAT, attack_steps=4))
-    calls, handle = _counting_passes_of(model)
+    calls, stop = record_modes_of_passes(model)
     # Execute
     try:
         trades(model, x, y)
     finally:
-        handle.remove()
+        stop()
     # Assert: the attack's steps in eval mode; the clean pass in eval mode too only with the dropout
     expected = [False] + [False] * 4 + [True, True] if dropout else [True] + [False] * 4 + [True]
     assert calls == expected
@@ -193,13 +185,13 @@ def test_trades_with_one_clean_pass_trains_to_the_weights_of_the_papers_passes(m
     def train() -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
         model = build_model("small-cnn", (1, 8, 8), 3)
-        calls, handle = _counting_passes_of(model)
+        calls, stop = record_modes_of_passes(model)
         objective = build_objective("trades", MethodOptions(THREAT, attack_steps=3))
         config = TrainConfig(objective="trades", epochs=2, batch_size=16, early_stopping=False)
         try:
             Trainer(model, objective, config, threat=THREAT, show_progress=False).fit(split, split.head(16))
         finally:
-            handle.remove()
+            stop()
         passes.append(len(calls))
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -1,5 +1,6 @@
 """Settings every objective shares: label smoothing of the training loss (never of the attack),
-FGSM's separate clean and adversarial passes, and FGSM-RS's step during eps warm-up."""
+FGSM's clean and adversarial passes (one clean pass where the model allows), and FGSM-RS's step during
+eps warm-up."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from counting import record_modes_of_passes
 from fortify.attacks import FGSM
 from fortify.threat import ThreatModel
 from fortify.training.methods import MethodOptions
@@ -78,6 +80,42 @@ def test_fgsm_with_a_ratio_passes_the_clean_and_the_adversarial_batch_separately
     assert torch.allclose(loss, expected)
     assert torch.allclose(model[1].running_mean, reference[1].running_mean)
     assert int(model[1].num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_fgsm_with_a_ratio_passes_the_clean_batch_once_when_the_model_runs_alike_in_both_modes(dropout):
+    # Prepare: plain layers (one pass serves the FGSM step and the clean term), and the same with a
+    # dropout, which must keep the attack's eval-mode pass
+    torch.manual_seed(0)
+    layers = [nn.Linear(10, 16), nn.ReLU()] + ([nn.Dropout(0.0)] if dropout else []) + [nn.Linear(16, 3)]
+    model = nn.Sequential(*layers).train()
+    x, y = _tiny_problem()
+    calls, stop = record_modes_of_passes(model)
+    # Execute
+    try:
+        build_objective("fgsm", ObjectiveOptions(THREAT, fgsm_ratio=0.25))(model, x, y)
+    finally:
+        stop()
+    # Assert
+    assert calls == ([False, True, True] if dropout else [True, True])
+
+
+def test_fgsm_with_one_clean_pass_gives_the_loss_and_gradients_of_the_two_passes():
+    # Prepare: a model that runs alike in both modes, and its twin for the reference computation
+    x, y = _tiny_problem(32)
+    model, reference = _mlp(), _mlp()
+    objective = build_objective("fgsm", ObjectiveOptions(THREAT, fgsm_ratio=0.3, label_smoothing=0.1))
+    # Execute
+    loss = objective(model, x, y)
+    loss.backward()
+    # Assert: FGSM's points from the attack itself, then a pass for each term
+    x_adv = FGSM(THREAT)(reference, x, y)
+    expected = (0.7 * F.cross_entropy(reference(x), y, label_smoothing=0.1)
+                + 0.3 * F.cross_entropy(reference(x_adv), y, label_smoothing=0.1))
+    expected.backward()
+    assert torch.allclose(loss, expected, rtol=1e-6, atol=0)
+    for (name, weight), twin in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(weight.grad, twin.grad, rtol=1e-5, atol=1e-7), name
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0])

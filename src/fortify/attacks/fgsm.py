@@ -39,7 +39,12 @@ class FGSM(Attack):
         start = self.threat.random_start(x, generator) if self.random_start else x.clone()
         start.requires_grad_(True)
         grad = self.gradient_and_logits(model, start, y, target)[0]
-        stepped = start.detach() + self.step_size * self.threat.ascent_direction(grad)
+        return self.step(start.detach(), grad, x)
+
+    def step(self, start: Tensor, grad: Tensor, x: Tensor) -> Tensor:
+        """The point one step from ``start`` along ``grad`` (the objective's gradient there), projected
+        into the threat model around the clean ``x``."""
+        stepped = start + self.step_size * self.threat.ascent_direction(grad)
         return self.threat.project(stepped, x)
 
     def with_threat(self, threat: ThreatModel) -> FGSM:

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortify.attacks import FGSM, PGD, Attack
+from fortify.attacks.base import cross_entropy_logit_gradient
 from fortify.errors import ConfigError
+from fortify.models.modes import runs_alike_in_both_modes
 from fortify.registry import Registry
 from fortify.threat import LOW_PRECISION, ThreatModel
 
@@ -180,13 +182,28 @@ class FGSMObjective(_AttackObjective):
         ratio = self.options.fgsm_ratio
         if ratio == 0.0:  # clean training: the FGSM points would carry no weight
             return self.cross_entropy(model(x), y)
-        x_adv = self.craft(model, x, y)
         if ratio == 1.0:
-            return self.cross_entropy(model(x_adv), y)
-        # a pass of its own for each half, as in pgd-mix, TRADES and MART: one pass over both
-        # halves would normalise each with BatchNorm statistics of the clean and adversarial mix
-        clean = self.cross_entropy(model(x), y)
-        return (1 - ratio) * clean + ratio * self.cross_entropy(model(x_adv), y)
+            return self.cross_entropy(model(self.craft(model, x, y)), y)
+        if runs_alike_in_both_modes(model):
+            clean_logits, x_adv = self._clean_pass_and_fgsm(model, x, y)
+        else:
+            # a pass of its own for each half, as in pgd-mix, TRADES and MART: one pass over both
+            # halves would normalise each with BatchNorm statistics of the clean and adversarial mix
+            x_adv = self.craft(model, x, y)
+            clean_logits = model(x)
+        return (1 - ratio) * self.cross_entropy(clean_logits, y) + ratio * self.cross_entropy(model(x_adv), y)
+
+    def _clean_pass_and_fgsm(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The clean term's logits and the FGSM points from one forward pass at ``x``: for a model that
+        computes the same function in either mode, the attack's pass (eval mode) and the loss's
+        (training mode) give the same numbers. The graph is kept for the loss's backward pass."""
+        fgsm = self.attack
+        assert isinstance(fgsm, FGSM)
+        point = x.detach().requires_grad_(True)
+        logits = model(point)
+        ascent = cross_entropy_logit_gradient(logits.detach(), y.long())  # as the attack steps
+        (grad,) = torch.autograd.grad(logits, point, grad_outputs=ascent.to(logits.dtype), retain_graph=True)
+        return logits, fgsm.step(point.detach(), grad, x.detach())
 
 
 class FastFGSMObjective(_AttackObjective):
