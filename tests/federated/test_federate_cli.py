@@ -54,6 +54,12 @@ def test_simulation_trains_a_global_model_that_improves(tmp_path, monkeypatch):
     (["--dp", "--noise-multiplier", 1.0, "--model", "preact-resnet18"], "a model without BatchNorm"),
     (["--dp", "--noise-multiplier", 1.0, "--model", "mlp", "--delta", 0.01],
      "(the largest of the 4 client shards); lower --delta"),
+    # infinite values passed and failed later, some after a round: a Dirichlet partition "to raise
+    # alpha", a NaN training loss, an update refused as non-finite
+    (["--partition", "dirichlet", "--alpha", "inf"], "federation.alpha"),
+    (["--strategy", "fedprox", "--proximal-mu", "inf"], "federation.proximal_mu"),
+    (["--malicious-clients", 1, "--malicious-mode", "scale", "--malicious-scale", "inf"],
+     "federation.malicious_scale"),
 ])
 def test_bad_settings_exit_2_with_a_one_line_reason(tmp_path, args, message):
     result = _federate(*args, "--out", tmp_path / "fed")
@@ -97,3 +103,42 @@ def test_trim_beta_and_partition_seed_flags_reach_the_run(tmp_path):
     assert result.exit_code == 0, result.output
     config = (app_dir / "pyproject.toml").read_text()
     assert '"federation.trim_beta" = 0.4' in config and '"federation.partition_seed" = 7' in config
+
+
+def _submit_and_fail(monkeypatch, submit) -> None:
+    """``fortify federate --superlink`` with Flower's submission replaced by ``submit``."""
+    monkeypatch.setattr(command, "wait_for_superlink", lambda address, timeout=10.0: None)
+    monkeypatch.setattr(command, "submit", submit)
+
+
+def test_a_run_that_failed_on_the_superlink_names_the_servers_error(tmp_path, monkeypatch):
+    # `flwr run --stream` exits 0 when the ServerApp raises; its log holds the cause, which used to be
+    # replaced by advice about shared file systems
+    log = ("INFO : Starting run\nERROR : ServerApp raised\nTraceback (most recent call last):\n"
+           "fortify.federated.server.FederationError: round 1: partition 1 was trained by no node\n")
+    _submit_and_fail(monkeypatch, lambda app_dir, address, timeout=10.0: log)
+    result = _federate("--superlink", "127.0.0.1:9093", "--clients", 2, "--rounds", 1, "--model", "mlp",
+                       "--out", tmp_path / "fed")
+    assert result.exit_code == 2, result.output
+    assert "the run on the SuperLink failed: FederationError: round 1: partition 1 was trained by no node" \
+        in " ".join(result.output.split())
+    # and without an error in the log, the file system the two must share
+    _submit_and_fail(monkeypatch, lambda app_dir, address, timeout=10.0: "INFO : run finished\n")
+    result = _federate("--superlink", "127.0.0.1:9093", "--clients", 2, "--rounds", 1, "--model", "mlp",
+                       "--out", tmp_path / "fed")
+    assert result.exit_code == 2 and "so it must share this file system" in " ".join(result.output.split())
+
+
+def test_a_failed_submission_leaves_out_as_it_was_for_the_same_command(tmp_path, monkeypatch):
+    # the Flower app written into --out before the submission failed made the same command refuse the
+    # folder as "not empty", and --resume refuse it as holding no federation
+    def refused(app_dir, address, timeout=10.0):
+        raise command.FederationError("`flwr run` failed (exit 1): connection reset")
+
+    _submit_and_fail(monkeypatch, refused)
+    args = ("--superlink", "127.0.0.1:9093", "--clients", 2, "--rounds", 1, "--model", "mlp",
+            "--out", tmp_path / "fed")
+    for _ in range(2):
+        result = _federate(*args)
+        assert result.exit_code == 2 and "connection reset" in result.output, result.output
+        assert not (tmp_path / "fed").exists() or not any((tmp_path / "fed").iterdir())

@@ -119,6 +119,24 @@ def test_resuming_under_other_settings_is_refused_by_name(task_identity, tmp_pat
         run_server(InProcessGrid(make_client_app(other), 2), other)
 
 
+def _edit_progress(run_dir, edit) -> None:
+    progress = json.loads((run_dir / PROGRESS_JSON).read_text())
+    edit(progress)
+    (run_dir / PROGRESS_JSON).write_text(json.dumps(progress))
+
+
+def test_a_server_started_afresh_on_a_saved_federation_refuses_to_overwrite_it(task_identity, tmp_path):
+    # `flwr run` started by hand without federation.resume used to replace the record and delete the
+    # saved rounds' weights; the CLI's own check of --out does not see that path
+    run = _fed_run(tmp_path / "b")
+    _interrupt_in_round_two(run)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
+    with pytest.raises(ConfigError, match="already holds a federation .federation-progress.json.; set "
+                                          "federation.resume=true"):
+        run_server(InProcessGrid(make_client_app(run), 2), run)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
+
+
 def _weights_of(run_dir):
     return run_dir / json.loads((run_dir / PROGRESS_JSON).read_text())["weights"]
 
@@ -131,6 +149,14 @@ def _weights_of(run_dir):
      "does not match the hash recorded in federation-progress.json"),
     (lambda d: (d / PROGRESS_JSON).write_text((d / PROGRESS_JSON).read_text().replace(
         "federation-round-1.safetensors", "../model.safetensors")), "not a fortify federation record"),
+    # edited records: each was accepted, the first marking a 3-round run finished at "round 7"
+    (lambda d: _edit_progress(d, lambda p: p["rounds"][-1].update(round=7)), "not a fortify federation record"),
+    (lambda d: _edit_progress(d, lambda p: p["rounds"][0].update(clean_accuracy=1.5)),
+     "not a fortify federation record"),
+    (lambda d: _edit_progress(d, lambda p: p["train_metrics"].update({"2": {"train-loss": 0.1}})),
+     "not a fortify federation record"),
+    (lambda d: _edit_progress(d, lambda p: p["rounds"].extend(
+        dict(p["rounds"][-1], round=r) for r in range(2, ROUNDS + 3))), "records round 5 of a run of 3"),
 ])
 def test_damaged_progress_is_refused(task_identity, tmp_path, damage, message):
     run = _fed_run(tmp_path / "b")

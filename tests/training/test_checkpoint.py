@@ -318,4 +318,8 @@ def test_a_commit_reaches_the_disk_data_first_then_each_name(tmp_path, monkeypat
                         if kind == "replace" and what.startswith(f"{path}.pending.tmp "))
     assert staged_named < state_written
     assert ("fsync", directory) in events[staged_named + 1:state_written]
+    # and the staged file's final name, after the commit point, reaches the disk before the call returns
+    final_name = max(i for i, (kind, what) in enumerate(events)
+                     if kind == "replace" and what.startswith(f"{path}.pending "))
+    assert ("fsync", directory) in events[final_name + 1:], "the final rename left unflushed"
     assert _holds(path, _weights(1), digest)

@@ -13,6 +13,7 @@ from torch import nn
 
 from counting import record_modes_of_passes
 from fortify.attacks import FGSM
+from fortify.errors import ConfigError
 from fortify.threat import ThreatModel
 from fortify.training.methods import MethodOptions
 from fortify.training.objectives import OBJECTIVES, ObjectiveOptions, build_objective
@@ -116,6 +117,13 @@ def test_fgsm_with_one_clean_pass_gives_the_loss_and_gradients_of_the_two_passes
     assert torch.allclose(loss, expected, rtol=1e-6, atol=0)
     for (name, weight), twin in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.allclose(weight.grad, twin.grad, rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize("ratio", [-0.5, 1.5, float("nan"), float("inf")])
+def test_fgsm_refuses_a_ratio_outside_0_to_1(ratio):
+    # -0.5 crafted FGSM points with a negative weight, NaN gave a NaN loss, 1.5 a negative clean weight
+    with pytest.raises(ConfigError, match=r"fgsm_ratio must be in \[0, 1\]"):
+        build_objective("fgsm", ObjectiveOptions(THREAT, fgsm_ratio=ratio))
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0])

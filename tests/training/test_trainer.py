@@ -209,6 +209,79 @@ def test_resume_with_other_settings_is_refused(digits, tmp_path):
         other.fit(train, val, resume=True)
 
 
+@pytest.mark.parametrize("change, fragment", [
+    ("threat", "threat model (recorded {'norm': 'linf', 'eps': 0.2"),
+    ("objective", "objective (recorded 'pgd', now 'trades')"),
+])
+def test_resume_under_another_threat_model_or_objective_is_refused(digits, tmp_path, change, fragment):
+    # Prepare: a finished epoch under linf 0.2 with pgd
+    train, val = _subset(digits, 64)
+    _, trainer = _trainer(digits, tmp_path, epochs=2)
+    trainer.fit(train, val)
+    # Execute: the same settings, but another eps, or another objective named in the config too
+    torch.manual_seed(123)
+    model = build_model("small-cnn", digits.input_shape, digits.num_classes)
+    threat = ThreatModel("linf", 0.1) if change == "threat" else THREAT
+    name = "trades" if change == "objective" else "pgd"
+    config = TrainConfig(objective=name, epochs=2, batch_size=32, attack_steps=3, val_attack_steps=3,
+                         lr=0.05, eps_warmup_epochs=1, seed=5)
+    other = Trainer(model, build_objective(name, ObjectiveOptions(threat, attack_steps=3, seed=5)), config,
+                    threat=threat, run_dir=tmp_path, show_progress=False)
+    # Assert: refused; the train settings alone (compared before) are equal but for the objective
+    with pytest.raises(CheckpointError, match=re.escape(fragment)):
+        other.fit(train, val, resume=True)
+
+
+@pytest.mark.parametrize("mismatch, fragment", [
+    ("name", "the objective is 'trades' but train.objective says 'pgd'"),
+    ("norm", "the objective was built for l2 eps=0.5 box=[0, 1], the Trainer validates under linf"),
+    ("box", "the objective was built for linf eps=0.2 box=[-1, 1]"),
+])
+def test_an_objective_built_for_another_method_or_threat_model_is_refused(digits, mismatch, fragment):
+    # the Trainer hands the objective only its eps: its norm and box would stay the objective's while
+    # validation ran under the Trainer's, and the config would record a method that did not run
+    model = build_model("small-cnn", digits.input_shape, digits.num_classes)
+    built_for = {"name": THREAT, "norm": ThreatModel("l2", 0.5), "box": ThreatModel("linf", 0.2, (-1.0, 1.0))}
+    name = "trades" if mismatch == "name" else "pgd"
+    objective = build_objective(name, ObjectiveOptions(built_for[mismatch]))
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        Trainer(model, objective, TrainConfig(objective="pgd", epochs=1), threat=THREAT, show_progress=False)
+
+
+def test_a_model_without_parameters_is_refused():
+    with pytest.raises(ConfigError, match="the model has no parameters to train"):
+        Trainer(nn.Flatten(), build_objective("standard", ObjectiveOptions(THREAT)),
+                TrainConfig(objective="standard", epochs=1), threat=THREAT, show_progress=False)
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda x: x.flatten(1), "validation inputs have shape (64,) per example, the training inputs (1, 8, 8)"),
+    (lambda x: x * 255, "outside the declared box [0, 1]"),
+    (lambda x: torch.where(x > 0.5, torch.nan, x), "NaN"),
+])
+def test_validation_inputs_are_checked_before_training(digits, tmp_path, edit, fragment):
+    # each used to train a whole epoch first: a traceback from inside torch at the first validation,
+    # or (standard) validation accuracies of 0 from which the best epoch was chosen
+    train, val = _subset(digits, 64)
+    _, trainer = _trainer(digits, tmp_path / "run", "standard", epochs=1)
+    with pytest.raises(DataError, match=re.escape(fragment)):
+        trainer.fit(train, Split(edit(val.x), val.y))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("objective", ["standard", "pgd", "trades", "mart"])
+def test_integer_labels_of_any_width_train_as_int64_labels_do(digits, objective):
+    # int32 labels passed the label checks and then failed inside torch's cross-entropy
+    train, val = _subset(digits, 64)
+    weights = []
+    for dtype in (torch.int64, torch.int32):
+        model, trainer = _trainer(digits, None, objective, epochs=1)
+        trainer.fit(Split(train.x, train.y.to(dtype)), Split(val.x, val.y.to(dtype)))
+        weights.append(model.state_dict())
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+
+
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda state: state.pop("sha256"), "records no hash of last.safetensors or state.safetensors"),
     (lambda state: state["sha256"].pop("state.safetensors"), "records no hash of state.safetensors"),

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from fortify.errors import ConfigError
 from fortify.federated.config import FederatedRun, load_federated_run
 from fortify.federated.deployment import submit, wait_for_superlink, write_flower_app
 from fortify.federated.progress import PROGRESS_JSON, read_progress
 from fortify.federated.results import RESULT_FILE, FederatedResult, read_result
-from fortify.federated.server import validate_run
+from fortify.federated.server import FederationError, validate_run
 from fortify.federated.simulation import run_simulation
-from fortify.pipeline import fresh_out_dir
+from fortify.pipeline import discarded_on_error, fresh_out_dir
 from fortify.training import checkpoint as ckpt
 
 
@@ -41,12 +41,28 @@ def federate(config: Path | None, overrides: dict[str, Any], federation: dict[st
         return run, read_result(out_dir)
     if superlink is None:
         return run, run_simulation(run, workers=workers, verbose=verbose)
-    app_dir = write_flower_app(out_dir / "flower-app", run)
-    submit(app_dir, superlink, timeout=timeout)
-    if not (out_dir / "federated.json").is_file():
-        raise ConfigError(f"the run ended but {out_dir / 'federated.json'} is missing; the SuperLink's "
-                          "ServerApp writes it, so it must share this file system")
+    # a submission that fails before the ServerApp saves a round leaves --out as it was, so that the
+    # same command runs again (the app folder alone would make it "not empty", yet no run to resume)
+    with discarded_on_error(out_dir):
+        app_dir = write_flower_app(out_dir / "flower-app", run)
+        output = submit(app_dir, superlink, timeout=timeout)
+        if not (out_dir / RESULT_FILE).is_file():
+            raise FederationError(_missing_result(out_dir, output))
     return run, read_result(out_dir)
+
+
+# the last line of a Python error in flwr's streamed log, e.g. "FederationError: round 1: ..."
+_ERROR_LINE = re.compile(r"\b[A-Za-z_]*(?:Error|Exception): .*\S")
+
+
+def _missing_result(out_dir: Path, output: str) -> str:
+    """Why a finished submission left no result: the ServerApp's error when flwr's log shows one
+    (``flwr run`` exits 0 when the ServerApp raises), else the file system the two must share."""
+    errors = _ERROR_LINE.findall(output)
+    if errors:
+        return f"the run on the SuperLink failed: {errors[-1]}"
+    return (f"the run ended but {out_dir / RESULT_FILE} is missing; the SuperLink's ServerApp writes it, "
+            "so it must share this file system")
 
 
 def _finished(out: Path, run: FederatedRun) -> bool:

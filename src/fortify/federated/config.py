@@ -32,14 +32,15 @@ class FederationConfig(BaseModel):
     rounds: int = Field(5, ge=1)
     local_epochs: int = Field(1, ge=1)
     partition: Literal["iid", "dirichlet"] = "iid"
-    alpha: float = Field(0.5, gt=0)  # Dirichlet concentration: small is skewed, large is near IID
+    # Dirichlet concentration: small is skewed, large is near IID
+    alpha: float = Field(0.5, gt=0, allow_inf_nan=False)
     partition_seed: int = Field(0, ge=0, lt=2**63)
     strategy: Literal["fedavg", "fedprox", "krum", "trimmed-mean", "median"] = "fedavg"
-    proximal_mu: float = Field(0.01, ge=0)
+    proximal_mu: float = Field(0.01, ge=0, allow_inf_nan=False)
     trim_beta: float = Field(0.25, ge=0, lt=0.5)
     malicious_clients: int = Field(0, ge=0)  # partitions 0 .. k-1 send poisoned updates
     malicious_mode: Literal["scale", "flip"] = "flip"
-    malicious_scale: float = Field(10.0, gt=0)
+    malicious_scale: float = Field(10.0, gt=0, allow_inf_nan=False)
     eval_examples: int | None = Field(None, ge=1)
     eval_steps: int = Field(10, ge=1)
     out: str = ""  # where the ServerApp writes the run directory; "" writes nothing

@@ -11,6 +11,7 @@ compose their DP budget exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from torch import nn
 from fortify.config import NOT_RESULT_SETTINGS, listed, setting_differences
 from fortify.errors import CheckpointError, ConfigError
 from fortify.federated.config import FederatedRun
-from fortify.federated.results import RoundRecord, stored_metric
+from fortify.federated.results import RESULT_FILE, RoundRecord, stored_metric
 from fortify.pipeline import write_json
 from fortify.training import checkpoint as ckpt
 
@@ -56,6 +57,8 @@ class FederationProgress:
     def begin(cls, run: FederatedRun, model: nn.Module) -> FederationProgress:
         """Fresh progress, or with ``federation.resume`` the saved one (its weights into ``model``)."""
         out = Path(run.federation.out) if run.federation.out else None
+        if out is not None and not run.federation.resume:
+            _check_holds_no_federation(out)
         if not run.federation.resume or out is None or not (out / PROGRESS_JSON).is_file():
             return cls(run)
         saved = read_progress(run)
@@ -98,11 +101,25 @@ class FederationProgress:
                 older.unlink(missing_ok=True)
 
 
+def _check_holds_no_federation(out: Path) -> None:
+    """ConfigError when ``out`` already holds a federation's records: a ServerApp started without
+    ``federation.resume`` (``flwr run`` by hand, which the CLI's check of ``--out`` does not guard)
+    would otherwise replace them and delete the saved rounds' weights."""
+    found = [name for name in (PROGRESS_JSON, RESULT_FILE, ckpt.STATE_JSON) if (out / name).exists()]
+    if found:
+        raise ConfigError(f"{out} already holds a federation ({', '.join(found)}); set "
+                          "federation.resume=true to continue it, or choose another out")
+
+
 def read_progress(run: FederatedRun) -> dict[str, Any]:
-    """The progress saved in the run's ``out``, refused when it was made with other settings."""
+    """The progress saved in the run's ``out``, refused when it was made with other settings or
+    holds more rounds than the run has."""
     out = Path(run.federation.out)
     saved = _read(out)
     _check_same_settings(out, saved["settings"], run_settings(run))
+    if saved["rounds"][-1].round > run.federation.rounds:
+        raise CheckpointError(f"{out / PROGRESS_JSON} records round {saved['rounds'][-1].round} of a run of "
+                              f"{run.federation.rounds}; remove {out} to start the federation again")
     return saved
 
 
@@ -122,14 +139,29 @@ def _read(out: Path) -> dict[str, Any]:
         if not WEIGHTS_PATTERN.fullmatch(saved["weights"]):  # a file name of ours, never a path
             raise ValueError("weights file")
         saved["rounds"] = [RoundRecord(**record) for record in saved["rounds"]]
-        if not saved["rounds"] or not all(isinstance(r.round, int) for r in saved["rounds"]):
-            raise TypeError("no finished round")
+        if not saved["rounds"] or not all(_plausible(r) for r in saved["rounds"]):
+            raise TypeError("no finished round, or a record out of range")
+        # rounds 0 (the initial model), 1, ..., k in order: resuming continues after the last one
+        if [r.round for r in saved["rounds"]] != list(range(len(saved["rounds"]))):
+            raise ValueError("rounds out of order")
         saved["train_metrics"] = {int(k): {name: stored_metric(v) for name, v in m.items()}
                                   for k, m in saved["train_metrics"].items()}
+        if not set(saved["train_metrics"]) <= set(range(1, len(saved["rounds"]))):
+            raise ValueError("metrics of a round not finished")
     except (AttributeError, IndexError, KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path} is not a fortify federation record; remove {out} to start "
                               "again") from None
     return saved
+
+
+def _plausible(record: RoundRecord) -> bool:
+    """A whole round number, accuracies in [0, 1] and finite seconds >= 0."""
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    return (isinstance(record.round, int) and not isinstance(record.round, bool)
+            and all(number(a) and 0.0 <= a <= 1.0 for a in (record.clean_accuracy, record.robust_accuracy))
+            and number(record.seconds) and 0.0 <= record.seconds < math.inf)
 
 
 def _check_same_settings(out: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:

@@ -242,6 +242,7 @@ def commit_state_json(run_dir: Path, state: dict[str, Any], staged: Iterable[str
     write_state_json(run_dir, state)
     for name in staged:
         os.replace(pending_path(run_dir / name), run_dir / name)
+    _flush_directory(run_dir)  # the new names on disk too, before the run reports the epoch done
 
 
 def settle_interrupted_commit(run_dir: Path) -> None:
@@ -258,6 +259,7 @@ def settle_interrupted_commit(run_dir: Path) -> None:
             os.replace(pending, run_dir / name)
         else:
             pending.unlink()
+    _flush_directory(run_dir)
 
 
 def read_json(path: Path, remedy: str = "") -> Any:

@@ -172,14 +172,18 @@ class FGSMObjective(_AttackObjective):
 
     def __init__(self, options: ObjectiveOptions, *, label_smoothing: float | None = None) -> None:
         super().__init__(options, label_smoothing=label_smoothing)
+        if not (math.isfinite(options.fgsm_ratio) and 0.0 <= options.fgsm_ratio <= 1.0):
+            raise ConfigError(f"fgsm_ratio must be in [0, 1] (share of the FGSM loss), "
+                              f"got {options.fgsm_ratio!r}")
+        self.ratio = float(options.fgsm_ratio)
         # ratio 0 trains on clean data alone: validate and select on clean accuracy, as pgd-mix does
-        self.adversarial = options.fgsm_ratio > 0
+        self.adversarial = self.ratio > 0
 
     def build_attack(self, threat: ThreatModel) -> Attack:
         return FGSM(threat)  # steps eps: attack_step_size does not apply (docs/RECIPES.md)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        ratio = self.options.fgsm_ratio
+        ratio = self.ratio
         if ratio == 0.0:  # clean training: the FGSM points would carry no weight
             return self.cross_entropy(model(x), y)
         if ratio == 1.0:

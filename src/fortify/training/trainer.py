@@ -125,6 +125,36 @@ def check_training_data(train: Split, threat: ThreatModel) -> None:
         raise DataError(f"training labels must be class indices 0..K-1, got {int(train.y.min())}")
 
 
+def check_objective_fits(objective: Objective, config: TrainConfig, threat: ThreatModel) -> None:
+    """ConfigError unless ``objective`` is the one ``config`` names, built for ``threat``'s norm and
+    box: the Trainer hands the objective its eps (``set_eps``) but validates under its own threat
+    model, and records ``config``'s objective name, so a mismatch would train one thing and report
+    another."""
+    if objective.name != config.objective:
+        raise ConfigError(f"the objective is {objective.name!r} but train.objective says "
+                          f"{config.objective!r}")
+    options = getattr(objective, "options", None)
+    built_for = getattr(options, "threat", None)
+    if built_for is not None and (built_for.norm, built_for.bounds) != (threat.norm, threat.bounds):
+        raise ConfigError(f"the objective was built for {built_for.describe()}, the Trainer validates under "
+                          f"{threat.describe()}: build both from the same threat model")
+
+
+def check_validation_inputs(val: Split, train: Split, threat: ThreatModel) -> None:
+    """The validation inputs, checked as the training inputs are (finite, in the box) and against
+    their shape per example, before the first epoch: else the first validation, an epoch in, would
+    fail inside torch, or score inputs outside the box as if they were data."""
+    if val.x.shape[1:] != train.x.shape[1:]:
+        raise DataError(f"validation inputs have shape {tuple(val.x.shape[1:])} per example, the training "
+                        f"inputs {tuple(train.x.shape[1:])}")
+    threat.check_inputs(val.x)
+
+
+def with_int64_labels(split: Split) -> Split:
+    """``split`` with its integer labels as int64, the only integer type torch's cross-entropy takes."""
+    return split if split.y.dtype == torch.long else Split(split.x, split.y.long())
+
+
 def check_labels_fit_model(model: nn.Module, train: Split, val: Split) -> None:
     """DataError for an empty validation split or a label past the model's classes, before the first
     epoch: the first would fail at the end of training (no epoch scores, so none is best), the second
@@ -187,6 +217,9 @@ class Trainer:
         distributed: DistributedContext | None = None,
         extra_data: Split | None = None,
     ) -> None:
+        if next(model.parameters(), None) is None:
+            raise ConfigError("the model has no parameters to train")
+        check_objective_fits(objective, config, threat)
         self.model = model
         self.channels_last = self._wants_channels_last(config, model, distributed)
         if self.channels_last and distributed is not None:  # before DDP records the weights' strides;
@@ -226,6 +259,8 @@ class Trainer:
     def fit(self, train: Split, val: Split, *, resume: bool = False) -> TrainResult:
         check_training_data(train, self.threat)
         check_labels_fit_model(self.model, train, val)
+        check_validation_inputs(val, train, self.threat)
+        train, val = with_int64_labels(train), with_int64_labels(val)
         # two examples: a view that merges the batch axis with another passes on one alone
         self._settle_layout(train.x[:2])
         if self.run_dir is not None:
@@ -578,6 +613,10 @@ class Trainer:
                                          comparable_train_settings(self.config.model_dump(mode="json")),
                                          "train.")
                      if isinstance(saved, dict) else ["no training settings recorded"])
+        if state.get("threat") != self.threat.to_dict():
+            differing.append(f"threat model (recorded {state.get('threat')}, now {self.threat.to_dict()})")
+        if state.get("objective") != self.objective.name:
+            differing.append(f"objective (recorded {state.get('objective')!r}, now {self.objective.name!r})")
         if differing:
             raise CheckpointError(f"cannot resume {self.run_dir}: its training settings differ from the "
                                   f"ones given now ({listed(differing)})")
