@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -568,6 +569,39 @@ def test_an_interrupted_evaluation_says_how_to_continue(trained_dir, monkeypatch
     assert "--resume" not in result.output
 
 
+@pytest.mark.parametrize("argv, interrupted, stem, flag", [
+    (["run", "--epochs", 1], "fortify.cli.train_model", "digits", "--resume --out"),
+    (["train", "--epochs", 1], "fortify.cli.train_model", "digits-pgd", "--resume --out"),
+    (["sweep", "--objectives", "standard", "--epochs", 1], "fortify.sweep.run_sweep", "sweep",
+     "command --out"),
+])
+def test_a_command_that_chose_its_directory_names_it_and_the_hint_after_ctrl_c_does_too(
+        tmp_path, monkeypatch, argv, interrupted, stem, flag):
+    # without --out each command picks runs/<stem>-<time>; the hint used to say "rerun the same command",
+    # which picked a new directory and trained everything again (run: --resume refused without --out)
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(interrupted, interrupt)
+    result = _invoke(*argv)
+    assert result.exit_code == 130, result.output
+    chosen = re.search(r"run directory: (runs/\S+)", result.output)
+    assert chosen is not None and chosen.group(1).startswith(f"runs/{stem}-"), result.output
+    assert f"{flag} {chosen.group(1)} " in " ".join(result.output.split())
+
+
+def test_a_command_given_its_directory_keeps_the_hint_short(tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fortify.cli.train_model", interrupt)
+    result = _invoke("train", "--epochs", 1, "--out", tmp_path / "t")
+    assert result.exit_code == 130
+    assert "run directory:" not in result.output and "--out" not in result.output
+    assert "rerun the same command with --resume to continue" in result.output
+
+
 def test_the_installed_command_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fortify", "train", "--eps", "-1", "--out",
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
@@ -988,13 +1022,16 @@ def test_a_surrogate_of_other_data_is_refused_before_any_attack(trained_dir, tmp
                         f"{surrogate} takes inputs of shape (30,) and scores 2 classes")
 
 
-@pytest.mark.parametrize("command", ["evaluate", "run"])
+@pytest.mark.parametrize("command", ["evaluate", "run", "sweep"])
 def test_a_generic_setting_in_a_config_file_that_no_attack_reads_is_refused(trained_dir, tmp_path, command):
-    # Prepare: a config file that sets PGD's steps for an evaluation that runs FGSM alone
+    # Prepare: a config file that sets PGD's steps for an evaluation that runs FGSM alone (a sweep
+    # used to accept it and record steps 50 beside results no attack with steps produced)
     config = tmp_path / "fgsm.yaml"
     config.write_text("eval:\n  attacks: [fgsm]\n  steps: 50\n")
     args = {"evaluate": ["evaluate", trained_dir, "--config", config],
-            "run": ["run", "--config", config, "--out", tmp_path / "o", "--quiet"]}[command]
+            "run": ["run", "--config", config, "--out", tmp_path / "o", "--quiet"],
+            "sweep": ["sweep", "--config", config, "--objectives", "standard", "--epochs", 1,
+                      "--out", tmp_path / "o", "--quiet"]}[command]
     # Execute / Assert: refused before anything runs, naming the file
     _assert_clean_error(_invoke(*args), f"eval.steps in {config} is read by pgd", not_created=tmp_path / "o")
 

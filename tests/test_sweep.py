@@ -186,6 +186,23 @@ class Stop(Exception):
     pass
 
 
+@pytest.mark.parametrize("model, passes", [
+    ("small-cnn", {"standard": 1.0, "fgsm": 2.0, "trades": 3.0, "pgd": 2.0, "free": 8.0}),  # free: 8 replays
+    # BatchNorm reads the mode: fgsm and TRADES take their attack's own clean pass (eval mode)
+    ("preact-resnet18", {"fgsm": 3.0, "trades": 4.0}),
+])
+def test_the_passes_counted_per_epoch_are_the_ones_training_takes(model, passes):
+    # the count's own hook on the model made it count as mode-dependent: fgsm and TRADES were counted
+    # with the pass more that only mode-dependent models take (3 and 4 on small-cnn)
+    base = load_config(None, {**TINY, "model": {"name": model}, "data": {"name": "digits"}})
+    setup = sweep_module.prepare(base, "cpu", objectives=tuple(passes))
+    setup = sweep_module._setup_for(setup, base)
+    counted = {name: sweep_module.count_forward_passes(setup, name) for name in passes}
+    assert counted == passes
+
+
+
+
 @pytest.mark.slow
 def test_sweep_writes_runs_table_plot_and_resumes_skipping_finished_runs(tmp_path, monkeypatch):
     # Prepare: the first invocation dies while attacking the second run (trained, not evaluated)
@@ -230,9 +247,10 @@ def test_sweep_writes_runs_table_plot_and_resumes_skipping_finished_runs(tmp_pat
     points = [(r.clean_accuracy, r.robust_accuracy) for r in results]
     assert summary["pareto"] == [NAMES[i] for i in pareto_front(points)]
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # forward passes per example: standard 1; TRADES with 1 attack step: the attack's clean target
-    # (eval mode), its step, then the clean and the adversarial training passes = 4
-    assert [r.passes_per_epoch for r in results] == [1.0, 4.0, 4.0]
+    # forward passes per example: standard 1; TRADES with 1 attack step on small-cnn, which runs alike
+    # in both modes: the clean pass (the attack's target and the loss's clean term), the attack's
+    # step and the adversarial training pass = 3
+    assert [r.passes_per_epoch for r in results] == [1.0, 3.0, 3.0]
     assert all(r.robust_accuracy <= r.clean_accuracy for r in results)
     # each finished run is a results directory that `fortify compare` and `fortify report` read
     from fortify.report.compare import merge_runs
@@ -339,6 +357,43 @@ def test_a_settings_mismatch_names_each_differing_setting_with_both_values(tmp_p
                   show_progress=False)
     assert "eval.steps was 5, now 2" in str(caught.value)
     assert "train.lr was 0.01, now 0.05" in str(caught.value)
+
+
+def test_a_run_attacked_under_other_eval_settings_is_refused_with_the_file_to_remove(tmp_path):
+    # the model is kept: the advice used to be to remove the whole run directory, i.e. to train again
+    base = load_config(None, TINY)
+    spec = expand_grid(SweepGrid(objective=["standard"]), base)[0]
+    config = spec.config(base).model_dump(mode="json")
+    config["eval"]["steps"] = 5
+    run_dir = _fake_finished_run(tmp_path / "out", spec, base, config=config)
+    with pytest.raises(ConfigError, match=re.escape(f"remove {run_dir / 'result.json'} to attack its model "
+                                                    "again under these")):
+        run_sweep(base, SweepGrid(objective=["standard"]), tmp_path / "out", device="cpu",
+                  show_progress=False)
+
+
+def test_a_finished_run_evaluated_in_another_memory_layout_is_kept(tmp_path, monkeypatch):
+    # eval.channels_last changes float rounding at most, as train.channels_last does: a finished
+    # sweep rerun with --no-channels-last (or the reverse) was refused as "other settings"
+    base = load_config(None, TINY)
+    spec = expand_grid(SweepGrid(objective=["standard"]), base)[0]
+    config = spec.config(base).model_dump(mode="json")
+    config["eval"]["channels_last"] = not config["eval"]["channels_last"]
+    _fake_finished_run(tmp_path / "out", spec, base, config=config)
+    results = run_sweep(base, SweepGrid(objective=["standard"]), tmp_path / "out", device="cpu",
+                        show_progress=False)
+    assert [r.status for r in results] == ["skipped"]
+
+
+def test_a_run_the_trainer_would_refuse_stops_the_sweep_before_any_run_trains(tmp_path, monkeypatch):
+    # DP cannot train Free AT: the standard run used to train first, then the sweep stopped with no table
+    base = load_config(None, {**TINY, "dp": {"enabled": True, "noise_multiplier": 1.0},
+                              "model": {"name": "mlp"}})
+    monkeypatch.setattr(sweep_module, "train_model", _no_run)
+    with pytest.raises(ConfigError, match="objective 'free' cannot be trained with DP"):
+        run_sweep(base, SweepGrid(objective=["standard", "free"]), tmp_path / "out", device="cpu",
+                  show_progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 DAMAGED_RESULTS = {"truncated": lambda text: text[: len(text) // 2], "not a mapping": lambda _: "[1, 2]",

@@ -39,6 +39,7 @@ from fortify.pipeline import (
     check_data_fits_model,
     check_flags_are_read,
     check_same_settings,
+    default_out_dir,
     discarded_on_error,
     encoding_for_other_table,
     evaluate_model,
@@ -97,14 +98,28 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")]
 
 
-# what to do after Ctrl-C, by command: the commands that keep a checkpoint or a journal
-_AFTER_INTERRUPT = {"run": "rerun the same command with --resume to continue",
-                    "train": "rerun the same command with --resume to continue",
-                    "evaluate": "rerun the same command to continue (finished batches are kept), or "
+# what to do after Ctrl-C, by command: the commands that keep a checkpoint or a journal; {out} is
+# " --out DIR" when the command chose its run directory itself (a rerun without it would choose anew)
+_AFTER_INTERRUPT = {"run": "rerun the same command with --resume{out} to continue",
+                    "train": "rerun the same command with --resume{out} to continue",
+                    "evaluate": "rerun the same command{out} to continue (finished batches are kept), or "
                                 "add --restart to start afresh",
-                    "sweep": "rerun the same command to continue (finished runs are kept)",
-                    "federate": "rerun the same command with --resume --out RUN_DIR to continue from "
-                                "the last finished round"}
+                    "sweep": "rerun the same command{out} to continue (finished runs are kept)",
+                    "federate": "rerun the same command with --resume{out} to continue from the last "
+                                "finished round"}
+# the run directory the current command chose itself, no --out given (_out_or_default)
+_chosen_out_dir: Path | None = None
+
+
+def _out_or_default(out: Path | None, stem: str, *, resume: bool = False) -> Path | None:
+    """``out``; without it a new directory under runs/ (none when resuming, which needs --out),
+    printed before any work so that an interrupted run can be named with --out to continue it."""
+    global _chosen_out_dir
+    if out is not None or resume:
+        return out
+    _chosen_out_dir = default_out_dir(stem)
+    console.print(f"run directory: {_chosen_out_dir}", highlight=False, markup=False)
+    return _chosen_out_dir
 
 
 def _print_error(message: str) -> None:
@@ -121,6 +136,8 @@ def one_line_warning(message: Warning | str, category: type[Warning], filename: 
 def _handles_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        global _chosen_out_dir
+        _chosen_out_dir = None
         try:
             return command(*args, **kwargs)
         except FortifyError as err:
@@ -131,7 +148,9 @@ def _handles_errors(command: F) -> F:
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             hint = _AFTER_INTERRUPT.get(command.__name__)
-            console.print("[yellow]interrupted[/]" + (f": {hint}" if hint else ""))
+            if hint is not None:
+                hint = hint.format(out="" if _chosen_out_dir is None else f" --out {_chosen_out_dir}")
+            console.print("[yellow]interrupted[/]" + (f": {escape(hint)}" if hint else ""), highlight=False)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
@@ -193,7 +212,8 @@ def run(
                           "--objective, or compare objectives with fortify sweep")
     check_flags_are_read(cfg.eval, generic_settings_in_file(config))
     setup = prepare(cfg, device, objectives=("standard", "pgd"))
-    out_dir = fresh_out_dir(out, cfg.data.name, resume, marker="config.yaml")  # its first file
+    out_dir = fresh_out_dir(_out_or_default(out, cfg.data.name, resume=resume), cfg.data.name, resume,
+                            marker="config.yaml")  # its first file
     if resume:
         check_same_settings(out_dir, cfg)  # before config.yaml is written over
     with discarded_on_error(out_dir):
@@ -329,7 +349,8 @@ def train(
             raise ConfigError("--dp cannot be combined with --nproc: DP-SGD trains in one process")
         raise typer.Exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
     setup, ddp = _join_torchrun(prepare(cfg, device), out)
-    out_dir = fresh_out_dir(out, f"{cfg.data.name}-{cfg.train.objective}", resume, marker="config.yaml")
+    stem = f"{cfg.data.name}-{cfg.train.objective}"
+    out_dir = fresh_out_dir(_out_or_default(out, stem, resume=resume), stem, resume, marker="config.yaml")
     if ddp is not None:
         ddp.barrier()  # every rank has checked out_dir before rank 0 writes into it
     # a failure before the first checkpoint takes back what it wrote (under torchrun, rank 0 wrote it)
@@ -599,7 +620,7 @@ def _model_file_out_dir(out: Path | None, path: Path, source: dict[str, Any]) ->
         if out is not None and out.exists() and out.is_dir() and any(out.iterdir()):
             raise ConfigError(f"{out} already exists and holds no unfinished evaluation of {path.name}; "
                               "choose another --out")
-        return fresh_out_dir(out, f"{path.stem}-eval", resume=False)
+        return fresh_out_dir(_out_or_default(out, f"{path.stem}-eval"), f"{path.stem}-eval", resume=False)
     try:
         recorded = json.loads((journal_dir / _EVALUATED_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -801,6 +822,9 @@ def federate(
     _check_dp_flags_need_dp(dp or (isinstance(dp_section, dict) and dp_section.get("enabled") is True),
                             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, delta=delta,
                             accountant=accountant)
+    if write_app is None:  # writing the app alone writes no run directory
+        dataset_name = overrides.get("data", {}).get("name", "digits")
+        out = _out_or_default(out, f"{dataset_name}-federated", resume=resume)
     run, result = run_federation(config, overrides, federation, out=out, superlink=superlink,
                                  write_app=write_app, workers=workers, verbose=verbose, resume=resume)
     if result is None:
@@ -838,7 +862,9 @@ def sweep(
              "epochs": parse_grid_values(epochs, "--epochs", int)}
     base, grid = load_sweep(config, _overrides(data={"name": dataset, "seed": seed},
                                                train={"seed": seed}), flags)
-    out_dir = out or Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_flags_are_read(base.eval, generic_settings_in_file(config))
+    out_dir = _out_or_default(out, "sweep")
+    assert out_dir is not None
     results = run_sweep(base, grid, out_dir, device=device, show_progress=not quiet,
                         log=lambda line: console.print(line, highlight=False, markup=False))
     threat = f"{base.threat.norm}, attacks: {', '.join(results[0].attack_accuracy)}"

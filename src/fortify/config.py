@@ -360,8 +360,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 # step is compiled or runs channels_last (the same arithmetic, rounded in another order). cache_dir
 # holds an absolute home directory another user or container would not share, so a run continued
 # there must not be refused over it; a run started before channels_last became the CPU default
-# recorded it as false, and resumes under the default
-NOT_RESULT_SETTINGS = {"data": ("cache_dir", "download"), "train": ("compile", "channels_last")}
+# recorded it as false, and resumes under the default; eval.channels_last changes the attacks' float
+# rounding at most (docs/ATTACKS.md), as train.channels_last and compile change the training's
+NOT_RESULT_SETTINGS = {"data": ("cache_dir", "download"), "train": ("compile", "channels_last"),
+                       "eval": ("channels_last",)}
 
 
 def comparable_train_settings(train: dict[str, Any]) -> dict[str, Any]:

@@ -432,20 +432,27 @@ def check_evaluated_as_trained(model_dir: Path, own: RunConfig, config: RunConfi
                           "may change only the threat, eval and analysis sections (or name other data)")
 
 
-def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: bool,
-                show_progress: bool, distributed: DistributedContext | None = None
-                ) -> tuple[nn.Module, TrainResult]:
-    """Train one model into ``model_dir``; resumes an unfinished run, reuses a finished one.
+@dataclass
+class PreparedTraining:
+    """A trainer built and checked for one model, with the training split it fits (canaries
+    inserted): everything ``train_model`` does before it writes a file."""
 
-    Under torchrun (``distributed``) every rank trains its share and only rank 0 writes files.
-    """
+    trainer: Trainer
+    config: RunConfig
+    train: Split
+    canaries: Any = None
+
+
+def prepare_training(setup: Setup, objective_name: str, model_dir: Path, *, show_progress: bool = False,
+                     distributed: DistributedContext | None = None) -> PreparedTraining:
+    """Build the trainer for ``objective_name`` and run every check of its settings that needs no
+    file (the trainers' own, DP's delta and noise for a target epsilon): a sweep runs it for each of
+    its runs before the first trains, as ``train`` does before it writes anything."""
     train_cfg = setup.config.train.model_copy(update={"objective": objective_name})
     model = new_model(setup, train_cfg.seed)
     objective = build_training_objective(setup, train_cfg)
     dp = setup.config.dp
     config = setup.config.model_copy(update={"train": train_cfg})
-    if resume:
-        check_same_settings(model_dir, config)
     # the trainers check their settings when built, before anything is written
     if dp.enabled:
         from fortify.training.dp import DPTrainer
@@ -457,13 +464,29 @@ def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: b
     else:
         trainer = Trainer(model, objective, train_cfg, threat=setup.threat, run_dir=model_dir,
                           show_progress=show_progress, distributed=distributed, extra_data=setup.extra)
-    train = setup.dataset.train
+    train, canaries = setup.dataset.train, None
     if dp.canaries:
         from fortify.privacy.canaries import insert_canaries
 
         train, canaries = insert_canaries(train, dp.canaries, setup.dataset.num_classes, seed=train_cfg.seed)
     if dp.enabled:  # delta against n and the noise for a target epsilon, still before any write
         trainer.prepare(train)  # type: ignore[attr-defined]
+    return PreparedTraining(trainer, config, train, canaries)
+
+
+def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: bool,
+                show_progress: bool, distributed: DistributedContext | None = None
+                ) -> tuple[nn.Module, TrainResult]:
+    """Train one model into ``model_dir``; resumes an unfinished run, reuses a finished one.
+
+    Under torchrun (``distributed``) every rank trains its share and only rank 0 writes files.
+    """
+    if resume:
+        check_same_settings(model_dir, setup.config.model_copy(update={
+            "train": setup.config.train.model_copy(update={"objective": objective_name})}))
+    prepared = prepare_training(setup, objective_name, model_dir, show_progress=show_progress,
+                                distributed=distributed)
+    trainer, config, dp = prepared.trainer, prepared.config, setup.config.dp
     model_dir.mkdir(parents=True, exist_ok=True)
     if distributed is None or distributed.is_main:
         ckpt.atomic_write_text(model_dir / "config.yaml", config.to_yaml())
@@ -473,11 +496,12 @@ def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: b
         write_json(model_dir / MODEL_CARD, model_card(setup) | ({"opacus_fixed": True} if dp.enabled else {}))
         trainer.record_file(MODEL_CARD, model_dir / MODEL_CARD)
     can_resume = resume and (model_dir / ckpt.STATE_JSON).is_file()
-    result = trainer.fit(train, setup.dataset.val, resume=can_resume)
+    result = trainer.fit(prepared.train, setup.dataset.val, resume=can_resume)
     if dp.canaries:
         from fortify.training.dp import with_canary_audit
 
-        result = with_canary_audit(result, trainer.model, canaries, delta=dp.delta, seed=train_cfg.seed)
+        result = with_canary_audit(result, trainer.model, prepared.canaries, delta=dp.delta,
+                                   seed=config.train.seed)
     return trainer.model, result
 
 
@@ -741,6 +765,11 @@ def audited_dataset(setup: Setup) -> Dataset:
 
 # -- run directory -----------------------------------------------------------------------------
 
+def default_out_dir(stem: str) -> Path:
+    """``runs/<stem>-<local time>``, the run directory of a command given no --out."""
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def fresh_out_dir(out: Path | None, default_stem: str, resume: bool, *, marker: str | None = None) -> Path:
     """The run directory to write: a new one under runs/, an empty or new ``out``, or with ``resume``
     an existing ``out`` (holding ``marker`` when given and not empty: an unrelated directory is not
@@ -748,7 +777,7 @@ def fresh_out_dir(out: Path | None, default_stem: str, resume: bool, *, marker: 
     if out is None:
         if resume:
             raise ConfigError("--resume needs --out naming the run directory to continue")
-        return Path("runs") / f"{default_stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return default_out_dir(default_stem)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; --out names a directory")
     if out.exists() and any(out.iterdir()) and not resume:

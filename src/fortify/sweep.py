@@ -51,6 +51,7 @@ from fortify.pipeline import (
     evaluate_model,
     new_model,
     prepare,
+    prepare_training,
     provenance,
     train_model,
     write_json,
@@ -253,6 +254,9 @@ def run_sweep(base: RunConfig, grid: SweepGrid, out: Path, *, device: str = "aut
     # the run directories already there too: a damaged one stops the sweep now, not when its turn comes
     found = [finished_result(out / spec.name, run_setup.config) for spec, run_setup in zip(specs, setups)]
     kept = finished_runs_outside(out, specs, base, log)
+    for spec, run_setup, finished in zip(specs, setups, found):  # what train would refuse, refused now
+        if finished is None:
+            prepare_training(run_setup, spec.objective, out / spec.name)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for number, (spec, run_setup, finished) in enumerate(zip(specs, setups, found), start=1):
@@ -298,19 +302,30 @@ def count_forward_passes(setup: Setup, objective_name: str) -> float:
     model = new_model(setup, cfg.seed)
     objective = build_training_objective(setup, cfg.model_copy(update={"objective": objective_name}))
     seen = [0]
+    # A hook of the model's own would make it count as mode-dependent (fortify.models.modes), and
+    # fgsm and TRADES would then take a pass more than they do in training: a global hook counts the
+    # passes of the modules marked here, copies (AWP's proxy) included, since a copy keeps the mark
+    model.__dict__[_COUNTED] = True
 
-    def count(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        seen[0] += int(inputs[0].shape[0])
+    def count(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if module.__dict__.get(_COUNTED):
+            seen[0] += int(inputs[0].shape[0])
 
-    model.register_forward_pre_hook(count)  # copies (AWP's proxy) inherit the hook and count too
+    handle = nn.modules.module.register_module_forward_pre_hook(count)
     batch = setup.dataset.train.head(cfg.batch_size)
     x, y = batch.x.to(setup.device), batch.y.to(setup.device)
     model.train()
-    for _ in range(objective.replays):
-        loss = objective(model, x, y)
-        loss.backward()
-        objective.after_backward(model)
+    try:
+        for _ in range(objective.replays):
+            loss = objective(model, x, y)
+            loss.backward()
+            objective.after_backward(model)
+    finally:
+        handle.remove()
     return seen[0] / len(batch)
+
+
+_COUNTED = "_counted_by_sweep"  # the mark of the throw-away model whose passes count_forward_passes counts
 
 
 # -- the run directories already in OUT --------------------------------------------------------
@@ -329,6 +344,11 @@ def finished_result(run_dir: Path, config: RunConfig) -> RunResult | None:
     recorded = read_recorded(run_dir)
     differing = setting_differences(_sweep_settings(recorded["config"]),
                                     _sweep_settings(config.model_dump(mode="json")))
+    if differing and all(item.startswith("eval.") for item in differing):
+        # the trained model is kept: only its attacks need running again
+        raise ConfigError(f"{run_dir} was attacked with other settings than this sweep's: "
+                          f"{listed(differing)}; remove {run_dir / RESULT_JSON} to attack its model again "
+                          "under these, or choose another --out")
     if differing:
         raise ConfigError(f"{run_dir} was run with other settings than this sweep's: {listed(differing)}; "
                           "choose another --out or remove that run directory")

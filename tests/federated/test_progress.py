@@ -150,7 +150,8 @@ def _weights_of(run_dir):
     (lambda d: (d / PROGRESS_JSON).write_text((d / PROGRESS_JSON).read_text().replace(
         "federation-round-1.safetensors", "../model.safetensors")), "not a fortify federation record"),
     # edited records: each was accepted, the first marking a 3-round run finished at "round 7"
-    (lambda d: _edit_progress(d, lambda p: p["rounds"][-1].update(round=7)), "not a fortify federation record"),
+    (lambda d: _edit_progress(d, lambda p: p["rounds"][-1].update(round=7)),
+     "not a fortify federation record"),
     (lambda d: _edit_progress(d, lambda p: p["rounds"][0].update(clean_accuracy=1.5)),
      "not a fortify federation record"),
     (lambda d: _edit_progress(d, lambda p: p["train_metrics"].update({"2": {"train-loss": 0.1}})),
