@@ -242,7 +242,8 @@ def test_sweep_writes_runs_table_plot_and_resumes_skipping_finished_runs(tmp_pat
         rows = list(csv.DictReader(handle))
     assert [r["name"] for r in rows] == NAMES
     assert set(rows[0]) >= {"clean_accuracy", "robust_accuracy", "acc_pgd-2", "train_seconds",
-                            "passes_per_epoch", "pareto"}
+                            "passes_per_epoch", "pareto", "norm", "n_examples"}
+    assert {(row["norm"], row["n_examples"]) for row in rows} == {("linf", "48")}
     summary = json.loads((out / "sweep.json").read_text())
     points = [(r.clean_accuracy, r.robust_accuracy) for r in results]
     assert summary["pareto"] == [NAMES[i] for i in pareto_front(points)]

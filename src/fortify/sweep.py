@@ -464,7 +464,7 @@ def pareto_fronts(results: Sequence[RunResult]) -> dict[float, list[int]]:
 
 
 COLUMNS = ("name", "objective", "eps", "trades_beta", "mix_ratio", "epochs", "clean_accuracy",
-           "robust_accuracy", "train_seconds", "passes_per_epoch", "pareto")
+           "robust_accuracy", "n_examples", "train_seconds", "passes_per_epoch", "pareto")
 
 
 def table_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
@@ -480,7 +480,9 @@ def table_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
 
 def write_outputs(results: Sequence[RunResult], out: Path, base: RunConfig, grid: SweepGrid,
                   device: torch.device) -> None:
-    rows = table_rows(results)
+    # each accuracy with its threat model's norm and the examples it counts (eps and the attacks'
+    # steps are in the columns already)
+    rows = [{"norm": base.threat.norm, **row} for row in table_rows(results)]
     with open(out / "sweep.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
