@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from fortify.models.modes import value_preserving
+
 
 class PassCounter(nn.Module):
     """Wraps a model and counts its forward passes."""
@@ -22,9 +24,14 @@ class PassCounter(nn.Module):
 
 def record_modes_of_passes(model: nn.Module) -> tuple[list[bool], Callable[[], None]]:
     """The training flag of each forward pass of ``model``, in order, and a function that stops the
-    recording. A global forward hook: one on the model itself would make it count as mode-dependent
+    recording; the hook is marked as changing no value, so the model's mode check is unchanged
     (``fortify.models.modes``)."""
     modes: list[bool] = []
-    handle = nn.modules.module.register_module_forward_hook(
-        lambda module, inputs, output: modes.append(module.training) if module is model else None)
+
+    @value_preserving
+    def record(module: nn.Module, inputs: object, output: object) -> None:
+        if module is model:
+            modes.append(module.training)
+
+    handle = nn.modules.module.register_module_forward_hook(record)
     return modes, handle.remove

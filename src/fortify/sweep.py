@@ -43,6 +43,7 @@ from fortify.config import (
     setting_differences,
 )
 from fortify.errors import CheckpointError, ConfigError, ResultsError
+from fortify.models.modes import value_preserving
 from fortify.pipeline import (
     Setup,
     build_training_objective,
@@ -302,11 +303,12 @@ def count_forward_passes(setup: Setup, objective_name: str) -> float:
     model = new_model(setup, cfg.seed)
     objective = build_training_objective(setup, cfg.model_copy(update={"objective": objective_name}))
     seen = [0]
-    # A hook of the model's own would make it count as mode-dependent (fortify.models.modes), and
-    # fgsm and TRADES would then take a pass more than they do in training: a global hook counts the
+    # An unmarked hook would make the model count as mode-dependent (fortify.models.modes), and fgsm
+    # and TRADES would then take a pass more than they do in training. A global hook counts the
     # passes of the modules marked here, copies (AWP's proxy) included, since a copy keeps the mark
     model.__dict__[_COUNTED] = True
 
+    @value_preserving
     def count(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         if module.__dict__.get(_COUNTED):
             seen[0] += int(inputs[0].shape[0])

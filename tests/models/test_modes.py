@@ -7,7 +7,7 @@ from torch import nn
 
 from fortify.models import Normalize, build_model
 from fortify.models.layout import channels_last
-from fortify.models.modes import runs_alike_in_both_modes
+from fortify.models.modes import runs_alike_in_both_modes, value_preserving
 
 
 class _OwnForward(nn.Module):
@@ -67,3 +67,36 @@ def test_a_module_of_its_own_may_declare_itself_mode_independent_for_itself_alon
     assert runs_alike_in_both_modes(_Declared(nn.Linear(4, 2)))
     assert not runs_alike_in_both_modes(_Declared(nn.Dropout(0.1)))  # its children are still checked
     assert not runs_alike_in_both_modes(_InheritsTheDeclaration(nn.Linear(4, 2)))  # a subclass must say so
+
+
+def test_a_forward_replaced_on_the_instance_makes_a_model_mode_dependent():
+    # the type is still nn.Linear, but the code that runs is the caller's (accelerate's hooks do this)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    inner = model[1].forward
+    model[1].forward = lambda x: inner(x) * (2.0 if model[1].training else 1.0)
+    assert not runs_alike_in_both_modes(model)
+
+
+def test_global_hooks_make_every_model_mode_dependent_unless_marked_value_preserving():
+    model = build_model("small-cnn", (1, 8, 8), 3)
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, output: output * (2.0 if module.training else 1.0))
+    try:
+        assert not runs_alike_in_both_modes(model)
+    finally:
+        handle.remove()
+    handle = nn.modules.module.register_module_forward_pre_hook(value_preserving(lambda module, inputs: None))
+    try:
+        assert runs_alike_in_both_modes(model)
+    finally:
+        handle.remove()
+
+
+def test_a_hook_is_known_by_its_mark_not_by_its_name():
+    # a caller's hook named like fortify's layout hook used to pass for it
+    def _gradient_in_input_layout(module, inputs, output):
+        return output * (2.0 if module.training else 1.0)
+
+    model = build_model("small-cnn", (1, 8, 8), 3)
+    model[0].register_forward_hook(_gradient_in_input_layout)
+    assert not runs_alike_in_both_modes(model)

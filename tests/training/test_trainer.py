@@ -248,6 +248,54 @@ def test_an_objective_built_for_another_method_or_threat_model_is_refused(digits
         Trainer(model, objective, TrainConfig(objective="pgd", epochs=1), threat=THREAT, show_progress=False)
 
 
+def _batchnorm_model(two_d: bool) -> nn.Module:
+    torch.manual_seed(0)
+    if two_d:  # 8x8 maps: 64 values per channel even for one example
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(256, 3))
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize("two_d, n_train, refused", [
+    (False, 65, True),  # a last batch of 1: one value per channel, which batch norm cannot train on
+    (False, 66, False),
+    (True, 65, False),  # one example still gives 64 values per channel
+])
+def test_a_last_batch_the_model_cannot_train_on_is_refused_before_training(tmp_path, two_d, n_train, refused):
+    # it used to fail inside torch's batch norm at the last step of the first epoch (from every rank
+    # under torchrun, where a share of one comes sooner)
+    x = torch.rand(n_train, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (n_train,), generator=torch.Generator().manual_seed(1))
+    model = _batchnorm_model(two_d)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(model, build_objective("standard", ObjectiveOptions(THREAT)),
+                      TrainConfig(objective="standard", epochs=1, batch_size=64), threat=THREAT,
+                      run_dir=tmp_path / "run", show_progress=False)
+    if not refused:
+        trainer.fit(Split(x, y), Split(x[:8], y[:8]))
+        return
+    with pytest.raises(ConfigError, match="leaves a last batch of 1 of 65 training examples, fewer than 2"):
+        trainer.fit(Split(x, y), Split(x[:8], y[:8]))
+    assert not (tmp_path / "run").exists()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the probe changed nothing
+
+
+@pytest.mark.parametrize("n_train, refused", [(66, True), (67, True), (68, False)])
+def test_under_two_processes_each_share_of_the_last_batch_needs_two_examples(n_train, refused):
+    # dealt over 2 ranks, a last batch of 2 or 3 leaves a rank one example
+    trainer = Trainer(_batchnorm_model(False), build_objective("standard", ObjectiveOptions(THREAT)),
+                      TrainConfig(objective="standard", epochs=1, batch_size=64), threat=THREAT,
+                      show_progress=False)
+    trainer.distributed = type("TwoRanks", (), {"world_size": 2})()  # the arithmetic alone, no group
+    probe = torch.rand(1, 1, 8, 8)
+    if refused:
+        message = f"a last batch of {n_train - 64} of {n_train} training examples over 2 processes, a share"
+        with pytest.raises(ConfigError, match=message):
+            trainer._check_smallest_share(n_train, probe)
+    else:
+        trainer._check_smallest_share(n_train, probe)
+
+
 def test_a_model_without_parameters_is_refused():
     with pytest.raises(ConfigError, match="the model has no parameters to train"):
         Trainer(nn.Flatten(), build_objective("standard", ObjectiveOptions(THREAT)),

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from fortify.errors import ConfigError
-from fortify.models.modes import restore_modes, save_modes
+from fortify.models.modes import probing, value_preserving
 
 # (module, "_parameters" or "_buffers", name) -> the tensor held there before the conversion
 _Saved = dict[tuple[nn.Module, str, str], Tensor]
@@ -126,6 +126,7 @@ def flatten_gradient_hooks(model: nn.Module) -> Iterator[None]:
             hook.remove()
 
 
+@value_preserving  # the model still runs alike in both modes (fortify.models.modes)
 def _gradient_in_input_layout(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
     """Forward pre-hook for ``nn.Flatten``: the gradient that flows back into a channels_last input
     arrives in NCHW order (the backward of a reshape), and the max-pool or convolution before it
@@ -163,18 +164,9 @@ def runs_channels_last(model: nn.Module, probe: Tensor, *, training: bool = Fals
 def _check_runs(model: nn.Module, probe: Tensor, *, training: bool = False) -> None:
     """One forward pass of ``model`` on ``probe`` in eval (or training) mode that changes nothing:
     batch-norm statistics and the random generators (dropout) come back as they were."""
-    modes = save_modes(model)
-    model.train(training)
-    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()] if training else []
-    devices = [probe.device] if probe.device.type == "cuda" else []
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=training):
+        with probing(model, training=training, device=probe.device):
             model(probe)
     except RuntimeError as err:
         raise ConfigError(f"the model does not run with channels_last weights ({err}); "
                           "evaluate without channels_last") from err
-    finally:
-        restore_modes(modes)
-        with torch.no_grad():
-            for buffer, value in buffers:
-                buffer.copy_(value)

@@ -8,8 +8,9 @@ evaluated one, would come back changed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import torch
 from torch import nn
 
 from fortify.models.normalize import Normalize
@@ -26,8 +27,9 @@ _MODE_INDEPENDENT_TYPES = frozenset({
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Hardswish, nn.Hardtanh, nn.Tanh, nn.Sigmoid, nn.Softplus,
 })
-# fortify's own forward pre-hook of channels_last models (models.layout), which changes no value
-_VALUE_PRESERVING_HOOKS = frozenset({"_gradient_in_input_layout"})
+# the attribute that marks a forward hook as changing no value (value_preserving): fortify's own
+# layout hook (models.layout) and its pass counters; any other hook may read the mode
+_VALUE_PRESERVING = "fortify_value_preserving"
 
 Modes = list[tuple[nn.Module, bool]]
 
@@ -54,22 +56,57 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
         restore_modes(modes)
 
 
+@contextlib.contextmanager
+def probing(model: nn.Module, *, training: bool, device: torch.device) -> Iterator[None]:
+    """For a trial forward pass of ``model`` (in ``training`` or eval mode) that changes nothing:
+    afterwards the modes, the buffers (batch-norm statistics) and, in training mode, the random
+    generators on the CPU and ``device`` (dropout's draws) are as they were."""
+    modes = save_modes(model)
+    model.train(training)
+    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()] if training else []
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=training):
+            yield
+    finally:
+        restore_modes(modes)
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
+
+
 def runs_alike_in_both_modes(model: nn.Module) -> bool:
     """Whether ``model`` is known to compute the same function in training and in eval mode.
 
     True only for a model made of the layers listed above, and of modules whose class declares
     ``mode_independent = True`` (its own ``forward`` never reads ``self.training``; its children
-    are checked in turn), with no forward hooks other than fortify's layout hook. Anything else
-    (batch norm, dropout, a module with an undeclared ``forward`` of its own, a wrapper such as DDP,
-    Opacus or ``torch.compile``) counts as mode-dependent.
+    are checked in turn), with no forward hooks, on the modules or global, other than those marked
+    ``value_preserving``. Anything else (batch norm, dropout, a module with an undeclared ``forward``
+    of its own or one replaced on the instance, a wrapper such as DDP, Opacus or ``torch.compile``)
+    counts as mode-dependent.
     """
-    return all(_declared_or_listed(module) and not _has_foreign_hooks(module) for module in model.modules())
+    global_hooks = [*nn.modules.module._global_forward_pre_hooks.values(),
+                    *nn.modules.module._global_forward_hooks.values()]
+    return not _any_unmarked(global_hooks) and all(
+        _declared_or_listed(module) and not _has_foreign_hooks(module) for module in model.modules())
+
+
+def value_preserving(hook: Callable[..., object]) -> Callable[..., object]:
+    """Mark a forward hook as changing no value in any mode, so that a model it is registered on (or
+    a global hook) still counts as running alike in both modes; returns ``hook``."""
+    setattr(hook, _VALUE_PRESERVING, True)
+    return hook
 
 
 def _declared_or_listed(module: nn.Module) -> bool:
+    if "forward" in vars(module):  # replaced on the instance (accelerate's hooks do): unknown code
+        return False
     return type(module) in _MODE_INDEPENDENT_TYPES or vars(type(module)).get("mode_independent") is True
 
 
 def _has_foreign_hooks(module: nn.Module) -> bool:
-    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
-    return any(getattr(hook, "__name__", None) not in _VALUE_PRESERVING_HOOKS for hook in hooks)
+    return _any_unmarked([*module._forward_pre_hooks.values(), *module._forward_hooks.values()])
+
+
+def _any_unmarked(hooks: list[Callable[..., object]]) -> bool:
+    return any(getattr(hook, _VALUE_PRESERVING, False) is not True for hook in hooks)

@@ -5,7 +5,8 @@ process group (gloo on CPU, nccl on CUDA). Training wraps the model in Distribut
 every rank walks the same shuffled global batches and takes its own share of each (every N-th
 example), crafts the adversarial examples for that share, and DDP averages the gradients. Loss
 weights make that average equal the gradient of the global batch's mean loss, so N ranks with
-batch B/N each step like one process with batch B. Only rank 0 writes files.
+batch B/N each step like one process with batch B, except that BatchNorm normalises each share by
+its own statistics. Only rank 0 writes files.
 
 Sharded evaluation hands whole attack batches to ranks in turn; each batch's generator is seeded
 from the attack's seed and the batch's number, so a batch gives the same points whichever rank runs

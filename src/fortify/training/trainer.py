@@ -34,6 +34,7 @@ from fortify.models.layout import (
     to_channels_last,
     to_contiguous,
 )
+from fortify.models.modes import probing
 from fortify.models.predictions import predicted_class
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
@@ -263,6 +264,7 @@ class Trainer:
         train, val = with_int64_labels(train), with_int64_labels(val)
         # two examples: a view that merges the batch axis with another passes on one alone
         self._settle_layout(train.x[:2])
+        self._check_smallest_share(len(train), train.x[:1])
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -301,6 +303,26 @@ class Trainer:
     @property
     def selection_metric(self) -> str:
         return "val_robust_accuracy" if self.objective.adversarial else "val_clean_accuracy"
+
+    def _check_smallest_share(self, n_train: int, probe: Tensor) -> None:
+        """ConfigError before the first epoch when a step could pass a single example (the last batch,
+        or under torchrun a rank's share of it, or the stand-in of a rank that gets none) and the model
+        cannot train on one: batch norm with one value per channel raises in training mode, from
+        every rank, an epoch in. Probed with one training-mode pass that changes nothing."""
+        ranks = 1 if self.distributed is None else self.distributed.world_size
+        real = self.batch_recipe.real_batch_size
+        last = n_train % real or real  # real examples in the last batch (extra data adds to it)
+        if last // ranks >= 2:
+            return
+        try:
+            with probing(self.model, training=True, device=self.device):
+                self.model(probe.to(self.device))
+        except ValueError as err:  # torch's batch norm: "Expected more than 1 value per channel"
+            where = f" over {ranks} processes, a share of" if ranks > 1 else ","
+            raise ConfigError(f"the model cannot train on a single example ({err}), and a batch size of "
+                              f"{self.config.batch_size} leaves a last batch of {last} of {n_train} training "
+                              f"examples{where} fewer than 2; choose a batch size that leaves at least "
+                              f"{2 * ranks}") from err
 
     # -- memory layout -------------------------------------------------------------------------
 
