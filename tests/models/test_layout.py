@@ -284,3 +284,22 @@ def test_eval_channels_last_asked_for_a_model_that_cannot_is_a_config_error_and_
     with pytest.raises(ConfigError, match="does not run with channels_last weights"):
         evaluate_model(setup, model)
     assert model.conv.weight.is_contiguous()
+
+
+def test_tied_weights_and_shared_buffers_stay_shared_and_get_their_layout_back():
+    # a tensor held by two modules was recorded twice: the second record held the converted data, so
+    # the weight stayed channels_last afterwards, and a shared buffer became two tensors for good
+    first, second = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+    second.weight = first.weight
+    shared = torch.randn(1, 3, 5, 5)
+    first.register_buffer("table", shared)
+    second.register_buffer("table", shared)
+    model = nn.Sequential(first, second)
+    strides = first.weight.stride()
+    with channels_last(model):
+        assert first.weight.is_contiguous(memory_format=torch.channels_last)
+        assert first.table is second.table
+    assert first.weight.stride() == strides and first.table is shared and second.table is shared
+    to_channels_last(model)
+    to_contiguous(model)
+    assert first.weight.stride() == strides and first.table is second.table

@@ -36,22 +36,31 @@ def to_channels_last(model: nn.Module) -> _Saved:
     ``restore_layout`` needs to put the original tensors back. Parameters keep their identity
     (an optimiser holding them still steps the model's weights)."""
     saved: _Saved = {}
+    # a tensor held by two modules (tied weights, a shared buffer) is converted once and stays shared
+    converted_of: dict[int, Tensor] = {}
     for module in model.modules():
         for kind in ("_parameters", "_buffers"):
             tensors: dict[str, Tensor | None] = getattr(module, kind)
             for name, tensor in tensors.items():
                 if tensor is None or tensor.dim() != 4:
                     continue
-                # .to (not .contiguous) restrides even a weight with one input channel, whose NCHW
-                # strides already pass as channels_last: oneDNN reads the layout from the strides
-                converted = tensor.data.to(memory_format=torch.channels_last)
+                seen = id(tensor) in converted_of
+                if not seen:
+                    converted_of[id(tensor)] = _restrided(tensor.data)
                 if kind == "_parameters":
-                    saved[(module, kind, name)] = tensor.data
-                    tensor.data = converted
+                    if not seen:  # a shared Parameter is one object: its data is converted once
+                        saved[(module, kind, name)] = tensor.data
+                        tensor.data = converted_of[id(tensor)]
                 else:
                     saved[(module, kind, name)] = tensor
-                    tensors[name] = converted
+                    tensors[name] = converted_of[id(tensor)]
     return saved
+
+
+def _restrided(tensor: Tensor) -> Tensor:
+    # .to (not .contiguous) restrides even a weight with one input channel, whose NCHW strides
+    # already pass as channels_last: oneDNN reads the layout from the strides
+    return tensor.to(memory_format=torch.channels_last)
 
 
 def has_4d_tensors(model: nn.Module) -> bool:
@@ -63,6 +72,7 @@ def to_contiguous(model: nn.Module) -> None:
     """Put ``model``'s 4-D parameters and buffers back in the default (NCHW) layout in place, keeping
     the values they hold: what a training run in channels_last hands back. Parameters keep their
     identity."""
+    restrided_of: dict[int, Tensor] = {}  # a buffer held by two modules stays shared
     for module in model.modules():
         for kind in ("_parameters", "_buffers"):
             tensors: dict[str, Tensor | None] = getattr(module, kind)
@@ -71,7 +81,9 @@ def to_contiguous(model: nn.Module) -> None:
                 # both layouts, and oneDNN reads the layout from its strides
                 if tensor is None or tensor.dim() != 4 or tensor.stride() == _default_strides(tensor):
                     continue
-                restrided = tensor.detach().clone(memory_format=torch.contiguous_format)
+                if id(tensor) not in restrided_of:
+                    restrided_of[id(tensor)] = tensor.detach().clone(memory_format=torch.contiguous_format)
+                restrided = restrided_of[id(tensor)]
                 if kind == "_parameters":
                     tensor.data = restrided
                 else:
