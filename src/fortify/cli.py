@@ -343,13 +343,18 @@ def train(
     _check_dp_flags_need_dp(cfg.dp.enabled, target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
                             delta=delta, max_grad_norm=max_grad_norm,
                             max_physical_batch_size=max_physical_batch_size, accountant=accountant)
+    stem = f"{cfg.data.name}-{cfg.train.objective}"
     if nproc is not None and nproc != 1 and not distributed.under_torchrun():
         # settings every rank would refuse alike are refused once, here, before any rank starts
         if cfg.dp.enabled:
             raise ConfigError("--dp cannot be combined with --nproc: DP-SGD trains in one process")
-        raise typer.Exit(distributed.launch(nproc, distributed.without_option(sys.argv[1:], "--nproc")))
+        chosen = _out_or_default(out, stem, resume=resume)
+        fresh_out_dir(chosen, stem, resume, marker="config.yaml")
+        argv = distributed.without_option(sys.argv[1:], "--nproc")
+        # every rank must write to one directory: the one chosen here, named to them all
+        argv += ["--out", str(chosen)] if out is None else []
+        raise typer.Exit(distributed.launch(nproc, argv))
     setup, ddp = _join_torchrun(prepare(cfg, device), out)
-    stem = f"{cfg.data.name}-{cfg.train.objective}"
     out_dir = fresh_out_dir(_out_or_default(out, stem, resume=resume), stem, resume, marker="config.yaml")
     if ddp is not None:
         ddp.barrier()  # every rank has checked out_dir before rank 0 writes into it

@@ -50,7 +50,7 @@ from fortify.evaluation.certify import DEFAULT_SIGMA
 from fortify.evaluation.metrics import json_safe
 from fortify.evaluation.precision import check_amp_support
 from fortify.models import MODELS, build_model
-from fortify.models.layout import channels_last, runs_channels_last
+from fortify.models.layout import channels_last, has_4d_tensors, runs_channels_last
 from fortify.tabular.run import run_threat, table_options
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
@@ -654,7 +654,8 @@ def eval_channels_last(setup: Setup, model: nn.Module, test: Split) -> bool:
     if wanted is None:  # asked once here; a model that cannot is evaluated as it is
         return runs_channels_last(model, probe)
     with channels_last(model, probe=probe):  # ConfigError here for a model that cannot
-        return True
+        # a model without 4-D weights has nothing to convert: it runs, and is recorded, as it is
+        return has_4d_tensors(model)
 
 
 def eval_layout(model: nn.Module, use_channels_last: bool) -> contextlib.AbstractContextManager[Any]:

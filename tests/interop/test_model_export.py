@@ -180,6 +180,18 @@ def test_an_export_that_cannot_be_reloaded_is_not_left_behind(model_dir, tmp_pat
     assert not (tmp_path / "model.onnx").exists()
 
 
+@pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
+def test_an_onnx_export_without_its_packages_names_the_pip_command_before_writing(model_dir, tmp_path,
+                                                                                  monkeypatch, missing):
+    # without onnx, torch's exporter failed with a traceback of its own
+    from fortify.errors import MissingDependencyError
+
+    monkeypatch.setitem(__import__("sys").modules, missing, None)  # as if not installed
+    with pytest.raises(MissingDependencyError, match=rf"{missing}.*pip install 'fortify\[onnx\]'"):
+        export_model(model_dir, "onnx", tmp_path / "out" / "model.onnx")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("edit, fragment", [
     ({"num_classes": "abc"}, "is not a fortify model card"),
     ({"num_classes": -1}, "is not a fortify model card"),

@@ -286,6 +286,15 @@ def test_eval_channels_last_asked_for_a_model_that_cannot_is_a_config_error_and_
     assert model.conv.weight.is_contiguous()
 
 
+def test_eval_channels_last_asked_for_a_model_without_4d_weights_is_recorded_as_not_used():
+    # an MLP has nothing to convert: `--channels-last` used to record true for a layout never used
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10).eval()
+    setup = prepare(RunConfig.model_validate({"eval": {"attacks": ["fgsm"], "n_examples": 20,
+                                                       "eps_grid": [0.1], "channels_last": True}}), "cpu")
+    assert evaluate_model(setup, model).channels_last is False
+
+
 def test_tied_weights_and_shared_buffers_stay_shared_and_get_their_layout_back():
     # a tensor held by two modules was recorded twice: the second record held the converted data, so
     # the weight stayed channels_last afterwards, and a shared buffer became two tensors for good

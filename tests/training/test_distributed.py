@@ -125,18 +125,41 @@ def test_nproc_with_dp_is_refused_before_any_rank_starts(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_a_rank_error_under_nproc_is_one_line_per_rank_and_the_exit_code(tmp_path):
-    # Prepare: an --out that every rank refuses (not empty, no --resume)
-    (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "file").write_text("x")
+    # Prepare: data that every rank fails to load (the launching process does not load it)
+    missing = tmp_path / "missing.npz"
     command = [sys.executable, "-m", "fortify", "train", "--nproc", "2", "--epochs", "1", "-q",
-               "--out", str(tmp_path / "taken")]
+               "--dataset", "npz", "--data", str(missing), "--out", str(tmp_path / "run")]
     # Act
     done = subprocess.run(command, capture_output=True, text=True, timeout=180,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     # Assert: the ranks' own message, the rank's exit code, no launcher traceback
     assert done.returncode == 2, done.stderr
-    assert done.stderr.count("already exists and is not empty") == 2, done.stderr
+    assert done.stderr.count(f"npz data file '{missing}' does not exist") == 2, done.stderr
     assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr
+
+
+def test_under_nproc_a_directory_no_rank_could_use_is_refused_once_before_any_starts(monkeypatch, tmp_path):
+    started = []
+    monkeypatch.setattr(distributed, "launch", lambda *args: started.append(args) or 0)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    result = CliRunner().invoke(app, ["train", "--nproc", "2", "--out", str(tmp_path / "taken")])
+    assert result.exit_code == 2 and result.output.count("already exists and is not empty") == 1
+    assert not started
+    result = CliRunner().invoke(app, ["train", "--nproc", "2", "--resume"])
+    assert result.exit_code == 2 and "--resume needs --out" in result.output and not started
+
+
+def test_under_nproc_without_out_every_rank_gets_the_directory_chosen_once(monkeypatch, tmp_path):
+    # each rank used to stop with "under torchrun pass --out", a flag of torchrun's the user never used
+    launched = []
+    monkeypatch.setattr(distributed, "launch", lambda nproc, argv: launched.append(argv) or 0)
+    monkeypatch.setattr(sys, "argv", ["fortify", "train", "--nproc", "2", "--epochs", "1"])
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", "--nproc", "2", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    chosen = result.output.split("run directory:")[1].split()[0]
+    assert launched == [["train", "--epochs", "1", "--out", chosen]] and chosen.startswith("runs/digits-pgd-")
 
 
 def test_under_torchrun_train_needs_an_out_directory(monkeypatch):

@@ -76,6 +76,8 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, *, member: st
     if out.name in _MODEL_DIR_FILES and (out.resolve().parent / MODEL_CARD).is_file():
         raise ConfigError(f"{out} is one of a model directory's own files; export elsewhere "
                           f"(default {model_dir / 'export' / ('model' + suffix)})")
+    for module, purpose in _NEEDS.get(fmt, ()):  # a missing package named before anything is written
+        require(module, purpose)
     model, card = load_trained_model(model_dir, torch.device("cpu"))
     inputs = _random_inputs(card)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +142,8 @@ def _write_safetensors(model: nn.Module, card: dict[str, Any], inputs: Tensor, o
         raise CheckpointError(f"cannot write {out}: {err}") from None
 
 
+# the optional packages each format's writing and checking take (torch.onnx.export needs onnx)
+_NEEDS = {"onnx": (("onnx", "exporting to ONNX"), ("onnxruntime", "checking an ONNX export"))}
 _WRITERS: dict[str, Callable[[nn.Module, dict[str, Any], Tensor, Path], None]] = {
     "onnx": _write_onnx, "torchscript": _write_torchscript, "safetensors": _write_safetensors}
 
