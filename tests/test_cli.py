@@ -573,7 +573,7 @@ def test_an_interrupted_evaluation_says_how_to_continue(trained_dir, monkeypatch
     (["run", "--epochs", 1], "fortify.cli.train_model", "digits", "--resume --out"),
     (["train", "--epochs", 1], "fortify.cli.train_model", "digits-pgd", "--resume --out"),
     (["sweep", "--objectives", "standard", "--epochs", 1], "fortify.sweep.run_sweep", "sweep",
-     "command --out"),
+     "command with --out"),
 ])
 def test_a_command_that_chose_its_directory_names_it_and_the_hint_after_ctrl_c_does_too(
         tmp_path, monkeypatch, argv, interrupted, stem, flag):

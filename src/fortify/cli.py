@@ -99,12 +99,13 @@ ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --
 
 
 # what to do after Ctrl-C, by command: the commands that keep a checkpoint or a journal; {out} is
-# " --out DIR" when the command chose its run directory itself (a rerun without it would choose anew)
+# " --out DIR" and {with_out} " with --out DIR" when the command chose its run directory itself (a
+# rerun without it would choose anew), else empty
 _AFTER_INTERRUPT = {"run": "rerun the same command with --resume{out} to continue",
                     "train": "rerun the same command with --resume{out} to continue",
-                    "evaluate": "rerun the same command{out} to continue (finished batches are kept), or "
-                                "add --restart to start afresh",
-                    "sweep": "rerun the same command{out} to continue (finished runs are kept)",
+                    "evaluate": "rerun the same command{with_out} to continue (finished batches are kept), "
+                                "or add --restart to start afresh",
+                    "sweep": "rerun the same command{with_out} to continue (finished runs are kept)",
                     "federate": "rerun the same command with --resume{out} to continue from the last "
                                 "finished round"}
 # the run directory the current command chose itself, no --out given (_out_or_default)
@@ -149,7 +150,8 @@ def _handles_errors(command: F) -> F:
         except KeyboardInterrupt:
             hint = _AFTER_INTERRUPT.get(command.__name__)
             if hint is not None:
-                hint = hint.format(out="" if _chosen_out_dir is None else f" --out {_chosen_out_dir}")
+                out = "" if _chosen_out_dir is None else f" --out {_chosen_out_dir}"
+                hint = hint.format(out=out, with_out=out and f" with{out}")
             console.print("[yellow]interrupted[/]" + (f": {escape(hint)}" if hint else ""), highlight=False)
             raise typer.Exit(130) from None
 

@@ -792,10 +792,11 @@ def fresh_out_dir(out: Path | None, default_stem: str, resume: bool, *, marker: 
 
 
 @contextlib.contextmanager
-def discarded_on_error(out_dir: Path) -> Iterator[None]:
+def discarded_on_error(out_dir: Path, *, checkpoint: str = ckpt.STATE_JSON) -> Iterator[None]:
     """What the body writes into ``out_dir`` goes again when it fails with an error before any
-    checkpoint (a ``state.json``) lands there, e.g. a loss that turns NaN in the first epoch: the
-    directory is then as it was, and the same command with corrected settings runs in it again.
+    checkpoint (a file named ``checkpoint``: a ``state.json``, or a federation's progress record)
+    lands there, e.g. a loss that turns NaN in the first epoch: the directory is then as it was, and
+    the same command with corrected settings runs in it again.
 
     Entries that were there before stay; so does everything once a checkpoint exists (``--resume``
     continues from it). An interrupt (Ctrl-C) keeps what was written as well.
@@ -804,7 +805,7 @@ def discarded_on_error(out_dir: Path) -> Iterator[None]:
     try:
         yield
     except Exception:
-        if out_dir.is_dir() and not any(out_dir.rglob(ckpt.STATE_JSON)):
+        if out_dir.is_dir() and not any(out_dir.rglob(checkpoint)):
             written = [out_dir] if before is None else set(out_dir.iterdir()) - before
             for entry in written:
                 if entry.is_dir():

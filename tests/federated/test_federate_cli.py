@@ -142,3 +142,18 @@ def test_a_failed_submission_leaves_out_as_it_was_for_the_same_command(tmp_path,
         result = _federate(*args)
         assert result.exit_code == 2 and "connection reset" in result.output, result.output
         assert not (tmp_path / "fed").exists() or not any((tmp_path / "fed").iterdir())
+
+
+def test_a_run_that_failed_on_the_superlink_after_saving_a_round_keeps_it_for_resume(tmp_path, monkeypatch):
+    # the rounds the ServerApp saved before it failed are what --resume continues from
+    from fortify.federated.progress import PROGRESS_JSON
+
+    def saved_a_round_then_failed(app_dir, address, timeout=10.0):
+        (app_dir.parent / PROGRESS_JSON).write_text("{}")
+        return "FederationError: round 2: every client failed\n"
+
+    _submit_and_fail(monkeypatch, saved_a_round_then_failed)
+    result = _federate("--superlink", "127.0.0.1:9093", "--clients", 2, "--rounds", 3, "--model", "mlp",
+                       "--out", tmp_path / "fed")
+    assert result.exit_code == 2 and "round 2: every client failed" in result.output
+    assert (tmp_path / "fed" / PROGRESS_JSON).is_file() and (tmp_path / "fed" / "flower-app").is_dir()

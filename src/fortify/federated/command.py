@@ -42,8 +42,9 @@ def federate(config: Path | None, overrides: dict[str, Any], federation: dict[st
     if superlink is None:
         return run, run_simulation(run, workers=workers, verbose=verbose)
     # a submission that fails before the ServerApp saves a round leaves --out as it was, so that the
-    # same command runs again (the app folder alone would make it "not empty", yet no run to resume)
-    with discarded_on_error(out_dir):
+    # same command runs again (the app folder alone would make it "not empty", yet no run to resume);
+    # once a round is saved, everything stays for --resume
+    with discarded_on_error(out_dir, checkpoint=PROGRESS_JSON):
         app_dir = write_flower_app(out_dir / "flower-app", run)
         output = submit(app_dir, superlink, timeout=timeout)
         if not (out_dir / RESULT_FILE).is_file():
