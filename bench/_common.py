@@ -243,7 +243,7 @@ _ALLOCATOR = "glibc malloc with its default thresholds"
 def add_allocator_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="raise glibc's malloc thresholds for the whole process, i.e. for every "
-                             "contender, as FORTIFY_KEEP_FREED_MEMORY=1 does for the fortify CLI "
+                             "contender, as the fortify CLI does by default (FORTIFY_KEEP_FREED_MEMORY) "
                              "(fortify.allocator)")
 
 
