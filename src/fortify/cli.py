@@ -830,7 +830,9 @@ def federate(
                             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, delta=delta,
                             accountant=accountant)
     if write_app is None:  # writing the app alone writes no run directory
-        dataset_name = overrides.get("data", {}).get("name", "digits")
+        in_file = read_yaml_mapping(config).get("data")
+        dataset_name = (overrides.get("data", {}).get("name")
+                        or (in_file.get("name") if isinstance(in_file, dict) else None) or "digits")
         out = _out_or_default(out, f"{dataset_name}-federated", resume=resume)
     run, result = run_federation(config, overrides, federation, out=out, superlink=superlink,
                                  write_app=write_app, workers=workers, verbose=verbose, resume=resume)
