@@ -157,3 +157,21 @@ def test_a_run_that_failed_on_the_superlink_after_saving_a_round_keeps_it_for_re
                        "--out", tmp_path / "fed")
     assert result.exit_code == 2 and "round 2: every client failed" in result.output
     assert (tmp_path / "fed" / PROGRESS_JSON).is_file() and (tmp_path / "fed" / "flower-app").is_dir()
+
+
+def test_without_out_the_run_directory_is_named_after_the_dataset_of_the_config_file(tmp_path, monkeypatch):
+    # it said "digits" whatever the config file named
+    seen = []
+
+    def interrupted(config, overrides, federation, **kwargs):
+        seen.append(kwargs["out"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "federate", interrupted)
+    config = tmp_path / "fed.yaml"
+    config.write_text("data: {name: breast-cancer}\n")
+    monkeypatch.chdir(tmp_path)
+    result = _federate("-c", config)
+    assert result.exit_code == 130
+    assert str(seen[0]).startswith("runs/breast-cancer-federated-")
+    assert f"--resume --out {seen[0]} " in " ".join(result.output.split())
