@@ -481,6 +481,9 @@ def evaluate(
     if model_file is not None:
         if model_dir is not None:
             raise ConfigError(f"give a model directory ({model_dir}) or --model {model_file}, not both")
+        if distributed.under_torchrun():  # every rank would attack everything and write the same files
+            raise ConfigError("--model FILE is evaluated in one process; sharded evaluation under torchrun "
+                              "takes a model directory")
         _evaluate_model_file(model_file, config, overrides, dataset=dataset, layout=layout,
                              input_range=input_range, mean=mean, std=std, device=device, out=out,
                              attacks_chosen=attack_list is not None or preset is not None, generic=generic,

@@ -301,3 +301,15 @@ def test_ranks_reseed_apart_from_the_largest_training_seed():
     assert not torch.equal(drawn[0, 0][0], drawn[1, 0][0])
     assert not torch.equal(drawn[0, 0][0], drawn[0, 1][0])
     assert not torch.equal(drawn[0, 0][1], drawn[1, 0][1])
+
+
+def test_under_torchrun_evaluating_a_model_file_is_refused(monkeypatch, tmp_path):
+    # its ranks would each attack every example and write the same journal and results
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "model.onnx"),
+                                      "--dataset", "digits", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "sharded evaluation under torchrun takes a model directory" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
