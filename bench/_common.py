@@ -25,7 +25,9 @@ from fortify.config import TrainConfig
 from fortify.data import load_dataset
 from fortify.evaluation.precision import cpu_has_kernels_for
 from fortify.models import build_model
-from fortify.models.layout import channels_last
+from fortify.models.onednn_linear import SETTING_VARIABLE as ONEDNN_LINEAR_VARIABLE
+from fortify.models.onednn_linear import onednn_linear_pays
+from fortify.pipeline import eval_layout
 from fortify.threat import ThreatModel
 from fortify.training.objectives import ObjectiveOptions, build_objective
 from fortify.training.trainer import Trainer
@@ -72,12 +74,18 @@ class ForwardCounter(nn.Module):
 
 def run_channels_last(run: Callable[[Tensor, Tensor], Any], model: nn.Module
                       ) -> Callable[[Tensor, Tensor], Any]:
-    """``run`` with ``model``'s 4-D weights converted to channels_last for each call (fortify's
-    ``eval.channels_last``); the conversion is timed with the call."""
+    """``run`` on ``model`` as fortify's evaluation runs it on CPU, for each call: 4-D weights
+    channels_last (``eval.channels_last``) and, where that pays, linear layers on oneDNN
+    (``fortify.models.onednn_linear``); the conversion is timed with the call. Rows run so carry
+    ``CPU_KERNELS`` in their label."""
     def converted(x: Tensor, y: Tensor) -> Any:
-        with channels_last(model):
+        with eval_layout(model, True):
             return run(x, y)
     return converted
+
+
+# what run_channels_last (and the training benchmarks' ART rows on fortify's model) change, in labels
+CPU_KERNELS = "channels_last" + (" + oneDNN linear" if onednn_linear_pays(torch.device("cpu")) else "")
 
 
 @dataclass
@@ -138,13 +146,17 @@ def median(values: list[float]) -> float:
 
 
 # fortify's training rows: name -> (row label, TrainConfig settings over the benchmark's own).
-# "default" is the Trainer as it comes (on CPU: fp32, channels_last where the model runs so);
-# "nchw" trains in the layout ART's rows train in; "fast" adds bf16 autocast
+# "default" is the Trainer as it comes (on CPU: fp32, channels_last where the model runs so, linear
+# layers on oneDNN where that pays); "nchw" trains in the layout ART's rows train in; "torch-linear"
+# keeps torch's own linear layers (VARIANT_ENVIRONMENT); "fast" adds bf16 autocast
 FORTIFY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": ("fortify", {}),
     "nchw": ("fortify NCHW", {"channels_last": False}),
+    "torch-linear": ("fortify torch linear", {}),
     "fast": ("fortify bf16 channels_last", {"amp": True, "channels_last": True}),
 }
+# environment variables a variant's Trainer is built under
+VARIANT_ENVIRONMENT: dict[str, dict[str, str]] = {"torch-linear": {ONEDNN_LINEAR_VARIABLE: "0"}}
 
 
 def add_variant_options(parser: argparse.ArgumentParser) -> None:
@@ -181,7 +193,9 @@ def trainer_rows(args: argparse.Namespace, pairs: tuple[tuple[str, str], ...],
         group = group_of(objective)
         for variant in args.variants:
             label, settings = FORTIFY_VARIANTS[variant]
-            rows.append((group, label, fortify_trainer(objective, settings)))
+            environment = VARIANT_ENVIRONMENT.get(variant, {})
+            train = under_environment(fortify_trainer(objective, settings), environment)
+            rows.append((group, label, train))
         if args.no_art:
             continue
         try:
@@ -191,8 +205,27 @@ def trainer_rows(args: argparse.Namespace, pairs: tuple[tuple[str, str], ...],
             continue
         rows.append((group, f"ART {art_name}", art_trainer(objective, False)))
         if args.art_channels_last:
-            rows.append((group, f"ART {art_name} channels_last", art_trainer(objective, True)))
+            rows.append((group, f"ART {art_name} {CPU_KERNELS}", art_trainer(objective, True)))
     return rows
+
+
+def under_environment(run: Callable[..., None], environment: dict[str, str]) -> Callable[..., None]:
+    """``run`` with ``environment`` set for each call, and the variables as they were afterwards."""
+    if not environment:
+        return run
+
+    def wrapped(*args: Any) -> None:
+        before = {name: os.environ.get(name) for name in environment}
+        os.environ.update(environment)
+        try:
+            run(*args)
+        finally:
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+    return wrapped
 
 
 # -- provenance --------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from _common import (
+    CPU_KERNELS,
     NUM_CLASSES,
     ForwardCounter,
     Setting,
@@ -103,7 +104,7 @@ def apgd_group(model: nn.Module, threat: ThreatModel, args: argparse.Namespace) 
         rows.append(Contender(group, label, batched(lambda x, y, a=attack: a(model, x, y), args.batch)))
     if args.channels_last:
         early_stop = rows[-1].run
-        rows.append(Contender(group, "fortify early_stop channels_last",
+        rows.append(Contender(group, f"fortify early_stop {CPU_KERNELS}",
                               run_channels_last(early_stop, model)))
     rows += peer(lambda: Contender(group, "torchattacks", batched(_torchattacks_apgd(model, threat, args),
                                                                   args.batch)), "torchattacks")
@@ -185,7 +186,7 @@ def cw_group(model: nn.Module, args: argparse.Namespace) -> list[Contender]:
     rows.append(Contender(search, f"fortify {tuned_steps} steps lr {tuned_lr:g}",
                           fortify(searches, 0.1, tuned_steps, tuned_lr), limit, "l2"))
     if args.channels_last:
-        rows.append(Contender(search, f"fortify {tuned_steps} steps lr {tuned_lr:g} channels_last",
+        rows.append(Contender(search, f"fortify {tuned_steps} steps lr {tuned_lr:g} {CPU_KERNELS}",
                               run_channels_last(fortify(searches, 0.1, tuned_steps, tuned_lr), model), limit,
                               "l2"))
     if args.cw_long_steps:  # ART's line search does more per step: a longer fortify run for equal strength
@@ -198,7 +199,7 @@ def cw_group(model: nn.Module, args: argparse.Namespace) -> list[Contender]:
                                                    _art_cw(model, s, searches, lr, args), limit, "l2"), "art")
     if args.channels_last:  # ART's quickest budget on the channels_last model too
         short = args.cw_art_short_steps
-        rows += peer(lambda: Contender(search, f"ART {short} steps lr {lr:g} channels_last",
+        rows += peer(lambda: Contender(search, f"ART {short} steps lr {lr:g} {CPU_KERNELS}",
                                        run_channels_last(_art_cw(model, short, searches, lr, args), model),
                                        limit, "l2"), "art")
     return rows
@@ -588,8 +589,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cw-examples", type=int, default=64,
                         help="C&W attacks only the first N examples (ART's C&W is slow)")
     parser.add_argument("--channels-last", action="store_true",
-                        help="add rows run with channels_last weights (fortify's APGD early_stop and tuned "
-                             "C&W, ART's short C&W)")
+                        help="add rows run on the model as fortify's evaluation runs it on CPU, "
+                             "channels_last weights and linear layers on oneDNN where that pays (fortify's "
+                             "APGD early_stop and tuned C&W, ART's short C&W)")
     parser.add_argument("--cw-long-steps", type=int, default=0,
                         help="add a fortify row to the C&W search group with this many steps per constant")
     parser.add_argument("--cw-tuned", type=lambda s: (int(s.split(",")[0]), float(s.split(",")[1])),

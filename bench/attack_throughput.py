@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from _common import (
+    CPU_KERNELS,
     NUM_CLASSES,
     ForwardCounter,
     Setting,
@@ -170,8 +171,9 @@ def art_contenders(model: nn.Module, threat: ThreatModel, steps: list[int], batc
 
 
 def channels_last_rows(rows: list[Contender], model: nn.Module) -> list[Contender]:
-    """The same attacks, each run with ``model``'s weights channels_last for its duration."""
-    return [Contender(c.group, f"{c.library} channels_last", run_channels_last(c.run, model)) for c in rows]
+    """The same attacks, each run on ``model`` as fortify's evaluation runs it on CPU
+    (``run_channels_last``)."""
+    return [Contender(c.group, f"{c.library} {CPU_KERNELS}", run_channels_last(c.run, model)) for c in rows]
 
 
 def build_contenders(counted: ForwardCounter, threat: ThreatModel, args: argparse.Namespace,
@@ -291,7 +293,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-art", action="store_true", help="leave ART out")
     parser.add_argument("--channels-last", action="store_true",
-                        help="also run fortify's fastest rows and ART's with channels_last weights")
+                        help="also run fortify's fastest rows and ART's on the model as fortify's evaluation "
+                             "runs it on CPU: channels_last weights, linear layers on oneDNN where that pays")
     add_allocator_option(parser)
     args = parser.parse_args(argv)
     check_repeats(parser, args)

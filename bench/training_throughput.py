@@ -22,6 +22,7 @@ channels_last weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -54,6 +55,7 @@ from fortify.data import load_dataset
 from fortify.data.base import Split
 from fortify.models import build_model
 from fortify.models.layout import to_channels_last
+from fortify.models.onednn_linear import onednn_linear, onednn_linear_pays
 from fortify.threat import ThreatModel
 from fortify.training.methods import MethodOptions
 from fortify.training.objectives import build_objective
@@ -123,44 +125,51 @@ def art_pgd(classifier: object, args: argparse.Namespace) -> object:
 
 
 def art_trainer(kind: str, on_channels_last: bool = False) -> TrainFn:
-    """ART's trainer of ``kind``; ``on_channels_last``: on the model with channels_last weights (ART
-    passes NCHW batches, which a channels_last convolution accepts)."""
+    """ART's trainer of ``kind``; ``on_channels_last``: on the model as fortify's Trainer runs it on
+    CPU, channels_last weights (ART passes NCHW batches, which a channels_last convolution accepts)
+    and linear layers on oneDNN where that pays (``_common.CPU_KERNELS``)."""
     def train(model: ForwardCounter, data: Split, args: argparse.Namespace) -> None:
-        from art.defences import trainer as art
-
         if on_channels_last:
             to_channels_last(model)
-        classifier = art_classifier(model, args, tuple(data.x.shape[1:]))
-        # one-hot labels: ART's FBF trainer needs them, the others accept them
-        x, y = data.x.numpy(), torch.nn.functional.one_hot(data.y, NUM_CLASSES).float().numpy()
-        fit = {"batch_size": args.batch, "nb_epochs": args.epochs}
-        if kind == "standard":
-            classifier.fit(x, y, **fit)  # type: ignore[attr-defined]
-        elif kind == "fgsm-rs":
-            art.AdversarialTrainerFBFPyTorch(classifier, eps=args.eps).fit(x, y, **fit)
-        elif kind == "pgd":
-            madry = art.AdversarialTrainerMadryPGD(classifier, nb_epochs=args.epochs, batch_size=args.batch,
-                                                   eps=args.eps, eps_step=2.5 * args.eps / args.attack_steps,
-                                                   max_iter=args.attack_steps, num_random_init=1)
-            # the trainer's PGD gets no batch size of its own and would attack in ART's default chunks
-            # of 32: half batches, twice the calls of the other trainers' attacks
-            madry.attack.set_params(batch_size=args.batch)
-            madry.fit(x, y)
-        elif kind == "trades":
-            trades = art.AdversarialTrainerTRADESPyTorch(classifier, art_pgd(classifier, args), beta=6.0)
-            trades.fit(x, y, **fit)
-        elif kind == "awp-pgd":
-            shape = tuple(data.x.shape[1:])
-            # ART's scratch copy for the weight perturbation, wrapped alike so that the weights load;
-            # its passes go to its own counter and are not reported. Its optimiser has no momentum: the
-            # authors' proxy steps along this batch's gradient alone, as fortify's does (with momentum
-            # ART's perturbation follows a running sum of earlier batches' gradients)
-            proxy = art_classifier(ForwardCounter(build_model("small-cnn", shape, NUM_CLASSES)), args, shape,
-                                   momentum=0.0)
-            art.AdversarialTrainerAWPPyTorch(classifier, proxy, art_pgd(classifier, args), mode="PGD",
-                                             gamma=5e-3, beta=6.0, warmup=args.awp_warmup).fit(x, y, **fit)
+        with onednn_linear(model) if on_channels_last and onednn_linear_pays(torch.device("cpu")) \
+                else contextlib.nullcontext():
+            _fit_art(kind, model, data, args)
         model.eval()
     return train
+
+
+def _fit_art(kind: str, model: ForwardCounter, data: Split, args: argparse.Namespace) -> None:
+    from art.defences import trainer as art
+
+    classifier = art_classifier(model, args, tuple(data.x.shape[1:]))
+    # one-hot labels: ART's FBF trainer needs them, the others accept them
+    x, y = data.x.numpy(), torch.nn.functional.one_hot(data.y, NUM_CLASSES).float().numpy()
+    fit = {"batch_size": args.batch, "nb_epochs": args.epochs}
+    if kind == "standard":
+        classifier.fit(x, y, **fit)  # type: ignore[attr-defined]
+    elif kind == "fgsm-rs":
+        art.AdversarialTrainerFBFPyTorch(classifier, eps=args.eps).fit(x, y, **fit)
+    elif kind == "pgd":
+        madry = art.AdversarialTrainerMadryPGD(classifier, nb_epochs=args.epochs, batch_size=args.batch,
+                                               eps=args.eps, eps_step=2.5 * args.eps / args.attack_steps,
+                                               max_iter=args.attack_steps, num_random_init=1)
+        # the trainer's PGD gets no batch size of its own and would attack in ART's default chunks
+        # of 32: half batches, twice the calls of the other trainers' attacks
+        madry.attack.set_params(batch_size=args.batch)
+        madry.fit(x, y)
+    elif kind == "trades":
+        trades = art.AdversarialTrainerTRADESPyTorch(classifier, art_pgd(classifier, args), beta=6.0)
+        trades.fit(x, y, **fit)
+    elif kind == "awp-pgd":
+        shape = tuple(data.x.shape[1:])
+        # ART's scratch copy for the weight perturbation, wrapped alike so that the weights load;
+        # its passes go to its own counter and are not reported. Its optimiser has no momentum: the
+        # authors' proxy steps along this batch's gradient alone, as fortify's does (with momentum
+        # ART's perturbation follows a running sum of earlier batches' gradients)
+        proxy = art_classifier(ForwardCounter(build_model("small-cnn", shape, NUM_CLASSES)), args, shape,
+                               momentum=0.0)
+        art.AdversarialTrainerAWPPyTorch(classifier, proxy, art_pgd(classifier, args), mode="PGD",
+                                         gamma=5e-3, beta=6.0, warmup=args.awp_warmup).fit(x, y, **fit)
 
 
 # -- measuring ---------------------------------------------------------------------------------

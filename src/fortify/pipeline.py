@@ -51,6 +51,7 @@ from fortify.evaluation.metrics import json_safe
 from fortify.evaluation.precision import check_amp_support
 from fortify.models import MODELS, build_model
 from fortify.models.layout import channels_last, has_4d_tensors, runs_channels_last
+from fortify.models.onednn_linear import onednn_linear, onednn_linear_pays
 from fortify.tabular.run import run_threat, table_options
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
@@ -658,10 +659,18 @@ def eval_channels_last(setup: Setup, model: nn.Module, test: Split) -> bool:
         return has_4d_tensors(model)
 
 
-def eval_layout(model: nn.Module, use_channels_last: bool) -> contextlib.AbstractContextManager[Any]:
-    """The model with channels_last conv weights for the duration when ``use_channels_last``, else as
-    it is."""
-    return channels_last(model) if use_channels_last else contextlib.nullcontext(model)
+@contextlib.contextmanager
+def eval_layout(model: nn.Module, use_channels_last: bool) -> Iterator[nn.Module]:
+    """The model as an evaluation runs it, for the duration: with channels_last conv weights when
+    ``use_channels_last``, and its linear layers on oneDNN where that pays (on CPU;
+    fortify.models.onednn_linear)."""
+    parameter = next(model.parameters(), None)
+    with contextlib.ExitStack() as stack:
+        if use_channels_last:
+            stack.enter_context(channels_last(model))
+        if parameter is not None and onednn_linear_pays(parameter.device):
+            stack.enter_context(onednn_linear(model))
+        yield model
 
 
 def analyse_model(setup: Setup, model: nn.Module, report: RobustnessReport,

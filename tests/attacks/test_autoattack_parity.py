@@ -5,7 +5,9 @@ Square) as a cascade on the same model, data and eps, with the same reduced budg
 for the gradient attacks and 300 queries for Square instead of 100 and 5000, so that the test runs
 in seconds.
 
-Up to FAB-T the two cascades agree within half a point. Square is where they may part, and only in
+Up to FAB-T the two cascades agree within two examples (0.56 points): both draw random starts and
+targets, and on the models the fixture trains they parted by up to one example on one CPU and by up
+to two (either way) on another (docs/ATTACKS.md). Square is where they may part, and only in
 fortify's favour: fortify's Square draws its windows as the paper does, the reference never places
 one on the last row or column (tests/attacks/test_blackbox.py), and on 8x8 digits that fools a few
 more of the examples the gradient attacks left. bench/autoattack_parity.py prints the per-attack
@@ -29,6 +31,7 @@ EPS = 0.2
 ITERATIONS = 20
 QUERIES = 300
 HALF_POINT = 0.005 + 1e-4  # the reference logs percentages with two decimals
+TWO_EXAMPLES = 2 / 359 + 1e-4
 
 
 class _AfterEachAttack(logging.Handler):
@@ -81,9 +84,9 @@ def test_autoattack_preset_matches_the_reference(robust_model, digits):
     assert [a.settings.get("n_target_classes") for a in report.attacks] == [None, 9, 9, None]
     assert 0.1 < theirs < report.clean_accuracy - 0.2, "needs a model that is neither broken nor untouched"
     assert after["square"] == pytest.approx(theirs, abs=1e-4)
-    # the gradient attacks' cascade within half a point; the whole ensemble at least as strong, and
+    # the gradient attacks' cascade within two examples; the whole ensemble at least as strong, and
     # stronger by no more than what the preset's rescaled Square schedule explains (docs/ATTACKS.md)
     ours_after_fab = report.attacks[2].adversarial_accuracy
-    assert abs(ours_after_fab - after["fab-t"]) <= HALF_POINT
+    assert abs(ours_after_fab - after["fab-t"]) <= TWO_EXAMPLES
     assert report.worst_case_accuracy <= theirs + HALF_POINT
     assert report.worst_case_accuracy >= theirs - 0.015

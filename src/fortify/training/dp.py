@@ -208,6 +208,8 @@ class DPTrainer(Trainer):
     # Opacus' per-example gradients were not measured in channels_last; train.channels_last: true is
     # refused (check_dp_batch_settings), unset trains in the default layout
     AUTO_CHANNELS_LAST = False
+    # Opacus computes per-example gradients of the layer types it knows, matched exactly
+    ONEDNN_LINEAR = False
 
     def __init__(self, model: nn.Module, objective: Objective, config: TrainConfig, *, dp: DPConfig,
                  threat: ThreatModel, run_dir: Path | None = None,

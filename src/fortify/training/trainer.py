@@ -35,6 +35,7 @@ from fortify.models.layout import (
     to_contiguous,
 )
 from fortify.models.modes import probing
+from fortify.models.onednn_linear import onednn_linear, onednn_linear_pays
 from fortify.models.predictions import predicted_class
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
@@ -238,6 +239,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.show_progress = show_progress
         self.device = next(model.parameters()).device
+        self.onednn_linear = self.ONEDNN_LINEAR and not config.compile and onednn_linear_pays(self.device)
         if config.amp and not torch.amp.is_autocast_available(self.device.type):
             raise ConfigError(f"train.amp needs autocast, which device {self.device} lacks; "
                               "train without amp")
@@ -328,6 +330,8 @@ class Trainer:
 
     # train.channels_last unset: whether this trainer may choose channels_last itself (DP does not)
     AUTO_CHANNELS_LAST = True
+    # whether its linear layers may run on oneDNN where that pays (fortify.models.onednn_linear)
+    ONEDNN_LINEAR = True
 
     def _wants_channels_last(self, config: TrainConfig, model: nn.Module,
                              distributed: DistributedContext | None) -> bool:
@@ -353,21 +357,23 @@ class Trainer:
 
     @contextlib.contextmanager
     def _training_layout(self) -> Iterator[None]:
-        """For the duration of ``fit``: channels_last weights (again, on a second ``fit``) and the
-        ``nn.Flatten`` gradient hooks when ``self.channels_last``; afterwards the weights go back to
-        the default layout with the values they trained to, so that a caller saves or copies them as
-        any other model's. The optimiser's state follows the weights both ways."""
-        if not self.channels_last:
-            yield
-            return
-        to_channels_last(self.model)
-        try:
-            state_in_parameter_layout(self.optimizer)
-            with flatten_gradient_hooks(self.model):
+        """For the duration of ``fit``: the linear layers on oneDNN when ``self.onednn_linear``, and
+        channels_last weights (again, on a second ``fit``) with the ``nn.Flatten`` gradient hooks when
+        ``self.channels_last``. Afterwards the model is as it was, its weights in the default layout
+        with the values they trained to, so that a caller saves or copies them as any other model's.
+        The optimiser's state follows the weights both ways."""
+        with onednn_linear(self.model) if self.onednn_linear else contextlib.nullcontext():
+            if not self.channels_last:
                 yield
-        finally:
-            to_contiguous(self.model)
-            state_in_parameter_layout(self.optimizer)
+                return
+            to_channels_last(self.model)
+            try:
+                state_in_parameter_layout(self.optimizer)
+                with flatten_gradient_hooks(self.model):
+                    yield
+            finally:
+                to_contiguous(self.model)
+                state_in_parameter_layout(self.optimizer)
 
     # -- one epoch -----------------------------------------------------------------------------
 
