@@ -3,8 +3,10 @@
 PyTorch runs a float32 linear layer on CPU through MKL, which picks its kernels by the CPU's vendor:
 on AMD CPUs it takes its AVX2 path even where the CPU has AVX-512. oneDNN, which already runs the
 convolutions, uses AVX-512 there. On an AMD EPYC with AVX-512, one thread, a 64x1024 by 1024x128
-product took 90 us through oneDNN against 167 us through MKL (186 against 101 GFLOP/s), and a
-PGD-10 training epoch of the digits CNN 0.87 of its time (docs/PERFORMANCE.md, change log).
+product took 101 us through oneDNN against 172 us through MKL, a 512x512 by 512x512 one 0.45 of
+MKL's time. Where linear layers are a small part of the work the gain is small: a PGD-10 training
+epoch of small-cnn took 0.96-0.99 of its time on digits, 0.95 on 28x28 inputs (docs/PERFORMANCE.md,
+change log).
 
 ``onednn_linear(model)`` makes each ``nn.Linear`` of ``model`` a ``OneDNNLinear`` for the duration:
 the class is swapped on the instance, so parameters, hooks, the optimiser's hold on them and the
@@ -31,10 +33,11 @@ from torch import Tensor, nn
 from fortify.errors import ConfigError
 
 SETTING_VARIABLE = "FORTIFY_ONEDNN_LINEAR"  # unset: where it pays; 1: wherever it can run; 0: never
-# Below this many multiply-adds per call the two autograd nodes' Python overhead (about 50 us per
-# forward and backward) costs more than the faster product saves: a 256x64 by 64x128 product
-# (2.1 million) came out even, a 64x128 by 128x10 one (82 thousand) took 2.7 times torch's time.
-MIN_MULTIPLY_ADDS = 2**21
+# Below this many multiply-adds per call the two autograd nodes' Python overhead (tens of us per
+# forward and backward) costs more than the faster product saves (bench/linear_kernels.py): with
+# every gradient, a 64x128 by 128x10 product took 2.9 times torch's time, 256x64 by 64x128 (2.1
+# million) 1.15 times, 256x128 by 128x128 (4.2 million) 0.86 of it.
+MIN_MULTIPLY_ADDS = 2**22
 
 
 def onednn_linear_pays(device: torch.device) -> bool:
