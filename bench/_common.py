@@ -7,12 +7,13 @@ import this module as ``_common``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import platform
 import statistics
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ from fortify.config import TrainConfig
 from fortify.data import load_dataset
 from fortify.evaluation.precision import cpu_has_kernels_for
 from fortify.models import build_model
+from fortify.models.layout import to_channels_last
 from fortify.models.onednn_linear import SETTING_VARIABLE as ONEDNN_LINEAR_VARIABLE
-from fortify.models.onednn_linear import onednn_linear_pays
+from fortify.models.onednn_linear import onednn_linear, onednn_linear_pays
 from fortify.pipeline import eval_layout
 from fortify.threat import ThreatModel
 from fortify.training.objectives import ObjectiveOptions, build_objective
@@ -86,6 +88,16 @@ def run_channels_last(run: Callable[[Tensor, Tensor], Any], model: nn.Module
 
 # what run_channels_last (and the training benchmarks' ART rows on fortify's model) change, in labels
 CPU_KERNELS = "channels_last" + (" + oneDNN linear" if onednn_linear_pays(torch.device("cpu")) else "")
+
+
+@contextlib.contextmanager
+def as_fortify_trains_on_cpu(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` as fortify's Trainer runs it on CPU, for a peer's trainer (``CPU_KERNELS``): its 4-D
+    weights converted to channels_last (and left so), its linear layers on oneDNN for the duration
+    where that pays."""
+    to_channels_last(model)
+    with onednn_linear(model) if onednn_linear_pays(torch.device("cpu")) else contextlib.nullcontext():
+        yield model
 
 
 @dataclass

@@ -14,8 +14,9 @@ time reported is training time only, evaluation excluded.
 Pairs: fortify fgsm-rs / ART ``AdversarialTrainerFBFPyTorch``; fortify pgd (10 steps of
 2.5*eps/10 from a random start) / ``AdversarialTrainerMadryPGD`` (same steps, step size and start).
 fortify runs once per ``--variants`` entry, as in ``training_throughput.py``: the Trainer as it
-comes (on CPU channels_last where the model runs so), in NCHW like ART, and with bf16 autocast
-(left out on CPUs without native bf16).
+comes (on CPU channels_last where the model runs so, linear layers on oneDNN where that pays), in
+NCHW like ART, with torch's own linear layers, and with bf16 autocast (left out on CPUs without
+native bf16).
 
 How each library is trained one epoch at a time:
 
@@ -73,6 +74,7 @@ from _common import (
     add_allocator_option,
     add_variant_options,
     apply_process_options,
+    as_fortify_trains_on_cpu,
     check_repeats,
     check_variants,
     load_average,
@@ -85,7 +87,6 @@ from fortify.config import TrainConfig
 from fortify.data import load_dataset
 from fortify.data.base import Split
 from fortify.models import build_model
-from fortify.models.layout import to_channels_last
 from fortify.threat import ThreatModel
 from fortify.training.objectives import ObjectiveOptions, build_objective
 from fortify.training.trainer import EpochRecord, Trainer
@@ -172,31 +173,35 @@ def fortify_trainer(objective: str, settings: dict[str, Any]) -> TrainFn:
 
 
 def art_trainer(kind: str, on_channels_last: bool = False) -> TrainFn:
-    """ART's trainer of ``kind``; ``on_channels_last``: on the model with channels_last weights."""
+    """ART's trainer of ``kind``; ``on_channels_last``: on the model as fortify's Trainer runs it on
+    CPU (``_common.CPU_KERNELS``)."""
     def train(model: nn.Module, data: Split, progress: Progress, args: argparse.Namespace) -> None:
-        from art.defences import trainer as art
-        from art.estimators.classification import PyTorchClassifier
-
-        if on_channels_last:
-            to_channels_last(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-        classifier = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), optimizer=optimizer,
-                                       input_shape=tuple(data.x.shape[1:]), nb_classes=NUM_CLASSES,
-                                       clip_values=(0.0, 1.0), device_type="cpu")
-        # one-hot labels: ART's FBF trainer needs them, Madry PGD accepts them
-        x, y = data.x.numpy(), torch.nn.functional.one_hot(data.y, NUM_CLASSES).float().numpy()
-        if kind == "fgsm-rs":
-            trainer = art.AdversarialTrainerFBFPyTorch(classifier, eps=args.eps)
-        else:
-            trainer = art.AdversarialTrainerMadryPGD(classifier, eps=args.eps,
-                                                     eps_step=2.5 * args.eps / args.attack_steps,
-                                                     max_iter=args.attack_steps, num_random_init=1)
-            trainer.attack.set_params(batch_size=args.batch)  # ART's default chunk is 32
-        for _ in range(args.max_epochs):
-            trainer.fit(x, y, batch_size=args.batch, nb_epochs=1)
-            if progress.end_of_epoch():
-                break
+        with as_fortify_trains_on_cpu(model) if on_channels_last else contextlib.nullcontext():
+            _fit_art(kind, model, data, progress, args)
     return train
+
+
+def _fit_art(kind: str, model: nn.Module, data: Split, progress: Progress, args: argparse.Namespace) -> None:
+    from art.defences import trainer as art
+    from art.estimators.classification import PyTorchClassifier
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    classifier = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), optimizer=optimizer,
+                                   input_shape=tuple(data.x.shape[1:]), nb_classes=NUM_CLASSES,
+                                   clip_values=(0.0, 1.0), device_type="cpu")
+    # one-hot labels: ART's FBF trainer needs them, Madry PGD accepts them
+    x, y = data.x.numpy(), torch.nn.functional.one_hot(data.y, NUM_CLASSES).float().numpy()
+    if kind == "fgsm-rs":
+        trainer = art.AdversarialTrainerFBFPyTorch(classifier, eps=args.eps)
+    else:
+        trainer = art.AdversarialTrainerMadryPGD(classifier, eps=args.eps,
+                                                 eps_step=2.5 * args.eps / args.attack_steps,
+                                                 max_iter=args.attack_steps, num_random_init=1)
+        trainer.attack.set_params(batch_size=args.batch)  # ART's default chunk is 32
+    for _ in range(args.max_epochs):
+        trainer.fit(x, y, batch_size=args.batch, nb_epochs=1)
+        if progress.end_of_epoch():
+            break
 
 
 # -- measuring ---------------------------------------------------------------------------------

@@ -13,10 +13,12 @@ Pairs: standard / ART ``PyTorchClassifier.fit``; fgsm-rs / ``AdversarialTrainerF
 pgd-10 / ``AdversarialTrainerMadryPGD``; trades / ``AdversarialTrainerTRADESPyTorch``;
 awp-pgd / ``AdversarialTrainerAWPPyTorch``. fortify runs once per ``--variants`` entry
 (``_common.FORTIFY_VARIANTS``): ``default``, the Trainer as it comes (fp32; on CPU channels_last
-weights where the model runs so), ``nchw``, in the layout ART trains in, and ``fast``, with bf16
-autocast as well (``train.amp``), which pays off on CPUs with native bf16 (AVX512-BF16 or AMX) and
-on GPUs and is left out elsewhere. ``--art-channels-last`` adds ART's trainers on the model with
-channels_last weights.
+weights where the model runs so, linear layers on oneDNN where that pays), ``nchw``, in the layout
+ART trains in, ``torch-linear``, with torch's own linear layers (``FORTIFY_ONEDNN_LINEAR=0``), and
+``fast``, with bf16 autocast as well (``train.amp``), which pays off on CPUs with native bf16
+(AVX512-BF16 or AMX) and on GPUs and is left out elsewhere. ``--art-channels-last`` adds ART's
+trainers on the model as fortify's Trainer runs it on CPU: channels_last weights, and linear layers
+on oneDNN where that pays.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from _common import (
     add_allocator_option,
     add_variant_options,
     apply_process_options,
+    as_fortify_trains_on_cpu,
     check_repeats,
     check_variants,
     load_average,
@@ -54,8 +57,6 @@ from fortify.config import TrainConfig
 from fortify.data import load_dataset
 from fortify.data.base import Split
 from fortify.models import build_model
-from fortify.models.layout import to_channels_last
-from fortify.models.onednn_linear import onednn_linear, onednn_linear_pays
 from fortify.threat import ThreatModel
 from fortify.training.methods import MethodOptions
 from fortify.training.objectives import build_objective
@@ -129,10 +130,7 @@ def art_trainer(kind: str, on_channels_last: bool = False) -> TrainFn:
     CPU, channels_last weights (ART passes NCHW batches, which a channels_last convolution accepts)
     and linear layers on oneDNN where that pays (``_common.CPU_KERNELS``)."""
     def train(model: ForwardCounter, data: Split, args: argparse.Namespace) -> None:
-        if on_channels_last:
-            to_channels_last(model)
-        with onednn_linear(model) if on_channels_last and onednn_linear_pays(torch.device("cpu")) \
-                else contextlib.nullcontext():
+        with as_fortify_trains_on_cpu(model) if on_channels_last else contextlib.nullcontext():
             _fit_art(kind, model, data, args)
         model.eval()
     return train

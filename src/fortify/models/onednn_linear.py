@@ -3,7 +3,7 @@
 PyTorch runs a float32 linear layer on CPU through MKL, which picks its kernels by the CPU's vendor:
 on AMD CPUs it takes its AVX2 path even where the CPU has AVX-512. oneDNN, which already runs the
 convolutions, uses AVX-512 there. On an AMD EPYC with AVX-512, one thread, a 64x1024 by 1024x128
-product took 101 us through oneDNN against 172 us through MKL, a 512x512 by 512x512 one 0.45 of
+product took 101 us through oneDNN against 172 us through MKL, a 512x512 by 512x512 one 0.46 of
 MKL's time. Where linear layers are a small part of the work the gain is small: a PGD-10 training
 epoch of small-cnn took 0.96-0.99 of its time on digits, 0.95 on 28x28 inputs (docs/PERFORMANCE.md,
 change log).
