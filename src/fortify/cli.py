@@ -30,6 +30,7 @@ from fortify.allocator import keep_freed_memory_unless_declined
 from fortify.attacks import ATTACKS
 from fortify.config import TrainConfig, load_config, read_yaml_mapping
 from fortify.errors import ConfigError, FortifyError
+from fortify.models.onednn_linear import read_setting as read_onednn_linear_setting
 from fortify.pipeline import (
     LIRA_NEEDS_RECIPE,
     Setup,
@@ -889,6 +890,7 @@ def main() -> None:
     warnings.formatwarning = one_line_warning
     try:
         keep_freed_memory_unless_declined()  # FORTIFY_KEEP_FREED_MEMORY=0 declines (fortify.allocator)
+        read_onednn_linear_setting()  # FORTIFY_ONEDNN_LINEAR (fortify.models.onednn_linear)
     except ConfigError as err:
         _print_error(str(err))
         sys.exit(2)

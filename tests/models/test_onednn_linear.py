@@ -4,6 +4,7 @@ given back, and the setting that turns it on or off."""
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -185,6 +186,18 @@ def test_a_setting_other_than_0_or_1_is_refused(monkeypatch):
     monkeypatch.setenv(SETTING_VARIABLE, "on")
     with pytest.raises(ConfigError, match=r"must be 1 .* 0 .* or unset.*'on'"):
         onednn_linear_pays(torch.device("cpu"))
+
+
+def test_the_command_line_refuses_a_misspelt_setting_at_start_in_one_line(monkeypatch, capsys):
+    from fortify import cli
+
+    monkeypatch.setenv(SETTING_VARIABLE, "off")
+    monkeypatch.setattr(sys, "argv", ["fortify", "--help"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert f"{SETTING_VARIABLE} must be 1" in err and "Traceback" not in err
 
 
 # -- where fortify turns it on -----------------------------------------------------------------

@@ -23,6 +23,7 @@ how to switch them off.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 from collections.abc import Iterator
@@ -44,20 +45,28 @@ def onednn_linear_pays(device: torch.device) -> bool:
     """Whether fortify runs float32 linear layers on ``device`` through oneDNN: as
     ``FORTIFY_ONEDNN_LINEAR`` says (1 or 0); unset, on CPUs with AVX-512 whose vendor is not Intel,
     where MKL's float32 product takes its AVX2 path. A value other than 0 or 1 is a ConfigError."""
-    value = os.environ.get(SETTING_VARIABLE, "").strip()
-    if value not in ("", "0", "1"):
-        raise ConfigError(f"{SETTING_VARIABLE} must be 1 (oneDNN's float32 product for CPU linear layers), "
-                          f"0 (torch's own) or unset (oneDNN where MKL takes its AVX2 path), got {value!r}")
+    value = read_setting()
     if value == "0" or device.type != "cpu" or not _kernel_available():
         return False
     return value == "1" or (torch.backends.cpu.get_cpu_capability().startswith("AVX512")
                             and _cpu_vendor() not in ("GenuineIntel", None))
 
 
+def read_setting() -> str:
+    """``FORTIFY_ONEDNN_LINEAR`` as given ("", "0" or "1"); any other value is a ConfigError (the CLI
+    reads it at start, so that a typo such as ``off`` stops a run before it writes anything)."""
+    value = os.environ.get(SETTING_VARIABLE, "").strip()
+    if value not in ("", "0", "1"):
+        raise ConfigError(f"{SETTING_VARIABLE} must be 1 (oneDNN's float32 product for CPU linear layers), "
+                          f"0 (torch's own) or unset (oneDNN where MKL takes its AVX2 path), got {value!r}")
+    return value
+
+
 def _kernel_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+@functools.cache
 def _cpu_vendor() -> str | None:
     """The CPU's vendor string (``AuthenticAMD``, ``GenuineIntel``) on Linux; None elsewhere."""
     if platform.system() != "Linux":
