@@ -310,7 +310,8 @@ def train(
     norm: NormOpt = None,
     epochs: EpochsOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (>= 1).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (> 0).")] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="Peak learning rate (> 0; default 0.05, 0.02 for free).")] = None,
     attack_steps: Annotated[int | None, typer.Option(help="PGD steps during training.")] = None,
     amp: Annotated[str | None, typer.Option(
         help="bf16: train under bf16 autocast (CUDA, or a CPU with native bf16).")] = None,
@@ -787,7 +788,8 @@ def federate(
     rounds: Annotated[int, typer.Option(help="Federated rounds (>= 1).")] = 5,
     local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
     batch_size: Annotated[int | None, typer.Option(help="Local batch size.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Local learning rate (constant).")] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="Local learning rate (constant; default 0.05, 0.02 for free).")] = None,
     attack_steps: Annotated[int | None, typer.Option(help="PGD steps in local training.")] = None,
     partition: Annotated[str, typer.Option(help="iid or dirichlet.")] = "iid",
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration (small: skewed labels).")] = 0.5,

@@ -103,12 +103,24 @@ class AugmentConfig(_Strict):
         return bool(self.crop_padding or self.flip or self.cutout_size)
 
 
+# The peak learning rate of an objective when train.lr is unset. Free AT takes free_replays optimiser
+# steps per batch where the other objectives take one; on digits it diverged at 0.05 on one of two
+# CPUs and trained better at 0.02 on both budgets measured (docs/RECIPES.md).
+DEFAULT_LR = 0.05
+DEFAULT_LR_BY_OBJECTIVE = {"free": 0.02}
+
+
+def default_lr(objective: str) -> float:
+    """The learning rate ``objective`` trains at when ``train.lr`` is unset."""
+    return DEFAULT_LR_BY_OBJECTIVE.get(objective, DEFAULT_LR)
+
+
 class TrainConfig(_Strict):
     objective: str = "pgd"
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.05, gt=0)
+    lr: float | None = Field(None, gt=0)  # None: default_lr(objective); read it as learning_rate
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["constant", "piecewise", "cosine", "cyclic"] = "cosine"
@@ -149,6 +161,11 @@ class TrainConfig(_Strict):
                              f"fraction in (0, 1), got extra_data={self.extra_data}, "
                              f"extra_fraction={self.extra_fraction}")
         return self
+
+    @property
+    def learning_rate(self) -> float:
+        """The peak learning rate: ``lr``, or the objective's default when it is unset."""
+        return self.lr if self.lr is not None else default_lr(self.objective)
 
 
 # the attacks a preset runs, as a cascade (each sees only the examples still robust)
@@ -372,9 +389,15 @@ def comparable_train_settings(train: dict[str, Any]) -> dict[str, Any]:
 
 
 def comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """A config's sections (``model_dump(mode="json")``) without NOT_RESULT_SETTINGS."""
-    return {section: {k: v for k, v in values.items() if k not in NOT_RESULT_SETTINGS.get(section, ())}
-            if isinstance(values, dict) else values for section, values in settings.items()}
+    """A config's sections (``model_dump(mode="json")``) without NOT_RESULT_SETTINGS, and with the
+    learning rate an unset ``train.lr`` stands for (a run recorded before it could be unset holds
+    the number)."""
+    compared = {section: {k: v for k, v in values.items() if k not in NOT_RESULT_SETTINGS.get(section, ())}
+                if isinstance(values, dict) else values for section, values in settings.items()}
+    train = compared.get("train")
+    if isinstance(train, dict) and train.get("lr") is None and isinstance(train.get("objective"), str):
+        train["lr"] = default_lr(train["objective"])
+    return compared
 
 
 _MISSING = object()

@@ -209,6 +209,39 @@ def test_resume_with_other_settings_is_refused(digits, tmp_path):
         other.fit(train, val, resume=True)
 
 
+@pytest.mark.parametrize("objective, given, expected", [
+    ("free", None, 0.02), ("pgd", None, 0.05), ("trades", None, 0.05), ("free", 0.05, 0.05)])
+def test_an_unset_learning_rate_is_the_objectives_default(digits, objective, given, expected):
+    # Free AT takes free_replays optimiser steps per batch, so it defaults to a lower rate than the rest
+    train, val = _subset(digits, 32)
+    _, trainer = _trainer(digits, None, objective, lr=given, epochs=1, schedule="constant")
+    assert trainer.config.learning_rate == expected
+    assert trainer.optimizer.param_groups[0]["lr"] == expected
+    assert trainer.fit(train, val).history[0].lr == expected  # what the schedule scales
+
+
+@pytest.mark.parametrize("objective, refusal", [("pgd", None), ("free", r"train\.lr was 0\.05, now 0\.02")])
+def test_a_run_recorded_with_the_rate_given_resumes_where_the_default_is_that_rate(
+        digits, tmp_path, objective, refusal):
+    # Prepare: epoch 1 of 2 recorded with lr 0.05 written out, as runs were before lr could be unset
+    train, val = _subset(digits, 64)
+
+    def kill_after_one(record):
+        raise Interrupted
+
+    _, first = _trainer(digits, tmp_path, objective, lr=0.05, epochs=2, callbacks=[kill_after_one])
+    with pytest.raises(Interrupted):
+        first.fit(train, val)
+    # Execute: resumed with lr unset
+    _, resumed = _trainer(digits, tmp_path, objective, lr=None, epochs=2)
+    # Assert: pgd's default is the recorded 0.05; free's (0.02) is another rate, named in the refusal
+    if refusal is None:
+        assert len(resumed.fit(train, val, resume=True).history) == 2
+    else:
+        with pytest.raises(CheckpointError, match=refusal):
+            resumed.fit(train, val, resume=True)
+
+
 @pytest.mark.parametrize("change, fragment", [
     ("threat", "threat model (recorded {'norm': 'linf', 'eps': 0.2"),
     ("objective", "objective (recorded 'pgd', now 'trades')"),

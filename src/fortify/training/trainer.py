@@ -454,7 +454,8 @@ class Trainer:
         return loss
 
     def _set_lr(self, step: int, total_steps: int) -> float:
-        lr = self.config.lr * self.schedule(schedule_progress(self.config.schedule, step, total_steps))
+        progress = schedule_progress(self.config.schedule, step, total_steps)
+        lr = self.config.learning_rate * self.schedule(progress)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -709,9 +710,9 @@ class Trainer:
         # one fused kernel per parameter instead of a handful of element-wise ops (CPU and CUDA)
         fused = all(p.device.type in _FUSED_DEVICES and p.dtype.is_floating_point for p in params)
         if self.config.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.config.lr,
+            return torch.optim.Adam(params, lr=self.config.learning_rate,
                                     weight_decay=self.config.weight_decay, fused=fused or None)
-        return torch.optim.SGD(params, lr=self.config.lr, momentum=self.config.momentum,
+        return torch.optim.SGD(params, lr=self.config.learning_rate, momentum=self.config.momentum,
                                weight_decay=self.config.weight_decay, fused=fused or None)
 
     @contextlib.contextmanager
