@@ -13,7 +13,9 @@ FLOPs / median time; fraction of peak = that / peak.
 Workloads: one PGD-K attack call (K steps, each a forward and an input-gradient pass; reported per step),
 and one training step (objective, backward, SGD step) of the standard, fgsm-rs and pgd objectives.
 ``--channels-last`` runs them with channels_last weights and inputs in float32, as training and
-evaluation on CPU do by default. ``--amp`` runs them as fortify's fast path does (``train.amp``,
+evaluation on CPU do by default, and times them with the linear layers on oneDNN where fortify
+runs them so (``fortify.models.onednn_linear``; the FLOPs are counted on torch's layers, whose
+products the counter sees). ``--amp`` runs them as fortify's fast path does (``train.amp``,
 ``eval.amp``): the model in channels_last, its passes under bf16 autocast; the peak is then
 measured in bf16 (matrix product of bf16 tensors, bf16 convolution in channels_last).
 """
@@ -35,17 +37,21 @@ from fortify.attacks import PGD
 from fortify.evaluation.precision import AutocastModel
 from fortify.models import build_model
 from fortify.models.layout import channels_last
+from fortify.models.onednn_linear import onednn_linear, onednn_linear_pays
 from fortify.threat import ThreatModel
 from fortify.training.objectives import ObjectiveOptions, build_objective
 
 
-def timed(work: Callable[[], object], repeats: int) -> list[float]:
-    work()  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        seconds.append(time.perf_counter() - start)
+def timed(work: Callable[[], object], repeats: int,
+          kernels: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``work`` (after one warm-up), under ``kernels()``."""
+    with kernels():
+        work()  # warm-up
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            work()
+            seconds.append(time.perf_counter() - start)
     return seconds
 
 
@@ -175,12 +181,16 @@ def main(argv: list[str] | None = None) -> None:
     print_provenance([])
     # the weights channels_last with the nn.Flatten gradient hook, as fortify's Trainer and attacks have them
     layout = channels_last(model) if use_channels_last else contextlib.nullcontext()
+    # fp32 linear layers as fortify's Trainer and evaluation run them on this CPU, for the timing only:
+    # FlopCounterMode counts torch's matrix products, not oneDNN's
+    onednn = use_channels_last and not args.amp and onednn_linear_pays(torch.device("cpu"))
+    kernels = (lambda: onednn_linear(model)) if onednn else contextlib.nullcontext
     with layout:
-        rows, first_peak, last_peak = measure(args, model, attacked, x, y, threat, dtype)
+        rows, first_peak, last_peak = measure(args, model, attacked, x, y, threat, dtype, kernels)
     # on a shared machine other work slows these too: the best of the four rates is the peak
     peak = max(*first_peak, *last_peak)
     precision = "bf16 autocast, channels_last" if args.amp else (
-        "float32, channels_last" if use_channels_last else "float32")
+        "float32, channels_last" if use_channels_last else "float32") + (", oneDNN linear" if onednn else "")
     print(f"setting:  {args.model} on random inputs {'x'.join(map(str, args.shape))}, batch {args.batch}, "
           f"{precision}; {threat.describe()}; PGD-{args.steps}")
     print(f"peak:     {peak:.1f} GFLOP/s: best of {args.repeats} {dtype} {args.matmul}x{args.matmul} matrix "
@@ -196,19 +206,20 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def measure(args: argparse.Namespace, model: torch.nn.Module, attacked: torch.nn.Module, x: torch.Tensor,
-            y: torch.Tensor, threat: ThreatModel, dtype: torch.dtype
+            y: torch.Tensor, threat: ThreatModel, dtype: torch.dtype,
+            kernels: Callable[[], contextlib.AbstractContextManager]
             ) -> tuple[list[Row], tuple[float, float], tuple[float, float]]:
     """The peak before, the workloads' rows, the peak after."""
     first_peak = peak_gflops(args.matmul, args.repeats, dtype)
     model.eval()
     attack = pgd_work(attacked, x, y, threat, args.steps)
     # K steps of one forward and one input-gradient pass each (one restart has no judging pass since 4823ae3)
-    rows = [Row(f"PGD-{args.steps} attack (per step)", counted_flops(attack), timed(attack, args.repeats),
-                args.steps)]
+    rows = [Row(f"PGD-{args.steps} attack (per step)", counted_flops(attack),
+                timed(attack, args.repeats, kernels), args.steps)]
     for objective in ("standard", "fgsm-rs", "pgd"):
         step = training_work(model, x, y, threat, objective, args.steps, args.amp)
         label = f"{objective}-{args.steps}" if objective == "pgd" else objective
-        rows.append(Row(f"train step, {label}", counted_flops(step), timed(step, args.repeats), 1))
+        rows.append(Row(f"train step, {label}", counted_flops(step), timed(step, args.repeats, kernels), 1))
     last_peak = peak_gflops(args.matmul, args.repeats, dtype)
     return rows, first_peak, last_peak
 
