@@ -94,6 +94,45 @@ def test_parameter_counts_match_published(name: str) -> None:
     assert abs(count - published) / published < 0.01, f"{name}: {count} parameters"
 
 
+def _relu_then_pool(model: nn.Sequential) -> nn.Sequential:
+    """``model`` with each pooling and the ReLU after it in the textbook order, ReLU first; the same
+    layer objects, so the weights are shared."""
+    layers = list(model)
+    for i in range(len(layers) - 1):
+        if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], nn.ReLU):
+            layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("input_shape", [(1, 8, 8), (3, 28, 28)])
+def test_small_cnn_pooling_before_relu_computes_exactly_relu_then_pooling(input_shape) -> None:
+    # Prepare: random weights and inputs, so that many pooling windows hold only negative values, and
+    # an input with tied and zero activations (a constant image)
+    torch.manual_seed(0)
+    model = build_model("small-cnn", input_shape, 10)
+    reference = _relu_then_pool(model)
+    pools_before_relu = [i for i, layer in enumerate(model) if isinstance(layer, nn.MaxPool2d)]
+    x = torch.cat([torch.randn(15, *input_shape), torch.zeros(1, *input_shape)])
+    y = torch.arange(16) % 10
+    # Execute: outputs, input gradients and parameter gradients of both orders
+    results = []
+    for net in (model, reference):
+        net.zero_grad(set_to_none=True)
+        point = x.clone().requires_grad_(True)
+        logits = net(point)
+        nn.functional.cross_entropy(logits, y).backward()
+        results.append((logits, point.grad, [p.grad for p in net.parameters()]))
+    # Assert: this order is the one built, and it changes no bit; the parameters keep their names, so
+    # a checkpoint saved with the other order loads
+    assert pools_before_relu and all(isinstance(model[i + 1], nn.ReLU) for i in pools_before_relu)
+    (logits, input_grad, grads), (ref_logits, ref_input_grad, ref_grads) = results
+    assert torch.equal(logits, ref_logits) and torch.equal(input_grad, ref_input_grad)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    with torch.no_grad():  # the ReLUs after pooling do cut something
+        assert all((model[:i + 1](x) < 0).any() for i in pools_before_relu)
+
+
 def test_exact_parameter_counts() -> None:
     # exact figures of the reference implementations (fast_adversarial's PreActResNet18 with its
     # final BN; RobustBench's WideResNet-28-10 / -34-10)

@@ -16,12 +16,13 @@ def small_cnn(spec: ModelSpec) -> nn.Module:
     if len(spec.input_shape) != 3:
         raise ConfigError(f"small-cnn needs image inputs (C, H, W), got {spec.input_shape}")
     channels, height, width = spec.input_shape
-    # 8x8 inputs keep their resolution through the first block; larger ones are pooled twice
+    # 8x8 inputs keep their resolution through the first block; larger ones are pooled twice. A block
+    # pools before its ReLU: the same values and gradients to the last bit as ReLU then pooling (both
+    # are exact and monotone), with the ReLU and its backward pass on a quarter of the elements
     pool_first = height >= 16
-    layers: list[nn.Module] = [nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU()]
-    if pool_first:
-        layers.append(nn.MaxPool2d(2))
-    layers += [nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+    layers: list[nn.Module] = [nn.Conv2d(channels, 32, 3, padding=1)]
+    layers += [nn.MaxPool2d(2), nn.ReLU()] if pool_first else [nn.ReLU()]
+    layers += [nn.Conv2d(32, 64, 3, padding=1), nn.MaxPool2d(2), nn.ReLU()]
     scale = 4 if pool_first else 2
     if height < scale or width < scale:  # the pooling would leave no feature for the head to read
         raise ConfigError(f"small-cnn pools its input by {scale}: inputs of {height}x{width} are too small; "
