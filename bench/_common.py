@@ -166,6 +166,9 @@ FORTIFY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "nchw": ("fortify NCHW", {"channels_last": False}),
     "torch-linear": ("fortify torch linear", {}),
     "fast": ("fortify bf16 channels_last", {"amp": True, "channels_last": True}),
+    # the learning rate and clipping ART's FBF trainer sets itself (a triangle peaking at 0.21, gradient
+    # norm clipped to 0.5), so that fgsm-rs's accuracy columns compare the libraries, not the recipes
+    "fbf-schedule": ("fortify with FBF's schedule", {"schedule": "cyclic", "lr": 0.21, "grad_clip": 0.5}),
 }
 # environment variables a variant's Trainer is built under
 VARIANT_ENVIRONMENT: dict[str, dict[str, str]] = {"torch-linear": {ONEDNN_LINEAR_VARIABLE: "0"}}

@@ -153,9 +153,10 @@ def fortify_trainer(objective: str, settings: dict[str, Any]) -> TrainFn:
     def train(model: nn.Module, data: Split, progress: Progress, args: argparse.Namespace) -> None:
         threat = ThreatModel("linf", args.eps)
         options = ObjectiveOptions(threat, attack_steps=args.attack_steps, seed=args.seed)
-        config = TrainConfig(objective=objective, epochs=args.max_epochs, batch_size=args.batch, lr=args.lr,
-                             momentum=0.9, weight_decay=0.0, schedule="constant", early_stopping=False,
-                             attack_steps=args.attack_steps, seed=args.seed, **settings)
+        config = TrainConfig(**{"objective": objective, "epochs": args.max_epochs, "batch_size": args.batch,
+                                "lr": args.lr, "momentum": 0.9, "weight_decay": 0.0, "schedule": "constant",
+                                "early_stopping": False, "attack_steps": args.attack_steps, "seed": args.seed,
+                                **settings})  # a variant may set the schedule
 
         def check(_: EpochRecord) -> None:
             if progress.end_of_epoch():

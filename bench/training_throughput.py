@@ -16,9 +16,10 @@ awp-pgd / ``AdversarialTrainerAWPPyTorch``. fortify runs once per ``--variants``
 weights where the model runs so, linear layers on oneDNN where that pays), ``nchw``, in the layout
 ART trains in, ``torch-linear``, with torch's own linear layers (``FORTIFY_ONEDNN_LINEAR=0``), and
 ``fast``, with bf16 autocast as well (``train.amp``), which pays off on CPUs with native bf16
-(AVX512-BF16 or AMX) and on GPUs and is left out elsewhere. ``--art-channels-last`` adds ART's
-trainers on the model as fortify's Trainer runs it on CPU: channels_last weights, and linear layers
-on oneDNN where that pays.
+(AVX512-BF16 or AMX) and on GPUs and is left out elsewhere, and ``fbf-schedule``, with the learning
+rate and gradient clipping ART's FBF trainer sets itself (for fgsm-rs's accuracy columns).
+``--art-channels-last`` adds ART's trainers on the model as fortify's Trainer runs it on CPU:
+channels_last weights, and linear layers on oneDNN where that pays.
 """
 
 from __future__ import annotations
@@ -92,11 +93,12 @@ def fortify_trainer(objective: str, settings: dict[str, Any]) -> TrainFn:
     def train(model: ForwardCounter, data: Split, args: argparse.Namespace) -> None:
         threat = ThreatModel("linf", args.eps)
         options = MethodOptions(threat, attack_steps=args.attack_steps, awp_warmup_epochs=args.awp_warmup)
-        # constant lr, no weight decay, no early stopping: the ART trainers have none of them
-        config = TrainConfig(objective=objective, epochs=args.epochs, batch_size=args.batch, lr=args.lr,
-                             momentum=0.9, weight_decay=0.0, schedule="constant", early_stopping=False,
-                             attack_steps=args.attack_steps, awp_warmup_epochs=args.awp_warmup,
-                             seed=args.seed, **settings)
+        # constant lr, no weight decay, no early stopping: the ART trainers have none of them (a
+        # variant may set the schedule)
+        config = TrainConfig(**{"objective": objective, "epochs": args.epochs, "batch_size": args.batch,
+                                "lr": args.lr, "momentum": 0.9, "weight_decay": 0.0, "schedule": "constant",
+                                "early_stopping": False, "attack_steps": args.attack_steps,
+                                "awp_warmup_epochs": args.awp_warmup, "seed": args.seed, **settings})
         # the Trainer validates after each epoch; a split of 8 examples keeps that out of the timing
         val = Split(data.x[:8], data.y[:8])
         Trainer(model, build_objective(objective, options), config, threat=threat,
