@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,10 @@ from torch import nn
 from fortify.config import DPConfig, TrainConfig, load_config
 from fortify.data import Dataset
 from fortify.data.base import Split
-from fortify.errors import CheckpointError, ConfigError
+from fortify.errors import CheckpointError, ConfigError, DataError
 from fortify.models import build_model
 from fortify.threat import ThreatModel
-from fortify.training.dp import DP_OBJECTIVES, DP_STATE_JSON, DPTrainer
+from fortify.training.dp import DP_OBJECTIVES, DP_STATE_JSON, DPTrainer, make_dp_compatible, spent_epsilon
 from fortify.training.methods import MethodOptions
 from fortify.training.objectives import build_objective
 from fortify.training.trainer import EpochCallback, EpochRecord, Trainer
@@ -117,6 +118,84 @@ def test_target_epsilon_is_spent_by_the_last_epoch_and_the_model_learns(digits: 
     assert result.privacy is not None and result.privacy.epsilon == spent[-1]
     assert result.privacy.steps == 2 * 20  # ceil(1258 / 64) noisy steps per epoch
     assert result.history[-1].val_clean_accuracy > 0.5  # chance is 0.1
+
+
+# 372 examples in batches of 4: 93 batches an epoch, one of the counts for which 1 / (1 / k) < k in
+# floating point, so that a sampler taking int(1 / sample_rate) steps takes 92
+N_93, BATCH_93 = 372, 4
+
+
+def _random_split(n: int, *, seed: int = 0, label_dtype: torch.dtype = torch.long) -> Split:
+    generator = torch.Generator().manual_seed(seed)
+    return Split(torch.rand(n, 1, 8, 8, generator=generator),
+                 torch.randint(0, 10, (n,), generator=generator).to(label_dtype))
+
+
+def _linear_trainer(*, epochs: int = 1, batch_size: int = BATCH_93, run_dir: Path | None = None,
+                    callbacks: tuple[EpochCallback, ...] = (), **dp: object) -> DPTrainer:
+    torch.manual_seed(0)
+    settings = {"enabled": True, "noise_multiplier": 1.0, "delta": 1e-4, "noise_seed": 7} | dp
+    config = TrainConfig(objective="standard", epochs=epochs, batch_size=batch_size, lr=0.1, momentum=0.0,
+                         weight_decay=0.0, early_stopping=False, schedule="cosine")
+    return DPTrainer(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)),
+                     build_objective("standard", MethodOptions(THREAT, seed=0)), config,
+                     dp=DPConfig(**settings), threat=THREAT, run_dir=run_dir, callbacks=callbacks,
+                     show_progress=False)
+
+
+def test_an_epoch_takes_ceil_n_over_b_steps_at_the_rate_reported_even_where_one_over_it_rounds_down() -> None:
+    lrs: list[float] = []
+    trainer = _linear_trainer(callbacks=(lambda record: lrs.append(record.lr),))
+    result = trainer.fit(_random_split(N_93), _random_split(20, seed=1))
+    assert result.privacy is not None
+    # the accountant charged what the report says: 93 steps at 1/93
+    assert trainer.engine.accountant.history == [(1.0, 1 / 93, 93)]
+    assert (result.privacy.sample_rate, result.privacy.steps) == (1 / 93, 93)
+    again = spent_epsilon([(1.0, result.privacy.sample_rate, result.privacy.steps)], 1e-4, "prv")
+    assert again == result.privacy.epsilon
+    # the cosine schedule reached its last step (a step short, it ends at 1.1e-5 of the rate, not 0)
+    assert lrs[-1] == pytest.approx(0.1 * (1 + math.cos(math.pi * 92 / 93)) / 2)
+
+
+def test_a_target_epsilon_is_not_exceeded_where_one_over_the_sample_rate_rounds_down() -> None:
+    result = _linear_trainer(noise_multiplier=None, target_epsilon=4.0, accountant="rdp").fit(
+        _random_split(N_93), _random_split(20, seed=1))
+    assert result.privacy is not None and 4.0 - 0.01 <= result.privacy.epsilon <= 4.0
+
+
+def test_an_interrupted_run_resumes_where_one_over_the_sample_rate_rounds_down(tmp_path: Path) -> None:
+    train, val = _random_split(N_93), _random_split(20, seed=1)
+    full = _linear_trainer(epochs=2, run_dir=tmp_path / "full").fit(train, val)
+    with pytest.raises(Interrupted):
+        cut = _linear_trainer(epochs=2, run_dir=tmp_path / "cut", callbacks=(_kill_after_first_epoch,))
+        cut.fit(train, val)
+    resumed = _linear_trainer(epochs=2, run_dir=tmp_path / "cut").fit(train, val, resume=True)
+    assert resumed.privacy is not None and full.privacy is not None
+    assert resumed.privacy.steps == full.privacy.steps == 2 * 93
+    assert resumed.privacy.epsilon == full.privacy.epsilon
+
+
+def test_int32_labels_train_under_dp_as_they_do_without() -> None:
+    train, val = _random_split(40, label_dtype=torch.int32), _random_split(20, seed=1)
+    result = _linear_trainer(batch_size=8, delta=1e-3).fit(train, val)
+    assert result.privacy is not None and result.privacy.steps == 5
+
+
+def test_an_empty_training_split_is_a_data_error() -> None:
+    with pytest.raises(DataError, match="non-empty training split"):
+        _linear_trainer().fit(_random_split(0), _random_split(20, seed=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_group_norm_in_place_of_a_frozen_batch_norm_is_on_its_device_and_in_its_dtype(
+        dtype: torch.dtype) -> None:
+    # the meta device stands in for a GPU: a layer left on the CPU there fails the first forward pass
+    norm = nn.BatchNorm2d(4)
+    norm.requires_grad_(False)  # frozen, as when fine-tuning a pretrained network
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), norm, nn.Flatten(), nn.Linear(4 * 64, 10))
+    fixed, replaced = make_dp_compatible(model.to("meta", dtype))
+    assert replaced == ["1: BatchNorm2d -> GroupNorm"]
+    assert {(p.device.type, p.dtype) for p in fixed.parameters()} == {("meta", dtype)}
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])

@@ -38,24 +38,25 @@ from typing import Any
 import torch
 from rich.progress import Progress
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from fortify.config import DPConfig, TrainConfig
 from fortify.data.base import Split
-from fortify.errors import CheckpointError, ConfigError, MissingDependencyError
+from fortify.errors import CheckpointError, ConfigError, DataError, MissingDependencyError
 from fortify.privacy.canaries import Canaries, CanaryAudit, audit_canaries
 from fortify.threat import ThreatModel
 from fortify.training import checkpoint as ckpt
 from fortify.training.batches import check_dp_batch_settings
 from fortify.training.objectives import Objective
-from fortify.training.trainer import EpochCallback, EpochRecord, Trainer, TrainResult
+from fortify.training.trainer import EpochCallback, EpochRecord, Trainer, TrainResult, with_int64_labels
 
 try:
     from opacus import GradSampleModule, PrivacyEngine
+    from opacus.data_loader import DPDataLoader
     from opacus.utils.batch_memory_manager import BatchMemoryManager
     from opacus.validators import ModuleValidator
 except ImportError:  # opacus is the optional `dp` extra
-    GradSampleModule = PrivacyEngine = BatchMemoryManager = ModuleValidator = None
+    GradSampleModule = PrivacyEngine = DPDataLoader = BatchMemoryManager = ModuleValidator = None
 
 # Objectives whose per-example loss depends on that example alone and that take one optimiser step
 # per batch (fgsm and pgd-mix pass clean and adversarial points separately, so no batch mixes them).
@@ -85,6 +86,22 @@ def check_delta(delta: float, n_train: int) -> None:
     if not 0 < delta < 1 / n_train:
         raise ConfigError(f"dp delta={delta:g} must be in (0, 1/n) = (0, {1 / n_train:.3g}) for "
                           f"n={n_train} training examples")
+
+
+def poisson_loader(train: Split, batch_size: int, generator: torch.Generator) -> Any:
+    """Opacus' Poisson-sampling loader of ``train``: ``ceil(n / batch_size)`` batches an epoch, each
+    example in each batch with probability one over that count.
+
+    ``DPDataLoader.from_data_loader`` builds the same loader, but its sampler takes
+    ``int(1 / sample_rate)`` steps, which floating point makes one short for some counts
+    (``1 / (1 / 93) < 93``; 391, CIFAR-10's 50,000 examples at batch 128, is another); Opacus then
+    accounts at one over that shorter count. Setting the count keeps the sampler, the accountant and
+    the Trainer's schedule on the same rate and steps.
+    """
+    steps = math.ceil(len(train) / batch_size)
+    loader = DPDataLoader(TensorDataset(train.x, train.y), sample_rate=1 / steps, generator=generator)
+    loader.batch_sampler.steps = steps
+    return loader
 
 
 def make_dp_compatible(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -123,8 +140,11 @@ def _replace_untrained_batch_norms(model: nn.Module) -> nn.Module:
     ``GroupNorm(gcd(32, C), C)``, with the BatchNorm's affine setting and frozen parameters kept frozen.
     """
     def group_norm(norm: nn.modules.batchnorm._BatchNorm) -> nn.GroupNorm:
+        # on the BatchNorm's device and in its dtype (a model on a GPU would otherwise get a CPU layer)
+        like = next((t for t in [*norm.parameters(), *norm.buffers()] if t.is_floating_point()), None)
         group = nn.GroupNorm(math.gcd(32, norm.num_features), norm.num_features, eps=norm.eps,
-                             affine=norm.affine)
+                             affine=norm.affine, device=None if like is None else like.device,
+                             dtype=None if like is None else like.dtype)
         if norm.affine:
             group.weight.requires_grad_(norm.weight.requires_grad)
             group.bias.requires_grad_(norm.bias.requires_grad)
@@ -234,26 +254,30 @@ class DPTrainer(Trainer):
         """Wrap model, optimiser and a Poisson-sampled loader of ``train`` (once)."""
         if self.engine is not None:
             return
+        if len(train) == 0:  # before check_delta, whose bound 1/n does not exist then
+            raise DataError("DP training needs a non-empty training split")
         check_delta(self.dp.delta, len(train))
         seed = private_seed(self.dp.noise_seed, self.config.seed)
         # their states go into the checkpoint (not into the settings), so that a resumed run goes on
         # drawing what the interrupted one would have
         self.sampling_rng = torch.Generator().manual_seed(seed)
         self.noise_rng = torch.Generator(device=self.device).manual_seed((seed + 1) % 2**63)
-        loader = DataLoader(TensorDataset(train.x, train.y), batch_size=self.config.batch_size,
-                            generator=self.sampling_rng)  # Opacus' Poisson sampler takes it over
+        loader = poisson_loader(with_int64_labels(train), self.config.batch_size, self.sampling_rng)
         with warnings.catch_warnings():
             # the secure-RNG notice; docs/DP.md says when to retrain with a cryptographic RNG
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             self.engine = PrivacyEngine(accountant=self.dp.accountant)
+        # poisson_sampling=False: the loader samples already; Opacus takes it as it is and accounts
+        # at 1/len(loader), the rate it samples at
         common = {"module": self.model, "optimizer": self.optimizer, "data_loader": loader,
-                  "max_grad_norm": self.dp.max_grad_norm, "poisson_sampling": True,
+                  "max_grad_norm": self.dp.max_grad_norm, "poisson_sampling": False,
                   "noise_generator": self.noise_rng}
         noise = self.dp.noise_multiplier
         if self.dp.target_epsilon is not None:
             noise = noise_for_target_epsilon(self.dp.target_epsilon, self.dp.delta, 1 / len(loader),
                                              self.config.epochs * len(loader), self.dp.accountant)
         gsm, self.optimizer, self.loader = self.engine.make_private(**common, noise_multiplier=noise)
+        gsm.forbid_grad_accumulation()  # what make_private does under its own Poisson sampling
         self.private_model = HooksInTrainingOnly(gsm)
         self.sample_rate = 1 / len(loader)
 
