@@ -26,7 +26,7 @@ from fortify.config import TrainConfig
 from fortify.data import load_dataset
 from fortify.evaluation.precision import cpu_has_kernels_for
 from fortify.models import build_model
-from fortify.models.layout import to_channels_last
+from fortify.models.layout import flatten_gradient_hooks, to_channels_last
 from fortify.models.onednn_linear import SETTING_VARIABLE as ONEDNN_LINEAR_VARIABLE
 from fortify.models.onednn_linear import onednn_linear, onednn_linear_pays
 from fortify.pipeline import eval_layout
@@ -90,13 +90,36 @@ def run_channels_last(run: Callable[[Tensor, Tensor], Any], model: nn.Module
 CPU_KERNELS = "channels_last" + (" + oneDNN linear" if onednn_linear_pays(torch.device("cpu")) else "")
 
 
+def add_weights_option(parser: argparse.ArgumentParser) -> None:
+    """``--trainable-weights`` for the attack benchmarks (see ``settle_weights``)."""
+    parser.add_argument("--trainable-weights", action="store_true",
+                        help="leave the model's parameters trainable, as a model comes: the peers' attacks "
+                             "that call .backward() then also compute each weight's gradient, which "
+                             "fortify's never ask for (tables before the frozen default ran so)")
+
+
+def settle_weights(model: nn.Module, args: argparse.Namespace) -> str:
+    """Freeze ``model``'s parameters for every contender unless ``--trainable-weights``; the header
+    line that says which. An attack needs the input's gradient alone: ART's, Foolbox's, torchattacks'
+    C&W and FAB and pyautoattack's FAB take it with ``.backward()``, which with trainable weights
+    also computes every weight's gradient. Frozen, they skip that work and return the same points."""
+    model.requires_grad_(args.trainable_weights)
+    if args.trainable_weights:
+        return ("weights:  trainable (as a model comes): the peers' attacks that call .backward() "
+                "compute weight gradients too")
+    return "weights:  frozen for every contender (requires_grad off), so no attack computes weight gradients"
+
+
 @contextlib.contextmanager
 def as_fortify_trains_on_cpu(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` as fortify's Trainer runs it on CPU, for a peer's trainer (``CPU_KERNELS``): its 4-D
-    weights converted to channels_last (and left so), its linear layers on oneDNN for the duration
-    where that pays."""
+    weights converted to channels_last (and left so), and for the duration the ``nn.Flatten``
+    gradient hook the Trainer installs with them and its linear layers on oneDNN where that pays."""
     to_channels_last(model)
-    with onednn_linear(model) if onednn_linear_pays(torch.device("cpu")) else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(flatten_gradient_hooks(model))
+        if onednn_linear_pays(torch.device("cpu")):
+            stack.enter_context(onednn_linear(model))
         yield model
 
 
@@ -167,8 +190,11 @@ FORTIFY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "torch-linear": ("fortify torch linear", {}),
     "fast": ("fortify bf16 channels_last", {"amp": True, "channels_last": True}),
     # the learning rate and clipping ART's FBF trainer sets itself (a triangle peaking at 0.21, gradient
-    # norm clipped to 0.5), so that fgsm-rs's accuracy columns compare the libraries, not the recipes
-    "fbf-schedule": ("fortify with FBF's schedule", {"schedule": "cyclic", "lr": 0.21, "grad_clip": 0.5}),
+    # norm clipped to 0.5), so that fgsm-rs's accuracy columns compare the libraries, not the recipes.
+    # One triangle over the run: ART's when its fit runs every epoch in one call (training_throughput,
+    # training_accuracy), not when it is called once per epoch (time_to_target: a saw-tooth)
+    "fbf-schedule": ("fortify, cyclic lr 0.21 + clip 0.5",
+                     {"schedule": "cyclic", "lr": 0.21, "grad_clip": 0.5}),
 }
 # environment variables a variant's Trainer is built under
 VARIANT_ENVIRONMENT: dict[str, dict[str, str]] = {"torch-linear": {ONEDNN_LINEAR_VARIABLE: "0"}}

@@ -37,6 +37,7 @@ from _common import (
     Setting,
     accuracy,
     add_allocator_option,
+    add_weights_option,
     apply_process_options,
     check_repeats,
     digits_setting,
@@ -44,6 +45,7 @@ from _common import (
     median,
     print_provenance,
     run_channels_last,
+    settle_weights,
 )
 from fortify.attacks import APGD, FAB, FMN, CarliniWagnerL2, HopSkipJump, Square
 from fortify.config import EvalConfig
@@ -608,6 +610,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="HopSkipJump attacks only the first N examples (ART's runs one at a time)")
     parser.add_argument("--train-epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    add_weights_option(parser)
     add_allocator_option(parser)
     args = parser.parse_args(argv)
     check_repeats(parser, args)
@@ -620,9 +623,11 @@ def main(argv: list[str] | None = None) -> None:
     setting = digits_setting(args)
     args.input_shape = tuple(setting.x.shape[1:])
     threat = ThreatModel("linf", args.eps)
+    weights = settle_weights(setting.model, args)
     counted = ForwardCounter(setting.model).eval()
     contenders = build_contenders(counted, threat, args)
     print_header(args, setting, threat, accuracy(setting.model, setting.x, setting.y, args.batch))
+    print(weights)
     run_rounds(contenders, setting, counted, args)
     print_table(contenders, setting.x.shape[0])
     print_dominance(contenders)

@@ -41,12 +41,14 @@ from _common import (
     Setting,
     accuracy,
     add_allocator_option,
+    add_weights_option,
     apply_process_options,
     check_repeats,
     digits_setting,
     load_average,
     print_provenance,
     run_channels_last,
+    settle_weights,
 )
 from fortify.attacks import FGSM, PGD
 from fortify.models import build_model
@@ -295,6 +297,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action="store_true",
                         help="also run fortify's fastest rows and ART's on the model as fortify's evaluation "
                              "runs it on CPU: channels_last weights, linear layers on oneDNN where that pays")
+    add_weights_option(parser)
     add_allocator_option(parser)
     args = parser.parse_args(argv)
     check_repeats(parser, args)
@@ -306,9 +309,11 @@ def main(argv: list[str] | None = None) -> None:
     apply_process_options(args)
     setting = digits_setting(args) if args.model == "small-cnn" else synthetic_setting(args)
     threat = ThreatModel("linf", args.eps)
+    weights = settle_weights(setting.model, args)
     counted = ForwardCounter(setting.model).eval()
     contenders = build_contenders(counted, threat, args, tuple(setting.x.shape[1:]))
     print_header(args, setting, threat, accuracy(setting.model, setting.x, setting.y, args.batch))
+    print(weights)
     run_rounds(contenders, setting, counted, threat, args)
     print_table(contenders, setting.x.shape[0], args.batch)
     print(f"\nload at end: {load_average()}")

@@ -1,10 +1,11 @@
 """How close fortify's PGD and training steps come to the machine's peak, in GFLOP/s.
 
-In one process: the peak is the best rate of a large float32 matrix product (2*n^3 FLOPs) or a
-large convolution, measured before and after the workloads; each workload's FLOPs are counted
-once with ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions, forward
-and backward) and its wall time is the median of several repeats. Achieved GFLOP/s = counted
-FLOPs / median time; fraction of peak = that / peak.
+In one process: the peak is the best rate of a large float32 matrix product (2*n^3 FLOPs; torch's
+own route, MKL on CPU, and oneDNN's linear kernel, which fortify's CPU linear layers call) or a
+large convolution (in NCHW and in channels_last), measured before and after the workloads; each
+workload's FLOPs are counted once with ``torch.utils.flop_counter.FlopCounterMode`` (matrix
+products and convolutions, forward and backward) and its wall time is the median of several
+repeats. Achieved GFLOP/s = counted FLOPs / median time; fraction of peak = that / peak.
 
     .venv/bin/python bench/roofline.py --threads 1 --repeats 7
     .venv/bin/python bench/roofline.py --model preact-resnet18 --shape 3,32,32 --batch 32
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -80,24 +82,34 @@ def counted_flops(work: Callable[[], object]) -> int:
 
 
 def matmul_gflops(n: int, repeats: int, dtype: torch.dtype) -> float:
-    """Best rate of an n x n matrix product (MKL in float32, oneDNN in bf16)."""
+    """Best rate of an n x n matrix product, by torch's own route (MKL in float32 on CPU, oneDNN in
+    bf16) and by oneDNN's linear kernel where torch has it: on AMD CPUs with AVX-512, MKL takes its
+    AVX2 path and oneDNN's float32 product runs about twice its rate, so a peak taken from MKL alone
+    would understate the machine."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    best = min(timed(lambda: a @ b, repeats))
-    return 2 * n ** 3 / best / 1e9
+    routes: list[Callable[[], object]] = [lambda: a @ b]
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
+        routes.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    return max(2 * n ** 3 / min(timed(route, repeats)) / 1e9 for route in routes)
 
 
 def conv_gflops(repeats: int, dtype: torch.dtype) -> float:
-    """Best rate of a large 3x3 convolution (oneDNN), counted as direct convolution.
+    """Best rate of a large 3x3 convolution (oneDNN) in NCHW and in channels_last, counted as direct
+    convolution.
 
     On some CPUs the convolution library beats the matrix product library, so the peak takes the
     better of the two; a convolution done with fewer arithmetic operations than the direct count
-    would overstate it, which is why the count uses the same FlopCounterMode as the workloads.
+    would overstate it, which is why the count uses the same FlopCounterMode as the workloads. Both
+    layouts, since the workloads run in either (float32 channels_last ran at 1.33x NCHW's rate on
+    an AMD EPYC with AVX-512; bf16 wants channels_last).
     """
     x, weight = torch.randn(64, 256, 16, 16, dtype=dtype), torch.randn(256, 256, 3, 3, dtype=dtype)
-    if dtype != torch.float32:  # oneDNN's low-precision convolutions want NHWC
-        x, weight = (t.contiguous(memory_format=torch.channels_last) for t in (x, weight))
-    work = lambda: torch.nn.functional.conv2d(x, weight, padding=1)  # noqa: E731
-    return counted_flops(work) / min(timed(work, repeats)) / 1e9
+    rates = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl, wl = (t.contiguous(memory_format=layout) for t in (x, weight))
+        work = functools.partial(torch.nn.functional.conv2d, xl, wl, padding=1)
+        rates.append(counted_flops(work) / min(timed(work, repeats)) / 1e9)
+    return max(rates)
 
 
 def peak_gflops(n: int, repeats: int, dtype: torch.dtype) -> tuple[float, float]:
@@ -194,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"setting:  {args.model} on random inputs {'x'.join(map(str, args.shape))}, batch {args.batch}, "
           f"{precision}; {threat.describe()}; PGD-{args.steps}")
     print(f"peak:     {peak:.1f} GFLOP/s: best of {args.repeats} {dtype} {args.matmul}x{args.matmul} matrix "
-          f"products / 256-channel 3x3 convolutions, before ({first_peak[0]:.1f} / {first_peak[1]:.1f}) "
+          f"products (torch's and oneDNN's) / 256-channel 3x3 convolutions (NCHW and channels_last), "
+          f"before ({first_peak[0]:.1f} / {first_peak[1]:.1f}) "
           f"and after ({last_peak[0]:.1f} / {last_peak[1]:.1f}) the workloads")
     print()
     print("| workload | MFLOP per step | median ms per step | min-max ms | GFLOP/s (median) "

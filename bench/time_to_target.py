@@ -16,7 +16,8 @@ Pairs: fortify fgsm-rs / ART ``AdversarialTrainerFBFPyTorch``; fortify pgd (10 s
 fortify runs once per ``--variants`` entry, as in ``training_throughput.py``: the Trainer as it
 comes (on CPU channels_last where the model runs so, linear layers on oneDNN where that pays), in
 NCHW like ART, with torch's own linear layers, and with bf16 autocast (left out on CPUs without
-native bf16).
+native bf16); ``fbf-schedule`` gives fortify FBF's peak lr and clipping, as one triangle over
+``--max-epochs``, which is not the saw-tooth ART's FBF runs here (below).
 
 How each library is trained one epoch at a time:
 
@@ -178,15 +179,17 @@ def art_trainer(kind: str, on_channels_last: bool = False) -> TrainFn:
     CPU (``_common.CPU_KERNELS``)."""
     def train(model: nn.Module, data: Split, progress: Progress, args: argparse.Namespace) -> None:
         with as_fortify_trains_on_cpu(model) if on_channels_last else contextlib.nullcontext():
-            _fit_art(kind, model, data, progress, args)
+            _fit_art(kind, model, data, progress, args, on_channels_last)
     return train
 
 
-def _fit_art(kind: str, model: nn.Module, data: Split, progress: Progress, args: argparse.Namespace) -> None:
+def _fit_art(kind: str, model: nn.Module, data: Split, progress: Progress, args: argparse.Namespace,
+             on_channels_last: bool) -> None:
     from art.defences import trainer as art
     from art.estimators.classification import PyTorchClassifier
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    # on fortify's kernels ART also gets the fused SGD step fortify's Trainer takes
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, fused=on_channels_last)
     classifier = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), optimizer=optimizer,
                                    input_shape=tuple(data.x.shape[1:]), nb_classes=NUM_CLASSES,
                                    clip_values=(0.0, 1.0), device_type="cpu")

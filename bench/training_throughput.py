@@ -19,7 +19,8 @@ ART trains in, ``torch-linear``, with torch's own linear layers (``FORTIFY_ONEDN
 (AVX512-BF16 or AMX) and on GPUs and is left out elsewhere, and ``fbf-schedule``, with the learning
 rate and gradient clipping ART's FBF trainer sets itself (for fgsm-rs's accuracy columns).
 ``--art-channels-last`` adds ART's trainers on the model as fortify's Trainer runs it on CPU:
-channels_last weights, and linear layers on oneDNN where that pays.
+channels_last weights with the ``nn.Flatten`` gradient hook, linear layers on oneDNN where that pays,
+and the fused SGD step (AWP's proxy model alike).
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def fortify_trainer(objective: str, settings: dict[str, Any]) -> TrainFn:
     benchmark's own."""
     def train(model: ForwardCounter, data: Split, args: argparse.Namespace) -> None:
         threat = ThreatModel("linf", args.eps)
-        options = MethodOptions(threat, attack_steps=args.attack_steps, awp_warmup_epochs=args.awp_warmup)
+        options = MethodOptions(threat, attack_steps=args.attack_steps, awp_warmup_epochs=args.awp_warmup,
+                                seed=args.seed)  # the attacks' random starts follow --seed, as ART's do
         # constant lr, no weight decay, no early stopping: the ART trainers have none of them (a
         # variant may set the schedule)
         config = TrainConfig(**{"objective": objective, "epochs": args.epochs, "batch_size": args.batch,
@@ -110,10 +112,10 @@ def fortify_trainer(objective: str, settings: dict[str, Any]) -> TrainFn:
 
 
 def art_classifier(model: nn.Module, args: argparse.Namespace, shape: tuple[int, ...],
-                   momentum: float = 0.9) -> object:
+                   momentum: float = 0.9, fused: bool = False) -> object:
     from art.estimators.classification import PyTorchClassifier
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=momentum)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=momentum, fused=fused)
     return PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), optimizer=optimizer, input_shape=shape,
                              nb_classes=NUM_CLASSES, clip_values=(0.0, 1.0), device_type="cpu")
 
@@ -133,15 +135,17 @@ def art_trainer(kind: str, on_channels_last: bool = False) -> TrainFn:
     and linear layers on oneDNN where that pays (``_common.CPU_KERNELS``)."""
     def train(model: ForwardCounter, data: Split, args: argparse.Namespace) -> None:
         with as_fortify_trains_on_cpu(model) if on_channels_last else contextlib.nullcontext():
-            _fit_art(kind, model, data, args)
+            _fit_art(kind, model, data, args, on_channels_last)
         model.eval()
     return train
 
 
-def _fit_art(kind: str, model: ForwardCounter, data: Split, args: argparse.Namespace) -> None:
+def _fit_art(kind: str, model: ForwardCounter, data: Split, args: argparse.Namespace,
+             on_channels_last: bool) -> None:
     from art.defences import trainer as art
 
-    classifier = art_classifier(model, args, tuple(data.x.shape[1:]))
+    # on fortify's kernels ART also gets the fused SGD step fortify's Trainer takes
+    classifier = art_classifier(model, args, tuple(data.x.shape[1:]), fused=on_channels_last)
     # one-hot labels: ART's FBF trainer needs them, the others accept them
     x, y = data.x.numpy(), torch.nn.functional.one_hot(data.y, NUM_CLASSES).float().numpy()
     fit = {"batch_size": args.batch, "nb_epochs": args.epochs}
@@ -166,10 +170,12 @@ def _fit_art(kind: str, model: ForwardCounter, data: Split, args: argparse.Names
         # its passes go to its own counter and are not reported. Its optimiser has no momentum: the
         # authors' proxy steps along this batch's gradient alone, as fortify's does (with momentum
         # ART's perturbation follows a running sum of earlier batches' gradients)
-        proxy = art_classifier(ForwardCounter(build_model("small-cnn", shape, NUM_CLASSES)), args, shape,
-                               momentum=0.0)
-        art.AdversarialTrainerAWPPyTorch(classifier, proxy, art_pgd(classifier, args), mode="PGD",
-                                         gamma=5e-3, beta=6.0, warmup=args.awp_warmup).fit(x, y, **fit)
+        proxy_model = ForwardCounter(build_model("small-cnn", shape, NUM_CLASSES))
+        proxy = art_classifier(proxy_model, args, shape, momentum=0.0, fused=on_channels_last)
+        # on fortify's kernels the proxy runs on them too, as fortify's (a copy of its model) does
+        with as_fortify_trains_on_cpu(proxy_model) if on_channels_last else contextlib.nullcontext():
+            art.AdversarialTrainerAWPPyTorch(classifier, proxy, art_pgd(classifier, args), mode="PGD",
+                                             gamma=5e-3, beta=6.0, warmup=args.awp_warmup).fit(x, y, **fit)
 
 
 # -- measuring ---------------------------------------------------------------------------------
