@@ -161,6 +161,18 @@ def test_a_noisy_copy_with_nan_logits_votes_for_no_class():
     assert bool(cert.abstained.all()) and bool((cert.radii == 0).all())
 
 
+class _AlwaysNaN(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 2), float("nan"), dtype=x.dtype)
+
+
+def test_predict_abstains_where_no_noisy_copy_votes_for_any_class():
+    # no votes at all: the binomial test had no trials to run and scipy raised
+    x = torch.rand(4, FEATURES, dtype=torch.float64)
+    assert bool(certify(_AlwaysNaN(), x, sigma=SIGMA, n0=10, n=50, seed=0).abstained.all())
+    assert predict(_AlwaysNaN(), x, sigma=SIGMA, n=50, seed=0).tolist() == [ABSTAIN] * 4
+
+
 def test_certificates_are_reproducible_with_a_seed():
     model = _linear_two_class()
     x = _points_at_distances(model, torch.linspace(-0.3, 0.3, 8, dtype=torch.float64))

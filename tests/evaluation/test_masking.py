@@ -235,6 +235,19 @@ def test_bad_inputs_and_settings_are_rejected():
         masking_verdict(constant, x, y, THREAT)
 
 
+@pytest.mark.parametrize("where", [0, -1], ids=["first label", "last label"])
+def test_a_label_past_the_models_classes_is_a_data_error(where: int) -> None:
+    # the last one was taken for a misclassified example and left out of the verdict; the first one
+    # reached the gradient probe's cross-entropy, whose IndexError escaped
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    x, y = torch.rand(6, 4), torch.zeros(6, dtype=torch.long)
+    y[where] = 7
+    with pytest.raises(DataError, match="labels"):
+        masking_verdict(model, x, y, THREAT)
+    with pytest.raises(DataError, match="integer class indices"):
+        masking_verdict(model, x, torch.zeros(6), THREAT)
+
+
 def test_a_black_box_attack_with_another_threat_model_is_refused():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     x = torch.rand(6, 4)

@@ -175,7 +175,8 @@ def predict(model: nn.Module, x: Tensor, *, sigma: float, n: int = 100, alpha: f
     predictions = top2.indices[:, 0].clone()
     for i, row in enumerate(top2.values.tolist()):
         n_a, n_b = row[0], row[1] if len(row) > 1 else 0
-        if binomtest(n_a, n_a + n_b, 0.5).pvalue > alpha:
+        # no votes at all (every noisy copy's logits NaN): nothing to test, so abstain
+        if n_a + n_b == 0 or binomtest(n_a, n_a + n_b, 0.5).pvalue > alpha:
             predictions[i] = ABSTAIN
     return predictions
 

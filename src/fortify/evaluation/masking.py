@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortify.attacks.adaptive import BPDA, EOT, MarginPGD, logit_margin
-from fortify.attacks.base import Attack, check_positive_int
+from fortify.attacks.base import Attack, check_label_dtype, check_label_range, check_positive_int
 from fortify.attacks.fgsm import FGSM
 from fortify.attacks.pgd import PGD
 from fortify.defences.base import InputTransformDefence
@@ -190,6 +190,8 @@ def masking_verdict(
     modes = save_modes(model)
     model.eval()
     try:
+        with torch.no_grad():  # before the first gradient probe, whose loss would take any label
+            check_label_range(y, model(x[:1]).shape[1])
         if input_gradient(model, x[:1], y[:1]) is None:
             # a model that detaches its input would break every gradient attack inside autograd;
             # with an exactly-zero gradient path they stall instead, and check (f) reports it
@@ -213,6 +215,7 @@ def _check_inputs(x: Tensor, y: Tensor, threat: ThreatModel, transfer_x_adv: Ten
     threat.check_inputs(x)
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise DataError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    check_label_dtype(y)
     if transfer_x_adv is not None and transfer_x_adv.shape != x.shape:
         raise DataError(f"transfer_x_adv must have the shape of x {tuple(x.shape)}, "
                         f"got {tuple(transfer_x_adv.shape)}")
