@@ -47,7 +47,9 @@ from fortify.threat import ThreatModel
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    """Budgets and tolerances of the checks; the defaults suit a few hundred small images."""
+    """Budgets and tolerances of the checks; the defaults suit a few hundred small images. The
+    tolerances are shares of the attacked examples, so on a few dozen of them a single example two
+    attacks disagree on can fail a check (docs/METRICS.md)."""
 
     steps: int = 10
     effort_factor: int = 4
