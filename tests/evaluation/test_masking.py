@@ -28,8 +28,12 @@ from fortify.evaluation.masking import (
     _Setup,
     _white_box,
     check_eps_monotone,
+    check_iterative_vs_single_step,
+    check_more_effort,
     check_randomness,
+    check_white_vs_black_box,
     masking_verdict,
+    paired_excess,
 )
 from fortify.threat import ThreatModel
 
@@ -113,6 +117,19 @@ def test_honest_models_are_not_flagged(fixture, digits, request):
     assert json.loads(json.dumps(verdict.to_dict()))["masked"] is False
 
 
+@pytest.mark.slow
+def test_an_honest_model_on_two_dozen_examples_is_not_flagged_for_gaps_of_one_to_three(robust_model, digits):
+    # test examples 50-74 (23 attacked): FGSM fools 1 example PGD-10 misses, Square 3 the white-box
+    # attacks miss, PGD-40x3 2 more than PGD-10; each a share past its tolerance
+    x, y = digits.test.x[50:75], digits.test.y[50:75]
+    verdict = masking_verdict(robust_model, x, y, THREAT)
+    shares_alone = masking_verdict(robust_model, x, y, THREAT, config=MaskingConfig(significance=1.0))
+    assert not verdict.masked, verdict.failed
+    assert set(shares_alone.failed) == {"iterative_vs_single_step", "white_vs_black_box", "more_effort"}
+    for name in shares_alone.failed:
+        assert "within chance" in verdict.check(name).explanation
+
+
 def test_line_irregularity_tells_smooth_flat_and_noisy_lines_apart():
     lines = torch.tensor([
         [0.0, 1.0, 2.0, 3.0, 4.0],   # rising steadily
@@ -127,23 +144,33 @@ def test_line_irregularity_tells_smooth_flat_and_noisy_lines_apart():
     assert roughness[3] == pytest.approx(4 / 3)
 
 
+def _fooled_first(share: float, n: int) -> torch.Tensor:
+    """Per-example outcomes of an attack that fools the first ``share`` of ``n`` examples."""
+    return (torch.arange(n) < round(share * n)).float()
+
+
 class _FixedCurveSetup:
-    """Stands in for the verdict's set-up: PGD's success at each eps is given, not measured."""
+    """Stands in for the verdict's set-up: PGD's success at each eps is given, not measured; the
+    examples fooled at a lower success are among those fooled at a higher one."""
 
     threat = ThreatModel("linf", 0.1)
-    config = MaskingConfig()  # eps x (0.25, 0.5, 1, 2, 4): 0.025 to 0.4, tolerance 0.03
-    x = torch.zeros(2, 1, 4, 4)
     draws = 1  # a fixed model
 
-    def __init__(self, success: list[float], unattacked: float = 0.0) -> None:
+    def __init__(self, success: list[float], unattacked: float = 0.0, n: int = 200,
+                 config: MaskingConfig | None = None) -> None:
+        self.config = config or MaskingConfig()  # eps x (0.25, 0.5, 1, 2, 4): 0.025 to 0.4, tolerance 0.03
         self.success = dict(zip([0.025, 0.05, 0.1, 0.2, 0.4], success, strict=True))
         self.unattacked = unattacked  # share fooled without an attack: a randomised model's noise
+        self.x = torch.zeros(n, 1, 4, 4)
 
     def fooled(self, x_adv) -> torch.Tensor:
         return torch.full((len(x_adv),), self.unattacked)
 
-    def run(self, attack) -> float:
-        return self.success[round(attack.threat.eps, 6)]
+    def attack(self, attack) -> torch.Tensor:
+        return _fooled_first(self.success[round(attack.threat.eps, 6)], len(self.x))
+
+    def at(self, eps: float) -> torch.Tensor:
+        return _fooled_first(self.success[eps], len(self.x))
 
 
 @pytest.mark.parametrize("success, passed", [
@@ -153,7 +180,7 @@ class _FixedCurveSetup:
 ])
 def test_eps_monotone_holds_each_eps_to_every_smaller_one(success, passed):
     setup = _FixedCurveSetup(success)
-    check = check_eps_monotone(setup, setup.success[0.1])
+    check = check_eps_monotone(setup, setup.at(0.1))
     assert check.passed is passed, check.evidence
     if not passed:
         assert "0.025->0.4: -10.0%" in check.explanation
@@ -163,9 +190,78 @@ def test_eps_monotone_starts_from_the_share_fooled_without_an_attack():
     # a randomised model misclassifies 30% of its clean-correct examples on a fresh draw: an attack
     # at the smallest eps that fools 20% does worse than no attack at all
     setup = _FixedCurveSetup([0.2, 0.4, 0.6, 0.7, 1.0], unattacked=0.3)
-    check = check_eps_monotone(setup, setup.success[0.1])
+    check = check_eps_monotone(setup, setup.at(0.1))
     assert check.evidence["success"][0] == pytest.approx(0.3)
     assert not check.passed and "0->0.025: -10.0%" in check.explanation
+
+
+def test_paired_excess_counts_the_examples_each_side_wins_and_tests_them_with_a_sign_test():
+    rival = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 1.0])
+    reference = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    paired = paired_excess(rival, reference)
+    assert paired["excess"] == pytest.approx(2 / 6)
+    assert (paired["rival_only"], paired["reference_only"]) == (3, 1)
+    assert paired["p_value"] == pytest.approx(5 / 16)  # P(at least 3 heads in 4 fair tosses)
+    # a randomised model's shares of draws: only the sign of each difference counts
+    paired = paired_excess(torch.tensor([0.6, 0.2, 0.4]), torch.tensor([0.4, 0.2, 0.8]))
+    assert (paired["rival_only"], paired["reference_only"]) == (1, 1)
+    assert paired_excess(reference, reference)["p_value"] == 1.0
+
+
+class _StubSetup:
+    """The verdict's set-up where the black-box attack's per-example outcome is given."""
+
+    def __init__(self, black_box: torch.Tensor, config: MaskingConfig | None = None) -> None:
+        self.threat, self.config = THREAT, config or MaskingConfig()
+        self.black_box = black_box
+
+    def attack(self, attack) -> torch.Tensor:
+        return self.black_box
+
+
+def _comparing_checks(rival: torch.Tensor, reference: torch.Tensor, config: MaskingConfig) -> dict[str, bool]:
+    """Whether (a), (d) and (e) pass when ``rival`` (FGSM, Square, PGD-40x3) fools what it does and
+    ``reference`` (PGD-10, the white-box union) what it does; (c) from a success curve that falls
+    by as much at the largest eps."""
+    setup = _StubSetup(rival, config)
+    corners = RandomCorners(THREAT, queries=1)
+    n = len(rival)
+    curve = _FixedCurveSetup([0.1, 0.2, 0.3, 0.4, 0.4 - float(rival.mean() - reference.mean())], n=n,
+                             config=config)
+    return {"iterative_vs_single_step": check_iterative_vs_single_step(setup, reference, rival).passed,
+            "white_vs_black_box": check_white_vs_black_box(setup, reference, corners, None).passed,
+            "more_effort": check_more_effort(setup, reference, rival, "PGD-40x3").passed,
+            "eps_monotone": check_eps_monotone(curve, curve.at(0.1)).passed}
+
+
+@pytest.mark.parametrize("scale, significance, passed", [
+    (1, 0.05, True),   # 25 examples: a lead of 2 (0.08) is within chance (p = 0.25)
+    (1, 1.0, False),   # ... and fails every check on the shares alone
+    (10, 0.05, False),  # 250 examples, the same shares: a lead of 20 is no chance (p = 1e-6)
+])
+def test_a_comparing_check_fails_on_a_gap_past_its_tolerance_only_when_chance_cannot_explain_it(
+        scale, significance, passed):
+    # the rival fools the reference's examples and 2 more in every 25: a lead of 0.08, past both
+    # tolerances (0.03; 0.05 for more_effort)
+    n = 25 * scale
+    reference, rival = _fooled_first(0.4, n), _fooled_first(0.48, n)
+    config = MaskingConfig(significance=significance)
+    results = _comparing_checks(rival, reference, config)
+    assert results == dict.fromkeys(results, passed)
+
+
+def test_a_lead_within_the_tolerance_passes_however_significant():
+    # 1,000 examples, the rival 20 ahead (0.02 < 0.03) and never behind: p ~ 1e-6 but no flag
+    reference, rival = _fooled_first(0.40, 1000), _fooled_first(0.42, 1000)
+    results = _comparing_checks(rival, reference, MaskingConfig())
+    assert all(results.values()), results
+
+
+def test_a_passing_check_names_the_lead_that_chance_explains():
+    reference, rival = _fooled_first(0.4, 25), _fooled_first(0.48, 25)
+    check = check_iterative_vs_single_step(_StubSetup(rival), reference, rival)
+    assert check.passed and "within chance" in check.explanation and "p = 0.25" in check.explanation
+    assert (check.evidence["fgsm_only"], check.evidence["pgd_only"]) == (2, 0)
 
 
 def test_the_eps_zero_point_of_a_noisy_model_is_its_own_error_rate():
@@ -175,7 +271,7 @@ def test_the_eps_zero_point_of_a_noisy_model_is_its_own_error_rate():
     y = model.model(x).argmax(1)  # the noiseless model is right everywhere
     setup = _attacked_setup(model, x, y, ThreatModel("linf", 0.1), MaskingConfig(), randomized=True)
     # Execute
-    check = check_eps_monotone(setup, 1.0)
+    check = check_eps_monotone(setup, torch.ones(len(setup.y)))
     # Assert: the noise alone fools some examples, and the curve says so at eps = 0
     assert 0.0 < check.evidence["success"][0] < 0.5
 
@@ -224,6 +320,9 @@ def test_bad_inputs_and_settings_are_rejected():
         MaskingConfig(steps=0)
     with pytest.raises(ConfigError, match="tolerance"):
         MaskingConfig(tolerance=2.0)
+    for significance in (0.0, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="significance"):
+            MaskingConfig(significance=significance)
     for roughness in (float("nan"), float("inf")):  # nan would never call a line noisy
         with pytest.raises(ConfigError, match="max_roughness >= 1"):
             MaskingConfig(max_roughness=roughness)

@@ -16,9 +16,13 @@ Adversarial Robustness" (2019), as AutoAttack's ``checks.py`` also flags some of
 
 The attacks run on the examples the model classifies correctly, and every success rate is the
 share of those that the attack fools (on a randomised model, averaged over ``random_draws``
-predictions). When (g) fails PGD is rerun through EOT, when (f) or (h) fails through BPDA (for an
-input-transform defence, or a BPDA model passed in) and, for (f), on the logit margin; the verdict
-reports the plain and the adaptive success side by side.
+predictions). Checks (a), (c), (d) and (e) compare two attacks on the same examples: one fails when
+the rival's success exceeds the other's by more than the tolerance *and* a one-sided sign test on
+the examples where they disagree gives a p-value below ``significance``, so that on a small set a
+gap of one or two examples is not taken for a broken gradient. When (g) fails PGD is rerun through
+EOT, when (f) or (h) fails through BPDA (for an input-transform defence, or a BPDA model passed in)
+and, for (f), on the logit margin; the verdict reports the plain and the adaptive success side by
+side.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from scipy.stats import binomtest
 from torch import Tensor, nn
 
 from fortify.attacks.adaptive import BPDA, EOT, MarginPGD, logit_margin
@@ -48,8 +53,9 @@ from fortify.threat import ThreatModel
 @dataclass(frozen=True)
 class MaskingConfig:
     """Budgets and tolerances of the checks; the defaults suit a few hundred small images. The
-    tolerances are shares of the attacked examples, so on a few dozen of them a single example two
-    attacks disagree on can fail a check (docs/METRICS.md)."""
+    tolerances are shares of the attacked examples; ``significance`` is the p-value below which the
+    paired sign test of a comparing check takes a gap past them for a real one (1 compares the
+    shares alone; docs/METRICS.md)."""
 
     steps: int = 10
     effort_factor: int = 4
@@ -57,6 +63,7 @@ class MaskingConfig:
     eps_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
     tolerance: float = 0.03  # slack on success-rate comparisons, (a) (c) (d)
     effort_tolerance: float = 0.05  # largest gain from 4x steps with restarts that is not a flag, (e)
+    significance: float = 0.05  # one-sided sign-test level for the paired comparisons, (a) (c) (d) (e)
     unbounded_success: float = 0.99
     max_zero_gradient_share: float = 0.01
     line_points: int = 11
@@ -75,6 +82,8 @@ class MaskingConfig:
                      "max_irregular_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        if not 0 < self.significance <= 1:
+            raise ConfigError(f"significance must lie in (0, 1], got {self.significance!r}")
         if not self.eps_factors or any(not (math.isfinite(f) and f > 0) for f in self.eps_factors):
             raise ConfigError(f"eps_factors must be finite numbers > 0, got {self.eps_factors!r}")
         if self.line_points < 3 or not (math.isfinite(self.max_roughness) and self.max_roughness >= 1):
@@ -275,9 +284,9 @@ class _WhiteBox:
     margin_settings: dict[str, Any]
 
     @property
-    def union(self) -> float:
+    def union(self) -> Tensor:
         """Success of the strongest white-box attack per example (AutoAttack's worst case)."""
-        return float(torch.stack([self.pgd, self.fgsm, self.long_pgd, self.margin_pgd]).amax(0).mean())
+        return torch.stack([self.pgd, self.fgsm, self.long_pgd, self.margin_pgd]).amax(0)
 
 
 def _white_box(setup: _Setup) -> _WhiteBox:
@@ -292,28 +301,63 @@ def _white_box(setup: _Setup) -> _WhiteBox:
 def _attack_checks(setup: _Setup, black_box: Attack | None,
                    transfer_x_adv: Tensor | None) -> tuple[list[MaskingCheck], _WhiteBox]:
     white = _white_box(setup)
-    pgd_success = float(white.pgd.mean())
     checks = [
-        check_iterative_vs_single_step(setup, pgd_success, float(white.fgsm.mean())),
+        check_iterative_vs_single_step(setup, white.pgd, white.fgsm),
         check_unbounded(setup),
-        check_eps_monotone(setup, pgd_success),
+        check_eps_monotone(setup, white.pgd),
         check_white_vs_black_box(setup, white.union, black_box, transfer_x_adv),
-        check_more_effort(setup, pgd_success, float(white.long_pgd.mean()), white.long_label),
+        check_more_effort(setup, white.pgd, white.long_pgd, white.long_label),
     ]
     return checks, white
 
 
-def check_iterative_vs_single_step(setup: _Setup, pgd_success: float, fgsm_success: float) -> MaskingCheck:
+# -- paired comparisons of two attacks on the same examples ----------------------------------------
+
+def paired_excess(rival: Tensor, reference: Tensor) -> dict[str, Any]:
+    """How much more ``rival`` fools than ``reference`` on the same examples, and how surely.
+
+    Both hold one success per attacked example (a share of the draws on a randomised model).
+    ``excess`` is the difference of the success rates; ``rival_only`` and ``reference_only`` count
+    the examples on which each does better; ``p_value`` is the one-sided sign test (exact binomial)
+    of the rival doing better on the examples where the two differ, 1 where they never differ.
+    """
+    difference = rival.double() - reference.double()
+    rival_only, reference_only = int((difference > 0).sum()), int((difference < 0).sum())
+    differ = rival_only + reference_only
+    p_value = binomtest(rival_only, differ, 0.5, alternative="greater").pvalue if differ else 1.0
+    return {"excess": float(difference.mean()), "rival_only": rival_only, "reference_only": reference_only,
+            "p_value": float(p_value)}
+
+
+def _beaten(paired: dict[str, Any], tolerance: float, config: MaskingConfig) -> bool:
+    """A gap past the tolerance that chance alone would rarely give (the sign test's level)."""
+    return paired["excess"] > tolerance and paired["p_value"] < config.significance
+
+
+def check_iterative_vs_single_step(setup: _Setup, pgd: Tensor, fgsm: Tensor) -> MaskingCheck:
     """(a) PGD takes many steps where FGSM takes one; weaker PGD means the gradient misleads."""
     tol = setup.config.tolerance
-    passed = pgd_success >= fgsm_success - tol
+    paired = paired_excess(fgsm, pgd)
+    passed = not _beaten(paired, tol, setup.config)
     return MaskingCheck(
         "iterative_vs_single_step", passed,
-        {"pgd_success": pgd_success, "fgsm_success": fgsm_success, "pgd_steps": setup.config.steps,
-         "tolerance": tol},
-        "PGD is at least as strong as FGSM." if passed else
-        "FGSM fools more examples than PGD: following the gradient for longer leads away from "
-        "adversarial points, a sign of a shattered or misleading loss surface.")
+        {"pgd_success": float(pgd.mean()), "fgsm_success": float(fgsm.mean()),
+         "pgd_steps": setup.config.steps, "tolerance": tol, "fgsm_only": paired["rival_only"],
+         "pgd_only": paired["reference_only"], "p_value": paired["p_value"],
+         "significance": setup.config.significance},
+        _passed("PGD is at least as strong as FGSM", [("FGSM", paired)], tol) if passed else
+        f"FGSM fools more examples than PGD ({paired['rival_only']} that PGD misses, against "
+        f"{paired['reference_only']} the other way; sign test p = {paired['p_value']:.2g}): following "
+        "the gradient for longer leads away from adversarial points, a sign of a shattered or "
+        "misleading loss surface.")
+
+
+def _passed(claim: str, leads: list[tuple[str, dict[str, Any]]], tolerance: float) -> str:
+    """A passing check's explanation; a lead past the tolerance that chance explains is named."""
+    within = [f"{rival}'s lead of {paired['excess']:.1%} rests on {paired['rival_only']} example(s) against "
+              f"{paired['reference_only']} (sign test p = {paired['p_value']:.2g})"
+              for rival, paired in leads if paired["excess"] > tolerance]
+    return claim + (", within chance: " + "; ".join(within) + "." if within else ".")
 
 
 def unbounded_eps(threat: ThreatModel, x: Tensor) -> float:
@@ -336,81 +380,108 @@ def check_unbounded(setup: _Setup) -> MaskingCheck:
         "the gradient does not lead to adversarial points even without a budget.")
 
 
-def check_eps_monotone(setup: _Setup, pgd_success: float) -> MaskingCheck:
+def check_eps_monotone(setup: _Setup, pgd: Tensor) -> MaskingCheck:
     """(c) A larger ball holds every point of a smaller one, so success cannot fall with eps."""
     cap = unbounded_eps(setup.threat, setup.x)
     grid = sorted({min(f * setup.threat.eps, cap) for f in setup.config.eps_factors} | {setup.threat.eps})
-    success = [pgd_success if eps == setup.threat.eps else
-               setup.run(_pgd(setup, setup.threat.with_eps(eps))) for eps in grid]
+    outcomes = [pgd if eps == setup.threat.eps else
+                setup.attack(_pgd(setup, setup.threat.with_eps(eps))) for eps in grid]
     # at eps = 0 the unattacked examples: none fooled on a fixed model (they are clean-correct), on
     # a randomised one the noise's own errors, which every success rate above includes too
-    curve = [float(setup.fooled(setup.x).mean()), *success]
+    outcomes = [setup.fooled(setup.x), *outcomes]
     tol = setup.config.tolerance
-    drops = _falls([0.0, *grid], curve, tol)
-    passed = not drops
+    falls = _falls([0.0, *grid], outcomes, tol, setup.config.significance)
+    drops = [fall for fall in falls if fall["counted"]]
+    evidence = {"eps": [0.0, *grid], "success": [float(o.mean()) for o in outcomes], "tolerance": tol,
+                "falls": falls, "significance": setup.config.significance}
     return MaskingCheck(
-        "eps_monotone", passed, {"eps": [0.0, *grid], "success": curve, "tolerance": tol},
-        "Attack success grows with eps." if passed else
-        "Attack success falls as eps grows (" + ", ".join(f"{a:.3g}->{b:.3g}: -{d:.1%}" for a, b, d in drops)
+        "eps_monotone", not drops, evidence,
+        ("Attack success grows with eps." if not falls else
+         "Attack success grows with eps, within chance: each fall past the tolerance rests on too few "
+         "examples (" + "; ".join(_describe_fall(f) for f in falls) + ").") if not drops else
+        "Attack success falls as eps grows (" + "; ".join(_describe_fall(f) for f in drops)
         + "): a larger budget should never help the model, so the attack is not finding what exists.")
 
 
-def _falls(eps: list[float], success: list[float], tol: float) -> list[tuple[float, float, float]]:
-    """(smaller eps, larger eps, fall) wherever success is more than ``tol`` below an earlier point.
+def _falls(eps: list[float], outcomes: list[Tensor], tol: float, significance: float) -> list[dict[str, Any]]:
+    """Each point whose success lies more than ``tol`` below the best at a smaller eps, paired
+    example by example with that point; ``counted`` where the sign test finds the fall significant.
 
     Each point is held to the best success at any smaller eps, not only to its neighbour's: every
     smaller ball lies inside the larger one, and a slow slide whose steps each stay within ``tol``
     is a fall all the same.
     """
+    success = [float(o.mean()) for o in outcomes]
     falls, best = [], 0
     for i in range(1, len(eps)):
         if success[i] < success[best] - tol:
-            falls.append((eps[best], eps[i], success[best] - success[i]))
+            paired = paired_excess(outcomes[best], outcomes[i])
+            falls.append({"from_eps": eps[best], "to_eps": eps[i], "fall": success[best] - success[i],
+                          "lost": paired["rival_only"], "gained": paired["reference_only"],
+                          "p_value": paired["p_value"], "counted": paired["p_value"] < significance})
         if success[i] > success[best]:
             best = i
     return falls
 
 
-def check_white_vs_black_box(setup: _Setup, white_success: float, black_box: Attack | None,
+def _describe_fall(fall: dict[str, Any]) -> str:
+    return (f"{fall['from_eps']:.3g}->{fall['to_eps']:.3g}: -{fall['fall']:.1%}, {fall['lost']} example(s) "
+            f"lost against {fall['gained']} gained, p = {fall['p_value']:.2g}")
+
+
+def check_white_vs_black_box(setup: _Setup, white: Tensor, black_box: Attack | None,
                              transfer_x_adv: Tensor | None) -> MaskingCheck:
     """(d) A black-box attack sees less than a white-box one; beating it means the gradient misleads.
 
-    ``white_success`` is the per-example worst case over the white-box attacks (FGSM, PGD, the longer
-    PGD and PGD on the logit margin), as in AutoAttack, where Square only counts what they missed.
+    ``white`` is the per-example worst case over the white-box attacks (FGSM, PGD, the longer PGD
+    and PGD on the logit margin), as in AutoAttack, where Square only counts what they missed.
     """
     black_box = black_box or default_black_box(setup.threat, setup.config)
     if black_box.threat != setup.threat:
         raise ConfigError(f"the black-box attack uses {black_box.threat.describe()} but the verdict's "
                           f"threat model is {setup.threat.describe()}")
-    evidence: dict[str, Any] = {"white_box_success": white_success, "black_box": black_box.label,
-                                "black_box_success": setup.run(black_box),
-                                "tolerance": setup.config.tolerance}
-    rivals = {"black-box": evidence["black_box_success"]}
+    rivals = {"black-box": setup.attack(black_box)}
+    evidence: dict[str, Any] = {"white_box_success": float(white.mean()), "black_box": black_box.label,
+                                "black_box_success": float(rivals["black-box"].mean()),
+                                "tolerance": setup.config.tolerance,
+                                "significance": setup.config.significance}
     if transfer_x_adv is not None:
         points = transfer_x_adv.to(setup.x.device)[setup.index]
         _verify(setup.threat, points, setup.x, "the transfer attack")
-        evidence["transfer_success"] = rivals["transfer"] = float(setup.fooled(points).mean())
-    beaten = {name: s for name, s in rivals.items() if s > white_success + setup.config.tolerance}
-    return MaskingCheck(
-        "white_vs_black_box", not beaten, evidence,
-        "White-box attacks are at least as strong as the black-box and transfer attacks." if not beaten else
-        "The " + " and ".join(beaten) + " attack fools more examples than the white-box attacks: the "
-        "gradient is less useful than no gradient at all.")
+        rivals["transfer"] = setup.fooled(points)
+        evidence["transfer_success"] = float(rivals["transfer"].mean())
+    paired = {name: paired_excess(outcome, white) for name, outcome in rivals.items()}
+    evidence["paired"] = paired
+    beaten = [name for name in rivals if _beaten(paired[name], setup.config.tolerance, setup.config)]
+    if beaten:
+        return MaskingCheck(
+            "white_vs_black_box", False, evidence,
+            "The " + " and ".join(f"{name} attack ({paired[name]['rival_only']} examples the white-box "
+                                  f"attacks miss, against {paired[name]['reference_only']}; p = "
+                                  f"{paired[name]['p_value']:.2g})" for name in beaten)
+            + " fools more examples than the white-box attacks: the gradient is less useful than no "
+            "gradient at all.")
+    return MaskingCheck("white_vs_black_box", True, evidence, _passed(
+        "White-box attacks are at least as strong as the black-box and transfer attacks",
+        [(f"the {name} attack", paired[name]) for name in rivals], setup.config.tolerance))
 
 
-def check_more_effort(setup: _Setup, pgd_success: float, long_success: float,
-                      long_label: str) -> MaskingCheck:
+def check_more_effort(setup: _Setup, pgd: Tensor, long: Tensor, long_label: str) -> MaskingCheck:
     """(e) On an honestly evaluated model PGD has converged; if 4x the effort still gains, it had not."""
-    gain = long_success - pgd_success
     tol = setup.config.effort_tolerance
-    passed = gain <= tol
+    paired = paired_excess(long, pgd)
+    gain = paired["excess"]
+    passed = not _beaten(paired, tol, setup.config)
     return MaskingCheck(
-        "more_effort", passed, {"pgd_success": pgd_success, "long_attack": long_label,
-                                "long_success": long_success, "gain": gain, "tolerance": tol},
-        f"{long_label} gains {gain:+.1%} over PGD-{setup.config.steps}: the attack has converged."
-        if passed else
-        f"{long_label} fools {gain:.1%} more than PGD-{setup.config.steps}: the plain attack had not "
-        "converged, so its accuracy overstates robustness; report the stronger attack.")
+        "more_effort", passed, {"pgd_success": float(pgd.mean()), "long_attack": long_label,
+                                "long_success": float(long.mean()), "gain": gain, "tolerance": tol,
+                                "long_only": paired["rival_only"], "pgd_only": paired["reference_only"],
+                                "p_value": paired["p_value"], "significance": setup.config.significance},
+        _passed(f"The attack has converged: {long_label} gains {gain:+.1%} over PGD-{setup.config.steps}",
+                [(long_label, paired)], tol) if passed else
+        f"{long_label} fools {gain:.1%} more than PGD-{setup.config.steps} ({paired['rival_only']} examples "
+        f"against {paired['reference_only']}; sign test p = {paired['p_value']:.2g}): the plain attack had "
+        "not converged, so its accuracy overstates robustness; report the stronger attack.")
 
 
 # -- checks on the gradient and on the outputs ----------------------------------------------------
