@@ -8,6 +8,7 @@ process; the ratio bare / attack is the share of the attack's time that its pass
 i.e. how much faster the attack could get with no overhead at all.
 
     .venv/bin/python bench/pgd_overhead.py --threads 1 --repeats 21 --channels-last
+    .venv/bin/python bench/pgd_overhead.py --threads 1 --repeats 21 --channels-last --objective pgd --probe
 """
 
 from __future__ import annotations
@@ -76,13 +77,18 @@ def main() -> None:
     parser.add_argument("--train-epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--examples", type=int, default=None)
+    parser.add_argument("--objective", default="standard",
+                        help="training objective of the digits model (pgd for a robust one)")
+    parser.add_argument("--probe", action="store_true",
+                        help="PGD with its probe of FGSM's corner, as `evaluate` runs it")
     add_allocator_option(parser)
     args = parser.parse_args()
     check_repeats(parser, args)
     apply_process_options(args)
     setting = digits_setting(args)
     model = setting.model.eval()
-    pgd = PGD(ThreatModel("linf", args.eps), steps=args.steps, early_stop=True, seed=args.seed)
+    pgd = PGD(ThreatModel("linf", args.eps), steps=args.steps, early_stop=True, probe=args.probe,
+              seed=args.seed)
 
     def attack() -> Tensor:
         return torch.cat([pgd(model, xb, yb) for xb, yb in
