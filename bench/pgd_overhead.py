@@ -66,6 +66,30 @@ def bare_loop(model: nn.Module, passes: list[Pass], shape: tuple[int, ...], seed
     return run
 
 
+def self_times(run: Callable[[], object], repeats: int) -> dict[str, float]:
+    """torch.profiler's self CPU time of each operator, in us per call of ``run``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            run()
+    return {event.key: event.self_cpu_time_total / repeats for event in prof.key_averages()}
+
+
+def print_operator_gaps(attack: Callable[[], object], bare: Callable[[], object], repeats: int) -> None:
+    """The operators whose self time the attack exceeds the bare passes' by most."""
+    in_attack, in_bare = self_times(attack, repeats), self_times(bare, repeats)
+    gaps = sorted(((in_attack.get(op, 0.0) - in_bare.get(op, 0.0), op) for op in in_attack | in_bare),
+                  reverse=True)
+    print(f"\noperators (torch.profiler, {repeats} calls each; self CPU us per call):\n")
+    print("| operator | attack | bare passes | attack - bare |")
+    print("|---|---:|---:|---:|")
+    for gap, op in gaps[:15]:
+        print(f"| {op} | {in_attack.get(op, 0.0):.0f} | {in_bare.get(op, 0.0):.0f} | {gap:+.0f} |")
+    print(f"| all | {sum(in_attack.values()):.0f} | {sum(in_bare.values()):.0f} | "
+          f"{sum(in_attack.values()) - sum(in_bare.values()):+.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -79,6 +103,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=None)
     parser.add_argument("--objective", default="standard",
                         help="training objective of the digits model (pgd for a robust one)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the operators whose time the attack adds (torch.profiler)")
     parser.add_argument("--probe", action="store_true",
                         help="PGD with its probe of FGSM's corner, as `evaluate` runs it")
     add_allocator_option(parser)
@@ -110,6 +136,8 @@ def main() -> None:
                 start = time.perf_counter()
                 runs[name]()
                 times[name].append(time.perf_counter() - start)
+        if args.profile:
+            print_operator_gaps(attack, bare, args.repeats)
     examples = sum(n for n, _ in passes)
     print(f"passes:   {len(passes)} forward calls, {examples / setting.x.shape[0]:.3g} passes per example "
           f"(batch sizes {', '.join(str(n) for n, _ in passes)})")
