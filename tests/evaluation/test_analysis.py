@@ -156,10 +156,74 @@ def test_digits_analysis_is_consistent_with_the_evaluation(digits, standard_mode
 
 
 @pytest.mark.parametrize("options", [{"margin_examples": 0}, {"certify_sigma": -1.0},
-                                     {"certify_alpha": 1.5}, {"gallery_examples": -1}])
+                                     {"certify_alpha": 1.5}, {"gallery_examples": -1},
+                                     {"gallery_examples": 2.5}, {"seed": 1.5}, {"margin_examples": True}])
 def test_bad_options_are_rejected(options):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=next(iter(options))):
         AnalysisOptions(**options)
+
+
+def test_counts_given_as_whole_floats_are_stored_as_ints():
+    # a float count used to pass the check and fail as a slice bound after the attacks had run
+    options = AnalysisOptions(margin_examples=2.0, gallery_examples=3.0, masking_examples=4.0, seed=7.0)
+    counts = (options.margin_examples, options.gallery_examples, options.masking_examples, options.seed)
+    assert counts == (2, 3, 4, 7) and all(type(v) is int for v in counts)
+
+
+def test_a_report_of_another_model_is_refused(digits, standard_model):
+    # Prepare: the report of a model that gets other examples right than the one analysed
+    threat = ThreatModel("linf", 0.1)
+    x, y = digits.test.x[:40], digits.test.y[:40]
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    report = evaluate(other, x, y, [FGSM(threat)], threat, eps_grid=[])
+    options = AnalysisOptions(margin_examples=2, margin_steps=5, certify_examples=2, certify_n=10,
+                              masking_examples=4)
+    # Execute / Assert: refused before any attack; its score would have come from the other model
+    with pytest.raises(ConfigError, match="not of this model"):
+        analyse(standard_model, x, y, threat, attack=FGSM(threat), report=report, num_classes=10,
+                options=options)
+    # two flipped examples, as a mixed-precision evaluation may flip, pass
+    own = evaluate(standard_model, x, y, [FGSM(threat)], threat, eps_grid=[])
+    own.clean_correct = [not c if i < 2 else c for i, c in enumerate(own.clean_correct)]
+    analyse(standard_model, x, y, threat, attack=FGSM(threat), report=own, num_classes=10, options=options)
+
+
+class _DetachedInput(nn.Module):
+    """A defence whose graph does not reach its input (preprocessing outside autograd)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.detach())
+
+
+def test_a_model_without_an_input_gradient_gets_its_analysis(digits, standard_model):
+    # evaluate and the masking verdict took such a model; the analysis failed inside autograd
+    threat = ThreatModel("linf", 0.1)
+    model = _DetachedInput(standard_model)
+    x, y = digits.test.x[:24], digits.test.y[:24]
+    analysis, report = _analyse(model, x, y, threat, 10, margin_examples=4, margin_steps=5,
+                                certify_examples=4, certify_n=20, masking_examples=24)
+    # the attacks stall on zero gradients (PGD's random start may still fool a few)
+    assert analysis.metrics["attack"]["adversarial_accuracy"] >= report.clean_accuracy - 0.2
+    assert analysis.masking["masked"] is True
+    assert "zero_gradients" in [c["name"] for c in analysis.masking["checks"] if not c["passed"]]
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_narrow_integer_labels_give_the_int64_analysis(digits, standard_model, dtype):
+    # they passed the label check, then failed in torch's cross-entropy and gather
+    threat = ThreatModel("linf", 0.1)
+    x, y = digits.test.x[:24], digits.test.y[:24]
+    options = {"margin_examples": 4, "margin_steps": 5, "certify_examples": 4, "certify_n": 20,
+               "masking_examples": 24}
+    narrow, _ = _analyse(standard_model, x, y.to(dtype), threat, 10, **options)
+    wide, _ = _analyse(standard_model, x, y, threat, 10, **options)
+    for section in ("metrics", "score", "margin", "certified"):
+        assert getattr(narrow, section) == getattr(wide, section), section
+    assert narrow.masking["masked"] == wide.masking["masked"]
 
 
 def test_the_attack_the_report_and_the_class_count_must_fit_the_analysis(digits, standard_model):

@@ -253,6 +253,19 @@ def test_certified_accuracy_curve_refuses_labels_that_are_not_class_indices(labe
         certified_accuracy_curve(cert, labels, radii=[0.0])
 
 
+def test_certified_accuracy_curve_refuses_a_label_past_the_classes_and_an_empty_certificate():
+    cert = Certificate(predictions=torch.tensor([1, 1]), p_lower=torch.full((2,), 0.9),
+                       radii=torch.full((2,), 0.3), sigma=0.25, n0=10, n=100, alpha=0.001)
+    # a label of 7 among 3 classes counted as an error of the model: 0.5 certified accuracy
+    with pytest.raises(DataError, match="3 classes"):
+        certified_accuracy_curve(cert, torch.tensor([1, 7]), radii=[0.0], num_classes=3)
+    assert certified_accuracy_curve(cert, torch.tensor([1, 1], dtype=torch.uint8), [0.0], 3).accuracy == [1.0]
+    empty = Certificate(predictions=torch.zeros(0, dtype=torch.long), p_lower=torch.zeros(0),
+                        radii=torch.zeros(0), sigma=0.25, n0=10, n=100, alpha=0.001)
+    with pytest.raises(DataError, match="at least one example"):  # was an accuracy of NaN
+        certified_accuracy_curve(empty, torch.zeros(0, dtype=torch.long), radii=[0.0])
+
+
 def test_bad_settings_and_inputs_are_rejected():
     model = _linear_two_class()
     x = torch.rand(3, FEATURES, dtype=torch.float64)

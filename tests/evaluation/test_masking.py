@@ -347,6 +347,16 @@ def test_a_label_past_the_models_classes_is_a_data_error(where: int) -> None:
         masking_verdict(model, x, torch.zeros(6), THREAT)
 
 
+def test_narrow_integer_labels_give_the_int64_verdict(standard_model, digits):
+    # int32 labels passed the label check, then failed in the gradient probe's cross-entropy
+    config = MaskingConfig(steps=3, effort_factor=2, effort_restarts=1, black_box_queries=20,
+                           eps_factors=(1.0,), line_points=5)
+    x, y = digits.test.x[:16], digits.test.y[:16]
+    for dtype in (torch.int32, torch.uint8):
+        narrow = masking_verdict(standard_model, x, y.to(dtype), THREAT, config=config)
+        assert narrow.to_dict() == masking_verdict(standard_model, x, y, THREAT, config=config).to_dict()
+
+
 def test_a_black_box_attack_with_another_threat_model_is_refused():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     x = torch.rand(6, 4)

@@ -320,10 +320,42 @@ _Y = torch.tensor([0, 1, 2, 0])
     (lambda: harmonic_robustness(0.5, 0.8), DataError, "exceeds clean accuracy"),
     (lambda: eps_curve_auc([0.1], [0.95], 0.9), DataError, "cannot exceed clean accuracy"),
     (lambda: distance_summary(torch.tensor([0.1, 0.2]), [-1.0, math.nan]), DataError, "finite numbers > 0"),
+    # adversarial logits over another class count: a class index means something else in each
+    (lambda: margin_shift(_logits_for([0, 1, 2, 0]), _logits_for([0, 1, 2, 0], 4), _Y), DataError,
+     "same shape"),
+    (lambda: class_reports(_logits_for([0, 1, 2, 0]), _logits_for([0, 1, 2, 0], 4), _Y), DataError,
+     "same shape"),
+    (lambda: attack_metrics(torch.zeros(4, 2), torch.zeros(4, 2), _Y, _logits_for([0, 1, 2, 0]),
+                            _logits_for([0, 1, 2, 0], 4), ThreatModel("linf", 0.1)), DataError, "same shape"),
 ])
 def test_inconsistent_inputs_are_named(call, error, fragment):
     with pytest.raises(error, match=fragment):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_narrow_integer_labels_give_the_int64_metrics(dtype):
+    # they passed the label check, then failed in torch's gather
+    clean, adv = _logits_for([0, 1, 2, 0]), _logits_for([1, 1, 0, 0])
+    x = torch.full((4, 2), 0.5)
+    threat = ThreatModel("linf", 0.1)
+    narrow = adversarial_metrics(x, x, _Y.to(dtype), clean, adv, threat).to_dict()
+    assert narrow == adversarial_metrics(x, x, _Y, clean, adv, threat).to_dict()
+    assert accuracy(clean, _Y.to(dtype)) == 1.0
+
+
+def test_a_numpy_integer_class_count_is_a_class_count():
+    report = class_report(torch.tensor([0, 1, 2, 0]), _Y, np.int64(3))
+    assert report.labels == [0, 1, 2] and report.macro_f1 == 1.0
+
+
+@pytest.mark.parametrize("bad", [1.5, math.nan], ids=["outside the box", "nan"])
+def test_attack_metrics_blame_a_bad_clean_input_not_the_attack(bad):
+    x = torch.full((4, 2), 0.5)
+    x[2, 1] = bad
+    with pytest.raises(DataError, match="box|NaN"):
+        attack_metrics(x, x, _Y, _logits_for([0, 1, 2, 0]), _logits_for([0, 1, 2, 0]),
+                       ThreatModel("linf", 0.1))
 
 
 def test_attack_metrics_refuse_points_outside_the_ball():

@@ -55,6 +55,16 @@ class _Cheater(Attack):
         return (x + 2 * self.threat.eps).clamp(0, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
+def test_narrow_integer_labels_give_the_int64_report(standard_model, digits, dtype):
+    # they passed the label check, then failed in the gradient probe's cross-entropy
+    threat = ThreatModel("linf", 0.1)
+    x, y = digits.test.x[:32], digits.test.y[:32]
+    attacks = [FGSM(threat), PGD(threat, steps=3)]
+    narrow = evaluate(standard_model, x, y.to(dtype), attacks, threat, eps_grid=[0.05])
+    assert narrow.to_dict() == evaluate(standard_model, x, y, attacks, threat, eps_grid=[0.05]).to_dict()
+
+
 def test_a_point_outside_the_threat_model_is_refused(standard_model, digits):
     with pytest.raises(ThreatModelViolation, match="cheater.*outside"):
         evaluate(standard_model, digits.test.x[:20], digits.test.y[:20], [_Cheater(THREAT)], THREAT)

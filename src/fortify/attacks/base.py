@@ -226,6 +226,13 @@ def check_label_dtype(y: Tensor, what: str = "labels") -> None:
         raise DataError(f"{what} must be integer class indices, got dtype {y.dtype}")
 
 
+def as_class_indices(y: Tensor, what: str = "labels") -> Tensor:
+    """``y`` as int64 class indices, the dtype torch's losses and gathers take (int32 or uint8
+    labels fail inside them); DataError unless it holds integers."""
+    check_label_dtype(y, what)
+    return y.long()
+
+
 def diagnose_failure(model: nn.Module, x: Tensor, y: Tensor, err: Exception) -> None:
     """After an attack failed inside torch, raise DataError naming the caller's mistake when it is
     one (inputs the model cannot take, an output that is not logits, a label past the model's

@@ -11,6 +11,7 @@ recorded with the results.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,10 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fortify.attacks.base import Attack, check_positive_int
+from fortify.attacks.base import Attack, as_class_indices, check_positive_int
 from fortify.attacks.fmn import FMN
 from fortify.errors import ConfigError, ThreatModelViolation
 from fortify.evaluation.certify import certified_accuracy_curve, certify
+from fortify.evaluation.gradients import ZeroGradientPath, input_gradient
 from fortify.evaluation.masking import MaskingConfig, MaskingVerdict, NothingToJudge, masking_verdict
 from fortify.evaluation.metrics import (
     adversarial_metrics,
@@ -39,6 +41,9 @@ from fortify.training.distributed import batch_seed
 ANALYSIS_VERSION = 1
 # a certificate larger than the base model's measured L2 margin by more than this is flagged
 _RADIUS_SLACK = 1e-6
+# the share of examples whose clean correctness may differ between the report and the model
+# analysed: mixed precision (the report's evaluation under autocast) flips a few near the boundary
+_REPORT_DISAGREEMENT = 0.02
 
 
 @dataclass(frozen=True)
@@ -57,15 +62,27 @@ class AnalysisOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # counts are stored as ints (4.0 counts as 4): a float count would first fail as a slice
+        # bound after the attacks had run
         for name in ("margin_examples", "margin_steps", "certify_examples", "certify_n",
                      "masking_examples", "batch_size"):
-            check_positive_int(name, getattr(self, name))
-        if self.gallery_examples < 0:
-            raise ConfigError(f"gallery_examples must be >= 0, got {self.gallery_examples}")
+            object.__setattr__(self, name, check_positive_int(name, getattr(self, name)))
+        if not _is_integer(self.gallery_examples) or self.gallery_examples < 0:
+            raise ConfigError(f"gallery_examples must be an integer >= 0, got {self.gallery_examples!r}")
+        if not _is_integer(self.seed):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        object.__setattr__(self, "gallery_examples", int(self.gallery_examples))
+        object.__setattr__(self, "seed", int(self.seed))
         if not (math.isfinite(self.certify_sigma) and self.certify_sigma > 0):
             raise ConfigError(f"certify_sigma must be a number > 0, got {self.certify_sigma!r}")
         if not 0 < self.certify_alpha < 1:
             raise ConfigError(f"certify_alpha must lie in (0, 1), got {self.certify_alpha!r}")
+
+
+def _is_integer(value: object) -> bool:
+    """An integer, or a float that holds one (4.0); not a flag, NaN or inf."""
+    return (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+            and int(value) == value)
 
 
 @dataclass
@@ -102,6 +119,19 @@ def _check_setting(threat: ThreatModel, attack: Attack, report: RobustnessReport
                           f"box={measured[2]}, the analysis asks for {threat.describe()}")
 
 
+def _check_report_matches(report: RobustnessReport, clean_correct: Tensor) -> None:
+    """The report must be of this model: the examples it found clean-correct are the ones the model
+    gets right here, but for the few that a mixed-precision evaluation may flip (2%, at least 2)."""
+    if not report.clean_correct:
+        return
+    theirs = torch.tensor(report.clean_correct, dtype=torch.bool, device=clean_correct.device)
+    differ = int((theirs != clean_correct).sum())
+    if differ > max(2, math.ceil(_REPORT_DISAGREEMENT * len(theirs))):
+        raise ConfigError(f"the robustness report is not of this model on these examples: it found "
+                          f"{sum(report.clean_correct)} of {len(theirs)} classified correctly, the model "
+                          f"gets {int(clean_correct.sum())} right here, and they differ on {differ}")
+
+
 def analyse(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, attack: Attack,
             report: RobustnessReport, num_classes: int,
             options: AnalysisOptions | None = None) -> ModelAnalysis:
@@ -109,8 +139,8 @@ def analyse(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, atta
     options = options or AnalysisOptions()
     _check_setting(threat, attack, report, len(x))
     device = next(model.parameters(), x).device  # a model without parameters runs where x is
-    x, y = x.to(device), y.to(device)
-    modes = save_modes(model)
+    x, y = x.to(device), as_class_indices(y).to(device)
+    modes = save_modes(model)  # read before wrapping: a new wrapper starts in training mode
     model.eval()
     seconds: dict[str, float] = {}
     try:
@@ -119,7 +149,13 @@ def analyse(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, atta
             if clean_logits.shape[1] != num_classes:
                 raise ConfigError(f"num_classes={num_classes} but the model scores "
                                   f"{clean_logits.shape[1]} classes")
-            x_adv = _attack_all(model, attack, x, y, predicted_class(clean_logits) == y, options.batch_size)
+            clean_correct = predicted_class(clean_logits) == y
+            _check_report_matches(report, clean_correct)
+            if input_gradient(model, x[:1], y[:1]) is None:
+                # as evaluate and the masking verdict do: gradient attacks on a model whose graph
+                # does not reach its input stall on zeros instead of failing inside autograd
+                model = ZeroGradientPath(model)
+            x_adv = _attack_all(model, attack, x, y, clean_correct, options.batch_size)
             adv_logits = _logits(model, x_adv, options)
             metrics = adversarial_metrics(x, x_adv, y, clean_logits, adv_logits, threat, num_classes)
         with _timed(seconds, "margin"):
@@ -232,7 +268,7 @@ def _certified(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, num_
     l2_margin = _minimal_distances(model, x, y, l2, options.margin_steps, options.seed)
     flagged = (radii > l2_margin.to(radii) + _RADIUS_SLACK).nonzero().flatten().tolist()
     top = max(float(radii.max()) if len(radii) else 0.0, options.certify_sigma)
-    curve = certified_accuracy_curve(certificate, y, [top * i / 10 for i in range(11)])
+    curve = certified_accuracy_curve(certificate, y, [top * i / 10 for i in range(11)], num_classes)
     return {"sigma": options.certify_sigma, "n": options.certify_n, "alpha": options.certify_alpha,
             "curve": curve.to_dict(), "radii": [float(r) for r in radii.cpu()],
             "l2_margin": [float(d) for d in l2_margin.cpu()], "above_margin": flagged,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
 
-from fortify.attacks.base import check_label_dtype, check_positive_int
+from fortify.attacks.base import as_class_indices, check_label_range, check_positive_int
 from fortify.errors import ConfigError, DataError
 from fortify.models.modes import evaluation_mode
 from fortify.models.predictions import predicted_class
@@ -250,18 +250,24 @@ class CertifiedCurve:
                 "abstain_rate": self.abstain_rate, "sigma": self.sigma}
 
 
-def certified_accuracy_curve(certificate: Certificate, y: Tensor, radii: Sequence[float]) -> CertifiedCurve:
+def certified_accuracy_curve(certificate: Certificate, y: Tensor, radii: Sequence[float],
+                             num_classes: int | None = None) -> CertifiedCurve:
     """Certified accuracy at each radius r: the share of examples predicted correctly with radius >= r.
 
     With probability at least ``1 - alpha`` per example, it is a lower bound on the smoothed
     classifier's accuracy under any L2 perturbation of norm below r (Cohen et al. 2019, Sec. 4).
+    A label past the classes would count as an error of the model: ``num_classes`` refuses it.
     """
     if y.shape != certificate.predictions.shape:
         raise DataError(f"labels must have shape {tuple(certificate.predictions.shape)}, "
                         f"got {tuple(y.shape)}")
-    check_label_dtype(y)
-    if y.numel() and int(y.min()) < 0:  # a negative label would count as wrong, not as an error
+    if y.numel() == 0:
+        raise DataError("certified accuracy needs at least one example, got an empty certificate")
+    y = as_class_indices(y)
+    if int(y.min()) < 0:  # a negative label would count as wrong, not as an error
         raise DataError(f"labels must be class indices 0..K-1, got {int(y.min())}")
+    if num_classes is not None:
+        check_label_range(y, num_classes)
     if any(not (math.isfinite(r) and r >= 0) for r in radii):
         raise ConfigError(f"radii must be finite numbers >= 0, got {list(radii)}")
     correct = certificate.predictions == y.to(certificate.predictions.device)

@@ -197,7 +197,7 @@ def masking_verdict(
     config = config or MaskingConfig()
     _check_inputs(x, y, threat, transfer_x_adv)
     device = _device_of(model, x)
-    x, y = x.to(device), y.to(device)
+    x, y = x.to(device), y.to(device).long()  # int32 or uint8 labels: losses and gathers take int64
     modes = save_modes(model)
     model.eval()
     try:

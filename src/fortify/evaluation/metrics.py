@@ -9,6 +9,7 @@ Distances are measured in the threat model's norm.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -18,10 +19,10 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import Tensor
 
 from fortify.attacks.adaptive import logit_margin
-from fortify.attacks.base import check_label_dtype, check_label_range
+from fortify.attacks.base import as_class_indices, check_label_range
 from fortify.errors import ConfigError, DataError, ThreatModelViolation
 from fortify.models.predictions import NO_CLASS, predicted_class
-from fortify.threat import ThreatModel
+from fortify.threat import ThreatModel, check_in_box
 
 
 def json_safe(value: Any) -> Any:
@@ -40,14 +41,25 @@ class _Serializable:
         return json_safe(asdict(self))  # type: ignore[call-overload]
 
 
-def _check_logits(logits: Tensor, y: Tensor) -> None:
+def _checked_labels(logits: Tensor, y: Tensor) -> Tensor:
+    """``y`` as int64 class indices, once it is known to fit ``logits`` (N, K)."""
     if logits.dim() != 2 or y.dim() != 1 or logits.shape[0] != y.shape[0]:
         raise DataError(f"expected logits (N, K) and labels (N,), got {tuple(logits.shape)} and "
                         f"{tuple(y.shape)}")
     if y.numel() == 0:
         raise DataError("metrics need at least one example, got an empty batch")
-    check_label_dtype(y)
+    y = as_class_indices(y)
     check_label_range(y, logits.shape[1])
+    return y
+
+
+def _checked_pair(clean_logits: Tensor, adv_logits: Tensor, y: Tensor) -> Tensor:
+    """Labels checked against clean and adversarial logits, which must score the same classes."""
+    if clean_logits.shape != adv_logits.shape:
+        raise DataError(f"clean and adversarial logits must have the same shape (N, K), got "
+                        f"{tuple(clean_logits.shape)} and {tuple(adv_logits.shape)}")
+    _checked_labels(adv_logits, y)
+    return _checked_labels(clean_logits, y)
 
 
 def _mean(t: Tensor) -> float | None:
@@ -64,7 +76,7 @@ def median(t: Tensor) -> float | None:
 
 def accuracy(logits: Tensor, y: Tensor) -> float:
     """Share of examples whose top-1 prediction is the label."""
-    _check_logits(logits, y)
+    y = _checked_labels(logits, y)
     return float((predicted_class(logits) == y).float().mean())
 
 
@@ -84,11 +96,11 @@ class AttackMetrics(_Serializable):
 def attack_metrics(x: Tensor, x_adv: Tensor, y: Tensor, clean_logits: Tensor, adv_logits: Tensor,
                    threat: ThreatModel) -> AttackMetrics:
     """Clean and adversarial accuracy, success rate, and the size of the successful perturbations."""
-    _check_logits(clean_logits, y)
-    _check_logits(adv_logits, y)
+    y = _checked_pair(clean_logits, adv_logits, y)
     if x.shape != x_adv.shape or x.shape[0] != y.shape[0]:
         raise DataError(f"x {tuple(x.shape)} and x_adv {tuple(x_adv.shape)} must match, with one "
                         f"label per example ({y.shape[0]})")
+    check_in_box(x, threat.bounds)  # a clean input outside the box is the data's fault, not the attack's
     outside = ~threat.contains(x_adv, x)
     if bool(outside.any()):  # a point outside the threat model is no success of an attack within it
         raise ThreatModelViolation(f"{int(outside.sum())} of the adversarial points lie outside "
@@ -308,8 +320,7 @@ def entropy_shift(clean_logits: Tensor, adv_logits: Tensor) -> Shift:
 
 def margin_shift(clean_logits: Tensor, adv_logits: Tensor, y: Tensor) -> Shift:
     """Mean logit margin ``z_y - max_{j != y} z_j``, clean and under attack, over all examples."""
-    _check_logits(clean_logits, y)
-    _check_logits(adv_logits, y)
+    y = _checked_pair(clean_logits, adv_logits, y)
     if clean_logits.shape[1] < 2:  # no other class to hold a margin against
         raise DataError(f"expected logits (N, K) with K >= 2, got {tuple(clean_logits.shape)}")
     return _shift("logit_margin", _margin_or_minus_inf(clean_logits, y), _margin_or_minus_inf(adv_logits, y))
@@ -351,9 +362,10 @@ def class_report(predictions: Tensor, y: Tensor, num_classes: int) -> ClassRepor
     if predictions.shape != y.shape or y.dim() != 1 or y.numel() == 0:
         raise DataError(f"predictions {tuple(predictions.shape)} and labels {tuple(y.shape)} must be "
                         "equal non-empty 1-D shapes")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-    check_label_dtype(y)
+    num_classes = int(num_classes)
+    y = as_class_indices(y)
     check_label_range(y, num_classes)
     check_label_range(predictions[predictions != NO_CLASS], num_classes, what="predictions")
     labels = list(range(num_classes))
@@ -378,8 +390,7 @@ class ClassReports(_Serializable):
 def class_reports(clean_logits: Tensor, adv_logits: Tensor, y: Tensor,
                   num_classes: int | None = None) -> ClassReports:
     """Class reports of the clean predictions and of the predictions on the adversarial inputs."""
-    _check_logits(clean_logits, y)
-    _check_logits(adv_logits, y)
+    y = _checked_pair(clean_logits, adv_logits, y)
     if num_classes is not None and num_classes != clean_logits.shape[1]:
         raise DataError(f"num_classes={num_classes} but the logits score {clean_logits.shape[1]} classes")
     num_classes = clean_logits.shape[1]

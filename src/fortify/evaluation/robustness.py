@@ -146,7 +146,7 @@ def evaluate(
         model = AutocastModel(model, amp, device)
     model.eval()
     try:
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device), y.to(device).long()  # int32 or uint8 labels: losses and gathers take int64
         clean_logits = _predict(model, x, batch_size)
         check_label_range(y, clean_logits.shape[-1])  # a label past the model's classes is no 'error'
         warnings = _logit_warnings(clean_logits)
