@@ -572,6 +572,10 @@ def build_attacks(config: EvalConfig, threat: ThreatModel, num_classes: int,
         raise ConfigError(f"attack_options names unknown attacks {sorted(unknown)}; "
                           f"valid names: {', '.join(ATTACKS.names())}")
     names = attack_names(config)
+    if config.preset == "autoattack" and threat.constrained:
+        raise ConfigError("the autoattack preset holds fab-t, which searches the plain ball and cannot keep "
+                          "a feature schema's constraints; under a schema name the attacks instead, e.g. "
+                          "--attacks apgd-ce,apgd-t,square --cascade")
     unread = sorted(set(config.attack_options) - set(names))
     if unread:  # they would be dropped silently, and the results would not be what was asked for
         raise ConfigError(f"attack_options set options for {unread}, which are not among the attacks to "

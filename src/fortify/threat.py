@@ -150,6 +150,17 @@ class ThreatModel:
             delta = direction * _expand(self.eps * u.pow(1.0 / dim), x)
         return self.project(x.to(work) + delta, x)
 
+    @property
+    def constrained(self) -> bool:
+        """Whether a feature schema constrains the ball (``fortify.tabular.ConstrainedThreatModel``)."""
+        return False
+
+    def coordinate_costs(self, x: Tensor) -> Tensor | None:
+        """Per coordinate of one example of ``x``, what a unit change spends of eps (0 where the
+        coordinate may not move); None when every coordinate spends 1, as in the plain ball. An
+        attack that builds its own perturbations (Square) sizes them with it."""
+        return None
+
     def ascent_direction(self, grad: Tensor) -> Tensor:
         """The steepest-ascent unit step for this norm: sign for L-inf, normalised for L2."""
         if self.norm == "linf":

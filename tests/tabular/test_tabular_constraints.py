@@ -426,3 +426,108 @@ def test_the_box_setting_of_an_eps_past_the_box_is_the_whole_box(norm, diameter)
     corner = torch.tensor([[1.0, 0.0]])  # the farthest point of the box
     box.check_inputs(x)
     assert box.contains(corner, x).all()
+
+
+# -- attacks that build their own perturbations, and those that cannot keep a schema ---------------
+
+def _uniform_cost_schema(cost: float, n: int = 12) -> Schema:
+    return Schema(tuple(Feature(f"f{i}", "continuous", 0, 1, cost=cost) for i in range(n)))
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.05), ("l2", 0.15)])
+def test_square_under_a_uniform_cost_searches_the_plain_ball_it_equals(norm, eps):
+    # every feature at cost 0.25: the schema's budget eps is the plain ball of 4 eps. Square built its
+    # vertices at eps in model units, which the projection left at a quarter of the allowed set
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = 0.3 + 0.4 * torch.rand(64, 12, generator=torch.Generator().manual_seed(1))
+    y = model(x).argmax(1)
+    constrained = ConstrainedThreatModel(norm, eps, schema=_uniform_cost_schema(0.25))
+    plain = ThreatModel(norm, 4 * eps)
+    x_schema = Square(constrained, n_queries=200, seed=3)(model, x, y)
+    x_plain = Square(plain, n_queries=200, seed=3)(model, x, y)
+    torch.testing.assert_close(x_schema, x_plain, atol=1e-5, rtol=0)
+    assert float(constrained.distance(x_schema, x).max()) == pytest.approx(eps, rel=1e-4)
+
+
+def test_square_spends_the_whole_l2_budget_on_the_mutable_features():
+    # half the features immutable: Square's l2 perturbation used to spread over them too, and the
+    # projection's reset of those left the point short of the budget
+    features = tuple(Feature(f"f{i}", "continuous", 0, 1, mutable=i % 2 == 0) for i in range(12))
+    threat = ConstrainedThreatModel("l2", 0.1, schema=Schema(features))
+    model = nn.Linear(12, 2)
+    with torch.no_grad():  # a wide margin: nothing falls, and every answer is a point of the search
+        model.weight.copy_(torch.tensor([[0.1] * 12, [-0.1] * 12]))
+        model.bias.copy_(torch.tensor([5.0, 0.0]))
+    x = 0.4 + 0.2 * torch.rand(16, 12, generator=torch.Generator().manual_seed(0))
+    x_adv = Square(threat, n_queries=30)(model, x, torch.zeros(16, dtype=torch.long))
+    assert_feasible(threat, x, x_adv)
+    assert bool((threat.distance(x_adv, x) >= 0.1 * (1 - 1e-4)).all())
+
+
+@pytest.mark.parametrize("name, norm", [("fmn", "linf"), ("fab", "linf"), ("fab-t", "l2"), ("cw", "l2"),
+                                        ("hopskipjump", "linf")])
+def test_an_attack_that_searches_the_plain_ball_refuses_a_schema(schema, name, norm):
+    # HopSkipJump moved immutable features in every candidate, so none was in the threat model, and
+    # its robust accuracy equalled the clean one; FMN's margins all read 0
+    from fortify.attacks.base import ATTACKS
+
+    threat = ConstrainedThreatModel(norm, 0.1, schema=schema)
+    with pytest.raises(ConfigError, match=f"'{name}' searches the plain {norm} ball.*use: apgd-ce"):
+        ATTACKS.get(name)(threat)
+    plain = ATTACKS.get(name)(ThreatModel(norm, 0.1))
+    with pytest.raises(ConfigError, match="cannot keep a feature schema"):
+        plain.with_threat(threat)
+
+
+def test_the_analysis_margin_under_a_schema_is_the_first_sweep_eps_the_closed_form_says_fools():
+    # Prepare: a linear model on continuous features of several costs, one immutable. Lowering the
+    # margin z_y - z_other at budget e moves each mutable feature f against w_f by min(e / cost_f, the
+    # room to its box face), so the example falls first at the sweep's smallest e where
+    # sum_f |w_f| min(e / cost_f, room_f) exceeds the margin
+    from fortify.evaluation.analysis import AnalysisOptions, analyse
+
+    costs = (0.5, 1.0, 2.0, 1.0, 0.5, 1.0)
+    features = tuple(Feature(f"f{i}", "continuous", 0, 1, cost=c, mutable=i != 3)
+                     for i, c in enumerate(costs))
+    eps = 0.05
+    threat = ConstrainedThreatModel("linf", eps, schema=Schema(features))
+    torch.manual_seed(0)
+    model = nn.Linear(6, 2)
+    with torch.no_grad():  # the boundary through the centre: distances from 0 to past 4 eps
+        model.bias.copy_(torch.tensor([-0.5 * float(model.weight[0].sum() - model.weight[1].sum()), 0.0]))
+    x = 0.2 + 0.6 * torch.rand(60, 6, generator=torch.Generator().manual_seed(0))
+    y = model(x).argmax(1)
+    pgd = PGD(threat, steps=10)
+    report = evaluate(model, x, y, [pgd], threat, eps_grid=[])
+    # Execute
+    analysis = analyse(model, x, y, threat, attack=pgd, report=report, num_classes=2,
+                       options=AnalysisOptions(margin_examples=60, margin_steps=30, certify_examples=2,
+                                               certify_n=20, masking_examples=8))
+    # Assert
+    w = (model.weight[0] - model.weight[1]).detach().double()
+    sign = torch.where(y == 0, 1.0, -1.0).double()[:, None]  # the margin's gradient is sign * w
+    margin = (sign[:, 0] * (x.double() @ w + float(model.bias[0] - model.bias[1])))
+    room = torch.where(sign * w > 0, x.double(), 1 - x.double())  # lowering moves against sign * w
+    mutable = torch.tensor([i != 3 for i in range(6)])
+    cost = torch.tensor(costs, dtype=torch.float64)
+    expected = []
+    for i in range(len(x)):
+        reach = [float((w.abs() * torch.minimum(k * eps / 4 / cost, room[i]))[mutable].sum())
+                 for k in range(1, 17)]
+        falls = [k * eps / 4 for k, r in zip(range(1, 17), reach, strict=True) if r > float(margin[i])]
+        expected.append(falls[0] if falls else math.inf)
+    assert analysis.margin["attack"] == "pgd-30 sweep"
+    assert analysis.margin["distances"] == pytest.approx(expected, rel=1e-9)
+    assert any(math.isinf(d) for d in expected) and any(d <= eps for d in expected)
+
+
+def test_the_autoattack_preset_is_refused_under_a_schema_with_the_attacks_to_name_instead(schema):
+    from fortify.config import EvalConfig
+    from fortify.pipeline import build_attacks
+
+    threat = ConstrainedThreatModel("linf", 0.1, schema=schema)
+    with pytest.raises(ConfigError, match="autoattack preset holds fab-t.*--attacks apgd-ce,apgd-t,square"):
+        build_attacks(EvalConfig(preset="autoattack"), threat, num_classes=4)
+    attacks = build_attacks(EvalConfig(attacks=["apgd-ce", "apgd-t", "square"]), threat, num_classes=4)
+    assert [type(a).__name__ for a in attacks] == ["APGD", "APGDTargeted", "Square"]

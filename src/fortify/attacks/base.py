@@ -33,6 +33,10 @@ class Attack(ABC):
 
     name: ClassVar[str] = "attack"
     supported_norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+    # whether the attack moves only through the threat model's own steps and projection, and so
+    # keeps a feature schema's constraints (fortify.tabular); the minimal-norm and decision-based
+    # attacks search the plain ball and do not
+    keeps_feature_schema: ClassVar[bool] = True
 
     def __init__(self, threat: ThreatModel, *, targeted: bool = False, seed: int = 0) -> None:
         if threat.norm not in self.supported_norms:
@@ -40,6 +44,7 @@ class Attack(ABC):
                 f"attack {self.name!r} does not support norm {threat.norm!r}; "
                 f"supported: {', '.join(self.supported_norms)}"
             )
+        self._check_schema(threat)
         self.threat = threat
         self.targeted = targeted
         self.seed = int(seed)
@@ -105,9 +110,18 @@ class Attack(ABC):
         if threat.norm != self.threat.norm:
             raise ConfigError(f"{self.name} was built for {self.threat.norm}; build a new attack for "
                               f"{threat.norm} instead of re-targeting it")
+        self._check_schema(threat)
         clone = copy.copy(self)
         clone.threat = threat
         return clone
+
+    def _check_schema(self, threat: ThreatModel) -> None:
+        """Refuse a feature schema this attack would not keep: its points would move immutable
+        features, so every one of them would be refused and the model would look robust."""
+        if threat.constrained and not self.keeps_feature_schema:
+            keeping = [name for name in ATTACKS.names() if _keeps_feature_schema(ATTACKS.get(name))]
+            raise ConfigError(f"attack {self.name!r} searches the plain {threat.norm} ball and cannot keep "
+                              f"a feature schema's constraints; under a schema use: {', '.join(keeping)}")
 
     @property
     def label(self) -> str:
@@ -218,6 +232,11 @@ def cross_entropy_logit_gradient(logits: Tensor, label: Tensor) -> Tensor:
     gradient = F.softmax(work, dim=1)
     gradient[torch.arange(label.shape[0], device=label.device), label] -= 1
     return gradient
+
+
+def _keeps_feature_schema(factory: object) -> bool:
+    """A registered attack's ``keeps_feature_schema``; its factory is a class or a partial of one."""
+    return bool(getattr(getattr(factory, "func", factory), "keeps_feature_schema", True))
 
 
 def check_label_dtype(y: Tensor, what: str = "labels") -> None:

@@ -139,6 +139,7 @@ class FAB(Attack):
     """
 
     name = "fab"
+    keeps_feature_schema = False  # its projections onto linearised boundaries are in the plain norm
 
     def __init__(
         self,

@@ -58,6 +58,8 @@ class MinimalNormAttack(Attack):
     keep the common contract.
     """
 
+    keeps_feature_schema = False  # they measure and step in the plain norm
+
     def minimal(
         self,
         model: nn.Module,

@@ -53,6 +53,7 @@ class HopSkipJump(Attack):
     """Untargeted HopSkipJump under an L-inf or L2 threat model, using argmax labels only."""
 
     name = "hopskipjump"
+    keeps_feature_schema = False  # it starts from noise over the whole box and bisects every coordinate
 
     def __init__(
         self,

@@ -134,7 +134,7 @@ class Square(Attack):
         """Vertical stripes: one random +-eps per (example, channel, column)."""
         n, c, _, w = clean.shape
         signs = _random_signs((n, c, 1, w), clean, generator)
-        return self.threat.project(clean + self.threat.eps * signs, clean)
+        return self.threat.project(clean + self.threat.eps * self._as_change(signs, clean), clean)
 
     def _propose_linf(self, clean: Tensor, best: Tensor, p: float, generator: torch.Generator) -> Tensor:
         """Set one random window to a random vertex of the ball (one sign per channel).
@@ -156,7 +156,31 @@ class Square(Attack):
 
     def _vertex_in_window(self, clean: Tensor, best: Tensor, signs: Tensor, window: Tensor) -> Tensor:
         # the box clip keeps a vertex distinct from its flip: clip(x + eps) > clip(x - eps) for x in the box
-        return torch.where(window, self.threat.project(clean + self.threat.eps * signs, clean), best)
+        vertex = clean + self.threat.eps * self._as_change(signs, clean)
+        return torch.where(window, self.threat.project(vertex, clean), best)
+
+    # -- the threat's budget --------------------------------------------------------------------
+    # The search builds its perturbations in budget units: a coordinate's change times what it spends
+    # of eps (``ThreatModel.coordinate_costs``: 1 everywhere in a plain ball). Under a feature schema
+    # (fortify.tabular) a cheap feature may then move eps / cost, and an immutable one not at all,
+    # instead of every coordinate eps, which the projection would have clipped to a fraction of the set.
+
+    def _as_change(self, budget: Tensor, clean: Tensor) -> Tensor:
+        """A perturbation in budget units as a change of the input."""
+        costs = self.threat.coordinate_costs(clean)
+        if costs is None:
+            return budget
+        return torch.where(costs > 0, budget / costs.clamp_min(_division_guard(costs.dtype)), 0.0)
+
+    def _as_budget(self, change: Tensor, clean: Tensor) -> Tensor:
+        """A change of the input in budget units (0 where a coordinate may not move)."""
+        costs = self.threat.coordinate_costs(clean)
+        return change if costs is None else change * costs
+
+    def _movable(self, budget: Tensor, clean: Tensor) -> Tensor:
+        """``budget`` with its coordinates that may not move set to 0, before it is scaled to eps."""
+        costs = self.threat.coordinate_costs(clean)
+        return budget if costs is None else torch.where(costs > 0, budget, 0.0)
 
     # -- L2 -----------------------------------------------------------------------------------
 
@@ -175,8 +199,8 @@ class Square(Attack):
             pattern = torch.where(per_pixel_flip, flipped[rows.offset][:, cols.offset], pattern)
         signs = _random_signs((n, c, rows.count, cols.count), clean, generator)
         valid = rows.valid[:, None] & cols.valid[None, :]
-        delta = pattern * signs[:, :, rows.tile][:, :, :, cols.tile] * valid
-        return self.threat.project(clean + self.threat.eps * _unit_l2(delta), clean)
+        delta = self._movable(pattern * signs[:, :, rows.tile][:, :, :, cols.tile] * valid, clean)
+        return self.threat.project(clean + self.threat.eps * self._as_change(_unit_l2(delta), clean), clean)
 
     def _propose_l2(self, clean: Tensor, best: Tensor, p: float, generator: torch.Generator) -> Tensor:
         """Move mass from a second window into a first one (Algorithm 3 of the paper), per channel.
@@ -191,7 +215,7 @@ class Square(Attack):
         shape = _window_shape(side, h, w)
         first = _windows(n, shape, h, w, clean.device, generator)
         second = _windows(n, shape, h, w, clean.device, generator)
-        delta = best - clean
+        delta = self._as_budget(best - clean, clean)
         spare = (self.threat.eps ** 2 - _sq_norm(delta, (1, 2, 3))).clamp_min(0) / c
         both = _sq_norm(delta * (first.mask | second.mask), (2, 3))
         old = delta * first.mask
@@ -200,8 +224,8 @@ class Square(Attack):
         guard = _division_guard(old.dtype)
         fresh = bump + old / (_sq_norm(old, (2, 3)).sqrt() + guard)
         fresh = fresh / (_sq_norm(fresh, (2, 3)).sqrt() + guard) * (spare + both).sqrt()
-        delta = torch.where(first.mask, fresh, delta * ~second.mask)
-        return self.threat.project(clean + self.threat.eps * _unit_l2(delta), clean)
+        delta = self._movable(torch.where(first.mask, fresh, delta * ~second.mask), clean)
+        return self.threat.project(clean + self.threat.eps * self._as_change(_unit_l2(delta), clean), clean)
 
     def _placed_bump(self, window: _Windows, shape: tuple[int, int], like: Tensor,
                      generator: torch.Generator) -> Tensor:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import Attack, as_class_indices, check_positive_int
 from fortify.attacks.fmn import FMN
+from fortify.attacks.pgd import PGD
 from fortify.errors import ConfigError, ThreatModelViolation
 from fortify.evaluation.certify import certified_accuracy_curve, certify
 from fortify.evaluation.gradients import ZeroGradientPath, input_gradient
@@ -29,6 +30,7 @@ from fortify.evaluation.metrics import (
     adversarial_metrics,
     distance_summary,
     json_safe,
+    minimal_distances_from_sweep,
     robustness_score,
 )
 from fortify.evaluation.robustness import RobustnessReport
@@ -44,6 +46,8 @@ _RADIUS_SLACK = 1e-6
 # the share of examples whose clean correctness may differ between the report and the model
 # analysed: mixed precision (the report's evaluation under autocast) flips a few near the boundary
 _REPORT_DISAGREEMENT = 0.02
+# the resolution of the PGD sweep that measures margins under a feature schema: eps / 4
+_SWEEP_STEPS_PER_EPS = 4
 
 
 @dataclass(frozen=True)
@@ -240,11 +244,36 @@ def _minimal_distances(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatMod
 def _margin(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
             options: AnalysisOptions) -> dict[str, Any]:
     n = options.margin_examples
-    distances = _minimal_distances(model, x[:n], y[:n], threat, options.margin_steps, options.seed)
+    if threat.constrained:
+        distances = _swept_distances(model, x[:n], y[:n], threat, options)
+        attack = f"pgd-{options.margin_steps} sweep"
+    else:
+        distances = _minimal_distances(model, x[:n], y[:n], threat, options.margin_steps, options.seed)
+        attack = f"fmn-{options.margin_steps}"
     grid = sorted({threat.eps * f for f in (0.25, 0.5, 1.0, 1.5, 2.0)})
-    return {"norm": threat.norm, "attack": f"fmn-{options.margin_steps}", "eps": threat.eps,
+    return {"norm": threat.norm, "attack": attack, "eps": threat.eps,
             "summary": distance_summary(distances, grid).to_dict(),
             "distances": [float(d) for d in distances.cpu()]}
+
+
+def _swept_distances(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
+                     options: AnalysisOptions) -> Tensor:
+    """Under a feature schema, where FMN's search in the plain norm does not apply: per example the
+    smallest eps of a PGD sweep (eps / 4 to 4 eps in steps of eps / 4) at which PGD fools it, an
+    upper bound on its distance in the schema's weighted norm to the grid's resolution (0 if
+    misclassified, inf if no eps of the sweep fools it)."""
+    # eps * (k / 4) is bit for bit the summary's eps * 0.25, 0.5, 1, 1.5 and 2
+    grid = [threat.eps * (k / _SWEEP_STEPS_PER_EPS) for k in range(1, 4 * _SWEEP_STEPS_PER_EPS + 1)]
+    with torch.inference_mode():
+        correct = predicted_class(model(x)) == y
+    fooled = []
+    for eps in grid:
+        pgd = PGD(threat.with_eps(eps), steps=options.margin_steps, early_stop=True, probe=True,
+                  seed=options.seed)
+        x_adv = pgd(model, x, y)
+        with torch.inference_mode():
+            fooled.append(predicted_class(model(x_adv)) != y)
+    return minimal_distances_from_sweep(grid, torch.stack(fooled), correct)
 
 
 def _certified(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, num_classes: int,

@@ -238,6 +238,17 @@ class ConstrainedThreatModel(ThreatModel):
         v = torch.where(lay.kind == CATEGORY, noise, v)
         return self.project(v.to(x.dtype), x).reshape(shape)
 
+    @property
+    def constrained(self) -> bool:
+        return True
+
+    def coordinate_costs(self, x: Tensor) -> Tensor:
+        """Each column's cost (a numeric feature's change in scaled units spends cost times it), 0 on
+        immutable columns; in the shape of one example of ``x``."""
+        lay = self.layout(x.device)
+        costs = torch.where(lay.mutable, lay.cost, torch.zeros_like(lay.cost))
+        return costs.to(x.dtype).reshape(x.shape[1:])
+
     def ascent_direction(self, grad: Tensor) -> Tensor:
         """Steepest ascent for the weighted norm, zero on immutable columns and forbidden directions.
 
