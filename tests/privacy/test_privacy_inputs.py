@@ -297,3 +297,40 @@ def test_the_audit_refuses_data_outside_its_box_and_a_reversed_box():
         audit(_model(), *_halves(255 * x, y), attacks=["loss"])
     with pytest.raises(ConfigError, match=r"bounds must be two finite numbers with low < high, got \(1, 0\)"):
         audit(_model(), *_halves(x, y), attacks=["loss"], bounds=(1, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+@pytest.mark.parametrize("statistic", ["loss", "confidence", "modified-entropy"])
+def test_narrow_integer_labels_give_the_int64_membership_result(statistic, dtype):
+    # they passed the label check, then failed in gather or one_hot
+    x = _inputs(40)
+    y = torch.arange(40) % 3
+    wide = threshold_attack(_model(), *_halves(x, y), statistic=statistic, fprs=())
+    narrow = threshold_attack(_model(), *_halves(x, y.to(dtype)), statistic=statistic, fprs=())
+    assert narrow.to_dict() | {"seconds": 0} == wide.to_dict() | {"seconds": 0}
+
+
+def _lira_scores(target: nn.Module, references: list[nn.Module], bright: list[int]) -> torch.Tensor:
+    """Online LiRA scores of 40 candidates, the pool of the references; ``bright`` rows get a first
+    value above 0.9, where ``_NaNForBrightInputs`` returns NaN logits."""
+    from fortify.privacy import ReferenceModels, lira_member_scores
+    from fortify.privacy.lira import half_assignment
+
+    x = torch.rand(40, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    x[:, 0, 0, 0] = 0.5
+    x[bright, 0, 0, 0] = 0.95
+    y = torch.arange(40) % 3
+    refs = ReferenceModels(references, Split(x, y), half_assignment(len(references), 40,
+                                                                    torch.Generator().manual_seed(0)))
+    return lira_member_scores(target, Split(x, y), refs, online=True)
+
+
+def test_a_nan_row_of_the_target_gets_the_least_member_like_lira_score():
+    # LiRA let the NaN through to the metrics, which refused it without naming a model or example
+    scores = _lira_scores(_NaNForBrightInputs(), [_model() for _ in range(4)], bright=[0, 1, 2])
+    assert bool((scores[:3] == -math.inf).all()) and bool(torch.isfinite(scores[3:]).all())
+
+
+def test_a_reference_model_with_nan_logits_is_named():
+    with pytest.raises(DataError, match="reference model 2 returns NaN logits for candidate 5"):
+        _lira_scores(_model(), [_model(), _model(), _NaNForBrightInputs(), _model()], bright=[5])

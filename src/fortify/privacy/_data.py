@@ -142,7 +142,7 @@ def to_model(model: nn.Module, x: Tensor) -> Tensor:
 
 def logit_confidence(logits: Tensor, y: Tensor) -> Tensor:
     """``phi = log(p_y / (1 - p_y))``, computed as ``z_y - logsumexp_{i != y} z_i`` to stay exact."""
-    z = logits.double()
+    z, y = logits.double(), y.long()  # int32 or uint8 labels: gather and scatter take int64
     true = z.gather(1, y.unsqueeze(1)).squeeze(1)
     others = z.scatter(1, y.unsqueeze(1), -math.inf).logsumexp(dim=1)
     return true - others

@@ -368,7 +368,18 @@ def lira_member_scores(model: nn.Module, candidates: Split, references: Referenc
     in_mask = _in_mask(references, candidates, online)
     _check_counts(in_mask, online, global_variance)
     phi = _query_phi([model, *references.models], candidates, queries, batch_size)
-    return lira_scores(phi[0], phi[1:], in_mask, online=online, global_variance=global_variance)
+    unusable = torch.isnan(phi[1:]).any(dim=-1).nonzero()
+    if unusable.numel():  # a Gaussian fit through a NaN is no fit: name the model and the example
+        reference, example = unusable[0].tolist()
+        raise DataError(f"reference model {reference} returns NaN logits for candidate {example} "
+                        f"({len(unusable)} (model, candidate) pairs in all); LiRA fits each candidate's "
+                        "scores across the reference models and cannot use them")
+    # a target row with a NaN logit predicts no class (fortify.models.predictions): the least
+    # member-like score, as the threshold attacks give it
+    no_class = torch.isnan(phi[0]).any(dim=-1)
+    scores = lira_scores(torch.where(torch.isnan(phi[0]), 0.0, phi[0]), phi[1:], in_mask, online=online,
+                         global_variance=global_variance)
+    return torch.where(no_class, -math.inf, scores)
 
 
 def lira_attack(model: nn.Module, members: Split, non_members: Split, references: ReferenceModels,

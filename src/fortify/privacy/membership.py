@@ -77,7 +77,7 @@ def modified_entropy_scores(logits: Tensor, y: Tensor) -> Tensor:
     log_p = logits.double().log_softmax(dim=1)
     p = log_p.exp()
     log_1mp = _log1mexp(log_p.clamp(max=0.0))
-    true = F.one_hot(y, logits.shape[1]).bool()
+    true = F.one_hot(y.long(), logits.shape[1]).bool()
     # the true class's term from phi = log(p_y / (1 - p_y)): 1 - p_y = sigmoid(-phi) and
     # -log p_y = softplus(-phi) stay exact where p_y rounds to 1 (a margin past ~35 in float64),
     # the most confident examples, which decide the TPR at a low FPR

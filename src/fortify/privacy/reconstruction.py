@@ -36,6 +36,9 @@ from fortify.privacy._data import check_model_takes_labels, model_device, model_
 from fortify.privacy.similarity import best_assignment, psnr, ssim, total_variation
 from fortify.training.objectives import check_label_smoothing
 
+# rows whose lengths differ by less than this share are taken for mirror images (infer_labels)
+_NORM_TIE = 1e-3
+
 Method = Literal["dlg", "idlg", "inverting-gradients"]
 METHODS: tuple[str, ...] = ("dlg", "idlg", "inverting-gradients")
 
@@ -150,7 +153,8 @@ def shared_gradient(model: nn.Module, x: Tensor, y: Tensor, *, clip_norm: float 
                           "exist only where no batch statistic mixes the examples")
     check_label_smoothing(label_smoothing)
     device = model_device(model)
-    x, y = x.to(device), y.to(device)
+    # the model's dtype (float64 data from numpy, or a float64 model) and int64 labels, as the loss takes
+    x, y = x.to(device=device, dtype=model_dtype(model, x.dtype)), y.to(device).long()
     check_model_takes_labels(model, x[:1], y, "labels")
     with client_mode(model, batch_statistics), torch.enable_grad():
         if clip_norm is None:
@@ -210,8 +214,11 @@ def infer_labels(model: nn.Module, gradient: Sequence[Tensor], batch_size: int, 
 
     Without a bias, one example's weight rows are ``(p_c - [c = y]) h`` for its features ``h``: the
     true class's row points against all others and is the longest (``1 - p_y`` is the sum of the
-    other ``p_c``), so it is found whatever the features' signs. For a batch the rows' sums stand in
-    for the bias, which holds where the features are non-negative (after a ReLU).
+    other ``p_c``), so it is found whatever the features' signs, unless another row is as long: with
+    two classes, or when one wrong class holds all the rest of the probability, the two rows are
+    mirror images, and their sums decide, as for a batch. The sums stand in for the bias where the
+    features are non-negative (after a ReLU, or raw pixels); with features of both signs a
+    two-class label cannot be told from the weight gradient alone.
     """
     batch_size = check_positive_int("batch_size", batch_size)
     layer = _output_layer(model, input_shape)
@@ -219,8 +226,15 @@ def infer_labels(model: nn.Module, gradient: Sequence[Tensor], batch_size: int, 
         signal = _gradient_of(model, gradient, layer.bias)
     elif batch_size == 1:
         rows = _gradient_of(model, gradient, layer.weight)
-        longest = rows[rows.norm(dim=1).argmax()]
-        signal = -(rows @ longest)  # the longest row most negative, the rows against it positive
+        norms = rows.norm(dim=1)
+        if len(rows) > 1 and float(norms.topk(2).values[1]) >= (1 - _NORM_TIE) * float(norms.max()):
+            # two rows of one length: the true class's and one that took all the other probability
+            # (always so with two classes), mirror images of each other; only their sign tells
+            # them apart, which the row sums read where the features are non-negative
+            signal = rows.sum(dim=1)
+        else:
+            longest = rows[norms.argmax()]
+            signal = -(rows @ longest)  # the longest row most negative, the rows against it positive
     else:
         signal = _gradient_of(model, gradient, layer.weight).sum(dim=1)
     order = signal.argsort()
@@ -244,9 +258,11 @@ def _cosine_distance(trial: Sequence[Tensor], target: Sequence[Tensor]) -> Tenso
 
 
 def _dummy(shape: Sequence[int], bounds: tuple[float, float], generator: torch.Generator,
-           device: torch.device) -> Tensor:
+           device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The starting image, in the model's dtype (drawn in float32 whatever it is, so that a seed
+    gives the same start for every dtype)."""
     lo, hi = bounds
-    return (lo + (hi - lo) * torch.rand(tuple(shape), generator=generator)).to(device)
+    return (lo + (hi - lo) * torch.rand(tuple(shape), generator=generator)).to(device=device, dtype=dtype)
 
 
 def _lbfgs_match(model: nn.Module, target: Sequence[Tensor], x: Tensor, soft_labels: Tensor | None,
@@ -346,6 +362,7 @@ def reconstruct(model: nn.Module, gradient: Sequence[Tensor], input_shape: Seque
     target = [g.detach().to(device) for g in gradient]
     probe = torch.zeros(1, *input_shape, device=device, dtype=target[0].dtype)
     if labels is not None:
+        labels = labels.long()  # int32 or uint8 labels: the cross-entropy takes int64
         check_model_takes_labels(model, probe, labels.to(device), "labels")
     elif method != "dlg":
         if label_smoothing > 0:
@@ -376,8 +393,8 @@ def _one_start(model: nn.Module, target: list[Tensor], input_shape: Sequence[int
                method: str, labels: Tensor | None, steps: int, lr: float, tv_weight: float,
                signed: bool, bounds: tuple[float, float], label_smoothing: float,
                generator: torch.Generator) -> GradientReconstruction:
-    device = target[0].device
-    x = _dummy((batch_size, *input_shape), bounds, generator, device).requires_grad_(True)
+    device, dtype = target[0].device, target[0].dtype
+    x = _dummy((batch_size, *input_shape), bounds, generator, device, dtype).requires_grad_(True)
     with torch.enable_grad():
         if method == "inverting-gradients":
             assert labels is not None
@@ -388,7 +405,8 @@ def _one_start(model: nn.Module, target: list[Tensor], input_shape: Sequence[int
         else:
             with torch.no_grad():
                 classes = model(x).shape[1]
-            soft = (torch.randn(batch_size, classes, generator=generator).to(device).requires_grad_(True)
+            soft = (torch.randn(batch_size, classes, generator=generator).to(device=device, dtype=dtype)
+                    .requires_grad_(True)
                     if labels is None else None)  # only DLG without known labels guesses them
             y = None if labels is None else labels.to(device)
             loss = _lbfgs_match(model, target, x, soft, y, steps, bounds, label_smoothing)
