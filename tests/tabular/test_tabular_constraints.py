@@ -531,3 +531,28 @@ def test_the_autoattack_preset_is_refused_under_a_schema_with_the_attacks_to_nam
         build_attacks(EvalConfig(preset="autoattack"), threat, num_classes=4)
     attacks = build_attacks(EvalConfig(attacks=["apgd-ce", "apgd-t", "square"]), threat, num_classes=4)
     assert [type(a).__name__ for a in attacks] == ["APGD", "APGDTargeted", "Square"]
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_free_at_carries_a_perturbation_in_the_schemas_weighted_ball(norm):
+    # Free AT clipped its carried perturbation to the plain ball, so a feature of cost 0.25 never got
+    # past eps (PGD on the same threat moves it to eps / cost) and an immutable one moved
+    from fortify.training.methods import MethodOptions, build_objective
+
+    schema = Schema((Feature("a", "continuous", 0, 1, cost=0.25), Feature("b", "continuous", 0, 1),
+                     Feature("c", "continuous", 0, 1, mutable=False)))
+    threat = ConstrainedThreatModel(norm, 0.1, schema=schema)
+    x, y = torch.full((2, 3), 0.5), torch.tensor([0, 1])
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    free = build_objective("free", MethodOptions(threat, free_replays=8))
+    for _ in range(8):
+        loss = free(model, x, y)
+        model.zero_grad()
+        loss.backward()
+        free.after_backward(model)
+    delta = free.delta
+    assert bool((delta[:, 2] == 0).all())  # immutable
+    assert float(threat.distance(x + delta, x).max()) == pytest.approx(0.1, rel=1e-5)  # the whole budget
+    if norm == "linf":  # each feature to its own cap: eps / cost
+        torch.testing.assert_close(delta[:, :2].abs(), torch.tensor([[0.4, 0.1], [0.4, 0.1]]))

@@ -329,6 +329,22 @@ def test_under_two_processes_each_share_of_the_last_batch_needs_two_examples(n_t
         trainer._check_smallest_share(n_train, probe)
 
 
+def test_extra_data_counts_towards_the_last_batch(tmp_path):
+    # batch size 10, half of it extra (5 real + 5 extra): 6 real examples leave a last batch of 1 real
+    # and 1 extra example, which batch norm trains on; the check counted the real one alone and refused
+    extra = tmp_path / "extra.npz"
+    np.savez(extra, x=np.random.default_rng(0).random((20, 1, 8, 8), dtype=np.float32),
+             y=np.arange(20) % 3)
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(6) % 3
+    config = TrainConfig(objective="standard", epochs=1, batch_size=10, extra_data=str(extra),
+                         extra_fraction=0.5, channels_last=False, early_stopping=False)
+    trainer = Trainer(_batchnorm_model(False), build_objective("standard", ObjectiveOptions(THREAT)), config,
+                      threat=THREAT, show_progress=False)
+    assert trainer.batch_recipe.plan.extra_for(1) == 1
+    trainer.fit(Split(x, y), Split(x[:4], y[:4]))
+
+
 def test_a_model_without_parameters_is_refused():
     with pytest.raises(ConfigError, match="the model has no parameters to train"):
         Trainer(nn.Flatten(), build_objective("standard", ObjectiveOptions(THREAT)),

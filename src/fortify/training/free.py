@@ -75,7 +75,7 @@ class FreeObjective(Objective):
         assert self.delta is not None
         rows = self.delta[: point.shape[0]]
         stepped = rows + self.step_size * self.threat.ascent_direction(point.grad)
-        rows.copy_(ball_about_zero(self.threat).project(stepped, torch.zeros_like(stepped)))
+        rows.copy_(perturbation_in_ball(self.threat, stepped))
         self._point = None  # release the batch and its graph
 
     def _delta_for(self, x: Tensor) -> Tensor:
@@ -109,3 +109,16 @@ def ball_about_zero(threat: ThreatModel) -> ThreatModel:
     """``threat``'s eps ball about 0 in a box that holds the whole ball, for projecting a perturbation
     rather than a point: the box clip after the ball projection moves nothing."""
     return ThreatModel(threat.norm, threat.eps, bounds=(-threat.eps, threat.eps))
+
+
+def perturbation_in_ball(threat: ThreatModel, delta: Tensor) -> Tensor:
+    """``delta`` projected onto ``threat``'s eps ball about 0. Under a feature schema the ball is
+    weighted (``ThreatModel.coordinate_costs``): a feature may move eps / cost, an immutable one not
+    at all; the schema's directions, bounds and types then hold for the model's input ``x + delta``,
+    which the threat model projects."""
+    costs = threat.coordinate_costs(delta)
+    ball = ball_about_zero(threat)
+    if costs is None:
+        return ball.project(delta, torch.zeros_like(delta))
+    budget = ball.project(delta * costs, torch.zeros_like(delta))  # the plain ball, in budget units
+    return torch.where(costs > 0, budget / costs.clamp_min(torch.finfo(costs.dtype).tiny), 0.0)

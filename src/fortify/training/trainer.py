@@ -313,7 +313,9 @@ class Trainer:
         every rank, an epoch in. Probed with one training-mode pass that changes nothing."""
         ranks = 1 if self.distributed is None else self.distributed.world_size
         real = self.batch_recipe.real_batch_size
-        last = n_train % real or real  # real examples in the last batch (extra data adds to it)
+        last = n_train % real or real  # real examples in the last batch
+        if self.config.extra_data is not None:  # mixed in before the batch is dealt out to the ranks
+            last += self.batch_recipe.plan.extra_for(last)
         if last // ranks >= 2:
             return
         try:
