@@ -157,8 +157,9 @@ class ThreatModel:
 
     def coordinate_costs(self, x: Tensor) -> Tensor | None:
         """Per coordinate of one example of ``x``, what a unit change spends of eps (0 where the
-        coordinate may not move); None when every coordinate spends 1, as in the plain ball. An
-        attack that builds its own perturbations (Square) sizes them with it."""
+        coordinate may not move); None when every coordinate spends 1, as in the plain ball. What
+        builds its own perturbations sizes them with it: Square's proposals, Free AT's carried
+        perturbation."""
         return None
 
     def ascent_direction(self, grad: Tensor) -> Tensor:
