@@ -628,3 +628,16 @@ def test_an_archive_compressed_past_deflates_ratio_by_another_method_is_read(tmp
     data = load_dataset("npz", DataOptions(path=path, val_fraction=0.2, test_fraction=0.2, seed=0))
     # Assert
     assert len(data.train) + len(data.val) + len(data.test) == 20_000
+
+
+def test_a_class_the_split_puts_only_in_test_or_validation_is_refused(tmp_path):
+    # one example of class 2: the seeded split put it in the test split, and the model was scored on
+    # a class it never saw (the CSV loader and y_test already refused that)
+    y = np.r_[np.zeros(50, int), np.ones(49, int), [2]]
+    options = write_npz(tmp_path, x=RNG.random((100, 5)), y=y)
+    message = load_error(DataOptions(path=options.path, seed=4))
+    assert "class(es) 2 of y fell entirely into the test split" in message
+    # with a fixed test split, validation is carved out of y: the class may fall there alone
+    both = write_npz(tmp_path, x=RNG.random((100, 5)), y=y, x_test=RNG.random((6, 5)),
+                     y_test=np.arange(6) % 3)
+    assert "fell entirely into the validation split" in load_error(DataOptions(path=both.path, seed=30))

@@ -313,3 +313,22 @@ def test_the_registry_builds_every_defence_and_lists_names_on_a_miss():
         assert DEFENCES.get(name)(model)(x).shape == (2, 10)
     with pytest.raises(UnknownNameError, match="jpeg"):
         DEFENCES.get("jpg")
+
+
+def test_seeds_past_two_to_the_53_stay_distinct_and_the_largest_is_taken():
+    # seeds went through float: 2**53 and 2**53 + 1 drew the same noise, and 2**63 - 1 was refused
+    x = torch.zeros(1, 4)
+    a, b = GaussianNoise(nn.Identity(), seed=2**53), GaussianNoise(nn.Identity(), seed=2**53 + 1)
+    assert b.seed == 2**53 + 1 and not torch.equal(a(x), b(x))
+    assert GaussianNoise(nn.Identity(), seed=2**63 - 1).seed == 2**63 - 1
+    assert RandomResizePad(nn.Identity(), seed=2**63 - 1).seed == 2**63 - 1
+
+
+def test_resampling_and_the_codec_stay_inside_a_box_whose_faces_round():
+    # bilinear weights sum to 1 only to rounding (255.00003 in a 0..255 box); a float64 box face that
+    # float32 cannot hold (0.3) came back from the float32 codec as 0.30000001
+    resized = RandomResizePad(nn.Identity(), bounds=(0, 255))(torch.full((8, 3, 32, 32), 255.0))
+    assert float(resized.max()) <= 255.0
+    face = torch.full((1, 1, 8, 8), 0.3, dtype=torch.float64)
+    coded = JPEGCompression(nn.Identity(), bounds=(0, 0.3))(face)
+    assert float(coded.max()) <= 0.3 and coded.dtype == torch.float64

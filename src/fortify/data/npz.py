@@ -57,6 +57,8 @@ def load_npz(options: DataOptions) -> Dataset:
         train, val, test = split_arrays(x, y, options.val_fraction, options.test_fraction,
                                         options.seed)
     num_classes = read_num_classes(arrays, torch.cat([train.y, val.y, test.y]))
+    if "num_classes" not in arrays:  # declared classes may lack training examples, as for y_test
+        check_split_left_classes_in_training(y, train, {"validation": val, "test": test})
     return Dataset("npz", train, val, test, num_classes=num_classes, bounds=bounds,
                    default_model="small-cnn" if x.dim() == 4 else "mlp",
                    class_names=read_class_names(arrays, num_classes),
@@ -352,6 +354,19 @@ def check_test_classes_occur_in_training(y: Tensor, y_test: Tensor) -> None:
         raise DataError(f"y_test holds {len(unseen)} class(es) that y never does ({shown}): the model could "
                         "not learn them; give them training examples, or store 'num_classes' to declare "
                         "classes without examples")
+
+
+def check_split_left_classes_in_training(y: Tensor, train: Split, held_out: dict[str, Split]) -> None:
+    """A class of ``y`` whose every example the random split put in validation or test would be
+    scored but never learnt; the CSV loader refuses the same."""
+    learnt = set(torch.unique(train.y).tolist())
+    for name, split in held_out.items():
+        lost = sorted(set(torch.unique(split.y).tolist()) & set(torch.unique(y).tolist()) - learnt)
+        if lost:
+            shown = ", ".join(str(c) for c in lost[:5]) + (", ..." if len(lost) > 5 else "")
+            raise DataError(f"class(es) {shown} of y fell entirely into the {name} split: the model would "
+                            "be scored on them without a training example; give them more examples, or "
+                            "choose another seed or a smaller val/test fraction")
 
 
 def check_every_class_occurs(labels: Tensor) -> None:

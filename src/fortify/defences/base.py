@@ -35,8 +35,13 @@ def _real(value: object) -> float | None:
 
 def check_int_in(name: str, value: object, low: int, high: int) -> int:
     """``value`` as an int in ``low..high`` (75.0 counts as 75), else a ConfigError naming the range."""
-    number = _real(value)
-    if number is None or not number.is_integer() or not low <= number <= high:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        number: float | int | None = int(value)  # exactly: a float holds integers only up to 2**53
+    else:
+        number = _real(value)
+        if number is not None and not number.is_integer():
+            number = None
+    if number is None or not low <= number <= high:
         raise ConfigError(f"{name} must be an integer in {low}..{high}, got {value!r}")
     return int(number)
 

@@ -88,7 +88,8 @@ class JPEGCompression(InputTransformDefence):
         # the codec in float32 whatever the input's dtype or an enclosing autocast: in bf16 or fp16
         # its block transforms round to other coefficients, and the decoded image is not JPEG's
         with torch.autocast(x.device.type, enabled=False):
-            return self._codec(x.float()).to(x.dtype)
+            # a face of the box that float32 cannot hold (0.3) may round past itself: clamp in x's dtype
+            return self._codec(x.float()).to(x.dtype).clamp(*self.bounds)
 
     def _codec(self, x: Tensor) -> Tensor:
         lo, hi = self.bounds

@@ -44,9 +44,12 @@ class RandomResizePad(InputTransformDefence):
         theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
         theta[:, :, 2] = -(shift / scale).T
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        lo = self.bounds[0]
-        # grid_sample pads with zeros, so shift the box to make the padding the box's lower bound
-        return F.grid_sample(x - lo, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + lo
+        lo, hi = self.bounds
+        # grid_sample pads with zeros, so shift the box to make the padding the box's lower bound;
+        # its bilinear weights sum to 1 only to rounding, which overshoots a face of a wide box
+        # (255.00003 in a 0..255 box): clamp
+        resampled = F.grid_sample(x - lo, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return (resampled + lo).clamp(lo, hi)
 
     def extra_repr(self) -> str:
         return f"min_scale={self.min_scale}, seed={self.seed}"
