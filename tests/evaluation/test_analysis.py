@@ -15,6 +15,7 @@ from fortify.evaluation.analysis import AnalysisOptions, analyse
 from fortify.evaluation.certify import certify
 from fortify.evaluation.metrics import robustness_score
 from fortify.threat import ThreatModel
+from gradient_free import DetachedInput
 
 FEATURES = 10
 
@@ -188,21 +189,10 @@ def test_a_report_of_another_model_is_refused(digits, standard_model):
     analyse(standard_model, x, y, threat, attack=FGSM(threat), report=own, num_classes=10, options=options)
 
 
-class _DetachedInput(nn.Module):
-    """A defence whose graph does not reach its input (preprocessing outside autograd)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.detach())
-
-
 def test_a_model_without_an_input_gradient_gets_its_analysis(digits, standard_model):
     # evaluate and the masking verdict took such a model; the analysis failed inside autograd
     threat = ThreatModel("linf", 0.1)
-    model = _DetachedInput(standard_model)
+    model = DetachedInput(standard_model)
     x, y = digits.test.x[:24], digits.test.y[:24]
     analysis, report = _analyse(model, x, y, threat, 10, margin_examples=4, margin_steps=5,
                                 certify_examples=4, certify_n=20, masking_examples=24)

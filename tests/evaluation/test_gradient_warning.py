@@ -11,19 +11,9 @@ from fortify.attacks import FGSM, PGD, Square
 from fortify.evaluation import evaluate
 from fortify.evaluation.gradients import ZeroGradientPath, check_gradients, input_gradient
 from fortify.threat import ThreatModel
+from gradient_free import DetachedInput
 
 THREAT = ThreatModel("linf", 0.2)
-
-
-class _Detached(nn.Module):
-    """Cuts the graph at the input: the logits are right, the input gradient is zero."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x.detach())
 
 
 class _ArgmaxOneHot(nn.Module):
@@ -56,7 +46,7 @@ def test_a_detached_input_is_reported_and_fgsm_alone_would_have_looked_perfect(s
     # Prepare
     x, y = _sample(digits)
     # Execute
-    report = evaluate(_Detached(standard_model), x, y, [FGSM(THREAT)], THREAT)
+    report = evaluate(DetachedInput(standard_model), x, y, [FGSM(THREAT)], THREAT)
     # Assert: FGSM cannot move (sign of a zero gradient), so robust equals clean accuracy
     assert report.worst_case_accuracy == report.clean_accuracy > 0.9
     assert any("all-zero input gradient" in w and "BPDA" in w for w in report.warnings), report.warnings
@@ -76,7 +66,7 @@ def test_a_model_without_a_graph_to_its_input_gets_a_zero_gradient_not_an_autogr
                                                                                           digits):
     # Prepare
     x, y = _sample(digits, 8)
-    detached = _Detached(standard_model)
+    detached = DetachedInput(standard_model)
     # Execute
     check = check_gradients(detached, x, y, [FGSM(THREAT)])
     tied = ZeroGradientPath(detached)
@@ -110,7 +100,7 @@ def test_a_trained_model_gets_no_gradient_warning(standard_model, digits):
 def test_black_box_attacks_alone_need_no_gradient(standard_model, digits):
     # Square never reads the gradient: a model without one is evaluated without the warning
     x, y = _sample(digits, 16)
-    report = evaluate(_Detached(standard_model), x, y, [Square(THREAT, n_queries=20)], THREAT)
+    report = evaluate(DetachedInput(standard_model), x, y, [Square(THREAT, n_queries=20)], THREAT)
     assert not any("gradient" in w for w in report.warnings)
 
 

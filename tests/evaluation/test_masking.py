@@ -36,6 +36,7 @@ from fortify.evaluation.masking import (
     paired_excess,
 )
 from fortify.threat import ThreatModel
+from gradient_free import DetachedInput
 
 THREAT = ThreatModel("linf", 0.2)
 N = 100
@@ -367,21 +368,10 @@ def test_a_black_box_attack_with_another_threat_model_is_refused():
                                              eps_factors=(1.0,)))
 
 
-class _DetachedInput(nn.Module):
-    """A defence that cuts the graph at its input (e.g. a non-torch preprocessing step)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.detach())
-
-
 def test_a_model_that_detaches_its_input_gets_a_verdict_with_its_gradients_flagged(standard_model, digits):
     # the gradient attacks would fail inside autograd; the verdict must still come, naming (f)
     config = MaskingConfig(steps=5, effort_factor=2, effort_restarts=1, black_box_queries=50)
-    verdict = masking_verdict(_DetachedInput(standard_model), digits.test.x[:20], digits.test.y[:20], THREAT,
+    verdict = masking_verdict(DetachedInput(standard_model), digits.test.x[:20], digits.test.y[:20], THREAT,
                               config=config)
     assert verdict.masked and "zero_gradients" in verdict.failed
 
