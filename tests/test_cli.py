@@ -806,6 +806,32 @@ def test_a_data_file_picks_its_dataset_by_suffix(tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["name"] == "npz"
 
 
+def test_a_data_file_changed_under_its_path_is_refused_by_resume_evaluate_and_audit(tmp_path):
+    # Prepare: a model trained on a file, evaluated once, then one label of the file changed
+    path = tmp_path / "tiny.npz"
+    rng = np.random.default_rng(0)
+    x, y = rng.random((60, 1, 4, 4)).astype(np.float32), np.arange(60) % 3
+    np.savez(path, x=x, y=y)
+    out = tmp_path / "m"
+    train = ("train", "--data", path, "--model", "mlp", "--objective", "standard", "--epochs", 1, "-q",
+             "--out", out)
+    evaluate = ("evaluate", out, "--attacks", "fgsm", "--n-examples", 12)
+    assert _invoke(*train).exit_code == 0
+    assert re.fullmatch("[0-9a-f]{64}", json.loads((out / "model.json").read_text())["data_sha256"])
+    assert _invoke(*evaluate).exit_code == 0  # the same data: no complaint
+    y[0] = (y[0] + 1) % 3
+    np.savez(path, x=x, y=y)
+    before = _files_of(out)
+    # Execute / Assert: each command refuses, and the directory stays as it was
+    for command in ((*train, "--resume"), evaluate, ("audit", out)):
+        _assert_clean_error(_invoke(*command), "differ from the data")
+    assert _files_of(out) == before
+    # the data restored, evaluation goes on
+    y[0] = (y[0] - 1) % 3
+    np.savez(path, x=x, y=y)
+    assert _invoke(*evaluate).exit_code == 0
+
+
 def test_a_negative_seed_is_refused():
     _assert_clean_error(_invoke("train", "--seed", -1, "--out", "unused"), "seed")
 
@@ -921,6 +947,53 @@ def test_resume_refuses_a_directory_that_holds_no_run(tmp_path):
     _assert_clean_error(result, "holds no config.yaml, so it is not a run to continue")
     assert (own / "model.json").read_text() == '{"my": "own file"}'
     _assert_clean_error(_invoke("run", "--out", own, "--resume", "--quiet"), "holds no config.yaml")
+
+
+def _files_of(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def test_run_resume_refuses_a_train_directory_and_train_resume_a_run_directory(trained_dir, tmp_path):
+    from fortify.config import load_config
+
+    # Prepare: a model directory whose config.yaml is the one fortify run writes (its settings would
+    # pass run's check), and a run directory holding that model under models/
+    model_dir = _copy_of(trained_dir, tmp_path)
+    (model_dir / "config.yaml").write_text(load_config(None, {"train": {"epochs": 1}}).to_yaml())
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_dir, run_dir / "models" / "standard")
+    shutil.copy(trained_dir / "config.yaml", run_dir / "config.yaml")
+    before = {d: _files_of(d) for d in (model_dir, run_dir)}
+    # Execute and assert: each refused before anything is written over
+    _assert_clean_error(_invoke("run", "--out", model_dir, "--resume", "--epochs", 1, "--quiet"),
+                        "holds the output of fortify train, not of fortify run")
+    _assert_clean_error(_invoke("train", "--out", run_dir, "--resume", "--objective", "standard",
+                                "--epochs", 1, "--quiet"),
+                        "holds the output of fortify run, not of fortify train")
+    assert {d: _files_of(d) for d in (model_dir, run_dir)} == before
+
+
+_WITH_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+from fortify.cli import main
+sys.argv = ["fortify", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGXFSZ"), reason="needs POSIX file size limits")
+def test_a_checkpoint_the_disk_cannot_hold_is_one_error_line_and_leaves_no_directory(tmp_path):
+    # small-cnn's weights pass 20 kB, config.yaml does not: the first checkpoint fails to be written
+    out = tmp_path / "m"
+    proc = subprocess.run([sys.executable, "-c", _WITH_FILE_SIZE_LIMIT, "train", "--epochs", "1",
+                           "--objective", "standard", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot write" in proc.stderr and "File too large" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not out.exists()  # nothing written before the first checkpoint stays
 
 
 @pytest.mark.parametrize("best_epoch", [5, 0, -1])

@@ -528,3 +528,69 @@ def test_another_analysis_section_does_not_stop_a_finished_sweep(tmp_path, monke
     # Execute / Assert: every run is taken as finished, none is refused or retrained
     results = run_sweep(again, TINY_GRID, out, device="cpu", show_progress=False)
     assert [(r.name, r.status) for r in results] == [(name, "skipped") for name in NAMES]
+
+
+@pytest.mark.parametrize("foreign, fragment", [
+    ("notes.txt", "holds 'notes.txt', which a sweep does not write"),
+    ("photos/", "holds 'photos', which a sweep does not write"),
+    ("results.json", "holds the output of fortify run, not of fortify sweep"),
+    ("state.json", "holds the output of fortify train, not of fortify sweep"),
+])
+def test_a_sweep_refuses_a_directory_that_is_not_a_sweeps_and_leaves_it_as_it_was(tmp_path, foreign,
+                                                                                   fragment):
+    # Prepare: someone else's directory (a file, a folder with content, a run's or a model's files)
+    out = tmp_path / "elsewhere"
+    (out / foreign.rstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+    if foreign.endswith("/"):
+        (out / foreign / "cat.png").parent.mkdir(parents=True)
+        (out / foreign / "cat.png").write_bytes(b"not a run")
+    else:
+        (out / foreign).write_text("{}")
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    # Execute
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        run_sweep(load_config(None, TINY), SweepGrid(objective=["standard"]), out, device="cpu",
+                  show_progress=False)
+    # Assert: nothing was added
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+
+
+def test_a_sweep_continues_a_directory_of_its_summary_runs_and_a_run_cut_off_at_its_start(tmp_path):
+    from fortify.sweep import check_sweep_directory
+
+    out = tmp_path / "sweep"
+    (out / "standard_eps0.2_ep1").mkdir(parents=True)
+    (out / "standard_eps0.2_ep1" / "config.yaml").write_text("")
+    (out / "trades_eps0.2_beta1_ep1").mkdir()  # cut off before its first file
+    (out / "sweep.json.tmp").write_text("")  # cut off while the summary was written
+    (out / ".DS_Store").write_text("")
+    check_sweep_directory(out)  # no error
+    (out / "trades_eps0.2_beta1_ep1" / "weights.bin").write_text("")
+    with pytest.raises(ConfigError, match="holds 'trades_eps0.2_beta1_ep1', which a sweep does not write"):
+        check_sweep_directory(out)
+
+
+@pytest.mark.parametrize("same_data", [True, False])
+def test_a_finished_run_of_data_since_changed_stops_the_sweep_and_one_of_the_same_data_is_kept(
+        tmp_path, monkeypatch, same_data):
+    from fortify.pipeline import data_sha256, prepare
+
+    # Prepare: a finished run whose model card records the data's hash, or another one
+    base = load_config(None, TINY)
+    spec = expand_grid(SweepGrid(objective=["standard"]), base)[0]
+    run_dir = _fake_finished_run(tmp_path / "out", spec, base)
+    (run_dir / "config.yaml").write_text(spec.config(base).to_yaml())
+    recorded = data_sha256(prepare(spec.config(base), "cpu")) if same_data else "0" * 64
+    (run_dir / "model.json").write_text(json.dumps({"data_sha256": recorded}))
+    monkeypatch.setattr(sweep_module, "train_model", _no_run)
+    monkeypatch.setattr(sweep_module, "write_outputs", lambda *args: None)
+    # Execute / Assert
+    def sweep():
+        return run_sweep(base, SweepGrid(objective=["standard"]), tmp_path / "out", device="cpu",
+                         show_progress=False)
+
+    if same_data:
+        assert [r.status for r in sweep()] == ["skipped"]
+    else:
+        with pytest.raises(ConfigError, match="differ from the data .* was trained on"):
+            sweep()

@@ -38,6 +38,7 @@ from fortify.pipeline import (
     audit_membership,
     audited_dataset,
     check_data_fits_model,
+    check_data_unchanged,
     check_flags_are_read,
     check_same_settings,
     default_out_dir,
@@ -216,7 +217,7 @@ def run(
     check_flags_are_read(cfg.eval, generic_settings_in_file(config))
     setup = prepare(cfg, device, objectives=("standard", "pgd"))
     out_dir = fresh_out_dir(_out_or_default(out, cfg.data.name, resume=resume), cfg.data.name, resume,
-                            marker="config.yaml")  # its first file
+                            command="run", marker="config.yaml")  # its first file
     if resume:
         check_same_settings(out_dir, cfg)  # before config.yaml is written over
     with discarded_on_error(out_dir):
@@ -353,13 +354,14 @@ def train(
         if cfg.dp.enabled:
             raise ConfigError("--dp cannot be combined with --nproc: DP-SGD trains in one process")
         chosen = _out_or_default(out, stem, resume=resume)
-        fresh_out_dir(chosen, stem, resume, marker="config.yaml")
+        fresh_out_dir(chosen, stem, resume, command="train", marker="config.yaml")
         argv = distributed.without_option(sys.argv[1:], "--nproc")
         # every rank must write to one directory: the one chosen here, named to them all
         argv += ["--out", str(chosen)] if out is None else []
         raise typer.Exit(distributed.launch(nproc, argv))
     setup, ddp = _join_torchrun(prepare(cfg, device), out)
-    out_dir = fresh_out_dir(_out_or_default(out, stem, resume=resume), stem, resume, marker="config.yaml")
+    out_dir = fresh_out_dir(_out_or_default(out, stem, resume=resume), stem, resume, command="train",
+                            marker="config.yaml")
     if ddp is not None:
         ddp.barrier()  # every rank has checked out_dir before rank 0 writes into it
     # a failure before the first checkpoint takes back what it wrote (under torchrun, rank 0 wrote it)
@@ -511,6 +513,7 @@ def evaluate(
     setup, ddp = _join_torchrun(prepare(cfg, device, input_encoding=encoding), model_dir)
     model, card = load_trained_model(model_dir, setup.device)
     check_data_fits_model(card, setup.dataset, model_dir)
+    check_data_unchanged(model_dir, setup, card)
     if restart and (ddp is None or ddp.is_main):
         _discard_journal(model_dir / "evaluation")
     # under torchrun the ranks share the attack batches and merge per example (no journal)
@@ -632,7 +635,8 @@ def _model_file_out_dir(out: Path | None, path: Path, source: dict[str, Any]) ->
         if out is not None and out.exists() and out.is_dir() and any(out.iterdir()):
             raise ConfigError(f"{out} already exists and holds no unfinished evaluation of {path.name}; "
                               "choose another --out")
-        return fresh_out_dir(_out_or_default(out, f"{path.stem}-eval"), f"{path.stem}-eval", resume=False)
+        return fresh_out_dir(_out_or_default(out, f"{path.stem}-eval"), f"{path.stem}-eval", resume=False,
+                             command="evaluate")
     try:
         recorded = json.loads((journal_dir / _EVALUATED_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -698,6 +702,7 @@ def audit(
     setup = prepare(cfg, device)
     model, card = load_trained_model(model_dir, setup.device)
     check_data_fits_model(card, setup.dataset, model_dir)
+    check_data_unchanged(model_dir, setup, card)
     report = audit_trained_model(model, audited_dataset(setup), recipe=lira_recipe(setup, card, cfg.train),
                                  n_reference_models=reference_models, n_examples=n_examples,
                                  lira_queries=lira_query_views(lira_queries, cfg.train.augment, setup),

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
@@ -43,6 +44,7 @@ from fortify.config import (
     setting_differences,
 )
 from fortify.data import DataOptions, Dataset, Split, load_dataset
+from fortify.data.base import splits_sha256
 from fortify.errors import CheckpointError, ConfigError, DataError, FortifyError
 from fortify.evaluation import RobustnessReport, evaluate
 from fortify.evaluation.analysis import AnalysisOptions, ModelAnalysis, analyse
@@ -67,6 +69,7 @@ if TYPE_CHECKING:  # the privacy package is imported only when an audit runs
     from fortify.privacy.recipe import TrainerRecipe
 
 MODEL_CARD = "model.json"
+DATA_HASH = "data_sha256"  # the model card's record of the data the model was trained on
 
 
 @dataclass
@@ -170,6 +173,43 @@ def model_card(setup: Setup) -> dict[str, Any]:
             "std": list(setup.dataset.std) if normalize else None,
             # a table's encoding (column order, fitted bounds, categories) happens outside the model
             "input_encoding": setup.dataset.metadata.get("schema")}
+
+
+def data_sha256(setup: Setup) -> str:
+    """The SHA-256 of the data a model of ``setup`` trains and is tested on: its splits and the
+    extra training data."""
+    dataset = setup.dataset
+    return splits_sha256((dataset.train, dataset.val, dataset.test, setup.extra))
+
+
+def check_data_unchanged(model_dir: Path, setup: Setup, card: dict[str, Any] | None = None) -> None:
+    """ConfigError when ``setup`` names the data ``model_dir``'s model was trained on (the same
+    source, split alike) but the data are no longer what they were: a file changed under the same
+    path. A resumed run would go on training on other data, an evaluation could test on training
+    examples, and an audit would call members non-members.
+
+    ``card`` is the model card as loaded, else the one in ``model_dir`` is read as written. Cards
+    written before the record have none."""
+    card = _card_if_readable(Path(model_dir) / MODEL_CARD) if card is None else card
+    recorded = None if card is None else card.get(DATA_HASH)
+    own_path = Path(model_dir) / "config.yaml"
+    if not isinstance(recorded, str) or not own_path.is_file():
+        return
+    own = load_config(own_path).model_dump(mode="json")
+    now = setup.config.model_dump(mode="json")
+    if any(own["data"].get(key) != now["data"].get(key) for key in _DATA_SOURCE):
+        return  # other data, named deliberately
+    found = data_sha256(setup)
+    if found != recorded:
+        where = _file_named(now["data"]["path"])
+        raise ConfigError(f"the data {setup.dataset.name!r}{where} differ from the data {model_dir} was "
+                          f"trained on (SHA-256 {recorded[:12]}... then, {found[:12]}... now): restore those "
+                          "data, or start a new run; a changed file would mix other examples into "
+                          "training, testing and the audit's members")
+
+
+def _file_named(path: str | None) -> str:
+    return "" if path is None else f" in {path}"
 
 
 def _ordered(encoding: dict[str, Any] | None, with_classes: bool) -> Any:
@@ -301,6 +341,10 @@ def check_model_card(card: Any, source: str) -> dict[str, Any]:
     return card
 
 
+_CARD_FIELDS = frozenset({"name", "input_shape", "num_classes", "bounds", "mean", "std", "input_encoding",
+                          "opacus_fixed", DATA_HASH})
+
+
 def _card_field_problem(card: dict[str, Any]) -> str | None:
     """What is wrong with the optional fields of a model card that passed the required ones, if
     anything: each is read later (the box, the normalisation, a table's encoding), where a wrong
@@ -319,6 +363,12 @@ def _card_field_problem(card: dict[str, Any]) -> str | None:
                                  and all(v > 0 for v in std)):
         return (f"mean and std must be lists of {channels} finite numbers (one per channel), std > 0; got "
                 f"mean={mean!r}, std={std!r}")
+    unknown = sorted(set(card) - _CARD_FIELDS)
+    if unknown:
+        return f"unknown field {unknown[0]!r}; a card holds {', '.join(sorted(_CARD_FIELDS))}"
+    recorded = card.get(DATA_HASH)
+    if recorded is not None and not (isinstance(recorded, str) and re.fullmatch("[0-9a-f]{64}", recorded)):
+        return f"{DATA_HASH} must be a SHA-256 in 64 hex digits, got {recorded!r}"
     if not isinstance(card.get("opacus_fixed", False), bool):
         return f"opacus_fixed must be true or false, got {card['opacus_fixed']!r}"
     encoding = card.get("input_encoding")
@@ -330,6 +380,16 @@ def _card_field_problem(card: dict[str, Any]) -> str | None:
         except (ConfigError, DataError, TypeError, ValueError) as err:
             return f"its input_encoding is not a table schema ({err})"
     return None
+
+
+def _card_if_readable(path: Path) -> dict[str, Any] | None:
+    """The model card at ``path`` as written, or None: a resumed run writes its card anew, so a
+    missing or damaged one only has nothing to say."""
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return card if isinstance(card, dict) else None
 
 
 def build_training_objective(setup: Setup, train_cfg: TrainConfig) -> Objective:
@@ -485,6 +545,7 @@ def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: b
     if resume:
         check_same_settings(model_dir, setup.config.model_copy(update={
             "train": setup.config.train.model_copy(update={"objective": objective_name})}))
+        check_data_unchanged(model_dir, setup)
     prepared = prepare_training(setup, objective_name, model_dir, show_progress=show_progress,
                                 distributed=distributed)
     trainer, config, dp = prepared.trainer, prepared.config, setup.config.dp
@@ -494,7 +555,8 @@ def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: b
         # hashed: evaluate reads the data split from it, and an edited seed would test on training examples
         trainer.record_file("config.yaml", model_dir / "config.yaml")
         # a DP model may have had BatchNorm replaced: loading repeats the replacement
-        write_json(model_dir / MODEL_CARD, model_card(setup) | ({"opacus_fixed": True} if dp.enabled else {}))
+        write_json(model_dir / MODEL_CARD, model_card(setup) | {DATA_HASH: data_sha256(setup)}
+                   | ({"opacus_fixed": True} if dp.enabled else {}))
         trainer.record_file(MODEL_CARD, model_dir / MODEL_CARD)
     can_resume = resume and (model_dir / ckpt.STATE_JSON).is_file()
     result = trainer.fit(prepared.train, setup.dataset.val, resume=can_resume)
@@ -784,10 +846,11 @@ def default_out_dir(stem: str) -> Path:
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def fresh_out_dir(out: Path | None, default_stem: str, resume: bool, *, marker: str | None = None) -> Path:
+def fresh_out_dir(out: Path | None, default_stem: str, resume: bool, *, command: str,
+                  marker: str | None = None) -> Path:
     """The run directory to write: a new one under runs/, an empty or new ``out``, or with ``resume``
-    an existing ``out`` (holding ``marker`` when given and not empty: an unrelated directory is not
-    continued, and so not overwritten)."""
+    an existing ``out`` of ``fortify command`` (holding ``marker`` when given and not empty: an
+    unrelated directory, or another command's, is not continued, and so not overwritten)."""
     if out is None:
         if resume:
             raise ConfigError("--resume needs --out naming the run directory to continue")
@@ -801,7 +864,39 @@ def fresh_out_dir(out: Path | None, default_stem: str, resume: bool, *, marker: 
         raise ConfigError(f"cannot resume: {out} does not exist")
     if resume and marker is not None and any(out.iterdir()) and not (out / marker).is_file():
         raise ConfigError(f"cannot resume: {out} holds no {marker}, so it is not a run to continue")
+    if resume:
+        check_directory_kind(out, command, "cannot resume")
     return out
+
+
+# Entries that only one command's directory holds at its top, checked in this order (a federation's
+# directory holds a trained model's files too). A run's models/<objective> and a sweep's runs are
+# train directories of their own.
+_DIRECTORY_SIGNS = (
+    ("federate", ("federation-progress.json", "federated.json")),
+    ("sweep", ("sweep.json", "sweep.csv", "tradeoff.png")),
+    ("run", ("results.json", "models")),
+    ("train", (ckpt.STATE_JSON, "model.json", "model.safetensors", "training.json")),
+)
+DIRECTORY_KINDS = tuple(kind for kind, _ in _DIRECTORY_SIGNS)
+
+
+def directory_kind(directory: Path) -> str | None:
+    """The fortify command whose output ``directory`` holds, by the entries at its top; None when
+    none of them is there (a new directory, or one cut off before its first results)."""
+    for kind, signs in _DIRECTORY_SIGNS:
+        if any((directory / sign).exists() for sign in signs):
+            return kind
+    return None
+
+
+def check_directory_kind(directory: Path, command: str, action: str) -> None:
+    """Refuses to let ``fortify command`` write into another command's output directory: continuing
+    it would train afresh over what that command left there."""
+    kind = directory_kind(directory)
+    if kind is not None and kind != command:
+        raise ConfigError(f"{action}: {directory} holds the output of fortify {kind}, not of fortify "
+                          f"{command}; continue it with fortify {kind}, or choose another --out")
 
 
 @contextlib.contextmanager

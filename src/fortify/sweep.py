@@ -47,6 +47,8 @@ from fortify.models.modes import value_preserving
 from fortify.pipeline import (
     Setup,
     build_training_objective,
+    check_data_unchanged,
+    check_directory_kind,
     check_same_settings,
     discarded_on_error,
     evaluate_model,
@@ -61,6 +63,7 @@ from fortify.tabular.run import run_threat
 from fortify.training import checkpoint as ckpt
 
 RESULT_JSON = "result.json"
+SUMMARY_FILES = ("sweep.csv", "sweep.json", "tradeoff.png")  # what write_outputs leaves beside the runs
 SWEEP_VERSION = 1
 # the objectives that read each method setting of the grid (fortify.training.methods)
 READERS: dict[str, tuple[str, ...]] = {"trades_beta": ("trades", "awp-trades"), "mix_ratio": ("pgd-mix",)}
@@ -249,10 +252,13 @@ def run_sweep(base: RunConfig, grid: SweepGrid, out: Path, *, device: str = "aut
     Returns (and summarises) the grid's runs in grid order, then the directory's other finished runs
     of the same base settings (finished_runs_outside).
     """
+    check_sweep_directory(out)
     specs = expand_grid(grid, base)
     setup = prepare(base, device, objectives=tuple(dict.fromkeys(s.objective for s in specs)))
     setups = [_setup_for(setup, spec.config(base)) for spec in specs]  # all checked before any run
     # the run directories already there too: a damaged one stops the sweep now, not when its turn comes
+    for spec, run_setup in zip(specs, setups):
+        check_data_unchanged(out / spec.name, run_setup)  # a finished run's numbers are of the data then
     found = [finished_result(out / spec.name, run_setup.config) for spec, run_setup in zip(specs, setups)]
     kept = finished_runs_outside(out, specs, base, log)
     for spec, run_setup, finished in zip(specs, setups, found):  # what train would refuse, refused now
@@ -265,6 +271,30 @@ def run_sweep(base: RunConfig, grid: SweepGrid, out: Path, *, device: str = "aut
         results.append(finished or _run_one(spec, run_setup, out / spec.name, show_progress))
     write_outputs(results + kept, out, base, grid, setup.device)
     return results + kept
+
+
+def check_sweep_directory(out: Path) -> None:
+    """A sweep writes into a new or empty directory, or continues one of its own: one that holds
+    nothing but its summary files and run directories (each a train directory, with or without its
+    result.json, or empty when cut off at its start). Anything else is someone else's, and a sweep would train its runs over it."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; --out names a directory")
+    if not out.is_dir():
+        return
+    check_directory_kind(out, "sweep", "cannot continue a sweep")
+    foreign = [entry.name for entry in sorted(out.iterdir()) if not _written_by_a_sweep(entry)]
+    if foreign:
+        raise ConfigError(f"{out} holds {foreign[0]!r}, which a sweep does not write, so it is not a "
+                          "sweep directory to continue; choose another --out")
+
+
+def _written_by_a_sweep(entry: Path) -> bool:
+    if entry.name.startswith("."):  # a file manager's or a version control's, not content
+        return True
+    if entry.is_file():
+        return entry.name.removesuffix(".tmp") in SUMMARY_FILES  # .tmp: cut off while it was written
+    return entry.is_dir() and (not any(entry.iterdir()) or any(
+        (entry / name).is_file() for name in ("config.yaml", ckpt.STATE_JSON, RESULT_JSON)))
 
 
 def _setup_for(setup: Setup, config: RunConfig) -> Setup:

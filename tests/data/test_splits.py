@@ -79,3 +79,23 @@ def test_the_share_an_empty_split_error_suggests_makes_one_example(n):
     suggested = float(str(caught.value).rsplit("use at least ", 1)[1])
     train, validation, _ = split_indices(n, suggested, 0.3, seed=0)
     assert len(validation) >= 1
+
+
+def test_nothing_to_split_and_misused_split_helpers_are_clear_errors():
+    from fortify.data.base import Split
+    from fortify.errors import DataError
+
+    with pytest.raises(DataError, match="no examples to split"):
+        split_indices(0, 0.2, 0.2, seed=0)  # was a ZeroDivisionError
+    with pytest.raises(DataError, match="labels must be a 1-D tensor, got shape \\(\\)"):
+        Split(torch.zeros(3, 2), torch.tensor(1))  # was an IndexError
+    with pytest.raises(DataError, match="a single number"):
+        Split(torch.tensor(1.0), torch.zeros(1, dtype=torch.long))
+    split = Split(torch.arange(10.0).reshape(5, 2), torch.arange(5))
+    assert len(split.head(0)) == 0 and len(split.head(5)) == 5
+    with pytest.raises(ValueError, match="must be >= 0, got -1"):
+        split.head(-1)  # would have dropped the last example
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        list(split.batches(0))
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got -2"):
+        list(split.batches(-2))  # was no batch at all

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,3 +327,15 @@ def test_a_cached_file_that_is_not_idx_raises_data_error(name, tmp_path, monkeyp
 
     # Assert
     assert "files not found or corrupted" in str(caught.value)
+
+
+def test_image_and_label_files_of_different_lengths_name_the_files(tmp_path, monkeypatch):
+    # Prepare: the training labels file of another download, one label short
+    written = write_mnist_like("mnist", tmp_path, monkeypatch)
+    raw = tmp_path / "mnist" / TORCHVISION_CLASS["mnist"].__name__ / "raw"
+    write_idx(raw / "train-labels-idx1-ubyte", written.train_y[:-1])
+    # Execute / Assert
+    with pytest.raises(DataError, match=re.escape(
+            f"dataset 'mnist': the files at {tmp_path / 'mnist'}/MNIST/raw/{{train,t10k}}-{{images-idx3,"
+            f"labels-idx1}}-ubyte do not fit together ({N_TRAIN} inputs but {N_TRAIN - 1} labels)")):
+        DATASETS.get("mnist")(offline_options(tmp_path))

@@ -199,6 +199,13 @@ def test_random_resize_pad_at_scale_one_is_the_identity_and_pads_with_the_lower_
     assert shifted.min() >= -1 - 1e-6 and (shifted == -1).any()
 
 
+@pytest.mark.parametrize("make", [lambda m: RandomResizePad(m), lambda m: GaussianNoise(m),
+                                  lambda m: JPEGCompression(m)], ids=["resize-pad", "noise", "jpeg"])
+def test_an_empty_batch_passes_every_randomised_defence(make):
+    # affine_grid refused a batch of no images with a ValueError of its own
+    assert make(nn.Flatten())(torch.zeros(0, 3, 8, 8)).shape == (0, 192)
+
+
 def test_gaussian_noise_has_the_stated_spread_and_is_seeded():
     x = torch.full((200, 1, 8, 8), 0.5)
     defence = GaussianNoise(nn.Identity(), sigma=0.3, seed=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -232,6 +233,15 @@ def test_a_kill_between_the_journals_two_writes_resumes_from_the_batch_before(st
     assert resumed_attack.calls == -(-reference.attacks[0].attacked // 16) - 2
 
 
+def _write_journal(directory, journal):
+    """evaluation.json written back with its records' hash made to agree, as a careful edit would:
+    each record's own checks must still catch what the edit got wrong."""
+    from fortify.evaluation.journal import records_sha256
+
+    journal["records_sha256"] = records_sha256(journal)
+    (directory / "evaluation.json").write_text(json.dumps(journal))
+
+
 @pytest.mark.parametrize(("edit", "match"), [
     (lambda current, tensors: tensors.update(robust=tensors["robust"][:10]), "outcomes for"),
     (lambda current, tensors: current.update(next_start=10**6), "stopped at example 1000000"),
@@ -255,7 +265,7 @@ def test_an_edited_record_of_the_attack_under_way_is_refused(standard_model, dig
     tensors = ckpt.load_tensors(tmp_path / current["file"], "evaluation", record="evaluation.json")
     edit(current, tensors)
     current["sha256"] = ckpt.save_tensors(tmp_path / current["file"], tensors, kind="evaluation")
-    (tmp_path / "evaluation.json").write_text(json.dumps(journal))
+    _write_journal(tmp_path, journal)
     # Execute / Assert
     with pytest.raises(CheckpointError, match=match):
         evaluate(standard_model, x, y, [_Fragile(threat)], threat, batch_size=8, journal_dir=tmp_path)
@@ -275,9 +285,24 @@ def test_a_damaged_journal_is_a_checkpoint_error(standard_model, digits, tmp_pat
     from fortify.errors import CheckpointError
 
     (tmp_path / "evaluation.json").write_text(text)
-    with pytest.raises(CheckpointError, match=match):
+    with pytest.raises(CheckpointError, match=f"{match}.*fortify evaluate --restart does"):
         evaluate(standard_model, digits.test.x[:8], digits.test.y[:8], [FGSM(THREAT)], THREAT,
                  journal_dir=tmp_path)
+
+
+def test_a_journal_whose_batch_file_is_gone_names_the_way_to_start_afresh(standard_model, digits, tmp_path):
+    from fortify.errors import CheckpointError
+
+    x, y = digits.test.x[:40], digits.test.y[:40]
+    threat = ThreatModel("linf", 0.05)
+    with pytest.raises(_KilledAfter):
+        evaluate(standard_model, x, y, [_Fragile(threat, fail_on_call=2)], threat, batch_size=8,
+                 journal_dir=tmp_path)
+    current = json.loads((tmp_path / "evaluation.json").read_text())["current"]
+    (tmp_path / current["file"]).unlink()
+    way_out = re.escape("(fortify evaluate --restart does) to evaluate from the start")
+    with pytest.raises(CheckpointError, match=f"does not exist.*{way_out}"):
+        evaluate(standard_model, x, y, [_Fragile(threat)], threat, batch_size=8, journal_dir=tmp_path)
 
 @pytest.mark.parametrize(("edit", "match"), [
     (lambda r: r.pop("mode"), "has fields"),
@@ -296,9 +321,31 @@ def test_an_edited_journal_record_is_refused_not_reported(standard_model, digits
     evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
     journal = json.loads((tmp_path / "evaluation.json").read_text())
     edit(journal["completed"][0])
-    (tmp_path / "evaluation.json").write_text(json.dumps(journal))
+    _write_journal(tmp_path, journal)
     # Execute / Assert
     with pytest.raises(CheckpointError, match=match):
+        evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
+
+
+def test_a_consistent_edit_of_a_finished_record_is_refused_by_the_records_hash(standard_model, digits,
+                                                                               tmp_path):
+    # Prepare: a finished attack's record edited so that every check of the record passes: one robust
+    # flag turned on, and the accuracy that flag gives
+    from fortify.errors import CheckpointError
+
+    x, y = digits.test.x[:40], digits.test.y[:40]
+    evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
+    journal = json.loads((tmp_path / "evaluation.json").read_text())
+    record = journal["completed"][0]
+    fooled = record["robust"].index(False)
+    record["robust"][fooled] = True
+    record["adversarial_accuracy"] = sum(record["robust"]) / len(record["robust"])
+    edited = copy.deepcopy(journal)
+    _write_journal(tmp_path, edited)
+    evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)  # the edit passes its checks
+    (tmp_path / "evaluation.json").write_text(json.dumps(journal))  # the hash left as it was
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match="does not match the hash of its records"):
         evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
 
 
@@ -313,7 +360,7 @@ def test_a_journal_whose_current_attack_is_damaged_is_refused(standard_model, di
     evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
     journal = json.loads((tmp_path / "evaluation.json").read_text())
     journal["current"] = current
-    (tmp_path / "evaluation.json").write_text(json.dumps(journal))
+    _write_journal(tmp_path, journal)
     with pytest.raises(CheckpointError, match="evaluation.json is damaged"):
         evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, journal_dir=tmp_path)
 

@@ -209,9 +209,12 @@ def test_an_onnx_export_without_its_packages_names_the_pip_command_before_writin
     ({"input_encoding": "abc"}, "is not a fortify model card: its input_encoding is not a table schema"),
     ({"input_encoding": {"features": 5}}, "is not a fortify model card: its input_encoding"),
     ({"opacus_fixed": "yes"}, "is not a fortify model card: opacus_fixed must be true or false"),
+    ({"preprocess": "x / 255"}, "is not a fortify model card: unknown field 'preprocess'; a card holds"),
+    ({"data_sha256": "abc"}, "is not a fortify model card: data_sha256 must be a SHA-256 in 64 hex digits"),
 ], ids=["classes-text", "classes-negative", "classes-bool", "shape-negative", "shape-huge", "name",
         "normalisation", "normalisation-text", "normalisation-null", "normalisation-half", "bounds-text",
-        "bounds-number", "bounds-reversed", "encoding-text", "encoding-features", "opacus-fixed-text"])
+        "bounds-number", "bounds-reversed", "encoding-text", "encoding-features", "opacus-fixed-text",
+        "unknown-field", "data-hash-short"])
 def test_an_edited_card_in_an_export_is_refused_before_any_model_is_built(model_dir, tmp_path, edit,
                                                                           fragment):
     # Prepare: a genuine export whose card is then edited (an export carries no hash of its card)

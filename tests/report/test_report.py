@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from html.parser import HTMLParser
 
@@ -161,6 +162,33 @@ def test_run_directory_without_results_is_refused(tmp_path):
         load_results(tmp_path)
     with pytest.raises(ResultsError, match="does not exist"):
         load_results(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("holds, fragment", [
+    ({"sweep.json": "{}", "pgd_eps0.2_ep1/result.json": "{}"},
+     "it is a sweep directory, summarised in sweep.csv and tradeoff.png: report one of its runs with "
+     "`fortify report {d}/RUN` (its finished runs: pgd_eps0.2_ep1)"),
+    ({"model.json": "{}"}, "it holds a trained model: evaluate it with `fortify evaluate {d}` first"),
+    ({"config.yaml": ""}, "finish it with `fortify run --resume --out {d}`"),
+])
+def test_a_directory_without_results_is_told_the_command_that_gives_it_some(tmp_path, holds, fragment):
+    directory = tmp_path / "d"
+    for name, text in holds.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(text)
+    with pytest.raises(ResultsError, match=re.escape(fragment.format(d=directory))):
+        load_results(directory)
+
+
+def test_a_training_state_or_a_pipe_given_as_results_is_named_for_what_it_is(tmp_path):
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"format": "fortify", "version": "1", "finished": True}))
+    with pytest.raises(ResultsError, match="state.json is not a results file: report reads a run.s results"):
+        load_results(state)
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe")
+        with pytest.raises(ResultsError, match="pipe is neither a results file nor a directory"):
+            load_results(tmp_path / "pipe")
 
 
 def test_fortify_report_command_writes_the_page_and_fails_cleanly(run_dir, tmp_path):

@@ -6,8 +6,9 @@ processes, and shuffling is driven by a seeded ``torch.Generator`` that a checkp
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,20 +25,27 @@ class Split:
     y: Tensor
 
     def __post_init__(self) -> None:
-        if self.x.shape[0] != self.y.shape[0]:
-            raise DataError(f"{self.x.shape[0]} inputs but {self.y.shape[0]} labels")
         if self.y.dim() != 1:
             raise DataError(f"labels must be a 1-D tensor, got shape {tuple(self.y.shape)}")
+        if self.x.dim() == 0:
+            raise DataError("inputs must hold one row per example, got a single number")
+        if self.x.shape[0] != self.y.shape[0]:
+            raise DataError(f"{self.x.shape[0]} inputs but {self.y.shape[0]} labels")
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
     def head(self, n: int | None) -> Split:
+        """The first ``n`` examples (all of them for None)."""
+        if n is not None and n < 0:  # slicing would drop the last -n instead
+            raise ValueError(f"the number of examples must be >= 0, got {n}")
         return self if n is None else Split(self.x[:n], self.y[:n])
 
     def batches(self, batch_size: int, *, generator: torch.Generator | None = None,
                 drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
         """Batches in order, or shuffled by ``generator`` when one is given."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         n = len(self)
         order = torch.randperm(n, generator=generator) if generator is not None else None
         stop = n - n % batch_size if drop_last and n >= batch_size else n
@@ -47,6 +55,20 @@ class Split:
             else:
                 idx = order[start:start + batch_size]
                 yield self.x[idx], self.y[idx]
+
+
+def splits_sha256(splits: Sequence[Split | None]) -> str:
+    """SHA-256 of the examples and labels of ``splits`` in order (None for a split not given): the
+    data as a run saw it, so that a file changed under the same path is noticed."""
+    digest = hashlib.sha256()
+    for split in splits:
+        tensors = () if split is None else (split.x, split.y)
+        digest.update(f"split {len(tensors)};".encode())
+        for tensor in tensors:
+            flat = tensor.detach().cpu().contiguous()
+            digest.update(f"{flat.dtype} {tuple(flat.shape)};".encode())
+            digest.update(flat.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -112,6 +134,8 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int, 
             raise ConfigError(f"{name} must be in [0, 1), got {frac}")
     if val_fraction + test_fraction >= 1:
         raise ConfigError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+    if n < 1:
+        raise DataError("there are no examples to split into train, validation and test sets")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test = int(round(n * test_fraction))
     n_val = int(round(n * val_fraction))

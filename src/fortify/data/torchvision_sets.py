@@ -68,9 +68,13 @@ def pixels_to_unit_nchw(pixels: Any, layout: str) -> Tensor:
     return images.contiguous().to(torch.float32).div_(255.0)
 
 
-def split_from(loaded: Any, spec: TorchvisionSpec) -> Split:
+def split_from(loaded: Any, spec: TorchvisionSpec, root: Path) -> Split:
     labels = np.asarray(getattr(loaded, spec.labels_attr), dtype=np.int64)
-    return Split(pixels_to_unit_nchw(loaded.data, spec.pixel_layout), torch.from_numpy(labels))
+    try:
+        return Split(pixels_to_unit_nchw(loaded.data, spec.pixel_layout), torch.from_numpy(labels))
+    except DataError as err:  # e.g. an images file and a labels file of different lengths
+        raise DataError(f"dataset {spec.name!r}: the files at {root}/{spec.files_hint} do not fit together "
+                        f"({err}); replace them with the official files") from None
 
 
 def open_official_split(spec: TorchvisionSpec, root: Path, download: bool,
@@ -105,11 +109,11 @@ def load_torchvision(spec: TorchvisionSpec, options: DataOptions) -> Dataset:
     root = Path(options.cache_dir) / spec.name
     official_train = open_official_split(spec, root, options.download, spec.train_kwargs)
     official_test = open_official_split(spec, root, options.download, spec.test_kwargs)
-    train, val = carve_validation(split_from(official_train, spec), options.val_fraction,
+    train, val = carve_validation(split_from(official_train, spec, root), options.val_fraction,
                                   options.seed)
     digits = [str(i) for i in range(spec.num_classes)]  # SVHN has no ``classes``
     class_names = getattr(official_train, "classes", None) or digits
-    return Dataset(spec.name, train, val, split_from(official_test, spec),
+    return Dataset(spec.name, train, val, split_from(official_test, spec, root),
                    num_classes=spec.num_classes, default_model=spec.default_model,
                    mean=spec.mean, std=spec.std, class_names=list(class_names),
                    metadata={"source": f"torchvision.datasets.{spec.class_name}", "fixed_test_split": True})

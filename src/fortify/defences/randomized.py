@@ -36,6 +36,8 @@ class RandomResizePad(InputTransformDefence):
         if x.dim() != 4:
             raise DataError(f"random resize-and-pad needs images (N, C, H, W), got shape {tuple(x.shape)}")
         n, generator = x.shape[0], self.generator(x.device)
+        if n == 0:  # affine_grid refuses a batch of no images; there is nothing to resample
+            return x
         draw = torch.rand(3, n, generator=generator, device=x.device, dtype=x.dtype)
         scale = self.min_scale + (1 - self.min_scale) * draw[0]
         # the centre moves at most (1 - scale) in normalised coordinates: the image stays on the canvas

@@ -57,6 +57,11 @@ def fingerprint(x: Tensor, y: Tensor, attacks: Sequence[Attack], cascade: bool, 
     return digest.hexdigest()
 
 
+def start_afresh(directory: Path) -> str:
+    """The way out of a journal that cannot be continued, for every error that refuses one."""
+    return f"remove {directory} (fortify evaluate --restart does) to evaluate from the start"
+
+
 class Journal:
     def __init__(self, directory: Path, fingerprint: str) -> None:
         self.directory = Path(directory)
@@ -72,11 +77,14 @@ class Journal:
         current = self._state.get("current")
         if current is None or current["attack_index"] != attack_index:
             return None
-        tensors = ckpt.load_tensors(self._tensor_file(current), "evaluation", current["sha256"],
-                                    record=self._json.name)
+        try:
+            tensors = ckpt.load_tensors(self._tensor_file(current), "evaluation", current["sha256"],
+                                        record=self._json.name)
+        except CheckpointError as err:  # a batch file gone or damaged
+            raise CheckpointError(f"{err}; {start_afresh(self.directory)}") from None
         if not {"robust", "norms"} <= tensors.keys():
             raise CheckpointError(f"{self._tensor_file(current)} lacks the outcomes of the attack under "
-                                  f"way; remove {self.directory} to evaluate from the start")
+                                  f"way; {start_afresh(self.directory)}")
         return Partial(attack_index, current["next_start"], tensors["robust"].bool(), tensors["norms"])
 
     def save_partial(self, partial: Partial) -> None:
@@ -108,9 +116,13 @@ class Journal:
     def _read(self) -> dict[str, Any]:
         if not self._json.is_file():
             return {"fingerprint": self.fingerprint, "completed": [], "current": None}
-        state = ckpt.read_json(self._json)
+        try:
+            state = ckpt.read_json(self._json)
+        except CheckpointError as err:  # cut off, say, by a full disk
+            raise CheckpointError(f"{err}; {start_afresh(self.directory)}") from None
         if not isinstance(state, dict):
-            raise CheckpointError(f"{self._json} does not hold a journal object")
+            raise CheckpointError(f"{self._json} does not hold a journal object; "
+                                  f"{start_afresh(self.directory)}")
         if state.get("fingerprint") != self.fingerprint:
             raise CheckpointError(f"{self._json} records an unfinished evaluation of other data or other "
                                   f"attack settings; remove {self.directory} (fortify evaluate --restart "
@@ -118,12 +130,26 @@ class Journal:
                                   "command to finish it")
         if not (isinstance(state.get("completed"), list) and _is_current(state.get("current"))):
             raise CheckpointError(f"{self._json} is damaged: it needs 'completed' (a list) and 'current' "
-                                  "(null, or attack_index, next_start, sha256 and file); remove it to "
-                                  "evaluate from the start")
+                                  f"(null, or attack_index, next_start, sha256 and file); "
+                                  f"{start_afresh(self.directory)}")
+        if state.get(_RECORDS_HASH) != records_sha256(state):
+            raise CheckpointError(f"{self._json} does not match the hash of its records: it was edited "
+                                  f"after it was written; {start_afresh(self.directory)}")
         return state
 
     def _write(self) -> None:
+        self._state[_RECORDS_HASH] = records_sha256(self._state)
         ckpt.atomic_write_text(self._json, json.dumps(self._state))
+
+
+# The records' own hash: a finished attack's record may be edited consistently (robust flags and the
+# count they give, norms and their summary), which the checks of each record cannot see
+_RECORDS_HASH = "records_sha256"
+
+
+def records_sha256(state: dict[str, Any]) -> str:
+    records = [state.get("fingerprint"), state.get("completed"), state.get("current")]
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
 
 
 def _is_current(current: Any) -> bool:

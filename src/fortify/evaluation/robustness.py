@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from fortify.attacks.base import Attack, check_label_dtype, check_label_range
 from fortify.errors import CheckpointError, ConfigError, DataError, ThreatModelViolation
 from fortify.evaluation.gradients import ZeroGradientPath, check_gradients
-from fortify.evaluation.journal import Journal, Partial, fingerprint
+from fortify.evaluation.journal import Journal, Partial, fingerprint, start_afresh
 from fortify.evaluation.metrics import median
 from fortify.evaluation.precision import (
     CHECK_EXAMPLES,
@@ -174,7 +174,8 @@ def evaluate(
             recorded = torch.tensor(result.robust, device=device)
             if bool((recorded & ~clean_correct).any()):  # robust where the model is wrong: not this run's
                 raise CheckpointError(f"the journal in {journal_dir} holds results this model cannot have "
-                                      "(robust examples it misclassifies clean); remove it to start again")
+                                      "(robust examples it misclassifies clean); "
+                                      f"{start_afresh(journal_dir)}")
             robust &= recorded
         for index in range(len(results), len(attacks)):
             todo = robust if cascade else clean_correct
@@ -219,8 +220,8 @@ def _journaled_result(record: Any, attack: Attack, n: int, journal_dir: Path) ->
     elif not _plausible_numbers(record, n):
         problem = f"{record['name']}'s counts, success rate or norms are not numbers in their range"
     if problem is not None:
-        raise CheckpointError(f"the journal in {journal_dir} is damaged ({problem}); remove that directory "
-                              "to evaluate from the start")
+        raise CheckpointError(f"the journal in {journal_dir} is damaged ({problem}); "
+                              f"{start_afresh(journal_dir)}")
     return AttackResult(**record)
 
 
@@ -356,8 +357,8 @@ def _check_partial(partial: Partial, todo: Tensor, index: Tensor, batch_size: in
     elif bool((robust & ~todo).any()) or bool(robust[index[start:]].any()):
         problem = "robust examples the attack had not reached"
     if problem is not None:
-        raise CheckpointError(f"the journal in {journal_dir} is damaged ({problem}); remove that directory "
-                              "to evaluate from the start")
+        raise CheckpointError(f"the journal in {journal_dir} is damaged ({problem}); "
+                              f"{start_afresh(journal_dir)}")
 
 
 def _verify(attack: Attack, x_adv: Tensor, x: Tensor) -> None:

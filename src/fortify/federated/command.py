@@ -28,7 +28,7 @@ def federate(config: Path | None, overrides: dict[str, Any], federation: dict[st
     With ``resume`` the run continues from the last round saved in ``out`` (a finished one is read
     back, not run again)."""
     name = overrides.get("data", {}).get("name", "digits")
-    out_dir = fresh_out_dir(out, f"{name}-federated", resume, marker=PROGRESS_JSON)
+    out_dir = fresh_out_dir(out, f"{name}-federated", resume, command="federate", marker=PROGRESS_JSON)
     run = load_federated_run(config, overrides, {**federation, "out": str(out_dir.resolve()),
                                                  "resume": resume})
     validate_run(run)

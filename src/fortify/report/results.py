@@ -17,6 +17,7 @@ from fortify.report import schema
 RESULTS_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 lacks the analysis and privacy sections; the report says so
 RESULT_FILES = ("results.json", "robustness.json", "result.json")
+RESULT_KINDS = ("comparison", "evaluation")
 SWEEP_RESULT_KEYS = ("config", "result", "robustness")  # a sweep run's result.json has no version
 
 
@@ -25,13 +26,30 @@ def find_results(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if run_dir.is_file():
         return run_dir
-    if not run_dir.is_dir():
+    if not run_dir.exists():
         raise ResultsError(f"{run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise ResultsError(f"{run_dir} is neither a results file nor a directory")
     for name in RESULT_FILES:
         if (run_dir / name).is_file():
             return run_dir / name
     raise ResultsError(f"{run_dir} holds no results ({' or '.join(RESULT_FILES)} missing); "
-                       "finish the run with `fortify run --resume` or `fortify evaluate` first")
+                       f"{_how_to_get_results(run_dir)}")
+
+
+def _how_to_get_results(directory: Path) -> str:
+    """What gives ``directory`` its results, by what it holds: a sweep's runs each have their own, a
+    model directory is evaluated, an unfinished run is resumed."""
+    if (directory / "sweep.json").is_file() or (directory / "sweep.csv").is_file():
+        runs = sorted(p.parent.name for p in directory.glob("*/result.json"))
+        more = ", ..." if len(runs) > 5 else ""
+        named = f" (its finished runs: {', '.join(runs[:5])}{more})" if runs else ""
+        return (f"it is a sweep directory, summarised in sweep.csv and tradeoff.png: report one of its "
+                f"runs with `fortify report {directory}/RUN`{named}")
+    if (directory / "model.json").is_file():
+        return f"it holds a trained model: evaluate it with `fortify evaluate {directory}` first"
+    return (f"if it is a run cut off before its results, finish it with "
+            f"`fortify run --resume --out {directory}`")
 
 
 def load_results(run_dir: Path) -> dict[str, Any]:
@@ -52,6 +70,10 @@ def load_results(run_dir: Path) -> dict[str, Any]:
         raw = {"version": RESULTS_VERSION, "kind": "evaluation", "config": raw["config"],
                "robustness": raw["robustness"]}
     version = raw.get("version")
+    if raw.get("kind") not in RESULT_KINDS and raw.get("format") == "fortify":
+        # a training checkpoint's state.json, say: fortify's own, but no results
+        raise ResultsError(f"{path} is not a results file: report reads a run's results.json, a model's "
+                           "robustness.json or a sweep run's result.json (or the directory that holds it)")
     if version not in READABLE_VERSIONS:
         raise ResultsError(f"{path} has results version {version!r}; this fortify reads versions "
                            f"{', '.join(map(str, READABLE_VERSIONS))}")

@@ -74,7 +74,11 @@ def _flush_directory(directory: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """``path`` holds ``text`` whole, or what it held before: written aside, flushed, renamed."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except OSError:  # a full disk: the half-written copy goes, what ``path`` held stays
+        tmp.unlink(missing_ok=True)
+        raise
     _flush_to_disk(tmp)
     os.replace(tmp, path)
     _flush_directory(path.parent)
@@ -84,7 +88,11 @@ def save_tensors(path: Path, tensors: dict[str, Tensor], kind: str) -> str:
     """Write tensors with fortify's marker; returns the file's SHA-256."""
     tmp = path.with_name(path.name + ".tmp")
     metadata = {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind}
-    save_file(_own_memory(tensors), str(tmp), metadata=metadata)
+    try:
+        save_file(_own_memory(tensors), str(tmp), metadata=metadata)
+    except SafetensorError as err:  # safetensors reports I/O failures (a full disk) as its own error
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path}: {err}") from None
     _flush_to_disk(tmp)
     digest = sha256(tmp)
     os.replace(tmp, path)
