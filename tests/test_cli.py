@@ -14,6 +14,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+import file_size_limit
 from fortify.cli import app
 
 runner = CliRunner()
@@ -724,6 +725,44 @@ def test_audit_leaves_the_inputs_of_the_extra_data_out(tmp_path):
     assert any(note in warning for warning in privacy["warnings"])
 
 
+def test_changed_extra_data_stop_a_resumed_training_but_not_an_evaluation(tmp_path):
+    # Prepare: a model trained with extra data, whose file then changes
+    rng = np.random.default_rng(0)
+    x, y = rng.random((20, 1, 8, 8)).astype(np.float32), np.arange(20) % 10
+    extra = tmp_path / "extra.npz"
+    np.savez(extra, x=x, y=y)
+    config = tmp_path / "extra.yaml"
+    config.write_text(yaml.safe_dump({"train": {"extra_data": str(extra), "extra_fraction": 0.25}}))
+    out = tmp_path / "m"
+    train = ("train", "--config", config, "--out", out, "--model", "mlp", "--objective", "standard",
+             "--epochs", 1, "--quiet")
+    assert _invoke(*train).exit_code == 0
+    assert re.fullmatch("[0-9a-f]{64}", json.loads((out / "model.json").read_text())["extra_data_sha256"])
+    np.savez(extra, x=x[::-1].copy(), y=y)
+    # Execute / Assert: the evaluation reads none of them; a resumed training would
+    evaluated = _invoke("evaluate", out, "--attacks", "fgsm", "--n-examples", 12)
+    assert evaluated.exit_code == 0, evaluated.output
+    _assert_clean_error(_invoke(*train, "--resume"), f"the extra training data in {extra} differ from those")
+
+
+def test_audit_and_evaluate_of_a_run_directory_name_its_models(tmp_path):
+    # a run directory as fortify run leaves it: its models one level down
+    run = tmp_path / "run"
+    trained = _invoke("train", "--model", "mlp", "--objective", "standard", "--epochs", 1, "--quiet",
+                      "--out", run / "models" / "standard")
+    assert trained.exit_code == 0, trained.output
+    shutil.copy(run / "models" / "standard" / "config.yaml", run / "config.yaml")
+    for command in (("audit", run, "--no-inversion"), ("evaluate", run, "--attacks", "fgsm")):
+        _assert_clean_error(_invoke(*command), f"{run} is a run directory; give one of its models: "
+                                               f"{run / 'models' / 'standard'}")
+
+
+def test_audit_refuses_more_reference_models_than_it_would_ever_need(trained_dir):
+    result = _invoke("audit", trained_dir, "--reference-models", 1_000_000)
+    assert result.exit_code == 2, result.output
+    assert "1000000 is not in the range" in result.output and "0<=x<=256" in result.output
+
+
 def test_audit_refuses_lira_with_one_reference_model(trained_dir):
     _assert_clean_error(_invoke("audit", trained_dir, "--reference-models", 1), "reference")
 
@@ -823,8 +862,12 @@ def test_a_data_file_changed_under_its_path_is_refused_by_resume_evaluate_and_au
     np.savez(path, x=x, y=y)
     before = _files_of(out)
     # Execute / Assert: each command refuses, and the directory stays as it was
-    for command in ((*train, "--resume"), evaluate, ("audit", out)):
-        _assert_clean_error(_invoke(*command), "differ from the data")
+    alias = tmp_path / "alias.yaml"  # the same file by another spelling of its path
+    (tmp_path / "sub").mkdir()
+    aliased = str(tmp_path / "sub" / ".." / "tiny.npz")
+    alias.write_text(yaml.safe_dump({"data": {"name": "npz", "path": aliased}}))
+    for command in ((*train, "--resume"), evaluate, ("audit", out), (*evaluate, "--config", alias)):
+        _assert_clean_error(_invoke(*command), f"differ from those {out} was trained on")
     assert _files_of(out) == before
     # the data restored, evaluation goes on
     y[0] = (y[0] - 1) % 3
@@ -973,23 +1016,13 @@ def test_run_resume_refuses_a_train_directory_and_train_resume_a_run_directory(t
     assert {d: _files_of(d) for d in (model_dir, run_dir)} == before
 
 
-_WITH_FILE_SIZE_LIMIT = """
-import resource, signal, sys
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails as on a full disk
-resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
-from fortify.cli import main
-sys.argv = ["fortify", *sys.argv[1:]]
-main()
-"""
-
-
-@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGXFSZ"), reason="needs POSIX file size limits")
+@pytest.mark.skipif(not file_size_limit.SUPPORTED, reason="needs POSIX file size limits")
 def test_a_checkpoint_the_disk_cannot_hold_is_one_error_line_and_leaves_no_directory(tmp_path):
     # small-cnn's weights pass 20 kB, config.yaml does not: the first checkpoint fails to be written
     out = tmp_path / "m"
-    proc = subprocess.run([sys.executable, "-c", _WITH_FILE_SIZE_LIMIT, "train", "--epochs", "1",
-                           "--objective", "standard", "--out", str(out), "--quiet"],
-                          capture_output=True, text=True, timeout=300)
+    proc = file_size_limit.run_with_file_size_limit(
+        file_size_limit.FORTIFY_CLI, "train", "--epochs", 1, "--objective", "standard", "--out", out,
+        "--quiet", limit=20_000)
     assert proc.returncode == 2, proc.stderr
     assert "cannot write" in proc.stderr and "File too large" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

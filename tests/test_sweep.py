@@ -570,6 +570,47 @@ def test_a_sweep_continues_a_directory_of_its_summary_runs_and_a_run_cut_off_at_
         check_sweep_directory(out)
 
 
+def _card_of_other_data(run_dir):
+    (run_dir / "model.json").write_text(json.dumps({"data_sha256": "0" * 64}))
+
+
+def test_a_rerun_under_another_seed_names_the_settings_not_the_data(tmp_path, monkeypatch):
+    # another seed splits the data otherwise, so their hash differs too: the settings are the cause
+    base = load_config(None, TINY)
+    spec = expand_grid(SweepGrid(objective=["standard"]), base)[0]
+    run_dir = _fake_finished_run(tmp_path / "out", spec, base)
+    (run_dir / "config.yaml").write_text(spec.config(base).to_yaml())
+    _card_of_other_data(run_dir)
+    monkeypatch.setattr(sweep_module, "train_model", _no_run)
+    reseeded = load_config(None, {**TINY, "data": {"seed": 3}})
+    with pytest.raises(ConfigError, match="other settings than this sweep's: data.seed was 0, now 3"):
+        run_sweep(reseeded, SweepGrid(objective=["standard"]), tmp_path / "out", device="cpu",
+                  show_progress=False)
+
+
+def test_a_finished_run_outside_the_grid_of_data_since_changed_stops_the_sweep(tmp_path, monkeypatch):
+    # Prepare: the grid's run, and one outside it that the summary would keep, of other data
+    base = load_config(None, TINY)
+    inside, outside = expand_grid(SweepGrid(objective=["standard", "fgsm"]), base)
+    for spec in (inside, outside):
+        run_dir = _fake_finished_run(tmp_path / "out", spec, base)
+        (run_dir / "config.yaml").write_text(spec.config(base).to_yaml())
+    _card_of_other_data(tmp_path / "out" / outside.name)
+    monkeypatch.setattr(sweep_module, "train_model", _no_run)
+    # Execute / Assert: refused, naming the run outside the grid
+    with pytest.raises(ConfigError, match=f"differ from those .*{outside.name} was trained on"):
+        run_sweep(base, SweepGrid(objective=["standard"]), tmp_path / "out", device="cpu",
+                  show_progress=False)
+
+
+def test_a_file_beside_a_sweeps_summary_does_not_stop_the_sweep(tmp_path):
+    from fortify.sweep import check_sweep_directory
+
+    (tmp_path / "sweep.json").write_text("{}")
+    (tmp_path / "comparison.html").write_text("<html></html>")  # fortify compare of two of its runs
+    check_sweep_directory(tmp_path)  # no error
+
+
 @pytest.mark.parametrize("same_data", [True, False])
 def test_a_finished_run_of_data_since_changed_stops_the_sweep_and_one_of_the_same_data_is_kept(
         tmp_path, monkeypatch, same_data):
@@ -592,5 +633,5 @@ def test_a_finished_run_of_data_since_changed_stops_the_sweep_and_one_of_the_sam
     if same_data:
         assert [r.status for r in sweep()] == ["skipped"]
     else:
-        with pytest.raises(ConfigError, match="differ from the data .* was trained on"):
+        with pytest.raises(ConfigError, match="the data 'digits' differ from those .* was trained on"):
             sweep()

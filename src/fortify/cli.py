@@ -28,7 +28,7 @@ from typer.core import TyperGroup
 
 from fortify.allocator import keep_freed_memory_unless_declined
 from fortify.attacks import ATTACKS
-from fortify.config import TrainConfig, load_config, read_yaml_mapping
+from fortify.config import MAX_REFERENCE_MODELS, TrainConfig, load_config, read_yaml_mapping
 from fortify.errors import ConfigError, FortifyError
 from fortify.models.onednn_linear import read_setting as read_onednn_linear_setting
 from fortify.pipeline import (
@@ -513,7 +513,7 @@ def evaluate(
     setup, ddp = _join_torchrun(prepare(cfg, device, input_encoding=encoding), model_dir)
     model, card = load_trained_model(model_dir, setup.device)
     check_data_fits_model(card, setup.dataset, model_dir)
-    check_data_unchanged(model_dir, setup, card)
+    check_data_unchanged(model_dir, setup, card, with_extra=False)  # neither reads the extra data
     if restart and (ddp is None or ddp.is_main):
         _discard_journal(model_dir / "evaluation")
     # under torchrun the ranks share the attack batches and merge per example (no journal)
@@ -675,8 +675,10 @@ _FOREIGN_MEMBERS = ("members are the dataset's training split, non-members its t
 @_handles_errors
 def audit(
     model_dir: Annotated[Path, typer.Argument(help="Model directory written by fortify train or run.")],
-    reference_models: Annotated[int, typer.Option(min=0, help="LiRA reference models (0 or >= 2).")] = 0,
-    n_examples: Annotated[int | None, typer.Option(min=1, help="Members and non-members per side.")] = None,
+    reference_models: Annotated[int, typer.Option(min=0, max=MAX_REFERENCE_MODELS,
+                                                  help="LiRA reference models (0 or 2..256).")] = 0,
+    n_examples: Annotated[int | None, typer.Option(min=1, help="Members and non-members per side (at most; "
+                                                          "fewer where the data hold fewer).")] = None,
     inversion: Annotated[bool, typer.Option(help="Run MI-Face model inversion on image data.")] = True,
     lira_queries: Annotated[str, typer.Option(help="Views LiRA queries each model on: single (the example "
                                               "alone) or training (also the mirror and shifts that "
@@ -702,7 +704,7 @@ def audit(
     setup = prepare(cfg, device)
     model, card = load_trained_model(model_dir, setup.device)
     check_data_fits_model(card, setup.dataset, model_dir)
-    check_data_unchanged(model_dir, setup, card)
+    check_data_unchanged(model_dir, setup, card, with_extra=False)  # neither reads the extra data
     report = audit_trained_model(model, audited_dataset(setup), recipe=lira_recipe(setup, card, cfg.train),
                                  n_reference_models=reference_models, n_examples=n_examples,
                                  lira_queries=lira_query_views(lira_queries, cfg.train.augment, setup),
@@ -765,7 +767,8 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="Model directory, or a fortify run directory.")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="onnx, torchscript or safetensors.")] = "onnx",
     out: Annotated[Path | None, typer.Option(help="Output file (default MODEL_DIR/export/).")] = None,
-    member: Annotated[str, typer.Option(help="In a run directory, which model: pgd or standard.")] = "pgd",
+    member: Annotated[str | None, typer.Option(help="In a run directory, which model: pgd (default) or "
+                                                    "standard.")] = None,
 ) -> None:
     """Write a trained model for deployment, reload it and check its outputs match."""
     from fortify.interop.export import export_model

@@ -272,6 +272,9 @@ class DPConfig(_Strict):
         return self
 
 
+MAX_REFERENCE_MODELS = 256  # LiRA's paper trains at most 256 shadow models; each is a whole training run
+
+
 class AnalysisConfig(_Strict):
     """The report's per-model measurements (fortify.evaluation.analysis) and the privacy audit."""
 
@@ -289,7 +292,7 @@ class AnalysisConfig(_Strict):
     # LiRA beside it: reference models trained as the audited model was (each costs a training run);
     # 0 runs none, LiRA needs at least 2. lira_queries "training": also the flips and shifts that
     # train.augment trained on (images)
-    reference_models: int = Field(0, ge=0)
+    reference_models: int = Field(0, ge=0, le=MAX_REFERENCE_MODELS)
     lira_queries: Literal["single", "training"] = "single"
 
     @model_validator(mode="after")
@@ -388,12 +391,19 @@ def comparable_train_settings(train: dict[str, Any]) -> dict[str, Any]:
     return comparable_settings({"train": train})["train"]
 
 
+_FILE_SETTINGS = (("data", "path"), ("train", "extra_data"))
+
+
 def comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """A config's sections (``model_dump(mode="json")``) without NOT_RESULT_SETTINGS, and with the
-    learning rate an unset ``train.lr`` stands for (a run recorded before it could be unset holds
-    the number)."""
+    """A config's sections (``model_dump(mode="json")``) without NOT_RESULT_SETTINGS, with file paths
+    made absolute (from the working directory), and with the learning rate an unset ``train.lr``
+    stands for (a run recorded before it could be unset holds the number)."""
     compared = {section: {k: v for k, v in values.items() if k not in NOT_RESULT_SETTINGS.get(section, ())}
                 if isinstance(values, dict) else values for section, values in settings.items()}
+    for section, key in _FILE_SETTINGS:  # one file, however its path is spelled, is one setting
+        values = compared.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str):
+            values[key] = str(Path(values[key]).expanduser().resolve())
     train = compared.get("train")
     if isinstance(train, dict) and train.get("lr") is None and isinstance(train.get("objective"), str):
         train["lr"] = default_lr(train["objective"])

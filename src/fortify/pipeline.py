@@ -70,6 +70,7 @@ if TYPE_CHECKING:  # the privacy package is imported only when an audit runs
 
 MODEL_CARD = "model.json"
 DATA_HASH = "data_sha256"  # the model card's record of the data the model was trained on
+EXTRA_DATA_HASH = "extra_data_sha256"  # and of train.extra_data, when given
 
 
 @dataclass
@@ -176,40 +177,47 @@ def model_card(setup: Setup) -> dict[str, Any]:
 
 
 def data_sha256(setup: Setup) -> str:
-    """The SHA-256 of the data a model of ``setup`` trains and is tested on: its splits and the
-    extra training data."""
-    dataset = setup.dataset
-    return splits_sha256((dataset.train, dataset.val, dataset.test, setup.extra))
+    """The SHA-256 of the data a model of ``setup`` trains, validates and is tested on."""
+    return setup.dataset.sha256()
 
 
-def check_data_unchanged(model_dir: Path, setup: Setup, card: dict[str, Any] | None = None) -> None:
-    """ConfigError when ``setup`` names the data ``model_dir``'s model was trained on (the same
-    source, split alike) but the data are no longer what they were: a file changed under the same
-    path. A resumed run would go on training on other data, an evaluation could test on training
-    examples, and an audit would call members non-members.
+def data_records(setup: Setup) -> dict[str, str]:
+    """What a model card records of the data: their SHA-256, and that of the extra training data."""
+    extra = {} if setup.extra is None else {EXTRA_DATA_HASH: splits_sha256((setup.extra,))}
+    return {DATA_HASH: data_sha256(setup)} | extra
+
+
+def check_data_unchanged(model_dir: Path, setup: Setup, card: dict[str, Any] | None = None, *,
+                         with_extra: bool = True) -> None:
+    """ConfigError when ``setup`` names the data ``model_dir``'s model was trained on, split alike,
+    but the data are no longer what they were: a file changed under the same path. A resumed run
+    would go on training on other data, an evaluation could test on training examples, and an audit
+    would call members non-members. The extra training data (``with_extra``) matter to training
+    alone: evaluations and audits leave them out.
 
     ``card`` is the model card as loaded, else the one in ``model_dir`` is read as written. Cards
     written before the record have none."""
     card = _card_if_readable(Path(model_dir) / MODEL_CARD) if card is None else card
-    recorded = None if card is None else card.get(DATA_HASH)
     own_path = Path(model_dir) / "config.yaml"
-    if not isinstance(recorded, str) or not own_path.is_file():
+    if card is None or not own_path.is_file():
         return
-    own = load_config(own_path).model_dump(mode="json")
-    now = setup.config.model_dump(mode="json")
-    if any(own["data"].get(key) != now["data"].get(key) for key in _DATA_SOURCE):
-        return  # other data, named deliberately
-    found = data_sha256(setup)
-    if found != recorded:
-        where = _file_named(now["data"]["path"])
-        raise ConfigError(f"the data {setup.dataset.name!r}{where} differ from the data {model_dir} was "
-                          f"trained on (SHA-256 {recorded[:12]}... then, {found[:12]}... now): restore those "
-                          "data, or start a new run; a changed file would mix other examples into "
-                          "training, testing and the audit's members")
+    own, now = (comparable_settings(c.model_dump(mode="json")) for c in (load_config(own_path), setup.config))
+    if own["data"] != now["data"]:
+        return  # other data or another split, named deliberately or refused by the settings' checks
+    path = setup.config.data.path
+    _check_recorded(card.get(DATA_HASH), data_sha256(setup),
+                    f"the data {setup.dataset.name!r}{'' if path is None else f' in {path}'}", model_dir)
+    same_extra = own["train"].get("extra_data") == now["train"].get("extra_data")
+    if with_extra and setup.extra is not None and same_extra:
+        _check_recorded(card.get(EXTRA_DATA_HASH), splits_sha256((setup.extra,)),
+                        f"the extra training data in {setup.config.train.extra_data}", model_dir)
 
 
-def _file_named(path: str | None) -> str:
-    return "" if path is None else f" in {path}"
+def _check_recorded(recorded: Any, found: str, what: str, model_dir: Path) -> None:
+    if isinstance(recorded, str) and recorded != found:
+        raise ConfigError(f"{what} differ from those {model_dir} was trained on (SHA-256 {recorded[:12]}... "
+                          f"then, {found[:12]}... now): restore them, or start a new run; a changed file "
+                          "would mix other examples into training, testing and the audit's members")
 
 
 def _ordered(encoding: dict[str, Any] | None, with_classes: bool) -> Any:
@@ -279,6 +287,10 @@ def load_trained_model(model_dir: Path, device: torch.device) -> tuple[nn.Module
     """Rebuild the architecture from model.json and load model.safetensors (hash-checked)."""
     card_path = Path(model_dir) / MODEL_CARD
     if not card_path.is_file():
+        members = sorted(str(p.parent) for p in Path(model_dir).glob(f"models/*/{MODEL_CARD}"))
+        if members:  # a fortify run directory holds its models one level down
+            raise CheckpointError(f"{model_dir} is a run directory; give one of its models: "
+                                  f"{', '.join(members)}")
         raise CheckpointError(f"{model_dir} holds no trained fortify model ({MODEL_CARD} missing)")
     state = ckpt.read_state_json(Path(model_dir))
     if not state.get("finished"):
@@ -297,7 +309,8 @@ def load_trained_model(model_dir: Path, device: torch.device) -> tuple[nn.Module
                                     or ckpt.sha256(settings_path) != hashes["config.yaml"]):
         raise CheckpointError(f"{settings_path} does not match the hash recorded in {ckpt.STATE_JSON}: the "
                               "settings the model was trained with were edited (another data seed would test "
-                              "on training examples); pass other evaluation settings with --config instead")
+                              "on training examples); to evaluate under other settings, give them to "
+                              "fortify evaluate --config instead")
     card = read_model_card(card_path)
     model = model_from_card(card)
     ckpt.load_weights(Path(model_dir) / "model.safetensors", model, hashes["model.safetensors"])
@@ -341,8 +354,9 @@ def check_model_card(card: Any, source: str) -> dict[str, Any]:
     return card
 
 
+_SHA256 = re.compile("[0-9a-f]{64}")
 _CARD_FIELDS = frozenset({"name", "input_shape", "num_classes", "bounds", "mean", "std", "input_encoding",
-                          "opacus_fixed", DATA_HASH})
+                          "opacus_fixed", DATA_HASH, EXTRA_DATA_HASH})
 
 
 def _card_field_problem(card: dict[str, Any]) -> str | None:
@@ -366,9 +380,10 @@ def _card_field_problem(card: dict[str, Any]) -> str | None:
     unknown = sorted(set(card) - _CARD_FIELDS)
     if unknown:
         return f"unknown field {unknown[0]!r}; a card holds {', '.join(sorted(_CARD_FIELDS))}"
-    recorded = card.get(DATA_HASH)
-    if recorded is not None and not (isinstance(recorded, str) and re.fullmatch("[0-9a-f]{64}", recorded)):
-        return f"{DATA_HASH} must be a SHA-256 in 64 hex digits, got {recorded!r}"
+    for name in (DATA_HASH, EXTRA_DATA_HASH):
+        recorded = card.get(name)
+        if recorded is not None and not (isinstance(recorded, str) and _SHA256.fullmatch(recorded)):
+            return f"{name} must be a SHA-256 in 64 hex digits, got {recorded!r}"
     if not isinstance(card.get("opacus_fixed", False), bool):
         return f"opacus_fixed must be true or false, got {card['opacus_fixed']!r}"
     encoding = card.get("input_encoding")
@@ -555,7 +570,7 @@ def train_model(setup: Setup, objective_name: str, model_dir: Path, *, resume: b
         # hashed: evaluate reads the data split from it, and an edited seed would test on training examples
         trainer.record_file("config.yaml", model_dir / "config.yaml")
         # a DP model may have had BatchNorm replaced: loading repeats the replacement
-        write_json(model_dir / MODEL_CARD, model_card(setup) | {DATA_HASH: data_sha256(setup)}
+        write_json(model_dir / MODEL_CARD, model_card(setup) | data_records(setup)
                    | ({"opacus_fixed": True} if dp.enabled else {}))
         trainer.record_file(MODEL_CARD, model_dir / MODEL_CARD)
     can_resume = resume and (model_dir / ckpt.STATE_JSON).is_file()

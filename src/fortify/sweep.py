@@ -50,6 +50,7 @@ from fortify.pipeline import (
     check_data_unchanged,
     check_directory_kind,
     check_same_settings,
+    directory_kind,
     discarded_on_error,
     evaluate_model,
     new_model,
@@ -257,10 +258,12 @@ def run_sweep(base: RunConfig, grid: SweepGrid, out: Path, *, device: str = "aut
     setup = prepare(base, device, objectives=tuple(dict.fromkeys(s.objective for s in specs)))
     setups = [_setup_for(setup, spec.config(base)) for spec in specs]  # all checked before any run
     # the run directories already there too: a damaged one stops the sweep now, not when its turn comes
-    for spec, run_setup in zip(specs, setups):
-        check_data_unchanged(out / spec.name, run_setup)  # a finished run's numbers are of the data then
     found = [finished_result(out / spec.name, run_setup.config) for spec, run_setup in zip(specs, setups)]
     kept = finished_runs_outside(out, specs, base, log)
+    # runs of these settings, checked to be of these data as well: a data file changed since would
+    # put numbers of two datasets in one table (every run's data are the base's, split alike)
+    for name in [spec.name for spec in specs] + [result.name for result in kept]:
+        check_data_unchanged(out / name, setup)
     for spec, run_setup, finished in zip(specs, setups, found):  # what train would refuse, refused now
         if finished is None:
             prepare_training(run_setup, spec.objective, out / spec.name)
@@ -274,14 +277,17 @@ def run_sweep(base: RunConfig, grid: SweepGrid, out: Path, *, device: str = "aut
 
 
 def check_sweep_directory(out: Path) -> None:
-    """A sweep writes into a new or empty directory, or continues one of its own: one that holds
-    nothing but its summary files and run directories (each a train directory, with or without its
-    result.json, or empty when cut off at its start). Anything else is someone else's, and a sweep would train its runs over it."""
+    """A sweep writes into a new or empty directory, or continues one of its own: one that holds its
+    summary (sweep.json, sweep.csv or tradeoff.png), or, cut off before its first summary, nothing but
+    run directories (each a train directory, with or without its result.json, or empty when cut off
+    at its start). Anything else is someone else's, and a sweep would train its runs over it."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; --out names a directory")
     if not out.is_dir():
         return
     check_directory_kind(out, "sweep", "cannot continue a sweep")
+    if directory_kind(out) == "sweep":  # its summary is there: files put beside it are the user's
+        return
     foreign = [entry.name for entry in sorted(out.iterdir()) if not _written_by_a_sweep(entry)]
     if foreign:
         raise ConfigError(f"{out} holds {foreign[0]!r}, which a sweep does not write, so it is not a "

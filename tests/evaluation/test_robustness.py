@@ -233,6 +233,17 @@ def test_a_kill_between_the_journals_two_writes_resumes_from_the_batch_before(st
     assert resumed_attack.calls == -(-reference.attacks[0].attacked // 16) - 2
 
 
+def _journal_killed_after_its_first_batch(model, digits, journal_dir):
+    """A journal in ``journal_dir`` of an evaluation (batches of 8) killed after its first batch; the
+    examples and threat model it evaluates."""
+    x, y = digits.test.x[:40], digits.test.y[:40]
+    threat = ThreatModel("linf", 0.05)
+    with pytest.raises(_KilledAfter):
+        evaluate(model, x, y, [_Fragile(threat, fail_on_call=2)], threat, batch_size=8,
+                 journal_dir=journal_dir)
+    return x, y, threat
+
+
 def _write_journal(directory, journal):
     """evaluation.json written back with its records' hash made to agree, as a careful edit would:
     each record's own checks must still catch what the edit got wrong."""
@@ -255,11 +266,7 @@ def test_an_edited_record_of_the_attack_under_way_is_refused(standard_model, dig
     from fortify.errors import CheckpointError
     from fortify.training import checkpoint as ckpt
 
-    x, y = digits.test.x[:40], digits.test.y[:40]
-    threat = ThreatModel("linf", 0.05)
-    with pytest.raises(_KilledAfter):
-        evaluate(standard_model, x, y, [_Fragile(threat, fail_on_call=2)], threat, batch_size=8,
-                 journal_dir=tmp_path)
+    x, y, threat = _journal_killed_after_its_first_batch(standard_model, digits, tmp_path)
     journal = json.loads((tmp_path / "evaluation.json").read_text())
     current = journal["current"]
     tensors = ckpt.load_tensors(tmp_path / current["file"], "evaluation", record="evaluation.json")
@@ -290,14 +297,23 @@ def test_a_damaged_journal_is_a_checkpoint_error(standard_model, digits, tmp_pat
                  journal_dir=tmp_path)
 
 
+def test_a_journal_without_the_hash_of_its_records_names_the_way_out(standard_model, digits, tmp_path):
+    # a journal as an earlier fortify wrote it: no records_sha256, and no accusation of an edit
+    from fortify.errors import CheckpointError
+
+    x, y, threat = _journal_killed_after_its_first_batch(standard_model, digits, tmp_path)
+    journal = json.loads((tmp_path / "evaluation.json").read_text())
+    del journal["records_sha256"]
+    (tmp_path / "evaluation.json").write_text(json.dumps(journal))
+    with pytest.raises(CheckpointError, match=re.escape("holds no hash of its records (an earlier fortify "
+                                                        "wrote it, or it was edited)")):
+        evaluate(standard_model, x, y, [_Fragile(threat)], threat, batch_size=8, journal_dir=tmp_path)
+
+
 def test_a_journal_whose_batch_file_is_gone_names_the_way_to_start_afresh(standard_model, digits, tmp_path):
     from fortify.errors import CheckpointError
 
-    x, y = digits.test.x[:40], digits.test.y[:40]
-    threat = ThreatModel("linf", 0.05)
-    with pytest.raises(_KilledAfter):
-        evaluate(standard_model, x, y, [_Fragile(threat, fail_on_call=2)], threat, batch_size=8,
-                 journal_dir=tmp_path)
+    x, y, threat = _journal_killed_after_its_first_batch(standard_model, digits, tmp_path)
     current = json.loads((tmp_path / "evaluation.json").read_text())["current"]
     (tmp_path / current["file"]).unlink()
     way_out = re.escape("(fortify evaluate --restart does) to evaluate from the start")

@@ -8,7 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from fortify.cli import app
+from fortify.config import load_config
 from fortify.federated import command
+from fortify.pipeline import prepare
 
 runner = CliRunner()
 
@@ -39,6 +41,11 @@ def test_simulation_trains_a_global_model_that_improves(tmp_path, monkeypatch):
                                 "steps": 5, "restarts": 1, "n_examples": 200}
     assert "local-robust-accuracy" in record["train_metrics"]["1"]  # clients trained adversarially
     assert (out / "model.safetensors").is_file()
+    # the card records the data as fortify evaluate loads them, so evaluating the model passes the check
+    card = json.loads((out / "model.json").read_text())
+    assert card["data_sha256"] == prepare(load_config(out / "config.yaml")).dataset.sha256()
+    evaluated = runner.invoke(app, ["evaluate", str(out), "--attacks", "fgsm", "--n-examples", "20"])
+    assert evaluated.exit_code == 0, evaluated.output
 
 
 @pytest.mark.parametrize(("args", "message"), [

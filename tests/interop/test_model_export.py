@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+import file_size_limit
 from fortify.cli import app
 from fortify.errors import CheckpointError, ConfigError
 from fortify.interop.export import export_model, load_safetensors_export
@@ -246,4 +247,61 @@ def test_an_export_that_differs_from_the_model_is_deleted(model_dir, tmp_path, m
     # Execute / Assert
     with pytest.raises(CheckpointError, match=fragment):
         export_model(model_dir, "torchscript", tmp_path / "model.pt")
-    assert not (tmp_path / "model.pt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the export nor its copy aside
+
+
+def test_a_failed_export_keeps_the_earlier_export_at_its_path(model_dir, tmp_path, monkeypatch):
+    from fortify.interop import export as export_module
+
+    first = export_model(model_dir, "torchscript", tmp_path / "model.pt")
+    before = first.path.read_bytes(), first.card_path.read_bytes()
+    honest = export_module._RELOADERS["torchscript"]
+    monkeypatch.setitem(export_module._RELOADERS, "torchscript",
+                        lambda out, directory: (lambda x: honest(out, directory)(x) + 1.0))
+    with pytest.raises(CheckpointError, match="it was not written"):
+        export_model(model_dir, "torchscript", tmp_path / "model.pt")
+    assert (first.path.read_bytes(), first.card_path.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.pt.card.json"]
+
+
+def test_an_export_replaces_an_earlier_export_but_no_other_file(model_dir, tmp_path):
+    # Prepare: an earlier export (its card beside it) and a file of someone else's
+    export_model(model_dir, "safetensors", tmp_path / "model.safetensors")
+    foreign = tmp_path / "mine.onnx"
+    foreign.write_bytes(b"someone's model")
+    # Execute / Assert: the export is written again; the foreign file is refused and kept
+    again = export_model(model_dir, "safetensors", tmp_path / "model.safetensors")
+    assert again.max_abs_difference == 0.0
+    with pytest.raises(ConfigError, match="mine.onnx already exists and is no fortify export "
+                                          "\\(it has no mine.onnx.card.json beside it\\)"):
+        export_model(model_dir, "onnx", foreign)
+    assert foreign.read_bytes() == b"someone's model"
+
+
+def test_member_is_refused_for_a_model_directory(model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="--member picks a model in a run directory; .* is a model dir"):
+        export_model(model_dir, "safetensors", tmp_path / "m.safetensors", member="standard")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+_EXPORT = """
+from pathlib import Path
+from fortify.interop.export import export_model
+from fortify.errors import CheckpointError
+try:
+    export_model(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))
+except CheckpointError as err:
+    print("refused:", err)
+"""
+
+
+@pytest.mark.skipif(not file_size_limit.SUPPORTED, reason="needs POSIX file size limits")
+@pytest.mark.parametrize("fmt, suffix", [("torchscript", ".pt"), ("safetensors", ".safetensors")])
+def test_an_export_the_disk_cannot_hold_is_a_checkpoint_error_and_leaves_nothing(model_dir, tmp_path, fmt,
+                                                                                  suffix):
+    # torch.jit.save aborted the whole process (a C++ error, exit 134) when the disk filled under it
+    out = tmp_path / f"model{suffix}"
+    proc = file_size_limit.run_with_file_size_limit(_EXPORT, model_dir, fmt, out, limit=4_000)
+    assert proc.returncode == 0, proc.stderr
+    assert f"refused: cannot write {out}: File too large" in proc.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -166,10 +166,11 @@ def test_run_directory_without_results_is_refused(tmp_path):
 
 @pytest.mark.parametrize("holds, fragment", [
     ({"sweep.json": "{}", "pgd_eps0.2_ep1/result.json": "{}"},
-     "it is a sweep directory, summarised in sweep.csv and tradeoff.png: report one of its runs with "
-     "`fortify report {d}/RUN` (its finished runs: pgd_eps0.2_ep1)"),
+     "it is a sweep directory, summarised in sweep.csv and tradeoff.png: give one of its runs, {d}/RUN (its "
+     "finished runs: pgd_eps0.2_ep1)"),
     ({"model.json": "{}"}, "it holds a trained model: evaluate it with `fortify evaluate {d}` first"),
     ({"config.yaml": ""}, "finish it with `fortify run --resume --out {d}`"),
+    ({"notes.txt": ""}, "it holds nothing fortify wrote: give a run or model directory, or a results file"),
 ])
 def test_a_directory_without_results_is_told_the_command_that_gives_it_some(tmp_path, holds, fragment):
     directory = tmp_path / "d"
@@ -180,15 +181,24 @@ def test_a_directory_without_results_is_told_the_command_that_gives_it_some(tmp_
         load_results(directory)
 
 
-def test_a_training_state_or_a_pipe_given_as_results_is_named_for_what_it_is(tmp_path):
-    state = tmp_path / "state.json"
-    state.write_text(json.dumps({"format": "fortify", "version": "1", "finished": True}))
-    with pytest.raises(ResultsError, match="state.json is not a results file: report reads a run.s results"):
-        load_results(state)
-    if hasattr(os, "mkfifo"):
-        os.mkfifo(tmp_path / "pipe")
-        with pytest.raises(ResultsError, match="pipe is neither a results file nor a directory"):
-            load_results(tmp_path / "pipe")
+@pytest.mark.parametrize("name, content", [
+    ("state.json", {"format": "fortify", "version": "1", "finished": True}),  # a training state
+    ("model.json", {"name": "mlp", "input_shape": [64], "num_classes": 10}),  # a model card
+    ("sweep.json", {"version": 1, "config": {}, "runs": []}),  # a sweep's summary
+    ("config.yaml", "data: {name: digits}\n"),  # not JSON at all
+])
+def test_a_file_that_holds_no_results_is_named_for_what_it_is(tmp_path, name, content):
+    (tmp_path / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ResultsError, match=f"{name} is not a results file.*: the results are a run's"):
+        load_results(tmp_path / name)
+
+
+def test_a_pipe_given_as_results_is_named_for_what_it_is(tmp_path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("needs named pipes")
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ResultsError, match="pipe is neither a results file nor a directory"):
+        load_results(tmp_path / "pipe")
 
 
 def test_fortify_report_command_writes_the_page_and_fails_cleanly(run_dir, tmp_path):

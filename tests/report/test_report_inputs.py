@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+import file_size_limit
 from fortify.cli import app
 from fortify.errors import ConfigError, ResultsError
 from fortify.report.compare import merge_runs, write_comparison
@@ -372,3 +373,23 @@ def test_the_training_table_shows_the_epoch_the_model_holds(tmp_path, training, 
     row = section[section.index("<tr><td>pgd</td>"):]
     cells = re.findall(r"<td>([^<]*)</td>", row[:row.index("</tr>")])
     assert cells[1:4] == shown
+
+
+def test_compare_refuses_one_run_given_twice_by_any_spelling(tmp_path):
+    run = _write_run(tmp_path / "a", _results())
+    for twice in ([run, run], [run, tmp_path / "b" / ".." / "a"], [run, run / "results.json"]):
+        (tmp_path / "b").mkdir(exist_ok=True)
+        with pytest.raises(ResultsError, match="is given twice; compare different runs"):
+            write_comparison(twice, tmp_path / "c.html")
+    assert not (tmp_path / "c.html").exists()
+
+
+@pytest.mark.skipif(not file_size_limit.SUPPORTED, reason="needs POSIX file size limits")
+def test_a_page_the_disk_cannot_hold_names_the_page_and_leaves_nothing(tmp_path):
+    runs = [_write_run(tmp_path / name, _results()) for name in ("a", "b")]
+    page = tmp_path / "out" / "c.html"
+    proc = file_size_limit.run_with_file_size_limit(file_size_limit.FORTIFY_CLI, "compare", *runs,
+                                                    "--out", page, limit=4_000)
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot use {page}: File too large" in " ".join(proc.stderr.split())
+    assert "Traceback" not in proc.stderr and list((tmp_path / "out").iterdir()) == []

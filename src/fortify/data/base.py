@@ -87,6 +87,10 @@ class Dataset:
     class_names: list[str] | None = None
     metadata: dict[str, object] = field(default_factory=dict)
 
+    def sha256(self) -> str:
+        """The SHA-256 of the three splits' examples and labels (``splits_sha256``)."""
+        return splits_sha256((self.train, self.val, self.test))
+
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train.x.shape[1:])

@@ -132,7 +132,11 @@ class Journal:
             raise CheckpointError(f"{self._json} is damaged: it needs 'completed' (a list) and 'current' "
                                   f"(null, or attack_index, next_start, sha256 and file); "
                                   f"{start_afresh(self.directory)}")
-        if state.get(_RECORDS_HASH) != records_sha256(state):
+        if _RECORDS_HASH not in state:
+            raise CheckpointError(f"{self._json} holds no hash of its records (an earlier fortify wrote "
+                                  f"it, or it was edited), so its records cannot be checked; "
+                                  f"{start_afresh(self.directory)}")
+        if state[_RECORDS_HASH] != records_sha256(state):
             raise CheckpointError(f"{self._json} does not match the hash of its records: it was edited "
                                   f"after it was written; {start_afresh(self.directory)}")
         return state

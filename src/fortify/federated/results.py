@@ -19,7 +19,7 @@ from torch import nn
 from fortify.data import Dataset
 from fortify.errors import ResultsError
 from fortify.federated.config import FederatedRun
-from fortify.pipeline import write_json
+from fortify.pipeline import DATA_HASH, write_json
 from fortify.training import checkpoint as ckpt
 
 RESULT_FILE = "federated.json"
@@ -91,7 +91,8 @@ def write_run_directory(out: Path, run: FederatedRun, dataset: Dataset, model: n
         "name": run.config.model.name or dataset.default_model, "input_shape": list(dataset.input_shape),
         "num_classes": dataset.num_classes, "bounds": list(dataset.bounds),
         "mean": list(dataset.mean) if normalize and dataset.mean else None,
-        "std": list(dataset.std) if normalize and dataset.std else None})
+        "std": list(dataset.std) if normalize and dataset.std else None,
+        DATA_HASH: dataset.sha256()})  # evaluate and audit refuse the data file changed since
     digest = ckpt.save_weights(out / "model.safetensors", model)
     ckpt.write_state_json(out, {"finished": True, "objective": run.config.train.objective,
                                 "federated": True, "sha256": {"model.safetensors": digest,

@@ -8,7 +8,9 @@ batch before it is reported as written; one that differs is deleted.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import Tensor, nn
 
 import fortify
@@ -47,14 +49,19 @@ _MODEL_DIR_FILES = frozenset({"model.safetensors", "last.safetensors", "best.saf
                               "robustness.json"})
 
 
-def find_model_dir(run_dir: Path, member: str = "pgd") -> Path:
-    """A model directory, or the ``models/<member>`` model inside a ``fortify run`` directory."""
+def find_model_dir(run_dir: Path, member: str | None = None) -> Path:
+    """A model directory, or the ``models/<member>`` model inside a ``fortify run`` directory
+    (``pgd`` unless named)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} does not exist or is not a directory; give a model directory "
                               "(fortify train --out) or a run directory (fortify run --out)")
     if (run_dir / MODEL_CARD).is_file():
+        if member is not None:  # it would pick nothing: the directory is one model
+            raise ConfigError(f"--member picks a model in a run directory; {run_dir} is a model directory "
+                              "itself, so leave --member out")
         return run_dir
+    member = "pgd" if member is None else member
     candidate = run_dir / "models" / member
     if (candidate / MODEL_CARD).is_file():
         return candidate
@@ -64,7 +71,8 @@ def find_model_dir(run_dir: Path, member: str = "pgd") -> Path:
     raise CheckpointError(f"{run_dir} holds no trained fortify model ({MODEL_CARD} missing)")
 
 
-def export_model(run_dir: Path, fmt: str, out: Path | None = None, *, member: str = "pgd") -> ExportResult:
+def export_model(run_dir: Path, fmt: str, out: Path | None = None, *, member: str | None = None
+                 ) -> ExportResult:
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; valid formats: {', '.join(EXPORT_FORMATS)}")
     model_dir = find_model_dir(run_dir, member)
@@ -78,19 +86,33 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, *, member: st
                           f"(default {model_dir / 'export' / ('model' + suffix)})")
     for module, purpose in _NEEDS.get(fmt, ()):  # a missing package named before anything is written
         require(module, purpose)
-    model, card = load_trained_model(model_dir, torch.device("cpu"))
-    inputs = _random_inputs(card)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _WRITERS[fmt](model, card, inputs, out)
-    try:  # an export that cannot be reloaded and compared is not left behind as if it were checked
-        difference = _verify(model, _RELOADERS[fmt](out, model_dir), inputs, out)
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
     # named after the whole file name: exports of several formats into one folder keep a card each
     card_path = out.with_name(out.name + ".card.json")
-    card_path.write_text(json.dumps(_deployment_card(card, fmt, model_dir), indent=2))
+    if out.exists() and not card_path.is_file():
+        raise ConfigError(f"{out} already exists and is no fortify export (it has no {card_path.name} beside "
+                          "it); remove it or choose another --out")
+    model, card = load_trained_model(model_dir, torch.device("cpu"))
+    inputs = _random_inputs(card)
+    encoded = _WRITERS[fmt](model, card, inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # written aside and checked there: an export that cannot be written whole (a full disk), reloaded
+    # and compared is not left behind as if it were checked, and an earlier export stays as it was
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        _write_bytes(tmp, encoded, out)
+        difference = _verify(model, _RELOADERS[fmt](tmp, model_dir), inputs, out)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    ckpt.atomic_write_text(card_path, json.dumps(_deployment_card(card, fmt, model_dir), indent=2))
     return ExportResult(out, card_path, fmt, difference, len(inputs))
+
+
+def _write_bytes(path: Path, data: bytes, named: Path) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as err:
+        raise CheckpointError(f"cannot write {named}: {err.strerror or err}") from None
 
 
 def _random_inputs(card: dict[str, Any]) -> Tensor:
@@ -114,37 +136,39 @@ def _deployment_card(card: dict[str, Any], fmt: str, model_dir: Path) -> dict[st
 
 # -- writers -----------------------------------------------------------------------------------
 
-def _write_onnx(model: nn.Module, card: dict[str, Any], inputs: Tensor, out: Path) -> None:
+def _write_onnx(model: nn.Module, card: dict[str, Any], inputs: Tensor) -> bytes:
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         # the TorchScript-based exporter is deprecated upstream in favour of one that needs
         # onnxscript; it still writes standard ONNX, which the reload below checks
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (inputs[:1],), str(out), dynamo=False, opset_version=ONNX_OPSET,
+        torch.onnx.export(model, (inputs[:1],), buffer, dynamo=False, opset_version=ONNX_OPSET,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return buffer.getvalue()
 
 
-def _write_torchscript(model: nn.Module, card: dict[str, Any], inputs: Tensor, out: Path) -> None:
+def _write_torchscript(model: nn.Module, card: dict[str, Any], inputs: Tensor) -> bytes:
+    # into memory: torch.jit.save aborts the process (a C++ error) when the disk fills under it
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still loads
-        torch.jit.save(torch.jit.trace(model, inputs[:1]), str(out))
+        torch.jit.save(torch.jit.trace(model, inputs[:1]), buffer)
+    return buffer.getvalue()
 
 
-def _write_safetensors(model: nn.Module, card: dict[str, Any], inputs: Tensor, out: Path) -> None:
+def _write_safetensors(model: nn.Module, card: dict[str, Any], inputs: Tensor) -> bytes:
     # fortify's checkpoint marker plus the model card: load_safetensors_export rebuilds the model
     # from this one file
     metadata = {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "kind": "weights",
                 "model_card": json.dumps(card)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    try:
-        save_file(tensors, str(out), metadata=metadata)
-    except SafetensorError as err:  # safetensors reports I/O failures as its own error
-        raise CheckpointError(f"cannot write {out}: {err}") from None
+    return save(tensors, metadata=metadata)
 
 
 # the optional packages each format's writing and checking take (torch.onnx.export needs onnx)
 _NEEDS = {"onnx": (("onnx", "exporting to ONNX"), ("onnxruntime", "checking an ONNX export"))}
-_WRITERS: dict[str, Callable[[nn.Module, dict[str, Any], Tensor, Path], None]] = {
+_WRITERS: dict[str, Callable[[nn.Module, dict[str, Any], Tensor], bytes]] = {
     "onnx": _write_onnx, "torchscript": _write_torchscript, "safetensors": _write_safetensors}
 
 
@@ -207,13 +231,11 @@ def _verify(model: nn.Module, reloaded: Callable[[Tensor], Tensor], inputs: Tens
     with torch.inference_mode():
         expected, got = model(inputs), reloaded(inputs)
     if got.shape != expected.shape:
-        out.unlink()
         raise CheckpointError(f"the export {out} returns shape {tuple(got.shape)}, the model "
-                              f"{tuple(expected.shape)}; the export was deleted")
+                              f"{tuple(expected.shape)}; it was not written")
     difference = float((got - expected).abs().max())
     allowed = TOLERANCE * max(1.0, float(expected.abs().max()))
     if not difference <= allowed:  # NaN too: a model that outputs NaN cannot be checked
-        out.unlink()
         raise CheckpointError(f"the export {out} differs from the model by up to {difference:.3g} on "
-                              f"{len(inputs)} inputs (allowed {allowed:.3g}); the export was deleted")
+                              f"{len(inputs)} inputs (allowed {allowed:.3g}); it was not written")
     return difference

@@ -27,6 +27,10 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One comparison results dict holding every model of ``runs`` (normalised results)."""
     if len(runs) < 2:
         raise ResultsError(f"compare needs at least two runs, got {len(runs)}")
+    files = [str(Path(run["source"]).resolve()) if run.get("source") else None for run in runs]
+    repeated = next((run["source"] for run, file in zip(runs, files) if file and files.count(file) > 1), None)
+    if repeated is not None:  # its models would stand beside themselves as if they were others
+        raise ResultsError(f"{repeated} is given twice; compare different runs")
     reference = runs[0]
     for run in runs[1:]:
         if run["threat"] != reference["threat"]:

@@ -18,6 +18,7 @@ import jinja2
 
 from fortify.errors import ConfigError
 from fortify.report import plots, tables
+from fortify.training.checkpoint import atomic_write_text
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("fortify.report", "templates"),
@@ -207,7 +208,5 @@ def write_report(results: dict[str, Any], path: Path) -> Path:
     check_out(path, _results_files(results))
     page = render_report(results)  # rendered first: a failure leaves nothing behind
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")  # the page declares utf-8
-    tmp.replace(path)
+    atomic_write_text(path, page)  # UTF-8, as the page declares
     return path

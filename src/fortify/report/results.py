@@ -17,7 +17,8 @@ from fortify.report import schema
 RESULTS_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 lacks the analysis and privacy sections; the report says so
 RESULT_FILES = ("results.json", "robustness.json", "result.json")
-RESULT_KINDS = ("comparison", "evaluation")
+_RESULT_FILES_READ = ("the results are a run's results.json, a model's robustness.json or a sweep run's "
+                      "result.json (or the directory that holds one)")
 SWEEP_RESULT_KEYS = ("config", "result", "robustness")  # a sweep run's result.json has no version
 
 
@@ -44,12 +45,14 @@ def _how_to_get_results(directory: Path) -> str:
         runs = sorted(p.parent.name for p in directory.glob("*/result.json"))
         more = ", ..." if len(runs) > 5 else ""
         named = f" (its finished runs: {', '.join(runs[:5])}{more})" if runs else ""
-        return (f"it is a sweep directory, summarised in sweep.csv and tradeoff.png: report one of its "
-                f"runs with `fortify report {directory}/RUN`{named}")
+        return (f"it is a sweep directory, summarised in sweep.csv and tradeoff.png: give one of its runs, "
+                f"{directory}/RUN{named}")
     if (directory / "model.json").is_file():
         return f"it holds a trained model: evaluate it with `fortify evaluate {directory}` first"
-    return (f"if it is a run cut off before its results, finish it with "
-            f"`fortify run --resume --out {directory}`")
+    if (directory / "config.yaml").is_file():
+        return (f"if it is a run cut off before its results, finish it with "
+                f"`fortify run --resume --out {directory}`")
+    return "it holds nothing fortify wrote: give a run or model directory, or a results file"
 
 
 def load_results(run_dir: Path) -> dict[str, Any]:
@@ -60,6 +63,8 @@ def load_results(run_dir: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise ResultsError(f"cannot read {path}: {err}") from None
     except json.JSONDecodeError as err:
+        if path.suffix != ".json":  # a config file or a page given in place of the results, say
+            raise ResultsError(f"{path} is not a results file (not JSON): {_RESULT_FILES_READ}") from None
         raise ResultsError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); it may have "
                            "been cut off: rerun the command that wrote it") from None
     except RecursionError:
@@ -70,10 +75,8 @@ def load_results(run_dir: Path) -> dict[str, Any]:
         raw = {"version": RESULTS_VERSION, "kind": "evaluation", "config": raw["config"],
                "robustness": raw["robustness"]}
     version = raw.get("version")
-    if raw.get("kind") not in RESULT_KINDS and raw.get("format") == "fortify":
-        # a training checkpoint's state.json, say: fortify's own, but no results
-        raise ResultsError(f"{path} is not a results file: report reads a run's results.json, a model's "
-                           "robustness.json or a sweep run's result.json (or the directory that holds it)")
+    if "kind" not in raw:  # a model card, a training state, a federation's or a sweep's summary
+        raise ResultsError(f"{path} is not a results file: {_RESULT_FILES_READ}")
     if version not in READABLE_VERSIONS:
         raise ResultsError(f"{path} has results version {version!r}; this fortify reads versions "
                            f"{', '.join(map(str, READABLE_VERSIONS))}")

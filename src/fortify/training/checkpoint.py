@@ -72,13 +72,14 @@ def _flush_directory(directory: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """``path`` holds ``text`` whole, or what it held before: written aside, flushed, renamed."""
+    """``path`` holds ``text`` (UTF-8) whole, or what it held before: written aside, flushed, renamed."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
-    except OSError:  # a full disk: the half-written copy goes, what ``path`` held stays
+        tmp.write_text(text, encoding="utf-8")
+    except OSError as err:  # a full disk: the half-written copy goes, what ``path`` held stays
         tmp.unlink(missing_ok=True)
-        raise
+        # a failed write names no file of its own; the error names the one that could not be written
+        raise OSError(err.errno, err.strerror, str(path)) from None
     _flush_to_disk(tmp)
     os.replace(tmp, path)
     _flush_directory(path.parent)
