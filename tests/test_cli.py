@@ -725,6 +725,17 @@ def test_audit_leaves_the_inputs_of_the_extra_data_out(tmp_path):
     assert any(note in warning for warning in privacy["warnings"])
 
 
+@pytest.mark.parametrize("command", [("train", "--epochs", 1, "-q", "--out", "{blocked}/m"),
+                                     ("export", "{model}", "-f", "safetensors", "--out",
+                                      "{blocked}/x.safetensors")])
+def test_a_file_where_an_output_folder_belongs_is_named_as_such(trained_dir, tmp_path, command):
+    blocked = tmp_path / "settings.yaml"
+    blocked.write_text("a: 1\n")
+    args = [str(a).format(blocked=blocked, model=trained_dir) for a in command]
+    _assert_clean_error(_invoke(*args), "a file stands where a folder is needed; choose another path")
+    assert blocked.read_text() == "a: 1\n"
+
+
 def test_changed_extra_data_stop_a_resumed_training_but_not_an_evaluation(tmp_path):
     # Prepare: a model trained with extra data, whose file then changes
     rng = np.random.default_rng(0)

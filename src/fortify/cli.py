@@ -162,6 +162,8 @@ def _handles_errors(command: F) -> F:
 
 def _describe_os_error(err: OSError) -> str:
     where = f" {err.filename}" if err.filename is not None else ""
+    if isinstance(err, (FileExistsError, NotADirectoryError)):  # from creating an output's folders
+        return f"cannot use{where}: a file stands where a folder is needed; choose another path"
     return f"cannot use{where}: {err.strerror or err}"
 
 
