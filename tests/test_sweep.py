@@ -614,14 +614,14 @@ def test_a_file_beside_a_sweeps_summary_does_not_stop_the_sweep(tmp_path):
 @pytest.mark.parametrize("same_data", [True, False])
 def test_a_finished_run_of_data_since_changed_stops_the_sweep_and_one_of_the_same_data_is_kept(
         tmp_path, monkeypatch, same_data):
-    from fortify.pipeline import data_sha256, prepare
+    from fortify.pipeline import prepare
 
     # Prepare: a finished run whose model card records the data's hash, or another one
     base = load_config(None, TINY)
     spec = expand_grid(SweepGrid(objective=["standard"]), base)[0]
     run_dir = _fake_finished_run(tmp_path / "out", spec, base)
     (run_dir / "config.yaml").write_text(spec.config(base).to_yaml())
-    recorded = data_sha256(prepare(spec.config(base), "cpu")) if same_data else "0" * 64
+    recorded = prepare(spec.config(base), "cpu").dataset.sha256() if same_data else "0" * 64
     (run_dir / "model.json").write_text(json.dumps({"data_sha256": recorded}))
     monkeypatch.setattr(sweep_module, "train_model", _no_run)
     monkeypatch.setattr(sweep_module, "write_outputs", lambda *args: None)

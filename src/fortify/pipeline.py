@@ -176,15 +176,10 @@ def model_card(setup: Setup) -> dict[str, Any]:
             "input_encoding": setup.dataset.metadata.get("schema")}
 
 
-def data_sha256(setup: Setup) -> str:
-    """The SHA-256 of the data a model of ``setup`` trains, validates and is tested on."""
-    return setup.dataset.sha256()
-
-
 def data_records(setup: Setup) -> dict[str, str]:
     """What a model card records of the data: their SHA-256, and that of the extra training data."""
     extra = {} if setup.extra is None else {EXTRA_DATA_HASH: splits_sha256((setup.extra,))}
-    return {DATA_HASH: data_sha256(setup)} | extra
+    return {DATA_HASH: setup.dataset.sha256()} | extra
 
 
 def check_data_unchanged(model_dir: Path, setup: Setup, card: dict[str, Any] | None = None, *,
@@ -205,7 +200,7 @@ def check_data_unchanged(model_dir: Path, setup: Setup, card: dict[str, Any] | N
     if own["data"] != now["data"]:
         return  # other data or another split, named deliberately or refused by the settings' checks
     path = setup.config.data.path
-    _check_recorded(card.get(DATA_HASH), data_sha256(setup),
+    _check_recorded(card.get(DATA_HASH), setup.dataset.sha256(),
                     f"the data {setup.dataset.name!r}{'' if path is None else f' in {path}'}", model_dir)
     same_extra = own["train"].get("extra_data") == now["train"].get("extra_data")
     if with_extra and setup.extra is not None and same_extra:
@@ -887,13 +882,13 @@ def fresh_out_dir(out: Path | None, default_stem: str, resume: bool, *, command:
 # Entries that only one command's directory holds at its top, checked in this order (a federation's
 # directory holds a trained model's files too). A run's models/<objective> and a sweep's runs are
 # train directories of their own.
+SWEEP_SUMMARY = ("sweep.json", "sweep.csv", "tradeoff.png")  # what a sweep writes beside its runs
 _DIRECTORY_SIGNS = (
     ("federate", ("federation-progress.json", "federated.json")),
-    ("sweep", ("sweep.json", "sweep.csv", "tradeoff.png")),
+    ("sweep", SWEEP_SUMMARY),
     ("run", ("results.json", "models")),
     ("train", (ckpt.STATE_JSON, "model.json", "model.safetensors", "training.json")),
 )
-DIRECTORY_KINDS = tuple(kind for kind, _ in _DIRECTORY_SIGNS)
 
 
 def directory_kind(directory: Path) -> str | None:

@@ -45,6 +45,7 @@ from fortify.config import (
 from fortify.errors import CheckpointError, ConfigError, ResultsError
 from fortify.models.modes import value_preserving
 from fortify.pipeline import (
+    SWEEP_SUMMARY,
     Setup,
     build_training_objective,
     check_data_unchanged,
@@ -64,7 +65,6 @@ from fortify.tabular.run import run_threat
 from fortify.training import checkpoint as ckpt
 
 RESULT_JSON = "result.json"
-SUMMARY_FILES = ("sweep.csv", "sweep.json", "tradeoff.png")  # what write_outputs leaves beside the runs
 SWEEP_VERSION = 1
 # the objectives that read each method setting of the grid (fortify.training.methods)
 READERS: dict[str, tuple[str, ...]] = {"trades_beta": ("trades", "awp-trades"), "mix_ratio": ("pgd-mix",)}
@@ -298,7 +298,7 @@ def _written_by_a_sweep(entry: Path) -> bool:
     if entry.name.startswith("."):  # a file manager's or a version control's, not content
         return True
     if entry.is_file():
-        return entry.name.removesuffix(".tmp") in SUMMARY_FILES  # .tmp: cut off while it was written
+        return entry.name.removesuffix(".tmp") in SWEEP_SUMMARY  # .tmp: cut off while it was written
     return entry.is_dir() and (not any(entry.iterdir()) or any(
         (entry / name).is_file() for name in ("config.yaml", ckpt.STATE_JSON, RESULT_JSON)))
 
