@@ -166,44 +166,55 @@ def cw_group(model: nn.Module, args: argparse.Namespace) -> list[Contender]:
 
     In the search group both libraries run at the shared budget (``--cw-steps`` Adam steps per
     constant, lr 0.01) and at a second budget each: fortify with ``--cw-tuned`` steps and learning
-    rate, ART with ``--cw-art-short-steps`` steps (its line search converges within fewer). Which row
-    is at least as strong as which is printed after the table (``print_dominance``).
+    rate, ART with ``--cw-art-short-steps`` steps (its line search converges within fewer). fortify
+    also runs with ``warm_start`` (each round from where the last ended) at the shared budget and at
+    ``--cw-warm``. Which row is at least as strong as which is printed after the table
+    (``print_dominance``).
     """
     threat = ThreatModel("l2", 1.0)  # minimal() seeks the smallest perturbation; eps plays no part
     steps, searches, lr = args.cw_steps, args.cw_searches, 0.01
     single = f"C&W-L2 1x{steps} (c=1)"
     search = f"C&W-L2 search {searches}x (c0=0.1)"
 
-    def fortify(b: int, c: float, steps: int = steps, lr: float = lr) -> RunFn:
+    def fortify(b: int, c: float, steps: int = steps, lr: float = lr, warm: bool = False) -> RunFn:
         attack = CarliniWagnerL2(threat, steps=steps, binary_search_steps=b, initial_const=c,
-                                 learning_rate=lr, abort_early=True, seed=args.seed)
+                                 learning_rate=lr, abort_early=True, warm_start=warm, seed=args.seed)
         return batched(lambda x, y: attack.minimal(model, x, y)[0], args.batch)
+
+    def search_row(label: str, run: RunFn) -> Contender:
+        return Contender(search, label, run, limit, "l2")
 
     limit = args.cw_examples
     rows = [Contender(single, "fortify", fortify(1, 1.0), limit, "l2")]
     rows += peer(lambda: Contender(single, "torchattacks", batched(_torchattacks_cw(model, steps, lr),
                                                                     args.batch), limit, "l2"), "torchattacks")
-    rows.append(Contender(search, f"fortify {steps} steps lr {lr:g}", fortify(searches, 0.1), limit, "l2"))
+    rows.append(search_row(f"fortify {steps} steps lr {lr:g}", fortify(searches, 0.1)))
+    rows.append(search_row(f"fortify {steps} steps lr {lr:g} warm start", fortify(searches, 0.1, warm=True)))
     tuned_steps, tuned_lr = args.cw_tuned
-    rows.append(Contender(search, f"fortify {tuned_steps} steps lr {tuned_lr:g}",
-                          fortify(searches, 0.1, tuned_steps, tuned_lr), limit, "l2"))
+    warm_steps, warm_lr = args.cw_warm
+    rows.append(search_row(f"fortify {tuned_steps} steps lr {tuned_lr:g}",
+                           fortify(searches, 0.1, tuned_steps, tuned_lr)))
+    rows.append(search_row(f"fortify {warm_steps} steps lr {warm_lr:g} warm start",
+                           fortify(searches, 0.1, warm_steps, warm_lr, warm=True)))
     if args.channels_last:
-        rows.append(Contender(search, f"fortify {tuned_steps} steps lr {tuned_lr:g} {CPU_KERNELS}",
-                              run_channels_last(fortify(searches, 0.1, tuned_steps, tuned_lr), model), limit,
-                              "l2"))
+        rows.append(search_row(f"fortify {tuned_steps} steps lr {tuned_lr:g} {CPU_KERNELS}",
+                               run_channels_last(fortify(searches, 0.1, tuned_steps, tuned_lr), model)))
+        rows.append(search_row(f"fortify {warm_steps} steps lr {warm_lr:g} warm start {CPU_KERNELS}",
+                               run_channels_last(fortify(searches, 0.1, warm_steps, warm_lr, warm=True),
+                                                 model)))
     if args.cw_long_steps:  # ART's line search does more per step: a longer fortify run for equal strength
-        rows.append(Contender(search, f"fortify {args.cw_long_steps} steps lr {lr:g}",
-                              fortify(searches, 0.1, args.cw_long_steps), limit, "l2"))
-    rows += peer(lambda: Contender(search, f"Foolbox {steps} steps lr {lr:g}",
-                                   _foolbox_cw(model, steps, searches, lr, args), limit, "l2"), "foolbox")
+        rows.append(search_row(f"fortify {args.cw_long_steps} steps lr {lr:g}",
+                               fortify(searches, 0.1, args.cw_long_steps)))
+    rows += peer(lambda: search_row(f"Foolbox {steps} steps lr {lr:g}",
+                                    _foolbox_cw(model, steps, searches, lr, args)), "foolbox")
     for art_steps in (steps, args.cw_art_short_steps):
-        rows += peer(lambda s=art_steps: Contender(search, f"ART {s} steps lr {lr:g}",
-                                                   _art_cw(model, s, searches, lr, args), limit, "l2"), "art")
+        rows += peer(lambda s=art_steps: search_row(f"ART {s} steps lr {lr:g}",
+                                                    _art_cw(model, s, searches, lr, args)), "art")
     if args.channels_last:  # ART's quickest budget on the channels_last model too
         short = args.cw_art_short_steps
-        rows += peer(lambda: Contender(search, f"ART {short} steps lr {lr:g} {CPU_KERNELS}",
-                                       run_channels_last(_art_cw(model, short, searches, lr, args), model),
-                                       limit, "l2"), "art")
+        rows += peer(lambda: search_row(f"ART {short} steps lr {lr:g} {CPU_KERNELS}",
+                                        run_channels_last(_art_cw(model, short, searches, lr, args), model)),
+                     "art")
     return rows
 
 
@@ -554,8 +565,10 @@ def print_dominance(contenders: list[Contender]) -> None:
             if bool((a <= b * (1 + NORM_RTOL)).all()):
                 verdict = f"at least as strong at every {ours.norm} radius (norms within {NORM_RTOL:.0%})"
             else:
-                worse = int((a > b * (1 + NORM_RTOL)).sum())
-                verdict = f"weaker: {worse} of {a.numel()} sorted norms larger"
+                larger = a > b * (1 + NORM_RTOL)
+                excess = float((a[larger] / b[larger]).max()) - 1  # inf where only b found a point
+                verdict = (f"weaker: {int(larger.sum())} of {a.numel()} sorted norms larger "
+                           f"(by up to {excess:.1%})")
             lines.append(f"- {ours.library} vs {theirs.library}: {verdict}; {theirs.library} takes "
                          f"{ratio:.2f}x the time")
     if lines:
@@ -598,6 +611,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="add a fortify row to the C&W search group with this many steps per constant")
     parser.add_argument("--cw-tuned", type=lambda s: (int(s.split(",")[0]), float(s.split(",")[1])),
                         default=(40, 0.05), help="STEPS,LR of fortify's second row in the C&W search group")
+    parser.add_argument("--cw-warm", type=lambda s: (int(s.split(",")[0]), float(s.split(",")[1])),
+                        default=(30, 0.05),
+                        help="STEPS,LR of fortify's warm-started row in the C&W search group")
     parser.add_argument("--cw-art-short-steps", type=int, default=10,
                         help="steps per constant of ART's second row in the C&W search group")
     parser.add_argument("--queries", type=int, default=1000, help="Square's query budget")

@@ -1027,6 +1027,25 @@ def test_run_resume_refuses_a_train_directory_and_train_resume_a_run_directory(t
     assert {d: _files_of(d) for d in (model_dir, run_dir)} == before
 
 
+def test_a_run_cut_off_before_its_first_checkpoint_is_not_continued_by_train(tmp_path, monkeypatch):
+    # Prepare: fortify run interrupted in its first training, with only its config.yaml written
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr("fortify.cli.train_model", interrupt)
+    assert _invoke("run", "--out", run_dir, "--epochs", 1, "--quiet").exit_code == 130
+    monkeypatch.undo()
+    before = _files_of(run_dir)
+    assert "config.yaml" in before
+    # Execute and assert: train --resume would have trained a model over the run's own directory
+    _assert_clean_error(_invoke("train", "--out", run_dir, "--resume", "--objective", "standard",
+                                "--epochs", 1, "--quiet"),
+                        "holds the output of fortify run, not of fortify train")
+    assert _files_of(run_dir) == before
+    assert not (run_dir / "model.safetensors").exists()
+
+
 @pytest.mark.skipif(not file_size_limit.SUPPORTED, reason="needs POSIX file size limits")
 def test_a_checkpoint_the_disk_cannot_hold_is_one_error_line_and_leaves_no_directory(tmp_path):
     # small-cnn's weights pass 20 kB, config.yaml does not: the first checkpoint fails to be written

@@ -223,7 +223,9 @@ def run(
     if resume:
         check_same_settings(out_dir, cfg)  # before config.yaml is written over
     with discarded_on_error(out_dir):
-        out_dir.mkdir(parents=True, exist_ok=True)
+        # models/ first: it marks the directory as a run's, so that one cut off before its first
+        # checkpoint is not taken for a train directory by train --resume (both hold config.yaml)
+        (out_dir / "models").mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())  # --resume reads it first
         # a resumed run's seconds include the training its checkpoints hold; what it redoes is timed anew
         earlier = _checkpointed_training_seconds(out_dir / "models", ("standard", "pgd")) if resume else 0.0

@@ -101,12 +101,20 @@ def test_a_query_budget_below_one_is_rejected_when_building(options, fragment):
     ({"fgsm": {"random_start": None}}, "random_start=None may not be null"),
     ({"fgsm": {"step_size": -1}}, "step_size must be > 0, got -1"),
     ({"fgsm": {"eps": 0.9}}, "unknown option 'eps'; it takes step_size, random_start, targeted, seed"),
+    ({"cw": {"warm_start": "yes"}}, "warm_start='yes' must be true or false"),
 ])
 def test_attack_options_of_the_wrong_type_or_range_are_refused_by_name(options, fragment):
     # YAML hands these over as written: "no" would read as true, a bool as the number 1
     config = EvalConfig(attacks=list(options), attack_options=options)
+    threat = L2 if "cw" in options else LINF
     with pytest.raises(ConfigError, match=re.escape(fragment)):
-        build_attacks(config, LINF, num_classes=10)
+        build_attacks(config, threat, num_classes=10)
+
+
+def test_cw_warm_start_reaches_the_attack_from_the_configuration():
+    config = EvalConfig(attacks=["cw"], attack_options={"cw": {"warm_start": True, "steps": 30}})
+    (attack,) = build_attacks(config, L2, num_classes=10)
+    assert attack.warm_start is True and attack.steps == 30
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
