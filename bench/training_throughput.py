@@ -1,9 +1,10 @@
 """Adversarial training throughput on CPU: fortify's Trainer against IBM ART's trainers.
 
 Each contender trains a fresh small-cnn (same seed, so the same initial weights) on the training
-split of the embedded digits set for ``--epochs`` epochs with the same batch size, SGD learning
-rate and momentum, thread count and L-inf eps, in this one process; the contenders run in an order
-rotated by one per repeat. The model is wrapped in a counter of forward and backward passes.
+split of an embedded set (``--dataset``: digits, 8x8, or mnist5k, 28x28) for ``--epochs`` epochs
+with the same batch size, SGD learning rate and momentum, thread count and L-inf eps, in this one
+process; the contenders run in an order rotated by one per repeat. The model is wrapped in a
+counter of forward and backward passes.
 Afterwards each trained model is attacked with fortify's PGD-20 on the test split, so that an epoch
 that is cheap because it trains less hard shows as less robust.
 
@@ -237,6 +238,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="epochs of plain PGD training before AWP starts (both libraries)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-art", action="store_true")
+    parser.add_argument("--dataset", choices=("digits", "mnist5k"), default="digits",
+                        help="the embedded set to train on: 8x8 digits or 28x28 MNIST-5k")
     add_variant_options(parser)
     add_allocator_option(parser)
     args = parser.parse_args(argv)
@@ -251,10 +254,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     apply_process_options(args)
-    data = load_dataset("digits")
+    data = load_dataset(args.dataset)
     contenders = build_contenders(args)
     print_provenance([("art", "adversarial-robustness-toolbox")])
-    print(f"setting:  small-cnn (fresh, seed {args.seed}) on digits: {len(data.train)} training examples, "
+    print(f"setting:  small-cnn (fresh, seed {args.seed}) on {args.dataset}: {len(data.train)} training "
+          f"examples, "
           f"{args.epochs} epochs, batch {args.batch}, SGD lr {args.lr} momentum 0.9, constant lr, "
           "no weight decay")
     print(f"attacks:  training linf eps={args.eps}, PGD {args.attack_steps} steps of 2.5*eps/steps; "
