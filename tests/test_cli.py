@@ -1039,8 +1039,9 @@ def test_a_run_cut_off_before_its_first_checkpoint_is_not_continued_by_train(tmp
     before = _files_of(run_dir)
     assert "config.yaml" in before
     # Execute and assert: train --resume would have trained a model over the run's own directory
-    _assert_clean_error(_invoke("train", "--out", run_dir, "--resume", "--objective", "standard",
-                                "--epochs", 1, "--quiet"),
+    # (without --objective: train's default, pgd, is the objective the run's config.yaml holds, so no
+    # settings check stops it)
+    _assert_clean_error(_invoke("train", "--out", run_dir, "--resume", "--epochs", 1, "--quiet"),
                         "holds the output of fortify run, not of fortify train")
     assert _files_of(run_dir) == before
     assert not (run_dir / "model.safetensors").exists()

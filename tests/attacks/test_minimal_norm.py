@@ -269,6 +269,31 @@ def test_cw_warm_start_is_stronger_on_digits_at_the_same_budget(standard_model, 
     assert bool((warm.sort().values <= restarted.sort().values * 1.01).all())
 
 
+def test_cw_describes_a_warm_start_and_only_then():
+    # an evaluation journal keys on describe(): warm and restarted results must not be mixed, and
+    # the paper's algorithm keeps the settings it was journaled with before the option existed
+    assert CarliniWagnerL2(L2, warm_start=True).describe()["warm_start"] is True
+    assert "warm_start" not in CarliniWagnerL2(L2).describe()
+
+
+def test_a_warm_round_is_not_credited_with_the_last_rounds_point():
+    """A warm round starts on the previous round's end point, found at another constant: that point
+    stays a candidate, but the binary search must judge the new constant by the points this round
+    reaches itself."""
+    # Prepare: a round at a large constant on the linear problem fools every point
+    model, x, y, _, _ = _linear_problem()
+    attack = CarliniWagnerL2(L2, steps=200, learning_rate=0.05, warm_start=True, abort_early=False)
+    const = torch.full((len(x),), 1e3, dtype=torch.float64)
+    best, best_norm = x.clone(), torch.full_like(const, torch.inf)
+    first, w_end = attack._optimise(model, x, y, None, attack._to_tanh_space(x), const, best, best_norm)
+    assert bool(first.all())
+    # Execute: a round of one step started where the first ended sees only that point
+    attack.steps = 1
+    second, _ = attack._optimise(model, x, y, None, w_end, const / 2, best, best_norm)
+    # Assert
+    assert not bool(second.any())
+
+
 @pytest.mark.parametrize("confidence", [0.0, 0.5])
 def test_cw_aborts_a_round_whose_loss_stalls_whatever_its_confidence(confidence):
     # Prepare: 16 points of a linear model, each fooled by kappa well before the round's end

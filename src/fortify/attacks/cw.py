@@ -74,7 +74,8 @@ class CarliniWagnerL2(MinimalNormAttack):
         return {**super().describe(), "steps": self.steps, "binary_search_steps": self.binary_search_steps,
                 "initial_const": self.initial_const, "learning_rate": self.learning_rate,
                 "confidence": self.confidence, "abort_early": self.abort_early,
-                "warm_start": self.warm_start}
+                # only when set, so that journals and results of the paper's algorithm keep their settings
+                **({"warm_start": True} if self.warm_start else {})}
 
     def _search(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -143,12 +144,18 @@ class CarliniWagnerL2(MinimalNormAttack):
             fooled = self._fooled(logits.detach(), y_a, target_a)
             self._keep_smaller(active, candidate.detach(), distance_sq.detach().sqrt(), fooled, best,
                                best_norm)
-            success[active] |= fooled
+            # a warm round's first point is where the last round, at another constant, ended: it
+            # says nothing of whether this constant finds an adversarial point, so it is kept as
+            # a candidate but does not count as the round's success
+            if step > 0 or not self.warm_start:
+                success[active] |= fooled
             if self.abort_early and step % check_every == 0:
                 total = loss.sum().item()
                 if total > previous * 0.9999:
                     break
                 previous = total
+        if not self.warm_start:
+            return success, w_start
         w_end = w_start.clone()
         w_end[active] = (w_a + modifier).detach()
         return success, w_end
