@@ -1033,9 +1033,9 @@ def test_a_run_cut_off_before_its_first_checkpoint_is_not_continued_by_train(tmp
         raise KeyboardInterrupt
 
     run_dir = tmp_path / "run"
-    monkeypatch.setattr("fortify.cli.train_model", interrupt)
-    assert _invoke("run", "--out", run_dir, "--epochs", 1, "--quiet").exit_code == 130
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:  # undoes this patch alone, not the autouse fixtures'
+        patched.setattr("fortify.cli.train_model", interrupt)
+        assert _invoke("run", "--out", run_dir, "--epochs", 1, "--quiet").exit_code == 130
     before = _files_of(run_dir)
     assert "config.yaml" in before
     # Execute and assert: train --resume would have trained a model over the run's own directory

@@ -264,7 +264,7 @@ def test_cw_warm_start_is_stronger_on_digits_at_the_same_budget(standard_model, 
     budget = {"steps": 20, "binary_search_steps": 3, "initial_const": 0.1}
     _, restarted = CarliniWagnerL2(L2, **budget).minimal(standard_model, x, y)
     _, warm = CarliniWagnerL2(L2, warm_start=True, **budget).minimal(standard_model, x, y)
-    # measured: 31 digits fooled against 6, and at every radius at least as many
+    # measured: 30 digits fooled against 6 (one torch thread), and at every radius at least as many
     assert int(torch.isfinite(warm).sum()) >= int(torch.isfinite(restarted).sum()) + 10
     assert bool((warm.sort().values <= restarted.sort().values * 1.01).all())
 

@@ -109,8 +109,8 @@ class CarliniWagnerL2(MinimalNormAttack):
                   const: Tensor, best: Tensor, best_norm: Tensor) -> tuple[Tensor, Tensor]:
         """One Adam run at fixed ``const`` from ``w_start``; updates ``best``/``best_norm`` in place.
 
-        Returns the successes and where each example's run ended in tanh space (``w_start`` for the
-        examples it left out).
+        Returns the successes and, under ``warm_start``, where each example's run ended in tanh space
+        (``w_start`` for the examples it left out); without it ``w_start`` itself, which is not read.
 
         An input fooled as given (distance 0) cannot get closer and is left out. With ``abort_early``
         the round stops once the summed loss fell by less than 0.01% since the last check, as in the
