@@ -1047,6 +1047,34 @@ def test_a_run_cut_off_before_its_first_checkpoint_is_not_continued_by_train(tmp
     assert not (run_dir / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_cut_off_before_its_config_starts_again_in_its_directory(tmp_path, monkeypatch, resume):
+    # Prepare: fortify run interrupted between making models/ and writing config.yaml
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patched:
+        patched.setattr("fortify.cli.ckpt.atomic_write_text", interrupt)
+        assert _invoke("run", "--out", run_dir, "--epochs", 1, "--quiet").exit_code == 130
+    assert _files_of(run_dir) == {} and [p.name for p in run_dir.iterdir()] == ["models"]
+    # Execute: the same command again, with or without --resume; it gets as far as training
+    monkeypatch.setattr("fortify.cli.train_model", interrupt)
+    again = _invoke("run", "--out", run_dir, "--epochs", 1, "--quiet", *(["--resume"] if resume else []))
+    # Assert: nothing refused the directory, and the run wrote its config.yaml there
+    assert again.exit_code == 130, again.output
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_an_empty_models_directory_is_not_empty_to_train(tmp_path):
+    # only fortify run makes models/ before its first file; to train it is another command's directory
+    (tmp_path / "models").mkdir()
+    _assert_clean_error(_invoke("train", "--out", tmp_path, "--epochs", 1, "--quiet"), "is not empty")
+    _assert_clean_error(_invoke("train", "--out", tmp_path, "--resume", "--epochs", 1, "--quiet"),
+                        "holds no config.yaml")
+    assert [p.name for p in tmp_path.iterdir()] == ["models"]
+
+
 @pytest.mark.skipif(not file_size_limit.SUPPORTED, reason="needs POSIX file size limits")
 def test_a_checkpoint_the_disk_cannot_hold_is_one_error_line_and_leaves_no_directory(tmp_path):
     # small-cnn's weights pass 20 kB, config.yaml does not: the first checkpoint fails to be written

@@ -867,16 +867,25 @@ def fresh_out_dir(out: Path | None, default_stem: str, resume: bool, *, command:
         return default_out_dir(default_stem)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; --out names a directory")
-    if out.exists() and any(out.iterdir()) and not resume:
+    if out.exists() and not _holds_nothing(out, command) and not resume:
         raise ConfigError(f"{out} already exists and is not empty; pass --resume to continue the "
                           "run in it or choose another --out")
     if resume and not out.is_dir():
         raise ConfigError(f"cannot resume: {out} does not exist")
-    if resume and marker is not None and any(out.iterdir()) and not (out / marker).is_file():
+    if resume and marker is not None and not _holds_nothing(out, command) and not (out / marker).is_file():
         raise ConfigError(f"cannot resume: {out} holds no {marker}, so it is not a run to continue")
     if resume:
         check_directory_kind(out, command, "cannot resume")
     return out
+
+
+def _holds_nothing(out: Path, command: str) -> bool:
+    """``out`` is empty, or holds only the empty ``models/`` that ``fortify run`` makes before its
+    config.yaml: a run cut off between the two left nothing to lose and starts again there."""
+    entries = list(out.iterdir())
+    if command == "run" and [entry.name for entry in entries] == ["models"]:
+        return entries[0].is_dir() and not any(entries[0].iterdir())
+    return not entries
 
 
 # Entries that only one command's directory holds at its top, checked in this order (a federation's

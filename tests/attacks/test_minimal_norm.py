@@ -12,6 +12,7 @@ from fortify.attacks.base import ATTACKS
 from fortify.attacks.cw import CarliniWagnerL2
 from fortify.attacks.fmn import FMN
 from fortify.errors import ConfigError
+from fortify.evaluation import evaluate
 from fortify.threat import ThreatModel
 
 # a minimal attack's result does not depend on eps; it only decides what perturb keeps
@@ -274,6 +275,18 @@ def test_cw_describes_a_warm_start_and_only_then():
     # the paper's algorithm keeps the settings it was journaled with before the option existed
     assert CarliniWagnerL2(L2, warm_start=True).describe()["warm_start"] is True
     assert "warm_start" not in CarliniWagnerL2(L2).describe()
+
+
+def test_one_evaluation_runs_and_reports_warm_and_restarted_cw_apart(standard_model, digit_batch):
+    # results are looked up by label: with one label the second variant would be refused as a repeat
+    x, y = digit_batch
+    budget = {"steps": 20, "binary_search_steps": 3, "initial_const": 0.1}
+    threat = ThreatModel("l2", 1.5)
+    attacks = [CarliniWagnerL2(threat, **budget), CarliniWagnerL2(threat, warm_start=True, **budget)]
+    report = evaluate(standard_model, x, y, attacks, threat)
+    assert [result.name for result in report.attacks] == ["cw-3x20", "cw-3x20-warm"]
+    # warm rounds fool 30 of these digits at any radius where restarted ones fool 6
+    assert report.attack("cw-3x20-warm").adversarial_accuracy < report.attack("cw-3x20").adversarial_accuracy
 
 
 def test_a_warm_round_is_not_credited_with_the_last_rounds_point():

@@ -68,7 +68,10 @@ class CarliniWagnerL2(MinimalNormAttack):
 
     @property
     def label(self) -> str:
-        return f"{self.name}-{self.binary_search_steps}x{self.steps}"
+        # warm rounds find other points than restarted ones at the same budget: a label of their own
+        # lets one evaluation run and report both
+        warm = "-warm" if self.warm_start else ""
+        return f"{self.name}-{self.binary_search_steps}x{self.steps}{warm}"
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "steps": self.steps, "binary_search_steps": self.binary_search_steps,
