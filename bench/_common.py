@@ -11,12 +11,13 @@ import contextlib
 import datetime as dt
 import os
 import platform
+import random
 import statistics
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -168,6 +169,21 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int) -> float:
         correct = sum(int((model(xb).argmax(1) == yb).sum())
                       for xb, yb in zip(x.split(batch), y.split(batch), strict=True))
     return correct / x.shape[0]
+
+
+Row = TypeVar("Row")
+
+
+def repeat_order(contenders: list[Row], repeat: int, seed: int) -> list[Row]:
+    """The order the contenders run in during one repeat: a permutation drawn from ``(seed, repeat)``.
+
+    A rotation by one per repeat spreads the positions but keeps each contender behind the same
+    predecessor, whose leftovers (freed memory, caches, the allocator's state) it then always
+    inherits; a fresh permutation per repeat changes both, and the same seed gives the same orders.
+    """
+    order = list(contenders)
+    random.Random(f"{seed}:{repeat}").shuffle(order)
+    return order
 
 
 def check_repeats(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -3,15 +3,18 @@ minimal-norm attacks C&W L2, FMN, FAB and HopSkipJump.
 
 Every contender attacks the same model (small-cnn trained on the embedded digits set), the same
 examples, under the same thread count, in this one process: one warm-up round, then repeats in
-which every contender runs once, in an order rotated by one per repeat. Budgets are equal across
-libraries within a group (same iterations, restarts, queries, binary-search steps, step sizes).
-The model is wrapped in a counter of forward and backward passes. The table gives median wall
-time, examples/s, time relative to fortify, the passes, and what the attack achieved: robust
-accuracy for the eps-bounded attacks; for the minimal-norm attacks the success rate, the median
-norm of the successful perturbations and the median found norm over all clean-correct examples
-(inf where not fooled), in the norm the group names, and after the table whether each fortify row
-fools at least as many examples as each peer's at every radius. A faster but weaker attack is
-visible as weaker.
+which every contender runs once, in an order shuffled afresh (seeded) for each repeat. Budgets are
+equal across libraries within a group (same iterations, restarts, queries, binary-search steps,
+step sizes). The model is wrapped in a counter of forward and backward passes. The table gives
+median wall time, examples/s, time relative to fortify, the passes, and what the attack achieved:
+robust accuracy for the eps-bounded attacks; for the minimal-norm attacks the success rate, the
+median norm of the successful perturbations and the median found norm over all clean-correct
+examples (inf where not fooled), in the norm the group names, and after the table whether each
+fortify row fools at least as many examples as each peer's at every radius. A faster but weaker
+attack is visible as weaker. Every returned point is checked: inside the eps-ball and the box for
+the bounded attacks, inside the box for the minimal-norm ones; a point outside counts as not
+fooled, and the rows that returned any are named after the table. ``--cw-offset`` moves the C&W
+examples past those a budget was chosen on, to check that budget on examples it has not seen.
 
     .venv/bin/python bench/attack_suite.py --threads 1 --repeats 5
     .venv/bin/python bench/attack_suite.py --attacks apgd,square --repeats 5 --examples 128
@@ -44,6 +47,7 @@ from _common import (
     load_average,
     median,
     print_provenance,
+    repeat_order,
     run_channels_last,
     settle_weights,
 )
@@ -74,7 +78,7 @@ class Contender:
     group: str  # rows of one group share a budget and are compared with each other
     library: str
     run: RunFn
-    limit: int | None = None  # attack only the first ``limit`` examples (C&W in ART is slow)
+    limit: int | None = None  # attack only ``limit`` examples from ``start`` (C&W in ART is slow)
     norm: str | None = None  # minimal-norm groups: the norm their found points are measured in
     seconds: list[float] = field(default_factory=list)
     forward: list[int] = field(default_factory=list)  # examples forwarded
@@ -84,7 +88,13 @@ class Contender:
     success: list[float] = field(default_factory=list)  # share of clean-correct examples fooled
     found_norm: list[float] = field(default_factory=list)  # median norm of successful perturbations
     radius: list[float] = field(default_factory=list)  # median found norm, inf where not fooled
-    norms: Tensor | None = None  # found norm per clean-correct example (inf: not fooled), last run
+    norm_runs: list[Tensor] = field(default_factory=list)  # found norm per clean-correct example, per run
+    outside: int = 0  # returned points outside the ball or box, over all runs (they count as not fooled)
+    start: int = 0  # the first example attacked
+
+    def examples(self, setting: Setting) -> tuple[Tensor, Tensor]:
+        stop = None if self.limit is None else self.start + self.limit
+        return setting.x[self.start:stop], setting.y[self.start:stop]
 
 
 def batched(attack: Callable[[Tensor, Tensor], Tensor], batch: int) -> RunFn:
@@ -182,12 +192,13 @@ def cw_group(model: nn.Module, args: argparse.Namespace) -> list[Contender]:
         return batched(lambda x, y: attack.minimal(model, x, y)[0], args.batch)
 
     def search_row(label: str, run: RunFn) -> Contender:
-        return Contender(search, label, run, limit, "l2")
+        return Contender(search, label, run, limit, "l2", start=args.cw_offset)
 
     limit = args.cw_examples
-    rows = [Contender(single, "fortify", fortify(1, 1.0), limit, "l2")]
+    rows = [Contender(single, "fortify", fortify(1, 1.0), limit, "l2", start=args.cw_offset)]
     rows += peer(lambda: Contender(single, "torchattacks", batched(_torchattacks_cw(model, steps, lr),
-                                                                    args.batch), limit, "l2"), "torchattacks")
+                                                                    args.batch), limit, "l2",
+                                   start=args.cw_offset), "torchattacks")
     rows.append(search_row(f"fortify {steps} steps lr {lr:g}", fortify(searches, 0.1)))
     rows.append(search_row(f"fortify {steps} steps lr {lr:g} warm start", fortify(searches, 0.1, warm=True)))
     tuned_steps, tuned_lr = args.cw_tuned
@@ -455,9 +466,9 @@ def build_contenders(model: nn.Module, threat: ThreatModel, args: argparse.Names
 # -- measuring ---------------------------------------------------------------------------------
 
 
-def measure(contender: Contender, setting: Setting, counted: ForwardCounter,
+def measure(contender: Contender, setting: Setting, counted: ForwardCounter, threat: ThreatModel,
             args: argparse.Namespace) -> None:
-    x, y = setting.x[:contender.limit], setting.y[:contender.limit]
+    x, y = contender.examples(setting)
     counted.reset()
     start = time.perf_counter()
     outcome = contender.run(x, y)
@@ -467,11 +478,22 @@ def measure(contender: Contender, setting: Setting, counted: ForwardCounter,
     robust = outcome.robust
     if robust is None:
         assert outcome.x_adv is not None
-        robust = predictions(setting.model, outcome.x_adv, args.batch) == y
+        inside = allowed_region(contender, threat, x).contains(outcome.x_adv, x)
+        contender.outside += int((~inside).sum())
+        robust = (predictions(setting.model, outcome.x_adv, args.batch) == y) | ~inside
         if contender.norm is not None:
             clean_correct = predictions(setting.model, x, args.batch) == y
             record_minimal_norm(contender, outcome.x_adv, x, clean_correct & ~robust, clean_correct)
     contender.robust.append(float(robust.float().mean()))
+
+
+def allowed_region(contender: Contender, threat: ThreatModel, x: Tensor) -> ThreatModel:
+    """Where a row's points must lie: the eps-ball and the box, or for a minimal-norm row the box
+    alone (an L2 ball as wide as the box's diameter holds the whole box)."""
+    if contender.norm is None:
+        return threat
+    low, high = threat.bounds
+    return ThreatModel("l2", (high - low) * x[0].numel() ** 0.5, bounds=threat.bounds)
 
 
 def predictions(model: nn.Module, x: Tensor, batch: int) -> Tensor:
@@ -490,17 +512,16 @@ def record_minimal_norm(contender: Contender, x_adv: Tensor, x: Tensor, fooled: 
     contender.found_norm.append(float(successful.median()) if successful.numel() else float("nan"))
     # the lower median, so that with most examples not fooled the radius is inf, not an average
     contender.radius.append(float(found.median()))
-    contender.norms = found
+    contender.norm_runs.append(found.sort().values)  # inf where not fooled
 
 
 def run_rounds(contenders: list[Contender], setting: Setting, counted: ForwardCounter,
-               args: argparse.Namespace) -> None:
+               threat: ThreatModel, args: argparse.Namespace) -> None:
     for contender in contenders:  # warm-up: allocator, kernels, lazy imports
         contender.run(setting.x[:16], setting.y[:16])
     for r in range(args.repeats):
-        shift = r % len(contenders)
-        for contender in contenders[shift:] + contenders[:shift]:
-            measure(contender, setting, counted, args)
+        for contender in repeat_order(contenders, r, args.seed):
+            measure(contender, setting, counted, threat, args)
         print(f"  repeat {r + 1}/{args.repeats} done (load {load_average()})", file=sys.stderr)
 
 
@@ -516,7 +537,8 @@ def print_header(args: argparse.Namespace, setting: Setting, threat: ThreatModel
     print(f"budgets:  APGD-CE {args.apgd_iter} iterations, 1 restart, rho 0.75; AutoAttack standard "
           f"(APGD-CE 100, APGD-T 9x100, FAB-T 9x100, Square 5000); C&W {args.cw_searches} binary-search "
           f"steps from c0 0.1 (one at c 1), {args.cw_steps} Adam steps per constant at lr 0.01 unless "
-          f"the row says otherwise, abort_early in fortify, {args.cw_examples} examples; Square "
+          f"the row says otherwise, abort_early in fortify, {args.cw_examples} examples from example "
+          f"{args.cw_offset}; Square "
           f"{args.queries} queries, "
           "p_init 0.8, schedule rescaled to the budget")
     foolbox_l2 = "as shipped (no projection)" if args.foolbox_fmn_as_shipped else "with its projection"
@@ -524,7 +546,7 @@ def print_header(args: argparse.Namespace, setting: Setting, threat: ThreatModel
           f"FAB {args.fab_steps} steps, 1 restart; "
           f"HopSkipJump L2 {args.hsj_iter} iterations, {args.hsj_examples} examples")
     print(f"timing:   1 warm-up round (16 examples), then {args.repeats} interleaved repeats "
-          "(order rotated); medians")
+          "(order shuffled per repeat, seeded); medians")
 
 
 def print_table(contenders: list[Contender], total: int) -> None:
@@ -536,7 +558,7 @@ def print_table(contenders: list[Contender], total: int) -> None:
           "| success | median norm | median radius | forward / n | backward / n |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in contenders:
-        seconds, n = median(c.seconds), min(c.limit or total, total)
+        seconds, n = median(c.seconds), min(c.limit or total, total - c.start)
         success = f"{median(c.success):.2%}" if c.success else "-"
         found_norm = f"{median(c.found_norm):.3f}" if c.found_norm else "-"
         radius = f"{median(c.radius):.3f}" if c.radius else "-"
@@ -552,15 +574,16 @@ def print_dominance(contenders: list[Contender]) -> None:
     Row A is at least as strong as row B when, at every radius r, A fools at least as many examples
     within r as B; with the found norms sorted (inf where not fooled) that is ``sorted(A) <= sorted(B)``
     element by element, here with ``NORM_RTOL`` of slack (two runs that return the same points up to
-    rounding, or differ by 0.3% on one example, are not called weaker). The speed ratio then
-    compares attacks of equal or greater strength.
+    rounding, or differ by 0.3% on one example, are not called weaker). Where a row's repeats found
+    different norms, fortify's row is judged by its weakest repeat at each rank and the peer's by
+    its strongest. The speed ratio then compares attacks of equal or greater strength.
     """
-    minimal = [c for c in contenders if c.norms is not None]
+    minimal = [c for c in contenders if c.norm_runs]
     lines = []
     for ours in (c for c in minimal if c.library.startswith("fortify")):
-        a = ours.norms.sort().values
+        a = torch.stack(ours.norm_runs).amax(0)
         for theirs in (c for c in minimal if c.group == ours.group and not c.library.startswith("fortify")):
-            b = theirs.norms.sort().values
+            b = torch.stack(theirs.norm_runs).amin(0)
             ratio = median(theirs.seconds) / median(ours.seconds)
             if bool((a <= b * (1 + NORM_RTOL)).all()):
                 verdict = f"at least as strong at every {ours.norm} radius (norms within {NORM_RTOL:.0%})"
@@ -603,6 +626,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="binary-search steps of the C&W search row")
     parser.add_argument("--cw-examples", type=int, default=64,
                         help="C&W attacks only the first N examples (ART's C&W is slow)")
+    parser.add_argument("--cw-offset", type=int, default=0,
+                        help="C&W attacks its examples from this one on (e.g. past those a budget "
+                             "was chosen on)")
     parser.add_argument("--channels-last", action="store_true",
                         help="add rows run on the model as fortify's evaluation runs it on CPU, "
                              "channels_last weights and linear layers on oneDNN where that pays (fortify's "
@@ -637,6 +663,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     apply_process_options(args)
     setting = digits_setting(args)
+    if not 0 <= args.cw_offset <= setting.x.shape[0] - args.cw_examples:
+        sys.exit(f"--cw-offset {args.cw_offset} with --cw-examples {args.cw_examples} runs past the "
+                 f"{setting.x.shape[0]} examples")
     args.input_shape = tuple(setting.x.shape[1:])
     threat = ThreatModel("linf", args.eps)
     weights = settle_weights(setting.model, args)
@@ -644,8 +673,11 @@ def main(argv: list[str] | None = None) -> None:
     contenders = build_contenders(counted, threat, args)
     print_header(args, setting, threat, accuracy(setting.model, setting.x, setting.y, args.batch))
     print(weights)
-    run_rounds(contenders, setting, counted, args)
+    run_rounds(contenders, setting, counted, threat, args)
     print_table(contenders, setting.x.shape[0])
+    outside = [f"{c.library} {c.group}: {c.outside}" for c in contenders if c.outside]
+    if outside:
+        print(f"\nwarning: points outside the ball or box, counted as not fooled: {'; '.join(outside)}")
     print_dominance(contenders)
     print(f"\nload at end: {load_average()}")
 

