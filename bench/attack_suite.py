@@ -625,7 +625,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cw-searches", type=int, default=3,
                         help="binary-search steps of the C&W search row")
     parser.add_argument("--cw-examples", type=int, default=64,
-                        help="C&W attacks only the first N examples (ART's C&W is slow)")
+                        help="C&W attacks only N examples, from --cw-offset on (ART's C&W is slow)")
     parser.add_argument("--cw-offset", type=int, default=0,
                         help="C&W attacks its examples from this one on (e.g. past those a budget "
                              "was chosen on)")

@@ -1075,6 +1075,19 @@ def test_an_empty_models_directory_is_not_empty_to_train(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["models"]
 
 
+def test_a_models_link_or_a_models_directory_with_files_is_not_an_empty_run(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    linked, filled = tmp_path / "linked", tmp_path / "filled"
+    linked.mkdir()
+    (linked / "models").symlink_to(elsewhere, target_is_directory=True)
+    (filled / "models").mkdir(parents=True)
+    (filled / "models" / "notes.txt").write_text("keep me")
+    for out in (linked, filled):
+        _assert_clean_error(_invoke("run", "--out", out, "--epochs", 1, "--quiet"), "is not empty")
+    assert list(elsewhere.iterdir()) == [] and (filled / "models" / "notes.txt").read_text() == "keep me"
+
+
 @pytest.mark.skipif(not file_size_limit.SUPPORTED, reason="needs POSIX file size limits")
 def test_a_checkpoint_the_disk_cannot_hold_is_one_error_line_and_leaves_no_directory(tmp_path):
     # small-cnn's weights pass 20 kB, config.yaml does not: the first checkpoint fails to be written

@@ -884,7 +884,8 @@ def _holds_nothing(out: Path, command: str) -> bool:
     config.yaml: a run cut off between the two left nothing to lose and starts again there."""
     entries = list(out.iterdir())
     if command == "run" and [entry.name for entry in entries] == ["models"]:
-        return entries[0].is_dir() and not any(entries[0].iterdir())
+        models = entries[0]  # a link is someone's, not the directory run made
+        return models.is_dir() and not models.is_symlink() and not any(models.iterdir())
     return not entries
 
 
