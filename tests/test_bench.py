@@ -1,0 +1,121 @@
+"""The benchmarks' own logic: the order contenders run in, the check of returned points, the
+rank-by-rank strength verdict, and one small run of the attack benchmark end to end.
+
+The benchmarks are run by hand (bench/README.md), but the performance claims in docs/PERFORMANCE.md
+rest on what they print, so what decides a ratio or a verdict is tested here.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import attack_suite  # noqa: E402
+import attack_throughput  # noqa: E402
+from _common import ForwardCounter, Setting, repeat_order  # noqa: E402
+from fortify.threat import ThreatModel  # noqa: E402
+
+LINF = ThreatModel("linf", 0.1)
+
+
+def test_each_repeat_runs_every_contender_once_in_an_order_its_seed_fixes():
+    rows = list("abcdefgh")
+    orders = [repeat_order(rows, r, seed=0) for r in range(5)]
+    assert all(sorted(order) == rows for order in orders)
+    assert orders == [repeat_order(rows, r, seed=0) for r in range(5)]
+    assert orders != [repeat_order(rows, r, seed=1) for r in range(5)]
+    assert rows == list("abcdefgh"), "the caller's list is left as it was"
+
+
+def test_no_contender_keeps_the_same_predecessor_in_every_repeat():
+    # a rotation by one keeps every predecessor; the permutations must not
+    rows = list("abcdefgh")
+    predecessors = {row: set() for row in rows}
+    for r in range(5):
+        order = repeat_order(rows, r, seed=0)
+        for before, row in zip([None, *order], order, strict=False):
+            predecessors[row].add(before)
+    assert all(len(seen) > 1 for seen in predecessors.values())
+
+
+class _Linear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.layer.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]]))
+            self.layer.bias.copy_(torch.tensor([-0.5, 0.5]))  # class 0 where feature 0 exceeds 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.flatten(1))
+
+
+def _setting() -> Setting:
+    x = torch.full((4, 4), 0.5)
+    x[:, 0] = torch.tensor([0.52, 0.6, 0.7, 0.8])  # class 0 for all
+    return Setting("linear", _Linear().eval(), x, torch.zeros(4, dtype=torch.long))
+
+
+def _measured(points: torch.Tensor, norm: str | None) -> attack_suite.Contender:
+    setting = _setting()
+    row = attack_suite.Contender("group", "peer", lambda x, y: attack_suite.Outcome(x_adv=points), norm=norm)
+    args = type("Args", (), {"batch": 8})()
+    attack_suite.measure(row, setting, ForwardCounter(setting.model), LINF, args)
+    return row
+
+
+def test_a_point_outside_the_box_or_ball_is_counted_and_not_credited_as_a_success():
+    # every point is misclassified (feature 0 at 0.45); the first lies 0.07 from its example, the
+    # others 0.15 to 0.35, and the third also leaves the box
+    points = _setting().x.clone()
+    points[:, 0] = 0.45
+    points[2, 1] = 1.2
+    bounded = _measured(points, norm=None)  # the L-inf ball of 0.1 holds the first alone
+    assert bounded.outside == 3 and bounded.robust == [0.75]
+    minimal = _measured(points, norm="l2")  # the box alone: the third outside, three fooled
+    assert minimal.outside == 1
+    assert minimal.robust == [0.25] and minimal.success == [0.75]
+    assert torch.isinf(minimal.norm_runs[0]).sum() == 1
+
+
+def _norm_row(library: str, runs: list[list[float]]) -> attack_suite.Contender:
+    row = attack_suite.Contender("C&W", library, lambda x, y: attack_suite.Outcome(), norm="l2")
+    row.seconds = [1.0]
+    row.norm_runs = [torch.tensor(sorted(run)) for run in runs]
+    return row
+
+
+def test_the_verdict_takes_fortifys_weakest_repeat_and_the_peers_strongest(capsys):
+    ours = _norm_row("fortify", [[0.50, 0.60], [0.50, 0.70]])  # its second repeat is weaker at rank 2
+    theirs = _norm_row("peer", [[0.55, 0.80], [0.52, 0.65]])  # its second repeat is stronger
+    attack_suite.print_dominance([ours, theirs])
+    # at rank 2: fortify's worst 0.70 against the peer's best 0.65, beyond the 1% slack
+    assert "weaker: 1 of 2 sorted norms larger (by up to 7.7%)" in capsys.readouterr().out
+    attack_suite.print_dominance([_norm_row("fortify", [[0.50, 0.60]]), theirs])
+    assert "at least as strong at every l2 radius" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_attack_benchmark_prints_each_rows_time_over_fortifys_fastest(capsys):
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng():  # the bench seeds and sets threads for its whole process
+            attack_throughput.main(["--threads", "1", "--repeats", "5", "--batch", "32", "--examples", "32",
+                                    "--steps", "1", "--train-epochs", "1", "--no-art", "--channels-last"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| PGD-1 |")]
+    header = next(line for line in out.splitlines() if line.startswith("| attack |")).split(" | ")
+    fastest = header.index("time / fastest fortify")
+    libraries = [row[1] for row in rows]
+    assert "torchattacks channels_last" in " ".join(libraries), "every peer also on fortify's kernels"
+    ratios = [float(row[fastest]) for row in rows if row[1].startswith("fortify")]
+    assert min(ratios) == 1.0
+    assert "warning: points outside the threat model" not in out
