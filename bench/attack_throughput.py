@@ -5,11 +5,11 @@ process. After one warm-up round, each repeat runs every contender once, in an o
 afresh (seeded) for each repeat, so that drift in the machine's speed falls on all contenders
 alike. The table gives the median wall time, examples per second, the time relative to fortify's
 plain attack of the same kind and to fortify's fastest row of that kind (the ratio the docs quote:
-its early exit is fortify's own and changes no returned point, see ``fortify.attacks.pgd``), the
-robust accuracy each attack left (a faster but weaker attack shows here) and the model forward
-passes each one made (counted by a wrapper around the model). CPU s is the process CPU time (all
-threads): on a shared, busy machine it drifts less than wall time. Page faults are the process's
-minor faults during a run: memory the allocator got afresh from the OS.
+its early exit changes no returned point and its probe can only add fooled examples, see
+``fortify.attacks.pgd``), the robust accuracy each attack left (a faster but weaker attack shows
+here) and the model forward passes each one made (counted by a wrapper around the model). CPU s is
+the process CPU time (all threads): on a shared, busy machine it drifts less than wall time. Page
+faults are the process's minor faults during a run: memory the allocator got afresh from the OS.
 
     .venv/bin/python bench/attack_throughput.py --threads 2 --repeats 7 --batch 256
     .venv/bin/python bench/attack_throughput.py --model preact-resnet18 --shape 3,32,32 \

@@ -1066,6 +1066,29 @@ def test_a_run_cut_off_before_its_config_starts_again_in_its_directory(tmp_path,
     assert (run_dir / "config.yaml").is_file()
 
 
+def test_a_run_that_fails_in_a_directory_left_with_an_empty_models_leaves_it_reusable(tmp_path, monkeypatch):
+    # Prepare: the directory of a run cut off before its config.yaml
+    run_dir = tmp_path / "run"
+    (run_dir / "models").mkdir(parents=True)
+
+    def diverge(*args, **kwargs):
+        raise RuntimeError("loss is NaN")
+
+    # Execute: a retry fails after writing the first model's files
+    with monkeypatch.context() as patched:
+        patched.setattr("fortify.training.trainer.Trainer.fit", diverge)
+        assert _invoke("run", "--out", run_dir, "--epochs", 1, "--quiet").exit_code != 0
+    # Assert: the failure took back everything, so the same command starts again there
+    assert list(run_dir.iterdir()) == []
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fortify.cli.train_model", interrupt)
+    assert _invoke("run", "--out", run_dir, "--epochs", 1, "--quiet").exit_code == 130
+    assert (run_dir / "config.yaml").is_file()
+
+
 def test_an_empty_models_directory_is_not_empty_to_train(tmp_path):
     # only fortify run makes models/ before its first file; to train it is another command's directory
     (tmp_path / "models").mkdir()

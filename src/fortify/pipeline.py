@@ -876,6 +876,11 @@ def fresh_out_dir(out: Path | None, default_stem: str, resume: bool, *, command:
         raise ConfigError(f"cannot resume: {out} holds no {marker}, so it is not a run to continue")
     if resume:
         check_directory_kind(out, command, "cannot resume")
+    if out.is_dir() and _holds_nothing(out, command):
+        # an interrupted run's empty models/ goes, so that what this attempt writes is all its own and
+        # a failure discards it whole (discarded_on_error keeps what was there before)
+        for entry in out.iterdir():
+            entry.rmdir()
     return out
 
 

@@ -161,6 +161,33 @@ def test_a_killed_cascade_resumes_from_its_journal_with_the_same_numbers(standar
     assert resumed_attack.calls == batches - 1
 
 
+def test_a_journal_that_labelled_a_warm_cw_as_a_restarted_one_still_resumes(standard_model, digits, tmp_path):
+    # Prepare: a warm C&W finished and a PGD killed on its second batch, in a journal whose record
+    # names the C&W as fortify did before warm runs had a label of their own
+    from fortify.attacks.cw import CarliniWagnerL2
+    from fortify.evaluation.journal import records_sha256
+
+    x, y = digits.test.x[:100], digits.test.y[:100]
+    threat = ThreatModel("l2", 1.0)
+    cw = CarliniWagnerL2(threat, steps=5, binary_search_steps=2, warm_start=True)
+    reference = evaluate(standard_model, x, y, [cw, _Fragile(threat)], threat, batch_size=64)
+    with pytest.raises(_KilledAfter):
+        evaluate(standard_model, x, y, [cw, _Fragile(threat, fail_on_call=2)], threat, batch_size=64,
+                 journal_dir=tmp_path)
+    record = tmp_path / "evaluation.json"
+    state = json.loads(record.read_text())
+    assert state["completed"][0]["name"] == "cw-2x5-warm"
+    state["completed"][0]["name"] = "cw-2x5"
+    state["records_sha256"] = records_sha256(state)
+    record.write_text(json.dumps(state))
+    # Execute
+    resumed = evaluate(standard_model, x, y, [cw, _Fragile(threat)], threat, batch_size=64,
+                       journal_dir=tmp_path)
+    # Assert: the finished C&W is read back under today's label, the numbers as without the kill
+    assert resumed.attacks == reference.attacks
+    assert [result.name for result in resumed.attacks] == ["cw-2x5-warm", "pgd-5"]
+
+
 def test_a_journal_of_other_data_is_refused(standard_model, digits, tmp_path):
     from fortify.errors import CheckpointError
 

@@ -128,6 +128,12 @@ class Attack(ABC):
         """Short name for tables, e.g. ``pgd-20``."""
         return self.name
 
+    @property
+    def earlier_labels(self) -> tuple[str, ...]:
+        """Labels that earlier versions of fortify gave this attack, under which an evaluation
+        journal they wrote still records its finished results."""
+        return ()
+
     def describe(self) -> dict[str, object]:
         """Settings that must accompany any number this attack produced."""
         return {"attack": self.name, "norm": self.threat.norm, "eps": self.threat.eps,

@@ -73,6 +73,11 @@ class CarliniWagnerL2(MinimalNormAttack):
         warm = "-warm" if self.warm_start else ""
         return f"{self.name}-{self.binary_search_steps}x{self.steps}{warm}"
 
+    @property
+    def earlier_labels(self) -> tuple[str, ...]:
+        # before the suffix a warm run was labelled like a restarted one (describe() tells them apart)
+        return (f"{self.name}-{self.binary_search_steps}x{self.steps}",) if self.warm_start else ()
+
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "steps": self.steps, "binary_search_steps": self.binary_search_steps,
                 "initial_const": self.initial_const, "learning_rate": self.learning_rate,

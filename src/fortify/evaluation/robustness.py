@@ -207,7 +207,7 @@ def _journaled_result(record: Any, attack: Attack, n: int, journal_dir: Path) ->
     if not isinstance(record, dict) or set(record) != fields:
         shown = sorted(record) if isinstance(record, dict) else record
         problem = f"a finished attack's record has fields {shown}"
-    elif record["name"] != attack.label:
+    elif record["name"] not in (attack.label, *attack.earlier_labels):
         problem = f"it records {record['name']!r} where this evaluation runs {attack.label!r}"
     elif not (isinstance(record["robust"], list) and len(record["robust"]) == n
               and all(isinstance(r, bool) for r in record["robust"])):
@@ -222,7 +222,7 @@ def _journaled_result(record: Any, attack: Attack, n: int, journal_dir: Path) ->
     if problem is not None:
         raise CheckpointError(f"the journal in {journal_dir} is damaged ({problem}); "
                               f"{start_afresh(journal_dir)}")
-    return AttackResult(**record)
+    return AttackResult(**{**record, "name": attack.label})
 
 
 def _plausible_numbers(record: dict[str, Any], n: int) -> bool:
