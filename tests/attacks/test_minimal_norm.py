@@ -277,6 +277,15 @@ def test_cw_describes_a_warm_start_and_only_then():
     assert "warm_start" not in CarliniWagnerL2(L2).describe()
 
 
+def test_a_warm_cw_names_the_label_it_had_before_directly_and_inside_a_transfer(standard_model):
+    # an evaluation journal written when warm runs were labelled like restarted ones still resumes
+    from fortify.attacks.transfer import Transfer
+
+    warm = CarliniWagnerL2(L2, steps=50, binary_search_steps=3, warm_start=True)
+    assert warm.earlier_labels == ("cw-3x50",) and CarliniWagnerL2(L2).earlier_labels == ()
+    assert Transfer(warm, standard_model).earlier_labels == ("transfer(cw-3x50)",)
+
+
 def test_one_evaluation_runs_and_reports_warm_and_restarted_cw_apart(standard_model, digit_batch):
     # results are looked up by label: with one label the second variant would be refused as a repeat
     x, y = digit_batch

@@ -38,6 +38,10 @@ class Transfer(Attack):
     def label(self) -> str:
         return f"transfer({self.source_attack.label})"
 
+    @property
+    def earlier_labels(self) -> tuple[str, ...]:
+        return tuple(f"transfer({label})" for label in self.source_attack.earlier_labels)
+
     def with_threat(self, threat):  # type: ignore[no-untyped-def]
         return Transfer(self.source_attack.with_threat(threat), self.surrogate, seed=self.seed)
 
