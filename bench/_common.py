@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib.metadata
 import os
 import platform
 import random
@@ -318,13 +319,15 @@ def load_average() -> str:
 
 
 def package_version(module: str, label: str | None = None) -> str:
-    """``"<label> <version>"``, or ``"<label> not installed"`` when the import fails."""
+    """``"<label> <version>"`` from the installed distribution ``label`` (default ``module``), or
+    ``"<label> not installed"``. Read from the package metadata, not by importing ``module``: an import
+    changes the process (ART's reconfigures logging and closes the handlers other libraries made,
+    absl's among them, which closed the stream absl had taken for stderr)."""
     label = label or module
     try:
-        imported = __import__(module)
-    except ImportError:
+        return f"{label} {importlib.metadata.version(label)}"
+    except importlib.metadata.PackageNotFoundError:
         return f"{label} not installed"
-    return f"{label} {getattr(imported, '__version__', '?')}"
 
 
 _ALLOCATOR = "glibc malloc with its default thresholds"

@@ -8,7 +8,9 @@ Four parts, in one process (``--parts``):
 - ``steps``: fortify's Trainer step (``Trainer._train_step``: the fgsm-rs objective, backward, fused
   SGD) at several batch sizes, per variant: ``fp32``; ``bf16-cl`` (``train.amp`` with
   ``train.channels_last``); ``bf16-cl-compile`` (and ``train.compile: true``);
-  ``bf16-cl-cudagraphs`` (and ``train.compile: reduce-overhead``, CUDA graphs). Images per second,
+  ``bf16-cl-cudagraphs`` (and ``train.compile: reduce-overhead``, CUDA graphs);
+  ``bf16-cl-step-graph`` (``train.cuda_graph``: the eager step recorded whole as one CUDA graph,
+  nothing compiled). Images per second,
   the step's counted FLOPs, achieved TFLOP/s and the fraction of the peak (when ``peak`` ran).
 - ``profile``: torch.profiler over ten steps of each step variant at the first batch size: aten
   operators per step, host syncs and copies, and the operators by CPU time.
@@ -49,6 +51,7 @@ from fortify.models import build_model
 from fortify.models.layout import flatten_gradient_hooks
 from fortify.threat import ThreatModel
 from fortify.training.objectives import ObjectiveOptions, build_objective
+from fortify.training.step_graph import StepGraph
 from fortify.training.trainer import Trainer
 from roofline import counted_flops
 
@@ -66,6 +69,7 @@ class Variant:
     compile: bool | str  # train.compile: False, True or a torch.compile mode
     host_data: bool = False  # recipe only: batches cut from host memory, as before the Trainer kept
     #                          the training split on the GPU (Trainer._keep_on_gpu)
+    cuda_graph: bool = False  # train.cuda_graph: the eager step recorded once as a CUDA graph
 
 
 VARIANTS = {v.name: v for v in (
@@ -74,6 +78,7 @@ VARIANTS = {v.name: v for v in (
     Variant("bf16-cl-host-data", amp=True, channels_last=True, compile=False, host_data=True),
     Variant("bf16-cl-compile", amp=True, channels_last=True, compile=True),
     Variant("bf16-cl-cudagraphs", amp=True, channels_last=True, compile="reduce-overhead"),
+    Variant("bf16-cl-step-graph", amp=True, channels_last=True, compile=False, cuda_graph=True),
 )}
 
 
@@ -152,7 +157,8 @@ def trainer_for(variant: Variant, config: TrainConfig, device: torch.device) -> 
 
 def step_config(variant: Variant, batch: int) -> TrainConfig:
     return TrainConfig(objective="fgsm-rs", batch_size=batch, lr=0.01, schedule="constant",
-                       amp=variant.amp, channels_last=variant.channels_last, compile=variant.compile)
+                       amp=variant.amp, channels_last=variant.channels_last, compile=variant.compile,
+                       cuda_graph=variant.cuda_graph)
 
 
 def time_steps(variant: Variant, batch: int, steps: int, repeats: int, device: torch.device,
@@ -165,18 +171,26 @@ def time_steps(variant: Variant, batch: int, steps: int, repeats: int, device: t
     trainer._warm_eps(1.0)  # full eps, as after warm-up
     hooks = flatten_gradient_hooks(trainer.model) if variant.channels_last else contextlib.nullcontext()
 
+    step = trainer._train_step
+    if variant.cuda_graph:
+        step = StepGraph(trainer._train_step, optimizer=trainer.optimizer, device=trainer.device,
+                         generators=[trainer.objective.generator(trainer.device)])
+
     def run() -> None:
         for _ in range(steps):
-            trainer._train_step(x, y)
+            step(x, y)
 
     with hooks:
         compile_start = time.perf_counter()
-        trainer._train_step(x, y)  # the first step compiles under train.compile
+        # the first step compiles under train.compile; the step graph warms up, then records
+        for _ in range(StepGraph.WARMUP_STEPS + 1 if variant.cuda_graph else 1):
+            step(x, y)
         synchronize(device)
         first = time.perf_counter() - compile_start
         seconds = timed_seconds(run, repeats, device, warmup=1)
         if flops is None:
-            flops = counted_flops(lambda: trainer._train_step(x, y)) if not variant.compile else 0
+            eager = not (variant.compile or variant.cuda_graph)
+            flops = counted_flops(lambda: trainer._train_step(x, y)) if eager else 0
     per_step = statistics.median(seconds) / steps
     return {"per_step": per_step, "best": min(seconds) / steps, "worst": max(seconds) / steps,
             "images_per_s": batch / per_step, "flops": float(flops), "first_step": first}
@@ -217,7 +231,8 @@ def recipe_config(variant: Variant, epochs: int) -> TrainConfig:
     return TrainConfig(objective="fgsm-rs", epochs=epochs, batch_size=128, optimizer="sgd", lr=0.2,
                        momentum=0.9, weight_decay=5e-4, schedule="cyclic", early_stopping=False,
                        val_attack_steps=10, augment=AugmentConfig(crop_padding=4, flip=True),
-                       amp=variant.amp, channels_last=variant.channels_last, compile=variant.compile)
+                       amp=variant.amp, channels_last=variant.channels_last, compile=variant.compile,
+                       cuda_graph=variant.cuda_graph)
 
 
 def run_recipe(variant: Variant, epochs: int, train: Split, val: Split, device: torch.device
@@ -240,11 +255,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--parts", default="peak,steps,recipe", help="of peak, steps, profile, recipe")
     parser.add_argument("--batches", default="128,512", help="batch sizes of the steps part")
-    parser.add_argument("--step-variants", default="fp32,bf16-cl,bf16-cl-compile,bf16-cl-cudagraphs")
+    parser.add_argument("--step-variants",
+                        default="fp32,bf16-cl,bf16-cl-compile,bf16-cl-cudagraphs,bf16-cl-step-graph")
     parser.add_argument("--steps", type=int, default=20, help="train steps in one timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matmul", type=int, default=8192)
-    parser.add_argument("--recipe-variants", default="bf16-cl-host-data,bf16-cl,bf16-cl-cudagraphs")
+    parser.add_argument("--recipe-variants",
+                        default="bf16-cl-host-data,bf16-cl,bf16-cl-cudagraphs,bf16-cl-step-graph")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--train-size", type=int, default=50_000)
     parser.add_argument("--val-size", type=int, default=1_000)
@@ -253,6 +270,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in (*args.step_variants.split(","), *args.recipe_variants.split(",")):
         if name not in VARIANTS:
             parser.error(f"unknown variant {name!r}; valid: {', '.join(VARIANTS)}")
+    if not args.device.startswith("cuda"):  # train.cuda_graph records CUDA graphs
+        for key in ("step_variants", "recipe_variants"):
+            names = getattr(args, key).split(",")
+            kept = [name for name in names if not VARIANTS[name].cuda_graph]
+            if not kept:
+                parser.error(f"{key.replace('_', '-')}: train.cuda_graph variants need a CUDA device")
+            if len(kept) < len(names):
+                print(f"skipped on {args.device}: {', '.join(sorted(set(names) - set(kept)))}")
+            setattr(args, key, ",".join(kept))
     return args
 
 

@@ -7,6 +7,7 @@ rest on what they print, so what decides a ratio or a verdict is tested here.
 
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 from pathlib import Path
 
@@ -18,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import attack_suite  # noqa: E402
 import attack_throughput  # noqa: E402
-from _common import ForwardCounter, Setting, repeat_order  # noqa: E402
+import gpu_fast_at  # noqa: E402
+from _common import ForwardCounter, Setting, package_version, repeat_order  # noqa: E402
 from fortify.threat import ThreatModel  # noqa: E402
 
 LINF = ThreatModel("linf", 0.1)
@@ -120,3 +122,22 @@ def test_the_attack_benchmark_prints_each_rows_time_over_fortifys_fastest(capsys
     ratios = [float(row[fastest]) for row in rows if row[1].startswith("fortify")]
     assert min(ratios) == 1.0
     assert "warning: points outside the threat model" not in out
+
+
+def test_the_gpu_bench_leaves_out_step_graph_variants_off_cuda_and_refuses_only_those(capsys):
+    args = gpu_fast_at.parse_args(["--device", "cpu"])
+    assert "bf16-cl-step-graph" not in args.step_variants.split(",")
+    assert args.recipe_variants.split(",")[-1] == "bf16-cl-cudagraphs"  # the rest kept, in order
+    assert "skipped on cpu: bf16-cl-step-graph" in capsys.readouterr().out
+    assert "bf16-cl-step-graph" in gpu_fast_at.parse_args([]).step_variants  # cuda by default
+    with pytest.raises(SystemExit):
+        gpu_fast_at.parse_args(["--device", "cpu", "--recipe-variants", "bf16-cl-step-graph"])
+    assert "need a CUDA device" in capsys.readouterr().err
+
+
+def test_a_peers_version_is_read_without_importing_it():
+    # importing ART reconfigures logging, which closed another library's handler and with it the
+    # stream that handler wrote to (pytest's captured stderr, when keras had brought absl in first)
+    installed = importlib.metadata.version("torch")
+    assert package_version("no_module_of_this_name", "torch") == f"torch {installed}"
+    assert package_version("no_module_of_this_name") == "no_module_of_this_name not installed"

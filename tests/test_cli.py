@@ -136,6 +136,7 @@ def test_train_speed_flags_reach_the_config(tmp_path):
     # a typo of many digits would train without end
     (["--attack-steps", 10**20], "train.attack_steps: Input should be less than or equal to 10000"),
     (["--epochs", 0], "train.epochs"),
+    (["--cuda-graph", "--device", "cpu"], "train.cuda_graph records the training step as a CUDA graph"),
 ])
 def test_bad_training_settings(tmp_path, args, fragment):
     out = tmp_path / "out"

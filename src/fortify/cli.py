@@ -323,6 +323,9 @@ def train(
     channels_last: Annotated[bool | None, typer.Option(
         "--channels-last/--no-channels-last", help="Train with conv weights and image batches stored NHWC "
         "(default: on CPU when the model runs so, where it is faster).")] = None,
+    cuda_graph: Annotated[bool | None, typer.Option(
+        "--cuda-graph/--no-cuda-graph", help="On a GPU: record the training step once as a CUDA graph "
+        "and replay it (standard, fgsm, fgsm-rs, pgd, trades; no compilation).")] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = "auto",
     resume: ResumeOpt = False,
@@ -345,7 +348,7 @@ def train(
         model={"name": model}, threat={"eps": eps, "norm": norm},
         train={"objective": objective, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                "attack_steps": attack_steps, "seed": seed, "amp": _training_amp(amp),
-               "channels_last": channels_last},
+               "channels_last": channels_last, "cuda_graph": cuda_graph},
         dp={"enabled": dp, "target_epsilon": target_epsilon, "noise_multiplier": noise_multiplier,
             "delta": delta, "max_grad_norm": max_grad_norm, "accountant": accountant,
             "max_physical_batch_size": max_physical_batch_size, "canaries": canaries}))

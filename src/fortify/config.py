@@ -153,6 +153,9 @@ class TrainConfig(_Strict):
     # torch.compile the training passes: True (torch's default mode) or a mode by name;
     # "reduce-overhead" replays CUDA graphs, which pays off on a GPU (docs/PERFORMANCE.md)
     compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
+    # record the whole eager training step (attack, backward, optimiser step) as one CUDA graph and
+    # replay it: no launch overhead and no compilation (fortify.training.step_graph)
+    cuda_graph: bool = False
 
     @model_validator(mode="after")
     def _check_extra_data(self) -> TrainConfig:
@@ -377,13 +380,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 # -- comparing settings (resume and sweeps refuse a run made under others) ----------------------
 
 # settings that change no result: where data is cached, whether it may be downloaded, whether the
-# step is compiled or runs channels_last (the same arithmetic, rounded in another order). cache_dir
-# holds an absolute home directory another user or container would not share, so a run continued
-# there must not be refused over it; a run started before channels_last became the CPU default
-# recorded it as false, and resumes under the default; eval.channels_last changes the attacks' float
-# rounding at most (docs/ATTACKS.md), as train.channels_last and compile change the training's
-NOT_RESULT_SETTINGS = {"data": ("cache_dir", "download"), "train": ("compile", "channels_last"),
-                       "eval": ("channels_last",)}
+# step is compiled, replayed from a CUDA graph or runs channels_last (the same arithmetic, rounded in
+# another order). cache_dir holds an absolute home directory another user or container would not
+# share, so a run continued there must not be refused over it; a run started before channels_last
+# became the CPU default recorded it as false, and resumes under the default; eval.channels_last
+# changes the attacks' float rounding at most (docs/ATTACKS.md), as train.channels_last and compile
+# change the training's
+NOT_RESULT_SETTINGS = {"data": ("cache_dir", "download"),
+                       "train": ("compile", "cuda_graph", "channels_last"), "eval": ("channels_last",)}
 
 
 def comparable_train_settings(train: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,18 @@ from fortify.errors import ConfigError, DataError
 from fortify.threat import check_in_box
 
 
+def host_to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor``, made on the host, on ``device``; to a GPU through pinned memory, queued behind the
+    work in flight. torch copies from pageable memory and then waits for the GPU's queue to drain, so
+    a training step that copied so at each batch would leave the GPU idle while the host prepared the
+    next batch. ``pin_memory`` copies an unpinned tensor, and torch keeps that block until the copy
+    is done; a tensor already pinned is copied from itself, so its caller must not change it before
+    the GPU has read it."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class Split:
     x: Tensor
@@ -53,7 +65,7 @@ class Split:
             if order is None:
                 yield self.x[start:start + batch_size], self.y[start:start + batch_size]
             else:
-                idx = order[start:start + batch_size]
+                idx = host_to_device(order[start:start + batch_size], self.x.device)
                 yield self.x[idx], self.y[idx]
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fortify.data.base import host_to_device
 from fortify.errors import ConfigError, DataError
 
 
@@ -39,12 +40,12 @@ def _check_generator(generator: torch.Generator | None) -> torch.Generator:
 
 
 def _uniform(n: int, generator: torch.Generator, device: torch.device) -> Tensor:
-    return torch.rand(n, generator=generator, device=generator.device).to(device)
+    return host_to_device(torch.rand(n, generator=generator, device=generator.device), device)
 
 
 def _integers(high: int, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
     """``n`` integers uniform in ``[0, high)``."""
-    return torch.randint(high, (n,), generator=generator, device=generator.device).to(device)
+    return host_to_device(torch.randint(high, (n,), generator=generator, device=generator.device), device)
 
 
 # -- geometric and erasing ---------------------------------------------------------------------
@@ -195,7 +196,7 @@ def mixup(x: Tensor, y: Tensor, *, alpha: float = 1.0, generator: torch.Generato
     """
     gen = _check_generator(generator)
     lam = sample_beta(alpha, generator=gen)
-    perm = torch.randperm(x.shape[0], generator=gen, device=gen.device).to(x.device)
+    perm = host_to_device(torch.randperm(x.shape[0], generator=gen, device=gen.device), x.device)
     return MixedBatch(lam * x + (1 - lam) * x[perm], y, y[perm], lam)
 
 
@@ -208,7 +209,7 @@ def cutmix(x: Tensor, y: Tensor, *, alpha: float = 1.0, generator: torch.Generat
     _check_images(x)
     gen = _check_generator(generator)
     lam0 = sample_beta(alpha, generator=gen)
-    perm = torch.randperm(x.shape[0], generator=gen, device=gen.device).to(x.device)
+    perm = host_to_device(torch.randperm(x.shape[0], generator=gen, device=gen.device), x.device)
     h, w = x.shape[-2:]
     cut = math.sqrt(1.0 - lam0)
     centre_row = int(torch.randint(h, (), generator=gen, device=gen.device))

@@ -84,7 +84,8 @@ def check_dp_batch_settings(config: TrainConfig) -> None:
     used = [name for name, on in (("augment", config.augment.enabled),
                                   ("extra_data", config.extra_data is not None),
                                   ("channels_last", config.channels_last),
-                                  ("compile", config.compile)) if on]
+                                  ("compile", config.compile),
+                                  ("cuda_graph", config.cuda_graph)) if on]
     if used:
         raise ConfigError(f"train.{', train.'.join(used)} cannot be combined with dp.enabled; "
                           "DP training supports ema_decay, label_smoothing and the DP objectives")

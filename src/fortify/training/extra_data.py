@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fortify.attacks.base import check_label_range
-from fortify.data.base import Split
+from fortify.data.base import Split, host_to_device
 from fortify.data.npz import read_arrays, read_layout, read_pair, require_file
 from fortify.errors import ConfigError, DataError
 
@@ -79,5 +79,6 @@ class ExtraDataMixer:
     def mix(self, batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
         for x, y in batches:
             count = self.plan.extra_for(len(x))
-            index = torch.randint(len(self.extra), (count,), generator=self.generator)
+            index = host_to_device(torch.randint(len(self.extra), (count,), generator=self.generator),
+                                   self.extra.x.device)
             yield torch.cat([x, self.extra.x[index]]), torch.cat([y, self.extra.y[index]])

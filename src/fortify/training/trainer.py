@@ -44,6 +44,7 @@ from fortify.training.distributed import DistributedContext, LocalBatch, batch_s
 from fortify.training.ema import ModelEMA
 from fortify.training.objectives import Objective
 from fortify.training.schedules import SCHEDULES, schedule_progress
+from fortify.training.step_graph import StepGraph, check_cuda_graph
 
 
 @dataclass
@@ -245,6 +246,11 @@ class Trainer:
                               "train without amp")
         if config.amp:
             warn_if_slow_on_cpu("bf16", self.device, "train.amp")
+        if config.cuda_graph:
+            check_cuda_graph(objective=objective, optimizer=config.optimizer, device=self.device,
+                             distributed=distributed is not None, ema=config.ema_decay is not None,
+                             compiled=bool(config.compile))
+        self._step_graph: StepGraph | None = None  # while fit runs, under train.cuda_graph
         self.optimizer = self._build_optimizer()
         self.schedule = SCHEDULES.get(config.schedule)
         self.shuffle = torch.Generator().manual_seed(config.seed)
@@ -276,7 +282,7 @@ class Trainer:
         self.batch_recipe.bind(train, self.model, self.threat.bounds)
         train = self._keep_on_gpu(train)
         steps_per_epoch = self.batch_recipe.steps_per_epoch(len(train))
-        with self._training_layout(), self._progress() as bar:
+        with self._training_layout(), self._recorded_steps(), self._progress() as bar:
             epochs_task = bar.add_task("epochs", total=self.config.epochs,
                                        completed=self.state.epoch)
             # checked before each epoch: a resumed run that had already stopped early trains no further
@@ -377,6 +383,25 @@ class Trainer:
                 to_contiguous(self.model)
                 state_in_parameter_layout(self.optimizer)
 
+    @contextlib.contextmanager
+    def _recorded_steps(self) -> Iterator[None]:
+        """Under ``train.cuda_graph``, for the duration of ``fit``: the step recorded as a CUDA graph
+        (fortify.training.step_graph), inside the training layout, whose weights it records by
+        address. Released afterwards with the memory it holds."""
+        if not self.config.cuda_graph:
+            yield
+            return
+        # a full batch holds batch_size examples, extra data included (BatchRecipe)
+        self._step_graph = StepGraph(self._train_step, batch_size=self.config.batch_size,
+                                     optimizer=self.optimizer, device=self.device,
+                                     generators=[self.objective.generator(self.device)])
+        try:
+            yield
+        finally:
+            self._step_graph = None
+            # gradients the recorded backward pass made live in the graph's memory and would keep it
+            self.optimizer.zero_grad(set_to_none=True)
+
     # -- one epoch -----------------------------------------------------------------------------
 
     def _run_epoch(self, train: Split, val: Split, steps_per_epoch: int, bar: Progress
@@ -389,7 +414,11 @@ class Trainer:
         for batch in self._local_batches(train):
             lr = self._set_lr(self.state.step, total_steps)
             eps = self._warm_eps(self.state.step / steps_per_epoch)
-            loss = self._train_step(batch.x.to(self.device), batch.y.to(self.device), batch.weight)
+            x, y = batch.x.to(self.device), batch.y.to(self.device)
+            if self._step_graph is not None and eps == self.threat.eps:  # recorded once eps is final
+                loss = self._step_graph(x, y)
+            else:
+                loss = self._train_step(x, y, batch.weight)
             loss_sum.add_(loss.detach(), alpha=batch.count)  # no host sync inside the loop
             seen += batch.count  # extra_data examples included: the mean is over what was trained on
             self.state.step += 1
@@ -453,7 +482,9 @@ class Trainer:
             if self.config.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
             self.optimizer.step()
-        return loss
+        # detached: a loss kept alive keeps its autograd graph, whose gradient accumulators would
+        # then run on the stream they were made on when StepGraph steps on a side stream
+        return loss.detach()
 
     def _set_lr(self, step: int, total_steps: int) -> float:
         progress = schedule_progress(self.config.schedule, step, total_steps)
