@@ -6,8 +6,12 @@ graph-trained weights are compared with eagerly trained ones and a resumed run w
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -195,3 +199,99 @@ def test_a_step_that_waits_on_the_gpu_is_refused_with_the_first_error(digits):
     trainer.objective.__class__ = Syncing
     with pytest.raises(ConfigError, match="not be recorded as a CUDA graph .*capturing.* fresh process"):
         trainer.fit(digits.train.head(256), digits.val.head(64))
+
+
+# -- the bookkeeping around the graph, on CPU with torch.cuda's graph calls stood in for -------
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph: recording keeps the step as a closure over the tensors it
+    was recorded with, the learning-rate tensor included, and a replay runs that closure, so that as
+    with a real graph a replay reads the rate from that tensor and the batch from the recorded inputs."""
+
+    recording: list[_FakeGraph] = []
+
+    def __init__(self):
+        self.generators, self.recorded = [], None
+
+    def register_generator_state(self, generator):
+        self.generators.append(generator)
+
+    def replay(self):
+        self.recorded()
+
+
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch):
+    @contextlib.contextmanager
+    def graph(fake):
+        _FakeGraph.recording.append(fake)
+        try:
+            yield
+        finally:
+            _FakeGraph.recording.pop()
+
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    for name, value in {"CUDAGraph": _FakeGraph, "graph": graph, "Stream": lambda device=None: stream,
+                        "current_stream": lambda device=None: stream, "synchronize": lambda device=None: None,
+                        "stream": lambda s: contextlib.nullcontext(),
+                        "device": lambda d: contextlib.nullcontext()}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+
+
+def _linear_step(model, optimizer, rates_seen):
+    def run(x, y, lr):
+        loss = F.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"], before = lr, group["lr"]
+            rates_seen.append(lr)
+        optimizer.step()
+        for group in optimizer.param_groups:
+            group["lr"] = before
+        return loss.detach()
+
+    def step(x, y):
+        group = optimizer.param_groups[0]
+        if _FakeGraph.recording:  # recorded, not run: a replay reads the rate tensor recorded here
+            rate = group["lr"]
+            assert isinstance(rate, torch.Tensor) and group["capturable"] is True
+            _FakeGraph.recording[-1].recorded = lambda: run(x, y, float(rate))
+            return torch.zeros(())
+        return run(x, y, group["lr"])
+
+    return step
+
+
+def test_full_batches_warm_up_then_replay_at_each_steps_rate_and_others_run_eagerly(fake_cuda_graphs):
+    # Prepare: the same 10 steps (batches of 4, every third one of 3) eagerly and through StepGraph
+    torch.manual_seed(0)
+    sizes = [4, 4, 3, 4, 4, 4, 3, 4, 4, 4]
+    batches = [(torch.randn(n, 5), torch.randn(n, 2)) for n in sizes]
+    rates = [(k + 1) / 128 for k in range(len(sizes))]  # changes every step; exact in float32
+
+    def train(use_graph):
+        torch.manual_seed(1)
+        model = nn.Linear(5, 2)
+        optimizer = torch.optim.Adam(model.parameters(), lr=rates[0])  # Adam: the capturable flag
+        seen: list[float] = []
+        step = _linear_step(model, optimizer, seen)
+        graph = StepGraph(step, batch_size=4, optimizer=optimizer, generators=[torch.Generator()],
+                          device=torch.device("cpu")) if use_graph else None
+        for (x, y), lr in zip(batches, rates):
+            optimizer.param_groups[0]["lr"] = lr  # the Trainer sets each step's rate as a number
+            (graph or step)(x, y)
+            group = optimizer.param_groups[0]
+            assert isinstance(group["lr"], float) and group["capturable"] is False  # as they were
+        return model, seen, graph
+
+    # Execute
+    eager, eager_rates, _ = train(False)
+    replayed, replay_rates, graph = train(True)
+    # Assert: three full batches warmed up, the fourth was recorded and replayed with the rest; the
+    # batches of 3 ran eagerly and were not recorded; every step used its own rate
+    assert graph.warmed == StepGraph.WARMUP_STEPS and graph.replays == sizes.count(4) - StepGraph.WARMUP_STEPS
+    assert graph._x.shape[0] == 4 and len(graph.graph.generators) == 1
+    assert replay_rates == eager_rates == rates
+    for a, b in zip(eager.parameters(), replayed.parameters()):
+        assert torch.equal(a, b)
