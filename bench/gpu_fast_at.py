@@ -161,6 +161,22 @@ def step_config(variant: Variant, batch: int) -> TrainConfig:
                        cuda_graph=variant.cuda_graph)
 
 
+def step_for(variant: Variant, trainer: Trainer, batch: int) -> Callable[..., object]:
+    """The Trainer's step, or for ``cuda_graph`` variants that step recorded and replayed as the
+    Trainer does it (``StepGraph``)."""
+    if not variant.cuda_graph:
+        return trainer._train_step
+    return StepGraph(trainer._train_step, batch_size=batch, optimizer=trainer.optimizer,
+                     device=trainer.device, generators=[trainer.objective.generator(trainer.device)])
+
+
+def first_steps(variant: Variant, step: Callable[..., object], x: torch.Tensor, y: torch.Tensor) -> None:
+    """The steps before the timed ones: one (which compiles under ``train.compile``), or the step
+    graph's warm-up steps and the one it is recorded on."""
+    for _ in range(StepGraph.WARMUP_STEPS + 1 if variant.cuda_graph else 1):
+        step(x, y)
+
+
 def time_steps(variant: Variant, batch: int, steps: int, repeats: int, device: torch.device,
                flops: int | None) -> dict[str, float]:
     trainer = trainer_for(variant, step_config(variant, batch), device)
@@ -171,10 +187,7 @@ def time_steps(variant: Variant, batch: int, steps: int, repeats: int, device: t
     trainer._warm_eps(1.0)  # full eps, as after warm-up
     hooks = flatten_gradient_hooks(trainer.model) if variant.channels_last else contextlib.nullcontext()
 
-    step = trainer._train_step
-    if variant.cuda_graph:
-        step = StepGraph(trainer._train_step, optimizer=trainer.optimizer, device=trainer.device,
-                         generators=[trainer.objective.generator(trainer.device)])
+    step = step_for(variant, trainer, batch)
 
     def run() -> None:
         for _ in range(steps):
@@ -182,9 +195,7 @@ def time_steps(variant: Variant, batch: int, steps: int, repeats: int, device: t
 
     with hooks:
         compile_start = time.perf_counter()
-        # the first step compiles under train.compile; the step graph warms up, then records
-        for _ in range(StepGraph.WARMUP_STEPS + 1 if variant.cuda_graph else 1):
-            step(x, y)
+        first_steps(variant, step, x, y)  # compiled, or warmed up and recorded
         synchronize(device)
         first = time.perf_counter() - compile_start
         seconds = timed_seconds(run, repeats, device, warmup=1)
@@ -208,13 +219,14 @@ def profile_step(variant: Variant, batch: int, device: torch.device, steps: int 
     trainer._warm_eps(1.0)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     hooks = flatten_gradient_hooks(trainer.model) if variant.channels_last else contextlib.nullcontext()
+    step = step_for(variant, trainer, batch)
     with hooks:
         for _ in range(3):
-            trainer._train_step(x, y)
+            first_steps(variant, step, x, y)
         synchronize(device)
         with profile(activities=activities) as prof:
             for _ in range(steps):
-                trainer._train_step(x, y)
+                step(x, y)
             synchronize(device)
     events = prof.key_averages()
     aten = sum(e.count for e in events if e.key.startswith("aten::")) / steps

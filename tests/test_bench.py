@@ -22,6 +22,7 @@ import attack_throughput  # noqa: E402
 import gpu_fast_at  # noqa: E402
 from _common import ForwardCounter, Setting, package_version, repeat_order  # noqa: E402
 from fortify.threat import ThreatModel  # noqa: E402
+from fortify.training.step_graph import StepGraph  # noqa: E402
 
 LINF = ThreatModel("linf", 0.1)
 
@@ -141,3 +142,14 @@ def test_a_peers_version_is_read_without_importing_it():
     installed = importlib.metadata.version("torch")
     assert package_version("no_module_of_this_name", "torch") == f"torch {installed}"
     assert package_version("no_module_of_this_name") == "no_module_of_this_name not installed"
+
+
+def test_the_gpu_bench_replays_the_step_as_the_trainer_does(monkeypatch):
+    # the step graph needs a CUDA stream to be built; on CPU a stand-in for it is enough to check that
+    # the bench builds it with the arguments the Trainer gives it
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: object())
+    config = gpu_fast_at.step_config(gpu_fast_at.VARIANTS["fp32"], batch=8)
+    trainer = gpu_fast_at.trainer_for(gpu_fast_at.VARIANTS["fp32"], config, torch.device("cpu"))
+    graph = gpu_fast_at.step_for(gpu_fast_at.VARIANTS["bf16-cl-step-graph"], trainer, 8)
+    assert isinstance(graph, StepGraph) and graph.batch_size == 8 and graph.optimizer is trainer.optimizer
+    assert gpu_fast_at.step_for(gpu_fast_at.VARIANTS["bf16-cl"], trainer, 8) == trainer._train_step
