@@ -59,16 +59,34 @@ def test_projection_is_the_exact_minimiser_inside_the_box(norm):
     feasible_rows = 0
     for i in range(60):
         t, w, c = points[i].numpy(), normals[i].numpy(), float(offsets[i])
-        assert float(normals[i] @ delta[i]) == pytest.approx(c, abs=1e-9)
         if not _reachable(t, w, c):
-            # the hyperplane misses the box: the projection onto the hyperplane alone
-            expected = c / np.abs(w).sum() if norm == "linf" else abs(c) / np.linalg.norm(w)
-            assert float(norms[i]) == pytest.approx(abs(expected), rel=1e-9)
+            # the hyperplane misses the box: every coordinate goes to the box face towards it
+            corner = np.where(np.sign(c) * w > 0, 1 - t, np.where(w == 0, 0.0, -t))
+            assert np.allclose(delta[i].numpy(), corner, rtol=0, atol=1e-12)
             continue
+        assert float(normals[i] @ delta[i]) == pytest.approx(c, abs=1e-9)
         feasible_rows += 1
         assert bool(((points[i] + delta[i] >= -1e-12) & (points[i] + delta[i] <= 1 + 1e-12)).all())
         assert float(norms[i]) == pytest.approx(_brute_force_projection_norm(t, w, c, norm), abs=1e-6)
     assert feasible_rows >= 40, "the sample should mostly exercise the box-constrained case"
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_projection_equals_autoattacks_inside_the_box_and_where_the_hyperplane_misses_it(norm):
+    # Prepare: offsets large enough that about a third of the hyperplanes miss the box
+    fab_projections = pytest.importorskip("pyautoattack.fab_projections")
+    gen = torch.Generator().manual_seed(0)
+    points = torch.rand(400, 6, generator=gen, dtype=torch.float64)
+    normals = torch.randn(400, 6, generator=gen, dtype=torch.float64)
+    offsets = 2.5 * torch.randn(400, generator=gen, dtype=torch.float64)
+    missed = sum(not _reachable(t.numpy(), w.numpy(), float(c)) for t, w, c in zip(points, normals, offsets))
+    # Execute: the reference takes the hyperplane as <w, z> = b
+    ours = project_onto_hyperplane_in_box(points, normals, offsets, (0.0, 1.0), norm)
+    reference = {"linf": fab_projections.projection_linf, "l2": fab_projections.projection_l2}[norm]
+    theirs = reference(points.clone(), normals.clone(), offsets + (normals * points).sum(1))
+    # Assert
+    assert 50 < missed < 350, "the sample should exercise both cases"
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

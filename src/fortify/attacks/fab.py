@@ -103,10 +103,10 @@ def project_onto_hyperplane_in_box(points: Tensor, normals: Tensor, offsets: Ten
     the box face in the direction of ``sign(w_i)``). The minimiser is then
     ``delta_i = sign(w_i) * min(lam, m_i)`` for L-inf and ``delta_i = sign(w_i) * |w_i| *
     min(mu, m_i / |w_i|)`` for L2 (the box-clipped multiple of ``w`` that the KKT conditions give),
-    with the smallest level that meets the offset. Where the hyperplane misses the box, the
-    projection onto the hyperplane alone is returned, as AutoAttack's FAB does; the step that uses
-    it is clipped into the box afterwards. A row whose normal is too small to define a finite
-    projection gets ``delta = 0``.
+    with the smallest level that meets the offset. Where the hyperplane misses the box, every
+    coordinate goes all the way to its box face (``delta_i = sign(w_i) * m_i``): the box point
+    whose ``<w, delta>`` comes closest to the offset, as AutoAttack's FAB projections return it. A
+    row whose normal is too small to define a finite projection gets ``delta = 0``.
     """
     work = torch.promote_types(points.dtype, torch.float32)
     points, normals, offsets = points.to(work), normals.to(work), offsets.to(work)
@@ -122,9 +122,9 @@ def project_onto_hyperplane_in_box(points: Tensor, normals: Tensor, offsets: Ten
         weight = size.square()
         cap = torch.where(size > 0, room / size.clamp_min(torch.finfo(work).tiny), 0.0)
     level, feasible = _saturation_level(weight, cap, need)
-    unconstrained = need / weight.sum(dim=1).clamp_min(torch.finfo(work).tiny)
-    level = torch.where(feasible, level, unconstrained)[:, None]
-    magnitude = torch.where(feasible[:, None], torch.minimum(level, cap), level)
+    # out of reach: no level is high enough, and every coordinate saturates at its cap
+    level = torch.where(feasible, level, torch.inf)[:, None]
+    magnitude = torch.minimum(level, cap)
     if norm == "l2":
         magnitude = magnitude * size
     delta = w.sign() * magnitude
