@@ -495,6 +495,38 @@ def test_resuming_a_run_that_stopped_early_trains_no_further(digits, tmp_path):
     assert all(torch.equal(selected[k], reloaded[k]) for k in selected)
 
 
+class _WrongPocket(nn.Module):
+    """Two classes over two features: class 1 within about 0.01 of the centre (0.5, 0.5), class 0
+    everywhere else. A validation example at the centre labelled 0 is wrong clean, and every point a
+    PGD step or its random start reaches in an L-inf ball of 0.2 lies outside the pocket, right."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        margin = self.scale * (300 * (x.flatten(1) - 0.5).pow(2).sum(1) - 0.03)
+        return torch.stack([margin, -margin], 1)
+
+
+def test_validation_counts_as_robust_only_the_examples_right_clean_and_under_attack():
+    # Prepare: every validation example is wrong clean, yet PGD's iterates around it are all right;
+    # training at a vanishing rate leaves the model as it is
+    gen = torch.Generator().manual_seed(0)
+    train = Split(torch.rand(8, 2, generator=gen), torch.zeros(8, dtype=torch.long))
+    val = Split(torch.full((16, 2), 0.5), torch.zeros(16, dtype=torch.long))
+    config = TrainConfig(objective="pgd", epochs=1, batch_size=8, lr=1e-9, early_stopping=False,
+                         val_attack_steps=3)
+    trainer = Trainer(_WrongPocket(), build_objective("pgd", ObjectiveOptions(THREAT, attack_steps=1)),
+                      config, threat=THREAT, show_progress=False)
+    # Execute
+    record = trainer.fit(train, val).history[0]
+    # Assert: robust accuracy counts an example robust only where it is right clean and under attack
+    # (docs/METRICS.md), so it never exceeds clean accuracy; early stopping selects on it
+    assert record.val_clean_accuracy == 0.0
+    assert record.val_robust_accuracy == 0.0
+
+
 def _script_validation(trainer, accuracies):
     """Validation gives ``accuracies[i]`` (clean) after epoch i + 1, so that selection is known ahead."""
     trainer._validate = lambda val: (accuracies[trainer.state.epoch], None)

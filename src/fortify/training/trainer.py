@@ -528,7 +528,8 @@ class Trainer:
     def _validate_current(self, val: Split) -> tuple[float, float | None]:
         """Validation in batches of ``VALIDATION_BATCH``, each attacked from its own seed (as
         ``evaluate`` does), so that under torchrun, where each rank takes whole batches and the counts
-        are summed, every example meets the random start it meets in one process."""
+        are summed, every example meets the random start it meets in one process. An example wrong
+        clean never counts as robust, whatever the attack's point scores."""
         self.model.eval()
         x, y = val.x.to(self.device), val.y.to(self.device)
         attack = PGD(self.threat, steps=self.config.val_attack_steps, early_stop=True, probe=True,
@@ -540,12 +541,14 @@ class Trainer:
                 continue
             xb, yb = x[start:start + VALIDATION_BATCH], y[start:start + VALIDATION_BATCH]
             with torch.inference_mode():
-                clean += (predicted_class(self.model(xb)) == yb).sum()
+                right = predicted_class(self.model(xb)) == yb
+                clean += right.sum()
             if attack is not None:
                 generator = torch.Generator(device=self.device).manual_seed(batch_seed(attack.seed, number))
                 with torch.no_grad():
                     x_adv = attack(self.model, xb, yb, generator=generator)
-                    robust += (predicted_class(self.model(x_adv)) == yb).sum()
+                    # robust: right clean and under attack (docs/METRICS.md), as evaluate counts it
+                    robust += (right & (predicted_class(self.model(x_adv)) == yb)).sum()
         self.model.train()
         return (self._share_correct(clean, len(val)),
                 self._share_correct(robust, len(val)) if attack is not None else None)
