@@ -13,6 +13,7 @@ from torch import nn
 from fortify.attacks.base import ATTACKS
 from fortify.attacks.fab import FAB, FABTargeted, project_onto_hyperplane_in_box
 from fortify.errors import ConfigError
+from fortify.models.predictions import fooled_beyond_rounding
 from fortify.threat import ThreatModel
 
 DUAL = {"l2": 2, "linf": 1}
@@ -194,6 +195,25 @@ def test_final_search_only_shrinks_the_found_points(standard_model, digits):
     assert bool((searched <= raw).all())
     assert bool((searched[found] < raw[found]).any())
     assert bool((standard_model(searched_x[found]).argmax(1) != y[found]).all())
+
+
+@pytest.mark.parametrize("cls", [FAB, FABTargeted])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_found_points_fool_the_model_beyond_rounding_in_any_batch(standard_model, digits, cls, norm):
+    # Prepare: the final search walks each found point towards the boundary
+    x, y = digits.test.x[:100], digits.test.y[:100]
+    threat = ThreatModel(norm, 0.3 if norm == "linf" else 2.0)
+    # Execute
+    points, norms = cls(threat, steps=20).minimal(standard_model, x, y)
+    # Assert: each point returned as found beats the label by more than rounding, so a batch of one
+    # row, which runs other kernels than a batch of many, judges it adversarial too
+    found = torch.isfinite(norms) & (norms > 0)
+    assert int(found.sum()) > 50
+    with torch.no_grad():
+        logits = standard_model(points[found])
+        alone = torch.cat([standard_model(point[None]) for point in points[found]])
+    assert bool(fooled_beyond_rounding(logits, y[found]).all())
+    assert bool((alone.argmax(1) != y[found]).all())
 
 
 def test_seeded_reproducible_and_minimal_restores_mode(standard_model, digits):

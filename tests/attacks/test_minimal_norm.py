@@ -13,6 +13,7 @@ from fortify.attacks.cw import CarliniWagnerL2
 from fortify.attacks.fmn import FMN
 from fortify.errors import ConfigError
 from fortify.evaluation import evaluate
+from fortify.models.predictions import fooled_beyond_rounding
 from fortify.threat import ThreatModel
 
 # a minimal attack's result does not depend on eps; it only decides what perturb keeps
@@ -168,6 +169,23 @@ def test_fmn_linf_minimal_points_are_adversarial(standard_model, digit_batch, fm
     x_adv, norms = fmn_result["linf"]
     _check_minimal_result(standard_model, x, y, x_adv, norms, LINF)
     assert torch.isfinite(norms).all()
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_fmn_minimal_points_fool_the_model_beyond_rounding_in_any_batch(standard_model, digit_batch,
+                                                                        fmn_result, norm):
+    # Prepare: FMN's radius shrinks around the boundary once an iterate fools the model
+    x, y = digit_batch
+    x_adv, norms = fmn_result[norm]
+    found = torch.isfinite(norms) & (norms > 0)
+    # Execute
+    with torch.no_grad():
+        logits = standard_model(x_adv[found])
+        alone = torch.cat([standard_model(point[None]) for point in x_adv[found]])
+    # Assert: each recorded point beats the label by more than rounding, so a batch of one row, which
+    # runs other kernels than a batch of many, judges it adversarial too
+    assert bool(fooled_beyond_rounding(logits, y[found]).all())
+    assert bool((alone.argmax(1) != y[found]).all())
 
 
 @pytest.mark.parametrize("threat", [L2, LINF], ids=["l2", "linf"])

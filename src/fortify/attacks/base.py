@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from fortify.errors import ConfigError, DataError
 from fortify.models.modes import evaluation_mode
-from fortify.models.predictions import predicted_class
+from fortify.models.predictions import fooled_beyond_rounding, predicted_class, reached_beyond_rounding
 from fortify.registry import Registry
 from fortify.threat import LOW_PRECISION, ThreatModel
 
@@ -222,6 +222,15 @@ class Attack(ABC):
             assert target is not None
             return pred == target
         return pred != y
+
+    def succeeded_beyond_rounding(self, logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
+        """``succeeded`` by more than float rounding (``fortify.models.predictions.rounding_margin``):
+        what a minimal-norm search records, so that the point it returns as adversarial is judged so
+        in a batch of any size."""
+        if self.targeted:
+            assert target is not None
+            return reached_beyond_rounding(logits, target)
+        return fooled_beyond_rounding(logits, y)
 
 
 @contextlib.contextmanager

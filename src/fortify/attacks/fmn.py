@@ -174,7 +174,9 @@ class FMN(MinimalNormAttack):
             point, logits, loss = point.detach(), logits.detach(), loss.detach()
             norm_now = self.threat.distance(point, x).to(radius.dtype)
             fooled = self.succeeded(logits, y, target)
-            better = fooled & (norm_now < best_norm)
+            # the radius follows every success; a point is recorded only where a batch of another
+            # size would judge it adversarial too
+            better = self.succeeded_beyond_rounding(logits, y, target) & (norm_now < best_norm)
             best = torch.where(_expand(better, x), point, best)
             best_norm = torch.where(better, norm_now, best_norm)
             found |= fooled
@@ -185,7 +187,7 @@ class FMN(MinimalNormAttack):
             radius = torch.minimum(radius, worst)
             stepped = point + alpha * self._unit_l2(grad)
             current = box.project(x + self._project_ball(stepped - x, radius), x)
-        return best, found
+        return best, torch.isfinite(best_norm)
 
     def _schedule(self, step: int) -> tuple[float, float]:
         """Cosine-annealed step size and radius factor for this step."""

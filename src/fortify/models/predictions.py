@@ -17,3 +17,46 @@ NO_CLASS = -1  # the prediction of a row with a NaN logit: equal to no label and
 def predicted_class(logits: Tensor) -> Tensor:
     """Per row of ``logits (N, K)`` the index of its largest logit, or ``NO_CLASS`` for a row with a NaN."""
     return torch.where(logits.isnan().any(dim=1), NO_CLASS, logits.argmax(dim=1))
+
+
+def rounding_margin(logits: Tensor) -> Tensor:
+    """Per row of ``logits (N, K)`` the logit gap that float rounding alone can open or close.
+
+    The same input gives slightly different logits in batches of other sizes (on CPU oneDNN picks
+    other kernels below a few rows): on the digits CNN up to 4.4e-7 of the row's largest logit. A
+    point that fools a model by less than that may be judged correct in another batch; this margin
+    is about 20 times that in float32 and four units in the last place in half precision.
+    """
+    relative = max(1e-5, 4 * torch.finfo(logits.dtype).eps) if logits.is_floating_point() else 0.0
+    return relative * logits.detach().abs().amax(dim=1)
+
+
+def fooled_beyond_rounding(logits: Tensor, y: Tensor) -> Tensor:
+    """Rows whose prediction is not ``y`` by more than ``rounding_margin``: some other logit exceeds
+    the label's by that margin, so a batch of another size judges the point adversarial too. A row
+    with a NaN (no class) counts as fooled, as with ``predicted_class``; a row with an infinite logit
+    falls back to the plain prediction."""
+    gap = _largest_other(logits, y) - _logit_of(logits, y)
+    margin = rounding_margin(logits)
+    plain = predicted_class(logits) != y
+    return torch.where(torch.isfinite(margin), gap > margin, plain) | logits.isnan().any(dim=1)
+
+
+def reached_beyond_rounding(logits: Tensor, target: Tensor) -> Tensor:
+    """Rows that predict ``target`` by more than ``rounding_margin`` over every other class (a row with
+    an infinite logit: the plain prediction; a row with a NaN never)."""
+    gap = _logit_of(logits, target) - _largest_other(logits, target)
+    margin = rounding_margin(logits)
+    plain = predicted_class(logits) == target
+    return torch.where(torch.isfinite(margin), gap > margin, plain) & ~logits.isnan().any(dim=1)
+
+
+def _logit_of(logits: Tensor, classes: Tensor) -> Tensor:
+    return logits.detach().gather(1, classes[:, None].long()).squeeze(1)
+
+
+def _largest_other(logits: Tensor, classes: Tensor) -> Tensor:
+    """Per row the largest logit of a class other than ``classes``."""
+    others = logits.detach().clone()
+    others.scatter_(1, classes[:, None].long(), -torch.inf)
+    return others.amax(dim=1)
