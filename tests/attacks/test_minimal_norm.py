@@ -278,6 +278,26 @@ def test_cw_binary_search_returns_foolboxs_points(standard_model, digit_batch):
     assert torch.equal(ours[~found], x[~found])
 
 
+def test_a_long_cw_search_ends_with_a_round_at_each_upper_bound_as_foolbox_does(standard_model, digit_batch):
+    """From 10 binary-search steps on, Carlini's code and Foolbox run the last round at each example's
+    upper bound (the smallest constant that fooled it, 1e10 where none did)."""
+    foolbox = pytest.importorskip("foolbox")
+    # Prepare: a constant too small to fool anything for the first rounds, so that at the last
+    # round most examples are bracketed and some are not yet
+    model = copy.deepcopy(standard_model).requires_grad_(False)
+    x, y = digit_batch
+    budget = {"binary_search_steps": 10, "steps": 8, "initial_const": 1e-4}
+    # Execute
+    ours, norms = CarliniWagnerL2(L2, learning_rate=0.05, **budget).minimal(model, x, y)
+    attack = foolbox.attacks.L2CarliniWagnerAttack(stepsize=0.05, **budget)
+    theirs = attack(foolbox.PyTorchModel(model, bounds=(0, 1)), x, y, epsilons=None)[0]
+    # Assert: the same points, to float32 rounding through tanh
+    found = theirs.flatten(1).abs().amax(dim=1) > 0
+    assert 0.2 < float(found.float().mean()) < 1.0
+    assert torch.equal(torch.isfinite(norms), found)
+    torch.testing.assert_close(ours[found], theirs[found], atol=1e-5, rtol=0)
+
+
 def test_cw_warm_start_is_stronger_on_digits_at_the_same_budget(standard_model, digit_batch):
     x, y = digit_batch
     budget = {"steps": 20, "binary_search_steps": 3, "initial_const": 0.1}

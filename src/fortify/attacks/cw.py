@@ -103,7 +103,11 @@ class CarliniWagnerL2(MinimalNormAttack):
             self._keep_smaller(every, x, torch.zeros_like(const), self._fooled(model(x), y, target), best,
                                best_norm)
         w_round = w_start
-        for _ in range(self.binary_search_steps):
+        for round_ in range(self.binary_search_steps):
+            if self.binary_search_steps >= 10 and round_ == self.binary_search_steps - 1:
+                # the reference code (and Foolbox) end a long search with one more round at each
+                # example's upper bound: the smallest constant known to fool it, 1e10 where none did
+                const = upper.clone()
             success, w_end = self._optimise(model, x, y, target, w_round, const, best, best_norm)
             if self.warm_start:
                 w_round = w_end
