@@ -565,6 +565,33 @@ def test_a_run_that_skips_epochs_stopped_early(digits, tmp_path):
     assert len(after_resume.history) == 3 and after_resume.stopped_early
 
 
+def test_patience_counts_from_the_end_of_the_eps_warm_up(digits, tmp_path):
+    # Prepare: robust accuracy best after epoch 1 and lower through a warm-up of 3 epochs; patience 2
+    # would run out on epoch 3, in the warm-up; epoch 5, at full eps, is the best
+    train, val = _subset(digits, 64)
+    _, trainer = _trainer(digits, tmp_path, objective="fgsm", epochs=5, patience=2, eps_warmup_epochs=3)
+    robust = [0.5, 0.4, 0.4, 0.4, 0.6]
+    trainer._validate = lambda val: (0.9, robust[trainer.state.epoch])
+    # Execute
+    result = trainer.fit(train, val)
+    # Assert: the warm-up epochs do not use up patience; epoch 4 does, and epoch 5 is reached
+    assert len(result.history) == 5 and not result.stopped_early
+    assert result.best_epoch == 5
+
+
+def test_patience_runs_out_after_the_eps_warm_up(digits, tmp_path):
+    # Prepare: the same warm-up; after it two epochs without improvement use up patience 2
+    train, val = _subset(digits, 64)
+    _, trainer = _trainer(digits, tmp_path, objective="fgsm", epochs=6, patience=2, eps_warmup_epochs=2)
+    robust = [0.5, 0.4, 0.4, 0.4, 0.9, 0.9]
+    trainer._validate = lambda val: (0.9, robust[trainer.state.epoch])
+    # Execute
+    result = trainer.fit(train, val)
+    # Assert: epochs 3 and 4 count, so the run stops there with epoch 1 selected
+    assert len(result.history) == 4 and result.stopped_early
+    assert result.best_epoch == 1
+
+
 @pytest.mark.parametrize("early_stopping", [True, False])
 def test_the_result_names_the_epoch_whose_weights_the_model_holds(digits, tmp_path, early_stopping):
     # Prepare: validation best after epoch 1, worse after; without early stopping the last epoch is kept

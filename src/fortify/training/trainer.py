@@ -569,8 +569,16 @@ class Trainer:
             self.state.since_best = 0
             with self.evaluated_weights():
                 self._keep_best()
-        else:
+        elif not self._warming_up(record):
             self.state.since_best += 1
+
+    def _warming_up(self, record: EpochRecord) -> bool:
+        """Whether ``record``'s epoch lay in the eps warm-up of a run selected on robust accuracy.
+        Patience counts from the end of the warm-up: until then training attacks with a smaller eps
+        than validation does, and a warm-up as long as the patience stopped runs before they trained
+        at the eps they are judged at."""
+        return (self.selection_metric == "val_robust_accuracy"
+                and record.epoch <= self.config.eps_warmup_epochs)
 
     def _keep_best(self) -> None:
         if self._writes_files:  # committed with the epoch's checkpoint, which holds this selection
