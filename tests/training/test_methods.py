@@ -309,6 +309,32 @@ def test_free_does_m_optimiser_steps_per_batch_in_the_trainer():
     assert len(steps) == 2 * 3
 
 
+def test_free_records_the_mean_loss_over_its_replays():
+    # Prepare: 1 batch of 8, m = 3; the objective's losses are recorded as the Trainer gets them
+    x, y = _tiny_problem(8, features=64, classes=10)
+    train = Split(x.reshape(8, 1, 8, 8), y)
+    torch.manual_seed(0)
+    model = build_model("linear", (1, 8, 8), 10)
+    config = TrainConfig(objective="free", epochs=1, batch_size=8, val_attack_steps=1,
+                         early_stopping=False, schedule="constant", lr=0.5)
+    objective = build_objective("free", MethodOptions(THREAT, free_replays=3))
+    losses = []
+
+    class Recording(type(objective)):
+        def __call__(self, *args, **kwargs):
+            loss = super().__call__(*args, **kwargs)
+            losses.append(float(loss.detach()))
+            return loss
+    objective.__class__ = Recording
+    trainer = Trainer(model, objective, config, threat=THREAT, show_progress=False)
+    # Execute
+    record = trainer.fit(train, train).history[0]
+    # Assert: three replays whose losses differ (each follows an optimiser step); the epoch's loss is
+    # their mean, not the last one
+    assert len(losses) == 3 and len(set(losses)) == 3
+    assert record.train_loss == pytest.approx(sum(losses) / 3, rel=1e-6)
+
+
 def test_free_carries_delta_across_replays_and_into_the_next_batch():
     # Prepare
     model = _mlp()

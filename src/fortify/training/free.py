@@ -34,7 +34,8 @@ class FreeObjective(Objective):
 
     ``attack_step_size`` in the options overrides the step (the paper ascends by eps). The Trainer
     calls the objective ``replays`` times per batch; ``after_backward`` reads the input gradient of
-    that same backward pass and moves ``delta`` by one projected ascent step.
+    that same backward pass and moves ``delta`` by one projected ascent step. An epoch's training
+    loss is the mean over every replay, as the reference code logs it.
     """
 
     name = "free"

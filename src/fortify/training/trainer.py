@@ -471,6 +471,9 @@ class Trainer:
         return self.distributed.local_batches(batches)
 
     def _train_step(self, x: Tensor, y: Tensor, weight: float = 1.0) -> Tensor:
+        """One batch: the objective's replays (Free AT's m, else one), each an optimiser step; the
+        loss returned is their mean, as Free AT's reference code logs it."""
+        total = None
         for _ in range(self.objective.replays):
             # bf16 needs no loss scaling; the attack inside the objective runs under autocast too
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
@@ -482,9 +485,11 @@ class Trainer:
             if self.config.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
             self.optimizer.step()
-        # detached: a loss kept alive keeps its autograd graph, whose gradient accumulators would
-        # then run on the stream they were made on when StepGraph steps on a side stream
-        return loss.detach()
+            # detached: a loss kept alive keeps its autograd graph, whose gradient accumulators would
+            # then run on the stream they were made on when StepGraph steps on a side stream
+            total = loss.detach() if total is None else total + loss.detach()
+        assert total is not None, "an objective replays each batch at least once"
+        return total if self.objective.replays == 1 else total / self.objective.replays
 
     def _set_lr(self, step: int, total_steps: int) -> float:
         progress = schedule_progress(self.config.schedule, step, total_steps)
