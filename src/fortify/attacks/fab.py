@@ -342,8 +342,8 @@ class FAB(Attack):
         ``outside`` stays fooled beyond rounding (``fooled_beyond_rounding``) and ``inside`` short of
         that; each probe is where the logits, interpolated linearly between the two, would put the
         found class ahead of the label by the rounding margin. Aimed at the crossing itself, the
-        probes ended so close to it that a batch of another size judged a fifth of the points
-        correct (the digits CNN, batches of 1-3 rows against 64).
+        probes ended so close to it that a batch of another size judged some of the points correct
+        (on CPU, batches of one row against batches of many).
         """
         found = (torch.isfinite(norms) & (norms > 0)).nonzero().squeeze(1)
         if self.search_steps == 0 or found.numel() == 0:

@@ -23,9 +23,9 @@ def rounding_margin(logits: Tensor) -> Tensor:
     """Per row of ``logits (N, K)`` the logit gap that float rounding alone can open or close.
 
     The same input gives slightly different logits in batches of other sizes (on CPU oneDNN picks
-    other kernels below a few rows): on the digits CNN up to 4.4e-7 of the row's largest logit. A
-    point that fools a model by less than that may be judged correct in another batch; this margin
-    is about 20 times that in float32 and four units in the last place in half precision.
+    other kernels below a few rows): on the digits CNN by under a millionth of the row's largest
+    logit. A point that fools a model by less than that may be judged correct in another batch; this
+    margin is ten times that in float32 and four units in the last place in half precision.
     """
     relative = max(1e-5, 4 * torch.finfo(logits.dtype).eps) if logits.is_floating_point() else 0.0
     return relative * logits.detach().abs().amax(dim=1)
