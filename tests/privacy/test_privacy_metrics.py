@@ -88,6 +88,43 @@ def test_infinite_scores_rank_beyond_every_finite_score():
     assert curve.fpr.tolist() == [0.0, 0.0, 0.5, 0.5, 1.0]
 
 
+def _sklearn_tpr_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+    """The highest TPR of scikit-learn's ROC at ``target``, read on the segments between its points."""
+    best = 0.0
+    for i in range(len(fpr) - 1):
+        if fpr[i] <= target <= fpr[i + 1]:
+            if fpr[i + 1] == fpr[i]:
+                best = max(best, tpr[i], tpr[i + 1])
+            else:
+                share = (target - fpr[i]) / (fpr[i + 1] - fpr[i])
+                best = max(best, tpr[i] + share * (tpr[i + 1] - tpr[i]))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_roc_advantage_and_tpr_agree_with_scikit_learn_on_heavily_tied_scores(seed):
+    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
+    # Prepare: scores on a coarse grid, so most of them tie within and across the two sides
+    rng = np.random.default_rng(seed)
+    members = rng.integers(0, 6, 40).astype(np.float64) + 1.0
+    non_members = rng.integers(0, 7, 300).astype(np.float64)
+    labels = np.r_[np.ones(members.size), np.zeros(non_members.size)]
+    scores = np.r_[members, non_members]
+    # Execute
+    result = membership_result("tied", members, non_members, fprs=(0.01, 0.05, 0.2))
+    curve = roc_curve(members, non_members)
+    # Assert
+    fpr, tpr, thresholds = sk_roc_curve(labels, scores, drop_intermediate=False)
+    assert result.auc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert curve.fpr.tolist() == fpr.tolist() and curve.tpr.tolist() == tpr.tolist()
+    assert curve.thresholds[1:].tolist() == thresholds[1:].tolist()
+    assert result.advantage == pytest.approx(float(np.max(tpr - fpr)), abs=1e-12)
+    for target in (0.01, 0.05, 0.2):
+        assert result.tpr_at_fpr[repr(target)] == pytest.approx(_sklearn_tpr_at(fpr, tpr, target), abs=1e-12)
+
+
 def test_a_numpy_float_fpr_is_the_number_it_prints():
     # np.float32(0.01) is exactly 0.009999999776: read literally it would need 101 non-members
     result = membership_result("f32", _hand_made_members(), NON_MEMBERS, fprs=[np.float32(0.01)])
@@ -135,6 +172,29 @@ def test_modified_entropy_is_exact_where_the_probability_rounds_to_one(margin):
     exact = 9.0 * p_other * math.log1p(9.0 * math.exp(-margin)) + 9.0 * p_other * -math.log1p(-p_other)
     score = modified_entropy_scores(logits, torch.tensor([3]))
     assert score.item() == pytest.approx(-exact, rel=1e-12, abs=0.0)  # the values are tiny
+
+
+@pytest.mark.parametrize("margin", [5.0, 30.0, 37.0, 40.0, 100.0, 600.0])
+def test_modified_entropy_is_exact_where_a_wrong_class_takes_almost_all_the_probability(margin):
+    # 3 classes, true class 0, the wrong class 1 ahead of the other two by ``margin``; with e = e^-m
+    # and Z = 1 + 2e: p_0 = p_2 = e / Z, p_1 = 1 / Z, so 1 - p_1 = 2e / Z never reaches 0 and Mentr
+    # stays finite (about 2m - log 2), where log(1 - p_1) from a p_1 rounded to 1 would be -inf
+    logits = torch.tensor([[0.0, margin, 0.0]], dtype=torch.float64)
+    e = math.exp(-margin)
+    z = 1.0 + 2.0 * e
+    exact = ((1.0 + e) / z * (margin + math.log1p(2.0 * e))  # -(1 - p_0) log p_0
+             + (margin - math.log(2.0) + math.log1p(2.0 * e)) / z  # -p_1 log(1 - p_1)
+             - e / z * math.log1p(-e / z))  # -p_2 log(1 - p_2)
+    score = modified_entropy_scores(logits, torch.tensor([0]))
+    assert score.item() == pytest.approx(-exact, rel=1e-12)
+
+
+def test_confidently_wrong_examples_keep_their_order_under_modified_entropy():
+    # margins 40 and 100 on a wrong class: both finite, the surer mistake the less member-like
+    logits = torch.tensor([[0.0, 40.0, 0.0], [0.0, 100.0, 0.0]], dtype=torch.float64)
+    scores = modified_entropy_scores(logits, torch.tensor([0, 0]))
+    assert bool(torch.isfinite(scores).all()) and scores[0] > scores[1], scores
+    assert membership_result("wrong", scores[:1], scores[1:]).auc == 1.0
 
 
 def test_logit_confidence_is_exact_where_the_probability_rounds_to_one():

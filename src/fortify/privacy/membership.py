@@ -77,6 +77,12 @@ def modified_entropy_scores(logits: Tensor, y: Tensor) -> Tensor:
     log_p = logits.double().log_softmax(dim=1)
     p = log_p.exp()
     log_1mp = _log1mexp(log_p.clamp(max=0.0))
+    # only the likeliest class can hold more than half the probability; its log p loses its digits
+    # near 0 and rounds to 0 once it leads by about 37 (log(1 - p) = -inf), so its log(1 - p) is
+    # -softplus(phi) of its own phi: a confidently wrong example keeps a finite score that falls
+    # with its margin
+    top = logits.double().argmax(dim=1)
+    log_1mp = log_1mp.scatter(1, top.unsqueeze(1), -F.softplus(logit_confidence(logits, top)).unsqueeze(1))
     true = F.one_hot(y.long(), logits.shape[1]).bool()
     # the true class's term from phi = log(p_y / (1 - p_y)): 1 - p_y = sigmoid(-phi) and
     # -log p_y = softplus(-phi) stay exact where p_y rounds to 1 (a margin past ~35 in float64),
