@@ -486,3 +486,65 @@ def test_threat_models_that_read_alike_are_told_apart_in_the_message(standard_mo
     attack = FGSM(ThreatModel("linf", np.float32(0.1)))  # eps 0.10000000149011612
     with pytest.raises(ConfigError, match=r"uses linf eps=0\.10000000149011612 .* is linf eps=0\.1 "):
         evaluate(standard_model, digits.test.x[:8], digits.test.y[:8], [attack], THREAT)
+
+
+def _linear_two_class_box_model():
+    """z = (0, w.x + b): FGSM's point is the exact L-inf worst case of each example (the box included)."""
+    model = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, -2.0, 0.5, 1.0]]))
+        model.bias.copy_(torch.tensor([0.0, -0.5]))
+    return model
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+def test_the_worst_case_of_a_linear_model_is_its_closed_form_at_every_batch_size(cascade):
+    # Prepare: the exact robust set: correct clean, and still correct at the box corner of the
+    # ball that moves w.x against the label (what FGSM reaches on a linear model)
+    model = _linear_two_class_box_model()
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.rand(23, 4, generator=generator), torch.randint(0, 2, (23,), generator=generator)
+    threat = ThreatModel("linf", 0.1)
+    w, b = model.weight[1].detach(), model.bias[1].detach()
+    towards_the_other_class = torch.where(y[:, None] == 1, -w.sign(), w.sign())
+    worst = (x + threat.eps * towards_the_other_class).clamp(0, 1) @ w + b
+    clean_correct = torch.where(y == 1, x @ w + b > 0, x @ w + b < 0)
+    robust = clean_correct & torch.where(y == 1, worst > 0, worst < 0)
+    assert 0 < int(robust.sum()) < int(clean_correct.sum())  # the attacks have something to flip
+    for batch_size in (1, 3, 5, 23, 64):
+        for labels in (y, y.int(), y.to(torch.uint8)):
+            # Execute
+            report = evaluate(model, x, labels, [FGSM(threat), PGD(threat, steps=5)], threat,
+                              batch_size=batch_size, cascade=cascade)
+            # Assert: every batching gives the exact per-example outcome
+            assert report.clean_correct == clean_correct.tolist()
+            assert report.attacks[0].robust == robust.tolist()
+            assert report.worst_case_accuracy == pytest.approx(float(robust.float().mean()))
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+def test_a_kill_at_any_batch_resumes_to_the_uninterrupted_numbers(tmp_path, cascade):
+    # Prepare: a small network on random points, a random-start FGSM, then a PGD killed on its k-th
+    # batch for every k (batches of 7, the last one short)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.rand(50, 6, generator=generator), torch.randint(0, 3, (50,), generator=generator)
+    threat = ThreatModel("linf", 0.15)
+    # the curve by a PGD of its own: _Fragile's inner PGD keeps its eps under with_threat
+    settings = {"batch_size": 7, "cascade": cascade, "eps_grid": [0.05],
+                "curve_attack": PGD(threat, steps=3, seed=2)}
+    reference = evaluate(model, x, y, [FGSM(threat, random_start=True), _Fragile(threat)], threat,
+                         **settings)
+    batches = -(-reference.attacks[1].attacked // 7)
+    assert batches >= 2
+    for kill in range(1, batches + 1):
+        journal = tmp_path / f"killed-{kill}"
+        with pytest.raises(_KilledAfter):
+            evaluate(model, x, y, [FGSM(threat, random_start=True), _Fragile(threat, fail_on_call=kill)],
+                     threat, journal_dir=journal, **settings)
+        # Execute
+        resumed = evaluate(model, x, y, [FGSM(threat, random_start=True), _Fragile(threat)], threat,
+                           journal_dir=journal, **settings)
+        # Assert
+        assert resumed.to_dict() == reference.to_dict()
