@@ -339,3 +339,14 @@ def test_resampling_and_the_codec_stay_inside_a_box_whose_faces_round():
     face = torch.full((1, 1, 8, 8), 0.3, dtype=torch.float64)
     coded = JPEGCompression(nn.Identity(), bounds=(0, 0.3))(face)
     assert float(coded.max()) <= 0.3 and coded.dtype == torch.float64
+
+
+@pytest.mark.parametrize(("dtype", "bounds"), [(torch.float64, (0.3, 0.9)), (torch.float32, (0.1, 0.7))])
+def test_quantization_stays_inside_a_box_whose_faces_round(dtype, bounds):
+    # the top level, 1 * (hi - lo) + lo, rounds past hi for these boxes: 0.9000000000000001 in float64,
+    # 0.70000005 in float32, where the input's own face is 0.9 and 0.69999999
+    lo, hi = bounds
+    x = torch.tensor([lo, (lo + hi) / 2, hi], dtype=dtype).clamp(lo, hi)
+    out = InputQuantization(nn.Identity(), bits=3, bounds=bounds)(x)
+    assert out.dtype == dtype
+    assert float(out.min()) >= lo and float(out.max()) <= hi, out.tolist()

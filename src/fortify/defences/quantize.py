@@ -27,7 +27,10 @@ class InputQuantization(InputTransformDefence):
         # at least float32: float16 overflows past 65504 (x * 65535 at 16 bits) and bfloat16 holds
         # no more than 256 levels, so the levels would not be the ones the bits promise
         wide = x if x.dtype == torch.float64 else x.float()
-        return (torch.round((wide - lo) / (hi - lo) * levels) / levels * (hi - lo) + lo).to(x.dtype)
+        quantised = torch.round((wide - lo) / (hi - lo) * levels) / levels * (hi - lo) + lo
+        # the top level, (hi - lo) + lo, can round past a face (0.9000000000000001 in a 0.3..0.9
+        # box): clamp in x's dtype
+        return quantised.to(x.dtype).clamp(lo, hi)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, bounds={self.bounds}"
