@@ -155,7 +155,7 @@ class _FixedCurveSetup:
     examples fooled at a lower success are among those fooled at a higher one."""
 
     threat = ThreatModel("linf", 0.1)
-    draws = 1  # a fixed model
+    draws, randomized = 1, False  # a fixed model
 
     def __init__(self, success: list[float], unattacked: float = 0.0, n: int = 200,
                  config: MaskingConfig | None = None) -> None:
@@ -383,13 +383,30 @@ def test_on_a_random_model_every_white_box_pgd_of_the_verdict_keeps_its_final_it
     x = torch.rand(6, 1, 4, 4)
     setup = _Setup(model, ThreatModel("linf", 0.1), MaskingConfig(steps=2, effort_factor=2,
                                                                    effort_restarts=1),
-                   x, torch.zeros(6, dtype=torch.long), torch.arange(6), draws=4)
+                   x, torch.zeros(6, dtype=torch.long), torch.arange(6), draws=4, randomized=True)
     # Execute
     white = _white_box(setup)
     # Assert: the margin PGD too (a hit on one draw is mostly undone by the next)
     assert white.margin_settings["attack"] == "pgd-margin"
     assert white.margin_settings["keep_first_success"] is False
 
+
+
+def test_with_one_draw_a_random_model_still_gets_final_iterates():
+    # Prepare: a noisy linear model, scored on one draw per point (random_draws=1); the choice of
+    # final iterates followed the number of draws instead of the randomness check, so first-hit PGD
+    # ran, fell behind FGSM and missed points with the whole box allowed
+    model = GaussianNoise(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), sigma=0.1, seed=0)
+    x = torch.rand(32, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = model.model(x).argmax(1)
+    config = MaskingConfig(random_draws=1, steps=2, effort_factor=2, effort_restarts=1, black_box_queries=5,
+                           eps_factors=(1.0,), line_points=5, eot_samples=2)
+    # Execute
+    verdict = masking_verdict(model, x, y, ThreatModel("linf", 0.1), config=config)
+    # Assert: the EOT rerun, like every PGD of the verdict, kept its final iterate
+    assert "randomness" in verdict.failed
+    eot = next(result for result in verdict.adaptive if result.name == "eot")
+    assert eot.settings["keep_first_success"] is False
 
 class _OffGraphQuantize(InputTransformDefence):
     """Quantisation run outside autograd, as a codec through NumPy or PIL would be."""

@@ -157,6 +157,7 @@ class _Setup:
     y: Tensor
     index: Tensor  # positions of the attacked examples among the caller's
     draws: int
+    randomized: bool = False  # the randomness check (g) failed; ``draws`` may still be 1
 
     def fooled(self, x_adv: Tensor) -> Tensor:
         """Per attacked example, the share of the draws that misclassify ``x_adv`` (0 or 1 if fixed)."""
@@ -247,7 +248,7 @@ def _attacked_setup(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
     if index.numel() == 0:
         raise NothingToJudge("the model classifies none of the examples correctly, so no attack can "
                              "be judged; pass examples it gets right")
-    return _Setup(model, threat, config, x[index], y[index], index, draws)
+    return _Setup(model, threat, config, x[index], y[index], index, draws, randomized)
 
 
 def _verify(threat: ThreatModel, x_adv: Tensor, x: Tensor, label: str) -> None:
@@ -261,7 +262,7 @@ def _pgd(setup: _Setup, threat: ThreatModel | None = None, steps: int | None = N
          restarts: int = 1, kind: type[PGD] = PGD) -> PGD:
     """The verdict's PGD (or ``kind``, e.g. MarginPGD), with the exit its model allows."""
     threat, steps = threat or setup.threat, steps or setup.config.steps
-    if setup.draws > 1:
+    if setup.randomized:
         # on a randomised model a hit on one draw (or on EOT's mean) is no answer: the first such
         # iterate lies at the boundary and fresh draws mostly undo it, where the final iterate has
         # climbed the loss for every step (docs/ATTACKS.md, EOT against torchattacks' EOTPGD)
