@@ -205,6 +205,35 @@ def test_fedprox_pulls_a_dp_client_towards_the_global_weights_too(digits):
     assert drift(5.0) < 0.5 * drift(0.0)
 
 
+@pytest.mark.parametrize("private", [False, True], ids=["sgd", "dp-sgd"])
+def test_fedprox_adds_exactly_mu_times_the_distance_to_the_global_weights_to_each_step(digits, private):
+    # Prepare: one whole-shard batch a step (DP-SGD: sample rate 1, every example in every batch) and
+    # the same noise seed, so that the first step is the same with and without the term (w = w_global
+    # there) and the second differs only by it: lr * mu * (w_1 - w_global)
+    from fortify.config import DPConfig
+
+    shard = digits.train.head(8)
+    lr, mu = 0.5, 2.0
+    dp = DPConfig(enabled=True, noise_multiplier=0.3, max_grad_norm=1.0, delta=1e-3, noise_seed=5)
+
+    def trained(epochs: int, proximal_mu: float) -> dict[str, torch.Tensor]:
+        model = _mlp()
+        config = TrainConfig(objective="standard", epochs=epochs, batch_size=8, lr=lr, momentum=0.0,
+                             weight_decay=0.0, schedule="constant", early_stopping=False)
+        train_locally(model, shard, LocalTraining(config, THREAT, proximal_mu=proximal_mu,
+                                                  dp=dp if private else None))
+        return _state(model)
+
+    anchor, first = _state(_mlp()), trained(1, 0.0)
+    # Execute
+    without, with_term = trained(2, 0.0), trained(2, mu)
+    # Assert: neither mu / 2 nor a term counted twice (once by autograd, once after the noise)
+    for k in anchor:
+        assert not torch.equal(first[k], anchor[k])
+        torch.testing.assert_close(with_term[k] - without[k], -lr * mu * (first[k] - anchor[k]),
+                                   rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.os_entropy
 def test_a_server_that_knows_every_setting_cannot_replay_a_dp_clients_noise(digits):
     # Prepare: one client round trained twice with exactly the settings the server sent (seed included)
