@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -316,3 +317,67 @@ def test_runs_whose_numbered_names_collide_all_keep_their_models(tmp_path):
     seeds = {0.1: "seed 0", 0.2: "seed 1", 0.3: "seed 2"}
     for prefix, line in merged["provenance"].items():
         assert seeds[accuracy[f"{prefix}/net"]] in line, (prefix, line)
+
+
+def _gallery_example(clean: list[Any], adversarial: list[Any]) -> dict[str, Any]:
+    return {"index": 0, "label": 3, "clean_prediction": 3, "adversarial_prediction": 5, "clean": clean,
+            "adversarial": adversarial}
+
+
+def test_the_gallery_shows_images_of_any_box_as_they_are(monkeypatch):
+    # Prepare: a run on pixels in [0, 255] (an npz with its bounds); its gallery holds raw pixel values
+    drawn = []
+    monkeypatch.setattr(plots, "to_data_uri", lambda fig: drawn.append(fig) or "uri")
+    box = {"norm": "linf", "eps": 25.5, "bounds": [0.0, 255.0]}
+    clean, adversarial = [[[51.0, 102.0], [153.0, 204.0]]], [[[76.5, 76.5], [178.5, 229.5]]]
+    results = _run([_attack("fgsm", 0.5)], {0.1: 0.5}, 10, margin={0.1: 0.5}) | {"threat": box}
+    results["models"]["net"]["analysis"]["gallery"] = {"shape": [1, 2, 2],
+                                                       "examples": [_gallery_example(clean, adversarial)]}
+    # Execute
+    render_report(results)
+    # Assert: the images are scaled from the box (not clipped to [0, 1], which paints them white), and
+    # the perturbation of a tenth of the range is amplified 5 times to fill half the grey range
+    gallery = next(fig for fig in drawn if fig.get_suptitle().startswith("net: clean"))
+    images = [ax.get_images()[0].get_array() for ax in gallery.axes]
+    assert [[round(float(v), 3) for v in row] for row in images[0]] == [[0.2, 0.4], [0.6, 0.8]]
+    assert [[round(float(v), 3) for v in row] for row in images[1]] == [[0.3, 0.3], [0.7, 0.9]]
+    assert [ax.get_title() for ax in gallery.axes] == ["3 -> 3", "-> 5", "x5.0"]
+
+
+def test_the_gallery_title_fits_its_figure_with_one_example(monkeypatch):
+    # Prepare: the attack fooled a single example, so the gallery has one column
+    drawn = []
+    monkeypatch.setattr(plots, "to_data_uri", lambda fig: drawn.append(fig) or "uri")
+    pixels = [[[0.2, 0.4], [0.6, 0.8]]]
+    # Execute
+    plots.gallery("digits-20250101-120000/standard", {"examples": [_gallery_example(pixels, pixels)]})
+    # Assert: the title that explains the three rows is inside the figure, not cut at its edges
+    fig = drawn[0]
+    fig.canvas.draw()
+    title = fig._suptitle.get_window_extent()
+    assert title.x0 >= 0 and title.x1 <= fig.bbox.width
+
+
+def test_a_margin_quartile_no_search_reached_reads_as_infinite_not_missing():
+    # Prepare: FMN found no adversarial point for 3 of 4 examples: median and q3 are inf, null in JSON
+    results = _run([_attack("fgsm", 0.5)], {0.1: 0.5}, 10, margin={0.1: 0.25})
+    results["models"]["net"]["analysis"]["margin"]["summary"] |= {
+        "n_examples": 4, "n_not_found": 3, "q1": 0.06, "median": None, "q3": None}
+    # Execute
+    margin = _tables(render_report(results))["margin"][0]
+    # Assert: an upper bound of infinity is not a value the results lack
+    assert (margin["q1"], margin["median"], margin["q3"], margin["not found"]) == ("0.06", "∞", "∞", "3")
+
+
+def test_masking_evidence_and_attack_settings_keep_their_small_numbers():
+    # Prepare: a check that failed with a tiny p-value, an attack with a tiny step
+    results = _run([_attack("pgd", 0.5) | {"settings": {"eps": 0.001, "step_size": 2.5e-05}}], {0.1: 0.5},
+                   10, margin={0.1: 0.5})
+    results["models"]["net"]["analysis"]["masking"] |= {"masked": True, "checks": [
+        {"name": "iterative_vs_single_step", "passed": False, "explanation": "FGSM beats PGD.",
+         "evidence": {"p_value": 3.7e-09, "pgd_success": 0.123456}}]}
+    # Execute
+    html = render_report(results)
+    # Assert: rounded for reading, to significant digits, never to 0
+    assert '"p_value": 3.7e-09' in unescape(html) and '"pgd_success": 0.1235' in unescape(html)
+    assert '"step_size": 2.5e-05' in _tables(html)["attack-settings"][0]["settings"]

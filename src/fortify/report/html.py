@@ -35,6 +35,12 @@ def _num(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
 
 
+def _distance(value: float | None) -> str:
+    """A quartile of minimal adversarial distances: null in the results is inf, a quartile among the
+    examples for which no adversarial point was found (docs/METRICS.md), not a missing value."""
+    return "\u221e" if value is None or value == math.inf else _num(value)
+
+
 def _seconds(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.1f}"
 
@@ -47,10 +53,11 @@ def _epsilon(value: float | None, noise_multiplier: float | None) -> str:
 
 
 def _compact(value: Any) -> str:
-    """Evidence dicts as one short JSON line, floats rounded for reading."""
+    """Evidence dicts as one short JSON line, floats rounded for reading to 4 significant digits
+    (a p-value of 3.7e-09 or a step of 2.5e-05 would be 0.0 at 4 decimals)."""
     def rounded(v: Any) -> Any:
         if isinstance(v, float):
-            return round(v, 4)
+            return float(f"{v:.4g}")
         if isinstance(v, dict):
             return {k: rounded(x) for k, x in v.items()}
         if isinstance(v, list):
@@ -121,7 +128,8 @@ def _figures(results: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         per_model[name] = {
             "f1": figures.draw(f"{name} per-class F1", plots.class_f1, name, classes, class_names),
             "confusion": figures.draw(f"{name} confusion", plots.confusion, name, classes, class_names),
-            "gallery": figures.draw(f"{name} gallery", plots.gallery, name, analysis["gallery"]),
+            "gallery": figures.draw(f"{name} gallery", plots.gallery, name, analysis["gallery"],
+                                    threat["bounds"]),
         }
     for name, model in models.items():
         if model.get("tabular"):
@@ -175,7 +183,7 @@ def render_report(results: dict[str, Any]) -> str:
         summary=summary_lines(results), figures=figures,
         missing=list(results.get("notes", [])) + _missing_sections(results) + figure_notes,
         provenance=results.get("provenance", {}), config=results.get("config"),
-        pct=_pct, num=_num, seconds=_seconds, epsilon=_epsilon, compact=_compact,
+        pct=_pct, num=_num, distance=_distance, seconds=_seconds, epsilon=_epsilon, compact=_compact,
         pretty=lambda value: json.dumps(value, indent=2))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -224,16 +224,24 @@ def _shown(prediction: int) -> str:
     """A gallery title's class: NO_CLASS (NaN logits) says so rather than printing -1."""
     return "NaN" if prediction == NO_CLASS else str(prediction)
 
-def gallery(name: str, gallery_data: dict[str, Any]) -> str | None:
-    """Rows: clean image, adversarial image, perturbation amplified to the full grey range."""
+def gallery(name: str, gallery_data: dict[str, Any], bounds: Sequence[float] = (0.0, 1.0)) -> str | None:
+    """Rows: clean image, adversarial image, perturbation amplified to the full grey range.
+
+    ``bounds`` is the threat model's box, the range of the stored pixel values: it is shown as the
+    full grey (or colour) range, so images in [0, 255] or [-1, 1] look as they are.
+    """
     examples = gallery_data.get("examples") or []
     if not examples:
         return None
+    low, high = (float(b) for b in bounds)
     with plt.rc_context(_STYLE):
-        fig, axes = plt.subplots(3, len(examples), figsize=(1.2 * len(examples) + 0.6, 4.0), squeeze=False)
+        # wide enough for the title that explains the rows, however few examples were fooled
+        width = max(1.2 * len(examples) + 0.6, 5.0)
+        fig, axes = plt.subplots(3, len(examples), figsize=(width, 4.0), squeeze=False)
         try:
             for column, example in enumerate(examples):
-                clean, adversarial = _image(example["clean"]), _image(example["adversarial"])
+                clean = _image(example["clean"], low, high)
+                adversarial = _image(example["adversarial"], low, high)
                 delta = adversarial - clean
                 scale = np.abs(delta).max() or 1.0
                 panels = (clean, adversarial, 0.5 + 0.5 * delta / scale)
@@ -245,15 +253,16 @@ def gallery(name: str, gallery_data: dict[str, Any]) -> str | None:
                     ax.set_title(title, fontsize=7)
                     ax.axis("off")
             fig.suptitle(f"{name}: clean (label -> prediction), adversarial, amplified perturbation",
-                         fontsize=8)
+                         fontsize=8, wrap=True)
             return to_data_uri(fig)
         finally:
             plt.close(fig)
 
 
-def _image(values: list[Any]) -> np.ndarray:
-    """(C, H, W) nested lists to an array imshow takes: (H, W) grey or (H, W, 3) colour."""
-    array = np.clip(np.array(values, dtype=float), 0, 1)
+def _image(values: list[Any], low: float = 0.0, high: float = 1.0) -> np.ndarray:
+    """(C, H, W) nested lists of values in the box [low, high] to an array imshow takes, scaled to
+    [0, 1]: (H, W) grey or (H, W, 3) colour."""
+    array = np.clip((np.array(values, dtype=float) - low) / (high - low), 0, 1)
     return array[0] if array.shape[0] == 1 else np.transpose(array, (1, 2, 0))
 
 
