@@ -326,6 +326,26 @@ def test_feature_search_holds_a_bounded_block_of_candidates_and_finds_the_same_p
     assert max(held) == 5 and torch.equal(blocked, unbounded)
 
 
+def test_feature_search_runs_on_a_float64_model_and_finds_its_float32_points():
+    # Prepare: the same linear model and rows in float32 and float64; the search scored its
+    # candidates in float32 whatever the model's dtype, and a float64 model stopped it with an
+    # index-put error
+    schema = Schema((Feature("n", "integer", 0, 10), Feature("g", "binary", cost=0.3),
+                     Feature("c", "categorical", categories=("a", "b", "c"), cost=0.3)))
+    threat = ConstrainedThreatModel("linf", 0.3, schema=schema)
+    torch.manual_seed(0)
+    model = nn.Linear(schema.n_columns, 2)
+    x = valid_points(schema, 32, torch.Generator().manual_seed(0))
+    y = model(x).argmax(1)
+    single = FeatureSearch(threat, max_changes=3)(model, x, y)
+    # Execute
+    double = FeatureSearch(threat, max_changes=3)(model.double(), x.double(), y)
+    # Assert
+    assert double.dtype == torch.float64
+    assert bool(threat.contains(double, x.double()).all())
+    torch.testing.assert_close(double.float(), single, atol=1e-6, rtol=0)
+
+
 def feasible_set_batch(threat: ConstrainedThreatModel, x: torch.Tensor):
     """All feasible points for every row at once: yields (N, d) per combination of feature values."""
     options = _feature_values(threat)
@@ -343,6 +363,15 @@ def test_bad_threat_settings_are_config_errors(schema):
     with pytest.raises(ConfigError, match="needs a tabular threat model"):
         FeatureSearch(ThreatModel("linf", 0.1))
     assert math.isclose(ConstrainedThreatModel("linf", 0.1, schema=schema).with_eps(0.3).eps, 0.3)
+
+
+def test_inputs_of_another_width_than_the_schema_are_a_data_error(schema):
+    # rows encoded under another schema once met a broadcasting RuntimeError in contains and project
+    threat = ConstrainedThreatModel("linf", 0.1, schema=schema)
+    x = torch.zeros(3, schema.n_columns - 1)
+    for method in (threat.contains, threat.project):
+        with pytest.raises(DataError, match=f"the schema has {schema.n_columns} model columns"):
+            method(x, x)
 
 
 def test_a_whole_number_feature_with_a_wide_range_keeps_clean_points_inside():

@@ -47,6 +47,13 @@ def test_bad_values_name_the_column_and_the_value(schema, change, fragment):
         schema.encode(table)
 
 
+def test_columns_of_different_lengths_are_refused_with_their_lengths(schema):
+    table = credit_table(3)
+    table["income"] = table["income"][:2]
+    with pytest.raises(DataError, match="columns differ in length: .*'age': 3, 'income': 2"):
+        schema.encode(table)
+
+
 @pytest.mark.parametrize(("settings", "fragment"), [
     ({"type": "text"}, "unknown type 'text'; valid types: continuous, integer, binary, categorical"),
     ({"type": "categorical", "categories": ["a", "b"], "direction": "increase"}, "numeric features only"),

@@ -121,6 +121,16 @@ class ConstrainedThreatModel(ThreatModel):
         if not any(f.mutable for f in self.schema.features):
             raise ConfigError("the schema marks every feature immutable: the attacker can change nothing")
 
+    def _rows(self, x: Tensor) -> Tensor:
+        """``x`` as one row of model columns per example (attacks written for images, such as Square,
+        view a table as (N, 1, 1, D)); rows of another width than the schema's are refused."""
+        rows = x.reshape(x.shape[0], -1)
+        if rows.shape[1] != self.schema.n_columns:
+            raise DataError(f"the schema has {self.schema.n_columns} model columns "
+                            f"({len(self.schema.features)} features) but the inputs have shape "
+                            f"{tuple(x.shape)}")
+        return rows
+
     def layout(self, device: torch.device) -> _Layout:
         key = str(device)
         if key not in self._layouts:
@@ -134,7 +144,7 @@ class ConstrainedThreatModel(ThreatModel):
 
         ``forgive`` is taken off each feature's change first (not below 0): the rounding of the
         stored values, which then costs nothing, however dear the feature."""
-        x_adv, x = _rows(x_adv), _rows(x)
+        x_adv, x = self._rows(x_adv), self._rows(x)
         lay = self.layout(x.device)
         change = (x_adv.double() - x.double()).abs()
         per_feature = _feature_max(change, lay.feature_of, len(self.schema.features))
@@ -156,7 +166,7 @@ class ConstrainedThreatModel(ThreatModel):
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
         """A feasible point near ``x_adv``: the nearest one for linf, see the module notes for l2."""
         lay = self.layout(x.device)
-        x64, v = _rows(x).double(), _rows(x_adv).double()
+        x64, v = self._rows(x).double(), self._rows(x_adv).double()
         out = self._project_each_feature(v, x64, lay)
         if self.norm == "l2":
             out = self._fit_l2_budget(out, x64, lay, forgive=self._value_tolerance(x))
@@ -227,7 +237,7 @@ class ConstrainedThreatModel(ThreatModel):
     def random_start(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """A random feasible point: uniform noise within each feature's cap, a random allowed category."""
         lay = self.layout(x.device)
-        shape, x = x.shape, _rows(x)
+        shape, x = x.shape, self._rows(x)
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
         cap = self.eps / lay.cost
         if self.norm == "l2":
@@ -256,7 +266,7 @@ class ConstrainedThreatModel(ThreatModel):
         scaled to unit weighted norm.
         """
         lay = self.layout(grad.device)
-        g = _rows(grad).double()
+        g = self._rows(grad).double()
         allowed = lay.mutable & ~((lay.direction > 0) & (g < 0)) & ~((lay.direction < 0) & (g > 0))
         g = torch.where(allowed, g, torch.zeros_like(g))
         if self.norm == "linf":
@@ -290,7 +300,7 @@ class ConstrainedThreatModel(ThreatModel):
             raise DataError(f"x_adv has shape {tuple(x_adv.shape)} but x has {tuple(x.shape)}")
         lay = self.layout(x.device)
         tol = self._value_tolerance(x)
-        a, x64 = _rows(x_adv).double(), _rows(x).double()
+        a, x64 = self._rows(x_adv).double(), self._rows(x).double()
         ok = torch.isfinite(a).all(dim=1)
         ok &= ((a >= -tol) & (a <= 1 + tol)).all(dim=1)
         delta = a - x64
@@ -332,12 +342,6 @@ class ConstrainedThreatModel(ThreatModel):
         mutable = sum(f.mutable for f in self.schema.features)
         return (f"constrained {self.norm} eps={self.eps:.4g} over {mutable} mutable of "
                 f"{len(self.schema.features)} features")
-
-
-def _rows(x: Tensor) -> Tensor:
-    """``x`` as one row of model columns per example: attacks written for images (Square) view a
-    table as (N, 1, 1, D)."""
-    return x.reshape(x.shape[0], -1)
 
 
 def _feature_max(values: Tensor, feature_of: Tensor, n_features: int) -> Tensor:

@@ -213,6 +213,10 @@ class Schema:
         if missing:
             raise DataError(f"the data lack schema feature(s) {missing}; "
                             f"data columns: {', '.join(map(str, table))}")
+        lengths = {f.name: len(table[f.name]) for f in self.features}
+        if len(set(lengths.values())) > 1:
+            raise DataError(f"the data's columns differ in length: {lengths}; every column needs one "
+                            "value per row")
         blocks = [_encode_feature(f, table[f.name]) for f in self.features]
         return torch.cat(blocks, dim=1)
 

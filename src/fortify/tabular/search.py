@@ -120,12 +120,14 @@ class FeatureSearch(Attack):
         clean = x.repeat_interleave(m, dim=0)
         labels = y.repeat_interleave(m)
         wanted = None if target is None else target.repeat_interleave(m)
-        scores = torch.empty(n * m, device=x.device)
+        parts = []
         with torch.no_grad():
             for start in range(0, n * m, _CHUNK):
                 part = slice(start, start + _CHUNK)
                 logits = model(flat[part])
-                scores[part] = self.margin(logits, labels[part], None if wanted is None else wanted[part])
+                parts.append(self.margin(logits, labels[part], None if wanted is None else wanted[part]))
+        # in the logits' dtype, which the clean scores they are compared with have too
+        scores = torch.cat(parts)
         # projection makes every candidate feasible; the check guards that promise
         scores[~self.threat.contains(flat, clean)] = -torch.inf
         return scores.reshape(n, m)
