@@ -235,3 +235,25 @@ def test_a_keras_file_without_a_built_model_is_refused(tmp_path, digits):
     keras.Sequential([keras.layers.Dense(10)]).save(str(tmp_path / "unbuilt.keras"))
     with pytest.raises(CheckpointError, match="holds no built model with a known input shape"):
         load_external_model(tmp_path / "unbuilt.keras", digits)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["dense", "nested"])
+@pytest.mark.parametrize("after", ["log", "clip"])
+def test_a_softmax_layer_followed_by_an_operation_is_kept(keras_twin, digits, tmp_path, after, nested):
+    # Prepare: the last layer applies softmax, but the output is an operation on its probabilities
+    # (log-probabilities, or clipped ones); bypassing the softmax would compute another function
+    keras = _keras()
+    inputs = keras.Input((8, 8, 1))
+    if nested:
+        probabilities = keras.models.load_model(str(keras_twin(softmax=True)))(inputs)
+    else:
+        probabilities = keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(inputs))
+    outputs = keras.ops.log(probabilities) if after == "log" else keras.ops.clip(probabilities, 1e-7, 1.0)
+    model = keras.Model(inputs, outputs)
+    model.save(str(tmp_path / "after.keras"))
+    x = digits.test.x[:16]
+    # Execute
+    external = load_external_model(tmp_path / "after.keras", digits)
+    # Assert: the file's own function, and no claim that a softmax was bypassed
+    torch.testing.assert_close(external.module(x), model(x.movedim(1, -1)))
+    assert not any("softmax is bypassed" in w for w in external.warnings)

@@ -141,6 +141,32 @@ def test_export_refuses_an_unfinished_or_foreign_directory(model_dir, tmp_path):
         export_model(model_dir, "pickle")
 
 
+@pytest.mark.parametrize("fields, outcome", [
+    ({"bounds": None}, "records no input box"),
+    ({"bounds": "absent"}, "records no input box"),
+    ({"mean": "absent", "std": "absent"}, None),
+], ids=["bounds-null", "bounds-absent", "normalisation-absent"])
+def test_a_card_without_its_optional_fields_is_exported_or_refused_clearly(tmp_path, fields, outcome):
+    # Prepare: a model directory whose card leaves out fields a card may omit (no card hash recorded)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    model = build_model("small-cnn", (1, 8, 8), 10)
+    card = {"name": "small-cnn", "input_shape": [1, 8, 8], "num_classes": 10, "bounds": [0.0, 1.0],
+            "mean": None, "std": None}
+    card = {k: v for k, v in {**card, **fields}.items() if v != "absent"}
+    write_json(plain / MODEL_CARD, card)
+    digest = ckpt.save_weights(plain / "model.safetensors", model)
+    ckpt.write_state_json(plain, {"finished": True, "sha256": {"model.safetensors": digest}})
+    # Execute / Assert: a CheckpointError naming what is missing, or an export without normalisation
+    if outcome is not None:
+        with pytest.raises(CheckpointError, match=outcome):
+            export_model(plain, "torchscript", tmp_path / "model.pt")
+        assert not (tmp_path / "model.pt").exists()
+        return
+    result = export_model(plain, "torchscript", tmp_path / "model.pt")
+    assert json.loads(result.card_path.read_text())["normalization"] is None
+
+
 def test_export_refuses_to_overwrite_another_models_files(model_dir, tmp_path):
     # Prepare: a run of two models; the export of one aimed at the other's weights
     run_dir = tmp_path / "run"

@@ -92,6 +92,9 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, *, member: st
         raise ConfigError(f"{out} already exists and is no fortify export (it has no {card_path.name} beside "
                           "it); remove it or choose another --out")
     model, card = load_trained_model(model_dir, torch.device("cpu"))
+    if card.get("bounds") is None:  # a card may leave it out; an export is checked in it and states it
+        raise CheckpointError(f"the model card in {model_dir} records no input box (bounds), which an export "
+                              "is checked in and whose card states it")
     inputs = _random_inputs(card)
     encoded = _WRITERS[fmt](model, card, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +129,7 @@ def _deployment_card(card: dict[str, Any], fmt: str, model_dir: Path) -> dict[st
             "input_name": "input", "input_shape": ["batch", *card["input_shape"]], "layout": "nchw",
             "input_range": card["bounds"], "num_classes": card["num_classes"], "outputs": "logits",
             "normalization": ({"mean": card["mean"], "std": card["std"], "applied": "inside the model"}
-                              if card["mean"] is not None else None),
+                              if card.get("mean") is not None else None),
             # a table's columns in order, each min-max scaled by its bounds or one-hot over its
             # categories before the model sees it (fortify.tabular.Schema.encode)
             "input_encoding": ({**card["input_encoding"], "applied": "outside the model"}

@@ -131,16 +131,25 @@ def _single_tensor(outputs: Any) -> Tensor:
 
 
 def _final_softmax(keras_model: Any) -> Any | None:
-    """The last layer when it applies softmax: a Softmax layer, or softmax as its activation
-    (Dense(..., "softmax"), Activation); a last layer that is itself a model is searched the same way."""
-    layers = getattr(keras_model, "layers", [])
-    last = layers[-1] if layers else None
+    """The layer that produces the model's output when it applies softmax: a Softmax layer, or
+    softmax as its activation (Dense(..., "softmax"), Activation); a last layer that is itself a
+    model is searched the same way. A softmax layer whose probabilities an operation still changes
+    (``keras.ops.log(probabilities)``) is not the model's last step, and stays."""
+    last = _output_layer(keras_model)
     if last is not None and getattr(last, "layers", None):  # a nested Sequential or Functional model
         return _final_softmax(last)
     if _is_softmax_layer(last):
         return last
     activation = getattr(last, "activation", None)
     return last if getattr(activation, "__name__", None) == "softmax" else None
+
+
+def _output_layer(keras_model: Any) -> Any | None:
+    """The operation that computes the model's one output, or None where the model does not say.
+    ``layers[-1]`` is not it: ``layers`` lists layers only, not the operations (``keras.ops``) after them."""
+    outputs = getattr(keras_model, "outputs", None) or []
+    history = getattr(outputs[0], "_keras_history", None) if len(outputs) == 1 else None
+    return getattr(history, "operation", None)
 
 
 def declared_input_shape(keras_model: Any) -> tuple[int | None, ...]:
