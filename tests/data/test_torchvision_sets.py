@@ -339,3 +339,33 @@ def test_image_and_label_files_of_different_lengths_name_the_files(tmp_path, mon
             f"dataset 'mnist': the files at {tmp_path / 'mnist'}/MNIST/raw/{{train,t10k}}-{{images-idx3,"
             f"labels-idx1}}-ubyte do not fit together ({N_TRAIN} inputs but {N_TRAIN - 1} labels)")):
         DATASETS.get("mnist")(offline_options(tmp_path))
+
+
+def test_svhn_pixels_that_are_not_uint8_are_refused_not_divided_by_255(tmp_path, monkeypatch):
+    # Prepare: the training file rewritten with pixels already scaled to [0, 1] (float64), which
+    # divided by 255 once more would stay in the box as nearly black images
+    written = write_svhn("svhn", tmp_path, monkeypatch)
+    url, file, _ = tvd.SVHN.split_list["train"]
+    labels = np.where(written.train_y == 0, 10, written.train_y).astype(np.uint8).reshape(-1, 1)
+    scipy.io.savemat(tmp_path / "svhn" / file, {"X": written.train_x.transpose(2, 3, 1, 0) / 255.0,
+                                                 "y": labels})
+    monkeypatch.setattr(tvd.SVHN, "split_list",
+                        {**tvd.SVHN.split_list, "train": [url, file, md5_of(tmp_path / "svhn" / file)]})
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"dataset 'svhn': .* float64 pixels and int64 labels, not uint8"):
+        load_dataset("svhn", offline_options(tmp_path))
+
+
+def test_cifar_labels_that_are_not_integers_are_refused_not_truncated(tmp_path, monkeypatch):
+    # Prepare: one training batch whose labels are fractional, which a cast to int64 would truncate
+    written = write_cifar10("cifar10", tmp_path, monkeypatch)
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    rows = N_TRAIN // 5
+    write_pickle(folder / "data_batch_1", {"data": written.train_x[:rows].reshape(rows, -1),
+                                           "labels": (written.train_y[:rows] + 0.5).tolist()})
+    use_checksums_of_written_files(monkeypatch, tvd.CIFAR10, folder)
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"dataset 'cifar10': .* uint8 pixels and float64 labels, not uint8"):
+        load_dataset("cifar10", offline_options(tmp_path))

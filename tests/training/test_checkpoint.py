@@ -127,6 +127,15 @@ def test_state_json_checks(tmp_path):
         ckpt.read_state_json(tmp_path)
 
 
+
+def test_a_state_json_number_too_long_for_python_to_read_is_a_checkpoint_error(tmp_path):
+    # Python refuses integers of more than 4,300 digits with a plain ValueError, not a JSONDecodeError
+    (tmp_path / "state.json").write_text('{"format": "fortify", "version": "1", "progress": {"epoch": '
+                                         + "1" * 5000 + "}}")
+    with pytest.raises(CheckpointError, match="state.json is not valid JSON .*4300 digits"):
+        ckpt.read_state_json(tmp_path)
+
+
 def test_optimizer_state_round_trips():
     model = _model()
     opt = torch.optim.Adam(model.parameters())

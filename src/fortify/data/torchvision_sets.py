@@ -3,7 +3,7 @@
 Each dataset lives under ``options.cache_dir / <name>`` in the layout torchvision expects. The
 official training set is split into train and validation; the official test set is the test split.
 Pixels are converted from the loader's raw uint8 arrays in one tensor operation, not image by
-image.
+image; files that hold pixels of another type, or labels that are not integers, are refused.
 """
 
 from __future__ import annotations
@@ -69,9 +69,16 @@ def pixels_to_unit_nchw(pixels: Any, layout: str) -> Tensor:
 
 
 def split_from(loaded: Any, spec: TorchvisionSpec, root: Path) -> Split:
-    labels = np.asarray(getattr(loaded, spec.labels_attr), dtype=np.int64)
+    pixels, labels = np.asarray(loaded.data), np.asarray(getattr(loaded, spec.labels_attr))
+    # the official files hold uint8 pixels and integer labels: other pixels divided by 255 (floats
+    # already in [0, 1]) would stay in the box as other images, and a cast would truncate labels
+    if pixels.dtype != np.uint8 or (labels.size and labels.dtype.kind not in "iu"):
+        raise DataError(f"dataset {spec.name!r}: the files at {root}/{spec.files_hint} hold {pixels.dtype} "
+                        f"pixels and {labels.dtype} labels, not uint8 pixels and integer labels; replace "
+                        "them with the official files")
     try:
-        return Split(pixels_to_unit_nchw(loaded.data, spec.pixel_layout), torch.from_numpy(labels))
+        return Split(pixels_to_unit_nchw(pixels, spec.pixel_layout),
+                     torch.from_numpy(labels.astype(np.int64)))
     except DataError as err:  # e.g. an images file and a labels file of different lengths
         raise DataError(f"dataset {spec.name!r}: the files at {root}/{spec.files_hint} do not fit together "
                         f"({err}); replace them with the official files") from None

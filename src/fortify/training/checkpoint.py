@@ -275,7 +275,8 @@ def read_json(path: Path, remedy: str = "") -> Any:
     """What the JSON file ``path`` holds; CheckpointError naming it (and ``remedy``) when it is not JSON."""
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+    # ValueError covers JSONDecodeError and a number of more digits than Python converts (4,300)
+    except (ValueError, RecursionError) as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}){remedy}") from None
 
 
