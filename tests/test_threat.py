@@ -75,6 +75,20 @@ def test_l2_projection_scales_onto_the_sphere():
     assert torch.allclose(threat.project(far, x), x + torch.tensor([[0.18, 0.24]]))
 
 
+def test_l2_projection_scales_then_clips_which_is_not_always_the_nearest_point():
+    # Prepare: x near the box's face, a candidate whose scaled step crosses it
+    threat = ThreatModel("l2", 0.5)
+    x = torch.tensor([[0.9, 0.3]])
+    far = torch.tensor([[1.5, 1.1]])  # x + (0.6, 0.8)
+    # Execute
+    projected = threat.project(far, x)
+    # Assert: scaled to x + (0.3, 0.4), then clipped at 1; a point of ball and box lies nearer
+    assert torch.allclose(projected, torch.tensor([[1.0, 0.7]]))
+    nearer = torch.tensor([[1.0, 0.78]])
+    assert threat.contains(nearer, x).all()
+    assert float((nearer - far).norm()) < float((projected - far).norm())
+
+
 def test_low_precision_projection_is_inside_within_its_tolerance():
     threat = ThreatModel("l2", 0.5)
     x = torch.rand(8, 3, 8, 8).to(torch.bfloat16)

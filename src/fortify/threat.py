@@ -99,10 +99,13 @@ class ThreatModel:
         return delta.norm(p=2, dim=1)
 
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
-        """Nearest point (per norm, then box) to ``x_adv`` inside the ball around ``x`` and the box.
+        """``x_adv`` projected onto the ball around ``x``, then clipped into the box.
 
         The box clip never leaves the ball: ``x`` is in the box, so clipping moves every
-        coordinate of ``x_adv - x`` towards zero.
+        coordinate of ``x_adv - x`` towards zero. For L-inf the result is the nearest point of ball
+        and box (both are boxes). For L2 it is a point of both, not always the nearest one: scaling
+        onto the sphere first can spend budget on coordinates the clip then cuts (PGD's usual L2
+        projection, as in the libraries fortify is compared with).
         """
         work = torch.float32 if x.dtype in LOW_PRECISION else x.dtype
         delta = x_adv.to(work) - x.to(work)
