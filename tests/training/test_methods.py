@@ -290,16 +290,21 @@ def test_pgd_mix_at_the_ends_is_clean_training_or_pgd_training():
 
 # -- Free AT -----------------------------------------------------------------------------------
 
-def test_free_does_m_optimiser_steps_per_batch_in_the_trainer():
-    # Prepare: 2 batches of 8, m = 3
-    x, y = _tiny_problem(16, features=64, classes=10)
-    train = Split(x.reshape(16, 1, 8, 8), y)
+def _free_trainer(n: int, **settings) -> tuple[Trainer, Split]:
+    """One epoch of Free AT (m = 3) in batches of 8 for a linear model, and its ``n`` training examples."""
+    x, y = _tiny_problem(n, features=64, classes=10)
     torch.manual_seed(0)
     model = build_model("linear", (1, 8, 8), 10)
     config = TrainConfig(objective="free", epochs=1, batch_size=8, val_attack_steps=1,
-                         early_stopping=False, schedule="constant")
+                         early_stopping=False, schedule="constant", **settings)
     objective = build_objective("free", MethodOptions(THREAT, free_replays=3))
-    trainer = Trainer(model, objective, config, threat=THREAT, show_progress=False)
+    return (Trainer(model, objective, config, threat=THREAT, show_progress=False),
+            Split(x.reshape(n, 1, 8, 8), y))
+
+
+def test_free_does_m_optimiser_steps_per_batch_in_the_trainer():
+    # Prepare: 2 batches of 8, m = 3
+    trainer, train = _free_trainer(16)
     steps = []
     original_step = trainer.optimizer.step
     trainer.optimizer.step = lambda *a, **k: steps.append(1) or original_step(*a, **k)
@@ -311,22 +316,15 @@ def test_free_does_m_optimiser_steps_per_batch_in_the_trainer():
 
 def test_free_records_the_mean_loss_over_its_replays():
     # Prepare: 1 batch of 8, m = 3; the objective's losses are recorded as the Trainer gets them
-    x, y = _tiny_problem(8, features=64, classes=10)
-    train = Split(x.reshape(8, 1, 8, 8), y)
-    torch.manual_seed(0)
-    model = build_model("linear", (1, 8, 8), 10)
-    config = TrainConfig(objective="free", epochs=1, batch_size=8, val_attack_steps=1,
-                         early_stopping=False, schedule="constant", lr=0.5)
-    objective = build_objective("free", MethodOptions(THREAT, free_replays=3))
+    trainer, train = _free_trainer(8, lr=0.5)
     losses = []
 
-    class Recording(type(objective)):
+    class Recording(type(trainer.objective)):
         def __call__(self, *args, **kwargs):
             loss = super().__call__(*args, **kwargs)
             losses.append(float(loss.detach()))
             return loss
-    objective.__class__ = Recording
-    trainer = Trainer(model, objective, config, threat=THREAT, show_progress=False)
+    trainer.objective.__class__ = Recording
     # Execute
     record = trainer.fit(train, train).history[0]
     # Assert: three replays whose losses differ (each follows an optimiser step); the epoch's loss is
