@@ -17,6 +17,7 @@ from fortify.errors import CheckpointError, ConfigError
 from fortify.federated.client import make_client_app
 from fortify.federated.config import FederatedRun
 from fortify.federated.progress import PROGRESS_JSON
+from fortify.federated.results import read_result
 from fortify.federated.server import run_server
 
 ROUNDS = 3
@@ -97,18 +98,50 @@ def test_a_dp_run_whose_epsilon_is_infinite_resumes(task_identity, tmp_path):
     assert resumed.train_metrics[1]["dp-epsilon-max"] == math.inf
 
 
-def test_a_dp_run_resumed_reports_the_epsilon_of_an_uninterrupted_one(task_identity, tmp_path):
-    # Prepare: noisy DP-SGD clients; their noise comes from OS entropy, their epsilon from the steps
+def test_a_round_cut_off_counts_in_the_epsilon_of_the_rounds_after_it(task_identity, tmp_path):
+    # Prepare: noisy DP-SGD clients (their noise from OS entropy, their epsilon from the steps); a
+    # straight run one round longer gives the epsilon of every number of rounds up to 4
     dp = {"enabled": True, "noise_multiplier": 1.0, "delta": 1e-4}
-    straight = run_server(InProcessGrid(make_client_app(run := _fed_run(tmp_path / "a", dp=dp)), 2), run)
+    longer = small_run(clients=2, rounds=ROUNDS + 1, out=str(tmp_path / "a"), dp=dp)
+    straight = run_server(InProcessGrid(make_client_app(longer), 2), longer)
+    spent = {r: straight.train_metrics[r]["dp-epsilon-max"] for r in range(1, ROUNDS + 2)}
+    assert spent[1] < spent[2] < spent[3] < spent[4] < math.inf
     interrupted = _fed_run(tmp_path / "b", dp=dp)
-    _interrupt_in_round_two(interrupted)
+    _interrupt_in_round_two(interrupted)  # round 2's train messages were made: they may have gone out
+    saved = json.loads((tmp_path / "b" / PROGRESS_JSON).read_text())
+    assert (saved["round_started"], saved["rounds_cut_off"]) == (2, 0)
     # Execute
     resumed = run_server(InProcessGrid(make_client_app(interrupted), 2), _resumed(interrupted))
-    # Assert: the resumed rounds account for the rounds before the interruption too
-    spent = [straight.train_metrics[r]["dp-epsilon-max"] for r in (1, 2, 3)]
-    assert spent[0] < spent[1] < spent[2] < math.inf
-    assert [resumed.train_metrics[r]["dp-epsilon-max"] for r in (1, 2, 3)] == pytest.approx(spent, rel=1e-9)
+    # Assert: round 1 spent what one round spends; rounds 2 and 3 also count the round cut off
+    assert resumed.rounds_cut_off == 1
+    assert resumed.train_metrics[1]["dp-epsilon-max"] == pytest.approx(spent[1], rel=1e-9)
+    assert [resumed.train_metrics[r]["dp-epsilon-max"] for r in (2, 3)] == pytest.approx(
+        [spent[3], spent[4]], rel=1e-9)
+    assert read_result(tmp_path / "b").rounds_cut_off == 1
+
+
+def test_every_interruption_of_a_round_counts_once(task_identity, tmp_path):
+    # Prepare: cut off in round 2, then the resumed run cut off in round 2 again
+    run = _fed_run(tmp_path / "b", dp={"enabled": True, "noise_multiplier": 1.0, "delta": 1e-4})
+    _interrupt_in_round_two(run)
+    with pytest.raises(KeyboardInterrupt):  # the resumed run's 1st exchange is round 2's training
+        run_server(InterruptedGrid(run, stop_at_exchange=1), _resumed(run))
+    saved = json.loads((tmp_path / "b" / PROGRESS_JSON).read_text())
+    assert (saved["round_started"], saved["rounds_cut_off"]) == (2, 1)
+    # Execute
+    resumed = run_server(InProcessGrid(make_client_app(run), 2), _resumed(run))
+    # Assert: two cut-off rounds, and the finished run read back keeps the count
+    assert resumed.rounds_cut_off == 2
+    assert run_server(InProcessGrid(make_client_app(run), 2), _resumed(run)).rounds_cut_off == 2
+    saved = json.loads((tmp_path / "b" / PROGRESS_JSON).read_text())
+    assert (saved["round_started"], saved["rounds_cut_off"]) == (ROUNDS, 2)
+
+
+def test_a_run_never_cut_off_counts_no_round_twice(task_identity, tmp_path):
+    run = _fed_run(tmp_path / "b")
+    result = run_server(InProcessGrid(make_client_app(run), 2), run)
+    saved = json.loads((tmp_path / "b" / PROGRESS_JSON).read_text())
+    assert (result.rounds_cut_off, saved["round_started"], saved["rounds_cut_off"]) == (0, ROUNDS, 0)
 
 
 def test_resuming_under_other_settings_is_refused_by_name(task_identity, tmp_path):
@@ -156,7 +189,11 @@ def _weights_of(run_dir):
      "not a fortify federation record"),
     (lambda d: _edit_progress(d, lambda p: p["train_metrics"].update({"2": {"train-loss": 0.1}})),
      "not a fortify federation record"),
-    (lambda d: _edit_progress(d, lambda p: p["rounds"].extend(
+    # a start marker or a count of rounds cut off that no run writes (the count only lowers epsilon)
+    (lambda d: _edit_progress(d, lambda p: p.update(round_started=4)), "not a fortify federation record"),
+    (lambda d: _edit_progress(d, lambda p: p.update(rounds_cut_off=-1)), "not a fortify federation record"),
+    (lambda d: _edit_progress(d, lambda p: p.update(rounds_cut_off=True)), "not a fortify federation record"),
+    (lambda d: _edit_progress(d, lambda p: p.update(round_started=ROUNDS + 2) or p["rounds"].extend(
         dict(p["rounds"][-1], round=r) for r in range(2, ROUNDS + 3))), "records round 5 of a run of 3"),
 ])
 def test_damaged_progress_is_refused(task_identity, tmp_path, damage, message):

@@ -59,6 +59,27 @@ def test_an_infinite_epsilon_reads_back_as_infinite(tmp_path):
     assert read_result(tmp_path).train_metrics == {1: {"dp-epsilon-max": math.inf, "loss": 0.5}}
 
 
+def test_the_rounds_table_says_when_rounds_cut_off_count_in_the_epsilon(tmp_path):
+    from rich.console import Console
+
+    from fortify.federated.command import print_rounds
+    from fortify.federated.results import RESULT_FILE, FederatedResult, RoundRecord
+    from fortify.pipeline import write_json
+
+    threat = {"n_examples": 10, "steps": 5, "norm": "linf", "eps": 0.1}
+    result = FederatedResult([RoundRecord(0, 0.5, 0.1, 1.0), RoundRecord(1, 0.6, 0.2, 2.0)],
+                             {1: {"dp-epsilon-max": 1.5}}, threat, {"clients": 2, "strategy": "fedavg"},
+                             "standard", "digits", 2.0, rounds_cut_off=1)
+    console = Console(record=True, width=200)
+    print_rounds(result, console)
+    assert "1 round(s) cut off by an interruption count in the epsilon" in console.export_text()
+    # a record written before the count existed reads back as nothing cut off
+    record = result.to_dict()
+    del record["rounds_cut_off"]
+    write_json(tmp_path / RESULT_FILE, record)
+    assert read_result(tmp_path).rounds_cut_off == 0
+
+
 def _final_accuracy(strategy: str, malicious: int = 0, mode: str = "flip", scale: float = 10.0) -> float:
     # 5 clients: Krum needs n >= 2f + 3 for f = 1
     run = small_run(clients=5, rounds=4, local_epochs=3, strategy=strategy, malicious_clients=malicious,

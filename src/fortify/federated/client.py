@@ -28,7 +28,7 @@ from fortify.data import DataOptions, Dataset, Split, load_dataset
 from fortify.errors import ConfigError
 from fortify.federated.config import FederatedRun
 from fortify.federated.partition import partition
-from fortify.federated.progress import ROUND_OFFSET_KEY
+from fortify.federated.progress import ROUND_OFFSET_KEY, ROUNDS_CUT_OFF_KEY
 from fortify.models import build_model
 from fortify.threat import ThreatModel
 from fortify.training.methods import objective_from_config
@@ -53,6 +53,12 @@ class LocalTraining:
     proximal_mu: float = 0.0
     dp: DPConfig | None = None  # client-side DP-SGD (Opacus) when enabled
     server_round: int = 1  # DP composes over the rounds a client has trained in
+    rounds_cut_off: int = 0  # and over the rounds an interrupted run may have released updates in
+
+    @property
+    def released_rounds(self) -> int:
+        """The rounds whose updates count against the client's DP budget, this one included."""
+        return self.server_round + self.rounds_cut_off
 
 
 @dataclass(frozen=True)
@@ -189,7 +195,7 @@ def _train_privately(model: nn.Module, data: Split, settings: LocalTraining, tra
     model.load_state_dict(trainer.model.state_dict())  # DP trained a validated copy
     spent = result.privacy
     epsilon = composed_epsilon(spent.noise_multiplier, spent.sample_rate,
-                               spent.steps * settings.server_round, dp.delta, dp.accountant)
+                               spent.steps * settings.released_rounds, dp.delta, dp.accountant)
     last = result.history[-1]
     return LocalResult(sum(r.train_loss for r in result.history) / len(result.history),
                        last.val_clean_accuracy, last.val_robust_accuracy, dp_epsilon=epsilon)
@@ -290,7 +296,8 @@ def client_round(run: FederatedRun, message: Message, partition_id: int, num_par
     settings = LocalTraining(local_train_config(run, server_round, partition_id),
                              ThreatModel(run.config.threat.norm, run.config.threat.eps, dataset.bounds),
                              proximal_mu=float(config.get("proximal-mu", 0.0)), dp=run.config.dp,
-                             server_round=max(server_round, 1))
+                             server_round=max(server_round, 1),
+                             rounds_cut_off=int(config.get(ROUNDS_CUT_OFF_KEY, 0)))
     result = local_trainer(model, shard, settings)
     state = model.state_dict()
     fed = run.federation

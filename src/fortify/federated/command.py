@@ -90,3 +90,6 @@ def print_rounds(result: FederatedResult, console: Console) -> None:
                       f"{100 * record.robust_accuracy:.1f}%", f"{record.seconds:.1f}",
                       *([f"{spent:.3g}" if spent is not None else "-"] if private else []))
     console.print(table)
+    if private and result.rounds_cut_off:
+        console.print(f"{result.rounds_cut_off} round(s) cut off by an interruption count in the epsilon: "
+                      "their clients may have sent updates before the cut")

@@ -5,8 +5,15 @@ weights (``federation-round-R.safetensors``) and ``federation-progress.json``: t
 finished, their records and the clients' metrics, and the weights' SHA-256. With
 ``federation.resume`` the server reads them back, checks that the settings are the run's, and lets
 Flower's strategy run only the rounds left, starting from the saved weights. Rounds keep their
-numbers: every train message carries the offset, so clients seed their local training and
-compose their DP budget exactly as an uninterrupted run would.
+numbers: every train message carries the offset, so clients seed their local training exactly as an
+uninterrupted run would.
+
+Before a round's train messages go out the server also marks the round as started. A round started
+and never finished was cut off, but its clients may have sent their updates: a release under DP that
+no client remembers, since clients keep no state between rounds. The rounds cut off so far travel in
+every train message too, and clients compose their DP budget over them as well as over the rounds
+finished, so the epsilon reported is never below what was spent (it counts a round whose messages
+went out but whose replies never came back as spent).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ PROGRESS_JSON = "federation-progress.json"
 # round's weights are on disk, so a kill between the two writes leaves the previous pair intact
 WEIGHTS_PATTERN = re.compile(r"federation-round-\d+\.safetensors")
 ROUND_OFFSET_KEY = "round-offset"  # in every train message: rounds finished before this process
+ROUNDS_CUT_OFF_KEY = "rounds-cut-off"  # in every train message: rounds started, never finished, before it
 # where and how, not what is trained: the run directory, resuming, and config.NOT_RESULT_SETTINGS
 _NOT_SETTINGS = frozenset({"federation.out", "federation.resume"} | {
     f"{section}.{key}" for section, keys in NOT_RESULT_SETTINGS.items() for key in keys})
@@ -44,14 +52,17 @@ def run_settings(run: FederatedRun) -> dict[str, Any]:
 
 @dataclass
 class FederationProgress:
-    """The rounds a federation has finished; ``offset`` of them before this process started."""
+    """The rounds a federation has finished, ``offset`` of them before this process started, and the
+    ``cut_off`` rounds earlier processes started and never finished."""
 
     run: FederatedRun
     offset: int = 0
+    cut_off: int = 0
     rounds: list[RoundRecord] = field(default_factory=list)
     train_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     seconds_before: float = 0.0
     started: float = field(default_factory=time.perf_counter)
+    weights: tuple[str, str] | None = None  # the last saved round's weights file and its SHA-256
 
     @classmethod
     def begin(cls, run: FederatedRun, model: nn.Module) -> FederationProgress:
@@ -65,8 +76,10 @@ class FederationProgress:
         ckpt.load_weights(out / saved["weights"], model, expected_sha256=saved["sha256"],
                           record=PROGRESS_JSON)
         rounds = saved["rounds"]
-        return cls(run, offset=rounds[-1].round, rounds=rounds, train_metrics=saved["train_metrics"],
-                   seconds_before=float(saved["seconds"]))
+        cut_off = saved["rounds_cut_off"] + (saved["round_started"] > rounds[-1].round)
+        return cls(run, offset=rounds[-1].round, cut_off=cut_off, rounds=rounds,
+                   train_metrics=saved["train_metrics"], seconds_before=float(saved["seconds"]),
+                   weights=(saved["weights"], saved["sha256"]))
 
     @property
     def rounds_left(self) -> int:
@@ -80,6 +93,13 @@ class FederationProgress:
         """The clients' aggregated metrics of this process's round ``server_round``."""
         self.train_metrics[server_round + self.offset] = {k: float(v) for k, v in metrics.items()}
 
+    def start_round(self, server_round: int) -> None:
+        """Mark this process's round ``server_round`` as started, before its train messages go out:
+        if the run is cut off before the round finishes, resuming counts it as cut off."""
+        out = self.run.federation.out
+        if out and self.weights is not None:
+            write_json(Path(out) / PROGRESS_JSON, self._record(round_started=server_round + self.offset))
+
     def finish_round(self, server_round: int, clean: float, robust: float, model: nn.Module) -> None:
         """Record this process's round ``server_round`` (0: the starting model) and save it."""
         self.rounds.append(RoundRecord(server_round + self.offset, clean, robust, self.seconds))
@@ -90,15 +110,20 @@ class FederationProgress:
     def _save(self, out: Path, model: nn.Module) -> None:
         out.mkdir(parents=True, exist_ok=True)
         weights = f"federation-round-{self.rounds[-1].round}.safetensors"
-        digest = ckpt.save_weights(out / weights, model)  # first: the record names it and its hash
-        write_json(out / PROGRESS_JSON, {
-            "format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "settings": run_settings(self.run),
-            "rounds": [asdict(r) for r in self.rounds],
-            "train_metrics": {str(k): v for k, v in self.train_metrics.items()},
-            "seconds": self.seconds, "weights": weights, "sha256": digest})
+        # the weights first: the record names them and their hash
+        self.weights = (weights, ckpt.save_weights(out / weights, model))
+        write_json(out / PROGRESS_JSON, self._record(round_started=self.rounds[-1].round))
         for older in out.glob("federation-round-*.safetensors"):
             if older.name != weights:
                 older.unlink(missing_ok=True)
+
+    def _record(self, round_started: int) -> dict[str, Any]:
+        assert self.weights is not None
+        return {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "settings": run_settings(self.run),
+                "rounds": [asdict(r) for r in self.rounds],
+                "train_metrics": {str(k): v for k, v in self.train_metrics.items()},
+                "seconds": self.seconds, "weights": self.weights[0], "sha256": self.weights[1],
+                "round_started": round_started, "rounds_cut_off": self.cut_off}
 
 
 def _check_holds_no_federation(out: Path) -> None:
@@ -148,10 +173,21 @@ def _read(out: Path) -> dict[str, Any]:
                                   for k, m in saved["train_metrics"].items()}
         if not set(saved["train_metrics"]) <= set(range(1, len(saved["rounds"]))):
             raise ValueError("metrics of a round not finished")
+        # records written before rounds were marked as started lack these two: nothing was cut off
+        last = saved["rounds"][-1].round
+        saved.setdefault("round_started", last)
+        saved.setdefault("rounds_cut_off", 0)
+        if not (_is_count(saved["rounds_cut_off"]) and _is_count(saved["round_started"])
+                and saved["round_started"] in (last, last + 1)):
+            raise ValueError("round started or rounds cut off")
     except (AttributeError, IndexError, KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path} is not a fortify federation record; remove {out} to start "
                               "again") from None
     return saved
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _plausible(record: RoundRecord) -> bool:

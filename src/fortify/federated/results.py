@@ -44,10 +44,13 @@ class FederatedResult:
     objective: str
     dataset: str
     seconds: float
+    # rounds started and cut off by an interruption before they finished; each counts in the epsilon
+    rounds_cut_off: int = 0
 
     @classmethod
     def build(cls, run: FederatedRun, dataset: Dataset, rounds: list[RoundRecord],
-              train_metrics: dict[int, dict[str, Any]], seconds: float) -> FederatedResult:
+              train_metrics: dict[int, dict[str, Any]], seconds: float, rounds_cut_off: int = 0
+              ) -> FederatedResult:
         fed = run.federation
         n_test = len(dataset.test.head(fed.eval_examples))
         threat = {"norm": run.config.threat.norm, "eps": run.config.threat.eps,
@@ -55,7 +58,7 @@ class FederatedResult:
                   "restarts": 1, "n_examples": n_test}
         metrics = {int(r): {k: float(v) for k, v in m.items()} for r, m in train_metrics.items()}
         return cls(rounds, metrics, threat, fed.model_dump(mode="json"), run.config.train.objective,
-                   dataset.name, seconds)
+                   dataset.name, seconds, rounds_cut_off)
 
     @property
     def final(self) -> RoundRecord:
@@ -72,6 +75,7 @@ class FederatedResult:
         data["rounds"] = [RoundRecord(**r) for r in data["rounds"]]
         data["train_metrics"] = {int(k): {name: stored_metric(v) for name, v in m.items()}
                                  for k, m in data["train_metrics"].items()}
+        data.setdefault("rounds_cut_off", 0)  # a record written before interruptions were counted
         return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 

@@ -40,7 +40,7 @@ from fortify.federated.client import (
 )
 from fortify.federated.config import FederatedRun, FederationConfig
 from fortify.federated.partition import check_client_count, shard_indices
-from fortify.federated.progress import ROUND_OFFSET_KEY, FederationProgress
+from fortify.federated.progress import ROUND_OFFSET_KEY, ROUNDS_CUT_OFF_KEY, FederationProgress
 from fortify.federated.results import FederatedResult, write_run_directory
 from fortify.models import MODELS
 from fortify.models.modes import evaluation_mode
@@ -151,11 +151,12 @@ class _StrictRounds:
     the global model's (other keys, shapes or dtypes, NaN or infinite values: one NaN turns even the
     median into NaN), a ``num-examples`` weight other than its shard's size, and partitions that the
     replies do not cover exactly once. The aggregate comes back in the model's dtypes
-    (``in_model_dtypes``). The aggregated metrics go to ``on_aggregated`` (the run's progress);
-    ``round_offset`` is the number of rounds a resumed run finished before, so messages name the
-    run's own round numbers.
+    (``in_model_dtypes``). ``on_started`` hears of each round before its train messages go out and
+    the aggregated metrics go to ``on_aggregated`` (both the run's progress); ``round_offset`` is the
+    number of rounds a resumed run finished before, so messages name the run's own round numbers.
     """
 
+    on_started: Callable[[int], None] | None = None
     on_aggregated: Callable[[int, dict[str, Any]], None] | None = None
     round_offset: int = 0
     shard_sizes: list[int]  # training examples in each partition's shard, by partition id
@@ -169,6 +170,8 @@ class _StrictRounds:
                         ) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         self._sent_to = [m.metadata.dst_node_id for m in messages]  # every one of them must reply
+        if self.on_started is not None:
+            self.on_started(server_round)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -359,11 +362,13 @@ class StrictFedMedian(_StrictRounds, FedMedian):
 
 
 def build_strategy(run: FederatedRun, dataset: Dataset, *,
+                   on_started: Callable[[int], None] | None = None,
                    on_aggregated: Callable[[int, dict[str, Any]], None] | None = None,
                    round_offset: int = 0) -> Strategy:
     """The Flower strategy named by ``federation.strategy``; every client trains every round."""
     strategy = _new_strategy(run.federation)
-    strategy.on_aggregated, strategy.round_offset = on_aggregated, round_offset
+    strategy.on_started, strategy.on_aggregated = on_started, on_aggregated
+    strategy.round_offset = round_offset
     strategy.shard_sizes = shard_sizes(run, dataset)
     return strategy
 
@@ -443,14 +448,16 @@ def run_server(grid: Grid, run: FederatedRun) -> FederatedResult:
     model = new_global_model(run, dataset)
     progress = FederationProgress.begin(run, model)
     if progress.rounds_left > 0:
-        strategy = build_strategy(run, dataset, on_aggregated=progress.add_train_metrics,
-                                  round_offset=progress.offset)
+        strategy = build_strategy(run, dataset, on_started=progress.start_round,
+                                  on_aggregated=progress.add_train_metrics, round_offset=progress.offset)
+        train_config = ConfigRecord({ROUND_OFFSET_KEY: progress.offset, ROUNDS_CUT_OFF_KEY: progress.cut_off})
         outcome = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
                                  num_rounds=progress.rounds_left, timeout=REPLY_TIMEOUT_S,
-                                 train_config=ConfigRecord({ROUND_OFFSET_KEY: progress.offset}),
+                                 train_config=train_config,
                                  evaluate_fn=central_evaluator(run, dataset, model, progress))
         model.load_state_dict(outcome.arrays.to_torch_state_dict())
-    result = FederatedResult.build(run, dataset, progress.rounds, progress.train_metrics, progress.seconds)
+    result = FederatedResult.build(run, dataset, progress.rounds, progress.train_metrics, progress.seconds,
+                                   progress.cut_off)
     if run.federation.out:
         write_run_directory(Path(run.federation.out), run, dataset, model, result)
     return result
