@@ -263,7 +263,11 @@ def test_cw_moves_pixels_on_the_box_faces_in_half_precision(dtype):
     _, full = attack.minimal(model, x, y)
     _, half = attack.minimal(model.to(dtype), x.to(dtype), y)
     assert torch.isfinite(full).all() and torch.isfinite(half).all()
-    assert half.float() == pytest.approx(full.float(), rel=0.02, abs=0.01)  # abs: a bf16 step near 1
+    # a recorded point must fool by more than rounding, four units in the last place of the largest
+    # logit in half precision: in bf16 (8 bits) that asks for a wider gap, so norms up to 0.05 longer
+    extra = 0.06 if dtype == torch.bfloat16 else 0.0
+    assert (half.float() >= full * 0.98 - 0.01).all()  # abs: a bf16 step near 1
+    assert (half.float() <= full * 1.02 + 0.01 + extra).all()
 
 
 def test_cw_runs_on_a_float16_model():

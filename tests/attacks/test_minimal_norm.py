@@ -171,6 +171,21 @@ def test_fmn_linf_minimal_points_are_adversarial(standard_model, digit_batch, fm
     assert torch.isfinite(norms).all()
 
 
+def test_cw_minimal_points_fool_the_model_beyond_rounding_in_any_batch(standard_model, digits):
+    # Prepare: the paper's learning rate; on these 128 digits one point the search kept had fooled
+    # the model by less than float rounding (C&W lands on the boundary)
+    x, y = digits.test.x[:128], digits.test.y[:128]
+    attack = CarliniWagnerL2(L2, steps=50, binary_search_steps=9, learning_rate=0.01)
+    # Execute
+    x_adv, norms = attack.minimal(standard_model, x, y)
+    # Assert
+    found = torch.isfinite(norms) & (norms > 0)
+    assert int(found.sum()) > 40  # the search fools a good share of them
+    with torch.no_grad():
+        logits = standard_model(x_adv[found])
+    assert bool(fooled_beyond_rounding(logits, y[found]).all())
+
+
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_fmn_minimal_points_fool_the_model_beyond_rounding_in_any_batch(standard_model, digit_batch,
                                                                         fmn_result, norm):

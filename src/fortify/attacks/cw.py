@@ -173,10 +173,12 @@ class CarliniWagnerL2(MinimalNormAttack):
         return success, w_end
 
     def _fooled(self, logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
-        """Misclassified (or on target) with at least ``confidence`` logit margin."""
+        """Misclassified (or on target) with at least ``confidence`` logit margin, and by more than
+        float rounding: C&W lands its points at the boundary, where a batch of another size could
+        judge a point that fools by less correct."""
         label, sign = self._label_and_sign(y, target)
         margin = sign * logit_margin(logits, label)
-        return self.succeeded(logits, y, target) & (margin <= -self.confidence)
+        return self.succeeded_beyond_rounding(logits, y, target) & (margin <= -self.confidence)
 
     @staticmethod
     def _keep_smaller(rows: Tensor, candidate: Tensor, norms: Tensor, fooled: Tensor, best: Tensor,
