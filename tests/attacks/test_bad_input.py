@@ -300,3 +300,12 @@ def test_with_threat_is_the_attack_built_for_that_threat(name, norm):
 def test_with_threat_keeps_the_norm_the_attack_was_built_for():
     with pytest.raises(ConfigError, match="built for l2; build a new attack for linf"):
         CarliniWagnerL2(L2).with_threat(LINF)
+
+
+@pytest.mark.parametrize("seed", [0.5, None, 2**64, True, float("nan")])
+def test_an_attack_seed_that_is_no_integer_torch_takes_is_refused(seed):
+    # 0.5 was truncated to 0 in silence, 2**64 failed inside torch at the first call
+    with pytest.raises(ConfigError, match="seed must be an integer"):
+        PGD(LINF, seed=seed)
+    assert PGD(LINF, seed=4.0).seed == 4 and PGD(LINF, seed=-1).seed == -1
+

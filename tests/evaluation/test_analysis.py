@@ -85,6 +85,26 @@ def test_a_certificate_of_the_wrong_class_counts_as_radius_zero():
     assert bool((radii[flipped] == 0).all()) and bool((radii[~flipped] > 0).all())
 
 
+@pytest.mark.parametrize("sigma", [0.1, 0.25])
+def test_the_certified_curve_ends_at_the_share_certified_at_the_largest_radius(sigma):
+    # Prepare: a model right on every noisy copy, so every example is certified at the same radius,
+    # the cap sigma * Phi^-1(alpha^(1/n)); in float32 that radius rounds up at sigma 0.1 (down at 0.25)
+    model = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]]))
+        model.bias.copy_(torch.tensor([5.0, -5.0]))
+    x = torch.rand(10, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(10, dtype=torch.long)
+    # Execute
+    analysis, _ = _analyse(model, x, y, ThreatModel("linf", 0.1), 2, margin_examples=10, certify_examples=10,
+                           certify_sigma=sigma, certify_n=1000, masking_examples=10, margin_steps=10)
+    # Assert: certified accuracy at r counts radius >= r, so the curve stays at 1 up to its last point
+    curve = analysis.certified["curve"]
+    assert len(set(analysis.certified["radii"])) == 1
+    assert curve["radii"][-1] == analysis.certified["radii"][0]
+    assert curve["accuracy"] == [1.0] * 11
+
+
 def test_the_certified_section_runs_in_a_box_whose_l2_diameter_is_below_one():
     # Prepare: two features in [0, 0.5] (L2 diameter 0.71), where an L2 ball of radius 1 is refused
     torch.manual_seed(0)
@@ -158,7 +178,9 @@ def test_digits_analysis_is_consistent_with_the_evaluation(digits, standard_mode
 
 @pytest.mark.parametrize("options", [{"margin_examples": 0}, {"certify_sigma": -1.0},
                                      {"certify_alpha": 1.5}, {"gallery_examples": -1},
-                                     {"gallery_examples": 2.5}, {"seed": 1.5}, {"margin_examples": True}])
+                                     {"gallery_examples": 2.5}, {"seed": 1.5}, {"margin_examples": True},
+                                     # a flag or text passed here and failed in certify after the attacks
+                                     {"certify_sigma": True}, {"certify_sigma": "0.5"}, {"certify_alpha": None}])
 def test_bad_options_are_rejected(options):
     with pytest.raises(ConfigError, match=next(iter(options))):
         AnalysisOptions(**options)

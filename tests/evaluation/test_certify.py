@@ -283,6 +283,20 @@ def test_bad_settings_and_inputs_are_rejected():
     for wrong in (1, 3):  # fewer classes than the model's failed inside one_hot; more went unnoticed
         with pytest.raises(DataError, match=f"the model outputs 2 classes, but num_classes is {wrong}"):
             certify(model, x, sigma=SIGMA, num_classes=wrong)
+    # each was a TypeError, RuntimeError or IndexError from inside torch
+    for seed in (0.5, None, 2**64, True):
+        with pytest.raises(ConfigError, match="seed must be an integer"):
+            certify(model, x, sigma=SIGMA, seed=seed)
+    for shape in ((-1,), (-1, 2, 1)):
+        flat = nn.Sequential(model, nn.Unflatten(1, (2, 1)), nn.Flatten(0)) if shape == (-1,) else \
+            nn.Sequential(model, nn.Unflatten(1, (2, 1)))
+        for classes in (None, 2):
+            with pytest.raises(DataError, match="logits of shape .N, K."):
+                certify(flat, x, sigma=SIGMA, n0=10, n=10, num_classes=classes)
+    certificate = certify(model, x, sigma=SIGMA, n0=10, n=10)
+    for radii in (None, ["a"]):
+        with pytest.raises(ConfigError, match="radii must be a list of numbers"):
+            certified_accuracy_curve(certificate, torch.zeros(3, dtype=torch.long), radii=radii)
 
 
 def test_gaussian_objective_is_registered_and_trains_on_noisy_inputs():

@@ -47,7 +47,7 @@ class Attack(ABC):
         self._check_schema(threat)
         self.threat = threat
         self.targeted = targeted
-        self.seed = int(seed)
+        self.seed = check_seed("seed", seed)
 
     def __call__(
         self,
@@ -303,6 +303,16 @@ def top_target_classes(logits: Tensor, y: Tensor, k: int) -> Tensor:
         raise ConfigError(f"n_target_classes={k} is out of range for a model with {num_classes} "
                           f"classes; allowed: 1..{num_classes - 1}")
     return logits.scatter(1, y[:, None], -torch.inf).topk(k, dim=1).indices
+
+
+def check_seed(name: str, value: int) -> int:
+    """``value`` as an int that ``torch.Generator.manual_seed`` takes (4.0 counts as 4), else a
+    ConfigError: a fraction was truncated in silence, and a seed past 64 bits failed inside torch."""
+    is_seed = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+               and int(value) == value and -(2**63) <= value < 2**64)
+    if not is_seed:
+        raise ConfigError(f"{name} must be an integer in [-2**63, 2**64), got {value!r}")
+    return int(value)
 
 
 def check_positive_int(name: str, value: int) -> int:

@@ -77,6 +77,10 @@ class AnalysisOptions:
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         object.__setattr__(self, "gallery_examples", int(self.gallery_examples))
         object.__setattr__(self, "seed", int(self.seed))
+        for name in ("certify_sigma", "certify_alpha"):  # a flag or text failed only after the attacks
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
         if not (math.isfinite(self.certify_sigma) and self.certify_sigma > 0):
             raise ConfigError(f"certify_sigma must be a number > 0, got {self.certify_sigma!r}")
         if not 0 < self.certify_alpha < 1:
@@ -290,14 +294,17 @@ def _certified(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, num_
                           alpha=options.certify_alpha, num_classes=num_classes,
                           batch_size=query_batch(x.device), bounds=threat.bounds, seed=options.seed)
     correct = certificate.predictions == y
-    radii = torch.where(correct, certificate.radii, torch.zeros_like(certificate.radii)).float()
+    # in the certificate's float64: a float32 copy rounds the largest radius up as often as down, and
+    # the curve's last point, taken from it, then left out the examples certified exactly there
+    radii = torch.where(correct, certificate.radii, torch.zeros_like(certificate.radii))
     # FMN's minimal search ignores eps, but a ThreatModel refuses one past the box's L2 diameter
     diameter = (threat.bounds[1] - threat.bounds[0]) * math.sqrt(math.prod(x.shape[1:]))
     l2 = ThreatModel("l2", min(1.0, diameter), threat.bounds)
     l2_margin = _minimal_distances(model, x, y, l2, options.margin_steps, options.seed)
     flagged = (radii > l2_margin.to(radii) + _RADIUS_SLACK).nonzero().flatten().tolist()
     top = max(float(radii.max()) if len(radii) else 0.0, options.certify_sigma)
-    curve = certified_accuracy_curve(certificate, y, [top * i / 10 for i in range(11)], num_classes)
+    grid = [top * i / 10 for i in range(10)] + [top]  # the last point exactly top, not top * 10 / 10
+    curve = certified_accuracy_curve(certificate, y, grid, num_classes)
     return {"sigma": options.certify_sigma, "n": options.certify_n, "alpha": options.certify_alpha,
             "curve": curve.to_dict(), "radii": [float(r) for r in radii.cpu()],
             "l2_margin": [float(d) for d in l2_margin.cpu()], "above_margin": flagged,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
 
-from fortify.attacks.base import as_class_indices, check_label_range, check_positive_int
+from fortify.attacks.base import as_class_indices, check_label_range, check_positive_int, check_seed
 from fortify.errors import ConfigError, DataError
 from fortify.models.modes import evaluation_mode
 from fortify.models.predictions import predicted_class
@@ -119,6 +119,8 @@ def _block_counts(model: nn.Module, x: Tensor, first: int, sigma: float, n: int,
         deltas = torch.cat([noise.draw(first + i, chunk, (copies, *x.shape[1:])) for i in range(x.shape[0])])
         batch = x.repeat_interleave(copies, dim=0) + sigma * deltas
         logits = torch.cat([model(part) for part in batch.split(batch_size)])
+        if logits.dim() != 2:
+            raise DataError(f"the model must output logits of shape (N, K), got {tuple(logits.shape)}")
         if logits.shape[1] != num_classes:  # one_hot would fail, or count a short row, without a word
             raise DataError(f"the model outputs {logits.shape[1]} classes, but num_classes is {num_classes}")
         predictions = predicted_class(logits).reshape(x.shape[0], copies)
@@ -153,8 +155,11 @@ def _prepare(model: nn.Module, x: Tensor, num_classes: int | None, bounds: tuple
         # in eval mode: in training mode this pass would update batch-norm statistics (or fail on
         # a batch of one)
         with torch.no_grad(), evaluation_mode(model):
-            num_classes = int(model(x[:1]).shape[1])
-    generator = generator or torch.Generator(device=x.device).manual_seed(seed)
+            logits = model(x[:1])
+        if logits.dim() != 2:
+            raise DataError(f"the model must output logits of shape (N, K), got {tuple(logits.shape)}")
+        num_classes = int(logits.shape[1])
+    generator = generator or torch.Generator(device=x.device).manual_seed(check_seed("seed", seed))
     return _Setup(model, x, check_positive_int("num_classes", num_classes), generator)
 
 
@@ -268,6 +273,10 @@ def certified_accuracy_curve(certificate: Certificate, y: Tensor, radii: Sequenc
         raise DataError(f"labels must be class indices 0..K-1, got {int(y.min())}")
     if num_classes is not None:
         check_label_range(y, num_classes)
+    try:
+        radii = [float(r) for r in radii]
+    except (TypeError, ValueError):
+        raise ConfigError(f"radii must be a list of numbers, got {radii!r}") from None
     if any(not (math.isfinite(r) and r >= 0) for r in radii):
         raise ConfigError(f"radii must be finite numbers >= 0, got {list(radii)}")
     correct = certificate.predictions == y.to(certificate.predictions.device)
