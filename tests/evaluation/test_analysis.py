@@ -180,7 +180,8 @@ def test_digits_analysis_is_consistent_with_the_evaluation(digits, standard_mode
                                      {"certify_alpha": 1.5}, {"gallery_examples": -1},
                                      {"gallery_examples": 2.5}, {"seed": 1.5}, {"margin_examples": True},
                                      # a flag or text passed here and failed in certify after the attacks
-                                     {"certify_sigma": True}, {"certify_sigma": "0.5"}, {"certify_alpha": None}])
+                                     {"certify_sigma": True}, {"certify_sigma": "0.5"},
+                                     {"certify_alpha": None}])
 def test_bad_options_are_rejected(options):
     with pytest.raises(ConfigError, match=next(iter(options))):
         AnalysisOptions(**options)
