@@ -737,7 +737,7 @@ def test_a_file_where_an_output_folder_belongs_is_named_as_such(trained_dir, tmp
     assert blocked.read_text() == "a: 1\n"
 
 
-def test_changed_extra_data_stop_a_resumed_training_but_not_an_evaluation(tmp_path):
+def test_changed_extra_data_stop_a_resumed_training_and_an_audit_but_not_an_evaluation(tmp_path):
     # Prepare: a model trained with extra data, whose file then changes
     rng = np.random.default_rng(0)
     x, y = rng.random((20, 1, 8, 8)).astype(np.float32), np.arange(20) % 10
@@ -751,10 +751,15 @@ def test_changed_extra_data_stop_a_resumed_training_but_not_an_evaluation(tmp_pa
     assert _invoke(*train).exit_code == 0
     assert re.fullmatch("[0-9a-f]{64}", json.loads((out / "model.json").read_text())["extra_data_sha256"])
     np.savez(extra, x=x[::-1].copy(), y=y)
-    # Execute / Assert: the evaluation reads none of them; a resumed training would
+    # Execute / Assert: the evaluation reads none of them; a resumed training would, and so would an
+    # audit (it leaves the extra inputs out of members and non-members) and the report's audit
     evaluated = _invoke("evaluate", out, "--attacks", "fgsm", "--n-examples", 12)
     assert evaluated.exit_code == 0, evaluated.output
-    _assert_clean_error(_invoke(*train, "--resume"), f"the extra training data in {extra} differ from those")
+    changed = f"the extra training data in {extra} differ from those"
+    _assert_clean_error(_invoke(*train, "--resume"), changed)
+    _assert_clean_error(_invoke("audit", out, "--n-examples", 20), changed)
+    _assert_clean_error(_invoke("evaluate", out, "--attacks", "fgsm", "--n-examples", 12, "--report"), changed)
+    assert not (out / "privacy.json").exists()
 
 
 def test_audit_and_evaluate_of_a_run_directory_name_its_models(tmp_path):

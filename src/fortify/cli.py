@@ -520,7 +520,8 @@ def evaluate(
     setup, ddp = _join_torchrun(prepare(cfg, device, input_encoding=encoding), model_dir)
     model, card = load_trained_model(model_dir, setup.device)
     check_data_fits_model(card, setup.dataset, model_dir)
-    check_data_unchanged(model_dir, setup, card, with_extra=False)  # neither reads the extra data
+    # the report's membership audit leaves the extra data's inputs out of members and non-members
+    check_data_unchanged(model_dir, setup, card, with_extra=with_report)
     if restart and (ddp is None or ddp.is_main):
         _discard_journal(model_dir / "evaluation")
     # under torchrun the ranks share the attack batches and merge per example (no journal)
@@ -711,7 +712,9 @@ def audit(
     setup = prepare(cfg, device)
     model, card = load_trained_model(model_dir, setup.device)
     check_data_fits_model(card, setup.dataset, model_dir)
-    check_data_unchanged(model_dir, setup, card, with_extra=False)  # neither reads the extra data
+    # the audit leaves the extra data's inputs out of members and non-members, and LiRA's reference
+    # models train on them: a changed file would score inputs the model trained on as non-members
+    check_data_unchanged(model_dir, setup, card)
     report = audit_trained_model(model, audited_dataset(setup), recipe=lira_recipe(setup, card, cfg.train),
                                  n_reference_models=reference_models, n_examples=n_examples,
                                  lira_queries=lira_query_views(lira_queries, cfg.train.augment, setup),

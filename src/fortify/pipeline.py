@@ -187,8 +187,9 @@ def check_data_unchanged(model_dir: Path, setup: Setup, card: dict[str, Any] | N
     """ConfigError when ``setup`` names the data ``model_dir``'s model was trained on, split alike,
     but the data are no longer what they were: a file changed under the same path. A resumed run
     would go on training on other data, an evaluation could test on training examples, and an audit
-    would call members non-members. The extra training data (``with_extra``) matter to training
-    alone: evaluations and audits leave them out.
+    would call members non-members. The extra training data (``with_extra``) matter to training and
+    to audits (their inputs are neither members nor non-members, and LiRA's reference models train on
+    them); an evaluation without the report's audit leaves them out.
 
     ``card`` is the model card as loaded, else the one in ``model_dir`` is read as written. Cards
     written before the record have none."""
