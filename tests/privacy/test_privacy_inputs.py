@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fortify.data import Split
+from fortify import errors
 from fortify.errors import DataError
 from fortify.privacy import (
     augmentation_attack,
@@ -334,3 +335,125 @@ def test_a_nan_row_of_the_target_gets_the_least_member_like_lira_score():
 def test_a_reference_model_with_nan_logits_is_named():
     with pytest.raises(DataError, match="reference model 2 returns NaN logits for candidate 5"):
         _lira_scores(_model(), [_model(), _model(), _NaNForBrightInputs(), _model()], bright=[5])
+
+
+class _Memoriser(nn.Module):
+    """Logit 3 higher for the inputs it was given than for others, on top of a per-input offset all
+    such models share: a stand-in for an overfit model whose LiRA scores depend on the IN/OUT mask."""
+
+    def __init__(self, seen: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("seen", seen.double().flatten(1))
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.double().flatten(1)
+        known = (torch.cdist(flat, self.seen).min(dim=1).values < 1e-6).double()
+        offset = flat.sum(dim=1)
+        return torch.stack([offset + 3 * known * self.scale, torch.zeros_like(offset)], dim=1).float()
+
+
+def _memorised_pool(candidates_dtype: torch.dtype, relabel: int = 0):
+    from fortify.privacy import ReferenceModels
+    from fortify.privacy.lira import half_assignment
+
+    x = torch.rand(40, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.zeros(40, dtype=torch.long)
+    keep = half_assignment(8, 40, torch.Generator().manual_seed(0))
+    refs = ReferenceModels([_Memoriser(x[keep[m]]) for m in range(8)], Split(x, y), keep)
+    candidates_y = y.clone()
+    candidates_y[:relabel] = 1
+    return refs, Split(x.to(candidates_dtype), candidates_y)
+
+
+def _memorised_lira(candidates_dtype: torch.dtype, relabel: int = 0, online: bool = True) -> torch.Tensor:
+    from fortify.privacy import lira_member_scores
+
+    refs, candidates = _memorised_pool(candidates_dtype, relabel)
+    return lira_member_scores(_Memoriser(refs.pool.x[:20]), candidates, refs, online=online,
+                              variance="per-example")
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_lira_finds_float32_candidates_in_a_float64_pool(online):
+    # online they were "not in the reference pool"; offline every model, IN ones too, was fitted as OUT
+    torch.testing.assert_close(_memorised_lira(torch.float32, online=online),
+                               _memorised_lira(torch.float64, online=online), rtol=0, atol=1e-4)
+
+
+def test_a_candidate_in_the_pool_under_another_label_is_no_out_example_for_the_models_that_saw_it():
+    # offline: the models that trained on the input under its pool label stay out of its OUT fit
+    from fortify.privacy.lira import _in_mask
+
+    refs, candidates = _memorised_pool(torch.float64, relabel=5)
+    assert torch.equal(_in_mask(refs, candidates, online=False), refs.keep)
+    assert bool(torch.isfinite(_memorised_lira(torch.float64, relabel=5, online=False)).all())
+    # online: no model trained on it as labelled, so there is no IN fit to make
+    with pytest.raises(DataError, match="5 of the 40 .* under another label only"):
+        _memorised_lira(torch.float64, relabel=5, online=True)
+
+
+def test_bfloat16_inputs_are_compared_like_any_other_dtype():
+    # numpy has no bfloat16: the row digests raised a TypeError before any attack ran
+    x = _inputs(40).bfloat16()
+    y = torch.arange(40) % 3
+    result = threshold_attack(_model().bfloat16(), *_halves(x, y), fprs=())
+    assert 0.0 <= result.auc <= 1.0
+    with pytest.raises(DataError, match="among both members and non-members"):
+        threshold_attack(_model().bfloat16(), Split(x[:20], y[:20]), Split(x[10:30], y[10:30]))
+
+
+def _linear_images() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    return _model(), _inputs(4), torch.tensor([0, 1, 2, 0])
+
+
+@pytest.mark.parametrize(("call", "error", "message"), [
+    # the largest eps is the distance of an example never fooled: 0 ranked it as misclassified
+    (lambda m, x, y: pgd_boundary_distance(m, x, y, eps_grid=[0.0]), "ConfigError", "eps_grid"),
+    (lambda m, x, y: pgd_boundary_distance(m, x, y, eps_grid=[-1.0]), "ConfigError", "eps_grid"),
+    (lambda m, x, y: pgd_boundary_distance(m, x, y, eps_grid=[math.nan]), "ConfigError", "eps_grid"),
+    # outside the box the rays measured the distance to their own clipping
+    (lambda m, x, y: random_direction_distance(m, x * 5, y), "DataError", "outside the declared box"),
+    (lambda m, x, y: _privacy("model_inversion")(m, Split(x * 5, y), steps=1), "DataError",
+     "outside the declared box"),
+    # NaN passed every check and shared a plain gradient; inf made the shared gradient inf
+    (lambda m, x, y: _privacy("shared_gradient")(m, x, y, clip_norm=1.0, noise_multiplier=math.nan),
+     "ConfigError", "noise_multiplier"),
+    (lambda m, x, y: _privacy("shared_gradient")(m, x, y, clip_norm=math.inf, noise_multiplier=1.0),
+     "ConfigError", "clip_norm"),
+    (lambda m, x, y: _privacy("leakage_sweep")(m, x, y, batch_sizes=()), "ConfigError", "at least one batch"),
+    (lambda m, x, y: _privacy("gradient_leakage")(m, x.masked_fill(x > 0.9, math.nan), y, steps=1),
+     "DataError", "NaN"),
+    (lambda m, x, y: threshold_attack(m, *_halves(x, y), fprs=0.05), "ConfigError", "fprs must be a list"),
+])
+def test_bad_privacy_input_is_refused_by_name(call, error, message):
+    model, x, y = _linear_images()
+    with pytest.raises(getattr(errors, error), match=message):
+        call(model, x, y)
+
+
+def _privacy(name: str):
+    import fortify.privacy
+
+    return getattr(fortify.privacy, name)
+
+
+def test_a_reconstruction_that_diverged_to_nan_is_the_worst_match_not_an_error():
+    from fortify.privacy.reconstruction import GradientReconstruction, reconstruction_quality
+
+    _, x, y = _linear_images()
+    images = x.clone()
+    images[1] = math.nan
+    report = reconstruction_quality(GradientReconstruction(images, y, "dlg", math.nan, {}), x, y)
+    assert math.isnan(report.psnr[1]) and all(math.isinf(v) for i, v in enumerate(report.psnr) if i != 1)
+
+
+def test_canaries_of_labels_past_the_classes_are_refused():
+    from fortify.privacy.canaries import audit_canaries, insert_canaries
+
+    x, y = _inputs(40), torch.arange(40) % 3
+    with pytest.raises(errors.DataError, match="label"):
+        insert_canaries(Split(x, y + 5), 4, 3, seed=0)
+    _, canaries = insert_canaries(Split(x, y), 4, 5, seed=0)  # of a 5-class task, audited on 3 classes
+    with pytest.raises(errors.DataError, match="label"):
+        audit_canaries(_model(), canaries, delta=1e-5)

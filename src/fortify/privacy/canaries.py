@@ -32,6 +32,7 @@ import torch
 from scipy.stats import beta
 from torch import Tensor, nn
 
+from fortify.attacks.base import check_label_range
 from fortify.data.base import Split
 from fortify.errors import ConfigError, DataError
 from fortify.privacy._data import model_device, predict_logits
@@ -65,6 +66,7 @@ def insert_canaries(train: Split, per_side: int, num_classes: int, *, seed: int)
                           f"examples (2 * {per_side} canaries and as many real ones); got {len(train)}")
     if num_classes < 2:
         raise ConfigError(f"canaries need at least 2 classes to mislabel, got {num_classes}")
+    check_label_range(train.y, num_classes)  # a label past them would give a canary no class at all
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train), generator=generator)
     chosen, kept = order[:2 * per_side], order[2 * per_side:]
@@ -140,7 +142,9 @@ def audit_canaries(model: nn.Module, canaries: Canaries, *, delta: float, epsilo
         raise DataError("the audit needs at least 2 inserted and 2 held-out canaries to split them into "
                         f"threshold and evaluation halves; got {int(inserted.sum())} and "
                         f"{int((~inserted).sum())}")
-    scores = loss_scores(predict_logits(model, canaries.x), canaries.y.to(model_device(model))).cpu()
+    logits = predict_logits(model, canaries.x)
+    check_label_range(canaries.y, logits.shape[1])  # canaries of another model's classes
+    scores = loss_scores(logits, canaries.y.to(model_device(model))).cpu()
     halves = torch.rand(len(scores), generator=torch.Generator().manual_seed(seed)) < 0.5
     choose, judge = _halves(halves, inserted)
     threshold = max(scores[choose].unique().tolist(), key=lambda t: _bound_at(

@@ -191,6 +191,7 @@ def evaluate_inversion(model: nn.Module, reconstructions: Tensor, classes: Seque
     MSE is divided by the squared box width, so 0 is identical and 1 the largest possible error.
     """
     check_split(train, "training data")
+    check_in_box(train.x, bounds)  # the MSE is scaled so that the box's width squared is 1
     classes = [int(c) for c in classes]
     recon = reconstructions.detach().cpu()
     _check_classes(model, classes, recon)

@@ -178,6 +178,11 @@ def pgd_boundary_distance(model: nn.Module, x: Tensor, y: Tensor, *, norm: str =
     check_model_takes_labels(model, x, y, "y")
     device = model_device(model)
     x, y = to_model(model, x), y.to(device)
+    if eps_grid and not all(isinstance(e, numbers.Real) and not isinstance(e, bool) and math.isfinite(e)
+                            and e > 0 for e in eps_grid):
+        # the largest eps is the distance of an example never fooled: 0 or below would rank it as
+        # a misclassified one
+        raise ConfigError(f"eps_grid must hold finite numbers > 0, got {list(eps_grid)!r}")
     grid = sorted(eps_grid) if eps_grid else [
         _default_max_eps(norm, x, bounds) * 2.0 ** -k for k in range(6, -1, -1)]
     with evaluation_mode(model):
@@ -243,6 +248,7 @@ def random_direction_distance(model: nn.Module, x: Tensor, y: Tensor, *, norm: s
         raise ConfigError(f"max_distance must be a finite number > 0 (or None: the box's), got "
                           f"{max_distance!r}")
     check_model_takes_labels(model, x, y, "y")
+    check_in_box(x, bounds)  # outside it, the rays would measure the distance to their own clipping
     device = model_device(model)
     x, y = to_model(model, x), y.to(device)
     radius = _default_max_eps(norm, x, bounds) if max_distance is None else max_distance

@@ -322,13 +322,23 @@ def _use_global_variance(variance: str, n_models: int) -> bool:
 
 
 def _in_mask(references: ReferenceModels, candidates: Split, online: bool) -> Tensor:
-    """``in_mask[model, candidate]``: the reference model trained on that candidate."""
-    where = locate(references.pool, candidates)
+    """``in_mask[model, candidate]``: the reference model trained on that candidate's input.
+
+    Halves are drawn by input, so a model that trained on the input under another label is no OUT
+    model for it (offline, it would pull the OUT fit towards the member side); online it is no IN
+    model either, so online LiRA refuses such candidates.
+    """
+    where = locate(references.pool, candidates, by_input=True)
     missing = int((where < 0).sum())
     if online and missing:
         raise DataError(f"online LiRA needs IN reference models for every example, but {missing} "
                         f"of the {len(candidates)} members and non-members are not in the "
                         "reference pool; train the reference models on a pool that holds them")
+    relabelled = int(((where >= 0) & (locate(references.pool, candidates) < 0)).sum())
+    if online and relabelled:
+        raise DataError(f"online LiRA needs IN reference models for every example, but {relabelled} "
+                        f"of the {len(candidates)} members and non-members are in the reference pool "
+                        "under another label only; give them their pool labels, or run LiRA offline")
     mask = torch.zeros(len(references.models), len(candidates), dtype=torch.bool)
     found = where >= 0
     mask[:, found] = references.keep[:, where[found]]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -155,6 +155,8 @@ def resolvable_fprs(n_nonmembers: int, requested: Sequence[float] | None) -> tup
     dropped gets a note saying how many non-members it would need.
     """
     if requested is not None:
+        if isinstance(requested, (str, bytes)) or not isinstance(requested, Iterable):
+            raise ConfigError(f"fprs must be a list of false-positive rates, got {requested!r}")
         return [_as_fpr(fpr) for fpr in requested], []
     kept, notes = [], []
     for fpr in DEFAULT_FPRS:

@@ -34,6 +34,7 @@ from fortify.errors import ConfigError, DataError
 from fortify.models.modes import evaluation_mode
 from fortify.privacy._data import check_model_takes_labels, model_device, model_dtype, project_to_box
 from fortify.privacy.similarity import best_assignment, psnr, ssim, total_variation
+from fortify.threat import check_in_box
 from fortify.training.objectives import check_label_smoothing
 
 # rows whose lengths differ by less than this share are taken for mirror images (infer_labels)
@@ -142,12 +143,12 @@ def shared_gradient(model: nn.Module, x: Tensor, y: Tensor, *, clip_norm: float 
     With ``clip_norm`` each example's gradient is clipped to that L2 norm before averaging, and
     ``noise_multiplier > 0`` adds N(0, (noise_multiplier * clip_norm)^2) to the sum (DP-SGD).
     """
-    if noise_multiplier < 0:
-        raise ConfigError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):  # NaN passed, unclipped, noise-free
+        raise ConfigError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
     if noise_multiplier > 0 and clip_norm is None:
         raise ConfigError("noise_multiplier > 0 needs clip_norm: the noise is scaled to the clip norm")
-    if clip_norm is not None and not clip_norm > 0:
-        raise ConfigError(f"clip_norm must be > 0, got {clip_norm}")
+    if clip_norm is not None and not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise ConfigError(f"clip_norm must be a finite number > 0, got {clip_norm}")
     if clip_norm is not None and batch_statistics:
         raise ConfigError("batch_statistics cannot go with clip_norm: per-example gradients (DP-SGD) "
                           "exist only where no batch statistic mixes the examples")
@@ -426,6 +427,7 @@ def reconstruction_quality(result: GradientReconstruction, x: Tensor, y: Tensor,
                            ) -> ReconstructionReport:
     """PSNR and SSIM of each original against the reconstruction matched to it."""
     x = x.detach().cpu()
+    check_in_box(x, bounds)  # PSNR and SSIM scale by the box's width: outside it they mean nothing
     if result.images.shape != x.shape:
         raise DataError(f"reconstruction has shape {tuple(result.images.shape)}, the originals "
                         f"{tuple(x.shape)}")
@@ -453,6 +455,7 @@ def gradient_leakage(model: nn.Module, x: Tensor, y: Tensor, *, method: Method =
     ``options`` go to ``reconstruct`` (steps, lr, tv_weight, signed, restarts).
     """
     start = time.perf_counter()
+    check_in_box(x, bounds)  # before the work: the quality measured at the end needs it
     # not ``seed`` itself: reconstruct draws its starting image from that, which would then be the
     # very uniforms the noise was made of
     noise = torch.Generator().manual_seed((seed + 1) % 2**63)
@@ -476,6 +479,8 @@ def leakage_sweep(model: nn.Module, x: Tensor, y: Tensor, *, batch_sizes: Sequen
     Noise 0 shares the plain gradient; a positive multiplier clips each example's gradient to
     ``clip_norm`` and adds DP-SGD noise, which shows what clipping and noise buy against the attack.
     """
+    if not batch_sizes or not noise_multipliers:
+        raise ConfigError("a leakage sweep needs at least one batch size and one noise multiplier")
     if max(batch_sizes) > len(x):
         raise DataError(f"batch size {max(batch_sizes)} needs that many examples, got {len(x)}")
     reports = []

@@ -108,6 +108,10 @@ def best_assignment(reconstructions: Tensor, originals: Tensor) -> Tensor:
     r = reconstructions.detach().double().reshape(len(reconstructions), -1).cpu()
     o = originals.detach().double().reshape(len(originals), -1).cpu()
     cost = torch.cdist(o, r).pow(2)
+    # a reconstruction that diverged to NaN is the worst match for every original, not an error
+    finite = torch.isfinite(cost)
+    worst = 2 * float(cost[finite].max()) + 1 if bool(finite.any()) else 1.0
+    cost = torch.where(finite, cost, worst)
     rows, cols = linear_sum_assignment(cost.numpy())
     order = torch.empty(len(o), dtype=torch.long)
     order[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
