@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from fortify.data import Split
 from fortify import errors
+from fortify.data import Split
 from fortify.errors import DataError
 from fortify.privacy import (
     augmentation_attack,
