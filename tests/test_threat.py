@@ -114,6 +114,21 @@ def test_ascent_direction_has_unit_norm():
     assert torch.equal(linf.abs(), torch.ones_like(grad))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ascent_direction_has_unit_norm_for_gradients_far_below_the_norms_clamp(dtype):
+    # a saturated softmax's input gradient: norm 1e-20 was clamped to 1e-12 (and in float32 the squares
+    # of 1e-22 underflow), so the "unit" step had length 1e-8 or less
+    scales = torch.tensor([1.0, 1e-15, 1e-20, 1e-22], dtype=dtype).reshape(4, 1, 1, 1)
+    grad = torch.randn(4, 3, 4, 4, dtype=dtype) * scales
+    grad[3, 0] = 0.0  # zeros beside tiny values
+    l2 = ThreatModel("l2", 1.0).ascent_direction(grad)
+    torch.testing.assert_close(l2.flatten(1).norm(dim=1), torch.ones(4, dtype=dtype))
+    unit = grad.double().flatten(1) / grad.double().flatten(1).norm(dim=1, keepdim=True)
+    torch.testing.assert_close(l2.double().flatten(1), unit, rtol=1e-5, atol=1e-6)
+    zero = ThreatModel("l2", 1.0).ascent_direction(torch.zeros(2, 3, dtype=dtype))
+    assert torch.equal(zero, torch.zeros(2, 3, dtype=dtype))  # no gradient, no step (not 0/0)
+
+
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"eps": 0.0}, "eps must be a finite number > 0"),
     ({"eps": -0.1}, "eps must be a finite number > 0"),

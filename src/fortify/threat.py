@@ -171,6 +171,11 @@ class ThreatModel:
             return grad.sign()
         # divided in float32 (or wider): 1e-12 is zero in float16, and a zero gradient would give 0/0
         work = grad.to(torch.promote_types(grad.dtype, torch.float32))
+        # each example scaled by its largest entry first: the squares of a saturated softmax's
+        # gradient (entries near 1e-22) underflow to 0, and the clamped norm then gave a step of
+        # length |g| / 1e-12 that did not move at all
+        largest = _per_example(work).abs().amax(dim=1)
+        work = work / _expand(torch.where(torch.isfinite(largest) & (largest > 0), largest, 1.0), work)
         norms = _per_example(work).norm(p=2, dim=1).clamp_min(1e-12)
         return (work / _expand(norms, work)).to(grad.dtype)
 

@@ -423,3 +423,48 @@ def test_a_model_that_averages_its_samples_is_differentiated_through_its_average
     attack = PGD(ThreatModel("linf", 0.1))
     grad, _ = attack.gradient_and_logits(_AveragingModel(inner), x.clone().requires_grad_(True), y, None)
     assert torch.allclose(grad, 3.0 * _gradient_through_the_loss(attack, inner, x, y, None), atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pgd_l2_crosses_the_boundary_of_a_saturated_softmax(dtype):
+    # Prepare: a linear model and points whose logit margins lie between 50 and 70, so that the
+    # cross-entropy's input gradient is 1e-19 or less: its norm fell below the 1e-12 clamp (some of
+    # its squares underflow in float32), and each L2 step moved by |g| / 1e-12, i.e. not at all
+    torch.manual_seed(0)
+    model = nn.Linear(10, 2).to(dtype)
+    with torch.no_grad():
+        normal = model.weight[1] - model.weight[0]
+        model.weight.mul_(300.0 / normal.norm())  # |w_1 - w_0| = 300
+        model.bias.copy_(-model.weight.sum(1) / 2)  # the boundary through the box's centre
+    unit = ((model.weight[1] - model.weight[0]) / 300.0).detach()
+    side = torch.tensor([1.0, -1.0] * 8, dtype=dtype)[:, None]
+    margin = torch.linspace(50, 70, 16, dtype=dtype)[:, None]
+    x = 0.5 + side * (margin / 300.0) * unit
+    assert bool(((x >= 0) & (x <= 1)).all())
+    y = model(x).argmax(1).detach()
+    gradient = torch.autograd.functional.jacobian(lambda z: F.cross_entropy(model(z), y, reduction="sum"), x)
+    assert 0 < float(gradient.abs().max()) < 1e-19
+    threat = ThreatModel("l2", 70 / 300 * 1.5)  # 1.5 times the farthest point's distance to the boundary
+    # Execute
+    x_adv = PGD(threat, steps=20, random_start=False)(model, x, y)
+    # Assert
+    assert bool((model(x_adv).argmax(1) != y).all())
+    assert bool(threat.contains(x_adv, x).all())
+
+
+def test_the_closed_form_logit_gradient_keeps_the_labels_entry_for_confident_rows():
+    # Prepare: margins of 20 to 80 logits, where p_label rounds to 1 in float32
+    from fortify.attacks.base import cross_entropy_logit_gradient
+
+    logits = torch.zeros(7, 3)
+    logits[:, 1] = torch.arange(20.0, 90.0, 10.0)
+    label = torch.ones(7, dtype=torch.long)
+    # Execute
+    gradient = cross_entropy_logit_gradient(logits, label)
+    # Assert: the exact gradient (float64, the label's entry as minus the others' sum: p - 1 cancels
+    # even in float64 at these margins) to float32's relative precision; the label's entry was 0
+    exact = F.softmax(logits.double(), dim=1)
+    exact[:, 1] = -(exact[:, 0] + exact[:, 2])
+    torch.testing.assert_close(gradient.double(), exact, rtol=1e-6, atol=0)
+    assert bool((gradient[:, 1] < 0).all())
+    assert bool((gradient.sum(dim=1) == 0).all())

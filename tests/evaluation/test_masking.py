@@ -327,6 +327,17 @@ def test_bad_inputs_and_settings_are_rejected():
     for roughness in (float("nan"), float("inf")):  # nan would never call a line noisy
         with pytest.raises(ConfigError, match="max_roughness >= 1"):
             MaskingConfig(max_roughness=roughness)
+    # a string or a fraction failed inside the checks, some after every attack had run
+    for setting in ({"eps_factors": (1.0, "2")}, {"tolerance": "0.1"}, {"seed": "abc"}, {"seed": 1.5},
+                    {"significance": None}):
+        with pytest.raises(ConfigError, match=next(iter(setting))):
+            MaskingConfig(**setting)
+    whole = MaskingConfig(random_draws=5.0, line_points=11.0)
+    assert (type(whole.random_draws), type(whole.line_points)) == (int, int)
+    # inputs the model cannot take: a DataError naming them, as the attacks give, not torch's error
+    for bad in (x.double(), x[:, :3]):
+        with pytest.raises(DataError, match="the model does not run on these inputs"):
+            masking_verdict(model, bad, y, THREAT)
     constant = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     with torch.no_grad():
         constant[1].weight.zero_()

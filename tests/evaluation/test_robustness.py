@@ -111,6 +111,10 @@ def test_bad_setups(standard_model, digits):
         evaluate(standard_model, x, y, [], THREAT)
     with pytest.raises(DataError, match="NaN"):
         evaluate(standard_model, x * torch.nan, y, [FGSM(THREAT)], THREAT)
+    # the clean pass raised torch's own RuntimeError where the attacks name the inputs
+    for bad in (x.double(), x.flatten(1)):
+        with pytest.raises(DataError, match="the model does not run on these inputs"):
+            evaluate(standard_model, bad, y, [FGSM(THREAT)], THREAT)
 
 
 class _KilledAfter(Exception):

@@ -585,3 +585,13 @@ def test_free_at_carries_a_perturbation_in_the_schemas_weighted_ball(norm):
     assert float(threat.distance(x + delta, x).max()) == pytest.approx(0.1, rel=1e-5)  # the whole budget
     if norm == "linf":  # each feature to its own cap: eps / cost
         torch.testing.assert_close(delta[:, :2].abs(), torch.tensor([[0.4, 0.1], [0.4, 0.1]]))
+
+
+def test_the_l2_ascent_direction_has_unit_weighted_norm_for_a_vanishing_gradient():
+    # a saturated softmax's gradient (1e-20) had its norm clamped to 1e-12: a step of length 1e-8
+    schema = Schema((Feature("a", "continuous", 0, 1, cost=0.5), Feature("b", "continuous", 0, 1, cost=2.0)))
+    threat = ConstrainedThreatModel("l2", 1.0, schema=schema)
+    for scale in (1.0, 1e-20):
+        step = threat.ascent_direction(torch.tensor([[3.0, -4.0]]) * scale)
+        weighted = (step.double() * torch.tensor([0.5, 2.0], dtype=torch.float64)).norm()
+        assert float(weighted) == pytest.approx(1.0, rel=1e-6)

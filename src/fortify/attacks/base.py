@@ -242,10 +242,17 @@ def attacking(model: nn.Module) -> Iterator[None]:
 
 def cross_entropy_logit_gradient(logits: Tensor, label: Tensor) -> Tensor:
     """``d/dz sum_i CE(z_i, label_i) = softmax(z) - onehot(label)``, in fp32 at least (as the loss
-    itself is computed under mixed precision)."""
+    itself is computed under mixed precision).
+
+    The label's entry ``p_label - 1`` is taken as minus the sum of the other classes' probabilities,
+    which it equals: for a confident row ``p_label`` rounds to 1 and ``p_label - 1`` to 0 while the
+    others are still ~1e-23, and the gradient then lost the label's weights and pointed elsewhere.
+    """
     work = logits.float() if logits.dtype in LOW_PRECISION else logits
     gradient = F.softmax(work, dim=1)
-    gradient[torch.arange(label.shape[0], device=label.device), label] -= 1
+    rows = torch.arange(label.shape[0], device=label.device)
+    gradient[rows, label] = 0.0
+    gradient[rows, label] = -gradient.sum(dim=1)
     return gradient
 
 

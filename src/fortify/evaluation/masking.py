@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,7 +39,14 @@ from scipy.stats import binomtest
 from torch import Tensor, nn
 
 from fortify.attacks.adaptive import BPDA, EOT, MarginPGD, logit_margin
-from fortify.attacks.base import Attack, check_label_dtype, check_label_range, check_positive_int
+from fortify.attacks.base import (
+    Attack,
+    check_label_dtype,
+    check_label_range,
+    check_positive_int,
+    check_seed,
+    diagnose_failure,
+)
 from fortify.attacks.fgsm import FGSM
 from fortify.attacks.pgd import PGD
 from fortify.defences.base import InputTransformDefence
@@ -75,9 +83,18 @@ class MaskingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # counts stored as ints (4.0 counts as 4): a float failed in check (h), after every attack had run
         for name in ("steps", "effort_factor", "effort_restarts", "line_points", "black_box_queries",
                      "random_draws", "eot_samples"):
-            check_positive_int(name, getattr(self, name))
+            object.__setattr__(self, name, check_positive_int(name, getattr(self, name)))
+        object.__setattr__(self, "seed", check_seed("seed", self.seed))
+        real_settings = ("tolerance", "effort_tolerance", "significance", "unbounded_success",
+                    "max_zero_gradient_share", "max_roughness", "max_irregular_share")
+        for name in real_settings:
+            if not _is_number(getattr(self, name)):
+                raise ConfigError(f"{name} must be a number, got {getattr(self, name)!r}")
+        if not isinstance(self.eps_factors, tuple | list) or not all(_is_number(f) for f in self.eps_factors):
+            raise ConfigError(f"eps_factors must be a list of numbers, got {self.eps_factors!r}")
         for name in ("tolerance", "effort_tolerance", "unbounded_success", "max_zero_gradient_share",
                      "max_irregular_share"):
             if not 0 <= getattr(self, name) <= 1:
@@ -89,6 +106,10 @@ class MaskingConfig:
         if self.line_points < 3 or not (math.isfinite(self.max_roughness) and self.max_roughness >= 1):
             raise ConfigError(f"need line_points >= 3 and max_roughness >= 1, got {self.line_points} and "
                               f"{self.max_roughness}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass
@@ -203,7 +224,14 @@ def masking_verdict(
     model.eval()
     try:
         with torch.no_grad():  # before the first gradient probe, whose loss would take any label
-            check_label_range(y, model(x[:1]).shape[1])
+            try:
+                logits = model(x[:1])
+            except (RuntimeError, TypeError, ValueError) as err:  # inputs the model cannot take
+                diagnose_failure(model, x, y, err)
+                raise
+            if not isinstance(logits, Tensor) or logits.dim() != 2:
+                diagnose_failure(model, x, y, DataError("the model returned no logits"))
+            check_label_range(y, logits.shape[1])
         if input_gradient(model, x[:1], y[:1]) is None:
             # a model that detaches its input would break every gradient attack inside autograd;
             # with an exactly-zero gradient path they stall instead, and check (f) reports it

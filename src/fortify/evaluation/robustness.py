@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fortify.attacks.base import Attack, check_label_dtype, check_label_range
+from fortify.attacks.base import Attack, check_label_dtype, check_label_range, diagnose_failure
 from fortify.errors import CheckpointError, ConfigError, DataError, ThreatModelViolation
 from fortify.evaluation.gradients import ZeroGradientPath, check_gradients
 from fortify.evaluation.journal import Journal, Partial, fingerprint, start_afresh
@@ -266,8 +266,14 @@ def _check_setup(attacks: Sequence[Attack], threat: ThreatModel, x: Tensor, y: T
 
 
 def _predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
-    with torch.inference_mode():
-        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    """The clean logits; inputs the model cannot take (another dtype or shape) are a DataError that
+    names them, as the attacks raise, rather than torch's own error."""
+    try:
+        with torch.inference_mode():
+            return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    except (RuntimeError, TypeError, ValueError) as err:
+        diagnose_failure(model, x, torch.zeros(0, dtype=torch.long, device=x.device), err)
+        raise
 
 
 def _logit_warnings(logits: Tensor) -> list[str]:

@@ -272,6 +272,10 @@ class ConstrainedThreatModel(ThreatModel):
         if self.norm == "linf":
             return (g.sign() / lay.cost).to(grad.dtype).reshape(grad.shape)
         step = g / lay.cost.pow(2)
+        # scaled by its largest entry first, as ThreatModel.ascent_direction: a gradient below the
+        # norm's clamp (a saturated softmax) gave a step too short to move
+        largest = step.abs().amax(dim=1, keepdim=True)
+        step = step / torch.where(torch.isfinite(largest) & (largest > 0), largest, 1.0)
         norms = (step * lay.cost).norm(dim=1, keepdim=True).clamp_min(1e-12)
         return (step / norms).to(grad.dtype).reshape(grad.shape)
 
