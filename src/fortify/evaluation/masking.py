@@ -89,7 +89,7 @@ class MaskingConfig:
             object.__setattr__(self, name, check_positive_int(name, getattr(self, name)))
         object.__setattr__(self, "seed", check_seed("seed", self.seed))
         real_settings = ("tolerance", "effort_tolerance", "significance", "unbounded_success",
-                    "max_zero_gradient_share", "max_roughness", "max_irregular_share")
+                         "max_zero_gradient_share", "max_roughness", "max_irregular_share")
         for name in real_settings:
             if not _is_number(getattr(self, name)):
                 raise ConfigError(f"{name} must be a number, got {getattr(self, name)!r}")

@@ -221,6 +221,7 @@ def model_inversion(model: nn.Module, train: Split, *, evaluator: nn.Module | No
     model trained separately (other seed or architecture) on the same task.
     """
     check_split(train, "training data")
+    check_in_box(train.x, bounds)  # before the inversion: its measure needs the data inside the box
     # its classes are the model's: a label past them means data from another task
     check_model_takes_labels(model, train.x, train.y, "training data")
     if classes is None:
