@@ -12,6 +12,7 @@ from fortify.attacks import ATTACKS, PGD
 from fortify.attacks.hopskipjump import HopSkipJump
 from fortify.attacks.square import Square
 from fortify.errors import ConfigError
+from fortify.models.predictions import fooled_beyond_rounding
 from fortify.threat import ThreatModel
 
 
@@ -404,3 +405,16 @@ def test_square_is_at_least_as_strong_as_torchattacks(robust_model, digits):
     assert 0.2 < acc_theirs < 0.8, "the comparison needs a model that is neither broken nor untouched"
     assert acc_ours <= acc_theirs + 0.02
     assert acc_ours >= acc_theirs - 0.16
+
+
+def test_hopskipjump_points_fool_the_model_beyond_rounding_in_any_batch(standard_model, digits):
+    # Prepare: its binary search ends on the boundary; on these 128 digits it had returned three points
+    # that fooled the model by less than float rounding, which a batch of another size may judge correct
+    x, y = digits.test.x[:128], digits.test.y[:128]
+    # Execute
+    points, dist = HopSkipJump(ThreatModel("linf", 0.5), max_queries=300).minimal(standard_model, x, y)
+    # Assert
+    found = torch.isfinite(dist) & (dist > 0)
+    assert int(found.sum()) > 100
+    with torch.no_grad():
+        assert bool(fooled_beyond_rounding(standard_model(points[found]), y[found]).all())

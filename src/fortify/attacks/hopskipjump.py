@@ -41,7 +41,7 @@ from fortify.attacks.base import ATTACKS, Attack, check_label_range, check_posit
 from fortify.errors import ConfigError
 from fortify.models.batching import query_batch
 from fortify.models.modes import evaluation_mode
-from fortify.models.predictions import predicted_class
+from fortify.models.predictions import fooled_beyond_rounding, predicted_class
 from fortify.threat import ThreatModel
 
 _INIT_BLEND_TOLERANCE = 1e-3  # precision of the blend factor when pulling the random start to x
@@ -336,12 +336,14 @@ class _Oracle:
         return predicted_class(logits) != self.y  # a NaN row predicts no class: misclassified
 
     def ask(self, points: Tensor, owners: Tensor) -> Tensor:
-        """Per row: the label differs from the owner's true label. Counts one query per row."""
+        """Per row: the label differs from the owner's true label, beyond float rounding (the
+        search ends on the boundary, where a point that fools by less may be judged correct in a
+        batch of another size). Counts one query per row."""
         if points.shape[0] == 0:
             return torch.zeros(0, dtype=torch.bool, device=points.device)
-        predictions = predicted_class(self._logits(points))
+        fooled = fooled_beyond_rounding(self._logits(points), self.y[owners])
         self.queries.index_add_(0, owners, torch.ones_like(owners))
-        return predictions != self.y[owners]
+        return fooled
 
     def _logits(self, points: Tensor) -> Tensor:
         return torch.cat([self.model(chunk) for chunk in points.split(self.batch_size)])
