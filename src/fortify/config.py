@@ -165,6 +165,18 @@ class TrainConfig(_Strict):
                              f"extra_fraction={self.extra_fraction}")
         return self
 
+    @model_validator(mode="after")
+    def _check_warmups_end(self) -> TrainConfig:
+        # a warm-up as long as the run never trains at the threat's eps (and early stopping, which
+        # waits for its end, never counts), or never perturbs the weights of an awp-* objective
+        if self.eps_warmup_epochs and self.eps_warmup_epochs >= self.epochs:
+            raise ValueError(f"eps_warmup_epochs ({self.eps_warmup_epochs}) must be below epochs "
+                             f"({self.epochs}): the run would end before training at the threat's eps")
+        if self.objective.startswith("awp-") and self.awp_warmup_epochs >= self.epochs:
+            raise ValueError(f"awp_warmup_epochs ({self.awp_warmup_epochs}) must be below epochs "
+                             f"({self.epochs}): {self.objective} would never perturb the weights")
+        return self
+
     @property
     def learning_rate(self) -> float:
         """The peak learning rate: ``lr``, or the objective's default when it is unset."""

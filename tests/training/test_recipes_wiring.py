@@ -289,6 +289,21 @@ def test_extra_data_and_fraction_go_together(tmp_path, train):
         _config(tmp_path, **train)
 
 
+@pytest.mark.parametrize(("train", "message"), [
+    # accepted before: the run ended short of the threat's eps and early stopping never counted
+    ({"objective": "pgd", "epochs": 3, "eps_warmup_epochs": 3}, r"eps_warmup_epochs \(3\) must be below"),
+    ({"objective": "pgd", "epochs": 3, "eps_warmup_epochs": 10}, r"eps_warmup_epochs \(10\) must be"),
+    # accepted before: an awp-pgd run identical to pgd, recorded as awp-pgd
+    ({"objective": "awp-pgd", "epochs": 3, "awp_warmup_epochs": 3}, r"awp-pgd would never perturb"),
+])
+def test_a_warm_up_as_long_as_the_run_is_refused(tmp_path, train, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {"train": train})
+    # one epoch less of warm-up than the run has is a run that ends at the threat's eps
+    shorter = {**train, **{key: 2 for key in train if key.endswith("warmup_epochs")}}
+    assert load_config(None, {"train": shorter}).train.epochs == 3
+
+
 def test_recipe_switches_dp_cannot_honour_are_refused_by_name(tmp_path):
     config = load_config(None, {"train": {"augment": {"flip": True}, "channels_last": True},
                                 "dp": {"enabled": True, "noise_multiplier": 1.0}})

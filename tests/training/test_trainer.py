@@ -60,6 +60,8 @@ def _trainer(digits, run_dir, objective="pgd", callbacks=(), **overrides):
     model = build_model("small-cnn", digits.input_shape, digits.num_classes)
     settings = {"objective": objective, "epochs": 3, "batch_size": 32, "attack_steps": 3,
                 "val_attack_steps": 3, "lr": 0.05, "eps_warmup_epochs": 1, "seed": 5, **overrides}
+    if "eps_warmup_epochs" not in overrides and settings["epochs"] == 1:
+        settings["eps_warmup_epochs"] = 0  # one epoch has none after a ramp (TrainConfig refuses it)
     config = TrainConfig(**settings)
     objective_fn = build_objective(objective, ObjectiveOptions(THREAT, attack_steps=3, seed=5))
     return model, Trainer(model, objective_fn, config, threat=THREAT, run_dir=run_dir,
@@ -705,11 +707,14 @@ def test_unknown_objective_lists_the_valid_ones():
 def test_training_steps_read_nothing_back_from_the_device(digits, objective):
     def host_reads(n_train):
         _, trainer = _trainer(digits, None, objective, epochs=1, batch_size=16, early_stopping=False)
+        # validation's PGD leaves its loop once every example is fooled, a check per step that
+        # depends on the model trained: the two runs' models differ, so it is left out here
+        trainer._validate = lambda val: (0.5, 0.5)
         with _HostReads() as reads:
             trainer.fit(*_subset(digits, n_train))
         return reads.count
 
-    # 2 steps or 6: the same reads (the data check, the epoch's loss and validation), none per step
+    # 2 steps or 6: the same reads (the data check and the epoch's loss), none per step
     assert host_reads(32) == host_reads(96)
 
 
