@@ -647,7 +647,7 @@ def _model_file_out_dir(out: Path | None, path: Path, source: dict[str, Any]) ->
                              command="evaluate")
     try:
         recorded = json.loads((journal_dir / _EVALUATED_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON, bad UTF-8, a 5,000-digit number
         recorded = None
     if recorded != source:
         raise ConfigError(f"{out} holds an unfinished evaluation of another model file or input card "

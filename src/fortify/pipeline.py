@@ -268,8 +268,21 @@ def _check_table_encoding(trained: dict[str, Any] | None, now: dict[str, Any] | 
                       "data.feature_schema)")
 
 
-def model_from_card(card: dict[str, Any]) -> nn.Module:
-    """The architecture a model card names, with fresh weights (DP-trained models in Opacus' form)."""
+def model_from_card(card: dict[str, Any], weights: Path | None = None) -> nn.Module:
+    """The architecture a model card names, with fresh weights (DP-trained models in Opacus' form).
+
+    With ``weights`` (a tensor file the model will load) the architecture is first built on the meta
+    device, without memory, and its shapes compared with the file's: a card that does not fit its
+    weights, an edited one asking for a 32 GiB layer say, is refused before anything is allocated.
+    """
+    if weights is not None:
+        with torch.device("meta"):
+            skeleton = _architecture(card)
+        ckpt.check_shapes_fit(weights, skeleton)
+    return _architecture(card)
+
+
+def _architecture(card: dict[str, Any]) -> nn.Module:
     model = build_model(card["name"], card["input_shape"], card["num_classes"],
                         mean=card.get("mean"), std=card.get("std"))
     if card.get("opacus_fixed"):
@@ -308,8 +321,9 @@ def load_trained_model(model_dir: Path, device: torch.device) -> tuple[nn.Module
                               "on training examples); to evaluate under other settings, give them to "
                               "fortify evaluate --config instead")
     card = read_model_card(card_path)
-    model = model_from_card(card)
-    ckpt.load_weights(Path(model_dir) / "model.safetensors", model, hashes["model.safetensors"])
+    weights = Path(model_dir) / "model.safetensors"
+    model = model_from_card(card, weights)
+    ckpt.load_weights(weights, model, hashes["model.safetensors"])
     return model.to(device).eval(), card
 
 
@@ -323,7 +337,7 @@ def read_model_card(path: Path) -> dict[str, Any]:
     """model.json, checked for the fields that rebuild the architecture."""
     try:
         card = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, or a number past 4,300 digits
         raise CheckpointError(f"{path} is not a readable model card ({err})") from None
     return check_model_card(card, str(path))
 
@@ -398,7 +412,7 @@ def _card_if_readable(path: Path) -> dict[str, Any] | None:
     missing or damaged one only has nothing to say."""
     try:
         card = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (OSError, ValueError, RecursionError):
         return None
     return card if isinstance(card, dict) else None
 

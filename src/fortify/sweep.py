@@ -411,7 +411,7 @@ def read_recorded(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RESULT_JSON
     try:
         recorded = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, or a number past 4,300 digits
         raise _damaged(run_dir, f"not valid JSON: {err}") from None
     if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
         raise _damaged(run_dir, "it holds no config")

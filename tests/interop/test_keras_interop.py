@@ -237,6 +237,22 @@ def test_a_keras_file_without_a_built_model_is_refused(tmp_path, digits):
         load_external_model(tmp_path / "unbuilt.keras", digits)
 
 
+def test_a_keras_archive_damaged_inside_is_refused(keras_twin, digits, tmp_path):
+    # a changed weight fails the archive's CRC-32, which zipfile raises as BadZipFile: a traceback before
+    import zipfile
+
+    genuine = keras_twin()
+    with zipfile.ZipFile(genuine) as archive:
+        info = archive.getinfo("model.weights.h5")
+    data = bytearray(genuine.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)  # the member's stored bytes
+    data[start + info.compress_size // 2] ^= 0xFF
+    damaged = tmp_path / "damaged.keras"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="is not a Keras model fortify can load"):
+        load_external_model(damaged, digits)
+
+
 @pytest.mark.parametrize("nested", [False, True], ids=["dense", "nested"])
 @pytest.mark.parametrize("after", ["log", "clip"])
 def test_a_softmax_layer_followed_by_an_operation_is_kept(keras_twin, digits, tmp_path, after, nested):

@@ -331,3 +331,108 @@ def test_an_export_the_disk_cannot_hold_is_a_checkpoint_error_and_leaves_nothing
     assert proc.returncode == 0, proc.stderr
     assert f"refused: cannot write {out}: File too large" in proc.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_card_that_does_not_fit_its_weights_is_refused_before_the_model_is_built(model_dir, tmp_path,
+                                                                                  monkeypatch):
+    # Prepare: the export's card edited to another input size. At 4096 x 4096, which the card's own
+    # limits (2**24 input values) let through, small-cnn was built with a 32 GiB linear layer before
+    # the weights were compared; 64 x 64 shows the same order of checks at a few MB
+    from safetensors.torch import load_file, save_file
+
+    from fortify import pipeline
+
+    genuine = export_model(model_dir, "safetensors", tmp_path / "m.safetensors").path
+    with safe_open(str(genuine), framework="pt") as handle:
+        metadata = handle.metadata()
+    card = {**json.loads(metadata["model_card"]), "input_shape": [1, 64, 64]}
+    edited = tmp_path / "huge.safetensors"
+    save_file(load_file(str(genuine)), str(edited), metadata={**metadata, "model_card": json.dumps(card)})
+    built = []
+    real_build = pipeline.build_model
+    monkeypatch.setattr(pipeline, "build_model", lambda *a, **k: built.append(
+        torch.empty(0).device.type) or real_build(*a, **k))
+    # Execute / Assert: refused by the shapes, after building on the meta device only
+    with pytest.raises(CheckpointError, match="does not fit this model: .*wrong shape"):
+        load_safetensors_export(edited)
+    assert built == ["meta"]
+    # the same check guards a model directory whose card is not hashed (written before cards were)
+    state = json.loads((model_dir / "state.json").read_text())
+    unhashed = tmp_path / "unhashed"
+    shutil.copytree(model_dir, unhashed)
+    state["sha256"].pop("model.json", None)
+    (unhashed / "state.json").write_text(json.dumps(state))
+    (unhashed / "model.json").write_text(json.dumps({**json.loads((model_dir / "model.json").read_text()),
+                                                    "input_shape": [1, 64, 64]}))
+    built.clear()
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        load_trained_model(unhashed, torch.device("cpu"))
+    assert built == ["meta"]
+
+
+def test_an_export_whose_card_cannot_be_written_leaves_the_earlier_pair_as_it_was(model_dir, tmp_path,
+                                                                                   monkeypatch):
+    # Prepare: an earlier export (its bytes marked, so that a replacement shows), then a disk that
+    # fills while the new card is written
+    from fortify.interop import export as export_module
+
+    out = tmp_path / "m.safetensors"
+    card_path = export_model(model_dir, "safetensors", out).card_path
+    out.write_bytes(b"the earlier export")
+    card_path.write_text('{"format": "safetensors", "source": "the earlier model"}')
+    real_write = export_module._write_flushed
+
+    def full_disk_for_cards(path, data, named):
+        if named.name.endswith(".card.json"):
+            raise CheckpointError(f"cannot write {named}: No space left on device")
+        real_write(path, data, named)
+
+    monkeypatch.setattr(export_module, "_write_flushed", full_disk_for_cards)
+    # Execute: the card was written after the new export had replaced the old one
+    with pytest.raises(CheckpointError, match="No space left"):
+        export_model(model_dir, "safetensors", out)
+    # Assert: the earlier export beside its own card, and no temporary file left
+    assert out.read_bytes() == b"the earlier export"
+    assert "the earlier model" in card_path.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["m.safetensors",
+                                                                         "m.safetensors.card.json"]
+
+
+def test_a_card_with_a_number_longer_than_python_reads_is_refused(model_dir, tmp_path):
+    # json raises a plain ValueError past 4,300 digits, which the readers let through as a traceback
+    from safetensors.torch import load_file, save_file
+
+    genuine = export_model(model_dir, "safetensors", tmp_path / "m.safetensors").path
+    with safe_open(str(genuine), framework="pt") as handle:
+        metadata = handle.metadata()
+    long_number = '{"name": "small-cnn", "num_classes": ' + "9" * 5000 + "}"
+    edited = tmp_path / "long.safetensors"
+    save_file(load_file(str(genuine)), str(edited), metadata={**metadata, "model_card": long_number})
+    with pytest.raises(CheckpointError, match="is unreadable"):
+        load_safetensors_export(edited)
+    unhashed = tmp_path / "unhashed"
+    shutil.copytree(model_dir, unhashed)
+    state = json.loads((unhashed / "state.json").read_text())
+    state["sha256"].pop("model.json", None)
+    (unhashed / "state.json").write_text(json.dumps(state))
+    (unhashed / "model.json").write_text(long_number)
+    with pytest.raises(CheckpointError, match="is not a readable model card"):
+        load_trained_model(unhashed, torch.device("cpu"))
+
+
+def test_a_safetensors_export_with_an_edited_weight_is_refused(model_dir, tmp_path):
+    # its marker alone let an edited export load: one output bias + 100 made it predict that class always
+    from safetensors.torch import load_file, save_file
+
+    genuine = export_model(model_dir, "safetensors", tmp_path / "m.safetensors").path
+    with safe_open(str(genuine), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(genuine))
+    bias = sorted(name for name in tensors if name.endswith("bias"))[-1]
+    tensors[bias] = tensors[bias].clone()
+    tensors[bias][3] += 100.0
+    edited = tmp_path / "edited.safetensors"
+    save_file(tensors, str(edited), metadata=metadata)
+    with pytest.raises(CheckpointError, match="do not match the digest recorded beside them"):
+        load_safetensors_export(edited)
+    load_safetensors_export(genuine)  # the export as written loads

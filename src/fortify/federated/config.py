@@ -130,7 +130,7 @@ def _json_list(text: str) -> Any:
     to refuse by name (``eval.attacks: Input should be a valid list``) or, under Any, to keep."""
     try:
         value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         return text
     return value if isinstance(value, list) else text
 

@@ -32,6 +32,7 @@ EXPORT_FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safete
 ONNX_OPSET = 17
 VERIFY_BATCH = 64
 TOLERANCE = 1e-4  # relative to the largest logit; float32 re-ordering stays near 1e-6
+WEIGHTS_DIGEST = "weights_sha256"  # in a safetensors export's metadata: ckpt.tensors_sha256 of its tensors
 
 
 @dataclass
@@ -98,22 +99,28 @@ def export_model(run_dir: Path, fmt: str, out: Path | None = None, *, member: st
     inputs = _random_inputs(card)
     encoded = _WRITERS[fmt](model, card, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # written aside and checked there: an export that cannot be written whole (a full disk), reloaded
-    # and compared is not left behind as if it were checked, and an earlier export stays as it was
-    tmp = out.with_name(out.name + ".tmp")
+    # the export and its card written aside, flushed to disk and the export checked there, then both
+    # renamed: one that cannot be written whole (a full disk), reloaded and compared is not left
+    # behind as if it were checked, and an earlier export stays as it was, beside its own card
+    tmp, card_tmp = (path.with_name(path.name + ".tmp") for path in (out, card_path))
     try:
-        _write_bytes(tmp, encoded, out)
+        _write_flushed(tmp, encoded, out)
         difference = _verify(model, _RELOADERS[fmt](tmp, model_dir), inputs, out)
+        deployment = json.dumps(_deployment_card(card, fmt, model_dir), indent=2).encode()
+        _write_flushed(card_tmp, deployment, card_path)
         os.replace(tmp, out)
+        os.replace(card_tmp, card_path)
+        ckpt.flush_directory(out.parent)
     finally:
         tmp.unlink(missing_ok=True)
-    ckpt.atomic_write_text(card_path, json.dumps(_deployment_card(card, fmt, model_dir), indent=2))
+        card_tmp.unlink(missing_ok=True)
     return ExportResult(out, card_path, fmt, difference, len(inputs))
 
 
-def _write_bytes(path: Path, data: bytes, named: Path) -> None:
+def _write_flushed(path: Path, data: bytes, named: Path) -> None:
     try:
         path.write_bytes(data)
+        ckpt.flush_to_disk(path)
     except OSError as err:
         raise CheckpointError(f"cannot write {named}: {err.strerror or err}") from None
 
@@ -163,9 +170,11 @@ def _write_torchscript(model: nn.Module, card: dict[str, Any], inputs: Tensor) -
 def _write_safetensors(model: nn.Module, card: dict[str, Any], inputs: Tensor) -> bytes:
     # fortify's checkpoint marker plus the model card: load_safetensors_export rebuilds the model
     # from this one file
-    metadata = {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "kind": "weights",
-                "model_card": json.dumps(card)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # the weights' digest beside the card: an edited or damaged weight is refused on loading (a
+    # check, not a signature: whoever rewrites the weights can rewrite the digest)
+    metadata = {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "kind": "weights",
+                "model_card": json.dumps(card), WEIGHTS_DIGEST: ckpt.tensors_sha256(tensors)}
     return save(tensors, metadata=metadata)
 
 
@@ -182,19 +191,25 @@ def load_safetensors_export(path: Path, device: str | torch.device = "cpu") -> n
     without a card, is refused with a CheckpointError.
     """
     path = Path(path)
-    ckpt.load_tensors(path, "weights")  # refuses foreign, pickled and other kinds of files first
+    tensors = ckpt.load_tensors(path, "weights")  # refuses foreign, pickled and other kinds of files first
     with safe_open(str(path), framework="pt") as handle:
-        card_text = (handle.metadata() or {}).get("model_card")
+        metadata = handle.metadata() or {}
+    card_text = metadata.get("model_card")
     if card_text is None:
         raise CheckpointError(f"{path} holds fortify weights but no model card: it is not a safetensors "
                               "export; write one with `fortify export RUN_DIR --format safetensors`")
+    if metadata.get(WEIGHTS_DIGEST) != ckpt.tensors_sha256(tensors):
+        raise CheckpointError(f"the weights in {path} do not match the digest recorded beside them: the "
+                              "file was edited or damaged after export; refusing to load it")
     try:
         card = json.loads(card_text)
-    except (json.JSONDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # ValueError: bad JSON, or a number past 4,300 digits
         raise CheckpointError(f"the model card in {path} is unreadable ({err})") from None
     card = check_model_card(card, f"the model card in {path}")
     try:
-        model = model_from_card(card)
+        model = model_from_card(card, path)
+    except CheckpointError:
+        raise
     except (FortifyError, ValueError, TypeError, RuntimeError) as err:
         raise CheckpointError(f"the model card in {path} describes no model fortify can build: "
                               f"{err}") from None

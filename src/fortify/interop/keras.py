@@ -12,6 +12,8 @@ import contextlib
 import importlib.util
 import os
 import sys
+import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -174,7 +176,8 @@ def load_keras_model(path: Path, *, logits: bool = True) -> tuple[KerasClassifie
     keras = import_keras()
     try:
         model = keras.models.load_model(str(path), compile=False, safe_mode=True)
-    except (ValueError, OSError, TypeError, KeyError) as err:
+    # a damaged archive: zipfile's checksum error and zlib's are neither OSError nor ValueError
+    except (ValueError, OSError, TypeError, KeyError, zipfile.BadZipFile, zlib.error) as err:
         raise CheckpointError(f"{path} is not a Keras model fortify can load: {err}") from None
     if len(getattr(model, "outputs", None) or [None]) != 1:
         raise ConfigError(f"fortify evaluates classifiers with one output; {path} has "

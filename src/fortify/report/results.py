@@ -69,6 +69,8 @@ def load_results(run_dir: Path) -> dict[str, Any]:
                            "been cut off: rerun the command that wrote it") from None
     except RecursionError:
         raise ResultsError(f"{path} nests its values deeper than a results file does") from None
+    except ValueError as err:  # a number longer than Python reads (4,300 digits)
+        raise ResultsError(f"{path} is not a results file fortify wrote ({err})") from None
     if not isinstance(raw, dict):
         raise ResultsError(f"{path} must hold a JSON object, got {type(raw).__name__}")
     if "version" not in raw and all(key in raw for key in SWEEP_RESULT_KEYS):
@@ -124,7 +126,7 @@ def _json_beside(path: Path, name: str, spec: schema.Check) -> dict[str, Any] | 
         return None
     try:
         loaded = json.loads(beside.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise ResultsError(f"cannot read {beside}: {err}") from None
     if not isinstance(loaded, dict):
         return None

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -50,13 +51,24 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _flush_to_disk(path: Path) -> None:
+def tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over each tensor's name, dtype, shape and bytes, in name order: the same tensors
+    give the same digest however a file lays them out."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def flush_to_disk(path: Path) -> None:
     """fsync ``path``'s data: a rename reaches the disk no later than the data it names."""
     with open(path, "rb+") as handle:  # Windows flushes only a handle open for writing
         os.fsync(handle.fileno())
 
 
-def _flush_directory(directory: Path) -> None:
+def flush_directory(directory: Path) -> None:
     """fsync ``directory``: its new and renamed entries survive a crash of the machine. Where a
     directory cannot be opened for that (Windows), the entries are left to the OS."""
     try:
@@ -80,9 +92,9 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
         # a failed write names no file of its own; the error names the one that could not be written
         raise OSError(err.errno, err.strerror, str(path)) from None
-    _flush_to_disk(tmp)
+    flush_to_disk(tmp)
     os.replace(tmp, path)
-    _flush_directory(path.parent)
+    flush_directory(path.parent)
 
 
 def save_tensors(path: Path, tensors: dict[str, Tensor], kind: str) -> str:
@@ -94,10 +106,10 @@ def save_tensors(path: Path, tensors: dict[str, Tensor], kind: str) -> str:
     except SafetensorError as err:  # safetensors reports I/O failures (a full disk) as its own error
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write {path}: {err}") from None
-    _flush_to_disk(tmp)
+    flush_to_disk(tmp)
     digest = sha256(tmp)
     os.replace(tmp, path)
-    _flush_directory(path.parent)
+    flush_directory(path.parent)
     return digest
 
 
@@ -210,6 +222,25 @@ def load_weights(path: Path, model: nn.Module, expected_sha256: str | None = Non
     model.load_state_dict(tensors)
 
 
+def check_shapes_fit(path: Path, model: nn.Module) -> None:
+    """CheckpointError unless the tensors in ``path`` have ``model``'s names and shapes; reads the
+    file's header only, so ``model`` may live on the meta device."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118 (not iterable)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a fortify checkpoint (not a safetensors file: {err}); "
+                              "fortify never unpickles files such as torch.save outputs") from None
+    own = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing, unexpected = sorted(set(own) - set(shapes)), sorted(set(shapes) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(shapes) if own[k] != shapes[k])
+    if missing or unexpected or wrong_shape:
+        raise CheckpointError(f"{path} does not fit this model: missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}, wrong shape {wrong_shape[:5]}")
+
+
 # -- optimizer state: tensors to safetensors, the rest to JSON --------------------------------
 
 def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -251,7 +282,7 @@ def commit_state_json(run_dir: Path, state: dict[str, Any], staged: Iterable[str
     write_state_json(run_dir, state)
     for name in staged:
         os.replace(pending_path(run_dir / name), run_dir / name)
-    _flush_directory(run_dir)  # the new names on disk too, before the run reports the epoch done
+    flush_directory(run_dir)  # the new names on disk too, before the run reports the epoch done
 
 
 def settle_interrupted_commit(run_dir: Path) -> None:
@@ -268,7 +299,7 @@ def settle_interrupted_commit(run_dir: Path) -> None:
             os.replace(pending, run_dir / name)
         else:
             pending.unlink()
-    _flush_directory(run_dir)
+    flush_directory(run_dir)
 
 
 def read_json(path: Path, remedy: str = "") -> Any:
