@@ -325,3 +325,35 @@ def test_a_target_other_than_the_schemas_is_refused(tmp_path):
     schema.write_text("target: label\ninfer_missing: true\nfeatures: {age: {type: integer}}\n")
     with pytest.raises(ConfigError, match="--target 'housing' differs from the schema's target 'label'"):
         load_dataset("csv", TableOptions(path=path, target="housing", schema=schema))
+
+
+def test_a_category_column_with_one_value_in_the_training_rows_says_why(tmp_path):
+    # Feature's own check had answered "needs at least two distinct categories, got ['own']", naming
+    # neither the rows outside training that held the other value nor what to do
+    only_elsewhere = {row: "own" for row in range(N_ROWS)} | {row: "boat" for row in VAL_ROWS + TEST_ROWS}
+    message = csv_error(write_mixed_table(tmp_path / "a.csv", housing=only_elsewhere), target="label")
+    assert "column 'housing': the training rows hold only ['own'], and ['boat'] appear only in " \
+           "validation or test rows" in message and "schema file" in message
+    constant = {row: "own" for row in range(N_ROWS)}
+    message = csv_error(write_mixed_table(tmp_path / "b.csv", housing=constant), target="label")
+    assert "column 'housing' holds one value ('own') in every row" in message
+
+
+def test_quotes_after_a_comma_and_space_delimit_the_field(tmp_path):
+    # read as part of the value, they made '"own"' a category and '"3.0"' text in a numeric column
+    plain = write_mixed_table(tmp_path / "plain.csv")
+    spaced = tmp_path / "spaced.csv"
+    lines = plain.read_text().splitlines()
+    spaced.write_text("\n".join([lines[0]] + [", ".join(f'"{cell}"' for cell in line.split(","))
+                                              for line in lines[1:]]) + "\n")
+    a, b = (load_dataset("csv", TableOptions(path=p, target="label")) for p in (plain, spaced))
+    assert a.metadata["feature_names"] == b.metadata["feature_names"]
+    assert torch.equal(a.train.x, b.train.x)
+
+
+@pytest.mark.parametrize("marker", ["NA", "n/a", "null", "?"])
+def test_numbers_with_missing_value_markers_are_refused_not_made_categories(marker, tmp_path):
+    # 15% NA made the column categorical: one-hot columns income=...=NA, the numbers' order lost
+    path = write_mixed_table(tmp_path / "t.csv", income={row: marker for row in range(0, N_ROWS, 7)})
+    message = csv_error(path, target="label")
+    assert "column 'income' holds numbers and" in message and f"'{marker}'" in message

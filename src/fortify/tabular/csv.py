@@ -131,7 +131,8 @@ def _rows(path: Path) -> Iterator[list[str]]:
     """The file's rows, read as UTF-8 whatever the locale; a BOM (as Excel writes) is dropped."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
+            # skipinitialspace: in `20, "own"` the quotes after ", " delimit the field, as they do after ","
+            reader = csv.reader(handle, skipinitialspace=True)
             try:
                 yield from reader
             except csv.Error as err:
@@ -313,14 +314,30 @@ def infer_feature(name: str, values: list[str], given: Mapping[str, Any],
     if "type" not in settings:  # not setdefault: inference may refuse a column the schema declares
         settings["type"] = _infer_type(name, values)
     kind = settings["type"]
-    if kind == "categorical":
-        settings.setdefault("categories", sorted(set(_rows_of(values, fit_rows))))
+    if kind == "categorical" and "categories" not in settings:
+        settings["categories"] = _fitted_categories(name, values, fit_rows)
     elif kind in ("continuous", "integer") and not ("low" in settings and "high" in settings):
         numbers = _rows_of(_numbers(name, values, kind), fit_rows)
         low, high = min(numbers), max(numbers)
         settings.setdefault("low", low)
         settings.setdefault("high", high if high > low else low + 1)
     return Feature(name=name, **settings)
+
+
+def _fitted_categories(name: str, values: list[str], fit_rows: list[int] | None) -> list[str]:
+    """The categories of the training rows; fewer than two is a DataError that says why (a value
+    seen only outside them, or one value throughout), where Feature's own check named neither."""
+    seen = sorted(set(_rows_of(values, fit_rows)))
+    if len(seen) >= 2:
+        return seen
+    elsewhere = sorted(set(values) - set(seen))
+    if elsewhere:
+        raise DataError(f"column {name!r}: the training rows hold only {seen}, and {elsewhere[:5]} appear "
+                        "only in validation or test rows; list every category under the column's "
+                        "'categories' in a schema file (--schema), or drop or merge those rows")
+    raise DataError(f"column {name!r} holds one value ({seen[0]!r}) in every row, and a categorical "
+                    "feature needs two categories; drop the column, or list its categories in a schema "
+                    "file (--schema)")
 
 
 def _rows_of(values: list[Any], rows: list[int] | None) -> list[Any]:
@@ -330,6 +347,7 @@ def _rows_of(values: list[Any], rows: list[int] | None) -> list[Any]:
 def _infer_type(name: str, values: list[str]) -> str:
     parsed = [_parse(v) for v in values]
     numbers = [n for n in parsed if n is not None]
+    _check_missing_markers(name, values, parsed)
     if len(numbers) < NUMERIC_SHARE * len(values):
         return "categorical"
     _check_numeric_column(name, values, parsed, len(numbers))
@@ -340,6 +358,22 @@ def _infer_type(name: str, values: list[str]) -> str:
         # a wider range of whole numbers than float32 resolves is read as continuous
         return "integer" if max(distinct) - min(distinct) <= MAX_INTEGER_SPAN else "continuous"
     return "continuous"
+
+
+# cells that stand for a missing number (R's write.csv writes NA); compared without case
+# (nan parses as a number, which _check_numeric_column refuses as not finite)
+MISSING_MARKERS = frozenset({"na", "n/a", "null", "none", "?"})
+
+
+def _check_missing_markers(name: str, values: list[str], parsed: list[float | None]) -> None:
+    """A column of numbers whose other cells all mark a missing value is numeric with gaps: read as
+    categorical it would lose its order (0 to 4 children one category switch apart)."""
+    others = [(row, v) for row, (v, n) in enumerate(zip(values, parsed)) if n is None]
+    if others and len(others) < len(values) and all(v.lower() in MISSING_MARKERS for _, v in others):
+        row, value = others[0]
+        raise DataError(f"column {name!r} holds numbers and {len(others)} cell(s) marking a missing value "
+                        f"(data row {row}: {value!r}); fill or drop missing values first, or declare the "
+                        "column categorical in a schema file (--schema)")
 
 
 def _check_numeric_column(name: str, values: list[str], parsed: list[float | None], n_numbers: int) -> None:
