@@ -342,6 +342,10 @@ def train(
         help="Audit with N mislabelled canaries a side (with or without --dp).")] = None,
 ) -> None:
     """Train one model (any objective) into a model directory."""
+    # before the config: its own check names dp.* settings, this one the flags given
+    _check_dp_flags_need_dp(dp or _file_enables_dp(config), target_epsilon=target_epsilon,
+                            noise_multiplier=noise_multiplier, delta=delta, max_grad_norm=max_grad_norm,
+                            max_physical_batch_size=max_physical_batch_size, accountant=accountant)
     cfg = load_config(config, _overrides(
         data={"name": _dataset_name(dataset, data_path), "path": data_path, "seed": seed,
               "target": target, "feature_schema": schema},
@@ -352,9 +356,6 @@ def train(
         dp={"enabled": dp, "target_epsilon": target_epsilon, "noise_multiplier": noise_multiplier,
             "delta": delta, "max_grad_norm": max_grad_norm, "accountant": accountant,
             "max_physical_batch_size": max_physical_batch_size, "canaries": canaries}))
-    _check_dp_flags_need_dp(cfg.dp.enabled, target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
-                            delta=delta, max_grad_norm=max_grad_norm,
-                            max_physical_batch_size=max_physical_batch_size, accountant=accountant)
     stem = f"{cfg.data.name}-{cfg.train.objective}"
     if nproc is not None and nproc != 1 and not distributed.under_torchrun():
         # settings every rank would refuse alike are refused once, here, before any rank starts
@@ -392,6 +393,12 @@ def train(
            if kept.val_robust_accuracy is not None else "")
         + f"\nmodel: {out_dir / 'model.safetensors'}")
     _print_privacy(result.to_dict())
+
+
+def _file_enables_dp(config: Path | None) -> bool:
+    """Whether the config file sets dp.enabled: true."""
+    section = read_yaml_mapping(config).get("dp")
+    return isinstance(section, dict) and section.get("enabled") is True
 
 
 def _check_dp_flags_need_dp(enabled: bool, **flags: Any) -> None:
@@ -849,8 +856,7 @@ def federate(
                   "malicious_clients": malicious_clients,
                   "malicious_mode": malicious_mode, "malicious_scale": malicious_scale,
                   "eval_examples": eval_examples, "eval_steps": eval_steps}
-    dp_section = read_yaml_mapping(config).get("dp")
-    _check_dp_flags_need_dp(dp or (isinstance(dp_section, dict) and dp_section.get("enabled") is True),
+    _check_dp_flags_need_dp(dp or _file_enables_dp(config),
                             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, delta=delta,
                             accountant=accountant)
     if write_app is None:  # writing the app alone writes no run directory

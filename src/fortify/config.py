@@ -259,6 +259,10 @@ def _check_finite(where: str, value: Any) -> None:
             _check_finite(f"{where}[{i}]", item)
 
 
+# what DPConfig holds for DP training alone; canaries also audit a model trained without DP
+_DP_ONLY = ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm", "max_physical_batch_size",
+            "accountant", "noise_seed")
+
 class DPConfig(_Strict):
     """Differentially private training with Opacus (see docs/DP.md); off unless ``enabled``."""
 
@@ -281,6 +285,15 @@ class DPConfig(_Strict):
             raise ValueError("give exactly one of target_epsilon and noise_multiplier, got "
                              f"target_epsilon={self.target_epsilon}, "
                              f"noise_multiplier={self.noise_multiplier}")
+        if not self.enabled:
+            # a private setting without DP would be dropped without a word, and the run trained in the
+            # clear under a config that reads as private (canaries are a non-private audit too)
+            fields = type(self).model_fields
+            given = sorted(name for name in _DP_ONLY if getattr(self, name) != fields[name].default)
+            if given:
+                verb = "applies" if len(given) == 1 else "apply"
+                raise ValueError(f"{', '.join('dp.' + name for name in given)} only {verb} to DP training: "
+                                 "set dp.enabled: true (or --dp), or remove it")
         if self.canaries == 1:  # refused here: the audit would refuse it only after the training
             raise ValueError("canaries must be 0 (off) or at least 2 per side: the audit splits each side "
                              "into a threshold half and an evaluation half")

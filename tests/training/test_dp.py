@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from fortify.config import DPConfig, TrainConfig, load_config
@@ -384,13 +385,36 @@ def test_a_finished_directory_holds_no_state_of_the_noise_and_still_resumes(digi
     # Execute
     trained = trainer.fit(_head(digits), digits.val)
     again = _trainer(_mlp(digits), epochs=2, run_dir=tmp_path).fit(_head(digits), digits.val, resume=True)
-    # Assert: a generator's state holds its seed, so neither DP generator may be left on disk;
-    # resuming the finished run draws nothing and loads (its hashes were brought up to date)
+    # Assert: a generator's state holds its seed, so no generator the private data met may be left on
+    # disk (sampling, noise, the attack's random starts, dropout's global one); resuming the finished
+    # run draws nothing and loads (its hashes were brought up to date)
     with safe_open(tmp_path / "state.safetensors", framework="pt") as saved:
         names = set(saved.keys())
-    assert not {"rng.dp.sampling", "rng.dp.noise"} & names and "rng.torch" in names
+    assert not {"rng.dp.sampling", "rng.dp.noise", "rng.objective", "rng.torch"} & names
+    assert "rng.shuffle" in names
     assert again.privacy is not None and trained.privacy is not None
     assert again.privacy.steps == trained.privacy.steps == 8
+
+
+@pytest.mark.os_entropy
+@pytest.mark.parametrize("objective", ["pgd", "trades"])
+def test_the_attacks_random_starts_and_dropout_draw_from_the_secret_seed(digits: Dataset,
+                                                                         objective: str) -> None:
+    # train.seed is published in config.yaml; from it, each example's random start was known and moved
+    # with its position in the Poisson batch, so one example more or less changed the others' clipped
+    # gradients (by 2.6 times the clip norm in a 64-example PGD-AT batch) and every later step
+    def starts_and_global(**dp: object) -> tuple[torch.Tensor, torch.Tensor]:
+        trainer = _trainer(_mlp(digits), objective, **dp)
+        trainer.prepare(_head(digits))
+        trainer._seed_generators()  # what fit does for a fresh run
+        return trainer.objective.rng_state(), torch.get_rng_state()
+
+    public = torch.Generator().manual_seed(0).get_state()  # the objective's seed without DP
+    first, second = starts_and_global(), starts_and_global()
+    assert not torch.equal(first[0], public) and not torch.equal(first[1], public)
+    assert not torch.equal(first[0], second[0]) and not torch.equal(first[1], second[1])
+    seeded, again = starts_and_global(noise_seed=3), starts_and_global(noise_seed=3)
+    assert torch.equal(seeded[0], again[0]) and torch.equal(seeded[1], again[1])
 
 
 def test_the_trained_model_comes_back_without_opacus_hooks(digits: Dataset) -> None:
@@ -635,6 +659,24 @@ def test_cli_dp_flags_without_dp_and_an_unreachable_epsilon_are_refused(tmp_path
     assert tiny.exit_code == 2 and "dp.target_epsilon=1e-09 cannot be met" in tiny.output, tiny.output
     assert isinstance(without_dp.exception, SystemExit) and isinstance(tiny.exception, SystemExit)
     assert not out.exists() or not any(out.rglob("*"))
+
+
+@pytest.mark.parametrize("section", [{"target_epsilon": 4.0}, {"noise_multiplier": 1.0, "max_grad_norm": 0.5},
+                                     {"enabled": False, "delta": 1e-6}])
+def test_dp_settings_in_a_config_file_without_dp_enabled_are_refused(tmp_path: Path, section: dict) -> None:
+    # they trained a non-private model, exit 0, under a config.yaml that read as private
+    from typer.testing import CliRunner
+
+    from fortify.cli import app
+
+    config = tmp_path / "private.yaml"
+    config.write_text(yaml.safe_dump({"dp": section}))
+    out = tmp_path / "m"
+    result = CliRunner().invoke(app, ["train", "--config", str(config), "--model", "mlp", "--objective",
+                                      "standard", "--epochs", "1", "--quiet", "--out", str(out)])
+    named = ", ".join(f"dp.{name}" for name in sorted(section) if name != "enabled")
+    assert result.exit_code == 2 and f"{named} only appl" in result.output, result.output
+    assert not out.exists()
 
 
 def test_cli_canaries_without_dp_audit_a_non_private_model(tmp_path: Path) -> None:

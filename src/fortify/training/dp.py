@@ -66,6 +66,8 @@ DP_OBJECTIVES: tuple[str, ...] = ("standard", "fgsm", "fgsm-rs", "pgd", "trades"
 DP_STATE_JSON = "dp_state.json"
 TRAIN_STATE = "state.safetensors"  # the Trainer's checkpoint, where the generators' states go
 DP_RNG_KEYS = ("rng.dp.sampling", "rng.dp.noise")
+# every generator the private data's passes draw from: dropped from a finished run's checkpoint
+SECRET_RNG_KEYS = (*DP_RNG_KEYS, "rng.objective", "rng.torch", "rng.cuda")
 
 
 def require_opacus() -> None:
@@ -257,7 +259,7 @@ class DPTrainer(Trainer):
         if len(train) == 0:  # before check_delta, whose bound 1/n does not exist then
             raise DataError("DP training needs a non-empty training split")
         check_delta(self.dp.delta, len(train))
-        seed = private_seed(self.dp.noise_seed, self.config.seed)
+        seed = self._secret_seed = private_seed(self.dp.noise_seed, self.config.seed)
         # their states go into the checkpoint (not into the settings), so that a resumed run goes on
         # drawing what the interrupted one would have
         self.sampling_rng = torch.Generator().manual_seed(seed)
@@ -401,6 +403,16 @@ class DPTrainer(Trainer):
             self.sampling_rng.set_state(tensors["rng.dp.sampling"])
             self.noise_rng.set_state(tensors["rng.dp.noise"])
 
+    def _seed_generators(self) -> None:
+        # The attack's random starts and dropout masks are the mechanism's internal randomness, so
+        # they come from the secret seed, not from train.seed, which config.yaml publishes. Drawn in
+        # order down a batch from a known generator, each example's draw would depend on its position:
+        # one example more or less would change the others' clipped gradients, and every later step,
+        # by more than the clip norm the accountant assumes.
+        torch.manual_seed((self._secret_seed + 2) % 2**63)
+        starts = torch.Generator(device=self.device).manual_seed((self._secret_seed + 3) % 2**63)
+        self.objective.set_rng_state(starts.get_state(), self.device)
+
     def _run_epoch(self, train: Split, val: Split, steps_per_epoch: int, bar: Progress) -> EpochRecord:
         # a finished run drops the generators (_finish); resuming it is fine as long as nothing is drawn
         if self._missing_noise_state:
@@ -411,7 +423,8 @@ class DPTrainer(Trainer):
 
     def _finish(self) -> None:
         # a torch generator's state holds its seed: whoever held the finished directory could
-        # recompute every noise draw and Poisson batch, so the states go once no step is left
+        # recompute every noise draw, Poisson batch, random start and dropout mask, so the states go
+        # once no step is left
         if self._writes_files:
             self._drop_noise_state()
         super()._finish()
@@ -419,7 +432,7 @@ class DPTrainer(Trainer):
     def _drop_noise_state(self) -> None:
         assert self.run_dir is not None
         tensors = ckpt.load_tensors(self.run_dir / TRAIN_STATE, "train-state", self._hashes[TRAIN_STATE])
-        kept = {k: v for k, v in tensors.items() if k not in DP_RNG_KEYS}
+        kept = {k: v for k, v in tensors.items() if k not in SECRET_RNG_KEYS}
         # staged: it commits with model.safetensors in the finished run's state.json (Trainer._finish),
         # so a kill before that commit resumes from the checkpoint that still holds the generators
         self._stage_tensors(TRAIN_STATE, kept, kind="train-state")

@@ -278,7 +278,7 @@ class Trainer:
         if resume:
             self._restore()
         else:
-            torch.manual_seed(self.config.seed)
+            self._seed_generators()
         self.batch_recipe.bind(train, self.model, self.threat.bounds)
         train = self._keep_on_gpu(train)
         steps_per_epoch = self.batch_recipe.steps_per_epoch(len(train))
@@ -660,6 +660,10 @@ class Trainer:
         if name not in self._staged:  # staged again before the commit: the newer version replaced it
             self._staged.append(name)
 
+    def _seed_generators(self) -> None:
+        """A fresh run's global generator (dropout masks, say), from the training seed."""
+        torch.manual_seed(self.config.seed)
+
     def _extra_rng_state(self) -> dict[str, Tensor]:
         """Generator states a subclass keeps in the checkpoint beside the Trainer's (DP's)."""
         return {}
@@ -727,7 +731,8 @@ class Trainer:
         """Optimiser, generators, EMA and the objective's own state, from a checkpoint's tensors."""
         self.optimizer.load_state_dict(ckpt.join_optimizer_state(tensors, optimizer_meta))
         state_in_parameter_layout(self.optimizer)
-        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.torch" in tensors:  # a finished DP run drops it with its other secret draws
+            torch.set_rng_state(tensors["rng.torch"])
         if self.device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.shuffle.set_state(tensors["rng.shuffle"])
