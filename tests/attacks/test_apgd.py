@@ -375,3 +375,13 @@ def test_best_losses_follow_the_reference_at_the_papers_budget(robust_model, dig
     gap = (best_ours - best_theirs[standing]).abs() / best_theirs[standing].abs().clamp_min(1e-6)
     assert float((gap < 1e-4).float().mean()) >= 0.8
     assert int((gap >= 1e-2).sum()) <= 2  # 0 or 1 of 71-73 on the digits fixtures trained so far
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t"])
+def test_the_label_names_the_iterations_so_budgets_never_share_a_column(name):
+    # compare and the report key their columns by label: APGD-T at 2 and at 20 iterations had shared one
+    threat = ThreatModel("linf", 0.1)
+    short, long = (ATTACKS.get(name)(threat, n_iter=n) for n in (2, 20))
+    assert short.label != long.label and short.label.endswith("-2") and long.label.endswith("-20")
+    # journals and results written under the earlier label still resume and read
+    assert short.earlier_labels == (name,)

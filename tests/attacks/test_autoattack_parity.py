@@ -77,7 +77,7 @@ def test_autoattack_preset_matches_the_reference(robust_model, digits):
     report = evaluate(robust_model, x, y, attacks, threat, cascade=True, batch_size=len(y))
     after, theirs = _reference(robust_model, x, y, seed=0)
     # Assert: the same attacks and budgets
-    assert [a.name for a in report.attacks] == ["apgd-ce", "apgd-t", "fab-t-20", "square-300"]
+    assert [a.name for a in report.attacks] == ["apgd-ce-20", "apgd-t-20", "fab-t-20", "square-300"]
     budgets = [a.settings.get("n_iter") or a.settings.get("steps") or a.settings["n_queries"]
                for a in report.attacks]
     assert budgets == [ITERATIONS, ITERATIONS, ITERATIONS, QUERIES]

@@ -193,8 +193,15 @@ class APGD(Attack):
 
     @property
     def label(self) -> str:
+        # the iterations too, as PGD's and FAB's labels say theirs: runs of 2 and of 100 iterations
+        # had shared one column in `fortify compare`
         suffix = f"x{self.restarts}" if self.restarts > 1 else ""
-        return f"{self.name}-{self.loss}{suffix}"
+        return f"{self.name}-{self.loss}-{self.n_iter}{suffix}"
+
+    @property
+    def earlier_labels(self) -> tuple[str, ...]:
+        suffix = f"x{self.restarts}" if self.restarts > 1 else ""
+        return (f"{self.name}-{self.loss}{suffix}",)
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "loss": self.loss, "n_iter": self.n_iter,
@@ -353,7 +360,11 @@ class APGDTargeted(APGD):
     @property
     def label(self) -> str:
         suffix = f"x{self.restarts}" if self.restarts > 1 else ""
-        return f"{self.name}{suffix}"
+        return f"{self.name}-{self.n_iter}{suffix}"
+
+    @property
+    def earlier_labels(self) -> tuple[str, ...]:
+        return (f"{self.name}{'x' + str(self.restarts) if self.restarts > 1 else ''}",)
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "loss": "dlr-targeted", "n_target_classes": self.n_target_classes}
