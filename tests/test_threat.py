@@ -126,6 +126,12 @@ def test_ascent_direction_has_unit_norm_for_gradients_far_below_the_norms_clamp(
     unit = grad.double().flatten(1) / grad.double().flatten(1).norm(dim=1, keepdim=True)
     torch.testing.assert_close(l2.double().flatten(1), unit, rtol=1e-5, atol=1e-6)
     zero = ThreatModel("l2", 1.0).ascent_direction(torch.zeros(2, 3, dtype=dtype))
+    # infinite entries alone set the direction (inf / inf was NaN); a NaN entry counts as 0
+    odd = torch.tensor([[torch.inf, 1.0, -torch.inf], [torch.nan, 3.0, -4.0]], dtype=dtype)
+    expected = torch.tensor([[2**-0.5, 0.0, -(2**-0.5)], [0.0, 0.6, -0.8]], dtype=dtype)
+    torch.testing.assert_close(ThreatModel("l2", 1.0).ascent_direction(odd), expected)
+    assert torch.equal(ThreatModel("linf", 0.1).ascent_direction(odd),
+                       torch.tensor([[1.0, 1.0, -1.0], [0.0, 1.0, -1.0]], dtype=dtype))
     assert torch.equal(zero, torch.zeros(2, 3, dtype=dtype))  # no gradient, no step (not 0/0)
 
 

@@ -166,11 +166,19 @@ class ThreatModel:
         return None
 
     def ascent_direction(self, grad: Tensor) -> Tensor:
-        """The steepest-ascent unit step for this norm: sign for L-inf, normalised for L2."""
+        """The steepest-ascent unit step for this norm: sign for L-inf, normalised for L2.
+
+        A NaN entry says nothing of the direction and counts as 0; where an entry is infinite (the
+        input gradient of ``sqrt`` at 0, say) the infinite entries alone set the L2 direction, which
+        inf / inf had made NaN, and the NaN point was then recorded as adversarial.
+        """
+        grad = grad.nan_to_num(nan=0.0, posinf=torch.inf, neginf=-torch.inf)
         if self.norm == "linf":
             return grad.sign()
         # divided in float32 (or wider): 1e-12 is zero in float16, and a zero gradient would give 0/0
         work = grad.to(torch.promote_types(grad.dtype, torch.float32))
+        infinite = _per_example(work).isinf().any(dim=1)
+        work = torch.where(_expand(infinite, work), work.isinf().to(work.dtype) * work.sign(), work)
         # each example scaled by its largest entry first: the squares of a saturated softmax's
         # gradient (entries near 1e-22) underflow to 0, and the clamped norm then gave a step of
         # length |g| / 1e-12 that did not move at all

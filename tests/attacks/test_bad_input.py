@@ -309,3 +309,40 @@ def test_an_attack_seed_that_is_no_integer_torch_takes_is_refused(seed):
         PGD(LINF, seed=seed)
     assert PGD(LINF, seed=4.0).seed == 4 and PGD(LINF, seed=-1).seed == -1
 
+
+
+class _SquareRoot(nn.Module):
+    """A model of sqrt(x): its input gradient is infinite wherever a pixel is exactly 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.sqrt())
+
+
+@pytest.mark.parametrize("make", [lambda t: FGSM(t), lambda t: PGD(t, steps=5), lambda t: APGD(t, n_iter=5),
+                                  lambda t: APGD(t, n_iter=5, loss="dlr")],
+                         ids=["fgsm", "pgd", "apgd-ce", "apgd-dlr"])
+def test_an_infinite_input_gradient_gives_finite_l2_points(make):
+    # inf / inf made the L2 step NaN, the NaN point (no class) was recorded as adversarial, and the
+    # evaluation then stopped on it outside the threat model
+    model = _SquareRoot()
+    x = torch.rand(16, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    x[:, :, 0, 0] = 0.0
+    y = model(x).argmax(1)
+    threat = ThreatModel("l2", 0.5)
+    x_adv = make(threat)(model, x, y)
+    assert bool(torch.isfinite(x_adv).all()) and bool(threat.contains(x_adv, x).all())
+
+
+def test_the_dlr_loss_of_tied_top_logits_is_finite_in_float16():
+    # DLR_EPS (1e-12) is 0 in float16: tied top logits gave 0 / 0
+    from fortify.attacks.apgd import dlr_loss, dlr_targeted_loss
+
+    logits = torch.ones(2, 4, dtype=torch.float16)
+    y, target = torch.tensor([0, 1]), torch.tensor([2, 3])
+    assert bool(torch.isfinite(dlr_loss(logits, y)).all())
+    assert bool(torch.isfinite(dlr_targeted_loss(logits, y, target)).all())

@@ -528,3 +528,48 @@ def test_fmn_radius_keeps_shrinking_in_bfloat16(standard_model, digit_batch, mon
         assert new.dtype == torch.float32
         shrinking = fooled & (radius > 0) & (radius <= best_norm)
         assert (new[shrinking] < radius[shrinking]).all()
+
+
+def _digits_mlp(digits):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    x = digits.test.x[:100]
+    with torch.no_grad():
+        return model, x, model(x).argmax(1)
+
+
+@pytest.mark.parametrize("name", ["fmn", "fab"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_a_bfloat16_search_finds_the_points_it_records(digits, name, norm):
+    # Prepare: a point is recorded only beyond float rounding, 3% of the largest logit in bfloat16;
+    # the searches steered by the plain boundary and found 1 to 4 of these 100 points
+    model, x, _ = _digits_mlp(digits)
+    low = copy.deepcopy(model).bfloat16()
+    x = x.bfloat16()
+    with torch.no_grad():
+        y = low(x).argmax(1)
+    # Execute
+    _, norms = ATTACKS.get(name)(ThreatModel(norm, 0.1)).minimal(low, x, y)
+    # Assert: measured 100 (FMN) and 93-97 (FAB) of 100
+    assert int(torch.isfinite(norms).sum()) >= 90
+
+
+def test_fmn_default_steps_follow_the_boxs_width(digits):
+    # Prepare: the same problem in a [0, 255] box; the paper's steps, sized for [0, 1], found 66 of 100
+    model, x, y = _digits_mlp(digits)
+    scaled = nn.Sequential(Rescale(1 / 255), model)
+    # Execute
+    _, unit = FMN(ThreatModel("l2", 1.0)).minimal(model, x, y)
+    _, wide = FMN(ThreatModel("l2", 255.0, (0.0, 255.0))).minimal(scaled, x * 255, y)
+    # Assert: the same distances, 255 times as long
+    assert torch.isfinite(unit).all() and torch.isfinite(wide).all()
+    torch.testing.assert_close(wide / 255, unit, rtol=1e-3, atol=1e-4)
+
+
+class Rescale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor

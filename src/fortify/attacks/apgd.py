@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import ATTACKS, Attack, check_positive_int, top_target_classes
 from fortify.errors import ConfigError
-from fortify.models.predictions import predicted_class
+from fortify.models.predictions import at_least_fp32, predicted_class
 from fortify.threat import ThreatModel
 
 LOSSES: tuple[str, ...] = ("ce", "dlr")
@@ -77,6 +77,7 @@ def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
     scaling the logits, so it cannot be fooled by a model that merely inflates them.
     """
     _check_classes(logits, 3, "DLR")
+    logits = at_least_fp32(logits)  # DLR_EPS is 0 in float16: tied top logits gave 0 / 0
     top = logits.topk(3, dim=1).values
     true = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.scatter(1, y[:, None], -torch.inf).amax(dim=1)
@@ -86,6 +87,7 @@ def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
 def dlr_targeted_loss(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
     """Targeted DLR: ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``, per example."""
     _check_classes(logits, 4, "targeted DLR")
+    logits = at_least_fp32(logits)
     top = logits.topk(4, dim=1).values
     true = logits.gather(1, y[:, None]).squeeze(1)
     wanted = logits.gather(1, target[:, None]).squeeze(1)
@@ -101,6 +103,7 @@ def dlr_to_target_loss(logits: Tensor, target: Tensor) -> Tensor:
     APGD-T needs, since any misclassification is its success.)
     """
     _check_classes(logits, 4, "targeted DLR")
+    logits = at_least_fp32(logits)
     top = logits.topk(4, dim=1).values
     wanted = logits.gather(1, target[:, None]).squeeze(1)
     others = logits.scatter(1, target[:, None], -torch.inf).amax(dim=1)

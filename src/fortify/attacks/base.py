@@ -21,7 +21,12 @@ from torch import Tensor, nn
 
 from fortify.errors import ConfigError, DataError
 from fortify.models.modes import evaluation_mode
-from fortify.models.predictions import fooled_beyond_rounding, predicted_class, reached_beyond_rounding
+from fortify.models.predictions import (
+    at_least_fp32,
+    fooled_beyond_rounding,
+    predicted_class,
+    reached_beyond_rounding,
+)
 from fortify.registry import Registry
 from fortify.threat import LOW_PRECISION, ThreatModel
 
@@ -248,8 +253,7 @@ def cross_entropy_logit_gradient(logits: Tensor, label: Tensor) -> Tensor:
     which it equals: for a confident row ``p_label`` rounds to 1 and ``p_label - 1`` to 0 while the
     others are still ~1e-23, and the gradient then lost the label's weights and pointed elsewhere.
     """
-    work = logits.float() if logits.dtype in LOW_PRECISION else logits
-    gradient = F.softmax(work, dim=1)
+    gradient = F.softmax(at_least_fp32(logits), dim=1)
     rows = torch.arange(label.shape[0], device=label.device)
     gradient[rows, label] = 0.0
     gradient[rows, label] = -gradient.sum(dim=1)

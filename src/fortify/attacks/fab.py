@@ -258,10 +258,12 @@ class FAB(Attack):
             judged = stepped.to(x.dtype)
             with torch.no_grad():
                 logits = model(judged)
-            fooled = predicted_class(logits) != labels
+            # fooled only where a batch of another size would judge it so too: the pull back steers by
+            # the test the record takes (in bfloat16, a margin of 3% of the largest logit, which a
+            # search steering by the plain boundary never crossed: 59 of 100 points found, not 100)
+            fooled = fooled_beyond_rounding(logits, labels)
             dist = self.threat.distance(judged, x_nat)
-            # recorded only where a batch of another size would judge the point adversarial too
-            better = fooled_beyond_rounding(logits, labels) & (dist < norms[active])
+            better = fooled & (dist < norms[active])
             best[active[better]] = judged[better]
             norms[active[better]] = dist[better]
             pulled = x_work[active] + self.beta * (stepped - x_work[active])
@@ -287,20 +289,23 @@ class FAB(Attack):
     def _linearise(self, model: nn.Module, point: Tensor, y: Tensor,
                    target: Tensor | None) -> tuple[Tensor, Tensor]:
         """Hyperplane ``<normal, delta> = offset`` (flat normal) where the linearised
-        ``f_s - f_y`` vanishes at ``point + delta``, for the closest class ``s`` or the target."""
+        ``f_s - f_y`` reaches the rounding margin at ``point + delta``, for the closest class ``s``
+        or the target: a point is recorded only beyond that margin, 3% of the largest logit in
+        bfloat16, where steps aimed at the plain crossing found 55-59 of 100 points."""
         point = point.detach().requires_grad_(True)
         logits = model(point)
         rows = torch.arange(point.shape[0], device=point.device)
+        aim = rounding_margin(logits.detach())
         if target is not None:
             gap = logits[rows, target] - logits[rows, y]
             (grad,) = torch.autograd.grad(gap.sum(), point)
-            return _flat(grad), -gap.detach()
+            return _flat(grad), aim - gap.detach()
         gaps = (logits - logits[rows, y][:, None]).detach()
         grads = self._gap_gradients(logits, point, y)
         distance = gaps.abs() / (dual_norm(grads, self.threat.norm) + _GRAD_FLOOR)
         distance[rows, y] = torch.inf
         closest = distance.argmin(dim=1)
-        return grads[rows, closest], -gaps[rows, closest]
+        return grads[rows, closest], aim - gaps[rows, closest]
 
     @staticmethod
     def _gap_gradients(logits: Tensor, point: Tensor, y: Tensor) -> Tensor:

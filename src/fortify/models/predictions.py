@@ -11,7 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fortify.threat import LOW_PRECISION
+
 NO_CLASS = -1  # the prediction of a row with a NaN logit: equal to no label and no target
+
+
+def at_least_fp32(logits: Tensor) -> Tensor:
+    """``logits`` for a loss head: cast to fp32 from bf16 or fp16 (mixed precision), else as they are
+    (a float64 model keeps float64). The gradient flows back through the cast."""
+    return logits.float() if logits.dtype in LOW_PRECISION else logits
 
 
 def predicted_class(logits: Tensor) -> Tensor:

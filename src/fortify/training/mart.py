@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fortify.attacks import PGD, Attack
+from fortify.models.predictions import at_least_fp32
 from fortify.threat import ThreatModel
-from fortify.training.objectives import ObjectiveOptions, at_least_fp32, scaled_step_size
+from fortify.training.objectives import ObjectiveOptions, scaled_step_size
 from fortify.training.paired import PairedObjective, check_non_negative, kl_to_clean
 
 # The authors' constants keep the log finite when the strongest wrong class has probability 1.

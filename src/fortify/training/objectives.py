@@ -19,8 +19,9 @@ from fortify.attacks import FGSM, PGD, Attack
 from fortify.attacks.base import cross_entropy_logit_gradient
 from fortify.errors import ConfigError
 from fortify.models.modes import runs_alike_in_both_modes
+from fortify.models.predictions import at_least_fp32
 from fortify.registry import Registry
-from fortify.threat import LOW_PRECISION, ThreatModel
+from fortify.threat import ThreatModel
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,6 @@ def check_label_smoothing(value: float) -> float:
     if not (math.isfinite(value) and 0.0 <= value < 1.0):
         raise ConfigError(f"label_smoothing must be in [0, 1), got {value!r}")
     return float(value)
-
-
-def at_least_fp32(logits: Tensor) -> Tensor:
-    """``logits`` for a loss head: cast to fp32 from bf16 or fp16 (mixed precision), else as they are
-    (a float64 model keeps float64). The gradient flows back through the cast."""
-    return logits.float() if logits.dtype in LOW_PRECISION else logits
 
 
 def scaled_step_size(options: ObjectiveOptions, threat: ThreatModel) -> float | None:

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 from fortify.attacks import PGD, Attack
 from fortify.errors import ConfigError
+from fortify.models.predictions import at_least_fp32
 from fortify.threat import ThreatModel
-from fortify.training.objectives import DelegatingObjective, _AttackObjective, at_least_fp32, scaled_step_size
+from fortify.training.objectives import DelegatingObjective, _AttackObjective, scaled_step_size
 
 
 def check_non_negative(name: str, value: float) -> float:

@@ -15,8 +15,9 @@ from fortify.attacks import Attack
 from fortify.attacks.base import attacking, check_positive_int
 from fortify.errors import ConfigError
 from fortify.models.modes import runs_alike_in_both_modes
+from fortify.models.predictions import at_least_fp32
 from fortify.threat import LOW_PRECISION, ThreatModel
-from fortify.training.objectives import ObjectiveOptions, at_least_fp32, scaled_step_size
+from fortify.training.objectives import ObjectiveOptions, scaled_step_size
 from fortify.training.paired import PairedObjective, check_non_negative, kl_to_clean
 
 
