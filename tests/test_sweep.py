@@ -635,3 +635,14 @@ def test_a_finished_run_of_data_since_changed_stops_the_sweep_and_one_of_the_sam
     else:
         with pytest.raises(ConfigError, match="the data 'digits' differ from those .* was trained on"):
             sweep()
+
+
+def test_a_cascades_columns_in_sweep_csv_say_cascade(tmp_path):
+    # a cascade's accuracy is cumulative; its csv column read like the attack's own accuracy
+    base = load_config(None, {**TINY, "eval": {**TINY["eval"], "attacks": ["fgsm", "pgd"], "cascade": True}})
+    out = tmp_path / "sweep"
+    run_sweep(base, SweepGrid(objective=["standard"]), out, device="cpu", show_progress=False)
+    with open(out / "sweep.csv", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert {"acc_fgsm (cascade)", "acc_pgd-2 (cascade)"} <= set(row)
+    assert row["acc_pgd-2 (cascade)"] == row["robust_accuracy"]

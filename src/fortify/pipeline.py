@@ -644,11 +644,14 @@ def _attack_options(name: str, config: EvalConfig, num_classes: int) -> dict[str
         options[_QUERIES[name]] = config.queries
     if name in _TARGETED:
         options["n_target_classes"] = min(9, num_classes - 1)  # AutoAttack's 9 where K allows
-    if name in _EARLY_STOP:
+    given = config.attack_options.get(name, {})
+    # both keep an example's first success: left out where the options ask for the last iterate
+    keeps_first = given.get("keep_first_success", True)
+    if name in _EARLY_STOP and keeps_first:
         options["early_stop"] = True  # same points, fewer passes (tests/attacks check both)
-    if name == "pgd":
+    if name == "pgd" and keeps_first:
         options["probe"] = True  # only adds fooled examples; most of a weak model's leave at once
-    return options | config.attack_options.get(name, {})
+    return options | given
 
 
 def build_attacks(config: EvalConfig, threat: ThreatModel, num_classes: int,
@@ -678,10 +681,12 @@ def build_attacks(config: EvalConfig, threat: ThreatModel, num_classes: int,
             # the source attack on the surrogate is PGD: it reads --steps and PGD's attack_options
             options = config.attack_options.get(name, {})
             check_option_types(name, PGD, options)
+            _check_options_keep_the_attack(name, options)
             source = PGD(threat, **{"steps": config.steps or DEFAULT_PGD_STEPS, "seed": seed, **options})
             attacks.append(Transfer(source, surrogate))
             continue
         check_option_types(name, factory, config.attack_options.get(name, {}))
+        _check_options_keep_the_attack(name, config.attack_options.get(name, {}))
         try:
             attack = factory(threat, seed=seed, **_attack_options(name, config, num_classes))
         except FortifyError:
@@ -691,6 +696,18 @@ def build_attacks(config: EvalConfig, threat: ThreatModel, num_classes: int,
         _check_targets(name, attack, num_classes)
         attacks.append(attack)
     return attacks
+
+
+def _check_options_keep_the_attack(name: str, options: dict[str, Any]) -> None:
+    """ConfigError for an option that would make the attack another one than its name says, or that
+    the evaluation sets itself: ``apgd-ce: {loss: dlr}`` ran APGD-DLR under the name apgd-ce, and
+    ``seed`` failed with Python's own "multiple values" error."""
+    if "seed" in options:
+        raise ConfigError(f"attack_options for {name!r}: seed is set by eval.seed (each attack gets "
+                          "eval.seed + its position); set that instead")
+    if name in ("apgd-ce", "apgd-dlr") and "loss" in options:
+        raise ConfigError(f"attack_options for {name!r}: the loss is in the attack's name; run "
+                          f"{'apgd-dlr' if name == 'apgd-ce' else 'apgd-ce'} for the other one")
 
 
 def _check_targets(name: str, attack: Attack, num_classes: int) -> None:
@@ -722,10 +739,12 @@ def evaluate_model(setup: Setup, model: nn.Module, journal_dir: Path | None = No
     # (the autoattack preset's first); the last attack may be Square's 5,000 queries per example
     curve_attack = next((a for kind in (PGD, APGD) for a in attacks if isinstance(a, kind)), attacks[-1])
     use_channels_last = eval_channels_last(setup, model, test)
+    # an empty list asks for no curve, as evaluate() reads it; None for the default grid
+    eps_grid = cfg.eps_grid if cfg.eps_grid is not None else default_eps_grid(setup.threat)
     with eval_layout(model, use_channels_last):
         report = evaluate(model, test.x, test.y, attacks, setup.threat, curve_attack=curve_attack,
                           batch_size=cfg.batch_size, cascade=cfg.cascade or cfg.preset == "autoattack",
-                          eps_grid=cfg.eps_grid or default_eps_grid(setup.threat),
+                          eps_grid=eps_grid,
                           num_classes=setup.dataset.num_classes, journal_dir=journal_dir, shard=shard,
                           amp=cfg.amp, amp_min_agreement=cfg.amp_min_agreement)
     report.channels_last = use_channels_last  # the layout used, not the setting (which may be unset)

@@ -61,6 +61,7 @@ from fortify.pipeline import (
     train_model,
     write_json,
 )
+from fortify.report.tables import attack_key
 from fortify.tabular.run import run_threat
 from fortify.training import checkpoint as ckpt
 
@@ -321,7 +322,9 @@ def _run_one(spec: RunSpec, setup: Setup, run_dir: Path, show_progress: bool) ->
         name=spec.name, objective=spec.objective, eps=spec.eps, trades_beta=spec.trades_beta,
         mix_ratio=spec.mix_ratio, epochs=spec.epochs, clean_accuracy=report.clean_accuracy,
         robust_accuracy=report.worst_case_accuracy,
-        attack_accuracy={a.name: a.adversarial_accuracy for a in report.attacks},
+        # a cascade's accuracy is cumulative: its column says so, as the report's does
+        attack_accuracy={attack_key({"name": a.name, "mode": a.mode}): a.adversarial_accuracy
+                         for a in report.attacks},
         n_examples=report.n_examples, train_seconds=training.seconds, passes_per_epoch=passes,
         best_epoch=training.best_epoch)
     write_json(run_dir / RESULT_JSON, {"config": config, "result": asdict(result),

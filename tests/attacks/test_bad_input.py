@@ -102,6 +102,10 @@ def test_a_query_budget_below_one_is_rejected_when_building(options, fragment):
     ({"fgsm": {"step_size": -1}}, "step_size must be > 0, got -1"),
     ({"fgsm": {"eps": 0.9}}, "unknown option 'eps'; it takes step_size, random_start, targeted, seed"),
     ({"cw": {"warm_start": "yes"}}, "warm_start='yes' must be true or false"),
+    # each was Python's own error, or ran another attack under the name
+    ({"pgd": {"seed": 3}}, "seed is set by eval.seed"),
+    ({"apgd-ce": {"loss": "dlr"}}, "the loss is in the attack's name; run apgd-dlr"),
+    ({"pgd": {"restarts": 3, "random_start": False}}, "restarts=3 needs random_start"),
 ])
 def test_attack_options_of_the_wrong_type_or_range_are_refused_by_name(options, fragment):
     # YAML hands these over as written: "no" would read as true, a bool as the number 1
@@ -109,6 +113,22 @@ def test_attack_options_of_the_wrong_type_or_range_are_refused_by_name(options, 
     threat = L2 if "cw" in options else LINF
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         build_attacks(config, threat, num_classes=10)
+
+
+def test_pgd_keeping_its_last_iterate_is_built_without_early_stop_and_probe():
+    # both keep an example's first success, so with keep_first_success false the evaluation's own
+    # early_stop made every such option fail, naming early_stop, which the user never set
+    config = EvalConfig(attacks=["pgd"], attack_options={"pgd": {"keep_first_success": False}})
+    (attack,) = build_attacks(config, LINF, num_classes=10)
+    assert (attack.keep_first_success, attack.early_stop, attack.probe) == (False, False, False)
+    (default,) = build_attacks(EvalConfig(attacks=["pgd"]), LINF, num_classes=10)
+    assert (default.early_stop, default.probe) == (True, True)
+
+
+def test_a_pgd_step_that_is_not_finite_is_refused():
+    # an infinite L2 step gave NaN points
+    with pytest.raises(ConfigError, match="step_size must be a finite number > 0"):
+        PGD(L2, step_size=float("inf"))
 
 
 def test_cw_warm_start_reaches_the_attack_from_the_configuration():

@@ -111,6 +111,9 @@ def test_bad_setups(standard_model, digits):
         evaluate(standard_model, x, y, [], THREAT)
     with pytest.raises(DataError, match="NaN"):
         evaluate(standard_model, x * torch.nan, y, [FGSM(THREAT)], THREAT)
+    # a class count other than the model's was accepted, as docs/ATTACKS.md says it is not
+    with pytest.raises(ConfigError, match="num_classes is 20, but the model outputs 10 classes"):
+        evaluate(standard_model, x, y, [FGSM(THREAT)], THREAT, num_classes=20)
     # the clean pass raised torch's own RuntimeError where the attacks name the inputs
     for bad in (x.double(), x.flatten(1)):
         with pytest.raises(DataError, match="the model does not run on these inputs"):

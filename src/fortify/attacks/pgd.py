@@ -18,6 +18,7 @@ pass instead of after the few steps of size ``step_size`` it takes to cross the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +60,12 @@ class PGD(Attack):
         self.restarts = check_positive_int("restarts", restarts)
         # 2.5 * eps / steps lets the iterate cross the ball and come back (Madry et al. 2018)
         self.step_size = 2.5 * threat.eps / self.steps if step_size is None else float(step_size)
-        if not self.step_size > 0:
-            raise ConfigError(f"step_size must be > 0, got {step_size!r}")
+        if not (math.isfinite(self.step_size) and self.step_size > 0):
+            raise ConfigError(f"step_size must be a finite number > 0, got {step_size!r}")
+        if self.restarts > 1 and not random_start:
+            # every restart would start from x and repeat the first run, at restarts times its cost
+            raise ConfigError(f"restarts={self.restarts} needs random_start: without it each restart "
+                              "repeats the first run")
         if early_stop and not keep_first_success:
             raise ConfigError("early_stop needs keep_first_success=True (a fooled example is final)")
         if probe and not keep_first_success:

@@ -148,6 +148,9 @@ def evaluate(
     try:
         x, y = x.to(device), y.to(device).long()  # int32 or uint8 labels: losses and gathers take int64
         clean_logits = _predict(model, x, batch_size)
+        if num_classes is not None and clean_logits.shape[-1] != num_classes:
+            raise ConfigError(f"num_classes is {num_classes}, but the model outputs {clean_logits.shape[-1]} "
+                              "classes")
         check_label_range(y, clean_logits.shape[-1])  # a label past the model's classes is no 'error'
         warnings = _logit_warnings(clean_logits)
         clean_correct = predicted_class(clean_logits) == y
