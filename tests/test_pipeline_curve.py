@@ -23,7 +23,10 @@ def test_the_eps_curve_reruns_pgd_else_apgd_else_the_last_attack(standard_model,
 @pytest.mark.parametrize(("grid", "points"), [([], 0), (None, 6), ([0.05, 0.1], 2)])
 def test_an_empty_eps_grid_asks_for_no_curve(standard_model, grid, points):
     # [] was replaced by the default six points, beside eps_grid: [] in robustness.json
-    evaluation = {"n_examples": 8, "steps": 2, "attacks": ["pgd"]} | ({} if grid is None else {"eps_grid": grid})
-    config = config_from_dict({"data": {"name": "digits"}, "model": {"name": "small-cnn"}, "eval": evaluation})
+    evaluation = {"n_examples": 8, "steps": 2, "attacks": ["pgd"]}
+    if grid is not None:
+        evaluation["eps_grid"] = grid
+    config = config_from_dict({"data": {"name": "digits"}, "model": {"name": "small-cnn"},
+                               "eval": evaluation})
     report = evaluate_model(prepare(config, "cpu"), standard_model)
     assert len(report.eps_curve) == points
