@@ -366,3 +366,13 @@ def test_the_dlr_loss_of_tied_top_logits_is_finite_in_float16():
     y, target = torch.tensor([0, 1]), torch.tensor([2, 3])
     assert bool(torch.isfinite(dlr_loss(logits, y)).all())
     assert bool(torch.isfinite(dlr_targeted_loss(logits, y, target)).all())
+
+
+def test_fab_names_inputs_the_model_cannot_take_and_refuses_a_nan_search_count():
+    # FAB.minimal let torch's RuntimeError through where FMN's names the inputs; NaN hit int()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x, y = torch.rand(5, 1, 2, 2).double(), torch.zeros(5, dtype=torch.long)
+    with pytest.raises(DataError, match="the model does not run on these inputs"):
+        ATTACKS.get("fab")(LINF).minimal(model, x, y)
+    with pytest.raises(ConfigError, match="search_steps must be an integer >= 0"):
+        ATTACKS.get("fab")(LINF, search_steps=float("nan"))

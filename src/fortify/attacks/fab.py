@@ -30,6 +30,7 @@ point found and its norm (``inf`` where none was found, ``0`` where ``x`` itself
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,7 @@ from fortify.attacks.base import (
     attacking,
     check_label_range,
     check_positive_int,
+    diagnose_failure,
     top_target_classes,
 )
 from fortify.errors import ConfigError
@@ -162,7 +164,8 @@ class FAB(Attack):
             raise ConfigError(f"eta (the overshoot) must be a finite number >= 1, got {eta!r}")
         if not 0.0 < beta <= 1.0:
             raise ConfigError(f"beta (the backward step) must be in (0, 1], got {beta!r}")
-        if isinstance(search_steps, bool) or int(search_steps) != search_steps or search_steps < 0:
+        if (isinstance(search_steps, bool) or not isinstance(search_steps, numbers.Real)
+                or not math.isfinite(search_steps) or int(search_steps) != search_steps or search_steps < 0):
             raise ConfigError(f"search_steps must be an integer >= 0, got {search_steps!r}")
         self.alpha_max, self.eta, self.beta = float(alpha_max), float(eta), float(beta)
         self.search_steps = int(search_steps)
@@ -193,7 +196,11 @@ class FAB(Attack):
         """
         self._check_batch(x, y, None)
         with attacking(model):
-            best, norms = self._search(model, x.detach(), y, self.seeded(x, generator), stop_at=0.0)
+            try:
+                best, norms = self._search(model, x.detach(), y, self.seeded(x, generator), stop_at=0.0)
+            except (IndexError, RuntimeError) as err:  # name the caller's mistake, as ``run`` does
+                diagnose_failure(model, x, y, err)
+                raise
         return best.detach(), norms
 
     # -- the search ---------------------------------------------------------------------------
