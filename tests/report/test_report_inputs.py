@@ -393,3 +393,31 @@ def test_a_page_the_disk_cannot_hold_names_the_page_and_leaves_nothing(tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert f"cannot use {page}: File too large" in " ".join(proc.stderr.split())
     assert "Traceback" not in proc.stderr and list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize(("keys", "value", "fragment"), [
+    # one share short, the page showed every share under the next eps, without a word
+    (ANALYSIS + ("margin", "summary", "fraction_below"), [], "holds 1 eps but 0 fraction_below"),
+    (ANALYSIS + ("certified", "curve", "radii"), [0.0, 0.1], "holds 2 radii but 1 accuracy"),
+])
+def test_lists_the_page_pairs_by_position_must_be_equally_long(tmp_path, keys, value, fragment):
+    run = _write_run(tmp_path / "run", _with(_with_every_section(), keys, value))
+    with pytest.raises(ResultsError, match=re.escape(fragment)):
+        load_results(run)
+
+
+def test_a_version_of_true_or_a_privacy_file_of_another_kind_or_version_is_refused(tmp_path):
+    # True == 1 in Python, so "version": true read as version 1; privacy.json was merged unchecked
+    with pytest.raises(ResultsError, match="results version True"):
+        load_results(_write_run(tmp_path / "a", {**_results(), "version": True}))
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    evaluation = {"version": 2, "kind": "evaluation", "config": {"data": {"name": "digits"}},
+                  "robustness": _results()["models"]["pgd"]["robustness"]}
+    (model_dir / "robustness.json").write_text(json.dumps(evaluation))
+    privacy = {"warnings": [], "membership": []}
+    for written, fragment in (({"version": 2, "kind": "other", "privacy": privacy}, "kind"),
+                              ({"version": 99, "kind": "privacy", "privacy": privacy}, "version 99")):
+        (model_dir / "privacy.json").write_text(json.dumps(written))
+        with pytest.raises(ResultsError, match=fragment):
+            load_results(model_dir)

@@ -79,7 +79,7 @@ def load_results(run_dir: Path) -> dict[str, Any]:
     version = raw.get("version")
     if "kind" not in raw:  # a model card, a training state, a federation's or a sweep's summary
         raise ResultsError(f"{path} is not a results file: {_RESULT_FILES_READ}")
-    if version not in READABLE_VERSIONS:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:  # true == 1 in Python
         raise ResultsError(f"{path} has results version {version!r}; this fortify reads versions "
                            f"{', '.join(map(str, READABLE_VERSIONS))}")
     results = _normalise(raw, path)
@@ -131,6 +131,10 @@ def _json_beside(path: Path, name: str, spec: schema.Check) -> dict[str, Any] | 
     if not isinstance(loaded, dict):
         return None
     _check_fields(loaded, spec, beside)
+    version = loaded.get("version")
+    if "version" in loaded and (isinstance(version, bool) or version not in READABLE_VERSIONS):
+        raise ResultsError(f"{beside} has results version {version!r}; this fortify reads versions "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}")
     return loaded
 
 

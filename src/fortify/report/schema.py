@@ -134,6 +134,23 @@ def list_of(item: Check, *, length: int | None = None, min_length: int = 0) -> C
     return check
 
 
+def equal_to(expected: Any) -> Check:
+    def check(value: Any, where: str) -> None:
+        if value != expected or isinstance(value, bool) != isinstance(expected, bool):
+            raise _mismatch(where, value, repr(expected))
+    return check
+
+
+def paired(first: str, second: str) -> Check:
+    """A record whose lists ``first`` and ``second`` pair up by position, so are equally long: one
+    entry short, the page had shown every share under the next eps."""
+    def check(value: Any, where: str) -> None:
+        a, b = (value.get(key) if isinstance(value, dict) else None for key in (first, second))
+        if isinstance(a, list) and isinstance(b, list) and len(a) != len(b):
+            raise Mismatch(where or "the file", f"holds {len(a)} {first} but {len(b)} {second}")
+    return check
+
+
 def all_of(*checks: Check) -> Check:
     def check(value: Any, where: str) -> None:
         for each in checks:
@@ -177,12 +194,15 @@ ANALYSIS = record(
     attack=anything,
     score=record(clean_accuracy=fraction_or_null, worst_case_accuracy=fraction_or_null,
                  harmonic_mean=number_or_null, eps_auc=number_or_null, eps_max=number_or_null),
-    margin=record(norm=anything, summary=record(
+    margin=record(norm=anything, summary=all_of(record(
         n_examples=anything, n_not_found=anything, q1=number_or_null, median=number_or_null,
-        q3=number_or_null, eps=list_of(number_or_null), fraction_below=list_of(fraction_or_null))),
+        q3=number_or_null, eps=list_of(number_or_null), fraction_below=list_of(fraction_or_null)),
+        paired("eps", "fraction_below"))),
     certified=record(sigma=anything, n=anything, alpha=anything, abstained=anything,
                      above_margin=list_of(anything),
-                     curve=record(n_examples=anything, accuracy=list_of(fraction_or_null, min_length=1))),
+                     curve=all_of(record(n_examples=anything, radii=optional(list_of(number_or_null)),
+                                         accuracy=list_of(fraction_or_null, min_length=1)),
+                                  paired("radii", "accuracy"))),
     metrics=record(entropy=_SHIFT, margin=_SHIFT, classes=record(clean=_CLASSES, adversarial=_CLASSES)),
     masking=record(masked=anything, n_attacked=anything, n_examples=anything,
                    checks=list_of(record(name=anything, passed=anything, explanation=anything,
@@ -199,7 +219,7 @@ MEMBERSHIP = record(attack=anything, n_members=anything, n_nonmembers=anything, 
                     tpr_at_fpr=mapping_of(fraction_or_null))
 
 PRIVACY = record(membership=list_of(MEMBERSHIP), warnings=list_of(anything))
-PRIVACY_FILE = record(privacy=PRIVACY)  # privacy.json, as `fortify audit` writes it
+PRIVACY_FILE = record(kind=equal_to("privacy"), privacy=PRIVACY)  # privacy.json, as `fortify audit` writes it
 
 TABULAR = record(
     settings=list_of(record(setting=anything, threat=anything, worst_case_accuracy=fraction_or_null,
