@@ -350,3 +350,36 @@ def test_quantization_stays_inside_a_box_whose_faces_round(dtype, bounds):
     out = InputQuantization(nn.Identity(), bits=3, bounds=bounds)(x)
     assert out.dtype == dtype
     assert float(out.min()) >= lo and float(out.max()) <= hi, out.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_resize_and_pad_resamples_half_precision_images_in_float32(dtype):
+    # the grid in half precision read the wrong pixels and grid_sample gave NaN (6,000 of 150,528)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    identity = RandomResizePad(nn.Identity(), min_scale=1.0)
+    out = identity.transform(x.to(dtype))
+    assert out.dtype == dtype and bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out.float(), x.to(dtype).float(), rtol=0, atol=1e-2)
+    shrunk = RandomResizePad(nn.Identity(), min_scale=0.8, seed=3)
+    reference = RandomResizePad(nn.Identity(), min_scale=0.8, seed=3).transform(x)
+    torch.testing.assert_close(shrunk.transform(x.to(dtype)).float(), reference, rtol=0, atol=1e-2)
+
+
+def test_resize_and_pad_under_autocast_applies_the_float32_transform():
+    # affine_grid's product ran in bf16 under autocast: even the identity moved pixels by 0.3
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    expected = RandomResizePad(nn.Identity(), min_scale=0.8, seed=1).transform(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = RandomResizePad(nn.Identity(), min_scale=0.8, seed=1).transform(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
+
+
+def test_an_images_resize_and_pad_does_not_depend_on_its_batchs_size():
+    # the draws were all scales, then all shifts: image 0's shift sat at position n of the stream
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    alone = RandomResizePad(nn.Identity(), seed=2).transform(x[:1])
+    in_four = RandomResizePad(nn.Identity(), seed=2).transform(x)
+    torch.testing.assert_close(in_four[:1], alone)
+    empty = torch.rand(2, 3, 0, 8)
+    assert RandomResizePad(nn.Identity()).transform(empty) is empty  # was torch's ValueError

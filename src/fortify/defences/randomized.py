@@ -36,22 +36,29 @@ class RandomResizePad(InputTransformDefence):
         if x.dim() != 4:
             raise DataError(f"random resize-and-pad needs images (N, C, H, W), got shape {tuple(x.shape)}")
         n, generator = x.shape[0], self.generator(x.device)
-        if n == 0:  # affine_grid refuses a batch of no images; there is nothing to resample
+        if x.numel() == 0:  # affine_grid refuses a batch of no images, or of empty ones
             return x
-        draw = torch.rand(3, n, generator=generator, device=x.device, dtype=x.dtype)
-        scale = self.min_scale + (1 - self.min_scale) * draw[0]
-        # the centre moves at most (1 - scale) in normalised coordinates: the image stays on the canvas
-        shift = (1 - scale) * (2 * draw[1:] - 1)
-        theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
-        theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
-        theta[:, :, 2] = -(shift / scale).T
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        lo, hi = self.bounds
-        # grid_sample pads with zeros, so shift the box to make the padding the box's lower bound;
-        # its bilinear weights sum to 1 only to rounding, which overshoots a face of a wide box
-        # (255.00003 in a 0..255 box): clamp
-        resampled = F.grid_sample(x - lo, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return (resampled + lo).clamp(lo, hi)
+        # in float32 at least, and outside autocast: in half precision the grid holds three digits,
+        # so bilinear sampling read the wrong pixels and grid_sample gave NaN; under bf16 autocast
+        # affine_grid's product ran in bf16 and even the identity transform blurred the image
+        work = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            # one row of draws per image: its factor and position do not depend on the batch's size
+            draw = torch.rand(n, 3, generator=generator, device=x.device, dtype=work)
+            scale = self.min_scale + (1 - self.min_scale) * draw[:, 0]
+            # the centre moves at most (1 - scale) in normalised coordinates: the image stays on the canvas
+            shift = (1 - scale)[:, None] * (2 * draw[:, 1:] - 1)
+            theta = torch.zeros(n, 2, 3, device=x.device, dtype=work)
+            theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
+            theta[:, :, 2] = -shift / scale[:, None]
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            lo, hi = self.bounds
+            # grid_sample pads with zeros, so shift the box to make the padding the box's lower bound;
+            # its bilinear weights sum to 1 only to rounding, which overshoots a face of a wide box
+            # (255.00003 in a 0..255 box): clamp
+            resampled = F.grid_sample(x.to(work) - lo, grid, mode="bilinear", padding_mode="zeros",
+                                      align_corners=False)
+        return (resampled + lo).clamp(lo, hi).to(x.dtype).clamp(lo, hi)
 
     def extra_repr(self) -> str:
         return f"min_scale={self.min_scale}, seed={self.seed}"
