@@ -58,6 +58,7 @@ class RandomResizePad(InputTransformDefence):
             # (255.00003 in a 0..255 box): clamp
             resampled = F.grid_sample(x.to(work) - lo, grid, mode="bilinear", padding_mode="zeros",
                                       align_corners=False)
+        # clamped again in the input's dtype, whose rounding can carry a value past a face
         return (resampled + lo).clamp(lo, hi).to(x.dtype).clamp(lo, hi)
 
     def extra_repr(self) -> str:
