@@ -76,6 +76,8 @@ class InputTransformDefence(nn.Module, ABC):
     global random state is never touched. That stream runs on from call to call
     and is not tied to the attacks' seeds: an evaluation resumed from its journal, or sharded over
     processes, starts it afresh, so its later batches see other draws than an uninterrupted run.
+    A ``copy.deepcopy`` of a defence that has drawn carries its generator's state, so the copy draws
+    what the original draws next; give copies meant to be independent seeds of their own.
     """
 
     differentiable: ClassVar[bool] = True
