@@ -15,6 +15,7 @@ from fortify.errors import ConfigError
 from fortify.evaluation import evaluate
 from fortify.models.predictions import fooled_beyond_rounding
 from fortify.threat import ThreatModel
+from scaling import Scale
 
 # a minimal attack's result does not depend on eps; it only decides what perturb keeps
 L2 = ThreatModel("l2", 0.5)
@@ -557,19 +558,10 @@ def test_a_bfloat16_search_finds_the_points_it_records(digits, name, norm):
 def test_fmn_default_steps_follow_the_boxs_width(digits):
     # Prepare: the same problem in a [0, 255] box; the paper's steps, sized for [0, 1], found 66 of 100
     model, x, y = _digits_mlp(digits)
-    scaled = nn.Sequential(Rescale(1 / 255), model)
+    scaled = nn.Sequential(Scale(1 / 255), model)
     # Execute
     _, unit = FMN(ThreatModel("l2", 1.0)).minimal(model, x, y)
     _, wide = FMN(ThreatModel("l2", 255.0, (0.0, 255.0))).minimal(scaled, x * 255, y)
     # Assert: the same distances, 255 times as long
     assert torch.isfinite(unit).all() and torch.isfinite(wide).all()
     torch.testing.assert_close(wide / 255, unit, rtol=1e-3, atol=1e-4)
-
-
-class Rescale(nn.Module):
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.factor

@@ -17,6 +17,7 @@ from fortify.privacy import TrainerRecipe, evaluate_inversion, invert_classes, m
 from fortify.privacy.inversion import InversionReport, class_means
 from fortify.privacy.similarity import total_variation
 from fortify.threat import ThreatModel
+from scaling import Scale
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +163,3 @@ def test_inversion_itself_does_not_depend_on_the_units_of_the_box():
     # times stronger left the [0, 255] one at the box centre)
     assert (unit - 0.5).abs().mean() > 0.3
     assert torch.allclose(wide / 255, unit, atol=1e-5)
-
-
-class Scale(nn.Module):
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.factor
