@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -271,6 +272,21 @@ def test_a_random_defence_draws_from_its_own_seeded_stream_and_leaves_the_global
     first, again = make()(x), make()(x)
     assert torch.equal(torch.get_rng_state(), before)  # the caller's random state is untouched
     assert torch.equal(first, again)  # seed 0 unless given: two fresh defences draw alike
+
+
+@pytest.mark.parametrize("make", [GaussianNoise, RandomResizePad],
+                         ids=["gaussian-noise", "random-resize-pad"])
+def test_reseeded_copies_of_a_random_defence_draw_apart_and_a_reseed_replays(make):
+    # a deep copy carries the generator's state: without reseeding, copies draw what the original does
+    x = torch.rand(4, 1, 8, 8)
+    original = make(nn.Identity(), seed=3)
+    original(x)
+    twin, other = copy.deepcopy(original), copy.deepcopy(original).reseed(11)
+    assert torch.equal(twin(x), original(x))
+    assert other.seed == 11 and not torch.equal(other(x), twin(x))
+    assert torch.equal(other.reseed(11)(x), make(nn.Identity(), seed=11)(x))  # as a new defence's first draw
+    with pytest.raises(ConfigError, match="seed"):
+        original.reseed(-1)
 
 
 def test_jpeg_stays_jpeg_when_the_module_is_cast_to_half_precision():

@@ -77,7 +77,8 @@ class InputTransformDefence(nn.Module, ABC):
     and is not tied to the attacks' seeds: an evaluation resumed from its journal, or sharded over
     processes, starts it afresh, so its later batches see other draws than an uninterrupted run.
     A ``copy.deepcopy`` of a defence that has drawn carries its generator's state, so the copy draws
-    what the original draws next; give copies meant to be independent seeds of their own.
+    what the original draws next; give copies meant to be independent seeds of their own
+    (``reseed``).
     """
 
     differentiable: ClassVar[bool] = True
@@ -100,6 +101,13 @@ class InputTransformDefence(nn.Module, ABC):
     @abstractmethod
     def transform(self, x: Tensor) -> Tensor:
         """The input transform, from the box to the wrapped model's input."""
+
+    def reseed(self, seed: int) -> InputTransformDefence:
+        """Start this defence's random stream afresh from ``seed``, on every device: what it draws
+        next is what a new defence with that seed would draw first. Returns the defence."""
+        self.seed = check_int_in("seed", seed, 0, 2 ** 63 - 1)
+        self._generators.clear()
+        return self
 
     def generator(self, device: torch.device) -> torch.Generator:
         """This defence's generator on ``device``, seeded with ``seed`` at its first use."""
