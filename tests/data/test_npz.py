@@ -641,3 +641,38 @@ def test_a_class_the_split_puts_only_in_test_or_validation_is_refused(tmp_path):
     both = write_npz(tmp_path, x=RNG.random((100, 5)), y=y, x_test=RNG.random((6, 5)),
                      y_test=np.arange(6) % 3)
     assert "fell entirely into the validation split" in load_error(DataOptions(path=both.path, seed=30))
+
+
+def _also_in_training(split, train) -> int:
+    """Rows of ``split`` equal to some training row, counted by comparing every pair."""
+    return int((split.x[:, None, :] == train.x[None, :, :]).all(dim=2).any(dim=1).sum())
+
+
+def test_held_out_copies_of_training_inputs_are_counted_and_warned_of(tmp_path):
+    # Prepare: 20 of 60 rows repeat others, some under another label
+    arrays = tabular(n=60)
+    arrays["x"][40:] = arrays["x"][:20]
+    arrays["y"][50:] = (arrays["y"][10:20] + 1) % 3
+    options = write_npz(tmp_path, **arrays)
+
+    # Execute
+    with pytest.warns(UserWarning, match="also appear in the training split") as caught:
+        data = load_dataset("npz", options)
+
+    # Assert: the counts a pairwise comparison gives, in the summary and in the one warning
+    seen = {"validation": _also_in_training(data.val, data.train),
+            "test": _also_in_training(data.test, data.train)}
+    assert seen["test"] > 0 and seen["validation"] > 0
+    assert data.summary()["inputs_also_in_train"] == seen
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert f"{seen['test']} of {len(data.test)} test inputs" in message
+    assert f"{seen['validation']} of {len(data.val)} validation inputs" in message
+
+
+def test_copies_inside_the_test_split_alone_load_without_a_warning(tmp_path, recwarn):
+    train, held_out = tabular(n=60), tabular(n=10)
+    twice = {"x_test": np.concatenate([held_out["x"]] * 2), "y_test": np.concatenate([held_out["y"]] * 2)}
+    data = load_dataset("npz", write_npz(tmp_path, **train, **twice))
+    assert "inputs_also_in_train" not in data.summary()
+    assert not [w for w in recwarn if "training split" in str(w.message)]

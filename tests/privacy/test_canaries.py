@@ -12,10 +12,10 @@ from torch import nn
 from fortify.config import DPConfig, TrainConfig, load_config
 from fortify.data import Dataset
 from fortify.data.base import Split
+from fortify.data.rows import shared_rows
 from fortify.errors import ConfigError
 from fortify.models import build_model
 from fortify.pipeline import audited_dataset, prepare
-from fortify.privacy._data import shared_rows
 from fortify.privacy.canaries import (
     audit_canaries,
     clopper_pearson,

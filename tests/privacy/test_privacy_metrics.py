@@ -11,9 +11,10 @@ import torch
 from scipy.stats import norm
 
 from fortify.data import Split
+from fortify.data.rows import shared_rows
 from fortify.errors import ConfigError, DataError
 from fortify.privacy import membership_result
-from fortify.privacy._data import check_member_sets, locate, shared_rows
+from fortify.privacy._data import check_member_sets, locate
 from fortify.privacy.lira import half_assignment, lira_scores, logit_confidence
 from fortify.privacy.membership import confidence_scores, loss_scores, modified_entropy_scores
 from fortify.privacy.metrics import min_nonmembers_for_fpr, roc_curve, tpr_at_fpr

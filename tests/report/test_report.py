@@ -15,7 +15,7 @@ from fortify.errors import ResultsError
 from fortify.report.compare import merge_runs
 from fortify.report.html import render_report
 from fortify.report.results import load_results
-from fortify.report.schema import COMPARISON
+from fortify.report.schema import COMPARISON, Mismatch
 from fortify.report.schema import check as check_schema
 
 pytestmark = pytest.mark.slow  # the shared fixture attacks and audits two models
@@ -142,6 +142,27 @@ def test_report_renders_the_optional_fields_the_schema_lets_a_results_file_leave
     check_schema(results, COMPARISON)  # what the schema accepts, the page must render
     # Execute / Assert
     assert "Gradient-masking checks" in " ".join(_parse(render_report(results)).text)
+
+
+def test_the_report_warns_of_held_out_copies_of_training_inputs(run_results):
+    # Prepare
+    results = json.loads(json.dumps(run_results))
+    results["dataset"]["inputs_also_in_train"] = {"validation": 2, "test": 5}
+    check_schema(results, COMPARISON)
+    # Execute
+    text = " ".join(_parse(render_report(results)).text)
+    # Assert
+    assert "data: 5 test and 2 validation inputs are exact copies of training inputs" in text
+    assert "exact copies" not in " ".join(_parse(render_report(run_results)).text)
+
+
+@pytest.mark.parametrize("counts", [{"validation": -1, "test": 0}, {"validation": True, "test": 0},
+                                    {"validation": 1.5, "test": 0}, {"test": 3}])
+def test_the_schema_refuses_copy_counts_that_are_not_whole_numbers(run_results, counts):
+    results = json.loads(json.dumps(run_results))
+    results["dataset"]["inputs_also_in_train"] = counts
+    with pytest.raises(Mismatch, match="inputs_also_in_train"):
+        check_schema(results, COMPARISON)
 
 
 @pytest.mark.parametrize(("content", "fragment"), [

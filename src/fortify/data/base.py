@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fortify.attacks.base import check_label_range
+from fortify.data.rows import shared_rows
 from fortify.errors import ConfigError, DataError
 from fortify.threat import check_in_box
 
@@ -122,6 +123,12 @@ class Dataset:
                 raise DataError(f"dataset {self.name!r}: {split_name} inputs have shape "
                                 f"{tuple(split.x.shape[1:])}, train has {self.input_shape}")
         return self
+
+    def inputs_also_in_training(self) -> dict[str, int]:
+        """How many validation and test inputs equal a training input exactly, under any label: a
+        split drawn by position from data with duplicate rows holds copies of training examples, and
+        accuracy on those measures memory rather than generalisation."""
+        return {name: len(shared_rows(getattr(self, name).x, self.train.x)) for name in ("val", "test")}
 
     def summary(self) -> dict[str, object]:
         return {"name": self.name, "num_classes": self.num_classes,

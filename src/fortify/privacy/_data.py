@@ -1,8 +1,8 @@
-"""What the privacy audits share: input checks, exact row matching, batched predictions, the box."""
+"""What the privacy audits share: input checks, batched predictions, the box (exact row matching
+lives in ``fortify.data.rows``)."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import check_positive_int
 from fortify.data.base import Split
+from fortify.data.rows import input_groups, matching_rows, shared_rows
 from fortify.errors import DataError
 from fortify.models.modes import evaluation_mode
 from fortify.threat import ThreatModel
@@ -52,47 +53,6 @@ def check_member_sets(members: Split, non_members: Split) -> None:
         )
 
 
-def _row_digests(x: Tensor, labels: Tensor | None = None) -> list[bytes]:
-    """A 128-bit BLAKE2 digest of each row's bytes (and label): equal rows, equal digests."""
-    flat = (x.detach().reshape(len(x), -1).cpu() + 0).contiguous()  # + 0 turns -0.0 into +0.0
-    if flat.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the same 16 bits as integers
-        flat = flat.view(torch.int16)
-    rows = flat.numpy()
-    tags = [b""] * len(x) if labels is None else [int(v).to_bytes(8, "little", signed=True)
-                                                  for v in labels.detach().cpu().tolist()]
-    return [hashlib.blake2b(row.tobytes() + tag, digest_size=16).digest() for row, tag in zip(rows, tags)]
-
-
-def _matching_rows(a: Tensor, b: Tensor, a_labels: Tensor | None = None,
-                   b_labels: Tensor | None = None) -> Tensor:
-    """Pairs ``(i, j)`` with row ``a[i]`` equal to ``b[j]`` (and equal labels when given), compared
-    in the coarser of the two dtypes: a float32 copy of a float64 row is the same example, and in
-    float64 it would match nothing."""
-    common = _coarser(a.dtype, b.dtype)
-    a, b = a.to(common), b.to(common)
-    where_in_b = {digest: j for j, digest in enumerate(_row_digests(b, b_labels))}
-    pairs = [(i, where_in_b[digest]) for i, digest in enumerate(_row_digests(a, a_labels))
-             if digest in where_in_b]
-    if not pairs:
-        return torch.zeros(0, 2, dtype=torch.long)
-    hit, candidate = torch.tensor(pairs, dtype=torch.long).unbind(dim=1)
-    # two different rows sharing a digest is astronomically unlikely; confirm exactly anyway
-    same = (a[hit].reshape(len(hit), -1).cpu() == b[candidate].reshape(len(hit), -1).cpu()).all(dim=1)
-    return torch.stack([hit[same], candidate[same]], dim=1)
-
-
-def _coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    if a == b or not (a.is_floating_point and b.is_floating_point):
-        return torch.promote_types(a, b)
-    return a if torch.finfo(a).eps > torch.finfo(b).eps else b
-
-
-def input_groups(x: Tensor) -> Tensor:
-    """A group number per row, shared by rows with identical inputs (numbered by first appearance)."""
-    first: dict[bytes, int] = {}
-    return torch.tensor([first.setdefault(d, len(first)) for d in _row_digests(x)], dtype=torch.long)
-
-
 def pool_groups(pool: Split, name: str) -> Tensor:
     """``input_groups`` of a pool whose halves models train on; fewer than 2 distinct inputs refused.
 
@@ -107,16 +67,11 @@ def pool_groups(pool: Split, name: str) -> Tensor:
     return groups
 
 
-def shared_rows(a: Tensor, b: Tensor) -> Tensor:
-    """Pairs ``(i, j)`` with ``a[i] == b[j]`` exactly, one pair per row of ``a`` found in ``b``."""
-    return _matching_rows(a, b)
-
-
 def locate(pool: Split, query: Split, *, by_input: bool = False) -> Tensor:
     """For each query example, the index of an identical (input, label) in ``pool`` (with
     ``by_input``, of an identical input under any label), or -1."""
     labels = (None, None) if by_input else (query.y, pool.y)
-    pairs = _matching_rows(query.x, pool.x, *labels)
+    pairs = matching_rows(query.x, pool.x, *labels)
     index = torch.full((len(query),), -1, dtype=torch.long)
     index[pairs[:, 0]] = pairs[:, 1]
     return index

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from fortify.data.base import Dataset, Split
+from fortify.data.rows import input_groups, shared_rows
 from fortify.errors import ConfigError, DataError
-from fortify.privacy._data import check_member_sets, check_split, input_groups, join, shared_rows
+from fortify.privacy._data import check_member_sets, check_split, join
 from fortify.privacy.inversion import InversionReport, model_inversion
 from fortify.privacy.label_only import (
     augmentation_attack,

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import check_positive_int
 from fortify.data.base import Split
+from fortify.data.rows import shared_rows
 from fortify.errors import ConfigError, DataError
 from fortify.privacy._data import (
     check_labels_fit,
@@ -37,7 +38,6 @@ from fortify.privacy._data import (
     model_dtype,
     pool_groups,
     predict_logits,
-    shared_rows,
 )
 from fortify.privacy.metrics import MembershipResult, membership_result, split_scores
 from fortify.privacy.recipe import TrainerRecipe, TrainRecipe

@@ -110,7 +110,7 @@ def _normalise(raw: dict[str, Any], path: Path) -> dict[str, Any]:
         data = raw["config"].get("data", {})
         named = raw.get("dataset") or {}  # absent in files written before it was recorded
         dataset = {"name": data.get("name", "?"),
-                   **({"class_names": named["class_names"]} if "class_names" in named else {})}
+                   **{key: named[key] for key in ("class_names", "inputs_also_in_train") if key in named}}
         return {"version": raw["version"], "kind": kind, "config": raw["config"],
                 "dataset": dataset, "threat": raw["robustness"]["threat"],
                 "models": {name: model}, "provenance": raw.get("provenance", {})}

@@ -81,6 +81,11 @@ def positive(value: Any, where: str) -> None:
         raise _mismatch(where, value, "a finite number > 0")
 
 
+def count(value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _mismatch(where, value, "a whole number >= 0")
+
+
 def text(value: Any, where: str) -> None:
     if not isinstance(value, str):
         raise _mismatch(where, value, "a string")
@@ -239,8 +244,11 @@ MODEL = record(robustness=ROBUSTNESS, analysis=section(ANALYSIS), privacy=sectio
                tabular=section(TABULAR), training=section(TRAINING))
 
 # kind 'comparison' (fortify run): every model's sections under models.NAME
-# the classes' names label the per-class figures
-DATASET = record(name=text, class_names=optional(list_of(text)))
+# the classes' names label the per-class figures; inputs_also_in_train counts held-out copies
+# of training inputs (the report warns of them)
+DATASET_FIELDS = {"class_names": optional(list_of(text)),
+                  "inputs_also_in_train": optional(record(validation=count, test=count))}
+DATASET = record(name=text, **DATASET_FIELDS)
 
 COMPARISON = record(threat=THREAT, dataset=DATASET, models=mapping_of(MODEL, min_length=1),
                     notes=optional(list_of(text)), provenance=optional(record()))
@@ -248,7 +256,7 @@ COMPARISON = record(threat=THREAT, dataset=DATASET, models=mapping_of(MODEL, min
 # kind 'evaluation' (fortify evaluate): one model's sections at the top level
 EVALUATION = record(robustness=all_of(ROBUSTNESS, record(threat=THREAT)),
                     config=record(data=optional(record(name=optional(text)))),
-                    dataset=optional(record(class_names=optional(list_of(text)))),
+                    dataset=optional(record(**DATASET_FIELDS)),
                     analysis=section(ANALYSIS), privacy=section(PRIVACY), tabular=section(TABULAR),
                     provenance=optional(record()))
 
