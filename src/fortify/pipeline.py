@@ -674,21 +674,19 @@ def build_attacks(config: EvalConfig, threat: ThreatModel, num_classes: int,
     for position, name in enumerate(names):
         factory = ATTACKS.get(name)
         seed = config.seed + position
-        if name == "transfer":
-            if surrogate is None:
-                raise ConfigError("the transfer attack needs a surrogate: set eval.surrogate "
-                                  "(--surrogate MODEL_DIR) to a model trained by fortify")
-            # the source attack on the surrogate is PGD: it reads --steps and PGD's attack_options
-            options = config.attack_options.get(name, {})
-            check_option_types(name, PGD, options)
-            _check_options_keep_the_attack(name, options)
-            source = PGD(threat, **{"steps": config.steps or DEFAULT_PGD_STEPS, "seed": seed, **options})
-            attacks.append(Transfer(source, surrogate))
-            continue
-        check_option_types(name, factory, config.attack_options.get(name, {}))
-        _check_options_keep_the_attack(name, config.attack_options.get(name, {}))
+        options = config.attack_options.get(name, {})
+        # the transfer attack's source on the surrogate is PGD: it reads --steps and PGD's options
+        check_option_types(name, PGD if name == "transfer" else factory, options)
+        _check_options_keep_the_attack(name, options)
+        if name == "transfer" and surrogate is None:
+            raise ConfigError("the transfer attack needs a surrogate: set eval.surrogate "
+                              "(--surrogate MODEL_DIR) to a model trained by fortify")
         try:
-            attack = factory(threat, seed=seed, **_attack_options(name, config, num_classes))
+            if name == "transfer":
+                attack: Attack = Transfer(PGD(threat, **{"steps": config.steps or DEFAULT_PGD_STEPS,
+                                                         "seed": seed, **options}), surrogate)
+            else:
+                attack = factory(threat, seed=seed, **_attack_options(name, config, num_classes))
         except FortifyError:
             raise
         except (TypeError, ValueError) as err:  # an unknown option, or a value of the wrong type

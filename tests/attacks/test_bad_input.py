@@ -83,6 +83,14 @@ def test_target_settings_fail_when_the_attacks_are_built(options, fragment):
         build_attacks(config, LINF, num_classes=10)
 
 
+def test_a_targeted_transfer_attack_fails_when_the_attacks_are_built():
+    # its source is a PGD on the surrogate: a targeted one had passed here and failed mid-evaluation
+    config = EvalConfig(attacks=["transfer"], surrogate="elsewhere",
+                        attack_options={"transfer": {"targeted": True}})
+    with pytest.raises(ConfigError, match="make 'transfer' targeted, but an evaluation has no target"):
+        build_attacks(config, LINF, num_classes=10, surrogate=nn.Linear(2, 2))
+
+
 @pytest.mark.parametrize("options, fragment", [
     ({"square": {"n_queries": 0}}, "n_queries must be an integer >= 1, got 0"),
     ({"hopskipjump": {"max_queries": -5}}, "max_queries must be an integer >= 1, got -5"),
@@ -376,3 +384,25 @@ def test_fab_names_inputs_the_model_cannot_take_and_refuses_a_nan_search_count()
         ATTACKS.get("fab")(LINF).minimal(model, x, y)
     with pytest.raises(ConfigError, match="search_steps must be an integer >= 0"):
         ATTACKS.get("fab")(LINF, search_steps=float("nan"))
+
+
+@pytest.mark.parametrize("model, x, fragment", [
+    (nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), torch.rand(4, 1, 2, 2).double(),
+     "the model does not run on these inputs"),
+    (nn.Sequential(nn.Flatten(), nn.Linear(4, 1), nn.Flatten(0)), torch.rand(4, 1, 2, 2),
+     "the model must return logits of shape (N, classes)"),
+], ids=["float64-into-float32", "no-class-axis"])
+def test_hopskipjump_minimal_names_inputs_and_outputs_the_model_cannot_take(model, x, fragment):
+    # minimal skips Attack.run, and let torch's RuntimeError and IndexError through
+    with pytest.raises(DataError, match=re.escape(fragment)):
+        HopSkipJump(L2, max_queries=20).minimal(model, x, torch.tensor([0, 1, 2, 0]))
+
+
+@pytest.mark.parametrize("name, advice", [("pgd", "build it with targeted=True"),
+                                          ("hopskipjump", "it has no targeted form"),
+                                          ("fab", "it has no targeted form")])
+def test_target_labels_for_an_untargeted_attack_get_advice_that_can_be_followed(name, advice):
+    # HopSkipJump was told to build itself with targeted=True, which its constructor does not take
+    x, y = _batch()
+    with pytest.raises(ConfigError, match=f"untargeted and would ignore target=; {advice}"):
+        ATTACKS.get(name)(LINF)(_Counting(), x, y, target=torch.zeros_like(y))

@@ -14,6 +14,7 @@ from fortify.attacks.square import Square
 from fortify.errors import ConfigError
 from fortify.models.predictions import fooled_beyond_rounding
 from fortify.threat import ThreatModel
+from scaling import Scale
 
 
 class CountingModel(nn.Module):
@@ -233,6 +234,51 @@ def test_hopskipjump_minimal_returns_adversarial_points_at_the_distances_it_repo
     assert torch.equal(again, dist)
 
 
+class _QueryLog(nn.Module):
+    """The model, keeping a copy of every batch of points it was asked about."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.asked = model, []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.asked.append(x.detach().clone())
+        return self.model(x)
+
+
+def _linear_through_the_middle(shape: tuple[int, ...], n: int) -> tuple[nn.Sequential, Tensor, Tensor]:
+    """A two-class linear model whose boundary passes through the box's centre, and n inputs near it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(torch.Size(shape).numel(), 2))
+    with torch.no_grad():
+        model[1].bias -= model(torch.full((1, *shape), 0.5))[0]
+    x = 0.35 + 0.3 * torch.rand(n, *shape)
+    return model, x, model(x).argmax(1)
+
+
+def test_hopskipjump_bisection_never_asks_about_a_point_it_has_just_judged():
+    # On 3x64x64 inputs the authors' tolerance (theta) is finer than float32 can tell the search's
+    # fractions or points apart: each halving past that asked about the point asked just before
+    model, x, y = _linear_through_the_middle((3, 64, 64), 1)
+    logged = _QueryLog(model)
+    attack = HopSkipJump(ThreatModel("linf", 0.1), max_queries=600, max_iter=3)
+    _, dist = attack.minimal(logged, x, y)
+    single = [points for points in logged.asked if points.shape[0] == 1]  # the bisections' queries
+    assert len(single) > 30 and torch.isfinite(dist).all()
+    assert not [i for i, (a, b) in enumerate(zip(single, single[1:])) if torch.equal(a, b)]
+
+
+def test_hopskipjump_in_float32_on_large_inputs_finds_what_float64_finds():
+    # The authors' probe radius (moved / d under L-inf) is below a float32 unit in the last place
+    # per coordinate on 3x64x64 inputs: the probes rounded to the point itself, the normal
+    # estimate was 0 and the walk stalled (1.7-2.3x float64's distances)
+    model, x, y = _linear_through_the_middle((3, 64, 64), 4)
+    attack = HopSkipJump(ThreatModel("linf", 0.1), max_queries=1000, seed=0)
+    _, wide = attack.minimal(copy.deepcopy(model).double(), x.double(), y)
+    _, single = attack.minimal(model, x, y)
+    assert (single.double() <= 1.25 * wide).all()
+
+
 @pytest.mark.parametrize("budget", [18, 21, 27, 33])
 def test_hopskipjump_in_bfloat16_reports_only_points_the_model_misclassifies(standard_model, digits, budget):
     # Prepare: the model and data in bfloat16, L-inf, budgets so small that some bisections run out
@@ -251,6 +297,17 @@ def test_hopskipjump_in_bfloat16_reports_only_points_the_model_misclassifies(sta
         moved = (x_adv != x).flatten(1).any(1)
         assert (model(x_adv[moved]).argmax(1) != y[moved]).all()
     assert torch.equal(threat.distance(points, x)[found], dist[found])
+
+
+def test_square_l2_in_float16_on_a_pixel_box_stays_finite_and_inside_the_ball(standard_model, digits):
+    # eps**2 = 90,000 and the perturbations' squared norms pass float16's largest number, 65,504:
+    # computed in float16 they turned to inf, inf - inf to NaN, and the NaN points left the ball
+    model = nn.Sequential(Scale(1 / 255), copy.deepcopy(standard_model)).half()
+    x, y = (255 * digits.test.x[:32]).half(), digits.test.y[:32]
+    threat = ThreatModel("l2", 300.0, (0.0, 255.0))
+    x_adv = Square(threat, n_queries=100, seed=0)(model, x, y)
+    assert torch.isfinite(x_adv).all() and threat.contains(x_adv, x).all()
+    assert _accuracy(model, x_adv, y) < _accuracy(model, x, y)
 
 
 @pytest.mark.parametrize("batch_size, largest", [(None, 512), (100, 100)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import numbers
 from abc import ABC, abstractmethod
@@ -156,8 +157,9 @@ class Attack(ABC):
         if self.targeted and target is None:
             raise ConfigError(f"attack {self.name!r} is targeted: pass target=<labels>")
         if target is not None and not self.targeted:
-            raise ConfigError(f"attack {self.name!r} is untargeted and would ignore target=; "
-                              "build it with targeted=True")
+            advice = ("build it with targeted=True" if "targeted" in inspect.signature(type(self)).parameters
+                      else "it has no targeted form")
+            raise ConfigError(f"attack {self.name!r} is untargeted and would ignore target=; {advice}")
         if target is not None and target.shape != y.shape:
             raise DataError(f"target must have shape {tuple(y.shape)}, got {tuple(target.shape)}")
         if target is not None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fortify.attacks.base import ATTACKS, Attack, check_label_range, check_positive_int
+from fortify.attacks.base import ATTACKS, Attack, check_label_range, check_positive_int, diagnose_failure
 from fortify.errors import ConfigError
 from fortify.models.batching import query_batch
 from fortify.models.modes import evaluation_mode
@@ -46,6 +46,7 @@ from fortify.threat import ThreatModel
 
 _INIT_BLEND_TOLERANCE = 1e-3  # precision of the blend factor when pulling the random start to x
 _MAX_HALVINGS = 64  # a bisection or step search never needs more halvings than a float has bits
+_PROBE_ULPS = 16  # the least a probe moves a coordinate by, in units in the last place
 _SAMPLE_ELEMENTS = 1 << 22  # cap on the elements of one block of Monte-Carlo samples (16 MiB float32)
 
 
@@ -118,7 +119,11 @@ class HopSkipJump(Attack):
         """
         self._check_batch(x, y, None)
         with evaluation_mode(model):  # label-only: no gradients, so no attacking() context
-            return self._search(model, x.detach(), y, self.seeded(x, generator), good_enough=0.0)
+            try:
+                return self._search(model, x.detach(), y, self.seeded(x, generator), good_enough=0.0)
+            except (IndexError, RuntimeError) as err:  # name the caller's mistake, as ``run`` does
+                diagnose_failure(model, x, y, err)
+                raise
 
     # -- the search ---------------------------------------------------------------------------
 
@@ -168,7 +173,10 @@ class HopSkipJump(Attack):
         moved = self.threat.distance(adv, x)  # the first step's delta is 0.1 * box width, not this
         self._record(active, adv, self.threat.distance(adv, x), best, dist)
         theta = self._theta(x)
-        reserve = math.ceil(math.log2(1 / theta)) + 10  # queries kept for the step and bisection
+        # queries kept for the step and bisection: a bisection asks at most one per bit of the
+        # fraction theta resolves, and no more than the points' precision can tell apart
+        halvings = min(math.ceil(math.log2(1 / theta)), round(-math.log2(torch.finfo(x.dtype).eps)) + 2)
+        reserve = halvings + 10
         for t in range(1, self.max_iter + 1):
             room = oracle.remaining(active) - reserve
             evals = room.clamp(max=min(int(self.init_evals * math.sqrt(t)), self.max_evals))
@@ -199,7 +207,20 @@ class HopSkipJump(Attack):
     def _delta(self, moved: Tensor, theta: float, x: Tensor) -> Tensor:
         d = x[0].numel()
         scale = math.sqrt(d) if self.threat.norm == "l2" else d
-        return scale * theta * moved
+        return (scale * theta * moved).clamp_min(self._smallest_probe(x))
+
+    def _smallest_probe(self, x: Tensor) -> float:
+        """The probe radius below which the input's precision would swallow the probes.
+
+        A probe moves each coordinate by about radius / sqrt(d). The authors' radius (moved / d
+        under L-inf), computed for float64, falls below a float32 unit in the last place from
+        3x32x32 inputs up: the probes rounded to the point itself, the normal estimate came out 0
+        and the walk stalled (on 3x64x64 linear models the distances found were 2.6x float64's).
+        At _PROBE_ULPS units per coordinate float32 finds what float64 finds.
+        """
+        lo, hi = self.threat.bounds
+        unit = torch.finfo(x.dtype).eps * max(abs(lo), abs(hi))  # a unit in the last place, at most
+        return _PROBE_ULPS * unit * math.sqrt(x[0].numel())
 
     def _to_boundary(self, oracle: _Oracle, x: Tensor, adv: Tensor, idx: Tensor) -> Tensor:
         """Bisect to the boundary with the precision the authors' code uses for this norm."""
@@ -215,28 +236,37 @@ class HopSkipJump(Attack):
         """Binary search between x (clean side) and adv (adversarial side); returns the adversarial end.
 
         L2 searches the blend factor in [0, 1]; L-inf the radius of the box around x that adv is
-        clipped to, in [0, ||adv - x||_inf]. An example whose budget runs out keeps its last
-        adversarial end, so the result is always a point the model judged adversarial: where the
-        search never moved that end, ``adv`` itself, not ``_between(x, adv, high)`` rebuilt from it,
-        which in half precision can round to a different, unjudged point.
+        clipped to, in [0, ||adv - x||_inf]. The ends are kept as points the model judged (adv and
+        x to begin with), and the result is the adversarial one: an example whose budget runs out
+        keeps its last adversarial end, never a point rebuilt from its fraction, which in half
+        precision can round to a different, unjudged point. A midpoint that rounds to one of the
+        ends' points takes that end's verdict without a query, and a search whose fraction stops
+        narrowing in float32 ends: on large inputs the authors' tolerance (theta) is finer than the
+        points' precision, and each halving past it had asked the model about a point it had seen.
         """
         if norm == "l2":
             high = torch.ones(x.shape[0], device=x.device, dtype=_work_dtype(x))
         else:
             high = self.threat.distance(adv, x)
-        start = high.clone()
         low = torch.zeros_like(high)
+        high_point, low_point = adv.clone(), x.clone()
+        settled = torch.zeros_like(high, dtype=torch.bool)
         for _ in range(_MAX_HALVINGS):
-            searching = ((high - low) > tolerance) & oracle.can_ask(idx)
+            searching = ((high - low) > tolerance) & ~settled & oracle.can_ask(idx)
             rows = searching.nonzero().squeeze(1)
             if rows.numel() == 0:
                 break
             mid = (high[rows] + low[rows]) / 2
-            hit = oracle.ask(_between(x[rows], adv[rows], mid, norm), idx[rows])
-            high[rows[hit]] = mid[hit]
-            low[rows[~hit]] = mid[~hit]
-        unmoved = (high == start).reshape(-1, *([1] * (x.dim() - 1)))
-        return torch.where(unmoved, adv, _between(x, adv, high, norm))
+            settled[rows] = (mid <= low[rows]) | (mid >= high[rows])  # no fraction left between the ends
+            points = _between(x[rows], adv[rows], mid, norm)
+            as_high = (points == high_point[rows]).flatten(1).all(dim=1)
+            asked = ~as_high & ~(points == low_point[rows]).flatten(1).all(dim=1)
+            hit = as_high.clone()
+            if asked.any():
+                hit[asked] = oracle.ask(points[asked], idx[rows[asked]])
+            high[rows[hit]], high_point[rows[hit]] = mid[hit], points[hit]
+            low[rows[~hit]], low_point[rows[~hit]] = mid[~hit], points[~hit]
+        return high_point
 
     def _normal(self, oracle: _Oracle, adv: Tensor, idx: Tensor, evals: Tensor, delta: float | Tensor,
                 generator: torch.Generator) -> Tensor:

@@ -186,6 +186,7 @@ class Square(Attack):
 
     def _tiles(self, clean: Tensor, generator: torch.Generator) -> Tensor:
         """A centred 5x5 tiling of pseudo-Gaussian blocks with random signs, scaled to norm eps."""
+        x, clean = clean, _widened(clean)
         n, c, h, w = clean.shape
         rows, cols = _TileAxis(h, clean.device), _TileAxis(w, clean.device)
         block_h, block_w = rows.block, cols.block
@@ -200,7 +201,7 @@ class Square(Attack):
         signs = _random_signs((n, c, rows.count, cols.count), clean, generator)
         valid = rows.valid[:, None] & cols.valid[None, :]
         delta = self._movable(pattern * signs[:, :, rows.tile][:, :, :, cols.tile] * valid, clean)
-        return self.threat.project(clean + self.threat.eps * self._as_change(_unit_l2(delta), clean), clean)
+        return self.threat.project(clean + self.threat.eps * self._as_change(_unit_l2(delta), clean), x)
 
     def _propose_l2(self, clean: Tensor, best: Tensor, p: float, generator: torch.Generator) -> Tensor:
         """Move mass from a second window into a first one (Algorithm 3 of the paper), per channel.
@@ -209,6 +210,7 @@ class Square(Attack):
         random sign, rescaled so that it takes the budget of both windows and whatever is left
         of eps; the second window is zeroed. The whole perturbation is then put back on the sphere.
         """
+        x, clean, best = clean, _widened(clean), _widened(best)
         n, c, h, w = clean.shape
         side = max(round(math.sqrt(p * h * w)), 3)
         side += 1 - side % 2  # an odd side keeps the bump centred
@@ -225,7 +227,7 @@ class Square(Attack):
         fresh = bump + old / (_sq_norm(old, (2, 3)).sqrt() + guard)
         fresh = fresh / (_sq_norm(fresh, (2, 3)).sqrt() + guard) * (spare + both).sqrt()
         delta = self._movable(torch.where(first.mask, fresh, delta * ~second.mask), clean)
-        return self.threat.project(clean + self.threat.eps * self._as_change(_unit_l2(delta), clean), clean)
+        return self.threat.project(clean + self.threat.eps * self._as_change(_unit_l2(delta), clean), x)
 
     def _placed_bump(self, window: _Windows, shape: tuple[int, int], like: Tensor,
                      generator: torch.Generator) -> Tensor:
@@ -351,6 +353,12 @@ def _nonempty_subsets(n: int, c: int, device: torch.device, generator: torch.Gen
 def _random_signs(shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> Tensor:
     bits = torch.randint(0, 2, shape, generator=generator, device=like.device)
     return (2 * bits - 1).to(like.dtype)
+
+
+def _widened(t: Tensor) -> Tensor:
+    """``t`` in float32 at least: in float16 the squared norms of a [0, 255] box pass 65504 and
+    turn to inf, and inf - inf made the L2 proposals NaN (the projection casts back)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _sq_norm(t: Tensor, dims: tuple[int, ...]) -> Tensor:
