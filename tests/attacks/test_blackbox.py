@@ -279,6 +279,20 @@ def test_hopskipjump_in_float32_on_large_inputs_finds_what_float64_finds():
     assert (single.double() <= 1.25 * wide).all()
 
 
+def test_hopskipjump_points_fool_in_any_batch_where_the_logits_cancel_to_near_zero():
+    # the rounding margin was relative to the largest logit: at this model's boundary the logits sum
+    # 3,072 terms to about 0.002, and one point judged adversarial in batches of one fooled by
+    # 8e-8 there and was judged correct by -4e-8 in a batch of four
+    model, x, y = _linear_through_the_middle((3, 32, 32), 4)
+    attack = HopSkipJump(ThreatModel("linf", 0.1), max_iter=20, max_queries=1_000_000, init_evals=100,
+                         max_evals=10_000, gamma=1.0, seed=0)
+    points, dist = attack.minimal(model, x, y)
+    assert torch.isfinite(dist).all()
+    with torch.no_grad():
+        assert (model(points).argmax(1) != y).all()
+        assert all(int(model(points[i:i + 1]).argmax(1)) != int(y[i]) for i in range(len(y)))
+
+
 @pytest.mark.parametrize("budget", [18, 21, 27, 33])
 def test_hopskipjump_in_bfloat16_reports_only_points_the_model_misclassifies(standard_model, digits, budget):
     # Prepare: the model and data in bfloat16, L-inf, budgets so small that some bisections run out

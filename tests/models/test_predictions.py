@@ -22,8 +22,9 @@ def test_a_nan_row_predicts_no_class():
 
 
 def test_the_rounding_margin_scales_with_the_rows_largest_logit_and_the_precision():
-    logits = torch.tensor([[1.0, -200.0, 3.0], [0.5, 0.25, -0.125]])
-    torch.testing.assert_close(rounding_margin(logits), torch.tensor([2e-3, 5e-6]), rtol=1e-6, atol=0)
+    # ... and is never below 1e-5, a tie in log-odds, however small the logits
+    logits = torch.tensor([[1.0, -200.0, 3.0], [0.5, 0.25, -0.125], [0.002, -0.001, 0.0]])
+    torch.testing.assert_close(rounding_margin(logits), torch.tensor([2e-3, 1e-5, 1e-5]), rtol=1e-6, atol=0)
     # half precision: four units in the last place of the largest logit's scale
     bf16 = rounding_margin(torch.tensor([[8.0, 1.0]], dtype=torch.bfloat16))
     assert float(bf16) == pytest.approx(4 * torch.finfo(torch.bfloat16).eps * 8.0, rel=1e-2)

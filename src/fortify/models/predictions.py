@@ -27,16 +27,25 @@ def predicted_class(logits: Tensor) -> Tensor:
     return torch.where(logits.isnan().any(dim=1), NO_CLASS, logits.argmax(dim=1))
 
 
+_LEAST_MARGIN = 1e-5  # log-odds
+
+
 def rounding_margin(logits: Tensor) -> Tensor:
     """Per row of ``logits (N, K)`` the logit gap that float rounding alone can open or close.
 
     The same input gives slightly different logits in batches of other sizes (on CPU oneDNN picks
     other kernels below a few rows): on the digits CNN by under a millionth of the row's largest
     logit. A point that fools a model by less than that may be judged correct in another batch; this
-    margin is ten times that in float32 and four units in the last place in half precision.
+    margin is ten times that in float32 and four units in the last place in half precision, and at
+    least 1e-5 (a tie in log-odds at any scale): logits near 0 are often sums that cancel, whose
+    float32 rounding follows the size of their terms, not of the sum (a two-class linear model over
+    3x32x32 inputs, its logits near 0.002 at the boundary, swapped its verdict between batches of 1
+    and 4 by 1.3e-7, which ten millionths of 0.002 did not cover).
     """
-    relative = max(1e-5, 4 * torch.finfo(logits.dtype).eps) if logits.is_floating_point() else 0.0
-    return relative * logits.detach().abs().amax(dim=1)
+    if not logits.is_floating_point():
+        return torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    relative = max(1e-5, 4 * torch.finfo(logits.dtype).eps)
+    return (relative * logits.detach().abs().amax(dim=1)).clamp_min(_LEAST_MARGIN)
 
 
 def fooled_beyond_rounding(logits: Tensor, y: Tensor) -> Tensor:
