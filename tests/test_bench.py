@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import attack_suite  # noqa: E402
 import attack_throughput  # noqa: E402
 import gpu_fast_at  # noqa: E402
+import hsj_precision  # noqa: E402
 from _common import ForwardCounter, Setting, package_version, repeat_order  # noqa: E402
 from fortify.threat import ThreatModel  # noqa: E402
 from fortify.training.step_graph import StepGraph  # noqa: E402
@@ -153,3 +154,18 @@ def test_the_gpu_bench_replays_the_step_as_the_trainer_does(monkeypatch):
     graph = gpu_fast_at.step_for(gpu_fast_at.VARIANTS["bf16-cl-step-graph"], trainer, 8)
     assert isinstance(graph, StepGraph) and graph.batch_size == 8 and graph.optimizer is trainer.optimizer
     assert gpu_fast_at.step_for(gpu_fast_at.VARIANTS["bf16-cl"], trainer, 8) == trainer._train_step
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_the_hopskipjump_precision_bench_measures_against_the_exact_distance(norm):
+    # its verdicts are ratios over the closed form: stepping that far against the weight difference
+    # (its sign under L-inf, its direction under L2) must land on the boundary
+    model, x, y = hsj_precision.linear_setting((1, 4, 4), 3, seed=0)
+    exact = hsj_precision.exact_distance(model, x, y, norm)
+    layer = model[1].double()
+    difference = (layer.weight[y] - layer.weight[1 - y]).detach()
+    step = difference.sign() if norm == "linf" else difference / difference.norm(dim=1, keepdim=True)
+    on_boundary = x.double().flatten(1) - exact[:, None] * step
+    logits = layer(on_boundary).detach()
+    torch.testing.assert_close(logits[:, 0], logits[:, 1], rtol=0, atol=1e-12)
+    assert (exact > 0).all() and (on_boundary >= 0).all() and (on_boundary <= 1).all()  # box not binding

@@ -1105,6 +1105,22 @@ def test_an_empty_models_directory_is_not_empty_to_train(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["models"]
 
 
+@pytest.mark.parametrize("command, made_first", [("train", []), ("run", ["models"])])
+def test_a_run_cut_off_while_its_config_was_written_resumes_from_the_start(tmp_path, command, made_first):
+    # a kill between config.yaml.tmp and its rename left a directory neither --resume nor a rerun took
+    for name in made_first:
+        (tmp_path / name).mkdir()
+    (tmp_path / "config.yaml.tmp").write_text("threat: {eps: 0.")
+    assert _invoke(command, "--out", tmp_path, "--resume", "--epochs", 1, "--quiet").exit_code == 0
+    assert (tmp_path / "config.yaml").is_file() and not (tmp_path / "config.yaml.tmp").exists()
+
+
+def test_a_directory_holding_other_tmp_files_is_not_taken_for_an_unfinished_run(tmp_path):
+    (tmp_path / "notes.tmp").write_text("keep me")
+    _assert_clean_error(_invoke("train", "--out", tmp_path, "--epochs", 1, "--quiet"), "is not empty")
+    assert (tmp_path / "notes.tmp").read_text() == "keep me"
+
+
 def test_a_models_link_or_a_models_directory_with_files_is_not_an_empty_run(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

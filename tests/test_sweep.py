@@ -562,6 +562,8 @@ def test_a_sweep_continues_a_directory_of_its_summary_runs_and_a_run_cut_off_at_
     (out / "standard_eps0.2_ep1").mkdir(parents=True)
     (out / "standard_eps0.2_ep1" / "config.yaml").write_text("")
     (out / "trades_eps0.2_beta1_ep1").mkdir()  # cut off before its first file
+    (out / "fgsm_eps0.2_ep1").mkdir()  # cut off while its first file was written
+    (out / "fgsm_eps0.2_ep1" / "config.yaml.tmp").write_text("threat:")
     (out / "sweep.json.tmp").write_text("")  # cut off while the summary was written
     (out / ".DS_Store").write_text("")
     check_sweep_directory(out)  # no error

@@ -909,21 +909,32 @@ def fresh_out_dir(out: Path | None, default_stem: str, resume: bool, *, command:
     if resume:
         check_directory_kind(out, command, "cannot resume")
     if out.is_dir() and _holds_nothing(out, command):
-        # an interrupted run's empty models/ goes, so that what this attempt writes is all its own and
-        # a failure discards it whole (discarded_on_error keeps what was there before)
+        # an interrupted run's empty models/ and half-written config go, so that what this attempt
+        # writes is all its own and a failure discards it whole (discarded_on_error keeps what was
+        # there before)
         for entry in out.iterdir():
-            entry.rmdir()
+            entry.rmdir() if entry.is_dir() else entry.unlink()
     return out
 
 
+# what a run cut off while writing its first file leaves (checkpoint.atomic_write_text writes
+# NAME.tmp, then renames it)
+UNFINISHED_CONFIG = "config.yaml.tmp"
+
+
 def _holds_nothing(out: Path, command: str) -> bool:
-    """``out`` is empty, or holds only the empty ``models/`` that ``fortify run`` makes before its
-    config.yaml: a run cut off between the two left nothing to lose and starts again there."""
-    entries = list(out.iterdir())
+    """``out`` is empty, or holds only what a run cut off before its config.yaml was in place
+    leaves: the empty ``models/`` that ``fortify run`` makes first, and ``config.yaml.tmp``. Such a
+    run left nothing to lose and starts again there."""
+    entries = [entry for entry in out.iterdir() if not _unfinished_config(entry)]
     if command == "run" and [entry.name for entry in entries] == ["models"]:
         models = entries[0]  # a link is someone's, not the directory run made
         return models.is_dir() and not models.is_symlink() and not any(models.iterdir())
     return not entries
+
+
+def _unfinished_config(entry: Path) -> bool:
+    return entry.name == UNFINISHED_CONFIG and entry.is_file() and not entry.is_symlink()
 
 
 # Entries that only one command's directory holds at its top, checked in this order (a federation's

@@ -46,6 +46,7 @@ from fortify.errors import CheckpointError, ConfigError, ResultsError
 from fortify.models.modes import value_preserving
 from fortify.pipeline import (
     SWEEP_SUMMARY,
+    UNFINISHED_CONFIG,
     Setup,
     build_training_objective,
     check_data_unchanged,
@@ -300,7 +301,8 @@ def _written_by_a_sweep(entry: Path) -> bool:
         return True
     if entry.is_file():
         return entry.name.removesuffix(".tmp") in SWEEP_SUMMARY  # .tmp: cut off while it was written
-    return entry.is_dir() and (not any(entry.iterdir()) or any(
+    # a run's directory: empty or holding the config alone half-written if it was cut off at once
+    return entry.is_dir() and (all(item.name == UNFINISHED_CONFIG for item in entry.iterdir()) or any(
         (entry / name).is_file() for name in ("config.yaml", ckpt.STATE_JSON, RESULT_JSON)))
 
 
