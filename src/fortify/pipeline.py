@@ -917,9 +917,8 @@ def fresh_out_dir(out: Path | None, default_stem: str, resume: bool, *, command:
     return out
 
 
-# what a run cut off while writing its first file leaves (checkpoint.atomic_write_text writes
-# NAME.tmp, then renames it)
-UNFINISHED_CONFIG = "config.yaml.tmp"
+# what a run cut off while writing its first file leaves
+UNFINISHED_CONFIG = ckpt.written_aside(Path("config.yaml")).name
 
 
 def _holds_nothing(out: Path, command: str) -> bool:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from fortify.attacks.base import ATTACKS, Attack, check_positive_int
 from fortify.errors import ConfigError, DataError
+from fortify.models.predictions import at_least_fp32
 from fortify.threat import ThreatModel
 
 # (last rescaled iteration, divisor of p_init): the piecewise-halving schedule of the paper's code
@@ -186,7 +187,9 @@ class Square(Attack):
 
     def _tiles(self, clean: Tensor, generator: torch.Generator) -> Tensor:
         """A centred 5x5 tiling of pseudo-Gaussian blocks with random signs, scaled to norm eps."""
-        x, clean = clean, _widened(clean)
+        # in float32 at least: in float16 the squared norms of a [0, 255] box pass 65504 and turn
+        # to inf, and inf - inf made the proposals NaN (the projection casts back to x's dtype)
+        x, clean = clean, at_least_fp32(clean)
         n, c, h, w = clean.shape
         rows, cols = _TileAxis(h, clean.device), _TileAxis(w, clean.device)
         block_h, block_w = rows.block, cols.block
@@ -210,7 +213,7 @@ class Square(Attack):
         random sign, rescaled so that it takes the budget of both windows and whatever is left
         of eps; the second window is zeroed. The whole perturbation is then put back on the sphere.
         """
-        x, clean, best = clean, _widened(clean), _widened(best)
+        x, clean, best = clean, at_least_fp32(clean), at_least_fp32(best)  # as in _tiles
         n, c, h, w = clean.shape
         side = max(round(math.sqrt(p * h * w)), 3)
         side += 1 - side % 2  # an odd side keeps the bump centred
@@ -353,12 +356,6 @@ def _nonempty_subsets(n: int, c: int, device: torch.device, generator: torch.Gen
 def _random_signs(shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> Tensor:
     bits = torch.randint(0, 2, shape, generator=generator, device=like.device)
     return (2 * bits - 1).to(like.dtype)
-
-
-def _widened(t: Tensor) -> Tensor:
-    """``t`` in float32 at least: in float16 the squared norms of a [0, 255] box pass 65504 and
-    turn to inf, and inf - inf made the L2 proposals NaN (the projection casts back)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _sq_norm(t: Tensor, dims: tuple[int, ...]) -> Tensor:

@@ -17,8 +17,9 @@ NO_CLASS = -1  # the prediction of a row with a NaN logit: equal to no label and
 
 
 def at_least_fp32(logits: Tensor) -> Tensor:
-    """``logits`` for a loss head: cast to fp32 from bf16 or fp16 (mixed precision), else as they are
-    (a float64 model keeps float64). The gradient flows back through the cast."""
+    """``logits`` (or any tensor whose arithmetic half precision cannot hold, as for a loss head):
+    cast to fp32 from bf16 or fp16, else as they are (float64 stays float64). The gradient flows
+    back through the cast."""
     return logits.float() if logits.dtype in LOW_PRECISION else logits
 
 

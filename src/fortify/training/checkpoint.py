@@ -83,9 +83,15 @@ def flush_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
+def written_aside(path: Path) -> Path:
+    """Where a file for ``path`` is written before it is renamed to ``path``: a run cut off in
+    between leaves this name behind."""
+    return path.with_name(path.name + ".tmp")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """``path`` holds ``text`` (UTF-8) whole, or what it held before: written aside, flushed, renamed."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = written_aside(path)
     try:
         tmp.write_text(text, encoding="utf-8")
     except OSError as err:  # a full disk: the half-written copy goes, what ``path`` held stays
@@ -99,7 +105,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_tensors(path: Path, tensors: dict[str, Tensor], kind: str) -> str:
     """Write tensors with fortify's marker; returns the file's SHA-256."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = written_aside(path)
     metadata = {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind}
     try:
         save_file(_own_memory(tensors), str(tmp), metadata=metadata)
